@@ -1,0 +1,245 @@
+//! The command line: `mount`, `get`, `emulator`.
+
+use crate::cache::{Cache, SystemClock};
+use crate::emulator::{Emulator, EmulatorConfig};
+use crate::mount::{self, MountRequest};
+use crate::policy::Policy;
+use crate::source::cloudshell::{CloudShell, DEFAULT_ENDPOINT};
+use crate::source::Source;
+use crate::token::View;
+use clap::{Args, Parser, Subcommand};
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "cstokenfs",
+    version,
+    about = "A read-only FUSE filesystem where `cat MOUNT/<resource>` prints a fresh, cached Azure access token",
+    after_help = "Names: management.azure.com, vault.azure.net, ... (well-known hosts), any DNS name \
+                  (https://<name>), an app ID (GUID), or a percent-encoded URI. Views: MOUNT/<name>, \
+                  MOUNT/.json/<name>, MOUNT/.header/<name>, MOUNT/.status."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Mount the token filesystem at MOUNTPOINT (detaches once the mount is live unless -f).
+    Mount(MountArgs),
+    /// Fetch one token with the same client and name rules, print it, no mount.
+    Get(GetArgs),
+    /// Serve a local stand-in for the Cloud Shell token endpoint (unsigned test tokens).
+    Emulator(EmulatorArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct Upstream {
+    /// Token endpoint [default: $MSI_ENDPOINT, else http://localhost:50342/oauth2/token].
+    #[arg(long, value_name = "URL", conflicts_with = "emulator")]
+    pub endpoint: Option<String>,
+    /// Serve tokens from the built-in emulator on an ephemeral loopback port.
+    #[arg(long)]
+    pub emulator: bool,
+    /// The most one fetch may take, retries included, in seconds.
+    #[arg(long, value_name = "SECS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub timeout: u64,
+}
+
+#[derive(Args, Debug)]
+pub struct MountArgs {
+    /// Where to mount (an existing directory).
+    #[arg(value_name = "MOUNTPOINT")]
+    pub mountpoint: PathBuf,
+    #[command(flatten)]
+    pub upstream: Upstream,
+    /// Stay attached (logs to stderr); without it, return once the mount is live.
+    #[arg(short, long)]
+    pub foreground: bool,
+    /// A resource the listing always shows (repeatable).
+    #[arg(long = "resource", value_name = "NAME")]
+    pub resources: Vec<String>,
+    /// Refresh a token when this little lifetime is left, in seconds.
+    #[arg(long, value_name = "SECS", default_value_t = 300)]
+    pub refresh_margin: u64,
+    /// How long a refused resource answers ENOENT without asking the endpoint, in seconds.
+    #[arg(long, value_name = "SECS", default_value_t = 30)]
+    pub negative_ttl: u64,
+    /// The most tokens held; the least recently read undeclared one is evicted first.
+    #[arg(long, value_name = "N", default_value_t = 1024, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    pub max_resources: u64,
+    /// Where logs go when detached (foreground: stderr); level from RUST_LOG (default info).
+    #[arg(long, value_name = "PATH")]
+    pub log_file: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+pub struct GetArgs {
+    #[command(flatten)]
+    pub upstream: Upstream,
+    /// Print the `.json` view's document instead of the bare token.
+    #[arg(long)]
+    pub json: bool,
+    /// The resource name, as in the mount (management.azure.com, a GUID, a percent-encoded URI).
+    #[arg(value_name = "NAME")]
+    pub name: String,
+}
+
+#[derive(Args, Debug)]
+pub struct EmulatorArgs {
+    /// Address to listen on (loopback).
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:50342")]
+    pub listen: SocketAddr,
+    /// Lifetime of issued tokens, in seconds.
+    #[arg(long, value_name = "SECS", default_value_t = 3600, value_parser = clap::value_parser!(u64).range(1..))]
+    pub ttl: u64,
+    /// Delay before each answer, in milliseconds.
+    #[arg(long, value_name = "MS", default_value_t = 0)]
+    pub latency_ms: u64,
+    /// A further resource to accept (repeatable).
+    #[arg(long = "allow", value_name = "RESOURCE")]
+    pub allow: Vec<String>,
+}
+
+pub fn run(cli: Cli) -> ExitCode {
+    match cli.command {
+        Command::Mount(args) => mount_command(args),
+        Command::Get(args) => get_command(args),
+        Command::Emulator(args) => emulator_command(args),
+    }
+}
+
+/// The endpoint URL to use: `--endpoint`, else `$MSI_ENDPOINT`, else Cloud Shell's default.
+pub fn endpoint_url(upstream: &Upstream) -> String {
+    upstream
+        .endpoint
+        .clone()
+        .or_else(|| std::env::var("MSI_ENDPOINT").ok().filter(|s| !s.is_empty()))
+        .unwrap_or_else(|| DEFAULT_ENDPOINT.to_string())
+}
+
+fn mount_command(args: MountArgs) -> ExitCode {
+    let policy = Policy {
+        refresh_margin_ms: (args.refresh_margin as i64).saturating_mul(1000),
+        negative_ttl_ms: (args.negative_ttl as i64).saturating_mul(1000),
+        timeout: Duration::from_secs(args.upstream.timeout),
+        max_resources: args.max_resources as usize,
+    };
+    let request = MountRequest {
+        mountpoint: args.mountpoint,
+        endpoint: (!args.upstream.emulator).then(|| endpoint_url(&args.upstream)),
+        resources: args.resources,
+        policy,
+        foreground: args.foreground,
+        log_file: args.log_file,
+    };
+    match mount::run(request) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("cstokenfs: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn get_command(args: GetArgs) -> ExitCode {
+    crate::logging::init_stderr("warn");
+    let resource = match crate::names::resolve(&args.name) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("cstokenfs: {:?} is not a resource name: {e}", args.name);
+            return ExitCode::from(2);
+        }
+    };
+    // Kept alive until the token is printed.
+    let mut _emulator = None;
+    let url = if args.upstream.emulator {
+        match Emulator::start(([127, 0, 0, 1], 0).into(), EmulatorConfig::default()) {
+            Ok(e) => _emulator.insert(e).url(),
+            Err(e) => {
+                eprintln!("cstokenfs: cannot start the emulator: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    } else {
+        endpoint_url(&args.upstream)
+    };
+    let source: Arc<dyn Source> = match CloudShell::new(&url) {
+        Ok(s) => Arc::new(s),
+        Err(e) => {
+            eprintln!("cstokenfs: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let policy = Policy {
+        timeout: Duration::from_secs(args.upstream.timeout),
+        ..Policy::default()
+    };
+    let cache = Cache::new(source, policy, &[], Arc::new(SystemClock));
+    match cache.get_blocking(&resource) {
+        Ok(v) => {
+            let mut out = std::io::stdout().lock();
+            let written = if args.json {
+                out.write_all(v.bytes(View::Json))
+            } else {
+                out.write_all(v.token()).and_then(|()| out.write_all(b"\n"))
+            };
+            match written.and_then(|()| out.flush()) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("cstokenfs: cannot write the token: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Err(e) => {
+            eprintln!("cstokenfs: {resource}: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn emulator_command(args: EmulatorArgs) -> ExitCode {
+    crate::logging::init_stderr("info");
+    let config = EmulatorConfig {
+        ttl_secs: args.ttl,
+        latency: Duration::from_millis(args.latency_ms),
+        allow: args.allow,
+        allow_any: false,
+    };
+    let emulator = match Emulator::start(args.listen, config) {
+        Ok(e) => e,
+        Err(e) => {
+            eprintln!("cstokenfs: cannot listen on {}: {e}", args.listen);
+            return ExitCode::FAILURE;
+        }
+    };
+    log::info!(
+        "emulator serving the Cloud Shell protocol at {}",
+        emulator.url()
+    );
+    let stopper = match signal_hook::iterator::Signals::new([libc::SIGTERM, libc::SIGINT]) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("cstokenfs: cannot handle signals: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let handle = stopper.handle();
+    std::thread::spawn(move || {
+        let mut stopper = stopper;
+        if stopper.forever().next().is_some() {
+            handle.close();
+        }
+    })
+    .join()
+    .ok();
+    emulator.stop();
+    ExitCode::SUCCESS
+}

@@ -1,0 +1,1300 @@
+//! In-process emulator of the Azure Cloud Shell token endpoint (`POST /oauth2/token`).
+//!
+//! Used by tests (driven in-process through the knobs on [`Emulator`]) and by the binary
+//! (`cstokenfs emulator`, `--emulator`). It binds only the address it is given (callers pass
+//! loopback) and issues unsigned JWT-shaped test tokens that are not valid in Azure.
+//!
+//! The HTTP/1.1 server is a small hand-written one on `std::net` rather than tiny_http:
+//! fault injection needs to close a keep-alive connection without answering (`Reset`,
+//! `Hang` on stop) and `stop()` must close the listener before it returns, and tiny_http
+//! 0.12 can do neither (dropping a request sends a 500; its accept thread cannot be joined).
+
+use std::collections::{HashMap, VecDeque};
+use std::fmt::Write as _;
+use std::io::{self, ErrorKind, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
+use std::sync::Arc;
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine as _;
+use parking_lot::{Condvar, Mutex};
+use serde::Serialize;
+use serde_json::{json, Value};
+
+/// Audiences the real Cloud Shell endpoint accepts (trailing slash may be added or removed).
+pub const KNOWN_AUDIENCES: &[&str] = &[
+    "https://management.core.windows.net/",
+    "https://management.azure.com/",
+    "https://graph.windows.net/",
+    "https://vault.azure.net",
+    "https://datalake.azure.net/",
+    "https://outlook.office365.com/",
+    "https://graph.microsoft.com/",
+    "https://batch.core.windows.net/",
+    "https://analysis.windows.net/powerbi/api",
+    "https://storage.azure.com/",
+    "https://rest.media.azure.net",
+    "https://api.loganalytics.io",
+    "https://ossrdbms-aad.database.windows.net",
+    "https://www.yammer.com",
+    "https://digitaltwins.azure.net",
+    "https://dev.azuresynapse.net",
+    "https://database.windows.net",
+    "https://quantum.microsoft.com",
+    "https://iothubs.azure.net",
+    "https://azuredatabricks.net/",
+    "https://azure-devices-provisioning.net",
+    "2ff814a6-3304-4ab8-85cb-cd0e6f879c1d",
+    "https://ai.azure.com",
+    "https://appservice.azure.com",
+    "https://management.usgovcloudapi.net/",
+    "https://management.chinacloudapi.cn/",
+    "499b84ac-1321-427f-aa17-267ca6975798", // Azure DevOps
+    "6dae42f8-4368-4678-94ff-3960e28e3630", // AKS
+];
+
+const TOKEN_PATH: &str = "/oauth2/token";
+const ISSUER: &str = "https://cstokenfs-emulator.invalid/";
+const NOTICE: &str = "cstokenfs emulator: unsigned test token, not valid in Azure";
+const POLL: Duration = Duration::from_millis(20);
+const IDLE_LIMIT: Duration = Duration::from_secs(120);
+const MAX_HEAD: usize = 16 * 1024;
+const MAX_BODY: usize = 64 * 1024;
+
+/// Start-up configuration; everything but `allow` can be changed later through knobs.
+#[derive(Debug, Clone)]
+pub struct EmulatorConfig {
+    pub ttl_secs: u64,
+    pub latency: Duration,
+    pub allow: Vec<String>,
+    pub allow_any: bool,
+}
+
+impl Default for EmulatorConfig {
+    fn default() -> Self {
+        EmulatorConfig {
+            ttl_secs: 3600,
+            latency: Duration::ZERO,
+            allow: Vec::new(),
+            allow_any: false,
+        }
+    }
+}
+
+/// What one request gets instead of the normal answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Fault {
+    /// That status and body (JSON content type), optional `Retry-After` header.
+    Status {
+        code: u16,
+        body: String,
+        retry_after: Option<String>,
+    },
+    /// Read the request, never answer; the connection is closed when the emulator stops.
+    Hang,
+    /// Close the connection without any response.
+    Reset,
+    /// 200 with body `this is not json <html>`.
+    Garbage,
+    /// 200, valid JSON shape but no `access_token` field.
+    MissingAccessToken,
+    /// 200, `access_token` is "".
+    EmptyAccessToken,
+    /// 200 success (a real token is issued) with the expiry fields in another form.
+    ExpiresOn(ExpiresOnForm),
+    /// 200, a body of that many bytes (spaces then `{}`), streamed.
+    HugeBody { bytes: usize },
+}
+
+/// Forms of the expiry fields, see [`Fault::ExpiresOn`]. Fields not mentioned keep their
+/// normal form (`expires_in` as a string, `not_before` as an epoch string).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExpiresOnForm {
+    /// `expires_on: "1579152252"` (the normal form).
+    EpochString,
+    /// `expires_on: 1579152252`.
+    EpochNumber,
+    /// `expires_on: "1/16/2020 5:24:12 AM +00:00"` (UTC, the real expiry).
+    LegacyDateAmPm,
+    /// `expires_on: "06/20/2019 02:57:58 +00:00"` (UTC, the real expiry).
+    LegacyDate24h,
+    /// No `expires_on`; `expires_in` as a string.
+    OnlyExpiresIn,
+    /// No `expires_on`; `expires_in` as a JSON number.
+    ExpiresInNumber,
+    /// Neither `expires_on` nor `expires_in`.
+    Nothing,
+    /// `expires_on: "soon"` and no `expires_in`.
+    GarbageString,
+}
+
+#[derive(Clone)]
+struct Issued {
+    token: String,
+    expires_on: u64,
+    not_before: u64,
+}
+
+struct Shared {
+    ttl: AtomicU64,
+    latency_ns: AtomicU64,
+    allow_any: AtomicBool,
+    allow: Vec<String>,
+    caching: AtomicBool,
+    faults: Mutex<VecDeque<Fault>>,
+    sticky: Mutex<Option<Fault>>,
+    cache: Mutex<HashMap<String, Issued>>,
+    requests: AtomicU64,
+    per_resource: Mutex<HashMap<String, u64>>,
+    issued: AtomicU64,
+    serial: AtomicU64,
+    stopped: Mutex<bool>,
+    stop_cv: Condvar,
+    conns: Mutex<Vec<JoinHandle<()>>>,
+}
+
+/// A running emulator. Dropping it stops the server (see [`Emulator::shutdown`]).
+pub struct Emulator {
+    shared: Arc<Shared>,
+    addr: SocketAddr,
+    accept: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl Emulator {
+    /// Binds `listen` (port 0 = ephemeral) and starts serving on a background thread.
+    pub fn start(listen: SocketAddr, config: EmulatorConfig) -> io::Result<Emulator> {
+        let listener = TcpListener::bind(listen)?;
+        listener.set_nonblocking(true)?;
+        let addr = listener.local_addr()?;
+        let shared = Arc::new(Shared {
+            ttl: AtomicU64::new(config.ttl_secs),
+            latency_ns: AtomicU64::new(nanos(config.latency)),
+            allow_any: AtomicBool::new(config.allow_any),
+            allow: config.allow,
+            caching: AtomicBool::new(false),
+            faults: Mutex::new(VecDeque::new()),
+            sticky: Mutex::new(None),
+            cache: Mutex::new(HashMap::new()),
+            requests: AtomicU64::new(0),
+            per_resource: Mutex::new(HashMap::new()),
+            issued: AtomicU64::new(0),
+            serial: AtomicU64::new(0),
+            stopped: Mutex::new(false),
+            stop_cv: Condvar::new(),
+            conns: Mutex::new(Vec::new()),
+        });
+        let sh = Arc::clone(&shared);
+        let accept = thread::Builder::new()
+            .name("cstokenfs-emulator".into())
+            .spawn(move || accept_loop(listener, sh))?;
+        log::debug!("emulator listening on {addr}");
+        Ok(Emulator {
+            shared,
+            addr,
+            accept: Mutex::new(Some(accept)),
+        })
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// `http://ADDR/oauth2/token`, e.g. `http://127.0.0.1:PORT/oauth2/token`.
+    pub fn url(&self) -> String {
+        format!("http://{}{TOKEN_PATH}", self.addr)
+    }
+
+    pub fn set_ttl(&self, secs: u64) {
+        self.shared.ttl.store(secs, SeqCst);
+    }
+
+    /// Delay before each answer; concurrent requests sleep concurrently.
+    pub fn set_latency(&self, d: Duration) {
+        self.shared.latency_ns.store(nanos(d), SeqCst);
+    }
+
+    pub fn set_allow_any(&self, on: bool) {
+        self.shared.allow_any.store(on, SeqCst);
+    }
+
+    /// Queues a one-shot fault; queued faults are consumed FIFO by the next requests.
+    pub fn push_fault(&self, f: Fault) {
+        self.shared.faults.lock().push_back(f);
+    }
+
+    /// Sticky fault for every request while set (queued one-shot faults take priority).
+    pub fn set_fault(&self, f: Option<Fault>) {
+        *self.shared.sticky.lock() = f;
+    }
+
+    /// While on, an unexpired token issued (while on) for a resource is returned again.
+    /// Every call clears the cache.
+    pub fn set_caching(&self, on: bool) {
+        let mut cache = self.shared.cache.lock();
+        cache.clear();
+        self.shared.caching.store(on, SeqCst);
+    }
+
+    /// Total `POST /oauth2/token` requests received (counted on arrival).
+    pub fn requests(&self) -> u64 {
+        self.shared.requests.load(SeqCst)
+    }
+
+    /// `POST /oauth2/token` requests for this resource string (as sent, form-decoded).
+    pub fn requests_for(&self, resource: &str) -> u64 {
+        self.shared
+            .per_resource
+            .lock()
+            .get(resource)
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// Tokens newly minted (cache hits do not count).
+    pub fn tokens_issued(&self) -> u64 {
+        self.shared.issued.load(SeqCst)
+    }
+
+    /// Zeroes `requests`, `requests_for` and `tokens_issued` (not the token serial).
+    pub fn reset_counters(&self) {
+        self.shared.requests.store(0, SeqCst);
+        self.shared.per_resource.lock().clear();
+        self.shared.issued.store(0, SeqCst);
+    }
+
+    /// Same as dropping the emulator.
+    pub fn stop(self) {}
+
+    /// Stops from a shared reference (idempotent): closes the listener before returning,
+    /// releases hung and sleeping requests, closes connections and joins every thread.
+    pub fn shutdown(&self) {
+        *self.shared.stopped.lock() = true;
+        self.shared.stop_cv.notify_all();
+        if let Some(handle) = self.accept.lock().take() {
+            let _ = handle.join();
+        }
+        let conns = std::mem::take(&mut *self.shared.conns.lock());
+        for handle in conns {
+            let _ = handle.join();
+        }
+    }
+
+    /// Blocks the calling thread until the emulator is stopped (by `shutdown` elsewhere).
+    pub fn wait(&self) {
+        self.shared.wait_stopped(None);
+    }
+}
+
+impl Drop for Emulator {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+/// Decodes the payload of a JWT-shaped token (test helper).
+pub fn decode_claims(token: &str) -> Option<Value> {
+    let payload = token.split('.').nth(1)?;
+    let bytes = URL_SAFE_NO_PAD.decode(payload.trim_end_matches('=')).ok()?;
+    serde_json::from_slice(&bytes).ok()
+}
+
+impl Shared {
+    /// Waits until stopped or until `timeout` passes; returns whether stopped.
+    fn wait_stopped(&self, timeout: Option<Duration>) -> bool {
+        let deadline = timeout.and_then(|d| Instant::now().checked_add(d));
+        let mut stopped = self.stopped.lock();
+        while !*stopped {
+            match deadline {
+                Some(dl) if self.stop_cv.wait_until(&mut stopped, dl).timed_out() => break,
+                Some(_) => {}
+                None => self.stop_cv.wait(&mut stopped),
+            }
+        }
+        *stopped
+    }
+
+    fn is_stopped(&self) -> bool {
+        *self.stopped.lock()
+    }
+
+    fn audience_allowed(&self, resource: &str) -> bool {
+        fn norm(s: &str) -> &str {
+            s.strip_suffix('/').unwrap_or(s)
+        }
+        self.allow_any.load(SeqCst)
+            || KNOWN_AUDIENCES
+                .iter()
+                .copied()
+                .chain(self.allow.iter().map(String::as_str))
+                .any(|a| norm(a) == norm(resource))
+    }
+
+    /// Mints a token for `resource`, or returns the cached one when caching is on.
+    fn issue(&self, resource: &str) -> Issued {
+        let now = now_secs();
+        let caching = self.caching.load(SeqCst);
+        let mut cache = self.cache.lock();
+        if let Some(hit) = cache
+            .get(resource)
+            .filter(|t| caching && t.expires_on > now)
+        {
+            return hit.clone();
+        }
+        let exp = now.saturating_add(self.ttl.load(SeqCst));
+        let serial = self.serial.fetch_add(1, SeqCst) + 1;
+        self.issued.fetch_add(1, SeqCst);
+        let claims = json!({"iss": ISSUER, "aud": resource, "iat": now, "nbf": now, "exp": exp,
+            "serial": serial, "emulator": NOTICE});
+        let token = format!(
+            "{}.{}.",
+            URL_SAFE_NO_PAD.encode(r#"{"alg":"none","typ":"JWT"}"#),
+            URL_SAFE_NO_PAD.encode(claims.to_string())
+        );
+        let issued = Issued {
+            token,
+            expires_on: exp,
+            not_before: now,
+        };
+        if caching {
+            cache.insert(resource.to_owned(), issued.clone());
+        }
+        issued
+    }
+}
+
+fn nanos(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+}
+
+fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+fn accept_loop(listener: TcpListener, sh: Arc<Shared>) {
+    while !sh.is_stopped() {
+        match listener.accept() {
+            Ok((stream, _)) => {
+                let conn_sh = Arc::clone(&sh);
+                match thread::Builder::new().spawn(move || serve_conn(stream, &conn_sh)) {
+                    Ok(handle) => {
+                        let mut conns = sh.conns.lock();
+                        conns.retain(|h| !h.is_finished());
+                        conns.push(handle);
+                    }
+                    Err(e) => log::warn!("emulator: cannot spawn connection thread: {e}"),
+                }
+            }
+            Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                sh.wait_stopped(Some(Duration::from_millis(5)));
+            }
+            Err(e) => {
+                log::debug!("emulator: accept failed: {e}");
+                sh.wait_stopped(Some(POLL));
+            }
+        }
+    }
+    // The listener is dropped (the port closed) when this returns.
+}
+
+struct Request {
+    method: String,
+    path: String,
+    headers: Vec<(String, String)>,
+    body: Vec<u8>,
+    keep_alive: bool,
+}
+
+impl Request {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+enum Action {
+    Respond {
+        status: u16,
+        body: Vec<u8>,
+        retry_after: Option<String>,
+    },
+    Huge(usize),
+    Hang,
+    Close,
+}
+
+fn serve_conn(mut stream: TcpStream, sh: &Shared) {
+    let setup = stream
+        .set_nonblocking(false)
+        .and_then(|()| stream.set_read_timeout(Some(POLL)));
+    if setup
+        .and_then(|()| stream.set_write_timeout(Some(POLL)))
+        .is_err()
+    {
+        return;
+    }
+    let _ = stream.set_nodelay(true);
+    let mut buf = Vec::new();
+    loop {
+        let req = match read_request(&mut stream, &mut buf, sh) {
+            Ok(Some(req)) => req,
+            Ok(None) => break,
+            Err((status, msg)) => {
+                let _ = respond(
+                    &mut stream,
+                    sh,
+                    status,
+                    &error_body("BadRequest", msg),
+                    None,
+                    true,
+                );
+                break;
+            }
+        };
+        let close = !req.keep_alive;
+        let sent = match handle(sh, &req) {
+            Action::Respond {
+                status,
+                body,
+                retry_after,
+            } => respond(
+                &mut stream,
+                sh,
+                status,
+                &body,
+                retry_after.as_deref(),
+                close,
+            ),
+            Action::Huge(bytes) => send_huge(&mut stream, sh, bytes, close),
+            Action::Hang => {
+                sh.wait_stopped(None);
+                Err(ErrorKind::Interrupted.into())
+            }
+            Action::Close => Err(ErrorKind::ConnectionAborted.into()),
+        };
+        if sent.is_err() || close {
+            break;
+        }
+    }
+    let _ = stream.shutdown(Shutdown::Both);
+}
+
+/// Reads more bytes into `buf`; false on EOF, error, stop or idle timeout.
+fn fill(stream: &mut TcpStream, buf: &mut Vec<u8>, sh: &Shared) -> bool {
+    let mut chunk = [0u8; 8192];
+    let start = Instant::now();
+    while !sh.is_stopped() && start.elapsed() < IDLE_LIMIT {
+        match stream.read(&mut chunk) {
+            Ok(0) => return false,
+            Ok(n) => {
+                buf.extend_from_slice(&chunk[..n]);
+                return true;
+            }
+            Err(e) if retryable(&e) => {}
+            Err(_) => return false,
+        }
+    }
+    false
+}
+
+fn retryable(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        ErrorKind::WouldBlock | ErrorKind::TimedOut | ErrorKind::Interrupted
+    )
+}
+
+/// Reads one request; `Ok(None)` when the connection is done, `Err` for a malformed one.
+fn read_request(
+    stream: &mut TcpStream,
+    buf: &mut Vec<u8>,
+    sh: &Shared,
+) -> Result<Option<Request>, (u16, &'static str)> {
+    let head_len = loop {
+        if let Some(pos) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break pos + 4;
+        }
+        if buf.len() > MAX_HEAD {
+            return Err((431, "Request header too large"));
+        }
+        if !fill(stream, buf, sh) {
+            return Ok(None);
+        }
+    };
+    let head = String::from_utf8_lossy(&buf[..head_len]).into_owned();
+    let mut lines = head.split("\r\n");
+    let mut parts = lines.next().unwrap_or_default().split(' ');
+    let (Some(method), Some(path), Some(version), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return Err((400, "Malformed request line"));
+    };
+    if version != "HTTP/1.1" && version != "HTTP/1.0" {
+        return Err((400, "Unsupported HTTP version"));
+    }
+    let mut headers = Vec::new();
+    for line in lines.filter(|l| !l.is_empty()) {
+        let Some((name, value)) = line.split_once(':') else {
+            return Err((400, "Malformed header"));
+        };
+        headers.push((name.trim().to_owned(), value.trim().to_owned()));
+    }
+    let mut req = Request {
+        method: method.into(),
+        path: path.into(),
+        headers,
+        body: Vec::new(),
+        keep_alive: false,
+    };
+    if req.header("Transfer-Encoding").is_some() {
+        return Err((411, "Content-Length required"));
+    }
+    let len = match req.header("Content-Length").map(str::parse::<usize>) {
+        None => 0,
+        Some(Ok(n)) if n <= MAX_BODY => n,
+        Some(Ok(_)) => return Err((413, "Request body too large")),
+        Some(Err(_)) => return Err((400, "Malformed Content-Length")),
+    };
+    let conn = req
+        .header("Connection")
+        .unwrap_or_default()
+        .to_ascii_lowercase();
+    req.keep_alive = version == "HTTP/1.1" && !conn.contains("close");
+    let expect = req
+        .header("Expect")
+        .is_some_and(|v| v.eq_ignore_ascii_case("100-continue"));
+    if expect
+        && buf.len() < head_len + len
+        && send(stream, b"HTTP/1.1 100 Continue\r\n\r\n", sh).is_err()
+    {
+        return Ok(None);
+    }
+    while buf.len() < head_len + len {
+        if !fill(stream, buf, sh) {
+            return Ok(None);
+        }
+    }
+    req.body = buf[head_len..head_len + len].to_vec();
+    buf.drain(..head_len + len);
+    Ok(Some(req))
+}
+
+fn handle(sh: &Shared, req: &Request) -> Action {
+    if req.path.split('?').next() != Some(TOKEN_PATH) {
+        return respond_err(404, "NotFound", "No such endpoint");
+    }
+    if req.method != "POST" {
+        return respond_err(405, "MethodNotAllowed", "Only POST is supported");
+    }
+    sh.requests.fetch_add(1, SeqCst);
+    let resource = form_value(&req.body, "resource");
+    if let Ok(Some(r)) = &resource {
+        *sh.per_resource.lock().entry(r.clone()).or_insert(0) += 1;
+    }
+    let shown = resource.clone().ok().flatten().unwrap_or_default();
+    let action = answer(sh, req, resource);
+    let status = match &action {
+        Action::Respond { status, .. } => status.to_string(),
+        Action::Huge(_) => "200 (huge body)".into(),
+        Action::Hang => "hang".into(),
+        Action::Close => "reset".into(),
+    };
+    log::debug!("emulator: POST {TOKEN_PATH} resource={shown:?} -> {status}");
+    action
+}
+
+fn answer(sh: &Shared, req: &Request, resource: Result<Option<String>, ()>) -> Action {
+    if sh.wait_stopped(Some(Duration::from_nanos(sh.latency_ns.load(SeqCst)))) {
+        return Action::Close;
+    }
+    let fault = sh
+        .faults
+        .lock()
+        .pop_front()
+        .or_else(|| sh.sticky.lock().clone());
+    let resource_or_empty = resource.clone().ok().flatten().unwrap_or_default();
+    let ok = |body: Vec<u8>| Action::Respond {
+        status: 200,
+        body,
+        retry_after: None,
+    };
+    match fault {
+        Some(Fault::Status {
+            code,
+            body,
+            retry_after,
+        }) => {
+            return Action::Respond {
+                status: code,
+                body: body.into_bytes(),
+                retry_after,
+            };
+        }
+        Some(Fault::Hang) => return Action::Hang,
+        Some(Fault::Reset) => return Action::Close,
+        Some(Fault::Garbage) => return ok(b"this is not json <html>".to_vec()),
+        Some(Fault::HugeBody { bytes }) => return Action::Huge(bytes),
+        Some(f @ (Fault::MissingAccessToken | Fault::EmptyAccessToken)) => {
+            let now = now_secs();
+            let expires_on = now.saturating_add(sh.ttl.load(SeqCst));
+            let fake = Issued {
+                token: String::new(),
+                expires_on,
+                not_before: now,
+            };
+            let token = (f == Fault::EmptyAccessToken).then_some("");
+            return ok(token_body(
+                &fake,
+                token,
+                &resource_or_empty,
+                ExpiresOnForm::EpochString,
+            ));
+        }
+        Some(Fault::ExpiresOn(form)) => {
+            let issued = sh.issue(&resource_or_empty);
+            return ok(token_body(
+                &issued,
+                Some(&issued.token),
+                &resource_or_empty,
+                form,
+            ));
+        }
+        None => {}
+    }
+    if req.header("Metadata") != Some("true") {
+        return respond_err(400, "BadRequest", "Required metadata header not specified");
+    }
+    let resource = match resource {
+        Err(()) => return respond_err(400, "BadRequest", "Malformed form body"),
+        Ok(r) => r.unwrap_or_default(),
+    };
+    if resource.is_empty() {
+        return respond_err(
+            400,
+            "BadRequest",
+            "Required resource parameter not specified",
+        );
+    }
+    if !sh.audience_allowed(&resource) {
+        let msg = format!(
+            "Audience {resource} is not a supported MSI token audience. (cstokenfs emulator)"
+        );
+        return respond_err(400, "AudienceNotSupported", &msg);
+    }
+    let issued = sh.issue(&resource);
+    ok(token_body(
+        &issued,
+        Some(&issued.token),
+        &resource,
+        ExpiresOnForm::EpochString,
+    ))
+}
+
+#[derive(Serialize)]
+struct TokenBody<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    access_token: Option<&'a str>,
+    refresh_token: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    expires_in: Option<Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    expires_on: Option<Value>,
+    not_before: String,
+    resource: &'a str,
+    token_type: &'static str,
+}
+
+fn token_body(
+    t: &Issued,
+    access_token: Option<&str>,
+    resource: &str,
+    form: ExpiresOnForm,
+) -> Vec<u8> {
+    let left = t.expires_on.saturating_sub(now_secs());
+    let text = |n: u64| Some(Value::String(n.to_string()));
+    let (expires_in, expires_on) = match form {
+        ExpiresOnForm::EpochString => (text(left), text(t.expires_on)),
+        ExpiresOnForm::EpochNumber => (text(left), Some(json!(t.expires_on))),
+        ExpiresOnForm::LegacyDateAmPm => (
+            text(left),
+            Some(Value::String(legacy_date(t.expires_on, true))),
+        ),
+        ExpiresOnForm::LegacyDate24h => (
+            text(left),
+            Some(Value::String(legacy_date(t.expires_on, false))),
+        ),
+        ExpiresOnForm::OnlyExpiresIn => (text(left), None),
+        ExpiresOnForm::ExpiresInNumber => (Some(json!(left)), None),
+        ExpiresOnForm::Nothing => (None, None),
+        ExpiresOnForm::GarbageString => (None, Some(json!("soon"))),
+    };
+    let body = TokenBody {
+        access_token,
+        refresh_token: "",
+        expires_in,
+        expires_on,
+        not_before: t.not_before.to_string(),
+        resource,
+        token_type: "Bearer",
+    };
+    serde_json::to_vec(&body).unwrap_or_default()
+}
+
+/// `M/D/YYYY h:mm:ss AM +00:00` (`am_pm`) or `MM/DD/YYYY HH:mm:ss +00:00`, in UTC.
+fn legacy_date(epoch: u64, am_pm: bool) -> String {
+    // Civil-from-days (Howard Hinnant), days since 1970-01-01.
+    let z = i64::try_from(epoch / 86_400).unwrap_or(0) + 719_468;
+    let (era, doe) = (z.div_euclid(146_097), z.rem_euclid(146_097));
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    let secs = epoch % 86_400;
+    let (h, mi, s) = (secs / 3600, secs / 60 % 60, secs % 60);
+    if am_pm {
+        let h12 = if h % 12 == 0 { 12 } else { h % 12 };
+        let half = if h < 12 { "AM" } else { "PM" };
+        format!("{m}/{d}/{y} {h12}:{mi:02}:{s:02} {half} +00:00")
+    } else {
+        format!("{m:02}/{d:02}/{y} {h:02}:{mi:02}:{s:02} +00:00")
+    }
+}
+
+/// Value of `key` in an `application/x-www-form-urlencoded` body; `Err` if undecodable.
+fn form_value(body: &[u8], key: &str) -> Result<Option<String>, ()> {
+    let decode = |s: &str| {
+        let s = s.replace('+', " ");
+        percent_encoding::percent_decode_str(&s)
+            .decode_utf8()
+            .map(|c| c.into_owned())
+            .map_err(|_| ())
+    };
+    let text = std::str::from_utf8(body).map_err(|_| ())?;
+    for pair in text.split('&').filter(|p| !p.is_empty()) {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        if decode(k)? == key {
+            return decode(v).map(Some);
+        }
+    }
+    Ok(None)
+}
+
+fn error_body(code: &str, message: &str) -> Vec<u8> {
+    json!({"error": {"code": code, "message": message}})
+        .to_string()
+        .into_bytes()
+}
+
+fn respond_err(status: u16, code: &str, message: &str) -> Action {
+    Action::Respond {
+        status,
+        body: error_body(code, message),
+        retry_after: None,
+    }
+}
+
+fn head(status: u16, len: usize, retry_after: Option<&str>, close: bool) -> String {
+    let reason = match status {
+        200 => "OK",
+        400 => "Bad Request",
+        401 => "Unauthorized",
+        403 => "Forbidden",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        411 => "Length Required",
+        413 => "Payload Too Large",
+        429 => "Too Many Requests",
+        431 => "Request Header Fields Too Large",
+        500 => "Internal Server Error",
+        502 => "Bad Gateway",
+        503 => "Service Unavailable",
+        504 => "Gateway Timeout",
+        _ => "Unknown",
+    };
+    let mut h = format!(
+        "HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\nContent-Length: {len}\r\n"
+    );
+    if status == 405 {
+        h.push_str("Allow: POST\r\n");
+    }
+    if let Some(v) = retry_after {
+        let v: String = v.chars().filter(|c| !c.is_control()).collect();
+        let _ = write!(h, "Retry-After: {v}\r\n");
+    }
+    h.push_str(if close {
+        "Connection: close\r\n\r\n"
+    } else {
+        "\r\n"
+    });
+    h
+}
+
+fn respond(
+    stream: &mut TcpStream,
+    sh: &Shared,
+    status: u16,
+    body: &[u8],
+    retry_after: Option<&str>,
+    close: bool,
+) -> io::Result<()> {
+    let mut out = head(status, body.len(), retry_after, close).into_bytes();
+    out.extend_from_slice(body);
+    send(stream, &out, sh)
+}
+
+/// Streams `bytes` bytes (spaces then `{}`) without allocating them.
+fn send_huge(stream: &mut TcpStream, sh: &Shared, bytes: usize, close: bool) -> io::Result<()> {
+    send(stream, head(200, bytes, None, close).as_bytes(), sh)?;
+    let tail = &b"{}"[..bytes.min(2)];
+    let spaces = [b' '; 16 * 1024];
+    let mut left = bytes - tail.len();
+    while left > 0 {
+        let n = left.min(spaces.len());
+        send(stream, &spaces[..n], sh)?;
+        left -= n;
+    }
+    send(stream, tail, sh)
+}
+
+/// `write_all` that keeps retrying on write timeouts until the emulator stops.
+fn send(stream: &mut TcpStream, mut data: &[u8], sh: &Shared) -> io::Result<()> {
+    while !data.is_empty() {
+        match stream.write(data) {
+            Ok(0) => return Err(ErrorKind::WriteZero.into()),
+            Ok(n) => data = &data[n..],
+            Err(e) if retryable(&e) && !sh.is_stopped() => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use percent_encoding::{utf8_percent_encode, NON_ALPHANUMERIC};
+
+    const MGMT: &str = "https://management.azure.com/";
+
+    fn emu() -> Emulator {
+        Emulator::start("127.0.0.1:0".parse().unwrap(), EmulatorConfig::default()).unwrap()
+    }
+
+    /// Sends one raw HTTP/1.1 request; returns (status, head, body). Status 0 = no response.
+    fn raw(
+        emu: &Emulator,
+        method: &str,
+        path: &str,
+        extra: &str,
+        body: &str,
+    ) -> (u16, String, Vec<u8>) {
+        let mut s = TcpStream::connect(emu.addr()).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let req = format!(
+            "{method} {path} HTTP/1.1\r\nHost: x\r\n{extra}Content-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        s.write_all(req.as_bytes()).unwrap();
+        let mut out = Vec::new();
+        let _ = s.read_to_end(&mut out);
+        let Some(split) = out.windows(4).position(|w| w == b"\r\n\r\n") else {
+            return (0, String::new(), out);
+        };
+        let head = String::from_utf8_lossy(&out[..split]).into_owned();
+        let status = head
+            .split(' ')
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0);
+        (status, head, out[split + 4..].to_vec())
+    }
+
+    fn post(emu: &Emulator, resource: &str) -> (u16, Value) {
+        let body = format!(
+            "resource={}",
+            utf8_percent_encode(resource, NON_ALPHANUMERIC)
+        );
+        let (status, _, body) = raw(emu, "POST", TOKEN_PATH, "Metadata: true\r\n", &body);
+        (status, serde_json::from_slice(&body).unwrap_or(Value::Null))
+    }
+
+    fn claims(v: &Value) -> Value {
+        decode_claims(v["access_token"].as_str().unwrap()).unwrap()
+    }
+
+    #[test]
+    fn success_shape() {
+        let emu = emu();
+        let (status, v) = post(&emu, MGMT);
+        assert_eq!(status, 200);
+        let keys: Vec<_> = v.as_object().unwrap().keys().cloned().collect();
+        let want = [
+            "access_token",
+            "expires_in",
+            "expires_on",
+            "not_before",
+            "refresh_token",
+            "resource",
+            "token_type",
+        ];
+        assert_eq!(keys, want);
+        assert!(v.as_object().unwrap().values().all(Value::is_string));
+        assert_eq!(
+            (v["token_type"].as_str(), v["refresh_token"].as_str()),
+            (Some("Bearer"), Some(""))
+        );
+        let num = |k: &str| v[k].as_str().unwrap().parse::<u64>().unwrap();
+        assert_eq!(num("expires_on") - num("not_before"), 3600);
+        assert!((3599..=3600).contains(&num("expires_in")));
+        let token = v["access_token"].as_str().unwrap();
+        assert_eq!(token.matches('.').count(), 2);
+        assert!(token.ends_with('.') && !token.contains('='));
+        let header = URL_SAFE_NO_PAD
+            .decode(token.split('.').next().unwrap())
+            .unwrap();
+        assert_eq!(header, br#"{"alg":"none","typ":"JWT"}"#);
+        let c = claims(&v);
+        assert_eq!(
+            (c["aud"].as_str(), c["iss"].as_str(), c["serial"].as_u64()),
+            (Some(MGMT), Some(ISSUER), Some(1))
+        );
+        assert_eq!(
+            c["exp"].as_u64().unwrap() - c["iat"].as_u64().unwrap(),
+            3600
+        );
+        assert_eq!(c["nbf"], c["iat"]);
+        assert_eq!(c["emulator"], NOTICE);
+    }
+
+    #[test]
+    fn aud_is_resource_as_sent() {
+        let emu = emu();
+        for r in [
+            MGMT,
+            "https://management.azure.com",
+            "https://vault.azure.net/",
+            "6dae42f8-4368-4678-94ff-3960e28e3630",
+        ] {
+            let (status, v) = post(&emu, r);
+            assert_eq!(status, 200, "{r}");
+            assert_eq!(
+                (v["resource"].as_str(), claims(&v)["aud"].as_str()),
+                (Some(r), Some(r))
+            );
+        }
+        let (status, _, body) = raw(
+            &emu,
+            "POST",
+            TOKEN_PATH,
+            "Metadata: true\r\n",
+            "x=1&resource=https%3A%2F%2Fvault.azure.net",
+        );
+        assert_eq!(status, 200);
+        assert!(String::from_utf8_lossy(&body).contains(r#""resource":"https://vault.azure.net""#));
+    }
+
+    #[test]
+    fn refused_and_allowed_audiences() {
+        let config = EmulatorConfig {
+            allow: vec!["api://custom/".into()],
+            ..EmulatorConfig::default()
+        };
+        let emu = Emulator::start("127.0.0.1:0".parse().unwrap(), config).unwrap();
+        let (status, v) = post(&emu, "https://evil.example/x y");
+        assert_eq!(status, 400);
+        assert_eq!(v["error"]["code"], "AudienceNotSupported");
+        let msg = "Audience https://evil.example/x y is not a supported MSI token audience. (cstokenfs emulator)";
+        assert_eq!(v["error"]["message"], msg);
+        assert_eq!(post(&emu, "https://management.azure.com//").0, 400);
+        assert_eq!(post(&emu, "api://custom").0, 200);
+        emu.set_allow_any(true);
+        let (status, v) = post(&emu, "https://evil.example/x y");
+        assert_eq!(
+            (status, claims(&v)["aud"].as_str()),
+            (200, Some("https://evil.example/x y"))
+        );
+        let (status, _, body) = raw(
+            &emu,
+            "POST",
+            TOKEN_PATH,
+            "Metadata: true\r\n",
+            "resource=a+b%2B",
+        );
+        assert_eq!(status, 200);
+        assert!(String::from_utf8_lossy(&body).contains(r#""resource":"a b+""#));
+    }
+
+    #[test]
+    fn bad_requests() {
+        let emu = emu();
+        let bad = |status: u16, body: &[u8]| {
+            assert_eq!(status, 400);
+            let v: Value = serde_json::from_slice(body).unwrap();
+            assert_eq!(v["error"]["code"], "BadRequest");
+            v["error"]["message"].as_str().unwrap().to_owned()
+        };
+        let form = "resource=https%3A%2F%2Fmanagement.azure.com%2F";
+        let (s, _, b) = raw(&emu, "POST", TOKEN_PATH, "", form);
+        assert_eq!(bad(s, &b), "Required metadata header not specified");
+        let (s, _, b) = raw(&emu, "POST", TOKEN_PATH, "Metadata: false\r\n", form);
+        assert_eq!(bad(s, &b), "Required metadata header not specified");
+        for body in [
+            "",
+            "resource=",
+            "other=1",
+            "resource=%FF",
+            "resource=%C3%28",
+        ] {
+            let (s, _, b) = raw(&emu, "POST", TOKEN_PATH, "Metadata: true\r\n", body);
+            bad(s, &b);
+        }
+        assert_eq!(
+            raw(&emu, "POST", "/other", "Metadata: true\r\n", form).0,
+            404
+        );
+        let (s, head, _) = raw(&emu, "GET", TOKEN_PATH, "Metadata: true\r\n", "");
+        assert!(s == 405 && head.contains("Allow: POST"));
+        assert_eq!(emu.requests(), 7);
+        assert_eq!(emu.tokens_issued(), 0);
+    }
+
+    #[test]
+    fn serial_counters_and_keep_alive() {
+        let emu = emu();
+        for want in 1..=3 {
+            assert_eq!(claims(&post(&emu, MGMT).1)["serial"].as_u64(), Some(want));
+        }
+        post(&emu, "https://vault.azure.net");
+        assert_eq!((emu.requests(), emu.tokens_issued()), (4, 4));
+        assert_eq!(
+            (
+                emu.requests_for(MGMT),
+                emu.requests_for("https://vault.azure.net")
+            ),
+            (3, 1)
+        );
+        emu.reset_counters();
+        assert_eq!(
+            (emu.requests(), emu.requests_for(MGMT), emu.tokens_issued()),
+            (0, 0, 0)
+        );
+        // Two pipelined requests on one keep-alive connection; serial keeps counting.
+        let mut s = TcpStream::connect(emu.addr()).unwrap();
+        let one = "POST /oauth2/token HTTP/1.1\r\nMetadata: true\r\nContent-Length: 29\r\n\r\nresource=https://ai.azure.com";
+        s.write_all(
+            format!(
+                "{one}{}",
+                one.replace("\r\n\r\n", "\r\nConnection: close\r\n\r\n")
+            )
+            .as_bytes(),
+        )
+        .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        assert_eq!(out.matches("HTTP/1.1 200 OK").count(), 2);
+        assert_eq!(
+            (
+                emu.requests_for("https://ai.azure.com"),
+                emu.tokens_issued()
+            ),
+            (2, 2)
+        );
+        assert_eq!(claims(&post(&emu, MGMT).1)["serial"].as_u64(), Some(7));
+    }
+
+    #[test]
+    fn caching_returns_same_token() {
+        let emu = emu();
+        emu.set_caching(true);
+        let (_, a) = post(&emu, MGMT);
+        let (_, b) = post(&emu, MGMT);
+        assert_eq!(
+            (&a["access_token"], &a["expires_on"]),
+            (&b["access_token"], &b["expires_on"])
+        );
+        let (_, c) = post(&emu, "https://management.azure.com");
+        assert_ne!(a["access_token"], c["access_token"]);
+        assert_eq!(emu.tokens_issued(), 2);
+        emu.set_caching(false);
+        assert_ne!(post(&emu, MGMT).1["access_token"], a["access_token"]);
+        emu.set_caching(true);
+        emu.set_ttl(0);
+        let (_, d) = post(&emu, MGMT);
+        assert_eq!(d["expires_in"], "0");
+        assert_ne!(post(&emu, MGMT).1["access_token"], d["access_token"]);
+    }
+
+    #[test]
+    fn status_garbage_and_token_shape_faults() {
+        let emu = emu();
+        let retry = Some("7".to_owned());
+        emu.push_fault(Fault::Status {
+            code: 429,
+            body: "{\"x\":1}".into(),
+            retry_after: retry,
+        });
+        emu.push_fault(Fault::Garbage);
+        emu.push_fault(Fault::MissingAccessToken);
+        emu.push_fault(Fault::EmptyAccessToken);
+        let form = "resource=https%3A%2F%2Fmanagement.azure.com%2F";
+        let (s, head, body) = raw(&emu, "POST", TOKEN_PATH, "Metadata: true\r\n", form);
+        assert!(s == 429 && head.contains("Retry-After: 7") && body == b"{\"x\":1}");
+        assert_eq!(
+            raw(&emu, "POST", TOKEN_PATH, "", form).2,
+            b"this is not json <html>"
+        );
+        let (s, v) = post(&emu, MGMT);
+        assert!(s == 200 && v.get("access_token").is_none() && v["expires_on"].is_string());
+        assert_eq!(post(&emu, MGMT).1["access_token"], "");
+        emu.set_fault(Some(Fault::Garbage));
+        emu.push_fault(Fault::Status {
+            code: 503,
+            body: String::new(),
+            retry_after: None,
+        });
+        assert_eq!(post(&emu, MGMT).0, 503);
+        assert_eq!(post(&emu, MGMT).1, Value::Null);
+        assert_eq!(post(&emu, MGMT).1, Value::Null);
+        emu.set_fault(None);
+        assert_eq!(post(&emu, MGMT).0, 200);
+        assert_eq!((emu.requests(), emu.tokens_issued()), (8, 1));
+    }
+
+    #[test]
+    fn expires_on_forms() {
+        let emu = emu();
+        let on = |f| {
+            emu.push_fault(Fault::ExpiresOn(f));
+            let (s, v) = post(&emu, MGMT);
+            assert!(s == 200 && claims(&v)["aud"] == MGMT);
+            (
+                v.get("expires_in").cloned(),
+                v.get("expires_on").cloned(),
+                claims(&v)["exp"].as_u64().unwrap(),
+            )
+        };
+        let (i, o, exp) = on(ExpiresOnForm::EpochString);
+        assert!(i.unwrap().is_string() && o == Some(json!(exp.to_string())));
+        let (_, o, exp) = on(ExpiresOnForm::EpochNumber);
+        assert_eq!(o, Some(json!(exp)));
+        let (_, o, exp) = on(ExpiresOnForm::LegacyDateAmPm);
+        assert_eq!(o, Some(json!(legacy_date(exp, true))));
+        let (_, o, exp) = on(ExpiresOnForm::LegacyDate24h);
+        assert_eq!(o, Some(json!(legacy_date(exp, false))));
+        let (i, o, _) = on(ExpiresOnForm::OnlyExpiresIn);
+        assert!(i.unwrap().is_string() && o.is_none());
+        let (i, o, _) = on(ExpiresOnForm::ExpiresInNumber);
+        assert!(i.unwrap().is_u64() && o.is_none());
+        assert_eq!(on(ExpiresOnForm::Nothing).0, None);
+        let (i, o, _) = on(ExpiresOnForm::GarbageString);
+        assert!(i.is_none() && o == Some(json!("soon")));
+        assert_eq!(emu.tokens_issued(), 8);
+    }
+
+    #[test]
+    fn legacy_date_formats() {
+        assert_eq!(
+            legacy_date(1_579_152_252, true),
+            "1/16/2020 5:24:12 AM +00:00"
+        );
+        assert_eq!(
+            legacy_date(1_579_195_452, true),
+            "1/16/2020 5:24:12 PM +00:00"
+        );
+        assert_eq!(
+            legacy_date(1_560_999_478, false),
+            "06/20/2019 02:57:58 +00:00"
+        );
+        assert_eq!(legacy_date(0, true), "1/1/1970 12:00:00 AM +00:00");
+    }
+
+    #[test]
+    fn reset_huge_body_and_hang() {
+        let emu = emu();
+        emu.push_fault(Fault::Reset);
+        emu.push_fault(Fault::HugeBody { bytes: 8 << 20 });
+        assert_eq!(post(&emu, MGMT).0, 0);
+        let (s, _, body) = raw(&emu, "POST", TOKEN_PATH, "", "");
+        assert!(s == 200 && body.len() == 8 << 20 && body.ends_with(b" {}"));
+        emu.set_fault(Some(Fault::Hang));
+        let addr = emu.addr();
+        let client = thread::spawn(move || {
+            let mut s = TcpStream::connect(addr).unwrap();
+            s.write_all(
+                b"POST /oauth2/token HTTP/1.1\r\nMetadata: true\r\nContent-Length: 0\r\n\r\n",
+            )
+            .unwrap();
+            let mut out = Vec::new();
+            s.read_to_end(&mut out).map(|_| out)
+        });
+        while emu.requests() < 3 {
+            thread::sleep(Duration::from_millis(5));
+        }
+        thread::sleep(Duration::from_millis(100));
+        assert!(!client.is_finished());
+        let started = Instant::now();
+        emu.stop();
+        assert!(started.elapsed() < Duration::from_secs(2));
+        assert!(client.join().unwrap().unwrap_or_default().is_empty());
+    }
+
+    #[test]
+    fn latency_is_concurrent() {
+        let emu = Arc::new(emu());
+        emu.set_latency(Duration::from_millis(400));
+        let started = Instant::now();
+        let clients: Vec<_> = (0..4)
+            .map(|_| {
+                let emu = Arc::clone(&emu);
+                thread::spawn(move || post(&emu, MGMT).0)
+            })
+            .collect();
+        assert!(clients.into_iter().all(|c| c.join().unwrap() == 200));
+        let took = started.elapsed();
+        assert!(
+            took >= Duration::from_millis(400) && took < Duration::from_millis(1500),
+            "{took:?}"
+        );
+    }
+
+    #[test]
+    fn stop_closes_port_and_wait_returns() {
+        let emu = Arc::new(emu());
+        let addr = emu.addr();
+        assert_eq!(
+            emu.url(),
+            format!("http://127.0.0.1:{}/oauth2/token", addr.port())
+        );
+        let idle = TcpStream::connect(addr).unwrap();
+        emu.set_latency(Duration::from_secs(3600));
+        let waiter = {
+            let emu = Arc::clone(&emu);
+            thread::spawn(move || emu.wait())
+        };
+        let sleeper = {
+            let emu = Arc::clone(&emu);
+            thread::spawn(move || post(&emu, MGMT).0)
+        };
+        while emu.requests() < 1 {
+            thread::sleep(Duration::from_millis(5));
+        }
+        emu.shutdown();
+        waiter.join().unwrap();
+        assert_eq!(sleeper.join().unwrap(), 0);
+        assert_eq!(
+            TcpStream::connect(addr).unwrap_err().kind(),
+            ErrorKind::ConnectionRefused
+        );
+        assert_eq!((&idle).read(&mut [0u8; 8]).unwrap(), 0);
+        fn send_sync<T: Send + Sync>() {}
+        send_sync::<Emulator>();
+    }
+}

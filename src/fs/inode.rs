@@ -1,0 +1,132 @@
+//! Inode numbers and the table of token versions the kernel knows about.
+//!
+//! Fixed inodes for the root, the view directories and `.status`; every token version gets
+//! its own block of inodes (one per view), so each version has its own page cache and a
+//! refresh never changes the bytes behind an inode.
+
+use crate::token::{Version, View};
+use parking_lot::Mutex;
+use std::collections::HashMap;
+use std::sync::{Arc, Weak};
+
+pub const ROOT: u64 = 1;
+pub const JSON_DIR: u64 = 2;
+pub const HEADER_DIR: u64 = 3;
+pub const STATUS: u64 = 4;
+/// Shown by `readdir` for a declared resource whose token is not held yet.
+pub const UNRESOLVED: u64 = 5;
+const FIRST_VERSION_INO: u64 = 16;
+/// Room for views added later.
+const INOS_PER_VERSION: u64 = 8;
+
+/// What an inode number stands for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Node {
+    Root,
+    ViewDir(View),
+    Status,
+    Token { version: u64, view: View },
+}
+
+pub fn node(ino: u64) -> Option<Node> {
+    match ino {
+        ROOT => Some(Node::Root),
+        JSON_DIR => Some(Node::ViewDir(View::Json)),
+        HEADER_DIR => Some(Node::ViewDir(View::Header)),
+        STATUS => Some(Node::Status),
+        _ if ino >= FIRST_VERSION_INO => {
+            let rel = ino - FIRST_VERSION_INO;
+            let view = View::ALL.get((rel % INOS_PER_VERSION) as usize).copied()?;
+            Some(Node::Token {
+                version: rel / INOS_PER_VERSION,
+                view,
+            })
+        }
+        _ => None,
+    }
+}
+
+pub fn token_ino(version: u64, view: View) -> u64 {
+    FIRST_VERSION_INO + version * INOS_PER_VERSION + view as u64
+}
+
+pub fn view_dir_ino(view: View) -> u64 {
+    match view {
+        View::Raw => ROOT,
+        View::Json => JSON_DIR,
+        View::Header => HEADER_DIR,
+    }
+}
+
+/// What the kernel may ask of a version after its token is gone: its sizes and times stay
+/// answerable, its bytes do not (only open handles keep those alive).
+pub struct Known {
+    pub version: Weak<Version>,
+    pub sizes: [u64; 3],
+    pub mtime_ms: i64,
+    lookups: u64,
+}
+
+/// Versions the kernel holds lookups on, by version id; dropped when the kernel forgets.
+#[derive(Default)]
+pub struct InodeTable {
+    known: Mutex<HashMap<u64, Known>>,
+}
+
+impl InodeTable {
+    /// Counts one kernel lookup of `v`.
+    pub fn remember(&self, v: &Arc<Version>) {
+        let mut known = self.known.lock();
+        let k = known.entry(v.id).or_insert_with(|| Known {
+            version: Arc::downgrade(v),
+            sizes: View::ALL.map(|view| v.bytes(view).len() as u64),
+            mtime_ms: v.fetched_at,
+            lookups: 0,
+        });
+        k.lookups += 1;
+    }
+
+    /// The kernel dropped `n` lookups of an inode of `version`.
+    pub fn forget(&self, version: u64, n: u64) {
+        let mut known = self.known.lock();
+        if let Some(k) = known.get_mut(&version) {
+            k.lookups = k.lookups.saturating_sub(n);
+            if k.lookups == 0 {
+                known.remove(&version);
+            }
+        }
+    }
+
+    pub fn with<T>(&self, version: u64, f: impl FnOnce(&Known) -> T) -> Option<T> {
+        self.known.lock().get(&version).map(f)
+    }
+
+    pub fn len(&self) -> usize {
+        self.known.lock().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn inode_numbers_round_trip() {
+        for id in [0, 1, 7, u64::MAX / 16] {
+            for view in View::ALL {
+                assert_eq!(
+                    node(token_ino(id, view)),
+                    Some(Node::Token { version: id, view })
+                );
+            }
+        }
+        assert_eq!(node(ROOT), Some(Node::Root));
+        assert_eq!(node(STATUS), Some(Node::Status));
+        assert_eq!(node(UNRESOLVED), None);
+        assert_eq!(node(token_ino(3, View::Raw) + 5), None);
+    }
+}

@@ -1,0 +1,337 @@
+//! The filesystem core: names, views, attributes, handles and errno. It never does HTTP:
+//! whatever may fetch goes through the cache, which answers on its own thread. `fuse` is the
+//! thin adapter to fuser.
+
+pub mod fuse;
+pub mod inode;
+
+use crate::cache::{Cache, OpenDecision, ReadError};
+use crate::names;
+use crate::token::{Version, View};
+use fuser::{Errno, FileAttr, FileType, INodeNo};
+use inode::{InodeTable, Node};
+use log::debug;
+use parking_lot::Mutex;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// How long the kernel may keep directory and `.status` attributes.
+const META_TTL: Duration = Duration::from_secs(1);
+/// The longest a token's name or attributes are cached by the kernel (opens always reach the
+/// daemon, which sends a reader of a superseded or expired version back to lookup).
+const MAX_TOKEN_TTL: Duration = Duration::from_secs(60);
+
+/// A failure, as the errno the reader sees.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FsError {
+    /// No such name, or a resource the endpoint refused.
+    NotFound,
+    /// No token could be had.
+    Io,
+    /// The version behind this inode is superseded or expired: look the name up again.
+    Stale,
+    /// Nothing here can be changed.
+    ReadOnly,
+    NotDir,
+    BadHandle,
+}
+
+impl FsError {
+    pub fn errno(self) -> Errno {
+        match self {
+            FsError::NotFound => Errno::ENOENT,
+            FsError::Io => Errno::EIO,
+            FsError::Stale => Errno::ESTALE,
+            FsError::ReadOnly => Errno::EROFS,
+            FsError::NotDir => Errno::ENOTDIR,
+            FsError::BadHandle => Errno::EBADF,
+        }
+    }
+}
+
+/// Owner and permission bits of what the mount shows.
+#[derive(Debug, Clone, Copy)]
+pub struct Access {
+    pub uid: u32,
+    pub gid: u32,
+    /// Token files; directories get the matching x bits.
+    pub file_mode: u16,
+}
+
+impl Access {
+    pub fn dir_mode(&self) -> u16 {
+        self.file_mode | ((self.file_mode & 0o444) >> 2)
+    }
+}
+
+/// What an open file reads from: one version's view (immutable), or a `.status` snapshot.
+enum Handle {
+    Token(Arc<Version>, View),
+    Status(Vec<u8>),
+}
+
+/// A name that resolved: its attributes and how long the kernel may keep them.
+#[derive(Debug, Clone)]
+pub struct Entry {
+    pub attr: FileAttr,
+    pub ttl: Duration,
+}
+
+pub struct Core {
+    cache: Arc<Cache>,
+    access: Access,
+    inodes: InodeTable,
+    handles: Mutex<HashMap<u64, Handle>>,
+    next_handle: AtomicU64,
+    started: SystemTime,
+}
+
+/// How an open file is served.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OpenMode {
+    /// Immutable bytes: the kernel may keep them in its page cache.
+    Cached,
+    /// Generated at open: every read comes to the daemon.
+    Direct,
+}
+
+impl Core {
+    pub fn new(cache: Arc<Cache>, access: Access) -> Arc<Core> {
+        Arc::new(Core {
+            cache,
+            access,
+            inodes: InodeTable::default(),
+            handles: Mutex::new(HashMap::new()),
+            next_handle: AtomicU64::new(1),
+            started: SystemTime::now(),
+        })
+    }
+
+    pub fn cache(&self) -> &Arc<Cache> {
+        &self.cache
+    }
+
+    /// Looks `name` up in directory `parent`; `done` may run later, on a fetch thread.
+    pub fn lookup(
+        self: &Arc<Self>,
+        parent: u64,
+        name: &str,
+        done: impl FnOnce(Result<Entry, FsError>) + Send + 'static,
+    ) {
+        let view = match (inode::node(parent), name) {
+            (Some(Node::Root), ".json") => return done(Ok(self.meta_entry(inode::JSON_DIR))),
+            (Some(Node::Root), ".header") => return done(Ok(self.meta_entry(inode::HEADER_DIR))),
+            (Some(Node::Root), ".status") => return done(Ok(self.meta_entry(inode::STATUS))),
+            (Some(Node::Root), _) => View::Raw,
+            (Some(Node::ViewDir(view)), _) => view,
+            (Some(_), _) => return done(Err(FsError::NotDir)),
+            (None, _) => return done(Err(FsError::NotFound)),
+        };
+        let resource = match names::resolve(name) {
+            Ok(r) => r,
+            Err(why) => {
+                debug!("lookup {name:?}: {why}");
+                return done(Err(FsError::NotFound));
+            }
+        };
+        let core = self.clone();
+        self.cache.get(
+            &resource,
+            Box::new(move |got| {
+                done(match got {
+                    Ok(v) => {
+                        core.inodes.remember(&v);
+                        Ok(core.token_entry(&v, view))
+                    }
+                    Err(ReadError::Refused(_)) => Err(FsError::NotFound),
+                    Err(ReadError::Unavailable(_)) => Err(FsError::Io),
+                })
+            }),
+        );
+    }
+
+    /// The kernel dropped `n` lookups of `ino`.
+    pub fn forget(&self, ino: u64, n: u64) {
+        if let Some(Node::Token { version, .. }) = inode::node(ino) {
+            self.inodes.forget(version, n);
+        }
+    }
+
+    pub fn getattr(&self, ino: u64) -> Result<Entry, FsError> {
+        match inode::node(ino).ok_or(FsError::NotFound)? {
+            Node::Token { version, view } => self
+                .inodes
+                .with(version, |k| Entry {
+                    attr: self.attr(
+                        ino,
+                        FileType::RegularFile,
+                        k.sizes[view as usize],
+                        k.mtime_ms,
+                    ),
+                    ttl: k
+                        .version
+                        .upgrade()
+                        .map_or(Duration::ZERO, |v| self.token_ttl(&v)),
+                })
+                .ok_or(FsError::Stale),
+            _ => Ok(self.meta_entry(ino)),
+        }
+    }
+
+    /// Opens a file for reading: a token version only while it is current and valid.
+    pub fn open(&self, ino: u64) -> Result<(u64, OpenMode), FsError> {
+        let (handle, mode) = match inode::node(ino).ok_or(FsError::NotFound)? {
+            Node::Token { version, view } => {
+                let v = self
+                    .inodes
+                    .with(version, |k| k.version.upgrade())
+                    .flatten()
+                    .ok_or(FsError::Stale)?;
+                if self.cache.on_open(&v) == OpenDecision::Stale {
+                    return Err(FsError::Stale);
+                }
+                (Handle::Token(v, view), OpenMode::Cached)
+            }
+            Node::Status => (Handle::Status(self.status_bytes()), OpenMode::Direct),
+            Node::Root | Node::ViewDir(_) => return Err(FsError::NotFound),
+        };
+        let fh = self.next_handle.fetch_add(1, Ordering::Relaxed);
+        self.handles.lock().insert(fh, handle);
+        Ok((fh, mode))
+    }
+
+    /// Up to `size` bytes at `offset` of an open file.
+    pub fn read<T>(
+        &self,
+        fh: u64,
+        offset: u64,
+        size: u32,
+        f: impl FnOnce(&[u8]) -> T,
+    ) -> Result<T, FsError> {
+        let handles = self.handles.lock();
+        let bytes = match handles.get(&fh).ok_or(FsError::BadHandle)? {
+            Handle::Token(v, view) => v.bytes(*view),
+            Handle::Status(b) => b.as_slice(),
+        };
+        let start = (offset.min(bytes.len() as u64)) as usize;
+        let end = start.saturating_add(size as usize).min(bytes.len());
+        Ok(f(&bytes[start..end]))
+    }
+
+    pub fn release(&self, fh: u64) {
+        self.handles.lock().remove(&fh);
+    }
+
+    /// The entries of a directory: (inode, kind, name), `.` and `..` first.
+    pub fn readdir(&self, ino: u64) -> Result<Vec<(u64, FileType, String)>, FsError> {
+        let view = match inode::node(ino) {
+            Some(Node::Root) => View::Raw,
+            Some(Node::ViewDir(view)) => view,
+            Some(_) => return Err(FsError::NotDir),
+            None => return Err(FsError::NotFound),
+        };
+        let mut out = vec![
+            (ino, FileType::Directory, ".".to_string()),
+            (inode::ROOT, FileType::Directory, "..".to_string()),
+        ];
+        if view == View::Raw {
+            out.push((inode::JSON_DIR, FileType::Directory, ".json".into()));
+            out.push((inode::HEADER_DIR, FileType::Directory, ".header".into()));
+            out.push((inode::STATUS, FileType::RegularFile, ".status".into()));
+        }
+        let mut names: Vec<(u64, String)> = self
+            .cache
+            .listed()
+            .into_iter()
+            .filter_map(|(resource, v)| {
+                let ino = v.map_or(inode::UNRESOLVED, |v| inode::token_ino(v.id, view));
+                names::canonical_name(&resource).map(|n| (ino, n))
+            })
+            .collect();
+        names.sort_by(|a, b| a.1.cmp(&b.1));
+        names.dedup_by(|a, b| a.1 == b.1);
+        out.extend(
+            names
+                .into_iter()
+                .map(|(i, n)| (i, FileType::RegularFile, n)),
+        );
+        Ok(out)
+    }
+
+    fn status_bytes(&self) -> Vec<u8> {
+        let mut status = self.cache.status();
+        status["dumpable"] = serde_json::Value::Bool(crate::hardening::is_dumpable());
+        status["pid"] = std::process::id().into();
+        let mut out = serde_json::to_vec_pretty(&status).unwrap_or_default();
+        out.push(b'\n');
+        out
+    }
+
+    fn token_entry(&self, v: &Version, view: View) -> Entry {
+        Entry {
+            attr: self.attr(
+                inode::token_ino(v.id, view),
+                FileType::RegularFile,
+                v.bytes(view).len() as u64,
+                v.fetched_at,
+            ),
+            ttl: self.token_ttl(v),
+        }
+    }
+
+    /// Until the token stops being valid, at most `MAX_TOKEN_TTL`.
+    fn token_ttl(&self, v: &Version) -> Duration {
+        let left = self
+            .cache
+            .peek(&v.resource)
+            .filter(|cur| cur.id == v.id)
+            .map_or(0, |_| {
+                let s = crate::policy::schedule(v.fetched_at, v.expires_on, v.refresh_in_ms, 0);
+                (s.valid_until - self.cache.now()).max(0)
+            });
+        Duration::from_millis(left as u64).min(MAX_TOKEN_TTL)
+    }
+
+    fn meta_entry(&self, ino: u64) -> Entry {
+        let kind = if ino == inode::STATUS {
+            FileType::RegularFile
+        } else {
+            FileType::Directory
+        };
+        let mtime = self
+            .started
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as i64);
+        Entry {
+            attr: self.attr(ino, kind, 0, mtime),
+            ttl: META_TTL,
+        }
+    }
+
+    fn attr(&self, ino: u64, kind: FileType, size: u64, mtime_ms: i64) -> FileAttr {
+        let time = UNIX_EPOCH + Duration::from_millis(mtime_ms.max(0) as u64);
+        let (perm, nlink) = match kind {
+            FileType::Directory => (self.access.dir_mode(), 2),
+            _ => (self.access.file_mode, 1),
+        };
+        FileAttr {
+            ino: INodeNo(ino),
+            size,
+            blocks: size.div_ceil(512),
+            atime: time,
+            mtime: time,
+            ctime: time,
+            crtime: time,
+            kind,
+            perm,
+            nlink,
+            uid: self.access.uid,
+            gid: self.access.gid,
+            rdev: 0,
+            flags: 0,
+            blksize: 4096,
+        }
+    }
+}

@@ -1,0 +1,19 @@
+//! cstokenfs: a read-only FUSE filesystem where `cat MOUNT/<resource>` prints a fresh,
+//! cached Azure access token.
+//!
+//! Layers, each knowing only the ones below it:
+//! `cli` -> `mount` (session, detach, signals) -> `fs` (inodes, views, errno; never does
+//! HTTP) -> `cache` (single-flight fetches; decisions from `policy`) -> `source` (one file
+//! per upstream) ; `emulator` is a stand-in upstream for demos and tests.
+
+pub mod cache;
+pub mod cli;
+pub mod emulator;
+pub mod fs;
+pub mod hardening;
+pub mod logging;
+pub mod mount;
+pub mod names;
+pub mod policy;
+pub mod source;
+pub mod token;

@@ -1,0 +1,459 @@
+//! Mounting: checks before mounting, detaching once the mount is live, the session, and
+//! signals (SIGTERM/SIGINT unmount, SIGUSR1 drops tokens, SIGHUP reopens the log file).
+
+use crate::cache::{Cache, SystemClock};
+use crate::emulator::{Emulator, EmulatorConfig};
+use crate::fs::{fuse::FuseAdapter, Access, Core};
+use crate::policy::Policy;
+use crate::source::cloudshell::{check_url, CloudShell};
+use crate::source::Source;
+use log::{info, warn};
+use std::ffi::CString;
+use std::fmt;
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Everything `mount` was asked for.
+#[derive(Debug, Clone)]
+pub struct MountRequest {
+    pub mountpoint: PathBuf,
+    /// The token endpoint; `None` serves from the built-in emulator.
+    pub endpoint: Option<String>,
+    pub resources: Vec<String>,
+    pub policy: Policy,
+    pub foreground: bool,
+    pub log_file: Option<PathBuf>,
+}
+
+/// Why mounting failed: one line, with the fix where there is one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MountError {
+    MountPoint(String),
+    NoFuse,
+    AlreadyMounted(PathBuf),
+    Endpoint(String),
+    Resource(String),
+    LogFile(String),
+    Mount(String),
+    Daemon(String),
+}
+
+impl fmt::Display for MountError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            MountError::MountPoint(m) | MountError::Endpoint(m) | MountError::Resource(m) => f.write_str(m),
+            MountError::NoFuse => f.write_str(
+                "/dev/fuse is missing: load the fuse module (modprobe fuse), or in Docker run the \
+                 container with --device /dev/fuse --cap-add SYS_ADMIN",
+            ),
+            MountError::AlreadyMounted(p) => write!(
+                f,
+                "{} is already a live FUSE mount: unmount it first (umount {0} or fusermount3 -u {0})",
+                p.display()
+            ),
+            MountError::LogFile(m) => write!(f, "cannot open the log file: {m}"),
+            MountError::Mount(m) => write!(f, "mount failed: {m}"),
+            MountError::Daemon(m) => f.write_str(m),
+        }
+    }
+}
+
+impl std::error::Error for MountError {}
+
+/// Mounts as asked: in the foreground until a signal, or detached once live.
+pub fn run(req: MountRequest) -> Result<(), MountError> {
+    let mountpoint = preflight(&req)?;
+    if req.foreground {
+        crate::logging::init_stderr("info");
+        return serve(&req, &mountpoint, Ready::Nobody);
+    }
+    let log = match &req.log_file {
+        Some(path) => Some(open_log(path)?),
+        None => {
+            eprintln!("cstokenfs: detached without --log-file: logs are discarded");
+            None
+        }
+    };
+    detach(&req, &mountpoint, log)
+}
+
+/// Checks that make a clear error before anything is mounted.
+fn preflight(req: &MountRequest) -> Result<PathBuf, MountError> {
+    if let Some(url) = &req.endpoint {
+        check_url(url).map_err(MountError::Endpoint)?;
+    }
+    for name in &req.resources {
+        crate::names::resolve(name)
+            .map_err(|e| MountError::Resource(format!("--resource {name:?}: {e}")))?;
+    }
+    let shown = req.mountpoint.display();
+    let meta = match std::fs::metadata(&req.mountpoint) {
+        Ok(m) => m,
+        Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => {
+            warn!("{shown} is a dead FUSE mount (its daemon is gone): detaching it");
+            eprintln!("cstokenfs: {shown} was a dead FUSE mount; detached it");
+            unmount(&req.mountpoint).map_err(|e| {
+                MountError::MountPoint(format!(
+                    "{shown} is a dead FUSE mount and cannot be detached: {e}"
+                ))
+            })?;
+            std::fs::metadata(&req.mountpoint)
+                .map_err(|e| MountError::MountPoint(format!("mount point {shown}: {e}")))?
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(MountError::MountPoint(format!(
+                "mount point {shown} does not exist: create it first (mkdir -p {shown})"
+            )))
+        }
+        Err(e) => return Err(MountError::MountPoint(format!("mount point {shown}: {e}"))),
+    };
+    if !meta.is_dir() {
+        return Err(MountError::MountPoint(format!(
+            "mount point {shown} is not a directory"
+        )));
+    }
+    let path = req
+        .mountpoint
+        .canonicalize()
+        .map_err(|e| MountError::MountPoint(format!("mount point {shown}: {e}")))?;
+    if is_fuse_mount(&path) {
+        return Err(MountError::AlreadyMounted(path));
+    }
+    if !Path::new("/dev/fuse").exists() {
+        return Err(MountError::NoFuse);
+    }
+    if std::fs::read_dir(&path).is_ok_and(|mut d| d.next().is_some()) {
+        eprintln!("cstokenfs: warning: {shown} is not empty; its files are hidden while mounted");
+    }
+    Ok(path)
+}
+
+/// Who is told once the mount is live (or why it failed).
+enum Ready {
+    Nobody,
+    Pipe(File),
+}
+
+impl Ready {
+    fn tell(self, outcome: &Result<(), MountError>) {
+        if let Ready::Pipe(mut pipe) = self {
+            let msg = match outcome {
+                Ok(()) => "OK\n".to_string(),
+                Err(e) => format!("ERR {e}\n"),
+            };
+            let _ = pipe.write_all(msg.as_bytes());
+        }
+    }
+}
+
+/// Forks; the child becomes the daemon and reports through a pipe once the mount is live.
+/// No thread exists yet, so forking is safe.
+fn detach(req: &MountRequest, mountpoint: &Path, log: Option<File>) -> Result<(), MountError> {
+    let mut fds = [0; 2];
+    // SAFETY: pipe2 writes two descriptors into the array we own.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(MountError::Daemon(format!(
+            "pipe: {}",
+            std::io::Error::last_os_error()
+        )));
+    }
+    // SAFETY: both descriptors were just created and are owned here only.
+    let (read_end, write_end) = unsafe { (File::from_raw_fd(fds[0]), File::from_raw_fd(fds[1])) };
+    // SAFETY: the process has a single thread here (nothing has spawned one yet).
+    match unsafe { libc::fork() } {
+        -1 => Err(MountError::Daemon(format!(
+            "fork: {}",
+            std::io::Error::last_os_error()
+        ))),
+        0 => {
+            drop(read_end);
+            let outcome = become_daemon(log).and_then(|()| {
+                crate::logging::init_stderr("info");
+                serve(req, mountpoint, Ready::Pipe(write_end))
+            });
+            std::process::exit(i32::from(outcome.is_err()))
+        }
+        _ => {
+            drop(write_end);
+            let mut answer = String::new();
+            let mut reader = read_end;
+            let _ = reader.read_to_string(&mut answer);
+            match answer.lines().next() {
+                Some("OK") => Ok(()),
+                Some(line) => Err(MountError::Daemon(
+                    line.trim_start_matches("ERR ").to_string(),
+                )),
+                None => Err(MountError::Daemon(
+                    "the daemon exited before the mount was live (run with -f to see why)".into(),
+                )),
+            }
+        }
+    }
+}
+
+/// New session; stdin from /dev/null, stdout and stderr to the log file or /dev/null, so a
+/// caller capturing our output (`$(cstokenfs mount ...)`) is released.
+fn become_daemon(log: Option<File>) -> Result<(), MountError> {
+    // SAFETY: setsid has no memory effects; it fails only if we lead a group, harmless.
+    unsafe { libc::setsid() };
+    let null = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/null")
+        .map_err(|e| MountError::Daemon(format!("/dev/null: {e}")))?;
+    let out = log.as_ref().unwrap_or(&null);
+    for (from, to) in [(&null, 0), (out, 1), (out, 2)] {
+        // SAFETY: dup2 onto the standard descriptors, which this process owns.
+        if unsafe { libc::dup2(from.as_raw_fd(), to) } < 0 {
+            return Err(MountError::Daemon(format!(
+                "dup2: {}",
+                std::io::Error::last_os_error()
+            )));
+        }
+    }
+    let _ = std::env::set_current_dir("/");
+    Ok(())
+}
+
+fn open_log(path: &Path) -> Result<File, MountError> {
+    OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map_err(|e| MountError::LogFile(format!("{}: {e}", path.display())))
+}
+
+enum Event {
+    Signal(i32),
+    SessionEnded,
+}
+
+/// Mounts, tells `ready`, then serves until a signal or an outside unmount.
+fn serve(req: &MountRequest, mountpoint: &Path, ready: Ready) -> Result<(), MountError> {
+    let started = start(req, mountpoint);
+    let (session, cache, signals, _emulator) = match started {
+        Ok(s) => s,
+        Err(e) => {
+            ready.tell(&Err(e.clone()));
+            return Err(e);
+        }
+    };
+    info!(
+        "mounted {} (endpoint {}, refresh margin {} s, timeout {} s)",
+        mountpoint.display(),
+        cache.source().endpoint(),
+        req.policy.refresh_margin_ms / 1000,
+        req.policy.timeout.as_secs()
+    );
+    ready.tell(&Ok(()));
+
+    let (tx, rx) = mpsc::channel();
+    let signal_handle = signals.handle();
+    let sig_tx = tx.clone();
+    std::thread::spawn(move || {
+        let mut signals = signals;
+        for sig in signals.forever() {
+            if sig_tx.send(Event::Signal(sig)).is_err() {
+                break;
+            }
+        }
+    });
+    std::thread::spawn(move || {
+        if let Err(e) = session.join() {
+            warn!("the FUSE session ended with an error: {e}");
+        }
+        let _ = tx.send(Event::SessionEnded);
+    });
+    while let Ok(event) = rx.recv() {
+        match event {
+            Event::Signal(libc::SIGUSR1) => cache.clear(),
+            Event::Signal(libc::SIGHUP) => reopen_log(req.log_file.as_deref(), req.foreground),
+            Event::Signal(sig) => {
+                info!("signal {sig}: unmounting {}", mountpoint.display());
+                if let Err(e) = unmount(mountpoint) {
+                    warn!("unmounting {} failed: {e}", mountpoint.display());
+                }
+                // The session ends once the kernel lets go; files still open may delay it.
+                let _ = rx.recv_timeout(Duration::from_secs(2));
+                break;
+            }
+            Event::SessionEnded => {
+                info!("{} was unmounted", mountpoint.display());
+                break;
+            }
+        }
+    }
+    signal_handle.close();
+    cache.stop_background();
+    Ok(())
+}
+
+type Started = (
+    fuser::BackgroundSession,
+    Arc<Cache>,
+    signal_hook::iterator::Signals,
+    Option<Emulator>,
+);
+
+fn start(req: &MountRequest, mountpoint: &Path) -> Result<Started, MountError> {
+    if let Err(e) = crate::hardening::set_not_dumpable() {
+        warn!("cannot make the daemon non-dumpable: {e}");
+    }
+    // Registered before the mount is live, so a SIGTERM right after `mount` returns counts.
+    let signals = signal_hook::iterator::Signals::new([
+        libc::SIGTERM,
+        libc::SIGINT,
+        libc::SIGHUP,
+        libc::SIGUSR1,
+    ])
+    .map_err(|e| MountError::Daemon(format!("cannot handle signals: {e}")))?;
+    let (url, emulator) = match &req.endpoint {
+        Some(url) => (url.clone(), None),
+        None => {
+            let emu = Emulator::start(([127, 0, 0, 1], 0).into(), EmulatorConfig::default())
+                .map_err(|e| MountError::Daemon(format!("cannot start the emulator: {e}")))?;
+            info!("serving tokens from the built-in emulator at {}", emu.url());
+            (emu.url(), Some(emu))
+        }
+    };
+    let source: Arc<dyn Source> = Arc::new(CloudShell::new(&url).map_err(MountError::Endpoint)?);
+    let declared: Vec<String> = req
+        .resources
+        .iter()
+        .filter_map(|n| crate::names::resolve(n).ok())
+        .collect();
+    let cache = Cache::new(source, req.policy.clone(), &declared, Arc::new(SystemClock));
+    cache
+        .start_background()
+        .map_err(|e| MountError::Daemon(format!("cannot start a thread: {e}")))?;
+    // SAFETY: getuid/getgid cannot fail.
+    let access = Access {
+        uid: unsafe { libc::getuid() },
+        gid: unsafe { libc::getgid() },
+        file_mode: 0o400,
+    };
+    let core = Core::new(cache.clone(), access);
+    let mut config = fuser::Config::default();
+    config.mount_options = vec![
+        fuser::MountOption::FSName("cstokenfs".into()),
+        fuser::MountOption::Subtype("cstokenfs".into()),
+        fuser::MountOption::RO,
+        fuser::MountOption::NoSuid,
+        fuser::MountOption::NoDev,
+        fuser::MountOption::NoExec,
+        fuser::MountOption::DefaultPermissions,
+    ];
+    config.n_threads = Some(2);
+    let session = fuser::Session::new(FuseAdapter::new(core), mountpoint, &config)
+        .and_then(fuser::Session::spawn)
+        .map_err(|e| mount_error(&e, mountpoint))?;
+    Ok((session, cache, signals, emulator))
+}
+
+fn mount_error(e: &std::io::Error, mountpoint: &Path) -> MountError {
+    match e.raw_os_error() {
+        Some(libc::EPERM) | Some(libc::EACCES) => MountError::Mount(format!(
+            "not permitted to mount on {}: run as root, install fuse3 (fusermount3), or in Docker \
+             add --device /dev/fuse --cap-add SYS_ADMIN",
+            mountpoint.display()
+        )),
+        Some(libc::ENOENT) if !Path::new("/dev/fuse").exists() => MountError::NoFuse,
+        _ => MountError::Mount(format!("{}: {e}", mountpoint.display())),
+    }
+}
+
+fn reopen_log(path: Option<&Path>, foreground: bool) {
+    let (Some(path), false) = (path, foreground) else {
+        return;
+    };
+    match open_log(path) {
+        Ok(file) => {
+            // SAFETY: dup2 onto our own stdout/stderr.
+            unsafe {
+                libc::dup2(file.as_raw_fd(), 1);
+                libc::dup2(file.as_raw_fd(), 2);
+            }
+            info!("log file reopened");
+        }
+        Err(e) => warn!("{e}"),
+    }
+}
+
+/// Unmounts `path`: `umount2` as root (lazily if busy), else fuse3's `fusermount3 -u`.
+pub fn unmount(path: &Path) -> std::io::Result<()> {
+    let c = CString::new(path.as_os_str().as_bytes())?;
+    // SAFETY: geteuid cannot fail.
+    if unsafe { libc::geteuid() } == 0 {
+        // SAFETY: c is a valid NUL-terminated path.
+        if unsafe { libc::umount2(c.as_ptr(), 0) } == 0 {
+            return Ok(());
+        }
+        let err = std::io::Error::last_os_error();
+        if err.raw_os_error() != Some(libc::EBUSY) {
+            return Err(err);
+        }
+        // SAFETY: as above.
+        if unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) } == 0 {
+            return Ok(());
+        }
+        return Err(std::io::Error::last_os_error());
+    }
+    for args in [["-u"].as_slice(), ["-u", "-z"].as_slice()] {
+        let status = std::process::Command::new("fusermount3")
+            .args(args)
+            .arg(path)
+            .status()?;
+        if status.success() {
+            return Ok(());
+        }
+    }
+    Err(std::io::Error::other("fusermount3 -u failed"))
+}
+
+/// Whether `path` is itself a FUSE mount point (per /proc/self/mountinfo).
+pub fn is_fuse_mount(path: &Path) -> bool {
+    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return false;
+    };
+    let want = path.as_os_str().as_bytes();
+    info.lines().any(|line| {
+        let mut fields = line.split(' ');
+        let point = fields.nth(4).map(unescape);
+        let fstype = line
+            .split(" - ")
+            .nth(1)
+            .and_then(|rest| rest.split(' ').next());
+        point.as_deref() == Some(want)
+            && fstype.is_some_and(|t| t == "fuse" || t.starts_with("fuse."))
+    })
+}
+
+/// mountinfo escapes space, tab, newline and backslash as `\ooo`.
+fn unescape(s: &str) -> Vec<u8> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let octal = b
+            .get(i + 1..i + 4)
+            .and_then(|d| std::str::from_utf8(d).ok())
+            .and_then(|d| u8::from_str_radix(d, 8).ok());
+        match (b[i], octal) {
+            (b'\\', Some(v)) => {
+                out.push(v);
+                i += 4;
+            }
+            (c, _) => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    out
+}

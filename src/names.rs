@@ -1,0 +1,300 @@
+//! File names <-> resource strings.
+//!
+//! The rules (see README "Resource names"): a well-known host maps to the exact spelling
+//! Cloud Shell accepts; any other DNS-style name `N` maps to `https://N`; a name with `%` is
+//! percent-decoded and used verbatim (a `/.default` scope becomes its resource); a GUID is an
+//! app ID used verbatim. Names starting with `.` are reserved for views.
+
+use percent_encoding::{percent_decode_str, utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
+use std::fmt;
+
+/// Longest file name Linux allows in one path component.
+pub const NAME_MAX: usize = 255;
+
+/// Well-known short names and the exact resource strings they stand for. Built from the
+/// Cloud Shell allowlist (shared/reference/token-endpoints.md) plus the sovereign clouds'
+/// ARM hosts. A trailing slash is kept exactly where the service expects it.
+pub const WELL_KNOWN: &[(&str, &str)] = &[
+    (
+        "management.core.windows.net",
+        "https://management.core.windows.net/",
+    ),
+    ("management.azure.com", "https://management.azure.com/"),
+    (
+        "management.usgovcloudapi.net",
+        "https://management.usgovcloudapi.net/",
+    ),
+    (
+        "management.chinacloudapi.cn",
+        "https://management.chinacloudapi.cn/",
+    ),
+    ("graph.windows.net", "https://graph.windows.net/"),
+    ("vault.azure.net", "https://vault.azure.net"),
+    ("datalake.azure.net", "https://datalake.azure.net/"),
+    ("outlook.office365.com", "https://outlook.office365.com/"),
+    ("graph.microsoft.com", "https://graph.microsoft.com/"),
+    ("batch.core.windows.net", "https://batch.core.windows.net/"),
+    (
+        "analysis.windows.net",
+        "https://analysis.windows.net/powerbi/api",
+    ),
+    ("storage.azure.com", "https://storage.azure.com/"),
+    ("rest.media.azure.net", "https://rest.media.azure.net"),
+    ("api.loganalytics.io", "https://api.loganalytics.io"),
+    (
+        "ossrdbms-aad.database.windows.net",
+        "https://ossrdbms-aad.database.windows.net",
+    ),
+    ("www.yammer.com", "https://www.yammer.com"),
+    ("digitaltwins.azure.net", "https://digitaltwins.azure.net"),
+    ("dev.azuresynapse.net", "https://dev.azuresynapse.net"),
+    ("database.windows.net", "https://database.windows.net"),
+    ("quantum.microsoft.com", "https://quantum.microsoft.com"),
+    ("iothubs.azure.net", "https://iothubs.azure.net"),
+    ("azuredatabricks.net", "https://azuredatabricks.net/"),
+    (
+        "azure-devices-provisioning.net",
+        "https://azure-devices-provisioning.net",
+    ),
+    ("ai.azure.com", "https://ai.azure.com"),
+    ("appservice.azure.com", "https://appservice.azure.com"),
+];
+
+/// Why a file name does not name a resource. Every variant reads as ENOENT.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NameError {
+    Empty,
+    TooLong,
+    Reserved,
+    ControlCharacter,
+    BadPercentEncoding,
+    NotAResource,
+}
+
+impl fmt::Display for NameError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let msg = match self {
+            NameError::Empty => "the name is empty",
+            NameError::TooLong => "the name is longer than 255 bytes",
+            NameError::Reserved => "names starting with '.' are reserved for views",
+            NameError::ControlCharacter => "the name contains a control character",
+            NameError::BadPercentEncoding => "the name's percent-encoding is not valid UTF-8",
+            NameError::NotAResource => {
+                "not a resource: use a host name (management.azure.com), an app ID (GUID) \
+                 or a percent-encoded URI (https%3A%2F%2Fvault.azure.net)"
+            }
+        };
+        f.write_str(msg)
+    }
+}
+
+impl std::error::Error for NameError {}
+
+/// Maps a file name to the exact resource string to request.
+pub fn resolve(name: &str) -> Result<String, NameError> {
+    if name.is_empty() {
+        return Err(NameError::Empty);
+    }
+    if name.len() > NAME_MAX {
+        return Err(NameError::TooLong);
+    }
+    if name.starts_with('.') {
+        return Err(NameError::Reserved);
+    }
+    if name.chars().any(char::is_control) {
+        return Err(NameError::ControlCharacter);
+    }
+    if name.contains('%') {
+        let decoded = percent_decode_str(name)
+            .decode_utf8()
+            .map_err(|_| NameError::BadPercentEncoding)?;
+        if decoded.chars().any(char::is_control) {
+            return Err(NameError::ControlCharacter);
+        }
+        let resource = decoded.strip_suffix("/.default").unwrap_or(&decoded);
+        return if is_guid(resource) || is_uri(resource) {
+            Ok(resource.to_string())
+        } else {
+            Err(NameError::NotAResource)
+        };
+    }
+    if is_guid(name) {
+        return Ok(name.to_string());
+    }
+    if let Some((_, resource)) = WELL_KNOWN.iter().find(|(short, _)| *short == name) {
+        return Ok((*resource).to_string());
+    }
+    if is_dns_name(name) {
+        return Ok(format!("https://{name}"));
+    }
+    Err(NameError::NotAResource)
+}
+
+/// The name a resource is listed under: the short name if the rules map it back to exactly
+/// this resource, else the GUID, else the resource percent-encoded. `None` when even the
+/// encoded form is too long to be a file name.
+pub fn canonical_name(resource: &str) -> Option<String> {
+    if let Some((short, _)) = WELL_KNOWN.iter().find(|(_, r)| *r == resource) {
+        return Some((*short).to_string());
+    }
+    if let Some(host) = resource.strip_prefix("https://") {
+        if resolve(host).as_deref() == Ok(resource) {
+            return Some(host.to_string());
+        }
+    }
+    if is_guid(resource) {
+        return Some(resource.to_string());
+    }
+    let encoded = utf8_percent_encode(resource, NOT_UNRESERVED).to_string();
+    (encoded.len() <= NAME_MAX && resolve(&encoded).as_deref() == Ok(resource)).then_some(encoded)
+}
+
+/// Everything but RFC 3986's unreserved characters gets percent-encoded (uppercase hex).
+const NOT_UNRESERVED: &AsciiSet = &NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~');
+
+/// 8-4-4-4-12 hexadecimal digits.
+pub fn is_guid(s: &str) -> bool {
+    let groups: Vec<&str> = s.split('-').collect();
+    groups.len() == 5
+        && groups
+            .iter()
+            .zip([8, 4, 4, 4, 12])
+            .all(|(g, n)| g.len() == n && g.bytes().all(|b| b.is_ascii_hexdigit()))
+}
+
+/// `scheme://rest`, scheme per RFC 3986, a non-empty rest without whitespace.
+fn is_uri(s: &str) -> bool {
+    let Some((scheme, rest)) = s.split_once("://") else {
+        return false;
+    };
+    let mut chars = scheme.chars();
+    chars.next().is_some_and(|c| c.is_ascii_alphabetic())
+        && chars.all(|c| c.is_ascii_alphanumeric() || "+-.".contains(c))
+        && !rest.is_empty()
+        && !rest.starts_with('/')
+        && !rest.chars().any(|c| c.is_whitespace() || c.is_control())
+}
+
+/// Two or more labels of letters, digits and inner hyphens, each at most 63 bytes.
+fn is_dns_name(s: &str) -> bool {
+    let labels: Vec<&str> = s.split('.').collect();
+    labels.len() >= 2
+        && labels.iter().all(|l| {
+            !l.is_empty()
+                && l.len() <= 63
+                && !l.starts_with('-')
+                && !l.ends_with('-')
+                && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn well_known_hosts_keep_their_exact_spelling() {
+        assert_eq!(
+            resolve("management.azure.com").unwrap(),
+            "https://management.azure.com/"
+        );
+        assert_eq!(
+            resolve("vault.azure.net").unwrap(),
+            "https://vault.azure.net"
+        );
+        assert_eq!(
+            resolve("storage.azure.com").unwrap(),
+            "https://storage.azure.com/"
+        );
+        assert_eq!(
+            resolve("graph.microsoft.com").unwrap(),
+            "https://graph.microsoft.com/"
+        );
+        assert_eq!(
+            resolve("database.windows.net").unwrap(),
+            "https://database.windows.net"
+        );
+        assert_eq!(
+            resolve("management.usgovcloudapi.net").unwrap(),
+            "https://management.usgovcloudapi.net/"
+        );
+        assert_eq!(
+            resolve("management.chinacloudapi.cn").unwrap(),
+            "https://management.chinacloudapi.cn/"
+        );
+    }
+
+    #[test]
+    fn other_dns_names_become_https_urls() {
+        assert_eq!(
+            resolve("myapp.example.com").unwrap(),
+            "https://myapp.example.com"
+        );
+        assert_eq!(resolve("localhost"), Err(NameError::NotAResource));
+        assert_eq!(resolve("-bad.example.com"), Err(NameError::NotAResource));
+        assert_eq!(resolve("a..b"), Err(NameError::NotAResource));
+    }
+
+    #[test]
+    fn percent_names_are_decoded_verbatim_and_scopes_become_resources() {
+        assert_eq!(
+            resolve("https%3A%2F%2Fvault.azure.net").unwrap(),
+            "https://vault.azure.net"
+        );
+        assert_eq!(
+            resolve("https%3A%2F%2Fgraph.microsoft.com%2F").unwrap(),
+            "https://graph.microsoft.com/"
+        );
+        assert_eq!(
+            resolve("https%3A%2F%2Fgraph.microsoft.com%2F.default").unwrap(),
+            "https://graph.microsoft.com"
+        );
+        assert_eq!(resolve("hello%20world"), Err(NameError::NotAResource));
+        assert_eq!(resolve("%FF%FE"), Err(NameError::BadPercentEncoding));
+        assert_eq!(
+            resolve("https%3A%2F%2Fa%0Ab"),
+            Err(NameError::ControlCharacter)
+        );
+    }
+
+    #[test]
+    fn guids_are_verbatim() {
+        let g = "499b84ac-1321-427f-aa17-267ca6975798";
+        assert_eq!(resolve(g).unwrap(), g);
+        assert!(!is_guid("499b84ac-1321-427f-aa17-267ca697579"));
+    }
+
+    #[test]
+    fn invalid_names() {
+        assert_eq!(resolve(""), Err(NameError::Empty));
+        assert_eq!(resolve(".json"), Err(NameError::Reserved));
+        assert_eq!(resolve(&"a".repeat(256)), Err(NameError::TooLong));
+        assert_eq!(resolve("bad\u{7}.com"), Err(NameError::ControlCharacter));
+    }
+
+    #[test]
+    fn canonical_names_round_trip() {
+        for (short, resource) in WELL_KNOWN {
+            assert_eq!(canonical_name(resource).as_deref(), Some(*short));
+        }
+        assert_eq!(
+            canonical_name("https://myapp.example.com").unwrap(),
+            "myapp.example.com"
+        );
+        let g = "6dae42f8-4368-4678-94ff-3960e28e3630";
+        assert_eq!(canonical_name(g).unwrap(), g);
+        // ARM without its slash is another resource string: listed percent-encoded.
+        let n = canonical_name("https://management.azure.com").unwrap();
+        assert_eq!(n, "https%3A%2F%2Fmanagement.azure.com");
+        assert_eq!(resolve(&n).unwrap(), "https://management.azure.com");
+        let n = canonical_name("api://x y").unwrap_or_default();
+        assert!(
+            n.is_empty(),
+            "a resource the rules cannot produce is not listed"
+        );
+    }
+}

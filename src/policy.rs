@@ -1,0 +1,290 @@
+//! Freshness policy: pure functions of a clock and a token's times, unit-tested with a fake
+//! clock. All times are wall-clock milliseconds since the epoch (`EpochMs`): monotonic
+//! timers sleep through a suspend, the wall clock does not.
+
+use crate::token::EpochMs;
+use std::time::Duration;
+
+/// Tokens living this long or longer are refreshed at half-life at the latest.
+pub const HALF_LIFE_FROM_MS: i64 = 2 * 3600 * 1000;
+/// A token counts as expired this long (or a tenth of its lifetime, if less) before expiry.
+pub const MAX_SKEW_MS: i64 = 5_000;
+/// Background work on one resource never calls the upstream more often than this.
+pub const MIN_RETRY_MS: i64 = 2_000;
+/// Backoff between failed background refreshes never grows past this.
+pub const MAX_BACKOFF_MS: i64 = 60_000;
+/// A token read since it was fetched is refreshed this long before its refresh point.
+pub const REFRESH_LEAD_MS: i64 = 1_000;
+
+/// The knobs (from the command line).
+#[derive(Debug, Clone)]
+pub struct Policy {
+    pub refresh_margin_ms: i64,
+    pub negative_ttl_ms: i64,
+    /// The most one fetch may take, retries included.
+    pub timeout: Duration,
+    pub max_resources: usize,
+}
+
+impl Default for Policy {
+    fn default() -> Policy {
+        Policy {
+            refresh_margin_ms: 300_000,
+            negative_ttl_ms: 30_000,
+            timeout: Duration::from_secs(10),
+            max_resources: 1024,
+        }
+    }
+}
+
+/// When a token must be refreshed and until when it may be served.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Schedule {
+    pub refresh_at: EpochMs,
+    pub valid_until: EpochMs,
+}
+
+/// The refresh point is the earlier of `expires_on - margin` and half-life (for lifetimes of
+/// 2 h or more, or the upstream's `refresh_in`); a margin of more than half the lifetime
+/// shrinks to half of it. A token is valid until `expires_on - skew`.
+pub fn schedule(
+    fetched_at: EpochMs,
+    expires_on: EpochMs,
+    refresh_in_ms: Option<i64>,
+    margin_ms: i64,
+) -> Schedule {
+    let lifetime = (expires_on - fetched_at).max(0);
+    let margin = if lifetime < 2 * margin_ms {
+        lifetime / 2
+    } else {
+        margin_ms
+    };
+    let mut refresh_at = expires_on - margin;
+    if let Some(r) = refresh_in_ms {
+        refresh_at = refresh_at.min(fetched_at + r.max(0));
+    } else if lifetime >= HALF_LIFE_FROM_MS {
+        refresh_at = refresh_at.min(fetched_at + lifetime / 2);
+    }
+    Schedule {
+        refresh_at,
+        valid_until: expires_on - skew(lifetime),
+    }
+}
+
+/// 5 s or a tenth of the lifetime, whichever is less.
+pub fn skew(lifetime_ms: i64) -> i64 {
+    MAX_SKEW_MS.min(lifetime_ms.max(0) / 10)
+}
+
+/// What a reader gets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReadDecision {
+    /// The held token, nothing else to do.
+    Serve,
+    /// The held token, and start a refresh in the background.
+    ServeAndRefresh,
+    /// No valid token: wait for a fetch (joining the one under way, if any).
+    Wait,
+    /// Refused recently and nothing valid held: ENOENT without asking the upstream.
+    Refused,
+}
+
+/// What the cache knows of one resource when a reader comes.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct EntryView {
+    pub schedule: Option<Schedule>,
+    pub fetch_in_flight: bool,
+    /// Background refreshes wait until then (backoff, or an upstream that cached).
+    pub next_attempt_at: EpochMs,
+    pub refused_until: EpochMs,
+}
+
+pub fn on_read(now: EpochMs, e: &EntryView) -> ReadDecision {
+    match e.schedule {
+        Some(s) if now < s.valid_until => {
+            if now < s.refresh_at || e.fetch_in_flight || now < e.next_attempt_at {
+                ReadDecision::Serve
+            } else {
+                ReadDecision::ServeAndRefresh
+            }
+        }
+        _ if now < e.refused_until => ReadDecision::Refused,
+        _ => ReadDecision::Wait,
+    }
+}
+
+/// Whether the background worker should refresh a token that was read since it was fetched.
+pub fn refresh_ahead_due(now: EpochMs, e: &EntryView) -> bool {
+    match e.schedule {
+        Some(s) => {
+            now < s.valid_until
+                && now >= s.refresh_at - REFRESH_LEAD_MS
+                && !e.fetch_in_flight
+                && now >= e.next_attempt_at
+        }
+        None => false,
+    }
+}
+
+/// Wait after `failures` consecutive failed background refreshes: exponential from
+/// `MIN_RETRY_MS`, capped, at least the upstream's `Retry-After`, stretched by `jitter` in
+/// [0, 1) by up to a quarter. Never below `MIN_RETRY_MS`.
+pub fn backoff_ms(failures: u32, retry_after: Option<Duration>, jitter: f64) -> i64 {
+    let exp = MIN_RETRY_MS.saturating_mul(1 << failures.saturating_sub(1).min(16));
+    let base = exp.min(MAX_BACKOFF_MS);
+    let with_jitter = base + (base as f64 * 0.25 * jitter.clamp(0.0, 1.0)) as i64;
+    let floor = retry_after.map_or(0, |d| d.as_millis().min(i64::MAX as u128) as i64);
+    with_jitter.max(floor).max(MIN_RETRY_MS)
+}
+
+/// When to ask again after an upstream that caches returned the token we already hold:
+/// half the time left before it stops being valid, never sooner than `MIN_RETRY_MS`, so the
+/// retries tighten toward expiry without spinning.
+pub fn unchanged_retry_at(now: EpochMs, s: &Schedule) -> EpochMs {
+    now + ((s.valid_until - now) / 2).max(MIN_RETRY_MS)
+}
+
+/// Pause between attempts inside one fetch (a reader is waiting): short and growing.
+pub fn in_fetch_pause(attempt: u32) -> Duration {
+    Duration::from_millis((100u64 << attempt.min(4)).min(1_000))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const H: i64 = 3_600_000;
+
+    #[test]
+    fn refresh_point_is_margin_before_expiry_for_an_hour_token() {
+        let s = schedule(0, H, None, 300_000);
+        assert_eq!(s.refresh_at, H - 300_000);
+        assert_eq!(s.valid_until, H - 5_000);
+    }
+
+    #[test]
+    fn long_tokens_refresh_at_half_life_or_when_told() {
+        assert_eq!(schedule(0, 24 * H, None, 300_000).refresh_at, 12 * H);
+        assert_eq!(schedule(0, 2 * H, None, 300_000).refresh_at, H);
+        assert_eq!(
+            schedule(0, 2 * H - 1, None, 300_000).refresh_at,
+            2 * H - 1 - 300_000
+        );
+        assert_eq!(schedule(0, H, Some(600_000), 300_000).refresh_at, 600_000);
+    }
+
+    #[test]
+    fn margin_shrinks_to_half_a_short_lifetime() {
+        let s = schedule(1_000, 11_000, None, 300_000);
+        assert_eq!(s.refresh_at, 6_000);
+        assert_eq!(s.valid_until, 10_000);
+    }
+
+    #[test]
+    fn skew_is_five_seconds_or_a_tenth() {
+        assert_eq!(skew(H), 5_000);
+        assert_eq!(skew(20_000), 2_000);
+        assert_eq!(skew(-5), 0);
+    }
+
+    fn entry(now_token: Schedule) -> EntryView {
+        EntryView {
+            schedule: Some(now_token),
+            ..EntryView::default()
+        }
+    }
+
+    #[test]
+    fn read_decisions_at_the_boundaries() {
+        let s = schedule(0, H, None, 300_000);
+        let e = entry(s);
+        assert_eq!(on_read(s.refresh_at - 1, &e), ReadDecision::Serve);
+        assert_eq!(on_read(s.refresh_at, &e), ReadDecision::ServeAndRefresh);
+        assert_eq!(on_read(s.refresh_at + 1, &e), ReadDecision::ServeAndRefresh);
+        assert_eq!(
+            on_read(s.valid_until - 1, &e),
+            ReadDecision::ServeAndRefresh
+        );
+        assert_eq!(on_read(s.valid_until, &e), ReadDecision::Wait);
+        assert_eq!(on_read(H - 1, &e), ReadDecision::Wait);
+        assert_eq!(on_read(H, &e), ReadDecision::Wait);
+        assert_eq!(on_read(H + 1, &e), ReadDecision::Wait);
+    }
+
+    #[test]
+    fn a_refresh_under_way_or_in_backoff_serves_the_valid_token() {
+        let s = schedule(0, H, None, 300_000);
+        let busy = EntryView {
+            fetch_in_flight: true,
+            ..entry(s)
+        };
+        assert_eq!(on_read(s.refresh_at, &busy), ReadDecision::Serve);
+        let backing_off = EntryView {
+            next_attempt_at: s.refresh_at + 10,
+            ..entry(s)
+        };
+        assert_eq!(on_read(s.refresh_at + 9, &backing_off), ReadDecision::Serve);
+        assert_eq!(
+            on_read(s.refresh_at + 10, &backing_off),
+            ReadDecision::ServeAndRefresh
+        );
+        // Backoff never makes a reader without a valid token wait for it.
+        assert_eq!(on_read(s.valid_until, &backing_off), ReadDecision::Wait);
+    }
+
+    #[test]
+    fn refusals_are_remembered_only_without_a_valid_token() {
+        let refused = EntryView {
+            refused_until: 30_000,
+            ..EntryView::default()
+        };
+        assert_eq!(on_read(29_999, &refused), ReadDecision::Refused);
+        assert_eq!(on_read(30_000, &refused), ReadDecision::Wait);
+        let s = schedule(0, H, None, 300_000);
+        let held = EntryView {
+            refused_until: 30_000,
+            ..entry(s)
+        };
+        assert_eq!(on_read(10, &held), ReadDecision::Serve);
+    }
+
+    #[test]
+    fn refresh_ahead_starts_shortly_before_the_refresh_point() {
+        let s = schedule(0, H, None, 300_000);
+        let e = entry(s);
+        assert!(!refresh_ahead_due(s.refresh_at - REFRESH_LEAD_MS - 1, &e));
+        assert!(refresh_ahead_due(s.refresh_at - REFRESH_LEAD_MS, &e));
+        assert!(!refresh_ahead_due(s.valid_until, &e));
+        assert!(!refresh_ahead_due(
+            s.refresh_at,
+            &EntryView {
+                fetch_in_flight: true,
+                ..e
+            }
+        ));
+    }
+
+    #[test]
+    fn backoff_grows_caps_and_honours_retry_after() {
+        assert_eq!(backoff_ms(1, None, 0.0), 2_000);
+        assert_eq!(backoff_ms(2, None, 0.0), 4_000);
+        assert_eq!(backoff_ms(3, None, 0.0), 8_000);
+        assert_eq!(backoff_ms(30, None, 0.0), MAX_BACKOFF_MS);
+        assert_eq!(backoff_ms(30, None, 0.999), MAX_BACKOFF_MS + 14_985);
+        assert_eq!(backoff_ms(1, Some(Duration::from_secs(120)), 0.0), 120_000);
+        assert_eq!(backoff_ms(0, None, 0.0), MIN_RETRY_MS);
+    }
+
+    #[test]
+    fn unchanged_tokens_are_retried_on_a_tightening_schedule() {
+        let s = schedule(0, H, None, 300_000);
+        let first = unchanged_retry_at(s.refresh_at, &s);
+        assert_eq!(first, s.refresh_at + (s.valid_until - s.refresh_at) / 2);
+        let later = unchanged_retry_at(first, &s);
+        assert!(later - first < first - s.refresh_at);
+        assert_eq!(
+            unchanged_retry_at(s.valid_until - 100, &s),
+            s.valid_until - 100 + MIN_RETRY_MS
+        );
+    }
+}

@@ -1,0 +1,296 @@
+//! Parsing of upstream answers: the token JSON (all upstreams share its shape, with field
+//! spellings that differ) and the error bodies of each upstream.
+
+use crate::token::{EpochMs, Token};
+use serde_json::{Map, Value};
+use zeroize::Zeroizing;
+
+/// Parses a 2xx body into a token. `requested_at` is when the request was sent (wall clock),
+/// the base for `expires_in`. The error names what was wrong, never the token.
+pub fn token(body: &[u8], requested_at: EpochMs) -> Result<Token, String> {
+    let value: Zeroizing<Vec<u8>> = Zeroizing::new(body.to_vec());
+    let parsed: Value =
+        serde_json::from_slice(&value).map_err(|_| "the body is not JSON".to_string())?;
+    let mut obj = match parsed {
+        Value::Object(obj) => obj,
+        _ => return Err("the body is not a JSON object".into()),
+    };
+    let access_token = take_token(&mut obj)?;
+    let token_type = ["token_type", "tokenType"]
+        .iter()
+        .find_map(|k| obj.get(*k).and_then(Value::as_str))
+        .unwrap_or("Bearer")
+        .to_string();
+    let expires_on = expiry(&obj, requested_at)?;
+    let refresh_in_ms = obj.get("refresh_in").and_then(seconds).map(|s| s * 1000);
+    Ok(Token {
+        access_token,
+        token_type,
+        expires_on,
+        refresh_in_ms,
+    })
+}
+
+/// Moves the token out of the parsed document and wipes the document's copy.
+fn take_token(obj: &mut Map<String, Value>) -> Result<Zeroizing<String>, String> {
+    let key = ["access_token", "accessToken"]
+        .into_iter()
+        .find(|k| obj.contains_key(*k));
+    let Some(key) = key else {
+        return Err("no access_token in the answer".into());
+    };
+    match obj.remove(key) {
+        Some(Value::String(s)) if !s.is_empty() => Ok(Zeroizing::new(s)),
+        Some(Value::String(_)) => Err("access_token is empty".into()),
+        _ => Err("access_token is not a string".into()),
+    }
+}
+
+fn expiry(obj: &Map<String, Value>, requested_at: EpochMs) -> Result<EpochMs, String> {
+    if let Some(v) = obj.get("expires_on") {
+        if let Some(secs) = seconds(v) {
+            return Ok(secs * 1000);
+        }
+        if let Some(ms) = v.as_str().and_then(legacy_date) {
+            return Ok(ms);
+        }
+        if obj.get("expires_in").is_none() {
+            return Err("expires_on is neither epoch seconds nor a known date format".into());
+        }
+    }
+    match obj.get("expires_in") {
+        Some(v) => match seconds(v) {
+            Some(secs) => Ok(requested_at + secs * 1000),
+            None => Err("expires_in is not a number of seconds".into()),
+        },
+        None => Err("the answer has neither expires_on nor expires_in".into()),
+    }
+}
+
+/// A whole number of seconds, as a JSON number or a string of digits.
+fn seconds(v: &Value) -> Option<i64> {
+    match v {
+        Value::Number(n) => n.as_i64().or_else(|| n.as_f64().map(|f| f as i64)),
+        Value::String(s) => s.trim().parse::<i64>().ok(),
+        _ => None,
+    }
+    .filter(|s| (0..=i64::MAX / 1000).contains(s))
+}
+
+/// The App Service 2017-09-01 forms: `1/16/2020 5:24:12 AM +00:00` and
+/// `06/20/2019 02:57:58 +00:00` (month/day/year, optional AM/PM, UTC offset).
+pub fn legacy_date(s: &str) -> Option<EpochMs> {
+    let parts: Vec<&str> = s.split_whitespace().collect();
+    let (date, time, ampm, offset) = match parts.as_slice() {
+        [d, t, o] => (*d, *t, None, *o),
+        [d, t, ap, o] => (*d, *t, Some(*ap), *o),
+        _ => return None,
+    };
+    let dmy: Vec<i64> = date
+        .split('/')
+        .map(|x| x.parse().ok())
+        .collect::<Option<_>>()?;
+    let hms: Vec<i64> = time
+        .split(':')
+        .map(|x| x.parse().ok())
+        .collect::<Option<_>>()?;
+    let ([month, day, year], [mut hour, minute, second]) = (dmy.as_slice(), hms.as_slice()) else {
+        return None;
+    };
+    let (month, day, year) = (*month, *day, *year);
+    match ampm {
+        Some(ap) if ap.eq_ignore_ascii_case("AM") && (1..=12).contains(&hour) => hour %= 12,
+        Some(ap) if ap.eq_ignore_ascii_case("PM") && (1..=12).contains(&hour) => {
+            hour = hour % 12 + 12
+        }
+        Some(_) => return None,
+        None => {}
+    }
+    let offset_secs = utc_offset(offset)?;
+    let valid = (1..=12).contains(&month)
+        && (1..=31).contains(&day)
+        && (1970..=9999).contains(&year)
+        && (0..24).contains(&hour)
+        && (0..60).contains(minute)
+        && (0..61).contains(second);
+    if !valid {
+        return None;
+    }
+    let days = days_from_civil(year, month, day);
+    let secs = days * 86_400 + hour * 3600 + minute * 60 + second - offset_secs;
+    Some(secs * 1000)
+}
+
+/// `+HH:MM` / `-HH:MM` to seconds east of UTC.
+fn utc_offset(s: &str) -> Option<i64> {
+    let (sign, rest) = match s.as_bytes().first()? {
+        b'+' => (1, &s[1..]),
+        b'-' => (-1, &s[1..]),
+        _ => return None,
+    };
+    let (h, m) = rest.split_once(':')?;
+    let (h, m): (i64, i64) = (h.parse().ok()?, m.parse().ok()?);
+    ((0..=14).contains(&h) && (0..60).contains(&m)).then_some(sign * (h * 3600 + m * 60))
+}
+
+/// Days since 1970-01-01 of a proleptic Gregorian date (Howard Hinnant's algorithm).
+pub fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (m + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
+/// The upstream's own words from an error body: Cloud Shell's nested
+/// `{"error":{"code","message"}}`, IMDS's flat `{"error","error_description"}`, App
+/// Service's `{"statusCode","message"}`, else the start of the body as text.
+pub fn error_message(body: &[u8]) -> String {
+    if let Ok(Value::Object(obj)) = serde_json::from_slice::<Value>(body) {
+        let s = |v: Option<&Value>| v.and_then(Value::as_str).map(str::to_string);
+        if let Some(Value::Object(err)) = obj.get("error") {
+            let code = s(err.get("code")).unwrap_or_default();
+            let msg = s(err.get("message")).unwrap_or_default();
+            return join(&code, &msg);
+        }
+        if let Some(code) = s(obj.get("error")) {
+            return join(&code, &s(obj.get("error_description")).unwrap_or_default());
+        }
+        if let Some(msg) = s(obj.get("message")) {
+            return msg;
+        }
+    }
+    let text: String = String::from_utf8_lossy(body)
+        .chars()
+        .filter(|c| !c.is_control())
+        .take(200)
+        .collect();
+    if text.trim().is_empty() {
+        "no message in the answer".into()
+    } else {
+        text.trim().to_string()
+    }
+}
+
+fn join(code: &str, msg: &str) -> String {
+    match (code.is_empty(), msg.is_empty()) {
+        (false, false) => format!("{code}: {msg}"),
+        (false, true) => code.to_string(),
+        (true, false) => msg.to_string(),
+        (true, true) => "no message in the answer".into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample(name: &str) -> Vec<u8> {
+        let path = format!("{}/tests/samples/{name}", env!("CARGO_MANIFEST_DIR"));
+        std::fs::read(&path).unwrap_or_else(|e| panic!("{path}: {e}"))
+    }
+
+    #[test]
+    fn samples_of_each_upstream_parse() {
+        let t = token(&sample("cloudshell-200.json"), 0).unwrap();
+        assert_eq!(t.expires_on, 1_795_498_573_000);
+        assert_eq!(t.token_type, "Bearer");
+        assert_eq!(
+            token(&sample("imds-200.json"), 0).unwrap().expires_on,
+            1_795_580_973_000
+        );
+        assert_eq!(
+            token(&sample("appservice-200.json"), 0).unwrap().expires_on,
+            1_795_580_973_000
+        );
+        let legacy = token(&sample("appservice-2017-date.json"), 0).unwrap();
+        assert_eq!(legacy.expires_on, 1_781_924_278_000); // 2026-06-20T02:57:58Z
+        assert_eq!(
+            token(&sample("azure-cli-200.json"), 0).unwrap().expires_on,
+            1_795_498_373_000
+        );
+    }
+
+    #[test]
+    fn error_bodies_of_each_upstream() {
+        let m = error_message(&sample("cloudshell-400-audience.json"));
+        assert!(
+            m.starts_with("AudienceNotSupported: Audience https://newservice.azure.com/"),
+            "{m}"
+        );
+        assert_eq!(
+            error_message(&sample("imds-400.json")),
+            "invalid_request: Identity not found"
+        );
+        assert!(error_message(&sample("appservice-400.json")).starts_with("No Managed Identity"));
+        assert_eq!(error_message(b""), "no message in the answer");
+        assert_eq!(error_message(b"<html>oops</html>"), "<html>oops</html>");
+    }
+
+    #[test]
+    fn expiry_forms() {
+        let t = |s: &str| token(s.as_bytes(), 1_000_000);
+        assert_eq!(
+            t(r#"{"access_token":"x","expires_on":1700000000}"#)
+                .unwrap()
+                .expires_on,
+            1_700_000_000_000
+        );
+        assert_eq!(
+            t(r#"{"access_token":"x","expires_on":"1700000000"}"#)
+                .unwrap()
+                .expires_on,
+            1_700_000_000_000
+        );
+        assert_eq!(
+            t(r#"{"access_token":"x","expires_in":"60"}"#)
+                .unwrap()
+                .expires_on,
+            1_060_000
+        );
+        assert_eq!(
+            t(r#"{"access_token":"x","expires_in":60}"#)
+                .unwrap()
+                .expires_on,
+            1_060_000
+        );
+        assert_eq!(
+            t(r#"{"access_token":"x","expires_on":"1/16/2020 5:24:12 AM +00:00"}"#)
+                .unwrap()
+                .expires_on,
+            1_579_152_252_000
+        );
+        assert_eq!(
+            t(r#"{"access_token":"x","expires_on":"1/16/2020 5:24:12 PM +01:00"}"#)
+                .unwrap()
+                .expires_on,
+            1_579_152_252_000 + 11 * 3_600_000
+        );
+        assert!(t(r#"{"access_token":"x"}"#)
+            .unwrap_err()
+            .contains("neither"));
+        assert!(t(r#"{"access_token":"x","expires_on":"soon"}"#)
+            .unwrap_err()
+            .contains("expires_on"));
+        assert!(t(r#"{"access_token":"x","expires_in":"soon"}"#)
+            .unwrap_err()
+            .contains("expires_in"));
+    }
+
+    #[test]
+    fn bad_tokens() {
+        assert!(token(b"garbage", 0).unwrap_err().contains("not JSON"));
+        assert!(token(b"[]", 0).unwrap_err().contains("object"));
+        assert!(token(br#"{"expires_in":5}"#, 0)
+            .unwrap_err()
+            .contains("no access_token"));
+        assert!(token(br#"{"access_token":"","expires_in":5}"#, 0)
+            .unwrap_err()
+            .contains("empty"));
+        assert!(token(br#"{"access_token":5,"expires_in":5}"#, 0)
+            .unwrap_err()
+            .contains("not a string"));
+    }
+}

@@ -1,0 +1,170 @@
+//! Token types. Their bytes are wiped when dropped and never appear in `Debug` output.
+
+use std::fmt;
+use std::sync::Arc;
+use zeroize::Zeroizing;
+
+/// Milliseconds since the Unix epoch (wall clock).
+pub type EpochMs = i64;
+
+/// A token as an upstream issued it.
+pub struct Token {
+    pub access_token: Zeroizing<String>,
+    pub token_type: String,
+    /// Expiry, wall clock.
+    pub expires_on: EpochMs,
+    /// The upstream's advice on when to refresh, as a lifetime offset (`refresh_in`).
+    pub refresh_in_ms: Option<i64>,
+}
+
+impl fmt::Debug for Token {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Token")
+            .field(
+                "access_token",
+                &format_args!("<redacted, {} bytes>", self.access_token.len()),
+            )
+            .field("token_type", &self.token_type)
+            .field("expires_on", &self.expires_on)
+            .field("refresh_in_ms", &self.refresh_in_ms)
+            .finish()
+    }
+}
+
+/// The ways the mount shows one token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum View {
+    /// The token's bytes, no newline.
+    Raw = 0,
+    /// `{"access_token","token_type","expires_on","resource"}` and a newline.
+    Json = 1,
+    /// `Authorization: Bearer <token>` and a newline.
+    Header = 2,
+}
+
+impl View {
+    pub const ALL: [View; 3] = [View::Raw, View::Json, View::Header];
+
+    /// The directory a view lives in (`None`: the mount's root).
+    pub fn dir_name(self) -> Option<&'static str> {
+        match self {
+            View::Raw => None,
+            View::Json => Some(".json"),
+            View::Header => Some(".header"),
+        }
+    }
+}
+
+/// One fetched token of one resource, with every view rendered once. Immutable: a refresh
+/// makes a new version (with its own id, hence its own inodes and page cache).
+pub struct Version {
+    pub id: u64,
+    pub resource: Arc<str>,
+    pub fetched_at: EpochMs,
+    pub expires_on: EpochMs,
+    pub refresh_in_ms: Option<i64>,
+    views: [Zeroizing<Vec<u8>>; 3],
+}
+
+impl Version {
+    pub fn new(id: u64, resource: Arc<str>, token: &Token, fetched_at: EpochMs) -> Version {
+        let raw = Zeroizing::new(token.access_token.as_bytes().to_vec());
+        let json = render_json(token, &resource);
+        let mut header = Zeroizing::new(Vec::with_capacity(raw.len() + 24));
+        header.extend_from_slice(b"Authorization: Bearer ");
+        header.extend_from_slice(&raw);
+        header.push(b'\n');
+        Version {
+            id,
+            resource,
+            fetched_at,
+            expires_on: token.expires_on,
+            refresh_in_ms: token.refresh_in_ms,
+            views: [raw, json, header],
+        }
+    }
+
+    pub fn bytes(&self, view: View) -> &[u8] {
+        &self.views[view as usize]
+    }
+
+    /// The token itself.
+    pub fn token(&self) -> &[u8] {
+        self.bytes(View::Raw)
+    }
+}
+
+/// The `.json` view, written straight into a wiped buffer sized so it never reallocates
+/// (a reallocation would leave an unwiped copy of the token behind).
+fn render_json(token: &Token, resource: &str) -> Zeroizing<Vec<u8>> {
+    let worst = 6 * (token.access_token.len() + token.token_type.len() + resource.len()) + 128;
+    let mut out = Zeroizing::new(Vec::with_capacity(worst));
+    let buf: &mut Vec<u8> = &mut out;
+    buf.extend_from_slice(b"{\"access_token\":");
+    // Writing JSON strings into a Vec cannot fail.
+    let _ = serde_json::to_writer(&mut *buf, token.access_token.as_str());
+    buf.extend_from_slice(b",\"token_type\":");
+    let _ = serde_json::to_writer(&mut *buf, &token.token_type);
+    buf.extend_from_slice(
+        format!(
+            ",\"expires_on\":{},\"resource\":",
+            token.expires_on.div_euclid(1000)
+        )
+        .as_bytes(),
+    );
+    let _ = serde_json::to_writer(&mut *buf, resource);
+    buf.extend_from_slice(b"}\n");
+    out
+}
+
+impl fmt::Debug for Version {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Version")
+            .field("id", &self.id)
+            .field("resource", &self.resource)
+            .field("fetched_at", &self.fetched_at)
+            .field("expires_on", &self.expires_on)
+            .field(
+                "token",
+                &format_args!("<redacted, {} bytes>", self.token().len()),
+            )
+            .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn token() -> Token {
+        Token {
+            access_token: Zeroizing::new("aaa.bbb.ccc".into()),
+            token_type: "Bearer".into(),
+            expires_on: 1_700_000_000_000,
+            refresh_in_ms: None,
+        }
+    }
+
+    #[test]
+    fn views_render_once() {
+        let v = Version::new(7, "https://vault.azure.net".into(), &token(), 0);
+        assert_eq!(v.bytes(View::Raw), b"aaa.bbb.ccc");
+        assert_eq!(
+            v.bytes(View::Header),
+            b"Authorization: Bearer aaa.bbb.ccc\n"
+        );
+        let json: serde_json::Value = serde_json::from_slice(v.bytes(View::Json)).unwrap();
+        assert_eq!(json["expires_on"], 1_700_000_000);
+        assert_eq!(json["resource"], "https://vault.azure.net");
+        assert_eq!(json["token_type"], "Bearer");
+        assert!(v.bytes(View::Json).ends_with(b"\n"));
+    }
+
+    #[test]
+    fn debug_never_shows_the_token() {
+        let t = token();
+        assert!(!format!("{t:?}").contains("bbb"));
+        let v = Version::new(1, "r".into(), &t, 0);
+        assert!(!format!("{v:?}").contains("bbb"));
+    }
+}
