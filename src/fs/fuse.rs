@@ -22,6 +22,15 @@ impl FuseAdapter {
 }
 
 impl Filesystem for FuseAdapter {
+    fn init(&mut self, _req: &Request, config: &mut fuser::KernelConfig) -> std::io::Result<()> {
+        // Without this the kernel serializes lookups in a directory: a name waiting for its
+        // first token would hold up every other name.
+        if let Err(missing) = config.add_capabilities(fuser::InitFlags::FUSE_PARALLEL_DIROPS) {
+            log::warn!("the kernel lacks {missing:?}: lookups in one directory run one at a time");
+        }
+        Ok(())
+    }
+
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         let Some(name) = name.to_str() else {
             return reply.error(Errno::ENOENT);

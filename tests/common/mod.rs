@@ -1,0 +1,201 @@
+//! Shared test plumbing: the in-process emulator, a real mount of the built binary with a
+//! guard that unmounts on drop (even when the test fails), and token-safe assertions.
+#![allow(dead_code)]
+
+use cstokenfs::emulator::{Emulator, EmulatorConfig};
+use std::ffi::CString;
+use std::fs::File;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_cstokenfs");
+
+/// FUSE tests need /dev/fuse. Without it they say so loudly, and fail when `CI=true`.
+pub fn fuse_available() -> bool {
+    if Path::new("/dev/fuse").exists() {
+        return true;
+    }
+    let msg = "FUSE UNAVAILABLE: /dev/fuse is missing, this FUSE test did not run";
+    if std::env::var("CI").as_deref() == Ok("true") {
+        panic!("{msg} (CI=true makes this a failure)");
+    }
+    eprintln!("\n!!!!! {msg} !!!!!\n");
+    false
+}
+
+pub fn emulator() -> Emulator {
+    emulator_with(EmulatorConfig::default())
+}
+
+pub fn emulator_with(config: EmulatorConfig) -> Emulator {
+    Emulator::start("127.0.0.1:0".parse().unwrap(), config).expect("start the emulator")
+}
+
+/// A loopback URL where nothing listens (yet): the port was free a moment ago.
+pub fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().port()
+}
+
+/// A foreground `cstokenfs mount` of the built binary, unmounted when dropped.
+pub struct Mounted {
+    pub dir: tempfile::TempDir,
+    pub path: PathBuf,
+    pub log: PathBuf,
+    pub child: Option<Child>,
+}
+
+impl Mounted {
+    /// Mounts with `--endpoint url -f` plus `extra`, and waits until the mount is live.
+    pub fn new(url: &str, extra: &[&str]) -> Mounted {
+        Mounted::with_env(url, extra, &[])
+    }
+
+    pub fn with_env(url: &str, extra: &[&str], env: &[(&str, &str)]) -> Mounted {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("mnt");
+        std::fs::create_dir(&path).unwrap();
+        let log = dir.path().join("daemon.log");
+        let mut cmd = Command::new(BIN);
+        cmd.args(["mount", "-f", "--endpoint", url]).args(extra).arg(&path);
+        cmd.stdin(Stdio::null()).stdout(File::create(&log).unwrap()).stderr(File::create(&log).unwrap());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let child = cmd.spawn().expect("spawn cstokenfs");
+        let mut m = Mounted { dir, path, log, child: Some(child) };
+        m.wait_live();
+        m
+    }
+
+    fn wait_live(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !is_mounted(&self.path) {
+            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                panic!("cstokenfs exited with {status} before mounting: {}", self.log_text());
+            }
+            assert!(Instant::now() < deadline, "mount not live within 20 s: {}", self.log_text());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn file(&self, rel: &str) -> PathBuf {
+        self.path.join(rel)
+    }
+
+    pub fn read(&self, rel: &str) -> std::io::Result<Vec<u8>> {
+        std::fs::read(self.file(rel))
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().map_or(0, |c| c.id() as i32)
+    }
+
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: kill with a pid we spawned.
+        unsafe { libc::kill(self.pid(), sig) };
+    }
+
+    /// Waits for the daemon to exit; its exit code.
+    pub fn wait_exit(&mut self, within: Duration) -> Option<i32> {
+        let deadline = Instant::now() + within;
+        let child = self.child.as_mut()?;
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                self.child = None;
+                return status.code();
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            // SAFETY: signalling our own child.
+            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = child.try_wait() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        lazy_unmount(&self.path);
+    }
+}
+
+pub fn lazy_unmount(path: &Path) {
+    if is_mounted(path) {
+        let c = CString::new(path.as_os_str().as_bytes()).unwrap();
+        // SAFETY: a valid path; MNT_DETACH never blocks.
+        unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+    }
+}
+
+/// Whether `path` is a mount point (per /proc/self/mountinfo).
+pub fn is_mounted(path: &Path) -> bool {
+    let want = path.to_string_lossy().replace(' ', "\\040");
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+        .any(|l| l.split(' ').nth(4) == Some(want.as_str()))
+}
+
+/// The claims of a JWT-shaped token (the emulator's).
+pub fn claims(token: &[u8]) -> serde_json::Value {
+    let text = std::str::from_utf8(token).expect("token is UTF-8");
+    cstokenfs::emulator::decode_claims(text).expect("token is JWT-shaped")
+}
+
+pub fn serial(token: &[u8]) -> u64 {
+    claims(token)["serial"].as_u64().expect("serial claim")
+}
+
+pub fn now_secs() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64
+}
+
+/// Compares two tokens without ever printing one.
+pub fn assert_same_token(a: &[u8], b: &[u8], what: &str) {
+    assert!(a == b, "{what}: tokens differ (lengths {} and {}; contents not shown)", a.len(), b.len());
+}
+
+/// Asserts `haystack` does not contain `token` (nor its payload), without printing either.
+pub fn assert_no_token(haystack: &str, token: &[u8], what: &str) {
+    let t = String::from_utf8_lossy(token);
+    let payload = t.split('.').nth(1).unwrap_or(&t);
+    assert!(!haystack.contains(&*t), "{what} contains a token ({} bytes; not shown)", token.len());
+    assert!(payload.len() < 8 || !haystack.contains(payload), "{what} contains a token's payload (not shown)");
+}
+
+/// Polls `f` until it returns Some, up to `within`.
+pub fn eventually<T>(within: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(v) = f() {
+            return Some(v);
+        }
+        if Instant::now() > deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+}
+
+pub fn errno(e: &std::io::Error) -> i32 {
+    e.raw_os_error().unwrap_or(0)
+}
