@@ -59,13 +59,22 @@ impl Mounted {
         std::fs::create_dir(&path).unwrap();
         let log = dir.path().join("daemon.log");
         let mut cmd = Command::new(BIN);
-        cmd.args(["mount", "-f", "--endpoint", url]).args(extra).arg(&path);
-        cmd.stdin(Stdio::null()).stdout(File::create(&log).unwrap()).stderr(File::create(&log).unwrap());
+        cmd.args(["mount", "-f", "--endpoint", url])
+            .args(extra)
+            .arg(&path);
+        cmd.stdin(Stdio::null())
+            .stdout(File::create(&log).unwrap())
+            .stderr(File::create(&log).unwrap());
         for (k, v) in env {
             cmd.env(k, v);
         }
         let child = cmd.spawn().expect("spawn cstokenfs");
-        let mut m = Mounted { dir, path, log, child: Some(child) };
+        let mut m = Mounted {
+            dir,
+            path,
+            log,
+            child: Some(child),
+        };
         m.wait_live();
         m
     }
@@ -73,10 +82,21 @@ impl Mounted {
     fn wait_live(&mut self) {
         let deadline = Instant::now() + Duration::from_secs(20);
         while !is_mounted(&self.path) {
-            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
-                panic!("cstokenfs exited with {status} before mounting: {}", self.log_text());
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                panic!(
+                    "cstokenfs exited with {status} before mounting: {}",
+                    self.log_text()
+                );
             }
-            assert!(Instant::now() < deadline, "mount not live within 20 s: {}", self.log_text());
+            assert!(
+                Instant::now() < deadline,
+                "mount not live within 20 s: {}",
+                self.log_text()
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -166,20 +186,35 @@ pub fn serial(token: &[u8]) -> u64 {
 }
 
 pub fn now_secs() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
 }
 
 /// Compares two tokens without ever printing one.
 pub fn assert_same_token(a: &[u8], b: &[u8], what: &str) {
-    assert!(a == b, "{what}: tokens differ (lengths {} and {}; contents not shown)", a.len(), b.len());
+    assert!(
+        a == b,
+        "{what}: tokens differ (lengths {} and {}; contents not shown)",
+        a.len(),
+        b.len()
+    );
 }
 
 /// Asserts `haystack` does not contain `token` (nor its payload), without printing either.
 pub fn assert_no_token(haystack: &str, token: &[u8], what: &str) {
     let t = String::from_utf8_lossy(token);
     let payload = t.split('.').nth(1).unwrap_or(&t);
-    assert!(!haystack.contains(&*t), "{what} contains a token ({} bytes; not shown)", token.len());
-    assert!(payload.len() < 8 || !haystack.contains(payload), "{what} contains a token's payload (not shown)");
+    assert!(
+        !haystack.contains(&*t),
+        "{what} contains a token ({} bytes; not shown)",
+        token.len()
+    );
+    assert!(
+        payload.len() < 8 || !haystack.contains(payload),
+        "{what} contains a token's payload (not shown)"
+    );
 }
 
 /// Polls `f` until it returns Some, up to `within`.
