@@ -46,6 +46,9 @@ impl fmt::Display for ReadError {
 
 impl std::error::Error for ReadError {}
 
+/// Pause between asking an upstream that keeps returning a token about to expire.
+const EXPIRED_ON_ARRIVAL_PAUSE: Duration = Duration::from_millis(1_000);
+
 /// Called once with the outcome of a read; may run on a fetch thread.
 pub type Done = Box<dyn FnOnce(Result<Arc<Version>, ReadError>) + Send>;
 
@@ -65,6 +68,8 @@ struct Entry {
     /// Some while a fetch runs: the readers waiting for it.
     waiters: Option<Vec<Done>>,
     read_since_fetch: bool,
+    /// Opens by the readers whose lookups waited for this token: not later reads.
+    opens_to_skip: usize,
     last_read: u64,
     next_attempt_at: EpochMs,
     refused_until: EpochMs,
@@ -180,7 +185,6 @@ impl Cache {
         let Some(entry) = entries.get_mut(&key) else {
             return;
         };
-        entry.read_since_fetch = true;
         entry.last_read = self.read_seq.fetch_add(1, Ordering::Relaxed);
         match policy::on_read(now, &entry.view()) {
             ReadDecision::Serve => {
@@ -232,7 +236,11 @@ impl Cache {
         if entry.valid(now).is_none_or(|cur| cur.id != v.id) {
             return OpenDecision::Stale;
         }
-        entry.read_since_fetch = true;
+        if entry.opens_to_skip > 0 {
+            entry.opens_to_skip -= 1;
+        } else {
+            entry.read_since_fetch = true;
+        }
         entry.last_read = self.read_seq.fetch_add(1, Ordering::Relaxed);
         if policy::on_read(now, &entry.view()) == ReadDecision::ServeAndRefresh {
             entry.waiters = Some(Vec::new());
@@ -354,7 +362,7 @@ impl Cache {
                     e.waiters = Some(Vec::new());
                     due.push(r.clone());
                 } else if let (Some(s), true) = (e.schedule, e.read_since_fetch) {
-                    let at = (s.refresh_at - policy::REFRESH_LEAD_MS).max(e.next_attempt_at);
+                    let at = s.refresh_ahead_at.max(e.next_attempt_at);
                     if at > now {
                         next = next.min(at);
                     }
@@ -400,7 +408,23 @@ impl Cache {
     /// Runs on its own thread: asks the upstream (retrying transient failures within the
     /// timeout), records the outcome, then answers every waiter.
     fn fetch(self: &Arc<Self>, resource: Arc<str>) {
-        let (result, calls) = fetch_with_retries(&*self.source, &resource, self.policy.timeout);
+        let deadline = Instant::now() + self.policy.timeout;
+        let mut calls = 0;
+        let result = loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let (result, n) = fetch_with_retries(&*self.source, &resource, left);
+            calls += n;
+            // An upstream that caches hands out its old token until it has expired; near
+            // expiry that token is already too old for us. Ask again, calmly, until the
+            // upstream issues a new one or the time is up.
+            let stale = result.as_ref().is_ok_and(|t| self.expired_on_arrival(t));
+            if stale && Instant::now() + EXPIRED_ON_ARRIVAL_PAUSE < deadline {
+                debug!("{resource}: the endpoint returned a token that is about to expire; asking again");
+                std::thread::sleep(EXPIRED_ON_ARRIVAL_PAUSE);
+                continue;
+            }
+            break result;
+        };
         let now = self.clock.now();
         let mut entries = self.entries.lock();
         let Some(entry) = entries.get_mut(&resource) else {
@@ -412,10 +436,18 @@ impl Cache {
             Err(e) => Err(self.record_failure(&resource, entry, &e, now)),
         };
         let waiters = entry.waiters.take().unwrap_or_default();
+        if outcome.is_ok() && entry.fetched_at == Some(now) {
+            entry.opens_to_skip = waiters.len();
+        }
         drop(entries);
         for done in waiters {
             done(outcome.clone());
         }
+    }
+
+    fn expired_on_arrival(&self, t: &Token) -> bool {
+        let now = self.clock.now();
+        now >= policy::schedule(now, t.expires_on, None, 0).valid_until
     }
 
     fn accept(
@@ -551,5 +583,118 @@ pub fn fetch_with_retries(
         }
         debug!("{resource}: attempt {calls} failed ({err}); again in {pause:?}");
         std::thread::sleep(pause);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicI64;
+    use zeroize::Zeroizing;
+
+    struct FakeClock(AtomicI64);
+
+    impl Clock for FakeClock {
+        fn now(&self) -> EpochMs {
+            self.0.load(Ordering::SeqCst)
+        }
+    }
+
+    /// Issues tokens living `life` ms from the fake clock's now; counts calls.
+    struct FakeSource {
+        clock: Arc<FakeClock>,
+        life: i64,
+        calls: AtomicU64,
+    }
+
+    impl Source for FakeSource {
+        fn fetch_once(&self, _r: &str, _t: Duration) -> Result<Token, SourceError> {
+            let n = self.calls.fetch_add(1, Ordering::SeqCst) + 1;
+            Ok(Token {
+                access_token: Zeroizing::new(format!("token-{n}")),
+                token_type: "Bearer".into(),
+                expires_on: self.clock.now() + self.life,
+                refresh_in_ms: None,
+            })
+        }
+        fn endpoint(&self) -> String {
+            "fake".into()
+        }
+        fn kind(&self) -> &'static str {
+            "fake"
+        }
+    }
+
+    fn setup(life: i64) -> (Arc<Cache>, Arc<FakeClock>, Arc<FakeSource>) {
+        let clock = Arc::new(FakeClock(AtomicI64::new(1_000_000)));
+        let source = Arc::new(FakeSource {
+            clock: clock.clone(),
+            life,
+            calls: AtomicU64::new(0),
+        });
+        let policy = Policy {
+            refresh_margin_ms: 300_000,
+            ..Policy::default()
+        };
+        let cache = Cache::new(source.clone(), policy, &[], clock.clone());
+        (cache, clock, source)
+    }
+
+    fn wait_calls(source: &FakeSource, n: u64) {
+        for _ in 0..500 {
+            if source.calls.load(Ordering::SeqCst) >= n {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        panic!("expected {n} upstream calls");
+    }
+
+    #[test]
+    fn serves_until_the_refresh_point_then_refreshes_in_the_background() {
+        let (cache, clock, source) = setup(3_600_000);
+        let first = cache.get_blocking("r").unwrap();
+        clock.0.fetch_add(3_300_000 - 1_000, Ordering::SeqCst); // a second before the refresh point
+        assert_eq!(cache.get_blocking("r").unwrap().id, first.id);
+        assert_eq!(source.calls.load(Ordering::SeqCst), 1);
+        clock.0.fetch_add(1_000, Ordering::SeqCst); // exactly at the refresh point
+        let served = cache.get_blocking("r").unwrap();
+        assert_eq!(
+            served.id, first.id,
+            "the held token, while a refresh starts"
+        );
+        wait_calls(&source, 2);
+        let mut newer = cache.get_blocking("r").unwrap();
+        for _ in 0..500 {
+            if newer.id != first.id {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+            newer = cache.get_blocking("r").unwrap();
+        }
+        assert_ne!(newer.id, first.id);
+    }
+
+    #[test]
+    fn a_clock_jump_past_expiry_never_serves_the_old_token() {
+        let (cache, clock, source) = setup(3_600_000);
+        let first = cache.get_blocking("r").unwrap();
+        // A laptop suspended for two hours: the wall clock jumps.
+        clock.0.fetch_add(7_200_000, Ordering::SeqCst);
+        let after = cache.get_blocking("r").unwrap();
+        assert_ne!(after.id, first.id, "the reader waited for a new token");
+        assert_eq!(source.calls.load(Ordering::SeqCst), 2);
+        assert_eq!(cache.on_open(&first), OpenDecision::Stale);
+        assert_eq!(cache.on_open(&after), OpenDecision::Serve);
+    }
+
+    #[test]
+    fn within_the_skew_before_expiry_a_token_is_not_served() {
+        let (cache, clock, source) = setup(3_600_000);
+        let first = cache.get_blocking("r").unwrap();
+        clock.0.fetch_add(3_600_000 - 5_000, Ordering::SeqCst); // 5 s before expiry
+        assert_eq!(cache.on_open(&first), OpenDecision::Stale);
+        assert_ne!(cache.get_blocking("r").unwrap().id, first.id);
+        assert_eq!(source.calls.load(Ordering::SeqCst), 2);
     }
 }

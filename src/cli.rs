@@ -105,6 +105,9 @@ pub struct EmulatorArgs {
     /// A further resource to accept (repeatable).
     #[arg(long = "allow", value_name = "RESOURCE")]
     pub allow: Vec<String>,
+    /// Behave like the real endpoint's cache: hand out the same token until it expires.
+    #[arg(long)]
+    pub caching: bool,
 }
 
 pub fn run(cli: Cli) -> ExitCode {
@@ -220,6 +223,7 @@ fn emulator_command(args: EmulatorArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    emulator.set_caching(args.caching);
     log::info!(
         "emulator serving the Cloud Shell protocol at {}",
         emulator.url()

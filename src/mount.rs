@@ -350,9 +350,11 @@ fn start(req: &MountRequest, mountpoint: &Path) -> Result<Started, MountError> {
         fuser::MountOption::DefaultPermissions,
     ];
     config.n_threads = Some(2);
-    let session = fuser::Session::new(FuseAdapter::new(core), mountpoint, &config)
-        .and_then(fuser::Session::spawn)
+    let session = fuser::Session::new(FuseAdapter::new(core.clone()), mountpoint, &config)
         .map_err(|e| mount_error(&e, mountpoint))?;
+    core.start_expiry_watch(session.notifier())
+        .map_err(|e| MountError::Daemon(format!("cannot start a thread: {e}")))?;
+    let session = session.spawn().map_err(|e| mount_error(&e, mountpoint))?;
     Ok((session, cache, signals, emulator))
 }
 

@@ -13,7 +13,8 @@ pub const MAX_SKEW_MS: i64 = 5_000;
 pub const MIN_RETRY_MS: i64 = 2_000;
 /// Backoff between failed background refreshes never grows past this.
 pub const MAX_BACKOFF_MS: i64 = 60_000;
-/// A token read since it was fetched is refreshed this long before its refresh point.
+/// A token read since it was fetched is refreshed this long (or a tenth of the time to its
+/// refresh point, if less) before its refresh point.
 pub const REFRESH_LEAD_MS: i64 = 1_000;
 
 /// The knobs (from the command line).
@@ -41,6 +42,8 @@ impl Default for Policy {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Schedule {
     pub refresh_at: EpochMs,
+    /// When a token in use is refreshed in the background: shortly before `refresh_at`.
+    pub refresh_ahead_at: EpochMs,
     pub valid_until: EpochMs,
 }
 
@@ -65,8 +68,10 @@ pub fn schedule(
     } else if lifetime >= HALF_LIFE_FROM_MS {
         refresh_at = refresh_at.min(fetched_at + lifetime / 2);
     }
+    let lead = REFRESH_LEAD_MS.min((refresh_at - fetched_at).max(0) / 10);
     Schedule {
         refresh_at,
+        refresh_ahead_at: refresh_at - lead,
         valid_until: expires_on - skew(lifetime),
     }
 }
@@ -118,7 +123,7 @@ pub fn refresh_ahead_due(now: EpochMs, e: &EntryView) -> bool {
     match e.schedule {
         Some(s) => {
             now < s.valid_until
-                && now >= s.refresh_at - REFRESH_LEAD_MS
+                && now >= s.refresh_ahead_at
                 && !e.fetch_in_flight
                 && now >= e.next_attempt_at
         }
@@ -209,6 +214,19 @@ mod tests {
         assert_eq!(on_read(H - 1, &e), ReadDecision::Wait);
         assert_eq!(on_read(H, &e), ReadDecision::Wait);
         assert_eq!(on_read(H + 1, &e), ReadDecision::Wait);
+        // One second either side of each boundary.
+        assert_eq!(on_read(s.refresh_at - 1_000, &e), ReadDecision::Serve);
+        assert_eq!(
+            on_read(s.refresh_at + 1_000, &e),
+            ReadDecision::ServeAndRefresh
+        );
+        assert_eq!(
+            on_read(s.valid_until - 1_000, &e),
+            ReadDecision::ServeAndRefresh
+        );
+        assert_eq!(on_read(s.valid_until + 1_000, &e), ReadDecision::Wait);
+        assert_eq!(on_read(H - 1_000, &e), ReadDecision::Wait);
+        assert_eq!(on_read(H + 1_000, &e), ReadDecision::Wait);
     }
 
     #[test]
@@ -252,8 +270,12 @@ mod tests {
     fn refresh_ahead_starts_shortly_before_the_refresh_point() {
         let s = schedule(0, H, None, 300_000);
         let e = entry(s);
-        assert!(!refresh_ahead_due(s.refresh_at - REFRESH_LEAD_MS - 1, &e));
-        assert!(refresh_ahead_due(s.refresh_at - REFRESH_LEAD_MS, &e));
+        assert_eq!(s.refresh_ahead_at, s.refresh_at - REFRESH_LEAD_MS);
+        assert!(!refresh_ahead_due(s.refresh_ahead_at - 1, &e));
+        assert!(refresh_ahead_due(s.refresh_ahead_at, &e));
+        // Short tokens: the lead is a tenth of the time to the refresh point.
+        let short = schedule(0, 4_000, None, 300_000);
+        assert_eq!(short.refresh_ahead_at, 2_000 - 200);
         assert!(!refresh_ahead_due(s.valid_until, &e));
         assert!(!refresh_ahead_due(
             s.refresh_at,

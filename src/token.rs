@@ -62,6 +62,8 @@ pub struct Version {
     pub resource: Arc<str>,
     pub fetched_at: EpochMs,
     pub expires_on: EpochMs,
+    /// Served until then (expiry less the clock skew allowance), never after.
+    pub valid_until: EpochMs,
     pub refresh_in_ms: Option<i64>,
     views: [Zeroizing<Vec<u8>>; 3],
 }
@@ -79,6 +81,7 @@ impl Version {
             resource,
             fetched_at,
             expires_on: token.expires_on,
+            valid_until: token.expires_on - crate::policy::skew(token.expires_on - fetched_at),
             refresh_in_ms: token.refresh_in_ms,
             views: [raw, json, header],
         }

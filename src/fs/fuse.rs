@@ -77,12 +77,14 @@ impl Filesystem for FuseAdapter {
         reply: ReplyData,
     ) {
         // The reply is sent while the handle's bytes are borrowed: no copy.
-        if let Err(e) = self
-            .core
-            .read(fh.0, offset, size, |bytes| reply.data(bytes))
-        {
-            // `reply` was not consumed: the closure never ran.
-            log::debug!("read of handle {}: {e:?}", fh.0);
+        let mut reply = Some(reply);
+        let sent = self.core.read(fh.0, offset, size, |bytes| {
+            if let Some(r) = reply.take() {
+                r.data(bytes);
+            }
+        });
+        if let (Err(e), Some(r)) = (sent, reply) {
+            r.error(e.errno());
         }
     }
 

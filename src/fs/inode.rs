@@ -64,7 +64,10 @@ pub struct Known {
     pub version: Weak<Version>,
     pub sizes: [u64; 3],
     pub mtime_ms: i64,
+    pub valid_until: i64,
     lookups: u64,
+    /// The kernel was told to drop its cached pages of this expired version.
+    invalidated: bool,
 }
 
 /// Versions the kernel holds lookups on, by version id; dropped when the kernel forgets.
@@ -81,7 +84,9 @@ impl InodeTable {
             version: Arc::downgrade(v),
             sizes: View::ALL.map(|view| v.bytes(view).len() as u64),
             mtime_ms: v.fetched_at,
+            valid_until: v.valid_until,
             lookups: 0,
+            invalidated: false,
         });
         k.lookups += 1;
     }
@@ -99,6 +104,23 @@ impl InodeTable {
 
     pub fn with<T>(&self, version: u64, f: impl FnOnce(&Known) -> T) -> Option<T> {
         self.known.lock().get(&version).map(f)
+    }
+
+    /// Versions expired by `now` whose pages the kernel may still cache; marks them done.
+    /// Also returns the earliest expiry still ahead.
+    pub fn newly_expired(&self, now: i64) -> (Vec<u64>, Option<i64>) {
+        let mut known = self.known.lock();
+        let mut expired = Vec::new();
+        let mut next = None::<i64>;
+        for (id, k) in known.iter_mut().filter(|(_, k)| !k.invalidated) {
+            if now >= k.valid_until {
+                k.invalidated = true;
+                expired.push(*id);
+            } else {
+                next = Some(next.map_or(k.valid_until, |n| n.min(k.valid_until)));
+            }
+        }
+        (expired, next)
     }
 
     pub fn len(&self) -> usize {

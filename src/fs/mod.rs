@@ -212,6 +212,8 @@ impl Core {
     ) -> Result<T, FsError> {
         let handles = self.handles.lock();
         let bytes = match handles.get(&fh).ok_or(FsError::BadHandle)? {
+            // Opened while valid, but never served once expired.
+            Handle::Token(v, _) if self.cache.now() >= v.valid_until => return Err(FsError::Io),
             Handle::Token(v, view) => v.bytes(*view),
             Handle::Status(b) => b.as_slice(),
         };
@@ -258,6 +260,31 @@ impl Core {
                 .map(|(i, n)| (i, FileType::RegularFile, n)),
         );
         Ok(out)
+    }
+
+    /// Watches for versions that expire and makes the kernel drop their cached pages, so no
+    /// path, the page cache included, serves an expired token. Runs until the session ends.
+    pub fn start_expiry_watch(self: &Arc<Self>, notifier: fuser::Notifier) -> std::io::Result<()> {
+        let core = Arc::downgrade(self);
+        std::thread::Builder::new()
+            .name("expiry".into())
+            .spawn(move || loop {
+                let Some(core) = core.upgrade() else { return };
+                let now = core.cache.now();
+                let (expired, next) = core.inodes.newly_expired(now);
+                for id in expired {
+                    for view in View::ALL {
+                        let ino = INodeNo(inode::token_ino(id, view));
+                        if let Err(e) = notifier.inval_inode(ino, 0, 0) {
+                            debug!("invalidating inode {}: {e}", ino.0);
+                        }
+                    }
+                }
+                let pause = next.map_or(1_000, |n| (n - now).clamp(10, 1_000));
+                drop(core);
+                std::thread::sleep(Duration::from_millis(pause as u64));
+            })?;
+        Ok(())
     }
 
     fn status_bytes(&self) -> Vec<u8> {
