@@ -77,6 +77,28 @@ pub struct MountArgs {
     /// Where logs go when detached (foreground: stderr); level from RUST_LOG (default info).
     #[arg(long, value_name = "PATH")]
     pub log_file: Option<PathBuf>,
+    /// Owner of the files [default: the user who ran mount].
+    #[arg(long, value_name = "UID")]
+    pub uid: Option<u32>,
+    /// Group of the files [default: the group of the user who ran mount].
+    #[arg(long, value_name = "GID")]
+    pub gid: Option<u32>,
+    /// Permission bits of token files, octal; directories get the matching x bits.
+    #[arg(long, value_name = "OCTAL", default_value = "0400", value_parser = crate::fuseopts::parse_mode)]
+    pub mode: u16,
+    /// Let users other than the one who mounted reach the mount (the modes then decide).
+    #[arg(long)]
+    pub allow_other: bool,
+    /// Keep the daemon's memory (tokens included) out of swap.
+    #[arg(long)]
+    pub mlock: bool,
+    /// FUSE-style options: every flag above as a key with `_` for `-`
+    /// (allow_other,uid=1000,mode=0440,endpoint=URL,...).
+    #[arg(short = 'o', value_name = "OPTIONS")]
+    pub options: Vec<String>,
+    /// The name shown as the source in the mount table.
+    #[arg(long, value_name = "NAME", default_value = "cstokenfs", hide = true)]
+    pub fsname: String,
 }
 
 #[derive(Args, Debug)]
@@ -141,6 +163,12 @@ fn mount_command(args: MountArgs) -> ExitCode {
         policy,
         foreground: args.foreground,
         log_file: args.log_file,
+        uid: args.uid,
+        gid: args.gid,
+        mode: args.mode,
+        allow_other: args.allow_other,
+        mlock: args.mlock,
+        fsname: args.fsname,
     };
     match mount::run(request) {
         Ok(()) => ExitCode::SUCCESS,

@@ -6,10 +6,12 @@
 //! HTTP) -> `cache` (single-flight fetches; decisions from `policy`) -> `source` (one file
 //! per upstream) ; `emulator` is a stand-in upstream for demos and tests.
 
+pub mod audit;
 pub mod cache;
 pub mod cli;
 pub mod emulator;
 pub mod fs;
+pub mod fuseopts;
 pub mod hardening;
 pub mod logging;
 pub mod mount;

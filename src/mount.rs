@@ -29,6 +29,14 @@ pub struct MountRequest {
     pub policy: Policy,
     pub foreground: bool,
     pub log_file: Option<PathBuf>,
+    /// Owner and group of the files (default: who runs `mount`) and their mode.
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    pub mode: u16,
+    pub allow_other: bool,
+    pub mlock: bool,
+    /// The source shown in the mount table.
+    pub fsname: String,
 }
 
 /// Why mounting failed: one line, with the fix where there is one.
@@ -252,6 +260,7 @@ fn serve(req: &MountRequest, mountpoint: &Path, ready: Ready) -> Result<(), Moun
         req.policy.timeout.as_secs()
     );
     ready.tell(&Ok(()));
+    crate::hardening::notify_systemd("READY=1");
 
     let (tx, rx) = mpsc::channel();
     let signal_handle = signals.handle();
@@ -305,6 +314,10 @@ fn start(req: &MountRequest, mountpoint: &Path) -> Result<Started, MountError> {
     if let Err(e) = crate::hardening::set_not_dumpable() {
         warn!("cannot make the daemon non-dumpable: {e}");
     }
+    if req.mlock {
+        crate::hardening::lock_memory()
+            .map_err(|e| MountError::Daemon(format!("--mlock: cannot lock memory: {e}")))?;
+    }
     // Registered before the mount is live, so a SIGTERM right after `mount` returns counts.
     let signals = signal_hook::iterator::Signals::new([
         libc::SIGTERM,
@@ -332,16 +345,18 @@ fn start(req: &MountRequest, mountpoint: &Path) -> Result<Started, MountError> {
     cache
         .start_background()
         .map_err(|e| MountError::Daemon(format!("cannot start a thread: {e}")))?;
-    // SAFETY: getuid/getgid cannot fail.
     let access = Access {
-        uid: unsafe { libc::getuid() },
-        gid: unsafe { libc::getgid() },
-        file_mode: 0o400,
+        // SAFETY: getuid/getgid cannot fail.
+        uid: req.uid.unwrap_or_else(|| unsafe { libc::getuid() }),
+        gid: req.gid.unwrap_or_else(|| unsafe { libc::getgid() }),
+        file_mode: req.mode,
     };
-    let core = Core::new(cache.clone(), access);
+    let audit = crate::audit::Audit::start()
+        .map_err(|e| MountError::Daemon(format!("cannot start a thread: {e}")))?;
+    let core = Core::new(cache.clone(), access, Some(audit));
     let mut config = fuser::Config::default();
     config.mount_options = vec![
-        fuser::MountOption::FSName("cstokenfs".into()),
+        fuser::MountOption::FSName(req.fsname.clone()),
         fuser::MountOption::Subtype("cstokenfs".into()),
         fuser::MountOption::RO,
         fuser::MountOption::NoSuid,
@@ -350,6 +365,11 @@ fn start(req: &MountRequest, mountpoint: &Path) -> Result<Started, MountError> {
         fuser::MountOption::DefaultPermissions,
     ];
     config.n_threads = Some(2);
+    config.acl = if req.allow_other {
+        fuser::SessionACL::All
+    } else {
+        fuser::SessionACL::Owner
+    };
     let session = fuser::Session::new(FuseAdapter::new(core.clone()), mountpoint, &config)
         .map_err(|e| mount_error(&e, mountpoint))?;
     core.start_expiry_watch(session.notifier())

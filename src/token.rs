@@ -45,6 +45,15 @@ pub enum View {
 impl View {
     pub const ALL: [View; 3] = [View::Raw, View::Json, View::Header];
 
+    /// Its name in logs.
+    pub fn label(self) -> &'static str {
+        match self {
+            View::Raw => "token",
+            View::Json => "json",
+            View::Header => "header",
+        }
+    }
+
     /// The directory a view lives in (`None`: the mount's root).
     pub fn dir_name(self) -> Option<&'static str> {
         match self {

@@ -2,7 +2,7 @@
 //! and `Err` to its errno. Lookups may answer from a fetch thread. Everything that would
 //! change the filesystem is refused together at the end.
 
-use super::{Core, FsError, OpenMode};
+use super::{Caller, Core, FsError, OpenMode};
 use fuser::{
     Errno, FileHandle, Filesystem, FopenFlags, Generation, INodeNo, LockOwner, OpenFlags,
     ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen,
@@ -52,11 +52,16 @@ impl Filesystem for FuseAdapter {
         }
     }
 
-    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+    fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         if flags.acc_mode() != fuser::OpenAccMode::O_RDONLY {
             return reply.error(FsError::ReadOnly.errno());
         }
-        match self.core.open(ino.0) {
+        let caller = Caller {
+            pid: req.pid(),
+            uid: req.uid(),
+            gid: req.gid(),
+        };
+        match self.core.open(ino.0, caller) {
             Ok((fh, OpenMode::Cached)) => {
                 reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE)
             }

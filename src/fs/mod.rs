@@ -5,6 +5,7 @@
 pub mod fuse;
 pub mod inode;
 
+use crate::audit::{Audit, OpenEvent};
 use crate::cache::{Cache, OpenDecision, ReadError};
 use crate::names;
 use crate::token::{Version, View};
@@ -79,9 +80,18 @@ pub struct Entry {
     pub ttl: Duration,
 }
 
+/// Who opens a file (from the kernel's request header).
+#[derive(Debug, Clone, Copy)]
+pub struct Caller {
+    pub pid: u32,
+    pub uid: u32,
+    pub gid: u32,
+}
+
 pub struct Core {
     cache: Arc<Cache>,
     access: Access,
+    audit: Option<Audit>,
     inodes: InodeTable,
     handles: Mutex<HashMap<u64, Handle>>,
     next_handle: AtomicU64,
@@ -98,10 +108,11 @@ pub enum OpenMode {
 }
 
 impl Core {
-    pub fn new(cache: Arc<Cache>, access: Access) -> Arc<Core> {
+    pub fn new(cache: Arc<Cache>, access: Access, audit: Option<Audit>) -> Arc<Core> {
         Arc::new(Core {
             cache,
             access,
+            audit,
             inodes: InodeTable::default(),
             handles: Mutex::new(HashMap::new()),
             next_handle: AtomicU64::new(1),
@@ -181,7 +192,7 @@ impl Core {
     }
 
     /// Opens a file for reading: a token version only while it is current and valid.
-    pub fn open(&self, ino: u64) -> Result<(u64, OpenMode), FsError> {
+    pub fn open(&self, ino: u64, caller: Caller) -> Result<(u64, OpenMode), FsError> {
         let (handle, mode) = match inode::node(ino).ok_or(FsError::NotFound)? {
             Node::Token { version, view } => {
                 let v = self
@@ -191,6 +202,15 @@ impl Core {
                     .ok_or(FsError::Stale)?;
                 if self.cache.on_open(&v) == OpenDecision::Stale {
                     return Err(FsError::Stale);
+                }
+                if let Some(audit) = &self.audit {
+                    audit.opened(OpenEvent {
+                        resource: v.resource.clone(),
+                        view: view.label(),
+                        pid: caller.pid,
+                        uid: caller.uid,
+                        gid: caller.gid,
+                    });
                 }
                 (Handle::Token(v, view), OpenMode::Cached)
             }
