@@ -19,6 +19,8 @@ use std::time::Duration;
 #[command(
     name = "cstokenfs",
     version,
+    // `-o uid=1000 --uid 1000` or `-f -o foreground`: the last one wins, as in mount(8).
+    args_override_self = true,
     about = "A read-only FUSE filesystem where `cat MOUNT/<resource>` prints a fresh, cached Azure access token",
     after_help = "Names: management.azure.com, vault.azure.net, ... (well-known hosts), any DNS name \
                   (https://<name>), an app ID (GUID), or a percent-encoded URI. Views: MOUNT/<name>, \
