@@ -22,7 +22,7 @@ pub struct SystemClock;
 
 impl Clock for SystemClock {
     fn now(&self) -> EpochMs {
-        crate::source::cloudshell::now_ms()
+        crate::source::http::now_ms()
     }
 }
 

@@ -1,11 +1,11 @@
 //! The command line: `mount`, `get`, `emulator`.
 
 use crate::cache::{Cache, SystemClock};
-use crate::emulator::{Emulator, EmulatorConfig};
+use crate::emulator::{Emulator, EmulatorConfig, Protocol};
 use crate::mount::{self, MountRequest};
 use crate::policy::Policy;
-use crate::source::cloudshell::{CloudShell, DEFAULT_ENDPOINT};
-use crate::source::Source;
+use crate::source::select::{self, Env, Kind, Plan, Wanted};
+use crate::source::Identity;
 use crate::token::View;
 use clap::{Args, Parser, Subcommand};
 use std::io::Write;
@@ -43,7 +43,12 @@ pub enum Command {
 
 #[derive(Args, Debug, Clone)]
 pub struct Upstream {
-    /// Token endpoint [default: $MSI_ENDPOINT, else http://localhost:50342/oauth2/token].
+    /// Where tokens come from: auto, cloudshell, imds, appservice, arc, azure-cli
+    /// [default: auto, detected from the environment; IMDS only when chosen].
+    #[arg(long, value_name = "SOURCE", value_parser = parse_kind)]
+    pub source: Option<Kind>,
+    /// Token endpoint URL of any HTTP source [default: $MSI_ENDPOINT, else
+    /// http://localhost:50342/oauth2/token for Cloud Shell; the source's own otherwise].
     #[arg(long, value_name = "URL", conflicts_with = "emulator")]
     pub endpoint: Option<String>,
     /// Serve tokens from the built-in emulator on an ephemeral loopback port.
@@ -52,6 +57,34 @@ pub struct Upstream {
     /// The most one fetch may take, retries included, in seconds.
     #[arg(long, value_name = "SECS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub timeout: u64,
+    /// User-assigned identity by client ID (IMDS, App Service).
+    #[arg(long, value_name = "ID")]
+    pub client_id: Option<String>,
+    /// User-assigned identity by object (principal) ID (IMDS, App Service).
+    #[arg(long, value_name = "ID")]
+    pub object_id: Option<String>,
+    /// User-assigned identity by Azure resource ID (IMDS, App Service).
+    #[arg(long, value_name = "ID")]
+    pub msi_res_id: Option<String>,
+}
+
+fn parse_kind(s: &str) -> Result<Kind, String> {
+    s.parse()
+}
+
+impl Upstream {
+    pub fn wanted(&self) -> Wanted {
+        Wanted {
+            source: self.source,
+            endpoint: self.endpoint.clone(),
+            emulator: self.emulator,
+            identity: Identity {
+                client_id: self.client_id.clone(),
+                object_id: self.object_id.clone(),
+                msi_res_id: self.msi_res_id.clone(),
+            },
+        }
+    }
 }
 
 #[derive(Args, Debug)]
@@ -132,6 +165,13 @@ pub struct EmulatorArgs {
     /// Behave like the real endpoint's cache: hand out the same token until it expires.
     #[arg(long)]
     pub caching: bool,
+    /// The protocol to serve: cloudshell, imds, appservice, arc.
+    #[arg(long, value_name = "PROTOCOL", default_value = "cloudshell", value_parser = parse_protocol)]
+    pub protocol: Protocol,
+}
+
+fn parse_protocol(s: &str) -> Result<Protocol, String> {
+    s.parse().map_err(|e| format!("{e}"))
 }
 
 pub fn run(cli: Cli) -> ExitCode {
@@ -140,15 +180,6 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Get(args) => get_command(args),
         Command::Emulator(args) => emulator_command(args),
     }
-}
-
-/// The endpoint URL to use: `--endpoint`, else `$MSI_ENDPOINT`, else Cloud Shell's default.
-pub fn endpoint_url(upstream: &Upstream) -> String {
-    upstream
-        .endpoint
-        .clone()
-        .or_else(|| std::env::var("MSI_ENDPOINT").ok().filter(|s| !s.is_empty()))
-        .unwrap_or_else(|| DEFAULT_ENDPOINT.to_string())
 }
 
 fn mount_command(args: MountArgs) -> ExitCode {
@@ -160,7 +191,7 @@ fn mount_command(args: MountArgs) -> ExitCode {
     };
     let request = MountRequest {
         mountpoint: args.mountpoint,
-        endpoint: (!args.upstream.emulator).then(|| endpoint_url(&args.upstream)),
+        wanted: args.upstream.wanted(),
         resources: args.resources,
         policy,
         foreground: args.foreground,
@@ -190,26 +221,16 @@ fn get_command(args: GetArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    // Kept alive until the token is printed.
-    let mut _emulator = None;
-    let url = if args.upstream.emulator {
-        match Emulator::start(([127, 0, 0, 1], 0).into(), EmulatorConfig::default()) {
-            Ok(e) => _emulator.insert(e).url(),
-            Err(e) => {
-                eprintln!("cstokenfs: cannot start the emulator: {e}");
-                return ExitCode::FAILURE;
-            }
-        }
-    } else {
-        endpoint_url(&args.upstream)
-    };
-    let source: Arc<dyn Source> = match CloudShell::new(&url) {
-        Ok(s) => Arc::new(s),
+    // Holds the emulator (if any) alive until the token is printed.
+    let chosen = match select::plan(&args.upstream.wanted(), &Env::current()).and_then(Plan::build)
+    {
+        Ok(c) => c,
         Err(e) => {
             eprintln!("cstokenfs: {e}");
             return ExitCode::from(2);
         }
     };
+    let source = chosen.source.clone();
     let policy = Policy {
         timeout: Duration::from_secs(args.upstream.timeout),
         ..Policy::default()
@@ -246,7 +267,7 @@ fn emulator_command(args: EmulatorArgs) -> ExitCode {
         allow: args.allow,
         allow_any: false,
     };
-    let emulator = match Emulator::start(args.listen, config) {
+    let emulator = match Emulator::start_with(args.listen, config, args.protocol) {
         Ok(e) => e,
         Err(e) => {
             eprintln!("cstokenfs: cannot listen on {}: {e}", args.listen);
@@ -255,7 +276,8 @@ fn emulator_command(args: EmulatorArgs) -> ExitCode {
     };
     emulator.set_caching(args.caching);
     log::info!(
-        "emulator serving the Cloud Shell protocol at {}",
+        "emulator serving the {:?} protocol at {}",
+        args.protocol,
         emulator.url()
     );
     let stopper = match signal_hook::iterator::Signals::new([libc::SIGTERM, libc::SIGINT]) {

@@ -1,4 +1,7 @@
-//! In-process emulator of the Azure Cloud Shell token endpoint (`POST /oauth2/token`).
+//! In-process emulator of the Azure managed-identity token endpoints: Cloud Shell
+//! (`POST /oauth2/token`, the default), IMDS and Azure Arc
+//! (`GET /metadata/identity/oauth2/token`) and App Service (`GET /msi/token`); see
+//! [`Protocol`].
 //!
 //! Used by tests (driven in-process through the knobs on [`Emulator`]) and by the binary
 //! (`cstokenfs emulator`, `--emulator`). It binds only the address it is given (callers pass
@@ -9,10 +12,14 @@
 //! `Hang` on stop) and `stop()` must close the listener before it returns, and tiny_http
 //! 0.12 can do neither (dropping a request sends a 500; its accept thread cannot be joined).
 
-use std::collections::{HashMap, VecDeque};
-use std::fmt::Write as _;
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::fmt::{self, Write as _};
+use std::fs::{DirBuilder, File, OpenOptions};
 use std::io::{self, ErrorKind, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _};
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
 use std::sync::Arc;
 use std::thread::{self, JoinHandle};
@@ -57,6 +64,17 @@ pub const KNOWN_AUDIENCES: &[&str] = &[
 ];
 
 const TOKEN_PATH: &str = "/oauth2/token";
+const IMDS_PATH: &str = "/metadata/identity/oauth2/token";
+const APP_SERVICE_PATH: &str = "/msi/token";
+const IMDS_API_VERSION: &str = "2018-02-01";
+const APP_SERVICE_API_VERSION: &str = "2019-08-01";
+const ARC_API_VERSION: &str = "2020-06-01";
+/// Where the real Azure Arc agent writes its challenge key files.
+pub const DEFAULT_ARC_KEY_DIR: &str = "/var/opt/azcmagent/tokens";
+/// `client_id` in IMDS / App Service answers when the request names none.
+pub const DEFAULT_CLIENT_ID: &str = "00000000-0000-0000-0000-00000000e111";
+/// Arc challenge keys remembered (and their files kept) at most; older ones are forgotten.
+const MAX_ARC_KEYS: usize = 64;
 const ISSUER: &str = "https://cstokenfs-emulator.invalid/";
 const NOTICE: &str = "cstokenfs emulator: unsigned test token, not valid in Azure";
 const POLL: Duration = Duration::from_millis(20);
@@ -81,6 +99,83 @@ impl Default for EmulatorConfig {
             allow: Vec::new(),
             allow_any: false,
         }
+    }
+}
+
+/// Which token endpoint the emulator speaks (see the module docs and
+/// `shared/reference/token-endpoints.md`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    /// `POST /oauth2/token`, form body `resource=R`, header `Metadata: true`.
+    CloudShell,
+    /// `GET /metadata/identity/oauth2/token?api-version=2018-02-01&resource=R`,
+    /// header `Metadata: true`; flat `{"error","error_description"}` errors.
+    Imds,
+    /// `GET /msi/token?api-version=2019-08-01&resource=R`, header
+    /// `X-IDENTITY-HEADER: <secret>`; `{"statusCode","message"}` errors.
+    AppService,
+    /// Like IMDS with `api-version=2020-06-01`, plus the key-file challenge (401 with
+    /// `WWW-Authenticate: Basic realm=<key file>`, then `Authorization: Basic <contents>`).
+    Arc,
+}
+
+impl Protocol {
+    /// All protocols, in the order their names are listed.
+    pub const ALL: [Protocol; 4] = [
+        Protocol::CloudShell,
+        Protocol::Imds,
+        Protocol::AppService,
+        Protocol::Arc,
+    ];
+
+    /// The name accepted by [`FromStr`]: `cloudshell`, `imds`, `appservice` or `arc`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Protocol::CloudShell => "cloudshell",
+            Protocol::Imds => "imds",
+            Protocol::AppService => "appservice",
+            Protocol::Arc => "arc",
+        }
+    }
+
+    /// The token endpoint path this protocol serves.
+    pub fn path(self) -> &'static str {
+        match self {
+            Protocol::CloudShell => TOKEN_PATH,
+            Protocol::Imds | Protocol::Arc => IMDS_PATH,
+            Protocol::AppService => APP_SERVICE_PATH,
+        }
+    }
+
+    fn method(self) -> &'static str {
+        match self {
+            Protocol::CloudShell => "POST",
+            _ => "GET",
+        }
+    }
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for Protocol {
+    type Err = String;
+
+    /// Case-insensitive; the error message lists the accepted names.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Protocol::ALL
+            .into_iter()
+            .find(|p| p.name().eq_ignore_ascii_case(s.trim()))
+            .ok_or_else(|| {
+                let names: Vec<_> = Protocol::ALL.iter().map(|p| p.name()).collect();
+                format!(
+                    "unknown protocol {s:?} (expected one of: {})",
+                    names.join(", ")
+                )
+            })
     }
 }
 
@@ -154,6 +249,17 @@ struct Shared {
     stopped: Mutex<bool>,
     stop_cv: Condvar,
     conns: Mutex<Vec<JoinHandle<()>>>,
+    protocol: Protocol,
+    identity_header: String,
+    arc_key_dir: Mutex<PathBuf>,
+    arc_keys: Mutex<VecDeque<ArcKey>>,
+    last_params: Mutex<Option<BTreeMap<String, String>>>,
+}
+
+/// One Arc challenge this emulator issued: the secret and the file holding it.
+struct ArcKey {
+    secret: String,
+    path: PathBuf,
 }
 
 /// A running emulator. Dropping it stops the server (see [`Emulator::shutdown`]).
@@ -164,8 +270,19 @@ pub struct Emulator {
 }
 
 impl Emulator {
-    /// Binds `listen` (port 0 = ephemeral) and starts serving on a background thread.
+    /// Binds `listen` (port 0 = ephemeral) and starts serving the Cloud Shell protocol on a
+    /// background thread; the same as `start_with(listen, config, Protocol::CloudShell)`.
     pub fn start(listen: SocketAddr, config: EmulatorConfig) -> io::Result<Emulator> {
+        Emulator::start_with(listen, config, Protocol::CloudShell)
+    }
+
+    /// Binds `listen` (port 0 = ephemeral) and starts serving `protocol`.
+    pub fn start_with(
+        listen: SocketAddr,
+        config: EmulatorConfig,
+        protocol: Protocol,
+    ) -> io::Result<Emulator> {
+        let identity_header = random_hex(16)?;
         let listener = TcpListener::bind(listen)?;
         listener.set_nonblocking(true)?;
         let addr = listener.local_addr()?;
@@ -185,12 +302,17 @@ impl Emulator {
             stopped: Mutex::new(false),
             stop_cv: Condvar::new(),
             conns: Mutex::new(Vec::new()),
+            protocol,
+            identity_header,
+            arc_key_dir: Mutex::new(PathBuf::from(DEFAULT_ARC_KEY_DIR)),
+            arc_keys: Mutex::new(VecDeque::new()),
+            last_params: Mutex::new(None),
         });
         let sh = Arc::clone(&shared);
         let accept = thread::Builder::new()
             .name("cstokenfs-emulator".into())
             .spawn(move || accept_loop(listener, sh))?;
-        log::debug!("emulator listening on {addr}");
+        log::debug!("emulator ({protocol}) listening on {addr}");
         Ok(Emulator {
             shared,
             addr,
@@ -202,9 +324,34 @@ impl Emulator {
         self.addr
     }
 
-    /// `http://ADDR/oauth2/token`, e.g. `http://127.0.0.1:PORT/oauth2/token`.
+    pub fn protocol(&self) -> Protocol {
+        self.shared.protocol
+    }
+
+    /// The token endpoint: `http://ADDR` + [`Protocol::path`], e.g.
+    /// `http://127.0.0.1:PORT/oauth2/token` for Cloud Shell,
+    /// `.../metadata/identity/oauth2/token` for IMDS and Arc, `.../msi/token` for App Service.
     pub fn url(&self) -> String {
-        format!("http://{}{TOKEN_PATH}", self.addr)
+        format!("http://{}{}", self.addr, self.shared.protocol.path())
+    }
+
+    /// The `X-IDENTITY-HEADER` value App Service requests must carry (32 random hex digits,
+    /// new for each emulator; generated whatever the protocol).
+    pub fn identity_header(&self) -> String {
+        self.shared.identity_header.clone()
+    }
+
+    /// Folder for Arc challenge key files (default [`DEFAULT_ARC_KEY_DIR`]); created with
+    /// mode 0700 on the first challenge if missing. Files already written stay where they are.
+    pub fn set_arc_key_dir(&self, dir: PathBuf) {
+        *self.shared.arc_key_dir.lock() = dir;
+    }
+
+    /// Decoded parameters (query for GET protocols, form body for Cloud Shell) of the last
+    /// request that reached protocol handling (right path and method), first value of each
+    /// key, undecodable UTF-8 replaced; `None` before the first one.
+    pub fn last_params(&self) -> Option<BTreeMap<String, String>> {
+        self.shared.last_params.lock().clone()
     }
 
     pub fn set_ttl(&self, secs: u64) {
@@ -238,12 +385,13 @@ impl Emulator {
         self.shared.caching.store(on, SeqCst);
     }
 
-    /// Total `POST /oauth2/token` requests received (counted on arrival).
+    /// Total token requests received (right path and method; counted on arrival). An Arc
+    /// fetch is two requests: the challenge and the authorized one.
     pub fn requests(&self) -> u64 {
         self.shared.requests.load(SeqCst)
     }
 
-    /// `POST /oauth2/token` requests for this resource string (as sent, form-decoded).
+    /// Token requests for this resource string (as sent, form-decoded).
     pub fn requests_for(&self, resource: &str) -> u64 {
         self.shared
             .per_resource
@@ -270,6 +418,7 @@ impl Emulator {
 
     /// Stops from a shared reference (idempotent): closes the listener before returning,
     /// releases hung and sleeping requests, closes connections and joins every thread.
+    /// Arc challenge key files this emulator wrote are removed.
     pub fn shutdown(&self) {
         *self.shared.stopped.lock() = true;
         self.shared.stop_cv.notify_all();
@@ -279,6 +428,9 @@ impl Emulator {
         let conns = std::mem::take(&mut *self.shared.conns.lock());
         for handle in conns {
             let _ = handle.join();
+        }
+        for key in std::mem::take(&mut *self.shared.arc_keys.lock()) {
+            let _ = std::fs::remove_file(&key.path);
         }
     }
 
@@ -422,7 +574,7 @@ enum Action {
     Respond {
         status: u16,
         body: Vec<u8>,
-        retry_after: Option<String>,
+        headers: Vec<(&'static str, String)>,
     },
     Huge(usize),
     Hang,
@@ -446,14 +598,11 @@ fn serve_conn(mut stream: TcpStream, sh: &Shared) {
             Ok(Some(req)) => req,
             Ok(None) => break,
             Err((status, msg)) => {
-                let _ = respond(
-                    &mut stream,
-                    sh,
-                    status,
-                    &error_body("BadRequest", msg),
-                    None,
-                    true,
-                );
+                let body = match proto_err(sh.protocol, status, "BadRequest", msg) {
+                    Action::Respond { body, .. } => body,
+                    _ => Vec::new(),
+                };
+                let _ = respond(&mut stream, sh, status, &body, &[], true);
                 break;
             }
         };
@@ -462,15 +611,8 @@ fn serve_conn(mut stream: TcpStream, sh: &Shared) {
             Action::Respond {
                 status,
                 body,
-                retry_after,
-            } => respond(
-                &mut stream,
-                sh,
-                status,
-                &body,
-                retry_after.as_deref(),
-                close,
-            ),
+                headers,
+            } => respond(&mut stream, sh, status, &body, &headers, close),
             Action::Huge(bytes) => send_huge(&mut stream, sh, bytes, close),
             Action::Hang => {
                 sh.wait_stopped(None);
@@ -586,30 +728,48 @@ fn read_request(
 }
 
 fn handle(sh: &Shared, req: &Request) -> Action {
-    if req.path.split('?').next() != Some(TOKEN_PATH) {
-        return respond_err(404, "NotFound", "No such endpoint");
+    let proto = sh.protocol;
+    let (route, query) = req.path.split_once('?').unwrap_or((&req.path, ""));
+    if route != proto.path() {
+        return proto_err(proto, 404, "NotFound", "No such endpoint");
     }
-    if req.method != "POST" {
-        return respond_err(405, "MethodNotAllowed", "Only POST is supported");
+    let method = proto.method();
+    if req.method != method {
+        let msg = format!("Only {method} is supported");
+        return with_header(
+            proto_err(proto, 405, "MethodNotAllowed", &msg),
+            "Allow",
+            method.into(),
+        );
     }
     sh.requests.fetch_add(1, SeqCst);
-    let resource = form_value(&req.body, "resource");
+    let params = match proto {
+        Protocol::CloudShell => req.body.as_slice(),
+        _ => query.as_bytes(),
+    };
+    let resource = form_value(params, "resource");
     if let Ok(Some(r)) = &resource {
         *sh.per_resource.lock().entry(r.clone()).or_insert(0) += 1;
     }
+    *sh.last_params.lock() = Some(params_lossy(params));
     let shown = resource.clone().ok().flatten().unwrap_or_default();
-    let action = answer(sh, req, resource);
+    let action = answer(sh, req, params, resource);
     let status = match &action {
         Action::Respond { status, .. } => status.to_string(),
         Action::Huge(_) => "200 (huge body)".into(),
         Action::Hang => "hang".into(),
         Action::Close => "reset".into(),
     };
-    log::debug!("emulator: POST {TOKEN_PATH} resource={shown:?} -> {status}");
+    log::debug!("emulator: {method} {route} resource={shown:?} -> {status}");
     action
 }
 
-fn answer(sh: &Shared, req: &Request, resource: Result<Option<String>, ()>) -> Action {
+fn answer(
+    sh: &Shared,
+    req: &Request,
+    params: &[u8],
+    resource: Result<Option<String>, ()>,
+) -> Action {
     if sh.wait_stopped(Some(Duration::from_nanos(sh.latency_ns.load(SeqCst)))) {
         return Action::Close;
     }
@@ -618,11 +778,22 @@ fn answer(sh: &Shared, req: &Request, resource: Result<Option<String>, ()>) -> A
         .lock()
         .pop_front()
         .or_else(|| sh.sticky.lock().clone());
+    let proto = sh.protocol;
     let resource_or_empty = resource.clone().ok().flatten().unwrap_or_default();
-    let ok = |body: Vec<u8>| Action::Respond {
-        status: 200,
-        body,
-        retry_after: None,
+    let client_id = form_value(params, "client_id")
+        .ok()
+        .flatten()
+        .filter(|c| !c.is_empty());
+    let client_id = client_id.as_deref().unwrap_or(DEFAULT_CLIENT_ID);
+    let body = |issued: &Issued, token: Option<&str>, form| {
+        ok(success_body(
+            proto,
+            issued,
+            token,
+            &resource_or_empty,
+            form,
+            client_id,
+        ))
     };
     match fault {
         Some(Fault::Status {
@@ -630,10 +801,11 @@ fn answer(sh: &Shared, req: &Request, resource: Result<Option<String>, ()>) -> A
             body,
             retry_after,
         }) => {
+            let headers = retry_after.map(|v| ("Retry-After", v)).into_iter();
             return Action::Respond {
                 status: code,
                 body: body.into_bytes(),
-                retry_after,
+                headers: headers.collect(),
             };
         }
         Some(Fault::Hang) => return Action::Hang,
@@ -649,24 +821,23 @@ fn answer(sh: &Shared, req: &Request, resource: Result<Option<String>, ()>) -> A
                 not_before: now,
             };
             let token = (f == Fault::EmptyAccessToken).then_some("");
-            return ok(token_body(
-                &fake,
-                token,
-                &resource_or_empty,
-                ExpiresOnForm::EpochString,
-            ));
+            return body(&fake, token, ExpiresOnForm::EpochString);
         }
         Some(Fault::ExpiresOn(form)) => {
             let issued = sh.issue(&resource_or_empty);
-            return ok(token_body(
-                &issued,
-                Some(&issued.token),
-                &resource_or_empty,
-                form,
-            ));
+            return body(&issued, Some(&issued.token), form);
         }
         None => {}
     }
+    match proto {
+        Protocol::CloudShell => answer_cloud_shell(sh, req, resource),
+        Protocol::Imds => answer_imds(sh, req, params, client_id),
+        Protocol::AppService => answer_app_service(sh, req, params, client_id),
+        Protocol::Arc => answer_arc(sh, req, params, client_id),
+    }
+}
+
+fn answer_cloud_shell(sh: &Shared, req: &Request, resource: Result<Option<String>, ()>) -> Action {
     if req.header("Metadata") != Some("true") {
         return respond_err(400, "BadRequest", "Required metadata header not specified");
     }
@@ -696,6 +867,252 @@ fn answer(sh: &Shared, req: &Request, resource: Result<Option<String>, ()>) -> A
     ))
 }
 
+fn answer_imds(sh: &Shared, req: &Request, params: &[u8], client_id: &str) -> Action {
+    let resource = match imds_checks(req, params, IMDS_API_VERSION) {
+        Ok(r) => r,
+        Err(a) => return a,
+    };
+    imds_token(sh, Protocol::Imds, &resource, client_id)
+}
+
+fn answer_arc(sh: &Shared, req: &Request, params: &[u8], client_id: &str) -> Action {
+    let resource = match imds_checks(req, params, ARC_API_VERSION) {
+        Ok(r) => r,
+        Err(a) => return a,
+    };
+    let Some(auth) = req.header("Authorization") else {
+        return arc_challenge(sh, "Authorization required: resend with Authorization: Basic <contents of the key file named in WWW-Authenticate>");
+    };
+    let secret = auth
+        .split_once(' ')
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("Basic"))
+        .map_or("", |(_, rest)| rest.trim());
+    let known = !secret.is_empty()
+        && sh
+            .arc_keys
+            .lock()
+            .iter()
+            .any(|k| ct_eq(k.secret.as_bytes(), secret.as_bytes()));
+    if !known {
+        return arc_challenge(sh, "Invalid Authorization secret");
+    }
+    imds_token(sh, Protocol::Arc, &resource, client_id)
+}
+
+/// IMDS / Arc request checks in order: `Metadata: true`, decodable query, api-version,
+/// non-empty resource. Returns the resource.
+fn imds_checks(req: &Request, params: &[u8], api_version: &str) -> Result<String, Action> {
+    let bad = |msg: &str| Err(flat_err(400, "invalid_request", msg));
+    if req.header("Metadata") != Some("true") {
+        return bad("Required metadata header not specified");
+    }
+    let Ok(query) = params_strict(params) else {
+        return bad("Malformed query string");
+    };
+    match query.get("api-version").map(String::as_str) {
+        None | Some("") => {
+            return bad(&format!(
+                "Required api-version parameter not specified (expected {api_version})"
+            ))
+        }
+        Some(v) if v != api_version => {
+            return bad(&format!(
+                "Unsupported api-version {v} (expected {api_version})"
+            ))
+        }
+        Some(_) => {}
+    }
+    match query.get("resource") {
+        Some(r) if !r.is_empty() => Ok(r.clone()),
+        _ => bad("Required resource parameter not specified"),
+    }
+}
+
+/// Audience check and the IMDS-shaped token answer (IMDS and Arc).
+fn imds_token(sh: &Shared, proto: Protocol, resource: &str, client_id: &str) -> Action {
+    if !sh.audience_allowed(resource) {
+        return flat_err(400, "invalid_resource", &aadsts500011(resource));
+    }
+    let issued = sh.issue(resource);
+    ok(success_body(
+        proto,
+        &issued,
+        Some(&issued.token),
+        resource,
+        ExpiresOnForm::EpochString,
+        client_id,
+    ))
+}
+
+fn answer_app_service(sh: &Shared, req: &Request, params: &[u8], client_id: &str) -> Action {
+    match req.header("X-IDENTITY-HEADER") {
+        None => return app_err(401, "X-IDENTITY-HEADER header not specified"),
+        Some(h) if !ct_eq(h.as_bytes(), sh.identity_header.as_bytes()) => {
+            return app_err(401, "Invalid X-IDENTITY-HEADER")
+        }
+        Some(_) => {}
+    }
+    let Ok(query) = params_strict(params) else {
+        return app_err(400, "Malformed query string");
+    };
+    match query.get("api-version").map(String::as_str) {
+        None | Some("") => {
+            return app_err(
+                400,
+                &format!("api-version not specified (expected {APP_SERVICE_API_VERSION})"),
+            )
+        }
+        Some(v) if v != APP_SERVICE_API_VERSION => {
+            return app_err(
+                400,
+                &format!("Unsupported api-version {v} (expected {APP_SERVICE_API_VERSION})"),
+            )
+        }
+        Some(_) => {}
+    }
+    let resource = match query.get("resource") {
+        Some(r) if !r.is_empty() => r.as_str(),
+        _ => return app_err(400, "Required resource parameter not specified"),
+    };
+    if !sh.audience_allowed(resource) {
+        return app_err(400, &aadsts500011(resource));
+    }
+    let issued = sh.issue(resource);
+    ok(success_body(
+        Protocol::AppService,
+        &issued,
+        Some(&issued.token),
+        resource,
+        ExpiresOnForm::EpochString,
+        client_id,
+    ))
+}
+
+fn aadsts500011(resource: &str) -> String {
+    format!(
+        "AADSTS500011: The resource principal named {resource} was not found in the tenant. (cstokenfs emulator)"
+    )
+}
+
+/// Writes a fresh key file and answers 401 naming it; 500 if the file cannot be written.
+fn arc_challenge(sh: &Shared, message: &str) -> Action {
+    let dir = sh.arc_key_dir.lock().clone();
+    let (path, secret) = match write_arc_key(&dir) {
+        Ok(k) => k,
+        Err(e) => {
+            log::warn!(
+                "emulator: cannot write an Arc key file in {}: {e}",
+                dir.display()
+            );
+            return flat_err(500, "server_error", "Cannot write the challenge key file");
+        }
+    };
+    let realm = format!("Basic realm={}", path.display());
+    {
+        let mut keys = sh.arc_keys.lock();
+        keys.push_back(ArcKey { secret, path });
+        while keys.len() > MAX_ARC_KEYS {
+            if let Some(old) = keys.pop_front() {
+                let _ = std::fs::remove_file(&old.path);
+            }
+        }
+    }
+    with_header(
+        flat_err(401, "unauthorized", message),
+        "WWW-Authenticate",
+        realm,
+    )
+}
+
+/// `<dir>/<32 hex>.key` holding 64 hex digits (no newline), mode 0600; `dir` is created
+/// (mode 0700) if missing.
+fn write_arc_key(dir: &Path) -> io::Result<(PathBuf, String)> {
+    if !dir.is_dir() {
+        DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
+    }
+    let secret = random_hex(32)?;
+    let path = dir.join(format!("{}.key", random_hex(16)?));
+    let mut file = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&path)?;
+    file.write_all(secret.as_bytes())?;
+    Ok((path, secret))
+}
+
+/// `2 * bytes` lowercase hex digits from the kernel's random source.
+fn random_hex(bytes: usize) -> io::Result<String> {
+    let mut raw = vec![0u8; bytes];
+    File::open("/dev/urandom")?.read_exact(&mut raw)?;
+    let mut out = String::with_capacity(bytes * 2);
+    for b in raw {
+        let _ = write!(out, "{b:02x}");
+    }
+    Ok(out)
+}
+
+/// Equality whose time does not depend on where the inputs differ.
+fn ct_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+fn ok(body: Vec<u8>) -> Action {
+    Action::Respond {
+        status: 200,
+        body,
+        headers: Vec::new(),
+    }
+}
+
+fn with_header(mut action: Action, name: &'static str, value: String) -> Action {
+    if let Action::Respond { headers, .. } = &mut action {
+        headers.push((name, value));
+    }
+    action
+}
+
+/// The success body in `proto`'s shape.
+fn success_body(
+    proto: Protocol,
+    t: &Issued,
+    access_token: Option<&str>,
+    resource: &str,
+    form: ExpiresOnForm,
+    client_id: &str,
+) -> Vec<u8> {
+    let (expires_in, expires_on) = expiry_fields(t, form);
+    let body = match proto {
+        Protocol::CloudShell => return token_body(t, access_token, resource, form),
+        Protocol::Imds | Protocol::Arc => serde_json::to_vec(&ImdsBody {
+            access_token,
+            client_id,
+            expires_in,
+            expires_on,
+            ext_expires_in: t.expires_on.saturating_sub(now_secs()).to_string(),
+            not_before: t.not_before.to_string(),
+            resource,
+            token_type: "Bearer",
+        }),
+        Protocol::AppService => {
+            // App Service has no `expires_in`; only the forms that are about it add one.
+            let expires_in = match form {
+                ExpiresOnForm::OnlyExpiresIn | ExpiresOnForm::ExpiresInNumber => expires_in,
+                _ => None,
+            };
+            serde_json::to_vec(&AppServiceBody {
+                access_token,
+                expires_in,
+                expires_on,
+                resource,
+                token_type: "Bearer",
+                client_id,
+            })
+        }
+    };
+    body.unwrap_or_default()
+}
+
 #[derive(Serialize)]
 struct TokenBody<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -710,15 +1127,58 @@ struct TokenBody<'a> {
     token_type: &'static str,
 }
 
+#[derive(Serialize)]
+struct ImdsBody<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    access_token: Option<&'a str>,
+    client_id: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    expires_in: Option<Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    expires_on: Option<Value>,
+    ext_expires_in: String,
+    not_before: String,
+    resource: &'a str,
+    token_type: &'static str,
+}
+
+#[derive(Serialize)]
+struct AppServiceBody<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    access_token: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    expires_in: Option<Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    expires_on: Option<Value>,
+    resource: &'a str,
+    token_type: &'static str,
+    client_id: &'a str,
+}
+
 fn token_body(
     t: &Issued,
     access_token: Option<&str>,
     resource: &str,
     form: ExpiresOnForm,
 ) -> Vec<u8> {
+    let (expires_in, expires_on) = expiry_fields(t, form);
+    let body = TokenBody {
+        access_token,
+        refresh_token: "",
+        expires_in,
+        expires_on,
+        not_before: t.not_before.to_string(),
+        resource,
+        token_type: "Bearer",
+    };
+    serde_json::to_vec(&body).unwrap_or_default()
+}
+
+/// `(expires_in, expires_on)` in `form`.
+fn expiry_fields(t: &Issued, form: ExpiresOnForm) -> (Option<Value>, Option<Value>) {
     let left = t.expires_on.saturating_sub(now_secs());
     let text = |n: u64| Some(Value::String(n.to_string()));
-    let (expires_in, expires_on) = match form {
+    match form {
         ExpiresOnForm::EpochString => (text(left), text(t.expires_on)),
         ExpiresOnForm::EpochNumber => (text(left), Some(json!(t.expires_on))),
         ExpiresOnForm::LegacyDateAmPm => (
@@ -733,17 +1193,7 @@ fn token_body(
         ExpiresOnForm::ExpiresInNumber => (Some(json!(left)), None),
         ExpiresOnForm::Nothing => (None, None),
         ExpiresOnForm::GarbageString => (None, Some(json!("soon"))),
-    };
-    let body = TokenBody {
-        access_token,
-        refresh_token: "",
-        expires_in,
-        expires_on,
-        not_before: t.not_before.to_string(),
-        resource,
-        token_type: "Bearer",
-    };
-    serde_json::to_vec(&body).unwrap_or_default()
+    }
 }
 
 /// `M/D/YYYY h:mm:ss AM +00:00` (`am_pm`) or `MM/DD/YYYY HH:mm:ss +00:00`, in UTC.
@@ -787,21 +1237,98 @@ fn form_value(body: &[u8], key: &str) -> Result<Option<String>, ()> {
     Ok(None)
 }
 
+/// Strict decoding of a whole form / query string (first value of each key wins).
+fn params_strict(text: &[u8]) -> Result<BTreeMap<String, String>, ()> {
+    let decode = |s: &str| {
+        let s = s.replace('+', " ");
+        percent_encoding::percent_decode_str(&s)
+            .decode_utf8()
+            .map(|c| c.into_owned())
+            .map_err(|_| ())
+    };
+    let text = std::str::from_utf8(text).map_err(|_| ())?;
+    let mut out = BTreeMap::new();
+    for pair in text.split('&').filter(|p| !p.is_empty()) {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        out.entry(decode(k)?).or_insert(decode(v)?);
+    }
+    Ok(out)
+}
+
+/// Like [`params_strict`] but never fails: undecodable UTF-8 is replaced.
+fn params_lossy(text: &[u8]) -> BTreeMap<String, String> {
+    let decode = |s: &str| {
+        let s = s.replace('+', " ");
+        percent_encoding::percent_decode_str(&s)
+            .decode_utf8_lossy()
+            .into_owned()
+    };
+    let text = String::from_utf8_lossy(text);
+    let mut out = BTreeMap::new();
+    for pair in text.split('&').filter(|p| !p.is_empty()) {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        out.entry(decode(k)).or_insert_with(|| decode(v));
+    }
+    out
+}
+
 fn error_body(code: &str, message: &str) -> Vec<u8> {
     json!({"error": {"code": code, "message": message}})
         .to_string()
         .into_bytes()
 }
 
+/// Cloud Shell error: `{"error":{"code","message"}}`.
 fn respond_err(status: u16, code: &str, message: &str) -> Action {
     Action::Respond {
         status,
         body: error_body(code, message),
-        retry_after: None,
+        headers: Vec::new(),
     }
 }
 
-fn head(status: u16, len: usize, retry_after: Option<&str>, close: bool) -> String {
+/// IMDS / Arc error: `{"error","error_description"}`.
+fn flat_err(status: u16, error: &str, description: &str) -> Action {
+    Action::Respond {
+        status,
+        body: json!({"error": error, "error_description": description})
+            .to_string()
+            .into_bytes(),
+        headers: Vec::new(),
+    }
+}
+
+/// App Service error: `{"statusCode","message"}`.
+fn app_err(status: u16, message: &str) -> Action {
+    Action::Respond {
+        status,
+        body: json!({"statusCode": status, "message": message})
+            .to_string()
+            .into_bytes(),
+        headers: Vec::new(),
+    }
+}
+
+/// An error in `proto`'s shape; `code` is the Cloud Shell code (the flat IMDS code is
+/// derived from the status).
+fn proto_err(proto: Protocol, status: u16, code: &str, message: &str) -> Action {
+    match proto {
+        Protocol::CloudShell => respond_err(status, code, message),
+        Protocol::Imds | Protocol::Arc => {
+            let error = match status {
+                401 => "unauthorized",
+                404 => "not_found",
+                405 => "method_not_allowed",
+                s if s >= 500 => "server_error",
+                _ => "invalid_request",
+            };
+            flat_err(status, error, message)
+        }
+        Protocol::AppService => app_err(status, message),
+    }
+}
+
+fn head(status: u16, len: usize, headers: &[(&str, String)], close: bool) -> String {
     let reason = match status {
         200 => "OK",
         400 => "Bad Request",
@@ -822,12 +1349,9 @@ fn head(status: u16, len: usize, retry_after: Option<&str>, close: bool) -> Stri
     let mut h = format!(
         "HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\nContent-Length: {len}\r\n"
     );
-    if status == 405 {
-        h.push_str("Allow: POST\r\n");
-    }
-    if let Some(v) = retry_after {
-        let v: String = v.chars().filter(|c| !c.is_control()).collect();
-        let _ = write!(h, "Retry-After: {v}\r\n");
+    for (name, value) in headers {
+        let v: String = value.chars().filter(|c| !c.is_control()).collect();
+        let _ = write!(h, "{name}: {v}\r\n");
     }
     h.push_str(if close {
         "Connection: close\r\n\r\n"
@@ -842,17 +1366,17 @@ fn respond(
     sh: &Shared,
     status: u16,
     body: &[u8],
-    retry_after: Option<&str>,
+    headers: &[(&str, String)],
     close: bool,
 ) -> io::Result<()> {
-    let mut out = head(status, body.len(), retry_after, close).into_bytes();
+    let mut out = head(status, body.len(), headers, close).into_bytes();
     out.extend_from_slice(body);
     send(stream, &out, sh)
 }
 
 /// Streams `bytes` bytes (spaces then `{}`) without allocating them.
 fn send_huge(stream: &mut TcpStream, sh: &Shared, bytes: usize, close: bool) -> io::Result<()> {
-    send(stream, head(200, bytes, None, close).as_bytes(), sh)?;
+    send(stream, head(200, bytes, &[], close).as_bytes(), sh)?;
     let tail = &b"{}"[..bytes.min(2)];
     let spaces = [b' '; 16 * 1024];
     let mut left = bytes - tail.len();

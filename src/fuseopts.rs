@@ -21,6 +21,10 @@ const VALUE_KEYS: &[&str] = &[
     "gid",
     "mode",
     "fsname",
+    "source",
+    "client-id",
+    "object-id",
+    "msi-res-id",
 ];
 
 /// `-o` keys that are switches.

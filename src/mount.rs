@@ -2,11 +2,10 @@
 //! signals (SIGTERM/SIGINT unmount, SIGUSR1 drops tokens, SIGHUP reopens the log file).
 
 use crate::cache::{Cache, SystemClock};
-use crate::emulator::{Emulator, EmulatorConfig};
+use crate::emulator::Emulator;
 use crate::fs::{fuse::FuseAdapter, Access, Core};
 use crate::policy::Policy;
-use crate::source::cloudshell::{check_url, CloudShell};
-use crate::source::Source;
+use crate::source::select::{self, Env, Plan, Wanted};
 use log::{info, warn};
 use std::ffi::CString;
 use std::fmt;
@@ -23,8 +22,8 @@ use std::time::Duration;
 #[derive(Debug, Clone)]
 pub struct MountRequest {
     pub mountpoint: PathBuf,
-    /// The token endpoint; `None` serves from the built-in emulator.
-    pub endpoint: Option<String>,
+    /// Which upstream (`--source`, `--endpoint`, `--emulator`, identity flags).
+    pub wanted: Wanted,
     pub resources: Vec<String>,
     pub policy: Policy,
     pub foreground: bool,
@@ -76,10 +75,10 @@ impl std::error::Error for MountError {}
 
 /// Mounts as asked: in the foreground until a signal, or detached once live.
 pub fn run(req: MountRequest) -> Result<(), MountError> {
-    let mountpoint = preflight(&req)?;
+    let (mountpoint, plan) = preflight(&req)?;
     if req.foreground {
         crate::logging::init_stderr("info");
-        return serve(&req, &mountpoint, Ready::Nobody);
+        return serve(&req, &mountpoint, plan, Ready::Nobody);
     }
     let log = match &req.log_file {
         Some(path) => Some(open_log(path)?),
@@ -88,14 +87,12 @@ pub fn run(req: MountRequest) -> Result<(), MountError> {
             None
         }
     };
-    detach(&req, &mountpoint, log)
+    detach(&req, &mountpoint, plan, log)
 }
 
 /// Checks that make a clear error before anything is mounted.
-fn preflight(req: &MountRequest) -> Result<PathBuf, MountError> {
-    if let Some(url) = &req.endpoint {
-        check_url(url).map_err(MountError::Endpoint)?;
-    }
+fn preflight(req: &MountRequest) -> Result<(PathBuf, Plan), MountError> {
+    let plan = select::plan(&req.wanted, &Env::current()).map_err(MountError::Endpoint)?;
     for name in &req.resources {
         crate::names::resolve(name)
             .map_err(|e| MountError::Resource(format!("--resource {name:?}: {e}")))?;
@@ -139,7 +136,7 @@ fn preflight(req: &MountRequest) -> Result<PathBuf, MountError> {
     if std::fs::read_dir(&path).is_ok_and(|mut d| d.next().is_some()) {
         eprintln!("cstokenfs: warning: {shown} is not empty; its files are hidden while mounted");
     }
-    Ok(path)
+    Ok((path, plan))
 }
 
 /// Who is told once the mount is live (or why it failed).
@@ -162,7 +159,12 @@ impl Ready {
 
 /// Forks; the child becomes the daemon and reports through a pipe once the mount is live.
 /// No thread exists yet, so forking is safe.
-fn detach(req: &MountRequest, mountpoint: &Path, log: Option<File>) -> Result<(), MountError> {
+fn detach(
+    req: &MountRequest,
+    mountpoint: &Path,
+    plan: Plan,
+    log: Option<File>,
+) -> Result<(), MountError> {
     let mut fds = [0; 2];
     // SAFETY: pipe2 writes two descriptors into the array we own.
     if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
@@ -183,7 +185,7 @@ fn detach(req: &MountRequest, mountpoint: &Path, log: Option<File>) -> Result<()
             drop(read_end);
             let outcome = become_daemon(log).and_then(|()| {
                 crate::logging::init_stderr("info");
-                serve(req, mountpoint, Ready::Pipe(write_end))
+                serve(req, mountpoint, plan, Ready::Pipe(write_end))
             });
             std::process::exit(i32::from(outcome.is_err()))
         }
@@ -243,8 +245,13 @@ enum Event {
 }
 
 /// Mounts, tells `ready`, then serves until a signal or an outside unmount.
-fn serve(req: &MountRequest, mountpoint: &Path, ready: Ready) -> Result<(), MountError> {
-    let started = start(req, mountpoint);
+fn serve(
+    req: &MountRequest,
+    mountpoint: &Path,
+    plan: Plan,
+    ready: Ready,
+) -> Result<(), MountError> {
+    let started = start(req, mountpoint, plan);
     let (session, cache, signals, _emulator) = match started {
         Ok(s) => s,
         Err(e) => {
@@ -310,7 +317,7 @@ type Started = (
     Option<Emulator>,
 );
 
-fn start(req: &MountRequest, mountpoint: &Path) -> Result<Started, MountError> {
+fn start(req: &MountRequest, mountpoint: &Path, plan: Plan) -> Result<Started, MountError> {
     if let Err(e) = crate::hardening::set_not_dumpable() {
         warn!("cannot make the daemon non-dumpable: {e}");
     }
@@ -326,16 +333,12 @@ fn start(req: &MountRequest, mountpoint: &Path) -> Result<Started, MountError> {
         libc::SIGUSR1,
     ])
     .map_err(|e| MountError::Daemon(format!("cannot handle signals: {e}")))?;
-    let (url, emulator) = match &req.endpoint {
-        Some(url) => (url.clone(), None),
-        None => {
-            let emu = Emulator::start(([127, 0, 0, 1], 0).into(), EmulatorConfig::default())
-                .map_err(|e| MountError::Daemon(format!("cannot start the emulator: {e}")))?;
-            info!("serving tokens from the built-in emulator at {}", emu.url());
-            (emu.url(), Some(emu))
-        }
-    };
-    let source: Arc<dyn Source> = Arc::new(CloudShell::new(&url).map_err(MountError::Endpoint)?);
+    let chosen = plan.build().map_err(MountError::Endpoint)?;
+    info!("source {}: {}", chosen.kind, chosen.reason);
+    if let Some(emu) = &chosen.emulator {
+        info!("serving tokens from the built-in emulator at {}", emu.url());
+    }
+    let source = chosen.source.clone();
     let declared: Vec<String> = req
         .resources
         .iter()
@@ -353,7 +356,7 @@ fn start(req: &MountRequest, mountpoint: &Path) -> Result<Started, MountError> {
     };
     let audit = crate::audit::Audit::start()
         .map_err(|e| MountError::Daemon(format!("cannot start a thread: {e}")))?;
-    let core = Core::new(cache.clone(), access, Some(audit));
+    let core = Core::new(cache.clone(), access, Some(audit), &chosen.reason);
     let mut config = fuser::Config::default();
     config.mount_options = vec![
         fuser::MountOption::FSName(req.fsname.clone()),
@@ -375,7 +378,7 @@ fn start(req: &MountRequest, mountpoint: &Path) -> Result<Started, MountError> {
     core.start_expiry_watch(session.notifier())
         .map_err(|e| MountError::Daemon(format!("cannot start a thread: {e}")))?;
     let session = session.spawn().map_err(|e| mount_error(&e, mountpoint))?;
-    Ok((session, cache, signals, emulator))
+    Ok((session, cache, signals, chosen.emulator))
 }
 
 fn mount_error(e: &std::io::Error, mountpoint: &Path) -> MountError {

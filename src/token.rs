@@ -40,10 +40,20 @@ pub enum View {
     Json = 1,
     /// `Authorization: Bearer <token>` and a newline.
     Header = 2,
+    /// A client-go `ExecCredential` (kubeconfig `exec` with `command: cat`).
+    Kubectl = 3,
+    /// git's credential helper format: `username=` and `password=<token>` lines.
+    GitCredential = 4,
 }
 
 impl View {
-    pub const ALL: [View; 3] = [View::Raw, View::Json, View::Header];
+    pub const ALL: [View; 5] = [
+        View::Raw,
+        View::Json,
+        View::Header,
+        View::Kubectl,
+        View::GitCredential,
+    ];
 
     /// Its name in logs.
     pub fn label(self) -> &'static str {
@@ -51,6 +61,8 @@ impl View {
             View::Raw => "token",
             View::Json => "json",
             View::Header => "header",
+            View::Kubectl => "kubectl",
+            View::GitCredential => "git-credential",
         }
     }
 
@@ -60,6 +72,8 @@ impl View {
             View::Raw => None,
             View::Json => Some(".json"),
             View::Header => Some(".header"),
+            View::Kubectl => Some(".kubectl"),
+            View::GitCredential => Some(".git-credential"),
         }
     }
 }
@@ -74,17 +88,16 @@ pub struct Version {
     /// Served until then (expiry less the clock skew allowance), never after.
     pub valid_until: EpochMs,
     pub refresh_in_ms: Option<i64>,
-    views: [Zeroizing<Vec<u8>>; 3],
+    views: [Zeroizing<Vec<u8>>; 5],
 }
 
 impl Version {
     pub fn new(id: u64, resource: Arc<str>, token: &Token, fetched_at: EpochMs) -> Version {
         let raw = Zeroizing::new(token.access_token.as_bytes().to_vec());
         let json = render_json(token, &resource);
-        let mut header = Zeroizing::new(Vec::with_capacity(raw.len() + 24));
-        header.extend_from_slice(b"Authorization: Bearer ");
-        header.extend_from_slice(&raw);
-        header.push(b'\n');
+        let header = wrap(b"Authorization: Bearer ", &raw, b"\n");
+        let kubectl = render_exec_credential(&token.access_token, token.expires_on);
+        let git = wrap(b"username=cstokenfs\npassword=", &raw, b"\n");
         Version {
             id,
             resource,
@@ -92,7 +105,7 @@ impl Version {
             expires_on: token.expires_on,
             valid_until: token.expires_on - crate::policy::skew(token.expires_on - fetched_at),
             refresh_in_ms: token.refresh_in_ms,
-            views: [raw, json, header],
+            views: [raw, json, header, kubectl, git],
         }
     }
 
@@ -104,6 +117,51 @@ impl Version {
     pub fn token(&self) -> &[u8] {
         self.bytes(View::Raw)
     }
+}
+
+/// `before` + `token` + `after` in a wiped buffer of exactly that size.
+fn wrap(before: &[u8], token: &[u8], after: &[u8]) -> Zeroizing<Vec<u8>> {
+    let mut out = Zeroizing::new(Vec::with_capacity(before.len() + token.len() + after.len()));
+    out.extend_from_slice(before);
+    out.extend_from_slice(token);
+    out.extend_from_slice(after);
+    out
+}
+
+/// The `.kubectl` view: what client-go expects from an exec credential plugin.
+fn render_exec_credential(token: &str, expires_on: EpochMs) -> Zeroizing<Vec<u8>> {
+    let mut out = Zeroizing::new(Vec::with_capacity(6 * token.len() + 256));
+    let buf: &mut Vec<u8> = &mut out;
+    buf.extend_from_slice(
+        b"{\"apiVersion\":\"client.authentication.k8s.io/v1\",\"kind\":\"ExecCredential\",\"status\":{\"token\":",
+    );
+    let _ = serde_json::to_writer(&mut *buf, token);
+    buf.extend_from_slice(
+        format!(",\"expirationTimestamp\":\"{}\"}}}}\n", rfc3339(expires_on)).as_bytes(),
+    );
+    out
+}
+
+/// `YYYY-MM-DDTHH:MM:SSZ` (UTC) of an epoch time.
+pub fn rfc3339(ms: EpochMs) -> String {
+    let secs = ms.div_euclid(1000);
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    // Howard Hinnant's civil_from_days.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
 }
 
 /// The `.json` view, written straight into a wiped buffer sized so it never reallocates
@@ -170,6 +228,22 @@ mod tests {
         assert_eq!(json["resource"], "https://vault.azure.net");
         assert_eq!(json["token_type"], "Bearer");
         assert!(v.bytes(View::Json).ends_with(b"\n"));
+    }
+
+    #[test]
+    fn kubectl_and_git_views() {
+        let v = Version::new(7, "r".into(), &token(), 0);
+        let k: serde_json::Value = serde_json::from_slice(v.bytes(View::Kubectl)).unwrap();
+        assert_eq!(k["apiVersion"], "client.authentication.k8s.io/v1");
+        assert_eq!(k["kind"], "ExecCredential");
+        assert_eq!(k["status"]["token"], "aaa.bbb.ccc");
+        assert_eq!(k["status"]["expirationTimestamp"], "2023-11-14T22:13:20Z");
+        assert_eq!(
+            v.bytes(View::GitCredential),
+            b"username=cstokenfs\npassword=aaa.bbb.ccc\n"
+        );
+        assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
+        assert_eq!(rfc3339(951_782_400_000), "2000-02-29T00:00:00Z");
     }
 
     #[test]

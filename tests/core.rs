@@ -294,7 +294,14 @@ fn listing_shows_declared_and_held_resources_once() {
     };
     assert_eq!(
         ls(""),
-        vec![".header", ".json", ".status", "vault.azure.net"]
+        vec![
+            ".git-credential",
+            ".header",
+            ".json",
+            ".kubectl",
+            ".status",
+            "vault.azure.net"
+        ]
     );
     assert_eq!(emu.requests(), 0, "listing never fetches");
     m.read("management.azure.com").unwrap();
@@ -305,8 +312,10 @@ fn listing_shows_declared_and_held_resources_once() {
     assert_eq!(
         ls(""),
         vec![
+            ".git-credential",
             ".header",
             ".json",
+            ".kubectl",
             ".status",
             "499b84ac-1321-427f-aa17-267ca6975798",
             "https%3A%2F%2Fmanagement.azure.com",

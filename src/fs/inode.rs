@@ -15,6 +15,8 @@ pub const HEADER_DIR: u64 = 3;
 pub const STATUS: u64 = 4;
 /// Shown by `readdir` for a declared resource whose token is not held yet.
 pub const UNRESOLVED: u64 = 5;
+pub const KUBECTL_DIR: u64 = 6;
+pub const GIT_CREDENTIAL_DIR: u64 = 7;
 const FIRST_VERSION_INO: u64 = 16;
 /// Room for views added later.
 const INOS_PER_VERSION: u64 = 8;
@@ -33,6 +35,8 @@ pub fn node(ino: u64) -> Option<Node> {
         ROOT => Some(Node::Root),
         JSON_DIR => Some(Node::ViewDir(View::Json)),
         HEADER_DIR => Some(Node::ViewDir(View::Header)),
+        KUBECTL_DIR => Some(Node::ViewDir(View::Kubectl)),
+        GIT_CREDENTIAL_DIR => Some(Node::ViewDir(View::GitCredential)),
         STATUS => Some(Node::Status),
         _ if ino >= FIRST_VERSION_INO => {
             let rel = ino - FIRST_VERSION_INO;
@@ -55,6 +59,8 @@ pub fn view_dir_ino(view: View) -> u64 {
         View::Raw => ROOT,
         View::Json => JSON_DIR,
         View::Header => HEADER_DIR,
+        View::Kubectl => KUBECTL_DIR,
+        View::GitCredential => GIT_CREDENTIAL_DIR,
     }
 }
 
@@ -62,7 +68,7 @@ pub fn view_dir_ino(view: View) -> u64 {
 /// answerable, its bytes do not (only open handles keep those alive).
 pub struct Known {
     pub version: Weak<Version>,
-    pub sizes: [u64; 3],
+    pub sizes: [u64; View::ALL.len()],
     pub mtime_ms: i64,
     pub valid_until: i64,
     lookups: u64,
@@ -149,6 +155,9 @@ mod tests {
         assert_eq!(node(ROOT), Some(Node::Root));
         assert_eq!(node(STATUS), Some(Node::Status));
         assert_eq!(node(UNRESOLVED), None);
-        assert_eq!(node(token_ino(3, View::Raw) + 5), None);
+        assert_eq!(node(token_ino(3, View::Raw) + 7), None);
+        for view in View::ALL {
+            assert_eq!(node(view_dir_ino(view)).is_some(), true);
+        }
     }
 }

@@ -92,6 +92,8 @@ pub struct Core {
     cache: Arc<Cache>,
     access: Access,
     audit: Option<Audit>,
+    /// Why this upstream was chosen, for `.status`.
+    source_reason: String,
     inodes: InodeTable,
     handles: Mutex<HashMap<u64, Handle>>,
     next_handle: AtomicU64,
@@ -108,11 +110,17 @@ pub enum OpenMode {
 }
 
 impl Core {
-    pub fn new(cache: Arc<Cache>, access: Access, audit: Option<Audit>) -> Arc<Core> {
+    pub fn new(
+        cache: Arc<Cache>,
+        access: Access,
+        audit: Option<Audit>,
+        source_reason: &str,
+    ) -> Arc<Core> {
         Arc::new(Core {
             cache,
             access,
             audit,
+            source_reason: source_reason.to_string(),
             inodes: InodeTable::default(),
             handles: Mutex::new(HashMap::new()),
             next_handle: AtomicU64::new(1),
@@ -132,9 +140,16 @@ impl Core {
         done: impl FnOnce(Result<Entry, FsError>) + Send + 'static,
     ) {
         let view = match (inode::node(parent), name) {
-            (Some(Node::Root), ".json") => return done(Ok(self.meta_entry(inode::JSON_DIR))),
-            (Some(Node::Root), ".header") => return done(Ok(self.meta_entry(inode::HEADER_DIR))),
             (Some(Node::Root), ".status") => return done(Ok(self.meta_entry(inode::STATUS))),
+            (Some(Node::Root), dot) if dot.starts_with('.') => {
+                return done(
+                    View::ALL
+                        .into_iter()
+                        .find(|v| v.dir_name() == Some(dot))
+                        .map(|v| self.meta_entry(inode::view_dir_ino(v)))
+                        .ok_or(FsError::NotFound),
+                )
+            }
             (Some(Node::Root), _) => View::Raw,
             (Some(Node::ViewDir(view)), _) => view,
             (Some(_), _) => return done(Err(FsError::NotDir)),
@@ -259,8 +274,11 @@ impl Core {
             (inode::ROOT, FileType::Directory, "..".to_string()),
         ];
         if view == View::Raw {
-            out.push((inode::JSON_DIR, FileType::Directory, ".json".into()));
-            out.push((inode::HEADER_DIR, FileType::Directory, ".header".into()));
+            for v in View::ALL {
+                if let Some(dir) = v.dir_name() {
+                    out.push((inode::view_dir_ino(v), FileType::Directory, dir.into()));
+                }
+            }
             out.push((inode::STATUS, FileType::RegularFile, ".status".into()));
         }
         let mut names: Vec<(u64, String)> = self
@@ -311,6 +329,7 @@ impl Core {
         let mut status = self.cache.status();
         status["dumpable"] = serde_json::Value::Bool(crate::hardening::is_dumpable());
         status["pid"] = std::process::id().into();
+        status["source_reason"] = self.source_reason.clone().into();
         let mut out = serde_json::to_vec_pretty(&status).unwrap_or_default();
         out.push(b'\n');
         out

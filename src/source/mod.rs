@@ -1,8 +1,14 @@
 //! Upstreams that issue tokens, behind one trait. One file per upstream; the shared
 //! response parser is in `parse`.
 
+pub mod appservice;
+pub mod arc;
+pub mod azure_cli;
 pub mod cloudshell;
+pub mod http;
+pub mod imds;
 pub mod parse;
+pub mod select;
 
 use crate::token::Token;
 use std::fmt;
@@ -37,6 +43,8 @@ pub enum SourceError {
     },
     /// A 2xx answer that is not a usable token.
     BadResponse(String),
+    /// A command (the Azure CLI) failed; its own words.
+    Command(String),
 }
 
 /// How the cache must treat a failure.
@@ -58,7 +66,7 @@ impl SourceError {
                 404 | 408 | 410 | 429 | 500..=599 => Failure::Transient,
                 _ => Failure::Refused,
             },
-            SourceError::BadResponse(_) => Failure::Invalid,
+            SourceError::BadResponse(_) | SourceError::Command(_) => Failure::Invalid,
         }
     }
 
@@ -79,8 +87,36 @@ impl fmt::Display for SourceError {
                 status, message, ..
             } => write!(f, "HTTP {status}: {message}"),
             SourceError::BadResponse(why) => write!(f, "unusable answer: {why}"),
+            SourceError::Command(why) => f.write_str(why),
         }
     }
 }
 
 impl std::error::Error for SourceError {}
+
+/// A user-assigned managed identity, by one of its ids (IMDS and App Service).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Identity {
+    pub client_id: Option<String>,
+    pub object_id: Option<String>,
+    pub msi_res_id: Option<String>,
+}
+
+impl Identity {
+    /// The query parameters that name this identity, under the upstream's own names.
+    pub fn params<'a>(
+        &'a self,
+        client: &'a str,
+        object: &'a str,
+        res: &'a str,
+    ) -> Vec<(&'a str, &'a str)> {
+        [
+            (client, &self.client_id),
+            (object, &self.object_id),
+            (res, &self.msi_res_id),
+        ]
+        .into_iter()
+        .filter_map(|(k, v)| v.as_deref().map(|v| (k, v)))
+        .collect()
+    }
+}

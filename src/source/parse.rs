@@ -63,7 +63,13 @@ fn expiry(obj: &Map<String, Value>, requested_at: EpochMs) -> Result<EpochMs, St
             Some(secs) => Ok(requested_at + secs * 1000),
             None => Err("expires_in is not a number of seconds".into()),
         },
-        None => Err("the answer has neither expires_on nor expires_in".into()),
+        // Older Azure CLIs: `expiresOn` in local time.
+        None => match obj.get("expiresOn").and_then(Value::as_str) {
+            Some(s) => {
+                local_datetime(s).ok_or_else(|| "expiresOn is not a date and time".to_string())
+            }
+            None => Err("the answer has neither expires_on nor expires_in".into()),
+        },
     }
 }
 
@@ -119,6 +125,45 @@ pub fn legacy_date(s: &str) -> Option<EpochMs> {
     let days = days_from_civil(year, month, day);
     let secs = days * 86_400 + hour * 3600 + minute * 60 + second - offset_secs;
     Some(secs * 1000)
+}
+
+/// `YYYY-MM-DD HH:MM:SS[.ffffff]` in the machine's local time zone (the Azure CLI's
+/// `expiresOn`).
+pub fn local_datetime(s: &str) -> Option<EpochMs> {
+    let (date, time) = s.trim().split_once(' ')?;
+    let ymd: Vec<i32> = date
+        .split('-')
+        .map(|x| x.parse().ok())
+        .collect::<Option<_>>()?;
+    let time = time.split('.').next()?;
+    let hms: Vec<i32> = time
+        .split(':')
+        .map(|x| x.parse().ok())
+        .collect::<Option<_>>()?;
+    let ([y, mo, d], [h, mi, se]) = (ymd.as_slice(), hms.as_slice()) else {
+        return None;
+    };
+    let valid = (1970..=9999).contains(y)
+        && (1..=12).contains(mo)
+        && (1..=31).contains(d)
+        && (0..24).contains(h)
+        && (0..60).contains(mi)
+        && (0..61).contains(se);
+    if !valid {
+        return None;
+    }
+    // SAFETY: an all-zero tm is a valid value; mktime reads and normalises it.
+    let mut tm: libc::tm = unsafe { std::mem::zeroed() };
+    tm.tm_year = y - 1900;
+    tm.tm_mon = mo - 1;
+    tm.tm_mday = *d;
+    tm.tm_hour = *h;
+    tm.tm_min = *mi;
+    tm.tm_sec = *se;
+    tm.tm_isdst = -1;
+    // SAFETY: tm is a valid, exclusively borrowed struct.
+    let t = unsafe { libc::mktime(&mut tm) };
+    (t != -1).then_some(t as i64 * 1000)
 }
 
 /// `+HH:MM` / `-HH:MM` to seconds east of UTC.
@@ -277,6 +322,21 @@ mod tests {
         assert!(t(r#"{"access_token":"x","expires_in":"soon"}"#)
             .unwrap_err()
             .contains("expires_in"));
+    }
+
+    #[test]
+    fn azure_cli_local_expiry() {
+        let t = token(
+            br#"{"accessToken":"x","expiresOn":"2030-01-02 03:04:05.000000"}"#,
+            0,
+        )
+        .unwrap();
+        let utc = (days_from_civil(2030, 1, 2) * 86_400 + 3 * 3600 + 4 * 60 + 5) * 1000;
+        assert!(
+            (t.expires_on - utc).abs() <= 14 * 3_600_000,
+            "within a time zone of UTC"
+        );
+        assert!(token(br#"{"accessToken":"x","expiresOn":"tomorrow"}"#, 0).is_err());
     }
 
     #[test]

@@ -12,6 +12,15 @@ use std::time::{Duration, Instant};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_cstokenfs");
 
+/// Variables that steer source detection; tests set them explicitly.
+pub const IDENTITY_VARS: [&str; 5] = [
+    "MSI_ENDPOINT",
+    "MSI_SECRET",
+    "IDENTITY_ENDPOINT",
+    "IDENTITY_HEADER",
+    "IMDS_ENDPOINT",
+];
+
 /// FUSE tests need /dev/fuse. Without it they say so loudly, and fail when `CI=true`.
 pub fn fuse_available() -> bool {
     if Path::new("/dev/fuse").exists() {
@@ -54,14 +63,22 @@ impl Mounted {
     }
 
     pub fn with_env(url: &str, extra: &[&str], env: &[(&str, &str)]) -> Mounted {
+        let mut args = vec!["--endpoint", url];
+        args.extend_from_slice(extra);
+        Mounted::raw(&args, env)
+    }
+
+    /// `mount -f ARGS MNT` with this machine's identity variables removed and `env` set.
+    pub fn raw(args: &[&str], env: &[(&str, &str)]) -> Mounted {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("mnt");
         std::fs::create_dir(&path).unwrap();
         let log = dir.path().join("daemon.log");
         let mut cmd = Command::new(BIN);
-        cmd.args(["mount", "-f", "--endpoint", url])
-            .args(extra)
-            .arg(&path);
+        cmd.args(["mount", "-f"]).args(args).arg(&path);
+        for k in IDENTITY_VARS {
+            cmd.env_remove(k);
+        }
         cmd.stdin(Stdio::null())
             .stdout(File::create(&log).unwrap())
             .stderr(File::create(&log).unwrap());

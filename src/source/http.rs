@@ -1,0 +1,143 @@
+//! What the HTTP upstreams share: URL checks, a client that keeps proxies away from local
+//! endpoints, bounded reading of answers, and error mapping.
+
+use super::{parse, SourceError, MAX_BODY};
+use crate::token::{EpochMs, Token};
+use reqwest::blocking::{Client, Response};
+use std::io::Read;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use zeroize::Zeroizing;
+
+/// An `http(s)://host[:port]/path` URL, or a message saying what is wrong with it.
+pub fn check_url(endpoint: &str) -> Result<reqwest::Url, String> {
+    let url = reqwest::Url::parse(endpoint)
+        .map_err(|e| format!("endpoint URL {endpoint:?} is malformed: {e}"))?;
+    if url.scheme() != "http" && url.scheme() != "https" {
+        return Err(format!(
+            "endpoint URL {endpoint:?} must start with http:// or https://"
+        ));
+    }
+    if url.host_str().is_none_or(str::is_empty) {
+        return Err(format!("endpoint URL {endpoint:?} has no host"));
+    }
+    Ok(url)
+}
+
+/// A client for one endpoint. Proxies from the environment never capture a local endpoint.
+pub fn client(url: &reqwest::Url) -> Result<Client, String> {
+    let mut builder = Client::builder().pool_max_idle_per_host(4);
+    if is_local(url) {
+        builder = builder.no_proxy();
+    }
+    builder
+        .build()
+        .map_err(|e| format!("cannot build an HTTP client: {e}"))
+}
+
+fn is_local(url: &reqwest::Url) -> bool {
+    let host = url.host_str().unwrap_or_default();
+    let bare = host.trim_start_matches('[').trim_end_matches(']');
+    match bare.parse::<std::net::IpAddr>() {
+        Ok(std::net::IpAddr::V4(ip)) => ip.is_loopback() || ip.is_link_local(),
+        Ok(std::net::IpAddr::V6(ip)) => ip.is_loopback(),
+        Err(_) => host.eq_ignore_ascii_case("localhost"),
+    }
+}
+
+/// The status, `Retry-After` and (bounded, wiped on drop) body of an answer.
+pub struct Answer {
+    pub status: u16,
+    pub retry_after: Option<Duration>,
+    pub www_authenticate: Option<String>,
+    pub body: Zeroizing<Vec<u8>>,
+}
+
+pub fn read_answer(mut response: Response) -> Result<Answer, SourceError> {
+    let header = |name: &str| {
+        response
+            .headers()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string)
+    };
+    let retry_after = header("retry-after")
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .map(Duration::from_secs);
+    let www_authenticate = header("www-authenticate");
+    let status = response.status().as_u16();
+    let body = read_limited(&mut response)?;
+    Ok(Answer {
+        status,
+        retry_after,
+        www_authenticate,
+        body,
+    })
+}
+
+impl Answer {
+    /// A 2xx answer as a token; any other status as an error with the upstream's words.
+    pub fn into_token(self, requested_at: EpochMs) -> Result<Token, SourceError> {
+        if !(200..300).contains(&self.status) {
+            return Err(SourceError::Status {
+                status: self.status,
+                message: parse::error_message(&self.body),
+                retry_after: self.retry_after,
+            });
+        }
+        parse::token(&self.body, requested_at).map_err(SourceError::BadResponse)
+    }
+}
+
+/// Reads at most `MAX_BODY` bytes into a buffer that is wiped when dropped.
+fn read_limited(response: &mut Response) -> Result<Zeroizing<Vec<u8>>, SourceError> {
+    let mut body = Zeroizing::new(Vec::with_capacity(MAX_BODY + 1));
+    let read = response.take(MAX_BODY as u64 + 1).read_to_end(&mut body);
+    match read {
+        Ok(_) if body.len() > MAX_BODY => Err(SourceError::BadResponse(format!(
+            "the answer is larger than {} KiB",
+            MAX_BODY / 1024
+        ))),
+        Ok(_) => Ok(body),
+        Err(e) if is_timeout(&e) => Err(SourceError::Timeout),
+        Err(e) => Err(SourceError::Unreachable(format!(
+            "reading the answer failed: {e}"
+        ))),
+    }
+}
+
+fn is_timeout(e: &std::io::Error) -> bool {
+    e.kind() == std::io::ErrorKind::TimedOut
+        || std::error::Error::source(e)
+            .and_then(|s| s.downcast_ref::<reqwest::Error>())
+            .is_some_and(reqwest::Error::is_timeout)
+}
+
+pub fn transport_error(e: reqwest::Error) -> SourceError {
+    if e.is_timeout() {
+        return SourceError::Timeout;
+    }
+    // The innermost cause says it best ("Connection refused (os error 111)").
+    let mut cause: &dyn std::error::Error = &e;
+    while let Some(next) = cause.source() {
+        cause = next;
+    }
+    SourceError::Unreachable(cause.to_string())
+}
+
+pub fn now_ms() -> EpochMs {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as EpochMs)
+}
+
+/// `url` with query parameters appended.
+pub fn with_query(url: &reqwest::Url, params: &[(&str, &str)]) -> reqwest::Url {
+    let mut url = url.clone();
+    {
+        let mut q = url.query_pairs_mut();
+        for (k, v) in params {
+            q.append_pair(k, v);
+        }
+    }
+    url
+}
