@@ -171,7 +171,7 @@ pub struct EmulatorArgs {
 }
 
 fn parse_protocol(s: &str) -> Result<Protocol, String> {
-    s.parse().map_err(|e| format!("{e}"))
+    s.parse::<Protocol>().map_err(|e| e.to_string())
 }
 
 pub fn run(cli: Cli) -> ExitCode {

@@ -1454,6 +1454,64 @@ mod tests {
         decode_claims(v["access_token"].as_str().unwrap()).unwrap()
     }
 
+    const VAULT: &str = "https://vault.azure.net";
+    const EVIL: &str = "https://evil.example/x";
+    const META: &str = "Metadata: true\r\n";
+
+    fn emu_with(protocol: Protocol) -> Emulator {
+        let any = "127.0.0.1:0".parse().unwrap();
+        Emulator::start_with(any, EmulatorConfig::default(), protocol).unwrap()
+    }
+
+    fn enc(s: &str) -> String {
+        utf8_percent_encode(s, NON_ALPHANUMERIC).to_string()
+    }
+
+    /// `api-version=API&resource=<enc R>` followed by `more` (starting with `&`).
+    fn query(api: &str, resource: &str, more: &str) -> String {
+        format!("api-version={api}&resource={}{more}", enc(resource))
+    }
+
+    /// GET of the emulator's token path with `query`; returns (status, head, JSON body).
+    fn get(emu: &Emulator, query: &str, extra: &str) -> (u16, String, Value) {
+        let path = format!("{}?{query}", emu.protocol().path());
+        let (status, head, body) = raw(emu, "GET", &path, extra, "");
+        (
+            status,
+            head,
+            serde_json::from_slice(&body).unwrap_or(Value::Null),
+        )
+    }
+
+    fn keys(v: &Value) -> Vec<String> {
+        v.as_object().unwrap().keys().cloned().collect()
+    }
+
+    fn num(v: &Value, k: &str) -> u64 {
+        v[k].as_str().unwrap().parse().unwrap()
+    }
+
+    fn map(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect()
+    }
+
+    fn flat(error: &str, description: &str) -> Value {
+        json!({"error": error, "error_description": description})
+    }
+
+    fn unique_dir(tag: &str) -> PathBuf {
+        let id = random_hex(8).unwrap();
+        std::env::temp_dir().join(format!("cstokenfs-emu-{tag}-{}-{id}", std::process::id()))
+    }
+
+    fn mode(path: &Path) -> u32 {
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::metadata(path).unwrap().permissions().mode() & 0o777
+    }
+
     #[test]
     fn success_shape() {
         let emu = emu();
@@ -1721,6 +1779,398 @@ mod tests {
         let (i, o, _) = on(ExpiresOnForm::GarbageString);
         assert!(i.is_none() && o == Some(json!("soon")));
         assert_eq!(emu.tokens_issued(), 8);
+    }
+
+    #[test]
+    fn protocol_names_urls_and_identity_header() {
+        for p in Protocol::ALL {
+            assert_eq!(p.name().parse::<Protocol>(), Ok(p));
+            assert_eq!(p.to_string(), p.name());
+        }
+        assert_eq!("IMDS".parse::<Protocol>(), Ok(Protocol::Imds));
+        let err = "cloud-shell".parse::<Protocol>().unwrap_err();
+        assert!(err.contains("cloudshell, imds, appservice, arc"), "{err}");
+        let cs = emu();
+        assert_eq!(cs.protocol(), Protocol::CloudShell);
+        assert_eq!(cs.last_params(), None);
+        for (p, path) in [
+            (Protocol::CloudShell, "/oauth2/token"),
+            (Protocol::Imds, "/metadata/identity/oauth2/token"),
+            (Protocol::AppService, "/msi/token"),
+            (Protocol::Arc, "/metadata/identity/oauth2/token"),
+        ] {
+            let emu = emu_with(p);
+            let port = emu.addr().port();
+            assert_eq!(emu.url(), format!("http://127.0.0.1:{port}{path}"));
+            assert_eq!(emu.protocol(), p);
+        }
+        let (a, b) = (cs.identity_header(), emu().identity_header());
+        assert!(a.len() == 32 && a.bytes().all(|c| c.is_ascii_hexdigit()));
+        assert_ne!(a, b);
+    }
+
+    #[test]
+    fn last_params_cloud_shell() {
+        let emu = emu();
+        let form = "resource=https%3A%2F%2Fvault.azure.net&x=a+b&x=second&bad=%FF";
+        assert_eq!(raw(&emu, "POST", TOKEN_PATH, META, form).0, 200);
+        let want = map(&[("resource", VAULT), ("x", "a b"), ("bad", "\u{FFFD}")]);
+        assert_eq!(emu.last_params(), Some(want.clone()));
+        // Wrong path or method never reaches protocol handling.
+        assert_eq!(raw(&emu, "POST", "/x", META, "resource=y").0, 404);
+        assert_eq!(raw(&emu, "GET", TOKEN_PATH, META, "").0, 405);
+        assert_eq!(emu.last_params(), Some(want));
+        assert_eq!(raw(&emu, "POST", TOKEN_PATH, META, "").0, 400);
+        assert_eq!(emu.last_params(), Some(BTreeMap::new()));
+    }
+
+    #[test]
+    fn imds_success_and_params() {
+        let emu = emu_with(Protocol::Imds);
+        let q = query(IMDS_API_VERSION, VAULT, "&client_id=abc-123");
+        let (status, _, v) = get(&emu, &q, META);
+        assert_eq!(status, 200);
+        let want = [
+            "access_token",
+            "client_id",
+            "expires_in",
+            "expires_on",
+            "ext_expires_in",
+            "not_before",
+            "resource",
+            "token_type",
+        ];
+        assert_eq!(keys(&v), want);
+        assert!(v.as_object().unwrap().values().all(Value::is_string));
+        assert_eq!(
+            (v["client_id"].as_str(), v["resource"].as_str()),
+            (Some("abc-123"), Some(VAULT))
+        );
+        assert_eq!(v["token_type"], "Bearer");
+        assert_eq!(num(&v, "expires_on") - num(&v, "not_before"), 3600);
+        assert!((3599..=3600).contains(&num(&v, "ext_expires_in")));
+        let c = claims(&v);
+        assert_eq!(
+            (c["aud"].as_str(), c["exp"].as_u64()),
+            (Some(VAULT), Some(num(&v, "expires_on")))
+        );
+        let params = [
+            ("api-version", IMDS_API_VERSION),
+            ("resource", VAULT),
+            ("client_id", "abc-123"),
+        ];
+        assert_eq!(emu.last_params(), Some(map(&params)));
+        let (status, _, v) = get(
+            &emu,
+            &query(IMDS_API_VERSION, VAULT, "&object_id=o-1"),
+            META,
+        );
+        assert_eq!(
+            (status, v["client_id"].as_str()),
+            (200, Some(DEFAULT_CLIENT_ID))
+        );
+        let p = emu.last_params().unwrap();
+        assert!(p["object_id"] == "o-1" && !p.contains_key("client_id"));
+        let res_id = "/subscriptions/s/resourceGroups/g/providers/Microsoft.ManagedIdentity/userAssignedIdentities/u i";
+        let more = format!("&msi_res_id={}", enc(res_id));
+        assert_eq!(
+            get(&emu, &query(IMDS_API_VERSION, VAULT, &more), META).0,
+            200
+        );
+        assert_eq!(emu.last_params().unwrap()["msi_res_id"], res_id);
+        assert_eq!(
+            (emu.requests(), emu.requests_for(VAULT), emu.tokens_issued()),
+            (3, 3, 3)
+        );
+    }
+
+    #[test]
+    fn imds_errors() {
+        let emu = emu_with(Protocol::Imds);
+        let good = query(IMDS_API_VERSION, MGMT, "");
+        let missing_meta = flat("invalid_request", "Required metadata header not specified");
+        for extra in ["", "Metadata: false\r\n"] {
+            let (status, _, v) = get(&emu, &good, extra);
+            assert_eq!((status, v), (400, missing_meta.clone()));
+        }
+        for q in [
+            format!("resource={}", enc(MGMT)),
+            format!("api-version=&resource={}", enc(MGMT)),
+            query("2019-08-01", MGMT, ""),
+            format!("api-version={IMDS_API_VERSION}"),
+            query(IMDS_API_VERSION, "", ""),
+            format!("api-version={IMDS_API_VERSION}&resource=%FF"),
+        ] {
+            let (status, _, v) = get(&emu, &q, META);
+            assert_eq!(
+                (status, v["error"].as_str()),
+                (400, Some("invalid_request")),
+                "{q}"
+            );
+            assert!(v["error_description"].is_string() && keys(&v).len() == 2);
+        }
+        let (status, _, v) = get(&emu, &query(IMDS_API_VERSION, EVIL, ""), META);
+        let msg = format!("AADSTS500011: The resource principal named {EVIL} was not found in the tenant. (cstokenfs emulator)");
+        assert_eq!((status, v), (400, flat("invalid_resource", &msg)));
+        let (status, head, body) = raw(&emu, "POST", IMDS_PATH, META, &good);
+        assert!(status == 405 && head.contains("Allow: GET"), "{head}");
+        let v: Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(v["error"], "method_not_allowed");
+        let (status, _, body) = raw(&emu, "GET", &format!("{TOKEN_PATH}?{good}"), META, "");
+        assert_eq!(status, 404);
+        assert!(serde_json::from_slice::<Value>(&body).unwrap()["error"].is_string());
+        emu.set_allow_any(true);
+        let (status, _, v) = get(&emu, &query(IMDS_API_VERSION, EVIL, ""), META);
+        assert_eq!((status, claims(&v)["aud"].as_str()), (200, Some(EVIL)));
+        assert_eq!((emu.requests(), emu.tokens_issued()), (10, 1));
+        assert_eq!((emu.requests_for(MGMT), emu.requests_for(EVIL)), (5, 2));
+    }
+
+    #[test]
+    fn app_service_success_and_params() {
+        let emu = emu_with(Protocol::AppService);
+        let secret = format!("X-IDENTITY-HEADER: {}\r\n", emu.identity_header());
+        let (status, _, v) = get(&emu, &query(APP_SERVICE_API_VERSION, VAULT, ""), &secret);
+        assert_eq!(status, 200);
+        let want = [
+            "access_token",
+            "client_id",
+            "expires_on",
+            "resource",
+            "token_type",
+        ];
+        assert_eq!(keys(&v), want);
+        assert!(v.as_object().unwrap().values().all(Value::is_string));
+        assert_eq!(
+            (
+                v["client_id"].as_str(),
+                v["resource"].as_str(),
+                v["token_type"].as_str()
+            ),
+            (Some(DEFAULT_CLIENT_ID), Some(VAULT), Some("Bearer"))
+        );
+        let c = claims(&v);
+        assert_eq!(
+            (c["aud"].as_str(), c["exp"].as_u64()),
+            (Some(VAULT), Some(num(&v, "expires_on")))
+        );
+        let lower = secret.to_ascii_lowercase().replace(
+            &emu.identity_header().to_ascii_lowercase(),
+            &emu.identity_header(),
+        );
+        let (status, _, v) = get(
+            &emu,
+            &query(APP_SERVICE_API_VERSION, VAULT, "&client_id=c-9"),
+            &lower,
+        );
+        assert_eq!((status, v["client_id"].as_str()), (200, Some("c-9")));
+        assert_eq!(emu.last_params().unwrap()["client_id"], "c-9");
+        for (key, value) in [
+            ("mi_res_id", "/subscriptions/s/x y"),
+            ("principal_id", "p-1"),
+        ] {
+            let more = format!("&{key}={}", enc(value));
+            let (status, _, v) = get(&emu, &query(APP_SERVICE_API_VERSION, VAULT, &more), &secret);
+            assert_eq!(
+                (status, v["client_id"].as_str()),
+                (200, Some(DEFAULT_CLIENT_ID))
+            );
+            let params = [
+                ("api-version", APP_SERVICE_API_VERSION),
+                ("resource", VAULT),
+                (key, value),
+            ];
+            assert_eq!(emu.last_params(), Some(map(&params)));
+        }
+        assert_eq!((emu.requests_for(VAULT), emu.tokens_issued()), (4, 4));
+    }
+
+    #[test]
+    fn app_service_errors() {
+        let emu = emu_with(Protocol::AppService);
+        let secret = format!("X-IDENTITY-HEADER: {}\r\n", emu.identity_header());
+        let good = query(APP_SERVICE_API_VERSION, MGMT, "");
+        let wrong = format!("X-IDENTITY-HEADER: {}\r\n", "0".repeat(32));
+        for extra in ["", META, &wrong, "X-IDENTITY-HEADER:\r\n"] {
+            let (status, _, v) = get(&emu, &good, extra);
+            assert_eq!(
+                (status, v["statusCode"].as_u64()),
+                (401, Some(401)),
+                "{extra}"
+            );
+            assert!(v["message"].is_string() && keys(&v).len() == 2);
+            assert!(!v.to_string().contains(&emu.identity_header()));
+        }
+        for q in [
+            format!("resource={}", enc(MGMT)),
+            query(IMDS_API_VERSION, MGMT, ""),
+            format!("api-version={APP_SERVICE_API_VERSION}"),
+            format!("api-version={APP_SERVICE_API_VERSION}&resource=%C3%28"),
+        ] {
+            let (status, _, v) = get(&emu, &q, &secret);
+            assert_eq!((status, v["statusCode"].as_u64()), (400, Some(400)), "{q}");
+            assert!(v["message"].is_string() && keys(&v).len() == 2);
+        }
+        let (status, _, v) = get(&emu, &query(APP_SERVICE_API_VERSION, EVIL, ""), &secret);
+        let msg = format!("AADSTS500011: The resource principal named {EVIL} was not found in the tenant. (cstokenfs emulator)");
+        assert_eq!(
+            (status, v),
+            (400, json!({"statusCode": 400, "message": msg}))
+        );
+        let (status, head, body) = raw(&emu, "POST", APP_SERVICE_PATH, &secret, &good);
+        assert!(status == 405 && head.contains("Allow: GET"));
+        assert_eq!(
+            serde_json::from_slice::<Value>(&body).unwrap()["statusCode"],
+            405
+        );
+        assert_eq!((emu.requests(), emu.tokens_issued()), (9, 0));
+        assert_eq!(get(&emu, &good, &secret).0, 200);
+    }
+
+    #[test]
+    fn arc_challenge_round_trip() {
+        let base = unique_dir("arc");
+        let dir = base.join("tokens");
+        let emu = emu_with(Protocol::Arc);
+        emu.set_arc_key_dir(dir.clone());
+        let good = query(ARC_API_VERSION, MGMT, "");
+        let (status, _, v) = get(&emu, &good, "");
+        assert_eq!(
+            (status, v),
+            (
+                400,
+                flat("invalid_request", "Required metadata header not specified")
+            )
+        );
+        let (status, _, v) = get(&emu, &query(IMDS_API_VERSION, MGMT, ""), META);
+        assert_eq!(
+            (status, v["error"].as_str()),
+            (400, Some("invalid_request"))
+        );
+        assert!(!dir.exists());
+        let challenge = |extra: &str| {
+            let (status, head, v) = get(&emu, &good, &format!("{META}{extra}"));
+            assert_eq!(status, 401, "{head}");
+            assert!(v["error"].is_string() && v["error_description"].is_string());
+            let realm = head
+                .lines()
+                .find_map(|l| l.strip_prefix("WWW-Authenticate: Basic realm="))
+                .expect("WWW-Authenticate header");
+            PathBuf::from(realm)
+        };
+        let first = challenge("");
+        assert_eq!(first.parent(), Some(dir.as_path()));
+        assert_eq!(first.extension().and_then(|e| e.to_str()), Some("key"));
+        assert_eq!((mode(&dir), mode(&first)), (0o700, 0o600));
+        let secret = std::fs::read_to_string(&first).unwrap();
+        assert!(secret.len() == 64 && secret.bytes().all(|c| c.is_ascii_hexdigit()));
+        let auth = format!("{META}Authorization: Basic {secret}\r\n");
+        let (status, _, v) = get(&emu, &query(ARC_API_VERSION, VAULT, "&x=1"), &auth);
+        assert_eq!(status, 200);
+        assert_eq!(keys(&v)[..2], ["access_token", "client_id"]);
+        assert!(v.as_object().unwrap().values().all(Value::is_string));
+        assert_eq!(
+            (v["client_id"].as_str(), claims(&v)["aud"].as_str()),
+            (Some(DEFAULT_CLIENT_ID), Some(VAULT))
+        );
+        let params = [
+            ("api-version", ARC_API_VERSION),
+            ("resource", VAULT),
+            ("x", "1"),
+        ];
+        assert_eq!(emu.last_params(), Some(map(&params)));
+        let (status, _, v) = get(&emu, &query(ARC_API_VERSION, EVIL, ""), &auth);
+        assert_eq!(
+            (status, v["error"].as_str()),
+            (400, Some("invalid_resource"))
+        );
+        let second = challenge(&format!("Authorization: Basic {}\r\n", "a".repeat(64)));
+        let third = challenge(&format!("Authorization: Bearer {secret}\r\n"));
+        assert!(first != second && second != third && second.exists() && third.exists());
+        assert_eq!(
+            (emu.requests(), emu.requests_for(MGMT), emu.tokens_issued()),
+            (7, 5, 1)
+        );
+        emu.stop();
+        assert!(!first.exists() && !second.exists() && !third.exists());
+        std::fs::remove_dir_all(&base).unwrap();
+    }
+
+    #[test]
+    fn faults_counters_and_caching_under_other_protocols() {
+        let emu = emu_with(Protocol::Imds);
+        let q = query(IMDS_API_VERSION, VAULT, "&client_id=c-1");
+        emu.push_fault(Fault::Status {
+            code: 429,
+            body: "{}".into(),
+            retry_after: Some("3".into()),
+        });
+        emu.push_fault(Fault::Garbage);
+        emu.push_fault(Fault::MissingAccessToken);
+        emu.push_fault(Fault::ExpiresOn(ExpiresOnForm::EpochNumber));
+        // A fault replaces the answer before any protocol check (no Metadata here).
+        let (status, head, _) = get(&emu, &q, "");
+        assert!(status == 429 && head.contains("Retry-After: 3"));
+        let path = format!("{IMDS_PATH}?{q}");
+        assert_eq!(
+            raw(&emu, "GET", &path, META, "").2,
+            b"this is not json <html>"
+        );
+        let (status, _, v) = get(&emu, &q, META);
+        assert!(status == 200 && v.get("access_token").is_none());
+        assert_eq!(
+            (v["client_id"].as_str(), v["ext_expires_in"].is_string()),
+            (Some("c-1"), true)
+        );
+        let (status, _, v) = get(&emu, &q, META);
+        assert_eq!(
+            (status, v["expires_on"].as_u64()),
+            (200, claims(&v)["exp"].as_u64())
+        );
+        emu.set_fault(Some(Fault::Reset));
+        assert_eq!(get(&emu, &q, META).0, 0);
+        emu.set_fault(None);
+        emu.set_caching(true);
+        emu.set_latency(Duration::from_millis(30));
+        let started = Instant::now();
+        let (a, b) = (get(&emu, &q, META).2, get(&emu, &q, META).2);
+        assert!(started.elapsed() >= Duration::from_millis(60));
+        assert_eq!(a["access_token"], b["access_token"]);
+        assert_eq!(
+            (emu.requests(), emu.requests_for(VAULT), emu.tokens_issued()),
+            (7, 7, 2)
+        );
+        emu.reset_counters();
+        assert_eq!(
+            (emu.requests(), emu.requests_for(VAULT), emu.tokens_issued()),
+            (0, 0, 0)
+        );
+
+        let emu = emu_with(Protocol::AppService);
+        emu.set_ttl(600);
+        let q = query(APP_SERVICE_API_VERSION, MGMT, "");
+        emu.push_fault(Fault::EmptyAccessToken);
+        emu.push_fault(Fault::ExpiresOn(ExpiresOnForm::OnlyExpiresIn));
+        emu.push_fault(Fault::ExpiresOn(ExpiresOnForm::LegacyDate24h));
+        let (status, _, v) = get(&emu, &q, "");
+        assert_eq!((status, v["access_token"].as_str()), (200, Some("")));
+        assert_eq!(
+            keys(&v),
+            [
+                "access_token",
+                "client_id",
+                "expires_on",
+                "resource",
+                "token_type"
+            ]
+        );
+        let (_, _, v) = get(&emu, &q, "");
+        assert!(v.get("expires_on").is_none() && (599..=600).contains(&num(&v, "expires_in")));
+        let (_, _, v) = get(&emu, &q, "");
+        let exp = claims(&v)["exp"].as_u64().unwrap();
+        assert_eq!(v["expires_on"], legacy_date(exp, false));
+        assert!(v.get("expires_in").is_none());
+        assert_eq!((emu.requests_for(MGMT), emu.tokens_issued()), (3, 2));
     }
 
     #[test]

@@ -133,6 +133,16 @@ fn preflight(req: &MountRequest) -> Result<(PathBuf, Plan), MountError> {
     if !Path::new("/dev/fuse").exists() {
         return Err(MountError::NoFuse);
     }
+    // SAFETY: geteuid cannot fail; access() only reads the path.
+    let usable = unsafe {
+        libc::geteuid() == 0 || libc::access(c"/dev/fuse".as_ptr(), libc::R_OK | libc::W_OK) == 0
+    };
+    if !usable {
+        return Err(MountError::Mount(
+            "/dev/fuse is not open to ordinary users: make it mode 0666 as udev does              (chmod 0666 /dev/fuse), or mount as root"
+                .into(),
+        ));
+    }
     if std::fs::read_dir(&path).is_ok_and(|mut d| d.next().is_some()) {
         eprintln!("cstokenfs: warning: {shown} is not empty; its files are hidden while mounted");
     }
@@ -382,6 +392,12 @@ fn start(req: &MountRequest, mountpoint: &Path, plan: Plan) -> Result<Started, M
 }
 
 fn mount_error(e: &std::io::Error, mountpoint: &Path) -> MountError {
+    if e.to_string().contains("user_allow_other") {
+        return MountError::Mount(
+            "--allow-other as an ordinary user needs a line `user_allow_other` in /etc/fuse.conf"
+                .into(),
+        );
+    }
     match e.raw_os_error() {
         Some(libc::EPERM) | Some(libc::EACCES) => MountError::Mount(format!(
             "not permitted to mount on {}: run as root, install fuse3 (fusermount3), or in Docker \

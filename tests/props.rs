@@ -461,8 +461,7 @@ proptest! {
     ) {
         let cut = |s: &str| {
             let i = at.index(s.len() + 1);
-            let i = (0..=i).rev().find(|&i| s.is_char_boundary(i)).unwrap_or(0);
-            i
+            (0..=i).rev().find(|&i| s.is_char_boundary(i)).unwrap_or(0)
         };
         let spoiled = match how {
             0 => format!(".{n}"),
@@ -1064,11 +1063,12 @@ fn regression_huge_expires_in_does_not_overflow() {
     }
 }
 
-/// `legacy_date_never_panics`: `utc_offset` multiplies the hours before checking them
+/// `legacy_date_never_panics`: `utc_offset` multiplies hours and minutes before checking them
 /// (`then_some` evaluates its argument eagerly): a panic in debug builds.
 #[test]
 fn regression_huge_utc_offset_does_not_overflow() {
     assert_eq!(legacy_date("1/1/2000 0:0:0 +2562047788015216:00"), None);
+    assert_eq!(legacy_date("1/1/2000 0:0:0 +0:153722867280912931"), None);
 }
 
 /// `error_message_of_error_shapes`: App Service's shape with an empty message gives an

@@ -157,7 +157,7 @@ mod tests {
         assert_eq!(node(UNRESOLVED), None);
         assert_eq!(node(token_ino(3, View::Raw) + 7), None);
         for view in View::ALL {
-            assert_eq!(node(view_dir_ino(view)).is_some(), true);
+            assert!(node(view_dir_ino(view)).is_some());
         }
     }
 }

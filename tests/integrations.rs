@@ -1,0 +1,311 @@
+//! Issue 7: kubectl and git credentials from the mount, and mounts by ordinary users.
+
+mod common;
+
+use common::*;
+use std::io::Write;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
+
+macro_rules! need_fuse {
+    () => {
+        if !fuse_available() {
+            return;
+        }
+    };
+}
+
+const AKS: &str = "6dae42f8-4368-4678-94ff-3960e28e3630";
+const DEVOPS: &str = "499b84ac-1321-427f-aa17-267ca6975798";
+
+/// RFC 3339 `YYYY-MM-DDTHH:MM:SSZ` to epoch seconds, as client-go would read it.
+fn parse_rfc3339(s: &str) -> i64 {
+    let b = s.as_bytes();
+    assert!(
+        s.len() == 20 && b[4] == b'-' && b[10] == b'T' && b[19] == b'Z',
+        "RFC 3339 UTC: {s}"
+    );
+    let n = |r: std::ops::Range<usize>| s[r].parse::<i64>().unwrap();
+    let (y, m, d) = (n(0..4), n(5..7), n(8..10));
+    let (yy, mm) = if m <= 2 { (y - 1, m + 9) } else { (y, m - 3) };
+    let era = yy.div_euclid(400);
+    let yoe = yy - era * 400;
+    let doy = (153 * mm + 2) / 5 + d - 1;
+    let days = era * 146_097 + yoe * 365 + yoe / 4 - yoe / 100 + doy - 719_468;
+    days * 86_400 + n(11..13) * 3600 + n(14..16) * 60 + n(17..19)
+}
+
+#[test]
+fn kubectl_view_is_an_exec_credential() {
+    need_fuse!();
+    let emu = emulator();
+    let m = Mounted::new(&emu.url(), &[]);
+    let token = m.read(AKS).unwrap();
+    let out = Command::new("cat")
+        .arg(m.file(&format!(".kubectl/{AKS}")))
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let cred: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(cred["apiVersion"], "client.authentication.k8s.io/v1");
+    assert_eq!(cred["kind"], "ExecCredential");
+    assert_same_token(
+        cred["status"]["token"].as_str().unwrap().as_bytes(),
+        &token,
+        "status.token",
+    );
+    let ts = parse_rfc3339(cred["status"]["expirationTimestamp"].as_str().unwrap());
+    assert_eq!(
+        ts,
+        claims(&token)["exp"].as_i64().unwrap(),
+        "expirationTimestamp is the token's expiry"
+    );
+    let meta = std::fs::metadata(m.file(&format!(".kubectl/{AKS}"))).unwrap();
+    assert_eq!(
+        meta.permissions().mode() & 0o777,
+        0o400,
+        "same permissions as the other views"
+    );
+    assert_eq!(meta.len(), out.stdout.len() as u64);
+    assert_eq!(emu.requests(), 1, "same cache as the other views");
+}
+
+#[test]
+fn git_credential_fill_gets_the_token_for_azure_devops() {
+    need_fuse!();
+    let emu = emulator();
+    let m = Mounted::new(&emu.url(), &[]);
+    let home = tempfile::tempdir().unwrap();
+    let helper = format!(
+        "!f() {{ test \"$1\" = get && cat {}/.git-credential/{DEVOPS}; }}; f",
+        m.path.display()
+    );
+    let git = |args: &[&str], input: Option<&str>| -> Output {
+        let mut child = Command::new("git")
+            .args(args)
+            .env("HOME", home.path())
+            .env("GIT_CONFIG_NOSYSTEM", "1")
+            .env("GIT_TERMINAL_PROMPT", "0")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("git");
+        if let Some(input) = input {
+            child
+                .stdin
+                .take()
+                .unwrap()
+                .write_all(input.as_bytes())
+                .unwrap();
+        }
+        child.wait_with_output().unwrap()
+    };
+    // The README's recipe.
+    assert!(git(
+        &[
+            "config",
+            "--global",
+            "credential.https://dev.azure.com.helper",
+            &helper
+        ],
+        None
+    )
+    .status
+    .success());
+    assert!(git(
+        &[
+            "config",
+            "--global",
+            "credential.https://dev.azure.com.useHttpPath",
+            "false"
+        ],
+        None
+    )
+    .status
+    .success());
+    let out = git(
+        &["credential", "fill"],
+        Some("protocol=https\nhost=dev.azure.com\npath=org/project/_git/repo\n\n"),
+    );
+    assert!(
+        out.status.success(),
+        "git credential fill: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    let password = text
+        .lines()
+        .find_map(|l| l.strip_prefix("password="))
+        .expect("a password line");
+    let token = m.read(DEVOPS).unwrap();
+    assert_same_token(password.as_bytes(), &token, "git's password is the token");
+    assert!(text.lines().any(|l| l.starts_with("username=")));
+    assert_eq!(claims(&token)["aud"], DEVOPS);
+}
+
+/// Makes /dev/fuse usable by ordinary users (mode 0666, as udev sets it on every distribution)
+/// for the test's duration.
+struct DevFuseOpen(u32);
+
+impl DevFuseOpen {
+    fn new() -> DevFuseOpen {
+        let mode = std::fs::metadata("/dev/fuse").unwrap().permissions().mode();
+        std::fs::set_permissions("/dev/fuse", std::fs::Permissions::from_mode(mode | 0o666))
+            .unwrap();
+        DevFuseOpen(mode)
+    }
+}
+
+impl Drop for DevFuseOpen {
+    fn drop(&mut self) {
+        let _ = std::fs::set_permissions("/dev/fuse", std::fs::Permissions::from_mode(self.0));
+    }
+}
+
+fn as_user(uid: u32, program: &str, args: &[&str]) -> Output {
+    let id = uid.to_string();
+    Command::new("setpriv")
+        .args(["--reuid", &id, "--regid", &id, "--clear-groups", program])
+        .args(args)
+        .env_remove("MSI_ENDPOINT")
+        .output()
+        .unwrap()
+}
+
+fn daemon_pids(mnt: &Path) -> Vec<i32> {
+    let out = Command::new("pgrep")
+        .args(["-f", &format!("cstokenfs.*{}", mnt.display())])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.parse().ok())
+        .collect()
+}
+
+#[test]
+fn an_ordinary_user_mounts_reads_and_unmounts() {
+    need_fuse!();
+    if !Path::new("/bin/fusermount3").exists() && !Path::new("/usr/bin/fusermount3").exists() {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "fusermount3 (fuse3) is missing in CI"
+        );
+        eprintln!("!!!!! fusermount3 missing: unprivileged mount test skipped !!!!!");
+        return;
+    }
+    let _open = DevFuseOpen::new();
+    let emu = emulator();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let mnt = dir.path().join("cstoken");
+    std::fs::create_dir(&mnt).unwrap();
+    std::os::unix::fs::chown(&mnt, Some(1000), Some(1000)).unwrap();
+    let m = mnt.to_str().unwrap();
+    let cleanup = Cleanup(mnt.clone());
+
+    let out = as_user(1000, BIN, &["mount", "--endpoint", &emu.url(), m]);
+    assert!(
+        out.status.success(),
+        "mount as uid 1000: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let token = as_user(1000, "cat", &[&format!("{m}/management.azure.com")]);
+    assert!(
+        token.status.success(),
+        "{}",
+        String::from_utf8_lossy(&token.stderr)
+    );
+    assert_eq!(
+        claims(&token.stdout)["aud"],
+        "https://management.azure.com/"
+    );
+    // Without --allow-other only that user can read, root included.
+    let err = std::fs::read(mnt.join("management.azure.com")).unwrap_err();
+    assert_eq!(errno(&err), libc::EACCES);
+    // fusermount3 -u unmounts, and the daemon goes away.
+    let out = as_user(1000, "fusermount3", &["-u", m]);
+    assert!(
+        out.status.success(),
+        "fusermount3 -u: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(eventually(Duration::from_secs(5), || daemon_pids(&mnt)
+        .is_empty()
+        .then_some(()))
+    .is_some());
+
+    // SIGTERM unmounts an ordinary user's mount too (through fusermount3).
+    assert!(as_user(1000, BIN, &["mount", "--endpoint", &emu.url(), m])
+        .status
+        .success());
+    for pid in daemon_pids(&mnt) {
+        // SAFETY: signalling the daemon we started.
+        unsafe { libc::kill(pid, libc::SIGTERM) };
+    }
+    assert!(
+        eventually(Duration::from_secs(5), || (!is_mounted(&mnt)).then_some(())).is_some(),
+        "SIGTERM unmounts"
+    );
+
+    // kill -9 leaves a dead mount; the user mounts again over it.
+    assert!(as_user(1000, BIN, &["mount", "--endpoint", &emu.url(), m])
+        .status
+        .success());
+    for pid in daemon_pids(&mnt) {
+        // SAFETY: as above.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    let out = as_user(1000, BIN, &["mount", "--endpoint", &emu.url(), m]);
+    assert!(
+        out.status.success(),
+        "mount over a stale mount: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(as_user(1000, "cat", &[&format!("{m}/vault.azure.net")])
+        .status
+        .success());
+
+    // --allow-other needs user_allow_other in /etc/fuse.conf.
+    let conf = std::fs::read_to_string("/etc/fuse.conf").unwrap_or_default();
+    if !conf.lines().any(|l| l.trim() == "user_allow_other") {
+        let other = dir.path().join("other");
+        std::fs::create_dir(&other).unwrap();
+        std::os::unix::fs::chown(&other, Some(1000), Some(1000)).unwrap();
+        let out = as_user(
+            1000,
+            BIN,
+            &[
+                "mount",
+                "--allow-other",
+                "--endpoint",
+                &emu.url(),
+                other.to_str().unwrap(),
+            ],
+        );
+        assert!(!out.status.success());
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("user_allow_other"),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    drop(cleanup);
+}
+
+struct Cleanup(std::path::PathBuf);
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        for pid in daemon_pids(&self.0) {
+            // SAFETY: signalling daemons of this test's mount point.
+            unsafe { libc::kill(pid, libc::SIGTERM) };
+        }
+        std::thread::sleep(Duration::from_millis(300));
+        lazy_unmount(&self.0);
+    }
+}
