@@ -165,6 +165,9 @@ pub struct EmulatorArgs {
     /// Behave like the real endpoint's cache: hand out the same token until it expires.
     #[arg(long)]
     pub caching: bool,
+    /// Accept every resource (for benchmarks and tests).
+    #[arg(long)]
+    pub allow_any: bool,
     /// The protocol to serve: cloudshell, imds, appservice, arc.
     #[arg(long, value_name = "PROTOCOL", default_value = "cloudshell", value_parser = parse_protocol)]
     pub protocol: Protocol,
@@ -265,7 +268,7 @@ fn emulator_command(args: EmulatorArgs) -> ExitCode {
         ttl_secs: args.ttl,
         latency: Duration::from_millis(args.latency_ms),
         allow: args.allow,
-        allow_any: false,
+        allow_any: args.allow_any,
     };
     let emulator = match Emulator::start_with(args.listen, config, args.protocol) {
         Ok(e) => e,

@@ -111,7 +111,12 @@ pub fn resolve(name: &str) -> Result<String, NameError> {
         if decoded.chars().any(char::is_control) {
             return Err(NameError::ControlCharacter);
         }
-        let resource = decoded.strip_suffix("/.default").unwrap_or(&decoded);
+        // A scope names its resource; strip every `/.default` so no resource ends in one
+        // (its listing name would otherwise resolve to a different resource).
+        let mut resource: &str = &decoded;
+        while let Some(r) = resource.strip_suffix("/.default") {
+            resource = r;
+        }
         return if is_guid(resource) || is_uri(resource) {
             Ok(resource.to_string())
         } else {
@@ -145,8 +150,30 @@ pub fn canonical_name(resource: &str) -> Option<String> {
     if is_guid(resource) {
         return Some(resource.to_string());
     }
-    let encoded = utf8_percent_encode(resource, NOT_UNRESERVED).to_string();
+    let mut encoded = utf8_percent_encode(resource, NOT_UNRESERVED).to_string();
+    if encoded.len() > NAME_MAX {
+        // Too long fully encoded: escape only what a file name cannot hold, so any resource
+        // that can be read through a name can also be listed.
+        encoded = escape_minimal(resource);
+    }
     (encoded.len() <= NAME_MAX && resolve(&encoded).as_deref() == Ok(resource)).then_some(encoded)
+}
+
+/// Escapes only what a percent-encoded file name must: `%` itself, `/` and control
+/// characters; everything else (non-ASCII included) stays as it is.
+fn escape_minimal(resource: &str) -> String {
+    let mut out = String::with_capacity(resource.len() + 8);
+    for c in resource.chars() {
+        if c == '%' || c == '/' || c.is_control() {
+            let mut buf = [0u8; 4];
+            for b in c.encode_utf8(&mut buf).bytes() {
+                out.push_str(&format!("%{b:02X}"));
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 /// Everything but RFC 3986's unreserved characters gets percent-encoded (uppercase hex).

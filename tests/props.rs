@@ -448,6 +448,10 @@ proptest! {
             prop_assert!(resolve(&s).is_err(), "{s:?} -> {:?}", resolve(&s));
         }
     }
+}
+
+proptest! {
+    #![proptest_config(config(1000))]
 
     /// 4, constructed: a valid name made invalid in each way.
     #[test]
@@ -991,12 +995,24 @@ proptest! {
             prop_assert_eq!(m.trim(), m.as_str());
         }
     }
+}
+
+fn error_field() -> impl Strategy<Value = Value> {
+    prop_oneof![
+        2 => json_value(),
+        1 => Just(json!("")),
+        2 => json_string().prop_map(Value::String),
+    ]
+}
+
+proptest! {
+    #![proptest_config(config(800))]
 
     /// 7. The three upstream error shapes, with fields of any type: never a panic or empty.
     #[test]
     fn error_message_of_error_shapes(
-        code in json_value(),
-        msg in json_value(),
+        code in error_field(),
+        msg in error_field(),
         shape in 0..3u8,
     ) {
         let body = match shape {
@@ -1012,9 +1028,17 @@ proptest! {
                 0 | 1 if !c.is_empty() => c.clone(),
                 0 | 1 if !t.is_empty() => t.clone(),
                 0 | 1 => "no message in the answer".to_string(),
+                _ if t.is_empty() => "no message in the answer".to_string(),
                 _ => t.clone(),
             };
-            prop_assert_eq!(m, expected);
+            // What reaches logs is one line: control characters blanked, at most 300
+            // characters, trimmed, never empty.
+            let line: String = expected.chars().map(|c| if c.is_control() { ' ' } else { c }).take(300).collect();
+            let line = match line.trim() {
+                "" => "no message in the answer".to_string(),
+                l => l.to_string(),
+            };
+            prop_assert_eq!(m, line);
         }
     }
 }
@@ -1046,7 +1070,7 @@ fn regression_long_readable_name_is_listed() {
 fn regression_scope_of_a_scope_is_listed() {
     let n = "https%3A%2F%2Fx%2F.default%2F.default";
     let r = resolve(n).unwrap();
-    assert_eq!(r, "https://x/.default");
+    assert_eq!(r, "https://x", "every /.default is stripped");
     let listed = canonical_name(&r);
     assert!(listed.is_some(), "{n:?} is readable, {r:?} is not listed");
     assert_eq!(resolve(&listed.unwrap()).unwrap(), r);

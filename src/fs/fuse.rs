@@ -62,9 +62,10 @@ impl Filesystem for FuseAdapter {
             gid: req.gid(),
         };
         match self.core.open(ino.0, caller) {
-            Ok((fh, OpenMode::Cached)) => {
-                reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE)
-            }
+            Ok((fh, OpenMode::Cached)) => reply.opened(
+                FileHandle(fh),
+                FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_NOFLUSH,
+            ),
             Ok((fh, OpenMode::Direct)) => reply.opened(FileHandle(fh), FopenFlags::FOPEN_DIRECT_IO),
             Err(e) => reply.error(e.errno()),
         }

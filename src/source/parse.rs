@@ -60,7 +60,9 @@ fn expiry(obj: &Map<String, Value>, requested_at: EpochMs) -> Result<EpochMs, St
     }
     match obj.get("expires_in") {
         Some(v) => match seconds(v) {
-            Some(secs) => Ok(requested_at + secs * 1000),
+            Some(secs) => requested_at
+                .checked_add(secs * 1000)
+                .ok_or_else(|| "expires_in is out of range".to_string()),
             None => Err("expires_in is not a number of seconds".into()),
         },
         // Older Azure CLIs: `expiresOn` in local time.
@@ -114,7 +116,7 @@ pub fn legacy_date(s: &str) -> Option<EpochMs> {
     }
     let offset_secs = utc_offset(offset)?;
     let valid = (1..=12).contains(&month)
-        && (1..=31).contains(&day)
+        && (1..=days_in_month(year, month)).contains(&day)
         && (1970..=9999).contains(&year)
         && (0..24).contains(&hour)
         && (0..60).contains(minute)
@@ -166,6 +168,16 @@ pub fn local_datetime(s: &str) -> Option<EpochMs> {
     (t != -1).then_some(t as i64 * 1000)
 }
 
+fn days_in_month(year: i64, month: i64) -> i64 {
+    let leap = (year % 4 == 0 && year % 100 != 0) || year % 400 == 0;
+    match month {
+        2 if leap => 29,
+        2 => 28,
+        4 | 6 | 9 | 11 => 30,
+        _ => 31,
+    }
+}
+
 /// `+HH:MM` / `-HH:MM` to seconds east of UTC.
 fn utc_offset(s: &str) -> Option<i64> {
     let (sign, rest) = match s.as_bytes().first()? {
@@ -175,7 +187,7 @@ fn utc_offset(s: &str) -> Option<i64> {
     };
     let (h, m) = rest.split_once(':')?;
     let (h, m): (i64, i64) = (h.parse().ok()?, m.parse().ok()?);
-    ((0..=14).contains(&h) && (0..60).contains(&m)).then_some(sign * (h * 3600 + m * 60))
+    ((0..=14).contains(&h) && (0..60).contains(&m)).then(|| sign * (h * 3600 + m * 60))
 }
 
 /// Days since 1970-01-01 of a proleptic Gregorian date (Howard Hinnant's algorithm).
@@ -191,8 +203,24 @@ pub fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
 
 /// The upstream's own words from an error body: Cloud Shell's nested
 /// `{"error":{"code","message"}}`, IMDS's flat `{"error","error_description"}`, App
-/// Service's `{"statusCode","message"}`, else the start of the body as text.
+/// Service's `{"statusCode","message"}`, else the start of the body as text. One line, no
+/// control characters, at most 300 characters: it goes to logs and `.status`.
 pub fn error_message(body: &[u8]) -> String {
+    let raw = raw_error_message(body);
+    let clean: String = raw
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .take(300)
+        .collect();
+    let clean = clean.trim();
+    if clean.is_empty() {
+        "no message in the answer".into()
+    } else {
+        clean.to_string()
+    }
+}
+
+fn raw_error_message(body: &[u8]) -> String {
     if let Ok(Value::Object(obj)) = serde_json::from_slice::<Value>(body) {
         let s = |v: Option<&Value>| v.and_then(Value::as_str).map(str::to_string);
         if let Some(Value::Object(err)) = obj.get("error") {
@@ -204,7 +232,7 @@ pub fn error_message(body: &[u8]) -> String {
             return join(&code, &s(obj.get("error_description")).unwrap_or_default());
         }
         if let Some(msg) = s(obj.get("message")) {
-            return msg;
+            return join("", &msg);
         }
     }
     let text: String = String::from_utf8_lossy(body)

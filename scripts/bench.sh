@@ -1,0 +1,102 @@
+#!/usr/bin/env bash
+# Benchmark (not a test): cstokenfs against tmpfs, a C libfuse passthrough (bindfs) and the
+# curl + python recipe, all measured in this run, on loopback only (the built-in emulator).
+# Prints one Markdown table: medians of several rounds, min and max beside.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+[ "$(id -u)" = 0 ] || { echo "bench: run as root (tmpfs and bindfs mounts)" >&2; exit 1; }
+need=()
+for t in bindfs curl python3 gcc; do command -v $t >/dev/null 2>&1 || need+=("$t"); done
+if [ ${#need[@]} -gt 0 ]; then
+  apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" fuse3 >/dev/null
+fi
+cargo build --release --locked -q
+bin=$PWD/target/release/cstokenfs
+work=$(mktemp -d)
+ROUNDS=${ROUNDS:-7}
+pids=()
+cleanup() {
+  for m in "$work"/mnt "$work"/mnt2 "$work"/bind "$work"/tmpfs; do
+    mountpoint -q "$m" 2>/dev/null && umount -l "$m"
+  done
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  pkill -TERM -f "cstokenfs mount .*$work" 2>/dev/null || true
+  rm -rf "$work"
+}
+trap cleanup EXIT
+gcc -O2 -pthread -o "$work/reader" scripts/bench/reader.c
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+wait_port() { for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return; sleep 0.05; done; }
+
+# stats "v1 v2 ...": median min max
+stats() { tr ' ' '\n' <<<"$*" | grep -v '^$' | sort -g | awk '{a[NR]=$1} END {printf "%s %s %s", a[int((NR+1)/2)], a[1], a[NR]}'; }
+fmt() { read -r med min max <<<"$1"; printf "%s (%s–%s)" "$med" "$min" "$max"; }
+
+port=$(free_port)
+"$bin" emulator --listen "127.0.0.1:$port" --allow-any 2>/dev/null & pids+=($!)
+wait_port "$port"
+ep="http://127.0.0.1:$port/oauth2/token"
+mkdir -p "$work"/{mnt,mnt2,tmpfs,bind}
+"$bin" mount --endpoint "$ep" --max-resources 4096 "$work/mnt"
+daemon=$(pgrep -f "cstokenfs mount .*$work/mnt$" | head -1)
+tok=$work/mnt/management.azure.com
+cat "$tok" >/dev/null
+mount -t tmpfs -o size=1m tmpfs "$work/tmpfs"
+cp "$tok" "$work/tmpfs/token"
+bindfs "$work/tmpfs" "$work/bind"
+
+row1() { local v=(); for _ in $(seq "$ROUNDS"); do v+=("$("$work/reader" ops "$1" 20000 1 | cut -d' ' -f1)"); done; stats "${v[@]}"; }
+r1_cst=$(row1 "$tok"); r1_tmp=$(row1 "$work/tmpfs/token"); r1_bind=$(row1 "$work/bind/token")
+
+# Whole-process cat: the average of 200 runs, per round.
+cats() { local v=(); for _ in $(seq "$ROUNDS"); do
+  local t0; t0=$(date +%s%N); for _ in $(seq 200); do cat "$1" >/dev/null; done
+  v+=("$(( ($(date +%s%N) - t0) / 200000 ))"); done; stats "${v[@]}"; }
+r2_cst=$(cats "$tok"); r2_tmp=$(cats "$work/tmpfs/token")
+recipe() { local v=(); for _ in $(seq 3); do
+  local t0; t0=$(date +%s%N)
+  for _ in $(seq 10); do
+    response=$(curl -s "$ep" --data "resource=https://management.azure.com/" -H Metadata:true)
+    echo "$response" | python3 -c 'import sys, json; json.load(sys.stdin)["access_token"]' >/dev/null
+  done
+  v+=("$(( ($(date +%s%N) - t0) / 10000 ))"); done; stats "${v[@]}"; }
+r2_recipe=$(recipe)
+
+# 8 parallel readers.
+p1=$("$work/reader" ops "$tok" 20000 1); p8=$("$work/reader" ops "$tok" 20000 8)
+
+# Rollover: a slow upstream (400 ms), 12 s tokens refreshed at 7 s, 8 readers for 25 s.
+port2=$(free_port)
+"$bin" emulator --listen "127.0.0.1:$port2" --ttl 12 --latency-ms 400 2>/dev/null & pids+=($!)
+wait_port "$port2"
+"$bin" mount --endpoint "http://127.0.0.1:$port2/oauth2/token" --refresh-margin 5 "$work/mnt2"
+cat "$work/mnt2/.json/management.azure.com" >/dev/null
+for i in $(seq 8); do "$work/reader" lat "$work/mnt2/.json/management.azure.com" 25 >"$work/lat$i" & done
+wait "$(jobs -p | tail -1)" 2>/dev/null || true; sleep 1; wait 2>/dev/null || true
+worst=$(cat "$work"/lat* | awk '{print $1}' | sort -g | tail -1)
+p99=$(cat "$work"/lat* | awk '{print $2}' | sort -g | tail -1)
+expired=$(cat "$work"/lat* | awk '{s+=$4} END {print s}')
+reads=$(cat "$work"/lat* | awk '{s+=$3} END {print s}')
+refreshes=$(python3 -c 'import json,sys; d=json.load(open(sys.argv[1])); print(sum(r["upstream_calls"] for r in d["resources"])-1)' "$work/mnt2/.status")
+
+# 48 concurrent first readers of one resource.
+for _ in $(seq 48); do cat "$work/mnt/first48.example.com" >/dev/null & done; wait
+calls48=$(python3 -c 'import json,sys; d=json.load(open(sys.argv[1])); print([r["upstream_calls"] for r in d["resources"] if r["resource"]=="https://first48.example.com"][0])' "$work/mnt/.status")
+
+# RSS after 200 resources.
+for i in $(seq 200); do cat "$work/mnt/r$i.example.com" >/dev/null; done
+rss=$(awk '/VmRSS/ {printf "%.1f", $2/1024}' "/proc/$daemon/status")
+
+ratio() { awk -v a="${1%% *}" -v b="${2%% *}" 'BEGIN {printf "%.2f", a/b}'; }
+cat <<TABLE
+Machine: $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo), $(uname -r); $(date -u +%Y-%m-%d)
+
+| # | measurement | cstokenfs | baseline(s) | ratio | target |
+|---|---|---|---|---|---|
+| 1 | open+read+close, ns (median (min–max) of $ROUNDS rounds of 20000) | $(fmt "$r1_cst") | tmpfs $(fmt "$r1_tmp"); bindfs $(fmt "$r1_bind") | $(ratio "$r1_cst" "$r1_bind")x bindfs | ≤ 0.5x bindfs |
+| 2 | whole-process \`cat\`, µs | $(fmt "$r2_cst") | tmpfs $(fmt "$r2_tmp"); curl+python recipe $(fmt "$r2_recipe") | $(ratio "$r2_cst" "$r2_tmp")x tmpfs; $(ratio "$r2_cst" "$r2_recipe")x recipe | ≤ 1.1x tmpfs, ≤ 0.01x recipe |
+| 3 | 8 parallel readers: ns per read, reads/s | ${p8%% *} ns, ${p8##* } /s | 1 reader: ${p1%% *} ns, ${p1##* } /s | $(awk -v a="${p8##* }" -v b="${p1##* }" 'BEGIN {printf "%.2f", a/b}')x throughput | grows with readers up to $(nproc) cores |
+| 4 | rollover, 400 ms upstream, 8 readers, 25 s | worst $(awk -v x="$worst" 'BEGIN {printf "%.1f", x/1000}') ms, p99 $(awk -v x="$p99" 'BEGIN {printf "%.2f", x/1000}') ms, $expired expired of $reads reads | $refreshes refreshes | | worst < 50 ms, 0 expired |
+| 5 | upstream requests for 48 concurrent first readers | $calls48 | | | exactly 1 |
+| 6 | daemon RSS after 200 resources, MiB | $rss | | | < 16 MiB |
+TABLE
