@@ -65,14 +65,16 @@ r2_recipe=$(recipe)
 # 8 parallel readers.
 p1=$("$work/reader" ops "$tok" 20000 1); p8=$("$work/reader" ops "$tok" 20000 8)
 
-# Rollover: a slow upstream (400 ms), 12 s tokens refreshed at 7 s, 8 readers for 25 s.
+# Rollover: a slow upstream (400 ms), 12 s tokens refreshed at 7 s; 4 readers looping for 25 s
+# with a 1 ms pause between reads (8 CPU-bound loops on 2 cores would measure the scheduler).
 port2=$(free_port)
 "$bin" emulator --listen "127.0.0.1:$port2" --ttl 12 --latency-ms 400 2>/dev/null & pids+=($!)
 wait_port "$port2"
 "$bin" mount --endpoint "http://127.0.0.1:$port2/oauth2/token" --refresh-margin 5 "$work/mnt2"
 cat "$work/mnt2/.json/management.azure.com" >/dev/null
-for i in $(seq 8); do "$work/reader" lat "$work/mnt2/.json/management.azure.com" 25 >"$work/lat$i" & done
-wait "$(jobs -p | tail -1)" 2>/dev/null || true; sleep 1; wait 2>/dev/null || true
+readers=()
+for i in $(seq 4); do "$work/reader" lat "$work/mnt2/.json/management.azure.com" 25 1000 >"$work/lat$i" & readers+=($!); done
+wait "${readers[@]}"
 worst=$(cat "$work"/lat* | awk '{print $1}' | sort -g | tail -1)
 p99=$(cat "$work"/lat* | awk '{print $2}' | sort -g | tail -1)
 expired=$(cat "$work"/lat* | awk '{s+=$4} END {print s}')
@@ -80,14 +82,16 @@ reads=$(cat "$work"/lat* | awk '{s+=$3} END {print s}')
 refreshes=$(python3 -c 'import json,sys; d=json.load(open(sys.argv[1])); print(sum(r["upstream_calls"] for r in d["resources"])-1)' "$work/mnt2/.status")
 
 # 48 concurrent first readers of one resource.
-for _ in $(seq 48); do cat "$work/mnt/first48.example.com" >/dev/null & done; wait
+cats48=()
+for _ in $(seq 48); do cat "$work/mnt/first48.example.com" >/dev/null & cats48+=($!); done
+wait "${cats48[@]}"
 calls48=$(python3 -c 'import json,sys; d=json.load(open(sys.argv[1])); print([r["upstream_calls"] for r in d["resources"] if r["resource"]=="https://first48.example.com"][0])' "$work/mnt/.status")
 
 # RSS after 200 resources.
 for i in $(seq 200); do cat "$work/mnt/r$i.example.com" >/dev/null; done
 rss=$(awk '/VmRSS/ {printf "%.1f", $2/1024}' "/proc/$daemon/status")
 
-ratio() { awk -v a="${1%% *}" -v b="${2%% *}" 'BEGIN {printf "%.2f", a/b}'; }
+ratio() { awk -v a="${1%% *}" -v b="${2%% *}" 'BEGIN {printf (a/b < 0.1 ? "%.4f" : "%.2f"), a/b}'; }
 cat <<TABLE
 Machine: $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo), $(uname -r); $(date -u +%Y-%m-%d)
 
@@ -96,7 +100,7 @@ Machine: $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /pro
 | 1 | open+read+close, ns (median (min–max) of $ROUNDS rounds of 20000) | $(fmt "$r1_cst") | tmpfs $(fmt "$r1_tmp"); bindfs $(fmt "$r1_bind") | $(ratio "$r1_cst" "$r1_bind")x bindfs | ≤ 0.5x bindfs |
 | 2 | whole-process \`cat\`, µs | $(fmt "$r2_cst") | tmpfs $(fmt "$r2_tmp"); curl+python recipe $(fmt "$r2_recipe") | $(ratio "$r2_cst" "$r2_tmp")x tmpfs; $(ratio "$r2_cst" "$r2_recipe")x recipe | ≤ 1.1x tmpfs, ≤ 0.01x recipe |
 | 3 | 8 parallel readers: ns per read, reads/s | ${p8%% *} ns, ${p8##* } /s | 1 reader: ${p1%% *} ns, ${p1##* } /s | $(awk -v a="${p8##* }" -v b="${p1##* }" 'BEGIN {printf "%.2f", a/b}')x throughput | grows with readers up to $(nproc) cores |
-| 4 | rollover, 400 ms upstream, 8 readers, 25 s | worst $(awk -v x="$worst" 'BEGIN {printf "%.1f", x/1000}') ms, p99 $(awk -v x="$p99" 'BEGIN {printf "%.2f", x/1000}') ms, $expired expired of $reads reads | $refreshes refreshes | | worst < 50 ms, 0 expired |
+| 4 | rollover, 400 ms upstream, 4 readers looping (1 ms pause), 25 s | worst $(awk -v x="$worst" 'BEGIN {printf "%.1f", x/1000}') ms, p99 $(awk -v x="$p99" 'BEGIN {printf "%.2f", x/1000}') ms, $expired expired of $reads reads | $refreshes refreshes | | worst < 50 ms, 0 expired |
 | 5 | upstream requests for 48 concurrent first readers | $calls48 | | | exactly 1 |
 | 6 | daemon RSS after 200 resources, MiB | $rss | | | < 16 MiB |
 TABLE

@@ -1,7 +1,9 @@
 /* Benchmark reader for scripts/bench.sh.
  *   reader ops PATH N THREADS   open+read+close PATH N times in each of THREADS threads;
  *                               prints "<median ns per op across threads> <total ops per second>"
- *   reader lat PATH SECONDS     open+read+close in a loop for SECONDS; prints
+ *   reader lat PATH SECONDS [PAUSE_US]
+ *                               open+read+close in a loop for SECONDS (pausing PAUSE_US between
+ *                               reads); prints
  *                               "<max us> <p99 us> <reads> <expired>" where a read is expired when
  *                               its "expires_on" (the .json view) is not in the future.
  * Never prints token bytes. */
@@ -64,6 +66,7 @@ int main(int argc, char **argv) {
         return 0;
     }
     long long end = now_ns() + atoll(argv[3]) * 1000000000LL;
+    long pause_us = argc > 4 ? atol(argv[4]) : 0;
     size_t cap = 1 << 20, n = 0;
     long long *lat = malloc(cap * sizeof *lat);
     long expired = 0;
@@ -74,6 +77,7 @@ int main(int argc, char **argv) {
         lat[n++] = now_ns() - t0;
         char *e = strstr(buf, "\"expires_on\":");
         if (e && atoll(e + 13) <= (long long)time(NULL)) expired++;
+        if (pause_us > 0) usleep(pause_us);
     }
     qsort(lat, n, sizeof *lat, cmp);
     printf("%lld %lld %zu %ld\n", lat[n - 1] / 1000, lat[n * 99 / 100] / 1000, n, expired);
