@@ -52,6 +52,10 @@ const EXPIRED_ON_ARRIVAL_PAUSE: Duration = Duration::from_millis(1_000);
 /// Called once with the outcome of a read; may run on a fetch thread.
 pub type Done = Box<dyn FnOnce(Result<Arc<Version>, ReadError>) + Send>;
 
+/// Told (off the lock, after the waiting readers are answered) that a resource's held token
+/// was replaced by a newer one, so the kernel's cached names can be dropped.
+pub type OnReplaced = Box<dyn Fn(&str) + Send + Sync>;
+
 /// Whether an open of a version may go ahead.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OpenDecision {
@@ -125,6 +129,7 @@ pub struct Cache {
     read_seq: AtomicU64,
     wake: Condvar,
     stopped: Mutex<bool>,
+    on_replaced: std::sync::OnceLock<OnReplaced>,
 }
 
 impl Cache {
@@ -155,7 +160,13 @@ impl Cache {
             read_seq: AtomicU64::new(1),
             wake: Condvar::new(),
             stopped: Mutex::new(false),
+            on_replaced: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Sets the hook told when a held token is replaced (once; later calls are ignored).
+    pub fn on_replaced(&self, hook: OnReplaced) {
+        let _ = self.on_replaced.set(hook);
     }
 
     pub fn source(&self) -> &dyn Source {
@@ -431,6 +442,7 @@ impl Cache {
             return;
         };
         entry.upstream_calls += calls;
+        let held = entry.current.as_ref().map(|v| v.id);
         let outcome = match result {
             Ok(token) => self.accept(&resource, entry, token, now),
             Err(e) => Err(self.record_failure(&resource, entry, &e, now)),
@@ -440,8 +452,12 @@ impl Cache {
             entry.opens_to_skip = waiters.len();
         }
         drop(entries);
+        let replaced = held.is_some() && outcome.as_ref().is_ok_and(|v| Some(v.id) != held);
         for done in waiters {
             done(outcome.clone());
+        }
+        if let (true, Some(hook)) = (replaced, self.on_replaced.get()) {
+            hook(&resource);
         }
     }
 

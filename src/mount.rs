@@ -385,7 +385,7 @@ fn start(req: &MountRequest, mountpoint: &Path, plan: Plan) -> Result<Started, M
     };
     let session = fuser::Session::new(FuseAdapter::new(core.clone()), mountpoint, &config)
         .map_err(|e| mount_error(&e, mountpoint))?;
-    core.start_expiry_watch(session.notifier())
+    core.start_kernel_notifier(session.notifier())
         .map_err(|e| MountError::Daemon(format!("cannot start a thread: {e}")))?;
     let session = session.spawn().map_err(|e| mount_error(&e, mountpoint))?;
     Ok((session, cache, signals, chosen.emulator))

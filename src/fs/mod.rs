@@ -300,14 +300,37 @@ impl Core {
         Ok(out)
     }
 
-    /// Watches for versions that expire and makes the kernel drop their cached pages, so no
-    /// path, the page cache included, serves an expired token. Runs until the session ends.
-    pub fn start_expiry_watch(self: &Arc<Self>, notifier: fuser::Notifier) -> std::io::Result<()> {
+    /// Keeps the kernel's caches honest, from a thread of its own (never a FUSE thread):
+    /// when a token is replaced, its names are dropped (`inval_entry`) so new opens look up
+    /// the new version; when a version expires, its cached pages are dropped (`inval_inode`),
+    /// so no path, the page cache included, serves an expired token.
+    pub fn start_kernel_notifier(
+        self: &Arc<Self>,
+        notifier: fuser::Notifier,
+    ) -> std::io::Result<()> {
+        let (tx, rx) = std::sync::mpsc::channel::<String>();
+        self.cache.on_replaced(Box::new(move |resource| {
+            let _ = tx.send(resource.to_string());
+        }));
         let core = Arc::downgrade(self);
+        let mut pause = Duration::from_secs(1);
         std::thread::Builder::new()
-            .name("expiry".into())
+            .name("notifier".into())
             .spawn(move || loop {
+                let replaced = match rx.recv_timeout(pause) {
+                    Ok(resource) => Some(resource),
+                    Err(std::sync::mpsc::RecvTimeoutError::Timeout) => None,
+                    Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return,
+                };
                 let Some(core) = core.upgrade() else { return };
+                if let Some(name) = replaced.as_deref().and_then(names::canonical_name) {
+                    for view in View::ALL {
+                        let dir = INodeNo(inode::view_dir_ino(view));
+                        if let Err(e) = notifier.inval_entry(dir, std::ffi::OsStr::new(&name)) {
+                            debug!("invalidating the name {name}: {e}");
+                        }
+                    }
+                }
                 let now = core.cache.now();
                 let (expired, next) = core.inodes.newly_expired(now);
                 for id in expired {
@@ -318,9 +341,9 @@ impl Core {
                         }
                     }
                 }
-                let pause = next.map_or(1_000, |n| (n - now).clamp(10, 1_000));
-                drop(core);
-                std::thread::sleep(Duration::from_millis(pause as u64));
+                pause = Duration::from_millis(
+                    next.map_or(1_000, |n| (n - now).clamp(10, 1_000)) as u64
+                );
             })?;
         Ok(())
     }
