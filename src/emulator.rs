@@ -1198,15 +1198,7 @@ fn expiry_fields(t: &Issued, form: ExpiresOnForm) -> (Option<Value>, Option<Valu
 
 /// `M/D/YYYY h:mm:ss AM +00:00` (`am_pm`) or `MM/DD/YYYY HH:mm:ss +00:00`, in UTC.
 fn legacy_date(epoch: u64, am_pm: bool) -> String {
-    // Civil-from-days (Howard Hinnant), days since 1970-01-01.
-    let z = i64::try_from(epoch / 86_400).unwrap_or(0) + 719_468;
-    let (era, doe) = (z.div_euclid(146_097), z.rem_euclid(146_097));
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
+    let (y, m, d) = crate::civil::civil_from_days(i64::try_from(epoch / 86_400).unwrap_or(0));
     let secs = epoch % 86_400;
     let (h, mi, s) = (secs / 3600, secs / 60 % 60, secs % 60);
     if am_pm {
@@ -1220,56 +1212,52 @@ fn legacy_date(epoch: u64, am_pm: bool) -> String {
 
 /// Value of `key` in an `application/x-www-form-urlencoded` body; `Err` if undecodable.
 fn form_value(body: &[u8], key: &str) -> Result<Option<String>, ()> {
-    let decode = |s: &str| {
-        let s = s.replace('+', " ");
-        percent_encoding::percent_decode_str(&s)
-            .decode_utf8()
-            .map(|c| c.into_owned())
-            .map_err(|_| ())
-    };
     let text = std::str::from_utf8(body).map_err(|_| ())?;
     for pair in text.split('&').filter(|p| !p.is_empty()) {
         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-        if decode(k)? == key {
-            return decode(v).map(Some);
+        if decode_component(k, false)? == key {
+            return decode_component(v, false).map(Some);
         }
     }
     Ok(None)
 }
 
-/// Strict decoding of a whole form / query string (first value of each key wins).
-fn params_strict(text: &[u8]) -> Result<BTreeMap<String, String>, ()> {
-    let decode = |s: &str| {
-        let s = s.replace('+', " ");
-        percent_encoding::percent_decode_str(&s)
-            .decode_utf8()
-            .map(|c| c.into_owned())
-            .map_err(|_| ())
+/// One form component: `+` is a space, then percent-decoding.
+fn decode_component(s: &str, lossy: bool) -> Result<String, ()> {
+    let s = s.replace('+', " ");
+    let bytes = percent_encoding::percent_decode_str(&s);
+    if lossy {
+        Ok(bytes.decode_utf8_lossy().into_owned())
+    } else {
+        bytes.decode_utf8().map(|c| c.into_owned()).map_err(|_| ())
+    }
+}
+
+/// Decodes a whole form / query string (first value of each key wins); `lossy` replaces
+/// undecodable UTF-8 instead of failing.
+fn params(text: &[u8], lossy: bool) -> Result<BTreeMap<String, String>, ()> {
+    let text = if lossy {
+        String::from_utf8_lossy(text)
+    } else {
+        std::borrow::Cow::Borrowed(std::str::from_utf8(text).map_err(|_| ())?)
     };
-    let text = std::str::from_utf8(text).map_err(|_| ())?;
     let mut out = BTreeMap::new();
     for pair in text.split('&').filter(|p| !p.is_empty()) {
         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-        out.entry(decode(k)?).or_insert(decode(v)?);
+        let key = decode_component(k, lossy)?;
+        if let std::collections::btree_map::Entry::Vacant(slot) = out.entry(key) {
+            slot.insert(decode_component(v, lossy)?);
+        }
     }
     Ok(out)
 }
 
-/// Like [`params_strict`] but never fails: undecodable UTF-8 is replaced.
+fn params_strict(text: &[u8]) -> Result<BTreeMap<String, String>, ()> {
+    params(text, false)
+}
+
 fn params_lossy(text: &[u8]) -> BTreeMap<String, String> {
-    let decode = |s: &str| {
-        let s = s.replace('+', " ");
-        percent_encoding::percent_decode_str(&s)
-            .decode_utf8_lossy()
-            .into_owned()
-    };
-    let text = String::from_utf8_lossy(text);
-    let mut out = BTreeMap::new();
-    for pair in text.split('&').filter(|p| !p.is_empty()) {
-        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-        out.entry(decode(k)).or_insert_with(|| decode(v));
-    }
-    out
+    params(text, true).unwrap_or_default()
 }
 
 fn error_body(code: &str, message: &str) -> Vec<u8> {

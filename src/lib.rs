@@ -8,6 +8,7 @@
 
 pub mod audit;
 pub mod cache;
+pub mod civil;
 pub mod cli;
 pub mod emulator;
 pub mod fs;

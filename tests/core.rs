@@ -1,6 +1,7 @@
 //! Issue 2, end to end: real mounts of the built binary through /dev/fuse, read by real
 //! processes, against the in-process emulator on 127.0.0.1.
 
+#[macro_use]
 mod common;
 
 use common::*;
@@ -10,14 +11,6 @@ use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-
-macro_rules! need_fuse {
-    () => {
-        if !fuse_available() {
-            return;
-        }
-    };
-}
 
 #[test]
 fn cat_of_each_name_form() {
@@ -591,7 +584,7 @@ fn detached_mount_returns_only_when_live() {
         .arg(&mnt)
         .output()
         .unwrap();
-    let _guard = Unmount(mnt.clone());
+    let _guard = KillOnDrop(mnt.clone());
     assert!(
         out.status.success(),
         "mount: {}",
@@ -653,18 +646,6 @@ fn detached_mount_returns_only_when_live() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-}
-
-struct Unmount(std::path::PathBuf);
-
-impl Drop for Unmount {
-    fn drop(&mut self) {
-        let _ = Command::new("pkill")
-            .args(["-TERM", "-f", &format!("cstokenfs.*{}", self.0.display())])
-            .status();
-        std::thread::sleep(Duration::from_millis(200));
-        lazy_unmount(&self.0);
-    }
 }
 
 #[test]

@@ -1,34 +1,13 @@
 //! Issue 3: freshness and faults, injected through the emulator into real mounts.
 
+#[macro_use]
 mod common;
 
 use common::*;
 use cstokenfs::emulator::{ExpiresOnForm, Fault};
 use std::time::{Duration, Instant};
 
-macro_rules! need_fuse {
-    () => {
-        if !fuse_available() {
-            return;
-        }
-    };
-}
-
 const ARM: &str = "https://management.azure.com/";
-
-fn status(m: &Mounted) -> serde_json::Value {
-    serde_json::from_slice(&m.read(".status").unwrap()).unwrap()
-}
-
-fn resource_status(m: &Mounted, resource: &str) -> serde_json::Value {
-    status(m)["resources"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|r| r["resource"] == resource)
-        .cloned()
-        .unwrap_or(serde_json::Value::Null)
-}
 
 fn status_code(code: u16, retry_after: Option<&str>) -> Fault {
     Fault::Status {
@@ -151,7 +130,7 @@ fn hang_costs_a_waiting_reader_the_timeout_and_blocks_nothing_else() {
         &held,
         "a cached resource while another hangs",
     );
-    status(&m);
+    m.status();
     std::fs::read_dir(&m.path).unwrap().for_each(drop);
     assert!(
         !waiting.is_finished(),
@@ -238,7 +217,7 @@ fn a_failed_background_refresh_keeps_the_valid_token_and_backs_off() {
             &held,
             "held token served",
         );
-        let r = resource_status(&m, ARM);
+        let r = m.resource_status(ARM);
         (r["state"] == "failed").then_some(r)
     })
     .expect("state failed after the refresh fails");
@@ -270,7 +249,7 @@ fn a_refusal_while_a_valid_token_is_held_keeps_serving_it() {
             &held,
             "held token served",
         );
-        let r = resource_status(&m, ARM);
+        let r = m.resource_status(ARM);
         (r["state"] == "failed").then_some(r)
     })
     .expect("an intermittent 400 while a token is held: state failed");
@@ -284,7 +263,7 @@ fn a_refusal_while_a_valid_token_is_held_keeps_serving_it() {
         recovered.is_some(),
         "recovers when the endpoint answers again"
     );
-    assert_eq!(resource_status(&m, ARM)["state"], "fresh");
+    assert_eq!(m.resource_status(ARM)["state"], "fresh");
     assert!(
         m.log_text().contains("fetched again after"),
         "recovery logged"
@@ -314,7 +293,7 @@ fn garbage_and_missing_fields_are_eio_naming_what_was_wrong() {
             libc::EIO,
             "{fault:?}"
         );
-        let last = resource_status(&m, ARM)["last_error"]
+        let last = m.resource_status(ARM)["last_error"]
             .as_str()
             .unwrap_or_default()
             .to_string();
@@ -365,7 +344,7 @@ fn a_huge_body_is_an_error_and_memory_stays_bounded() {
         errno(&m.read("management.azure.com").unwrap_err()),
         libc::EIO
     );
-    let last = resource_status(&m, ARM)["last_error"]
+    let last = m.resource_status(ARM)["last_error"]
         .as_str()
         .unwrap_or_default()
         .to_string();
@@ -399,7 +378,7 @@ fn endpoint_killed_and_back() {
     // A valid token cached: still served, even past the refresh point.
     let (serials, _) = read_loop(&m, "management.azure.com", Duration::from_secs(7));
     assert_eq!(serials, vec![serial(&held)]);
-    assert_eq!(resource_status(&m, ARM)["state"], "failed");
+    assert_eq!(m.resource_status(ARM)["state"], "failed");
     // None cached: EIO.
     assert_eq!(errno(&m.read("vault.azure.net").unwrap_err()), libc::EIO);
     // Back again: both work, the held one refreshed before it expires.
@@ -430,7 +409,7 @@ fn a_thousand_resources_with_eviction() {
     for i in 0..1000 {
         m.read(&format!("r{i}.example.com")).unwrap();
     }
-    let s = status(&m);
+    let s = m.status();
     let resources = s["resources"].as_array().unwrap();
     assert!(resources.len() <= 100, "{} entries held", resources.len());
     assert!(

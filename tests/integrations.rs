@@ -1,5 +1,6 @@
 //! Issue 7: kubectl and git credentials from the mount, and mounts by ordinary users.
 
+#[macro_use]
 mod common;
 
 use common::*;
@@ -8,14 +9,6 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
-
-macro_rules! need_fuse {
-    () => {
-        if !fuse_available() {
-            return;
-        }
-    };
-}
 
 const AKS: &str = "6dae42f8-4368-4678-94ff-3960e28e3630";
 const DEVOPS: &str = "499b84ac-1321-427f-aa17-267ca6975798";
@@ -205,7 +198,7 @@ fn an_ordinary_user_mounts_reads_and_unmounts() {
     std::fs::create_dir(&mnt).unwrap();
     std::os::unix::fs::chown(&mnt, Some(1000), Some(1000)).unwrap();
     let m = mnt.to_str().unwrap();
-    let cleanup = Cleanup(mnt.clone());
+    let cleanup = KillOnDrop(mnt.clone());
 
     let out = as_user(1000, BIN, &["mount", "--endpoint", &emu.url(), m]);
     assert!(
@@ -295,17 +288,4 @@ fn an_ordinary_user_mounts_reads_and_unmounts() {
         );
     }
     drop(cleanup);
-}
-
-struct Cleanup(std::path::PathBuf);
-
-impl Drop for Cleanup {
-    fn drop(&mut self) {
-        for pid in daemon_pids(&self.0) {
-            // SAFETY: signalling daemons of this test's mount point.
-            unsafe { libc::kill(pid, libc::SIGTERM) };
-        }
-        std::thread::sleep(Duration::from_millis(300));
-        lazy_unmount(&self.0);
-    }
 }

@@ -1,5 +1,6 @@
 //! Issue 4: access control, secrets, and container lifecycle, on real mounts.
 
+#[macro_use]
 mod common;
 
 use common::*;
@@ -7,14 +8,6 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
-
-macro_rules! need_fuse {
-    () => {
-        if !fuse_available() {
-            return;
-        }
-    };
-}
 
 /// Runs `cat path` as another uid/gid (no supplementary groups).
 fn cat_as(uid: u32, gid: u32, path: &Path) -> Output {
@@ -170,7 +163,7 @@ fn fuse_style_command_line_and_bad_options() {
         ])
         .output()
         .unwrap();
-    let _guard = Killer(mnt.clone());
+    let _guard = KillOnDrop(mnt.clone());
     assert!(
         out.status.success(),
         "{}",
@@ -199,18 +192,6 @@ fn fuse_style_command_line_and_bad_options() {
             .output()
             .unwrap();
         assert_eq!(out.status.code(), Some(2), "{bad}");
-    }
-}
-
-struct Killer(std::path::PathBuf);
-
-impl Drop for Killer {
-    fn drop(&mut self) {
-        let _ = Command::new("pkill")
-            .args(["-TERM", "-f", &format!("cstokenfs.*{}", self.0.display())])
-            .status();
-        std::thread::sleep(Duration::from_millis(300));
-        lazy_unmount(&self.0);
     }
 }
 
@@ -249,7 +230,7 @@ fn fstab_line_mounts_through_mount_fuse3_and_umount_unmounts() {
     );
     let fstab = dir.path().join("fstab");
     std::fs::write(&fstab, format!("{line}\n")).unwrap();
-    let _guard = Killer(mnt.clone());
+    let _guard = KillOnDrop(mnt.clone());
     let out = Command::new("mount")
         .arg("-T")
         .arg(&fstab)
@@ -297,7 +278,7 @@ fn kill_9_then_mount_again_over_the_stale_mount() {
     let dir = tempfile::tempdir().unwrap();
     let mnt = dir.path().join("mnt");
     std::fs::create_dir(&mnt).unwrap();
-    let _guard = Killer(mnt.clone());
+    let _guard = KillOnDrop(mnt.clone());
     let mount = || {
         Command::new(BIN)
             .args(["mount", "--endpoint", &emu.url()])
@@ -426,7 +407,7 @@ fn sighup_reopens_the_log_file() {
     let mnt = dir.path().join("mnt");
     std::fs::create_dir(&mnt).unwrap();
     let log = dir.path().join("cstokenfs.log");
-    let _guard = Killer(mnt.clone());
+    let _guard = KillOnDrop(mnt.clone());
     let out = Command::new(BIN)
         .args([
             "mount",
@@ -484,7 +465,7 @@ fn mount_errors_name_the_fix() {
         .arg(&mnt)
         .output()
         .unwrap();
-    let _guard = Killer(mnt.clone());
+    let _guard = KillOnDrop(mnt.clone());
     assert!(out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("not empty"));
 }
@@ -500,7 +481,7 @@ fn entrypoint_snippet_mounts_for_the_target_user_and_execs() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
     let mnt = dir.path().join("run-cstoken");
-    let _guard = Killer(mnt.clone());
+    let _guard = KillOnDrop(mnt.clone());
     let out = Command::new(concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/scripts/cstokenfs-entrypoint.sh"

@@ -1,6 +1,7 @@
 //! Issue 5: every upstream against the emulator (or a stand-in `az`) on loopback, auto
 //! detection end to end, a user-assigned identity's parameters reaching the endpoint.
 
+#[macro_use]
 mod common;
 
 use common::*;
@@ -8,14 +9,6 @@ use cstokenfs::emulator::{Emulator, EmulatorConfig, Fault, Protocol};
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::time::{Duration, Instant};
-
-macro_rules! need_fuse {
-    () => {
-        if !fuse_available() {
-            return;
-        }
-    };
-}
 
 const ARM: &str = "https://management.azure.com/";
 
@@ -28,12 +21,8 @@ fn emulator_of(protocol: Protocol) -> Emulator {
     .expect("emulator")
 }
 
-fn status(m: &Mounted) -> serde_json::Value {
-    serde_json::from_slice(&m.read(".status").unwrap()).unwrap()
-}
-
 fn last_error(m: &Mounted) -> String {
-    status(m)["resources"][0]["last_error"]
+    m.status()["resources"][0]["last_error"]
         .as_str()
         .unwrap_or_default()
         .to_string()
@@ -77,7 +66,7 @@ fn imds_with_a_user_assigned_identity() {
         params.get("resource").map(String::as_str),
         Some("https://vault.azure.net")
     );
-    let s = status(&m);
+    let s = m.status();
     assert_eq!(s["source"], "imds");
     assert!(s["source_reason"]
         .as_str()
@@ -88,7 +77,7 @@ fn imds_with_a_user_assigned_identity() {
         errno(&m.read("newservice.azure.com").unwrap_err()),
         libc::ENOENT
     );
-    let refused = s["resources"].as_array().map(|_| status(&m)).unwrap();
+    let refused = s["resources"].as_array().map(|_| m.status()).unwrap();
     let text = refused.to_string();
     assert!(text.contains("invalid_resource"), "{text}");
 }
@@ -166,7 +155,7 @@ fn app_service_detected_from_its_environment() {
         Some("2019-08-01")
     );
     assert_eq!(params.get("client_id").map(String::as_str), Some("cid"));
-    let s = status(&m);
+    let s = m.status();
     assert_eq!(s["source"], "appservice");
     assert!(s["source_reason"]
         .as_str()
@@ -221,7 +210,7 @@ fn arc_challenge_detected_from_its_environment() {
         2,
         "challenge, then the request with the key"
     );
-    assert_eq!(status(&m)["source"], "arc");
+    assert_eq!(m.status()["source"], "arc");
     assert_eq!(
         emu.last_params()
             .unwrap()
@@ -246,7 +235,7 @@ printf '{{"accessToken":"eyJhbGciOiJub25lIn0.eyJhdWQiOiJ%s","expiresOn":"2030-01
     let json: serde_json::Value =
         serde_json::from_slice(&m.read(".json/management.azure.com").unwrap()).unwrap();
     assert_eq!(json["expires_on"], exp);
-    let s = status(&m);
+    let s = m.status();
     assert_eq!(s["source"], "azure-cli");
     assert!(s["source_reason"]
         .as_str()
@@ -301,7 +290,7 @@ fn cloud_shell_detected_from_msi_endpoint() {
     let path = fake_az(dir.path(), "exit 1");
     let m = Mounted::raw(&[], &[("MSI_ENDPOINT", &url), ("PATH", &path)]);
     m.read("management.azure.com").unwrap();
-    let s = status(&m);
+    let s = m.status();
     assert_eq!(s["source"], "cloudshell");
     assert!(s["source_reason"]
         .as_str()
@@ -318,7 +307,7 @@ fn each_protocol_served_by_the_built_in_emulator() {
             .read("management.azure.com")
             .unwrap_or_else(|e| panic!("{source}: {e}: {}", m.log_text()));
         assert_eq!(claims(&token)["aud"], ARM, "{source}");
-        assert_eq!(status(&m)["source"], source);
+        assert_eq!(m.status()["source"], source);
     }
 }
 

@@ -2,7 +2,7 @@
 //! $IDENTITY_ENDPOINT?api-version=2019-08-01&resource=R` with `X-IDENTITY-HEADER:
 //! $IDENTITY_HEADER`.
 
-use super::http::{self, now_ms};
+use super::http;
 use super::{Identity, Source, SourceError};
 use crate::token::Token;
 use reqwest::blocking::Client;
@@ -40,15 +40,11 @@ impl Source for AppService {
             self.identity
                 .params("client_id", "principal_id", "mi_res_id"),
         );
-        let requested_at = now_ms();
-        let response = self
+        let request = self
             .client
             .get(http::with_query(&self.url, &params))
-            .header("X-IDENTITY-HEADER", self.secret.as_str())
-            .timeout(timeout)
-            .send()
-            .map_err(http::transport_error)?;
-        http::read_answer(response)?.into_token(requested_at)
+            .header("X-IDENTITY-HEADER", self.secret.as_str());
+        http::request_token(request, timeout)
     }
 
     fn endpoint(&self) -> String {

@@ -1,7 +1,7 @@
 //! Azure Cloud Shell's local endpoint: `POST $MSI_ENDPOINT` with `Metadata: true` and the
 //! form body `resource=<resource>`.
 
-use super::http::{self, now_ms};
+use super::http;
 use super::{Source, SourceError};
 use crate::token::Token;
 use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
@@ -37,17 +37,13 @@ impl CloudShell {
 impl Source for CloudShell {
     fn fetch_once(&self, resource: &str, timeout: Duration) -> Result<Token, SourceError> {
         let body = format!("resource={}", utf8_percent_encode(resource, FORM));
-        let requested_at = now_ms();
-        let response = self
+        let request = self
             .client
             .post(self.url.clone())
             .header("Metadata", "true")
             .header("Content-Type", "application/x-www-form-urlencoded")
-            .body(body)
-            .timeout(timeout)
-            .send()
-            .map_err(http::transport_error)?;
-        http::read_answer(response)?.into_token(requested_at)
+            .body(body);
+        http::request_token(request, timeout)
     }
 
     fn endpoint(&self) -> String {

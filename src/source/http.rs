@@ -130,6 +130,17 @@ pub fn now_ms() -> EpochMs {
         .map_or(0, |d| d.as_millis() as EpochMs)
 }
 
+/// Sends one token request and reads its answer as a token (what every HTTP upstream does
+/// once it has built its request).
+pub fn request_token(
+    request: reqwest::blocking::RequestBuilder,
+    timeout: Duration,
+) -> Result<Token, SourceError> {
+    let requested_at = now_ms();
+    let response = request.timeout(timeout).send().map_err(transport_error)?;
+    read_answer(response)?.into_token(requested_at)
+}
+
 /// `url` with query parameters appended.
 pub fn with_query(url: &reqwest::Url, params: &[(&str, &str)]) -> reqwest::Url {
     let mut url = url.clone();

@@ -2,7 +2,7 @@
 //! <endpoint>?api-version=2018-02-01&resource=R` with `Metadata: true`, and the parameters
 //! of a user-assigned identity. Only used when chosen explicitly (`--source imds`).
 
-use super::http::{self, now_ms};
+use super::http;
 use super::{Identity, Source, SourceError};
 use crate::token::Token;
 use reqwest::blocking::Client;
@@ -32,15 +32,11 @@ impl Source for Imds {
     fn fetch_once(&self, resource: &str, timeout: Duration) -> Result<Token, SourceError> {
         let mut params = vec![("api-version", "2018-02-01"), ("resource", resource)];
         params.extend(self.identity.params("client_id", "object_id", "msi_res_id"));
-        let requested_at = now_ms();
-        let response = self
+        let request = self
             .client
             .get(http::with_query(&self.url, &params))
-            .header("Metadata", "true")
-            .timeout(timeout)
-            .send()
-            .map_err(http::transport_error)?;
-        http::read_answer(response)?.into_token(requested_at)
+            .header("Metadata", "true");
+        http::request_token(request, timeout)
     }
 
     fn endpoint(&self) -> String {

@@ -1,6 +1,7 @@
 //! Parsing of upstream answers: the token JSON (all upstreams share its shape, with field
 //! spellings that differ) and the error bodies of each upstream.
 
+pub use crate::civil::days_from_civil;
 use crate::token::{EpochMs, Token};
 use serde_json::{Map, Value};
 use zeroize::Zeroizing;
@@ -188,17 +189,6 @@ fn utc_offset(s: &str) -> Option<i64> {
     let (h, m) = rest.split_once(':')?;
     let (h, m): (i64, i64) = (h.parse().ok()?, m.parse().ok()?);
     ((0..=14).contains(&h) && (0..60).contains(&m)).then(|| sign * (h * 3600 + m * 60))
-}
-
-/// Days since 1970-01-01 of a proleptic Gregorian date (Howard Hinnant's algorithm).
-pub fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let mp = (m + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + d - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    era * 146_097 + doe - 719_468
 }
 
 /// The upstream's own words from an error body: Cloud Shell's nested

@@ -2,6 +2,15 @@
 //! guard that unmounts on drop (even when the test fails), and token-safe assertions.
 #![allow(dead_code)]
 
+/// Returns early from a FUSE test where FUSE is absent (loudly; a failure when `CI=true`).
+macro_rules! need_fuse {
+    () => {
+        if !crate::common::fuse_available() {
+            return;
+        }
+    };
+}
+
 use cstokenfs::emulator::{Emulator, EmulatorConfig};
 use std::ffi::CString;
 use std::fs::File;
@@ -124,6 +133,20 @@ impl Mounted {
 
     pub fn read(&self, rel: &str) -> std::io::Result<Vec<u8>> {
         std::fs::read(self.file(rel))
+    }
+
+    /// `.status`, parsed.
+    pub fn status(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.read(".status").expect("read .status"))
+            .expect(".status is JSON")
+    }
+
+    /// `.status`'s entry for one resource string (Null if none).
+    pub fn resource_status(&self, resource: &str) -> serde_json::Value {
+        self.status()["resources"]
+            .as_array()
+            .and_then(|rs| rs.iter().find(|r| r["resource"] == resource).cloned())
+            .unwrap_or(serde_json::Value::Null)
     }
 
     pub fn log_text(&self) -> String {
@@ -250,4 +273,18 @@ pub fn eventually<T>(within: Duration, mut f: impl FnMut() -> Option<T>) -> Opti
 
 pub fn errno(e: &std::io::Error) -> i32 {
     e.raw_os_error().unwrap_or(0)
+}
+
+/// For mounts a test makes by hand (detached, fstab, ...): on drop, SIGTERM every daemon
+/// serving `path`, then detach whatever is still mounted there.
+pub struct KillOnDrop(pub PathBuf);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = Command::new("pkill")
+            .args(["-TERM", "-f", &format!("cstokenfs.*{}", self.0.display())])
+            .status();
+        std::thread::sleep(Duration::from_millis(300));
+        lazy_unmount(&self.0);
+    }
 }
