@@ -569,9 +569,7 @@ fn refresh_after_the_margin_never_serves_an_expired_token() {
 fn detached_mount_returns_only_when_live() {
     need_fuse!();
     let emu = emulator();
-    let dir = tempfile::tempdir().unwrap();
-    let mnt = dir.path().join("mnt");
-    std::fs::create_dir(&mnt).unwrap();
+    let (dir, mnt) = scratch_mountpoint();
     let log = dir.path().join("log");
     let out = Command::new(BIN)
         .args([

@@ -148,9 +148,7 @@ fn dash_o_options_are_parsed() {
 fn fuse_style_command_line_and_bad_options() {
     need_fuse!();
     let emu = emulator();
-    let dir = tempfile::tempdir().unwrap();
-    let mnt = dir.path().join("mnt");
-    std::fs::create_dir(&mnt).unwrap();
+    let (dir, mnt) = scratch_mountpoint();
     let out = Command::new(BIN)
         .arg("mytokens")
         .arg(&mnt)
@@ -275,9 +273,7 @@ fn fstab_line_mounts_through_mount_fuse3_and_umount_unmounts() {
 fn kill_9_then_mount_again_over_the_stale_mount() {
     need_fuse!();
     let emu = emulator();
-    let dir = tempfile::tempdir().unwrap();
-    let mnt = dir.path().join("mnt");
-    std::fs::create_dir(&mnt).unwrap();
+    let (_dir, mnt) = scratch_mountpoint();
     let _guard = KillOnDrop(mnt.clone());
     let mount = || {
         Command::new(BIN)
@@ -403,9 +399,7 @@ fn systemd_readiness_is_sent_once_live() {
 fn sighup_reopens_the_log_file() {
     need_fuse!();
     let emu = emulator();
-    let dir = tempfile::tempdir().unwrap();
-    let mnt = dir.path().join("mnt");
-    std::fs::create_dir(&mnt).unwrap();
+    let (dir, mnt) = scratch_mountpoint();
     let log = dir.path().join("cstokenfs.log");
     let _guard = KillOnDrop(mnt.clone());
     let out = Command::new(BIN)
@@ -438,9 +432,7 @@ fn sighup_reopens_the_log_file() {
 fn mount_errors_name_the_fix() {
     need_fuse!();
     // /dev/fuse missing: a private mount namespace with an empty /dev.
-    let dir = tempfile::tempdir().unwrap();
-    let mnt = dir.path().join("mnt");
-    std::fs::create_dir(&mnt).unwrap();
+    let (_dir, mnt) = scratch_mountpoint();
     let script = format!(
         "mount -t tmpfs none /dev && exec {BIN} mount -f --endpoint http://127.0.0.1:1/x {}",
         mnt.display()

@@ -288,3 +288,11 @@ impl Drop for KillOnDrop {
         lazy_unmount(&self.0);
     }
 }
+
+/// A temporary directory with an empty `mnt` directory in it, for mounts made by hand.
+pub fn scratch_mountpoint() -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let mnt = dir.path().join("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    (dir, mnt)
+}
