@@ -1,0 +1,651 @@
+//! Routing and the per-protocol answers (Cloud Shell, IMDS, App Service, Arc): request
+//! checks, fault application, token minting, success and error bodies, form / query
+//! decoding and the legacy expiry date forms.
+
+use std::collections::BTreeMap;
+use std::fs::{DirBuilder, OpenOptions};
+use std::io::{self, Write};
+use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering::SeqCst;
+use std::time::Duration;
+
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine as _;
+use serde::Serialize;
+use serde_json::{json, Value};
+
+use super::http::{Action, Request};
+use super::{
+    now_secs, random_hex, ArcKey, ExpiresOnForm, Fault, Issued, Protocol, Shared,
+    APP_SERVICE_API_VERSION, ARC_API_VERSION, DEFAULT_CLIENT_ID, IMDS_API_VERSION, KNOWN_AUDIENCES,
+};
+
+/// Arc challenge keys remembered (and their files kept) at most; older ones are forgotten.
+const MAX_ARC_KEYS: usize = 64;
+pub(super) const ISSUER: &str = "https://cstokenfs-emulator.invalid/";
+pub(super) const NOTICE: &str = "cstokenfs emulator: unsigned test token, not valid in Azure";
+
+impl Shared {
+    fn audience_allowed(&self, resource: &str) -> bool {
+        fn norm(s: &str) -> &str {
+            s.strip_suffix('/').unwrap_or(s)
+        }
+        self.allow_any.load(SeqCst)
+            || KNOWN_AUDIENCES
+                .iter()
+                .copied()
+                .chain(self.allow.iter().map(String::as_str))
+                .any(|a| norm(a) == norm(resource))
+    }
+
+    /// Mints a token for `resource`, or returns the cached one when caching is on.
+    fn issue(&self, resource: &str) -> Issued {
+        let now = now_secs();
+        let caching = self.caching.load(SeqCst);
+        let mut cache = self.cache.lock();
+        if let Some(hit) = cache
+            .get(resource)
+            .filter(|t| caching && t.expires_on > now)
+        {
+            return hit.clone();
+        }
+        let exp = now.saturating_add(self.ttl.load(SeqCst));
+        let serial = self.serial.fetch_add(1, SeqCst) + 1;
+        self.issued.fetch_add(1, SeqCst);
+        let claims = json!({"iss": ISSUER, "aud": resource, "iat": now, "nbf": now, "exp": exp,
+            "serial": serial, "emulator": NOTICE});
+        let token = format!(
+            "{}.{}.",
+            URL_SAFE_NO_PAD.encode(r#"{"alg":"none","typ":"JWT"}"#),
+            URL_SAFE_NO_PAD.encode(claims.to_string())
+        );
+        let issued = Issued {
+            token,
+            expires_on: exp,
+            not_before: now,
+        };
+        if caching {
+            cache.insert(resource.to_owned(), issued.clone());
+        }
+        issued
+    }
+}
+
+pub(super) fn handle(sh: &Shared, req: &Request) -> Action {
+    let proto = sh.protocol;
+    let (route, query) = req.path.split_once('?').unwrap_or((&req.path, ""));
+    if route != proto.path() {
+        return proto_err(proto, 404, "NotFound", "No such endpoint");
+    }
+    let method = proto.method();
+    if req.method != method {
+        let msg = format!("Only {method} is supported");
+        return with_header(
+            proto_err(proto, 405, "MethodNotAllowed", &msg),
+            "Allow",
+            method.into(),
+        );
+    }
+    sh.requests.fetch_add(1, SeqCst);
+    let params = match proto {
+        Protocol::CloudShell => req.body.as_slice(),
+        _ => query.as_bytes(),
+    };
+    let resource = form_value(params, "resource");
+    if let Ok(Some(r)) = &resource {
+        *sh.per_resource.lock().entry(r.clone()).or_insert(0) += 1;
+    }
+    *sh.last_params.lock() = Some(params_lossy(params));
+    let shown = resource.clone().ok().flatten().unwrap_or_default();
+    let action = answer(sh, req, params, resource);
+    let status = match &action {
+        Action::Respond { status, .. } => status.to_string(),
+        Action::Huge(_) => "200 (huge body)".into(),
+        Action::Hang => "hang".into(),
+        Action::Close => "reset".into(),
+    };
+    log::debug!("emulator: {method} {route} resource={shown:?} -> {status}");
+    action
+}
+
+fn answer(
+    sh: &Shared,
+    req: &Request,
+    params: &[u8],
+    resource: Result<Option<String>, ()>,
+) -> Action {
+    if sh.wait_stopped(Some(Duration::from_nanos(sh.latency_ns.load(SeqCst)))) {
+        return Action::Close;
+    }
+    let fault = sh
+        .faults
+        .lock()
+        .pop_front()
+        .or_else(|| sh.sticky.lock().clone());
+    let proto = sh.protocol;
+    let resource_or_empty = resource.clone().ok().flatten().unwrap_or_default();
+    let client_id = form_value(params, "client_id")
+        .ok()
+        .flatten()
+        .filter(|c| !c.is_empty());
+    let client_id = client_id.as_deref().unwrap_or(DEFAULT_CLIENT_ID);
+    let body = |issued: &Issued, token: Option<&str>, form| {
+        ok(success_body(
+            proto,
+            issued,
+            token,
+            &resource_or_empty,
+            form,
+            client_id,
+        ))
+    };
+    match fault {
+        Some(Fault::Status {
+            code,
+            body,
+            retry_after,
+        }) => {
+            let headers = retry_after.map(|v| ("Retry-After", v)).into_iter();
+            return Action::Respond {
+                status: code,
+                body: body.into_bytes(),
+                headers: headers.collect(),
+            };
+        }
+        Some(Fault::Hang) => return Action::Hang,
+        Some(Fault::Reset) => return Action::Close,
+        Some(Fault::Garbage) => return ok(b"this is not json <html>".to_vec()),
+        Some(Fault::HugeBody { bytes }) => return Action::Huge(bytes),
+        Some(f @ (Fault::MissingAccessToken | Fault::EmptyAccessToken)) => {
+            let now = now_secs();
+            let expires_on = now.saturating_add(sh.ttl.load(SeqCst));
+            let fake = Issued {
+                token: String::new(),
+                expires_on,
+                not_before: now,
+            };
+            let token = (f == Fault::EmptyAccessToken).then_some("");
+            return body(&fake, token, ExpiresOnForm::EpochString);
+        }
+        Some(Fault::ExpiresOn(form)) => {
+            let issued = sh.issue(&resource_or_empty);
+            return body(&issued, Some(&issued.token), form);
+        }
+        None => {}
+    }
+    match proto {
+        Protocol::CloudShell => answer_cloud_shell(sh, req, resource),
+        Protocol::Imds => answer_imds(sh, req, params, client_id),
+        Protocol::AppService => answer_app_service(sh, req, params, client_id),
+        Protocol::Arc => answer_arc(sh, req, params, client_id),
+    }
+}
+
+fn answer_cloud_shell(sh: &Shared, req: &Request, resource: Result<Option<String>, ()>) -> Action {
+    if req.header("Metadata") != Some("true") {
+        return respond_err(400, "BadRequest", "Required metadata header not specified");
+    }
+    let resource = match resource {
+        Err(()) => return respond_err(400, "BadRequest", "Malformed form body"),
+        Ok(r) => r.unwrap_or_default(),
+    };
+    if resource.is_empty() {
+        return respond_err(
+            400,
+            "BadRequest",
+            "Required resource parameter not specified",
+        );
+    }
+    if !sh.audience_allowed(&resource) {
+        let msg = format!(
+            "Audience {resource} is not a supported MSI token audience. (cstokenfs emulator)"
+        );
+        return respond_err(400, "AudienceNotSupported", &msg);
+    }
+    let issued = sh.issue(&resource);
+    ok(token_body(
+        &issued,
+        Some(&issued.token),
+        &resource,
+        ExpiresOnForm::EpochString,
+    ))
+}
+
+fn answer_imds(sh: &Shared, req: &Request, params: &[u8], client_id: &str) -> Action {
+    let resource = match imds_checks(req, params, IMDS_API_VERSION) {
+        Ok(r) => r,
+        Err(a) => return a,
+    };
+    imds_token(sh, Protocol::Imds, &resource, client_id)
+}
+
+fn answer_arc(sh: &Shared, req: &Request, params: &[u8], client_id: &str) -> Action {
+    let resource = match imds_checks(req, params, ARC_API_VERSION) {
+        Ok(r) => r,
+        Err(a) => return a,
+    };
+    let Some(auth) = req.header("Authorization") else {
+        return arc_challenge(sh, "Authorization required: resend with Authorization: Basic <contents of the key file named in WWW-Authenticate>");
+    };
+    let secret = auth
+        .split_once(' ')
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("Basic"))
+        .map_or("", |(_, rest)| rest.trim());
+    let known = !secret.is_empty()
+        && sh
+            .arc_keys
+            .lock()
+            .iter()
+            .any(|k| ct_eq(k.secret.as_bytes(), secret.as_bytes()));
+    if !known {
+        return arc_challenge(sh, "Invalid Authorization secret");
+    }
+    imds_token(sh, Protocol::Arc, &resource, client_id)
+}
+
+/// IMDS / Arc request checks in order: `Metadata: true`, decodable query, api-version,
+/// non-empty resource. Returns the resource.
+fn imds_checks(req: &Request, params: &[u8], api_version: &str) -> Result<String, Action> {
+    let bad = |msg: &str| Err(flat_err(400, "invalid_request", msg));
+    if req.header("Metadata") != Some("true") {
+        return bad("Required metadata header not specified");
+    }
+    let Ok(query) = params_strict(params) else {
+        return bad("Malformed query string");
+    };
+    match query.get("api-version").map(String::as_str) {
+        None | Some("") => {
+            return bad(&format!(
+                "Required api-version parameter not specified (expected {api_version})"
+            ))
+        }
+        Some(v) if v != api_version => {
+            return bad(&format!(
+                "Unsupported api-version {v} (expected {api_version})"
+            ))
+        }
+        Some(_) => {}
+    }
+    match query.get("resource") {
+        Some(r) if !r.is_empty() => Ok(r.clone()),
+        _ => bad("Required resource parameter not specified"),
+    }
+}
+
+/// Audience check and the IMDS-shaped token answer (IMDS and Arc).
+fn imds_token(sh: &Shared, proto: Protocol, resource: &str, client_id: &str) -> Action {
+    if !sh.audience_allowed(resource) {
+        return flat_err(400, "invalid_resource", &aadsts500011(resource));
+    }
+    let issued = sh.issue(resource);
+    ok(success_body(
+        proto,
+        &issued,
+        Some(&issued.token),
+        resource,
+        ExpiresOnForm::EpochString,
+        client_id,
+    ))
+}
+
+fn answer_app_service(sh: &Shared, req: &Request, params: &[u8], client_id: &str) -> Action {
+    match req.header("X-IDENTITY-HEADER") {
+        None => return app_err(401, "X-IDENTITY-HEADER header not specified"),
+        Some(h) if !ct_eq(h.as_bytes(), sh.identity_header.as_bytes()) => {
+            return app_err(401, "Invalid X-IDENTITY-HEADER")
+        }
+        Some(_) => {}
+    }
+    let Ok(query) = params_strict(params) else {
+        return app_err(400, "Malformed query string");
+    };
+    match query.get("api-version").map(String::as_str) {
+        None | Some("") => {
+            return app_err(
+                400,
+                &format!("api-version not specified (expected {APP_SERVICE_API_VERSION})"),
+            )
+        }
+        Some(v) if v != APP_SERVICE_API_VERSION => {
+            return app_err(
+                400,
+                &format!("Unsupported api-version {v} (expected {APP_SERVICE_API_VERSION})"),
+            )
+        }
+        Some(_) => {}
+    }
+    let resource = match query.get("resource") {
+        Some(r) if !r.is_empty() => r.as_str(),
+        _ => return app_err(400, "Required resource parameter not specified"),
+    };
+    if !sh.audience_allowed(resource) {
+        return app_err(400, &aadsts500011(resource));
+    }
+    let issued = sh.issue(resource);
+    ok(success_body(
+        Protocol::AppService,
+        &issued,
+        Some(&issued.token),
+        resource,
+        ExpiresOnForm::EpochString,
+        client_id,
+    ))
+}
+
+fn aadsts500011(resource: &str) -> String {
+    format!(
+        "AADSTS500011: The resource principal named {resource} was not found in the tenant. (cstokenfs emulator)"
+    )
+}
+
+/// Writes a fresh key file and answers 401 naming it; 500 if the file cannot be written.
+fn arc_challenge(sh: &Shared, message: &str) -> Action {
+    let dir = sh.arc_key_dir.lock().clone();
+    let (path, secret) = match write_arc_key(&dir) {
+        Ok(k) => k,
+        Err(e) => {
+            log::warn!(
+                "emulator: cannot write an Arc key file in {}: {e}",
+                dir.display()
+            );
+            return flat_err(500, "server_error", "Cannot write the challenge key file");
+        }
+    };
+    let realm = format!("Basic realm={}", path.display());
+    {
+        let mut keys = sh.arc_keys.lock();
+        keys.push_back(ArcKey { secret, path });
+        while keys.len() > MAX_ARC_KEYS {
+            if let Some(old) = keys.pop_front() {
+                let _ = std::fs::remove_file(&old.path);
+            }
+        }
+    }
+    with_header(
+        flat_err(401, "unauthorized", message),
+        "WWW-Authenticate",
+        realm,
+    )
+}
+
+/// `<dir>/<32 hex>.key` holding 64 hex digits (no newline), mode 0600; `dir` is created
+/// (mode 0700) if missing.
+fn write_arc_key(dir: &Path) -> io::Result<(PathBuf, String)> {
+    if !dir.is_dir() {
+        DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
+    }
+    let secret = random_hex(32)?;
+    let path = dir.join(format!("{}.key", random_hex(16)?));
+    let mut file = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&path)?;
+    file.write_all(secret.as_bytes())?;
+    Ok((path, secret))
+}
+
+/// Equality whose time does not depend on where the inputs differ.
+fn ct_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+fn ok(body: Vec<u8>) -> Action {
+    Action::Respond {
+        status: 200,
+        body,
+        headers: Vec::new(),
+    }
+}
+
+fn with_header(mut action: Action, name: &'static str, value: String) -> Action {
+    if let Action::Respond { headers, .. } = &mut action {
+        headers.push((name, value));
+    }
+    action
+}
+
+/// The success body in `proto`'s shape.
+fn success_body(
+    proto: Protocol,
+    t: &Issued,
+    access_token: Option<&str>,
+    resource: &str,
+    form: ExpiresOnForm,
+    client_id: &str,
+) -> Vec<u8> {
+    let (expires_in, expires_on) = expiry_fields(t, form);
+    let body = match proto {
+        Protocol::CloudShell => return token_body(t, access_token, resource, form),
+        Protocol::Imds | Protocol::Arc => serde_json::to_vec(&ImdsBody {
+            access_token,
+            client_id,
+            expires_in,
+            expires_on,
+            ext_expires_in: t.expires_on.saturating_sub(now_secs()).to_string(),
+            not_before: t.not_before.to_string(),
+            resource,
+            token_type: "Bearer",
+        }),
+        Protocol::AppService => {
+            // App Service has no `expires_in`; only the forms that are about it add one.
+            let expires_in = match form {
+                ExpiresOnForm::OnlyExpiresIn | ExpiresOnForm::ExpiresInNumber => expires_in,
+                _ => None,
+            };
+            serde_json::to_vec(&AppServiceBody {
+                access_token,
+                expires_in,
+                expires_on,
+                resource,
+                token_type: "Bearer",
+                client_id,
+            })
+        }
+    };
+    body.unwrap_or_default()
+}
+
+#[derive(Serialize)]
+struct TokenBody<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    access_token: Option<&'a str>,
+    refresh_token: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    expires_in: Option<Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    expires_on: Option<Value>,
+    not_before: String,
+    resource: &'a str,
+    token_type: &'static str,
+}
+
+#[derive(Serialize)]
+struct ImdsBody<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    access_token: Option<&'a str>,
+    client_id: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    expires_in: Option<Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    expires_on: Option<Value>,
+    ext_expires_in: String,
+    not_before: String,
+    resource: &'a str,
+    token_type: &'static str,
+}
+
+#[derive(Serialize)]
+struct AppServiceBody<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    access_token: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    expires_in: Option<Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    expires_on: Option<Value>,
+    resource: &'a str,
+    token_type: &'static str,
+    client_id: &'a str,
+}
+
+fn token_body(
+    t: &Issued,
+    access_token: Option<&str>,
+    resource: &str,
+    form: ExpiresOnForm,
+) -> Vec<u8> {
+    let (expires_in, expires_on) = expiry_fields(t, form);
+    let body = TokenBody {
+        access_token,
+        refresh_token: "",
+        expires_in,
+        expires_on,
+        not_before: t.not_before.to_string(),
+        resource,
+        token_type: "Bearer",
+    };
+    serde_json::to_vec(&body).unwrap_or_default()
+}
+
+/// `(expires_in, expires_on)` in `form`.
+fn expiry_fields(t: &Issued, form: ExpiresOnForm) -> (Option<Value>, Option<Value>) {
+    let left = t.expires_on.saturating_sub(now_secs());
+    let text = |n: u64| Some(Value::String(n.to_string()));
+    match form {
+        ExpiresOnForm::EpochString => (text(left), text(t.expires_on)),
+        ExpiresOnForm::EpochNumber => (text(left), Some(json!(t.expires_on))),
+        ExpiresOnForm::LegacyDateAmPm => (
+            text(left),
+            Some(Value::String(legacy_date(t.expires_on, true))),
+        ),
+        ExpiresOnForm::LegacyDate24h => (
+            text(left),
+            Some(Value::String(legacy_date(t.expires_on, false))),
+        ),
+        ExpiresOnForm::OnlyExpiresIn => (text(left), None),
+        ExpiresOnForm::ExpiresInNumber => (Some(json!(left)), None),
+        ExpiresOnForm::Nothing => (None, None),
+        ExpiresOnForm::GarbageString => (None, Some(json!("soon"))),
+    }
+}
+
+/// `M/D/YYYY h:mm:ss AM +00:00` (`am_pm`) or `MM/DD/YYYY HH:mm:ss +00:00`, in UTC.
+pub(super) fn legacy_date(epoch: u64, am_pm: bool) -> String {
+    let (y, m, d) = crate::civil::civil_from_days(i64::try_from(epoch / 86_400).unwrap_or(0));
+    let secs = epoch % 86_400;
+    let (h, mi, s) = (secs / 3600, secs / 60 % 60, secs % 60);
+    if am_pm {
+        let h12 = if h % 12 == 0 { 12 } else { h % 12 };
+        let half = if h < 12 { "AM" } else { "PM" };
+        format!("{m}/{d}/{y} {h12}:{mi:02}:{s:02} {half} +00:00")
+    } else {
+        format!("{m:02}/{d:02}/{y} {h:02}:{mi:02}:{s:02} +00:00")
+    }
+}
+
+/// Value of `key` in an `application/x-www-form-urlencoded` body; `Err` if undecodable.
+fn form_value(body: &[u8], key: &str) -> Result<Option<String>, ()> {
+    let text = std::str::from_utf8(body).map_err(|_| ())?;
+    for pair in text.split('&').filter(|p| !p.is_empty()) {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        if decode_component(k, false)? == key {
+            return decode_component(v, false).map(Some);
+        }
+    }
+    Ok(None)
+}
+
+/// One form component: `+` is a space, then percent-decoding.
+fn decode_component(s: &str, lossy: bool) -> Result<String, ()> {
+    let s = s.replace('+', " ");
+    let bytes = percent_encoding::percent_decode_str(&s);
+    if lossy {
+        Ok(bytes.decode_utf8_lossy().into_owned())
+    } else {
+        bytes.decode_utf8().map(|c| c.into_owned()).map_err(|_| ())
+    }
+}
+
+/// Decodes a whole form / query string (first value of each key wins); `lossy` replaces
+/// undecodable UTF-8 instead of failing.
+fn params(text: &[u8], lossy: bool) -> Result<BTreeMap<String, String>, ()> {
+    let text = if lossy {
+        String::from_utf8_lossy(text)
+    } else {
+        std::borrow::Cow::Borrowed(std::str::from_utf8(text).map_err(|_| ())?)
+    };
+    let mut out = BTreeMap::new();
+    for pair in text.split('&').filter(|p| !p.is_empty()) {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        let key = decode_component(k, lossy)?;
+        if let std::collections::btree_map::Entry::Vacant(slot) = out.entry(key) {
+            slot.insert(decode_component(v, lossy)?);
+        }
+    }
+    Ok(out)
+}
+
+fn params_strict(text: &[u8]) -> Result<BTreeMap<String, String>, ()> {
+    params(text, false)
+}
+
+fn params_lossy(text: &[u8]) -> BTreeMap<String, String> {
+    params(text, true).unwrap_or_default()
+}
+
+fn error_body(code: &str, message: &str) -> Vec<u8> {
+    json!({"error": {"code": code, "message": message}})
+        .to_string()
+        .into_bytes()
+}
+
+/// Cloud Shell error: `{"error":{"code","message"}}`.
+fn respond_err(status: u16, code: &str, message: &str) -> Action {
+    Action::Respond {
+        status,
+        body: error_body(code, message),
+        headers: Vec::new(),
+    }
+}
+
+/// IMDS / Arc error: `{"error","error_description"}`.
+fn flat_err(status: u16, error: &str, description: &str) -> Action {
+    Action::Respond {
+        status,
+        body: json!({"error": error, "error_description": description})
+            .to_string()
+            .into_bytes(),
+        headers: Vec::new(),
+    }
+}
+
+/// App Service error: `{"statusCode","message"}`.
+fn app_err(status: u16, message: &str) -> Action {
+    Action::Respond {
+        status,
+        body: json!({"statusCode": status, "message": message})
+            .to_string()
+            .into_bytes(),
+        headers: Vec::new(),
+    }
+}
+
+/// An error in `proto`'s shape; `code` is the Cloud Shell code (the flat IMDS code is
+/// derived from the status).
+pub(super) fn proto_err(proto: Protocol, status: u16, code: &str, message: &str) -> Action {
+    match proto {
+        Protocol::CloudShell => respond_err(status, code, message),
+        Protocol::Imds | Protocol::Arc => {
+            let error = match status {
+                401 => "unauthorized",
+                404 => "not_found",
+                405 => "method_not_allowed",
+                s if s >= 500 => "server_error",
+                _ => "invalid_request",
+            };
+            flat_err(status, error, message)
+        }
+        Protocol::AppService => app_err(status, message),
+    }
+}
