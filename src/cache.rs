@@ -52,10 +52,6 @@ const EXPIRED_ON_ARRIVAL_PAUSE: Duration = Duration::from_millis(1_000);
 /// Called once with the outcome of a read; may run on a fetch thread.
 pub type Done = Box<dyn FnOnce(Result<Arc<Version>, ReadError>) + Send>;
 
-/// Told (off the lock, after the waiting readers are answered) that a resource's held token
-/// was replaced by a newer one, so the kernel's cached names can be dropped.
-pub type OnReplaced = Box<dyn Fn(&str) + Send + Sync>;
-
 /// Whether an open of a version may go ahead.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OpenDecision {
@@ -129,7 +125,8 @@ pub struct Cache {
     read_seq: AtomicU64,
     wake: Condvar,
     stopped: Mutex<bool>,
-    on_replaced: std::sync::OnceLock<OnReplaced>,
+    /// Bumped when every token is dropped; fetches started before it start over.
+    generation: AtomicU64,
 }
 
 impl Cache {
@@ -160,21 +157,12 @@ impl Cache {
             read_seq: AtomicU64::new(1),
             wake: Condvar::new(),
             stopped: Mutex::new(false),
-            on_replaced: std::sync::OnceLock::new(),
+            generation: AtomicU64::new(0),
         })
-    }
-
-    /// Sets the hook told when a held token is replaced (once; later calls are ignored).
-    pub fn on_replaced(&self, hook: OnReplaced) {
-        let _ = self.on_replaced.set(hook);
     }
 
     pub fn source(&self) -> &dyn Source {
         &*self.source
-    }
-
-    pub fn policy(&self) -> &Policy {
-        &self.policy
     }
 
     pub fn now(&self) -> EpochMs {
@@ -325,6 +313,7 @@ impl Cache {
     /// Drops every held token (wiped once no open file holds it) and every refusal.
     pub fn clear(&self) {
         let mut entries = self.entries.lock();
+        self.generation.fetch_add(1, Ordering::SeqCst);
         entries.retain(|_, e| e.declared || e.waiters.is_some());
         for e in entries.values_mut() {
             e.current = None;
@@ -408,22 +397,75 @@ impl Cache {
 
     fn spawn_fetch(self: &Arc<Self>, resource: Arc<str>) {
         let cache = self.clone();
+        let r = resource.clone();
         let spawned = std::thread::Builder::new()
             .name("fetch".into())
-            .spawn(move || cache.fetch(resource));
+            .spawn(move || {
+                // If the fetch panics, nobody is left waiting.
+                let guard = AbandonOnDrop {
+                    cache: &cache,
+                    resource: &r,
+                };
+                cache.fetch(&r);
+                std::mem::forget(guard);
+            });
         if let Err(e) = spawned {
             warn!("cannot start a fetch thread: {e}");
+            self.abandon(&resource, &format!("cannot start a fetch thread: {e}"));
+        }
+    }
+
+    /// Answers whoever still waits on `resource` with an error and ends the fetch state.
+    fn abandon(&self, resource: &str, why: &str) {
+        let waiters = self
+            .entries
+            .lock()
+            .get_mut(resource)
+            .and_then(|e| e.waiters.take());
+        for done in waiters.unwrap_or_default() {
+            done(Err(ReadError::Unavailable(why.to_string())));
         }
     }
 
     /// Runs on its own thread: asks the upstream (retrying transient failures within the
-    /// timeout), records the outcome, then answers every waiter.
-    fn fetch(self: &Arc<Self>, resource: Arc<str>) {
+    /// timeout), records the outcome, then answers every waiter. A fetch that was under way
+    /// when the tokens were dropped (SIGUSR1) starts over: its answer may be of the old login.
+    fn fetch(self: &Arc<Self>, resource: &Arc<str>) {
+        let (result, calls) = loop {
+            let generation = self.generation.load(Ordering::SeqCst);
+            let outcome = self.ask(resource);
+            if generation == self.generation.load(Ordering::SeqCst) {
+                break outcome;
+            }
+            debug!("{resource}: tokens were dropped during the fetch; fetching again");
+        };
+        let now = self.clock.now();
+        let mut entries = self.entries.lock();
+        let Some(entry) = entries.get_mut(resource) else {
+            return;
+        };
+        entry.upstream_calls += calls;
+        let outcome = match result {
+            Ok(token) => self.accept(resource, entry, token, now),
+            Err(e) => Err(self.record_failure(resource, entry, &e, now)),
+        };
+        let waiters = entry.waiters.take().unwrap_or_default();
+        if outcome.is_ok() && entry.fetched_at == Some(now) {
+            entry.opens_to_skip = waiters.len();
+        }
+        drop(entries);
+        for done in waiters {
+            done(outcome.clone());
+        }
+    }
+
+    /// The upstream's answer within the timeout, and how many calls it took.
+    fn ask(&self, resource: &str) -> (Result<Token, SourceError>, u64) {
         let deadline = Instant::now() + self.policy.timeout;
         let mut calls = 0;
-        let result = loop {
+        loop {
             let left = deadline.saturating_duration_since(Instant::now());
-            let (result, n) = fetch_with_retries(&*self.source, &resource, left);
+            let (result, n) = fetch_with_retries(&*self.source, resource, left);
             calls += n;
             // An upstream that caches hands out its old token until it has expired; near
             // expiry that token is already too old for us. Ask again, calmly, until the
@@ -434,36 +476,13 @@ impl Cache {
                 std::thread::sleep(EXPIRED_ON_ARRIVAL_PAUSE);
                 continue;
             }
-            break result;
-        };
-        let now = self.clock.now();
-        let mut entries = self.entries.lock();
-        let Some(entry) = entries.get_mut(&resource) else {
-            return;
-        };
-        entry.upstream_calls += calls;
-        let held = entry.current.as_ref().map(|v| v.id);
-        let outcome = match result {
-            Ok(token) => self.accept(&resource, entry, token, now),
-            Err(e) => Err(self.record_failure(&resource, entry, &e, now)),
-        };
-        let waiters = entry.waiters.take().unwrap_or_default();
-        if outcome.is_ok() && entry.fetched_at == Some(now) {
-            entry.opens_to_skip = waiters.len();
-        }
-        drop(entries);
-        let replaced = held.is_some() && outcome.as_ref().is_ok_and(|v| Some(v.id) != held);
-        for done in waiters {
-            done(outcome.clone());
-        }
-        if let (true, Some(hook)) = (replaced, self.on_replaced.get()) {
-            hook(&resource);
+            return (result, calls);
         }
     }
 
     fn expired_on_arrival(&self, t: &Token) -> bool {
         let now = self.clock.now();
-        now >= policy::schedule(now, t.expires_on, None, 0).valid_until
+        now >= policy::valid_until(t.issued_at(now), t.expires_on)
     }
 
     fn accept(
@@ -474,7 +493,7 @@ impl Cache {
         now: EpochMs,
     ) -> Result<Arc<Version>, ReadError> {
         let schedule = policy::schedule(
-            now,
+            token.issued_at(now),
             token.expires_on,
             token.refresh_in_ms,
             self.policy.refresh_margin_ms,
@@ -534,12 +553,15 @@ impl Cache {
         entry.consecutive_failures += 1;
         entry.last_error = Some((message.clone(), now));
         let jitter = (now.rem_euclid(1000)) as f64 / 1000.0;
-        entry.next_attempt_at =
-            now + policy::backoff_ms(entry.consecutive_failures, e.retry_after(), jitter);
+        entry.next_attempt_at = now.saturating_add(policy::backoff_ms(
+            entry.consecutive_failures,
+            e.retry_after(),
+            jitter,
+        ));
         let held = entry.valid(now).is_some();
         let refused = e.failure() == Failure::Refused;
         if refused && !held {
-            entry.refused_until = now + self.policy.negative_ttl_ms;
+            entry.refused_until = now.saturating_add(self.policy.negative_ttl_ms);
         }
         if entry.consecutive_failures == 1 {
             if held {
@@ -558,6 +580,22 @@ impl Cache {
         } else {
             ReadError::Unavailable(message)
         }
+    }
+}
+
+/// Answers the waiters of a fetch thread that unwinds without doing so (a panic); forgotten
+/// when the fetch ends normally (a later fetch's waiters are not ours).
+struct AbandonOnDrop<'a> {
+    cache: &'a Cache,
+    resource: &'a str,
+}
+
+impl Drop for AbandonOnDrop<'_> {
+    fn drop(&mut self) {
+        self.cache.abandon(
+            self.resource,
+            "internal error: the fetch ended unexpectedly",
+        );
     }
 }
 
@@ -631,6 +669,7 @@ mod tests {
                 token_type: "Bearer".into(),
                 expires_on: self.clock.now() + self.life,
                 refresh_in_ms: None,
+                not_before: None,
             })
         }
         fn endpoint(&self) -> String {
@@ -689,6 +728,37 @@ mod tests {
             newer = cache.get_blocking("r").unwrap();
         }
         assert_ne!(newer.id, first.id);
+    }
+
+    struct PanickingSource;
+
+    impl Source for PanickingSource {
+        fn fetch_once(&self, _r: &str, _t: Duration) -> Result<Token, SourceError> {
+            panic!("a source bug");
+        }
+        fn endpoint(&self) -> String {
+            "panics".into()
+        }
+        fn kind(&self) -> &'static str {
+            "fake"
+        }
+    }
+
+    #[test]
+    fn a_panicking_fetch_leaves_nobody_waiting() {
+        let clock = Arc::new(FakeClock(AtomicI64::new(0)));
+        let cache = Cache::new(Arc::new(PanickingSource), Policy::default(), &[], clock);
+        let (tx, rx) = std::sync::mpsc::channel();
+        let c = cache.clone();
+        std::thread::spawn(move || drop(tx.send(c.get_blocking("r"))));
+        let got = rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the reader is answered");
+        assert!(matches!(got, Err(ReadError::Unavailable(_))));
+        // And the resource is not stuck "fetching": the next reader starts a fetch again.
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || drop(tx.send(cache.get_blocking("r"))));
+        assert!(rx.recv_timeout(Duration::from_secs(10)).is_ok());
     }
 
     #[test]

@@ -101,10 +101,10 @@ pub struct MountArgs {
     #[arg(long = "resource", value_name = "NAME")]
     pub resources: Vec<String>,
     /// Refresh a token when this little lifetime is left, in seconds.
-    #[arg(long, value_name = "SECS", default_value_t = 300)]
+    #[arg(long, value_name = "SECS", default_value_t = 300, value_parser = clap::value_parser!(u64).range(0..=31_536_000))]
     pub refresh_margin: u64,
     /// How long a refused resource answers ENOENT without asking the endpoint, in seconds.
-    #[arg(long, value_name = "SECS", default_value_t = 30)]
+    #[arg(long, value_name = "SECS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(0..=31_536_000))]
     pub negative_ttl: u64,
     /// The most tokens held; the least recently read undeclared one is evicted first.
     #[arg(long, value_name = "N", default_value_t = 1024, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]

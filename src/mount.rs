@@ -193,7 +193,7 @@ fn detach(
         ))),
         0 => {
             drop(read_end);
-            let outcome = become_daemon(log).and_then(|()| {
+            let outcome = become_daemon(log, write_end.as_raw_fd()).and_then(|()| {
                 crate::logging::init_stderr("info");
                 serve(req, mountpoint, plan, Ready::Pipe(write_end))
             });
@@ -219,7 +219,7 @@ fn detach(
 
 /// New session; stdin from /dev/null, stdout and stderr to the log file or /dev/null, so a
 /// caller capturing our output (`$(cstokenfs mount ...)`) is released.
-fn become_daemon(log: Option<File>) -> Result<(), MountError> {
+fn become_daemon(log: Option<File>, keep: i32) -> Result<(), MountError> {
     // SAFETY: setsid has no memory effects; it fails only if we lead a group, harmless.
     unsafe { libc::setsid() };
     let null = OpenOptions::new()
@@ -237,8 +237,26 @@ fn become_daemon(log: Option<File>) -> Result<(), MountError> {
             )));
         }
     }
+    drop((null, log));
     let _ = std::env::set_current_dir("/");
+    close_inherited_fds(keep);
     Ok(())
+}
+
+/// Closes every descriptor above stderr but `keep`: whatever the caller handed down (a pipe
+/// it reads to EOF, say) must not stay open in the daemon.
+fn close_inherited_fds(keep: i32) {
+    let fds: Vec<i32> = std::fs::read_dir("/proc/self/fd")
+        .map(|d| {
+            d.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    for fd in fds.into_iter().filter(|fd| *fd > 2 && *fd != keep) {
+        // SAFETY: the process is single-threaded here and every descriptor it owns through a
+        // Rust object (the pipe to the caller) is `keep`; the rest were inherited.
+        unsafe { libc::close(fd) };
+    }
 }
 
 fn open_log(path: &Path) -> Result<File, MountError> {
@@ -385,7 +403,7 @@ fn start(req: &MountRequest, mountpoint: &Path, plan: Plan) -> Result<Started, M
     };
     let session = fuser::Session::new(FuseAdapter::new(core.clone()), mountpoint, &config)
         .map_err(|e| mount_error(&e, mountpoint))?;
-    core.start_kernel_notifier(session.notifier())
+    core.start_expiry_watch(session.notifier())
         .map_err(|e| MountError::Daemon(format!("cannot start a thread: {e}")))?;
     let session = session.spawn().map_err(|e| mount_error(&e, mountpoint))?;
     Ok((session, cache, signals, chosen.emulator))

@@ -49,31 +49,38 @@ pub struct Schedule {
 
 /// The refresh point is the earlier of `expires_on - margin` and half-life (for lifetimes of
 /// 2 h or more, or the upstream's `refresh_in`); a margin of more than half the lifetime
-/// shrinks to half of it. A token is valid until `expires_on - skew`.
+/// shrinks to half of it. A token is valid until `expires_on - skew`. The lifetime runs from
+/// `issued_at` (when the token was issued, which an upstream that caches may have done long
+/// before we fetched it). Saturating throughout: the inputs come from outside.
 pub fn schedule(
-    fetched_at: EpochMs,
+    issued_at: EpochMs,
     expires_on: EpochMs,
     refresh_in_ms: Option<i64>,
     margin_ms: i64,
 ) -> Schedule {
-    let lifetime = (expires_on - fetched_at).max(0);
-    let margin = if lifetime < 2 * margin_ms {
+    let lifetime = expires_on.saturating_sub(issued_at).max(0);
+    let margin = if lifetime < margin_ms.saturating_mul(2) {
         lifetime / 2
     } else {
         margin_ms
     };
-    let mut refresh_at = expires_on - margin;
+    let mut refresh_at = expires_on.saturating_sub(margin);
     if let Some(r) = refresh_in_ms {
-        refresh_at = refresh_at.min(fetched_at + r.max(0));
+        refresh_at = refresh_at.min(issued_at.saturating_add(r.clamp(0, lifetime)));
     } else if lifetime >= HALF_LIFE_FROM_MS {
-        refresh_at = refresh_at.min(fetched_at + lifetime / 2);
+        refresh_at = refresh_at.min(issued_at.saturating_add(lifetime / 2));
     }
-    let lead = REFRESH_LEAD_MS.min((refresh_at - fetched_at).max(0) / 10);
+    let lead = REFRESH_LEAD_MS.min(refresh_at.saturating_sub(issued_at).max(0) / 10);
     Schedule {
         refresh_at,
         refresh_ahead_at: refresh_at - lead,
-        valid_until: expires_on - skew(lifetime),
+        valid_until: valid_until(issued_at, expires_on),
     }
+}
+
+/// The last moment a token may be served: `expires_on` less the skew allowance.
+pub fn valid_until(issued_at: EpochMs, expires_on: EpochMs) -> EpochMs {
+    expires_on.saturating_sub(skew(expires_on.saturating_sub(issued_at)))
 }
 
 /// 5 s or a tenth of the lifetime, whichever is less.
@@ -138,7 +145,8 @@ pub fn backoff_ms(failures: u32, retry_after: Option<Duration>, jitter: f64) -> 
     let exp = MIN_RETRY_MS.saturating_mul(1 << failures.saturating_sub(1).min(16));
     let base = exp.min(MAX_BACKOFF_MS);
     let with_jitter = base + (base as f64 * 0.25 * jitter.clamp(0.0, 1.0)) as i64;
-    let floor = retry_after.map_or(0, |d| d.as_millis().min(i64::MAX as u128) as i64);
+    // An upstream's Retry-After is honoured up to an hour.
+    let floor = retry_after.map_or(0, |d| d.as_millis().min(3_600_000) as i64);
     with_jitter.max(floor).max(MIN_RETRY_MS)
 }
 
@@ -146,7 +154,7 @@ pub fn backoff_ms(failures: u32, retry_after: Option<Duration>, jitter: f64) -> 
 /// half the time left before it stops being valid, never sooner than `MIN_RETRY_MS`, so the
 /// retries tighten toward expiry without spinning.
 pub fn unchanged_retry_at(now: EpochMs, s: &Schedule) -> EpochMs {
-    now + ((s.valid_until - now) / 2).max(MIN_RETRY_MS)
+    now.saturating_add((s.valid_until.saturating_sub(now) / 2).max(MIN_RETRY_MS))
 }
 
 /// Pause between attempts inside one fetch (a reader is waiting): short and growing.
@@ -183,6 +191,35 @@ mod tests {
         let s = schedule(1_000, 11_000, None, 300_000);
         assert_eq!(s.refresh_at, 6_000);
         assert_eq!(s.valid_until, 10_000);
+    }
+
+    #[test]
+    fn an_old_token_from_a_caching_upstream_keeps_its_full_skew() {
+        // Issued an hour ago, fetched now with 4 s left: valid until 5 s before expiry,
+        // that is never.
+        let s = schedule(0, H, None, 300_000);
+        assert_eq!(s.valid_until, H - 5_000);
+        assert_eq!(valid_until(0, H), H - 5_000);
+        // Judged from the fetch instead, the skew would shrink to 400 ms.
+        assert_eq!(valid_until(H - 4_000, H), H - 400);
+    }
+
+    #[test]
+    fn outside_values_never_overflow() {
+        // No panic (debug builds check overflow) and nothing wraps below the issue time.
+        let s = schedule(i64::MIN, i64::MAX, Some(i64::MAX), i64::MAX);
+        assert!(s.refresh_at > i64::MIN && s.valid_until > 0);
+        let s = schedule(0, H, Some(i64::MAX), 300_000);
+        assert_eq!(
+            s.refresh_at,
+            H - 300_000,
+            "refresh_in is clamped to the lifetime"
+        );
+        assert_eq!(
+            backoff_ms(1, Some(Duration::from_secs(u64::MAX)), 0.0),
+            3_600_000
+        );
+        let _ = unchanged_retry_at(i64::MAX, &s);
     }
 
     #[test]

@@ -15,6 +15,17 @@ pub struct Token {
     pub expires_on: EpochMs,
     /// The upstream's advice on when to refresh, as a lifetime offset (`refresh_in`).
     pub refresh_in_ms: Option<i64>,
+    /// When the token was issued (`not_before`), if the upstream says.
+    pub not_before: Option<EpochMs>,
+}
+
+impl Token {
+    /// When the token's lifetime began: `not_before` if plausible, else when we fetched it.
+    pub fn issued_at(&self, fetched_at: EpochMs) -> EpochMs {
+        self.not_before
+            .filter(|nb| *nb <= fetched_at && *nb < self.expires_on)
+            .unwrap_or(fetched_at)
+    }
 }
 
 impl fmt::Debug for Token {
@@ -27,6 +38,7 @@ impl fmt::Debug for Token {
             .field("token_type", &self.token_type)
             .field("expires_on", &self.expires_on)
             .field("refresh_in_ms", &self.refresh_in_ms)
+            .field("not_before", &self.not_before)
             .finish()
     }
 }
@@ -84,6 +96,8 @@ pub struct Version {
     pub id: u64,
     pub resource: Arc<str>,
     pub fetched_at: EpochMs,
+    /// When the token was issued (see `Token::issued_at`): the start of its lifetime.
+    pub issued_at: EpochMs,
     pub expires_on: EpochMs,
     /// Served until then (expiry less the clock skew allowance), never after.
     pub valid_until: EpochMs,
@@ -103,7 +117,8 @@ impl Version {
             resource,
             fetched_at,
             expires_on: token.expires_on,
-            valid_until: token.expires_on - crate::policy::skew(token.expires_on - fetched_at),
+            issued_at: token.issued_at(fetched_at),
+            valid_until: crate::policy::valid_until(token.issued_at(fetched_at), token.expires_on),
             refresh_in_ms: token.refresh_in_ms,
             views: [raw, json, header, kubectl, git],
         }
@@ -203,6 +218,7 @@ mod tests {
             token_type: "Bearer".into(),
             expires_on: 1_700_000_000_000,
             refresh_in_ms: None,
+            not_before: None,
         }
     }
 

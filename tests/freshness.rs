@@ -443,8 +443,10 @@ fn a_short_token_with_a_margin_longer_than_its_life() {
     let m = Mounted::new(&emu.url(), &[]); // margin 300 s > 4 s
     let (serials, _) = read_loop(&m, "management.azure.com", Duration::from_secs(9));
     assert!(serials.len() >= 3, "refreshed at half-life: {serials:?}");
+    // 4 s tokens (issued on whole seconds) refreshed 2 s before expiry: about one call a
+    // second, against some 180 reads.
     assert!(
-        emu.requests() <= 8,
+        emu.requests() <= 14,
         "{} calls: not every read",
         emu.requests()
     );

@@ -68,10 +68,16 @@ impl Access {
 }
 
 /// What an open file reads from: one version's view (immutable), or a `.status` snapshot.
+#[derive(Clone)]
 enum Handle {
     Token(Arc<Version>, View),
-    Status(Vec<u8>),
+    Status(Arc<Vec<u8>>),
+    /// A directory listing, taken at opendir so offsets stay meaningful across readdirs.
+    Dir(Arc<Vec<DirEntry>>),
 }
+
+/// One directory entry: inode, kind, name.
+pub type DirEntry = (u64, FileType, String);
 
 /// A name that resolved: its attributes and how long the kernel may keep them.
 #[derive(Debug, Clone)]
@@ -229,7 +235,10 @@ impl Core {
                 }
                 (Handle::Token(v, view), OpenMode::Cached)
             }
-            Node::Status => (Handle::Status(self.status_bytes()), OpenMode::Direct),
+            Node::Status => (
+                Handle::Status(Arc::new(self.status_bytes())),
+                OpenMode::Direct,
+            ),
             Node::Root | Node::ViewDir(_) => return Err(FsError::NotFound),
         };
         let fh = self.next_handle.fetch_add(1, Ordering::Relaxed);
@@ -245,12 +254,19 @@ impl Core {
         size: u32,
         f: impl FnOnce(&[u8]) -> T,
     ) -> Result<T, FsError> {
-        let handles = self.handles.lock();
-        let bytes = match handles.get(&fh).ok_or(FsError::BadHandle)? {
+        // The handle is cloned (an Arc) so no lock is held while the reply is written.
+        let handle = self
+            .handles
+            .lock()
+            .get(&fh)
+            .cloned()
+            .ok_or(FsError::BadHandle)?;
+        let bytes = match &handle {
             // Opened while valid, but never served once expired.
             Handle::Token(v, _) if self.cache.now() >= v.valid_until => return Err(FsError::Io),
             Handle::Token(v, view) => v.bytes(*view),
             Handle::Status(b) => b.as_slice(),
+            Handle::Dir(_) => return Err(FsError::BadHandle),
         };
         let start = (offset.min(bytes.len() as u64)) as usize;
         let end = start.saturating_add(size as usize).min(bytes.len());
@@ -261,8 +277,24 @@ impl Core {
         self.handles.lock().remove(&fh);
     }
 
+    /// Opens a directory: its listing is taken now and served by `readdir`.
+    pub fn opendir(&self, ino: u64) -> Result<u64, FsError> {
+        let entries = Arc::new(self.list(ino)?);
+        let fh = self.next_handle.fetch_add(1, Ordering::Relaxed);
+        self.handles.lock().insert(fh, Handle::Dir(entries));
+        Ok(fh)
+    }
+
+    /// The listing taken when the directory was opened.
+    pub fn readdir(&self, fh: u64) -> Result<Arc<Vec<DirEntry>>, FsError> {
+        match self.handles.lock().get(&fh) {
+            Some(Handle::Dir(entries)) => Ok(entries.clone()),
+            _ => Err(FsError::BadHandle),
+        }
+    }
+
     /// The entries of a directory: (inode, kind, name), `.` and `..` first.
-    pub fn readdir(&self, ino: u64) -> Result<Vec<(u64, FileType, String)>, FsError> {
+    fn list(&self, ino: u64) -> Result<Vec<DirEntry>, FsError> {
         let view = match inode::node(ino) {
             Some(Node::Root) => View::Raw,
             Some(Node::ViewDir(view)) => view,
@@ -300,37 +332,18 @@ impl Core {
         Ok(out)
     }
 
-    /// Keeps the kernel's caches honest, from a thread of its own (never a FUSE thread):
-    /// when a token is replaced, its names are dropped (`inval_entry`) so new opens look up
-    /// the new version; when a version expires, its cached pages are dropped (`inval_inode`),
-    /// so no path, the page cache included, serves an expired token.
-    pub fn start_kernel_notifier(
-        self: &Arc<Self>,
-        notifier: fuser::Notifier,
-    ) -> std::io::Result<()> {
-        let (tx, rx) = std::sync::mpsc::channel::<String>();
-        self.cache.on_replaced(Box::new(move |resource| {
-            let _ = tx.send(resource.to_string());
-        }));
+    /// Watches for versions that expire and makes the kernel drop their cached pages
+    /// (`inval_inode`), so no path, the page cache included, serves an expired token. Runs on
+    /// a thread of its own (never a FUSE thread) until the session ends. Names need no
+    /// notification: an open of a superseded version answers ESTALE and the kernel looks the
+    /// name up again (an `inval_entry` would take the directory lock and queue every lookup
+    /// behind a slow first fetch).
+    pub fn start_expiry_watch(self: &Arc<Self>, notifier: fuser::Notifier) -> std::io::Result<()> {
         let core = Arc::downgrade(self);
-        let mut pause = Duration::from_secs(1);
         std::thread::Builder::new()
-            .name("notifier".into())
+            .name("expiry".into())
             .spawn(move || loop {
-                let replaced = match rx.recv_timeout(pause) {
-                    Ok(resource) => Some(resource),
-                    Err(std::sync::mpsc::RecvTimeoutError::Timeout) => None,
-                    Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return,
-                };
                 let Some(core) = core.upgrade() else { return };
-                if let Some(name) = replaced.as_deref().and_then(names::canonical_name) {
-                    for view in View::ALL {
-                        let dir = INodeNo(inode::view_dir_ino(view));
-                        if let Err(e) = notifier.inval_entry(dir, std::ffi::OsStr::new(&name)) {
-                            debug!("invalidating the name {name}: {e}");
-                        }
-                    }
-                }
                 let now = core.cache.now();
                 let (expired, next) = core.inodes.newly_expired(now);
                 for id in expired {
@@ -341,9 +354,9 @@ impl Core {
                         }
                     }
                 }
-                pause = Duration::from_millis(
-                    next.map_or(1_000, |n| (n - now).clamp(10, 1_000)) as u64
-                );
+                let pause = next.map_or(1_000, |n| n.saturating_sub(now).clamp(10, 1_000));
+                drop(core);
+                std::thread::sleep(Duration::from_millis(pause as u64));
             })?;
         Ok(())
     }
@@ -370,16 +383,18 @@ impl Core {
         }
     }
 
-    /// Until the token stops being valid, at most `MAX_TOKEN_TTL`.
+    /// Until the token stops being valid (while it is the current one), at most
+    /// `MAX_TOKEN_TTL`.
     fn token_ttl(&self, v: &Version) -> Duration {
-        let left = self
+        let current = self
             .cache
             .peek(&v.resource)
-            .filter(|cur| cur.id == v.id)
-            .map_or(0, |_| {
-                let s = crate::policy::schedule(v.fetched_at, v.expires_on, v.refresh_in_ms, 0);
-                (s.valid_until - self.cache.now()).max(0)
-            });
+            .is_some_and(|cur| cur.id == v.id);
+        let left = if current {
+            v.valid_until.saturating_sub(self.cache.now()).max(0)
+        } else {
+            0
+        };
         Duration::from_millis(left as u64).min(MAX_TOKEN_TTL)
     }
 

@@ -5,6 +5,7 @@
 use super::{parse, Source, SourceError, MAX_BODY};
 use crate::token::Token;
 use std::io::Read;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -48,6 +49,9 @@ impl Source for AzureCli {
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
+            // Its own process group: on a timeout the whole group goes (the `az` wrapper
+            // runs Python as a child, which would keep our pipes open).
+            .process_group(0)
             .spawn()
             .map_err(|e| {
                 SourceError::Unreachable(format!("cannot run {}: {e}", self.program.display()))
@@ -64,7 +68,8 @@ impl Source for AzureCli {
             match child.try_wait() {
                 Ok(Some(status)) => break status,
                 Ok(None) if Instant::now() >= deadline => {
-                    let _ = child.kill();
+                    // SAFETY: signalling the process group we created.
+                    unsafe { libc::kill(-(child.id() as i32), libc::SIGKILL) };
                     let _ = child.wait();
                     return Err(SourceError::Timeout);
                 }
@@ -72,6 +77,9 @@ impl Source for AzureCli {
                 Err(e) => return Err(SourceError::Unreachable(format!("waiting for az: {e}"))),
             }
         };
+        // Anything az left running in its group would hold our pipes open.
+        // SAFETY: signalling the process group we created (ESRCH if it is gone).
+        unsafe { libc::kill(-(child.id() as i32), libc::SIGKILL) };
         let out = stdout.and_then(|h| h.join().ok()).unwrap_or_default();
         let err = stderr.and_then(|h| h.join().ok()).unwrap_or_default();
         if !status.success() {
@@ -112,7 +120,8 @@ impl Source for AzureCli {
 
 /// Reads a pipe to the end, keeping at most a little over `MAX_BODY` (wiped on drop).
 fn drain(mut r: impl Read) -> Zeroizing<Vec<u8>> {
-    let mut buf = Zeroizing::new(Vec::with_capacity(8192));
+    // Sized for the most that is kept, so it never reallocates (leaving unwiped copies).
+    let mut buf = Zeroizing::new(Vec::with_capacity(MAX_BODY + 1));
     let _ = (&mut r).take(MAX_BODY as u64 + 1).read_to_end(&mut buf);
     let _ = std::io::copy(&mut r, &mut std::io::sink());
     buf

@@ -12,11 +12,12 @@ use zeroize::Zeroizing;
 pub fn check_url(endpoint: &str) -> Result<reqwest::Url, String> {
     let url = reqwest::Url::parse(endpoint)
         .map_err(|e| format!("endpoint URL {endpoint:?} is malformed: {e}"))?;
-    if url.scheme() != "http" && url.scheme() != "https" {
-        return Err(format!(
-            "endpoint URL {endpoint:?} must start with http:// or https://"
-        ));
+    if url.scheme() != "http" {
+        // The local token endpoints (Cloud Shell, IMDS, App Service, Arc) are plain http;
+        // this client has no TLS.
+        return Err(format!("endpoint URL {endpoint:?} must start with http://"));
     }
+
     if url.host_str().is_none_or(str::is_empty) {
         return Err(format!("endpoint URL {endpoint:?} has no host"));
     }
@@ -25,7 +26,10 @@ pub fn check_url(endpoint: &str) -> Result<reqwest::Url, String> {
 
 /// A client for one endpoint. Proxies from the environment never capture a local endpoint.
 pub fn client(url: &reqwest::Url) -> Result<Client, String> {
-    let mut builder = Client::builder().pool_max_idle_per_host(4);
+    // Never follow a redirect: it would carry our headers (App Service's secret) elsewhere.
+    let mut builder = Client::builder()
+        .pool_max_idle_per_host(4)
+        .redirect(reqwest::redirect::Policy::none());
     if is_local(url) {
         builder = builder.no_proxy();
     }

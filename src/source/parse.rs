@@ -4,31 +4,43 @@
 pub use crate::civil::days_from_civil;
 use crate::token::{EpochMs, Token};
 use serde_json::{Map, Value};
-use zeroize::Zeroizing;
+use zeroize::{Zeroize, Zeroizing};
 
 /// Parses a 2xx body into a token. `requested_at` is when the request was sent (wall clock),
 /// the base for `expires_in`. The error names what was wrong, never the token.
 pub fn token(body: &[u8], requested_at: EpochMs) -> Result<Token, String> {
-    let value: Zeroizing<Vec<u8>> = Zeroizing::new(body.to_vec());
     let parsed: Value =
-        serde_json::from_slice(&value).map_err(|_| "the body is not JSON".to_string())?;
+        serde_json::from_slice(body).map_err(|_| "the body is not JSON".to_string())?;
     let mut obj = match parsed {
         Value::Object(obj) => obj,
         _ => return Err("the body is not a JSON object".into()),
     };
-    let access_token = take_token(&mut obj)?;
+    let token = token_of(&mut obj, requested_at);
+    // Whatever else the answer holds (a refresh_token, say) is wiped, not just freed.
+    for v in obj.values_mut() {
+        if let Value::String(s) = v {
+            s.zeroize();
+        }
+    }
+    token
+}
+
+fn token_of(obj: &mut Map<String, Value>, requested_at: EpochMs) -> Result<Token, String> {
+    let access_token = take_token(obj)?;
     let token_type = ["token_type", "tokenType"]
         .iter()
         .find_map(|k| obj.get(*k).and_then(Value::as_str))
         .unwrap_or("Bearer")
         .to_string();
-    let expires_on = expiry(&obj, requested_at)?;
+    let expires_on = expiry(obj, requested_at)?;
     let refresh_in_ms = obj.get("refresh_in").and_then(seconds).map(|s| s * 1000);
+    let not_before = obj.get("not_before").and_then(seconds).map(|s| s * 1000);
     Ok(Token {
         access_token,
         token_type,
         expires_on,
         refresh_in_ms,
+        not_before,
     })
 }
 
@@ -202,6 +214,12 @@ pub fn error_message(body: &[u8]) -> String {
         .map(|c| if c.is_control() { ' ' } else { c })
         .take(300)
         .collect();
+    // An upstream that echoes a token back in its error must not put it in our logs.
+    let clean = clean
+        .split(' ')
+        .map(|w| if w.contains("eyJ") { "<redacted>" } else { w })
+        .collect::<Vec<_>>()
+        .join(" ");
     let clean = clean.trim();
     if clean.is_empty() {
         "no message in the answer".into()
@@ -290,6 +308,10 @@ mod tests {
         assert!(error_message(&sample("appservice-400.json")).starts_with("No Managed Identity"));
         assert_eq!(error_message(b""), "no message in the answer");
         assert_eq!(error_message(b"<html>oops</html>"), "<html>oops</html>");
+        assert_eq!(
+            error_message(b"bad token eyJhbGciOi.x.y here"),
+            "bad token <redacted> here"
+        );
     }
 
     #[test]

@@ -58,10 +58,20 @@ impl fmt::Display for Kind {
 }
 
 /// What detection looks at: environment variables and whether `az` is on PATH.
-#[derive(Debug, Clone, Default)]
+#[derive(Clone, Default)]
 pub struct Env {
     pub vars: BTreeMap<String, String>,
     pub az_on_path: bool,
+}
+
+impl fmt::Debug for Env {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Names only: IDENTITY_HEADER is a secret.
+        f.debug_struct("Env")
+            .field("vars", &self.vars.keys().collect::<Vec<_>>())
+            .field("az_on_path", &self.az_on_path)
+            .finish()
+    }
 }
 
 impl Env {
@@ -137,7 +147,7 @@ pub fn detect(asked: Kind, endpoint_given: bool, emulator: bool, env: &Env) -> (
 }
 
 /// Everything needed to build the upstream, checked before anything starts.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Plan {
     pub kind: Kind,
     pub reason: String,
@@ -147,6 +157,19 @@ pub struct Plan {
     identity: Identity,
     az: PathBuf,
     emulator: bool,
+}
+
+impl fmt::Debug for Plan {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Plan")
+            .field("kind", &self.kind)
+            .field("reason", &self.reason)
+            .field("url", &self.url)
+            .field("secret", &self.secret.as_ref().map(|_| "<redacted>"))
+            .field("identity", &self.identity)
+            .field("emulator", &self.emulator)
+            .finish()
+    }
 }
 
 /// What `--source`, `--endpoint`, `--emulator` and the identity flags ask for.
@@ -334,6 +357,21 @@ mod tests {
                 Kind::Imds
             );
         }
+    }
+
+    #[test]
+    fn debug_never_shows_the_app_service_secret() {
+        let e = Env {
+            vars: [
+                ("IDENTITY_ENDPOINT".into(), "http://127.0.0.1:1/".into()),
+                ("IDENTITY_HEADER".into(), "s3cr3t".into()),
+            ]
+            .into_iter()
+            .collect(),
+            az_on_path: false,
+        };
+        let p = plan(&Wanted::default(), &e).unwrap();
+        assert!(!format!("{e:?}{p:?}").contains("s3cr3t"));
     }
 
     #[test]
