@@ -128,14 +128,6 @@ impl InodeTable {
         }
         (expired, next)
     }
-
-    pub fn len(&self) -> usize {
-        self.known.lock().len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
 }
 
 #[cfg(test)]

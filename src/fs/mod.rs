@@ -193,21 +193,19 @@ impl Core {
 
     pub fn getattr(&self, ino: u64) -> Result<Entry, FsError> {
         match inode::node(ino).ok_or(FsError::NotFound)? {
-            Node::Token { version, view } => self
-                .inodes
-                .with(version, |k| Entry {
-                    attr: self.attr(
-                        ino,
-                        FileType::RegularFile,
-                        k.sizes[view as usize],
-                        k.mtime_ms,
-                    ),
-                    ttl: k
-                        .version
-                        .upgrade()
-                        .map_or(Duration::ZERO, |v| self.token_ttl(&v)),
+            Node::Token { version, view } => {
+                // Read the table, then let go of it before asking the cache.
+                let (size, mtime, v) = self
+                    .inodes
+                    .with(version, |k| {
+                        (k.sizes[view as usize], k.mtime_ms, k.version.upgrade())
+                    })
+                    .ok_or(FsError::Stale)?;
+                Ok(Entry {
+                    attr: self.attr(ino, FileType::RegularFile, size, mtime),
+                    ttl: v.map_or(Duration::ZERO, |v| self.token_ttl(&v)),
                 })
-                .ok_or(FsError::Stale),
+            }
             _ => Ok(self.meta_entry(ino)),
         }
     }
