@@ -496,3 +496,33 @@ fn an_open_file_keeps_its_token_across_a_refresh() {
     f.rewind().unwrap();
     assert!(serial(&newer) > 1);
 }
+
+#[test]
+fn an_expired_token_with_the_endpoint_down_is_eio_within_the_timeout() {
+    need_fuse!();
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}").parse().unwrap();
+    let emu = cstokenfs::emulator::Emulator::start(addr, Default::default()).expect("emulator");
+    emu.set_ttl(3);
+    let m = Mounted::new(&emu.url(), &["--timeout", "2"]);
+    m.read("management.azure.com").unwrap();
+    drop(emu);
+    // The kernel still holds the name; the token expires; the endpoint is gone.
+    std::thread::sleep(Duration::from_secs(4));
+    let t0 = Instant::now();
+    assert_eq!(
+        errno(&m.read("management.azure.com").unwrap_err()),
+        libc::EIO
+    );
+    let waited = t0.elapsed();
+    // The kernel looks a cached name up twice when it fails to revalidate; the second
+    // lookup must not start a second fetch.
+    assert!(
+        waited < Duration::from_millis(2_500),
+        "one --timeout, not two: {waited:?}"
+    );
+    assert!(
+        m.read("management.azure.com").is_err(),
+        "a new read asks again (and fails)"
+    );
+}

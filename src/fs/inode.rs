@@ -68,6 +68,7 @@ pub fn view_dir_ino(view: View) -> u64 {
 /// answerable, its bytes do not (only open handles keep those alive).
 pub struct Known {
     pub version: Weak<Version>,
+    pub resource: Arc<str>,
     pub sizes: [u64; View::ALL.len()],
     pub mtime_ms: i64,
     pub valid_until: i64,
@@ -88,6 +89,7 @@ impl InodeTable {
         let mut known = self.known.lock();
         let k = known.entry(v.id).or_insert_with(|| Known {
             version: Arc::downgrade(v),
+            resource: v.resource.clone(),
             sizes: View::ALL.map(|view| v.bytes(view).len() as u64),
             mtime_ms: v.fetched_at,
             valid_until: v.valid_until,
@@ -95,6 +97,11 @@ impl InodeTable {
             invalidated: false,
         });
         k.lookups += 1;
+    }
+
+    /// Whether the kernel holds a name for some version of `resource`.
+    pub fn holds(&self, resource: &str) -> bool {
+        self.known.lock().values().any(|k| &*k.resource == resource)
     }
 
     /// The kernel dropped `n` lookups of an inode of `version`.

@@ -16,13 +16,16 @@ use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 /// How long the kernel may keep directory and `.status` attributes.
 const META_TTL: Duration = Duration::from_secs(1);
 /// The longest a token's name or attributes are cached by the kernel (opens always reach the
 /// daemon, which sends a reader of a superseded or expired version back to lookup).
 const MAX_TOKEN_TTL: Duration = Duration::from_secs(60);
+
+/// How soon the kernel's retry of a failed revalidation arrives (microseconds, in practice).
+const KERNEL_RETRY_WINDOW: Duration = Duration::from_millis(100);
 
 /// A failure, as the errno the reader sees.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -103,6 +106,9 @@ pub struct Core {
     inodes: InodeTable,
     handles: Mutex<HashMap<u64, Handle>>,
     next_handle: AtomicU64,
+    /// Resources whose cached name just failed to revalidate: the kernel looks the name up
+    /// again at once, for the same read, which must not wait a second `--timeout`.
+    revalidation_failed: Mutex<HashMap<String, (Instant, FsError)>>,
     started: SystemTime,
 }
 
@@ -130,6 +136,7 @@ impl Core {
             inodes: InodeTable::default(),
             handles: Mutex::new(HashMap::new()),
             next_handle: AtomicU64::new(1),
+            revalidation_failed: Mutex::new(HashMap::new()),
             started: SystemTime::now(),
         })
     }
@@ -168,9 +175,13 @@ impl Core {
                 return done(Err(FsError::NotFound));
             }
         };
+        if let Some(err) = self.kernel_retry(&resource) {
+            return done(Err(err));
+        }
         let core = self.clone();
+        let key = resource.clone();
         self.cache.get(
-            &resource,
+            &key,
             Box::new(move |got| {
                 done(match got {
                     Ok(v) => {
@@ -178,10 +189,27 @@ impl Core {
                         Ok(core.token_entry(&v, view))
                     }
                     Err(ReadError::Refused(_)) => Err(FsError::NotFound),
-                    Err(ReadError::Unavailable(_)) => Err(FsError::Io),
+                    Err(ReadError::Unavailable(_)) => {
+                        if core.inodes.holds(&resource) {
+                            let failed = (Instant::now(), FsError::Io);
+                            core.revalidation_failed.lock().insert(resource, failed);
+                        }
+                        Err(FsError::Io)
+                    }
                 })
             }),
         );
+    }
+
+    /// The error of a revalidation that failed just now, once: this lookup is the kernel's
+    /// own retry of the same read.
+    fn kernel_retry(&self, resource: &str) -> Option<FsError> {
+        let mut failed = self.revalidation_failed.lock();
+        if failed.is_empty() {
+            return None;
+        }
+        failed.retain(|_, (at, _)| at.elapsed() < KERNEL_RETRY_WINDOW);
+        failed.remove(resource).map(|(_, err)| err)
     }
 
     /// The kernel dropped `n` lookups of `ino`.
