@@ -1,6 +1,7 @@
 //! "Who read my token": each open of a token is logged (resource, view, pid, uid, gid and
-//! executable path) at info, never the token. The FUSE thread only queues the event; a
-//! thread of its own resolves the executable and writes the line, off the read path.
+//! executable path) at info, never the token. The FUSE thread names the executable while the
+//! reader is still blocked in open (a `cat` is gone a moment later), once per process in a
+//! row, and queues the event; a thread of its own writes the line.
 
 use log::{info, warn};
 use std::collections::HashMap;
@@ -19,6 +20,29 @@ pub struct OpenEvent {
     pub pid: u32,
     pub uid: u32,
     pub gid: u32,
+    pub exe: Arc<str>,
+}
+
+thread_local! {
+    /// The last process seen by this FUSE thread and its executable: a loop of opens by
+    /// one process reads /proc once.
+    static LAST_EXE: std::cell::RefCell<Option<(u32, Arc<str>)>> = const { std::cell::RefCell::new(None) };
+}
+
+/// The executable of `pid` (`?` when it cannot be read).
+pub fn exe_of(pid: u32) -> Arc<str> {
+    LAST_EXE.with(|last| {
+        let mut last = last.borrow_mut();
+        match &*last {
+            Some((p, exe)) if *p == pid => exe.clone(),
+            _ => {
+                let exe: Arc<str> = std::fs::read_link(format!("/proc/{pid}/exe"))
+                    .map_or_else(|_| "?".into(), |p| p.display().to_string().into());
+                *last = Some((pid, exe.clone()));
+                exe
+            }
+        }
+    })
 }
 
 pub struct Audit {
@@ -77,11 +101,9 @@ fn writer(rx: Receiver<OpenEvent>, dropped: Arc<AtomicU64>) {
             continue;
         }
         window.insert(key, 0);
-        let exe = std::fs::read_link(format!("/proc/{}/exe", e.pid))
-            .map_or_else(|_| "?".to_string(), |p| p.display().to_string());
         info!(
             "audit: open of {} ({}) by pid {} uid {} gid {} exe {}",
-            e.resource, e.view, e.pid, e.uid, e.gid, exe
+            e.resource, e.view, e.pid, e.uid, e.gid, e.exe
         );
         let lost = dropped.swap(0, Ordering::Relaxed);
         if lost > 0 {

@@ -257,6 +257,7 @@ impl Core {
                         pid: caller.pid,
                         uid: caller.uid,
                         gid: caller.gid,
+                        exe: crate::audit::exe_of(caller.pid),
                     });
                 }
                 (Handle::Token(v, view), OpenMode::Cached)
