@@ -445,12 +445,14 @@ impl Cache {
             return;
         };
         entry.upstream_calls += calls;
+        let held = entry.current.as_ref().map(|v| v.id);
         let outcome = match result {
             Ok(token) => self.accept(resource, entry, token, now),
             Err(e) => Err(self.record_failure(resource, entry, &e, now)),
         };
         let waiters = entry.waiters.take().unwrap_or_default();
-        if outcome.is_ok() && entry.fetched_at == Some(now) {
+        // The waiters' own opens of a new version are not later reads of it.
+        if outcome.as_ref().is_ok_and(|v| Some(v.id) != held) {
             entry.opens_to_skip = waiters.len();
         }
         drop(entries);

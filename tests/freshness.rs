@@ -120,11 +120,18 @@ fn hang_costs_a_waiting_reader_the_timeout_and_blocks_nothing_else() {
         "bounded by --timeout: {:?}",
         t0.elapsed()
     );
+    let before = emu.requests();
     let waiting = {
         let p = m.file("storage.azure.com");
         std::thread::spawn(move || std::fs::read(p))
     };
-    std::thread::sleep(Duration::from_millis(300));
+    let started = eventually(Duration::from_secs(5), || {
+        (emu.requests() > before).then_some(())
+    });
+    assert!(
+        started.is_some(),
+        "the second fetch reached the hanging endpoint"
+    );
     assert_same_token(
         &m.read("management.azure.com").unwrap(),
         &held,

@@ -252,7 +252,14 @@ fn an_ordinary_user_mounts_reads_and_unmounts() {
         // SAFETY: as above.
         unsafe { libc::kill(pid, libc::SIGKILL) };
     }
-    std::thread::sleep(Duration::from_millis(200));
+    // Seen as its owner: root is kept out of a user's mount whatever its state.
+    let stale = eventually(Duration::from_secs(5), || {
+        let out = as_user(1000, "stat", &[m]);
+        String::from_utf8_lossy(&out.stderr)
+            .contains("Transport endpoint is not connected")
+            .then_some(())
+    });
+    assert!(stale.is_some(), "kill -9 leaves a dead mount");
     let out = as_user(1000, BIN, &["mount", "--endpoint", &emu.url(), m]);
     assert!(
         out.status.success(),

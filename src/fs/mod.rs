@@ -141,10 +141,6 @@ impl Core {
         })
     }
 
-    pub fn cache(&self) -> &Arc<Cache> {
-        &self.cache
-    }
-
     /// Looks `name` up in directory `parent`; `done` may run later, on a fetch thread.
     pub fn lookup(
         self: &Arc<Self>,

@@ -6,7 +6,7 @@ use super::{parse, Source, SourceError, MAX_BODY};
 use crate::token::Token;
 use std::io::Read;
 use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 use zeroize::Zeroizing;
@@ -16,7 +16,7 @@ pub struct AzureCli {
 }
 
 impl AzureCli {
-    /// `program` is `az` (looked up on PATH) unless a path is given.
+    /// `program` is `az` (looked up on PATH) or a path to a stand-in.
     pub fn new(program: impl Into<PathBuf>) -> AzureCli {
         AzureCli {
             program: program.into(),
@@ -125,9 +125,4 @@ fn drain(mut r: impl Read) -> Zeroizing<Vec<u8>> {
     let _ = (&mut r).take(MAX_BODY as u64 + 1).read_to_end(&mut buf);
     let _ = std::io::copy(&mut r, &mut std::io::sink());
     buf
-}
-
-/// The default program name; a path when tests point at a stand-in.
-pub fn default_program() -> &'static Path {
-    Path::new("az")
 }

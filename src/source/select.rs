@@ -5,7 +5,6 @@ use super::{appservice, arc, azure_cli, cloudshell, imds, Identity, Source};
 use crate::emulator::{Emulator, EmulatorConfig, Protocol};
 use std::collections::BTreeMap;
 use std::fmt;
-use std::path::PathBuf;
 use std::str::FromStr;
 use std::sync::Arc;
 
@@ -155,7 +154,6 @@ pub struct Plan {
     url: Option<String>,
     secret: Option<String>,
     identity: Identity,
-    az: PathBuf,
     emulator: bool,
 }
 
@@ -228,7 +226,6 @@ pub fn plan(wanted: &Wanted, env: &Env) -> Result<Plan, String> {
         url,
         secret: env.get("IDENTITY_HEADER").map(str::to_string),
         identity: wanted.identity.clone(),
-        az: azure_cli::default_program().to_path_buf(),
         emulator: wanted.emulator,
     })
 }
@@ -273,7 +270,7 @@ impl Plan {
                 id,
             )?),
             Kind::Arc => Arc::new(arc::Arc::new(&url)?),
-            Kind::AzureCli => Arc::new(azure_cli::AzureCli::new(self.az.clone())),
+            Kind::AzureCli => Arc::new(azure_cli::AzureCli::new("az")),
             Kind::CloudShell | Kind::Auto => Arc::new(cloudshell::CloudShell::new(&url)?),
         };
         Ok(Chosen {

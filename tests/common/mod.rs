@@ -284,7 +284,10 @@ impl Drop for KillOnDrop {
         let _ = Command::new("pkill")
             .args(["-TERM", "-f", &format!("cstokenfs.*{}", self.0.display())])
             .status();
-        std::thread::sleep(Duration::from_millis(300));
+        // Give the daemon time to unmount itself; detach whatever is still there.
+        eventually(Duration::from_secs(5), || {
+            (!is_mounted(&self.0)).then_some(())
+        });
         lazy_unmount(&self.0);
     }
 }
