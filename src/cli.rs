@@ -109,6 +109,9 @@ pub struct MountArgs {
     /// The most tokens held; the least recently read undeclared one is evicted first.
     #[arg(long, value_name = "N", default_value_t = 1024, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
     pub max_resources: u64,
+    /// Upstream requests per second for the whole mount, after a burst of 100 (0: no bound).
+    #[arg(long, value_name = "N", default_value_t = 20, value_parser = clap::value_parser!(u32).range(0..=100_000))]
+    pub max_upstream_rate: u32,
     /// Where logs go when detached (foreground: stderr); level from RUST_LOG (default info).
     #[arg(long, value_name = "PATH")]
     pub log_file: Option<PathBuf>,
@@ -191,6 +194,7 @@ fn mount_command(args: MountArgs) -> ExitCode {
         negative_ttl_ms: (args.negative_ttl as i64).saturating_mul(1000),
         timeout: Duration::from_secs(args.upstream.timeout),
         max_resources: args.max_resources as usize,
+        max_upstream_rate: args.max_upstream_rate,
     };
     let request = MountRequest {
         mountpoint: args.mountpoint,

@@ -16,6 +16,7 @@ const VALUE_KEYS: &[&str] = &[
     "timeout",
     "negative-ttl",
     "max-resources",
+    "max-upstream-rate",
     "log-file",
     "uid",
     "gid",

@@ -13,6 +13,14 @@ pub const MAX_SKEW_MS: i64 = 5_000;
 pub const MIN_RETRY_MS: i64 = 2_000;
 /// Backoff between failed background refreshes never grows past this.
 pub const MAX_BACKOFF_MS: i64 = 60_000;
+/// While a valid token is held, fetches of its resource start at most this often, whatever
+/// an answer says (`refresh_in: 0`, a `not_before` at the epoch): readers keep the held token.
+pub const MIN_FETCH_INTERVAL_MS: i64 = 2_000;
+/// The latest expiry accepted, counted from the request: a week (real tokens live 1-24 h;
+/// an expiry in milliseconds instead of seconds lands tens of thousands of years away).
+pub const MAX_LIFETIME_MS: i64 = 7 * 24 * 3600 * 1000;
+/// `--max-upstream-rate` lets this many requests go at once before the rate applies.
+pub const UPSTREAM_BURST: u32 = 100;
 /// A token read since it was fetched is refreshed this long (or a tenth of the time to its
 /// refresh point, if less) before its refresh point.
 pub const REFRESH_LEAD_MS: i64 = 1_000;
@@ -25,6 +33,8 @@ pub struct Policy {
     /// The most one fetch may take, retries included.
     pub timeout: Duration,
     pub max_resources: usize,
+    /// Upstream requests per second for the whole mount (`--max-upstream-rate`; 0: no bound).
+    pub max_upstream_rate: u32,
 }
 
 impl Default for Policy {
@@ -34,6 +44,7 @@ impl Default for Policy {
             negative_ttl_ms: 30_000,
             timeout: Duration::from_secs(10),
             max_resources: 1024,
+            max_upstream_rate: 20,
         }
     }
 }
@@ -109,12 +120,22 @@ pub struct EntryView {
     /// Background refreshes wait until then (backoff, or an upstream that cached).
     pub next_attempt_at: EpochMs,
     pub refused_until: EpochMs,
+    /// When the last fetch of this resource started.
+    pub last_fetch_at: Option<EpochMs>,
+}
+
+impl EntryView {
+    /// A fetch started less than `MIN_FETCH_INTERVAL_MS` ago.
+    fn paced(&self, now: EpochMs) -> bool {
+        self.last_fetch_at
+            .is_some_and(|at| now < at.saturating_add(MIN_FETCH_INTERVAL_MS))
+    }
 }
 
 pub fn on_read(now: EpochMs, e: &EntryView) -> ReadDecision {
     match e.schedule {
         Some(s) if now < s.valid_until => {
-            if now < s.refresh_at || e.fetch_in_flight || now < e.next_attempt_at {
+            if now < s.refresh_at || e.fetch_in_flight || now < e.next_attempt_at || e.paced(now) {
                 ReadDecision::Serve
             } else {
                 ReadDecision::ServeAndRefresh
@@ -133,8 +154,51 @@ pub fn refresh_ahead_due(now: EpochMs, e: &EntryView) -> bool {
                 && now >= s.refresh_ahead_at
                 && !e.fetch_in_flight
                 && now >= e.next_attempt_at
+                && !e.paced(now)
         }
         None => false,
+    }
+}
+
+/// The mount-wide bound on upstream requests: a token bucket of `UPSTREAM_BURST` requests
+/// refilled at `rate` per second (0: unbounded). Pure: the caller passes the clock.
+#[derive(Debug, Clone)]
+pub struct Bucket {
+    rate: u32,
+    /// Thousandths of a request, so refills need no floating point.
+    milli: i64,
+    last: EpochMs,
+}
+
+impl Bucket {
+    pub fn new(rate: u32, now: EpochMs) -> Bucket {
+        Bucket {
+            rate,
+            milli: i64::from(UPSTREAM_BURST) * 1000,
+            last: now,
+        }
+    }
+
+    /// Takes one request: `Ok` to go now, `Err(ms)` to ask again that much later.
+    pub fn take(&mut self, now: EpochMs) -> Result<(), i64> {
+        if self.rate == 0 {
+            return Ok(());
+        }
+        // A clock that went back refills nothing (and never drains).
+        let elapsed = now.saturating_sub(self.last).max(0);
+        self.last = self.last.max(now);
+        let full = i64::from(UPSTREAM_BURST) * 1000;
+        self.milli = self
+            .milli
+            .saturating_add(elapsed.saturating_mul(i64::from(self.rate)))
+            .min(full);
+        if self.milli >= 1000 {
+            self.milli -= 1000;
+            Ok(())
+        } else {
+            let rate = i64::from(self.rate);
+            Err(((1000 - self.milli) + rate - 1) / rate)
+        }
     }
 }
 
@@ -321,6 +385,50 @@ mod tests {
                 ..e
             }
         ));
+    }
+
+    #[test]
+    fn fetches_of_a_held_token_start_at_most_every_two_seconds() {
+        // `refresh_in: 0`: the refresh point is the moment of issue.
+        let s = schedule(0, H, Some(0), 300_000);
+        let e = EntryView {
+            last_fetch_at: Some(0),
+            ..entry(s)
+        };
+        assert_eq!(on_read(1, &e), ReadDecision::Serve);
+        assert_eq!(on_read(MIN_FETCH_INTERVAL_MS - 1, &e), ReadDecision::Serve);
+        assert_eq!(
+            on_read(MIN_FETCH_INTERVAL_MS, &e),
+            ReadDecision::ServeAndRefresh
+        );
+        assert!(!refresh_ahead_due(MIN_FETCH_INTERVAL_MS - 1, &e));
+        assert!(refresh_ahead_due(MIN_FETCH_INTERVAL_MS, &e));
+        // Without a valid token, pacing never makes a reader wait longer.
+        assert_eq!(on_read(s.valid_until, &e), ReadDecision::Wait);
+    }
+
+    #[test]
+    fn the_bucket_lets_a_burst_through_then_the_rate() {
+        let mut b = Bucket::new(20, 0);
+        for _ in 0..UPSTREAM_BURST {
+            assert_eq!(b.take(0), Ok(()));
+        }
+        assert_eq!(b.take(0), Err(50));
+        assert_eq!(b.take(49), Err(1));
+        assert_eq!(b.take(50), Ok(()));
+        assert_eq!(b.take(50), Err(50));
+        // A clock that goes back neither refills nor panics.
+        assert_eq!(b.take(-1_000_000), Err(50));
+        // A long pause refills up to the burst only.
+        let later = 3_600_000;
+        for _ in 0..UPSTREAM_BURST {
+            assert_eq!(b.take(later), Ok(()));
+        }
+        assert!(b.take(later).is_err());
+        let mut free = Bucket::new(0, 0);
+        for _ in 0..10_000 {
+            assert_eq!(free.take(0), Ok(()));
+        }
     }
 
     #[test]

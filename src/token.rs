@@ -20,10 +20,15 @@ pub struct Token {
 }
 
 impl Token {
-    /// When the token's lifetime began: `not_before` if plausible, else when we fetched it.
+    /// When the token's lifetime began: `not_before` if plausible (not after the fetch,
+    /// before expiry, and a lifetime of at most a week), else when we fetched it.
     pub fn issued_at(&self, fetched_at: EpochMs) -> EpochMs {
         self.not_before
-            .filter(|nb| *nb <= fetched_at && *nb < self.expires_on)
+            .filter(|nb| {
+                *nb <= fetched_at
+                    && *nb < self.expires_on
+                    && self.expires_on.saturating_sub(*nb) <= crate::policy::MAX_LIFETIME_MS
+            })
             .unwrap_or(fetched_at)
     }
 }

@@ -32,6 +32,8 @@ const KERNEL_RETRY_WINDOW: Duration = Duration::from_millis(100);
 pub enum FsError {
     /// No such name, or a resource the endpoint refused.
     NotFound,
+    /// The endpoint refused the identity (401, 403, an unknown user-assigned identity).
+    Denied,
     /// No token could be had.
     Io,
     /// The version behind this inode is superseded or expired: look the name up again.
@@ -46,6 +48,7 @@ impl FsError {
     pub fn errno(self) -> Errno {
         match self {
             FsError::NotFound => Errno::ENOENT,
+            FsError::Denied => Errno::EACCES,
             FsError::Io => Errno::EIO,
             FsError::Stale => Errno::ESTALE,
             FsError::ReadOnly => Errno::EROFS,
@@ -185,6 +188,7 @@ impl Core {
                         Ok(core.token_entry(&v, view))
                     }
                     Err(ReadError::Refused(_)) => Err(FsError::NotFound),
+                    Err(ReadError::Denied(_)) => Err(FsError::Denied),
                     Err(ReadError::Unavailable(_)) => {
                         if core.inodes.holds(&resource) {
                             let failed = (Instant::now(), FsError::Io);

@@ -120,12 +120,25 @@ pub fn transport_error(e: reqwest::Error) -> SourceError {
     if e.is_timeout() {
         return SourceError::Timeout;
     }
-    // The innermost cause says it best ("Connection refused (os error 111)").
+    // The innermost cause says it best ("Connection refused (os error 111)"). An answer
+    // that breaks HTTP (a bad status line, HTTP/0.9, an oversized head, a bad
+    // Content-Length) is hyper's parse error somewhere in the chain.
     let mut cause: &dyn std::error::Error = &e;
-    while let Some(next) = cause.source() {
-        cause = next;
+    let mut broken_http = false;
+    loop {
+        broken_http |= cause
+            .downcast_ref::<hyper::Error>()
+            .is_some_and(hyper::Error::is_parse);
+        match cause.source() {
+            Some(next) => cause = next,
+            None => break,
+        }
     }
-    SourceError::Unreachable(cause.to_string())
+    if broken_http {
+        SourceError::Protocol(cause.to_string())
+    } else {
+        SourceError::Unreachable(cause.to_string())
+    }
 }
 
 pub fn now_ms() -> EpochMs {

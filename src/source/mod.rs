@@ -8,6 +8,7 @@ pub mod cloudshell;
 pub mod http;
 pub mod imds;
 pub mod parse;
+pub mod redact;
 pub mod select;
 
 use crate::token::Token;
@@ -35,6 +36,11 @@ pub enum SourceError {
     Unreachable(String),
     /// No complete answer within the time allowed.
     Timeout,
+    /// The answer broke HTTP itself (a bad status line, HTTP/0.9, an oversized head, a bad
+    /// Content-Length): retried once at most.
+    Protocol(String),
+    /// The mount-wide `--max-upstream-rate` held the request back until the time was up.
+    Throttled,
     /// An HTTP error status, with the upstream's own message.
     Status {
         status: u16,
@@ -52,8 +58,12 @@ pub enum SourceError {
 pub enum Failure {
     /// Worth retrying: connection trouble, timeouts, 404, 408, 410, 429, 5xx.
     Transient,
-    /// The upstream said no (other 4xx): negative-cached, never retried at once.
+    /// The upstream said no to this resource (other 4xx): negative-cached, never retried
+    /// at once (ENOENT).
     Refused,
+    /// The upstream said no to this identity (401, 403, an unknown user-assigned identity):
+    /// negative-cached like a refusal, but EACCES.
+    Denied,
     /// The upstream answered nonsense.
     Invalid,
 }
@@ -61,13 +71,26 @@ pub enum Failure {
 impl SourceError {
     pub fn failure(&self) -> Failure {
         match self {
-            SourceError::Unreachable(_) | SourceError::Timeout => Failure::Transient,
-            SourceError::Status { status, .. } => match status {
+            SourceError::Unreachable(_)
+            | SourceError::Timeout
+            | SourceError::Protocol(_)
+            | SourceError::Throttled => Failure::Transient,
+            SourceError::Status {
+                status, message, ..
+            } => match status {
                 404 | 408 | 410 | 429 | 500..=599 => Failure::Transient,
+                401 | 403 => Failure::Denied,
+                400 if names_unknown_identity(message) => Failure::Denied,
                 _ => Failure::Refused,
             },
             SourceError::BadResponse(_) | SourceError::Command(_) => Failure::Invalid,
         }
+    }
+
+    /// The connection itself failed (refused, reset, no answer in time): the upstream, not
+    /// this resource, is in trouble.
+    pub fn is_connection_level(&self) -> bool {
+        matches!(self, SourceError::Unreachable(_) | SourceError::Timeout)
     }
 
     pub fn retry_after(&self) -> Option<Duration> {
@@ -78,17 +101,31 @@ impl SourceError {
     }
 }
 
+/// IMDS (`Identity not found`) and App Service (`No Managed Identity found for specified
+/// ClientId/...`) answer 400 for a user-assigned identity that does not exist.
+fn names_unknown_identity(message: &str) -> bool {
+    let m = message.to_ascii_lowercase();
+    m.contains("identity not found") || m.contains("no managed identity found")
+}
+
+/// Every message is redacted (`redact::redact`) as it is written, so no upstream's words
+/// can carry a token, a refresh token or a bearer credential into a log or `.status`.
 impl fmt::Display for SourceError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            SourceError::Unreachable(why) => write!(f, "endpoint unreachable: {why}"),
-            SourceError::Timeout => f.write_str("endpoint did not answer in time"),
+        let text = match self {
+            SourceError::Unreachable(why) => format!("endpoint unreachable: {why}"),
+            SourceError::Timeout => "endpoint did not answer in time".into(),
+            SourceError::Protocol(why) => format!("the endpoint broke HTTP: {why}"),
+            SourceError::Throttled => {
+                "held back by --max-upstream-rate until --timeout ran out".into()
+            }
             SourceError::Status {
                 status, message, ..
-            } => write!(f, "HTTP {status}: {message}"),
-            SourceError::BadResponse(why) => write!(f, "unusable answer: {why}"),
-            SourceError::Command(why) => f.write_str(why),
-        }
+            } => format!("HTTP {status}: {message}"),
+            SourceError::BadResponse(why) => format!("unusable answer: {why}"),
+            SourceError::Command(why) => why.clone(),
+        };
+        f.write_str(&redact::redact(&text))
     }
 }
 

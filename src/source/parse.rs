@@ -2,12 +2,19 @@
 //! spellings that differ) and the error bodies of each upstream.
 
 pub use crate::civil::days_from_civil;
+use crate::policy::MAX_LIFETIME_MS;
 use crate::token::{EpochMs, Token};
+use base64::Engine as _;
 use serde_json::{Map, Value};
 use zeroize::{Zeroize, Zeroizing};
 
 /// Parses a 2xx body into a token. `requested_at` is when the request was sent (wall clock),
 /// the base for `expires_in`. The error names what was wrong, never the token.
+///
+/// What is refused: a token with a byte outside 0x21-0x7E (it would inject headers into
+/// `.header` and lines into `.git-credential`), and an expiry more than 7 days after the
+/// request. When the token is a JWT with `exp`, the earlier of `exp` and the answer's
+/// expiry counts.
 pub fn token(body: &[u8], requested_at: EpochMs) -> Result<Token, String> {
     let parsed: Value =
         serde_json::from_slice(body).map_err(|_| "the body is not JSON".to_string())?;
@@ -32,7 +39,13 @@ fn token_of(obj: &mut Map<String, Value>, requested_at: EpochMs) -> Result<Token
         .find_map(|k| obj.get(*k).and_then(Value::as_str))
         .unwrap_or("Bearer")
         .to_string();
-    let expires_on = expiry(obj, requested_at)?;
+    let (answered, field) = expiry(obj, requested_at)?;
+    let expires_on = match jwt_exp(&access_token) {
+        Some(exp) if exp < answered => {
+            checked_expiry(exp, "exp (the JWT's own claim)", requested_at)?
+        }
+        _ => checked_expiry(answered, field, requested_at)?,
+    };
     let refresh_in_ms = obj.get("refresh_in").and_then(seconds).map(|s| s * 1000);
     let not_before = obj.get("not_before").and_then(seconds).map(|s| s * 1000);
     Ok(Token {
@@ -52,20 +65,72 @@ fn take_token(obj: &mut Map<String, Value>) -> Result<Zeroizing<String>, String>
     let Some(key) = key else {
         return Err("no access_token in the answer".into());
     };
-    match obj.remove(key) {
-        Some(Value::String(s)) if !s.is_empty() => Ok(Zeroizing::new(s)),
-        Some(Value::String(_)) => Err("access_token is empty".into()),
-        _ => Err("access_token is not a string".into()),
+    let token = match obj.remove(key) {
+        Some(Value::String(s)) => Zeroizing::new(s),
+        _ => return Err("access_token is not a string".into()),
+    };
+    if token.is_empty() {
+        return Err("access_token is empty".into());
+    }
+    match token.bytes().find(|b| !(0x21..=0x7e).contains(b)) {
+        None => Ok(token),
+        Some(b) => Err(format!(
+            "access_token contains {} (a token is printable ASCII: base64url and dots)",
+            byte_class(b)
+        )),
     }
 }
 
-fn expiry(obj: &Map<String, Value>, requested_at: EpochMs) -> Result<EpochMs, String> {
+/// What kind of byte it is, for the log: never the byte itself.
+fn byte_class(b: u8) -> &'static str {
+    match b {
+        b'\r' | b'\n' => "a line break (CR or LF)",
+        b' ' | b'\t' => "white space",
+        0..=0x1f | 0x7f => "a control character",
+        _ => "a non-ASCII byte",
+    }
+}
+
+/// The `exp` claim of a JWT, in ms: `None` for a token that is not a JWT with a numeric
+/// `exp` (opaque tokens are fine; their answer's expiry counts).
+pub fn jwt_exp(token: &str) -> Option<EpochMs> {
+    let payload = token.split('.').nth(1)?;
+    let bytes = Zeroizing::new(
+        base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(payload.trim_end_matches('='))
+            .ok()?,
+    );
+    let claims: Value = serde_json::from_slice(&bytes).ok()?;
+    let exp = claims.get("exp")?;
+    let secs = exp.as_i64().or_else(|| exp.as_f64().map(|f| f as i64))?;
+    secs.checked_mul(1000)
+}
+
+/// An expiry at most `MAX_LIFETIME_MS` after the request (so also one RFC 3339 can write).
+fn checked_expiry(at: EpochMs, field: &str, requested_at: EpochMs) -> Result<EpochMs, String> {
+    if at.saturating_sub(requested_at) > MAX_LIFETIME_MS {
+        return Err(format!(
+            "{field} is more than 7 days away ({} days): not a plausible token expiry (milliseconds instead of seconds?)",
+            at.saturating_sub(requested_at) / 86_400_000
+        ));
+    }
+    if at < 0 {
+        return Err(format!("{field} is before 1970"));
+    }
+    Ok(at)
+}
+
+/// The answer's expiry and the field it came from.
+fn expiry(
+    obj: &Map<String, Value>,
+    requested_at: EpochMs,
+) -> Result<(EpochMs, &'static str), String> {
     if let Some(v) = obj.get("expires_on") {
         if let Some(secs) = seconds(v) {
-            return Ok(secs * 1000);
+            return Ok((secs * 1000, "expires_on"));
         }
         if let Some(ms) = v.as_str().and_then(legacy_date) {
-            return Ok(ms);
+            return Ok((ms, "expires_on"));
         }
         if obj.get("expires_in").is_none() {
             return Err("expires_on is neither epoch seconds nor a known date format".into());
@@ -75,14 +140,15 @@ fn expiry(obj: &Map<String, Value>, requested_at: EpochMs) -> Result<EpochMs, St
         Some(v) => match seconds(v) {
             Some(secs) => requested_at
                 .checked_add(secs * 1000)
+                .map(|ms| (ms, "expires_in"))
                 .ok_or_else(|| "expires_in is out of range".to_string()),
             None => Err("expires_in is not a number of seconds".into()),
         },
         // Older Azure CLIs: `expiresOn` in local time.
         None => match obj.get("expiresOn").and_then(Value::as_str) {
-            Some(s) => {
-                local_datetime(s).ok_or_else(|| "expiresOn is not a date and time".to_string())
-            }
+            Some(s) => local_datetime(s)
+                .map(|ms| (ms, "expiresOn"))
+                .ok_or_else(|| "expiresOn is not a date and time".to_string()),
             None => Err("the answer has neither expires_on nor expires_in".into()),
         },
     }
@@ -215,11 +281,7 @@ pub fn error_message(body: &[u8]) -> String {
         .take(300)
         .collect();
     // An upstream that echoes a token back in its error must not put it in our logs.
-    let clean = clean
-        .split(' ')
-        .map(|w| if w.contains("eyJ") { "<redacted>" } else { w })
-        .collect::<Vec<_>>()
-        .join(" ");
+    let clean = super::redact::redact(&clean);
     let clean = clean.trim();
     if clean.is_empty() {
         "no message in the answer".into()
@@ -273,23 +335,34 @@ mod tests {
         std::fs::read(&path).unwrap_or_else(|e| panic!("{path}: {e}"))
     }
 
+    /// Parses `body` as if requested an hour before `expires_ms`, as real answers are.
+    fn token_before(body: &[u8], expires_ms: EpochMs) -> Result<Token, String> {
+        token(body, expires_ms - 3_600_000)
+    }
+
     #[test]
     fn samples_of_each_upstream_parse() {
-        let t = token(&sample("cloudshell-200.json"), 0).unwrap();
+        let t = token_before(&sample("cloudshell-200.json"), 1_795_498_573_000).unwrap();
         assert_eq!(t.expires_on, 1_795_498_573_000);
         assert_eq!(t.token_type, "Bearer");
         assert_eq!(
-            token(&sample("imds-200.json"), 0).unwrap().expires_on,
+            token_before(&sample("imds-200.json"), 1_795_580_973_000)
+                .unwrap()
+                .expires_on,
             1_795_580_973_000
         );
         assert_eq!(
-            token(&sample("appservice-200.json"), 0).unwrap().expires_on,
+            token_before(&sample("appservice-200.json"), 1_795_580_973_000)
+                .unwrap()
+                .expires_on,
             1_795_580_973_000
         );
-        let legacy = token(&sample("appservice-2017-date.json"), 0).unwrap();
+        let legacy = token_before(&sample("appservice-2017-date.json"), 1_781_924_278_000).unwrap();
         assert_eq!(legacy.expires_on, 1_781_924_278_000); // 2026-06-20T02:57:58Z
         assert_eq!(
-            token(&sample("azure-cli-200.json"), 0).unwrap().expires_on,
+            token_before(&sample("azure-cli-200.json"), 1_795_498_373_000)
+                .unwrap()
+                .expires_on,
             1_795_498_373_000
         );
     }
@@ -317,17 +390,20 @@ mod tests {
     #[test]
     fn expiry_forms() {
         let t = |s: &str| token(s.as_bytes(), 1_000_000);
+        // Answers with an absolute expiry, requested a minute before it.
+        let at = |s: &str, expires: EpochMs| token(s.as_bytes(), expires - 60_000);
+        let epoch = 1_700_000_000_000;
         assert_eq!(
-            t(r#"{"access_token":"x","expires_on":1700000000}"#)
+            at(r#"{"access_token":"x","expires_on":1700000000}"#, epoch)
                 .unwrap()
                 .expires_on,
-            1_700_000_000_000
+            epoch
         );
         assert_eq!(
-            t(r#"{"access_token":"x","expires_on":"1700000000"}"#)
+            at(r#"{"access_token":"x","expires_on":"1700000000"}"#, epoch)
                 .unwrap()
                 .expires_on,
-            1_700_000_000_000
+            epoch
         );
         assert_eq!(
             t(r#"{"access_token":"x","expires_in":"60"}"#)
@@ -341,17 +417,25 @@ mod tests {
                 .expires_on,
             1_060_000
         );
+        let legacy = 1_579_152_252_000;
         assert_eq!(
-            t(r#"{"access_token":"x","expires_on":"1/16/2020 5:24:12 AM +00:00"}"#)
-                .unwrap()
-                .expires_on,
-            1_579_152_252_000
+            at(
+                r#"{"access_token":"x","expires_on":"1/16/2020 5:24:12 AM +00:00"}"#,
+                legacy
+            )
+            .unwrap()
+            .expires_on,
+            legacy
         );
+        let pm = legacy + 11 * 3_600_000;
         assert_eq!(
-            t(r#"{"access_token":"x","expires_on":"1/16/2020 5:24:12 PM +01:00"}"#)
-                .unwrap()
-                .expires_on,
-            1_579_152_252_000 + 11 * 3_600_000
+            at(
+                r#"{"access_token":"x","expires_on":"1/16/2020 5:24:12 PM +01:00"}"#,
+                pm
+            )
+            .unwrap()
+            .expires_on,
+            pm
         );
         assert!(t(r#"{"access_token":"x"}"#)
             .unwrap_err()
@@ -365,10 +449,85 @@ mod tests {
     }
 
     #[test]
+    fn an_expiry_in_milliseconds_or_past_a_week_is_refused_naming_the_field() {
+        let now = 1_700_000_000_000;
+        let ms = format!(
+            r#"{{"access_token":"x","expires_on":"{}"}}"#,
+            now + 3_600_000
+        );
+        let e = token(ms.as_bytes(), now).unwrap_err();
+        assert!(e.contains("expires_on") && e.contains("7 days"), "{e}");
+        let e = token(br#"{"access_token":"x","expires_in":864000}"#, now).unwrap_err();
+        assert!(e.contains("expires_in"), "{e}");
+        // A week exactly is fine.
+        assert!(token(br#"{"access_token":"x","expires_in":604800}"#, now).is_ok());
+    }
+
+    fn jwt(claims: &str) -> String {
+        let b64 = |s: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s);
+        format!("{}.{}.sig", b64(r#"{"alg":"none"}"#), b64(claims))
+    }
+
+    #[test]
+    fn a_jwt_exp_earlier_than_the_answer_wins() {
+        let now = 1_700_000_000_000;
+        let exp = now / 1000 + 600;
+        let body = format!(
+            r#"{{"access_token":"{}","expires_in":3600}}"#,
+            jwt(&format!(r#"{{"exp":{exp}}}"#))
+        );
+        assert_eq!(token(body.as_bytes(), now).unwrap().expires_on, exp * 1000);
+        // A later exp does not extend the answer's expiry.
+        let body = format!(
+            r#"{{"access_token":"{}","expires_in":60}}"#,
+            jwt(&format!(r#"{{"exp":{exp}}}"#))
+        );
+        assert_eq!(
+            token(body.as_bytes(), now).unwrap().expires_on,
+            now + 60_000
+        );
+        // An answer in milliseconds is caught by the JWT's exp only if that is sane.
+        let body = format!(
+            r#"{{"access_token":"{}","expires_on":"{}"}}"#,
+            jwt(&format!(r#"{{"exp":{exp}}}"#)),
+            now + 3_600_000
+        );
+        assert_eq!(token(body.as_bytes(), now).unwrap().expires_on, exp * 1000);
+        let body = format!(
+            r#"{{"access_token":"{}","expires_in":{}}}"#,
+            jwt(&format!(r#"{{"exp":{}}}"#, now / 1000 + 8 * 86_400)),
+            9 * 86_400
+        );
+        let e = token(body.as_bytes(), now).unwrap_err();
+        assert!(e.contains("exp"), "{e}");
+        // Not a JWT, or no exp: the answer counts.
+        assert_eq!(jwt_exp("opaque"), None);
+        assert_eq!(jwt_exp(&jwt(r#"{"aud":"x"}"#)), None);
+        assert_eq!(jwt_exp("a.!!!.c"), None);
+    }
+
+    #[test]
+    fn tokens_with_bytes_outside_printable_ascii_are_refused_by_class() {
+        for (tok, class) in [
+            ("abc\\r\\nX-Injected: evil", "line break"),
+            ("abc def", "white space"),
+            ("abc\\u0001", "control character"),
+            ("abc\\u00e9", "non-ASCII"),
+        ] {
+            let body = format!(r#"{{"access_token":"{tok}","expires_in":60}}"#);
+            let e = token(body.as_bytes(), 0).unwrap_err();
+            assert!(e.contains(class), "{e}");
+            assert!(!e.contains("abc"), "never the bytes: {e}");
+        }
+        assert!(token(br#"{"access_token":"a.b-c_d~!","expires_in":60}"#, 0).is_ok());
+    }
+
+    #[test]
     fn azure_cli_local_expiry() {
+        let utc_ms = (days_from_civil(2030, 1, 2) * 86_400) * 1000;
         let t = token(
             br#"{"accessToken":"x","expiresOn":"2030-01-02 03:04:05.000000"}"#,
-            0,
+            utc_ms - 86_400_000,
         )
         .unwrap();
         let utc = (days_from_civil(2030, 1, 2) * 86_400 + 3 * 3600 + 4 * 60 + 5) * 1000;

@@ -209,6 +209,12 @@ pub fn plan(wanted: &Wanted, env: &Env) -> Result<Plan, String> {
         Kind::AzureCli if wanted.endpoint.is_some() => {
             return Err("--endpoint does not apply to --source azure-cli".into())
         }
+        Kind::AzureCli if !env.az_on_path => {
+            return Err(
+                "--source azure-cli: az is not on PATH (install the Azure CLI, or pick another --source)"
+                    .into(),
+            )
+        }
         Kind::AppService if url.is_none() && !wanted.emulator => {
             return Err("--source appservice needs IDENTITY_ENDPOINT (or --endpoint)".into())
         }

@@ -1,0 +1,982 @@
+//! The token cache: one entry per resource, single-flight fetches run by a small pool (a
+//! reader never blocks a FUSE thread or another resource, a flood of names never costs a
+//! thread each), a bounded negative cache of refusals apart from the tokens, refresh ahead
+//! in the background, eviction. Decisions come from `policy`; the upstream's rate limit and
+//! known-down state are in `upstream`.
+
+mod pool;
+mod upstream;
+
+use crate::policy::{self, EntryView, Policy, ReadDecision, Schedule};
+use crate::source::{Failure, Source, SourceError};
+use crate::token::{EpochMs, Token, Version};
+use log::{debug, info, warn};
+use parking_lot::{Condvar, Mutex};
+use pool::{Job, Pool};
+use std::collections::{HashMap, VecDeque};
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use upstream::Upstream;
+
+/// Wall clock, replaceable in tests.
+pub trait Clock: Send + Sync {
+    fn now(&self) -> EpochMs;
+}
+
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now(&self) -> EpochMs {
+        crate::source::http::now_ms()
+    }
+}
+
+/// Why a reader gets no token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReadError {
+    /// The upstream refused this resource (ENOENT).
+    Refused(String),
+    /// The upstream refused the identity: 401, 403, an unknown user-assigned identity (EACCES).
+    Denied(String),
+    /// No valid token could be had in time (EIO).
+    Unavailable(String),
+}
+
+impl fmt::Display for ReadError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ReadError::Refused(m) => write!(f, "refused by the endpoint: {m}"),
+            ReadError::Denied(m) => write!(f, "access denied by the endpoint: {m}"),
+            ReadError::Unavailable(m) => write!(f, "no token: {m}"),
+        }
+    }
+}
+
+impl std::error::Error for ReadError {}
+
+impl ReadError {
+    fn of(e: &SourceError) -> ReadError {
+        let message = e.to_string();
+        match e.failure() {
+            Failure::Refused => ReadError::Refused(message),
+            Failure::Denied => ReadError::Denied(message),
+            Failure::Transient | Failure::Invalid => ReadError::Unavailable(message),
+        }
+    }
+}
+
+/// Pause between asking an upstream that keeps returning a token about to expire.
+const EXPIRED_ON_ARRIVAL_PAUSE: Duration = Duration::from_millis(1_000);
+/// Refusals remembered at most (each for `--negative-ttl`); the oldest go first.
+pub const MAX_REFUSALS: usize = 10_000;
+/// Stack of a fetch worker: a blocking HTTP call and a JSON parse (serde_json limits depth).
+const WORKER_STACK: usize = 512 * 1024;
+
+/// Called once with the outcome of a read; may run on a fetch thread.
+pub type Done = Box<dyn FnOnce(Result<Arc<Version>, ReadError>) + Send>;
+
+/// Whether an open of a version may go ahead.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OpenDecision {
+    Serve,
+    /// Superseded or expired: the reader must look the name up again.
+    Stale,
+}
+
+/// The newest token of a resource and when it must be refreshed or stops being served.
+struct Held {
+    version: Arc<Version>,
+    schedule: Schedule,
+}
+
+/// How the last fetches of a resource went.
+#[derive(Default)]
+struct Failures {
+    /// Failed fetches in a row (0 after a success).
+    consecutive: u32,
+    /// Background refreshes wait until then (backoff, or an upstream that cached).
+    next_attempt_at: EpochMs,
+    /// The last failure's (redacted) message and when it happened.
+    last_error: Option<(String, EpochMs)>,
+    /// "The endpoint returned the token already held" was logged for the held version.
+    unchanged_logged: bool,
+}
+
+/// How the held version is read.
+#[derive(Default)]
+struct Reads {
+    /// Opened since it was fetched: in use, so refreshed ahead of its refresh point.
+    since_fetch: bool,
+    /// Opens by the readers whose lookups waited for this version: not later reads.
+    opens_to_skip: usize,
+    /// Sequence number of the last read: the least recently read entry is evicted first.
+    last: u64,
+}
+
+/// One resource that is declared, holds a token or is being fetched. Refusals live apart
+/// (`Refusals`), so a flood of refused names never evicts a token.
+#[derive(Default)]
+struct Entry {
+    /// Named with `--resource`: always listed, never evicted.
+    declared: bool,
+    held: Option<Held>,
+    /// Some while a fetch is queued or running: the readers waiting for it.
+    waiters: Option<Vec<Done>>,
+    /// When the last fetch started (fetches of a held token are paced).
+    last_fetch_at: Option<EpochMs>,
+    failures: Failures,
+    reads: Reads,
+    /// Upstream requests made for this resource.
+    upstream_calls: u64,
+    /// When the held version was fetched.
+    fetched_at: Option<EpochMs>,
+}
+
+impl Entry {
+    fn view(&self, refused_until: EpochMs) -> EntryView {
+        EntryView {
+            schedule: self.held.as_ref().map(|h| h.schedule),
+            fetch_in_flight: self.waiters.is_some(),
+            next_attempt_at: self.failures.next_attempt_at,
+            refused_until,
+            last_fetch_at: self.last_fetch_at,
+        }
+    }
+
+    fn valid(&self, now: EpochMs) -> Option<&Arc<Version>> {
+        self.held
+            .as_ref()
+            .filter(|h| now < h.schedule.valid_until)
+            .map(|h| &h.version)
+    }
+
+    fn state(&self, now: EpochMs, refusal: Option<&Refusal>) -> &'static str {
+        let valid = self.valid(now).is_some();
+        match () {
+            _ if self.waiters.is_some() && valid => "refreshing",
+            _ if self.waiters.is_some() => "fetching",
+            _ if !valid && refusal.is_some() => refusal.map_or("refused", Refusal::state),
+            _ if self.failures.consecutive > 0 => "failed",
+            _ if !valid => "empty",
+            _ if self
+                .held
+                .as_ref()
+                .is_some_and(|h| now >= h.schedule.refresh_at) =>
+            {
+                "stale-but-valid"
+            }
+            _ => "fresh",
+        }
+    }
+}
+
+/// A resource the upstream said no to, answered without asking again until `until`.
+#[derive(Clone)]
+struct Refusal {
+    until: EpochMs,
+    error: ReadError,
+    at: EpochMs,
+}
+
+impl Refusal {
+    fn state(&self) -> &'static str {
+        match self.error {
+            ReadError::Denied(_) => "denied",
+            _ => "refused",
+        }
+    }
+
+    fn message(&self) -> &str {
+        match &self.error {
+            ReadError::Refused(m) | ReadError::Denied(m) | ReadError::Unavailable(m) => m,
+        }
+    }
+}
+
+/// The negative cache: at most `MAX_REFUSALS`, the oldest dropped first.
+#[derive(Default)]
+struct Refusals {
+    by_resource: HashMap<Arc<str>, Refusal>,
+    /// Insertion order, with the time of each insertion (stale pairs are skipped).
+    order: VecDeque<(Arc<str>, EpochMs)>,
+}
+
+impl Refusals {
+    fn active(&self, resource: &str, now: EpochMs) -> Option<&Refusal> {
+        self.by_resource.get(resource).filter(|r| now < r.until)
+    }
+
+    fn insert(&mut self, resource: Arc<str>, refusal: Refusal) {
+        while self.by_resource.len() >= MAX_REFUSALS && !self.by_resource.contains_key(&resource) {
+            let Some((old, at)) = self.order.pop_front() else {
+                break;
+            };
+            if self.by_resource.get(&old).is_some_and(|r| r.at == at) {
+                self.by_resource.remove(&old);
+            }
+        }
+        self.order.push_back((resource.clone(), refusal.at));
+        self.by_resource.insert(resource, refusal);
+    }
+
+    fn expire(&mut self, now: EpochMs) {
+        self.by_resource.retain(|_, r| now < r.until);
+        let by_resource = &self.by_resource;
+        self.order
+            .retain(|(r, at)| by_resource.get(r).is_some_and(|x| x.at == *at));
+        shrink(&mut self.by_resource);
+        if self.order.capacity() > 4 * self.order.len().max(16) {
+            self.order.shrink_to_fit();
+        }
+    }
+}
+
+/// Gives memory back once a map has emptied out (a flood of names must not pin it).
+fn shrink<K: std::hash::Hash + Eq, V>(map: &mut HashMap<K, V>) {
+    if map.capacity() > 4 * map.len().max(16) {
+        map.shrink_to_fit();
+    }
+}
+
+/// Everything behind the cache's one lock.
+#[derive(Default)]
+struct State {
+    entries: HashMap<Arc<str>, Entry>,
+    refusals: Refusals,
+}
+
+pub struct Cache {
+    upstream: Upstream,
+    policy: Policy,
+    clock: Arc<dyn Clock>,
+    state: Mutex<State>,
+    pool: Pool,
+    next_version: AtomicU64,
+    read_seq: AtomicU64,
+    /// Wakes the background worker early (stop).
+    wake: Condvar,
+    stopped: Mutex<bool>,
+    /// Bumped when every token is dropped; fetches started before it start over.
+    generation: AtomicU64,
+}
+
+impl Drop for Cache {
+    fn drop(&mut self) {
+        self.pool.stop();
+    }
+}
+
+impl Cache {
+    pub fn new(
+        source: Arc<dyn Source>,
+        policy: Policy,
+        declared: &[String],
+        clock: Arc<dyn Clock>,
+    ) -> Arc<Cache> {
+        let entries = declared
+            .iter()
+            .map(|r| {
+                (
+                    Arc::from(r.as_str()),
+                    Entry {
+                        declared: true,
+                        ..Entry::default()
+                    },
+                )
+            })
+            .collect();
+        Arc::new(Cache {
+            upstream: Upstream::new(source, clock.clone(), policy.max_upstream_rate),
+            policy,
+            clock,
+            state: Mutex::new(State {
+                entries,
+                refusals: Refusals::default(),
+            }),
+            pool: Pool::default(),
+            next_version: AtomicU64::new(1),
+            read_seq: AtomicU64::new(1),
+            wake: Condvar::new(),
+            stopped: Mutex::new(false),
+            generation: AtomicU64::new(0),
+        })
+    }
+
+    pub fn source(&self) -> &dyn Source {
+        self.upstream.source()
+    }
+
+    pub fn now(&self) -> EpochMs {
+        self.clock.now()
+    }
+
+    /// The token of `resource` for a reader: `done` runs at once when a valid token is held
+    /// or the resource was refused recently, else when the fetch (started here or already
+    /// under way) ends.
+    pub fn get(self: &Arc<Self>, resource: &str, done: Done) {
+        let now = self.clock.now();
+        let mut guard = self.state.lock();
+        let State { entries, refusals } = &mut *guard;
+        let refusal = refusals.active(resource, now).cloned();
+        let key = match entries.get_key_value(resource) {
+            Some((k, _)) => k.clone(),
+            None => {
+                if let Some(r) = refusal {
+                    drop(guard);
+                    return done(Err(r.error));
+                }
+                self.evict_for_one_more(entries);
+                let key: Arc<str> = Arc::from(resource);
+                entries.insert(key.clone(), Entry::default());
+                key
+            }
+        };
+        let Some(entry) = entries.get_mut(&key) else {
+            return;
+        };
+        entry.reads.last = self.read_seq.fetch_add(1, Ordering::Relaxed);
+        let refused_until = refusal.as_ref().map_or(0, |r| r.until);
+        match policy::on_read(now, &entry.view(refused_until)) {
+            ReadDecision::Serve => {
+                let v = entry.valid(now).cloned();
+                drop(guard);
+                done(v.ok_or_else(|| unreachable_state(&key)))
+            }
+            ReadDecision::ServeAndRefresh => {
+                let v = entry.valid(now).cloned();
+                let job = self.start_fetch(entry, &key, now, true);
+                drop(guard);
+                self.enqueue(job);
+                done(v.ok_or_else(|| unreachable_state(&key)))
+            }
+            ReadDecision::Refused => {
+                drop(guard);
+                done(Err(
+                    refusal.map_or_else(|| unreachable_state(&key), |r| r.error)
+                ))
+            }
+            ReadDecision::Wait => {
+                if let Some(waiters) = &mut entry.waiters {
+                    return waiters.push(done);
+                }
+                let job = self.start_fetch(entry, &key, now, false);
+                entry.waiters = Some(vec![done]);
+                drop(guard);
+                self.enqueue(job);
+            }
+        }
+    }
+
+    /// `get` for callers that may block (the `get` command, tests).
+    pub fn get_blocking(self: &Arc<Self>, resource: &str) -> Result<Arc<Version>, ReadError> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        self.get(resource, Box::new(move |r| drop(tx.send(r))));
+        rx.recv()
+            .unwrap_or_else(|_| Err(ReadError::Unavailable("the fetch was abandoned".into())))
+    }
+
+    /// An open of `v`: may it be served, or must the reader look the name up again?
+    pub fn on_open(self: &Arc<Self>, v: &Version) -> OpenDecision {
+        let now = self.clock.now();
+        let mut guard = self.state.lock();
+        let Some(entry) = guard.entries.get_mut(&*v.resource) else {
+            return OpenDecision::Stale;
+        };
+        if entry.valid(now).is_none_or(|cur| cur.id != v.id) {
+            return OpenDecision::Stale;
+        }
+        if entry.reads.opens_to_skip > 0 {
+            entry.reads.opens_to_skip -= 1;
+        } else {
+            entry.reads.since_fetch = true;
+        }
+        entry.reads.last = self.read_seq.fetch_add(1, Ordering::Relaxed);
+        if policy::on_read(now, &entry.view(0)) == ReadDecision::ServeAndRefresh {
+            let job = self.start_fetch(entry, &v.resource, now, true);
+            drop(guard);
+            self.enqueue(job);
+        }
+        OpenDecision::Serve
+    }
+
+    /// Marks a fetch as started (its waiters list exists, pacing counts from now).
+    fn start_fetch(&self, entry: &mut Entry, key: &Arc<str>, now: EpochMs, refresh: bool) -> Job {
+        entry.waiters = Some(Vec::new());
+        entry.last_fetch_at = Some(now);
+        Job {
+            resource: key.clone(),
+            deadline: Instant::now() + self.policy.timeout,
+            refresh,
+        }
+    }
+
+    /// Every resource to list: the declared ones and those whose token is held.
+    pub fn listed(&self) -> Vec<(Arc<str>, Option<Arc<Version>>)> {
+        let now = self.clock.now();
+        let guard = self.state.lock();
+        guard
+            .entries
+            .iter()
+            .filter_map(|(r, e)| {
+                let v = e.valid(now).cloned();
+                (e.declared || v.is_some()).then(|| (r.clone(), v))
+            })
+            .collect()
+    }
+
+    /// The current valid version of a resource, without counting a read.
+    pub fn peek(&self, resource: &str) -> Option<Arc<Version>> {
+        let now = self.clock.now();
+        self.state
+            .lock()
+            .entries
+            .get(resource)
+            .and_then(|e| e.valid(now).cloned())
+    }
+
+    /// `.status`: per resource state and times, never token bytes.
+    pub fn status(&self) -> serde_json::Value {
+        let now = self.clock.now();
+        let secs = |ms: EpochMs| ms.div_euclid(1000);
+        let guard = self.state.lock();
+        let State { entries, refusals } = &*guard;
+        let mut resources: Vec<serde_json::Value> = entries
+            .iter()
+            .map(|(r, e)| {
+                let held = e.valid(now);
+                let refusal = refusals.active(r, now);
+                let last_error = e
+                    .failures
+                    .last_error
+                    .as_ref()
+                    .map(|(m, at)| (m.as_str(), *at))
+                    .or_else(|| refusal.map(|x| (x.message(), x.at)));
+                serde_json::json!({
+                    "name": crate::names::canonical_name(r),
+                    "resource": &**r,
+                    "state": e.state(now, refusal),
+                    "declared": e.declared,
+                    "expires_on": held.map(|v| secs(v.expires_on)),
+                    "fetched_at": e.fetched_at.map(secs),
+                    "next_refresh": match (held, &e.held) {
+                        (Some(_), Some(h)) => Some(secs(h.schedule.refresh_at.max(e.failures.next_attempt_at))),
+                        _ => None,
+                    },
+                    "upstream_calls": e.upstream_calls,
+                    "consecutive_failures": e.failures.consecutive,
+                    "last_error": last_error.map(|x| x.0),
+                    "last_error_at": last_error.map(|x| secs(x.1)),
+                })
+            })
+            .collect();
+        resources.extend(
+            refusals
+                .by_resource
+                .iter()
+                .filter(|(r, x)| now < x.until && !entries.contains_key(*r))
+                .map(|(r, x)| {
+                    serde_json::json!({
+                        "name": crate::names::canonical_name(r),
+                        "resource": &**r,
+                        "state": x.state(),
+                        "declared": false,
+                        "expires_on": null,
+                        "fetched_at": null,
+                        "next_refresh": null,
+                        "upstream_calls": null,
+                        "consecutive_failures": 1,
+                        "last_error": x.message(),
+                        "last_error_at": secs(x.at),
+                    })
+                }),
+        );
+        resources.sort_by(|a, b| a["resource"].as_str().cmp(&b["resource"].as_str()));
+        drop(guard);
+        serde_json::json!({
+            "endpoint": self.source().endpoint(),
+            "source": self.source().kind(),
+            "refresh_margin": self.policy.refresh_margin_ms / 1000,
+            "negative_ttl": self.policy.negative_ttl_ms / 1000,
+            "timeout": self.policy.timeout.as_secs(),
+            "max_upstream_rate": self.policy.max_upstream_rate,
+            "upstream_down": self.upstream.known_down(),
+            "upstream_held_back": self.upstream.held_back(),
+            "fetches_queued": self.pool.queued(),
+            "now": secs(now),
+            "resources": resources,
+        })
+    }
+
+    /// Drops every held token (wiped once no open file holds it), every refusal and the
+    /// pacing and backoff of every resource: the next read of each fetches anew.
+    pub fn clear(&self) {
+        let mut guard = self.state.lock();
+        self.generation.fetch_add(1, Ordering::SeqCst);
+        guard
+            .entries
+            .retain(|_, e| e.declared || e.waiters.is_some());
+        for e in guard.entries.values_mut() {
+            e.held = None;
+            e.last_fetch_at = None;
+            e.failures = Failures::default();
+        }
+        guard.refusals = Refusals::default();
+        drop(guard);
+        self.upstream.reset();
+        info!("dropped every held token; the next read of each fetches anew");
+    }
+
+    /// Starts the background worker: refresh ahead of tokens in use, drop expired ones,
+    /// answer readers whose fetch could not start within `--timeout`.
+    pub fn start_background(self: &Arc<Self>) -> std::io::Result<std::thread::JoinHandle<()>> {
+        let cache = self.clone();
+        std::thread::Builder::new()
+            .name("refresher".into())
+            .stack_size(WORKER_STACK)
+            .spawn(move || cache.background())
+    }
+
+    pub fn stop_background(&self) {
+        *self.stopped.lock() = true;
+        self.wake.notify_all();
+        self.pool.stop();
+    }
+
+    fn background(self: Arc<Self>) {
+        let mut stopped = self.stopped.lock();
+        while !*stopped {
+            let pause = self.background_pass();
+            self.wake.wait_for(&mut stopped, pause);
+        }
+    }
+
+    /// One pass: starts due refreshes, drops expired tokens and refusals; returns when to
+    /// look again.
+    fn background_pass(self: &Arc<Self>) -> Duration {
+        let now = self.clock.now();
+        let mut due = Vec::new();
+        let mut next = now + 1_000;
+        {
+            let mut guard = self.state.lock();
+            for (r, e) in guard.entries.iter_mut() {
+                if e.held.is_some() && e.valid(now).is_none() && e.waiters.is_none() {
+                    debug!("token of {r} expired: dropped");
+                    e.held = None;
+                }
+                let view = e.view(0);
+                if e.reads.since_fetch && policy::refresh_ahead_due(now, &view) {
+                    due.push(self.start_fetch(e, r, now, true));
+                } else if let (Some(h), true) = (&e.held, e.reads.since_fetch) {
+                    let paced = e
+                        .last_fetch_at
+                        .map_or(0, |t| t + policy::MIN_FETCH_INTERVAL_MS);
+                    let at = h
+                        .schedule
+                        .refresh_ahead_at
+                        .max(e.failures.next_attempt_at)
+                        .max(paced);
+                    if at > now {
+                        next = next.min(at);
+                    }
+                }
+            }
+            guard
+                .entries
+                .retain(|_, e| e.declared || e.held.is_some() || e.waiters.is_some());
+            shrink(&mut guard.entries);
+            guard.refusals.expire(now);
+        }
+        for job in due {
+            self.enqueue(job);
+        }
+        for job in self.pool.take_overdue(Instant::now()) {
+            self.abandon(
+                &job.resource,
+                "no fetch could start within --timeout (too many fetches at once)",
+            );
+        }
+        Duration::from_millis((next - now).clamp(10, 1_000) as u64)
+    }
+
+    fn evict_for_one_more(&self, entries: &mut HashMap<Arc<str>, Entry>) {
+        while entries.len() >= self.policy.max_resources {
+            let victim = entries
+                .iter()
+                .filter(|(_, e)| !e.declared && e.waiters.is_none())
+                .min_by_key(|(_, e)| e.reads.last)
+                .map(|(r, _)| r.clone());
+            match victim {
+                Some(r) => {
+                    debug!("evicting {r} (least recently read)");
+                    entries.remove(&r);
+                }
+                None => break,
+            }
+        }
+    }
+
+    /// Hands a job to the pool, starting a worker when it asks for one.
+    fn enqueue(self: &Arc<Self>, job: Job) {
+        if !self.pool.push(job) {
+            return;
+        }
+        let cache = Arc::downgrade(self);
+        let pool = self.pool.clone();
+        let spawned = std::thread::Builder::new()
+            .name("fetch".into())
+            .stack_size(WORKER_STACK)
+            .spawn(move || {
+                while let Some(job) = pool.next() {
+                    let Some(cache) = cache.upgrade() else { return };
+                    let resource = job.resource.clone();
+                    // A fetch that panics leaves nobody waiting, and the worker goes on.
+                    let run = std::panic::AssertUnwindSafe(|| cache.run(&job));
+                    if std::panic::catch_unwind(run).is_err() {
+                        cache.abandon(&resource, "internal error: the fetch ended unexpectedly");
+                    }
+                }
+            });
+        if let Err(e) = spawned {
+            warn!("cannot start a fetch thread: {e}");
+            for job in self.pool.not_started() {
+                self.abandon(&job.resource, &format!("cannot start a fetch thread: {e}"));
+            }
+        }
+    }
+
+    /// Answers whoever still waits on `resource` with an error and ends the fetch state.
+    fn abandon(&self, resource: &str, why: &str) {
+        let waiters = self
+            .state
+            .lock()
+            .entries
+            .get_mut(resource)
+            .and_then(|e| e.waiters.take());
+        for done in waiters.unwrap_or_default() {
+            done(Err(ReadError::Unavailable(why.to_string())));
+        }
+    }
+
+    /// Runs on a pool worker: asks the upstream (retrying transient failures until the
+    /// job's deadline), records the outcome, then answers every waiter. A fetch that was
+    /// under way when the tokens were dropped (SIGUSR1) starts over, within the same
+    /// deadline: its answer may be of the old login.
+    fn run(self: &Arc<Self>, job: &Job) {
+        let resource = &job.resource;
+        let (result, calls) = loop {
+            let generation = self.generation.load(Ordering::SeqCst);
+            let outcome = self.ask(job);
+            if generation == self.generation.load(Ordering::SeqCst) {
+                break outcome;
+            }
+            debug!("{resource}: tokens were dropped during the fetch; fetching again");
+        };
+        let now = self.clock.now();
+        let mut guard = self.state.lock();
+        let State { entries, refusals } = &mut *guard;
+        let Some(entry) = entries.get_mut(resource) else {
+            return;
+        };
+        entry.upstream_calls += calls;
+        let held = entry.valid(now).map(|v| v.id);
+        let outcome = match result.and_then(|token| self.accept(resource, entry, token, now)) {
+            Ok(v) => Ok(v),
+            Err(e) => Err(self.record_failure(resource, entry, refusals, &e, now)),
+        };
+        let waiters = entry.waiters.take().unwrap_or_default();
+        // The waiters' own opens of a new version are not later reads of it.
+        if outcome.as_ref().is_ok_and(|v| Some(v.id) != held) {
+            entry.reads.opens_to_skip = waiters.len();
+        }
+        // A refused name holds nothing here: its refusal is in the negative cache.
+        if !entry.declared && entry.held.is_none() && refusals.active(resource, now).is_some() {
+            entries.remove(resource);
+        }
+        drop(guard);
+        for done in waiters {
+            done(outcome.clone());
+        }
+    }
+
+    /// The upstream's answer before the job's deadline, and how many calls it took.
+    fn ask(&self, job: &Job) -> (Result<Token, SourceError>, u64) {
+        let mut calls = 0;
+        loop {
+            let (result, n) = self
+                .upstream
+                .fetch(&job.resource, job.deadline, job.refresh);
+            calls += n;
+            // An upstream that caches hands out its old token until it has expired; near
+            // expiry that token is already too old for us. Ask again, calmly, until the
+            // upstream issues a new one or the time is up.
+            let stale = result.as_ref().is_ok_and(|t| self.expired_on_arrival(t));
+            if stale && Instant::now() + EXPIRED_ON_ARRIVAL_PAUSE < job.deadline {
+                debug!(
+                    "{}: the endpoint returned a token that is about to expire; asking again",
+                    job.resource
+                );
+                std::thread::sleep(EXPIRED_ON_ARRIVAL_PAUSE);
+                continue;
+            }
+            return (result, calls);
+        }
+    }
+
+    fn expired_on_arrival(&self, t: &Token) -> bool {
+        let now = self.clock.now();
+        now >= policy::valid_until(t.issued_at(now), t.expires_on)
+    }
+
+    fn accept(
+        &self,
+        resource: &Arc<str>,
+        entry: &mut Entry,
+        token: Token,
+        now: EpochMs,
+    ) -> Result<Arc<Version>, SourceError> {
+        let schedule = policy::schedule(
+            token.issued_at(now),
+            token.expires_on,
+            token.refresh_in_ms,
+            self.policy.refresh_margin_ms,
+        );
+        if let (Some(held), Some(old)) = (
+            entry.valid(now).cloned(),
+            entry.held.as_ref().map(|h| h.schedule),
+        ) {
+            if held.expires_on == token.expires_on && held.token() == token.access_token.as_bytes()
+            {
+                // An upstream that caches handed back what we hold: keep it, ask again later.
+                entry.failures.next_attempt_at = policy::unchanged_retry_at(now, &old);
+                entry.failures.consecutive = 0;
+                if !entry.failures.unchanged_logged {
+                    info!("{resource}: the endpoint returned the token already held (it caches); retrying closer to expiry");
+                    entry.failures.unchanged_logged = true;
+                }
+                return Ok(held);
+            }
+        }
+        if now >= schedule.valid_until {
+            return Err(SourceError::BadResponse(
+                "the endpoint issued a token that is already expired".into(),
+            ));
+        }
+        let id = self.next_version.fetch_add(1, Ordering::Relaxed);
+        let version = Arc::new(Version::new(id, resource.clone(), &token, now));
+        if entry.failures.consecutive > 0 {
+            info!(
+                "{resource}: token fetched again after {} failure(s)",
+                entry.failures.consecutive
+            );
+        }
+        info!(
+            "{resource}: new token, expires in {} s, refresh in {} s",
+            (token.expires_on - now) / 1000,
+            (schedule.refresh_at - now) / 1000
+        );
+        entry.held = Some(Held {
+            version: version.clone(),
+            schedule,
+        });
+        entry.fetched_at = Some(now);
+        entry.reads.since_fetch = false;
+        entry.failures = Failures::default();
+        Ok(version)
+    }
+
+    /// Records a failed fetch; the held token (if valid) stays. A refusal with nothing
+    /// valid held goes to the negative cache. Returns what waiters get.
+    fn record_failure(
+        &self,
+        resource: &Arc<str>,
+        entry: &mut Entry,
+        refusals: &mut Refusals,
+        e: &SourceError,
+        now: EpochMs,
+    ) -> ReadError {
+        let error = ReadError::of(e);
+        let message = e.to_string();
+        let f = &mut entry.failures;
+        f.consecutive += 1;
+        f.last_error = Some((message.clone(), now));
+        let jitter = (now.rem_euclid(1000)) as f64 / 1000.0;
+        f.next_attempt_at =
+            now.saturating_add(policy::backoff_ms(f.consecutive, e.retry_after(), jitter));
+        let held = entry.valid(now).is_some();
+        if !held && matches!(error, ReadError::Refused(_) | ReadError::Denied(_)) {
+            let until = now.saturating_add(self.policy.negative_ttl_ms);
+            let refusal = Refusal {
+                until,
+                error: error.clone(),
+                at: now,
+            };
+            refusals.insert(resource.clone(), refusal);
+        }
+        if entry.failures.consecutive == 1 {
+            if held {
+                warn!("{resource}: refresh failed, still serving the held token: {message}");
+            } else {
+                warn!("{resource}: fetch failed: {message}");
+            }
+        } else {
+            debug!(
+                "{resource}: failure {} in a row: {message}",
+                entry.failures.consecutive
+            );
+        }
+        error
+    }
+}
+
+fn unreachable_state(resource: &str) -> ReadError {
+    ReadError::Unavailable(format!(
+        "{resource}: internal error: no valid token to serve"
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicI64;
+    use zeroize::Zeroizing;
+
+    struct FakeClock(AtomicI64);
+
+    impl Clock for FakeClock {
+        fn now(&self) -> EpochMs {
+            self.0.load(Ordering::SeqCst)
+        }
+    }
+
+    /// Issues tokens living `life` ms from the fake clock's now; counts calls.
+    struct FakeSource {
+        clock: Arc<FakeClock>,
+        life: i64,
+        calls: AtomicU64,
+    }
+
+    impl Source for FakeSource {
+        fn fetch_once(&self, _r: &str, _t: Duration) -> Result<Token, SourceError> {
+            let n = self.calls.fetch_add(1, Ordering::SeqCst) + 1;
+            Ok(Token {
+                access_token: Zeroizing::new(format!("token-{n}")),
+                token_type: "Bearer".into(),
+                expires_on: self.clock.now() + self.life,
+                refresh_in_ms: None,
+                not_before: None,
+            })
+        }
+        fn endpoint(&self) -> String {
+            "fake".into()
+        }
+        fn kind(&self) -> &'static str {
+            "fake"
+        }
+    }
+
+    fn setup(life: i64) -> (Arc<Cache>, Arc<FakeClock>, Arc<FakeSource>) {
+        let clock = Arc::new(FakeClock(AtomicI64::new(1_000_000)));
+        let source = Arc::new(FakeSource {
+            clock: clock.clone(),
+            life,
+            calls: AtomicU64::new(0),
+        });
+        let policy = Policy {
+            refresh_margin_ms: 300_000,
+            ..Policy::default()
+        };
+        let cache = Cache::new(source.clone(), policy, &[], clock.clone());
+        (cache, clock, source)
+    }
+
+    fn wait_calls(source: &FakeSource, n: u64) {
+        for _ in 0..500 {
+            if source.calls.load(Ordering::SeqCst) >= n {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        panic!("expected {n} upstream calls");
+    }
+
+    #[test]
+    fn serves_until_the_refresh_point_then_refreshes_in_the_background() {
+        let (cache, clock, source) = setup(3_600_000);
+        let first = cache.get_blocking("r").unwrap();
+        clock.0.fetch_add(3_300_000 - 1_000, Ordering::SeqCst); // a second before the refresh point
+        assert_eq!(cache.get_blocking("r").unwrap().id, first.id);
+        assert_eq!(source.calls.load(Ordering::SeqCst), 1);
+        clock.0.fetch_add(1_000, Ordering::SeqCst); // exactly at the refresh point
+        let served = cache.get_blocking("r").unwrap();
+        assert_eq!(
+            served.id, first.id,
+            "the held token, while a refresh starts"
+        );
+        wait_calls(&source, 2);
+        let mut newer = cache.get_blocking("r").unwrap();
+        for _ in 0..500 {
+            if newer.id != first.id {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+            newer = cache.get_blocking("r").unwrap();
+        }
+        assert_ne!(newer.id, first.id);
+    }
+
+    struct PanickingSource;
+
+    impl Source for PanickingSource {
+        fn fetch_once(&self, _r: &str, _t: Duration) -> Result<Token, SourceError> {
+            panic!("a source bug");
+        }
+        fn endpoint(&self) -> String {
+            "panics".into()
+        }
+        fn kind(&self) -> &'static str {
+            "fake"
+        }
+    }
+
+    #[test]
+    fn a_panicking_fetch_leaves_nobody_waiting() {
+        let clock = Arc::new(FakeClock(AtomicI64::new(0)));
+        let cache = Cache::new(Arc::new(PanickingSource), Policy::default(), &[], clock);
+        let (tx, rx) = std::sync::mpsc::channel();
+        let c = cache.clone();
+        std::thread::spawn(move || drop(tx.send(c.get_blocking("r"))));
+        let got = rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the reader is answered");
+        assert!(matches!(got, Err(ReadError::Unavailable(_))));
+        // And the resource is not stuck "fetching": the next reader starts a fetch again.
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || drop(tx.send(cache.get_blocking("r"))));
+        assert!(rx.recv_timeout(Duration::from_secs(10)).is_ok());
+    }
+
+    #[test]
+    fn a_clock_jump_past_expiry_never_serves_the_old_token() {
+        let (cache, clock, source) = setup(3_600_000);
+        let first = cache.get_blocking("r").unwrap();
+        // A laptop suspended for two hours: the wall clock jumps.
+        clock.0.fetch_add(7_200_000, Ordering::SeqCst);
+        let after = cache.get_blocking("r").unwrap();
+        assert_ne!(after.id, first.id, "the reader waited for a new token");
+        assert_eq!(source.calls.load(Ordering::SeqCst), 2);
+        assert_eq!(cache.on_open(&first), OpenDecision::Stale);
+        assert_eq!(cache.on_open(&after), OpenDecision::Serve);
+    }
+
+    #[test]
+    fn within_the_skew_before_expiry_a_token_is_not_served() {
+        let (cache, clock, source) = setup(3_600_000);
+        let first = cache.get_blocking("r").unwrap();
+        clock.0.fetch_add(3_600_000 - 5_000, Ordering::SeqCst); // 5 s before expiry
+        assert_eq!(cache.on_open(&first), OpenDecision::Stale);
+        assert_ne!(cache.get_blocking("r").unwrap().id, first.id);
+        assert_eq!(source.calls.load(Ordering::SeqCst), 2);
+    }
+}

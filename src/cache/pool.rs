@@ -1,0 +1,184 @@
+//! The fetch pool: a few worker threads take fetch jobs from a queue, background refreshes
+//! of held tokens first, first fetches in arrival order. A flood of names costs queue
+//! entries, not threads, sockets or descriptors; a queued job whose reader's deadline
+//! passes is handed back (`take_overdue`) so its readers are answered within `--timeout`.
+
+use parking_lot::{Condvar, Mutex};
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Fetches running at once, at most.
+pub const MAX_WORKERS: usize = 8;
+/// A worker with nothing to do for this long ends (an idle mount keeps no fetch threads).
+const IDLE_EXIT: Duration = Duration::from_secs(30);
+
+/// One fetch of one resource.
+pub struct Job {
+    pub resource: Arc<str>,
+    /// When the first reader waiting for it gives up: fixed when that reader started waiting,
+    /// never extended (not by a restart after SIGUSR1 either).
+    pub deadline: Instant,
+    /// A refresh of a held token (background or a reader past the refresh point): goes
+    /// before first fetches, in the queue and for the upstream rate limit.
+    pub refresh: bool,
+}
+
+#[derive(Default)]
+struct Queue {
+    refresh: VecDeque<Job>,
+    first: VecDeque<Job>,
+    /// Worker threads alive.
+    workers: usize,
+    /// Workers waiting for a job.
+    idle: usize,
+    stopped: bool,
+}
+
+impl Queue {
+    fn len(&self) -> usize {
+        self.refresh.len() + self.first.len()
+    }
+}
+
+/// Shared by the cache and its workers (cheap to clone).
+#[derive(Clone, Default)]
+pub struct Pool {
+    inner: Arc<(Mutex<Queue>, Condvar)>,
+}
+
+impl Pool {
+    /// Queues `job`; `true` when the caller must start a worker for it (then call
+    /// `not_started` if that fails).
+    pub fn push(&self, job: Job) -> bool {
+        let (queue, cv) = &*self.inner;
+        let mut q = queue.lock();
+        if job.refresh {
+            q.refresh.push_back(job);
+        } else {
+            q.first.push_back(job);
+        }
+        let start = q.len() > q.idle && q.workers < MAX_WORKERS && !q.stopped;
+        if start {
+            q.workers += 1;
+        }
+        cv.notify_one();
+        start
+    }
+
+    /// A worker `push` asked for could not be started: when none runs at all, every queued
+    /// job is handed back for its readers to be answered.
+    pub fn not_started(&self) -> Vec<Job> {
+        let mut q = self.inner.0.lock();
+        q.workers -= 1;
+        if q.workers > 0 {
+            return Vec::new();
+        }
+        let mut jobs: Vec<Job> = q.refresh.drain(..).collect();
+        jobs.extend(q.first.drain(..));
+        jobs
+    }
+
+    /// The next job for a worker; `None` when the worker should end.
+    pub fn next(&self) -> Option<Job> {
+        let (queue, cv) = &*self.inner;
+        let mut q = queue.lock();
+        loop {
+            if q.stopped {
+                q.workers -= 1;
+                return None;
+            }
+            if let Some(job) = q.refresh.pop_front().or_else(|| q.first.pop_front()) {
+                return Some(job);
+            }
+            q.idle += 1;
+            let timed_out = cv.wait_for(&mut q, IDLE_EXIT).timed_out();
+            q.idle -= 1;
+            if timed_out && q.len() == 0 {
+                q.workers -= 1;
+                return None;
+            }
+        }
+    }
+
+    /// Removes and returns the queued jobs whose deadline is past.
+    pub fn take_overdue(&self, now: Instant) -> Vec<Job> {
+        let mut q = self.inner.0.lock();
+        if q.len() == 0 {
+            return Vec::new();
+        }
+        let mut overdue = Vec::new();
+        let q = &mut *q;
+        for list in [&mut q.refresh, &mut q.first] {
+            let (late, keep): (VecDeque<Job>, VecDeque<Job>) =
+                list.drain(..).partition(|j| j.deadline <= now);
+            *list = keep;
+            overdue.extend(late);
+        }
+        overdue
+    }
+
+    /// Jobs waiting for a worker.
+    pub fn queued(&self) -> usize {
+        self.inner.0.lock().len()
+    }
+
+    /// Ends every worker once its current job is done; queued jobs are dropped.
+    pub fn stop(&self) {
+        let (queue, cv) = &*self.inner;
+        let mut q = queue.lock();
+        q.stopped = true;
+        q.refresh.clear();
+        q.first.clear();
+        cv.notify_all();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn job(name: &str, refresh: bool, deadline: Instant) -> Job {
+        Job {
+            resource: name.into(),
+            deadline,
+            refresh,
+        }
+    }
+
+    #[test]
+    fn refreshes_go_first_and_workers_are_capped() {
+        let pool = Pool::default();
+        let later = Instant::now() + Duration::from_secs(60);
+        let mut started = 0;
+        for i in 0..20 {
+            started += usize::from(pool.push(job(&format!("first-{i}"), false, later)));
+        }
+        assert_eq!(started, MAX_WORKERS, "one worker per job up to the cap");
+        assert!(!pool.push(job("refresh", true, later)));
+        assert_eq!(pool.queued(), 21);
+        assert_eq!(&*pool.next().unwrap().resource, "refresh");
+        assert_eq!(&*pool.next().unwrap().resource, "first-0");
+    }
+
+    #[test]
+    fn overdue_jobs_are_handed_back() {
+        let pool = Pool::default();
+        let now = Instant::now();
+        pool.push(job("late", false, now));
+        pool.push(job("on-time", false, now + Duration::from_secs(60)));
+        let late = pool.take_overdue(now);
+        assert_eq!(late.len(), 1);
+        assert_eq!(&*late[0].resource, "late");
+        assert_eq!(pool.queued(), 1);
+    }
+
+    #[test]
+    fn a_pool_without_workers_hands_its_jobs_back() {
+        let pool = Pool::default();
+        assert!(pool.push(job("a", false, Instant::now())));
+        let back = pool.not_started();
+        assert_eq!(back.len(), 1);
+        assert_eq!(pool.queued(), 0);
+    }
+}

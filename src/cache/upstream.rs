@@ -1,0 +1,185 @@
+//! The upstream as the cache uses it: one `Source` behind the mount-wide request rate
+//! (`--max-upstream-rate`, refreshes of held tokens first) and the known-down state (after
+//! a connection-level failure, fetches make one attempt each until the upstream answers
+//! again, so an endpoint that is down costs one `--timeout`, not one per name).
+
+use super::Clock;
+use crate::policy::{self, Bucket};
+use crate::source::{Failure, Source, SourceError};
+use crate::token::{EpochMs, Token};
+use log::{debug, info};
+use parking_lot::{Condvar, Mutex};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// The longest a first fetch sleeps between looks at the rate limit while refreshes wait.
+const YIELD_PAUSE: Duration = Duration::from_millis(10);
+
+struct Limiter {
+    bucket: Bucket,
+    /// Refreshes waiting for the bucket: first fetches let them go first.
+    refreshes_waiting: usize,
+}
+
+/// Whether the upstream answers at all (connection-level failures only).
+#[derive(Default)]
+struct Reach {
+    /// Connection-level failures in a row.
+    failures: u32,
+    /// Until then, fetches make one attempt instead of the retry loop.
+    down_until: EpochMs,
+}
+
+pub struct Upstream {
+    source: Arc<dyn Source>,
+    clock: Arc<dyn Clock>,
+    limiter: Mutex<Limiter>,
+    limiter_cv: Condvar,
+    reach: Mutex<Reach>,
+    /// Requests that had to wait for the rate limit (`.status`).
+    held_back: AtomicU64,
+}
+
+impl Upstream {
+    pub fn new(source: Arc<dyn Source>, clock: Arc<dyn Clock>, rate: u32) -> Upstream {
+        let now = clock.now();
+        Upstream {
+            source,
+            clock,
+            limiter: Mutex::new(Limiter {
+                bucket: Bucket::new(rate, now),
+                refreshes_waiting: 0,
+            }),
+            limiter_cv: Condvar::new(),
+            reach: Mutex::new(Reach::default()),
+            held_back: AtomicU64::new(0),
+        }
+    }
+
+    pub fn source(&self) -> &dyn Source {
+        &*self.source
+    }
+
+    pub fn held_back(&self) -> u64 {
+        self.held_back.load(Ordering::Relaxed)
+    }
+
+    /// The upstream failed at the connection level recently (one attempt per fetch).
+    pub fn known_down(&self) -> bool {
+        self.clock.now() < self.reach.lock().down_until
+    }
+
+    /// Forgets that the upstream was down (SIGUSR1: everything starts afresh).
+    pub fn reset(&self) {
+        *self.reach.lock() = Reach::default();
+    }
+
+    /// Asks until the upstream answers, refuses, or `deadline` passes. Transient failures
+    /// (connection trouble, 404, 408, 410, 429, 5xx) are retried after a short pause or the
+    /// upstream's `Retry-After` when that fits; a broken HTTP answer once at most; nothing
+    /// is retried while the upstream is known down. Returns the outcome and the calls made.
+    pub fn fetch(
+        &self,
+        resource: &str,
+        deadline: Instant,
+        refresh: bool,
+    ) -> (Result<Token, SourceError>, u64) {
+        let single = self.known_down();
+        let mut calls = 0u64;
+        let mut protocol_errors = 0;
+        let result = loop {
+            if let Err(e) = self.acquire(refresh, deadline) {
+                break Err(e);
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break Err(SourceError::Timeout);
+            }
+            calls += 1;
+            let err = match self.source.fetch_once(resource, left) {
+                Ok(t) => break Ok(t),
+                Err(e) => e,
+            };
+            if err.failure() != Failure::Transient || (single && err.is_connection_level()) {
+                break Err(err);
+            }
+            if matches!(err, SourceError::Protocol(_)) {
+                protocol_errors += 1;
+                if protocol_errors > 1 {
+                    break Err(err);
+                }
+            }
+            let pause = err
+                .retry_after()
+                .unwrap_or_else(|| policy::in_fetch_pause(calls as u32 - 1));
+            if pause >= deadline.saturating_duration_since(Instant::now()) {
+                break Err(err);
+            }
+            debug!("{resource}: attempt {calls} failed ({err}); again in {pause:?}");
+            std::thread::sleep(pause);
+        };
+        self.note(&result);
+        (result, calls)
+    }
+
+    /// Records whether the upstream answered at all.
+    fn note(&self, result: &Result<Token, SourceError>) {
+        let mut reach = self.reach.lock();
+        match result {
+            Err(e) if e.is_connection_level() => {
+                reach.failures = reach.failures.saturating_add(1);
+                let now = self.clock.now();
+                reach.down_until =
+                    now.saturating_add(policy::backoff_ms(reach.failures, None, 0.0));
+                if reach.failures == 1 {
+                    info!("the endpoint is down ({e}): one attempt per fetch until it answers");
+                }
+            }
+            // Anything else was an answer: the upstream is up.
+            Err(SourceError::Throttled) => {}
+            _ => {
+                if reach.failures > 0 {
+                    info!("the endpoint answers again");
+                }
+                *reach = Reach::default();
+            }
+        }
+    }
+
+    /// Waits for the rate limit's permission to send one request, refreshes first; the
+    /// error once `deadline` passes.
+    fn acquire(&self, refresh: bool, deadline: Instant) -> Result<(), SourceError> {
+        let mut l = self.limiter.lock();
+        if refresh {
+            l.refreshes_waiting += 1;
+        }
+        let mut counted = false;
+        let outcome = loop {
+            let wait = if !refresh && l.refreshes_waiting > 0 {
+                Some(YIELD_PAUSE)
+            } else {
+                match l.bucket.take(self.clock.now()) {
+                    Ok(()) => None,
+                    Err(ms) => Some(Duration::from_millis(ms.clamp(1, 1_000) as u64)),
+                }
+            };
+            let Some(wait) = wait else { break Ok(()) };
+            if !counted {
+                self.held_back.fetch_add(1, Ordering::Relaxed);
+                counted = true;
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                break Err(SourceError::Throttled);
+            }
+            self.limiter_cv
+                .wait_until(&mut l, (now + wait).min(deadline));
+        };
+        if refresh {
+            l.refreshes_waiting -= 1;
+            self.limiter_cv.notify_all();
+        }
+        outcome
+    }
+}
