@@ -169,17 +169,26 @@ fn client_errors_are_not_retried_and_are_negative_cached() {
     need_fuse!();
     let emu = emulator();
     let m = Mounted::new(&emu.url(), &["--negative-ttl", "60"]);
-    for (i, code) in [400u16, 401, 403].into_iter().enumerate() {
-        emu.push_fault(status_code(code, None));
-        let name = [
-            "management.azure.com",
-            "vault.azure.net",
-            "storage.azure.com",
-        ][i];
-        assert_eq!(errno(&m.read(name).unwrap_err()), libc::ENOENT, "{code}");
+    // A refused audience is ENOENT; a refused identity (401, 403, or a 400 naming an
+    // identity that does not exist, as IMDS and App Service send) is EACCES.
+    let identity_not_found = Fault::Status {
+        code: 400,
+        body: r#"{"error":"invalid_request","error_description":"Identity not found"}"#.into(),
+        retry_after: None,
+    };
+    let cases = [
+        (status_code(400, None), libc::ENOENT, "management.azure.com"),
+        (status_code(401, None), libc::EACCES, "vault.azure.net"),
+        (status_code(403, None), libc::EACCES, "storage.azure.com"),
+        (identity_not_found, libc::EACCES, "graph.microsoft.com"),
+    ];
+    for (i, (fault, want, name)) in cases.into_iter().enumerate() {
+        let code = format!("{fault:?}");
+        emu.push_fault(fault);
+        assert_eq!(errno(&m.read(name).unwrap_err()), want, "{code}");
         assert_eq!(
             errno(&m.read(name).unwrap_err()),
-            libc::ENOENT,
+            want,
             "{code} remembered"
         );
         assert_eq!(
@@ -410,7 +419,15 @@ fn a_thousand_resources_with_eviction() {
     emu.set_allow_any(true);
     let m = Mounted::new(
         &emu.url(),
-        &["--max-resources", "100", "--resource", "vault.azure.net"],
+        &[
+            "--max-resources",
+            "100",
+            "--resource",
+            "vault.azure.net",
+            // A thousand names in a row is a flood the default rate would slow.
+            "--max-upstream-rate",
+            "0",
+        ],
     );
     m.read("vault.azure.net").unwrap();
     for i in 0..1000 {

@@ -130,8 +130,8 @@ fn imds_retry_rules() {
     emu.push_fault(flat(403));
     assert_eq!(
         errno(&m.read("vault.azure.net").unwrap_err()),
-        libc::ENOENT,
-        "403 is not retried"
+        libc::EACCES,
+        "403 is not retried (and is EACCES)"
     );
     assert_eq!(emu.requests(), 6);
 }
@@ -181,9 +181,10 @@ fn app_service_with_a_wrong_secret_is_refused_with_its_message() {
         &[],
         &[("IDENTITY_ENDPOINT", &url), ("IDENTITY_HEADER", "wrong")],
     );
+    // A refused identity, not a missing name.
     assert_eq!(
         errno(&m.read("management.azure.com").unwrap_err()),
-        libc::ENOENT
+        libc::EACCES
     );
     assert!(last_error(&m).contains("HTTP 401"), "{}", last_error(&m));
 }

@@ -18,32 +18,34 @@ const SECRET_KEYS: [&str; 5] = [
 /// A JWT-like word has at least one dot-separated segment this long.
 const LONG_SEGMENT: usize = 20;
 
-/// `text` with every credential-like word replaced by `<redacted>`; words are re-joined
-/// by single spaces.
+/// `text` with every credential-like word replaced by `<redacted>`; white space is kept.
 pub fn redact(text: &str) -> String {
-    let mut out: Vec<String> = Vec::new();
+    let mut out = String::with_capacity(text.len());
     let mut hide_next = false;
-    for word in text.split_whitespace() {
-        if hide_next {
-            out.push(HIDDEN.into());
-            hide_next = false;
+    for piece in text.split_inclusive(char::is_whitespace) {
+        let word = piece.trim_end_matches(char::is_whitespace);
+        let space = &piece[word.len()..];
+        if word.is_empty() {
+            out.push_str(space);
             continue;
         }
         let bare = word.trim_matches(|c: char| !c.is_ascii_alphanumeric());
-        if bare.eq_ignore_ascii_case("bearer") {
-            out.push(word.into());
+        if hide_next {
+            out.push_str(HIDDEN);
+            hide_next = false;
+        } else if bare.eq_ignore_ascii_case("bearer") {
+            out.push_str(word);
             hide_next = true;
-            continue;
+        } else if word.contains("eyJ") || jwt_shaped(bare) {
+            out.push_str(HIDDEN);
+        } else {
+            let (shown, dangling) = hide_values(word);
+            out.push_str(&shown);
+            hide_next = dangling;
         }
-        if word.contains("eyJ") || jwt_shaped(bare) {
-            out.push(HIDDEN.into());
-            continue;
-        }
-        let (word, dangling) = hide_values(word);
-        hide_next = dangling;
-        out.push(word);
+        out.push_str(space);
     }
-    out.join(" ")
+    out
 }
 
 fn jwt_shaped(word: &str) -> bool {
@@ -144,5 +146,6 @@ mod tests {
             "sent Authorization: Bearer <redacted> to x"
         );
         assert_eq!(redact("bearer"), "bearer");
+        assert_eq!(redact("a  b\tc "), "a  b\tc ", "white space is kept");
     }
 }
