@@ -9,7 +9,8 @@ use std::time::{Duration, Instant};
 use percent_encoding::{utf8_percent_encode, NON_ALPHANUMERIC};
 use serde_json::{json, Value};
 
-use super::protocol::{legacy_date, ISSUER, NOTICE};
+use super::form::legacy_date;
+use super::protocol::{ISSUER, NOTICE};
 use super::*;
 
 const MGMT: &str = "https://management.azure.com/";
@@ -660,7 +661,13 @@ fn arc_challenge_round_trip() {
         assert!(v["error"].is_string() && v["error_description"].is_string());
         let realm = head
             .lines()
-            .find_map(|l| l.strip_prefix("WWW-Authenticate: Basic realm="))
+            // hyper writes header names title-cased (`Www-Authenticate`).
+            .find_map(|l| {
+                let prefix = "www-authenticate: basic realm=";
+                l.to_ascii_lowercase()
+                    .starts_with(prefix)
+                    .then(|| l[prefix.len()..].to_owned())
+            })
             .expect("WWW-Authenticate header");
         PathBuf::from(realm)
     };
