@@ -54,7 +54,7 @@ pub(super) fn raw(fault: &Fault, body: Vec<u8>) -> Vec<RawPart> {
             vec![RawPart::Bytes(out)]
         }
         Fault::OversizedHead => {
-            let line = format!("X-Padding: {}\r\n", "a".repeat(1010));
+            let line = format!("X-Padding: {}\r\n", "a".repeat(1024 - 13));
             let mut rest = head_200(&with_length(body.len()));
             // Keep the status line first: it is written by the first part.
             let status_line = b"HTTP/1.1 200 OK\r\n".to_vec();

@@ -37,6 +37,8 @@ mod handler;
 mod protocol;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_http;
 
 /// Audiences the real Cloud Shell endpoint accepts (trailing slash may be added or removed).
 pub const KNOWN_AUDIENCES: &[&str] = &[
@@ -227,7 +229,7 @@ pub enum Fault {
     BadStatusLine,
     /// `HTTP/1.1 200 OK` with `Content-Length: nonsense` and a success body, then close.
     BadContentLength,
-    /// `HTTP/1.1 200 OK` whose head is over 1 MiB (1024 `X-Padding-N` lines of 1 KiB)
+    /// `HTTP/1.1 200 OK` whose head is over 1 MiB (1024 `X-Padding` lines of 1 KiB)
     /// before a valid success answer, then close.
     OversizedHead,
     /// A valid 200 head (with Content-Length) at once, then the success body at about
