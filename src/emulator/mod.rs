@@ -8,8 +8,8 @@
 //! `InvalidInput`) and issues unsigned JWT-shaped test tokens that are not valid in Azure.
 //!
 //! HTTP is [`crate::httpserver`] (hyper 1.x on one thread, bounded connections, per-request
-//! idle limits); this module routes and answers ([`protocol`]) and builds the faults hyper
-//! cannot produce as raw bytes ([`faults`]: no answer, HTTP/0.9, a bad status line or
+//! idle limits); this module routes and answers (`protocol.rs`) and builds the faults hyper
+//! cannot produce as raw bytes (`faults.rs`: no answer, HTTP/0.9, a bad status line or
 //! Content-Length, an oversized head, a huge, slow or endless body).
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
@@ -354,6 +354,9 @@ impl Emulator {
             last_params: Mutex::new(None),
         });
         let config = httpserver::Config {
+            // Longer than reqwest's 90 s pool idle timeout: a client's pooled connection is
+            // closed by the client, never under it by us.
+            header_read_timeout: Duration::from_secs(100),
             thread_name: "cstokenfs-emulator".into(),
             ..httpserver::Config::default()
         };
