@@ -153,8 +153,8 @@ pub struct GetArgs {
 
 #[derive(Args, Debug)]
 pub struct EmulatorArgs {
-    /// Address to listen on (loopback).
-    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:50342")]
+    /// Address to listen on; loopback only (127.0.0.0/8, ::1).
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:50342", value_parser = parse_loopback)]
     pub listen: SocketAddr,
     /// Lifetime of issued tokens, in seconds.
     #[arg(long, value_name = "SECS", default_value_t = 3600, value_parser = clap::value_parser!(u64).range(1..))]
@@ -174,6 +174,32 @@ pub struct EmulatorArgs {
     /// The protocol to serve: cloudshell, imds, appservice, arc.
     #[arg(long, value_name = "PROTOCOL", default_value = "cloudshell", value_parser = parse_protocol)]
     pub protocol: Protocol,
+    /// App Service: the X-IDENTITY-HEADER secret is this file's contents (trailing newline
+    /// trimmed); without it a random one is generated and printed on stdout.
+    #[arg(long, value_name = "PATH")]
+    pub secret_file: Option<PathBuf>,
+}
+
+fn parse_loopback(s: &str) -> Result<SocketAddr, String> {
+    let addr: SocketAddr = s
+        .parse()
+        .map_err(|e| format!("not an IP:PORT address: {e}"))?;
+    crate::httpserver::check_loopback(addr).map_err(|e| e.to_string())?;
+    Ok(addr)
+}
+
+/// The secret in `path`: its contents without one trailing newline; empty or unreadable
+/// is an error naming the file.
+pub fn read_secret_file(path: &std::path::Path) -> Result<String, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("--secret-file {}: {e}", path.display()))?;
+    let secret = text
+        .strip_suffix("\r\n")
+        .or_else(|| text.strip_suffix('\n'))
+        .unwrap_or(&text);
+    crate::emulator::check_secret(secret)
+        .map_err(|e| format!("--secret-file {}: {e}", path.display()))?;
+    Ok(secret.to_owned())
 }
 
 fn parse_protocol(s: &str) -> Result<Protocol, String> {
@@ -268,11 +294,27 @@ fn get_command(args: GetArgs) -> ExitCode {
 
 fn emulator_command(args: EmulatorArgs) -> ExitCode {
     crate::logging::init_stderr("info");
+    let identity_header = match (&args.secret_file, args.protocol) {
+        (None, _) => None,
+        (Some(path), Protocol::AppService) => match read_secret_file(path) {
+            Ok(secret) => Some(secret),
+            Err(e) => {
+                eprintln!("cstokenfs: {e}");
+                return ExitCode::FAILURE;
+            }
+        },
+        (Some(_), _) => {
+            eprintln!("cstokenfs: --secret-file is only for --protocol appservice");
+            return ExitCode::from(2);
+        }
+    };
+    let generated = identity_header.is_none();
     let config = EmulatorConfig {
         ttl_secs: args.ttl,
         latency: Duration::from_millis(args.latency_ms),
         allow: args.allow,
         allow_any: args.allow_any,
+        identity_header,
     };
     let emulator = match Emulator::start_with(args.listen, config, args.protocol) {
         Ok(e) => e,
@@ -287,6 +329,22 @@ fn emulator_command(args: EmulatorArgs) -> ExitCode {
         args.protocol,
         emulator.url()
     );
+    if args.protocol == Protocol::AppService {
+        // The one place a secret is printed: a test secret of a test tool, on stdout (never
+        // the log), for the user to paste.
+        let mut lines = format!("IDENTITY_ENDPOINT={}\n", emulator.url());
+        if generated {
+            lines.push_str(&format!("IDENTITY_HEADER={}\n", emulator.identity_header()));
+        }
+        let mut out = std::io::stdout().lock();
+        if out
+            .write_all(lines.as_bytes())
+            .and_then(|()| out.flush())
+            .is_err()
+        {
+            log::warn!("cannot write the endpoint and secret to stdout");
+        }
+    }
     let stopper = match signal_hook::iterator::Signals::new([libc::SIGTERM, libc::SIGINT]) {
         Ok(s) => s,
         Err(e) => {

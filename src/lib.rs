@@ -4,7 +4,8 @@
 //! Layers, each knowing only the ones below it:
 //! `cli` -> `mount` (session, detach, signals) -> `fs` (inodes, views, errno; never does
 //! HTTP) -> `cache` (single-flight fetches; decisions from `policy`) -> `source` (one file
-//! per upstream) ; `emulator` is a stand-in upstream for demos and tests.
+//! per upstream) ; `emulator` is a stand-in upstream for demos and tests, served by
+//! `httpserver` (hyper, loopback only).
 
 pub mod audit;
 pub mod cache;
@@ -14,6 +15,7 @@ pub mod emulator;
 pub mod fs;
 pub mod fuseopts;
 pub mod hardening;
+pub mod httpserver;
 pub mod logging;
 pub mod mount;
 pub mod names;

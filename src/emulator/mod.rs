@@ -4,37 +4,41 @@
 //! [`Protocol`].
 //!
 //! Used by tests (driven in-process through the knobs on [`Emulator`]) and by the binary
-//! (`cstokenfs emulator`, `--emulator`). It binds only the address it is given (callers pass
-//! loopback) and issues unsigned JWT-shaped test tokens that are not valid in Azure.
+//! (`cstokenfs emulator`, `--emulator`). It binds loopback only (anything else is
+//! `InvalidInput`) and issues unsigned JWT-shaped test tokens that are not valid in Azure.
 //!
-//! The HTTP/1.1 server is a small hand-written one on `std::net` rather than tiny_http:
-//! fault injection needs to close a keep-alive connection without answering (`Reset`,
-//! `Hang` on stop) and `stop()` must close the listener before it returns, and tiny_http
-//! 0.12 can do neither (dropping a request sends a 500; its accept thread cannot be joined).
+//! HTTP is [`crate::httpserver`] (hyper 1.x on one thread, bounded connections, per-request
+//! idle limits); this module routes and answers (`protocol.rs`) and builds the faults hyper
+//! cannot produce as raw bytes (`faults.rs`: no answer, HTTP/0.9, a bad status line or
+//! Content-Length, an oversized head, a huge, slow or endless body).
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fmt::{self, Write as _};
 use std::fs::File;
 use std::io::{self, Read};
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
 use std::sync::Arc;
-use std::thread::{self, JoinHandle};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine as _;
 use parking_lot::{Condvar, Mutex};
 use serde_json::Value;
 
-use self::http::accept_loop;
+use crate::httpserver::{self, Server};
 
-mod http;
+mod bodies;
+mod faults;
+mod form;
+mod handler;
 mod protocol;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_http;
 
 /// Audiences the real Cloud Shell endpoint accepts (trailing slash may be added or removed).
 pub const KNOWN_AUDIENCES: &[&str] = &[
@@ -79,13 +83,17 @@ pub const DEFAULT_ARC_KEY_DIR: &str = "/var/opt/azcmagent/tokens";
 /// `client_id` in IMDS / App Service answers when the request names none.
 pub const DEFAULT_CLIENT_ID: &str = "00000000-0000-0000-0000-00000000e111";
 
-/// Start-up configuration; everything but `allow` can be changed later through knobs.
-#[derive(Debug, Clone)]
+/// Start-up configuration; everything but `allow` and `identity_header` can be changed
+/// later through knobs.
+#[derive(Clone)]
 pub struct EmulatorConfig {
     pub ttl_secs: u64,
     pub latency: Duration,
     pub allow: Vec<String>,
     pub allow_any: bool,
+    /// The App Service `X-IDENTITY-HEADER` secret; `None`: 32 random hex digits. Must be
+    /// non-empty, without control characters or surrounding whitespace.
+    pub identity_header: Option<String>,
 }
 
 impl Default for EmulatorConfig {
@@ -95,7 +103,23 @@ impl Default for EmulatorConfig {
             latency: Duration::ZERO,
             allow: Vec::new(),
             allow_any: false,
+            identity_header: None,
         }
+    }
+}
+
+impl fmt::Debug for EmulatorConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EmulatorConfig")
+            .field("ttl_secs", &self.ttl_secs)
+            .field("latency", &self.latency)
+            .field("allow", &self.allow)
+            .field("allow_any", &self.allow_any)
+            .field(
+                "identity_header",
+                &self.identity_header.as_ref().map(|_| "<secret>"),
+            )
+            .finish()
     }
 }
 
@@ -199,6 +223,27 @@ pub enum Fault {
     ExpiresOn(ExpiresOnForm),
     /// 200, a body of that many bytes (spaces then `{}`), streamed.
     HugeBody { bytes: usize },
+    /// A success body (a fresh token) with no status line or headers (HTTP/0.9), then close.
+    Http09,
+    /// `HTTP/1.1 abc Nope`, then headers and a success body, then close.
+    BadStatusLine,
+    /// `HTTP/1.1 200 OK` with `Content-Length: nonsense` and a success body, then close.
+    BadContentLength,
+    /// `HTTP/1.1 200 OK` whose head is over 1 MiB (1024 `X-Padding` lines of 1 KiB)
+    /// before a valid success answer, then close.
+    OversizedHead,
+    /// A valid 200 head (with Content-Length) at once, then the success body at about
+    /// `bytes_per_sec` (0: never), then close.
+    SlowBody { bytes_per_sec: u32 },
+    /// 200 without Content-Length (`Connection: close`), then spaces until the client goes
+    /// or the emulator stops.
+    EndlessBody,
+    /// The normal answer, and when it is a success (a freshly minted token), the JSON object
+    /// in the string merged over its top-level fields (`null` removes a field), e.g.
+    /// `{"refresh_in":"0"}`. A queued one that meets a non-success answer (an Arc challenge,
+    /// a refused audience) stays queued for the next request; a string that is not a JSON
+    /// object gives 500.
+    Fields(String),
 }
 
 /// Forms of the expiry fields, see [`Fault::ExpiresOn`]. Fields not mentioned keep their
@@ -245,7 +290,6 @@ struct Shared {
     serial: AtomicU64,
     stopped: Mutex<bool>,
     stop_cv: Condvar,
-    conns: Mutex<Vec<JoinHandle<()>>>,
     protocol: Protocol,
     identity_header: String,
     arc_key_dir: Mutex<PathBuf>,
@@ -262,27 +306,32 @@ struct ArcKey {
 /// A running emulator. Dropping it stops the server (see [`Emulator::shutdown`]).
 pub struct Emulator {
     shared: Arc<Shared>,
-    addr: SocketAddr,
-    accept: Mutex<Option<JoinHandle<()>>>,
+    server: Server,
 }
 
 impl Emulator {
-    /// Binds `listen` (port 0 = ephemeral) and starts serving the Cloud Shell protocol on a
-    /// background thread; the same as `start_with(listen, config, Protocol::CloudShell)`.
+    /// Binds `listen` (loopback only, port 0 = ephemeral) and starts serving the Cloud Shell
+    /// protocol on a background thread; the same as `start_with(listen, config, Protocol::CloudShell)`.
     pub fn start(listen: SocketAddr, config: EmulatorConfig) -> io::Result<Emulator> {
         Emulator::start_with(listen, config, Protocol::CloudShell)
     }
 
-    /// Binds `listen` (port 0 = ephemeral) and starts serving `protocol`.
+    /// Binds `listen` (port 0 = ephemeral) and starts serving `protocol`. A non-loopback
+    /// address or an invalid `identity_header` is `InvalidInput`.
     pub fn start_with(
         listen: SocketAddr,
         config: EmulatorConfig,
         protocol: Protocol,
     ) -> io::Result<Emulator> {
-        let identity_header = random_hex(16)?;
-        let listener = TcpListener::bind(listen)?;
-        listener.set_nonblocking(true)?;
-        let addr = listener.local_addr()?;
+        httpserver::check_loopback(listen)?;
+        let identity_header = match config.identity_header {
+            Some(secret) => {
+                check_secret(&secret)
+                    .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+                secret
+            }
+            None => random_hex(16)?,
+        };
         let shared = Arc::new(Shared {
             ttl: AtomicU64::new(config.ttl_secs),
             latency_ns: AtomicU64::new(nanos(config.latency)),
@@ -298,27 +347,26 @@ impl Emulator {
             serial: AtomicU64::new(0),
             stopped: Mutex::new(false),
             stop_cv: Condvar::new(),
-            conns: Mutex::new(Vec::new()),
             protocol,
             identity_header,
             arc_key_dir: Mutex::new(PathBuf::from(DEFAULT_ARC_KEY_DIR)),
             arc_keys: Mutex::new(VecDeque::new()),
             last_params: Mutex::new(None),
         });
-        let sh = Arc::clone(&shared);
-        let accept = thread::Builder::new()
-            .name("cstokenfs-emulator".into())
-            .spawn(move || accept_loop(listener, sh))?;
-        log::debug!("emulator ({protocol}) listening on {addr}");
-        Ok(Emulator {
-            shared,
-            addr,
-            accept: Mutex::new(Some(accept)),
-        })
+        let config = httpserver::Config {
+            // Longer than reqwest's 90 s pool idle timeout: a client's pooled connection is
+            // closed by the client, never under it by us.
+            header_read_timeout: Duration::from_secs(100),
+            thread_name: "cstokenfs-emulator".into(),
+            ..httpserver::Config::default()
+        };
+        let server = Server::start(listen, config, handler::EmuHandler(Arc::clone(&shared)))?;
+        log::debug!("emulator ({protocol}) listening on {}", server.addr());
+        Ok(Emulator { shared, server })
     }
 
     pub fn addr(&self) -> SocketAddr {
-        self.addr
+        self.server.addr()
     }
 
     pub fn protocol(&self) -> Protocol {
@@ -329,11 +377,12 @@ impl Emulator {
     /// `http://127.0.0.1:PORT/oauth2/token` for Cloud Shell,
     /// `.../metadata/identity/oauth2/token` for IMDS and Arc, `.../msi/token` for App Service.
     pub fn url(&self) -> String {
-        format!("http://{}{}", self.addr, self.shared.protocol.path())
+        format!("http://{}{}", self.addr(), self.shared.protocol.path())
     }
 
-    /// The `X-IDENTITY-HEADER` value App Service requests must carry (32 random hex digits,
-    /// new for each emulator; generated whatever the protocol).
+    /// The `X-IDENTITY-HEADER` value App Service requests must carry:
+    /// [`EmulatorConfig::identity_header`], else 32 random hex digits new for each emulator
+    /// (generated whatever the protocol).
     pub fn identity_header(&self) -> String {
         self.shared.identity_header.clone()
     }
@@ -417,15 +466,9 @@ impl Emulator {
     /// releases hung and sleeping requests, closes connections and joins every thread.
     /// Arc challenge key files this emulator wrote are removed.
     pub fn shutdown(&self) {
+        self.server.shutdown();
         *self.shared.stopped.lock() = true;
         self.shared.stop_cv.notify_all();
-        if let Some(handle) = self.accept.lock().take() {
-            let _ = handle.join();
-        }
-        let conns = std::mem::take(&mut *self.shared.conns.lock());
-        for handle in conns {
-            let _ = handle.join();
-        }
         for key in std::mem::take(&mut *self.shared.arc_keys.lock()) {
             let _ = std::fs::remove_file(&key.path);
         }
@@ -433,7 +476,7 @@ impl Emulator {
 
     /// Blocks the calling thread until the emulator is stopped (by `shutdown` elsewhere).
     pub fn wait(&self) {
-        self.shared.wait_stopped(None);
+        self.shared.wait_stopped();
     }
 }
 
@@ -451,22 +494,25 @@ pub fn decode_claims(token: &str) -> Option<Value> {
 }
 
 impl Shared {
-    /// Waits until stopped or until `timeout` passes; returns whether stopped.
-    fn wait_stopped(&self, timeout: Option<Duration>) -> bool {
-        let deadline = timeout.and_then(|d| Instant::now().checked_add(d));
+    /// Waits until stopped.
+    fn wait_stopped(&self) {
         let mut stopped = self.stopped.lock();
         while !*stopped {
-            match deadline {
-                Some(dl) if self.stop_cv.wait_until(&mut stopped, dl).timed_out() => break,
-                Some(_) => {}
-                None => self.stop_cv.wait(&mut stopped),
-            }
+            self.stop_cv.wait(&mut stopped);
         }
-        *stopped
     }
+}
 
-    fn is_stopped(&self) -> bool {
-        *self.stopped.lock()
+/// Why `secret` cannot be an `X-IDENTITY-HEADER` value, if it cannot.
+pub fn check_secret(secret: &str) -> Result<(), String> {
+    if secret.is_empty() {
+        Err("the identity header secret is empty".into())
+    } else if secret.chars().any(char::is_control) {
+        Err("the identity header secret has control characters".into())
+    } else if secret.trim() != secret {
+        Err("the identity header secret starts or ends with whitespace".into())
+    } else {
+        Ok(())
     }
 }
 

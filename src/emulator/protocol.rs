@@ -2,24 +2,44 @@
 //! checks, fault application, token minting, success and error bodies, form / query
 //! decoding and the legacy expiry date forms.
 
-use std::collections::BTreeMap;
 use std::fs::{DirBuilder, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering::SeqCst;
-use std::time::Duration;
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine as _;
-use serde::Serialize;
-use serde_json::{json, Value};
+use serde_json::json;
 
-use super::http::{Action, Request};
+use super::bodies::{success_body, token_body};
+use super::faults;
+use super::form::{form_value, params_lossy, params_strict};
 use super::{
     now_secs, random_hex, ArcKey, ExpiresOnForm, Fault, Issued, Protocol, Shared,
     APP_SERVICE_API_VERSION, ARC_API_VERSION, DEFAULT_CLIENT_ID, IMDS_API_VERSION, KNOWN_AUDIENCES,
 };
+
+use crate::httpserver::{RawPart, Request};
+
+/// What the emulator does with a routed request.
+pub(super) enum Action {
+    Respond {
+        status: u16,
+        body: Vec<u8>,
+        headers: Vec<(&'static str, String)>,
+    },
+    Raw(Vec<RawPart>),
+    /// No answer until the emulator stops.
+    Hang,
+    /// Close without an answer.
+    Close,
+}
+
+/// A request on the right path with the right method (counted), before latency and faults.
+pub(super) struct Routed {
+    resource: Result<Option<String>, ()>,
+}
 
 /// Arc challenge keys remembered (and their files kept) at most; older ones are forgotten.
 const MAX_ARC_KEYS: usize = 64;
@@ -72,58 +92,69 @@ impl Shared {
     }
 }
 
-pub(super) fn handle(sh: &Shared, req: &Request) -> Action {
+fn split_target(req: &Request) -> (&str, &str) {
+    req.target.split_once('?').unwrap_or((&req.target, ""))
+}
+
+/// The parameters: the form body (Cloud Shell) or the query.
+fn params_of(proto: Protocol, req: &Request) -> &[u8] {
+    match proto {
+        Protocol::CloudShell => req.body.as_slice(),
+        _ => split_target(req).1.as_bytes(),
+    }
+}
+
+/// Path and method checks, counting, `last_params`; `Err` is the answer to a request that
+/// went no further.
+pub(super) fn route(sh: &Shared, req: &Request) -> Result<Routed, Action> {
     let proto = sh.protocol;
-    let (route, query) = req.path.split_once('?').unwrap_or((&req.path, ""));
+    let (route, _) = split_target(req);
     if route != proto.path() {
-        return proto_err(proto, 404, "NotFound", "No such endpoint");
+        return Err(proto_err(proto, 404, "NotFound", "No such endpoint"));
     }
     let method = proto.method();
     if req.method != method {
         let msg = format!("Only {method} is supported");
-        return with_header(
+        return Err(with_header(
             proto_err(proto, 405, "MethodNotAllowed", &msg),
             "Allow",
             method.into(),
-        );
+        ));
     }
     sh.requests.fetch_add(1, SeqCst);
-    let params = match proto {
-        Protocol::CloudShell => req.body.as_slice(),
-        _ => query.as_bytes(),
-    };
+    let params = params_of(proto, req);
     let resource = form_value(params, "resource");
     if let Ok(Some(r)) = &resource {
         *sh.per_resource.lock().entry(r.clone()).or_insert(0) += 1;
     }
     *sh.last_params.lock() = Some(params_lossy(params));
-    let shown = resource.clone().ok().flatten().unwrap_or_default();
-    let action = answer(sh, req, params, resource);
+    Ok(Routed { resource })
+}
+
+/// The answer to a routed request (after its latency): faults first, then the protocol's.
+pub(super) fn answer(sh: &Shared, req: &Request, routed: Routed) -> Action {
+    let shown = routed.resource.clone().ok().flatten().unwrap_or_default();
+    let action = answer_inner(sh, req, routed.resource);
     let status = match &action {
         Action::Respond { status, .. } => status.to_string(),
-        Action::Huge(_) => "200 (huge body)".into(),
+        Action::Raw(_) => "raw fault".into(),
         Action::Hang => "hang".into(),
         Action::Close => "reset".into(),
     };
-    log::debug!("emulator: {method} {route} resource={shown:?} -> {status}");
+    let (route, _) = split_target(req);
+    log::debug!(
+        "emulator: {} {route} resource={shown:?} -> {status}",
+        req.method
+    );
     action
 }
 
-fn answer(
-    sh: &Shared,
-    req: &Request,
-    params: &[u8],
-    resource: Result<Option<String>, ()>,
-) -> Action {
-    if sh.wait_stopped(Some(Duration::from_nanos(sh.latency_ns.load(SeqCst)))) {
-        return Action::Close;
-    }
-    let fault = sh
-        .faults
-        .lock()
-        .pop_front()
-        .or_else(|| sh.sticky.lock().clone());
+fn answer_inner(sh: &Shared, req: &Request, resource: Result<Option<String>, ()>) -> Action {
+    let queued = sh.faults.lock().pop_front();
+    let from_queue = queued.is_some();
+    let fault = queued.or_else(|| sh.sticky.lock().clone());
     let proto = sh.protocol;
+    let params = params_of(proto, req);
     let resource_or_empty = resource.clone().ok().flatten().unwrap_or_default();
     let client_id = form_value(params, "client_id")
         .ok()
@@ -156,7 +187,38 @@ fn answer(
         Some(Fault::Hang) => return Action::Hang,
         Some(Fault::Reset) => return Action::Close,
         Some(Fault::Garbage) => return ok(b"this is not json <html>".to_vec()),
-        Some(Fault::HugeBody { bytes }) => return Action::Huge(bytes),
+        Some(Fault::Fields(fields)) => {
+            let action = answer_protocol(sh, req, params, resource, client_id);
+            return match faults::merge_fields(action, &fields) {
+                Ok(merged) => merged,
+                Err(unchanged) => {
+                    if from_queue {
+                        sh.faults.lock().push_front(Fault::Fields(fields));
+                    }
+                    unchanged
+                }
+            };
+        }
+        Some(
+            f @ (Fault::HugeBody { .. }
+            | Fault::Http09
+            | Fault::BadStatusLine
+            | Fault::BadContentLength
+            | Fault::OversizedHead
+            | Fault::SlowBody { .. }
+            | Fault::EndlessBody),
+        ) => {
+            let issued = sh.issue(&resource_or_empty);
+            let body = success_body(
+                proto,
+                &issued,
+                Some(&issued.token),
+                &resource_or_empty,
+                ExpiresOnForm::EpochString,
+                client_id,
+            );
+            return Action::Raw(faults::raw(&f, body));
+        }
         Some(f @ (Fault::MissingAccessToken | Fault::EmptyAccessToken)) => {
             let now = now_secs();
             let expires_on = now.saturating_add(sh.ttl.load(SeqCst));
@@ -174,7 +236,17 @@ fn answer(
         }
         None => {}
     }
-    match proto {
+    answer_protocol(sh, req, params, resource, client_id)
+}
+
+fn answer_protocol(
+    sh: &Shared,
+    req: &Request,
+    params: &[u8],
+    resource: Result<Option<String>, ()>,
+    client_id: &str,
+) -> Action {
+    match sh.protocol {
         Protocol::CloudShell => answer_cloud_shell(sh, req, resource),
         Protocol::Imds => answer_imds(sh, req, params, client_id),
         Protocol::AppService => answer_app_service(sh, req, params, client_id),
@@ -404,194 +476,6 @@ fn with_header(mut action: Action, name: &'static str, value: String) -> Action 
         headers.push((name, value));
     }
     action
-}
-
-/// The success body in `proto`'s shape.
-fn success_body(
-    proto: Protocol,
-    t: &Issued,
-    access_token: Option<&str>,
-    resource: &str,
-    form: ExpiresOnForm,
-    client_id: &str,
-) -> Vec<u8> {
-    let (expires_in, expires_on) = expiry_fields(t, form);
-    let body = match proto {
-        Protocol::CloudShell => return token_body(t, access_token, resource, form),
-        Protocol::Imds | Protocol::Arc => serde_json::to_vec(&ImdsBody {
-            access_token,
-            client_id,
-            expires_in,
-            expires_on,
-            ext_expires_in: t.expires_on.saturating_sub(now_secs()).to_string(),
-            not_before: t.not_before.to_string(),
-            resource,
-            token_type: "Bearer",
-        }),
-        Protocol::AppService => {
-            // App Service has no `expires_in`; only the forms that are about it add one.
-            let expires_in = match form {
-                ExpiresOnForm::OnlyExpiresIn | ExpiresOnForm::ExpiresInNumber => expires_in,
-                _ => None,
-            };
-            serde_json::to_vec(&AppServiceBody {
-                access_token,
-                expires_in,
-                expires_on,
-                resource,
-                token_type: "Bearer",
-                client_id,
-            })
-        }
-    };
-    body.unwrap_or_default()
-}
-
-#[derive(Serialize)]
-struct TokenBody<'a> {
-    #[serde(skip_serializing_if = "Option::is_none")]
-    access_token: Option<&'a str>,
-    refresh_token: &'static str,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    expires_in: Option<Value>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    expires_on: Option<Value>,
-    not_before: String,
-    resource: &'a str,
-    token_type: &'static str,
-}
-
-#[derive(Serialize)]
-struct ImdsBody<'a> {
-    #[serde(skip_serializing_if = "Option::is_none")]
-    access_token: Option<&'a str>,
-    client_id: &'a str,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    expires_in: Option<Value>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    expires_on: Option<Value>,
-    ext_expires_in: String,
-    not_before: String,
-    resource: &'a str,
-    token_type: &'static str,
-}
-
-#[derive(Serialize)]
-struct AppServiceBody<'a> {
-    #[serde(skip_serializing_if = "Option::is_none")]
-    access_token: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    expires_in: Option<Value>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    expires_on: Option<Value>,
-    resource: &'a str,
-    token_type: &'static str,
-    client_id: &'a str,
-}
-
-fn token_body(
-    t: &Issued,
-    access_token: Option<&str>,
-    resource: &str,
-    form: ExpiresOnForm,
-) -> Vec<u8> {
-    let (expires_in, expires_on) = expiry_fields(t, form);
-    let body = TokenBody {
-        access_token,
-        refresh_token: "",
-        expires_in,
-        expires_on,
-        not_before: t.not_before.to_string(),
-        resource,
-        token_type: "Bearer",
-    };
-    serde_json::to_vec(&body).unwrap_or_default()
-}
-
-/// `(expires_in, expires_on)` in `form`.
-fn expiry_fields(t: &Issued, form: ExpiresOnForm) -> (Option<Value>, Option<Value>) {
-    let left = t.expires_on.saturating_sub(now_secs());
-    let text = |n: u64| Some(Value::String(n.to_string()));
-    match form {
-        ExpiresOnForm::EpochString => (text(left), text(t.expires_on)),
-        ExpiresOnForm::EpochNumber => (text(left), Some(json!(t.expires_on))),
-        ExpiresOnForm::LegacyDateAmPm => (
-            text(left),
-            Some(Value::String(legacy_date(t.expires_on, true))),
-        ),
-        ExpiresOnForm::LegacyDate24h => (
-            text(left),
-            Some(Value::String(legacy_date(t.expires_on, false))),
-        ),
-        ExpiresOnForm::OnlyExpiresIn => (text(left), None),
-        ExpiresOnForm::ExpiresInNumber => (Some(json!(left)), None),
-        ExpiresOnForm::Nothing => (None, None),
-        ExpiresOnForm::GarbageString => (None, Some(json!("soon"))),
-    }
-}
-
-/// `M/D/YYYY h:mm:ss AM +00:00` (`am_pm`) or `MM/DD/YYYY HH:mm:ss +00:00`, in UTC.
-pub(super) fn legacy_date(epoch: u64, am_pm: bool) -> String {
-    let (y, m, d) = crate::civil::civil_from_days(i64::try_from(epoch / 86_400).unwrap_or(0));
-    let secs = epoch % 86_400;
-    let (h, mi, s) = (secs / 3600, secs / 60 % 60, secs % 60);
-    if am_pm {
-        let h12 = if h % 12 == 0 { 12 } else { h % 12 };
-        let half = if h < 12 { "AM" } else { "PM" };
-        format!("{m}/{d}/{y} {h12}:{mi:02}:{s:02} {half} +00:00")
-    } else {
-        format!("{m:02}/{d:02}/{y} {h:02}:{mi:02}:{s:02} +00:00")
-    }
-}
-
-/// Value of `key` in an `application/x-www-form-urlencoded` body; `Err` if undecodable.
-fn form_value(body: &[u8], key: &str) -> Result<Option<String>, ()> {
-    let text = std::str::from_utf8(body).map_err(|_| ())?;
-    for pair in text.split('&').filter(|p| !p.is_empty()) {
-        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-        if decode_component(k, false)? == key {
-            return decode_component(v, false).map(Some);
-        }
-    }
-    Ok(None)
-}
-
-/// One form component: `+` is a space, then percent-decoding.
-fn decode_component(s: &str, lossy: bool) -> Result<String, ()> {
-    let s = s.replace('+', " ");
-    let bytes = percent_encoding::percent_decode_str(&s);
-    if lossy {
-        Ok(bytes.decode_utf8_lossy().into_owned())
-    } else {
-        bytes.decode_utf8().map(|c| c.into_owned()).map_err(|_| ())
-    }
-}
-
-/// Decodes a whole form / query string (first value of each key wins); `lossy` replaces
-/// undecodable UTF-8 instead of failing.
-fn params(text: &[u8], lossy: bool) -> Result<BTreeMap<String, String>, ()> {
-    let text = if lossy {
-        String::from_utf8_lossy(text)
-    } else {
-        std::borrow::Cow::Borrowed(std::str::from_utf8(text).map_err(|_| ())?)
-    };
-    let mut out = BTreeMap::new();
-    for pair in text.split('&').filter(|p| !p.is_empty()) {
-        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-        let key = decode_component(k, lossy)?;
-        if let std::collections::btree_map::Entry::Vacant(slot) = out.entry(key) {
-            slot.insert(decode_component(v, lossy)?);
-        }
-    }
-    Ok(out)
-}
-
-fn params_strict(text: &[u8]) -> Result<BTreeMap<String, String>, ()> {
-    params(text, false)
-}
-
-fn params_lossy(text: &[u8]) -> BTreeMap<String, String> {
-    params(text, true).unwrap_or_default()
 }
 
 fn error_body(code: &str, message: &str) -> Vec<u8> {

@@ -9,17 +9,18 @@ use std::time::{Duration, Instant};
 use percent_encoding::{utf8_percent_encode, NON_ALPHANUMERIC};
 use serde_json::{json, Value};
 
-use super::protocol::{legacy_date, ISSUER, NOTICE};
+use super::form::legacy_date;
+use super::protocol::{ISSUER, NOTICE};
 use super::*;
 
-const MGMT: &str = "https://management.azure.com/";
+pub(super) const MGMT: &str = "https://management.azure.com/";
 
-fn emu() -> Emulator {
+pub(super) fn emu() -> Emulator {
     Emulator::start("127.0.0.1:0".parse().unwrap(), EmulatorConfig::default()).unwrap()
 }
 
 /// Sends one raw HTTP/1.1 request; returns (status, head, body). Status 0 = no response.
-fn raw(
+pub(super) fn raw(
     emu: &Emulator,
     method: &str,
     path: &str,
@@ -47,7 +48,7 @@ fn raw(
     (status, head, out[split + 4..].to_vec())
 }
 
-fn post(emu: &Emulator, resource: &str) -> (u16, Value) {
+pub(super) fn post(emu: &Emulator, resource: &str) -> (u16, Value) {
     let body = format!(
         "resource={}",
         utf8_percent_encode(resource, NON_ALPHANUMERIC)
@@ -56,30 +57,30 @@ fn post(emu: &Emulator, resource: &str) -> (u16, Value) {
     (status, serde_json::from_slice(&body).unwrap_or(Value::Null))
 }
 
-fn claims(v: &Value) -> Value {
+pub(super) fn claims(v: &Value) -> Value {
     decode_claims(v["access_token"].as_str().unwrap()).unwrap()
 }
 
 const VAULT: &str = "https://vault.azure.net";
 const EVIL: &str = "https://evil.example/x";
-const META: &str = "Metadata: true\r\n";
+pub(super) const META: &str = "Metadata: true\r\n";
 
-fn emu_with(protocol: Protocol) -> Emulator {
+pub(super) fn emu_with(protocol: Protocol) -> Emulator {
     let any = "127.0.0.1:0".parse().unwrap();
     Emulator::start_with(any, EmulatorConfig::default(), protocol).unwrap()
 }
 
-fn enc(s: &str) -> String {
+pub(super) fn enc(s: &str) -> String {
     utf8_percent_encode(s, NON_ALPHANUMERIC).to_string()
 }
 
 /// `api-version=API&resource=<enc R>` followed by `more` (starting with `&`).
-fn query(api: &str, resource: &str, more: &str) -> String {
+pub(super) fn query(api: &str, resource: &str, more: &str) -> String {
     format!("api-version={api}&resource={}{more}", enc(resource))
 }
 
 /// GET of the emulator's token path with `query`; returns (status, head, JSON body).
-fn get(emu: &Emulator, query: &str, extra: &str) -> (u16, String, Value) {
+pub(super) fn get(emu: &Emulator, query: &str, extra: &str) -> (u16, String, Value) {
     let path = format!("{}?{query}", emu.protocol().path());
     let (status, head, body) = raw(emu, "GET", &path, extra, "");
     (
@@ -660,7 +661,13 @@ fn arc_challenge_round_trip() {
         assert!(v["error"].is_string() && v["error_description"].is_string());
         let realm = head
             .lines()
-            .find_map(|l| l.strip_prefix("WWW-Authenticate: Basic realm="))
+            // hyper writes header names title-cased (`Www-Authenticate`).
+            .find_map(|l| {
+                let prefix = "www-authenticate: basic realm=";
+                l.to_ascii_lowercase()
+                    .starts_with(prefix)
+                    .then(|| l[prefix.len()..].to_owned())
+            })
             .expect("WWW-Authenticate header");
         PathBuf::from(realm)
     };

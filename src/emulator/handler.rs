@@ -1,0 +1,65 @@
+//! The emulator as an [`httpserver::Handler`]: route, wait the latency (released by stop),
+//! answer, and turn the answer into the server's.
+
+use std::future::Future;
+use std::sync::atomic::Ordering::SeqCst;
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::protocol::{self, proto_err, Action};
+use super::Shared;
+use crate::httpserver::{self, Answer, Reply, Request, Stop};
+
+pub(super) struct EmuHandler(pub(super) Arc<Shared>);
+
+impl httpserver::Handler for EmuHandler {
+    fn handle(&self, req: Request, stop: Stop) -> impl Future<Output = Answer> + Send {
+        let sh = Arc::clone(&self.0);
+        async move {
+            let action = match protocol::route(&sh, &req) {
+                Err(action) => action,
+                Ok(routed) => {
+                    let latency = Duration::from_nanos(sh.latency_ns.load(SeqCst));
+                    if !stop.sleep(latency).await {
+                        return Answer::Close;
+                    }
+                    protocol::answer(&sh, &req, routed)
+                }
+            };
+            match action {
+                Action::Respond {
+                    status,
+                    body,
+                    headers,
+                } => Answer::Reply(reply(status, body, headers)),
+                Action::Raw(parts) => Answer::Raw(parts),
+                Action::Hang => {
+                    stop.stopped().await;
+                    Answer::Close
+                }
+                Action::Close => Answer::Close,
+            }
+        }
+    }
+
+    fn refuse(&self, status: u16, message: &str) -> Reply {
+        match proto_err(self.0.protocol, status, "BadRequest", message) {
+            Action::Respond {
+                status,
+                body,
+                headers,
+            } => reply(status, body, headers),
+            _ => reply(status, Vec::new(), Vec::new()),
+        }
+    }
+}
+
+fn reply(status: u16, body: Vec<u8>, headers: Vec<(&'static str, String)>) -> Reply {
+    let mut all = vec![("Content-Type".to_owned(), "application/json".to_owned())];
+    all.extend(headers.into_iter().map(|(k, v)| (k.to_owned(), v)));
+    Reply {
+        status,
+        headers: all,
+        body,
+    }
+}

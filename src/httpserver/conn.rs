@@ -1,0 +1,302 @@
+//! The accept loop, one task per connection (hyper's HTTP/1 state machine over a shared
+//! socket), request collection, and the raw-answer writer.
+
+use std::fmt::Write as _;
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt as _, Full, Limited};
+use hyper::body::Incoming;
+use hyper::header::{HeaderName, HeaderValue};
+use hyper::server::conn::http1;
+use hyper::{Response, StatusCode};
+use hyper_util::rt::TokioTimer;
+use parking_lot::Mutex;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+
+use super::{race, Answer, Config, Either, Handler, RawPart, Reply, Request, Stop};
+
+pub(super) struct Shared<H> {
+    pub(super) config: Config,
+    pub(super) handler: H,
+}
+
+pub(super) async fn accept_loop<H: Handler>(listener: TcpListener, sh: Arc<Shared<H>>, stop: Stop) {
+    let limit = Arc::new(Semaphore::new(sh.config.max_connections.max(1)));
+    let mut conns = JoinSet::new();
+    loop {
+        while conns.try_join_next().is_some() {}
+        let permit = match race(Arc::clone(&limit).acquire_owned(), stop.stopped()).await {
+            Either::Left(Ok(permit)) => permit,
+            _ => break,
+        };
+        let stream = match race(listener.accept(), stop.stopped()).await {
+            Either::Left(Ok((stream, _))) => stream,
+            Either::Left(Err(e)) => {
+                // EMFILE and friends: back off a little instead of spinning.
+                log::debug!("http: accept failed: {e}");
+                if !stop.sleep(Duration::from_millis(50)).await {
+                    break;
+                }
+                continue;
+            }
+            Either::Right(()) => break,
+        };
+        let (sh, stop) = (Arc::clone(&sh), stop.clone());
+        conns.spawn(async move {
+            serve_conn(stream, &sh, stop).await;
+            drop(permit);
+        });
+    }
+    drop(listener);
+    // Every connection task watches `stop` too and ends promptly.
+    while conns.join_next().await.is_some() {}
+}
+
+/// What the connection task does once hyper has let go.
+enum Takeover {
+    Close,
+    Raw(Vec<RawPart>),
+}
+
+/// The error a service returns to make hyper end the connection without writing.
+#[derive(Debug)]
+struct TakenOver;
+
+impl std::fmt::Display for TakenOver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("connection taken over for a raw answer")
+    }
+}
+
+impl std::error::Error for TakenOver {}
+
+type Slot = Arc<Mutex<Option<Takeover>>>;
+
+async fn serve_conn<H: Handler>(stream: TcpStream, sh: &Arc<Shared<H>>, stop: Stop) {
+    let _ = stream.set_nodelay(true);
+    let stream = Arc::new(stream);
+    let slot: Slot = Arc::new(Mutex::new(None));
+    let service = {
+        let (sh, slot, stop) = (Arc::clone(sh), Arc::clone(&slot), stop.clone());
+        hyper::service::service_fn(move |req| {
+            let (sh, slot, stop) = (Arc::clone(&sh), Arc::clone(&slot), stop.clone());
+            async move { respond(&sh, req, &slot, stop).await }
+        })
+    };
+    let mut builder = http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(sh.config.header_read_timeout)
+        .title_case_headers(true)
+        .max_buf_size(sh.config.max_head.max(8192));
+    let conn = builder.serve_connection(SharedIo(Arc::clone(&stream)), service);
+    match race(conn, stop.stopped()).await {
+        Either::Left(Ok(())) | Either::Right(()) => return,
+        Either::Left(Err(e)) if slot.lock().is_none() => {
+            log::debug!("http: connection ended: {e}");
+            return;
+        }
+        Either::Left(Err(_)) => {}
+    }
+    let taken = slot.lock().take();
+    if let Some(Takeover::Raw(parts)) = taken {
+        let written = race(
+            write_raw(&stream, parts, sh.config.write_stall),
+            stop.stopped(),
+        )
+        .await;
+        if let Either::Left(Err(e)) = written {
+            log::debug!("http: raw answer cut short: {e}");
+        }
+    }
+    // Dropping the last reference closes the socket.
+}
+
+async fn respond<H: Handler>(
+    sh: &Shared<H>,
+    req: hyper::Request<Incoming>,
+    slot: &Slot,
+    stop: Stop,
+) -> Result<Response<Full<Bytes>>, TakenOver> {
+    let (parts, body) = req.into_parts();
+    let limited = Limited::new(body, sh.config.max_body).collect();
+    let body = match race(limited, tokio::time::sleep(sh.config.body_timeout)).await {
+        Either::Left(Ok(collected)) => collected.to_bytes(),
+        Either::Left(Err(e))
+            if e.downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some() =>
+        {
+            return reply(sh.handler.refuse(413, "Request body too large"), slot)
+        }
+        Either::Left(Err(_)) => return take_over(slot, Takeover::Close),
+        Either::Right(()) => return reply(sh.handler.refuse(408, "Request body too slow"), slot),
+    };
+    let request = Request {
+        method: parts.method.as_str().to_owned(),
+        target: parts
+            .uri
+            .path_and_query()
+            .map_or_else(|| parts.uri.to_string(), |pq| pq.as_str().to_owned()),
+        headers: parts
+            .headers
+            .iter()
+            .map(|(k, v)| {
+                let value = String::from_utf8_lossy(v.as_bytes()).into_owned();
+                (k.as_str().to_owned(), value)
+            })
+            .collect(),
+        body: body.to_vec(),
+    };
+    match sh.handler.handle(request, stop).await {
+        Answer::Reply(r) => reply(r, slot),
+        Answer::Raw(parts) => take_over(slot, Takeover::Raw(parts)),
+        Answer::Close => take_over(slot, Takeover::Close),
+    }
+}
+
+fn take_over<T>(slot: &Slot, what: Takeover) -> Result<T, TakenOver> {
+    *slot.lock() = Some(what);
+    Err(TakenOver)
+}
+
+/// `r` through hyper, or raw when hyper cannot express its status.
+fn reply(r: Reply, slot: &Slot) -> Result<Response<Full<Bytes>>, TakenOver> {
+    let Ok(status) = StatusCode::from_u16(r.status) else {
+        return take_over(slot, Takeover::Raw(vec![RawPart::Bytes(raw_reply(&r))]));
+    };
+    let mut resp = Response::new(Full::new(Bytes::from(r.body)));
+    *resp.status_mut() = status;
+    for (name, value) in &r.headers {
+        let clean: String = value.chars().filter(|c| !c.is_control()).collect();
+        match (
+            HeaderName::from_bytes(name.as_bytes()),
+            HeaderValue::from_str(&clean),
+        ) {
+            (Ok(n), Ok(v)) => {
+                resp.headers_mut().append(n, v);
+            }
+            _ => log::debug!("http: dropping invalid header {name:?}"),
+        }
+    }
+    Ok(resp)
+}
+
+/// A reply as bytes, for statuses hyper refuses.
+fn raw_reply(r: &Reply) -> Vec<u8> {
+    let mut head = format!("HTTP/1.1 {} Unknown\r\n", r.status);
+    for (name, value) in &r.headers {
+        let v: String = value.chars().filter(|c| !c.is_control()).collect();
+        let _ = write!(head, "{name}: {v}\r\n");
+    }
+    let _ = write!(
+        head,
+        "Content-Length: {}\r\nConnection: close\r\n\r\n",
+        r.body.len()
+    );
+    let mut out = head.into_bytes();
+    out.extend_from_slice(&r.body);
+    out
+}
+
+async fn write_raw(stream: &TcpStream, parts: Vec<RawPart>, stall: Duration) -> io::Result<()> {
+    for part in parts {
+        match part {
+            RawPart::Bytes(data) => write_all(stream, &data, stall).await?,
+            RawPart::Repeat { chunk, times } => {
+                let mut done = 0u64;
+                while times.is_none_or(|t| done < t) {
+                    write_all(stream, &chunk, stall).await?;
+                    done += 1;
+                }
+            }
+            RawPart::Trickle {
+                bytes_per_sec: 0, ..
+            } => std::future::pending().await,
+            RawPart::Trickle {
+                data,
+                bytes_per_sec,
+            } => {
+                let piece = usize::try_from(bytes_per_sec / 10).unwrap_or(1).max(1);
+                let pause = Duration::from_secs_f64(piece as f64 / f64::from(bytes_per_sec));
+                for bytes in data.chunks(piece) {
+                    write_all(stream, bytes, stall).await?;
+                    tokio::time::sleep(pause).await;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn write_all(stream: &TcpStream, mut data: &[u8], stall: Duration) -> io::Result<()> {
+    while !data.is_empty() {
+        tokio::time::timeout(stall, stream.writable())
+            .await
+            .map_err(|_| io::Error::from(io::ErrorKind::TimedOut))??;
+        match stream.try_write(data) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => data = &data[n..],
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// hyper's IO over a socket the connection task also holds (for raw answers).
+struct SharedIo(Arc<TcpStream>);
+
+impl hyper::rt::Read for SharedIo {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        mut buf: hyper::rt::ReadBufCursor<'_>,
+    ) -> Poll<io::Result<()>> {
+        let mut chunk = [0u8; 8192];
+        let want = buf.remaining().min(chunk.len());
+        loop {
+            ready!(self.0.poll_read_ready(cx))?;
+            match self.0.try_read(&mut chunk[..want]) {
+                Ok(n) => {
+                    buf.put_slice(&chunk[..n]);
+                    return Poll::Ready(Ok(()));
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
+    }
+}
+
+impl hyper::rt::Write for SharedIo {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        loop {
+            ready!(self.0.poll_write_ready(cx))?;
+            match self.0.try_write(buf) {
+                Ok(n) => return Poll::Ready(Ok(n)),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    /// The socket is closed when the connection task drops it (after any raw answer).
+    fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+}

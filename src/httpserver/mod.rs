@@ -1,0 +1,279 @@
+//! A small loopback-only HTTP/1.1 server on hyper 1.x, shared by the emulators (and meant
+//! for later loopback endpoints): bind, an accept loop with a connection limit, per-request
+//! idle limits, graceful shutdown, and a [`Handler`] that turns a parsed [`Request`] into an
+//! [`Answer`].
+//!
+//! ```text
+//! let server = Server::start(addr, Config::default(), handler)?;  // refuses non-loopback
+//! server.addr();                                                  // the bound address
+//! server.shutdown();                                              // listener closed, joined
+//! ```
+//!
+//! Threads: one per server, running a current-thread tokio runtime that owns the listener
+//! and every connection (no thread per connection, no polling). At most
+//! [`Config::max_connections`] connections are open at once; further ones wait in the
+//! kernel's backlog until one closes. A connection must deliver each request head within
+//! [`Config::header_read_timeout`], counted from the moment the server waits for it (so it
+//! also bounds keep-alive idleness and does not restart on every byte), and its body
+//! within [`Config::body_timeout`].
+//!
+//! Raw answers: hyper only writes well-formed HTTP, so [`Answer::Raw`] and
+//! [`Answer::Close`] take the socket over. The connection's socket is shared (an
+//! `Arc<TcpStream>`) between hyper and the connection task; for a takeover the service
+//! stores what to do in a per-connection slot and fails the request, which makes hyper end
+//! the connection without writing anything. The task then writes the raw bytes on the
+//! socket it still holds, and closes it. This works on any request of a keep-alive
+//! connection, unlike peeking at the first request before hyper sees it.
+
+use std::future::Future;
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::thread::{self, JoinHandle};
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use tokio::sync::watch;
+
+mod conn;
+#[cfg(test)]
+mod tests;
+
+/// Limits of one server.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Connections open at once; more wait in the listen backlog.
+    pub max_connections: usize,
+    /// The most a request head may take, counted from when the server starts waiting for
+    /// it (a fresh or an idle keep-alive connection); then the connection is closed.
+    pub header_read_timeout: Duration,
+    /// The most a request body may take once its head is in; then 408.
+    pub body_timeout: Duration,
+    /// Largest request head (hyper answers 431 beyond it); at least 8 KiB.
+    pub max_head: usize,
+    /// Largest request body; 413 beyond it.
+    pub max_body: usize,
+    /// A raw answer whose socket accepts no byte for this long is abandoned.
+    pub write_stall: Duration,
+    /// Name of the server thread.
+    pub thread_name: String,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            max_connections: 512,
+            header_read_timeout: Duration::from_secs(30),
+            body_timeout: Duration::from_secs(30),
+            max_head: 16 * 1024,
+            max_body: 64 * 1024,
+            write_stall: Duration::from_secs(60),
+            thread_name: "cstokenfs-http".into(),
+        }
+    }
+}
+
+/// One request, its body read in full.
+#[derive(Debug, Clone)]
+pub struct Request {
+    pub method: String,
+    /// The request target as sent: path and query (`/oauth2/token?x=1`).
+    pub target: String,
+    /// Header names in lower case, values with undecodable bytes replaced.
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl Request {
+    /// First header of that name (case-insensitive).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// A well-formed response.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reply {
+    /// Any status; one outside 100..=999 is written raw (`HTTP/1.1 <code> Unknown`).
+    pub status: u16,
+    /// Extra headers (Content-Length is added); invalid ones are dropped.
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+/// One piece of a raw answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RawPart {
+    /// These bytes.
+    Bytes(Vec<u8>),
+    /// `chunk` that many times; `None`: until the client goes or the server stops.
+    Repeat { chunk: Vec<u8>, times: Option<u64> },
+    /// `data` at about `bytes_per_sec` (in pieces of a tenth of it, at least one byte);
+    /// 0: nothing more is ever written (the connection stays until stop or client close).
+    Trickle { data: Vec<u8>, bytes_per_sec: u32 },
+}
+
+/// What a request gets.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Answer {
+    Reply(Reply),
+    /// These bytes as they are, then the connection is closed.
+    Raw(Vec<RawPart>),
+    /// The connection is closed without any answer.
+    Close,
+}
+
+/// Turns requests into answers; runs on the server's runtime, so it must not block for
+/// long (await [`Stop::sleep`] instead of sleeping).
+pub trait Handler: Send + Sync + 'static {
+    fn handle(&self, req: Request, stop: Stop) -> impl Future<Output = Answer> + Send;
+
+    /// The answer to a request refused before it reached [`Handler::handle`]
+    /// (413: body too large, 408: body too slow).
+    fn refuse(&self, status: u16, message: &str) -> Reply {
+        Reply {
+            status,
+            headers: vec![("Content-Type".into(), "text/plain".into())],
+            body: message.as_bytes().to_vec(),
+        }
+    }
+}
+
+/// Whether the server is stopping; cheap to clone.
+#[derive(Clone)]
+pub struct Stop(watch::Receiver<bool>);
+
+impl Stop {
+    pub fn is_stopped(&self) -> bool {
+        *self.0.borrow()
+    }
+
+    /// Completes once the server is stopping.
+    pub async fn stopped(&self) {
+        let mut rx = self.0.clone();
+        let _ = rx.wait_for(|s| *s).await;
+    }
+
+    /// Sleeps `d`; false if the server started stopping first.
+    pub async fn sleep(&self, d: Duration) -> bool {
+        if d.is_zero() {
+            return !self.is_stopped();
+        }
+        matches!(
+            race(tokio::time::sleep(d), self.stopped()).await,
+            Either::Left(())
+        )
+    }
+}
+
+/// A running server; dropping it shuts it down.
+pub struct Server {
+    addr: SocketAddr,
+    stop: watch::Sender<bool>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+/// Whether `ip` is a loopback address (127.0.0.0/8, ::1, or ::ffff:127.x.y.z).
+pub fn is_loopback(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => v4.is_loopback(),
+        IpAddr::V6(v6) => v6
+            .to_ipv4_mapped()
+            .map_or(v6.is_loopback(), |v4| v4.is_loopback()),
+    }
+}
+
+/// `InvalidInput` unless `addr` is loopback.
+pub fn check_loopback(addr: SocketAddr) -> io::Result<()> {
+    if is_loopback(addr.ip()) {
+        Ok(())
+    } else {
+        Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!(
+                "only loopback addresses are allowed (127.0.0.0/8, ::1), not {}",
+                addr.ip()
+            ),
+        ))
+    }
+}
+
+impl Server {
+    /// Binds `listen` (loopback only; port 0 = ephemeral) and serves `handler` on a
+    /// background thread.
+    pub fn start<H: Handler>(listen: SocketAddr, config: Config, handler: H) -> io::Result<Server> {
+        check_loopback(listen)?;
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_io()
+            .enable_time()
+            .build()?;
+        let listener = {
+            let _context = runtime.enter();
+            let socket = match listen {
+                SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+                SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+            };
+            socket.set_reuseaddr(true)?;
+            socket.bind(listen)?;
+            socket.listen(1024)?
+        };
+        let addr = listener.local_addr()?;
+        let (tx, rx) = watch::channel(false);
+        let stop = Stop(rx);
+        let name = config.thread_name.clone();
+        let shared = Arc::new(conn::Shared { config, handler });
+        let thread = thread::Builder::new()
+            .name(name)
+            .spawn(move || runtime.block_on(conn::accept_loop(listener, shared, stop)))?;
+        Ok(Server {
+            addr,
+            stop: tx,
+            thread: Mutex::new(Some(thread)),
+        })
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Idempotent: closes the listener and every connection (requests in flight are
+    /// dropped unanswered) and joins the server thread before returning.
+    pub fn shutdown(&self) {
+        self.stop.send_replace(true);
+        if let Some(thread) = self.thread.lock().take() {
+            if thread.join().is_err() {
+                log::warn!("http server thread panicked");
+            }
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+pub(crate) enum Either<A, B> {
+    Left(A),
+    Right(B),
+}
+
+/// Polls both futures; the first to finish wins (`a` first when both are ready).
+pub(crate) async fn race<A: Future, B: Future>(a: A, b: B) -> Either<A::Output, B::Output> {
+    let mut a = std::pin::pin!(a);
+    let mut b = std::pin::pin!(b);
+    std::future::poll_fn(|cx| {
+        if let std::task::Poll::Ready(v) = a.as_mut().poll(cx) {
+            return std::task::Poll::Ready(Either::Left(v));
+        }
+        if let std::task::Poll::Ready(v) = b.as_mut().poll(cx) {
+            return std::task::Poll::Ready(Either::Right(v));
+        }
+        std::task::Poll::Pending
+    })
+    .await
+}
