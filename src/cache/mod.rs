@@ -233,10 +233,21 @@ impl Refusals {
     }
 }
 
-/// Gives memory back once a map has emptied out (a flood of names must not pin it).
+/// Gives memory back once a map has emptied out (a flood of names must not pin it): the
+/// map's own table, then the allocator's free pages.
 fn shrink<K: std::hash::Hash + Eq, V>(map: &mut HashMap<K, V>) {
     if map.capacity() > 4 * map.len().max(16) {
         map.shrink_to_fit();
+        release_free_memory();
+    }
+}
+
+/// Returns the allocator's free pages to the system (glibc keeps them otherwise).
+fn release_free_memory() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim only walks the allocator's own free lists.
+    unsafe {
+        libc::malloc_trim(0);
     }
 }
 
@@ -327,7 +338,6 @@ impl Cache {
                     drop(guard);
                     return done(Err(r.error));
                 }
-                self.evict_for_one_more(entries);
                 let key: Arc<str> = Arc::from(resource);
                 entries.insert(key.clone(), Entry::default());
                 key
@@ -600,20 +610,25 @@ impl Cache {
         Duration::from_millis((next - now).clamp(10, 1_000) as u64)
     }
 
-    fn evict_for_one_more(&self, entries: &mut HashMap<Arc<str>, Entry>) {
-        while entries.len() >= self.policy.max_resources {
+    /// Keeps the tokens held (declared resources count) within `--max-resources`: the
+    /// least recently read undeclared one goes, never `keep` (just fetched) nor one being
+    /// fetched. Names that hold nothing (refused, failed, in flight) never evict a token.
+    fn evict_beyond_limit(&self, entries: &mut HashMap<Arc<str>, Entry>, keep: &str) {
+        let held = entries
+            .values()
+            .filter(|e| e.declared || e.held.is_some())
+            .count();
+        for _ in self.policy.max_resources..held {
             let victim = entries
                 .iter()
-                .filter(|(_, e)| !e.declared && e.waiters.is_none())
+                .filter(|(r, e)| {
+                    !e.declared && e.held.is_some() && e.waiters.is_none() && &***r != keep
+                })
                 .min_by_key(|(_, e)| e.reads.last)
                 .map(|(r, _)| r.clone());
-            match victim {
-                Some(r) => {
-                    debug!("evicting {r} (least recently read)");
-                    entries.remove(&r);
-                }
-                None => break,
-            }
+            let Some(r) = victim else { break };
+            debug!("evicting {r} (least recently read)");
+            entries.remove(&r);
         }
     }
 
@@ -690,8 +705,14 @@ impl Cache {
         if outcome.as_ref().is_ok_and(|v| Some(v.id) != held) {
             entry.reads.opens_to_skip = waiters.len();
         }
+        if held.is_none() && outcome.is_ok() {
+            self.evict_beyond_limit(entries, resource);
+        }
         // A refused name holds nothing here: its refusal is in the negative cache.
-        if !entry.declared && entry.held.is_none() && refusals.active(resource, now).is_some() {
+        let holds_nothing = entries
+            .get(resource)
+            .is_some_and(|e| !e.declared && e.held.is_none());
+        if holds_nothing && refusals.active(resource, now).is_some() {
             entries.remove(resource);
         }
         drop(guard);
@@ -978,5 +999,168 @@ mod tests {
         assert_eq!(cache.on_open(&first), OpenDecision::Stale);
         assert_ne!(cache.get_blocking("r").unwrap().id, first.id);
         assert_eq!(source.calls.load(Ordering::SeqCst), 2);
+    }
+
+    /// Answers with `f(resource)`; counts calls.
+    struct Scripted<F> {
+        f: F,
+        calls: AtomicU64,
+    }
+
+    impl<F: Fn(&str) -> Result<Token, SourceError> + Send + Sync> Source for Scripted<F> {
+        fn fetch_once(&self, r: &str, _t: Duration) -> Result<Token, SourceError> {
+            self.calls.fetch_add(1, Ordering::SeqCst);
+            (self.f)(r)
+        }
+        fn endpoint(&self) -> String {
+            "scripted".into()
+        }
+        fn kind(&self) -> &'static str {
+            "fake"
+        }
+    }
+
+    fn token_at(clock: &FakeClock, n: u64) -> Token {
+        Token {
+            access_token: Zeroizing::new(format!("token-{n}")),
+            token_type: "Bearer".into(),
+            expires_on: clock.now() + 3_600_000,
+            refresh_in_ms: None,
+            not_before: None,
+        }
+    }
+
+    #[test]
+    fn refusals_never_evict_tokens_and_are_bounded() {
+        let clock = Arc::new(FakeClock(AtomicI64::new(1_000_000)));
+        let c = clock.clone();
+        let source = Arc::new(Scripted {
+            f: move |r: &str| {
+                if r.starts_with("bad") {
+                    Err(SourceError::Status {
+                        status: 400,
+                        message: "AudienceNotSupported".into(),
+                        retry_after: None,
+                    })
+                } else {
+                    Ok(token_at(&c, 1))
+                }
+            },
+            calls: AtomicU64::new(0),
+        });
+        let policy = Policy {
+            max_resources: 2,
+            ..Policy::default()
+        };
+        let cache = Cache::new(source.clone(), policy, &[], clock.clone());
+        cache.get_blocking("a").unwrap();
+        cache.get_blocking("b").unwrap();
+        for i in 0..50 {
+            let got = cache.get_blocking(&format!("bad{i}"));
+            assert!(matches!(got, Err(ReadError::Refused(_))));
+        }
+        let calls = source.calls.load(Ordering::SeqCst);
+        cache.get_blocking("a").unwrap();
+        cache.get_blocking("b").unwrap();
+        assert!(matches!(
+            cache.get_blocking("bad3"),
+            Err(ReadError::Refused(_))
+        ));
+        assert_eq!(
+            source.calls.load(Ordering::SeqCst),
+            calls,
+            "all from the caches"
+        );
+        // A third token evicts the least recently read one.
+        cache.get_blocking("c").unwrap();
+        assert_eq!(cache.listed().len(), 2);
+
+        let mut refusals = Refusals::default();
+        for i in 0..MAX_REFUSALS + 10 {
+            let refusal = Refusal {
+                until: 10,
+                error: ReadError::Refused(String::new()),
+                at: i as i64,
+            };
+            refusals.insert(format!("r{i}").into(), refusal);
+        }
+        assert_eq!(refusals.by_resource.len(), MAX_REFUSALS);
+        assert!(refusals.active("r0", 0).is_none(), "the oldest went first");
+        refusals.expire(10);
+        assert!(refusals.by_resource.is_empty() && refusals.order.is_empty());
+    }
+
+    #[test]
+    fn a_down_upstream_gets_one_attempt_per_fetch_until_it_answers() {
+        let clock = Arc::new(FakeClock(AtomicI64::new(1_000_000)));
+        let up = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (c, u) = (clock.clone(), up.clone());
+        let source = Arc::new(Scripted {
+            f: move |_: &str| {
+                if u.load(Ordering::SeqCst) {
+                    Ok(token_at(&c, 1))
+                } else {
+                    Err(SourceError::Unreachable("Connection refused".into()))
+                }
+            },
+            calls: AtomicU64::new(0),
+        });
+        let policy = Policy {
+            timeout: Duration::from_millis(800),
+            ..Policy::default()
+        };
+        let cache = Cache::new(source.clone(), policy, &[], clock.clone());
+        assert!(cache.get_blocking("a").is_err());
+        let first = source.calls.load(Ordering::SeqCst);
+        assert!(first > 1, "the first fetch retries ({first} calls)");
+        assert!(cache.get_blocking("b").is_err());
+        assert_eq!(
+            source.calls.load(Ordering::SeqCst),
+            first + 1,
+            "then one attempt"
+        );
+        up.store(true, Ordering::SeqCst);
+        assert!(cache.get_blocking("b").is_ok(), "a read finds it up again");
+        assert!(!cache.upstream.known_down());
+    }
+
+    #[test]
+    fn fetches_of_a_held_token_are_paced() {
+        let clock = Arc::new(FakeClock(AtomicI64::new(1_000_000)));
+        let c = clock.clone();
+        let n = AtomicU64::new(0);
+        let source = Arc::new(Scripted {
+            f: move |_: &str| {
+                let mut t = token_at(&c, n.fetch_add(1, Ordering::SeqCst));
+                t.refresh_in_ms = Some(0);
+                Ok(t)
+            },
+            calls: AtomicU64::new(0),
+        });
+        let cache = Cache::new(source.clone(), Policy::default(), &[], clock.clone());
+        let first = cache.get_blocking("r").unwrap();
+        for _ in 0..100 {
+            assert_eq!(cache.on_open(&first), OpenDecision::Serve);
+        }
+        assert_eq!(
+            source.calls.load(Ordering::SeqCst),
+            1,
+            "paced: nothing within 2 s"
+        );
+        clock
+            .0
+            .fetch_add(policy::MIN_FETCH_INTERVAL_MS, Ordering::SeqCst);
+        assert_eq!(cache.on_open(&first), OpenDecision::Serve);
+        for _ in 0..500 {
+            if source.calls.load(Ordering::SeqCst) >= 2 {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        assert_eq!(
+            source.calls.load(Ordering::SeqCst),
+            2,
+            "one refresh after 2 s"
+        );
     }
 }

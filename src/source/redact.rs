@@ -62,35 +62,38 @@ fn jwt_shaped(word: &str) -> bool {
 /// (`"refresh_token":`), so the next word is its value.
 fn hide_values(word: &str) -> (String, bool) {
     let lower = word.to_ascii_lowercase();
-    let Some((start, key)) = SECRET_KEYS
+    let mut out = String::with_capacity(word.len());
+    let mut at = 0;
+    while let Some((start, key)) = SECRET_KEYS
         .iter()
-        .filter_map(|k| lower.find(k).map(|at| (at, *k)))
-        .min_by_key(|(at, _)| *at)
-    else {
-        return (word.to_string(), false);
-    };
-    let after_key = start + key.len();
-    // Skip the separator: `=`, `:`, a closing quote of the key, spaces are word breaks.
-    let rest = &word[after_key..];
-    let sep_len = rest
-        .bytes()
-        .take_while(|b| matches!(b, b'"' | b'\'' | b'=' | b':'))
-        .count();
-    if sep_len == 0 {
-        // The key's name alone ("no refresh_token here"): nothing to hide.
-        return (word.to_string(), false);
+        .filter_map(|k| lower[at..].find(k).map(|i| (at + i, *k)))
+        .min_by_key(|(i, _)| *i)
+    {
+        let after_key = start + key.len();
+        // The separator: `=`, `:`, quotes around the key (spaces are word breaks).
+        let sep_len = word[after_key..]
+            .bytes()
+            .take_while(|b| matches!(b, b'"' | b'\'' | b'=' | b':'))
+            .count();
+        let value_start = after_key + sep_len;
+        out.push_str(&word[at..value_start]);
+        at = value_start;
+        if sep_len == 0 {
+            // The key's name alone (`grant_type=refresh_token&...`): nothing to hide.
+            continue;
+        }
+        if at == word.len() {
+            return (out, true);
+        }
+        // The value runs to the next delimiter; what follows may name another secret.
+        let value_len = word[at..]
+            .find(['&', '"', '\'', ',', ';', '}', ')'])
+            .unwrap_or(word.len() - at);
+        out.push_str(HIDDEN);
+        at += value_len;
     }
-    let value_start = after_key + sep_len;
-    let value = &word[value_start..];
-    if value.is_empty() {
-        return (word.to_string(), true);
-    }
-    // The value runs to the next delimiter; what follows may name another secret.
-    let value_len = value
-        .find(['&', '"', '\'', ',', ';', '}', ')'])
-        .unwrap_or(value.len());
-    let (tail, dangling) = hide_values(&value[value_len..]);
-    (format!("{}{HIDDEN}{tail}", &word[..value_start]), dangling)
+    out.push_str(&word[at..]);
+    (out, false)
 }
 
 #[cfg(test)]
@@ -136,6 +139,10 @@ mod tests {
             "client_secret=<redacted>&client_assertion=<redacted>"
         );
         assert_eq!(redact("no refresh_token here"), "no refresh_token here");
+        assert_eq!(
+            redact("grant_type=refresh_token&refresh_token=0.AAAA-x&y=1"),
+            "grant_type=refresh_token&refresh_token=<redacted>&y=1"
+        );
         assert_eq!(redact("ACCESS_TOKEN=xyz"), "ACCESS_TOKEN=<redacted>");
     }
 
