@@ -1,11 +1,12 @@
 //! The command line: `mount`, `get`, `emulator`.
 
-use crate::cache::{Cache, SystemClock};
-use crate::emulator::{Emulator, EmulatorConfig, Protocol};
+use crate::cache::Cache;
+use crate::emulator::{Emulator, EmulatorConfig};
 use crate::mount::{self, MountRequest};
-use crate::policy::Policy;
-use crate::source::select::{self, Env, Kind, Plan, Wanted};
+use crate::policy::{Policy, SystemClock};
+use crate::source::select::{self, Env, Wanted};
 use crate::source::Identity;
+use crate::source::Kind;
 use crate::token::View;
 use clap::{Args, Parser, Subcommand};
 use std::io::Write;
@@ -45,8 +46,8 @@ pub enum Command {
 pub struct Upstream {
     /// Where tokens come from: auto, cloudshell, imds, appservice, arc, azure-cli
     /// [default: auto, detected from the environment; IMDS only when chosen].
-    #[arg(long, value_name = "SOURCE", value_parser = parse_kind)]
-    pub source: Option<Kind>,
+    #[arg(long, value_name = "SOURCE", value_parser = parse_source)]
+    pub source: Option<SourceArg>,
     /// Token endpoint URL of any HTTP source [default: $MSI_ENDPOINT, else
     /// http://localhost:50342/oauth2/token for Cloud Shell; the source's own otherwise].
     #[arg(long, value_name = "URL", conflicts_with = "emulator")]
@@ -68,14 +69,23 @@ pub struct Upstream {
     pub msi_res_id: Option<String>,
 }
 
-fn parse_kind(s: &str) -> Result<Kind, String> {
-    s.parse()
+/// `--source`: `auto` or an upstream.
+#[derive(Debug, Clone, Copy)]
+pub struct SourceArg(Option<Kind>);
+
+fn parse_source(s: &str) -> Result<SourceArg, String> {
+    if s.eq_ignore_ascii_case("auto") {
+        return Ok(SourceArg(None));
+    }
+    s.parse::<Kind>()
+        .map(|k| SourceArg(Some(k)))
+        .map_err(|e| format!("{e} (or auto)"))
 }
 
 impl Upstream {
     pub fn wanted(&self) -> Wanted {
         Wanted {
-            source: self.source,
+            source: self.source.and_then(|s| s.0),
             endpoint: self.endpoint.clone(),
             emulator: self.emulator,
             identity: Identity {
@@ -173,7 +183,7 @@ pub struct EmulatorArgs {
     pub allow_any: bool,
     /// The protocol to serve: cloudshell, imds, appservice, arc.
     #[arg(long, value_name = "PROTOCOL", default_value = "cloudshell", value_parser = parse_protocol)]
-    pub protocol: Protocol,
+    pub protocol: Kind,
     /// App Service: the X-IDENTITY-HEADER secret is this file's contents (trailing newline
     /// trimmed); without it a random one is generated and printed on stdout.
     #[arg(long, value_name = "PATH")]
@@ -202,8 +212,14 @@ pub fn read_secret_file(path: &std::path::Path) -> Result<String, String> {
     Ok(secret.to_owned())
 }
 
-fn parse_protocol(s: &str) -> Result<Protocol, String> {
-    s.parse::<Protocol>().map_err(|e| e.to_string())
+fn parse_protocol(s: &str) -> Result<Kind, String> {
+    let kind = s.parse::<Kind>()?;
+    if !crate::emulator::SERVED.contains(&kind) {
+        return Err(format!(
+            "the emulator does not serve {kind}: one of cloudshell, imds, appservice, arc"
+        ));
+    }
+    Ok(kind)
 }
 
 pub fn run(cli: Cli) -> ExitCode {
@@ -254,16 +270,28 @@ fn get_command(args: GetArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    // Holds the emulator (if any) alive until the token is printed.
-    let chosen = match select::plan(&args.upstream.wanted(), &Env::current()).and_then(Plan::build)
-    {
-        Ok(c) => c,
+    let mut plan = match select::plan(&args.upstream.wanted(), &Env::current()) {
+        Ok(p) => p,
         Err(e) => {
             eprintln!("cstokenfs: {e}");
             return ExitCode::from(2);
         }
     };
-    let source = chosen.source.clone();
+    // Held alive until the token is printed.
+    let _emulator = match mount::start_stand_in(&mut plan) {
+        Ok(e) => e,
+        Err(e) => {
+            eprintln!("cstokenfs: cannot start the emulator: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let source = match plan.build() {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("cstokenfs: {e}");
+            return ExitCode::from(2);
+        }
+    };
     let policy = Policy {
         timeout: Duration::from_secs(args.upstream.timeout),
         ..Policy::default()
@@ -296,7 +324,7 @@ fn emulator_command(args: EmulatorArgs) -> ExitCode {
     crate::logging::init_stderr("info");
     let identity_header = match (&args.secret_file, args.protocol) {
         (None, _) => None,
-        (Some(path), Protocol::AppService) => match read_secret_file(path) {
+        (Some(path), Kind::AppService) => match read_secret_file(path) {
             Ok(secret) => Some(secret),
             Err(e) => {
                 eprintln!("cstokenfs: {e}");
@@ -329,7 +357,7 @@ fn emulator_command(args: EmulatorArgs) -> ExitCode {
         args.protocol,
         emulator.url()
     );
-    if args.protocol == Protocol::AppService {
+    if args.protocol == Kind::AppService {
         // The one place a secret is printed: a test secret of a test tool, on stdout (never
         // the log), for the user to paste.
         let mut lines = format!("IDENTITY_ENDPOINT={}\n", emulator.url());

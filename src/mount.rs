@@ -1,10 +1,10 @@
 //! Mounting: checks before mounting, detaching once the mount is live, the session, and
 //! signals (SIGTERM/SIGINT unmount, SIGUSR1 drops tokens, SIGHUP reopens the log file).
 
-use crate::cache::{Cache, SystemClock};
-use crate::emulator::Emulator;
+use crate::cache::Cache;
+use crate::emulator::{Emulator, EmulatorConfig};
 use crate::fs::{fuse::FuseAdapter, Access, Core};
-use crate::policy::Policy;
+use crate::policy::{Policy, SystemClock};
 use crate::source::select::{self, Env, Plan, Wanted};
 use log::{info, warn};
 use std::ffi::CString;
@@ -92,7 +92,8 @@ pub fn run(req: MountRequest) -> Result<(), MountError> {
 
 /// Checks that make a clear error before anything is mounted.
 fn preflight(req: &MountRequest) -> Result<(PathBuf, Plan), MountError> {
-    let plan = select::plan(&req.wanted, &Env::current()).map_err(MountError::Endpoint)?;
+    let plan = select::plan(&req.wanted, &Env::current())
+        .map_err(|e| MountError::Endpoint(e.to_string()))?;
     for name in &req.resources {
         crate::names::resolve(name)
             .map_err(|e| MountError::Resource(format!("--resource {name:?}: {e}")))?;
@@ -361,12 +362,16 @@ fn start(req: &MountRequest, mountpoint: &Path, plan: Plan) -> Result<Started, M
         libc::SIGUSR1,
     ])
     .map_err(|e| MountError::Daemon(format!("cannot handle signals: {e}")))?;
-    let chosen = plan.build().map_err(MountError::Endpoint)?;
-    info!("source {}: {}", chosen.kind, chosen.reason);
-    if let Some(emu) = &chosen.emulator {
+    let mut plan = plan;
+    let emulator = start_stand_in(&mut plan)
+        .map_err(|e| MountError::Daemon(format!("cannot start the emulator: {e}")))?;
+    let source = plan
+        .build()
+        .map_err(|e| MountError::Endpoint(e.to_string()))?;
+    info!("source {}: {}", plan.kind, plan.reason);
+    if let Some(emu) = &emulator {
         info!("serving tokens from the built-in emulator at {}", emu.url());
     }
-    let source = chosen.source.clone();
     let declared: Vec<String> = req
         .resources
         .iter()
@@ -384,7 +389,7 @@ fn start(req: &MountRequest, mountpoint: &Path, plan: Plan) -> Result<Started, M
     };
     let audit = crate::audit::Audit::start()
         .map_err(|e| MountError::Daemon(format!("cannot start a thread: {e}")))?;
-    let core = Core::new(cache.clone(), access, Some(audit), &chosen.reason);
+    let core = Core::new(cache.clone(), access, Some(audit), &plan.reason);
     let mut config = fuser::Config::default();
     config.mount_options = vec![
         fuser::MountOption::FSName(req.fsname.clone()),
@@ -406,7 +411,18 @@ fn start(req: &MountRequest, mountpoint: &Path, plan: Plan) -> Result<Started, M
     core.start_expiry_watch(session.notifier())
         .map_err(|e| MountError::Daemon(format!("cannot start a thread: {e}")))?;
     let session = session.spawn().map_err(|e| mount_error(&e, mountpoint))?;
-    Ok((session, cache, signals, chosen.emulator))
+    Ok((session, cache, signals, emulator))
+}
+
+/// With `--emulator`, starts the built-in emulator for the plan's upstream on an ephemeral
+/// loopback port and points the plan at it; the emulator serves as long as it is kept.
+pub fn start_stand_in(plan: &mut Plan) -> std::io::Result<Option<Emulator>> {
+    let Some(kind) = plan.emulated() else {
+        return Ok(None);
+    };
+    let emu = Emulator::start_with(([127, 0, 0, 1], 0).into(), EmulatorConfig::default(), kind)?;
+    plan.use_stand_in(emu.url(), emu.identity_header());
+    Ok(Some(emu))
 }
 
 fn mount_error(e: &std::io::Error, mountpoint: &Path) -> MountError {

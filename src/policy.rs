@@ -2,8 +2,31 @@
 //! clock. All times are wall-clock milliseconds since the epoch (`EpochMs`): monotonic
 //! timers sleep through a suspend, the wall clock does not.
 
-use crate::token::EpochMs;
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// Milliseconds since the Unix epoch (wall clock).
+pub type EpochMs = i64;
+
+/// The wall clock every decision is judged against; a fake one in tests.
+pub trait Clock: Send + Sync {
+    fn now(&self) -> EpochMs;
+}
+
+/// The system's wall clock.
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now(&self) -> EpochMs {
+        now_ms()
+    }
+}
+
+/// The system's wall clock, now.
+pub fn now_ms() -> EpochMs {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as EpochMs)
+}
 
 /// Tokens living this long or longer are refreshed at half-life at the latest.
 pub const HALF_LIFE_FROM_MS: i64 = 2 * 3600 * 1000;

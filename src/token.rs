@@ -4,8 +4,7 @@ use std::fmt;
 use std::sync::Arc;
 use zeroize::Zeroizing;
 
-/// Milliseconds since the Unix epoch (wall clock).
-pub type EpochMs = i64;
+pub use crate::policy::EpochMs;
 
 /// A token as an upstream issued it.
 pub struct Token {

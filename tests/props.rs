@@ -646,6 +646,7 @@ fn check_token(body: &[u8], at: i64, secret: &str) -> Result<Option<String>, Tes
             Ok(Some(t.access_token.to_string()))
         }
         Err(e) => {
+            let e = e.to_string();
             prop_assert!(!e.is_empty());
             prop_assert!(!e.contains(secret), "the error {e:?} shows the token");
             Ok(None)

@@ -5,14 +5,15 @@
 mod common;
 
 use common::*;
-use cstokenfs::emulator::{Emulator, EmulatorConfig, Fault, Protocol};
+use cstokenfs::emulator::{Emulator, EmulatorConfig, Fault};
+use cstokenfs::source::Kind;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 const ARM: &str = "https://management.azure.com/";
 
-fn emulator_of(protocol: Protocol) -> Emulator {
+fn emulator_of(protocol: Kind) -> Emulator {
     Emulator::start_with(
         "127.0.0.1:0".parse().unwrap(),
         EmulatorConfig::default(),
@@ -39,7 +40,7 @@ fn fake_az(dir: &Path, script: &str) -> String {
 #[test]
 fn imds_with_a_user_assigned_identity() {
     need_fuse!();
-    let emu = emulator_of(Protocol::Imds);
+    let emu = emulator_of(Kind::Imds);
     let m = Mounted::raw(
         &[
             "--source",
@@ -85,7 +86,7 @@ fn imds_with_a_user_assigned_identity() {
 #[test]
 fn imds_object_id_and_resource_id_reach_the_endpoint() {
     need_fuse!();
-    let emu = emulator_of(Protocol::Imds);
+    let emu = emulator_of(Kind::Imds);
     for (flag, key) in [("--object-id", "object_id"), ("--msi-res-id", "msi_res_id")] {
         let value = "/subscriptions/x/resourceGroups/y/providers/Microsoft.ManagedIdentity/userAssignedIdentities/z";
         let m = Mounted::raw(
@@ -104,7 +105,7 @@ fn imds_object_id_and_resource_id_reach_the_endpoint() {
 #[test]
 fn imds_retry_rules() {
     need_fuse!();
-    let emu = emulator_of(Protocol::Imds);
+    let emu = emulator_of(Kind::Imds);
     let m = Mounted::raw(
         &[
             "--source",
@@ -139,7 +140,7 @@ fn imds_retry_rules() {
 #[test]
 fn app_service_detected_from_its_environment() {
     need_fuse!();
-    let emu = emulator_of(Protocol::AppService);
+    let emu = emulator_of(Kind::AppService);
     let header = emu.identity_header();
     let env = [
         ("IDENTITY_ENDPOINT", emu.url()),
@@ -175,7 +176,7 @@ fn app_service_detected_from_its_environment() {
 #[test]
 fn app_service_with_a_wrong_secret_is_refused_with_its_message() {
     need_fuse!();
-    let emu = emulator_of(Protocol::AppService);
+    let emu = emulator_of(Kind::AppService);
     let url = emu.url();
     let m = Mounted::raw(
         &[],
@@ -192,7 +193,7 @@ fn app_service_with_a_wrong_secret_is_refused_with_its_message() {
 #[test]
 fn arc_challenge_detected_from_its_environment() {
     need_fuse!();
-    let emu = emulator_of(Protocol::Arc);
+    let emu = emulator_of(Kind::Arc);
     let url = emu.url();
     // IMDS_ENDPOINT only marks the environment as Arc; it is never contacted.
     let m = Mounted::raw(
@@ -314,7 +315,7 @@ fn each_protocol_served_by_the_built_in_emulator() {
 
 #[test]
 fn get_uses_the_same_sources() {
-    let emu = emulator_of(Protocol::Imds);
+    let emu = emulator_of(Kind::Imds);
     let out = std::process::Command::new(BIN)
         .args([
             "get",

@@ -7,9 +7,10 @@
 mod pool;
 mod upstream;
 
-use crate::policy::{self, EntryView, Policy, ReadDecision, Schedule};
+use crate::policy::Clock;
+use crate::policy::{self, EntryView, EpochMs, Policy, ReadDecision, Schedule};
 use crate::source::{Failure, Source, SourceError};
-use crate::token::{EpochMs, Token, Version};
+use crate::token::{Token, Version};
 use log::{debug, info, warn};
 use parking_lot::{Condvar, Mutex};
 use pool::{Job, Pool};
@@ -19,19 +20,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use upstream::Upstream;
-
-/// Wall clock, replaceable in tests.
-pub trait Clock: Send + Sync {
-    fn now(&self) -> EpochMs;
-}
-
-pub struct SystemClock;
-
-impl Clock for SystemClock {
-    fn now(&self) -> EpochMs {
-        crate::source::http::now_ms()
-    }
-}
 
 /// Why a reader gets no token.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -506,7 +494,7 @@ impl Cache {
         drop(guard);
         serde_json::json!({
             "endpoint": self.source().endpoint(),
-            "source": self.source().kind(),
+            "source": self.source().kind().name(),
             "refresh_margin": self.policy.refresh_margin_ms / 1000,
             "negative_ttl": self.policy.negative_ttl_ms / 1000,
             "timeout": self.policy.timeout.as_secs(),
@@ -892,8 +880,8 @@ mod tests {
         fn endpoint(&self) -> String {
             "fake".into()
         }
-        fn kind(&self) -> &'static str {
-            "fake"
+        fn kind(&self) -> crate::source::Kind {
+            crate::source::Kind::CloudShell
         }
     }
 
@@ -956,8 +944,8 @@ mod tests {
         fn endpoint(&self) -> String {
             "panics".into()
         }
-        fn kind(&self) -> &'static str {
-            "fake"
+        fn kind(&self) -> crate::source::Kind {
+            crate::source::Kind::CloudShell
         }
     }
 
@@ -1015,8 +1003,8 @@ mod tests {
         fn endpoint(&self) -> String {
             "scripted".into()
         }
-        fn kind(&self) -> &'static str {
-            "fake"
+        fn kind(&self) -> crate::source::Kind {
+            crate::source::Kind::CloudShell
         }
     }
 

@@ -3,10 +3,9 @@
 //! a connection-level failure, fetches make one attempt each until the upstream answers
 //! again, so an endpoint that is down costs one `--timeout`, not one per name).
 
-use super::Clock;
-use crate::policy::{self, Bucket};
+use crate::policy::{self, Bucket, Clock, EpochMs};
 use crate::source::{Failure, Source, SourceError};
-use crate::token::{EpochMs, Token};
+use crate::token::Token;
 use log::{debug, info};
 use parking_lot::{Condvar, Mutex};
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -4,11 +4,11 @@ use serde::Serialize;
 use serde_json::{json, Value};
 
 use super::form::legacy_date;
-use super::{now_secs, ExpiresOnForm, Issued, Protocol};
+use super::{now_secs, ExpiresOnForm, Issued, Kind};
 
 /// The success body in `proto`'s shape.
 pub(super) fn success_body(
-    proto: Protocol,
+    proto: Kind,
     t: &Issued,
     access_token: Option<&str>,
     resource: &str,
@@ -17,8 +17,9 @@ pub(super) fn success_body(
 ) -> Vec<u8> {
     let (expires_in, expires_on) = expiry_fields(t, form);
     let body = match proto {
-        Protocol::CloudShell => return token_body(t, access_token, resource, form),
-        Protocol::Imds | Protocol::Arc => serde_json::to_vec(&ImdsBody {
+        // The Azure CLI is never served (`Emulator::start_with` refuses it).
+        Kind::CloudShell | Kind::AzureCli => return token_body(t, access_token, resource, form),
+        Kind::Imds | Kind::Arc => serde_json::to_vec(&ImdsBody {
             access_token,
             client_id,
             expires_in,
@@ -28,7 +29,7 @@ pub(super) fn success_body(
             resource,
             token_type: "Bearer",
         }),
-        Protocol::AppService => {
+        Kind::AppService => {
             // App Service has no `expires_in`; only the forms that are about it add one.
             let expires_in = match form {
                 ExpiresOnForm::OnlyExpiresIn | ExpiresOnForm::ExpiresInNumber => expires_in,

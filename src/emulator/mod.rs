@@ -1,7 +1,7 @@
 //! In-process emulator of the Azure managed-identity token endpoints: Cloud Shell
 //! (`POST /oauth2/token`, the default), IMDS and Azure Arc
 //! (`GET /metadata/identity/oauth2/token`) and App Service (`GET /msi/token`); see
-//! [`Protocol`].
+//! [`path`].
 //!
 //! Used by tests (driven in-process through the knobs on [`Emulator`]) and by the binary
 //! (`cstokenfs emulator`, `--emulator`). It binds loopback only (anything else is
@@ -18,7 +18,6 @@ use std::fs::File;
 use std::io::{self, Read};
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -29,6 +28,7 @@ use parking_lot::{Condvar, Mutex};
 use serde_json::Value;
 
 use crate::httpserver::{self, Server};
+pub use crate::source::Kind;
 
 mod bodies;
 mod faults;
@@ -123,82 +123,30 @@ impl fmt::Debug for EmulatorConfig {
     }
 }
 
-/// Which token endpoint the emulator speaks (see the module docs and
-/// `shared/reference/token-endpoints.md`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Protocol {
-    /// `POST /oauth2/token`, form body `resource=R`, header `Metadata: true`.
-    CloudShell,
-    /// `GET /metadata/identity/oauth2/token?api-version=2018-02-01&resource=R`,
-    /// header `Metadata: true`; flat `{"error","error_description"}` errors.
-    Imds,
-    /// `GET /msi/token?api-version=2019-08-01&resource=R`, header
-    /// `X-IDENTITY-HEADER: <secret>`; `{"statusCode","message"}` errors.
-    AppService,
-    /// Like IMDS with `api-version=2020-06-01`, plus the key-file challenge (401 with
-    /// `WWW-Authenticate: Basic realm=<key file>`, then `Authorization: Basic <contents>`).
-    Arc,
-}
-
-impl Protocol {
-    /// All protocols, in the order their names are listed.
-    pub const ALL: [Protocol; 4] = [
-        Protocol::CloudShell,
-        Protocol::Imds,
-        Protocol::AppService,
-        Protocol::Arc,
-    ];
-
-    /// The name accepted by [`FromStr`]: `cloudshell`, `imds`, `appservice` or `arc`.
-    pub fn name(self) -> &'static str {
-        match self {
-            Protocol::CloudShell => "cloudshell",
-            Protocol::Imds => "imds",
-            Protocol::AppService => "appservice",
-            Protocol::Arc => "arc",
-        }
-    }
-
-    /// The token endpoint path this protocol serves.
-    pub fn path(self) -> &'static str {
-        match self {
-            Protocol::CloudShell => TOKEN_PATH,
-            Protocol::Imds | Protocol::Arc => IMDS_PATH,
-            Protocol::AppService => APP_SERVICE_PATH,
-        }
-    }
-
-    fn method(self) -> &'static str {
-        match self {
-            Protocol::CloudShell => "POST",
-            _ => "GET",
-        }
+/// The token endpoint path the emulator serves for an upstream (see the module docs and
+/// `shared/reference/token-endpoints.md`): Cloud Shell `POST /oauth2/token` (form body
+/// `resource=R`, `Metadata: true`); IMDS `GET /metadata/identity/oauth2/token`
+/// (`api-version=2018-02-01`, `Metadata: true`, flat `{"error","error_description"}` errors);
+/// Arc the same path with `api-version=2020-06-01` and the key-file challenge; App Service
+/// `GET /msi/token` (`api-version=2019-08-01`, `X-IDENTITY-HEADER`, `{"statusCode","message"}`
+/// errors). The Azure CLI is not an HTTP upstream: `Emulator::start_with` refuses it.
+pub fn path(kind: Kind) -> &'static str {
+    match kind {
+        Kind::CloudShell | Kind::AzureCli => TOKEN_PATH,
+        Kind::Imds | Kind::Arc => IMDS_PATH,
+        Kind::AppService => APP_SERVICE_PATH,
     }
 }
 
-impl fmt::Display for Protocol {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.name())
+fn method(kind: Kind) -> &'static str {
+    match kind {
+        Kind::CloudShell | Kind::AzureCli => "POST",
+        _ => "GET",
     }
 }
 
-impl FromStr for Protocol {
-    type Err = String;
-
-    /// Case-insensitive; the error message lists the accepted names.
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Protocol::ALL
-            .into_iter()
-            .find(|p| p.name().eq_ignore_ascii_case(s.trim()))
-            .ok_or_else(|| {
-                let names: Vec<_> = Protocol::ALL.iter().map(|p| p.name()).collect();
-                format!(
-                    "unknown protocol {s:?} (expected one of: {})",
-                    names.join(", ")
-                )
-            })
-    }
-}
+/// The upstreams the emulator serves.
+pub const SERVED: [Kind; 4] = [Kind::CloudShell, Kind::Imds, Kind::AppService, Kind::Arc];
 
 /// What one request gets instead of the normal answer.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -290,7 +238,7 @@ struct Shared {
     serial: AtomicU64,
     stopped: Mutex<bool>,
     stop_cv: Condvar,
-    protocol: Protocol,
+    protocol: Kind,
     identity_header: String,
     arc_key_dir: Mutex<PathBuf>,
     arc_keys: Mutex<VecDeque<ArcKey>>,
@@ -311,9 +259,9 @@ pub struct Emulator {
 
 impl Emulator {
     /// Binds `listen` (loopback only, port 0 = ephemeral) and starts serving the Cloud Shell
-    /// protocol on a background thread; the same as `start_with(listen, config, Protocol::CloudShell)`.
+    /// protocol on a background thread; the same as `start_with(listen, config, Kind::CloudShell)`.
     pub fn start(listen: SocketAddr, config: EmulatorConfig) -> io::Result<Emulator> {
-        Emulator::start_with(listen, config, Protocol::CloudShell)
+        Emulator::start_with(listen, config, Kind::CloudShell)
     }
 
     /// Binds `listen` (port 0 = ephemeral) and starts serving `protocol`. A non-loopback
@@ -321,9 +269,15 @@ impl Emulator {
     pub fn start_with(
         listen: SocketAddr,
         config: EmulatorConfig,
-        protocol: Protocol,
+        protocol: Kind,
     ) -> io::Result<Emulator> {
         httpserver::check_loopback(listen)?;
+        if !SERVED.contains(&protocol) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("the emulator does not serve {protocol} (only cloudshell, imds, appservice, arc)"),
+            ));
+        }
         let identity_header = match config.identity_header {
             Some(secret) => {
                 check_secret(&secret)
@@ -369,15 +323,15 @@ impl Emulator {
         self.server.addr()
     }
 
-    pub fn protocol(&self) -> Protocol {
+    pub fn protocol(&self) -> Kind {
         self.shared.protocol
     }
 
-    /// The token endpoint: `http://ADDR` + [`Protocol::path`], e.g.
+    /// The token endpoint: `http://ADDR` + [`path`], e.g.
     /// `http://127.0.0.1:PORT/oauth2/token` for Cloud Shell,
     /// `.../metadata/identity/oauth2/token` for IMDS and Arc, `.../msi/token` for App Service.
     pub fn url(&self) -> String {
-        format!("http://{}{}", self.addr(), self.shared.protocol.path())
+        format!("http://{}{}", self.addr(), path(self.shared.protocol))
     }
 
     /// The `X-IDENTITY-HEADER` value App Service requests must carry:

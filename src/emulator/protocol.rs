@@ -16,7 +16,7 @@ use super::bodies::{success_body, token_body};
 use super::faults;
 use super::form::{form_value, params_lossy, params_strict};
 use super::{
-    now_secs, random_hex, ArcKey, ExpiresOnForm, Fault, Issued, Protocol, Shared,
+    now_secs, random_hex, ArcKey, ExpiresOnForm, Fault, Issued, Kind, Shared,
     APP_SERVICE_API_VERSION, ARC_API_VERSION, DEFAULT_CLIENT_ID, IMDS_API_VERSION, KNOWN_AUDIENCES,
 };
 
@@ -97,9 +97,9 @@ fn split_target(req: &Request) -> (&str, &str) {
 }
 
 /// The parameters: the form body (Cloud Shell) or the query.
-fn params_of(proto: Protocol, req: &Request) -> &[u8] {
+fn params_of(proto: Kind, req: &Request) -> &[u8] {
     match proto {
-        Protocol::CloudShell => req.body.as_slice(),
+        Kind::CloudShell => req.body.as_slice(),
         _ => split_target(req).1.as_bytes(),
     }
 }
@@ -109,10 +109,10 @@ fn params_of(proto: Protocol, req: &Request) -> &[u8] {
 pub(super) fn route(sh: &Shared, req: &Request) -> Result<Routed, Action> {
     let proto = sh.protocol;
     let (route, _) = split_target(req);
-    if route != proto.path() {
+    if route != super::path(proto) {
         return Err(proto_err(proto, 404, "NotFound", "No such endpoint"));
     }
-    let method = proto.method();
+    let method = super::method(proto);
     if req.method != method {
         let msg = format!("Only {method} is supported");
         return Err(with_header(
@@ -247,10 +247,11 @@ fn answer_protocol(
     client_id: &str,
 ) -> Action {
     match sh.protocol {
-        Protocol::CloudShell => answer_cloud_shell(sh, req, resource),
-        Protocol::Imds => answer_imds(sh, req, params, client_id),
-        Protocol::AppService => answer_app_service(sh, req, params, client_id),
-        Protocol::Arc => answer_arc(sh, req, params, client_id),
+        // The Azure CLI is never served (`Emulator::start_with` refuses it).
+        Kind::CloudShell | Kind::AzureCli => answer_cloud_shell(sh, req, resource),
+        Kind::Imds => answer_imds(sh, req, params, client_id),
+        Kind::AppService => answer_app_service(sh, req, params, client_id),
+        Kind::Arc => answer_arc(sh, req, params, client_id),
     }
 }
 
@@ -289,7 +290,7 @@ fn answer_imds(sh: &Shared, req: &Request, params: &[u8], client_id: &str) -> Ac
         Ok(r) => r,
         Err(a) => return a,
     };
-    imds_token(sh, Protocol::Imds, &resource, client_id)
+    imds_token(sh, Kind::Imds, &resource, client_id)
 }
 
 fn answer_arc(sh: &Shared, req: &Request, params: &[u8], client_id: &str) -> Action {
@@ -313,7 +314,7 @@ fn answer_arc(sh: &Shared, req: &Request, params: &[u8], client_id: &str) -> Act
     if !known {
         return arc_challenge(sh, "Invalid Authorization secret");
     }
-    imds_token(sh, Protocol::Arc, &resource, client_id)
+    imds_token(sh, Kind::Arc, &resource, client_id)
 }
 
 /// IMDS / Arc request checks in order: `Metadata: true`, decodable query, api-version,
@@ -346,7 +347,7 @@ fn imds_checks(req: &Request, params: &[u8], api_version: &str) -> Result<String
 }
 
 /// Audience check and the IMDS-shaped token answer (IMDS and Arc).
-fn imds_token(sh: &Shared, proto: Protocol, resource: &str, client_id: &str) -> Action {
+fn imds_token(sh: &Shared, proto: Kind, resource: &str, client_id: &str) -> Action {
     if !sh.audience_allowed(resource) {
         return flat_err(400, "invalid_resource", &aadsts500011(resource));
     }
@@ -396,7 +397,7 @@ fn answer_app_service(sh: &Shared, req: &Request, params: &[u8], client_id: &str
     }
     let issued = sh.issue(resource);
     ok(success_body(
-        Protocol::AppService,
+        Kind::AppService,
         &issued,
         Some(&issued.token),
         resource,
@@ -517,10 +518,10 @@ fn app_err(status: u16, message: &str) -> Action {
 
 /// An error in `proto`'s shape; `code` is the Cloud Shell code (the flat IMDS code is
 /// derived from the status).
-pub(super) fn proto_err(proto: Protocol, status: u16, code: &str, message: &str) -> Action {
+pub(super) fn proto_err(proto: Kind, status: u16, code: &str, message: &str) -> Action {
     match proto {
-        Protocol::CloudShell => respond_err(status, code, message),
-        Protocol::Imds | Protocol::Arc => {
+        Kind::CloudShell | Kind::AzureCli => respond_err(status, code, message),
+        Kind::Imds | Kind::Arc => {
             let error = match status {
                 401 => "unauthorized",
                 404 => "not_found",
@@ -530,6 +531,6 @@ pub(super) fn proto_err(proto: Protocol, status: u16, code: &str, message: &str)
             };
             flat_err(status, error, message)
         }
-        Protocol::AppService => app_err(status, message),
+        Kind::AppService => app_err(status, message),
     }
 }

@@ -65,7 +65,7 @@ const VAULT: &str = "https://vault.azure.net";
 const EVIL: &str = "https://evil.example/x";
 pub(super) const META: &str = "Metadata: true\r\n";
 
-pub(super) fn emu_with(protocol: Protocol) -> Emulator {
+pub(super) fn emu_with(protocol: Kind) -> Emulator {
     let any = "127.0.0.1:0".parse().unwrap();
     Emulator::start_with(any, EmulatorConfig::default(), protocol).unwrap()
 }
@@ -81,7 +81,7 @@ pub(super) fn query(api: &str, resource: &str, more: &str) -> String {
 
 /// GET of the emulator's token path with `query`; returns (status, head, JSON body).
 pub(super) fn get(emu: &Emulator, query: &str, extra: &str) -> (u16, String, Value) {
-    let path = format!("{}?{query}", emu.protocol().path());
+    let path = format!("{}?{query}", super::path(emu.protocol()));
     let (status, head, body) = raw(emu, "GET", &path, extra, "");
     (
         status,
@@ -390,21 +390,21 @@ fn expires_on_forms() {
 
 #[test]
 fn protocol_names_urls_and_identity_header() {
-    for p in Protocol::ALL {
-        assert_eq!(p.name().parse::<Protocol>(), Ok(p));
+    for p in Kind::ALL {
+        assert_eq!(p.name().parse::<Kind>(), Ok(p));
         assert_eq!(p.to_string(), p.name());
     }
-    assert_eq!("IMDS".parse::<Protocol>(), Ok(Protocol::Imds));
-    let err = "cloud-shell".parse::<Protocol>().unwrap_err();
+    assert_eq!("IMDS".parse::<Kind>(), Ok(Kind::Imds));
+    let err = "cloud-shell".parse::<Kind>().unwrap_err();
     assert!(err.contains("cloudshell, imds, appservice, arc"), "{err}");
     let cs = emu();
-    assert_eq!(cs.protocol(), Protocol::CloudShell);
+    assert_eq!(cs.protocol(), Kind::CloudShell);
     assert_eq!(cs.last_params(), None);
     for (p, path) in [
-        (Protocol::CloudShell, "/oauth2/token"),
-        (Protocol::Imds, "/metadata/identity/oauth2/token"),
-        (Protocol::AppService, "/msi/token"),
-        (Protocol::Arc, "/metadata/identity/oauth2/token"),
+        (Kind::CloudShell, "/oauth2/token"),
+        (Kind::Imds, "/metadata/identity/oauth2/token"),
+        (Kind::AppService, "/msi/token"),
+        (Kind::Arc, "/metadata/identity/oauth2/token"),
     ] {
         let emu = emu_with(p);
         let port = emu.addr().port();
@@ -433,7 +433,7 @@ fn last_params_cloud_shell() {
 
 #[test]
 fn imds_success_and_params() {
-    let emu = emu_with(Protocol::Imds);
+    let emu = emu_with(Kind::Imds);
     let q = query(IMDS_API_VERSION, VAULT, "&client_id=abc-123");
     let (status, _, v) = get(&emu, &q, META);
     assert_eq!(status, 200);
@@ -493,7 +493,7 @@ fn imds_success_and_params() {
 
 #[test]
 fn imds_errors() {
-    let emu = emu_with(Protocol::Imds);
+    let emu = emu_with(Kind::Imds);
     let good = query(IMDS_API_VERSION, MGMT, "");
     let missing_meta = flat("invalid_request", "Required metadata header not specified");
     for extra in ["", "Metadata: false\r\n"] {
@@ -535,7 +535,7 @@ fn imds_errors() {
 
 #[test]
 fn app_service_success_and_params() {
-    let emu = emu_with(Protocol::AppService);
+    let emu = emu_with(Kind::AppService);
     let secret = format!("X-IDENTITY-HEADER: {}\r\n", emu.identity_header());
     let (status, _, v) = get(&emu, &query(APP_SERVICE_API_VERSION, VAULT, ""), &secret);
     assert_eq!(status, 200);
@@ -594,7 +594,7 @@ fn app_service_success_and_params() {
 
 #[test]
 fn app_service_errors() {
-    let emu = emu_with(Protocol::AppService);
+    let emu = emu_with(Kind::AppService);
     let secret = format!("X-IDENTITY-HEADER: {}\r\n", emu.identity_header());
     let good = query(APP_SERVICE_API_VERSION, MGMT, "");
     let wrong = format!("X-IDENTITY-HEADER: {}\r\n", "0".repeat(32));
@@ -638,7 +638,7 @@ fn app_service_errors() {
 fn arc_challenge_round_trip() {
     let base = unique_dir("arc");
     let dir = base.join("tokens");
-    let emu = emu_with(Protocol::Arc);
+    let emu = emu_with(Kind::Arc);
     emu.set_arc_key_dir(dir.clone());
     let good = query(ARC_API_VERSION, MGMT, "");
     let (status, _, v) = get(&emu, &good, "");
@@ -711,7 +711,7 @@ fn arc_challenge_round_trip() {
 
 #[test]
 fn faults_counters_and_caching_under_other_protocols() {
-    let emu = emu_with(Protocol::Imds);
+    let emu = emu_with(Kind::Imds);
     let q = query(IMDS_API_VERSION, VAULT, "&client_id=c-1");
     emu.push_fault(Fault::Status {
         code: 429,
@@ -759,7 +759,7 @@ fn faults_counters_and_caching_under_other_protocols() {
         (0, 0, 0)
     );
 
-    let emu = emu_with(Protocol::AppService);
+    let emu = emu_with(Kind::AppService);
     emu.set_ttl(600);
     let q = query(APP_SERVICE_API_VERSION, MGMT, "");
     emu.push_fault(Fault::EmptyAccessToken);

@@ -62,7 +62,7 @@ fn configured_identity_header() {
         ..EmulatorConfig::default()
     };
     let any = "127.0.0.1:0".parse().unwrap();
-    let emu = Emulator::start_with(any, config, Protocol::AppService).unwrap();
+    let emu = Emulator::start_with(any, config, Kind::AppService).unwrap();
     assert_eq!(emu.identity_header(), "s3cret-value");
     let q = query(APP_SERVICE_API_VERSION, MGMT, "");
     assert_eq!(get(&emu, &q, "X-IDENTITY-HEADER: s3cret-value\r\n").0, 200);
@@ -72,7 +72,7 @@ fn configured_identity_header() {
             identity_header: Some(bad.into()),
             ..EmulatorConfig::default()
         };
-        let err = Emulator::start_with(any, config, Protocol::AppService).err();
+        let err = Emulator::start_with(any, config, Kind::AppService).err();
         assert_eq!(
             err.map(|e| e.kind()),
             Some(ErrorKind::InvalidInput),

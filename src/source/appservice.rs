@@ -2,31 +2,31 @@
 //! $IDENTITY_ENDPOINT?api-version=2019-08-01&resource=R` with `X-IDENTITY-HEADER:
 //! $IDENTITY_HEADER`.
 
-use super::http;
-use super::{Identity, Source, SourceError};
+use super::http::{self, HttpEndpoint};
+use super::{ConfigError, Identity, Kind, Source, SourceError};
 use crate::token::Token;
-use reqwest::blocking::Client;
 use std::time::Duration;
 use zeroize::Zeroizing;
 
 pub struct AppService {
-    url: reqwest::Url,
-    client: Client,
+    endpoint: HttpEndpoint,
     secret: Zeroizing<String>,
     identity: Identity,
 }
 
 impl AppService {
-    pub fn new(endpoint: &str, secret: &str, identity: Identity) -> Result<AppService, String> {
-        let url = http::check_url(endpoint)?;
+    pub fn new(
+        endpoint: &str,
+        secret: &str,
+        identity: Identity,
+    ) -> Result<AppService, ConfigError> {
         if secret.is_empty() {
-            return Err(
-                "App Service needs IDENTITY_HEADER (the secret the endpoint expects)".into(),
-            );
+            return Err(ConfigError::Choice(
+                "--source appservice needs IDENTITY_HEADER (the endpoint's secret)",
+            ));
         }
         Ok(AppService {
-            client: http::client(&url)?,
-            url,
+            endpoint: HttpEndpoint::new(endpoint)?,
             secret: Zeroizing::new(secret.to_string()),
             identity,
         })
@@ -41,17 +41,17 @@ impl Source for AppService {
                 .params("client_id", "principal_id", "mi_res_id"),
         );
         let request = self
-            .client
-            .get(http::with_query(&self.url, &params))
+            .endpoint
+            .get(&params)
             .header("X-IDENTITY-HEADER", self.secret.as_str());
         http::request_token(request, timeout)
     }
 
     fn endpoint(&self) -> String {
-        self.url.to_string()
+        self.endpoint.shown()
     }
 
-    fn kind(&self) -> &'static str {
-        "appservice"
+    fn kind(&self) -> Kind {
+        Kind::AppService
     }
 }

@@ -3,10 +3,11 @@
 //! key file is read (only from the agent's token directory, only `*.key`, at most 4096
 //! bytes) and the request sent again with `Authorization: Basic <key>`.
 
-use super::http::{self, now_ms};
-use super::{Source, SourceError};
+use super::http::{self, HttpEndpoint};
+use super::{ConfigError, Kind, Source, SourceError};
+use crate::policy::now_ms;
 use crate::token::Token;
-use reqwest::blocking::Client;
+use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 use zeroize::Zeroizing;
@@ -16,29 +17,28 @@ pub const DEFAULT_ENDPOINT: &str = "http://localhost:40342/metadata/identity/oau
 pub const KEY_DIR: &str = "/var/opt/azcmagent/tokens";
 const MAX_KEY: u64 = 4096;
 
-pub struct Arc {
-    url: reqwest::Url,
-    client: Client,
+/// The Arc agent's identity endpoint.
+pub struct ArcAgent {
+    endpoint: HttpEndpoint,
 }
 
-impl Arc {
-    pub fn new(endpoint: &str) -> Result<Arc, String> {
-        let url = http::check_url(endpoint)?;
-        Ok(Arc {
-            client: http::client(&url)?,
-            url,
+impl ArcAgent {
+    pub fn new(endpoint: &str) -> Result<ArcAgent, ConfigError> {
+        Ok(ArcAgent {
+            endpoint: HttpEndpoint::new(endpoint)?,
         })
     }
 
     fn get(
         &self,
-        url: &reqwest::Url,
+        resource: &str,
         key: Option<&str>,
         timeout: Duration,
     ) -> Result<http::Answer, SourceError> {
+        let params = [("api-version", "2020-06-01"), ("resource", resource)];
         let mut request = self
-            .client
-            .get(url.clone())
+            .endpoint
+            .get(&params)
             .header("Metadata", "true")
             .timeout(timeout);
         if let Some(key) = key {
@@ -48,14 +48,10 @@ impl Arc {
     }
 }
 
-impl Source for Arc {
+impl Source for ArcAgent {
     fn fetch_once(&self, resource: &str, timeout: Duration) -> Result<Token, SourceError> {
         let deadline = Instant::now() + timeout;
-        let url = http::with_query(
-            &self.url,
-            &[("api-version", "2020-06-01"), ("resource", resource)],
-        );
-        let challenge = self.get(&url, None, timeout)?;
+        let challenge = self.get(resource, None, timeout)?;
         if challenge.status != 401 {
             return challenge.into_token(now_ms());
         }
@@ -67,54 +63,94 @@ impl Source for Arc {
             .ok_or_else(|| {
                 SourceError::BadResponse("401 without a Basic realm naming the key file".into())
             })?;
-        let key =
-            read_key(Path::new(&realm), Path::new(KEY_DIR)).map_err(SourceError::BadResponse)?;
+        let key = read_key(Path::new(&realm), Path::new(KEY_DIR))
+            .map_err(|e| SourceError::BadResponse(e.to_string()))?;
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
             return Err(SourceError::Timeout);
         }
         let requested_at = now_ms();
-        self.get(&url, Some(key.trim()), left)?
+        self.get(resource, Some(key.trim()), left)?
             .into_token(requested_at)
     }
 
     fn endpoint(&self) -> String {
-        self.url.to_string()
+        self.endpoint.shown()
     }
 
-    fn kind(&self) -> &'static str {
-        "arc"
+    fn kind(&self) -> Kind {
+        Kind::Arc
     }
 }
 
+/// Why a challenge's key file is not used.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeyFileError {
+    /// It cannot be resolved or read (the OS's words).
+    Unreadable { path: PathBuf, why: String },
+    /// It is not directly inside the agent's token directory.
+    Outside { path: PathBuf, dir: PathBuf },
+    /// Its name does not end in `.key`.
+    NotKey(PathBuf),
+    /// It is not a regular file of at most 4096 bytes.
+    TooLarge(PathBuf),
+    /// It is not UTF-8.
+    NotText(PathBuf),
+}
+
+impl fmt::Display for KeyFileError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            KeyFileError::Unreadable { path, why } => {
+                write!(f, "key file {}: {why}", path.display())
+            }
+            KeyFileError::Outside { path, dir } => write!(
+                f,
+                "key file {} is outside {}",
+                path.display(),
+                dir.display()
+            ),
+            KeyFileError::NotKey(p) => write!(f, "key file {} does not end in .key", p.display()),
+            KeyFileError::TooLarge(p) => write!(
+                f,
+                "key file {} is not a file of at most {MAX_KEY} bytes",
+                p.display()
+            ),
+            KeyFileError::NotText(p) => write!(f, "key file {} is not text", p.display()),
+        }
+    }
+}
+
+impl std::error::Error for KeyFileError {}
+
 /// Reads a challenge key file, refusing anything outside `dir`, not `*.key`, or too long.
-pub fn read_key(path: &Path, dir: &Path) -> Result<Zeroizing<String>, String> {
-    let shown = path.display();
-    let real: PathBuf = path
-        .canonicalize()
-        .map_err(|e| format!("key file {shown}: {e}"))?;
-    let allowed = dir
-        .canonicalize()
-        .map_err(|e| format!("key directory {}: {e}", dir.display()))?;
+pub fn read_key(path: &Path, dir: &Path) -> Result<Zeroizing<String>, KeyFileError> {
+    let unreadable = |p: &Path, e: std::io::Error| KeyFileError::Unreadable {
+        path: p.to_path_buf(),
+        why: e.to_string(),
+    };
+    let real: PathBuf = path.canonicalize().map_err(|e| unreadable(path, e))?;
+    let allowed = dir.canonicalize().map_err(|e| unreadable(dir, e))?;
     if real.parent() != Some(allowed.as_path()) {
-        return Err(format!("key file {shown} is outside {}", dir.display()));
+        return Err(KeyFileError::Outside {
+            path: path.to_path_buf(),
+            dir: dir.to_path_buf(),
+        });
     }
     if real.extension().and_then(|e| e.to_str()) != Some("key") {
-        return Err(format!("key file {shown} does not end in .key"));
+        return Err(KeyFileError::NotKey(path.to_path_buf()));
     }
-    let meta = std::fs::metadata(&real).map_err(|e| format!("key file {shown}: {e}"))?;
+    let meta = std::fs::metadata(&real).map_err(|e| unreadable(path, e))?;
     if !meta.is_file() || meta.len() > MAX_KEY {
-        return Err(format!(
-            "key file {shown} is not a file of at most {MAX_KEY} bytes"
-        ));
+        return Err(KeyFileError::TooLarge(path.to_path_buf()));
     }
-    let bytes = Zeroizing::new(std::fs::read(&real).map_err(|e| format!("key file {shown}: {e}"))?);
+    let bytes = Zeroizing::new(std::fs::read(&real).map_err(|e| unreadable(path, e))?);
     if bytes.len() as u64 > MAX_KEY {
-        return Err(format!("key file {shown} is larger than {MAX_KEY} bytes"));
+        return Err(KeyFileError::TooLarge(path.to_path_buf()));
     }
     std::str::from_utf8(&bytes)
         .map(|s| Zeroizing::new(s.to_string()))
-        .map_err(|_| format!("key file {shown} is not text"))
+        .map_err(|_| KeyFileError::NotText(path.to_path_buf()))
 }
 
 #[cfg(test)]
@@ -134,18 +170,22 @@ mod tests {
             read_key(&dir.join("a.key"), &dir).unwrap().as_str(),
             "secret"
         );
-        assert!(read_key(&dir.join("a.txt"), &dir)
-            .unwrap_err()
-            .contains(".key"));
+        assert!(matches!(
+            read_key(&dir.join("a.txt"), &dir),
+            Err(KeyFileError::NotKey(_))
+        ));
         assert!(read_key(&dir.join("big.key"), &dir)
             .unwrap_err()
+            .to_string()
             .contains("4096"));
-        assert!(read_key(&base.join("out.key"), &dir)
-            .unwrap_err()
-            .contains("outside"));
-        assert!(read_key(&dir.join("../out.key"), &dir)
-            .unwrap_err()
-            .contains("outside"));
+        assert!(matches!(
+            read_key(&base.join("out.key"), &dir),
+            Err(KeyFileError::Outside { .. })
+        ));
+        assert!(matches!(
+            read_key(&dir.join("../out.key"), &dir),
+            Err(KeyFileError::Outside { .. })
+        ));
         assert!(read_key(&dir.join("none.key"), &dir).is_err());
         std::fs::remove_dir_all(&base).unwrap();
     }

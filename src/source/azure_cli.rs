@@ -36,7 +36,7 @@ pub fn on_path(path: &std::ffi::OsStr) -> bool {
 impl Source for AzureCli {
     fn fetch_once(&self, resource: &str, timeout: Duration) -> Result<Token, SourceError> {
         let deadline = Instant::now() + timeout;
-        let requested_at = super::http::now_ms();
+        let requested_at = crate::policy::now_ms();
         let mut child = Command::new(&self.program)
             .args([
                 "account",
@@ -106,15 +106,15 @@ impl Source for AzureCli {
                 MAX_BODY / 1024
             )));
         }
-        parse::token(&out, requested_at).map_err(SourceError::BadResponse)
+        Ok(parse::token(&out, requested_at)?)
     }
 
     fn endpoint(&self) -> String {
         format!("{} account get-access-token", self.program.display())
     }
 
-    fn kind(&self) -> &'static str {
-        "azure-cli"
+    fn kind(&self) -> super::Kind {
+        super::Kind::AzureCli
     }
 }
 

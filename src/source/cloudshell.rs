@@ -1,11 +1,10 @@
 //! Azure Cloud Shell's local endpoint: `POST $MSI_ENDPOINT` with `Metadata: true` and the
 //! form body `resource=<resource>`.
 
-use super::http;
-use super::{Source, SourceError};
+use super::http::{self, HttpEndpoint};
+use super::{ConfigError, Kind, Source, SourceError};
 use crate::token::Token;
 use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
-use reqwest::blocking::Client;
 use std::time::Duration;
 
 /// Cloud Shell's endpoint when `MSI_ENDPOINT` is not set.
@@ -19,17 +18,14 @@ const FORM: &AsciiSet = &NON_ALPHANUMERIC
     .remove(b'_');
 
 pub struct CloudShell {
-    url: reqwest::Url,
-    client: Client,
+    endpoint: HttpEndpoint,
 }
 
 impl CloudShell {
     /// Validates the endpoint URL; no request is sent.
-    pub fn new(endpoint: &str) -> Result<CloudShell, String> {
-        let url = http::check_url(endpoint)?;
+    pub fn new(endpoint: &str) -> Result<CloudShell, ConfigError> {
         Ok(CloudShell {
-            client: http::client(&url)?,
-            url,
+            endpoint: HttpEndpoint::new(endpoint)?,
         })
     }
 }
@@ -38,8 +34,8 @@ impl Source for CloudShell {
     fn fetch_once(&self, resource: &str, timeout: Duration) -> Result<Token, SourceError> {
         let body = format!("resource={}", utf8_percent_encode(resource, FORM));
         let request = self
-            .client
-            .post(self.url.clone())
+            .endpoint
+            .post()
             .header("Metadata", "true")
             .header("Content-Type", "application/x-www-form-urlencoded")
             .body(body);
@@ -47,10 +43,10 @@ impl Source for CloudShell {
     }
 
     fn endpoint(&self) -> String {
-        self.url.to_string()
+        self.endpoint.shown()
     }
 
-    fn kind(&self) -> &'static str {
-        "cloudshell"
+    fn kind(&self) -> Kind {
+        Kind::CloudShell
     }
 }

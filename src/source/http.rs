@@ -1,31 +1,66 @@
-//! What the HTTP upstreams share: URL checks, a client that keeps proxies away from local
-//! endpoints, bounded reading of answers, and error mapping.
+//! What the HTTP upstreams share: one `HttpEndpoint` (a checked URL and a client that
+//! keeps proxies away from local endpoints and never follows a redirect), bounded reading of
+//! answers, and error mapping.
 
-use super::{parse, SourceError, MAX_BODY};
-use crate::token::{EpochMs, Token};
-use reqwest::blocking::{Client, Response};
+use super::{parse, ConfigError, SourceError, MAX_BODY};
+use crate::policy::{now_ms, EpochMs};
+use crate::token::Token;
+use reqwest::blocking::{Client, RequestBuilder, Response};
 use std::io::Read;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 use zeroize::Zeroizing;
 
-/// An `http(s)://host[:port]/path` URL, or a message saying what is wrong with it.
-pub fn check_url(endpoint: &str) -> Result<reqwest::Url, String> {
-    let url = reqwest::Url::parse(endpoint)
-        .map_err(|e| format!("endpoint URL {endpoint:?} is malformed: {e}"))?;
+/// Where an HTTP upstream is and the client that reaches it.
+pub struct HttpEndpoint {
+    url: reqwest::Url,
+    client: Client,
+}
+
+impl HttpEndpoint {
+    /// Checks the URL (`http://host[:port]/path`) and builds the client; no request is sent.
+    pub fn new(endpoint: &str) -> Result<HttpEndpoint, ConfigError> {
+        let url = check_url(endpoint)?;
+        Ok(HttpEndpoint {
+            client: client(&url)?,
+            url,
+        })
+    }
+
+    /// `GET` of the endpoint with these query parameters.
+    pub fn get(&self, params: &[(&str, &str)]) -> RequestBuilder {
+        self.client.get(with_query(&self.url, params))
+    }
+
+    /// `POST` to the endpoint.
+    pub fn post(&self) -> RequestBuilder {
+        self.client.post(self.url.clone())
+    }
+
+    /// The URL, for logs and `.status` (never carries a secret).
+    pub fn shown(&self) -> String {
+        self.url.to_string()
+    }
+}
+
+fn check_url(endpoint: &str) -> Result<reqwest::Url, ConfigError> {
+    let bad = |problem: String| ConfigError::Url {
+        url: endpoint.to_string(),
+        problem,
+    };
+    let url = reqwest::Url::parse(endpoint).map_err(|e| bad(format!("is malformed: {e}")))?;
     if url.scheme() != "http" {
         // The local token endpoints (Cloud Shell, IMDS, App Service, Arc) are plain http;
         // this client has no TLS.
-        return Err(format!("endpoint URL {endpoint:?} must start with http://"));
+        return Err(bad("must start with http://".into()));
     }
-
     if url.host_str().is_none_or(str::is_empty) {
-        return Err(format!("endpoint URL {endpoint:?} has no host"));
+        return Err(bad("has no host".into()));
     }
     Ok(url)
 }
 
 /// A client for one endpoint. Proxies from the environment never capture a local endpoint.
-pub fn client(url: &reqwest::Url) -> Result<Client, String> {
+fn client(url: &reqwest::Url) -> Result<Client, ConfigError> {
     // Never follow a redirect: it would carry our headers (App Service's secret) elsewhere.
     let mut builder = Client::builder()
         .pool_max_idle_per_host(4)
@@ -35,7 +70,7 @@ pub fn client(url: &reqwest::Url) -> Result<Client, String> {
     }
     builder
         .build()
-        .map_err(|e| format!("cannot build an HTTP client: {e}"))
+        .map_err(|e| ConfigError::Client(e.to_string()))
 }
 
 fn is_local(url: &reqwest::Url) -> bool {
@@ -88,7 +123,7 @@ impl Answer {
                 retry_after: self.retry_after,
             });
         }
-        parse::token(&self.body, requested_at).map_err(SourceError::BadResponse)
+        Ok(parse::token(&self.body, requested_at)?)
     }
 }
 
@@ -141,25 +176,16 @@ pub fn transport_error(e: reqwest::Error) -> SourceError {
     }
 }
 
-pub fn now_ms() -> EpochMs {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as EpochMs)
-}
-
 /// Sends one token request and reads its answer as a token (what every HTTP upstream does
 /// once it has built its request).
-pub fn request_token(
-    request: reqwest::blocking::RequestBuilder,
-    timeout: Duration,
-) -> Result<Token, SourceError> {
+pub fn request_token(request: RequestBuilder, timeout: Duration) -> Result<Token, SourceError> {
     let requested_at = now_ms();
     let response = request.timeout(timeout).send().map_err(transport_error)?;
     read_answer(response)?.into_token(requested_at)
 }
 
 /// `url` with query parameters appended.
-pub fn with_query(url: &reqwest::Url, params: &[(&str, &str)]) -> reqwest::Url {
+fn with_query(url: &reqwest::Url, params: &[(&str, &str)]) -> reqwest::Url {
     let mut url = url.clone();
     {
         let mut q = url.query_pairs_mut();

@@ -15,6 +15,61 @@ use crate::token::Token;
 use std::fmt;
 use std::time::Duration;
 
+/// The upstreams, by the names `--source`, `--protocol` and `.status` use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Kind {
+    /// Azure Cloud Shell's local endpoint.
+    CloudShell,
+    /// The Instance Metadata Service of a VM.
+    Imds,
+    /// App Service, Functions, Container Apps.
+    AppService,
+    /// An Azure Arc-connected server's agent.
+    Arc,
+    /// `az account get-access-token` after `az login`.
+    AzureCli,
+}
+
+impl Kind {
+    pub const ALL: [Kind; 5] = [
+        Kind::CloudShell,
+        Kind::Imds,
+        Kind::AppService,
+        Kind::Arc,
+        Kind::AzureCli,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::CloudShell => "cloudshell",
+            Kind::Imds => "imds",
+            Kind::AppService => "appservice",
+            Kind::Arc => "arc",
+            Kind::AzureCli => "azure-cli",
+        }
+    }
+}
+
+impl std::str::FromStr for Kind {
+    type Err = String;
+    /// Case-insensitive; the error lists the names.
+    fn from_str(s: &str) -> Result<Kind, String> {
+        Kind::ALL
+            .into_iter()
+            .find(|k| k.name().eq_ignore_ascii_case(s.trim()))
+            .ok_or_else(|| {
+                let names: Vec<_> = Kind::ALL.iter().map(|k| k.name()).collect();
+                format!("unknown source {s:?}: one of {}", names.join(", "))
+            })
+    }
+}
+
+impl fmt::Display for Kind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
 /// The most of a response body that is read; a longer body is an error.
 pub const MAX_BODY: usize = 64 * 1024;
 
@@ -25,8 +80,8 @@ pub trait Source: Send + Sync {
     fn fetch_once(&self, resource: &str, timeout: Duration) -> Result<Token, SourceError>;
     /// Where tokens come from, for logs and `.status` (never a secret).
     fn endpoint(&self) -> String;
-    /// The kind of upstream (`cloudshell`, ...).
-    fn kind(&self) -> &'static str;
+    /// Which upstream this is.
+    fn kind(&self) -> Kind;
 }
 
 /// What went wrong with one upstream request. Messages never carry token bytes.
@@ -52,6 +107,36 @@ pub enum SourceError {
     /// A command (the Azure CLI) failed; its own words.
     Command(String),
 }
+
+impl From<parse::AnswerError> for SourceError {
+    fn from(e: parse::AnswerError) -> SourceError {
+        SourceError::BadResponse(e.to_string())
+    }
+}
+
+/// Why an upstream cannot be set up, before any request: the command line or the
+/// environment asks for something that cannot work.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConfigError {
+    /// The endpoint URL is unusable; `problem` says how ("must start with http://", ...).
+    Url { url: String, problem: String },
+    /// No HTTP client could be built.
+    Client(String),
+    /// Flags or variables that do not go together, or one that is missing; says which.
+    Choice(&'static str),
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ConfigError::Url { url, problem } => write!(f, "endpoint URL {url:?} {problem}"),
+            ConfigError::Client(why) => write!(f, "cannot build an HTTP client: {why}"),
+            ConfigError::Choice(what) => f.write_str(what),
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}
 
 /// How the cache must treat a failure.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -2,11 +2,66 @@
 //! spellings that differ) and the error bodies of each upstream.
 
 pub use crate::civil::days_from_civil;
-use crate::policy::MAX_LIFETIME_MS;
-use crate::token::{EpochMs, Token};
+use crate::policy::{EpochMs, MAX_LIFETIME_MS};
+use crate::token::Token;
 use base64::Engine as _;
 use serde_json::{Map, Value};
+use std::fmt;
 use zeroize::{Zeroize, Zeroizing};
+
+/// Why a 2xx answer is not a usable token. Never carries token bytes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AnswerError {
+    NotJson,
+    NotObject,
+    NoToken,
+    TokenNotString,
+    EmptyToken,
+    /// A byte outside 0x21-0x7E, by its class ("a line break (CR or LF)", ...).
+    TokenByte(&'static str),
+    /// No expiry field at all.
+    NoExpiry,
+    /// An expiry field that is not understood.
+    BadExpiry(&'static str),
+    /// An expiry more than `MAX_LIFETIME_MS` after the request.
+    TooFar {
+        field: &'static str,
+        days: i64,
+    },
+    /// An expiry before the epoch.
+    BeforeEpoch(&'static str),
+}
+
+impl fmt::Display for AnswerError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            AnswerError::NotJson => f.write_str("the body is not JSON"),
+            AnswerError::NotObject => f.write_str("the body is not a JSON object"),
+            AnswerError::NoToken => f.write_str("no access_token in the answer"),
+            AnswerError::TokenNotString => f.write_str("access_token is not a string"),
+            AnswerError::EmptyToken => f.write_str("access_token is empty"),
+            AnswerError::TokenByte(class) => write!(
+                f,
+                "access_token contains {class} (a token is printable ASCII: base64url and dots)"
+            ),
+            AnswerError::NoExpiry => {
+                f.write_str("the answer has neither expires_on nor expires_in")
+            }
+            AnswerError::BadExpiry("expires_on") => {
+                f.write_str("expires_on is neither epoch seconds nor a known date format")
+            }
+            AnswerError::BadExpiry("expiresOn") => f.write_str("expiresOn is not a date and time"),
+            AnswerError::BadExpiry(field) => write!(f, "{field} is not a number of seconds"),
+            AnswerError::TooFar { field, days } => write!(
+                f,
+                "{field} is more than 7 days away ({days} days): not a plausible token expiry (milliseconds instead of seconds?)"
+            ),
+            AnswerError::BeforeEpoch(field) => write!(f, "{field} is before 1970"),
+        }
+    }
+}
+
+impl std::error::Error for AnswerError {}
 
 /// Parses a 2xx body into a token. `requested_at` is when the request was sent (wall clock),
 /// the base for `expires_in`. The error names what was wrong, never the token.
@@ -15,12 +70,11 @@ use zeroize::{Zeroize, Zeroizing};
 /// `.header` and lines into `.git-credential`), and an expiry more than 7 days after the
 /// request. When the token is a JWT with `exp`, the earlier of `exp` and the answer's
 /// expiry counts.
-pub fn token(body: &[u8], requested_at: EpochMs) -> Result<Token, String> {
-    let parsed: Value =
-        serde_json::from_slice(body).map_err(|_| "the body is not JSON".to_string())?;
+pub fn token(body: &[u8], requested_at: EpochMs) -> Result<Token, AnswerError> {
+    let parsed: Value = serde_json::from_slice(body).map_err(|_| AnswerError::NotJson)?;
     let mut obj = match parsed {
         Value::Object(obj) => obj,
-        _ => return Err("the body is not a JSON object".into()),
+        _ => return Err(AnswerError::NotObject),
     };
     let token = token_of(&mut obj, requested_at);
     // Whatever else the answer holds (a refresh_token, say) is wiped, not just freed.
@@ -32,7 +86,7 @@ pub fn token(body: &[u8], requested_at: EpochMs) -> Result<Token, String> {
     token
 }
 
-fn token_of(obj: &mut Map<String, Value>, requested_at: EpochMs) -> Result<Token, String> {
+fn token_of(obj: &mut Map<String, Value>, requested_at: EpochMs) -> Result<Token, AnswerError> {
     let access_token = take_token(obj)?;
     let token_type = ["token_type", "tokenType"]
         .iter()
@@ -58,26 +112,23 @@ fn token_of(obj: &mut Map<String, Value>, requested_at: EpochMs) -> Result<Token
 }
 
 /// Moves the token out of the parsed document and wipes the document's copy.
-fn take_token(obj: &mut Map<String, Value>) -> Result<Zeroizing<String>, String> {
+fn take_token(obj: &mut Map<String, Value>) -> Result<Zeroizing<String>, AnswerError> {
     let key = ["access_token", "accessToken"]
         .into_iter()
         .find(|k| obj.contains_key(*k));
     let Some(key) = key else {
-        return Err("no access_token in the answer".into());
+        return Err(AnswerError::NoToken);
     };
     let token = match obj.remove(key) {
         Some(Value::String(s)) => Zeroizing::new(s),
-        _ => return Err("access_token is not a string".into()),
+        _ => return Err(AnswerError::TokenNotString),
     };
     if token.is_empty() {
-        return Err("access_token is empty".into());
+        return Err(AnswerError::EmptyToken);
     }
     match token.bytes().find(|b| !(0x21..=0x7e).contains(b)) {
         None => Ok(token),
-        Some(b) => Err(format!(
-            "access_token contains {} (a token is printable ASCII: base64url and dots)",
-            byte_class(b)
-        )),
+        Some(b) => Err(AnswerError::TokenByte(byte_class(b))),
     }
 }
 
@@ -107,15 +158,17 @@ pub fn jwt_exp(token: &str) -> Option<EpochMs> {
 }
 
 /// An expiry at most `MAX_LIFETIME_MS` after the request (so also one RFC 3339 can write).
-fn checked_expiry(at: EpochMs, field: &str, requested_at: EpochMs) -> Result<EpochMs, String> {
+fn checked_expiry(
+    at: EpochMs,
+    field: &'static str,
+    requested_at: EpochMs,
+) -> Result<EpochMs, AnswerError> {
     if at.saturating_sub(requested_at) > MAX_LIFETIME_MS {
-        return Err(format!(
-            "{field} is more than 7 days away ({} days): not a plausible token expiry (milliseconds instead of seconds?)",
-            at.saturating_sub(requested_at) / 86_400_000
-        ));
+        let days = at.saturating_sub(requested_at) / 86_400_000;
+        return Err(AnswerError::TooFar { field, days });
     }
     if at < 0 {
-        return Err(format!("{field} is before 1970"));
+        return Err(AnswerError::BeforeEpoch(field));
     }
     Ok(at)
 }
@@ -124,7 +177,7 @@ fn checked_expiry(at: EpochMs, field: &str, requested_at: EpochMs) -> Result<Epo
 fn expiry(
     obj: &Map<String, Value>,
     requested_at: EpochMs,
-) -> Result<(EpochMs, &'static str), String> {
+) -> Result<(EpochMs, &'static str), AnswerError> {
     if let Some(v) = obj.get("expires_on") {
         if let Some(secs) = seconds(v) {
             return Ok((secs * 1000, "expires_on"));
@@ -133,7 +186,7 @@ fn expiry(
             return Ok((ms, "expires_on"));
         }
         if obj.get("expires_in").is_none() {
-            return Err("expires_on is neither epoch seconds nor a known date format".into());
+            return Err(AnswerError::BadExpiry("expires_on"));
         }
     }
     match obj.get("expires_in") {
@@ -141,15 +194,15 @@ fn expiry(
             Some(secs) => requested_at
                 .checked_add(secs * 1000)
                 .map(|ms| (ms, "expires_in"))
-                .ok_or_else(|| "expires_in is out of range".to_string()),
-            None => Err("expires_in is not a number of seconds".into()),
+                .ok_or(AnswerError::BadExpiry("expires_in")),
+            None => Err(AnswerError::BadExpiry("expires_in")),
         },
         // Older Azure CLIs: `expiresOn` in local time.
         None => match obj.get("expiresOn").and_then(Value::as_str) {
             Some(s) => local_datetime(s)
                 .map(|ms| (ms, "expiresOn"))
-                .ok_or_else(|| "expiresOn is not a date and time".to_string()),
-            None => Err("the answer has neither expires_on nor expires_in".into()),
+                .ok_or(AnswerError::BadExpiry("expiresOn")),
+            None => Err(AnswerError::NoExpiry),
         },
     }
 }
@@ -336,7 +389,7 @@ mod tests {
     }
 
     /// Parses `body` as if requested an hour before `expires_ms`, as real answers are.
-    fn token_before(body: &[u8], expires_ms: EpochMs) -> Result<Token, String> {
+    fn token_before(body: &[u8], expires_ms: EpochMs) -> Result<Token, AnswerError> {
         token(body, expires_ms - 3_600_000)
     }
 
@@ -439,12 +492,15 @@ mod tests {
         );
         assert!(t(r#"{"access_token":"x"}"#)
             .unwrap_err()
+            .to_string()
             .contains("neither"));
         assert!(t(r#"{"access_token":"x","expires_on":"soon"}"#)
             .unwrap_err()
+            .to_string()
             .contains("expires_on"));
         assert!(t(r#"{"access_token":"x","expires_in":"soon"}"#)
             .unwrap_err()
+            .to_string()
             .contains("expires_in"));
     }
 
@@ -455,9 +511,11 @@ mod tests {
             r#"{{"access_token":"x","expires_on":"{}"}}"#,
             now + 3_600_000
         );
-        let e = token(ms.as_bytes(), now).unwrap_err();
+        let e = token(ms.as_bytes(), now).unwrap_err().to_string();
         assert!(e.contains("expires_on") && e.contains("7 days"), "{e}");
-        let e = token(br#"{"access_token":"x","expires_in":864000}"#, now).unwrap_err();
+        let e = token(br#"{"access_token":"x","expires_in":864000}"#, now)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("expires_in"), "{e}");
         // A week exactly is fine.
         assert!(token(br#"{"access_token":"x","expires_in":604800}"#, now).is_ok());
@@ -498,7 +556,7 @@ mod tests {
             jwt(&format!(r#"{{"exp":{}}}"#, now / 1000 + 8 * 86_400)),
             9 * 86_400
         );
-        let e = token(body.as_bytes(), now).unwrap_err();
+        let e = token(body.as_bytes(), now).unwrap_err().to_string();
         assert!(e.contains("exp"), "{e}");
         // Not a JWT, or no exp: the answer counts.
         assert_eq!(jwt_exp("opaque"), None);
@@ -515,7 +573,7 @@ mod tests {
             ("abc\\u00e9", "non-ASCII"),
         ] {
             let body = format!(r#"{{"access_token":"{tok}","expires_in":60}}"#);
-            let e = token(body.as_bytes(), 0).unwrap_err();
+            let e = token(body.as_bytes(), 0).unwrap_err().to_string();
             assert!(e.contains(class), "{e}");
             assert!(!e.contains("abc"), "never the bytes: {e}");
         }
@@ -540,16 +598,19 @@ mod tests {
 
     #[test]
     fn bad_tokens() {
-        assert!(token(b"garbage", 0).unwrap_err().contains("not JSON"));
-        assert!(token(b"[]", 0).unwrap_err().contains("object"));
+        assert_eq!(token(b"garbage", 0).unwrap_err(), AnswerError::NotJson);
+        assert_eq!(token(b"[]", 0).unwrap_err(), AnswerError::NotObject);
         assert!(token(br#"{"expires_in":5}"#, 0)
             .unwrap_err()
+            .to_string()
             .contains("no access_token"));
         assert!(token(br#"{"access_token":"","expires_in":5}"#, 0)
             .unwrap_err()
+            .to_string()
             .contains("empty"));
         assert!(token(br#"{"access_token":5,"expires_in":5}"#, 0)
             .unwrap_err()
+            .to_string()
             .contains("not a string"));
     }
 }

@@ -1,60 +1,13 @@
 //! Which upstream to use: `--source`, or detected from the environment the way the Azure
-//! SDKs do. Auto never probes the network: IMDS is used only when chosen.
+//! SDKs do. Auto never probes the network: IMDS is used only when chosen. A plan is checked
+//! before anything starts; `--emulator` plans are pointed at the stand-in by the caller
+//! (`mount`, `get`), which starts it: this layer never starts a server.
 
-use super::{appservice, arc, azure_cli, cloudshell, imds, Identity, Source};
-use crate::emulator::{Emulator, EmulatorConfig, Protocol};
+use super::{appservice, arc, azure_cli, cloudshell, imds, ConfigError, Identity, Kind, Source};
 use std::collections::BTreeMap;
 use std::fmt;
-use std::str::FromStr;
 use std::sync::Arc;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Kind {
-    Auto,
-    CloudShell,
-    Imds,
-    AppService,
-    Arc,
-    AzureCli,
-}
-
-impl Kind {
-    pub const NAMES: &'static str = "auto, cloudshell, imds, appservice, arc, azure-cli";
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Kind::Auto => "auto",
-            Kind::CloudShell => "cloudshell",
-            Kind::Imds => "imds",
-            Kind::AppService => "appservice",
-            Kind::Arc => "arc",
-            Kind::AzureCli => "azure-cli",
-        }
-    }
-}
-
-impl FromStr for Kind {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Kind, String> {
-        [
-            Kind::Auto,
-            Kind::CloudShell,
-            Kind::Imds,
-            Kind::AppService,
-            Kind::Arc,
-            Kind::AzureCli,
-        ]
-        .into_iter()
-        .find(|k| k.name() == s)
-        .ok_or_else(|| format!("unknown source {s:?}: one of {}", Kind::NAMES))
-    }
-}
-
-impl fmt::Display for Kind {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.name())
-    }
-}
+use zeroize::Zeroizing;
 
 /// What detection looks at: environment variables and whether `az` is on PATH.
 #[derive(Clone, Default)]
@@ -104,9 +57,15 @@ impl Env {
     }
 }
 
-/// The upstream to use and why (for the log and `.status`). Pure.
-pub fn detect(asked: Kind, endpoint_given: bool, emulator: bool, env: &Env) -> (Kind, String) {
-    if asked != Kind::Auto {
+/// The upstream to use and why (for the log and `.status`). Pure. `asked` is `--source`
+/// (`None`: auto).
+pub fn detect(
+    asked: Option<Kind>,
+    endpoint_given: bool,
+    emulator: bool,
+    env: &Env,
+) -> (Kind, String) {
+    if let Some(asked) = asked {
         return (asked, format!("--source {asked}"));
     }
     if emulator {
@@ -150,11 +109,12 @@ pub fn detect(asked: Kind, endpoint_given: bool, emulator: bool, env: &Env) -> (
 pub struct Plan {
     pub kind: Kind,
     pub reason: String,
-    /// The URL (HTTP sources); `None` with the emulator, which picks its own port.
+    /// The URL (HTTP sources); `None` until the stand-in's is given (`--emulator`).
     url: Option<String>,
-    secret: Option<String>,
+    secret: Option<Zeroizing<String>>,
     identity: Identity,
-    emulator: bool,
+    /// `--emulator`: the caller stands in for the upstream and calls `use_stand_in`.
+    emulated: bool,
 }
 
 impl fmt::Debug for Plan {
@@ -165,7 +125,7 @@ impl fmt::Debug for Plan {
             .field("url", &self.url)
             .field("secret", &self.secret.as_ref().map(|_| "<redacted>"))
             .field("identity", &self.identity)
-            .field("emulator", &self.emulator)
+            .field("emulated", &self.emulated)
             .finish()
     }
 }
@@ -173,15 +133,20 @@ impl fmt::Debug for Plan {
 /// What `--source`, `--endpoint`, `--emulator` and the identity flags ask for.
 #[derive(Debug, Clone, Default)]
 pub struct Wanted {
+    /// `None`: auto.
     pub source: Option<Kind>,
     pub endpoint: Option<String>,
     pub emulator: bool,
     pub identity: Identity,
 }
 
-pub fn plan(wanted: &Wanted, env: &Env) -> Result<Plan, String> {
-    let asked = wanted.source.unwrap_or(Kind::Auto);
-    let (kind, reason) = detect(asked, wanted.endpoint.is_some(), wanted.emulator, env);
+pub fn plan(wanted: &Wanted, env: &Env) -> Result<Plan, ConfigError> {
+    let (kind, reason) = detect(
+        wanted.source,
+        wanted.endpoint.is_some(),
+        wanted.emulator,
+        env,
+    );
     let default_url = match kind {
         Kind::CloudShell => Some(
             env.get("MSI_ENDPOINT")
@@ -195,95 +160,74 @@ pub fn plan(wanted: &Wanted, env: &Env) -> Result<Plan, String> {
                 .unwrap_or(arc::DEFAULT_ENDPOINT)
                 .to_string(),
         ),
-        Kind::AzureCli | Kind::Auto => None,
+        Kind::AzureCli => None,
     };
     let url = if wanted.emulator {
         None
     } else {
         wanted.endpoint.clone().or(default_url)
     };
+    let refuse = |why: &'static str| Err(ConfigError::Choice(why));
     match kind {
         Kind::AzureCli if wanted.emulator => {
-            return Err("--emulator does not serve the azure-cli source".into())
+            return refuse("--emulator does not serve the azure-cli source")
         }
         Kind::AzureCli if wanted.endpoint.is_some() => {
-            return Err("--endpoint does not apply to --source azure-cli".into())
+            return refuse("--endpoint does not apply to --source azure-cli")
         }
         Kind::AzureCli if !env.az_on_path => {
-            return Err(
-                "--source azure-cli: az is not on PATH (install the Azure CLI, or pick another --source)"
-                    .into(),
+            return refuse(
+                "--source azure-cli: az is not on PATH (install the Azure CLI, or pick another --source)",
             )
         }
         Kind::AppService if url.is_none() && !wanted.emulator => {
-            return Err("--source appservice needs IDENTITY_ENDPOINT (or --endpoint)".into())
+            return refuse("--source appservice needs IDENTITY_ENDPOINT (or --endpoint)")
         }
         Kind::AppService if !wanted.emulator && env.get("IDENTITY_HEADER").is_none() => {
-            return Err("--source appservice needs IDENTITY_HEADER (the endpoint's secret)".into())
+            return refuse("--source appservice needs IDENTITY_HEADER (the endpoint's secret)")
         }
         _ => {}
     }
-    if let Some(u) = &url {
-        super::http::check_url(u)?;
-    }
-    Ok(Plan {
+    let plan = Plan {
         kind,
         reason,
         url,
-        secret: env.get("IDENTITY_HEADER").map(str::to_string),
+        secret: env
+            .get("IDENTITY_HEADER")
+            .map(|s| Zeroizing::new(s.to_string())),
         identity: wanted.identity.clone(),
-        emulator: wanted.emulator,
-    })
-}
-
-/// The upstream, built; holds the emulator (if any) alive.
-pub struct Chosen {
-    pub source: Arc<dyn Source>,
-    pub kind: Kind,
-    pub reason: String,
-    pub emulator: Option<Emulator>,
+        emulated: wanted.emulator,
+    };
+    if !plan.emulated {
+        // Every URL and identity problem now, not when the first reader comes.
+        plan.build()?;
+    }
+    Ok(plan)
 }
 
 impl Plan {
-    /// Builds the client (this starts threads: call it after any fork).
-    pub fn build(self) -> Result<Chosen, String> {
-        let mut emulator = None;
-        let (url, secret) = if self.emulator {
-            let protocol = match self.kind {
-                Kind::Imds => Protocol::Imds,
-                Kind::AppService => Protocol::AppService,
-                Kind::Arc => Protocol::Arc,
-                _ => Protocol::CloudShell,
-            };
-            let emu = Emulator::start_with(
-                ([127, 0, 0, 1], 0).into(),
-                EmulatorConfig::default(),
-                protocol,
-            )
-            .map_err(|e| format!("cannot start the emulator: {e}"))?;
-            let pair = (emu.url(), Some(emu.identity_header()));
-            emulator = Some(emu);
-            pair
-        } else {
-            (self.url.clone().unwrap_or_default(), self.secret.clone())
-        };
+    /// With `--emulator`: the upstream the caller must stand in for (then `use_stand_in`).
+    pub fn emulated(&self) -> Option<Kind> {
+        self.emulated.then_some(self.kind)
+    }
+
+    /// Points the plan at a stand-in's URL and `X-IDENTITY-HEADER` secret.
+    pub fn use_stand_in(&mut self, url: String, secret: String) {
+        self.url = Some(url);
+        self.secret = Some(Zeroizing::new(secret));
+    }
+
+    /// Builds the client (reqwest starts a thread: call it after any fork).
+    pub fn build(&self) -> Result<Arc<dyn Source>, ConfigError> {
+        let url = self.url.as_deref().unwrap_or_default();
         let id = self.identity.clone();
-        let source: Arc<dyn Source> = match self.kind {
-            Kind::Imds => Arc::new(imds::Imds::new(&url, id)?),
-            Kind::AppService => Arc::new(appservice::AppService::new(
-                &url,
-                secret.as_deref().unwrap_or(""),
-                id,
-            )?),
-            Kind::Arc => Arc::new(arc::Arc::new(&url)?),
+        let secret = self.secret.as_ref().map_or("", |s| s.as_str());
+        Ok(match self.kind {
+            Kind::Imds => Arc::new(imds::Imds::new(url, id)?),
+            Kind::AppService => Arc::new(appservice::AppService::new(url, secret, id)?),
+            Kind::Arc => Arc::new(arc::ArcAgent::new(url)?),
             Kind::AzureCli => Arc::new(azure_cli::AzureCli::new("az")),
-            Kind::CloudShell | Kind::Auto => Arc::new(cloudshell::CloudShell::new(&url)?),
-        };
-        Ok(Chosen {
-            source,
-            kind: self.kind,
-            reason: self.reason,
-            emulator,
+            Kind::CloudShell => Arc::new(cloudshell::CloudShell::new(url)?),
         })
     }
 }
@@ -304,7 +248,7 @@ mod tests {
 
     #[test]
     fn auto_detection_for_each_environment() {
-        let d = |vars: &[&str], az: bool| detect(Kind::Auto, false, false, &env(vars, az)).0;
+        let d = |vars: &[&str], az: bool| detect(None, false, false, &env(vars, az)).0;
         assert_eq!(
             d(&["MSI_ENDPOINT"], true),
             Kind::CloudShell,
@@ -337,17 +281,17 @@ mod tests {
     fn explicit_choices_win_and_imds_is_never_detected() {
         let e = env(&["IDENTITY_ENDPOINT", "IDENTITY_HEADER"], true);
         assert_eq!(
-            detect(Kind::Auto, true, false, &e).0,
+            detect(None, true, false, &e).0,
             Kind::CloudShell,
             "--endpoint means Cloud Shell"
         );
         assert_eq!(
-            detect(Kind::Auto, false, true, &e).0,
+            detect(None, false, true, &e).0,
             Kind::CloudShell,
             "--emulator means Cloud Shell"
         );
         assert_eq!(
-            detect(Kind::Imds, true, false, &e),
+            detect(Some(Kind::Imds), true, false, &e),
             (Kind::Imds, "--source imds".into())
         );
         for vars in [
@@ -355,10 +299,7 @@ mod tests {
             &["MSI_ENDPOINT"],
             &["IDENTITY_ENDPOINT", "IMDS_ENDPOINT"],
         ] {
-            assert_ne!(
-                detect(Kind::Auto, false, false, &env(vars, false)).0,
-                Kind::Imds
-            );
+            assert_ne!(detect(None, false, false, &env(vars, false)).0, Kind::Imds);
         }
     }
 
@@ -386,16 +327,19 @@ mod tests {
         };
         assert!(plan(&w(Kind::AppService, None), &env(&[], false))
             .unwrap_err()
+            .to_string()
             .contains("IDENTITY_ENDPOINT"));
         assert!(plan(
             &w(Kind::AppService, Some("http://127.0.0.1:1/x")),
             &env(&[], false)
         )
         .unwrap_err()
+        .to_string()
         .contains("IDENTITY_HEADER"));
         assert!(plan(&w(Kind::AzureCli, Some("http://x/")), &env(&[], false)).is_err());
         assert!(plan(&w(Kind::Imds, Some("nonsense")), &env(&[], false))
             .unwrap_err()
+            .to_string()
             .contains("malformed"));
         let p = plan(
             &w(Kind::Imds, Some("http://127.0.0.1:9/t")),
