@@ -112,6 +112,31 @@ pub fn schedule(
     }
 }
 
+/// Whether a version may be served: the one answer to "may this be read now?".
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// The newest version of its resource, valid for that much longer.
+    Current { valid_for_ms: i64 },
+    /// Valid, but a newer version exists: an open file keeps reading it, a new open must not.
+    Superseded,
+    /// Past `valid_until`: never served again.
+    Expired,
+}
+
+/// The verdict on a version with schedule `s` at `now`, `current` when no newer version of
+/// its resource exists. The only place a version's validity is compared with the clock.
+pub fn verdict(now: EpochMs, s: &Schedule, current: bool) -> Verdict {
+    if now >= s.valid_until {
+        Verdict::Expired
+    } else if current {
+        Verdict::Current {
+            valid_for_ms: s.valid_until - now,
+        }
+    } else {
+        Verdict::Superseded
+    }
+}
+
 /// The last moment a token may be served: `expires_on` less the skew allowance.
 pub fn valid_until(issued_at: EpochMs, expires_on: EpochMs) -> EpochMs {
     expires_on.saturating_sub(skew(expires_on.saturating_sub(issued_at)))
@@ -157,7 +182,7 @@ impl EntryView {
 
 pub fn on_read(now: EpochMs, e: &EntryView) -> ReadDecision {
     match e.schedule {
-        Some(s) if now < s.valid_until => {
+        Some(s) if verdict(now, &s, true) != Verdict::Expired => {
             if now < s.refresh_at || e.fetch_in_flight || now < e.next_attempt_at || e.paced(now) {
                 ReadDecision::Serve
             } else {
@@ -173,7 +198,7 @@ pub fn on_read(now: EpochMs, e: &EntryView) -> ReadDecision {
 pub fn refresh_ahead_due(now: EpochMs, e: &EntryView) -> bool {
     match e.schedule {
         Some(s) => {
-            now < s.valid_until
+            verdict(now, &s, true) != Verdict::Expired
                 && now >= s.refresh_ahead_at
                 && !e.fetch_in_flight
                 && now >= e.next_attempt_at

@@ -5,6 +5,7 @@ use std::sync::Arc;
 use zeroize::Zeroizing;
 
 pub use crate::policy::EpochMs;
+use crate::policy::Schedule;
 
 /// A token as an upstream issued it.
 pub struct Token {
@@ -100,17 +101,20 @@ pub struct Version {
     pub id: u64,
     pub resource: Arc<str>,
     pub fetched_at: EpochMs,
-    /// When the token was issued (see `Token::issued_at`): the start of its lifetime.
-    pub issued_at: EpochMs,
     pub expires_on: EpochMs,
-    /// Served until then (expiry less the clock skew allowance), never after.
-    pub valid_until: EpochMs,
-    pub refresh_in_ms: Option<i64>,
+    /// When it is refreshed and until when it may be served, computed once by the policy.
+    pub schedule: Schedule,
     views: [Zeroizing<Vec<u8>>; 5],
 }
 
 impl Version {
-    pub fn new(id: u64, resource: Arc<str>, token: &Token, fetched_at: EpochMs) -> Version {
+    pub fn new(
+        id: u64,
+        resource: Arc<str>,
+        token: &Token,
+        fetched_at: EpochMs,
+        schedule: Schedule,
+    ) -> Version {
         let raw = Zeroizing::new(token.access_token.as_bytes().to_vec());
         let json = render_json(token, &resource);
         let header = wrap(b"Authorization: Bearer ", &raw, b"\n");
@@ -121,9 +125,7 @@ impl Version {
             resource,
             fetched_at,
             expires_on: token.expires_on,
-            issued_at: token.issued_at(fetched_at),
-            valid_until: crate::policy::valid_until(token.issued_at(fetched_at), token.expires_on),
-            refresh_in_ms: token.refresh_in_ms,
+            schedule,
             views: [raw, json, header, kubectl, git],
         }
     }
@@ -226,9 +228,13 @@ mod tests {
         }
     }
 
+    fn schedule() -> Schedule {
+        crate::policy::schedule(0, 1_700_000_000_000, None, 300_000)
+    }
+
     #[test]
     fn views_render_once() {
-        let v = Version::new(7, "https://vault.azure.net".into(), &token(), 0);
+        let v = Version::new(7, "https://vault.azure.net".into(), &token(), 0, schedule());
         assert_eq!(v.bytes(View::Raw), b"aaa.bbb.ccc");
         assert_eq!(
             v.bytes(View::Header),
@@ -243,7 +249,7 @@ mod tests {
 
     #[test]
     fn kubectl_and_git_views() {
-        let v = Version::new(7, "r".into(), &token(), 0);
+        let v = Version::new(7, "r".into(), &token(), 0, schedule());
         let k: serde_json::Value = serde_json::from_slice(v.bytes(View::Kubectl)).unwrap();
         assert_eq!(k["apiVersion"], "client.authentication.k8s.io/v1");
         assert_eq!(k["kind"], "ExecCredential");
@@ -261,7 +267,7 @@ mod tests {
     fn debug_never_shows_the_token() {
         let t = token();
         assert!(!format!("{t:?}").contains("bbb"));
-        let v = Version::new(1, "r".into(), &t, 0);
+        let v = Version::new(1, "r".into(), &t, 0, schedule());
         assert!(!format!("{v:?}").contains("bbb"));
     }
 }

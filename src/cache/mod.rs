@@ -8,7 +8,7 @@ mod pool;
 mod upstream;
 
 use crate::policy::Clock;
-use crate::policy::{self, EntryView, EpochMs, Policy, ReadDecision, Schedule};
+use crate::policy::{self, EntryView, EpochMs, Policy, ReadDecision, Schedule, Verdict};
 use crate::source::{Failure, Source, SourceError};
 use crate::token::{Token, Version};
 use log::{debug, info, warn};
@@ -73,12 +73,6 @@ pub enum OpenDecision {
     Stale,
 }
 
-/// The newest token of a resource and when it must be refreshed or stops being served.
-struct Held {
-    version: Arc<Version>,
-    schedule: Schedule,
-}
-
 /// How the last fetches of a resource went.
 #[derive(Default)]
 struct Failures {
@@ -109,7 +103,8 @@ struct Reads {
 struct Entry {
     /// Named with `--resource`: always listed, never evicted.
     declared: bool,
-    held: Option<Held>,
+    /// The newest version (it may have expired; `valid` says).
+    held: Option<Arc<Version>>,
     /// Some while a fetch is queued or running: the readers waiting for it.
     waiters: Option<Vec<Done>>,
     /// When the last fetch started (fetches of a held token are paced).
@@ -125,7 +120,7 @@ struct Entry {
 impl Entry {
     fn view(&self, refused_until: EpochMs) -> EntryView {
         EntryView {
-            schedule: self.held.as_ref().map(|h| h.schedule),
+            schedule: self.held.as_ref().map(|v| v.schedule),
             fetch_in_flight: self.waiters.is_some(),
             next_attempt_at: self.failures.next_attempt_at,
             refused_until,
@@ -136,8 +131,7 @@ impl Entry {
     fn valid(&self, now: EpochMs) -> Option<&Arc<Version>> {
         self.held
             .as_ref()
-            .filter(|h| now < h.schedule.valid_until)
-            .map(|h| &h.version)
+            .filter(|v| policy::verdict(now, &v.schedule, true) != Verdict::Expired)
     }
 
     fn state(&self, now: EpochMs, refusal: Option<&Refusal>) -> &'static str {
@@ -151,7 +145,7 @@ impl Entry {
             _ if self
                 .held
                 .as_ref()
-                .is_some_and(|h| now >= h.schedule.refresh_at) =>
+                .is_some_and(|v| now >= v.schedule.refresh_at) =>
             {
                 "stale-but-valid"
             }
@@ -375,14 +369,31 @@ impl Cache {
             .unwrap_or_else(|_| Err(ReadError::Unavailable("the fetch was abandoned".into())))
     }
 
-    /// An open of `v`: may it be served, or must the reader look the name up again?
+    /// May `v` be served now? The filesystem's one question about a version.
+    pub fn check(&self, v: &Version) -> Verdict {
+        let now = self.clock.now();
+        let guard = self.state.lock();
+        let current = guard
+            .entries
+            .get(&*v.resource)
+            .and_then(|e| e.held.as_ref())
+            .is_some_and(|held| held.id == v.id);
+        policy::verdict(now, &v.schedule, current)
+    }
+
+    /// An open of `v`: may it be served, or must the reader look the name up again? A
+    /// served open counts as a read (refresh ahead, a refresh past the refresh point).
     pub fn on_open(self: &Arc<Self>, v: &Version) -> OpenDecision {
         let now = self.clock.now();
         let mut guard = self.state.lock();
         let Some(entry) = guard.entries.get_mut(&*v.resource) else {
             return OpenDecision::Stale;
         };
-        if entry.valid(now).is_none_or(|cur| cur.id != v.id) {
+        let current = entry.held.as_ref().is_some_and(|held| held.id == v.id);
+        if !matches!(
+            policy::verdict(now, &v.schedule, current),
+            Verdict::Current { .. }
+        ) {
             return OpenDecision::Stale;
         }
         if entry.reads.opens_to_skip > 0 {
@@ -459,7 +470,7 @@ impl Cache {
                     "expires_on": held.map(|v| secs(v.expires_on)),
                     "fetched_at": e.fetched_at.map(secs),
                     "next_refresh": match (held, &e.held) {
-                        (Some(_), Some(h)) => Some(secs(h.schedule.refresh_at.max(e.failures.next_attempt_at))),
+                        (Some(_), Some(v)) => Some(secs(v.schedule.refresh_at.max(e.failures.next_attempt_at))),
                         _ => None,
                     },
                     "upstream_calls": e.upstream_calls,
@@ -566,11 +577,11 @@ impl Cache {
                 let view = e.view(0);
                 if e.reads.since_fetch && policy::refresh_ahead_due(now, &view) {
                     due.push(self.start_fetch(e, r, now, true));
-                } else if let (Some(h), true) = (&e.held, e.reads.since_fetch) {
+                } else if let (Some(v), true) = (&e.held, e.reads.since_fetch) {
                     let paced = e
                         .last_fetch_at
                         .map_or(0, |t| t + policy::MIN_FETCH_INTERVAL_MS);
-                    let at = h
+                    let at = v
                         .schedule
                         .refresh_ahead_at
                         .max(e.failures.next_attempt_at)
@@ -733,9 +744,19 @@ impl Cache {
         }
     }
 
+    /// The schedule of a token fetched at `now`, computed once per answer by the policy.
+    fn schedule_of(&self, token: &Token, now: EpochMs) -> Schedule {
+        policy::schedule(
+            token.issued_at(now),
+            token.expires_on,
+            token.refresh_in_ms,
+            self.policy.refresh_margin_ms,
+        )
+    }
+
     fn expired_on_arrival(&self, t: &Token) -> bool {
         let now = self.clock.now();
-        now >= policy::valid_until(t.issued_at(now), t.expires_on)
+        policy::verdict(now, &self.schedule_of(t, now), true) == Verdict::Expired
     }
 
     fn accept(
@@ -745,20 +766,11 @@ impl Cache {
         token: Token,
         now: EpochMs,
     ) -> Result<Arc<Version>, SourceError> {
-        let schedule = policy::schedule(
-            token.issued_at(now),
-            token.expires_on,
-            token.refresh_in_ms,
-            self.policy.refresh_margin_ms,
-        );
-        if let (Some(held), Some(old)) = (
-            entry.valid(now).cloned(),
-            entry.held.as_ref().map(|h| h.schedule),
-        ) {
+        if let Some(held) = entry.valid(now).cloned() {
             if held.expires_on == token.expires_on && held.token() == token.access_token.as_bytes()
             {
                 // An upstream that caches handed back what we hold: keep it, ask again later.
-                entry.failures.next_attempt_at = policy::unchanged_retry_at(now, &old);
+                entry.failures.next_attempt_at = policy::unchanged_retry_at(now, &held.schedule);
                 entry.failures.consecutive = 0;
                 if !entry.failures.unchanged_logged {
                     info!("{resource}: the endpoint returned the token already held (it caches); retrying closer to expiry");
@@ -767,13 +779,14 @@ impl Cache {
                 return Ok(held);
             }
         }
-        if now >= schedule.valid_until {
+        let schedule = self.schedule_of(&token, now);
+        if policy::verdict(now, &schedule, true) == Verdict::Expired {
             return Err(SourceError::BadResponse(
                 "the endpoint issued a token that is already expired".into(),
             ));
         }
         let id = self.next_version.fetch_add(1, Ordering::Relaxed);
-        let version = Arc::new(Version::new(id, resource.clone(), &token, now));
+        let version = Arc::new(Version::new(id, resource.clone(), &token, now, schedule));
         if entry.failures.consecutive > 0 {
             info!(
                 "{resource}: token fetched again after {} failure(s)",
@@ -785,10 +798,7 @@ impl Cache {
             (token.expires_on - now) / 1000,
             (schedule.refresh_at - now) / 1000
         );
-        entry.held = Some(Held {
-            version: version.clone(),
-            schedule,
-        });
+        entry.held = Some(version.clone());
         entry.fetched_at = Some(now);
         entry.reads.since_fetch = false;
         entry.failures = Failures::default();

@@ -4,6 +4,7 @@
 //! its own block of inodes (one per view), so each version has its own page cache and a
 //! refresh never changes the bytes behind an inode.
 
+use crate::policy::{self, Schedule, Verdict};
 use crate::token::{Version, View};
 use parking_lot::Mutex;
 use std::collections::HashMap;
@@ -71,7 +72,8 @@ pub struct Known {
     pub resource: Arc<str>,
     pub sizes: [u64; View::ALL.len()],
     pub mtime_ms: i64,
-    pub valid_until: i64,
+    /// The version's schedule (a copy: the version itself may be gone).
+    pub schedule: Schedule,
     lookups: u64,
     /// The kernel was told to drop its cached pages of this expired version.
     invalidated: bool,
@@ -92,7 +94,7 @@ impl InodeTable {
             resource: v.resource.clone(),
             sizes: View::ALL.map(|view| v.bytes(view).len() as u64),
             mtime_ms: v.fetched_at,
-            valid_until: v.valid_until,
+            schedule: v.schedule,
             lookups: 0,
             invalidated: false,
         });
@@ -126,11 +128,12 @@ impl InodeTable {
         let mut expired = Vec::new();
         let mut next = None::<i64>;
         for (id, k) in known.iter_mut().filter(|(_, k)| !k.invalidated) {
-            if now >= k.valid_until {
+            if policy::verdict(now, &k.schedule, true) == Verdict::Expired {
                 k.invalidated = true;
                 expired.push(*id);
             } else {
-                next = Some(next.map_or(k.valid_until, |n| n.min(k.valid_until)));
+                let until = k.schedule.valid_until;
+                next = Some(next.map_or(until, |n: i64| n.min(until)));
             }
         }
         (expired, next)

@@ -8,6 +8,7 @@ pub mod inode;
 use crate::audit::{Audit, OpenEvent};
 use crate::cache::{Cache, OpenDecision, ReadError};
 use crate::names;
+use crate::policy::Verdict;
 use crate::token::{Version, View};
 use fuser::{Errno, FileAttr, FileType, INodeNo};
 use inode::{InodeTable, Node};
@@ -290,7 +291,9 @@ impl Core {
             .ok_or(FsError::BadHandle)?;
         let bytes = match &handle {
             // Opened while valid, but never served once expired.
-            Handle::Token(v, _) if self.cache.now() >= v.valid_until => return Err(FsError::Io),
+            Handle::Token(v, _) if self.cache.check(v) == Verdict::Expired => {
+                return Err(FsError::Io)
+            }
             Handle::Token(v, view) => v.bytes(*view),
             Handle::Status(b) => b.as_slice(),
             Handle::Dir(_) => return Err(FsError::BadHandle),
@@ -413,16 +416,12 @@ impl Core {
     /// Until the token stops being valid (while it is the current one), at most
     /// `MAX_TOKEN_TTL`.
     fn token_ttl(&self, v: &Version) -> Duration {
-        let current = self
-            .cache
-            .peek(&v.resource)
-            .is_some_and(|cur| cur.id == v.id);
-        let left = if current {
-            v.valid_until.saturating_sub(self.cache.now()).max(0)
-        } else {
-            0
-        };
-        Duration::from_millis(left as u64).min(MAX_TOKEN_TTL)
+        match self.cache.check(v) {
+            Verdict::Current { valid_for_ms } => {
+                Duration::from_millis(valid_for_ms.max(0) as u64).min(MAX_TOKEN_TTL)
+            }
+            Verdict::Superseded | Verdict::Expired => Duration::ZERO,
+        }
     }
 
     fn meta_entry(&self, ino: u64) -> Entry {
