@@ -186,11 +186,7 @@ fn client_errors_are_not_retried_and_are_negative_cached() {
         let code = format!("{fault:?}");
         emu.push_fault(fault);
         assert_eq!(errno(&m.read(name).unwrap_err()), want, "{code}");
-        assert_eq!(
-            errno(&m.read(name).unwrap_err()),
-            want,
-            "{code} remembered"
-        );
+        assert_eq!(errno(&m.read(name).unwrap_err()), want, "{code} remembered");
         assert_eq!(
             emu.requests(),
             i as u64 + 1,
