@@ -17,9 +17,11 @@ use std::time::{Duration, Instant};
 use super::writer::{view_path, STATUS};
 use super::SinkError;
 
-/// A token's files go this long before the cache would stop serving it (`valid_until`), so
-/// nothing in DIR is ever past it, whatever the loop's pace.
-pub const UNLINK_LEAD: Duration = Duration::from_millis(1_000);
+/// A token's files go this long before the cache would stop serving it (`valid_until`, itself
+/// 5 s or a tenth of the lifetime before expiry): more than a few passes of the loop, so
+/// nothing in DIR is ever past it, and little enough that a refresh at the refresh point
+/// (paced at most every 2 s) lands first even for tokens of a few seconds.
+pub const UNLINK_LEAD: Duration = Duration::from_millis(500);
 /// The loop looks at every resource at least this often.
 const PASS: Duration = Duration::from_millis(100);
 
