@@ -59,7 +59,7 @@ impl Slot {
     }
 }
 
-struct Sync<'a> {
+struct Follower<'a> {
     cache: Arc<Cache>,
     taken: &'a Taken,
     slots: Vec<Slot>,
@@ -118,7 +118,7 @@ pub fn run(
         }
     });
     let now = Instant::now();
-    let mut sync = Sync {
+    let mut sync = Follower {
         cache: cache.clone(),
         taken,
         slots: declared
@@ -167,7 +167,7 @@ pub fn run(
     Ok(())
 }
 
-impl Sync<'_> {
+impl Follower<'_> {
     /// One look at every resource, then `.status` if anything in it changed.
     fn pass(&mut self) {
         for i in 0..self.slots.len() {
