@@ -156,10 +156,15 @@ fn an_upstream_down_past_expiry_removes_the_files_before_expiry_and_they_return(
         gone < last_expiry,
         "removed at {gone}, expiry {last_expiry}"
     );
-    let st = status(&fs.path);
-    let missing = &st["sink"]["missing"][0];
-    assert_eq!(missing["name"], VAULT);
-    assert!(!missing["reason"].as_str().unwrap_or("").is_empty(), "{st}");
+    // `.status` says it is missing and why (rewritten right after the removal).
+    let missing = eventually(Duration::from_secs(5), || {
+        let st = status(&fs.path);
+        let m = st["sink"]["missing"][0].clone();
+        (m["name"] == VAULT).then_some(m)
+    })
+    .expect(".status lists the removed resource as missing");
+    let reason = missing["reason"].as_str().unwrap_or("");
+    assert!(reason.contains("not refreshed in time"), "{reason}");
     emu.set_fault(None);
     let back = wait_file(&raw, Duration::from_secs(40));
     assert!(claims(&back)["exp"].as_i64().unwrap() > now_secs());

@@ -282,19 +282,37 @@ impl Follower<'_> {
     /// are written and which are missing and why; rewritten only when something changed.
     fn write_status(&mut self) {
         let mut status = self.cache.status();
+        let cache_error = |resource: &str| {
+            status["resources"].as_array().and_then(|rs| {
+                rs.iter()
+                    .find(|r| r["resource"] == resource)
+                    .and_then(|r| r["last_error"].as_str().map(str::to_string))
+            })
+        };
+        let missing: Vec<serde_json::Value> = self
+            .slots
+            .iter()
+            .filter_map(|s| {
+                let why = match (s.missing_reason()?, cache_error(&s.declared.resource)) {
+                    (_, Some(e)) if s.last_error.is_none() => {
+                        format!("not refreshed in time: {e}")
+                    }
+                    (why, _) => why,
+                };
+                Some(serde_json::json!({
+                    "name": s.declared.name,
+                    "resource": s.declared.resource,
+                    "reason": why,
+                }))
+            })
+            .collect();
         status["dumpable"] = crate::hardening::is_dumpable().into();
         status["pid"] = std::process::id().into();
         status["source_reason"] = self.source_reason.clone().into();
         status["sink"] = serde_json::json!({
             "dir": self.taken.writer.dir().display().to_string(),
             "written": self.slots.iter().filter(|s| s.written.is_some()).map(|s| s.declared.name.clone()).collect::<Vec<_>>(),
-            "missing": self.slots.iter().filter_map(|s| {
-                s.missing_reason().map(|why| serde_json::json!({
-                    "name": s.declared.name,
-                    "resource": s.declared.resource,
-                    "reason": why,
-                }))
-            }).collect::<Vec<_>>(),
+            "missing": missing,
         });
         if let Some(list) = status["resources"].as_array_mut() {
             for r in list {

@@ -109,10 +109,11 @@ impl Drop for Sink {
 /// Every name under `dir`, recursively, relative to it (`.json/x`, ...).
 pub fn tree(dir: &Path) -> BTreeSet<String> {
     let mut out = BTreeSet::new();
+    // Tolerant of entries going away meanwhile (a sink removing its files).
     for e in std::fs::read_dir(dir).unwrap().flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
-        if e.file_type().unwrap().is_dir() {
-            for sub in std::fs::read_dir(e.path()).unwrap().flatten() {
+        if e.file_type().is_ok_and(|t| t.is_dir()) {
+            for sub in std::fs::read_dir(e.path()).into_iter().flatten().flatten() {
                 out.insert(format!("{name}/{}", sub.file_name().to_string_lossy()));
             }
         }
