@@ -4,6 +4,7 @@ use crate::cache::Cache;
 use crate::emulator::{Emulator, EmulatorConfig};
 use crate::mount::{self, MountRequest};
 use crate::policy::{Policy, SystemClock};
+use crate::sink::SinkRequest;
 use crate::source::select::{self, Env, Wanted};
 use crate::source::Identity;
 use crate::source::Kind;
@@ -36,6 +37,9 @@ pub struct Cli {
 pub enum Command {
     /// Mount the token filesystem at MOUNTPOINT (detaches once the mount is live unless -f).
     Mount(MountArgs),
+    /// Without FUSE: keep the declared resources' tokens as files in DIR (tmpfs or ramfs),
+    /// replaced atomically, removed before they expire (detaches once written unless -f).
+    Sink(SinkArgs),
     /// Fetch one token with the same client and name rules, print it, no mount.
     Get(GetArgs),
     /// Serve a local stand-in for the Cloud Shell token endpoint (unsigned test tokens).
@@ -150,6 +154,37 @@ pub struct MountArgs {
 }
 
 #[derive(Args, Debug)]
+pub struct SinkArgs {
+    /// Where the files go: a directory on tmpfs or ramfs.
+    #[arg(value_name = "DIR")]
+    pub dir: PathBuf,
+    #[command(flatten)]
+    pub upstream: Upstream,
+    /// Stay attached (logs to stderr); without it, return once every declared resource was
+    /// written or failed once.
+    #[arg(short, long)]
+    pub foreground: bool,
+    /// A resource to keep as files (repeatable, at least one: only these exist in DIR).
+    #[arg(long = "resource", value_name = "NAME", required = true)]
+    pub resources: Vec<String>,
+    /// Refresh a token when this little lifetime is left, in seconds.
+    #[arg(long, value_name = "SECS", default_value_t = 300, value_parser = clap::value_parser!(u64).range(0..=31_536_000))]
+    pub refresh_margin: u64,
+    /// Where logs go when detached (foreground: stderr); level from RUST_LOG (default info).
+    #[arg(long, value_name = "PATH")]
+    pub log_file: Option<PathBuf>,
+    /// Owner of the files and directories [default: the user who ran sink].
+    #[arg(long, value_name = "UID")]
+    pub uid: Option<u32>,
+    /// Group of the files and directories [default: the group of the user who ran sink].
+    #[arg(long, value_name = "GID")]
+    pub gid: Option<u32>,
+    /// Permission bits of the files, octal; directories get the matching x bits.
+    #[arg(long, value_name = "OCTAL", default_value = "0400", value_parser = crate::fuseopts::parse_mode)]
+    pub mode: u16,
+}
+
+#[derive(Args, Debug)]
 pub struct GetArgs {
     #[command(flatten)]
     pub upstream: Upstream,
@@ -225,6 +260,7 @@ fn parse_protocol(s: &str) -> Result<Kind, String> {
 pub fn run(cli: Cli) -> ExitCode {
     match cli.command {
         Command::Mount(args) => mount_command(args),
+        Command::Sink(args) => sink_command(args),
         Command::Get(args) => get_command(args),
         Command::Emulator(args) => emulator_command(args),
     }
@@ -257,6 +293,32 @@ fn mount_command(args: MountArgs) -> ExitCode {
         Err(e) => {
             eprintln!("cstokenfs: {e}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+fn sink_command(args: SinkArgs) -> ExitCode {
+    let policy = Policy {
+        refresh_margin_ms: (args.refresh_margin as i64).saturating_mul(1000),
+        timeout: Duration::from_secs(args.upstream.timeout),
+        ..Policy::default()
+    };
+    let request = SinkRequest {
+        dir: args.dir,
+        wanted: args.upstream.wanted(),
+        resources: args.resources,
+        policy,
+        foreground: args.foreground,
+        log_file: args.log_file,
+        uid: args.uid,
+        gid: args.gid,
+        mode: args.mode,
+    };
+    match crate::sink::run(request) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("cstokenfs: {e}");
+            ExitCode::from(e.exit_code())
         }
     }
 }

@@ -6,7 +6,7 @@
 
 use std::ffi::OsString;
 
-const SUBCOMMANDS: &[&str] = &["mount", "get", "emulator", "help"];
+const SUBCOMMANDS: &[&str] = &["mount", "sink", "get", "emulator", "help"];
 
 /// `-o` keys that take a value, as long flags.
 const VALUE_KEYS: &[&str] = &[

@@ -20,5 +20,6 @@ pub mod logging;
 pub mod mount;
 pub mod names;
 pub mod policy;
+pub mod sink;
 pub mod source;
 pub mod token;

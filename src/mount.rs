@@ -150,18 +150,23 @@ fn preflight(req: &MountRequest) -> Result<(PathBuf, Plan), MountError> {
     Ok((path, plan))
 }
 
-/// Who is told once the mount is live (or why it failed).
-enum Ready {
+/// Who is told once the mount is live (or why it failed). Shared with `sink`.
+pub(crate) enum Ready {
     Nobody,
     Pipe(File),
 }
 
 impl Ready {
     fn tell(self, outcome: &Result<(), MountError>) {
+        self.tell_line(outcome.as_ref().err().map(|e| e.to_string()).as_deref());
+    }
+
+    /// `OK`, or `ERR` and why: what the parent of a detached daemon waits for.
+    pub(crate) fn tell_line(self, error: Option<&str>) {
         if let Ready::Pipe(mut pipe) = self {
-            let msg = match outcome {
-                Ok(()) => "OK\n".to_string(),
-                Err(e) => format!("ERR {e}\n"),
+            let msg = match error {
+                None => "OK\n".to_string(),
+                Some(e) => format!("ERR {e}\n"),
             };
             let _ = pipe.write_all(msg.as_bytes());
         }
@@ -176,29 +181,40 @@ fn detach(
     plan: Plan,
     log: Option<File>,
 ) -> Result<(), MountError> {
+    daemonize(
+        log,
+        "the daemon exited before the mount was live (run with -f to see why)",
+        |ready| serve(req, mountpoint, plan, ready),
+    )
+    .map_err(MountError::Daemon)
+}
+
+/// Forks; the child becomes a daemon (`become_daemon`), runs `child` with the pipe's
+/// writing end and exits 1 if it fails; the parent returns once the child says `OK` (the
+/// child's `ERR` line, or `early_exit` if it said nothing). Shared by `mount` and `sink`.
+/// Call it while the process has a single thread: forking is safe only then.
+pub(crate) fn daemonize<E>(
+    log: Option<File>,
+    early_exit: &str,
+    child: impl FnOnce(Ready) -> Result<(), E>,
+) -> Result<(), String> {
     let mut fds = [0; 2];
     // SAFETY: pipe2 writes two descriptors into the array we own.
     if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
-        return Err(MountError::Daemon(format!(
-            "pipe: {}",
-            std::io::Error::last_os_error()
-        )));
+        return Err(format!("pipe: {}", std::io::Error::last_os_error()));
     }
     // SAFETY: both descriptors were just created and are owned here only.
     let (read_end, write_end) = unsafe { (File::from_raw_fd(fds[0]), File::from_raw_fd(fds[1])) };
-    // SAFETY: the process has a single thread here (nothing has spawned one yet).
+    // SAFETY: the caller has a single thread here (nothing has spawned one yet).
     match unsafe { libc::fork() } {
-        -1 => Err(MountError::Daemon(format!(
-            "fork: {}",
-            std::io::Error::last_os_error()
-        ))),
+        -1 => Err(format!("fork: {}", std::io::Error::last_os_error())),
         0 => {
             drop(read_end);
-            let outcome = become_daemon(log, write_end.as_raw_fd()).and_then(|()| {
+            let ok = become_daemon(log, write_end.as_raw_fd()).is_ok() && {
                 crate::logging::init_stderr("info");
-                serve(req, mountpoint, plan, Ready::Pipe(write_end))
-            });
-            std::process::exit(i32::from(outcome.is_err()))
+                child(Ready::Pipe(write_end)).is_ok()
+            };
+            std::process::exit(i32::from(!ok))
         }
         _ => {
             drop(write_end);
@@ -207,12 +223,8 @@ fn detach(
             let _ = reader.read_to_string(&mut answer);
             match answer.lines().next() {
                 Some("OK") => Ok(()),
-                Some(line) => Err(MountError::Daemon(
-                    line.trim_start_matches("ERR ").to_string(),
-                )),
-                None => Err(MountError::Daemon(
-                    "the daemon exited before the mount was live (run with -f to see why)".into(),
-                )),
+                Some(line) => Err(line.trim_start_matches("ERR ").to_string()),
+                None => Err(early_exit.to_string()),
             }
         }
     }
@@ -260,7 +272,7 @@ fn close_inherited_fds(keep: i32) {
     }
 }
 
-fn open_log(path: &Path) -> Result<File, MountError> {
+pub(crate) fn open_log(path: &Path) -> Result<File, MountError> {
     OpenOptions::new()
         .create(true)
         .append(true)
@@ -355,13 +367,8 @@ fn start(req: &MountRequest, mountpoint: &Path, plan: Plan) -> Result<Started, M
             .map_err(|e| MountError::Daemon(format!("--mlock: cannot lock memory: {e}")))?;
     }
     // Registered before the mount is live, so a SIGTERM right after `mount` returns counts.
-    let signals = signal_hook::iterator::Signals::new([
-        libc::SIGTERM,
-        libc::SIGINT,
-        libc::SIGHUP,
-        libc::SIGUSR1,
-    ])
-    .map_err(|e| MountError::Daemon(format!("cannot handle signals: {e}")))?;
+    let signals =
+        handled_signals().map_err(|e| MountError::Daemon(format!("cannot handle signals: {e}")))?;
     let mut plan = plan;
     let emulator = start_stand_in(&mut plan)
         .map_err(|e| MountError::Daemon(format!("cannot start the emulator: {e}")))?;
@@ -425,6 +432,12 @@ pub fn start_stand_in(plan: &mut Plan) -> std::io::Result<Option<Emulator>> {
     Ok(Some(emu))
 }
 
+/// The signals a daemon answers (SIGTERM/SIGINT stop, SIGUSR1 refetches, SIGHUP reopens the
+/// log), registered at once. Shared with `sink`.
+pub(crate) fn handled_signals() -> std::io::Result<signal_hook::iterator::Signals> {
+    signal_hook::iterator::Signals::new([libc::SIGTERM, libc::SIGINT, libc::SIGHUP, libc::SIGUSR1])
+}
+
 fn mount_error(e: &std::io::Error, mountpoint: &Path) -> MountError {
     if e.to_string().contains("user_allow_other") {
         return MountError::Mount(
@@ -443,7 +456,7 @@ fn mount_error(e: &std::io::Error, mountpoint: &Path) -> MountError {
     }
 }
 
-fn reopen_log(path: Option<&Path>, foreground: bool) {
+pub(crate) fn reopen_log(path: Option<&Path>, foreground: bool) {
     let (Some(path), false) = (path, foreground) else {
         return;
     };

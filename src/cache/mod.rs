@@ -445,6 +445,19 @@ impl Cache {
             .and_then(|e| e.valid(now).cloned())
     }
 
+    /// The current version of a resource if it stays valid for at least `lead` more, without
+    /// counting a read: what `sink` keeps as files (it must remove a token before the
+    /// moment it stops being valid, not at it).
+    pub fn peek_valid_for(&self, resource: &str, lead: Duration) -> Option<Arc<Version>> {
+        let lead_ms = i64::try_from(lead.as_millis()).unwrap_or(i64::MAX);
+        let at = self.clock.now().saturating_add(lead_ms);
+        self.state
+            .lock()
+            .entries
+            .get(resource)
+            .and_then(|e| e.valid(at).cloned())
+    }
+
     /// `.status`: per resource state and times, never token bytes.
     pub fn status(&self) -> serde_json::Value {
         let now = self.clock.now();

@@ -1,0 +1,321 @@
+//! `cstokenfs sink DIR`: the mount's layout as plain files on tmpfs, for containers that
+//! cannot mount FUSE. The same cache, sources and freshness rules feed it; every file is
+//! replaced atomically, and a token is removed before it stops being valid.
+//!
+//! `dir` checks DIR (in memory only) and holds its lock; `writer` writes the files;
+//! `sync` keeps them in step with the cache. Detach, log file and signals are `mount`'s.
+
+mod dir;
+mod sync;
+mod writer;
+
+use crate::fs::Access;
+use crate::mount::{self, Ready};
+use crate::policy::Policy;
+use crate::source::select::{self, Env, Plan, Wanted};
+use std::fmt;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+pub use dir::LOCK_NAME;
+
+/// Everything `sink` was asked for.
+#[derive(Debug, Clone)]
+pub struct SinkRequest {
+    pub dir: PathBuf,
+    pub wanted: Wanted,
+    /// Names as given (`--resource`, at least one).
+    pub resources: Vec<String>,
+    pub policy: Policy,
+    pub foreground: bool,
+    pub log_file: Option<PathBuf>,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    pub mode: u16,
+}
+
+/// Why `sink` cannot run: one line, with the fix where there is one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SinkError {
+    /// A bad command line (a name that is not a resource, no resource).
+    Usage(String),
+    /// DIR is missing, not a directory, not ours to write, ...
+    Dir(String),
+    /// DIR is on a filesystem that may write to a disk.
+    NotInMemory {
+        dir: PathBuf,
+        fstype: String,
+    },
+    /// Another sink holds DIR.
+    Busy(String),
+    Endpoint(String),
+    LogFile(String),
+    Daemon(String),
+}
+
+impl SinkError {
+    /// The exit code of `cstokenfs sink` for this error: 2 for a usage error, else 1.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            SinkError::Usage(_) => 2,
+            _ => 1,
+        }
+    }
+}
+
+impl fmt::Display for SinkError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SinkError::Usage(m)
+            | SinkError::Dir(m)
+            | SinkError::Busy(m)
+            | SinkError::Endpoint(m)
+            | SinkError::Daemon(m) => f.write_str(m),
+            SinkError::NotInMemory { dir, fstype } => write!(
+                f,
+                "{0} is on {fstype}, not tmpfs or ramfs: tokens must never touch a disk; mount a \
+                 tmpfs there first (mount -t tmpfs -o mode=0700,size=1m tmpfs {0}, or docker run \
+                 --tmpfs {0}:mode=0700)",
+                dir.display()
+            ),
+            SinkError::LogFile(m) => write!(f, "cannot open the log file: {m}"),
+        }
+    }
+}
+
+impl std::error::Error for SinkError {}
+
+/// One declared resource: what is sent and the name its files have.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Declared {
+    pub resource: String,
+    pub name: String,
+}
+
+/// Runs the sink as asked: in the foreground until a signal, or detached once every
+/// declared resource was written or failed once.
+pub fn run(req: SinkRequest) -> Result<(), SinkError> {
+    let (dir, plan, declared) = preflight(&req)?;
+    if req.foreground {
+        crate::logging::init_stderr("info");
+        return serve(&req, &dir, plan, &declared, Ready::Nobody);
+    }
+    let log = match &req.log_file {
+        Some(path) => Some(mount::open_log(path).map_err(|e| SinkError::LogFile(e.to_string()))?),
+        None => None,
+    };
+    let discarded = log.is_none();
+    mount::daemonize(
+        log,
+        "the sink exited before its files were written (run with -f to see why)",
+        |ready| serve(&req, &dir, plan, &declared, ready),
+    )
+    .map_err(SinkError::Daemon)?;
+    if discarded {
+        eprintln!("cstokenfs: detached without --log-file: logs are discarded");
+    }
+    Ok(())
+}
+
+/// Checks that make a clear error before anything is written (no thread is started here:
+/// `daemonize` forks after it).
+fn preflight(req: &SinkRequest) -> Result<(PathBuf, Plan, Vec<Declared>), SinkError> {
+    if req.resources.is_empty() {
+        return Err(SinkError::Usage(
+            "sink needs at least one --resource NAME: only declared resources exist there".into(),
+        ));
+    }
+    let mut declared: Vec<Declared> = Vec::new();
+    for given in &req.resources {
+        let resource = crate::names::resolve(given)
+            .map_err(|e| SinkError::Usage(format!("--resource {given:?}: {e}")))?;
+        let name = crate::names::canonical_name(&resource).ok_or_else(|| {
+            SinkError::Usage(format!("--resource {given:?}: too long for a file name"))
+        })?;
+        if !declared.iter().any(|d| d.resource == resource) {
+            declared.push(Declared { resource, name });
+        }
+    }
+    let plan = select::plan(&req.wanted, &Env::current())
+        .map_err(|e| SinkError::Endpoint(e.to_string()))?;
+    let shown = req.dir.display();
+    let meta = std::fs::metadata(&req.dir).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => SinkError::Dir(format!(
+            "{shown} does not exist: create it and mount a tmpfs there (mkdir -p {shown} && mount -t tmpfs -o mode=0700,size=1m tmpfs {shown})"
+        )),
+        _ => SinkError::Dir(format!("{shown}: {e}")),
+    })?;
+    if !meta.is_dir() {
+        return Err(SinkError::Dir(format!("{shown} is not a directory")));
+    }
+    let dir = req
+        .dir
+        .canonicalize()
+        .map_err(|e| SinkError::Dir(format!("{shown}: {e}")))?;
+    dir::check_in_memory(&dir)?;
+    Ok((dir, plan, declared))
+}
+
+/// Takes DIR, then keeps its files until a signal; tells `ready` once every resource was
+/// written or failed once, or why the sink could not start.
+fn serve(
+    req: &SinkRequest,
+    dir: &Path,
+    plan: Plan,
+    declared: &[Declared],
+    ready: Ready,
+) -> Result<(), SinkError> {
+    if let Err(e) = crate::hardening::set_not_dumpable() {
+        log::warn!("cannot make the sink non-dumpable: {e}");
+    }
+    let started = mount::handled_signals()
+        .map_err(|e| SinkError::Daemon(format!("cannot handle signals: {e}")))
+        .and_then(|signals| Ok((signals, take_dir(req, dir, declared)?)));
+    let (signals, taken) = match started {
+        Ok(s) => s,
+        Err(e) => {
+            ready.tell_line(Some(&e.to_string()));
+            return Err(e);
+        }
+    };
+    let outcome = sync::run(req, dir, plan, declared, &taken, signals, ready);
+    taken.give_back();
+    outcome
+}
+
+/// DIR while this sink holds it: the lock, the writer, what to restore on exit.
+pub(crate) struct Taken {
+    lock: dir::Lock,
+    record: dir::Record,
+    writer: writer::Writer,
+    created_dirs: Vec<String>,
+}
+
+/// Every file a sink writes for `declared`, relative to DIR.
+fn files_of(declared: &[Declared]) -> Vec<String> {
+    let mut files: Vec<String> = declared
+        .iter()
+        .flat_map(|d| crate::token::View::ALL.map(|v| writer::view_path(v, &d.name)))
+        .collect();
+    files.push(writer::STATUS.to_string());
+    files
+}
+
+/// Locks DIR, tidies up after a killed sink, checks nothing of ours is there already, then
+/// makes the view directories and gives DIR the owner and mode asked for.
+fn take_dir(req: &SinkRequest, dir: &Path, declared: &[Declared]) -> Result<Taken, SinkError> {
+    let (lock, stale) = dir::Lock::acquire(dir)?;
+    let access = Access {
+        // SAFETY: getuid/getgid cannot fail.
+        uid: req.uid.unwrap_or_else(|| unsafe { libc::getuid() }),
+        gid: req.gid.unwrap_or_else(|| unsafe { libc::getgid() }),
+        file_mode: req.mode,
+    };
+    // SAFETY: geteuid cannot fail.
+    let root = unsafe { libc::geteuid() } == 0;
+    // Without root's override the sink needs the owner's write bit to replace its files.
+    let dir_mode = access.dir_mode() | if root { 0 } else { 0o200 };
+    let writer = writer::Writer::new(dir.to_path_buf(), access, dir_mode);
+    let before = match stale {
+        Some(old) => {
+            log::warn!(
+                "{}: taking over the lock of a sink that is gone (pid {}); removing its files",
+                dir.display(),
+                old.pid
+            );
+            for rel in old.files.iter().filter(|r| writer::is_inside(r)) {
+                let path = writer.path(rel);
+                if std::fs::symlink_metadata(&path).is_ok_and(|m| m.is_file()) {
+                    writer
+                        .remove(rel)
+                        .map_err(|e| SinkError::Dir(format!("{}: {e}", path.display())))?;
+                }
+            }
+            for rel in old.dirs.iter().rev().filter(|r| writer::is_inside(r)) {
+                writer.remove_dir(rel);
+            }
+            (old.dir_uid, old.dir_gid, old.dir_mode)
+        }
+        None => {
+            let m = std::fs::metadata(dir)
+                .map_err(|e| SinkError::Dir(format!("{}: {e}", dir.display())))?;
+            (m.uid(), m.gid(), m.mode() & 0o7777)
+        }
+    };
+    let mut taken = Taken {
+        record: dir::Record {
+            pid: std::process::id(),
+            dir_uid: before.0,
+            dir_gid: before.1,
+            dir_mode: before.2,
+            files: files_of(declared),
+            dirs: writer::view_dirs()
+                .into_iter()
+                .map(str::to_string)
+                .collect(),
+        },
+        lock,
+        writer,
+        created_dirs: Vec::new(),
+    };
+    match taken.lay_out(dir) {
+        Ok(()) => Ok(taken),
+        Err(e) => {
+            taken.give_back();
+            Err(e)
+        }
+    }
+}
+
+impl Taken {
+    /// Refuses a DIR where one of our names exists already, makes the view directories,
+    /// writes the record down and gives DIR the owner and mode asked for.
+    fn lay_out(&mut self, dir: &Path) -> Result<(), SinkError> {
+        let shown = |w: &writer::Writer, rel: &str| w.path(rel).display().to_string();
+        for rel in self.record.files.iter().chain(&self.record.dirs) {
+            if std::fs::symlink_metadata(self.writer.path(rel)).is_ok() {
+                return Err(SinkError::Dir(format!(
+                    "{} already exists and was not written by a cstokenfs sink: remove it or \
+                     use an empty directory",
+                    shown(&self.writer, rel)
+                )));
+            }
+        }
+        for rel in writer::view_dirs() {
+            self.writer
+                .make_dir(rel)
+                .map_err(|e| SinkError::Dir(format!("{}: {e}", shown(&self.writer, rel))))?;
+            self.created_dirs.push(rel.to_string());
+        }
+        self.lock
+            .record(&self.record)
+            .map_err(|e| SinkError::Dir(format!("{}: {e}", dir.join(LOCK_NAME).display())))?;
+        self.writer.own_dir(dir).map_err(|e| {
+            SinkError::Dir(format!(
+                "{}: cannot give it the owner and mode asked for: {e}",
+                dir.display()
+            ))
+        })
+    }
+
+    /// Removes everything this sink wrote and made, gives DIR its owner and mode back, and
+    /// lets go of the lock: DIR is as it was before.
+    fn give_back(self) {
+        for rel in self.writer.written() {
+            if let Err(e) = self.writer.remove(&rel) {
+                log::warn!("cannot remove {}: {e}", self.writer.path(&rel).display());
+            }
+        }
+        for rel in self.created_dirs.iter().rev() {
+            self.writer.remove_dir(rel);
+        }
+        let dir = self.writer.dir().to_path_buf();
+        let r = &self.record;
+        let _ = std::os::unix::fs::chown(&dir, Some(r.dir_uid), Some(r.dir_gid));
+        let _ = std::fs::set_permissions(
+            &dir,
+            std::os::unix::fs::PermissionsExt::from_mode(r.dir_mode),
+        );
+        self.lock.release();
+    }
+}

@@ -1,0 +1,350 @@
+//! Keeps DIR in step with the cache: writes a resource's views when the cache holds a new
+//! valid version, removes them before that version stops being valid (the cache's
+//! judgement: `Cache::peek_valid_for`), counts every declared resource as read (`on_open`)
+//! so it is refreshed ahead, fetches what is missing, and rewrites `.status` on change.
+
+use super::{Declared, SinkRequest, Taken};
+use crate::cache::Cache;
+use crate::mount::Ready;
+use crate::policy::SystemClock;
+use crate::source::select::Plan;
+use crate::token::{Version, View};
+use log::{info, warn};
+use std::path::Path;
+use std::sync::mpsc::{self, RecvTimeoutError, Sender};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::writer::{view_path, STATUS};
+use super::SinkError;
+
+/// A token's files go this long before the cache would stop serving it (`valid_until`, itself
+/// 5 s or a tenth of the lifetime before expiry): more than a few passes of the loop, so
+/// nothing in DIR is ever past it, and little enough that a refresh at the refresh point
+/// (paced at most every 2 s) lands first even for tokens of a few seconds.
+pub const UNLINK_LEAD: Duration = Duration::from_millis(500);
+/// The loop looks at every resource at least this often.
+const PASS: Duration = Duration::from_millis(100);
+
+enum Event {
+    Signal(i32),
+    /// A fetch of the slot's resource ended (the error's message if it failed).
+    Fetched(usize, Result<(), String>),
+}
+
+/// One declared resource and what DIR holds of it.
+struct Slot {
+    declared: Declared,
+    /// The version whose views are in DIR.
+    written: Option<Arc<Version>>,
+    /// A `get` is under way.
+    pending: bool,
+    /// Written or failed at least once (readiness).
+    settled: bool,
+    failures: u32,
+    last_error: Option<String>,
+    /// The next `get` of a missing resource waits until then (backoff).
+    retry_at: Instant,
+}
+
+impl Slot {
+    fn missing_reason(&self) -> Option<String> {
+        if self.written.is_some() {
+            return None;
+        }
+        Some(match (&self.last_error, self.pending) {
+            (Some(e), _) => e.clone(),
+            (None, true) => "fetching".into(),
+            (None, false) => "no valid token held (waiting for a fetch)".into(),
+        })
+    }
+}
+
+struct Follower<'a> {
+    cache: Arc<Cache>,
+    taken: &'a Taken,
+    slots: Vec<Slot>,
+    tx: Sender<Event>,
+    source_reason: String,
+    /// `.status` as last written, without its `now`.
+    last_status: Option<serde_json::Value>,
+}
+
+/// Starts the cache and keeps DIR in step until SIGTERM or SIGINT.
+pub fn run(
+    req: &SinkRequest,
+    dir: &Path,
+    plan: Plan,
+    declared: &[Declared],
+    taken: &Taken,
+    signals: signal_hook::iterator::Signals,
+    ready: Ready,
+) -> Result<(), SinkError> {
+    let mut plan = plan;
+    let built = crate::mount::start_stand_in(&mut plan)
+        .map_err(|e| SinkError::Daemon(format!("cannot start the emulator: {e}")))
+        .and_then(|emulator| {
+            let source = plan
+                .build()
+                .map_err(|e| SinkError::Endpoint(e.to_string()))?;
+            Ok((emulator, source))
+        });
+    // The emulator (with --emulator) serves as long as the sink runs.
+    let (_emulator, source) = match built {
+        Ok(b) => b,
+        Err(e) => {
+            ready.tell_line(Some(&e.to_string()));
+            return Err(e);
+        }
+    };
+    info!("source {}: {}", plan.kind, plan.reason);
+    let resources: Vec<String> = declared.iter().map(|d| d.resource.clone()).collect();
+    let cache = Cache::new(
+        source,
+        req.policy.clone(),
+        &resources,
+        Arc::new(SystemClock),
+    );
+    if let Err(e) = cache.start_background() {
+        let e = SinkError::Daemon(format!("cannot start a thread: {e}"));
+        ready.tell_line(Some(&e.to_string()));
+        return Err(e);
+    }
+    info!(
+        "sink {} (endpoint {}, refresh margin {} s, timeout {} s)",
+        dir.display(),
+        cache.source().endpoint(),
+        req.policy.refresh_margin_ms / 1000,
+        req.policy.timeout.as_secs()
+    );
+    let (tx, rx) = mpsc::channel();
+    let signal_handle = signals.handle();
+    let sig_tx = tx.clone();
+    std::thread::spawn(move || {
+        let mut signals = signals;
+        for sig in signals.forever() {
+            if sig_tx.send(Event::Signal(sig)).is_err() {
+                break;
+            }
+        }
+    });
+    let now = Instant::now();
+    let mut sync = Follower {
+        cache: cache.clone(),
+        taken,
+        slots: declared
+            .iter()
+            .map(|d| Slot {
+                declared: d.clone(),
+                written: None,
+                pending: false,
+                settled: false,
+                failures: 0,
+                last_error: None,
+                retry_at: now,
+            })
+            .collect(),
+        tx,
+        source_reason: plan.reason.clone(),
+        last_status: None,
+    };
+    let mut ready = Some(ready);
+    loop {
+        sync.pass();
+        if ready.is_some() && sync.slots.iter().all(|s| s.settled) {
+            if let Some(r) = ready.take() {
+                info!("every declared resource was written or failed once");
+                r.tell_line(None);
+                crate::hardening::notify_systemd("READY=1");
+            }
+        }
+        match rx.recv_timeout(PASS) {
+            Ok(Event::Signal(libc::SIGUSR1)) => sync.refetch_all(),
+            Ok(Event::Signal(libc::SIGHUP)) => {
+                crate::mount::reopen_log(req.log_file.as_deref(), req.foreground)
+            }
+            Ok(Event::Signal(sig)) => {
+                info!("signal {sig}: removing the files of {}", dir.display());
+                break;
+            }
+            Ok(Event::Fetched(i, outcome)) => sync.fetched(i, outcome),
+            Err(RecvTimeoutError::Timeout) => {}
+            Err(RecvTimeoutError::Disconnected) => break,
+        }
+    }
+    signal_handle.close();
+    cache.stop_background();
+    Ok(())
+}
+
+impl Follower<'_> {
+    /// One look at every resource, then `.status` if anything in it changed.
+    fn pass(&mut self) {
+        for i in 0..self.slots.len() {
+            self.sync_slot(i);
+        }
+        self.write_status();
+    }
+
+    fn sync_slot(&mut self, i: usize) {
+        let resource = self.slots[i].declared.resource.clone();
+        match self.cache.peek_valid_for(&resource, UNLINK_LEAD) {
+            Some(v) => {
+                let fresh = self.slots[i].written.as_ref().is_none_or(|w| w.id != v.id);
+                if fresh {
+                    self.write_views(i, v.clone());
+                }
+                // Every declared resource counts as read: the cache refreshes it ahead.
+                let _ = self.cache.on_open(&v);
+            }
+            None => {
+                if self.slots[i].written.is_some() {
+                    self.remove_views(i);
+                    warn!("{resource}: no refreshed token in time: its files were removed");
+                }
+                let slot = &mut self.slots[i];
+                if !slot.pending && Instant::now() >= slot.retry_at {
+                    slot.pending = true;
+                    let tx = self.tx.clone();
+                    self.cache.get(
+                        &resource,
+                        Box::new(move |r| {
+                            let _ =
+                                tx.send(Event::Fetched(i, r.map(drop).map_err(|e| e.to_string())));
+                        }),
+                    );
+                }
+            }
+        }
+    }
+
+    /// Writes every view of `v`, the raw token last; on a failure none stays.
+    fn write_views(&mut self, i: usize, v: Arc<Version>) {
+        let name = self.slots[i].declared.name.clone();
+        let mut views = View::ALL;
+        views.rotate_left(1);
+        let written = views.iter().try_for_each(|view| {
+            self.taken
+                .writer
+                .write(&view_path(*view, &name), v.bytes(*view))
+        });
+        let slot = &mut self.slots[i];
+        slot.settled = true;
+        match written {
+            Ok(()) => slot.written = Some(v),
+            Err(e) => {
+                warn!("{}: cannot write its files: {e}", slot.declared.resource);
+                slot.last_error = Some(format!("cannot write its files: {e}"));
+                slot.retry_at = Instant::now() + Duration::from_secs(2);
+                self.remove_views(i);
+            }
+        }
+    }
+
+    fn remove_views(&mut self, i: usize) {
+        let slot = &mut self.slots[i];
+        slot.written = None;
+        for view in View::ALL {
+            let rel = view_path(view, &slot.declared.name);
+            if let Err(e) = self.taken.writer.remove(&rel) {
+                warn!(
+                    "cannot remove {}: {e}",
+                    self.taken.writer.path(&rel).display()
+                );
+            }
+        }
+    }
+
+    fn fetched(&mut self, i: usize, outcome: Result<(), String>) {
+        let Some(slot) = self.slots.get_mut(i) else {
+            return;
+        };
+        slot.pending = false;
+        slot.settled = true;
+        match outcome {
+            Ok(()) => {
+                slot.failures = 0;
+                slot.last_error = None;
+                // Asked at most once a pass while the cache answers with a token too close
+                // to the end of its validity to be written.
+                slot.retry_at = Instant::now() + PASS;
+            }
+            Err(e) => {
+                slot.failures = slot.failures.saturating_add(1);
+                let jitter = f64::from(slot.failures % 4) / 4.0;
+                let pause = crate::policy::backoff_ms(slot.failures, None, jitter);
+                slot.retry_at = Instant::now() + Duration::from_millis(pause.max(0) as u64);
+                slot.last_error = Some(e);
+            }
+        }
+    }
+
+    /// SIGUSR1: every token is dropped (their files removed) and fetched anew at once.
+    fn refetch_all(&mut self) {
+        self.cache.clear();
+        for slot in &mut self.slots {
+            slot.failures = 0;
+            slot.retry_at = Instant::now();
+        }
+    }
+
+    /// `.status`: the mount's (`Cache::status` and the daemon's fields) plus which resources
+    /// are written and which are missing and why; rewritten only when something changed.
+    fn write_status(&mut self) {
+        let mut status = self.cache.status();
+        let cache_error = |resource: &str| {
+            status["resources"].as_array().and_then(|rs| {
+                rs.iter()
+                    .find(|r| r["resource"] == resource)
+                    .and_then(|r| r["last_error"].as_str().map(str::to_string))
+            })
+        };
+        let missing: Vec<serde_json::Value> = self
+            .slots
+            .iter()
+            .filter_map(|s| {
+                let why = match (s.missing_reason()?, cache_error(&s.declared.resource)) {
+                    (_, Some(e)) if s.last_error.is_none() => {
+                        format!("not refreshed in time: {e}")
+                    }
+                    (why, _) => why,
+                };
+                Some(serde_json::json!({
+                    "name": s.declared.name,
+                    "resource": s.declared.resource,
+                    "reason": why,
+                }))
+            })
+            .collect();
+        status["dumpable"] = crate::hardening::is_dumpable().into();
+        status["pid"] = std::process::id().into();
+        status["source_reason"] = self.source_reason.clone().into();
+        status["sink"] = serde_json::json!({
+            "dir": self.taken.writer.dir().display().to_string(),
+            "written": self.slots.iter().filter(|s| s.written.is_some()).map(|s| s.declared.name.clone()).collect::<Vec<_>>(),
+            "missing": missing,
+        });
+        if let Some(list) = status["resources"].as_array_mut() {
+            for r in list {
+                let slot = self
+                    .slots
+                    .iter()
+                    .find(|s| r["resource"] == s.declared.resource.as_str());
+                r["written"] = slot.is_some_and(|s| s.written.is_some()).into();
+            }
+        }
+        let mut compared = status.clone();
+        if let Some(o) = compared.as_object_mut() {
+            o.remove("now");
+        }
+        if self.last_status.as_ref() == Some(&compared) {
+            return;
+        }
+        let mut bytes = serde_json::to_vec_pretty(&status).unwrap_or_default();
+        bytes.push(b'\n');
+        match self.taken.writer.write(STATUS, &bytes) {
+            Ok(()) => self.last_status = Some(compared),
+            Err(e) => warn!("cannot write {STATUS}: {e}"),
+        }
+    }
+}

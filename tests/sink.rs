@@ -1,0 +1,357 @@
+//! Issue 16: `cstokenfs sink DIR`, real files on a real tmpfs, the emulator on loopback.
+
+#[macro_use]
+mod common;
+mod sink_support;
+
+use common::*;
+use cstokenfs::emulator::Fault;
+use sink_support::*;
+use std::collections::{BTreeMap, BTreeSet};
+use std::ffi::CString;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::MetadataExt;
+use std::time::{Duration, Instant};
+
+const VAULT: &str = "vault.azure.net";
+const ARM: &str = "management.azure.com";
+const VIEWS: [&str; 5] = ["", ".json/", ".header/", ".kubectl/", ".git-credential/"];
+
+#[test]
+fn layout_and_bytes_equal_a_mounts_for_the_same_resources() {
+    need_fuse!();
+    let emu = emulator();
+    emu.set_caching(true); // both get the same token
+    let fs = Tmpfs::new();
+    let _sink = Sink::start(
+        &emu.url(),
+        &fs.path,
+        &["--resource", VAULT, "--resource", ARM],
+    );
+    let m = Mounted::new(&emu.url(), &["--resource", VAULT, "--resource", ARM]);
+    wait_file(&fs.path.join(ARM), Duration::from_secs(20));
+    let mut want = tree(&m.path);
+    want.insert(cstokenfs::sink::LOCK_NAME.to_string());
+    assert_eq!(
+        tree(&fs.path),
+        want,
+        "the layout of the mount, and the lock"
+    );
+    for name in [VAULT, ARM] {
+        for view in VIEWS {
+            let rel = format!("{view}{name}");
+            let (a, b) = (
+                m.read(&rel).unwrap(),
+                std::fs::read(fs.path.join(&rel)).unwrap(),
+            );
+            assert_same_token(&a, &b, &rel);
+        }
+    }
+    let st = status(&fs.path);
+    assert_eq!(st["sink"]["written"].as_array().unwrap().len(), 2);
+    assert_eq!(st["dumpable"], false);
+}
+
+#[test]
+fn short_lived_tokens_rotate_under_readers_never_expired_never_torn() {
+    let emu = emulator();
+    emu.set_ttl(6);
+    let fs = Tmpfs::new();
+    let _sink = Sink::start(
+        &emu.url(),
+        &fs.path,
+        &["--resource", VAULT, "--refresh-margin", "3"],
+    );
+    let raw = fs.path.join(VAULT);
+    let json = fs.path.join(".json").join(VAULT);
+    wait_file(&raw, Duration::from_secs(20));
+    // Each reader: every read is one whole token, never expired; per version (serial), the
+    // raw file and `.json`'s access_token are the same bytes.
+    let readers: Vec<_> = (0..3)
+        .map(|_| {
+            let (raw, json) = (raw.clone(), json.clone());
+            std::thread::spawn(move || {
+                let (mut by_serial, mut reads, mut missing) = (BTreeMap::new(), 0, 0);
+                let end = Instant::now() + Duration::from_secs(14);
+                while Instant::now() < end {
+                    let (Ok(t), Ok(j)) = (std::fs::read(&raw), std::fs::read(&json)) else {
+                        missing += 1;
+                        std::thread::sleep(Duration::from_millis(5));
+                        continue;
+                    };
+                    let c = claims(&t); // a whole token, or this panics
+                    assert!(c["exp"].as_i64().unwrap() > now_secs(), "an expired token");
+                    let doc: serde_json::Value = serde_json::from_slice(&j).expect("whole JSON");
+                    let from_json = doc["access_token"].as_str().unwrap().as_bytes().to_vec();
+                    assert!(
+                        doc["expires_on"].as_i64().unwrap() > now_secs(),
+                        "expired .json"
+                    );
+                    assert_eq!(doc["expires_on"], claims(&from_json)["exp"], "one version");
+                    by_serial.insert((serial(&t), 0), t);
+                    by_serial.insert((serial(&from_json), 1), from_json);
+                    reads += 1;
+                }
+                (by_serial, reads, missing)
+            })
+        })
+        .collect();
+    let mut seen = BTreeMap::new();
+    for r in readers {
+        let (by_serial, reads, missing) = r.join().expect("a reader failed");
+        assert_eq!(missing, 0, "a file was missing while the upstream was up");
+        assert!(reads > 10, "{reads} reads");
+        seen.extend(by_serial);
+    }
+    let serials: BTreeSet<u64> = seen.keys().map(|k| k.0).collect();
+    assert!(serials.len() >= 4, "{} versions seen", serials.len());
+    for s in serials {
+        if let (Some(raw), Some(json)) = (seen.get(&(s, 0)), seen.get(&(s, 1))) {
+            assert_same_token(raw, json, "raw and .json of one version");
+        }
+    }
+}
+
+#[test]
+fn an_upstream_down_past_expiry_removes_the_files_before_expiry_and_they_return() {
+    let emu = emulator();
+    emu.set_ttl(5);
+    let fs = Tmpfs::new();
+    let _sink = Sink::start(
+        &emu.url(),
+        &fs.path,
+        &[
+            "--resource",
+            VAULT,
+            "--refresh-margin",
+            "2",
+            "--timeout",
+            "1",
+        ],
+    );
+    let raw = fs.path.join(VAULT);
+    wait_file(&raw, Duration::from_secs(20));
+    emu.set_fault(Some(Fault::Reset));
+    let mut last_expiry = 0;
+    let gone = eventually(Duration::from_secs(15), || {
+        let files: Vec<_> = VIEWS
+            .iter()
+            .map(|v| fs.path.join(format!("{v}{VAULT}")))
+            .collect();
+        match std::fs::read(fs.path.join(".json").join(VAULT)) {
+            Ok(j) => {
+                let doc: serde_json::Value = serde_json::from_slice(&j).unwrap();
+                last_expiry = doc["expires_on"].as_i64().unwrap();
+                assert!(
+                    now_secs() < last_expiry,
+                    "a file outlived its token's expiry"
+                );
+                None
+            }
+            Err(_) => files.iter().all(|f| !f.exists()).then(now_secs),
+        }
+    })
+    .expect("the files go once the token can no longer be refreshed");
+    assert!(
+        gone < last_expiry,
+        "removed at {gone}, expiry {last_expiry}"
+    );
+    // `.status` says it is missing and why (rewritten right after the removal).
+    let missing = eventually(Duration::from_secs(5), || {
+        let st = status(&fs.path);
+        let m = st["sink"]["missing"][0].clone();
+        (m["name"] == VAULT).then_some(m)
+    })
+    .expect(".status lists the removed resource as missing");
+    let reason = missing["reason"].as_str().unwrap_or("");
+    assert!(reason.contains("not refreshed in time"), "{reason}");
+    emu.set_fault(None);
+    let back = wait_file(&raw, Duration::from_secs(40));
+    assert!(claims(&back)["exp"].as_i64().unwrap() > now_secs());
+}
+
+#[test]
+fn a_dir_on_a_disk_filesystem_is_refused_with_one_line() {
+    let disk = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let emu = emulator();
+    let out = sink_cmd(&emu.url(), disk.path(), &["--resource", VAULT])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.contains("not tmpfs or ramfs") && err.contains("mount -t tmpfs"),
+        "{err}"
+    );
+    assert!(
+        err.contains("ext4") || err.contains("overlay") || err.contains("xfs"),
+        "{err}"
+    );
+    assert_eq!(
+        std::fs::read_dir(disk.path()).unwrap().count(),
+        0,
+        "nothing written"
+    );
+    assert_eq!(emu.requests(), 0);
+}
+
+#[test]
+fn sigterm_leaves_dir_as_it_was_and_only_what_it_wrote_goes() {
+    let emu = emulator();
+    let fs = Tmpfs::new();
+    std::fs::write(fs.path.join("mine.txt"), b"keep").unwrap();
+    std::fs::create_dir(fs.path.join("sub")).unwrap();
+    let before = (tree(&fs.path), std::fs::metadata(&fs.path).unwrap());
+    let mut sink = Sink::start(
+        &emu.url(),
+        &fs.path,
+        &["--resource", VAULT, "--uid", "1000"],
+    );
+    wait_file(&fs.path.join(VAULT), Duration::from_secs(20));
+    assert_eq!(sink.stop(libc::SIGTERM), Some(0));
+    let after = std::fs::metadata(&fs.path).unwrap();
+    assert_eq!(tree(&fs.path), before.0);
+    assert_eq!(std::fs::read(fs.path.join("mine.txt")).unwrap(), b"keep");
+    assert_eq!(
+        (after.uid(), after.gid(), after.mode()),
+        (before.1.uid(), before.1.gid(), before.1.mode())
+    );
+}
+
+#[test]
+fn files_and_dirs_get_the_owner_and_mode_asked_for() {
+    let emu = emulator();
+    let fs = Tmpfs::new();
+    let args = [
+        "--resource",
+        VAULT,
+        "--uid",
+        "1000",
+        "--gid",
+        "1000",
+        "--mode",
+        "0440",
+    ];
+    let _sink = Sink::start(&emu.url(), &fs.path, &args);
+    wait_file(&fs.path.join(VAULT), Duration::from_secs(20));
+    for rel in VIEWS
+        .map(|v| format!("{v}{VAULT}"))
+        .iter()
+        .chain([&".status".into()])
+    {
+        let m = std::fs::metadata(fs.path.join(rel)).unwrap();
+        assert_eq!(
+            (m.uid(), m.gid(), m.mode() & 0o7777),
+            (1000, 1000, 0o440),
+            "{rel}"
+        );
+    }
+    for rel in ["", ".json", ".header", ".kubectl", ".git-credential"] {
+        let m = std::fs::metadata(fs.path.join(rel)).unwrap();
+        assert_eq!(
+            (m.uid(), m.gid(), m.mode() & 0o7777),
+            (1000, 1000, 0o550),
+            "{rel:?}"
+        );
+    }
+}
+
+#[test]
+fn a_second_sink_is_refused_and_a_killed_ones_lock_is_taken_over() {
+    let emu = emulator();
+    let fs = Tmpfs::new();
+    let mut first = Sink::start(
+        &emu.url(),
+        &fs.path,
+        &["--resource", VAULT, "--resource", ARM],
+    );
+    wait_file(&fs.path.join(ARM), Duration::from_secs(20));
+    let out = sink_cmd(&emu.url(), &fs.path, &["--resource", VAULT])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("in use by another cstokenfs sink"), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert_eq!(first.stop(libc::SIGKILL), None, "killed");
+    assert!(fs.path.join(ARM).exists(), "a killed sink leaves its files");
+    // The next one takes the lock over and tidies up after the killed one (ARM is not its).
+    let status = sink_cmd(&emu.url(), &fs.path, &["--resource", VAULT])
+        .status()
+        .unwrap();
+    assert_eq!(status.code(), Some(0), "detached once written");
+    assert!(fs.path.join(VAULT).exists() && !fs.path.join(ARM).exists());
+    let lock: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(fs.path.join(cstokenfs::sink::LOCK_NAME)).unwrap())
+            .unwrap();
+    let pid = lock["pid"].as_i64().unwrap() as i32;
+    // SAFETY: the detached sink started by this test.
+    unsafe { libc::kill(pid, libc::SIGTERM) };
+    let empty = eventually(Duration::from_secs(10), || {
+        tree(&fs.path).is_empty().then_some(())
+    });
+    assert!(empty.is_some(), "left: {:?}", tree(&fs.path));
+}
+
+#[test]
+fn an_inotify_watch_sees_one_moved_to_per_rotation() {
+    let emu = emulator();
+    emu.set_ttl(6);
+    let fs = Tmpfs::new();
+    // SAFETY: plain inotify calls on descriptors this test owns.
+    let fd = unsafe { libc::inotify_init1(libc::IN_NONBLOCK | libc::IN_CLOEXEC) };
+    assert!(fd >= 0);
+    let c = CString::new(fs.path.as_os_str().as_bytes()).unwrap();
+    // SAFETY: as above.
+    assert!(unsafe { libc::inotify_add_watch(fd, c.as_ptr(), libc::IN_MOVED_TO) } >= 0);
+    let _sink = Sink::start(
+        &emu.url(),
+        &fs.path,
+        &["--resource", VAULT, "--refresh-margin", "3"],
+    );
+    let mut serials = Vec::new();
+    let end = Instant::now() + Duration::from_secs(13);
+    let mut buf = [0u8; 4096];
+    while Instant::now() < end {
+        // SAFETY: reading into a buffer we own.
+        let n = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
+        let mut at = 0;
+        while n > 0 && at < n as usize {
+            let len = u32::from_ne_bytes(buf[at + 12..at + 16].try_into().unwrap()) as usize;
+            let name = &buf[at + 16..at + 16 + len];
+            let name = name.split(|b| *b == 0).next().unwrap_or(b"");
+            if name == VAULT.as_bytes() {
+                serials.push(serial(&std::fs::read(fs.path.join(VAULT)).unwrap()));
+            }
+            at += 16 + len;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // SAFETY: closing our descriptor.
+    unsafe { libc::close(fd) };
+    assert!(serials.len() >= 3, "rotations seen: {serials:?}");
+    let consecutive = serials.windows(2).all(|w| w[1] == w[0] + 1);
+    assert!(
+        consecutive,
+        "one moved_to per new token, none missed or doubled: {serials:?}"
+    );
+}
+
+#[test]
+fn sigusr1_refetches_every_declared_resource() {
+    let emu = emulator();
+    let fs = Tmpfs::new();
+    let sink = Sink::start(&emu.url(), &fs.path, &["--resource", VAULT]);
+    let first = serial(&wait_file(&fs.path.join(VAULT), Duration::from_secs(20)));
+    sink.signal(libc::SIGUSR1);
+    let newer = eventually(Duration::from_secs(10), || {
+        let t = std::fs::read(fs.path.join(VAULT)).ok()?;
+        (serial(&t) > first).then_some(())
+    });
+    assert!(
+        newer.is_some(),
+        "a new token after SIGUSR1: {}",
+        sink.log_text()
+    );
+}
