@@ -22,4 +22,5 @@ pub mod names;
 pub mod policy;
 pub mod sink;
 pub mod source;
+pub mod testing;
 pub mod token;

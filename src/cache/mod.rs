@@ -871,50 +871,11 @@ fn unreachable_state(resource: &str) -> ReadError {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::atomic::AtomicI64;
-    use zeroize::Zeroizing;
-
-    struct FakeClock(AtomicI64);
-
-    impl Clock for FakeClock {
-        fn now(&self) -> EpochMs {
-            self.0.load(Ordering::SeqCst)
-        }
-    }
-
-    /// Issues tokens living `life` ms from the fake clock's now; counts calls.
-    struct FakeSource {
-        clock: Arc<FakeClock>,
-        life: i64,
-        calls: AtomicU64,
-    }
-
-    impl Source for FakeSource {
-        fn fetch_once(&self, _r: &str, _t: Duration) -> Result<Token, SourceError> {
-            let n = self.calls.fetch_add(1, Ordering::SeqCst) + 1;
-            Ok(Token {
-                access_token: Zeroizing::new(format!("token-{n}")),
-                token_type: "Bearer".into(),
-                expires_on: self.clock.now() + self.life,
-                refresh_in_ms: None,
-                not_before: None,
-            })
-        }
-        fn endpoint(&self) -> String {
-            "fake".into()
-        }
-        fn kind(&self) -> crate::source::Kind {
-            crate::source::Kind::CloudShell
-        }
-    }
+    use crate::testing::{FakeClock, FakeSource};
 
     fn setup(life: i64) -> (Arc<Cache>, Arc<FakeClock>, Arc<FakeSource>) {
-        let clock = Arc::new(FakeClock(AtomicI64::new(1_000_000)));
-        let source = Arc::new(FakeSource {
-            clock: clock.clone(),
-            life,
-            calls: AtomicU64::new(0),
-        });
+        let clock = FakeClock::new(1_000_000);
+        let source = FakeSource::new(clock.clone(), life);
         let policy = Policy {
             refresh_margin_ms: 300_000,
             ..Policy::default()
@@ -923,30 +884,20 @@ mod tests {
         (cache, clock, source)
     }
 
-    fn wait_calls(source: &FakeSource, n: u64) {
-        for _ in 0..500 {
-            if source.calls.load(Ordering::SeqCst) >= n {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(2));
-        }
-        panic!("expected {n} upstream calls");
-    }
-
     #[test]
     fn serves_until_the_refresh_point_then_refreshes_in_the_background() {
         let (cache, clock, source) = setup(3_600_000);
         let first = cache.get_blocking("r").unwrap();
-        clock.0.fetch_add(3_300_000 - 1_000, Ordering::SeqCst); // a second before the refresh point
+        clock.advance(3_300_000 - 1_000); // a second before the refresh point
         assert_eq!(cache.get_blocking("r").unwrap().id, first.id);
-        assert_eq!(source.calls.load(Ordering::SeqCst), 1);
-        clock.0.fetch_add(1_000, Ordering::SeqCst); // exactly at the refresh point
+        assert_eq!(source.calls(), 1);
+        clock.advance(1_000); // exactly at the refresh point
         let served = cache.get_blocking("r").unwrap();
         assert_eq!(
             served.id, first.id,
             "the held token, while a refresh starts"
         );
-        wait_calls(&source, 2);
+        assert!(source.wait_calls(2));
         let mut newer = cache.get_blocking("r").unwrap();
         for _ in 0..500 {
             if newer.id != first.id {
@@ -974,7 +925,7 @@ mod tests {
 
     #[test]
     fn a_panicking_fetch_leaves_nobody_waiting() {
-        let clock = Arc::new(FakeClock(AtomicI64::new(0)));
+        let clock = FakeClock::new(0);
         let cache = Cache::new(Arc::new(PanickingSource), Policy::default(), &[], clock);
         let (tx, rx) = std::sync::mpsc::channel();
         let c = cache.clone();
@@ -994,10 +945,10 @@ mod tests {
         let (cache, clock, source) = setup(3_600_000);
         let first = cache.get_blocking("r").unwrap();
         // A laptop suspended for two hours: the wall clock jumps.
-        clock.0.fetch_add(7_200_000, Ordering::SeqCst);
+        clock.advance(7_200_000);
         let after = cache.get_blocking("r").unwrap();
         assert_ne!(after.id, first.id, "the reader waited for a new token");
-        assert_eq!(source.calls.load(Ordering::SeqCst), 2);
+        assert_eq!(source.calls(), 2);
         assert_eq!(cache.on_open(&first), OpenDecision::Stale);
         assert_eq!(cache.on_open(&after), OpenDecision::Serve);
     }
@@ -1006,59 +957,16 @@ mod tests {
     fn within_the_skew_before_expiry_a_token_is_not_served() {
         let (cache, clock, source) = setup(3_600_000);
         let first = cache.get_blocking("r").unwrap();
-        clock.0.fetch_add(3_600_000 - 5_000, Ordering::SeqCst); // 5 s before expiry
+        clock.advance(3_600_000 - 5_000); // 5 s before expiry
         assert_eq!(cache.on_open(&first), OpenDecision::Stale);
         assert_ne!(cache.get_blocking("r").unwrap().id, first.id);
-        assert_eq!(source.calls.load(Ordering::SeqCst), 2);
-    }
-
-    /// Answers with `f(resource)`; counts calls.
-    struct Scripted<F> {
-        f: F,
-        calls: AtomicU64,
-    }
-
-    impl<F: Fn(&str) -> Result<Token, SourceError> + Send + Sync> Source for Scripted<F> {
-        fn fetch_once(&self, r: &str, _t: Duration) -> Result<Token, SourceError> {
-            self.calls.fetch_add(1, Ordering::SeqCst);
-            (self.f)(r)
-        }
-        fn endpoint(&self) -> String {
-            "scripted".into()
-        }
-        fn kind(&self) -> crate::source::Kind {
-            crate::source::Kind::CloudShell
-        }
-    }
-
-    fn token_at(clock: &FakeClock, n: u64) -> Token {
-        Token {
-            access_token: Zeroizing::new(format!("token-{n}")),
-            token_type: "Bearer".into(),
-            expires_on: clock.now() + 3_600_000,
-            refresh_in_ms: None,
-            not_before: None,
-        }
+        assert_eq!(source.calls(), 2);
     }
 
     #[test]
     fn refusals_never_evict_tokens_and_are_bounded() {
-        let clock = Arc::new(FakeClock(AtomicI64::new(1_000_000)));
-        let c = clock.clone();
-        let source = Arc::new(Scripted {
-            f: move |r: &str| {
-                if r.starts_with("bad") {
-                    Err(SourceError::Status {
-                        status: 400,
-                        message: "AudienceNotSupported".into(),
-                        retry_after: None,
-                    })
-                } else {
-                    Ok(token_at(&c, 1))
-                }
-            },
-            calls: AtomicU64::new(0),
-        });
+        let clock = FakeClock::new(1_000_000);
+        let source = FakeSource::new(clock.clone(), 3_600_000);
         let policy = Policy {
             max_resources: 2,
             ..Policy::default()
@@ -1067,21 +975,18 @@ mod tests {
         cache.get_blocking("a").unwrap();
         cache.get_blocking("b").unwrap();
         for i in 0..50 {
+            source.refuse(&format!("bad{i}"));
             let got = cache.get_blocking(&format!("bad{i}"));
             assert!(matches!(got, Err(ReadError::Refused(_))));
         }
-        let calls = source.calls.load(Ordering::SeqCst);
+        let calls = source.calls();
         cache.get_blocking("a").unwrap();
         cache.get_blocking("b").unwrap();
         assert!(matches!(
             cache.get_blocking("bad3"),
             Err(ReadError::Refused(_))
         ));
-        assert_eq!(
-            source.calls.load(Ordering::SeqCst),
-            calls,
-            "all from the caches"
-        );
+        assert_eq!(source.calls(), calls, "all from the caches");
         // A third token evicts the least recently read one.
         cache.get_blocking("c").unwrap();
         assert_eq!(cache.listed().len(), 2);
@@ -1103,75 +1008,39 @@ mod tests {
 
     #[test]
     fn a_down_upstream_gets_one_attempt_per_fetch_until_it_answers() {
-        let clock = Arc::new(FakeClock(AtomicI64::new(1_000_000)));
-        let up = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let (c, u) = (clock.clone(), up.clone());
-        let source = Arc::new(Scripted {
-            f: move |_: &str| {
-                if u.load(Ordering::SeqCst) {
-                    Ok(token_at(&c, 1))
-                } else {
-                    Err(SourceError::Unreachable("Connection refused".into()))
-                }
-            },
-            calls: AtomicU64::new(0),
-        });
+        let clock = FakeClock::new(1_000_000);
+        let source = FakeSource::new(clock.clone(), 3_600_000);
+        source.set_down(true);
         let policy = Policy {
             timeout: Duration::from_millis(800),
             ..Policy::default()
         };
         let cache = Cache::new(source.clone(), policy, &[], clock.clone());
         assert!(cache.get_blocking("a").is_err());
-        let first = source.calls.load(Ordering::SeqCst);
+        let first = source.calls();
         assert!(first > 1, "the first fetch retries ({first} calls)");
         assert!(cache.get_blocking("b").is_err());
-        assert_eq!(
-            source.calls.load(Ordering::SeqCst),
-            first + 1,
-            "then one attempt"
-        );
-        up.store(true, Ordering::SeqCst);
+        assert_eq!(source.calls(), first + 1, "then one attempt");
+        source.set_down(false);
         assert!(cache.get_blocking("b").is_ok(), "a read finds it up again");
         assert!(!cache.upstream.known_down());
     }
 
     #[test]
     fn fetches_of_a_held_token_are_paced() {
-        let clock = Arc::new(FakeClock(AtomicI64::new(1_000_000)));
-        let c = clock.clone();
-        let n = AtomicU64::new(0);
-        let source = Arc::new(Scripted {
-            f: move |_: &str| {
-                let mut t = token_at(&c, n.fetch_add(1, Ordering::SeqCst));
-                t.refresh_in_ms = Some(0);
-                Ok(t)
-            },
-            calls: AtomicU64::new(0),
-        });
+        let clock = FakeClock::new(1_000_000);
+        let source = FakeSource::new(clock.clone(), 3_600_000);
+        source.set_refresh_in(Some(0));
         let cache = Cache::new(source.clone(), Policy::default(), &[], clock.clone());
         let first = cache.get_blocking("r").unwrap();
         for _ in 0..100 {
             assert_eq!(cache.on_open(&first), OpenDecision::Serve);
         }
-        assert_eq!(
-            source.calls.load(Ordering::SeqCst),
-            1,
-            "paced: nothing within 2 s"
-        );
-        clock
-            .0
-            .fetch_add(policy::MIN_FETCH_INTERVAL_MS, Ordering::SeqCst);
+        assert_eq!(source.calls(), 1, "paced: nothing within 2 s");
+        clock.advance(policy::MIN_FETCH_INTERVAL_MS);
         assert_eq!(cache.on_open(&first), OpenDecision::Serve);
-        for _ in 0..500 {
-            if source.calls.load(Ordering::SeqCst) >= 2 {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(2));
-        }
-        assert_eq!(
-            source.calls.load(Ordering::SeqCst),
-            2,
-            "one refresh after 2 s"
-        );
+        assert!(source.wait_calls(2));
+        std::thread::sleep(Duration::from_millis(20));
+        assert_eq!(source.calls(), 2, "one refresh after 2 s");
     }
 }
