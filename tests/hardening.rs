@@ -58,3 +58,76 @@ fn timeout_above_sixty_seconds_is_a_usage_error_that_says_why() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// Python's `open()` sends TCGETS (isatty); fuser would log three WARN lines for each.
+#[test]
+fn python_opens_ioctl_lseek_and_fsync_are_answered_without_logging() {
+    need_fuse!();
+    let emu = emulator();
+    let m = Mounted::new(&emu.url(), &[]);
+    let token = m.file("management.azure.com");
+    let size = std::fs::metadata(&token).unwrap().len();
+    assert!(size > 0);
+    let script = r#"
+import os, sys
+p = sys.argv[1]
+total = 0
+for _ in range(1000):
+    with open(p) as f:
+        os.isatty(f.fileno())
+        total += len(f.read())
+fd = os.open(p, os.O_RDONLY)
+size = os.fstat(fd).st_size
+assert os.lseek(fd, 0, os.SEEK_HOLE) == size, "SEEK_HOLE is the size"
+assert os.lseek(fd, 3, os.SEEK_DATA) == 3, "SEEK_DATA at 3 is 3"
+try:
+    os.lseek(fd, size, os.SEEK_DATA)
+    raise SystemExit("SEEK_DATA at the end must fail")
+except OSError as e:
+    assert e.errno == 6, e.errno  # ENXIO
+os.fsync(fd)
+os.close(fd)
+dfd = os.open(os.path.dirname(p), os.O_RDONLY | os.O_DIRECTORY)
+os.fsync(dfd)
+os.close(dfd)
+print(total // 1000)
+"#;
+    let out = Command::new("python3")
+        .arg("-c")
+        .arg(script)
+        .arg(&token)
+        .output()
+        .expect("python3");
+    assert!(
+        out.status.success(),
+        "python: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        size.to_string(),
+        "every open read the whole token (length only)"
+    );
+    // statfs (df) is answered too.
+    assert!(Command::new("stat")
+        .args(["-f"])
+        .arg(&m.path)
+        .output()
+        .unwrap()
+        .status
+        .success());
+    let log = m.log_text();
+    assert!(
+        !log.contains("Not Implemented"),
+        "fuser's not-implemented warnings: {} lines",
+        log.lines()
+            .filter(|l| l.contains("Not Implemented"))
+            .count()
+    );
+    // The audit lines for one process are rate limited: a handful, not thousands.
+    assert!(
+        log.len() < 16 * 1024,
+        "the log grew to {} bytes for 1,000 opens",
+        log.len()
+    );
+}

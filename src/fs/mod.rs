@@ -296,6 +296,28 @@ impl Core {
         Ok(f(&bytes[start..end]))
     }
 
+    /// `lseek` with SEEK_DATA or SEEK_HOLE: a file is one run of data, no holes; at or past
+    /// its end there is neither (ENXIO). The kernel does every other whence itself.
+    pub fn seek(&self, fh: u64, offset: i64, whence: i32) -> Result<i64, Errno> {
+        let size = match self.handles.lock().get(&fh) {
+            Some(Handle::Token(v, view)) => v.bytes(*view).len(),
+            Some(Handle::Status(b)) => b.len(),
+            Some(Handle::Dir(_)) => return Err(Errno::EINVAL),
+            None => return Err(Errno::EBADF),
+        } as i64;
+        if whence != libc::SEEK_DATA && whence != libc::SEEK_HOLE {
+            return Err(Errno::EINVAL);
+        }
+        if offset < 0 || offset >= size {
+            return Err(Errno::ENXIO);
+        }
+        Ok(if whence == libc::SEEK_DATA {
+            offset
+        } else {
+            size
+        })
+    }
+
     pub fn release(&self, fh: u64) {
         self.handles.lock().remove(&fh);
     }
