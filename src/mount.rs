@@ -280,7 +280,7 @@ fn serve(
     ready: Ready,
 ) -> Result<(), MountError> {
     let started = start(req, mountpoint, plan);
-    let (session, cache, signals, _emulator) = match started {
+    let (session, cache, signals, _emulator, core, notifier) = match started {
         Ok(s) => s,
         Err(e) => {
             ready.tell(&Err(e.clone()));
@@ -320,6 +320,10 @@ fn serve(
             Event::Signal(libc::SIGHUP) => reopen_log(req.log_file.as_deref(), req.foreground),
             Event::Signal(sig) => {
                 info!("signal {sig}: unmounting {}", mountpoint.display());
+                // A file held open across our exit would otherwise keep reading the token
+                // from the page cache, past its expiry.
+                let n = core.stop_serving(&notifier);
+                info!("dropped the cached pages of {n} token version(s)");
                 if let Err(e) = unmount(mountpoint) {
                     warn!("unmounting {} failed: {e}", mountpoint.display());
                 }
@@ -343,6 +347,8 @@ type Started = (
     Arc<Cache>,
     signal_hook::iterator::Signals,
     Option<Emulator>,
+    Arc<Core>,
+    fuser::Notifier,
 );
 
 fn start(req: &MountRequest, mountpoint: &Path, plan: Plan) -> Result<Started, MountError> {
@@ -403,10 +409,11 @@ fn start(req: &MountRequest, mountpoint: &Path, plan: Plan) -> Result<Started, M
     };
     let session = fuser::Session::new(FuseAdapter::new(core.clone()), mountpoint, &config)
         .map_err(|e| mount_error(&e, mountpoint))?;
-    core.start_expiry_watch(session.notifier())
+    let notifier = session.notifier();
+    core.start_expiry_watch(notifier.clone())
         .map_err(|e| MountError::Daemon(format!("cannot start a thread: {e}")))?;
     let session = session.spawn().map_err(|e| mount_error(&e, mountpoint))?;
-    Ok((session, cache, signals, chosen.emulator))
+    Ok((session, cache, signals, chosen.emulator, core, notifier))
 }
 
 fn mount_error(e: &std::io::Error, mountpoint: &Path) -> MountError {

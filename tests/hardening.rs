@@ -7,6 +7,7 @@ mod common;
 
 use common::*;
 use std::process::Command;
+use std::time::Duration;
 
 #[test]
 fn timeout_above_sixty_seconds_is_a_usage_error_that_says_why() {
@@ -129,5 +130,41 @@ print(total // 1000)
         log.len() < 16 * 1024,
         "the log grew to {} bytes for 1,000 opens",
         log.len()
+    );
+}
+
+/// A file held open across SIGTERM must not go on reading the token from the page cache once
+/// the daemon is gone (the fault: `pread` of exactly `st_size` bytes after the exit).
+#[test]
+fn sigterm_drops_cached_pages_of_files_held_open() {
+    need_fuse!();
+    use std::os::unix::fs::FileExt;
+    let emu = emulator();
+    let mut m = Mounted::new(&emu.url(), &[]);
+    let mut held = Vec::new();
+    for rel in ["management.azure.com", ".json/vault.azure.net"] {
+        let f = std::fs::File::open(m.file(rel)).unwrap();
+        let size = f.metadata().unwrap().len() as usize;
+        let mut first = vec![0u8; size];
+        assert_eq!(f.read_at(&mut first, 0).unwrap(), size, "{rel}: first read");
+        held.push((rel, f, first));
+    }
+    m.signal(libc::SIGTERM);
+    assert_eq!(m.wait_exit(Duration::from_secs(10)), Some(0));
+    for (rel, f, first) in &held {
+        let mut again = vec![0u8; first.len()];
+        match f.read_at(&mut again, 0) {
+            Err(_) => {}
+            Ok(n) => assert!(
+                n == 0 || again[..n] != first[..n.min(first.len())],
+                "{rel}: {n} of {} bytes read back from the page cache after the daemon exited \
+                 (contents not shown)",
+                first.len()
+            ),
+        }
+    }
+    assert!(
+        m.log_text().contains("dropped the cached pages of"),
+        "the daemon says it dropped the pages"
     );
 }

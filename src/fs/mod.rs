@@ -14,7 +14,7 @@ use inode::{InodeTable, Node};
 use log::debug;
 use parking_lot::Mutex;
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -110,6 +110,9 @@ pub struct Core {
     /// again at once, for the same read, which must not wait a second `--timeout`.
     revalidation_failed: Mutex<HashMap<String, (Instant, FsError)>>,
     started: SystemTime,
+    /// Set on SIGTERM/SIGINT: token bytes are no longer served (opens and reads answer EIO),
+    /// so nothing lands in the page cache again once it is invalidated.
+    stopping: AtomicBool,
 }
 
 /// How an open file is served.
@@ -138,6 +141,7 @@ impl Core {
             next_handle: AtomicU64::new(1),
             revalidation_failed: Mutex::new(HashMap::new()),
             started: SystemTime::now(),
+            stopping: AtomicBool::new(false),
         })
     }
 
@@ -237,6 +241,7 @@ impl Core {
     /// Opens a file for reading: a token version only while it is current and valid.
     pub fn open(&self, ino: u64, caller: Caller) -> Result<(u64, OpenMode), FsError> {
         let (handle, mode) = match inode::node(ino).ok_or(FsError::NotFound)? {
+            Node::Token { .. } if self.stopping.load(Ordering::SeqCst) => return Err(FsError::Io),
             Node::Token { version, view } => {
                 let v = self
                     .inodes
@@ -285,6 +290,8 @@ impl Core {
             .cloned()
             .ok_or(FsError::BadHandle)?;
         let bytes = match &handle {
+            // The daemon is shutting down: its pages are being dropped from the page cache.
+            Handle::Token(..) if self.stopping.load(Ordering::SeqCst) => return Err(FsError::Io),
             // Opened while valid, but never served once expired.
             Handle::Token(v, _) if self.cache.now() >= v.valid_until => return Err(FsError::Io),
             Handle::Token(v, view) => v.bytes(*view),
@@ -375,6 +382,27 @@ impl Core {
                 .map(|(i, n)| (i, FileType::RegularFile, n)),
         );
         Ok(out)
+    }
+
+    /// Before unmounting on SIGTERM/SIGINT: stops serving token bytes, then makes the kernel
+    /// drop every cached page of every version it knows, so a file held open across the
+    /// daemon's exit cannot go on reading a token from the page cache (its next read goes to
+    /// the daemon, which answers EIO, or to a dead connection, ENOTCONN). Returns how many
+    /// versions were invalidated. Call it off the FUSE threads: the kernel may wait for a
+    /// read in flight, which a FUSE thread answers.
+    pub fn stop_serving(&self, notifier: &fuser::Notifier) -> usize {
+        self.stopping.store(true, Ordering::SeqCst);
+        let ids = self.inodes.ids();
+        for &id in &ids {
+            for view in View::ALL {
+                let ino = INodeNo(inode::token_ino(id, view));
+                if let Err(e) = notifier.inval_inode(ino, 0, 0) {
+                    // ENOENT: the kernel no longer has that inode (or never had that view).
+                    debug!("invalidating inode {}: {e}", ino.0);
+                }
+            }
+        }
+        ids.len()
     }
 
     /// Watches for versions that expire and makes the kernel drop their cached pages
