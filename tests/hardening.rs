@@ -169,16 +169,6 @@ fn sigterm_drops_cached_pages_of_files_held_open() {
     );
 }
 
-/// Resident memory of a process, in KiB (`VmRSS` in /proc/PID/status).
-fn rss_kib(pid: i32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("/proc/PID/status");
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmRSS in /proc/PID/status")
-}
-
 /// The fault: 200 handles held open on a `.status` listing 1,000 names (each snapshot some
 /// 300 KiB); one snapshot per open cost 68 MiB here, and 19 MiB stayed after closing.
 #[test]
@@ -194,7 +184,7 @@ fn status_handles_share_snapshots_and_give_memory_back() {
     let m = Mounted::new(&emu.url(), &args);
     let status = m.status();
     assert_eq!(status["resources"].as_array().map(Vec::len), Some(1000));
-    let before = rss_kib(m.pid());
+    let before = proc_kib(m.pid(), "VmRSS");
     let mut held = Vec::new();
     for _ in 0..200 {
         let mut f = std::fs::File::open(m.file(".status")).unwrap();
@@ -203,7 +193,7 @@ fn status_handles_share_snapshots_and_give_memory_back() {
         assert!(text.len() > 100_000, "a .status of 1,000 names");
         held.push(f);
     }
-    let open = rss_kib(m.pid());
+    let open = proc_kib(m.pid(), "VmRSS");
     let grown = open.saturating_sub(before);
     eprintln!("daemon RSS: {before} KiB before, {open} KiB with 200 .status handles open");
     assert!(
@@ -213,12 +203,155 @@ fn status_handles_share_snapshots_and_give_memory_back() {
     drop(held);
     // Released asynchronously by the kernel (RELEASE): wait until the daemon has them all.
     let settled = eventually(Duration::from_secs(10), || {
-        let now = rss_kib(m.pid());
+        let now = proc_kib(m.pid(), "VmRSS");
         (now.saturating_sub(before) < 16 * 1024).then_some(now)
     });
     assert!(
         settled.is_some(),
         "memory not given back after closing: {} KiB over the start",
-        rss_kib(m.pid()).saturating_sub(before)
+        proc_kib(m.pid(), "VmRSS").saturating_sub(before)
     );
+}
+
+/// `VmLck` or `VmRSS` of a process, in KiB.
+fn proc_kib(pid: i32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("/proc/PID/status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or_else(|| panic!("{field} in /proc/PID/status"))
+}
+
+/// The fault: `--mlock` locked every thread's whole stack and every malloc arena up front
+/// (54-60 MB resident at start instead of 5 MB).
+#[test]
+fn mlock_mount_starts_small_and_serves() {
+    need_fuse!();
+    let emu = emulator();
+    let m = Mounted::new(&emu.url(), &["--mlock"]);
+    let token = m
+        .read("management.azure.com")
+        .expect("a --mlock mount serves tokens");
+    assert!(!token.is_empty());
+    let rss = proc_kib(m.pid(), "VmRSS");
+    let locked = proc_kib(m.pid(), "VmLck");
+    eprintln!("--mlock daemon: VmRSS {rss} KiB, VmLck {locked} KiB");
+    assert!(locked > 0, "memory is locked");
+    assert!(
+        rss < 20 * 1024,
+        "--mlock daemon resident at start: {rss} KiB"
+    );
+}
+
+/// `--mlock` without CAP_IPC_LOCK (Docker's default) under a small RLIMIT_MEMLOCK: a clear
+/// line naming the capability or the limit, not "cannot start a thread".
+#[test]
+fn mlock_without_the_capability_or_the_limit_says_which() {
+    need_fuse!();
+    let (_dir, mnt) = scratch_mountpoint();
+    let _guard = KillOnDrop(mnt.clone());
+    let url = format!("http://127.0.0.1:{}/oauth2/token", free_port());
+    let attempt = |memlock: &str| {
+        Command::new("prlimit")
+            .arg(format!("--memlock={memlock}:{memlock}"))
+            .args([
+                "setpriv",
+                "--bounding-set",
+                "-ipc_lock",
+                "--inh-caps",
+                "-ipc_lock",
+                BIN,
+                "mount",
+                "-f",
+                "--mlock",
+                "--endpoint",
+                &url,
+            ])
+            .arg(&mnt)
+            .env_remove("MSI_ENDPOINT")
+            .output()
+            .expect("prlimit and setpriv (util-linux)")
+    };
+    let cases = [
+        ("0", vec!["needs CAP_IPC_LOCK", "--cap-add IPC_LOCK"]),
+        (
+            "65536",
+            vec![
+                "RLIMIT_MEMLOCK is 64 KiB",
+                "ulimit -l",
+                "LimitMEMLOCK=",
+                "--ulimit memlock=-1",
+            ],
+        ),
+    ];
+    for (memlock, wanted) in cases {
+        let out = attempt(memlock);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "memlock {memlock}: mounted anyway");
+        for w in wanted {
+            assert!(err.contains(w), "memlock {memlock}: {err}");
+        }
+        assert!(!err.contains("cannot start a thread"), "{err}");
+        assert!(!is_mounted(&mnt));
+    }
+}
+
+/// Makes /dev/fuse usable by ordinary users (mode 0666, as udev sets it) for the test.
+struct DevFuseOpen(u32);
+
+impl DevFuseOpen {
+    fn new() -> DevFuseOpen {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata("/dev/fuse").unwrap().permissions().mode();
+        std::fs::set_permissions("/dev/fuse", std::fs::Permissions::from_mode(mode | 0o666))
+            .unwrap();
+        DevFuseOpen(mode)
+    }
+}
+
+impl Drop for DevFuseOpen {
+    fn drop(&mut self) {
+        use std::os::unix::fs::PermissionsExt;
+        let _ = std::fs::set_permissions("/dev/fuse", std::fs::Permissions::from_mode(self.0));
+    }
+}
+
+/// The same as an ordinary user (uid 1000, no capabilities) under a 64 KiB RLIMIT_MEMLOCK.
+#[test]
+fn mlock_as_an_ordinary_user_under_a_small_limit_says_so() {
+    need_fuse!();
+    use std::os::unix::fs::PermissionsExt;
+    let _open = DevFuseOpen::new();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let mnt = dir.path().join("cstoken");
+    std::fs::create_dir(&mnt).unwrap();
+    std::os::unix::fs::chown(&mnt, Some(1000), Some(1000)).unwrap();
+    let _guard = KillOnDrop(mnt.clone());
+    let url = format!("http://127.0.0.1:{}/oauth2/token", free_port());
+    let out = Command::new("prlimit")
+        .arg("--memlock=65536:65536")
+        .args([
+            "setpriv",
+            "--reuid",
+            "1000",
+            "--regid",
+            "1000",
+            "--clear-groups",
+            BIN,
+            "mount",
+            "--mlock",
+            "--endpoint",
+            &url,
+        ])
+        .arg(&mnt)
+        .env_remove("MSI_ENDPOINT")
+        .output()
+        .expect("prlimit and setpriv (util-linux)");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "mounted anyway");
+    assert!(err.contains("RLIMIT_MEMLOCK is 64 KiB"), "{err}");
+    assert!(!err.contains("cannot start a thread"), "{err}");
+    assert!(!is_mounted(&mnt));
 }

@@ -436,6 +436,7 @@ impl Core {
         let core = Arc::downgrade(self);
         std::thread::Builder::new()
             .name("expiry".into())
+            .stack_size(256 * 1024)
             .spawn(move || loop {
                 let Some(core) = core.upgrade() else { return };
                 let now = core.cache.now();
