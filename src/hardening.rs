@@ -70,10 +70,31 @@ pub fn memlock_limit_kib() -> Option<u64> {
     Some(lim.rlim_cur / 1024)
 }
 
+/// Whether this process holds CAP_IPC_LOCK (which lifts RLIMIT_MEMLOCK), per
+/// /proc/self/status; false when that cannot be read.
+pub fn has_ipc_lock() -> bool {
+    const CAP_IPC_LOCK: u32 = 14;
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            let hex = s
+                .lines()
+                .find_map(|l| l.strip_prefix("CapEff:"))?
+                .trim()
+                .to_string();
+            u64::from_str_radix(&hex, 16).ok()
+        })
+        .is_some_and(|caps| caps & (1 << CAP_IPC_LOCK) != 0)
+}
+
 /// What a failed lock (or a thread that cannot start under `--mlock`) means, by errno.
 pub fn mlock_error(e: &std::io::Error) -> MlockError {
     match e.raw_os_error() {
         Some(libc::EPERM) => MlockError::NoCapability,
+        // With CAP_IPC_LOCK no limit applies: the system is out of memory.
+        Some(libc::ENOMEM) | Some(libc::EAGAIN) if has_ipc_lock() => {
+            MlockError::Limit { limit_kib: None }
+        }
         Some(libc::ENOMEM) | Some(libc::EAGAIN) => MlockError::Limit {
             limit_kib: memlock_limit_kib(),
         },
@@ -144,11 +165,10 @@ mod tests {
             let e = MlockError::Limit {
                 limit_kib: Some(64),
             };
+            let limit_kib = (!has_ipc_lock()).then(memlock_limit_kib).flatten();
             assert_eq!(
                 mlock_error(&std::io::Error::from_raw_os_error(errno)),
-                MlockError::Limit {
-                    limit_kib: memlock_limit_kib()
-                }
+                MlockError::Limit { limit_kib }
             );
             let text = e.to_string();
             assert!(text.contains("RLIMIT_MEMLOCK is 64 KiB"), "{text}");
