@@ -57,6 +57,7 @@ impl Audit {
         let counter = dropped.clone();
         std::thread::Builder::new()
             .name("audit".into())
+            .stack_size(256 * 1024)
             .spawn(move || writer(rx, counter))?;
         Ok(Audit { tx, dropped })
     }

@@ -59,8 +59,8 @@ pub struct Upstream {
     /// Serve tokens from the built-in emulator on an ephemeral loopback port.
     #[arg(long)]
     pub emulator: bool,
-    /// The most one fetch may take, retries included, in seconds.
-    #[arg(long, value_name = "SECS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    /// The most one fetch may take, retries included, in seconds (1 to 60).
+    #[arg(long, value_name = "SECS", default_value_t = 10, value_parser = parse_timeout)]
     pub timeout: u64,
     /// User-assigned identity by client ID (IMDS, App Service).
     #[arg(long, value_name = "ID")]
@@ -84,6 +84,26 @@ fn parse_source(s: &str) -> Result<SourceArg, String> {
     s.parse::<Kind>()
         .map(|k| SourceArg(Some(k)))
         .map_err(|e| format!("{e} (or auto)"))
+}
+
+/// The longest `--timeout`: a reader waiting on a first fetch sits in the kernel's lookup,
+/// uninterruptible (D state, even for SIGKILL), and the kernel's hung-task watchdog warns
+/// after 120 s.
+pub const MAX_TIMEOUT_SECS: u64 = 60;
+
+fn parse_timeout(s: &str) -> Result<u64, String> {
+    let secs: u64 = s
+        .parse()
+        .map_err(|_| format!("{s:?} is not a whole number of seconds"))?;
+    match secs {
+        0 => Err("must be at least 1 second".into()),
+        1..=MAX_TIMEOUT_SECS => Ok(secs),
+        _ => Err(format!(
+            "{secs} s is too long: at most {MAX_TIMEOUT_SECS} s, because readers waiting on a \
+             first fetch cannot be interrupted (they sit in the kernel's lookup, in D state, \
+             where not even kill -9 reaches them) and the kernel reports hung tasks after 120 s"
+        )),
+    }
 }
 
 impl Upstream {

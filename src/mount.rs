@@ -293,46 +293,61 @@ fn serve(
     ready: Ready,
 ) -> Result<(), MountError> {
     let started = start(req, mountpoint, plan);
-    let (session, cache, signals, _emulator) = match started {
+    let (session, cache, signals, _emulator, core, notifier) = match started {
         Ok(s) => s,
         Err(e) => {
             ready.tell(&Err(e.clone()));
             return Err(e);
         }
     };
+    // The two waiting threads start before the caller hears the mount is live; if one
+    // cannot (under --mlock, RLIMIT_MEMLOCK), the session is dropped, which unmounts.
+    let (tx, rx) = mpsc::channel();
+    let signal_handle = signals.handle();
+    let sig_tx = tx.clone();
+    let waiting = small_thread("signals")
+        .spawn(move || {
+            let mut signals = signals;
+            for sig in signals.forever() {
+                if sig_tx.send(Event::Signal(sig)).is_err() {
+                    break;
+                }
+            }
+        })
+        .and_then(|_| {
+            small_thread("session").spawn(move || {
+                if let Err(e) = session.join() {
+                    warn!("the FUSE session ended with an error: {e}");
+                }
+                let _ = tx.send(Event::SessionEnded);
+            })
+        });
+    if let Err(e) = waiting {
+        let e = thread_error(req.mlock, &e);
+        ready.tell(&Err(e.clone()));
+        return Err(e);
+    }
     info!(
-        "mounted {} (endpoint {}, refresh margin {} s, timeout {} s)",
+        "mounted {} (endpoint {}, refresh margin {} s, timeout {} s{})",
         mountpoint.display(),
         cache.source().endpoint(),
         req.policy.refresh_margin_ms / 1000,
-        req.policy.timeout.as_secs()
+        req.policy.timeout.as_secs(),
+        if req.mlock { ", memory locked" } else { "" }
     );
     ready.tell(&Ok(()));
     crate::hardening::notify_systemd("READY=1");
 
-    let (tx, rx) = mpsc::channel();
-    let signal_handle = signals.handle();
-    let sig_tx = tx.clone();
-    std::thread::spawn(move || {
-        let mut signals = signals;
-        for sig in signals.forever() {
-            if sig_tx.send(Event::Signal(sig)).is_err() {
-                break;
-            }
-        }
-    });
-    std::thread::spawn(move || {
-        if let Err(e) = session.join() {
-            warn!("the FUSE session ended with an error: {e}");
-        }
-        let _ = tx.send(Event::SessionEnded);
-    });
     while let Ok(event) = rx.recv() {
         match event {
             Event::Signal(libc::SIGUSR1) => cache.clear(),
             Event::Signal(libc::SIGHUP) => reopen_log(req.log_file.as_deref(), req.foreground),
             Event::Signal(sig) => {
                 info!("signal {sig}: unmounting {}", mountpoint.display());
+                // A file held open across our exit would otherwise keep reading the token
+                // from the page cache, past its expiry.
+                let n = core.stop_serving(&notifier);
+                info!("dropped the cached pages of {n} token version(s)");
                 if let Err(e) = unmount(mountpoint) {
                     warn!("unmounting {} failed: {e}", mountpoint.display());
                 }
@@ -356,16 +371,35 @@ type Started = (
     Arc<Cache>,
     signal_hook::iterator::Signals,
     Option<Emulator>,
+    Arc<Core>,
+    fuser::Notifier,
 );
+
+/// A thread that only waits (signals, the session's end): a small stack.
+fn small_thread(name: &str) -> std::thread::Builder {
+    std::thread::Builder::new()
+        .name(name.into())
+        .stack_size(128 * 1024)
+}
+
+/// A thread that could not start. Under --mlock every new thread's stack counts against
+/// RLIMIT_MEMLOCK (EAGAIN): say so, with the fix.
+fn thread_error(mlock: bool, e: &std::io::Error) -> MountError {
+    if mlock && e.raw_os_error() == Some(libc::EAGAIN) {
+        MountError::Daemon(crate::hardening::mlock_error(e).to_string())
+    } else {
+        MountError::Daemon(format!("cannot start a thread: {e}"))
+    }
+}
 
 fn start(req: &MountRequest, mountpoint: &Path, plan: Plan) -> Result<Started, MountError> {
     if let Err(e) = crate::hardening::set_not_dumpable() {
         warn!("cannot make the daemon non-dumpable: {e}");
     }
     if req.mlock {
-        crate::hardening::lock_memory()
-            .map_err(|e| MountError::Daemon(format!("--mlock: cannot lock memory: {e}")))?;
+        crate::hardening::lock_memory().map_err(|e| MountError::Daemon(e.to_string()))?;
     }
+    let no_thread = |e: std::io::Error| thread_error(req.mlock, &e);
     // Registered before the mount is live, so a SIGTERM right after `mount` returns counts.
     let signals =
         handled_signals().map_err(|e| MountError::Daemon(format!("cannot handle signals: {e}")))?;
@@ -385,17 +419,14 @@ fn start(req: &MountRequest, mountpoint: &Path, plan: Plan) -> Result<Started, M
         .filter_map(|n| crate::names::resolve(n).ok())
         .collect();
     let cache = Cache::new(source, req.policy.clone(), &declared, Arc::new(SystemClock));
-    cache
-        .start_background()
-        .map_err(|e| MountError::Daemon(format!("cannot start a thread: {e}")))?;
+    cache.start_background().map_err(no_thread)?;
     let access = Access {
         // SAFETY: getuid/getgid cannot fail.
         uid: req.uid.unwrap_or_else(|| unsafe { libc::getuid() }),
         gid: req.gid.unwrap_or_else(|| unsafe { libc::getgid() }),
         file_mode: req.mode,
     };
-    let audit = crate::audit::Audit::start()
-        .map_err(|e| MountError::Daemon(format!("cannot start a thread: {e}")))?;
+    let audit = crate::audit::Audit::start().map_err(no_thread)?;
     let core = Core::new(cache.clone(), access, Some(audit), &plan.reason);
     let mut config = fuser::Config::default();
     config.mount_options = vec![
@@ -415,10 +446,14 @@ fn start(req: &MountRequest, mountpoint: &Path, plan: Plan) -> Result<Started, M
     };
     let session = fuser::Session::new(FuseAdapter::new(core.clone()), mountpoint, &config)
         .map_err(|e| mount_error(&e, mountpoint))?;
-    core.start_expiry_watch(session.notifier())
-        .map_err(|e| MountError::Daemon(format!("cannot start a thread: {e}")))?;
-    let session = session.spawn().map_err(|e| mount_error(&e, mountpoint))?;
-    Ok((session, cache, signals, emulator))
+    let notifier = session.notifier();
+    core.start_expiry_watch(notifier.clone())
+        .map_err(no_thread)?;
+    let session = session.spawn().map_err(|e| match e.raw_os_error() {
+        Some(libc::EAGAIN) if req.mlock => thread_error(true, &e),
+        _ => mount_error(&e, mountpoint),
+    })?;
+    Ok((session, cache, signals, emulator, core, notifier))
 }
 
 /// With `--emulator`, starts the built-in emulator for the plan's upstream on an ephemeral

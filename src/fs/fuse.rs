@@ -1,12 +1,16 @@
 //! The fuser adapter: each callback calls one method of the core and maps `Ok` to a reply
-//! and `Err` to its errno. Lookups may answer from a fetch thread. Everything that would
-//! change the filesystem is refused together at the end.
+//! and `Err` to its errno. Lookups may answer from a fetch thread. Every call fuser would
+//! otherwise answer with a "[Not Implemented]" warning (three log lines per call, outside the
+//! audit's rate limit) is answered here, quietly. Everything that would change the filesystem
+//! is refused together at the end.
 
 use super::{Caller, Core, FsError, OpenMode};
 use fuser::{
-    Errno, FileHandle, Filesystem, FopenFlags, Generation, INodeNo, LockOwner, OpenFlags,
-    ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen,
-    ReplyWrite, Request, WriteFlags,
+    AccessFlags, CopyFileRangeFlags, Errno, FileHandle, Filesystem, FopenFlags, Generation,
+    INodeNo, IoctlFlags, LockOwner, OpenFlags, PollEvents, PollFlags, PollNotifier, ReplyAttr,
+    ReplyBmap, ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry,
+    ReplyIoctl, ReplyLock, ReplyLseek, ReplyOpen, ReplyPoll, ReplyStatfs, ReplyWrite, Request,
+    WriteFlags,
 };
 use std::ffi::OsStr;
 use std::sync::Arc;
@@ -178,7 +182,175 @@ impl Filesystem for FuseAdapter {
         }
     }
 
-    // Everything below would change the filesystem: refused.
+    /// Python's `open()` asks whether the file is a terminal (TCGETS): it is not.
+    fn ioctl(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _flags: IoctlFlags,
+        _cmd: u32,
+        _in_data: &[u8],
+        _out_size: u32,
+        reply: ReplyIoctl,
+    ) {
+        reply.error(Errno::ENOTTY);
+    }
+
+    /// Only SEEK_DATA and SEEK_HOLE reach the daemon (the kernel does SET, CUR and END
+    /// itself): a file is all data, no holes.
+    fn lseek(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: i64,
+        whence: i32,
+        reply: ReplyLseek,
+    ) {
+        match self.core.seek(fh.0, offset, whence) {
+            Ok(at) => reply.offset(at),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    /// Nothing to sync: the files are generated, never written.
+    fn fsync(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        reply.ok();
+    }
+
+    fn fsyncdir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        reply.ok();
+    }
+
+    /// `df`: no blocks, no free space, names up to 255 bytes.
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        reply.statfs(0, 0, 0, 0, 0, 4096, 255, 4096);
+    }
+
+    /// Not sent while `default_permissions` is on (always): the kernel checks the modes.
+    fn access(&self, _req: &Request, _ino: INodeNo, _mask: AccessFlags, reply: ReplyEmpty) {
+        reply.ok();
+    }
+
+    /// Nothing is a symlink, so the kernel never asks.
+    fn readlink(&self, _req: &Request, _ino: INodeNo, reply: ReplyData) {
+        reply.error(Errno::EINVAL);
+    }
+
+    /// `select`/`poll` on a file: ENOSYS makes the kernel stop asking and answer "ready"
+    /// itself, as for any regular file.
+    fn poll(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _ph: PollNotifier,
+        _events: PollEvents,
+        _flags: PollFlags,
+        reply: ReplyPoll,
+    ) {
+        reply.error(Errno::ENOSYS);
+    }
+
+    /// Not sent: POSIX locks (FUSE_POSIX_LOCKS) and flock (FUSE_FLOCK_LOCKS) are not
+    /// negotiated, so the kernel keeps locks locally. ENOSYS if one came anyway.
+    fn getlk(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _lock_owner: LockOwner,
+        _start: u64,
+        _end: u64,
+        _typ: i32,
+        _pid: u32,
+        reply: ReplyLock,
+    ) {
+        reply.error(Errno::ENOSYS);
+    }
+
+    fn setlk(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _lock_owner: LockOwner,
+        _start: u64,
+        _end: u64,
+        _typ: i32,
+        _pid: u32,
+        _sleep: bool,
+        reply: ReplyEmpty,
+    ) {
+        reply.error(Errno::ENOSYS);
+    }
+
+    /// Not sent: only for `blkdev` mounts (FIBMAP here never reaches the daemon).
+    fn bmap(&self, _req: &Request, _ino: INodeNo, _blocksize: u32, _idx: u64, reply: ReplyBmap) {
+        reply.error(Errno::ENOSYS);
+    }
+
+    /// Not sent: READDIRPLUS is not negotiated. ENOSYS makes the kernel use plain readdir.
+    fn readdirplus(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _offset: u64,
+        reply: ReplyDirectoryPlus,
+    ) {
+        reply.error(Errno::ENOSYS);
+    }
+
+    // Everything below would change the filesystem: refused with EROFS. None of it is
+    // reachable in practice: the mount is read-only, so the VFS answers EROFS to writes,
+    // creates, renames, links, chmod/chown/utimes and xattr changes before the daemon hears
+    // of them, and `open` refuses anything but O_RDONLY, so fallocate and copy_file_range
+    // (which need a file open for writing here) cannot arrive either.
+
+    fn fallocate(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _offset: u64,
+        _length: u64,
+        _mode: i32,
+        reply: ReplyEmpty,
+    ) {
+        reply.error(Errno::EROFS);
+    }
+
+    fn copy_file_range(
+        &self,
+        _req: &Request,
+        _ino_in: INodeNo,
+        _fh_in: FileHandle,
+        _offset_in: u64,
+        _ino_out: INodeNo,
+        _fh_out: FileHandle,
+        _offset_out: u64,
+        _len: u64,
+        _flags: CopyFileRangeFlags,
+        reply: ReplyWrite,
+    ) {
+        reply.error(Errno::EROFS);
+    }
 
     fn setattr(
         &self,

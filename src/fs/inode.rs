@@ -121,6 +121,11 @@ impl InodeTable {
         self.known.lock().get(&version).map(f)
     }
 
+    /// Every version the kernel may hold inodes (and cached pages) of.
+    pub fn ids(&self) -> Vec<u64> {
+        self.known.lock().keys().copied().collect()
+    }
+
     /// Versions expired by `now` whose pages the kernel may still cache; marks them done.
     /// Also returns the earliest expiry still ahead.
     pub fn newly_expired(&self, now: i64) -> (Vec<u64>, Option<i64>) {

@@ -51,8 +51,20 @@ pub fn emulator_with(config: EmulatorConfig) -> Emulator {
     Emulator::start("127.0.0.1:0".parse().unwrap(), config).expect("start the emulator")
 }
 
-/// A loopback URL where nothing listens (yet): the port was free a moment ago.
+/// A loopback port where nothing listens (yet). Taken below the kernel's ephemeral range
+/// (32768 and up), so no other test's `bind(0)` is handed it before this test binds it
+/// itself; ports are spread by pid and a counter, and checked free.
 pub fn free_port() -> u16 {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    for _ in 0..2000 {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let spread = std::process::id().wrapping_mul(397).wrapping_add(n) % 12_000;
+        let port = 20_000 + spread as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     l.local_addr().unwrap().port()
 }
