@@ -61,15 +61,18 @@ pub enum View {
     Kubectl = 3,
     /// git's credential helper format: `username=` and `password=<token>` lines.
     GitCredential = 4,
+    /// The decoded JWT payload as pretty JSON (never the token): `crate::claims`.
+    Claims = 5,
 }
 
 impl View {
-    pub const ALL: [View; 5] = [
+    pub const ALL: [View; 6] = [
         View::Raw,
         View::Json,
         View::Header,
         View::Kubectl,
         View::GitCredential,
+        View::Claims,
     ];
 
     /// Its name in logs.
@@ -80,6 +83,7 @@ impl View {
             View::Header => "header",
             View::Kubectl => "kubectl",
             View::GitCredential => "git-credential",
+            View::Claims => "claims",
         }
     }
 
@@ -91,6 +95,7 @@ impl View {
             View::Header => Some(".header"),
             View::Kubectl => Some(".kubectl"),
             View::GitCredential => Some(".git-credential"),
+            View::Claims => Some(".claims"),
         }
     }
 }
@@ -107,7 +112,7 @@ pub struct Version {
     /// Served until then (expiry less the clock skew allowance), never after.
     pub valid_until: EpochMs,
     pub refresh_in_ms: Option<i64>,
-    views: [Zeroizing<Vec<u8>>; 5],
+    views: [Zeroizing<Vec<u8>>; View::ALL.len()],
 }
 
 impl Version {
@@ -117,6 +122,7 @@ impl Version {
         let header = wrap(b"Authorization: Bearer ", &raw, b"\n");
         let kubectl = render_exec_credential(&token.access_token, token.expires_on);
         let git = wrap(b"username=cstokenfs\npassword=", &raw, b"\n");
+        let claims = crate::claims::render(&token.access_token, token.expires_on);
         Version {
             id,
             resource,
@@ -125,7 +131,7 @@ impl Version {
             issued_at: token.issued_at(fetched_at),
             valid_until: crate::policy::valid_until(token.issued_at(fetched_at), token.expires_on),
             refresh_in_ms: token.refresh_in_ms,
-            views: [raw, json, header, kubectl, git],
+            views: [raw, json, header, kubectl, git, claims],
         }
     }
 
