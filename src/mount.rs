@@ -36,6 +36,8 @@ pub struct MountRequest {
     pub mlock: bool,
     /// The source shown in the mount table.
     pub fsname: String,
+    /// `--serve-endpoint`: also serve App Service's protocol here (loopback).
+    pub serve_endpoint: Option<std::net::SocketAddr>,
 }
 
 /// Why mounting failed: one line, with the fix where there is one.
@@ -280,7 +282,7 @@ fn serve(
     ready: Ready,
 ) -> Result<(), MountError> {
     let started = start(req, mountpoint, plan);
-    let (session, cache, signals, _emulator) = match started {
+    let (session, cache, signals, _emulator, endpoint) = match started {
         Ok(s) => s,
         Err(e) => {
             ready.tell(&Err(e.clone()));
@@ -334,6 +336,9 @@ fn serve(
         }
     }
     signal_handle.close();
+    if let Some(endpoint) = endpoint {
+        endpoint.shutdown();
+    }
     cache.stop_background();
     Ok(())
 }
@@ -343,6 +348,7 @@ type Started = (
     Arc<Cache>,
     signal_hook::iterator::Signals,
     Option<Emulator>,
+    Option<crate::endpoint::Endpoint>,
 );
 
 fn start(req: &MountRequest, mountpoint: &Path, plan: Plan) -> Result<Started, MountError> {
@@ -384,7 +390,8 @@ fn start(req: &MountRequest, mountpoint: &Path, plan: Plan) -> Result<Started, M
     };
     let audit = crate::audit::Audit::start()
         .map_err(|e| MountError::Daemon(format!("cannot start a thread: {e}")))?;
-    let core = Core::new(cache.clone(), access, Some(audit), &chosen.reason);
+    let (endpoint, extras) = start_endpoint(req, &cache, &audit)?;
+    let core = Core::with_extras(cache.clone(), access, Some(audit), &chosen.reason, extras);
     let mut config = fuser::Config::default();
     config.mount_options = vec![
         fuser::MountOption::FSName(req.fsname.clone()),
@@ -406,7 +413,34 @@ fn start(req: &MountRequest, mountpoint: &Path, plan: Plan) -> Result<Started, M
     core.start_expiry_watch(session.notifier())
         .map_err(|e| MountError::Daemon(format!("cannot start a thread: {e}")))?;
     let session = session.spawn().map_err(|e| mount_error(&e, mountpoint))?;
-    Ok((session, cache, signals, chosen.emulator))
+    Ok((session, cache, signals, chosen.emulator, endpoint))
+}
+
+/// `--serve-endpoint`: the server (its own thread) and what the mount shows of it.
+fn start_endpoint(
+    req: &MountRequest,
+    cache: &Arc<Cache>,
+    audit: &crate::audit::Audit,
+) -> Result<(Option<crate::endpoint::Endpoint>, crate::fs::Extras), MountError> {
+    let Some(listen) = req.serve_endpoint else {
+        return Ok((None, crate::fs::Extras::default()));
+    };
+    let settings = crate::endpoint::Settings {
+        listen,
+        identity: req.wanted.identity.clone(),
+        timeout: req.policy.timeout,
+    };
+    let endpoint = crate::endpoint::Endpoint::start(settings, cache.clone(), Some(audit.clone()))
+        .map_err(|e| MountError::Daemon(format!("--serve-endpoint {listen}: {e}")))?;
+    info!(
+        "serving the App Service managed-identity protocol at {}",
+        endpoint.url()
+    );
+    let extras = crate::fs::Extras {
+        env_file: Some(Arc::new(endpoint.env_file())),
+        status: Some(("serve_endpoint", Arc::new(endpoint.status_part()))),
+    };
+    Ok((Some(endpoint), extras))
 }
 
 fn mount_error(e: &std::io::Error, mountpoint: &Path) -> MountError {
