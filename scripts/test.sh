@@ -8,6 +8,7 @@ need=()
 command -v fusermount3 >/dev/null 2>&1 || need+=(fuse3)
 command -v python3 >/dev/null 2>&1 || need+=(python3)
 command -v pgrep >/dev/null 2>&1 || need+=(procps)
+python3 -m venv --help >/dev/null 2>&1 && python3 -c 'import ensurepip' >/dev/null 2>&1 || need+=(python3-venv)
 command -v mount.fuse3 >/dev/null 2>&1 || need+=(fuse3)
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
@@ -29,4 +30,20 @@ if cargo clippy --version >/dev/null 2>&1; then
 else
   echo "WARNING: clippy missing: lints not checked" >&2
 fi
+# azure-identity from PyPI for the --serve-endpoint SDK tests (tests/endpoint_sdk.rs), in a
+# venv kept between runs and rebuilt only when the pinned requirements change.
+req=tests/endpoint_sdk/requirements.txt
+venv=target/pyvenv
+stamp="$venv/.cstokenfs-requirements"
+if ! cmp -s "$req" "$stamp" 2>/dev/null || [ ! -x "$venv/bin/python" ]; then
+  echo "making $venv with $(grep -c '==' "$req") pinned packages (azure-identity $(sed -n 's/^azure-identity==//p' "$req"))"
+  rm -rf "$venv"
+  if python3 -m venv "$venv" && "$venv/bin/pip" install -q --disable-pip-version-check -r "$req"; then
+    cp "$req" "$stamp"
+  else
+    echo "!!!!! WARNING: cannot make $venv: the SDK tests will say so (and fail when CI=true) !!!!!" >&2
+  fi
+fi
+export CSTOKENFS_PYVENV="$PWD/$venv"
+
 cargo test --all-targets --locked -- --test-threads=8

@@ -5,6 +5,7 @@
 
 use log::{info, warn};
 use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender, TrySendError};
 use std::sync::Arc;
@@ -21,6 +22,18 @@ pub struct OpenEvent {
     pub uid: u32,
     pub gid: u32,
     pub exe: Arc<str>,
+}
+
+/// A token served over HTTP (`--serve-endpoint`): the resource and the client's address.
+pub struct HttpEvent {
+    pub resource: Arc<str>,
+    pub peer: Option<SocketAddr>,
+}
+
+/// What the writer thread is handed.
+enum Queued {
+    Open(OpenEvent),
+    Http(HttpEvent),
 }
 
 thread_local! {
@@ -45,8 +58,9 @@ pub fn exe_of(pid: u32) -> Arc<str> {
     })
 }
 
+#[derive(Clone)]
 pub struct Audit {
-    tx: SyncSender<OpenEvent>,
+    tx: SyncSender<Queued>,
     dropped: Arc<AtomicU64>,
 }
 
@@ -64,6 +78,15 @@ impl Audit {
 
     /// Queues an event; never blocks.
     pub fn opened(&self, event: OpenEvent) {
+        self.queue(Queued::Open(event));
+    }
+
+    /// Queues a token served over HTTP; never blocks.
+    pub fn served(&self, event: HttpEvent) {
+        self.queue(Queued::Http(event));
+    }
+
+    fn queue(&self, event: Queued) {
         if let Err(TrySendError::Full(_)) = self.tx.try_send(event) {
             self.dropped.fetch_add(1, Ordering::Relaxed);
         }
@@ -72,7 +95,7 @@ impl Audit {
 
 /// Logs each open; repeats of the same reader, resource and view within a second are
 /// counted and summed up in one line, so a tight read loop cannot flood the log.
-fn writer(rx: Receiver<OpenEvent>, dropped: Arc<AtomicU64>) {
+fn writer(rx: Receiver<Queued>, dropped: Arc<AtomicU64>) {
     let mut window: HashMap<Key, u64> = HashMap::new();
     let mut window_start = Instant::now();
     loop {
@@ -83,8 +106,16 @@ fn writer(rx: Receiver<OpenEvent>, dropped: Arc<AtomicU64>) {
             rx.recv_timeout(WINDOW.saturating_sub(window_start.elapsed()))
         };
         if window_start.elapsed() >= WINDOW {
-            for ((resource, view, pid, uid, gid), n) in window.drain().filter(|(_, n)| *n > 0) {
-                info!("audit: {n} more open(s) of {resource} ({view}) by pid {pid} uid {uid} gid {gid}");
+            for ((resource, view, who), n) in window.drain().filter(|(_, n)| *n > 0) {
+                match who {
+                    Who::Process { pid, uid, gid } => info!(
+                        "audit: {n} more open(s) of {resource} ({view}) by pid {pid} uid {uid} gid {gid}"
+                    ),
+                    Who::Peer(ip) => info!(
+                        "audit: {n} more request(s) of {resource} over HTTP from {}",
+                        ip.map_or_else(|| "?".to_string(), |ip| ip.to_string())
+                    ),
+                }
             }
             window_start = Instant::now();
         }
@@ -93,7 +124,22 @@ fn writer(rx: Receiver<OpenEvent>, dropped: Arc<AtomicU64>) {
             Err(RecvTimeoutError::Timeout) => continue,
             Err(RecvTimeoutError::Disconnected) => return,
         };
-        let key = (e.resource.clone(), e.view, e.pid, e.uid, e.gid);
+        let key = match &e {
+            Queued::Open(e) => (
+                e.resource.clone(),
+                e.view,
+                Who::Process {
+                    pid: e.pid,
+                    uid: e.uid,
+                    gid: e.gid,
+                },
+            ),
+            Queued::Http(e) => (
+                e.resource.clone(),
+                "endpoint",
+                Who::Peer(e.peer.map(|p| p.ip())),
+            ),
+        };
         if window.is_empty() {
             window_start = Instant::now();
         }
@@ -102,10 +148,17 @@ fn writer(rx: Receiver<OpenEvent>, dropped: Arc<AtomicU64>) {
             continue;
         }
         window.insert(key, 0);
-        info!(
-            "audit: open of {} ({}) by pid {} uid {} gid {} exe {}",
-            e.resource, e.view, e.pid, e.uid, e.gid, e.exe
-        );
+        match e {
+            Queued::Open(e) => info!(
+                "audit: open of {} ({}) by pid {} uid {} gid {} exe {}",
+                e.resource, e.view, e.pid, e.uid, e.gid, e.exe
+            ),
+            Queued::Http(e) => info!(
+                "audit: request of {} over HTTP from {}",
+                e.resource,
+                e.peer.map_or_else(|| "?".to_string(), |p| p.to_string())
+            ),
+        }
         let lost = dropped.swap(0, Ordering::Relaxed);
         if lost > 0 {
             warn!("audit: {lost} open(s) not logged: too many at once");
@@ -113,6 +166,13 @@ fn writer(rx: Receiver<OpenEvent>, dropped: Arc<AtomicU64>) {
     }
 }
 
-type Key = (Arc<str>, &'static str, u32, u32, u32);
+/// Who read: a process through the mount, or an HTTP client (by address, any port).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Who {
+    Process { pid: u32, uid: u32, gid: u32 },
+    Peer(Option<IpAddr>),
+}
+
+type Key = (Arc<str>, &'static str, Who);
 
 const WINDOW: Duration = Duration::from_secs(1);

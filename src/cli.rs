@@ -164,6 +164,11 @@ pub struct MountArgs {
     /// Keep the daemon's memory (tokens included) out of swap.
     #[arg(long)]
     pub mlock: bool,
+    /// Also serve App Service's managed-identity protocol from the mount's cache on this
+    /// loopback address (127.0.0.1:PORT or [::1]:PORT; port 0: ephemeral); the URL and the
+    /// secret are in MOUNT/.env.
+    #[arg(long, value_name = "ADDR", value_parser = crate::endpoint::parse_listen)]
+    pub serve_endpoint: Option<SocketAddr>,
     /// FUSE-style options: every flag above as a key with `_` for `-`
     /// (allow_other,uid=1000,mode=0440,endpoint=URL,...).
     #[arg(short = 'o', value_name = "OPTIONS")]
@@ -208,9 +213,13 @@ pub struct SinkArgs {
 pub struct GetArgs {
     #[command(flatten)]
     pub upstream: Upstream,
-    /// Print the `.json` view's document instead of the bare token.
-    #[arg(long)]
+    /// Print the `.json` view's document instead of the bare token (= --view json).
+    #[arg(long, conflicts_with = "view")]
     pub json: bool,
+    /// The view to print: raw (the token and a newline), json, header, kubectl,
+    /// git-credential, claims.
+    #[arg(long, value_name = "VIEW", default_value = "raw", value_parser = parse_view)]
+    pub view: View,
     /// The resource name, as in the mount (management.azure.com, a GUID, a percent-encoded URI).
     #[arg(value_name = "NAME")]
     pub name: String,
@@ -267,6 +276,18 @@ pub fn read_secret_file(path: &std::path::Path) -> Result<String, String> {
     Ok(secret.to_owned())
 }
 
+fn parse_view(s: &str) -> Result<View, String> {
+    View::ALL
+        .into_iter()
+        .find(|v| match v {
+            View::Raw => s == "raw",
+            _ => v.label() == s,
+        })
+        .ok_or_else(|| {
+            format!("unknown view {s:?}: raw, json, header, kubectl, git-credential or claims")
+        })
+}
+
 fn parse_protocol(s: &str) -> Result<Kind, String> {
     let kind = s.parse::<Kind>()?;
     if !crate::emulator::SERVED.contains(&kind) {
@@ -307,6 +328,7 @@ fn mount_command(args: MountArgs) -> ExitCode {
         allow_other: args.allow_other,
         mlock: args.mlock,
         fsname: args.fsname,
+        serve_endpoint: args.serve_endpoint,
     };
     match mount::run(request) {
         Ok(()) => ExitCode::SUCCESS,
@@ -382,10 +404,10 @@ fn get_command(args: GetArgs) -> ExitCode {
     match cache.get_blocking(&resource) {
         Ok(v) => {
             let mut out = std::io::stdout().lock();
-            let written = if args.json {
-                out.write_all(v.bytes(View::Json))
-            } else {
-                out.write_all(v.token()).and_then(|()| out.write_all(b"\n"))
+            let view = if args.json { View::Json } else { args.view };
+            let written = match view {
+                View::Raw => out.write_all(v.token()).and_then(|()| out.write_all(b"\n")),
+                view => out.write_all(v.bytes(view)),
             };
             match written.and_then(|()| out.flush()) {
                 Ok(()) => ExitCode::SUCCESS,

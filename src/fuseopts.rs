@@ -26,6 +26,7 @@ const VALUE_KEYS: &[&str] = &[
     "client-id",
     "object-id",
     "msi-res-id",
+    "serve-endpoint",
 ];
 
 /// `-o` keys that are switches.

@@ -10,8 +10,10 @@
 pub mod audit;
 pub mod cache;
 pub mod civil;
+pub mod claims;
 pub mod cli;
 pub mod emulator;
+pub mod endpoint;
 pub mod fs;
 pub mod fuseopts;
 pub mod hardening;

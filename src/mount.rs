@@ -36,6 +36,8 @@ pub struct MountRequest {
     pub mlock: bool,
     /// The source shown in the mount table.
     pub fsname: String,
+    /// `--serve-endpoint`: also serve App Service's protocol here (loopback).
+    pub serve_endpoint: Option<std::net::SocketAddr>,
 }
 
 /// Why mounting failed: one line, with the fix where there is one.
@@ -293,7 +295,7 @@ fn serve(
     ready: Ready,
 ) -> Result<(), MountError> {
     let started = start(req, mountpoint, plan);
-    let (session, cache, signals, _emulator, core, notifier) = match started {
+    let (session, cache, signals, _emulator, core, notifier, endpoint) = match started {
         Ok(s) => s,
         Err(e) => {
             ready.tell(&Err(e.clone()));
@@ -362,6 +364,9 @@ fn serve(
         }
     }
     signal_handle.close();
+    if let Some(endpoint) = endpoint {
+        endpoint.shutdown();
+    }
     cache.stop_background();
     Ok(())
 }
@@ -373,6 +378,7 @@ type Started = (
     Option<Emulator>,
     Arc<Core>,
     fuser::Notifier,
+    Option<crate::endpoint::Endpoint>,
 );
 
 /// A thread that only waits (signals, the session's end): a small stack.
@@ -427,7 +433,8 @@ fn start(req: &MountRequest, mountpoint: &Path, plan: Plan) -> Result<Started, M
         file_mode: req.mode,
     };
     let audit = crate::audit::Audit::start().map_err(no_thread)?;
-    let core = Core::new(cache.clone(), access, Some(audit), &plan.reason);
+    let (endpoint, extras) = start_endpoint(req, &cache, &audit)?;
+    let core = Core::with_extras(cache.clone(), access, Some(audit), &plan.reason, extras);
     let mut config = fuser::Config::default();
     config.mount_options = vec![
         fuser::MountOption::FSName(req.fsname.clone()),
@@ -453,7 +460,7 @@ fn start(req: &MountRequest, mountpoint: &Path, plan: Plan) -> Result<Started, M
         Some(libc::EAGAIN) if req.mlock => thread_error(true, &e),
         _ => mount_error(&e, mountpoint),
     })?;
-    Ok((session, cache, signals, emulator, core, notifier))
+    Ok((session, cache, signals, emulator, core, notifier, endpoint))
 }
 
 /// With `--emulator`, starts the built-in emulator for the plan's upstream on an ephemeral
@@ -471,6 +478,33 @@ pub fn start_stand_in(plan: &mut Plan) -> std::io::Result<Option<Emulator>> {
 /// log), registered at once. Shared with `sink`.
 pub(crate) fn handled_signals() -> std::io::Result<signal_hook::iterator::Signals> {
     signal_hook::iterator::Signals::new([libc::SIGTERM, libc::SIGINT, libc::SIGHUP, libc::SIGUSR1])
+}
+
+/// `--serve-endpoint`: the server (its own thread) and what the mount shows of it.
+fn start_endpoint(
+    req: &MountRequest,
+    cache: &Arc<Cache>,
+    audit: &crate::audit::Audit,
+) -> Result<(Option<crate::endpoint::Endpoint>, crate::fs::Extras), MountError> {
+    let Some(listen) = req.serve_endpoint else {
+        return Ok((None, crate::fs::Extras::default()));
+    };
+    let settings = crate::endpoint::Settings {
+        listen,
+        identity: req.wanted.identity.clone(),
+        timeout: req.policy.timeout,
+    };
+    let endpoint = crate::endpoint::Endpoint::start(settings, cache.clone(), Some(audit.clone()))
+        .map_err(|e| MountError::Daemon(format!("--serve-endpoint {listen}: {e}")))?;
+    info!(
+        "serving the App Service managed-identity protocol at {}",
+        endpoint.url()
+    );
+    let extras = crate::fs::Extras {
+        env_file: Some(Arc::new(endpoint.env_file())),
+        status: Some(("serve_endpoint", Arc::new(endpoint.status_part()))),
+    };
+    Ok((Some(endpoint), extras))
 }
 
 fn mount_error(e: &std::io::Error, mountpoint: &Path) -> MountError {

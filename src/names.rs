@@ -194,7 +194,7 @@ pub fn is_guid(s: &str) -> bool {
 }
 
 /// `scheme://rest`, scheme per RFC 3986, a non-empty rest without whitespace.
-fn is_uri(s: &str) -> bool {
+pub fn is_uri(s: &str) -> bool {
     let Some((scheme, rest)) = s.split_once("://") else {
         return false;
     };

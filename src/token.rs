@@ -61,15 +61,18 @@ pub enum View {
     Kubectl = 3,
     /// git's credential helper format: `username=` and `password=<token>` lines.
     GitCredential = 4,
+    /// The decoded JWT payload as pretty JSON (never the token): `crate::claims`.
+    Claims = 5,
 }
 
 impl View {
-    pub const ALL: [View; 5] = [
+    pub const ALL: [View; 6] = [
         View::Raw,
         View::Json,
         View::Header,
         View::Kubectl,
         View::GitCredential,
+        View::Claims,
     ];
 
     /// Its name in logs.
@@ -80,6 +83,7 @@ impl View {
             View::Header => "header",
             View::Kubectl => "kubectl",
             View::GitCredential => "git-credential",
+            View::Claims => "claims",
         }
     }
 
@@ -91,6 +95,7 @@ impl View {
             View::Header => Some(".header"),
             View::Kubectl => Some(".kubectl"),
             View::GitCredential => Some(".git-credential"),
+            View::Claims => Some(".claims"),
         }
     }
 }
@@ -104,7 +109,7 @@ pub struct Version {
     pub expires_on: EpochMs,
     /// When it is refreshed and until when it may be served, computed once by the policy.
     pub schedule: Schedule,
-    views: [Zeroizing<Vec<u8>>; 5],
+    views: [Zeroizing<Vec<u8>>; View::ALL.len()],
 }
 
 impl Version {
@@ -120,13 +125,14 @@ impl Version {
         let header = wrap(b"Authorization: Bearer ", &raw, b"\n");
         let kubectl = render_exec_credential(&token.access_token, token.expires_on);
         let git = wrap(b"username=cstokenfs\npassword=", &raw, b"\n");
+        let claims = crate::claims::render(&token.access_token, token.expires_on);
         Version {
             id,
             resource,
             fetched_at,
             expires_on: token.expires_on,
             schedule,
-            views: [raw, json, header, kubectl, git],
+            views: [raw, json, header, kubectl, git, claims],
         }
     }
 

@@ -288,6 +288,7 @@ fn listing_shows_declared_and_held_resources_once() {
     assert_eq!(
         ls(""),
         vec![
+            ".claims",
             ".git-credential",
             ".header",
             ".json",
@@ -305,6 +306,7 @@ fn listing_shows_declared_and_held_resources_once() {
     assert_eq!(
         ls(""),
         vec![
+            ".claims",
             ".git-credential",
             ".header",
             ".json",

@@ -18,6 +18,9 @@ pub const STATUS: u64 = 4;
 pub const UNRESOLVED: u64 = 5;
 pub const KUBECTL_DIR: u64 = 6;
 pub const GIT_CREDENTIAL_DIR: u64 = 7;
+/// `MOUNT/.env` (only with `--serve-endpoint`).
+pub const ENV: u64 = 8;
+pub const CLAIMS_DIR: u64 = 9;
 const FIRST_VERSION_INO: u64 = 16;
 /// Room for views added later.
 const INOS_PER_VERSION: u64 = 8;
@@ -28,6 +31,7 @@ pub enum Node {
     Root,
     ViewDir(View),
     Status,
+    Env,
     Token { version: u64, view: View },
 }
 
@@ -38,6 +42,8 @@ pub fn node(ino: u64) -> Option<Node> {
         HEADER_DIR => Some(Node::ViewDir(View::Header)),
         KUBECTL_DIR => Some(Node::ViewDir(View::Kubectl)),
         GIT_CREDENTIAL_DIR => Some(Node::ViewDir(View::GitCredential)),
+        CLAIMS_DIR => Some(Node::ViewDir(View::Claims)),
+        ENV => Some(Node::Env),
         STATUS => Some(Node::Status),
         _ if ino >= FIRST_VERSION_INO => {
             let rel = ino - FIRST_VERSION_INO;
@@ -62,6 +68,7 @@ pub fn view_dir_ino(view: View) -> u64 {
         View::Header => HEADER_DIR,
         View::Kubectl => KUBECTL_DIR,
         View::GitCredential => GIT_CREDENTIAL_DIR,
+        View::Claims => CLAIMS_DIR,
     }
 }
 

@@ -18,6 +18,19 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use zeroize::Zeroizing;
+
+/// A function adding to `.status`.
+pub type StatusPart = Arc<dyn Fn() -> serde_json::Value + Send + Sync>;
+
+/// What the mount shows beyond tokens, when asked for (see [`Core::with_extras`]).
+#[derive(Default, Clone)]
+pub struct Extras {
+    /// `MOUNT/.env`'s bytes (`--serve-endpoint`); `None`: there is no `.env`.
+    pub env_file: Option<Arc<Zeroizing<Vec<u8>>>>,
+    /// A key of `.status` and the function giving its value when `.status` is opened.
+    pub status: Option<(&'static str, StatusPart)>,
+}
 
 /// How long the kernel may keep directory and `.status` attributes.
 const META_TTL: Duration = Duration::from_secs(1);
@@ -91,6 +104,8 @@ impl Access {
 enum Handle {
     Token(Arc<Version>, View),
     Status(Arc<Vec<u8>>),
+    /// Bytes fixed for the mount's life, wiped when the last handle goes (`.env`).
+    Fixed(Arc<Zeroizing<Vec<u8>>>),
     /// A directory listing, taken at opendir so offsets stay meaningful across readdirs.
     Dir(Arc<Vec<DirEntry>>),
 }
@@ -132,6 +147,7 @@ pub struct Core {
     /// The last `.status` snapshot handed out, shared by every open that finds the same
     /// bytes (nothing changed, same second); gone once its last handle closes.
     last_status: Mutex<Weak<Vec<u8>>>,
+    extras: Extras,
 }
 
 /// How an open file is served.
@@ -150,6 +166,17 @@ impl Core {
         audit: Option<Audit>,
         source_reason: &str,
     ) -> Arc<Core> {
+        Core::with_extras(cache, access, audit, source_reason, Extras::default())
+    }
+
+    /// [`Core::new`] with `.env` and more of `.status`.
+    pub fn with_extras(
+        cache: Arc<Cache>,
+        access: Access,
+        audit: Option<Audit>,
+        source_reason: &str,
+        extras: Extras,
+    ) -> Arc<Core> {
         Arc::new(Core {
             cache,
             access,
@@ -162,6 +189,7 @@ impl Core {
             started: SystemTime::now(),
             stopping: AtomicBool::new(false),
             last_status: Mutex::new(Weak::new()),
+            extras,
         })
     }
 
@@ -174,6 +202,9 @@ impl Core {
     ) {
         let view = match (inode::node(parent), name) {
             (Some(Node::Root), ".status") => return done(Ok(self.meta_entry(inode::STATUS))),
+            (Some(Node::Root), ".env") if self.extras.env_file.is_some() => {
+                return done(self.getattr(inode::ENV))
+            }
             (Some(Node::Root), dot) if dot.starts_with('.') => {
                 return done(
                     View::ALL
@@ -255,6 +286,21 @@ impl Core {
                     ttl: v.map_or(Duration::ZERO, |v| self.token_ttl(&v)),
                 })
             }
+            Node::Env => {
+                let size = self
+                    .extras
+                    .env_file
+                    .as_ref()
+                    .ok_or(FsError::NotFound)?
+                    .len();
+                let mut entry = self.meta_entry(inode::ENV);
+                entry.attr.kind = FileType::RegularFile;
+                entry.attr.perm = self.access.file_mode;
+                entry.attr.nlink = 1;
+                entry.attr.size = size as u64;
+                entry.attr.blocks = entry.attr.size.div_ceil(512);
+                Ok(entry)
+            }
             _ => Ok(self.meta_entry(ino)),
         }
     }
@@ -285,6 +331,20 @@ impl Core {
                 (Handle::Token(v, view), OpenMode::Cached)
             }
             Node::Status => (Handle::Status(self.status_snapshot()), OpenMode::Direct),
+            Node::Env => {
+                let bytes = self.extras.env_file.clone().ok_or(FsError::NotFound)?;
+                if let Some(audit) = &self.audit {
+                    audit.opened(OpenEvent {
+                        resource: ".env".into(),
+                        view: "endpoint secret",
+                        pid: caller.pid,
+                        uid: caller.uid,
+                        gid: caller.gid,
+                        exe: crate::audit::exe_of(caller.pid),
+                    });
+                }
+                (Handle::Fixed(bytes), OpenMode::Cached)
+            }
             Node::Root | Node::ViewDir(_) => return Err(FsError::NotFound),
         };
         let fh = self.next_handle.fetch_add(1, Ordering::Relaxed);
@@ -316,6 +376,7 @@ impl Core {
             }
             Handle::Token(v, view) => v.bytes(*view),
             Handle::Status(b) => b.as_slice(),
+            Handle::Fixed(b) => b.as_slice(),
             Handle::Dir(_) => return Err(FsError::BadHandle),
         };
         let start = (offset.min(bytes.len() as u64)) as usize;
@@ -329,6 +390,7 @@ impl Core {
         let size = match self.handles.lock().get(&fh) {
             Some(Handle::Token(v, view)) => v.bytes(*view).len(),
             Some(Handle::Status(b)) => b.len(),
+            Some(Handle::Fixed(b)) => b.len(),
             Some(Handle::Dir(_)) => return Err(Errno::EINVAL),
             None => return Err(Errno::EBADF),
         } as i64;
@@ -392,6 +454,9 @@ impl Core {
                 }
             }
             out.push((inode::STATUS, FileType::RegularFile, ".status".into()));
+            if self.extras.env_file.is_some() {
+                out.push((inode::ENV, FileType::RegularFile, ".env".into()));
+            }
         }
         let mut names: Vec<(u64, String)> = self
             .cache
@@ -486,6 +551,9 @@ impl Core {
         status["dumpable"] = serde_json::Value::Bool(crate::hardening::is_dumpable());
         status["pid"] = std::process::id().into();
         status["source_reason"] = self.source_reason.clone().into();
+        if let Some((key, part)) = &self.extras.status {
+            status[*key] = part();
+        }
         let mut out = serde_json::to_vec_pretty(&status).unwrap_or_default();
         out.push(b'\n');
         out

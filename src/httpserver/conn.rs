@@ -36,8 +36,8 @@ pub(super) async fn accept_loop<H: Handler>(listener: TcpListener, sh: Arc<Share
             Either::Left(Ok(permit)) => permit,
             _ => break,
         };
-        let stream = match race(listener.accept(), stop.stopped()).await {
-            Either::Left(Ok((stream, _))) => stream,
+        let (stream, peer) = match race(listener.accept(), stop.stopped()).await {
+            Either::Left(Ok((stream, peer))) => (stream, peer),
             Either::Left(Err(e)) => {
                 // EMFILE and friends: back off a little instead of spinning.
                 log::debug!("http: accept failed: {e}");
@@ -50,7 +50,7 @@ pub(super) async fn accept_loop<H: Handler>(listener: TcpListener, sh: Arc<Share
         };
         let (sh, stop) = (Arc::clone(&sh), stop.clone());
         conns.spawn(async move {
-            serve_conn(stream, &sh, stop).await;
+            serve_conn(stream, peer, &sh, stop).await;
             drop(permit);
         });
     }
@@ -79,7 +79,12 @@ impl std::error::Error for TakenOver {}
 
 type Slot = Arc<Mutex<Option<Takeover>>>;
 
-async fn serve_conn<H: Handler>(stream: TcpStream, sh: &Arc<Shared<H>>, stop: Stop) {
+async fn serve_conn<H: Handler>(
+    stream: TcpStream,
+    peer: std::net::SocketAddr,
+    sh: &Arc<Shared<H>>,
+    stop: Stop,
+) {
     let _ = stream.set_nodelay(true);
     let stream = Arc::new(stream);
     let slot: Slot = Arc::new(Mutex::new(None));
@@ -87,7 +92,7 @@ async fn serve_conn<H: Handler>(stream: TcpStream, sh: &Arc<Shared<H>>, stop: St
         let (sh, slot, stop) = (Arc::clone(sh), Arc::clone(&slot), stop.clone());
         hyper::service::service_fn(move |req| {
             let (sh, slot, stop) = (Arc::clone(&sh), Arc::clone(&slot), stop.clone());
-            async move { respond(&sh, req, &slot, stop).await }
+            async move { respond(&sh, req, peer, &slot, stop).await }
         })
     };
     let mut builder = http1::Builder::new();
@@ -122,6 +127,7 @@ async fn serve_conn<H: Handler>(stream: TcpStream, sh: &Arc<Shared<H>>, stop: St
 async fn respond<H: Handler>(
     sh: &Shared<H>,
     req: hyper::Request<Incoming>,
+    peer: std::net::SocketAddr,
     slot: &Slot,
     stop: Stop,
 ) -> Result<Response<Full<Bytes>>, TakenOver> {
@@ -153,6 +159,7 @@ async fn respond<H: Handler>(
             })
             .collect(),
         body: body.to_vec(),
+        peer: Some(peer),
     };
     match sh.handler.handle(request, stop).await {
         Answer::Reply(r) => reply(r, slot),

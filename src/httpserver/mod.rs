@@ -82,6 +82,8 @@ pub struct Request {
     /// Header names in lower case, values with undecodable bytes replaced.
     pub headers: Vec<(String, String)>,
     pub body: Vec<u8>,
+    /// The client's address (`None` if the socket could not tell).
+    pub peer: Option<SocketAddr>,
 }
 
 impl Request {

@@ -12,6 +12,14 @@ impl Handler for Echo {
             stop.stopped().await;
             return Answer::Close;
         }
+        if req.target == "/peer" {
+            let peer = req.peer.map_or_else(String::new, |p| p.to_string());
+            return Answer::Reply(Reply {
+                status: 200,
+                headers: vec![("X-Peer".into(), peer)],
+                body: Vec::new(),
+            });
+        }
         Answer::Reply(Reply {
             status: 200,
             headers: vec![("X-Seen".into(), req.target.clone())],
@@ -94,4 +102,17 @@ fn shutdown_releases_hung_requests_and_closes_the_port() {
     server.shutdown();
     assert_eq!(hung.join().unwrap(), "");
     assert!(TcpStream::connect(addr).is_err());
+}
+
+#[test]
+fn requests_know_the_clients_address() {
+    let server = Server::start("127.0.0.1:0".parse().unwrap(), Config::default(), Echo).unwrap();
+    let mut s = TcpStream::connect(server.addr()).unwrap();
+    let local = s.local_addr().unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(b"GET /peer HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    assert!(out.contains(&format!("X-Peer: {local}")), "{out}");
 }

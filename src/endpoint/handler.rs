@@ -1,0 +1,265 @@
+//! The endpoint as an [`httpserver::Handler`]: the secret first (401 and nothing else),
+//! then proxies and `Host`, path and method, the query, the identity and the resource (400
+//! without any upstream call), then a read of the cache like an open, answered in App
+//! Service's shapes.
+
+use super::request::{self, BadRequest};
+use super::{ct_eq, Counters, Settings};
+use crate::audit::{Audit, HttpEvent};
+use crate::cache::{Cache, OpenDecision, ReadError};
+use crate::httpserver::{self, race, Answer, Either, Reply, Request, Stop};
+use crate::token::Version;
+use log::debug;
+use parking_lot::Mutex;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+use zeroize::Zeroizing;
+
+/// How much longer than `--timeout` a request waits for the cache (which answers within
+/// `--timeout` itself) before giving up with 500.
+const GRACE: Duration = Duration::from_secs(2);
+/// Reads retried when the version read was superseded before it could be counted.
+const STALE_RETRIES: usize = 3;
+
+pub(super) struct EndpointHandler(Arc<Inner>);
+
+struct Inner {
+    settings: Settings,
+    cache: Arc<Cache>,
+    audit: Option<Audit>,
+    secret: Arc<Zeroizing<String>>,
+    counters: Arc<Counters>,
+    /// The bound address (known once the listener is bound).
+    bound: Arc<Mutex<SocketAddr>>,
+}
+
+impl EndpointHandler {
+    pub(super) fn new(
+        settings: Settings,
+        cache: Arc<Cache>,
+        audit: Option<Audit>,
+        secret: Arc<Zeroizing<String>>,
+        counters: Arc<Counters>,
+        bound: Arc<Mutex<SocketAddr>>,
+    ) -> EndpointHandler {
+        EndpointHandler(Arc::new(Inner {
+            settings,
+            cache,
+            audit,
+            secret,
+            counters,
+            bound,
+        }))
+    }
+}
+
+/// An answer before it is a reply: status, message or token body.
+enum Outcome {
+    Token(Vec<u8>),
+    Error {
+        status: u16,
+        message: String,
+        /// A resource the upstream refused (counted apart from our own 400s).
+        upstream_refused: bool,
+    },
+}
+
+fn error(status: u16, message: impl Into<String>) -> Outcome {
+    Outcome::Error {
+        status,
+        message: message.into(),
+        upstream_refused: false,
+    }
+}
+
+impl httpserver::Handler for EndpointHandler {
+    fn handle(&self, req: Request, stop: Stop) -> impl Future<Output = Answer> + Send {
+        let inner = Arc::clone(&self.0);
+        async move {
+            inner.counters.requests.fetch_add(1, Ordering::Relaxed);
+            let outcome = inner.answer(&req, &stop).await;
+            let (status, body, refused) = match outcome {
+                Outcome::Token(body) => (200, body, false),
+                Outcome::Error {
+                    status,
+                    message,
+                    upstream_refused,
+                } => (
+                    status,
+                    app_service_error(status, &message),
+                    upstream_refused,
+                ),
+            };
+            inner.counters.count(status, refused);
+            if stop.is_stopped() {
+                return Answer::Close;
+            }
+            Answer::Reply(json_reply(status, body))
+        }
+    }
+
+    fn refuse(&self, status: u16, message: &str) -> Reply {
+        self.0.counters.requests.fetch_add(1, Ordering::Relaxed);
+        self.0.counters.count(status, false);
+        json_reply(status, app_service_error(status, message))
+    }
+}
+
+impl Inner {
+    async fn answer(&self, req: &Request, stop: &Stop) -> Outcome {
+        let peer = req.peer;
+        let secret_ok = req
+            .header("x-identity-header")
+            .is_some_and(|h| ct_eq(h.as_bytes(), self.secret.as_bytes()));
+        if !secret_ok {
+            debug!("endpoint: 401 for {peer:?}: missing or wrong X-IDENTITY-HEADER");
+            return error(401, "Unauthorized");
+        }
+        if req.header("x-forwarded-for").is_some() || req.header("forwarded").is_some() {
+            return bad(BadRequest::Forwarded);
+        }
+        let listen = *self.bound.lock();
+        if !request::host_allowed(req.header("host"), listen) {
+            return bad(BadRequest::Host);
+        }
+        if request::path(&req.target) != request::PATH {
+            return error(
+                404,
+                format!("Not found: only GET {} is served", request::PATH),
+            );
+        }
+        if req.method != "GET" {
+            return error(405, "Method not allowed: use GET");
+        }
+        let params = match request::parse_query(&req.target) {
+            Ok(p) => p,
+            Err(e) => return bad(e),
+        };
+        match params.get("api-version") {
+            Some(v) if v == request::API_VERSION => {}
+            other => return bad(BadRequest::ApiVersion(other.cloned())),
+        }
+        if let Err(e) = request::check_identity(&params, &self.settings.identity) {
+            return bad(e);
+        }
+        let Some(sent) = params.get("resource") else {
+            return bad(BadRequest::NoResource);
+        };
+        let key = match request::cache_key(sent) {
+            Ok(k) => k,
+            Err(why) => return bad(BadRequest::Resource(sent.clone(), why)),
+        };
+        match self.read(&key, stop).await {
+            Ok(v) => {
+                if let Some(audit) = &self.audit {
+                    audit.served(HttpEvent {
+                        resource: v.resource.clone(),
+                        peer,
+                    });
+                }
+                Outcome::Token(self.token_body(&v, sent))
+            }
+            Err(ReadError::Refused(m)) => Outcome::Error {
+                status: 400,
+                message: format!("the token endpoint refused resource {sent}: {m}"),
+                upstream_refused: true,
+            },
+            Err(ReadError::Denied(m)) => error(
+                403,
+                format!("the token endpoint refused this mount's identity ({sent}): {m}"),
+            ),
+            Err(ReadError::Unavailable(m)) => error(500, format!("no token for {sent}: {m}")),
+        }
+    }
+
+    /// A read like a file's lookup and open: the cache's current valid version (waiting for
+    /// a fetch if need be, within `--timeout`), then counted as an open (refresh ahead).
+    async fn read(&self, key: &str, stop: &Stop) -> Result<Arc<Version>, ReadError> {
+        for _ in 0..STALE_RETRIES {
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            self.cache.get(
+                key,
+                Box::new(move |got| {
+                    let _ = tx.send(got);
+                }),
+            );
+            let wait = tokio::time::timeout(self.settings.timeout + GRACE, rx);
+            let got = match race(wait, stop.stopped()).await {
+                Either::Left(Ok(Ok(got))) => got,
+                Either::Left(_) => {
+                    return Err(ReadError::Unavailable(
+                        "no answer from the cache in time".into(),
+                    ))
+                }
+                Either::Right(()) => {
+                    return Err(ReadError::Unavailable("the mount is stopping".into()))
+                }
+            };
+            let v = got?;
+            // `on_open` serves only a version that is current and valid (the cache's verdict).
+            if self.cache.on_open(&v) == OpenDecision::Serve {
+                return Ok(v);
+            }
+        }
+        Err(ReadError::Unavailable(
+            "the token was superseded while being read; try again".into(),
+        ))
+    }
+
+    /// `{"access_token","expires_on","resource","token_type"[,"client_id"]}`, `resource`
+    /// as the request spelled it.
+    fn token_body(&self, v: &Version, sent: &str) -> Vec<u8> {
+        let token = String::from_utf8_lossy(v.token());
+        let extra = sent.len()
+            + 128
+            + self
+                .settings
+                .identity
+                .client_id
+                .as_ref()
+                .map_or(0, |c| c.len());
+        let mut out = Zeroizing::new(Vec::with_capacity(6 * token.len() + 6 * extra));
+        let buf: &mut Vec<u8> = &mut out;
+        buf.extend_from_slice(b"{\"access_token\":");
+        let _ = serde_json::to_writer(&mut *buf, &*token);
+        buf.extend_from_slice(b",\"expires_on\":");
+        let _ = serde_json::to_writer(&mut *buf, &v.expires_on.div_euclid(1000).to_string());
+        buf.extend_from_slice(b",\"resource\":");
+        let _ = serde_json::to_writer(&mut *buf, sent);
+        buf.extend_from_slice(b",\"token_type\":\"Bearer\"");
+        if let Some(id) = &self.settings.identity.client_id {
+            buf.extend_from_slice(b",\"client_id\":");
+            let _ = serde_json::to_writer(&mut *buf, id);
+        }
+        buf.push(b'}');
+        // Handed to hyper, which cannot wipe it: the token leaves the process here anyway.
+        std::mem::take(&mut *out)
+    }
+}
+
+fn bad(e: BadRequest) -> Outcome {
+    error(400, e.to_string())
+}
+
+/// App Service's error shape: `{"statusCode":N,"message":".."}`.
+fn app_service_error(status: u16, message: &str) -> Vec<u8> {
+    serde_json::to_vec(&serde_json::json!({"statusCode": status, "message": message}))
+        .unwrap_or_default()
+}
+
+fn json_reply(status: u16, body: Vec<u8>) -> Reply {
+    Reply {
+        status,
+        headers: vec![
+            (
+                "Content-Type".into(),
+                "application/json; charset=utf-8".into(),
+            ),
+            ("Cache-Control".into(), "no-store".into()),
+        ],
+        body,
+    }
+}

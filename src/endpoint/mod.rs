@@ -1,0 +1,221 @@
+//! `--serve-endpoint`: a local managed-identity endpoint speaking App Service's protocol,
+//! answered from the mount's own cache, for the SDKs that cannot read a file.
+//!
+//! ```text
+//! GET /msi/token?api-version=2019-08-01&resource=R[&client_id=..]   X-IDENTITY-HEADER: <secret>
+//!   -> 200 {"access_token","expires_on":"<epoch s>","resource":R,"token_type":"Bearer"}
+//!   -> 401 (wrong or missing secret: nothing else is looked at)
+//!   -> 400 {"statusCode":400,"message":..} (proxied, foreign Host, bad query, resource or
+//!      identity; a resource the upstream refused), 403 (the upstream refused the identity),
+//!      500 (no token: the upstream's redacted error), 404 / 405 (another path or method)
+//! ```
+//!
+//! The server is [`crate::httpserver`] (hyper, its own thread, bounded connections, head
+//! size and idle time). A request is a read like an open: [`crate::cache::Cache::get`] (the
+//! same entry, single flight with file readers, negative cache, `--timeout`), then
+//! `on_open` (refresh ahead), then an audit line with the client's address. The secret is
+//! 32 random bytes in hex, new for each mount, compared in constant time, published only
+//! in `MOUNT/.env`, never logged.
+
+mod handler;
+pub mod request;
+#[cfg(test)]
+mod tests;
+
+use crate::audit::Audit;
+use crate::cache::Cache;
+use crate::httpserver::{self, Config, Server};
+use crate::source::Identity;
+use std::fmt;
+use std::io::{self, Read};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use zeroize::Zeroizing;
+
+/// Connections open at once (more wait in the kernel's backlog until one closes).
+pub const MAX_CONNECTIONS: usize = 256;
+/// The most a request head may take, and how long a keep-alive connection may idle.
+pub const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
+/// Largest request head.
+pub const MAX_HEAD: usize = 8 * 1024;
+
+/// What the endpoint is asked to serve.
+#[derive(Clone)]
+pub struct Settings {
+    pub listen: SocketAddr,
+    /// The mount's identity: requests naming another one are refused.
+    pub identity: Identity,
+    /// `--timeout`: the cache answers within it; the endpoint waits a little longer at most.
+    pub timeout: Duration,
+}
+
+/// Requests by outcome, for `.status`.
+#[derive(Default)]
+pub(crate) struct Counters {
+    requests: AtomicU64,
+    served: AtomicU64,
+    unauthorized: AtomicU64,
+    bad_request: AtomicU64,
+    refused: AtomicU64,
+    denied: AtomicU64,
+    upstream_failed: AtomicU64,
+    not_found: AtomicU64,
+}
+
+impl Counters {
+    pub(crate) fn count(&self, status: u16, upstream_refused: bool) {
+        let c = match status {
+            200 => &self.served,
+            401 => &self.unauthorized,
+            400 if upstream_refused => &self.refused,
+            403 => &self.denied,
+            500..=599 => &self.upstream_failed,
+            404 | 405 => &self.not_found,
+            _ => &self.bad_request,
+        };
+        c.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn json(&self) -> serde_json::Value {
+        let n = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        serde_json::json!({
+            "requests": n(&self.requests),
+            "served": n(&self.served),
+            "unauthorized": n(&self.unauthorized),
+            "bad_request": n(&self.bad_request),
+            "refused": n(&self.refused),
+            "denied": n(&self.denied),
+            "upstream_failed": n(&self.upstream_failed),
+            "not_found": n(&self.not_found),
+        })
+    }
+}
+
+/// A running endpoint; dropping it shuts the server down.
+pub struct Endpoint {
+    server: Server,
+    url: String,
+    secret: Arc<Zeroizing<String>>,
+    counters: Arc<Counters>,
+}
+
+impl fmt::Debug for Endpoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Endpoint")
+            .field("url", &self.url)
+            .field("secret", &"<redacted>")
+            .finish()
+    }
+}
+
+impl Endpoint {
+    /// Binds `settings.listen` (loopback only) and serves tokens from `cache` on a thread
+    /// of its own.
+    pub fn start(
+        settings: Settings,
+        cache: Arc<Cache>,
+        audit: Option<Audit>,
+    ) -> io::Result<Endpoint> {
+        httpserver::check_loopback(settings.listen)?;
+        let secret = Arc::new(new_secret()?);
+        let counters = Arc::new(Counters::default());
+        let config = Config {
+            max_connections: MAX_CONNECTIONS,
+            header_read_timeout: HEAD_TIMEOUT,
+            body_timeout: Duration::from_secs(5),
+            max_head: MAX_HEAD,
+            max_body: 1024,
+            write_stall: Duration::from_secs(10),
+            thread_name: "endpoint".into(),
+        };
+        // The listen address is known only once bound (port 0): the handler learns it then.
+        let bound = Arc::new(parking_lot::Mutex::new(settings.listen));
+        let handler = handler::EndpointHandler::new(
+            settings,
+            cache,
+            audit,
+            Arc::clone(&secret),
+            Arc::clone(&counters),
+            Arc::clone(&bound),
+        );
+        let server = Server::start(*bound.lock(), config, handler)?;
+        *bound.lock() = server.addr();
+        let url = format!("http://{}{}", server.addr(), request::PATH);
+        Ok(Endpoint {
+            server,
+            url,
+            secret,
+            counters,
+        })
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.server.addr()
+    }
+
+    /// `http://127.0.0.1:PORT/msi/token`.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// `MOUNT/.env`: `IDENTITY_ENDPOINT=<url>` and `IDENTITY_HEADER=<secret>` lines.
+    pub fn env_file(&self) -> Zeroizing<Vec<u8>> {
+        let mut out = Zeroizing::new(Vec::with_capacity(self.url.len() + self.secret.len() + 64));
+        out.extend_from_slice(b"IDENTITY_ENDPOINT=");
+        out.extend_from_slice(self.url.as_bytes());
+        out.extend_from_slice(b"\nIDENTITY_HEADER=");
+        out.extend_from_slice(self.secret.as_bytes());
+        out.push(b'\n');
+        out
+    }
+
+    /// `.status`'s `serve_endpoint`: the address, the URL and the request counters (never
+    /// the secret).
+    pub fn status_part(&self) -> impl Fn() -> serde_json::Value + Send + Sync + 'static {
+        let (addr, url, counters) = (self.addr(), self.url.clone(), Arc::clone(&self.counters));
+        move || {
+            let mut v = counters.json();
+            v["address"] = addr.to_string().into();
+            v["url"] = url.clone().into();
+            v
+        }
+    }
+
+    /// Closes the listener and every connection; idempotent (also on drop).
+    pub fn shutdown(&self) {
+        self.server.shutdown();
+    }
+}
+
+/// `--serve-endpoint`'s value: `IP:PORT` on loopback (127.0.0.0/8, `[::1]`); port 0 picks
+/// an ephemeral one.
+pub fn parse_listen(s: &str) -> Result<SocketAddr, String> {
+    let addr: SocketAddr = s
+        .parse()
+        .map_err(|e| format!("not an IP:PORT address (127.0.0.1:PORT or [::1]:PORT): {e}"))?;
+    httpserver::check_loopback(addr).map_err(|e| e.to_string())?;
+    Ok(addr)
+}
+
+/// 32 random bytes from the kernel, in lowercase hex.
+fn new_secret() -> io::Result<Zeroizing<String>> {
+    let mut raw = Zeroizing::new([0u8; 32]);
+    std::fs::File::open("/dev/urandom")?.read_exact(&mut *raw)?;
+    let mut hex = Zeroizing::new(String::with_capacity(64));
+    for b in raw.iter() {
+        hex.push(char::from(b"0123456789abcdef"[usize::from(b >> 4)]));
+        hex.push(char::from(b"0123456789abcdef"[usize::from(b & 15)]));
+    }
+    Ok(hex)
+}
+
+/// Equal bytes, in time independent of where they differ (the length is not secret).
+pub(crate) fn ct_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    let diff = a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y));
+    std::hint::black_box(diff) == 0
+}

@@ -1,0 +1,314 @@
+//! What a request to the endpoint says, checked without any upstream call: its query, the
+//! resource it names (and the cache key that resource shares with a file name), the
+//! identity it asks for, and its `Host`.
+
+use crate::names::{self, NameError, WELL_KNOWN};
+use crate::source::Identity;
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+
+/// The only path served.
+pub const PATH: &str = "/msi/token";
+/// The App Service API version the SDKs send (the only one served).
+pub const API_VERSION: &str = "2019-08-01";
+/// The longest resource accepted (a resource is a URI or a GUID, not a document).
+pub const MAX_RESOURCE: usize = 2048;
+
+/// Why a request is refused with 400 before anything is fetched.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BadRequest {
+    /// The query is not valid `application/x-www-form-urlencoded` UTF-8.
+    Query,
+    /// A parameter is given twice.
+    Repeated(String),
+    ApiVersion(Option<String>),
+    NoResource,
+    Resource(String, NameError),
+    /// `client_id`, `principal_id` or `mi_res_id` names another identity than the mount's.
+    OtherIdentity(&'static str),
+    Host,
+    Forwarded,
+}
+
+impl fmt::Display for BadRequest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            BadRequest::Query => f.write_str("the query string is not valid URL-encoded UTF-8"),
+            BadRequest::Repeated(p) => write!(f, "the parameter {p} is given more than once"),
+            BadRequest::ApiVersion(None) => {
+                write!(
+                    f,
+                    "the api-version parameter is missing (use {API_VERSION})"
+                )
+            }
+            BadRequest::ApiVersion(Some(v)) => {
+                write!(f, "api-version {v:?} is not supported (use {API_VERSION})")
+            }
+            BadRequest::NoResource => f.write_str("the resource parameter is missing"),
+            BadRequest::Resource(r, why) => write!(f, "resource {r:?} is not valid: {why}"),
+            BadRequest::OtherIdentity(p) => write!(
+                f,
+                "{p} names another identity than this mount's: one mount serves one identity"
+            ),
+            BadRequest::Host => f.write_str(
+                "the Host header must be this endpoint's address, localhost, 127.0.0.1 or [::1]",
+            ),
+            BadRequest::Forwarded => {
+                f.write_str("requests through a proxy (X-Forwarded-For, Forwarded) are refused")
+            }
+        }
+    }
+}
+
+/// The query's parameters, decoded (`+` is a space); a repeated one is an error.
+pub fn parse_query(target: &str) -> Result<BTreeMap<String, String>, BadRequest> {
+    let query = target.split_once('?').map_or("", |(_, q)| q);
+    let mut out = BTreeMap::new();
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        let (k, v) = (decode(k)?, decode(v)?);
+        if out.contains_key(&k) {
+            return Err(BadRequest::Repeated(k));
+        }
+        out.insert(k, v);
+    }
+    Ok(out)
+}
+
+fn decode(s: &str) -> Result<String, BadRequest> {
+    percent_encoding::percent_decode_str(&s.replace('+', " "))
+        .decode_utf8()
+        .map(|c| c.into_owned())
+        .map_err(|_| BadRequest::Query)
+}
+
+/// The path of a request target (without its query).
+pub fn path(target: &str) -> &str {
+    target.split_once('?').map_or(target, |(p, _)| p)
+}
+
+/// The cache key of a resource as an SDK sends it: a URI or a GUID (a trailing `/.default`
+/// stripped), validated like a percent-encoded file name's decoded value. A well-known
+/// resource in either spelling (with or without the trailing slash) is the spelling its
+/// file name resolves to, so both share one cache entry and one upstream call.
+pub fn cache_key(sent: &str) -> Result<String, NameError> {
+    if sent.is_empty() {
+        return Err(NameError::Empty);
+    }
+    if sent.len() > MAX_RESOURCE {
+        return Err(NameError::TooLong);
+    }
+    if sent.chars().any(char::is_control) {
+        return Err(NameError::ControlCharacter);
+    }
+    let mut resource = sent;
+    while let Some(r) = resource.strip_suffix("/.default") {
+        resource = r;
+    }
+    if names::is_guid(resource) {
+        return Ok(resource.to_string());
+    }
+    if !names::is_uri(resource) {
+        return Err(NameError::NotAResource);
+    }
+    let other_spelling = match resource.strip_suffix('/') {
+        Some(without) => without.to_string(),
+        None => format!("{resource}/"),
+    };
+    Ok(WELL_KNOWN
+        .iter()
+        .find(|(_, known)| *known == resource || *known == other_spelling)
+        .map_or(resource, |(_, known)| *known)
+        .to_string())
+}
+
+/// Refuses a request naming another identity than `mount`'s. Names it can be given by:
+/// `client_id`; `principal_id` or `object_id` (the object ID); `mi_res_id` or `msi_res_id`.
+/// Empty values count as absent; IDs compare case-insensitively. A mount without that
+/// kind of ID (the system-assigned identity, Cloud Shell's user) refuses every such name.
+pub fn check_identity(
+    params: &BTreeMap<String, String>,
+    mount: &Identity,
+) -> Result<(), BadRequest> {
+    let kinds: [(&'static str, &Option<String>); 5] = [
+        ("client_id", &mount.client_id),
+        ("principal_id", &mount.object_id),
+        ("object_id", &mount.object_id),
+        ("mi_res_id", &mount.msi_res_id),
+        ("msi_res_id", &mount.msi_res_id),
+    ];
+    for (param, ours) in kinds {
+        let Some(asked) = params.get(param).filter(|v| !v.is_empty()) else {
+            continue;
+        };
+        if !ours.as_ref().is_some_and(|o| o.eq_ignore_ascii_case(asked)) {
+            return Err(BadRequest::OtherIdentity(param));
+        }
+    }
+    Ok(())
+}
+
+/// Whether `host` (the `Host` header) names this endpoint: the listen address's IP,
+/// `localhost`, `127.0.0.1` or `[::1]`, with no port or the listen port.
+pub fn host_allowed(host: Option<&str>, listen: SocketAddr) -> bool {
+    let Some(host) = host.map(str::trim) else {
+        return false;
+    };
+    let (name, port) = if let Some(rest) = host.strip_prefix('[') {
+        let Some((inside, after)) = rest.split_once(']') else {
+            return false;
+        };
+        let port = match after {
+            "" => None,
+            p => match p.strip_prefix(':') {
+                Some(p) => Some(p),
+                None => return false,
+            },
+        };
+        (format!("[{inside}]"), port)
+    } else {
+        match host.split_once(':') {
+            Some((n, p)) => (n.to_string(), Some(p)),
+            None => (host.to_string(), None),
+        }
+    };
+    if let Some(p) = port {
+        if p.parse::<u16>().ok() != Some(listen.port()) {
+            return false;
+        }
+    }
+    let name = name.to_ascii_lowercase();
+    let own = match listen.ip() {
+        IpAddr::V4(ip) => ip.to_string(),
+        IpAddr::V6(ip) => format!("[{ip}]"),
+    };
+    name == "localhost" || name == "127.0.0.1" || name == "[::1]" || name == own
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn well_known_resources_share_their_file_names_entry_in_either_spelling() {
+        let arm = names::resolve("management.azure.com").unwrap();
+        for sent in [
+            "https://management.azure.com",
+            "https://management.azure.com/",
+            "https://management.azure.com/.default",
+            "https://management.azure.com//.default",
+        ] {
+            assert_eq!(cache_key(sent).unwrap(), arm, "{sent}");
+        }
+        let kv = names::resolve("vault.azure.net").unwrap();
+        assert_eq!(cache_key("https://vault.azure.net").unwrap(), kv);
+        assert_eq!(cache_key("https://vault.azure.net/").unwrap(), kv);
+        let pbi = "https://analysis.windows.net/powerbi/api";
+        assert_eq!(cache_key(&format!("{pbi}/")).unwrap(), pbi);
+    }
+
+    #[test]
+    fn other_resources_are_verbatim_like_a_file_name() {
+        assert_eq!(
+            cache_key("https://myapp.example.com").unwrap(),
+            names::resolve("myapp.example.com").unwrap()
+        );
+        assert_eq!(
+            cache_key("https://myapp.example.com/").unwrap(),
+            "https://myapp.example.com/"
+        );
+        assert_eq!(cache_key("api://my-app").unwrap(), "api://my-app");
+        let g = "499b84ac-1321-427f-aa17-267ca6975798";
+        assert_eq!(cache_key(g).unwrap(), g);
+        assert_eq!(cache_key(&format!("{g}/.default")).unwrap(), g);
+    }
+
+    #[test]
+    fn bad_resources() {
+        assert_eq!(cache_key(""), Err(NameError::Empty));
+        assert_eq!(cache_key("/.default"), Err(NameError::NotAResource));
+        assert_eq!(
+            cache_key("management.azure.com"),
+            Err(NameError::NotAResource)
+        );
+        assert_eq!(cache_key("hello world"), Err(NameError::NotAResource));
+        assert_eq!(cache_key("https://a b"), Err(NameError::NotAResource));
+        assert_eq!(cache_key("https://a\nb"), Err(NameError::ControlCharacter));
+        let long = format!("https://{}", "a".repeat(MAX_RESOURCE));
+        assert_eq!(cache_key(&long), Err(NameError::TooLong));
+    }
+
+    #[test]
+    fn queries() {
+        let q = parse_query("/msi/token?api-version=2019-08-01&resource=https%3A%2F%2Fx&a+b=c+d")
+            .unwrap();
+        assert_eq!(q["api-version"], "2019-08-01");
+        assert_eq!(q["resource"], "https://x");
+        assert_eq!(q["a b"], "c d");
+        assert_eq!(
+            parse_query("/?resource=a&resource=b"),
+            Err(BadRequest::Repeated("resource".into()))
+        );
+        assert_eq!(parse_query("/?resource=%FF"), Err(BadRequest::Query));
+        assert!(parse_query("/msi/token").unwrap().is_empty());
+        assert_eq!(path("/msi/token?x=1"), "/msi/token");
+    }
+
+    #[test]
+    fn identities() {
+        let q = |k: &str, v: &str| BTreeMap::from([(k.to_string(), v.to_string())]);
+        let system = Identity::default();
+        assert_eq!(check_identity(&BTreeMap::new(), &system), Ok(()));
+        assert_eq!(check_identity(&q("client_id", ""), &system), Ok(()));
+        for p in ["client_id", "principal_id", "object_id", "mi_res_id"] {
+            assert_eq!(
+                check_identity(&q(p, "x"), &system),
+                Err(BadRequest::OtherIdentity(match p {
+                    "client_id" => "client_id",
+                    "principal_id" => "principal_id",
+                    "object_id" => "object_id",
+                    _ => "mi_res_id",
+                }))
+            );
+        }
+        let ours = Identity {
+            client_id: Some("AAAA-1".into()),
+            ..Identity::default()
+        };
+        assert_eq!(check_identity(&q("client_id", "aaaa-1"), &ours), Ok(()));
+        assert!(check_identity(&q("client_id", "bbbb"), &ours).is_err());
+        assert!(check_identity(&q("principal_id", "aaaa-1"), &ours).is_err());
+    }
+
+    #[test]
+    fn hosts() {
+        let v4: SocketAddr = "127.0.0.1:4000".parse().unwrap();
+        let v6: SocketAddr = "[::1]:4000".parse().unwrap();
+        let other: SocketAddr = "127.0.0.2:4000".parse().unwrap();
+        for h in [
+            "127.0.0.1:4000",
+            "localhost",
+            "LocalHost:4000",
+            "[::1]:4000",
+            "[::1]",
+        ] {
+            assert!(host_allowed(Some(h), v4), "{h}");
+            assert!(host_allowed(Some(h), v6), "{h}");
+        }
+        assert!(host_allowed(Some("127.0.0.2:4000"), other));
+        for h in [
+            "evil.example.com",
+            "evil.example.com:4000",
+            "127.0.0.1:4001",
+            "localhost:x",
+            "[::1]x",
+            "127.0.0.2:4000",
+            "",
+            "localhost.evil.com",
+        ] {
+            assert!(!host_allowed(Some(h), v4), "{h}");
+        }
+        assert!(!host_allowed(None, v4));
+    }
+}

@@ -1,0 +1,224 @@
+//! The endpoint over real loopback sockets, on a cache fed by the emulator (no FUSE).
+
+use super::*;
+use crate::emulator::{Emulator, EmulatorConfig};
+use crate::policy::Policy;
+use crate::policy::SystemClock;
+use crate::source::cloudshell::CloudShell;
+use std::io::{Read as _, Write as _};
+use std::net::TcpStream;
+
+struct Rig {
+    emu: Emulator,
+    cache: Arc<Cache>,
+    ep: Endpoint,
+}
+
+fn rig(identity: Identity) -> Rig {
+    let emu = Emulator::start("127.0.0.1:0".parse().unwrap(), EmulatorConfig::default()).unwrap();
+    let source = Arc::new(CloudShell::new(&emu.url()).unwrap());
+    let policy = Policy {
+        timeout: Duration::from_secs(3),
+        ..Policy::default()
+    };
+    let cache = Cache::new(source, policy, &[], Arc::new(SystemClock));
+    let settings = Settings {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        identity,
+        timeout: Duration::from_secs(3),
+    };
+    let ep = Endpoint::start(settings, cache.clone(), None).unwrap();
+    Rig { emu, cache, ep }
+}
+
+fn secret_of(ep: &Endpoint) -> String {
+    let env = String::from_utf8(ep.env_file().to_vec()).unwrap();
+    env.lines()
+        .find_map(|l| l.strip_prefix("IDENTITY_HEADER="))
+        .unwrap()
+        .to_string()
+}
+
+/// One request with `head` lines after the request line; (status, body).
+fn send(ep: &Endpoint, target: &str, head: &str) -> (u16, serde_json::Value) {
+    let mut s = TcpStream::connect(ep.addr()).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let req = format!("GET {target} HTTP/1.1\r\n{head}Connection: close\r\n\r\n");
+    s.write_all(req.as_bytes()).unwrap();
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    let text = String::from_utf8_lossy(&out).into_owned();
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = text.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+    (
+        status,
+        serde_json::from_str(body).unwrap_or(serde_json::Value::Null),
+    )
+}
+
+const ARM: &str = "/msi/token?api-version=2019-08-01&resource=https%3A%2F%2Fmanagement.azure.com";
+
+fn good_head(ep: &Endpoint) -> String {
+    format!(
+        "Host: {}\r\nX-IDENTITY-HEADER: {}\r\n",
+        ep.addr(),
+        secret_of(ep)
+    )
+}
+
+#[test]
+fn env_file_and_secret() {
+    let r = rig(Identity::default());
+    let env = String::from_utf8(r.ep.env_file().to_vec()).unwrap();
+    let lines: Vec<&str> = env.lines().collect();
+    assert_eq!(lines.len(), 2);
+    assert_eq!(
+        lines[0],
+        format!("IDENTITY_ENDPOINT=http://{}/msi/token", r.ep.addr())
+    );
+    let secret = secret_of(&r.ep);
+    assert_eq!(secret.len(), 64);
+    assert!(secret.bytes().all(|b| b.is_ascii_hexdigit()));
+    assert_ne!(
+        secret,
+        secret_of(&rig(Identity::default()).ep),
+        "new per mount"
+    );
+    assert!(!format!("{:?}", r.ep).contains(&secret));
+    let status = (r.ep.status_part())().to_string();
+    assert!(!status.contains(&secret));
+    assert!(status.contains(&r.ep.addr().to_string()));
+}
+
+#[test]
+fn serves_the_cache_entry_of_the_file_name_in_either_spelling() {
+    let r = rig(Identity::default());
+    let head = good_head(&r.ep);
+    let (status, body) = send(&r.ep, ARM, &head);
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["resource"], "https://management.azure.com");
+    assert_eq!(body["token_type"], "Bearer");
+    let expires: i64 = body["expires_on"].as_str().unwrap().parse().unwrap();
+    let file = r
+        .cache
+        .peek(&crate::names::resolve("management.azure.com").unwrap())
+        .expect("one entry, under the file name's resource");
+    assert_eq!(expires, file.expires_on / 1000);
+    assert!(body["access_token"].as_str().unwrap().as_bytes() == file.token());
+    let slash = ARM.replace("azure.com", "azure.com%2F");
+    let (status, body2) = send(&r.ep, &slash, &head);
+    assert_eq!(status, 200);
+    assert_eq!(body2["resource"], "https://management.azure.com/");
+    assert!(body2["access_token"] == body["access_token"]);
+    assert_eq!(r.emu.requests(), 1, "one upstream call for both spellings");
+}
+
+#[test]
+fn refusals_before_any_upstream_call() {
+    let r = rig(Identity::default());
+    let head = good_head(&r.ep);
+    let host = format!("Host: {}\r\n", r.ep.addr());
+    let secret = secret_of(&r.ep);
+    let cases = [
+        (ARM.to_string(), host.clone(), 401),
+        (
+            ARM.to_string(),
+            format!("{host}X-IDENTITY-HEADER: {}0\r\n", secret),
+            401,
+        ),
+        (
+            ARM.to_string(),
+            format!("{host}X-IDENTITY-HEADER: {}\r\n", &secret[1..]),
+            401,
+        ),
+        ("/other".to_string(), host.clone(), 401),
+        (
+            ARM.to_string(),
+            format!("{head}X-Forwarded-For: 10.0.0.1\r\n"),
+            400,
+        ),
+        (
+            ARM.to_string(),
+            format!("Host: evil.example.com\r\nX-IDENTITY-HEADER: {secret}\r\n"),
+            400,
+        ),
+        ("/other".to_string(), head.clone(), 404),
+        (ARM.replace("2019-08-01", "2017-09-01"), head.clone(), 400),
+        (
+            "/msi/token?api-version=2019-08-01".into(),
+            head.clone(),
+            400,
+        ),
+        (ARM.replace("https%3A%2F%2F", ""), head.clone(), 400),
+        (ARM.replace("management", "a%20b"), head.clone(), 400),
+        (format!("{ARM}&client_id=abc"), head.clone(), 400),
+        (format!("{ARM}&principal_id=abc"), head.clone(), 400),
+        (format!("{ARM}&mi_res_id=abc"), head.clone(), 400),
+        (format!("{ARM}&resource=x"), head.clone(), 400),
+    ];
+    for (target, head, want) in cases {
+        let (status, body) = send(&r.ep, &target, &head);
+        assert_eq!(status, want, "{target}: {body}");
+        assert!(body["statusCode"] == want, "App Service shape: {body}");
+    }
+    let (status, body) = send(&r.ep, ARM, &host);
+    assert_eq!(
+        (status, body["message"].as_str()),
+        (401, Some("Unauthorized"))
+    );
+    assert_eq!(r.emu.requests(), 0);
+    let counters = (r.ep.status_part())();
+    assert_eq!(counters["unauthorized"], 5);
+    assert_eq!(counters["served"], 0);
+}
+
+#[test]
+fn the_mounts_own_identity_is_served() {
+    let r = rig(Identity {
+        client_id: Some("11111111-2222-3333-4444-555555555555".into()),
+        ..Identity::default()
+    });
+    let head = good_head(&r.ep);
+    let (status, body) = send(
+        &r.ep,
+        &format!("{ARM}&client_id=11111111-2222-3333-4444-555555555555"),
+        &head,
+    );
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["client_id"], "11111111-2222-3333-4444-555555555555");
+    let (status, _) = send(&r.ep, &format!("{ARM}&client_id=other"), &head);
+    assert_eq!(status, 400);
+}
+
+#[test]
+fn upstream_refusal_and_outage() {
+    let r = rig(Identity::default());
+    let head = good_head(&r.ep);
+    let target = "/msi/token?api-version=2019-08-01&resource=https%3A%2F%2Fnot-allowed.example.com";
+    let (status, body) = send(&r.ep, target, &head);
+    assert_eq!(status, 400, "{body}");
+    let msg = body["message"].as_str().unwrap();
+    assert!(msg.contains("https://not-allowed.example.com"), "{msg}");
+    assert_eq!((r.ep.status_part())()["refused"], 1);
+    r.emu.shutdown();
+    let vault = "/msi/token?api-version=2019-08-01&resource=https%3A%2F%2Fvault.azure.net";
+    let (status, body) = send(&r.ep, vault, &head);
+    assert_eq!(status, 500, "{body}");
+    assert!(body.get("access_token").is_none());
+}
+
+#[test]
+fn listen_addresses() {
+    assert!(parse_listen("127.0.0.1:0").is_ok());
+    assert!(parse_listen("[::1]:8080").is_ok());
+    assert!(parse_listen("0.0.0.0:80").is_err());
+    assert!(parse_listen("10.1.2.3:80").is_err());
+    assert!(parse_listen("localhost:80").is_err());
+    assert!(ct_eq(b"abc", b"abc"));
+    assert!(!ct_eq(b"abc", b"abd"));
+    assert!(!ct_eq(b"abc", b"ab"));
+}

@@ -1,0 +1,366 @@
+//! `--serve-endpoint` through real mounts with raw loopback HTTP clients: the secret,
+//! hostile requests, slow clients, one cache with the files; `.claims`; `get --view`.
+
+#[macro_use]
+mod common;
+
+use common::*;
+use cstokenfs::emulator::EmulatorConfig;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::process::Command;
+use std::time::Duration;
+
+const ARM: &str = "/msi/token?api-version=2019-08-01&resource=https%3A%2F%2Fmanagement.azure.com";
+
+/// The endpoint's address and secret, from `MOUNT/.env`.
+fn env_of(m: &Mounted) -> (SocketAddr, String) {
+    let env = String::from_utf8(m.read(".env").expect("read .env")).unwrap();
+    let mut lines = env.lines();
+    let url = lines
+        .next()
+        .and_then(|l| l.strip_prefix("IDENTITY_ENDPOINT=http://"))
+        .expect("IDENTITY_ENDPOINT first");
+    let addr = url
+        .strip_suffix("/msi/token")
+        .expect("/msi/token")
+        .parse()
+        .unwrap();
+    let secret = lines
+        .next()
+        .and_then(|l| l.strip_prefix("IDENTITY_HEADER="))
+        .expect("IDENTITY_HEADER second")
+        .to_string();
+    assert_eq!(lines.next(), None, "two lines");
+    (addr, secret)
+}
+
+/// One request (`head`: header lines); (status, parsed body).
+fn get(addr: SocketAddr, target: &str, head: &str) -> (u16, serde_json::Value) {
+    let mut s = TcpStream::connect(addr).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let req = format!("GET {target} HTTP/1.1\r\n{head}Connection: close\r\n\r\n");
+    s.write_all(req.as_bytes()).unwrap();
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    let text = String::from_utf8_lossy(&out);
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = text.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+    let json = serde_json::from_str(body).unwrap_or(serde_json::Value::Null);
+    (status, json)
+}
+
+fn mount_with_endpoint(emu_url: &str) -> Mounted {
+    Mounted::new(emu_url, &["--serve-endpoint", "127.0.0.1:0"])
+}
+
+#[test]
+fn env_file_status_and_a_token_shared_with_cat() {
+    need_fuse!();
+    let emu = emulator();
+    let m = mount_with_endpoint(&emu.url());
+    let (addr, secret) = env_of(&m);
+    assert!(addr.ip().is_loopback() && addr.port() != 0);
+    assert_eq!(secret.len(), 64, "32 bytes in hex");
+    let meta = std::fs::metadata(m.file(".env")).unwrap();
+    let token_meta = std::fs::metadata(m.file("vault.azure.net")).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(meta.permissions().mode(), token_meta.permissions().mode());
+    assert_eq!(
+        meta.len(),
+        m.read(".env").unwrap().len() as u64,
+        "exact size"
+    );
+    let names: Vec<String> = std::fs::read_dir(&m.path)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert!(names.contains(&".env".to_string()) && names.contains(&".claims".to_string()));
+
+    let head = format!("Host: {addr}\r\nX-IDENTITY-HEADER: {secret}\r\n");
+    let (status, body) = get(addr, ARM, &head);
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        body["resource"], "https://management.azure.com",
+        "the request's spelling"
+    );
+    assert_eq!(body["token_type"], "Bearer");
+    let file = m.read("management.azure.com").unwrap();
+    let http = body["access_token"].as_str().unwrap().as_bytes().to_vec();
+    assert_same_token(&http, &file, "HTTP and cat");
+    assert_eq!(
+        body["expires_on"].as_str().unwrap(),
+        claims(&file)["exp"].to_string()
+    );
+    assert_eq!(emu.requests_for("https://management.azure.com/"), 1);
+    assert_eq!(emu.requests_for("https://management.azure.com"), 0);
+    let status = m.status();
+    let ep = &status["serve_endpoint"];
+    assert_eq!(ep["address"], addr.to_string());
+    assert_eq!(ep["served"], 1);
+    let text = status.to_string();
+    assert!(!text.contains(&secret), ".status never shows the secret");
+    assert!(
+        !m.log_text().contains(&secret),
+        "the log never shows the secret"
+    );
+    let audited = || {
+        m.log_text()
+            .contains("over HTTP from 127.0.0.1:")
+            .then_some(())
+    };
+    assert!(
+        eventually(Duration::from_secs(5), audited).is_some(),
+        "audit line"
+    );
+}
+
+#[test]
+fn hostile_requests_get_nothing_and_cost_no_upstream_call() {
+    need_fuse!();
+    let emu = emulator();
+    let m = mount_with_endpoint(&emu.url());
+    let (addr, secret) = env_of(&m);
+    let host = format!("Host: {addr}\r\n");
+    let good = format!("{host}X-IDENTITY-HEADER: {secret}\r\n");
+    let cases: Vec<(String, String, u16, &str)> = vec![
+        (ARM.into(), host.clone(), 401, "no secret"),
+        (
+            ARM.into(),
+            format!("{host}X-IDENTITY-HEADER: {}\r\n", "f".repeat(64)),
+            401,
+            "wrong",
+        ),
+        (
+            ARM.into(),
+            format!("{host}X-IDENTITY-HEADER: \r\n"),
+            401,
+            "empty",
+        ),
+        (
+            "/anything".into(),
+            host.clone(),
+            401,
+            "any path without the secret",
+        ),
+        (
+            ARM.into(),
+            format!("Host: evil.example.com\r\nX-IDENTITY-HEADER: {secret}\r\n"),
+            400,
+            "rebinding",
+        ),
+        (
+            ARM.into(),
+            format!(
+                "Host: evil.example.com:{}\r\nX-IDENTITY-HEADER: {secret}\r\n",
+                addr.port()
+            ),
+            400,
+            "rebinding with port",
+        ),
+        (
+            ARM.into(),
+            format!("{good}X-Forwarded-For: 127.0.0.1\r\n"),
+            400,
+            "proxied",
+        ),
+        (
+            ARM.replace("https%3A%2F%2Fmanagement.azure.com", "not%20a%20resource"),
+            good.clone(),
+            400,
+            "bad resource",
+        ),
+        (
+            ARM.replace("https%3A%2F%2Fmanagement.azure.com", "https%3A%2F%2Fa%0Ab"),
+            good.clone(),
+            400,
+            "control character",
+        ),
+        (
+            format!("{ARM}&client_id=11111111-2222-3333-4444-555555555555"),
+            good.clone(),
+            400,
+            "another identity",
+        ),
+        (
+            ARM.replace("2019-08-01", "2017-09-01"),
+            good.clone(),
+            400,
+            "api-version",
+        ),
+    ];
+    for (target, head, want, what) in &cases {
+        let (status, body) = get(addr, target, head);
+        assert_eq!(status, *want, "{what}: {body}");
+        assert_eq!(body["statusCode"], *want, "{what}: App Service's shape");
+        assert!(body.get("access_token").is_none());
+        if *want == 401 {
+            assert_eq!(
+                body,
+                serde_json::json!({"statusCode": 401, "message": "Unauthorized"})
+            );
+        }
+    }
+    assert_eq!(emu.requests(), 0, "none of them reached the upstream");
+    // Allowed spellings of the Host.
+    for h in [
+        "localhost",
+        &format!("localhost:{}", addr.port()),
+        &format!("127.0.0.1:{}", addr.port()),
+    ] {
+        let (status, _) = get(
+            addr,
+            ARM,
+            &format!("Host: {h}\r\nX-IDENTITY-HEADER: {secret}\r\n"),
+        );
+        assert_eq!(status, 200, "Host {h}");
+    }
+    // An oversized head is refused by the server itself.
+    let big = format!("{good}X-Big: {}\r\n", "a".repeat(64 * 1024));
+    let (status, _) = get(addr, ARM, &big);
+    assert_ne!(status, 200);
+    let ep = &m.status()["serve_endpoint"];
+    assert_eq!(ep["unauthorized"], 4, "{ep}");
+}
+
+#[test]
+fn slow_clients_do_not_hold_the_server_or_the_files() {
+    need_fuse!();
+    let emu = emulator_with(EmulatorConfig {
+        latency: Duration::from_millis(300),
+        ..EmulatorConfig::default()
+    });
+    let m = mount_with_endpoint(&emu.url());
+    let (addr, secret) = env_of(&m);
+    // Half-sent heads, idle connections and a client that never reads its answer.
+    let mut held = Vec::new();
+    for i in 0..60 {
+        let mut s = TcpStream::connect(addr).expect("connect");
+        if i % 2 == 0 {
+            s.write_all(b"GET /msi/token?api-version=2019-08-01 HTTP/1.1\r\nHost: 127.0")
+                .unwrap();
+        }
+        held.push(s);
+    }
+    let mut greedy = TcpStream::connect(addr).unwrap();
+    let req = format!("GET {ARM} HTTP/1.1\r\nHost: {addr}\r\nX-IDENTITY-HEADER: {secret}\r\n\r\n");
+    for _ in 0..50 {
+        let _ = greedy.write_all(req.as_bytes()); // pipelined, answers never read
+    }
+    let head = format!("Host: {addr}\r\nX-IDENTITY-HEADER: {secret}\r\n");
+    let vault = ARM.replace("management.azure.com", "vault.azure.net");
+    for _ in 0..5 {
+        let (status, body) = get(addr, &vault, &head);
+        assert_eq!(status, 200, "{body}");
+        m.read("storage.azure.com")
+            .expect("a file reader is not delayed");
+    }
+    drop(held);
+    drop(greedy);
+}
+
+#[test]
+fn no_env_without_serve_endpoint_and_loopback_only() {
+    need_fuse!();
+    let emu = emulator();
+    let m = Mounted::new(&emu.url(), &[]);
+    assert_eq!(errno(&m.read(".env").unwrap_err()), libc::ENOENT);
+    let names: Vec<String> = std::fs::read_dir(&m.path)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert!(!names.contains(&".env".to_string()));
+    assert!(m.status().get("serve_endpoint").is_none());
+    for bad in ["0.0.0.0:0", "192.0.2.1:80", "localhost:80", "127.0.0.1"] {
+        let (_dir, mnt) = scratch_mountpoint();
+        let out = Command::new(BIN)
+            .args([
+                "mount",
+                "-f",
+                "--endpoint",
+                &emu.url(),
+                "--serve-endpoint",
+                bad,
+            ])
+            .arg(&mnt)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "{bad}: a usage error");
+        let opt = format!("serve_endpoint={bad}");
+        let out = Command::new(BIN)
+            .args(["mount", "-f", "--endpoint", &emu.url(), "-o", &opt])
+            .arg(&mnt)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "-o {opt}: a usage error");
+    }
+}
+
+#[test]
+fn claims_of_a_known_emulator_token() {
+    need_fuse!();
+    let emu = emulator();
+    let m = Mounted::new(&emu.url(), &["-o", "serve_endpoint=127.0.0.1:0"]);
+    let text = String::from_utf8(m.read(".claims/management.azure.com").unwrap()).unwrap();
+    let token = m.read("management.azure.com").unwrap();
+    assert!(text.ends_with("}\n"), "pretty JSON and a newline");
+    assert!(text.contains("\n  \"aud\": "), "pretty");
+    let shown: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(shown, claims(&token));
+    assert_eq!(shown["aud"], "https://management.azure.com/");
+    assert_no_token(&text, &token, ".claims");
+    let meta = std::fs::metadata(m.file(".claims/management.azure.com")).unwrap();
+    assert_eq!(meta.len(), text.len() as u64);
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(meta.permissions().mode() & 0o777, 0o400);
+    let audited = || m.log_text().contains("(claims)").then_some(());
+    assert!(
+        eventually(Duration::from_secs(5), audited).is_some(),
+        "opens are audited"
+    );
+}
+
+#[test]
+fn get_prints_every_view() {
+    let run = |view: &str| {
+        let out = Command::new(BIN)
+            .args(["get", "--emulator", "--view", view, "management.azure.com"])
+            .env_remove("MSI_ENDPOINT")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{view}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let raw = run("raw");
+    assert!(raw.ends_with('\n') && raw.trim_end().split('.').count() == 3);
+    let json: serde_json::Value = serde_json::from_str(&run("json")).unwrap();
+    assert_eq!(json["resource"], "https://management.azure.com/");
+    assert!(run("header").starts_with("Authorization: Bearer ey"));
+    let k: serde_json::Value = serde_json::from_str(&run("kubectl")).unwrap();
+    assert_eq!(k["kind"], "ExecCredential");
+    let git = run("git-credential");
+    assert!(git.starts_with("username=cstokenfs\npassword=ey"));
+    let c = run("claims");
+    let claims: serde_json::Value = serde_json::from_str(&c).unwrap();
+    assert_eq!(claims["aud"], "https://management.azure.com/");
+    assert!(!c.contains("access_token"));
+    let out = Command::new(BIN)
+        .args([
+            "get",
+            "--emulator",
+            "--view",
+            "bogus",
+            "management.azure.com",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+}

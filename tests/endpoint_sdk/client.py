@@ -1,0 +1,46 @@
+"""One azure-identity client against the mount's endpoint, for tests/endpoint_sdk.rs.
+
+usage: client.py mi|dac SCOPE OUT_FILE
+Prints one JSON line: {"ok": true, "expires_on": N} (the token itself goes to OUT_FILE,
+never to stdout) or {"ok": false, "error": TYPE, "message": TEXT}. Retries are bounded
+(the SDK's own retry policy, 2 retries, short backoff) so an endpoint answering 500 makes
+this fail within seconds.
+"""
+import json
+import sys
+
+from azure.identity import DefaultAzureCredential, ManagedIdentityCredential
+
+RETRIES = dict(retry_total=2, retry_backoff_factor=0.1, retry_backoff_max=1)
+
+
+def credential(kind):
+    if kind == "mi":
+        return ManagedIdentityCredential(**RETRIES)
+    # DefaultAzureCredential itself, with the developer-tool credentials after managed
+    # identity excluded so a failure cannot fall through to az, pwsh or a browser.
+    return DefaultAzureCredential(
+        exclude_cli_credential=True,
+        exclude_developer_cli_credential=True,
+        exclude_powershell_credential=True,
+        exclude_visual_studio_code_credential=True,
+        exclude_shared_token_cache_credential=True,
+        exclude_interactive_browser_credential=True,
+        exclude_broker_credential=True,
+        **RETRIES,
+    )
+
+
+def main():
+    kind, scope, out = sys.argv[1], sys.argv[2], sys.argv[3]
+    try:
+        token = credential(kind).get_token(scope)
+    except Exception as e:  # the SDK's error, reported to the test
+        print(json.dumps({"ok": False, "error": type(e).__name__, "message": str(e)}))
+        return
+    with open(out, "w") as f:
+        f.write(token.token)
+    print(json.dumps({"ok": True, "expires_on": token.expires_on}))
+
+
+main()
