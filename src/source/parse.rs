@@ -327,14 +327,14 @@ fn utc_offset(s: &str) -> Option<i64> {
 /// Service's `{"statusCode","message"}`, else the start of the body as text. One line, no
 /// control characters, at most 300 characters: it goes to logs and `.status`.
 pub fn error_message(body: &[u8]) -> String {
-    let raw = raw_error_message(body);
+    // An upstream that echoes a token back in its error must not put it in our logs:
+    // redacted whole, before it is cut short (a cut could split a credential from its key).
+    let raw = super::redact::redact(&raw_error_message(body));
     let clean: String = raw
         .chars()
         .map(|c| if c.is_control() { ' ' } else { c })
         .take(300)
         .collect();
-    // An upstream that echoes a token back in its error must not put it in our logs.
-    let clean = super::redact::redact(&clean);
     let clean = clean.trim();
     if clean.is_empty() {
         "no message in the answer".into()
@@ -361,8 +361,8 @@ fn raw_error_message(body: &[u8]) -> String {
     let text: String = String::from_utf8_lossy(body)
         .chars()
         .filter(|c| !c.is_control())
-        .take(200)
         .collect();
+    let text: String = super::redact::redact(&text).chars().take(200).collect();
     if text.trim().is_empty() {
         "no message in the answer".into()
     } else {
