@@ -3,7 +3,7 @@
 //! (three base64url parts whose middle one is a JSON object) gives
 //! `{"opaque": true, "expires_on": <epoch seconds>}`.
 
-use crate::token::EpochMs;
+use crate::policy::EpochMs;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine as _;
 use zeroize::Zeroizing;

@@ -246,3 +246,36 @@ fn directories_and_dot_names() {
     assert_eq!(json.attr.perm, 0o500, "directories get the x bits");
     assert_eq!(f.source.calls(), 0);
 }
+
+#[test]
+fn the_open_that_echoes_a_waiting_lookup_is_not_a_later_read() {
+    let clock = FakeClock::new(1_700_000_000_000);
+    let source = FakeSource::new(clock.clone(), HOUR);
+    let cache = Cache::new(source.clone(), Policy::default(), &[], clock.clone());
+    let _background = cache.start_background().unwrap();
+    let access = Access {
+        uid: 0,
+        gid: 0,
+        file_mode: 0o400,
+    };
+    let f = Fixture {
+        core: Core::new(cache.clone(), access, None, "test"),
+        clock,
+        source,
+    };
+    // One `cat`: a lookup that waits for the fetch, then its open.
+    let ino = f.ino(ARM);
+    f.core.release(f.core.open(ino, READER).unwrap().0);
+    // Shortly before the refresh point (the refresh-ahead window) nothing happens...
+    f.clock.advance(HOUR - 300_000 - 500);
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(
+        f.source.calls(),
+        1,
+        "a token read once is not refreshed ahead"
+    );
+    // ...until a later read marks it in use.
+    f.core.release(f.core.open(ino, READER).unwrap().0);
+    assert!(f.source.wait_calls(2), "a token in use is refreshed ahead");
+    cache.stop_background();
+}

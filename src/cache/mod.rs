@@ -89,10 +89,9 @@ struct Failures {
 /// How the held version is read.
 #[derive(Default)]
 struct Reads {
-    /// Opened since it was fetched: in use, so refreshed ahead of its refresh point.
+    /// Read since it was fetched (the filesystem tells which opens are reads): in use, so
+    /// refreshed ahead of its refresh point.
     since_fetch: bool,
-    /// Opens by the readers whose lookups waited for this version: not later reads.
-    opens_to_skip: usize,
     /// Sequence number of the last read: the least recently read entry is evicted first.
     last: u64,
 }
@@ -381,9 +380,17 @@ impl Cache {
         policy::verdict(now, &v.schedule, current)
     }
 
+    /// The id of the newest version made so far: a lookup that gets a higher one waited
+    /// for its fetch.
+    pub fn last_version_id(&self) -> u64 {
+        self.next_version.load(Ordering::Relaxed).saturating_sub(1)
+    }
+
     /// An open of `v`: may it be served, or must the reader look the name up again? A
-    /// served open counts as a read (refresh ahead, a refresh past the refresh point).
-    pub fn on_open(self: &Arc<Self>, v: &Version) -> OpenDecision {
+    /// served open that `counts_as_read` marks the version in use (refresh ahead) and may
+    /// start a refresh past the refresh point; the filesystem says no for the open that
+    /// echoes a lookup which waited for this very version.
+    pub fn on_open(self: &Arc<Self>, v: &Version, counts_as_read: bool) -> OpenDecision {
         let now = self.clock.now();
         let mut guard = self.state.lock();
         let Some(entry) = guard.entries.get_mut(&*v.resource) else {
@@ -396,9 +403,7 @@ impl Cache {
         ) {
             return OpenDecision::Stale;
         }
-        if entry.reads.opens_to_skip > 0 {
-            entry.reads.opens_to_skip -= 1;
-        } else {
+        if counts_as_read {
             entry.reads.since_fetch = true;
         }
         entry.reads.last = self.read_seq.fetch_add(1, Ordering::Relaxed);
@@ -713,10 +718,6 @@ impl Cache {
             Err(e) => Err(self.record_failure(resource, entry, refusals, &e, now)),
         };
         let waiters = entry.waiters.take().unwrap_or_default();
-        // The waiters' own opens of a new version are not later reads of it.
-        if outcome.as_ref().is_ok_and(|v| Some(v.id) != held) {
-            entry.reads.opens_to_skip = waiters.len();
-        }
         if held.is_none() && outcome.is_ok() {
             self.evict_beyond_limit(entries, resource);
         }
@@ -949,8 +950,8 @@ mod tests {
         let after = cache.get_blocking("r").unwrap();
         assert_ne!(after.id, first.id, "the reader waited for a new token");
         assert_eq!(source.calls(), 2);
-        assert_eq!(cache.on_open(&first), OpenDecision::Stale);
-        assert_eq!(cache.on_open(&after), OpenDecision::Serve);
+        assert_eq!(cache.on_open(&first, true), OpenDecision::Stale);
+        assert_eq!(cache.on_open(&after, true), OpenDecision::Serve);
     }
 
     #[test]
@@ -958,7 +959,7 @@ mod tests {
         let (cache, clock, source) = setup(3_600_000);
         let first = cache.get_blocking("r").unwrap();
         clock.advance(3_600_000 - 5_000); // 5 s before expiry
-        assert_eq!(cache.on_open(&first), OpenDecision::Stale);
+        assert_eq!(cache.on_open(&first, true), OpenDecision::Stale);
         assert_ne!(cache.get_blocking("r").unwrap().id, first.id);
         assert_eq!(source.calls(), 2);
     }
@@ -1034,11 +1035,11 @@ mod tests {
         let cache = Cache::new(source.clone(), Policy::default(), &[], clock.clone());
         let first = cache.get_blocking("r").unwrap();
         for _ in 0..100 {
-            assert_eq!(cache.on_open(&first), OpenDecision::Serve);
+            assert_eq!(cache.on_open(&first, true), OpenDecision::Serve);
         }
         assert_eq!(source.calls(), 1, "paced: nothing within 2 s");
         clock.advance(policy::MIN_FETCH_INTERVAL_MS);
-        assert_eq!(cache.on_open(&first), OpenDecision::Serve);
+        assert_eq!(cache.on_open(&first, true), OpenDecision::Serve);
         assert!(source.wait_calls(2));
         std::thread::sleep(Duration::from_millis(20));
         assert_eq!(source.calls(), 2, "one refresh after 2 s");

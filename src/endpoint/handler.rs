@@ -200,7 +200,7 @@ impl Inner {
             };
             let v = got?;
             // `on_open` serves only a version that is current and valid (the cache's verdict).
-            if self.cache.on_open(&v) == OpenDecision::Serve {
+            if self.cache.on_open(&v, true) == OpenDecision::Serve {
                 return Ok(v);
             }
         }

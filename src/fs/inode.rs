@@ -113,15 +113,19 @@ impl InodeTable {
         self.known.lock().values().any(|k| &*k.resource == resource)
     }
 
-    /// The kernel dropped `n` lookups of an inode of `version`.
-    pub fn forget(&self, version: u64, n: u64) {
+    /// The kernel dropped `n` lookups of an inode of `version`; `true` when it holds none
+    /// of that version any more.
+    pub fn forget(&self, version: u64, n: u64) -> bool {
         let mut known = self.known.lock();
-        if let Some(k) = known.get_mut(&version) {
-            k.lookups = k.lookups.saturating_sub(n);
-            if k.lookups == 0 {
-                known.remove(&version);
-            }
+        let Some(k) = known.get_mut(&version) else {
+            return true;
+        };
+        k.lookups = k.lookups.saturating_sub(n);
+        if k.lookups == 0 {
+            known.remove(&version);
+            return true;
         }
+        false
     }
 
     pub fn with<T>(&self, version: u64, f: impl FnOnce(&Known) -> T) -> Option<T> {

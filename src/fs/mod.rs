@@ -2,6 +2,7 @@
 //! whatever may fetch goes through the cache, which answers on its own thread. `fuse` is the
 //! thin adapter to fuser.
 
+mod echo;
 pub mod fuse;
 pub mod inode;
 
@@ -10,6 +11,7 @@ use crate::cache::{Cache, OpenDecision, ReadError};
 use crate::names;
 use crate::policy::Verdict;
 use crate::token::{Version, View};
+use echo::KernelEcho;
 use fuser::{Errno, FileAttr, FileType, INodeNo};
 use inode::{InodeTable, Node};
 use log::debug;
@@ -17,7 +19,7 @@ use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use zeroize::Zeroizing;
 
 /// A function adding to `.status`.
@@ -37,9 +39,6 @@ const META_TTL: Duration = Duration::from_secs(1);
 /// The longest a token's name or attributes are cached by the kernel (opens always reach the
 /// daemon, which sends a reader of a superseded or expired version back to lookup).
 const MAX_TOKEN_TTL: Duration = Duration::from_secs(60);
-
-/// How soon the kernel's retry of a failed revalidation arrives (microseconds, in practice).
-const KERNEL_RETRY_WINDOW: Duration = Duration::from_millis(100);
 
 /// A `.status` this big is worth returning the heap's free memory after (`malloc_trim`).
 const LARGE_SNAPSHOT: usize = 64 * 1024;
@@ -137,9 +136,8 @@ pub struct Core {
     inodes: InodeTable,
     handles: Mutex<HashMap<u64, Handle>>,
     next_handle: AtomicU64,
-    /// Resources whose cached name just failed to revalidate: the kernel looks the name up
-    /// again at once, for the same read, which must not wait a second `--timeout`.
-    revalidation_failed: Mutex<HashMap<String, (Instant, FsError)>>,
+    /// The kernel's lookup-then-open echo (see `echo`).
+    echo: KernelEcho,
     started: SystemTime,
     /// Set on SIGTERM/SIGINT: token bytes are no longer served (opens and reads answer EIO),
     /// so nothing lands in the page cache again once it is invalidated.
@@ -185,7 +183,7 @@ impl Core {
             inodes: InodeTable::default(),
             handles: Mutex::new(HashMap::new()),
             next_handle: AtomicU64::new(1),
-            revalidation_failed: Mutex::new(HashMap::new()),
+            echo: KernelEcho::default(),
             started: SystemTime::now(),
             stopping: AtomicBool::new(false),
             last_status: Mutex::new(Weak::new()),
@@ -226,25 +224,28 @@ impl Core {
                 return done(Err(FsError::NotFound));
             }
         };
-        if let Some(err) = self.kernel_retry(&resource) {
+        if let Some(err) = self.echo.retry_of_failed(&resource) {
             return done(Err(err));
         }
         let core = self.clone();
         let key = resource.clone();
+        let newest_before = self.cache.last_version_id();
         self.cache.get(
             &key,
             Box::new(move |got| {
                 done(match got {
                     Ok(v) => {
                         core.inodes.remember(&v);
+                        if v.id > newest_before {
+                            core.echo.waited_for(v.id);
+                        }
                         Ok(core.token_entry(&v, view))
                     }
                     Err(ReadError::Refused(_)) => Err(FsError::NotFound),
                     Err(ReadError::Denied(_)) => Err(FsError::Denied),
                     Err(ReadError::Unavailable(_)) => {
                         if core.inodes.holds(&resource) {
-                            let failed = (Instant::now(), FsError::Io);
-                            core.revalidation_failed.lock().insert(resource, failed);
+                            core.echo.revalidation_failed(resource, FsError::Io);
                         }
                         Err(FsError::Io)
                     }
@@ -253,21 +254,12 @@ impl Core {
         );
     }
 
-    /// The error of a revalidation that failed just now, once: this lookup is the kernel's
-    /// own retry of the same read.
-    fn kernel_retry(&self, resource: &str) -> Option<FsError> {
-        let mut failed = self.revalidation_failed.lock();
-        if failed.is_empty() {
-            return None;
-        }
-        failed.retain(|_, (at, _)| at.elapsed() < KERNEL_RETRY_WINDOW);
-        failed.remove(resource).map(|(_, err)| err)
-    }
-
     /// The kernel dropped `n` lookups of `ino`.
     pub fn forget(&self, ino: u64, n: u64) {
         if let Some(Node::Token { version, .. }) = inode::node(ino) {
-            self.inodes.forget(version, n);
+            if self.inodes.forget(version, n) {
+                self.echo.forget(version);
+            }
         }
     }
 
@@ -315,7 +307,8 @@ impl Core {
                     .with(version, |k| k.version.upgrade())
                     .flatten()
                     .ok_or(FsError::Stale)?;
-                if self.cache.on_open(&v) == OpenDecision::Stale {
+                let read = self.echo.is_later_read(v.id);
+                if self.cache.on_open(&v, read) == OpenDecision::Stale {
                     return Err(FsError::Stale);
                 }
                 if let Some(audit) = &self.audit {

@@ -195,7 +195,7 @@ impl Follower<'_> {
                     self.write_views(i, v.clone());
                 }
                 // Every declared resource counts as read: the cache refreshes it ahead.
-                let _ = self.cache.on_open(&v);
+                let _ = self.cache.on_open(&v, true);
             }
             None => {
                 if self.slots[i].written.is_some() {

@@ -1,0 +1,97 @@
+//! The kernel's lookup-then-open echo: one `open(2)` by a reader reaches the daemon as a
+//! LOOKUP (or a revalidation of a cached name) and then an OPEN. Two consequences, kept
+//! together here:
+//!
+//! - When the LOOKUP waited for a fetch, the OPEN that follows is the same read, not a later
+//!   one: it must not count as use of the new version (use earns a refresh ahead of the
+//!   refresh point; a token read once must not be refreshed forever).
+//! - When a revalidation failed (no valid token within `--timeout`), the kernel looks the
+//!   name up again at once, for the same read: that lookup must get the same error without
+//!   waiting a second `--timeout`.
+
+use super::FsError;
+use parking_lot::Mutex;
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+/// How soon the kernel's retry of a failed revalidation arrives (microseconds, in practice).
+const RETRY_WINDOW: Duration = Duration::from_millis(100);
+
+#[derive(Default)]
+pub struct KernelEcho {
+    /// Per version id: opens still to come from lookups that waited for its fetch. Dropped
+    /// when the count reaches zero or the kernel forgets the version.
+    pending_opens: Mutex<HashMap<u64, usize>>,
+    /// Per resource: a revalidation that failed just now, when, and its error.
+    failed: Mutex<HashMap<String, (Instant, FsError)>>,
+}
+
+impl KernelEcho {
+    /// A lookup that waited for the fetch of version `id` was answered with it.
+    pub fn waited_for(&self, id: u64) {
+        *self.pending_opens.lock().entry(id).or_insert(0) += 1;
+    }
+
+    /// Whether an open of version `id` is a later read (not the echo of a waiting lookup).
+    pub fn is_later_read(&self, id: u64) -> bool {
+        let mut pending = self.pending_opens.lock();
+        match pending.get_mut(&id) {
+            Some(n) if *n > 1 => {
+                *n -= 1;
+                false
+            }
+            Some(_) => {
+                pending.remove(&id);
+                false
+            }
+            None => true,
+        }
+    }
+
+    /// The kernel holds no name of version `id` any more: no open of it can follow.
+    pub fn forget(&self, id: u64) {
+        self.pending_opens.lock().remove(&id);
+    }
+
+    /// A revalidation of `resource` failed with `err`.
+    pub fn revalidation_failed(&self, resource: String, err: FsError) {
+        self.failed.lock().insert(resource, (Instant::now(), err));
+    }
+
+    /// The error of a revalidation of `resource` that failed just now, once: this lookup
+    /// is the kernel's own retry of the same read.
+    pub fn retry_of_failed(&self, resource: &str) -> Option<FsError> {
+        let mut failed = self.failed.lock();
+        if failed.is_empty() {
+            return None;
+        }
+        failed.retain(|_, (at, _)| at.elapsed() < RETRY_WINDOW);
+        failed.remove(resource).map(|(_, err)| err)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_waiting_lookup_excuses_one_open() {
+        let echo = KernelEcho::default();
+        echo.waited_for(7);
+        echo.waited_for(7);
+        assert!(!echo.is_later_read(7));
+        assert!(!echo.is_later_read(7));
+        assert!(echo.is_later_read(7), "the third open is a later read");
+        echo.waited_for(8);
+        echo.forget(8);
+        assert!(echo.is_later_read(8));
+    }
+
+    #[test]
+    fn a_failed_revalidation_answers_the_kernels_retry_once() {
+        let echo = KernelEcho::default();
+        echo.revalidation_failed("r".into(), FsError::Io);
+        assert_eq!(echo.retry_of_failed("r"), Some(FsError::Io));
+        assert_eq!(echo.retry_of_failed("r"), None);
+    }
+}
