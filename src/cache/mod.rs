@@ -5,6 +5,7 @@
 //! known-down state are in `upstream`.
 
 mod pool;
+mod status;
 mod upstream;
 
 use crate::policy::Clock;
@@ -14,6 +15,7 @@ use crate::token::{Token, Version};
 use log::{debug, info, warn};
 use parking_lot::{Condvar, Mutex};
 use pool::{Job, Pool};
+pub use status::{ResourceStatus, Status};
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -464,12 +466,12 @@ impl Cache {
     }
 
     /// `.status`: per resource state and times, never token bytes.
-    pub fn status(&self) -> serde_json::Value {
+    pub fn status(&self) -> Status {
         let now = self.clock.now();
         let secs = |ms: EpochMs| ms.div_euclid(1000);
         let guard = self.state.lock();
         let State { entries, refusals } = &*guard;
-        let mut resources: Vec<serde_json::Value> = entries
+        let mut resources: Vec<ResourceStatus> = entries
             .iter()
             .map(|(r, e)| {
                 let held = e.valid(now);
@@ -478,24 +480,23 @@ impl Cache {
                     .failures
                     .last_error
                     .as_ref()
-                    .map(|(m, at)| (m.as_str(), *at))
-                    .or_else(|| refusal.map(|x| (x.message(), x.at)));
-                serde_json::json!({
-                    "name": crate::names::canonical_name(r),
-                    "resource": &**r,
-                    "state": e.state(now, refusal),
-                    "declared": e.declared,
-                    "expires_on": held.map(|v| secs(v.expires_on)),
-                    "fetched_at": e.fetched_at.map(secs),
-                    "next_refresh": match (held, &e.held) {
-                        (Some(_), Some(v)) => Some(secs(v.schedule.refresh_at.max(e.failures.next_attempt_at))),
-                        _ => None,
-                    },
-                    "upstream_calls": e.upstream_calls,
-                    "consecutive_failures": e.failures.consecutive,
-                    "last_error": last_error.map(|x| x.0),
-                    "last_error_at": last_error.map(|x| secs(x.1)),
-                })
+                    .map(|(m, at)| (m.clone(), *at))
+                    .or_else(|| refusal.map(|x| (x.message().to_string(), x.at)));
+                ResourceStatus {
+                    name: crate::names::canonical_name(r),
+                    resource: r.to_string(),
+                    state: e.state(now, refusal),
+                    declared: e.declared,
+                    expires_on: held.map(|v| secs(v.expires_on)),
+                    fetched_at: e.fetched_at.map(secs),
+                    next_refresh: held
+                        .map(|v| secs(v.schedule.refresh_at.max(e.failures.next_attempt_at))),
+                    upstream_calls: Some(e.upstream_calls),
+                    consecutive_failures: e.failures.consecutive,
+                    last_error_at: last_error.as_ref().map(|x| secs(x.1)),
+                    last_error: last_error.map(|x| x.0),
+                    written: None,
+                }
             })
             .collect();
         resources.extend(
@@ -503,37 +504,36 @@ impl Cache {
                 .by_resource
                 .iter()
                 .filter(|(r, x)| now < x.until && !entries.contains_key(*r))
-                .map(|(r, x)| {
-                    serde_json::json!({
-                        "name": crate::names::canonical_name(r),
-                        "resource": &**r,
-                        "state": x.state(),
-                        "declared": false,
-                        "expires_on": null,
-                        "fetched_at": null,
-                        "next_refresh": null,
-                        "upstream_calls": null,
-                        "consecutive_failures": 1,
-                        "last_error": x.message(),
-                        "last_error_at": secs(x.at),
-                    })
+                .map(|(r, x)| ResourceStatus {
+                    name: crate::names::canonical_name(r),
+                    resource: r.to_string(),
+                    state: x.state(),
+                    declared: false,
+                    expires_on: None,
+                    fetched_at: None,
+                    next_refresh: None,
+                    upstream_calls: None,
+                    consecutive_failures: 1,
+                    last_error: Some(x.message().to_string()),
+                    last_error_at: Some(secs(x.at)),
+                    written: None,
                 }),
         );
-        resources.sort_by(|a, b| a["resource"].as_str().cmp(&b["resource"].as_str()));
         drop(guard);
-        serde_json::json!({
-            "endpoint": self.source().endpoint(),
-            "source": self.source().kind().name(),
-            "refresh_margin": self.policy.refresh_margin_ms / 1000,
-            "negative_ttl": self.policy.negative_ttl_ms / 1000,
-            "timeout": self.policy.timeout.as_secs(),
-            "max_upstream_rate": self.policy.max_upstream_rate,
-            "upstream_down": self.upstream.known_down(),
-            "upstream_held_back": self.upstream.held_back(),
-            "fetches_queued": self.pool.queued(),
-            "now": secs(now),
-            "resources": resources,
-        })
+        resources.sort_by(|a, b| a.resource.cmp(&b.resource));
+        Status {
+            endpoint: self.source().endpoint(),
+            source: self.source().kind().name(),
+            refresh_margin: self.policy.refresh_margin_ms / 1000,
+            negative_ttl: self.policy.negative_ttl_ms / 1000,
+            timeout: self.policy.timeout.as_secs(),
+            max_upstream_rate: self.policy.max_upstream_rate,
+            upstream_down: self.upstream.known_down(),
+            upstream_held_back: self.upstream.held_back(),
+            fetches_queued: self.pool.queued(),
+            now: secs(now),
+            resources,
+        }
     }
 
     /// Drops every held token (wiped once no open file holds it), every refusal and the

@@ -5,6 +5,7 @@
 mod echo;
 pub mod fuse;
 pub mod inode;
+pub mod status;
 
 use crate::audit::{Audit, OpenEvent};
 use crate::cache::{Cache, OpenDecision, ReadError};
@@ -540,16 +541,14 @@ impl Core {
     }
 
     fn status_bytes(&self) -> Vec<u8> {
-        let mut status = self.cache.status();
-        status["dumpable"] = serde_json::Value::Bool(crate::hardening::is_dumpable());
-        status["pid"] = std::process::id().into();
-        status["source_reason"] = self.source_reason.clone().into();
-        if let Some((key, part)) = &self.extras.status {
-            status[*key] = part();
-        }
-        let mut out = serde_json::to_vec_pretty(&status).unwrap_or_default();
-        out.push(b'\n');
-        out
+        let status = self.cache.status();
+        let extra: std::collections::BTreeMap<&str, serde_json::Value> = self
+            .extras
+            .status
+            .iter()
+            .map(|(k, part)| (*k, part()))
+            .collect();
+        status::Report::new(&status, &self.source_reason, extra).to_bytes()
     }
 
     fn token_entry(&self, v: &Version, view: View) -> Entry {

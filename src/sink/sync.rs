@@ -4,7 +4,8 @@
 //! so it is refreshed ahead, fetches what is missing, and rewrites `.status` on change.
 
 use super::{Declared, SinkRequest, Taken};
-use crate::cache::Cache;
+use crate::cache::{Cache, Status};
+use crate::fs::status::Report;
 use crate::mount::Ready;
 use crate::policy::SystemClock;
 use crate::source::select::Plan;
@@ -17,6 +18,29 @@ use std::time::{Duration, Instant};
 
 use super::writer::{view_path, STATUS};
 use super::SinkError;
+use serde::Serialize;
+
+/// The sink's part of `.status`.
+#[derive(Clone, PartialEq, Serialize)]
+struct SinkPart {
+    sink: SinkDir,
+}
+
+#[derive(Clone, PartialEq, Serialize)]
+struct SinkDir {
+    dir: String,
+    /// Names whose files are in DIR.
+    written: Vec<String>,
+    missing: Vec<Missing>,
+}
+
+/// A declared resource whose files are not in DIR, and why.
+#[derive(Clone, PartialEq, Serialize)]
+struct Missing {
+    name: String,
+    resource: String,
+    reason: String,
+}
 
 /// A token's files go this long before the cache would stop serving it (`valid_until`, itself
 /// 5 s or a tenth of the lifetime before expiry): more than a few passes of the loop, so
@@ -67,7 +91,8 @@ struct Follower<'a> {
     tx: Sender<Event>,
     source_reason: String,
     /// `.status` as last written, without its `now`.
-    last_status: Option<serde_json::Value>,
+    /// The last `.status` written (its clock zeroed), so an unchanged one is not rewritten.
+    last_status: Option<(Status, SinkPart)>,
 }
 
 /// Starts the cache and keeps DIR in step until SIGTERM or SIGINT.
@@ -292,58 +317,56 @@ impl Follower<'_> {
     /// are written and which are missing and why; rewritten only when something changed.
     fn write_status(&mut self) {
         let mut status = self.cache.status();
-        let cache_error = |resource: &str| {
-            status["resources"].as_array().and_then(|rs| {
-                rs.iter()
-                    .find(|r| r["resource"] == resource)
-                    .and_then(|r| r["last_error"].as_str().map(str::to_string))
-            })
-        };
-        let missing: Vec<serde_json::Value> = self
+        let missing: Vec<Missing> = self
             .slots
             .iter()
             .filter_map(|s| {
-                let why = match (s.missing_reason()?, cache_error(&s.declared.resource)) {
+                let cache_error = status
+                    .resources
+                    .iter()
+                    .find(|r| r.resource == s.declared.resource)
+                    .and_then(|r| r.last_error.clone());
+                let reason = match (s.missing_reason()?, cache_error) {
                     (_, Some(e)) if s.last_error.is_none() => {
                         format!("not refreshed in time: {e}")
                     }
                     (why, _) => why,
                 };
-                Some(serde_json::json!({
-                    "name": s.declared.name,
-                    "resource": s.declared.resource,
-                    "reason": why,
-                }))
+                Some(Missing {
+                    name: s.declared.name.clone(),
+                    resource: s.declared.resource.clone(),
+                    reason,
+                })
             })
             .collect();
-        status["dumpable"] = crate::hardening::is_dumpable().into();
-        status["pid"] = std::process::id().into();
-        status["source_reason"] = self.source_reason.clone().into();
-        status["sink"] = serde_json::json!({
-            "dir": self.taken.writer.dir().display().to_string(),
-            "written": self.slots.iter().filter(|s| s.written.is_some()).map(|s| s.declared.name.clone()).collect::<Vec<_>>(),
-            "missing": missing,
-        });
-        if let Some(list) = status["resources"].as_array_mut() {
-            for r in list {
-                let slot = self
+        for r in &mut status.resources {
+            let slot = self
+                .slots
+                .iter()
+                .find(|s| r.resource == s.declared.resource);
+            r.written = Some(slot.is_some_and(|s| s.written.is_some()));
+        }
+        let sink = SinkPart {
+            sink: SinkDir {
+                dir: self.taken.writer.dir().display().to_string(),
+                written: self
                     .slots
                     .iter()
-                    .find(|s| r["resource"] == s.declared.resource.as_str());
-                r["written"] = slot.is_some_and(|s| s.written.is_some()).into();
-            }
-        }
+                    .filter(|s| s.written.is_some())
+                    .map(|s| s.declared.name.clone())
+                    .collect(),
+                missing,
+            },
+        };
+        // Rewritten only when something but the clock changed.
         let mut compared = status.clone();
-        if let Some(o) = compared.as_object_mut() {
-            o.remove("now");
-        }
-        if self.last_status.as_ref() == Some(&compared) {
+        compared.now = 0;
+        if self.last_status.as_ref() == Some(&(compared.clone(), sink.clone())) {
             return;
         }
-        let mut bytes = serde_json::to_vec_pretty(&status).unwrap_or_default();
-        bytes.push(b'\n');
+        let bytes = Report::new(&status, &self.source_reason, &sink).to_bytes();
         match self.taken.writer.write(STATUS, &bytes) {
-            Ok(()) => self.last_status = Some(compared),
+            Ok(()) => self.last_status = Some((compared, sink)),
             Err(e) => warn!("cannot write {STATUS}: {e}"),
         }
     }
