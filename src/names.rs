@@ -11,54 +11,56 @@ use std::fmt;
 /// Longest file name Linux allows in one path component.
 pub const NAME_MAX: usize = 255;
 
-/// Well-known short names and the exact resource strings they stand for. Built from the
-/// Cloud Shell allowlist (shared/reference/token-endpoints.md) plus the sovereign clouds'
-/// ARM hosts. A trailing slash is kept exactly where the service expects it.
-pub const WELL_KNOWN: &[(&str, &str)] = &[
-    (
-        "management.core.windows.net",
-        "https://management.core.windows.net/",
-    ),
-    ("management.azure.com", "https://management.azure.com/"),
-    (
-        "management.usgovcloudapi.net",
-        "https://management.usgovcloudapi.net/",
-    ),
-    (
-        "management.chinacloudapi.cn",
-        "https://management.chinacloudapi.cn/",
-    ),
-    ("graph.windows.net", "https://graph.windows.net/"),
-    ("vault.azure.net", "https://vault.azure.net"),
-    ("datalake.azure.net", "https://datalake.azure.net/"),
-    ("outlook.office365.com", "https://outlook.office365.com/"),
-    ("graph.microsoft.com", "https://graph.microsoft.com/"),
-    ("batch.core.windows.net", "https://batch.core.windows.net/"),
-    (
-        "analysis.windows.net",
-        "https://analysis.windows.net/powerbi/api",
-    ),
-    ("storage.azure.com", "https://storage.azure.com/"),
-    ("rest.media.azure.net", "https://rest.media.azure.net"),
-    ("api.loganalytics.io", "https://api.loganalytics.io"),
-    (
-        "ossrdbms-aad.database.windows.net",
-        "https://ossrdbms-aad.database.windows.net",
-    ),
-    ("www.yammer.com", "https://www.yammer.com"),
-    ("digitaltwins.azure.net", "https://digitaltwins.azure.net"),
-    ("dev.azuresynapse.net", "https://dev.azuresynapse.net"),
-    ("database.windows.net", "https://database.windows.net"),
-    ("quantum.microsoft.com", "https://quantum.microsoft.com"),
-    ("iothubs.azure.net", "https://iothubs.azure.net"),
-    ("azuredatabricks.net", "https://azuredatabricks.net/"),
-    (
-        "azure-devices-provisioning.net",
-        "https://azure-devices-provisioning.net",
-    ),
-    ("ai.azure.com", "https://ai.azure.com"),
-    ("appservice.azure.com", "https://appservice.azure.com"),
+/// The resources Cloud Shell's endpoint issues tokens for, spelled as it accepts them and
+/// as the services expect in `aud` (a trailing slash exactly where the service wants one):
+/// its allowlist (shared/reference/token-endpoints.md) plus the sovereign clouds' ARM hosts
+/// and the app IDs users ask for. The name rules and the emulator share it.
+pub const CLOUD_SHELL_ALLOWLIST: &[&str] = &[
+    "https://management.core.windows.net/",
+    "https://management.azure.com/",
+    "https://graph.windows.net/",
+    "https://vault.azure.net",
+    "https://datalake.azure.net/",
+    "https://outlook.office365.com/",
+    "https://graph.microsoft.com/",
+    "https://batch.core.windows.net/",
+    "https://analysis.windows.net/powerbi/api",
+    "https://storage.azure.com/",
+    "https://rest.media.azure.net",
+    "https://api.loganalytics.io",
+    "https://ossrdbms-aad.database.windows.net",
+    "https://www.yammer.com",
+    "https://digitaltwins.azure.net",
+    "https://dev.azuresynapse.net",
+    "https://database.windows.net",
+    "https://quantum.microsoft.com",
+    "https://iothubs.azure.net",
+    "https://azuredatabricks.net/",
+    "https://azure-devices-provisioning.net",
+    "2ff814a6-3304-4ab8-85cb-cd0e6f879c1d",
+    "https://ai.azure.com",
+    "https://appservice.azure.com",
+    "https://management.usgovcloudapi.net/",
+    "https://management.chinacloudapi.cn/",
+    "499b84ac-1321-427f-aa17-267ca6975798", // Azure DevOps
+    "6dae42f8-4368-4678-94ff-3960e28e3630", // AKS
 ];
+
+/// Well-known short names (the host of each `https://` resource of the allowlist) and the
+/// exact resource strings they stand for.
+pub fn well_known() -> &'static [(&'static str, &'static str)] {
+    static PAIRS: std::sync::OnceLock<Vec<(&'static str, &'static str)>> =
+        std::sync::OnceLock::new();
+    PAIRS.get_or_init(|| {
+        CLOUD_SHELL_ALLOWLIST
+            .iter()
+            .filter_map(|r| {
+                let host = r.strip_prefix("https://")?.split('/').next()?;
+                Some((host, *r))
+            })
+            .collect()
+    })
+}
 
 /// Why a file name does not name a resource. Every variant reads as ENOENT.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -126,7 +128,7 @@ pub fn resolve(name: &str) -> Result<String, NameError> {
     if is_guid(name) {
         return Ok(name.to_string());
     }
-    if let Some((_, resource)) = WELL_KNOWN.iter().find(|(short, _)| *short == name) {
+    if let Some((_, resource)) = well_known().iter().find(|(short, _)| *short == name) {
         return Ok((*resource).to_string());
     }
     if is_dns_name(name) {
@@ -139,7 +141,7 @@ pub fn resolve(name: &str) -> Result<String, NameError> {
 /// this resource, else the GUID, else the resource percent-encoded. `None` when even the
 /// encoded form is too long to be a file name.
 pub fn canonical_name(resource: &str) -> Option<String> {
-    if let Some((short, _)) = WELL_KNOWN.iter().find(|(_, r)| *r == resource) {
+    if let Some((short, _)) = well_known().iter().find(|(_, r)| *r == resource) {
         return Some((*short).to_string());
     }
     if let Some(host) = resource.strip_prefix("https://") {
@@ -305,7 +307,7 @@ mod tests {
 
     #[test]
     fn canonical_names_round_trip() {
-        for (short, resource) in WELL_KNOWN {
+        for (short, resource) in well_known() {
             assert_eq!(canonical_name(resource).as_deref(), Some(*short));
         }
         assert_eq!(

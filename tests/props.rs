@@ -4,7 +4,7 @@
 //! Failure persistence is off so that a failing run writes no regression file; a failure
 //! prints its minimal input, to be turned into a unit test by hand.
 
-use cstokenfs::names::{canonical_name, is_guid, resolve, NAME_MAX, WELL_KNOWN};
+use cstokenfs::names::{canonical_name, is_guid, resolve, well_known, NAME_MAX};
 use cstokenfs::source::parse::{days_from_civil, error_message, legacy_date, token};
 use proptest::collection::vec;
 use proptest::prelude::*;
@@ -120,12 +120,12 @@ fn guid() -> impl Strategy<Value = String> {
 }
 
 fn well_known_short() -> impl Strategy<Value = String> {
-    select(WELL_KNOWN).prop_map(|(short, _)| short.to_string())
+    select(well_known()).prop_map(|(short, _)| short.to_string())
 }
 
 fn well_known_resource() -> impl Strategy<Value = String> {
     (
-        select(WELL_KNOWN),
+        select(well_known()),
         select(&["", "/", "/.default", "//", "x"][..]),
     )
         .prop_map(|((_, resource), suffix)| {
@@ -400,7 +400,7 @@ proptest! {
     #[test]
     fn plain_resources_are_always_listed(
         r in prop_oneof![
-            select(WELL_KNOWN).prop_map(|(_, r)| r.to_string()),
+            select(well_known()).prop_map(|(_, r)| r.to_string()),
             "[a-z0-9]{1,20}(\\.[a-z0-9]{1,20}){1,4}".prop_map(|h| format!("https://{h}")),
             guid(),
         ]

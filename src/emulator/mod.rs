@@ -40,38 +40,6 @@ mod tests;
 #[cfg(test)]
 mod tests_http;
 
-/// Audiences the real Cloud Shell endpoint accepts (trailing slash may be added or removed).
-pub const KNOWN_AUDIENCES: &[&str] = &[
-    "https://management.core.windows.net/",
-    "https://management.azure.com/",
-    "https://graph.windows.net/",
-    "https://vault.azure.net",
-    "https://datalake.azure.net/",
-    "https://outlook.office365.com/",
-    "https://graph.microsoft.com/",
-    "https://batch.core.windows.net/",
-    "https://analysis.windows.net/powerbi/api",
-    "https://storage.azure.com/",
-    "https://rest.media.azure.net",
-    "https://api.loganalytics.io",
-    "https://ossrdbms-aad.database.windows.net",
-    "https://www.yammer.com",
-    "https://digitaltwins.azure.net",
-    "https://dev.azuresynapse.net",
-    "https://database.windows.net",
-    "https://quantum.microsoft.com",
-    "https://iothubs.azure.net",
-    "https://azuredatabricks.net/",
-    "https://azure-devices-provisioning.net",
-    "2ff814a6-3304-4ab8-85cb-cd0e6f879c1d",
-    "https://ai.azure.com",
-    "https://appservice.azure.com",
-    "https://management.usgovcloudapi.net/",
-    "https://management.chinacloudapi.cn/",
-    "499b84ac-1321-427f-aa17-267ca6975798", // Azure DevOps
-    "6dae42f8-4368-4678-94ff-3960e28e3630", // AKS
-];
-
 const TOKEN_PATH: &str = "/oauth2/token";
 const IMDS_PATH: &str = "/metadata/identity/oauth2/token";
 const APP_SERVICE_PATH: &str = "/msi/token";

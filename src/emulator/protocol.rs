@@ -17,7 +17,7 @@ use super::faults;
 use super::form::{form_value, params_lossy, params_strict};
 use super::{
     now_secs, random_hex, ArcKey, ExpiresOnForm, Fault, Issued, Kind, Shared,
-    APP_SERVICE_API_VERSION, ARC_API_VERSION, DEFAULT_CLIENT_ID, IMDS_API_VERSION, KNOWN_AUDIENCES,
+    APP_SERVICE_API_VERSION, ARC_API_VERSION, DEFAULT_CLIENT_ID, IMDS_API_VERSION,
 };
 
 use crate::httpserver::{RawPart, Request};
@@ -52,7 +52,7 @@ impl Shared {
             s.strip_suffix('/').unwrap_or(s)
         }
         self.allow_any.load(SeqCst)
-            || KNOWN_AUDIENCES
+            || crate::names::CLOUD_SHELL_ALLOWLIST
                 .iter()
                 .copied()
                 .chain(self.allow.iter().map(String::as_str))

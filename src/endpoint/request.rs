@@ -2,7 +2,7 @@
 //! resource it names (and the cache key that resource shares with a file name), the
 //! identity it asks for, and its `Host`.
 
-use crate::names::{self, NameError, WELL_KNOWN};
+use crate::names::{self, well_known, NameError};
 use crate::source::Identity;
 use std::collections::BTreeMap;
 use std::fmt;
@@ -116,7 +116,7 @@ pub fn cache_key(sent: &str) -> Result<String, NameError> {
         Some(without) => without.to_string(),
         None => format!("{resource}/"),
     };
-    Ok(WELL_KNOWN
+    Ok(well_known()
         .iter()
         .find(|(_, known)| *known == resource || *known == other_spelling)
         .map_or(resource, |(_, known)| *known)
