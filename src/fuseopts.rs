@@ -26,6 +26,12 @@ const VALUE_KEYS: &[&str] = &[
     "client-id",
     "object-id",
     "msi-res-id",
+    "tenant-id",
+    "authority-host",
+    "federated-token-file",
+    "client-secret-file",
+    "client-certificate",
+    "ca-file",
 ];
 
 /// `-o` keys that are switches.

@@ -19,6 +19,8 @@ use crate::httpserver::{Answer, Request, Stop};
 use crate::source::{assertion, entra::ASSERTION_TYPE};
 
 mod cli;
+#[cfg(test)]
+mod tests;
 pub use cli::{command, EntraEmulatorArgs};
 
 /// What the emulator accepts; `None` fields accept anything (any non-empty credential

@@ -81,3 +81,89 @@ pub(super) async fn serve_conn<H: Handler>(
     }
     // A raw answer or a close: dropping the stream closes the connection.
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::{Answer, Config, Reply, Request, Server};
+    use super::*;
+
+    struct Hello;
+
+    impl Handler for Hello {
+        async fn handle(&self, req: Request, _stop: Stop) -> Answer {
+            if req.target == "/close" {
+                return Answer::Close;
+            }
+            Answer::Reply(Reply {
+                status: 200,
+                headers: Vec::new(),
+                body: b"hello over tls".to_vec(),
+            })
+        }
+    }
+
+    /// (CA PEM, leaf PEM, leaf key PEM) for 127.0.0.1.
+    fn certs() -> (String, String, String) {
+        let ca_key = rcgen::KeyPair::generate().unwrap();
+        let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let ca_cert = ca.self_signed(&ca_key).unwrap();
+        let issuer = rcgen::Issuer::new(ca, ca_key);
+        let key = rcgen::KeyPair::generate().unwrap();
+        let leaf = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string()])
+            .unwrap()
+            .signed_by(&key, &issuer)
+            .unwrap();
+        (ca_cert.pem(), leaf.pem(), key.serialize_pem())
+    }
+
+    #[test]
+    fn serves_https_to_a_client_that_trusts_the_ca_only() {
+        crate::source::tls::ensure_provider();
+        let (ca, leaf, key) = certs();
+        let config = Config {
+            tls: Some(server_config(leaf.as_bytes(), key.as_bytes()).unwrap()),
+            ..Config::default()
+        };
+        let server = Server::start("127.0.0.1:0".parse().unwrap(), config, Hello).unwrap();
+        assert!(server.is_tls());
+        let url = format!("https://{}/", server.addr());
+        let trusting = reqwest::blocking::Client::builder()
+            .tls_certs_only(reqwest::Certificate::from_pem_bundle(ca.as_bytes()).unwrap())
+            .no_proxy()
+            .build()
+            .unwrap();
+        let body = trusting.get(&url).send().unwrap().text().unwrap();
+        assert_eq!(body, "hello over tls");
+        assert!(
+            trusting.get(format!("{url}close")).send().is_err(),
+            "closed"
+        );
+        let other = reqwest::blocking::Client::builder()
+            .tls_certs_only(reqwest::Certificate::from_pem_bundle(certs().0.as_bytes()).unwrap())
+            .no_proxy()
+            .build()
+            .unwrap();
+        assert!(other.get(&url).send().is_err(), "an untrusted certificate");
+        // Plain http to the TLS port gets no answer.
+        let plain = reqwest::blocking::Client::builder()
+            .no_proxy()
+            .build()
+            .unwrap();
+        assert!(plain
+            .get(format!("http://{}/", server.addr()))
+            .timeout(Duration::from_secs(5))
+            .send()
+            .is_err());
+        server.shutdown();
+    }
+
+    #[test]
+    fn bad_pem_is_refused() {
+        let (_, leaf, key) = certs();
+        assert!(server_config(b"nonsense", key.as_bytes()).is_err());
+        assert!(server_config(leaf.as_bytes(), b"nonsense").is_err());
+        let (_, _, other_key) = certs();
+        assert!(server_config(leaf.as_bytes(), other_key.as_bytes()).is_err());
+    }
+}

@@ -75,7 +75,7 @@ impl ClientCertificate {
             return Err(bad("is larger than 1 MiB"));
         }
         let pem = Zeroizing::new(std::fs::read(path).map_err(|e| bad(&e.to_string()))?);
-        ClientCertificate::from_pem(&pem).map_err(|problem| bad(problem))
+        ClientCertificate::from_pem(&pem).map_err(bad)
     }
 
     /// The same from PEM bytes; the error says what is wrong, never what is in them.
@@ -221,4 +221,74 @@ pub fn verify(cert_der: &[u8], jwt: &str) -> Result<Value, (u32, &'static str)> 
     )
     .map_err(|_| SIGNATURE)?;
     Ok(claims)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// (certificate PEM, PKCS#8 key PEM, certificate DER) with a fresh RSA-2048 key.
+    fn fresh() -> (String, String, Vec<u8>) {
+        use rsa::pkcs8::EncodePrivateKey;
+        let key = rsa::RsaPrivateKey::new(&mut rand_core::OsRng, 2048).unwrap();
+        let pem = key
+            .to_pkcs8_pem(rsa::pkcs8::LineEnding::LF)
+            .unwrap()
+            .to_string();
+        let pair = rcgen::KeyPair::from_pem(&pem).unwrap();
+        let cert = rcgen::CertificateParams::new(Vec::<String>::new())
+            .unwrap()
+            .self_signed(&pair)
+            .unwrap();
+        (cert.pem(), pem, cert.der().to_vec())
+    }
+
+    #[test]
+    fn an_assertion_verifies_against_its_certificate_only() {
+        let (cert, key, der) = fresh();
+        let c = ClientCertificate::from_pem(format!("{key}{cert}").as_bytes()).unwrap();
+        assert!(
+            !format!("{c:?}").contains(&key[40..80]),
+            "Debug shows no key"
+        );
+        let aud = "https://login.example/t/oauth2/v2.0/token";
+        let jwt = c.assertion("client", aud, 1_700_000_000).unwrap();
+        let claims = verify(&der, &jwt).unwrap();
+        assert_eq!(claims["aud"], aud);
+        assert_eq!(claims["iss"], "client");
+        assert_eq!(claims["sub"], "client");
+        assert_eq!(claims["exp"], 1_700_000_000 + LIFETIME_SECS);
+        let (x5t, x5t_s256) = thumbprints(&der);
+        assert_eq!(x5t.len(), 27, "base64url of 20 bytes");
+        assert_eq!(x5t_s256.len(), 43, "base64url of 32 bytes");
+        let (_, _, other) = fresh();
+        assert_eq!(verify(&other, &jwt).unwrap_err().0, 700027);
+        let mut tampered = jwt.to_string();
+        tampered.insert(tampered.find('.').unwrap() + 2, 'x');
+        assert!(verify(&der, &tampered).is_err());
+        assert_eq!(verify(&der, "a.b").unwrap_err().0, 50027);
+    }
+
+    #[test]
+    fn files_that_cannot_work_say_why() {
+        let (cert, key, _) = fresh();
+        let (other_cert, _, _) = fresh();
+        let err = |pem: String| ClientCertificate::from_pem(pem.as_bytes()).unwrap_err();
+        assert!(err(cert.clone()).contains("no PEM private key"));
+        assert!(err(key.clone()).contains("no PEM certificate"));
+        assert!(err(format!("{other_cert}{key}")).contains("does not belong"));
+        let encrypted =
+            "-----BEGIN ENCRYPTED PRIVATE KEY-----\nAAAA\n-----END ENCRYPTED PRIVATE KEY-----\n";
+        assert!(err(format!("{cert}{encrypted}")).contains("AZURE_CLIENT_CERTIFICATE_PASSWORD"));
+        let ec = rcgen::KeyPair::generate().unwrap();
+        let ec_cert = rcgen::CertificateParams::new(Vec::<String>::new())
+            .unwrap()
+            .self_signed(&ec)
+            .unwrap();
+        let e = err(format!("{}{}", ec_cert.pem(), ec.serialize_pem()));
+        assert!(e.contains("RSA") || e.contains("does not belong"), "{e}");
+        let dir = tempfile::tempdir().unwrap();
+        let missing = ClientCertificate::load(&dir.path().join("nope.pem")).unwrap_err();
+        assert!(missing.to_string().contains("nope.pem"));
+    }
 }

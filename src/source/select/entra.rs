@@ -226,3 +226,117 @@ fn secret_file(path: &Path) -> Result<Credential, ConfigError> {
         secret.to_string(),
     ))))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::{detect, plan, Env, Wanted};
+    use crate::source::Kind;
+
+    fn env(vars: &[(&str, &str)]) -> Env {
+        Env {
+            vars: vars
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            az_on_path: true,
+        }
+    }
+
+    const SP: [(&str, &str); 3] = [
+        ("AZURE_TENANT_ID", "t"),
+        ("AZURE_CLIENT_ID", "c"),
+        ("AZURE_CLIENT_SECRET", "hunter2-secret"),
+    ];
+
+    #[test]
+    fn the_sdks_order_and_explicit_flags_win() {
+        let d = |vars: &[(&str, &str)]| detect(None, false, false, &env(vars)).0;
+        let wi = [
+            ("AZURE_TENANT_ID", "t"),
+            ("AZURE_CLIENT_ID", "c"),
+            ("AZURE_FEDERATED_TOKEN_FILE", "/f"),
+        ];
+        assert_eq!(d(&SP), Kind::ServicePrincipal);
+        assert_eq!(d(&wi), Kind::WorkloadIdentity);
+        let mut both = SP.to_vec();
+        both.extend(wi);
+        both.push(("MSI_ENDPOINT", "http://127.0.0.1:1/"));
+        assert_eq!(d(&both), Kind::ServicePrincipal);
+        let cert = [
+            ("AZURE_TENANT_ID", "t"),
+            ("AZURE_CLIENT_ID", "c"),
+            ("AZURE_CLIENT_CERTIFICATE_PATH", "/p"),
+        ];
+        assert_eq!(d(&cert), Kind::ServicePrincipal);
+        assert_eq!(d(&SP[1..]), Kind::AzureCli, "no tenant: not a principal");
+        assert_eq!(d(&wi[..2]), Kind::AzureCli);
+        let e = env(&both);
+        assert_eq!(detect(None, true, false, &e).0, Kind::CloudShell);
+        assert_eq!(detect(None, false, true, &e).0, Kind::CloudShell);
+        assert_eq!(detect(Some(Kind::Imds), false, false, &e).0, Kind::Imds);
+        let (_, reason) = detect(None, false, false, &env(&wi));
+        assert!(reason.contains("AZURE_FEDERATED_TOKEN_FILE"), "{reason}");
+    }
+
+    #[test]
+    fn plans_name_what_is_missing_and_never_show_the_secret() {
+        let w = |kind| Wanted {
+            source: Some(kind),
+            ..Wanted::default()
+        };
+        let err = |wanted: &Wanted, vars: &[(&str, &str)]| {
+            plan(wanted, &env(vars)).unwrap_err().to_string()
+        };
+        assert!(err(&w(Kind::ServicePrincipal), &[]).contains("AZURE_TENANT_ID"));
+        assert!(err(&w(Kind::ServicePrincipal), &SP[..1]).contains("AZURE_CLIENT_ID"));
+        assert!(err(&w(Kind::ServicePrincipal), &SP[..2]).contains("AZURE_CLIENT_SECRET"));
+        assert!(err(&w(Kind::WorkloadIdentity), &SP[..2]).contains("AZURE_FEDERATED_TOKEN_FILE"));
+        let mut bad = SP.to_vec();
+        bad.push(("AZURE_AUTHORITY_HOST", "http://login.example/"));
+        assert!(err(&w(Kind::ServicePrincipal), &bad).contains("https://"));
+        let endpoint = Wanted {
+            endpoint: Some("http://127.0.0.1:1/".into()),
+            ..w(Kind::ServicePrincipal)
+        };
+        assert!(err(&endpoint, &SP).contains("--authority-host"));
+        let p = plan(&Wanted::default(), &env(&SP)).unwrap();
+        assert_eq!(p.kind, Kind::ServicePrincipal);
+        assert!(!format!("{p:?}").contains("hunter2"));
+        let flagged = Wanted {
+            federated_token_file: Some("/var/run/token".into()),
+            ..Wanted::default()
+        };
+        let p = plan(&flagged, &env(&SP[..2])).unwrap();
+        assert_eq!(
+            p.kind,
+            Kind::WorkloadIdentity,
+            "a credential flag picks its source"
+        );
+        let emulated = Wanted {
+            emulator: true,
+            ..w(Kind::ServicePrincipal)
+        };
+        assert!(
+            plan(&emulated, &env(&[])).is_ok(),
+            "--emulator needs no variables"
+        );
+    }
+
+    #[test]
+    fn a_secret_file_loses_its_trailing_newline_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("secret");
+        std::fs::write(&path, "abc\n").unwrap();
+        match super::secret_file(&path).unwrap() {
+            super::Credential::Secret(s) => assert_eq!(s.as_str(), "abc"),
+            other => panic!("{other:?}"),
+        }
+        std::fs::write(&path, "\n").unwrap();
+        assert!(super::secret_file(&path)
+            .unwrap_err()
+            .to_string()
+            .contains("empty"));
+        std::fs::write(&path, "a\nb\n").unwrap();
+        assert!(super::secret_file(&path).is_err());
+    }
+}
