@@ -267,22 +267,6 @@ fn service_principal_with_a_certificate() {
     assert!(last_error_of(&m, "https://vault.azure.net").contains("AADSTS700027"));
 }
 
-/// `cstokenfs get` with the secret-file service principal against `authority`.
-fn get(authority: &str, secret_file: &std::path::Path, extra: &[&str]) -> std::process::Output {
-    let mut cmd = Command::new(BIN);
-    cmd.args(["get", "--source", "service-principal", "--timeout", "2"])
-        .args(["--tenant-id", TENANT, "--client-id", CLIENT])
-        .arg("--client-secret-file")
-        .arg(secret_file)
-        .args(["--authority-host", authority])
-        .args(extra)
-        .arg("management.azure.com");
-    for k in IDENTITY_VARS {
-        cmd.env_remove(k);
-    }
-    cmd.output().expect("run cstokenfs get")
-}
-
 #[test]
 fn tls_with_a_ca_file_and_refused_without_it() {
     need_fuse!();

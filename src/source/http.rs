@@ -55,7 +55,7 @@ fn check_url(endpoint: &str) -> Result<reqwest::Url, ConfigError> {
     let url = reqwest::Url::parse(endpoint).map_err(|e| bad(format!("is malformed: {e}")))?;
     if url.scheme() != "http" {
         // The local token endpoints (Cloud Shell, IMDS, App Service, Arc) are plain http;
-        // this client has no TLS.
+        // only the Entra upstreams use TLS (`tls`).
         return Err(bad("must start with http://".into()));
     }
     if url.host_str().is_none_or(str::is_empty) {

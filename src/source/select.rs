@@ -190,6 +190,11 @@ pub fn plan(wanted: &Wanted, env: &Env) -> Result<Plan, ConfigError> {
         }
         return Ok(plan);
     }
+    if let Some(flag) = entra::entra_only_flag(wanted) {
+        return Err(ConfigError::Missing(format!(
+            "{flag} is for --source workload-identity or service-principal, not {kind}"
+        )));
+    }
     let default_url = match kind {
         Kind::CloudShell => Some(
             env.get("MSI_ENDPOINT")

@@ -116,3 +116,19 @@ pub fn assert_absent(haystack: &str, secret: &str, what: &str) {
 pub fn pem_body(pem: &str) -> String {
     pem.lines().filter(|l| !l.starts_with("-----")).collect()
 }
+
+/// `cstokenfs get` with the secret-file service principal against `authority`.
+pub fn get(authority: &str, secret_file: &std::path::Path, extra: &[&str]) -> std::process::Output {
+    let mut cmd = std::process::Command::new(crate::common::BIN);
+    cmd.args(["get", "--source", "service-principal", "--timeout", "2"])
+        .args(["--tenant-id", TENANT, "--client-id", CLIENT])
+        .arg("--client-secret-file")
+        .arg(secret_file)
+        .args(["--authority-host", authority])
+        .args(extra)
+        .arg("management.azure.com");
+    for k in crate::common::IDENTITY_VARS {
+        cmd.env_remove(k);
+    }
+    cmd.output().expect("run cstokenfs get")
+}

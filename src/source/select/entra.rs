@@ -47,6 +47,23 @@ pub fn detect_flags(wanted: &Wanted) -> Option<(Kind, String)> {
     None
 }
 
+/// The first flag given that only the Entra sources take.
+pub fn entra_only_flag(wanted: &Wanted) -> Option<&'static str> {
+    [
+        (wanted.tenant_id.is_some(), "--tenant-id"),
+        (wanted.authority_host.is_some(), "--authority-host"),
+        (
+            wanted.federated_token_file.is_some(),
+            "--federated-token-file",
+        ),
+        (wanted.client_secret_file.is_some(), "--client-secret-file"),
+        (wanted.client_certificate.is_some(), "--client-certificate"),
+        (wanted.ca_file.is_some(), "--ca-file"),
+    ]
+    .into_iter()
+    .find_map(|(given, flag)| given.then_some(flag))
+}
+
 /// The SDKs' EnvironmentCredential, then WorkloadIdentityCredential.
 pub fn detect_env(env: &Env) -> Option<(Kind, String)> {
     let ids = env.has("AZURE_TENANT_ID") && env.has("AZURE_CLIENT_ID");
@@ -320,6 +337,11 @@ mod tests {
             plan(&emulated, &env(&[])).is_ok(),
             "--emulator needs no variables"
         );
+        let imds = Wanted {
+            ca_file: Some("/ca.pem".into()),
+            ..w(Kind::Imds)
+        };
+        assert!(err(&imds, &[]).contains("--ca-file is for"));
     }
 
     #[test]
