@@ -10,6 +10,10 @@ command -v python3 >/dev/null 2>&1 || need+=(python3)
 command -v pgrep >/dev/null 2>&1 || need+=(procps)
 python3 -m venv --help >/dev/null 2>&1 && python3 -c 'import ensurepip' >/dev/null 2>&1 || need+=(python3-venv)
 command -v mount.fuse3 >/dev/null 2>&1 || need+=(fuse3)
+# ring (rustls' crypto provider) compiles C and assembly: a C compiler is needed.
+command -v cc >/dev/null 2>&1 || need+=(gcc)
+# The system trust store the Entra client verifies against.
+[ -e /etc/ssl/certs/ca-certificates.crt ] || need+=(ca-certificates)
 if [ ${#need[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     echo "installing: ${need[*]}"

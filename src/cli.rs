@@ -48,8 +48,9 @@ pub enum Command {
 
 #[derive(Args, Debug, Clone)]
 pub struct Upstream {
-    /// Where tokens come from: auto, cloudshell, imds, appservice, arc, azure-cli
-    /// [default: auto, detected from the environment; IMDS only when chosen].
+    /// Where tokens come from: auto, cloudshell, imds, appservice, arc, azure-cli,
+    /// workload-identity, service-principal [default: auto, detected from the environment;
+    /// IMDS only when chosen].
     #[arg(long, value_name = "SOURCE", value_parser = parse_source)]
     pub source: Option<SourceArg>,
     /// Token endpoint URL of any HTTP source [default: $MSI_ENDPOINT, else
@@ -62,7 +63,8 @@ pub struct Upstream {
     /// The most one fetch may take, retries included, in seconds (1 to 60).
     #[arg(long, value_name = "SECS", default_value_t = 10, value_parser = parse_timeout)]
     pub timeout: u64,
-    /// User-assigned identity by client ID (IMDS, App Service).
+    /// User-assigned identity by client ID (IMDS, App Service); the application's client
+    /// ID for Entra [default: $AZURE_CLIENT_ID].
     #[arg(long, value_name = "ID")]
     pub client_id: Option<String>,
     /// User-assigned identity by object (principal) ID (IMDS, App Service).
@@ -71,6 +73,35 @@ pub struct Upstream {
     /// User-assigned identity by Azure resource ID (IMDS, App Service).
     #[arg(long, value_name = "ID")]
     pub msi_res_id: Option<String>,
+    #[command(flatten)]
+    pub entra: EntraArgs,
+}
+
+/// The Entra sources (workload identity, service principal).
+#[derive(Args, Debug, Clone, Default)]
+pub struct EntraArgs {
+    /// Entra tenant ID or domain [default: $AZURE_TENANT_ID].
+    #[arg(long, value_name = "ID")]
+    pub tenant_id: Option<String>,
+    /// Entra authority: https://, or http:// to a loopback host
+    /// [default: $AZURE_AUTHORITY_HOST, else https://login.microsoftonline.com/].
+    #[arg(long, value_name = "URL")]
+    pub authority_host: Option<String>,
+    /// Workload identity: the federated (service account) token file, read for every
+    /// request [default: $AZURE_FEDERATED_TOKEN_FILE].
+    #[arg(long, value_name = "PATH")]
+    pub federated_token_file: Option<PathBuf>,
+    /// Service principal: a file holding the client secret (one trailing newline is not
+    /// part of it) [default: $AZURE_CLIENT_SECRET].
+    #[arg(long, value_name = "PATH")]
+    pub client_secret_file: Option<PathBuf>,
+    /// Service principal: a PEM file with the certificate and its unencrypted RSA key
+    /// [default: $AZURE_CLIENT_CERTIFICATE_PATH].
+    #[arg(long, value_name = "PATH")]
+    pub client_certificate: Option<PathBuf>,
+    /// PEM CA certificates trusted besides the system's (Entra's TLS).
+    #[arg(long, value_name = "PEM")]
+    pub ca_file: Option<PathBuf>,
 }
 
 /// `--source`: `auto` or an upstream.
@@ -117,6 +148,12 @@ impl Upstream {
                 object_id: self.object_id.clone(),
                 msi_res_id: self.msi_res_id.clone(),
             },
+            tenant_id: self.entra.tenant_id.clone(),
+            authority_host: self.entra.authority_host.clone(),
+            federated_token_file: self.entra.federated_token_file.clone(),
+            client_secret_file: self.entra.client_secret_file.clone(),
+            client_certificate: self.entra.client_certificate.clone(),
+            ca_file: self.entra.ca_file.clone(),
         }
     }
 }
@@ -245,13 +282,15 @@ pub struct EmulatorArgs {
     /// Accept every resource (for benchmarks and tests).
     #[arg(long)]
     pub allow_any: bool,
-    /// The protocol to serve: cloudshell, imds, appservice, arc.
+    /// The protocol to serve: cloudshell, imds, appservice, arc, entra.
     #[arg(long, value_name = "PROTOCOL", default_value = "cloudshell", value_parser = parse_protocol)]
     pub protocol: Kind,
     /// App Service: the X-IDENTITY-HEADER secret is this file's contents (trailing newline
     /// trimmed); without it a random one is generated and printed on stdout.
     #[arg(long, value_name = "PATH")]
     pub secret_file: Option<PathBuf>,
+    #[command(flatten)]
+    pub entra: crate::emulator::entra::EntraEmulatorArgs,
 }
 
 fn parse_loopback(s: &str) -> Result<SocketAddr, String> {
@@ -289,10 +328,13 @@ fn parse_view(s: &str) -> Result<View, String> {
 }
 
 fn parse_protocol(s: &str) -> Result<Kind, String> {
+    if s.eq_ignore_ascii_case("entra") {
+        return Ok(Kind::ServicePrincipal);
+    }
     let kind = s.parse::<Kind>()?;
     if !crate::emulator::SERVED.contains(&kind) {
         return Err(format!(
-            "the emulator does not serve {kind}: one of cloudshell, imds, appservice, arc"
+            "the emulator does not serve {kind}: one of cloudshell, imds, appservice, arc, entra"
         ));
     }
     Ok(kind)
@@ -426,6 +468,19 @@ fn get_command(args: GetArgs) -> ExitCode {
 
 fn emulator_command(args: EmulatorArgs) -> ExitCode {
     crate::logging::init_stderr("info");
+    if args.protocol.is_entra() {
+        return crate::emulator::entra::command(
+            &args.entra,
+            args.listen,
+            args.ttl,
+            args.allow,
+            args.allow_any,
+        );
+    }
+    if args.entra.is_given() {
+        eprintln!("cstokenfs: the Entra options are only for --protocol entra");
+        return ExitCode::from(2);
+    }
     let identity_header = match (&args.secret_file, args.protocol) {
         (None, _) => None,
         (Some(path), Kind::AppService) => match read_secret_file(path) {

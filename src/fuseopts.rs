@@ -27,6 +27,12 @@ const VALUE_KEYS: &[&str] = &[
     "object-id",
     "msi-res-id",
     "serve-endpoint",
+    "tenant-id",
+    "authority-host",
+    "federated-token-file",
+    "client-secret-file",
+    "client-certificate",
+    "ca-file",
 ];
 
 /// `-o` keys that are switches.

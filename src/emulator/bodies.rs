@@ -19,6 +19,10 @@ pub(super) fn success_body(
     let body = match proto {
         // The Azure CLI is never served (`Emulator::start_with` refuses it).
         Kind::CloudShell | Kind::AzureCli => return token_body(t, access_token, resource, form),
+        // Entra's body is `entra::success`; a fault body in its shape.
+        Kind::WorkloadIdentity | Kind::ServicePrincipal => {
+            return super::entra::success(t, access_token.unwrap_or_default())
+        }
         Kind::Imds | Kind::Arc => serde_json::to_vec(&ImdsBody {
             access_token,
             client_id,

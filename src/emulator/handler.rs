@@ -16,6 +16,9 @@ impl httpserver::Handler for EmuHandler {
     fn handle(&self, req: Request, stop: Stop) -> impl Future<Output = Answer> + Send {
         let sh = Arc::clone(&self.0);
         async move {
+            if sh.protocol.is_entra() {
+                return super::entra::handle(&sh, &req, stop).await;
+            }
             let action = match protocol::route(&sh, &req) {
                 Err(action) => action,
                 Ok(routed) => {
@@ -54,7 +57,7 @@ impl httpserver::Handler for EmuHandler {
     }
 }
 
-fn reply(status: u16, body: Vec<u8>, headers: Vec<(&'static str, String)>) -> Reply {
+pub(super) fn reply(status: u16, body: Vec<u8>, headers: Vec<(&'static str, String)>) -> Reply {
     let mut all = vec![("Content-Type".to_owned(), "application/json".to_owned())];
     all.extend(headers.into_iter().map(|(k, v)| (k.to_owned(), v)));
     Reply {

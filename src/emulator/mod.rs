@@ -31,6 +31,7 @@ use crate::httpserver::{self, Server};
 pub use crate::source::Kind;
 
 mod bodies;
+pub mod entra;
 mod faults;
 mod form;
 mod handler;
@@ -103,18 +104,29 @@ pub fn path(kind: Kind) -> &'static str {
         Kind::CloudShell | Kind::AzureCli => TOKEN_PATH,
         Kind::Imds | Kind::Arc => IMDS_PATH,
         Kind::AppService => APP_SERVICE_PATH,
+        // The authority: `/{tenant}/oauth2/v2.0/token` is under it.
+        Kind::WorkloadIdentity | Kind::ServicePrincipal => "/",
     }
 }
 
 fn method(kind: Kind) -> &'static str {
     match kind {
-        Kind::CloudShell | Kind::AzureCli => "POST",
+        Kind::CloudShell | Kind::AzureCli | Kind::WorkloadIdentity | Kind::ServicePrincipal => {
+            "POST"
+        }
         _ => "GET",
     }
 }
 
 /// The upstreams the emulator serves.
-pub const SERVED: [Kind; 4] = [Kind::CloudShell, Kind::Imds, Kind::AppService, Kind::Arc];
+pub const SERVED: [Kind; 6] = [
+    Kind::CloudShell,
+    Kind::Imds,
+    Kind::AppService,
+    Kind::Arc,
+    Kind::WorkloadIdentity,
+    Kind::ServicePrincipal,
+];
 
 /// What one request gets instead of the normal answer.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -211,6 +223,8 @@ struct Shared {
     arc_key_dir: Mutex<PathBuf>,
     arc_keys: Mutex<VecDeque<ArcKey>>,
     last_params: Mutex<Option<BTreeMap<String, String>>>,
+    /// What the Entra protocol accepts (`Emulator::set_entra`).
+    entra: Mutex<entra::EntraSettings>,
 }
 
 /// One Arc challenge this emulator issued: the secret and the file holding it.
@@ -239,11 +253,21 @@ impl Emulator {
         config: EmulatorConfig,
         protocol: Kind,
     ) -> io::Result<Emulator> {
+        Emulator::start_tls(listen, config, protocol, None)
+    }
+
+    /// `start_with`, serving HTTPS with `tls` when given (`httpserver::tls::server_config`).
+    pub fn start_tls(
+        listen: SocketAddr,
+        config: EmulatorConfig,
+        protocol: Kind,
+        tls: Option<Arc<rustls::ServerConfig>>,
+    ) -> io::Result<Emulator> {
         httpserver::check_loopback(listen)?;
         if !SERVED.contains(&protocol) {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
-                format!("the emulator does not serve {protocol} (only cloudshell, imds, appservice, arc)"),
+                format!("the emulator does not serve {protocol} (only cloudshell, imds, appservice, arc, entra)"),
             ));
         }
         let identity_header = match config.identity_header {
@@ -274,12 +298,14 @@ impl Emulator {
             arc_key_dir: Mutex::new(PathBuf::from(DEFAULT_ARC_KEY_DIR)),
             arc_keys: Mutex::new(VecDeque::new()),
             last_params: Mutex::new(None),
+            entra: Mutex::new(entra::EntraSettings::default()),
         });
         let config = httpserver::Config {
             // Longer than reqwest's 90 s pool idle timeout: a client's pooled connection is
             // closed by the client, never under it by us.
             header_read_timeout: Duration::from_secs(100),
             thread_name: "cstokenfs-emulator".into(),
+            tls,
             ..httpserver::Config::default()
         };
         let server = Server::start(listen, config, handler::EmuHandler(Arc::clone(&shared)))?;
@@ -299,7 +325,18 @@ impl Emulator {
     /// `http://127.0.0.1:PORT/oauth2/token` for Cloud Shell,
     /// `.../metadata/identity/oauth2/token` for IMDS and Arc, `.../msi/token` for App Service.
     pub fn url(&self) -> String {
-        format!("http://{}{}", self.addr(), path(self.shared.protocol))
+        let scheme = if self.server.is_tls() {
+            "https"
+        } else {
+            "http"
+        };
+        format!("{scheme}://{}{}", self.addr(), path(self.shared.protocol))
+    }
+
+    /// What the Entra protocol accepts: the tenant, client ID and credentials (default:
+    /// any tenant, client and non-empty credential).
+    pub fn set_entra(&self, settings: entra::EntraSettings) {
+        *self.shared.entra.lock() = settings;
     }
 
     /// The `X-IDENTITY-HEADER` value App Service requests must carry:

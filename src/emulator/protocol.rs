@@ -47,7 +47,7 @@ pub(super) const ISSUER: &str = "https://cstokenfs-emulator.invalid/";
 pub(super) const NOTICE: &str = "cstokenfs emulator: unsigned test token, not valid in Azure";
 
 impl Shared {
-    fn audience_allowed(&self, resource: &str) -> bool {
+    pub(super) fn audience_allowed(&self, resource: &str) -> bool {
         fn norm(s: &str) -> &str {
             s.strip_suffix('/').unwrap_or(s)
         }
@@ -60,7 +60,7 @@ impl Shared {
     }
 
     /// Mints a token for `resource`, or returns the cached one when caching is on.
-    fn issue(&self, resource: &str) -> Issued {
+    pub(super) fn issue(&self, resource: &str) -> Issued {
         let now = now_secs();
         let caching = self.caching.load(SeqCst);
         let mut cache = self.cache.lock();
@@ -252,6 +252,10 @@ fn answer_protocol(
         Kind::Imds => answer_imds(sh, req, params, client_id),
         Kind::AppService => answer_app_service(sh, req, params, client_id),
         Kind::Arc => answer_arc(sh, req, params, client_id),
+        // Served by `entra::handle`, never routed here.
+        Kind::WorkloadIdentity | Kind::ServicePrincipal => {
+            proto_err(sh.protocol, 404, "not_found", "No such endpoint")
+        }
     }
 }
 
@@ -464,7 +468,7 @@ fn ct_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-fn ok(body: Vec<u8>) -> Action {
+pub(super) fn ok(body: Vec<u8>) -> Action {
     Action::Respond {
         status: 200,
         body,
@@ -532,5 +536,8 @@ pub(super) fn proto_err(proto: Kind, status: u16, code: &str, message: &str) -> 
             flat_err(status, error, message)
         }
         Kind::AppService => app_err(status, message),
+        Kind::WorkloadIdentity | Kind::ServicePrincipal => {
+            super::entra::error(status, "invalid_request", 900144, message)
+        }
     }
 }

@@ -129,6 +129,7 @@ impl Endpoint {
             max_body: 1024,
             write_stall: Duration::from_secs(10),
             thread_name: "endpoint".into(),
+            tls: None,
         };
         // The listen address is known only once bound (port 0): the handler learns it then.
         let bound = Arc::new(parking_lot::Mutex::new(settings.listen));

@@ -50,7 +50,10 @@ pub(super) async fn accept_loop<H: Handler>(listener: TcpListener, sh: Arc<Share
         };
         let (sh, stop) = (Arc::clone(&sh), stop.clone());
         conns.spawn(async move {
-            serve_conn(stream, peer, &sh, stop).await;
+            match sh.config.tls.clone() {
+                Some(tls) => super::tls::serve_conn(stream, peer, &sh, stop, tls).await,
+                None => serve_conn(stream, peer, &sh, stop).await,
+            }
             drop(permit);
         });
     }
@@ -60,14 +63,14 @@ pub(super) async fn accept_loop<H: Handler>(listener: TcpListener, sh: Arc<Share
 }
 
 /// What the connection task does once hyper has let go.
-enum Takeover {
+pub(super) enum Takeover {
     Close,
     Raw(Vec<RawPart>),
 }
 
 /// The error a service returns to make hyper end the connection without writing.
 #[derive(Debug)]
-struct TakenOver;
+pub(super) struct TakenOver;
 
 impl std::fmt::Display for TakenOver {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -77,7 +80,7 @@ impl std::fmt::Display for TakenOver {
 
 impl std::error::Error for TakenOver {}
 
-type Slot = Arc<Mutex<Option<Takeover>>>;
+pub(super) type Slot = Arc<Mutex<Option<Takeover>>>;
 
 async fn serve_conn<H: Handler>(
     stream: TcpStream,
@@ -124,7 +127,7 @@ async fn serve_conn<H: Handler>(
     // Dropping the last reference closes the socket.
 }
 
-async fn respond<H: Handler>(
+pub(super) async fn respond<H: Handler>(
     sh: &Shared<H>,
     req: hyper::Request<Incoming>,
     peer: std::net::SocketAddr,

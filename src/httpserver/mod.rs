@@ -38,6 +38,7 @@ use tokio::sync::watch;
 mod conn;
 #[cfg(test)]
 mod tests;
+pub mod tls;
 
 /// Limits of one server.
 #[derive(Debug, Clone)]
@@ -57,6 +58,9 @@ pub struct Config {
     pub write_stall: Duration,
     /// Name of the server thread.
     pub thread_name: String,
+    /// Serve HTTPS with this configuration (see [`tls::server_config`]); raw answers
+    /// ([`Answer::Raw`]) then close the connection instead.
+    pub tls: Option<Arc<rustls::ServerConfig>>,
 }
 
 impl Default for Config {
@@ -69,6 +73,7 @@ impl Default for Config {
             max_body: 64 * 1024,
             write_stall: Duration::from_secs(60),
             thread_name: "cstokenfs-http".into(),
+            tls: None,
         }
     }
 }
@@ -174,6 +179,7 @@ impl Stop {
 /// A running server; dropping it shuts it down.
 pub struct Server {
     addr: SocketAddr,
+    tls: bool,
     stop: watch::Sender<bool>,
     thread: Mutex<Option<JoinHandle<()>>>,
 }
@@ -226,12 +232,14 @@ impl Server {
         let (tx, rx) = watch::channel(false);
         let stop = Stop(rx);
         let name = config.thread_name.clone();
+        let tls = config.tls.is_some();
         let shared = Arc::new(conn::Shared { config, handler });
         let thread = thread::Builder::new()
             .name(name)
             .spawn(move || runtime.block_on(conn::accept_loop(listener, shared, stop)))?;
         Ok(Server {
             addr,
+            tls,
             stop: tx,
             thread: Mutex::new(Some(thread)),
         })
@@ -239,6 +247,11 @@ impl Server {
 
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// Whether it serves HTTPS.
+    pub fn is_tls(&self) -> bool {
+        self.tls
     }
 
     /// Idempotent: closes the listener and every connection (requests in flight are

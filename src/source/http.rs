@@ -26,6 +26,11 @@ impl HttpEndpoint {
         })
     }
 
+    /// An endpoint from a URL checked elsewhere and its client (the Entra upstreams).
+    pub fn from_parts(url: reqwest::Url, client: Client) -> HttpEndpoint {
+        HttpEndpoint { url, client }
+    }
+
     /// `GET` of the endpoint with these query parameters.
     pub fn get(&self, params: &[(&str, &str)]) -> RequestBuilder {
         self.client.get(with_query(&self.url, params))
@@ -50,7 +55,7 @@ fn check_url(endpoint: &str) -> Result<reqwest::Url, ConfigError> {
     let url = reqwest::Url::parse(endpoint).map_err(|e| bad(format!("is malformed: {e}")))?;
     if url.scheme() != "http" {
         // The local token endpoints (Cloud Shell, IMDS, App Service, Arc) are plain http;
-        // this client has no TLS.
+        // only the Entra upstreams use TLS (`tls`).
         return Err(bad("must start with http://".into()));
     }
     if url.host_str().is_none_or(str::is_empty) {
@@ -61,6 +66,8 @@ fn check_url(endpoint: &str) -> Result<reqwest::Url, ConfigError> {
 
 /// A client for one endpoint. Proxies from the environment never capture a local endpoint.
 fn client(url: &reqwest::Url) -> Result<Client, ConfigError> {
+    // reqwest's rustls needs a crypto provider for every client, plain http ones too.
+    super::tls::ensure_provider();
     // Never follow a redirect: it would carry our headers (App Service's secret) elsewhere.
     let mut builder = Client::builder()
         .pool_max_idle_per_host(4)

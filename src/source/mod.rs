@@ -3,13 +3,16 @@
 
 pub mod appservice;
 pub mod arc;
+pub mod assertion;
 pub mod azure_cli;
 pub mod cloudshell;
+pub mod entra;
 pub mod http;
 pub mod imds;
 pub mod parse;
 pub mod redact;
 pub mod select;
+pub mod tls;
 
 use crate::token::Token;
 use std::fmt;
@@ -28,15 +31,21 @@ pub enum Kind {
     Arc,
     /// `az account get-access-token` after `az login`.
     AzureCli,
+    /// Microsoft Entra with a federated token file (AKS workload identity).
+    WorkloadIdentity,
+    /// Microsoft Entra with a client secret or certificate.
+    ServicePrincipal,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 5] = [
+    pub const ALL: [Kind; 7] = [
         Kind::CloudShell,
         Kind::Imds,
         Kind::AppService,
         Kind::Arc,
         Kind::AzureCli,
+        Kind::WorkloadIdentity,
+        Kind::ServicePrincipal,
     ];
 
     pub fn name(self) -> &'static str {
@@ -46,7 +55,14 @@ impl Kind {
             Kind::AppService => "appservice",
             Kind::Arc => "arc",
             Kind::AzureCli => "azure-cli",
+            Kind::WorkloadIdentity => "workload-identity",
+            Kind::ServicePrincipal => "service-principal",
         }
+    }
+
+    /// A Microsoft Entra upstream (the v2 token endpoint, over TLS).
+    pub fn is_entra(self) -> bool {
+        matches!(self, Kind::WorkloadIdentity | Kind::ServicePrincipal)
     }
 }
 
@@ -106,6 +122,19 @@ pub enum SourceError {
     BadResponse(String),
     /// A command (the Azure CLI) failed; its own words.
     Command(String),
+    /// Microsoft Entra refused: its status, AADSTS code, `error` and `error_description`
+    /// (never token material; classified by the code, see `entra::failure_of`).
+    Entra {
+        status: u16,
+        code: Option<u32>,
+        error: String,
+        description: String,
+        retry_after: Option<Duration>,
+    },
+    /// A local credential could not be used (the federated token file unreadable or
+    /// empty, a certificate assertion that cannot be signed); names the file, never its
+    /// contents.
+    Credential(String),
 }
 
 impl From<parse::AnswerError> for SourceError {
@@ -124,6 +153,15 @@ pub enum ConfigError {
     Client(String),
     /// Flags or variables that do not go together, or one that is missing; says which.
     Choice(&'static str),
+    /// A credential or CA file is unusable; names the file and the problem, never its
+    /// contents.
+    File {
+        what: &'static str,
+        path: String,
+        problem: String,
+    },
+    /// A value that is missing or malformed (a tenant ID, a client ID); says which.
+    Missing(String),
 }
 
 impl fmt::Display for ConfigError {
@@ -132,6 +170,12 @@ impl fmt::Display for ConfigError {
             ConfigError::Url { url, problem } => write!(f, "endpoint URL {url:?} {problem}"),
             ConfigError::Client(why) => write!(f, "cannot build an HTTP client: {why}"),
             ConfigError::Choice(what) => f.write_str(what),
+            ConfigError::File {
+                what,
+                path,
+                problem,
+            } => write!(f, "{what} {path}: {problem}"),
+            ConfigError::Missing(what) => f.write_str(what),
         }
     }
 }
@@ -168,7 +212,15 @@ impl SourceError {
                 400 if names_unknown_identity(message) => Failure::Denied,
                 _ => Failure::Refused,
             },
-            SourceError::BadResponse(_) | SourceError::Command(_) => Failure::Invalid,
+            SourceError::BadResponse(_) | SourceError::Command(_) | SourceError::Credential(_) => {
+                Failure::Invalid
+            }
+            SourceError::Entra {
+                status,
+                code,
+                error,
+                ..
+            } => entra::failure_of(*status, *code, error),
         }
     }
 
@@ -180,7 +232,9 @@ impl SourceError {
 
     pub fn retry_after(&self) -> Option<Duration> {
         match self {
-            SourceError::Status { retry_after, .. } => *retry_after,
+            SourceError::Status { retry_after, .. } | SourceError::Entra { retry_after, .. } => {
+                *retry_after
+            }
             _ => None,
         }
     }
@@ -208,7 +262,19 @@ impl fmt::Display for SourceError {
                 status, message, ..
             } => format!("HTTP {status}: {message}"),
             SourceError::BadResponse(why) => format!("unusable answer: {why}"),
-            SourceError::Command(why) => why.clone(),
+            SourceError::Command(why) | SourceError::Credential(why) => why.clone(),
+            SourceError::Entra {
+                status,
+                code,
+                error,
+                description,
+                ..
+            } => match code {
+                Some(code) if !description.contains(&format!("AADSTS{code}")) => {
+                    format!("HTTP {status}: {error}: AADSTS{code}: {description}")
+                }
+                _ => format!("HTTP {status}: {error}: {description}"),
+            },
         };
         f.write_str(&redact::redact(&text))
     }

@@ -6,8 +6,12 @@
 use super::{appservice, arc, azure_cli, cloudshell, imds, ConfigError, Identity, Kind, Source};
 use std::collections::BTreeMap;
 use std::fmt;
+use std::path::PathBuf;
 use std::sync::Arc;
 use zeroize::Zeroizing;
+
+mod entra;
+pub use entra::VARS as ENTRA_VARS;
 
 /// What detection looks at: environment variables and whether `az` is on PATH.
 #[derive(Clone, Default)]
@@ -37,6 +41,7 @@ impl Env {
         ];
         let vars = keys
             .iter()
+            .chain(entra::VARS.iter())
             .filter_map(|k| {
                 std::env::var(k)
                     .ok()
@@ -73,6 +78,9 @@ pub fn detect(
     }
     if endpoint_given {
         return (Kind::CloudShell, "--endpoint without --source".into());
+    }
+    if let Some(found) = entra::detect_env(env) {
+        return found;
     }
     if env.has("MSI_ENDPOINT") && !env.has("MSI_SECRET") && !env.has("IDENTITY_ENDPOINT") {
         return (
@@ -115,6 +123,8 @@ pub struct Plan {
     identity: Identity,
     /// `--emulator`: the caller stands in for the upstream and calls `use_stand_in`.
     emulated: bool,
+    /// The Entra sources' tenant, client and credential (`url` is the authority).
+    entra: Option<crate::source::entra::Settings>,
 }
 
 impl fmt::Debug for Plan {
@@ -126,6 +136,7 @@ impl fmt::Debug for Plan {
             .field("secret", &self.secret.as_ref().map(|_| "<redacted>"))
             .field("identity", &self.identity)
             .field("emulated", &self.emulated)
+            .field("entra", &self.entra)
             .finish()
     }
 }
@@ -138,15 +149,52 @@ pub struct Wanted {
     pub endpoint: Option<String>,
     pub emulator: bool,
     pub identity: Identity,
+    /// The Entra sources: `--tenant-id`, `--authority-host`, `--federated-token-file`,
+    /// `--client-secret-file`, `--client-certificate`, `--ca-file` (the client ID is
+    /// `identity.client_id`).
+    pub tenant_id: Option<String>,
+    pub authority_host: Option<String>,
+    pub federated_token_file: Option<PathBuf>,
+    pub client_secret_file: Option<PathBuf>,
+    pub client_certificate: Option<PathBuf>,
+    pub ca_file: Option<PathBuf>,
 }
 
 pub fn plan(wanted: &Wanted, env: &Env) -> Result<Plan, ConfigError> {
-    let (kind, reason) = detect(
-        wanted.source,
-        wanted.endpoint.is_some(),
-        wanted.emulator,
-        env,
-    );
+    let flagged = if wanted.source.is_none() && !wanted.emulator && wanted.endpoint.is_none() {
+        entra::detect_flags(wanted)
+    } else {
+        None
+    };
+    let (kind, reason) = flagged.unwrap_or_else(|| {
+        detect(
+            wanted.source,
+            wanted.endpoint.is_some(),
+            wanted.emulator,
+            env,
+        )
+    });
+    if kind.is_entra() {
+        let (authority, settings) = entra::settings(kind, wanted, env)?;
+        let plan = Plan {
+            kind,
+            reason,
+            url: (!wanted.emulator).then_some(authority),
+            secret: None,
+            identity: wanted.identity.clone(),
+            emulated: wanted.emulator,
+            entra: Some(settings),
+        };
+        if !plan.emulated {
+            plan.build()?;
+        }
+        return Ok(plan);
+    }
+    if let Some(flag) = entra::entra_only_flag(wanted) {
+        return Err(ConfigError::Missing(format!(
+            "{flag} is for --source workload-identity or service-principal, not {kind}"
+        )));
+    }
     let default_url = match kind {
         Kind::CloudShell => Some(
             env.get("MSI_ENDPOINT")
@@ -160,7 +208,7 @@ pub fn plan(wanted: &Wanted, env: &Env) -> Result<Plan, ConfigError> {
                 .unwrap_or(arc::DEFAULT_ENDPOINT)
                 .to_string(),
         ),
-        Kind::AzureCli => None,
+        Kind::AzureCli | Kind::WorkloadIdentity | Kind::ServicePrincipal => None,
     };
     let url = if wanted.emulator {
         None
@@ -197,6 +245,7 @@ pub fn plan(wanted: &Wanted, env: &Env) -> Result<Plan, ConfigError> {
             .map(|s| Zeroizing::new(s.to_string())),
         identity: wanted.identity.clone(),
         emulated: wanted.emulator,
+        entra: None,
     };
     if !plan.emulated {
         // Every URL and identity problem now, not when the first reader comes.
@@ -228,6 +277,10 @@ impl Plan {
             Kind::Arc => Arc::new(arc::ArcAgent::new(url)?),
             Kind::AzureCli => Arc::new(azure_cli::AzureCli::new("az")),
             Kind::CloudShell => Arc::new(cloudshell::CloudShell::new(url)?),
+            Kind::WorkloadIdentity | Kind::ServicePrincipal => match &self.entra {
+                Some(settings) => Arc::new(super::entra::Entra::new(self.kind, url, settings)?),
+                None => return Err(ConfigError::Choice("an Entra source without its settings")),
+            },
         })
     }
 }

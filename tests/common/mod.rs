@@ -22,12 +22,21 @@ use std::time::{Duration, Instant};
 pub const BIN: &str = env!("CARGO_BIN_EXE_cstokenfs");
 
 /// Variables that steer source detection; tests set them explicitly.
-pub const IDENTITY_VARS: [&str; 5] = [
+pub const IDENTITY_VARS: [&str; 14] = [
     "MSI_ENDPOINT",
     "MSI_SECRET",
     "IDENTITY_ENDPOINT",
     "IDENTITY_HEADER",
     "IMDS_ENDPOINT",
+    "AZURE_TENANT_ID",
+    "AZURE_CLIENT_ID",
+    "AZURE_CLIENT_SECRET",
+    "AZURE_CLIENT_CERTIFICATE_PATH",
+    "AZURE_CLIENT_CERTIFICATE_PASSWORD",
+    "AZURE_FEDERATED_TOKEN_FILE",
+    "AZURE_AUTHORITY_HOST",
+    "HTTPS_PROXY",
+    "https_proxy",
 ];
 
 /// FUSE tests need /dev/fuse. Without it they say so loudly, and fail when `CI=true`.

@@ -1,0 +1,344 @@
+//! Microsoft Entra's v2 token endpoint, emulated: `POST /{tenant}/oauth2/v2.0/token` with
+//! the client-credentials form; a client secret, a federated assertion (equal to the
+//! federated token file's contents at request time) or a certificate assertion (verified
+//! against the client certificate) is accepted; answers and errors in Entra's shapes
+//! (`{"token_type","expires_in","ext_expires_in","access_token"}`;
+//! `{"error","error_description","error_codes",...}`).
+
+use std::path::PathBuf;
+use std::sync::atomic::Ordering::SeqCst;
+use std::time::Duration;
+
+use serde_json::json;
+
+use super::form::{params_lossy, params_strict};
+use super::handler::reply;
+use super::protocol::{ok, Action};
+use super::{now_secs, random_hex, Fault, Issued, Shared};
+use crate::httpserver::{Answer, Request, Stop};
+use crate::source::{assertion, entra::ASSERTION_TYPE};
+
+mod cli;
+#[cfg(test)]
+mod tests;
+pub use cli::{command, EntraEmulatorArgs};
+
+/// What the emulator accepts; `None` fields accept anything (any non-empty credential
+/// when no credential is set).
+#[derive(Clone, Default)]
+pub struct EntraSettings {
+    pub tenant: Option<String>,
+    pub client_id: Option<String>,
+    pub client_secret: Option<String>,
+    /// Read at every request: an assertion must equal its contents, trimmed.
+    pub federated_token_file: Option<PathBuf>,
+    /// DER of the certificate whose key signs certificate assertions.
+    pub client_certificate: Option<Vec<u8>>,
+}
+
+impl std::fmt::Debug for EntraSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EntraSettings")
+            .field("tenant", &self.tenant)
+            .field("client_id", &self.client_id)
+            .field(
+                "client_secret",
+                &self.client_secret.as_ref().map(|_| "<secret>"),
+            )
+            .field("federated_token_file", &self.federated_token_file)
+            .field("client_certificate", &self.client_certificate.is_some())
+            .finish()
+    }
+}
+
+impl EntraSettings {
+    fn any_credential(&self) -> bool {
+        self.client_secret.is_none()
+            && self.federated_token_file.is_none()
+            && self.client_certificate.is_none()
+    }
+}
+
+/// An Entra error: `AADSTS<code>: <message>` and the trace lines, as Entra writes them.
+pub(super) fn error(status: u16, error: &str, code: u32, message: &str) -> Action {
+    let trace = random_hex(16).unwrap_or_default();
+    let correlation = random_hex(16).unwrap_or_default();
+    let timestamp = now_secs();
+    let body = json!({
+        "error": error,
+        "error_description": format!(
+            "AADSTS{code}: {message}\r\nTrace ID: {trace}\r\nCorrelation ID: {correlation}\r\nTimestamp: {timestamp}"
+        ),
+        "error_codes": [code],
+        "timestamp": timestamp.to_string(),
+        "trace_id": trace,
+        "correlation_id": correlation,
+        "error_uri": format!("https://login.microsoftonline.invalid/error?code={code}"),
+    });
+    Action::Respond {
+        status,
+        body: body.to_string().into_bytes(),
+        headers: Vec::new(),
+    }
+}
+
+/// The success body: `expires_in` and `ext_expires_in` (integers), no `expires_on`.
+pub(super) fn success(t: &Issued, access_token: &str) -> Vec<u8> {
+    let left = t.expires_on.saturating_sub(now_secs());
+    json!({"token_type": "Bearer", "expires_in": left, "ext_expires_in": left,
+        "access_token": access_token})
+    .to_string()
+    .into_bytes()
+}
+
+/// One request, start to end (route, latency, faults, checks, answer).
+pub(super) async fn handle(sh: &Shared, req: &Request, stop: Stop) -> Answer {
+    let target = req
+        .target
+        .split_once('?')
+        .map_or(req.target.as_str(), |t| t.0);
+    let segments: Vec<&str> = target.trim_start_matches('/').split('/').collect();
+    let tenant = match segments.as_slice() {
+        [t, "oauth2", "v2.0", "token"] if !t.is_empty() => (*t).to_string(),
+        _ => return to_answer(error(404, "invalid_request", 90002, "No such endpoint.")),
+    };
+    if req.method != "POST" {
+        return to_answer(error(
+            405,
+            "invalid_request",
+            900561,
+            "The endpoint only accepts POST requests.",
+        ));
+    }
+    sh.requests.fetch_add(1, SeqCst);
+    let params = params_lossy(&req.body);
+    if let Some(scope) = params.get("scope") {
+        let resource = scope.strip_suffix("/.default").unwrap_or(scope).to_string();
+        *sh.per_resource.lock().entry(resource).or_insert(0) += 1;
+    }
+    *sh.last_params.lock() = Some(params);
+    let latency = Duration::from_nanos(sh.latency_ns.load(SeqCst));
+    if !stop.sleep(latency).await {
+        return Answer::Close;
+    }
+    let fault = sh
+        .faults
+        .lock()
+        .pop_front()
+        .or_else(|| sh.sticky.lock().clone());
+    let action = match fault {
+        Some(Fault::Status {
+            code,
+            body,
+            retry_after,
+        }) => Action::Respond {
+            status: code,
+            body: body.into_bytes(),
+            headers: retry_after
+                .map(|v| ("Retry-After", v))
+                .into_iter()
+                .collect(),
+        },
+        Some(Fault::Hang) => {
+            stop.stopped().await;
+            return Answer::Close;
+        }
+        Some(Fault::Reset) => return Answer::Close,
+        Some(Fault::Garbage) => ok(b"this is not json <html>".to_vec()),
+        _ => answer(sh, req, &tenant),
+    };
+    log::debug!(
+        "emulator: POST /{tenant}/oauth2/v2.0/token -> {}",
+        status_of(&action)
+    );
+    to_answer(action)
+}
+
+fn status_of(action: &Action) -> String {
+    match action {
+        Action::Respond { status, .. } => status.to_string(),
+        _ => "other".into(),
+    }
+}
+
+fn to_answer(action: Action) -> Answer {
+    match action {
+        Action::Respond {
+            status,
+            body,
+            headers,
+        } => Answer::Reply(reply(status, body, headers)),
+        Action::Raw(parts) => Answer::Raw(parts),
+        Action::Hang | Action::Close => Answer::Close,
+    }
+}
+
+fn missing(name: &str) -> Action {
+    let message = format!("The request body must contain the following parameter: '{name}'.");
+    error(400, "invalid_request", 900144, &message)
+}
+
+fn answer(sh: &Shared, req: &Request, tenant: &str) -> Action {
+    let Ok(form) = params_strict(&req.body) else {
+        return error(
+            400,
+            "invalid_request",
+            90014,
+            "The request body is not a valid form.",
+        );
+    };
+    let settings = sh.entra.lock().clone();
+    if settings.tenant.as_deref().is_some_and(|t| t != tenant) {
+        let message = format!(
+            "Tenant '{tenant}' not found. Check to make sure you have the correct tenant ID."
+        );
+        return error(400, "invalid_request", 90002, &message);
+    }
+    match form.get("grant_type").map(String::as_str) {
+        Some("client_credentials") => {}
+        Some(_) => {
+            return error(
+                400,
+                "unsupported_grant_type",
+                70003,
+                "The app requested an unsupported grant type.",
+            )
+        }
+        None => return missing("grant_type"),
+    }
+    let Some(client_id) = form.get("client_id").filter(|c| !c.is_empty()) else {
+        return missing("client_id");
+    };
+    if settings.client_id.as_ref().is_some_and(|c| c != client_id) {
+        let message =
+            format!("Application with identifier '{client_id}' was not found in the directory.");
+        return error(400, "unauthorized_client", 700016, &message);
+    }
+    let Some(scope) = form.get("scope") else {
+        return missing("scope");
+    };
+    if let Err(refusal) = check_credential(&settings, &form, req, tenant, client_id) {
+        return refusal;
+    }
+    let Some(resource) = scope.strip_suffix("/.default").filter(|r| !r.is_empty()) else {
+        let message = format!("The provided value for the input parameter 'scope' is not valid. The scope {scope} is not valid.");
+        return error(400, "invalid_scope", 70011, &message);
+    };
+    if !sh.audience_allowed(resource) {
+        let message = format!("The resource principal named {resource} was not found in the tenant named {tenant}. This can happen if the application has not been installed by the administrator of the tenant.");
+        return error(400, "invalid_resource", 500011, &message);
+    }
+    let issued = sh.issue(resource);
+    ok(success(&issued, &issued.token))
+}
+
+type Form = std::collections::BTreeMap<String, String>;
+
+fn check_credential(
+    settings: &EntraSettings,
+    form: &Form,
+    req: &Request,
+    tenant: &str,
+    client_id: &str,
+) -> Result<(), Action> {
+    let bad_secret = || {
+        error(401, "invalid_client", 7000215, "Invalid client secret provided. Ensure the secret being sent in the request is the client secret value, not the client secret ID.")
+    };
+    if let Some(secret) = form.get("client_secret") {
+        return match &settings.client_secret {
+            Some(want) if same(want, secret) => Ok(()),
+            None if settings.any_credential() && !secret.is_empty() => Ok(()),
+            _ => Err(bad_secret()),
+        };
+    }
+    let Some(assertion) = form.get("client_assertion") else {
+        return Err(error(401, "invalid_client", 7000216, "'client_assertion', 'client_secret' or 'request' is required for the 'client_credentials' grant type."));
+    };
+    if form.get("client_assertion_type").map(String::as_str) != Some(ASSERTION_TYPE) {
+        return Err(error(
+            400,
+            "invalid_request",
+            900144,
+            "The request body must contain the following parameter: 'client_assertion_type'.",
+        ));
+    }
+    if settings.any_credential() && !assertion.is_empty() {
+        return Ok(());
+    }
+    let now = now_secs();
+    if let Some(path) = &settings.federated_token_file {
+        let current = std::fs::read_to_string(path).unwrap_or_default();
+        if same(current.trim(), assertion) {
+            return match super::decode_claims(assertion).and_then(|c| c["exp"].as_u64()) {
+                Some(exp) if exp <= now => Err(expired(now, exp)),
+                _ => Ok(()),
+            };
+        }
+        if settings.client_certificate.is_none() {
+            return Err(error(
+                400,
+                "invalid_client",
+                70021,
+                "No matching federated identity record found for presented assertion.",
+            ));
+        }
+    }
+    let Some(cert) = &settings.client_certificate else {
+        return Err(error(
+            401,
+            "invalid_client",
+            700027,
+            "Client assertion failed signature validation.",
+        ));
+    };
+    let claims = assertion::verify(cert, assertion)
+        .map_err(|(code, message)| error(401, "invalid_client", code, message))?;
+    let host = req.header("host").unwrap_or_default();
+    let aud = claims["aud"].as_str().unwrap_or_default();
+    let path = format!("{host}/{tenant}/oauth2/v2.0/token");
+    let aud_ok = aud == format!("https://{path}") || aud == format!("http://{path}");
+    if !aud_ok {
+        return Err(error(
+            400,
+            "invalid_client",
+            700212,
+            "The audience claim of the client assertion is not the token endpoint.",
+        ));
+    }
+    if claims["iss"] != client_id || claims["sub"] != client_id {
+        return Err(error(
+            400,
+            "invalid_client",
+            700021,
+            "Client assertion application identifier doesn't match 'client_id' parameter.",
+        ));
+    }
+    let (nbf, exp) = (claims["nbf"].as_u64(), claims["exp"].as_u64());
+    let iat = claims["iat"].as_u64().or(nbf);
+    match (nbf, iat, exp) {
+        (Some(nbf), Some(iat), Some(exp))
+            if nbf <= now + 300
+                && exp > now
+                && exp.saturating_sub(iat) <= assertion::LIFETIME_SECS
+                && claims["jti"].is_string() =>
+        {
+            Ok(())
+        }
+        (_, _, Some(exp)) => Err(expired(now, exp)),
+        _ => Err(expired(now, 0)),
+    }
+}
+
+fn expired(now: u64, exp: u64) -> Action {
+    let message = format!("Client assertion is not within its valid time range. Current time: {now}, expiry time of assertion {exp}.");
+    error(400, "invalid_client", 700024, &message)
+}
+
+/// Equal, in time independent of where they differ.
+fn same(a: &str, b: &str) -> bool {
+    a.len() == b.len()
+        && a.bytes()
+            .zip(b.bytes())
+            .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+            == 0
+}

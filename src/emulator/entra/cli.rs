@@ -1,0 +1,155 @@
+//! `cstokenfs emulator --protocol entra`: its options and the command.
+
+use super::EntraSettings;
+use crate::emulator::{Emulator, EmulatorConfig, Kind};
+use clap::Args;
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+/// The Entra emulator's options (`--protocol entra`).
+#[derive(Args, Debug, Clone, Default)]
+pub struct EntraEmulatorArgs {
+    /// Entra: accept only this tenant [default: any].
+    #[arg(long, value_name = "ID")]
+    pub tenant_id: Option<String>,
+    /// Entra: accept only this client ID [default: any].
+    #[arg(long, value_name = "ID")]
+    pub client_id: Option<String>,
+    /// Entra: the client secret is this file's contents (one trailing newline trimmed).
+    #[arg(long, value_name = "PATH")]
+    pub client_secret_file: Option<PathBuf>,
+    /// Entra: accept a federated assertion equal to this file's contents at request time.
+    #[arg(long, value_name = "PATH")]
+    pub federated_token_file: Option<PathBuf>,
+    /// Entra: accept certificate assertions whose signature verifies against this PEM
+    /// certificate (a key in the file is ignored).
+    #[arg(long, value_name = "PATH")]
+    pub client_certificate: Option<PathBuf>,
+    /// Serve HTTPS with this PEM certificate chain (with --tls-key).
+    #[arg(long, value_name = "PEM", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM).
+    #[arg(long, value_name = "PEM", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+}
+
+impl EntraEmulatorArgs {
+    /// Whether any Entra option was given.
+    pub fn is_given(&self) -> bool {
+        self.tenant_id.is_some()
+            || self.client_id.is_some()
+            || self.client_secret_file.is_some()
+            || self.federated_token_file.is_some()
+            || self.client_certificate.is_some()
+            || self.tls_cert.is_some()
+    }
+
+    /// The settings the options give; an unreadable file is an error naming it.
+    pub fn settings(&self) -> Result<EntraSettings, String> {
+        let read = |flag: &str, path: &Path| {
+            std::fs::read(path).map_err(|e| format!("{flag} {}: {e}", path.display()))
+        };
+        let client_secret = match &self.client_secret_file {
+            Some(path) => {
+                let raw = read("--client-secret-file", path)?;
+                let text = String::from_utf8(raw)
+                    .map_err(|_| format!("--client-secret-file {}: not UTF-8", path.display()))?;
+                let secret = text
+                    .strip_suffix("\r\n")
+                    .or_else(|| text.strip_suffix('\n'))
+                    .unwrap_or(&text);
+                if secret.is_empty() {
+                    return Err(format!("--client-secret-file {}: is empty", path.display()));
+                }
+                Some(secret.to_string())
+            }
+            None => None,
+        };
+        let client_certificate = match &self.client_certificate {
+            Some(path) => Some(
+                crate::source::assertion::first_certificate(&read("--client-certificate", path)?)
+                    .ok_or_else(|| {
+                    format!(
+                        "--client-certificate {}: holds no PEM certificate",
+                        path.display()
+                    )
+                })?,
+            ),
+            None => None,
+        };
+        Ok(EntraSettings {
+            tenant: self.tenant_id.clone(),
+            client_id: self.client_id.clone(),
+            client_secret,
+            federated_token_file: self.federated_token_file.clone(),
+            client_certificate,
+        })
+    }
+
+    fn tls(&self) -> Result<Option<std::sync::Arc<rustls::ServerConfig>>, String> {
+        let (Some(cert), Some(key)) = (&self.tls_cert, &self.tls_key) else {
+            return Ok(None);
+        };
+        let read = |flag: &str, path: &Path| {
+            std::fs::read(path).map_err(|e| format!("{flag} {}: {e}", path.display()))
+        };
+        crate::httpserver::tls::server_config(&read("--tls-cert", cert)?, &read("--tls-key", key)?)
+            .map(Some)
+            .map_err(|e| e.to_string())
+    }
+}
+
+/// Serves the Entra protocol until SIGTERM or SIGINT; prints `AZURE_AUTHORITY_HOST=<url>`
+/// on stdout once listening.
+pub fn command(
+    args: &EntraEmulatorArgs,
+    listen: SocketAddr,
+    ttl_secs: u64,
+    allow: Vec<String>,
+    allow_any: bool,
+) -> ExitCode {
+    let (settings, tls) = match args.settings().and_then(|s| Ok((s, args.tls()?))) {
+        Ok(v) => v,
+        Err(e) => {
+            eprintln!("cstokenfs: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let config = EmulatorConfig {
+        ttl_secs,
+        allow,
+        allow_any,
+        ..EmulatorConfig::default()
+    };
+    let emulator = match Emulator::start_tls(listen, config, Kind::ServicePrincipal, tls) {
+        Ok(e) => e,
+        Err(e) => {
+            eprintln!("cstokenfs: cannot listen on {listen}: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    emulator.set_entra(settings);
+    log::info!("emulator serving the Entra protocol at {}", emulator.url());
+    let mut out = std::io::stdout().lock();
+    let line = format!("AZURE_AUTHORITY_HOST={}\n", emulator.url());
+    if out
+        .write_all(line.as_bytes())
+        .and_then(|()| out.flush())
+        .is_err()
+    {
+        log::warn!("cannot write the authority to stdout");
+    }
+    drop(out);
+    let mut signals = match signal_hook::iterator::Signals::new([libc::SIGTERM, libc::SIGINT]) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("cstokenfs: cannot handle signals: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let _ = signals.forever().next();
+    emulator.stop();
+    ExitCode::SUCCESS
+}

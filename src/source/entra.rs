@@ -1,0 +1,379 @@
+//! Microsoft Entra's v2 token endpoint: `POST {authority}/{tenant}/oauth2/v2.0/token`,
+//! form `grant_type=client_credentials`, `client_id`, `scope=<resource>/.default` and one
+//! credential: a client secret, a federated token file (AKS workload identity, read anew
+//! for every request) or a certificate assertion (`assertion`). Answers carry
+//! `expires_in`; errors `{"error","error_description","error_codes"}`, classified by
+//! their AADSTS code (`failure_of`).
+
+use super::assertion::ClientCertificate;
+use super::http::{self, HttpEndpoint};
+use super::{parse, tls, ConfigError, Failure, Kind, Source, SourceError};
+use crate::policy::now_ms;
+use crate::token::Token;
+use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
+use serde_json::Value;
+use std::fmt;
+use std::io::Read;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+use zeroize::Zeroizing;
+
+pub const ASSERTION_TYPE: &str = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer";
+/// The most of a federated token file that is read.
+const MAX_TOKEN_FILE: u64 = 64 * 1024;
+
+/// application/x-www-form-urlencoded: everything but `*-._` and alphanumerics is escaped.
+const FORM: &AsciiSet = &NON_ALPHANUMERIC
+    .remove(b'*')
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_');
+
+/// AADSTS codes that refuse the resource, not the identity (ENOENT, negative-cached):
+/// 500011 the resource principal is not in the tenant, 70011 an invalid scope.
+const REFUSED: [u32; 2] = [500011, 70011];
+/// AADSTS codes that refuse the identity (EACCES): a wrong or expired secret (7000215,
+/// 7000222), an assertion outside its valid time (700024), a bad signature (700027), an
+/// unknown application (700016), a bad assertion issuer or subject (700023, 70021, 700211,
+/// 700212, 700213), no credential at all (7000216), a disabled application (7000112), an
+/// unknown tenant (90002).
+const DENIED: [u32; 13] = [
+    7000215, 7000222, 700024, 700027, 700016, 700023, 70021, 700211, 700212, 700213, 7000216,
+    7000112, 90002,
+];
+
+/// How the cache treats an Entra error: by its AADSTS code first, then by `error`
+/// (`invalid_client`, `unauthorized_client`: the identity), then by status as for every
+/// HTTP upstream. 408, 429 and 5xx are transient whatever the code.
+pub fn failure_of(status: u16, code: Option<u32>, error: &str) -> Failure {
+    match status {
+        408 | 429 | 500..=599 => return Failure::Transient,
+        _ => {}
+    }
+    match code {
+        Some(c) if REFUSED.contains(&c) => return Failure::Refused,
+        Some(c) if DENIED.contains(&c) => return Failure::Denied,
+        _ => {}
+    }
+    if matches!(error, "invalid_client" | "unauthorized_client") {
+        return Failure::Denied;
+    }
+    match status {
+        401 | 403 => Failure::Denied,
+        404 | 410 => Failure::Transient,
+        _ => Failure::Refused,
+    }
+}
+
+/// The scope for a resource: `<resource>/.default`, without doubling a trailing slash
+/// (`https://management.azure.com/` asks for `https://management.azure.com/.default`).
+pub fn scope(resource: &str) -> String {
+    if resource.ends_with('/') {
+        format!("{resource}.default")
+    } else {
+        format!("{resource}/.default")
+    }
+}
+
+/// How the client proves who it is.
+#[derive(Clone)]
+pub enum Credential {
+    /// `client_secret=`.
+    Secret(Arc<Zeroizing<String>>),
+    /// `client_assertion=` the file's contents, trimmed, read for every request.
+    FederatedTokenFile(PathBuf),
+    /// `client_assertion=` a JWT signed with the certificate's key.
+    Certificate(Arc<ClientCertificate>),
+}
+
+impl fmt::Debug for Credential {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Credential::Secret(_) => f.write_str("Secret(<redacted>)"),
+            Credential::FederatedTokenFile(p) => write!(f, "FederatedTokenFile({p:?})"),
+            Credential::Certificate(c) => write!(f, "Certificate({c:?})"),
+        }
+    }
+}
+
+/// Everything an Entra upstream needs besides its authority.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub tenant: String,
+    pub client_id: String,
+    pub credential: Credential,
+    /// `--ca-file`'s certificates, added to the system's roots.
+    pub ca: Vec<reqwest::Certificate>,
+}
+
+pub struct Entra {
+    kind: Kind,
+    endpoint: HttpEndpoint,
+    /// The token URL: also the `aud` of certificate assertions.
+    token_url: String,
+    client_id: String,
+    credential: Credential,
+}
+
+impl Entra {
+    /// Checks the authority and builds the client; no request is sent.
+    pub fn new(kind: Kind, authority: &str, settings: &Settings) -> Result<Entra, ConfigError> {
+        let url = tls::token_url(authority, &settings.tenant)?;
+        if settings.client_id.trim().is_empty() {
+            return Err(ConfigError::Missing("the client ID is empty".into()));
+        }
+        let client = tls::client(&url, &settings.ca)?;
+        Ok(Entra {
+            kind,
+            token_url: url.to_string(),
+            endpoint: HttpEndpoint::from_parts(url, client),
+            client_id: settings.client_id.clone(),
+            credential: settings.credential.clone(),
+        })
+    }
+
+    /// The request body (wiped on drop: it holds the credential).
+    fn form(&self, resource: &str) -> Result<Zeroizing<String>, SourceError> {
+        let enc = |s: &str| utf8_percent_encode(s, FORM).to_string();
+        let mut body = Zeroizing::new(format!(
+            "grant_type=client_credentials&client_id={}&scope={}",
+            enc(&self.client_id),
+            enc(&scope(resource))
+        ));
+        match &self.credential {
+            Credential::Secret(secret) => {
+                body.push_str("&client_secret=");
+                body.push_str(&Zeroizing::new(enc(secret)));
+            }
+            Credential::FederatedTokenFile(path) => {
+                let token = read_token_file(path)?;
+                push_assertion(&mut body, &token);
+            }
+            Credential::Certificate(cert) => {
+                let now = u64::try_from(now_ms() / 1000).unwrap_or(0);
+                let jwt = cert.assertion(&self.client_id, &self.token_url, now)?;
+                push_assertion(&mut body, &jwt);
+            }
+        }
+        Ok(body)
+    }
+}
+
+fn push_assertion(body: &mut String, assertion: &str) {
+    body.push_str("&client_assertion_type=");
+    body.push_str(&utf8_percent_encode(ASSERTION_TYPE, FORM).to_string());
+    body.push_str("&client_assertion=");
+    body.push_str(&Zeroizing::new(
+        utf8_percent_encode(assertion, FORM).to_string(),
+    ));
+}
+
+/// The federated token: the file's contents without surrounding white space. Unreadable,
+/// empty or not text is an error naming the file, never its contents.
+pub fn read_token_file(path: &std::path::Path) -> Result<Zeroizing<String>, SourceError> {
+    let fail = |why: String| {
+        SourceError::Credential(format!("federated token file {}: {why}", path.display()))
+    };
+    let file = std::fs::File::open(path).map_err(|e| fail(e.to_string()))?;
+    let mut raw = Zeroizing::new(Vec::new());
+    file.take(MAX_TOKEN_FILE + 1)
+        .read_to_end(&mut raw)
+        .map_err(|e| fail(e.to_string()))?;
+    if raw.len() as u64 > MAX_TOKEN_FILE {
+        return Err(fail("is larger than 64 KiB".into()));
+    }
+    let text = std::str::from_utf8(&raw).map_err(|_| fail("is not UTF-8 text".into()))?;
+    let token = text.trim();
+    if token.is_empty() {
+        return Err(fail("is empty".into()));
+    }
+    Ok(Zeroizing::new(token.to_string()))
+}
+
+impl Source for Entra {
+    fn fetch_once(&self, resource: &str, timeout: Duration) -> Result<Token, SourceError> {
+        let form = self.form(resource)?;
+        let request = self
+            .endpoint
+            .post()
+            .header("Content-Type", "application/x-www-form-urlencoded")
+            .header("Accept", "application/json")
+            .body(form.as_bytes().to_vec());
+        let requested_at = now_ms();
+        let response = request
+            .timeout(timeout)
+            .send()
+            .map_err(http::transport_error)?;
+        let answer = http::read_answer(response)?;
+        if (200..300).contains(&answer.status) {
+            return Ok(parse::token(&answer.body, requested_at)?);
+        }
+        Err(error_of(answer.status, &answer.body, answer.retry_after))
+    }
+
+    fn endpoint(&self) -> String {
+        self.token_url.clone()
+    }
+
+    fn kind(&self) -> Kind {
+        self.kind
+    }
+}
+
+/// An Entra error body as a typed error; a body that is not Entra's shape falls back to
+/// the generic HTTP status error.
+pub fn error_of(status: u16, body: &[u8], retry_after: Option<Duration>) -> SourceError {
+    let parsed: Option<Value> = serde_json::from_slice(body).ok();
+    let error = parsed
+        .as_ref()
+        .and_then(|v| v.get("error"))
+        .and_then(Value::as_str);
+    let Some(error) = error else {
+        return SourceError::Status {
+            status,
+            message: parse::error_message(body),
+            retry_after,
+        };
+    };
+    let description = parsed
+        .as_ref()
+        .and_then(|v| v.get("error_description"))
+        .and_then(Value::as_str)
+        .unwrap_or_default();
+    let code = parsed
+        .as_ref()
+        .and_then(|v| v.get("error_codes"))
+        .and_then(Value::as_array)
+        .and_then(|codes| codes.first())
+        .and_then(Value::as_u64)
+        .and_then(|c| u32::try_from(c).ok())
+        .or_else(|| code_in(description));
+    let description: String = description
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .take(1000)
+        .collect();
+    SourceError::Entra {
+        status,
+        code,
+        error: error
+            .chars()
+            .filter(|c| !c.is_control())
+            .take(100)
+            .collect(),
+        description: description.trim().to_string(),
+        retry_after,
+    }
+}
+
+/// The number after the first `AADSTS` in a description.
+fn code_in(text: &str) -> Option<u32> {
+    let at = text.find("AADSTS")? + "AADSTS".len();
+    let digits: String = text[at..]
+        .chars()
+        .take_while(char::is_ascii_digit)
+        .collect();
+    digits.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scopes_do_not_double_a_trailing_slash() {
+        assert_eq!(
+            scope("https://management.azure.com/"),
+            "https://management.azure.com/.default"
+        );
+        assert_eq!(
+            scope("https://vault.azure.net"),
+            "https://vault.azure.net/.default"
+        );
+        assert_eq!(
+            scope("499b84ac-1321-427f-aa17-267ca6975798"),
+            "499b84ac-1321-427f-aa17-267ca6975798/.default"
+        );
+    }
+
+    #[test]
+    fn errors_are_classified_by_their_aadsts_code() {
+        let body = |error: &str, code: u32| {
+            format!(
+                r#"{{"error":"{error}","error_description":"AADSTS{code}: words.\r\nTrace ID: x","error_codes":[{code}],"timestamp":"t"}}"#
+            )
+        };
+        let class = |status, error, code| error_of(status, body(error, code).as_bytes(), None);
+        assert_eq!(
+            class(400, "invalid_resource", 500011).failure(),
+            Failure::Refused
+        );
+        assert_eq!(
+            class(400, "invalid_scope", 70011).failure(),
+            Failure::Refused
+        );
+        for (status, error, code) in [
+            (401, "invalid_client", 7000215),
+            (400, "invalid_client", 700024),
+            (401, "invalid_client", 700027),
+            (400, "unauthorized_client", 700016),
+            (400, "invalid_request", 90002),
+            (400, "invalid_client", 7000299),
+        ] {
+            assert_eq!(
+                class(status, error, code).failure(),
+                Failure::Denied,
+                "{code}"
+            );
+        }
+        assert_eq!(
+            class(400, "invalid_request", 900144).failure(),
+            Failure::Refused
+        );
+        assert_eq!(
+            class(503, "temporarily_unavailable", 0).failure(),
+            Failure::Transient
+        );
+        assert_eq!(
+            class(429, "invalid_client", 7000215).failure(),
+            Failure::Transient
+        );
+        let e = class(401, "invalid_client", 7000215);
+        let text = e.to_string();
+        assert!(text.contains("AADSTS7000215") && text.contains("invalid_client"));
+        assert!(!text.contains('\r') && !text.contains('\n'), "{text}");
+        // Code only in the description; a body that is not Entra's.
+        let e = error_of(
+            401,
+            br#"{"error":"invalid_client","error_description":"AADSTS700027: sig"}"#,
+            None,
+        );
+        assert!(matches!(
+            e,
+            SourceError::Entra {
+                code: Some(700027),
+                ..
+            }
+        ));
+        assert!(matches!(
+            error_of(502, b"<html>", None),
+            SourceError::Status { status: 502, .. }
+        ));
+    }
+
+    #[test]
+    fn token_file_errors_name_the_path_never_the_contents() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("azure-identity-token");
+        let e = read_token_file(&path).unwrap_err().to_string();
+        assert!(e.contains("azure-identity-token"), "{e}");
+        std::fs::write(&path, " \n").unwrap();
+        assert!(read_token_file(&path)
+            .unwrap_err()
+            .to_string()
+            .contains("empty"));
+        std::fs::write(&path, "abc.def.ghi\n").unwrap();
+        assert_eq!(read_token_file(&path).unwrap().as_str(), "abc.def.ghi");
+    }
+}
