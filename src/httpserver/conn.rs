@@ -91,20 +91,11 @@ async fn serve_conn<H: Handler>(
     let _ = stream.set_nodelay(true);
     let stream = Arc::new(stream);
     let slot: Slot = Arc::new(Mutex::new(None));
-    let service = {
-        let (sh, slot, stop) = (Arc::clone(sh), Arc::clone(&slot), stop.clone());
-        hyper::service::service_fn(move |req| {
-            let (sh, slot, stop) = (Arc::clone(&sh), Arc::clone(&slot), stop.clone());
-            async move { respond(&sh, req, peer, &slot, stop).await }
-        })
-    };
-    let mut builder = http1::Builder::new();
-    builder
-        .timer(TokioTimer::new())
-        .header_read_timeout(sh.config.header_read_timeout)
-        .title_case_headers(true)
-        .max_buf_size(sh.config.max_head.max(8192));
-    let conn = builder.serve_connection(SharedIo(Arc::clone(&stream)), service);
+    let builder = builder(&sh.config);
+    let conn = builder.serve_connection(
+        SharedIo(Arc::clone(&stream)),
+        service(sh, peer, &slot, &stop),
+    );
     match race(conn, stop.stopped()).await {
         Either::Left(Ok(())) | Either::Right(()) => return,
         Either::Left(Err(e)) if slot.lock().is_none() => {
@@ -125,6 +116,36 @@ async fn serve_conn<H: Handler>(
         }
     }
     // Dropping the last reference closes the socket.
+}
+
+/// hyper's HTTP/1 connection settings from the server's `Config` (plain and TLS alike).
+pub(super) fn builder(config: &Config) -> http1::Builder {
+    let mut builder = http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(config.header_read_timeout)
+        .title_case_headers(true)
+        .max_buf_size(config.max_head.max(8192));
+    builder
+}
+
+/// The service of one connection: every request goes to `respond`.
+pub(super) fn service<H: Handler>(
+    sh: &Arc<Shared<H>>,
+    peer: std::net::SocketAddr,
+    slot: &Slot,
+    stop: &Stop,
+) -> impl hyper::service::Service<
+    hyper::Request<Incoming>,
+    Response = Response<Full<Bytes>>,
+    Error = TakenOver,
+    Future: Send,
+> {
+    let (sh, slot, stop) = (Arc::clone(sh), Arc::clone(slot), stop.clone());
+    hyper::service::service_fn(move |req| {
+        let (sh, slot, stop) = (Arc::clone(&sh), Arc::clone(&slot), stop.clone());
+        async move { respond(&sh, req, peer, &slot, stop).await }
+    })
 }
 
 pub(super) async fn respond<H: Handler>(

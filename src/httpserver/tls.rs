@@ -6,14 +6,13 @@ use std::io;
 use std::sync::Arc;
 use std::time::Duration;
 
-use hyper::server::conn::http1;
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
 use parking_lot::Mutex;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::net::TcpStream;
 
-use super::conn::{respond, Shared, Slot};
+use super::conn::{builder, service, Shared, Slot};
 use super::{race, Either, Handler, Stop};
 
 /// A handshake must finish within this.
@@ -61,20 +60,8 @@ pub(super) async fn serve_conn<H: Handler>(
         Either::Left(Err(_)) | Either::Right(()) => return,
     };
     let slot: Slot = Arc::new(Mutex::new(None));
-    let service = {
-        let (sh, slot, stop) = (Arc::clone(sh), Arc::clone(&slot), stop.clone());
-        hyper::service::service_fn(move |req| {
-            let (sh, slot, stop) = (Arc::clone(&sh), Arc::clone(&slot), stop.clone());
-            async move { respond(&sh, req, peer, &slot, stop).await }
-        })
-    };
-    let mut builder = http1::Builder::new();
-    builder
-        .timer(TokioTimer::new())
-        .header_read_timeout(sh.config.header_read_timeout)
-        .title_case_headers(true)
-        .max_buf_size(sh.config.max_head.max(8192));
-    let conn = builder.serve_connection(TokioIo::new(tls), service);
+    let builder = builder(&sh.config);
+    let conn = builder.serve_connection(TokioIo::new(tls), service(sh, peer, &slot, &stop));
     if let Either::Left(Err(e)) = race(conn, stop.stopped()).await {
         if slot.lock().is_none() {
             log::debug!("http: TLS connection ended: {e}");
