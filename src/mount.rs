@@ -6,7 +6,7 @@ use crate::emulator::{Emulator, EmulatorConfig};
 use crate::fs::{fuse::FuseAdapter, Access, Core};
 use crate::policy::{Policy, SystemClock};
 use crate::source::select::{self, Env, Plan, Wanted};
-use log::{info, warn};
+use log::{debug, info, warn};
 use std::ffi::CString;
 use std::fmt;
 use std::fs::{File, OpenOptions};
@@ -524,6 +524,12 @@ fn open_session(
     }
     config.n_threads = Some(2);
     config.acl = acl;
+    debug!(
+        "mounting {} as {FS_TYPE} (source {:?}, access {acl:?}, auto_unmount {})",
+        mountpoint.display(),
+        req.fsname,
+        req.auto_unmount
+    );
     // SAFETY: geteuid cannot fail.
     if unsafe { libc::geteuid() } == 0 && !req.auto_unmount {
         match mount_direct(&req.fsname, mountpoint, acl != fuser::SessionACL::Owner) {
