@@ -241,6 +241,15 @@ fn fstab_line_mounts_through_mount_fuse3_and_umount_unmounts() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(is_mounted(&mnt));
+    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap();
+    let line = mounts
+        .lines()
+        .find(|l| l.contains(&format!(" {} ", mnt.display())))
+        .unwrap();
+    assert!(
+        line.starts_with("cstoken ") && line.contains(" fuse.cstokenfs "),
+        "SOURCE and the type fstab names: {line}"
+    );
     let out = cat_as(1000, 1000, &mnt.join("management.azure.com"));
     assert!(
         out.status.success(),
