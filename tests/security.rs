@@ -222,7 +222,11 @@ fn fstab_line_mounts_through_mount_fuse3_and_umount_unmounts() {
         .lines()
         .find(|l| !l.starts_with('#') && !l.trim().is_empty())
         .unwrap();
-    let line = line.replace("/run/cstoken", mnt.to_str().unwrap()).replace(
+    let log = dir.path().join("cstokenfs.log");
+    let line = line
+        .replace("/var/log/cstokenfs.log", log.to_str().unwrap())
+        .replace("/run/cstoken", mnt.to_str().unwrap())
+        .replace(
         "allow_other,uid=1000",
         &format!("allow_other,uid=1000,endpoint={}", emu.url()),
     );
