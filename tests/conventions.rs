@@ -585,3 +585,164 @@ mod failures {
         assert_eq!(at(Level::Info, "fetched again"), 1, "recovery: {logged:?}");
     }
 }
+
+mod packaging {
+    //! The files that ship with the tool say what the README says they say.
+    use std::path::Path;
+    use std::process::Command;
+
+    fn read(rel: &str) -> String {
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join(rel))
+            .unwrap_or_else(|e| panic!("{rel}: {e}"))
+    }
+
+    #[test]
+    fn the_systemd_unit_orders_after_the_network_and_keeps_the_host_mount_namespace() {
+        let unit = read("scripts/cstokenfs.service");
+        let active: Vec<&str> = unit
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.starts_with('#') && !l.is_empty())
+            .collect();
+        for want in [
+            "After=network-online.target",
+            "Wants=network-online.target",
+            "Type=notify",
+            "NoNewPrivileges=yes",
+        ] {
+            assert!(active.contains(&want), "{want} missing");
+        }
+        for key in [
+            "CapabilityBoundingSet=",
+            "SystemCallFilter=",
+            "RestrictAddressFamilies=",
+        ] {
+            assert!(active.iter().any(|l| l.starts_with(key)), "{key} missing");
+        }
+        // Each of these gives the service a mount namespace of its own, hiding the mount.
+        for key in [
+            "ProtectSystem=",
+            "ProtectHome=",
+            "PrivateTmp=",
+            "PrivateDevices=",
+            "PrivateMounts=",
+            "ProtectKernelTunables=",
+            "ProtectKernelModules=",
+            "ProtectKernelLogs=",
+            "ProtectControlGroups=",
+            "ReadOnlyPaths=",
+            "InaccessiblePaths=",
+            "TemporaryFileSystem=",
+            "BindPaths=",
+            "MountFlags=",
+        ] {
+            assert!(!active.iter().any(|l| l.starts_with(key)), "{key} present");
+        }
+        let Ok(out) = Command::new("systemd-analyze").arg("--version").output() else {
+            eprintln!("!!!!! systemd-analyze missing: the unit is not verified !!!!!");
+            return;
+        };
+        assert!(out.status.success());
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cstokenfs.service");
+        std::fs::write(
+            &path,
+            unit.replace("/usr/local/bin/cstokenfs", crate::common::BIN),
+        )
+        .unwrap();
+        let out = Command::new("systemd-analyze")
+            .args(["verify", "--man=no"])
+            .arg(&path)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "systemd-analyze verify: {err}");
+        assert!(
+            !err.contains("cstokenfs.service"),
+            "systemd-analyze verify warns: {err}"
+        );
+    }
+
+    #[test]
+    fn license_changelog_dockerfile_fstab_and_demo() {
+        let cargo = read("Cargo.toml");
+        assert!(cargo.contains("license = \"MIT\""));
+        assert!(read("LICENSE").starts_with("MIT License"));
+        assert!(read("CHANGELOG.md").contains("## [Unreleased]"));
+        let docker = read("scripts/Dockerfile");
+        let froms = docker.lines().filter(|l| l.starts_with("FROM ")).count();
+        assert!(froms >= 2, "multi-stage");
+        for want in [
+            " AS build",
+            "cargo build --release --locked",
+            "COPY --from=build",
+            "fuse3",
+            "ENTRYPOINT [\"/usr/local/bin/cstokenfs-entrypoint.sh\"]",
+        ] {
+            assert!(docker.contains(want), "Dockerfile lacks {want}");
+        }
+        let fstab = read("scripts/fstab.example");
+        let line = fstab
+            .lines()
+            .find(|l| !l.starts_with('#') && !l.trim().is_empty())
+            .unwrap();
+        assert!(line.contains(" fuse.cstokenfs ") && line.contains("log_file="));
+        let demo = read("scripts/demo.sh");
+        assert!(
+            demo.contains("cargo build --release --locked\n"),
+            "the demo's build shows cargo's progress (no -q)"
+        );
+        let rust = cargo
+            .lines()
+            .find_map(|l| l.strip_prefix("rust-version = "))
+            .unwrap()
+            .trim_matches('"');
+        assert!(
+            read("README.md").contains(&format!("Rust {rust} or newer")),
+            "the README states rust-version {rust}"
+        );
+    }
+
+    #[test]
+    fn the_readme_layout_matches_the_tree() {
+        let readme = read("README.md");
+        let layout = &readme[readme.find("## Layout").unwrap()..];
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        for line in layout
+            .lines()
+            .filter(|l| l.starts_with("    ") && !l.starts_with("     "))
+        {
+            let first = line
+                .split_whitespace()
+                .next()
+                .unwrap()
+                .trim_end_matches(',');
+            assert!(
+                root.join(first).exists(),
+                "the layout names {first}, not in the tree"
+            );
+        }
+        for dir in ["src", "scripts"] {
+            for entry in std::fs::read_dir(root.join(dir)).unwrap() {
+                let entry = entry.unwrap();
+                let name = entry.file_name().to_string_lossy().into_owned();
+                let shown = if entry.path().is_dir() {
+                    format!("{dir}/{name}/")
+                } else {
+                    format!("{dir}/{name}")
+                };
+                let mentioned =
+                    layout.contains(&shown) || (dir == "scripts" && layout.contains(name.as_str()));
+                assert!(mentioned, "{shown} is not in the README's layout");
+            }
+        }
+        for entry in std::fs::read_dir(root.join("tests")).unwrap() {
+            let name = entry.unwrap().file_name().to_string_lossy().into_owned();
+            let stem = name.trim_end_matches(".rs");
+            assert!(
+                layout.contains(stem),
+                "tests/{name} is not in the README's layout"
+            );
+        }
+    }
+}

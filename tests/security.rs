@@ -227,9 +227,9 @@ fn fstab_line_mounts_through_mount_fuse3_and_umount_unmounts() {
         .replace("/var/log/cstokenfs.log", log.to_str().unwrap())
         .replace("/run/cstoken", mnt.to_str().unwrap())
         .replace(
-        "allow_other,uid=1000",
-        &format!("allow_other,uid=1000,endpoint={}", emu.url()),
-    );
+            "allow_other,uid=1000",
+            &format!("allow_other,uid=1000,endpoint={}", emu.url()),
+        );
     let fstab = dir.path().join("fstab");
     std::fs::write(&fstab, format!("{line}\n")).unwrap();
     let _guard = KillOnDrop(mnt.clone());
@@ -254,6 +254,12 @@ fn fstab_line_mounts_through_mount_fuse3_and_umount_unmounts() {
         line.starts_with("cstoken ") && line.contains(" fuse.cstokenfs "),
         "SOURCE and the type fstab names: {line}"
     );
+    let logged = eventually(Duration::from_secs(10), || {
+        std::fs::read_to_string(&log)
+            .ok()
+            .filter(|t| t.contains("mounted "))
+    });
+    assert!(logged.is_some(), "fstab's log_file= gets the daemon's logs");
     let out = cat_as(1000, 1000, &mnt.join("management.azure.com"));
     assert!(
         out.status.success(),
