@@ -657,7 +657,8 @@ fn start_endpoint(
 fn mount_error(e: &std::io::Error, mountpoint: &Path) -> MountError {
     if e.to_string().contains("user_allow_other") {
         return MountError::Mount(
-            "--allow-other as an ordinary user needs a line `user_allow_other` in /etc/fuse.conf"
+            "--allow-other, --allow-root or --auto-unmount (which implies allow_root) as an \
+             ordinary user needs a line `user_allow_other` in /etc/fuse.conf"
                 .into(),
         );
     }

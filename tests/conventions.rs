@@ -246,6 +246,36 @@ fn the_fs_type_is_fuse_cstokenfs_and_fsname_is_the_source() {
     assert_same_token(&a, &b, "case-insensitive host names");
 }
 
+#[test]
+fn allow_root_lets_root_in_and_keeps_other_users_out() {
+    need_fuse!();
+    let emu = emulator();
+    // Mounted by root for uid 1000's files: allow_root passes root only (the owner being
+    // root here), so uid 1000 is kept out even though the file is theirs.
+    let m = Mounted::new(&emu.url(), &["-o", "allow_root,uid=1000"]);
+    let line = mount_line(&m.path).unwrap();
+    assert!(line.contains("allow_other"), "the kernel's side: {line}");
+    std::fs::read(m.file("management.azure.com")).expect("root reads");
+    let out = Command::new("setpriv")
+        .args([
+            "--reuid",
+            "1000",
+            "--regid",
+            "1000",
+            "--clear-groups",
+            "cat",
+        ])
+        .arg(m.file("management.azure.com"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "uid 1000 is not let in");
+    assert!(
+        stderr(&out).contains("Permission denied"),
+        "{}",
+        stderr(&out)
+    );
+}
+
 /// The pids of cstokenfs daemons for `mnt` (not fusermount3's auto_unmount helper).
 fn daemons(mnt: &Path) -> Vec<i32> {
     let out = Command::new("pgrep")
