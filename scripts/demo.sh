@@ -11,7 +11,8 @@ if [ ! -e /dev/fuse ] || ! command -v fusermount3 >/dev/null 2>&1; then
 fi
 [ -e /dev/fuse ] || { echo "demo: /dev/fuse is missing (in Docker: --device /dev/fuse --cap-add SYS_ADMIN)" >&2; exit 1; }
 
-cargo build --release --locked -q
+echo "== building cstokenfs (release; a cold build takes a few minutes, cargo shows its progress)"
+cargo build --release --locked
 bin=$PWD/target/release/cstokenfs
 work=$(mktemp -d)
 mnt=$work/cstoken

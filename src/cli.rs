@@ -1,4 +1,4 @@
-//! The command line: `mount`, `get`, `emulator`.
+//! The command line: `mount`, `sink`, `get`, `emulator`, `completions`, `man`.
 
 use crate::cache::Cache;
 use crate::emulator::{Emulator, EmulatorConfig};
@@ -9,13 +9,37 @@ use crate::source::select::{self, Env, Wanted};
 use crate::source::Identity;
 use crate::source::Kind;
 use crate::token::View;
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, Parser, Subcommand};
 use std::io::Write;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
+
+/// Appended to the help of the program and of each subcommand: the views, the mount(8)
+/// form, the signals and what detection reads.
+pub const MORE_HELP: &str = "\
+Names: a host (management.azure.com, vault.azure.net, any DNS name: https://<name>; case and a
+trailing dot do not matter), an app ID (GUID), or a percent-encoded URI; `get` and --resource
+also take a URI (https://management.azure.com/) or a scope (https://graph.microsoft.com/.default).
+
+Views (mount; sink writes the same files; get --view): MOUNT/<name> (raw token, no newline),
+MOUNT/.json/<name>, MOUNT/.header/<name> (Authorization: Bearer ...), MOUNT/.kubectl/<name>
+(ExecCredential), MOUNT/.git-credential/<name>, MOUNT/.claims/<name> (the JWT payload),
+MOUNT/.status (JSON: source, errors, counters), MOUNT/.env (--serve-endpoint only).
+
+mount(8) and fstab: cstokenfs SOURCE MOUNTPOINT -o OPTIONS (SOURCE is the name in the mount
+table); every long flag of mount is an -o key with _ for - (allow_other,uid=1000,mode=0440,
+endpoint=URL,auto_unmount,debug,...). fstab: cstoken /run/cstoken fuse.cstokenfs allow_other 0 0
+
+Signals (mount, sink): SIGTERM or SIGINT unmount (sink: remove its files) and exit 0; SIGUSR1
+drops every held token so the next read fetches anew; SIGHUP reopens --log-file.
+
+Environment: --source auto detects from MSI_ENDPOINT, MSI_SECRET, IDENTITY_ENDPOINT,
+IDENTITY_HEADER, IMDS_ENDPOINT and `az` on PATH (IMDS only with --source imds); RUST_LOG sets
+the log level (default info; RUST_LOG=info,cstokenfs::audit=warn quiets the open audit).
+Detached without --log-file, logs go to syslog (/dev/log).";
 
 #[derive(Parser, Debug)]
 #[command(
@@ -24,9 +48,7 @@ use std::time::Duration;
     // `-o uid=1000 --uid 1000` or `-f -o foreground`: the last one wins, as in mount(8).
     args_override_self = true,
     about = "A read-only FUSE filesystem where `cat MOUNT/<resource>` prints a fresh, cached Azure access token",
-    after_help = "Names: management.azure.com, vault.azure.net, ... (well-known hosts), any DNS name \
-                  (https://<name>), an app ID (GUID), or a percent-encoded URI. Views: MOUNT/<name>, \
-                  MOUNT/.json/<name>, MOUNT/.header/<name>, MOUNT/.status."
+    after_help = MORE_HELP
 )]
 pub struct Cli {
     #[command(subcommand)]
@@ -36,14 +58,29 @@ pub struct Cli {
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Mount the token filesystem at MOUNTPOINT (detaches once the mount is live unless -f).
+    #[command(after_help = MORE_HELP)]
     Mount(MountArgs),
     /// Without FUSE: keep the declared resources' tokens as files in DIR (tmpfs or ramfs),
     /// replaced atomically, removed before they expire (detaches once written unless -f).
+    #[command(after_help = MORE_HELP)]
     Sink(SinkArgs),
     /// Fetch one token with the same client and name rules, print it, no mount.
+    #[command(after_help = MORE_HELP)]
     Get(GetArgs),
     /// Serve a local stand-in for the Cloud Shell token endpoint (unsigned test tokens).
+    #[command(after_help = MORE_HELP)]
     Emulator(EmulatorArgs),
+    /// Print a shell completion script for bash, zsh or fish on stdout.
+    Completions(CompletionsArgs),
+    /// Print the man page (roff) on stdout: cstokenfs man > cstokenfs.1
+    Man,
+}
+
+#[derive(Args, Debug)]
+pub struct CompletionsArgs {
+    /// The shell: bash, zsh or fish.
+    #[arg(value_name = "SHELL", value_parser = ["bash", "zsh", "fish"])]
+    pub shell: String,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -168,20 +205,24 @@ pub struct MountArgs {
     /// Stay attached (logs to stderr); without it, return once the mount is live.
     #[arg(short, long)]
     pub foreground: bool,
+    /// Debug: stay attached (as -f) and log at debug level; FUSE's per-request lines only
+    /// with RUST_LOG=trace.
+    #[arg(short, long)]
+    pub debug: bool,
     /// A resource the listing always shows (repeatable).
     #[arg(long = "resource", value_name = "NAME")]
     pub resources: Vec<String>,
     /// Refresh a token when this little lifetime is left, in seconds.
-    #[arg(long, value_name = "SECS", default_value_t = 300, value_parser = clap::value_parser!(u64).range(0..=31_536_000))]
+    #[arg(long, value_name = "SECS", default_value_t = 300, value_parser = clap::builder::RangedI64ValueParser::<u64>::new().range(0..=31_536_000))]
     pub refresh_margin: u64,
     /// How long a refused resource answers ENOENT without asking the endpoint, in seconds.
-    #[arg(long, value_name = "SECS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(0..=31_536_000))]
+    #[arg(long, value_name = "SECS", default_value_t = 30, value_parser = clap::builder::RangedI64ValueParser::<u64>::new().range(0..=31_536_000))]
     pub negative_ttl: u64,
     /// The most tokens held; the least recently read undeclared one is evicted first.
-    #[arg(long, value_name = "N", default_value_t = 1024, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    #[arg(long, value_name = "N", default_value_t = 1024, value_parser = clap::builder::RangedI64ValueParser::<u64>::new().range(1..=1_000_000))]
     pub max_resources: u64,
     /// Upstream requests per second for the whole mount, after a burst of 100 (0: no bound).
-    #[arg(long, value_name = "N", default_value_t = 20, value_parser = clap::value_parser!(u32).range(0..=100_000))]
+    #[arg(long, value_name = "N", default_value_t = 20, value_parser = clap::builder::RangedI64ValueParser::<u32>::new().range(0..=100_000))]
     pub max_upstream_rate: u32,
     /// Where logs go when detached (foreground: stderr); level from RUST_LOG (default info).
     #[arg(long, value_name = "PATH")]
@@ -198,6 +239,14 @@ pub struct MountArgs {
     /// Let users other than the one who mounted reach the mount (the modes then decide).
     #[arg(long)]
     pub allow_other: bool,
+    /// Let root reach the mount too, besides the user who mounted (an ordinary user needs
+    /// `user_allow_other` in /etc/fuse.conf).
+    #[arg(long)]
+    pub allow_root: bool,
+    /// Detach the mount as soon as the daemon dies (kill -9, a crash), through fuse3's
+    /// fusermount3; implies --allow-root unless --allow-other.
+    #[arg(long)]
+    pub auto_unmount: bool,
     /// Keep the daemon's memory (tokens included) out of swap.
     #[arg(long)]
     pub mlock: bool,
@@ -210,8 +259,8 @@ pub struct MountArgs {
     /// (allow_other,uid=1000,mode=0440,endpoint=URL,...).
     #[arg(short = 'o', value_name = "OPTIONS")]
     pub options: Vec<String>,
-    /// The name shown as the source in the mount table.
-    #[arg(long, value_name = "NAME", default_value = "cstokenfs", hide = true)]
+    /// The name shown as the source in the mount table (SOURCE in the mount(8) form).
+    #[arg(long, value_name = "NAME", default_value = "cstokenfs")]
     pub fsname: String,
 }
 
@@ -230,7 +279,7 @@ pub struct SinkArgs {
     #[arg(long = "resource", value_name = "NAME", required = true)]
     pub resources: Vec<String>,
     /// Refresh a token when this little lifetime is left, in seconds.
-    #[arg(long, value_name = "SECS", default_value_t = 300, value_parser = clap::value_parser!(u64).range(0..=31_536_000))]
+    #[arg(long, value_name = "SECS", default_value_t = 300, value_parser = clap::builder::RangedI64ValueParser::<u64>::new().range(0..=31_536_000))]
     pub refresh_margin: u64,
     /// Where logs go when detached (foreground: stderr); level from RUST_LOG (default info).
     #[arg(long, value_name = "PATH")]
@@ -257,7 +306,8 @@ pub struct GetArgs {
     /// git-credential, claims.
     #[arg(long, value_name = "VIEW", default_value = "raw", value_parser = parse_view)]
     pub view: View,
-    /// The resource name, as in the mount (management.azure.com, a GUID, a percent-encoded URI).
+    /// The resource: a host name as in the mount (management.azure.com), a URI
+    /// (https://management.azure.com/), a scope (https://graph.microsoft.com/.default), a GUID.
     #[arg(value_name = "NAME")]
     pub name: String,
 }
@@ -346,10 +396,109 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Sink(args) => sink_command(args),
         Command::Get(args) => get_command(args),
         Command::Emulator(args) => emulator_command(args),
+        Command::Completions(args) => completions_command(&args.shell),
+        Command::Man => man_command(),
+    }
+}
+
+/// Exit codes, in one place: 0 done, 1 a failure at run time, 2 a usage error (clap's too).
+pub const EXIT_FAILURE: u8 = 1;
+pub const EXIT_USAGE: u8 = 2;
+
+/// `completions bash|zsh|fish`: the script on stdout.
+fn completions_command(shell: &str) -> ExitCode {
+    let shell = match shell {
+        "bash" => clap_complete::Shell::Bash,
+        "zsh" => clap_complete::Shell::Zsh,
+        _ => clap_complete::Shell::Fish,
+    };
+    let mut cmd = Cli::command();
+    let mut out = Vec::new();
+    clap_complete::generate(shell, &mut cmd, "cstokenfs", &mut out);
+    write_stdout(&out)
+}
+
+/// `man`: the man page (roff) on stdout, subcommands included.
+fn man_command() -> ExitCode {
+    let cmd = Cli::command();
+    let mut out = Vec::new();
+    let rendered = clap_mangen::Man::new(cmd.clone())
+        .render(&mut out)
+        .and_then(|()| {
+            // Each subcommand's options as a page of its own, cstokenfs-mount(1) and so on.
+            for sub in cmd.get_subcommands() {
+                let title = format!("cstokenfs-{}", sub.get_name());
+                clap_mangen::Man::new(sub.clone())
+                    .title(title.to_uppercase())
+                    .render(&mut out)?;
+            }
+            Ok(())
+        });
+    match rendered {
+        Ok(()) => write_stdout(&out),
+        Err(e) => {
+            eprintln!("cstokenfs: cannot render the man page: {e}");
+            ExitCode::from(EXIT_FAILURE)
+        }
+    }
+}
+
+fn write_stdout(bytes: &[u8]) -> ExitCode {
+    let mut out = std::io::stdout().lock();
+    match out.write_all(bytes).and_then(|()| out.flush()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("cstokenfs: cannot write to stdout: {e}");
+            ExitCode::from(EXIT_FAILURE)
+        }
+    }
+}
+
+/// Warnings for options that cannot do what was asked; the mount goes on (fstab lines must
+/// keep working). Returned, not printed, so they can be tested.
+pub fn mount_warnings(args: &MountArgs, uid: u32, gid: u32) -> Vec<String> {
+    let mut warnings = Vec::new();
+    let reach = if args.allow_root || args.auto_unmount {
+        "the user who mounts and root"
+    } else {
+        "the user who mounts"
+    };
+    if !args.allow_other {
+        if let Some(u) = args
+            .uid
+            .filter(|u| *u != uid && !(*u == 0 && reach.ends_with("root")))
+        {
+            warnings.push(format!(
+                "--uid {u} without --allow-other: only {reach} can reach the mount, so uid {u} \
+                 will be denied (add --allow-other)"
+            ));
+        }
+        if let Some(g) = args.gid.filter(|g| *g != gid) {
+            warnings.push(format!(
+                "--gid {g} without --allow-other: only {reach} can reach the mount, so other \
+                 members of group {g} will be denied (add --allow-other)"
+            ));
+        }
+    }
+    if let (true, Some(path)) = (args.foreground || args.debug, &args.log_file) {
+        warnings.push(format!(
+            "--log-file {} is not used in the foreground (-f, -d): logs go to stderr",
+            path.display()
+        ));
+    }
+    warnings
+}
+
+fn warn_all(warnings: &[String]) {
+    for w in warnings {
+        eprintln!("cstokenfs: warning: {w}");
     }
 }
 
 fn mount_command(args: MountArgs) -> ExitCode {
+    // SAFETY: getuid/getgid cannot fail.
+    let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
+    warn_all(&mount_warnings(&args, uid, gid));
     let policy = Policy {
         refresh_margin_ms: (args.refresh_margin as i64).saturating_mul(1000),
         negative_ttl_ms: (args.negative_ttl as i64).saturating_mul(1000),
@@ -362,12 +511,15 @@ fn mount_command(args: MountArgs) -> ExitCode {
         wanted: args.upstream.wanted(),
         resources: args.resources,
         policy,
-        foreground: args.foreground,
+        foreground: args.foreground || args.debug,
+        debug: args.debug,
         log_file: args.log_file,
         uid: args.uid,
         gid: args.gid,
         mode: args.mode,
         allow_other: args.allow_other,
+        allow_root: args.allow_root,
+        auto_unmount: args.auto_unmount,
         mlock: args.mlock,
         fsname: args.fsname,
         serve_endpoint: args.serve_endpoint,
@@ -376,12 +528,18 @@ fn mount_command(args: MountArgs) -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("cstokenfs: {e}");
-            ExitCode::FAILURE
+            ExitCode::from(EXIT_FAILURE)
         }
     }
 }
 
 fn sink_command(args: SinkArgs) -> ExitCode {
+    if let (true, Some(path)) = (args.foreground, &args.log_file) {
+        warn_all(&[format!(
+            "--log-file {} is not used in the foreground (-f): logs go to stderr",
+            path.display()
+        )]);
+    }
     let policy = Policy {
         refresh_margin_ms: (args.refresh_margin as i64).saturating_mul(1000),
         timeout: Duration::from_secs(args.upstream.timeout),
@@ -409,18 +567,18 @@ fn sink_command(args: SinkArgs) -> ExitCode {
 
 fn get_command(args: GetArgs) -> ExitCode {
     crate::logging::init_stderr("warn");
-    let resource = match crate::names::resolve(&args.name) {
+    let resource = match crate::names::resolve_arg(&args.name) {
         Ok(r) => r,
         Err(e) => {
             eprintln!("cstokenfs: {:?} is not a resource name: {e}", args.name);
-            return ExitCode::from(2);
+            return ExitCode::from(EXIT_USAGE);
         }
     };
     let mut plan = match select::plan(&args.upstream.wanted(), &Env::current()) {
         Ok(p) => p,
         Err(e) => {
             eprintln!("cstokenfs: {e}");
-            return ExitCode::from(2);
+            return ExitCode::from(EXIT_USAGE);
         }
     };
     // Held alive until the token is printed.
@@ -428,14 +586,14 @@ fn get_command(args: GetArgs) -> ExitCode {
         Ok(e) => e,
         Err(e) => {
             eprintln!("cstokenfs: cannot start the emulator: {e}");
-            return ExitCode::FAILURE;
+            return ExitCode::from(EXIT_FAILURE);
         }
     };
     let source = match plan.build() {
         Ok(s) => s,
         Err(e) => {
             eprintln!("cstokenfs: {e}");
-            return ExitCode::from(2);
+            return ExitCode::from(EXIT_USAGE);
         }
     };
     let policy = Policy {
@@ -455,13 +613,13 @@ fn get_command(args: GetArgs) -> ExitCode {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("cstokenfs: cannot write the token: {e}");
-                    ExitCode::FAILURE
+                    ExitCode::from(EXIT_FAILURE)
                 }
             }
         }
         Err(e) => {
             eprintln!("cstokenfs: {resource}: {e}");
-            ExitCode::FAILURE
+            ExitCode::from(EXIT_FAILURE)
         }
     }
 }
@@ -487,12 +645,12 @@ fn emulator_command(args: EmulatorArgs) -> ExitCode {
             Ok(secret) => Some(secret),
             Err(e) => {
                 eprintln!("cstokenfs: {e}");
-                return ExitCode::FAILURE;
+                return ExitCode::from(EXIT_FAILURE);
             }
         },
         (Some(_), _) => {
             eprintln!("cstokenfs: --secret-file is only for --protocol appservice");
-            return ExitCode::from(2);
+            return ExitCode::from(EXIT_USAGE);
         }
     };
     let generated = identity_header.is_none();
@@ -507,7 +665,7 @@ fn emulator_command(args: EmulatorArgs) -> ExitCode {
         Ok(e) => e,
         Err(e) => {
             eprintln!("cstokenfs: cannot listen on {}: {e}", args.listen);
-            return ExitCode::FAILURE;
+            return ExitCode::from(EXIT_FAILURE);
         }
     };
     emulator.set_caching(args.caching);
@@ -536,7 +694,7 @@ fn emulator_command(args: EmulatorArgs) -> ExitCode {
         Ok(s) => s,
         Err(e) => {
             eprintln!("cstokenfs: cannot handle signals: {e}");
-            return ExitCode::FAILURE;
+            return ExitCode::from(EXIT_FAILURE);
         }
     };
     let handle = stopper.handle();

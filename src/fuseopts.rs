@@ -1,42 +1,18 @@
 //! FUSE-style command lines, so fstab and mount(8) work: `cstokenfs SOURCE MOUNTPOINT -o
-//! allow_other,uid=1000,...` and `cstokenfs mount -o ... MOUNTPOINT` are rewritten into the
-//! long flags before clap sees them. Every long flag of `mount` has an `-o` key (its name with
-//! `_` for `-`); options mount(8) and mount.fuse3 add on their own are accepted and ignored
+//! allow_other,uid=1000,...` and `cstokenfs mount -o ... MOUNTPOINT` are rewritten into long
+//! flags (`--allow-other --uid=1000`) before clap sees them, so clap checks `-o` values with
+//! the same messages (and suggestions) as the long flags. Every long flag of `mount` is an
+//! `-o` key, its name with `_` for `-`: nothing here lists them, they come from the clap
+//! definition. Options mount(8) and mount.fuse3 add on their own are accepted and ignored
 //! (the mount is always read-only, nosuid, nodev, noexec).
+//!
+//! The `SOURCE MOUNTPOINT` form applies only when invoked as a mount helper would be: under
+//! a `mount.*` name (`mount.cstokenfs`, `mount.fuse.cstokenfs`), or with `-o` (mount.fuse3
+//! always passes `-o`: it adds `dev,suid` at least). Anything else is clap's, so a mistyped
+//! subcommand is clap's "unrecognized subcommand" error with its suggestion.
 
-use std::ffi::OsString;
-
-const SUBCOMMANDS: &[&str] = &["mount", "sink", "get", "emulator", "help"];
-
-/// `-o` keys that take a value, as long flags.
-const VALUE_KEYS: &[&str] = &[
-    "endpoint",
-    "resource",
-    "refresh-margin",
-    "timeout",
-    "negative-ttl",
-    "max-resources",
-    "max-upstream-rate",
-    "log-file",
-    "uid",
-    "gid",
-    "mode",
-    "fsname",
-    "source",
-    "client-id",
-    "object-id",
-    "msi-res-id",
-    "serve-endpoint",
-    "tenant-id",
-    "authority-host",
-    "federated-token-file",
-    "client-secret-file",
-    "client-certificate",
-    "ca-file",
-];
-
-/// `-o` keys that are switches.
-const FLAG_KEYS: &[&str] = &["foreground", "emulator", "allow-other", "mlock"];
+use clap::CommandFactory;
+use std::ffi::{OsStr, OsString};
 
 /// What mount(8) and mount.fuse3 pass that does not apply here.
 const IGNORED: &[&str] = &[
@@ -82,100 +58,226 @@ const IGNORED: &[&str] = &[
     "subtype",
 ];
 
+/// The subcommand `-o` and the `SOURCE MOUNTPOINT` form belong to.
+const MOUNT: &str = "mount";
+
+/// The names (and aliases) of every subcommand, from the clap definition, plus `help`.
+pub fn subcommands() -> Vec<String> {
+    let cmd = crate::cli::Cli::command();
+    let mut names: Vec<String> = cmd
+        .get_subcommands()
+        .flat_map(|s| std::iter::once(s.get_name()).chain(s.get_all_aliases()))
+        .map(str::to_owned)
+        .collect();
+    names.push("help".into());
+    names
+}
+
+/// The `-o` keys: every long flag of `mount` with `_` for `-`, and whether it takes a value.
+pub fn option_keys() -> Vec<(String, bool)> {
+    let cmd = crate::cli::Cli::command();
+    let Some(mount) = cmd.find_subcommand(MOUNT) else {
+        return Vec::new();
+    };
+    mount
+        .get_arguments()
+        .filter(|a| !a.is_positional())
+        .filter_map(|a| Some((a.get_long()?.replace('-', "_"), takes_value(a))))
+        .filter(|(k, _)| k != "help")
+        .collect()
+}
+
+fn takes_value(arg: &clap::Arg) -> bool {
+    arg.get_action().takes_values()
+}
+
+/// Whether the `mount` flag spelled `flag` (`--uid`, `-f`) takes a value as the next
+/// argument; unknown flags are taken as switches (clap then names them).
+fn flag_takes_value(mount: &clap::Command, flag: &str) -> bool {
+    if let Some(long) = flag.strip_prefix("--") {
+        return !long.contains('=')
+            && mount
+                .get_arguments()
+                .any(|a| a.get_long() == Some(long) && takes_value(a));
+    }
+    // A cluster of shorts (`-fd`): the last one may take the next argument.
+    let Some(last) = flag.chars().last().filter(|_| flag.len() == 2) else {
+        return false;
+    };
+    mount
+        .get_arguments()
+        .any(|a| a.get_short() == Some(last) && takes_value(a))
+}
+
+/// Whether argv[0] names a mount helper: `mount.cstokenfs`, `mount.fuse.cstokenfs`, ...
+fn invoked_as_mount_helper(argv0: &OsStr) -> bool {
+    std::path::Path::new(argv0)
+        .file_name()
+        .and_then(OsStr::to_str)
+        .is_some_and(|n| n.starts_with("mount."))
+}
+
+fn has_dash_o(args: &[OsString]) -> bool {
+    args.iter().any(|a| {
+        a.to_str()
+            .is_some_and(|s| s == "-o" || (s.starts_with("-o") && s.len() > 2))
+    })
+}
+
 /// Rewrites a FUSE-style command line into `mount` with long flags; anything else is
 /// returned unchanged but for `-o` after `mount`.
-pub fn rewrite(args: Vec<OsString>) -> Result<Vec<OsString>, String> {
-    let Some(first) = args.get(1).and_then(|a| a.to_str()) else {
+pub fn rewrite(args: Vec<OsString>) -> Result<Vec<OsString>, clap::Error> {
+    let Some(argv0) = args.first().cloned() else {
         return Ok(args);
     };
-    if first.starts_with('-') || SUBCOMMANDS.contains(&first) {
-        if first != "mount" {
+    let helper = invoked_as_mount_helper(&argv0);
+    let first = args.get(1).and_then(|a| a.to_str()).unwrap_or("");
+    if subcommands().iter().any(|s| s == first) {
+        if first != MOUNT {
             return Ok(args);
         }
         let mut out = args[..2].to_vec();
-        out.extend(expand(&args[2..])?);
+        out.extend(expand(&args[2..]));
         return Ok(out);
     }
-    // SOURCE MOUNTPOINT [options]: options may come before, between or after.
+    if args.len() < 2 || !(helper || has_dash_o(&args[1..])) {
+        // `cstokenfs mout ...`, `cstokenfs --version`, no arguments: clap answers.
+        return Ok(args);
+    }
+    mount_form(argv0, &args[1..], helper)
+}
+
+/// `SOURCE MOUNTPOINT [options]` (or `MOUNTPOINT -o ...`): options may come before, between
+/// or after the two.
+fn mount_form(
+    argv0: OsString,
+    args: &[OsString],
+    helper: bool,
+) -> Result<Vec<OsString>, clap::Error> {
+    let cli = crate::cli::Cli::command();
+    let mount = cli
+        .find_subcommand(MOUNT)
+        .cloned()
+        .unwrap_or_else(|| clap::Command::new(MOUNT));
     let mut positional = Vec::new();
     let mut rest = Vec::new();
-    let mut iter = args[1..].iter();
+    let mut iter = args.iter();
     while let Some(a) = iter.next() {
         match a.to_str() {
+            Some("--") => positional.extend(iter.by_ref().cloned()),
             Some("-o") => {
                 rest.push(a.clone());
                 rest.extend(iter.next().cloned());
             }
-            Some(s) if s.starts_with('-') => rest.push(a.clone()),
+            // mount(8)'s helper flags: sloppy, no mtab, verbose.
+            Some("-s" | "-n" | "-v") if helper => {}
+            Some(s) if s.starts_with('-') && s.len() > 1 => {
+                rest.push(a.clone());
+                if !s.starts_with("-o") && flag_takes_value(&mount, s) {
+                    rest.extend(iter.next().cloned());
+                }
+            }
             _ => positional.push(a.clone()),
         }
     }
-    let [source, mountpoint] = <[OsString; 2]>::try_from(positional).map_err(|p| {
-        format!(
-            "expected SOURCE MOUNTPOINT [-o OPTIONS], got {} positional arguments",
-            p.len()
-        )
-    })?;
-    let mut out = vec![args[0].clone(), "mount".into(), "--fsname".into(), source];
-    out.extend(expand(&rest)?);
+    let (source, mountpoint) = match <[OsString; 2]>::try_from(positional) {
+        Ok([source, mountpoint]) => (Some(source), mountpoint),
+        Err(p) if p.len() == 1 => (None, p[0].clone()),
+        Err(p) => {
+            let msg = format!(
+                "the mount(8) form is `cstokenfs SOURCE MOUNTPOINT -o OPTIONS`: expected SOURCE \
+                 and MOUNTPOINT, got {} positional argument(s)",
+                p.len()
+            );
+            return Err(mount
+                .bin_name("cstokenfs mount")
+                .error(clap::error::ErrorKind::WrongNumberOfValues, msg));
+        }
+    };
+    let mut out = vec![argv0, MOUNT.into()];
+    if let Some(source) = source {
+        let mut fsname = OsString::from("--fsname=");
+        fsname.push(source);
+        out.push(fsname);
+    }
+    out.extend(expand(&rest));
+    out.push("--".into());
     out.push(mountpoint);
     Ok(out)
 }
 
-/// Replaces each `-o LIST` / `-oLIST` by the long flags it stands for.
-fn expand(args: &[OsString]) -> Result<Vec<OsString>, String> {
+/// Replaces each `-o LIST` / `-oLIST` by the long flags it stands for; a `-o` without a
+/// list is left for clap to report.
+fn expand(args: &[OsString]) -> Vec<OsString> {
     let mut out = Vec::new();
     let mut iter = args.iter();
     while let Some(a) = iter.next() {
         let list = match a.to_str() {
-            Some("-o") => iter
-                .next()
-                .ok_or("-o needs a list of options")?
-                .to_str()
-                .ok_or("-o options must be UTF-8")?,
-            Some(s) if s.starts_with("-o") && s.len() > 2 => &s[2..],
+            Some("--") => {
+                out.push(a.clone());
+                out.extend(iter.by_ref().cloned());
+                break;
+            }
+            Some("-o") => match iter.next() {
+                Some(list) => list.clone(),
+                None => {
+                    out.push(a.clone());
+                    continue;
+                }
+            },
+            Some(s) if s.starts_with("-o") && s.len() > 2 => OsString::from(&s[2..]),
             _ => {
                 out.push(a.clone());
                 continue;
             }
         };
-        for item in list.split(',').filter(|i| !i.is_empty()) {
-            out.extend(option(item)?);
-        }
+        let Some(list) = list.to_str() else {
+            // Not UTF-8: clap reports it against -o.
+            out.push("-o".into());
+            out.push(list);
+            continue;
+        };
+        out.extend(list.split(',').filter_map(option));
     }
-    Ok(out)
+    out
 }
 
-/// One `key` or `key=value` of a `-o` list, as long flags.
-fn option(item: &str) -> Result<Vec<OsString>, String> {
+/// One `key` or `key=value` of a `-o` list as a long flag (`--key`, `--key=value`), for clap
+/// to check; `None` for what mount(8) passes and does not apply.
+fn option(item: &str) -> Option<OsString> {
     let (raw_key, value) = match item.split_once('=') {
         Some((k, v)) => (k, Some(v)),
         None => (item, None),
     };
-    if IGNORED.contains(&raw_key) || raw_key.starts_with("x-") || raw_key == "comment" {
-        return Ok(Vec::new());
+    if raw_key.is_empty()
+        || IGNORED.contains(&raw_key)
+        || raw_key.starts_with("x-")
+        || raw_key == "comment"
+    {
+        return None;
     }
     let key = raw_key.replace('_', "-");
-    let flag = OsString::from(format!("--{key}"));
-    match value {
-        Some(v) if VALUE_KEYS.contains(&key.as_str()) => Ok(vec![flag, v.into()]),
-        None if FLAG_KEYS.contains(&key.as_str()) => Ok(vec![flag]),
-        None if VALUE_KEYS.contains(&key.as_str()) => {
-            Err(format!("option {raw_key} needs a value ({raw_key}=...)"))
-        }
-        Some(_) if FLAG_KEYS.contains(&key.as_str()) => {
-            Err(format!("option {raw_key} takes no value"))
-        }
-        _ => Err(format!("unknown option {raw_key:?} in -o")),
-    }
+    Some(match value {
+        Some(v) => format!("--{key}={v}").into(),
+        None => format!("--{key}").into(),
+    })
 }
 
-/// An octal permission mode, with or without a leading 0 (`0440`, `440`).
+/// An octal permission mode, with or without a leading 0 (`0440`, `440`): permission bits
+/// only (no setuid, setgid or sticky bit).
 pub fn parse_mode(s: &str) -> Result<u16, String> {
     let digits = s.strip_prefix("0o").unwrap_or(s);
-    match u16::from_str_radix(digits, 8) {
-        Ok(m) if m <= 0o777 && !digits.is_empty() => Ok(m),
-        _ => Err(format!("{s:?} is not an octal mode such as 0400 or 440")),
+    match u32::from_str_radix(digits, 8) {
+        Ok(m) if m <= 0o777 && !digits.is_empty() => Ok(m as u16),
+        Ok(m) if m <= 0o7777 && !digits.is_empty() => Err(format!(
+            "{s} has setuid, setgid or sticky bits ({:04o}): only permission bits are allowed \
+             (0000 to 0777, such as 0400 or 0440)",
+            m & 0o7000
+        )),
+        Ok(_) => Err(format!(
+            "{s} is out of range: only permission bits are allowed (0000 to 0777, such as 0400 or 0440)"
+        )),
+        Err(_) => Err(format!("{s:?} is not an octal mode such as 0400 or 440")),
     }
 }
 
@@ -190,20 +292,44 @@ mod tests {
     #[test]
     fn fstab_style_becomes_mount_with_long_flags() {
         let got = rewrite(v("cstokenfs cstoken /run/cstoken -o rw,dev,suid,allow_other,uid=1000,gid=1000,mode=0440,refresh_margin=300,endpoint=http://127.0.0.1:1/oauth2/token")).unwrap();
-        let want = v("cstokenfs mount --fsname cstoken --allow-other --uid 1000 --gid 1000 --mode 0440 --refresh-margin 300 --endpoint http://127.0.0.1:1/oauth2/token /run/cstoken");
+        let want = v("cstokenfs mount --fsname=cstoken --allow-other --uid=1000 --gid=1000 --mode=0440 --refresh-margin=300 --endpoint=http://127.0.0.1:1/oauth2/token -- /run/cstoken");
         assert_eq!(got, want);
     }
 
     #[test]
-    fn options_first_and_glued() {
+    fn options_first_glued_and_flags_with_values() {
         let got = rewrite(v("cstokenfs -oallow_other src /m")).unwrap();
+        assert_eq!(got, v("cstokenfs mount --fsname=src --allow-other -- /m"));
+        let got = rewrite(v("cstokenfs src -o allow_other /m -f")).unwrap();
         assert_eq!(
             got,
-            v("cstokenfs -oallow_other src /m"),
-            "a leading dash is clap's business"
+            v("cstokenfs mount --fsname=src --allow-other -f -- /m")
         );
-        let got = rewrite(v("cstokenfs src -o allow_other /m -f")).unwrap();
-        assert_eq!(got, v("cstokenfs mount --fsname src --allow-other -f /m"));
+        // A long flag's value is not taken for a positional.
+        let got = rewrite(v("cstokenfs --endpoint http://x src /m -o debug")).unwrap();
+        assert_eq!(
+            got,
+            v("cstokenfs mount --fsname=src --endpoint http://x --debug -- /m")
+        );
+    }
+
+    #[test]
+    fn mount_helper_names_take_the_mount_form_without_o() {
+        let got = rewrite(v("/sbin/mount.cstokenfs src /m")).unwrap();
+        assert_eq!(got, v("/sbin/mount.cstokenfs mount --fsname=src -- /m"));
+        let got = rewrite(v("mount.fuse.cstokenfs src /m -n -s -v -o ro")).unwrap();
+        assert_eq!(got, v("mount.fuse.cstokenfs mount --fsname=src -- /m"));
+    }
+
+    #[test]
+    fn without_o_a_stray_word_is_clap_business() {
+        for line in [
+            "cstokenfs mout --emulator /tmp/x",
+            "cstokenfs gett management.azure.com",
+            "cstokenfs --version",
+        ] {
+            assert_eq!(rewrite(v(line)).unwrap(), v(line));
+        }
     }
 
     #[test]
@@ -214,35 +340,64 @@ mod tests {
         .unwrap();
         assert_eq!(
             got,
-            v("cstokenfs mount --foreground --log-file /tmp/x --resource vault.azure.net /m")
+            v("cstokenfs mount --foreground --log-file=/tmp/x --resource=vault.azure.net /m")
         );
         assert_eq!(rewrite(v("cstokenfs get x")).unwrap(), v("cstokenfs get x"));
+        assert_eq!(
+            rewrite(v("cstokenfs mount /m -o")).unwrap(),
+            v("cstokenfs mount /m -o")
+        );
     }
 
     #[test]
-    fn bad_options_are_named() {
-        assert!(rewrite(v("cstokenfs s /m -o bogus"))
-            .unwrap_err()
-            .contains("bogus"));
-        assert!(rewrite(v("cstokenfs s /m -o uid"))
-            .unwrap_err()
-            .contains("needs a value"));
-        assert!(rewrite(v("cstokenfs s /m -o allow_other=1"))
-            .unwrap_err()
-            .contains("no value"));
-        assert!(rewrite(v("cstokenfs s"))
-            .unwrap_err()
-            .contains("SOURCE MOUNTPOINT"));
-        assert!(rewrite(v("cstokenfs mount /m -o")).is_err());
+    fn bad_options_reach_clap_as_flags() {
+        assert_eq!(
+            rewrite(v("cstokenfs s /m -o allow_otehr,refresh_margin=-5")).unwrap(),
+            v("cstokenfs mount --fsname=s --allow-otehr --refresh-margin=-5 -- /m")
+        );
+        assert!(rewrite(v("cstokenfs a b c -o x")).is_err());
     }
 
     #[test]
-    fn modes_are_octal() {
+    fn every_long_flag_of_mount_is_a_key() {
+        let keys = option_keys();
+        for (key, value) in [
+            ("allow_other", false),
+            ("allow_root", false),
+            ("auto_unmount", false),
+            ("debug", false),
+            ("fsname", true),
+            ("uid", true),
+            ("log_file", true),
+            ("endpoint", true),
+            ("serve_endpoint", true),
+        ] {
+            assert!(keys.contains(&(key.to_string(), value)), "{key}: {keys:?}");
+        }
+        let subs = subcommands();
+        for s in [
+            "mount",
+            "sink",
+            "get",
+            "emulator",
+            "completions",
+            "man",
+            "help",
+        ] {
+            assert!(subs.iter().any(|x| x == s), "{s}");
+        }
+    }
+
+    #[test]
+    fn modes_are_octal_permission_bits() {
         assert_eq!(parse_mode("0440"), Ok(0o440));
         assert_eq!(parse_mode("440"), Ok(0o440));
         assert_eq!(parse_mode("0400"), Ok(0o400));
         assert!(parse_mode("0888").is_err());
-        assert!(parse_mode("7777").is_err());
+        assert!(parse_mode("4755")
+            .unwrap_err()
+            .contains("only permission bits are allowed"));
+        assert!(parse_mode("17777").is_err());
         assert!(parse_mode("").is_err());
     }
 }

@@ -2,12 +2,8 @@ use clap::Parser;
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
-    let args = match cstokenfs::fuseopts::rewrite(std::env::args_os().collect()) {
-        Ok(args) => args,
-        Err(e) => {
-            eprintln!("cstokenfs: {e}");
-            return ExitCode::from(2);
-        }
-    };
+    // A usage error is clap's message and exit code 2, whether from `-o` or the flags.
+    let args =
+        cstokenfs::fuseopts::rewrite(std::env::args_os().collect()).unwrap_or_else(|e| e.exit());
     cstokenfs::cli::run(cstokenfs::cli::Cli::parse_from(args))
 }

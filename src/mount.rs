@@ -6,7 +6,7 @@ use crate::emulator::{Emulator, EmulatorConfig};
 use crate::fs::{fuse::FuseAdapter, Access, Core};
 use crate::policy::{Policy, SystemClock};
 use crate::source::select::{self, Env, Plan, Wanted};
-use log::{info, warn};
+use log::{debug, info, warn};
 use std::ffi::CString;
 use std::fmt;
 use std::fs::{File, OpenOptions};
@@ -27,12 +27,18 @@ pub struct MountRequest {
     pub resources: Vec<String>,
     pub policy: Policy,
     pub foreground: bool,
+    /// `-d`: foreground (set with it) and cstokenfs's own logs at debug level.
+    pub debug: bool,
     pub log_file: Option<PathBuf>,
     /// Owner and group of the files (default: who runs `mount`) and their mode.
     pub uid: Option<u32>,
     pub gid: Option<u32>,
     pub mode: u16,
     pub allow_other: bool,
+    /// `allow_root`: root may enter too (implied by `auto_unmount` without `allow_other`).
+    pub allow_root: bool,
+    /// `auto_unmount`: fusermount3 detaches the mount when the daemon dies.
+    pub auto_unmount: bool,
     pub mlock: bool,
     /// The source shown in the mount table.
     pub fsname: String,
@@ -79,17 +85,32 @@ impl std::error::Error for MountError {}
 pub fn run(req: MountRequest) -> Result<(), MountError> {
     let (mountpoint, plan) = preflight(&req)?;
     if req.foreground {
-        crate::logging::init_stderr("info");
+        crate::logging::init_stderr(if req.debug {
+            "info,cstokenfs=debug"
+        } else {
+            "info"
+        });
         return serve(&req, &mountpoint, plan, Ready::Nobody);
     }
     let log = match &req.log_file {
         Some(path) => Some(open_log(path)?),
         None => {
-            eprintln!("cstokenfs: detached without --log-file: logs are discarded");
+            say_if_logs_are_discarded();
             None
         }
     };
     detach(&req, &mountpoint, plan, log)
+}
+
+/// Detached without `--log-file`, logs go to syslog; where there is none, they are
+/// discarded, and the caller is told once. Shared with `sink`.
+pub(crate) fn say_if_logs_are_discarded() {
+    if !crate::logging::syslog_available() {
+        eprintln!(
+            "cstokenfs: detached without --log-file and no syslog at {}: logs are discarded",
+            crate::logging::SYSLOG_PATH
+        );
+    }
 }
 
 /// Checks that make a clear error before anything is mounted.
@@ -97,7 +118,7 @@ fn preflight(req: &MountRequest) -> Result<(PathBuf, Plan), MountError> {
     let plan = select::plan(&req.wanted, &Env::current())
         .map_err(|e| MountError::Endpoint(e.to_string()))?;
     for name in &req.resources {
-        crate::names::resolve(name)
+        crate::names::resolve_arg(name)
             .map_err(|e| MountError::Resource(format!("--resource {name:?}: {e}")))?;
     }
     let shown = req.mountpoint.display();
@@ -212,8 +233,11 @@ pub(crate) fn daemonize<E>(
         -1 => Err(format!("fork: {}", std::io::Error::last_os_error())),
         0 => {
             drop(read_end);
+            let to_syslog = log.is_none();
             let ok = become_daemon(log, write_end.as_raw_fd()).is_ok() && {
-                crate::logging::init_stderr("info");
+                if !(to_syslog && crate::logging::init_syslog("info")) {
+                    crate::logging::init_stderr("info");
+                }
                 child(Ready::Pipe(write_end)).is_ok()
             };
             std::process::exit(i32::from(!ok))
@@ -295,7 +319,7 @@ fn serve(
     ready: Ready,
 ) -> Result<(), MountError> {
     let started = start(req, mountpoint, plan);
-    let (session, cache, signals, _emulator, core, notifier, endpoint) = match started {
+    let (session, cache, signals, _emulator, core, notifier, endpoint, direct) = match started {
         Ok(s) => s,
         Err(e) => {
             ready.tell(&Err(e.clone()));
@@ -325,6 +349,9 @@ fn serve(
             })
         });
     if let Err(e) = waiting {
+        if direct {
+            let _ = unmount(mountpoint);
+        }
         let e = thread_error(req.mlock, &e);
         ready.tell(&Err(e.clone()));
         return Err(e);
@@ -379,6 +406,7 @@ type Started = (
     Arc<Core>,
     fuser::Notifier,
     Option<crate::endpoint::Endpoint>,
+    bool,
 );
 
 /// A thread that only waits (signals, the session's end): a small stack.
@@ -422,7 +450,7 @@ fn start(req: &MountRequest, mountpoint: &Path, plan: Plan) -> Result<Started, M
     let declared: Vec<String> = req
         .resources
         .iter()
-        .filter_map(|n| crate::names::resolve(n).ok())
+        .filter_map(|n| crate::names::resolve_arg(n).ok())
         .collect();
     let cache = Cache::new(source, req.policy.clone(), &declared, Arc::new(SystemClock));
     cache.start_background().map_err(no_thread)?;
@@ -435,6 +463,52 @@ fn start(req: &MountRequest, mountpoint: &Path, plan: Plan) -> Result<Started, M
     let audit = crate::audit::Audit::start().map_err(no_thread)?;
     let (endpoint, extras) = start_endpoint(req, &cache, &audit)?;
     let core = Core::with_extras(cache.clone(), access, Some(audit), &plan.reason, extras);
+    let (session, direct) = open_session(req, &core, mountpoint)?;
+    // A mount of our own mount(2) is not undone by fuser when the session goes: undo it
+    // here if starting fails.
+    let undo = |e: MountError| {
+        if direct {
+            let _ = unmount(mountpoint);
+        }
+        e
+    };
+    let notifier = session.notifier();
+    if let Err(e) = core.start_expiry_watch(notifier.clone()) {
+        drop(session);
+        return Err(undo(no_thread(e)));
+    }
+    let session = session
+        .spawn()
+        .map_err(|e| match e.raw_os_error() {
+            Some(libc::EAGAIN) if req.mlock => thread_error(true, &e),
+            _ => mount_error(&e, mountpoint),
+        })
+        .map_err(undo)?;
+    Ok((
+        session, cache, signals, emulator, core, notifier, endpoint, direct,
+    ))
+}
+
+/// The filesystem type in the mount table, whoever mounts.
+pub const FS_TYPE: &str = "fuse.cstokenfs";
+
+/// Mounts and opens the FUSE session, with type `fuse.cstokenfs` either way: as root, our
+/// own mount(2) (fuser's own mount(2) hard-codes `fuse`), then `Session::from_fd`; as an
+/// ordinary user, with `auto_unmount` (which only fusermount3 can do), or where root's
+/// mount(2) is refused (a container without CAP_SYS_ADMIN), fuser and fuse3's setuid
+/// fusermount3, which names the type from the subtype. True: our own mount(2).
+fn open_session(
+    req: &MountRequest,
+    core: &Arc<Core>,
+    mountpoint: &Path,
+) -> Result<(fuser::Session<FuseAdapter>, bool), MountError> {
+    let acl = if req.allow_other {
+        fuser::SessionACL::All
+    } else if req.allow_root || req.auto_unmount {
+        fuser::SessionACL::RootAndOwner
+    } else {
+        fuser::SessionACL::Owner
+    };
     let mut config = fuser::Config::default();
     config.mount_options = vec![
         fuser::MountOption::FSName(req.fsname.clone()),
@@ -445,22 +519,95 @@ fn start(req: &MountRequest, mountpoint: &Path, plan: Plan) -> Result<Started, M
         fuser::MountOption::NoExec,
         fuser::MountOption::DefaultPermissions,
     ];
+    if req.auto_unmount {
+        config.mount_options.push(fuser::MountOption::AutoUnmount);
+    }
     config.n_threads = Some(2);
-    config.acl = if req.allow_other {
-        fuser::SessionACL::All
-    } else {
-        fuser::SessionACL::Owner
+    config.acl = acl;
+    debug!(
+        "mounting {} as {FS_TYPE} (source {:?}, access {acl:?}, auto_unmount {})",
+        mountpoint.display(),
+        req.fsname,
+        req.auto_unmount
+    );
+    // SAFETY: geteuid cannot fail.
+    if unsafe { libc::geteuid() } == 0 && !req.auto_unmount {
+        match mount_direct(&req.fsname, mountpoint, acl != fuser::SessionACL::Owner) {
+            Ok(fd) => {
+                let adapter = FuseAdapter::new(core.clone());
+                return match fuser::Session::from_fd(adapter, fd, acl, config) {
+                    Ok(session) => Ok((session, true)),
+                    Err(e) => {
+                        let _ = unmount(mountpoint);
+                        Err(mount_error(&e, mountpoint))
+                    }
+                };
+            }
+            Err(e) if e.raw_os_error() == Some(libc::EPERM) => {
+                info!("mount(2) refused (EPERM): mounting through fusermount3");
+            }
+            Err(e) => return Err(mount_error(&e, mountpoint)),
+        }
+    }
+    if req.auto_unmount && !fusermount3_on_path() {
+        return Err(MountError::Mount(
+            "auto_unmount needs fuse3's fusermount3 (install the fuse3 package)".into(),
+        ));
+    }
+    fuser::Session::new(FuseAdapter::new(core.clone()), mountpoint, &config)
+        .map(|s| (s, false))
+        .map_err(|e| mount_error(&e, mountpoint))
+}
+
+fn fusermount3_on_path() -> bool {
+    std::env::var_os("PATH")
+        .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join("fusermount3").is_file()))
+}
+
+/// mount(2) of type `fuse.cstokenfs` on a new /dev/fuse descriptor: read-only, nosuid,
+/// nodev, noexec, default_permissions; `allow_other` lets the kernel pass other users'
+/// requests (fuser then enforces allow_root itself).
+fn mount_direct(
+    fsname: &str,
+    mountpoint: &Path,
+    allow_other: bool,
+) -> std::io::Result<std::os::fd::OwnedFd> {
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+    let dev = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_CLOEXEC)
+        .open("/dev/fuse")?;
+    let root_mode = std::fs::metadata(mountpoint)?.mode() & libc::S_IFMT;
+    // SAFETY: getuid/getgid cannot fail.
+    let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
+    let mut data = format!(
+        "fd={},rootmode={root_mode:o},user_id={uid},group_id={gid},default_permissions",
+        dev.as_raw_fd()
+    );
+    if allow_other {
+        data.push_str(",allow_other");
+    }
+    let nul = |_| std::io::Error::new(std::io::ErrorKind::InvalidInput, "a NUL byte in a name");
+    let source = CString::new(fsname).map_err(nul)?;
+    let target = CString::new(mountpoint.as_os_str().as_bytes()).map_err(nul)?;
+    let fstype = CString::new(FS_TYPE).map_err(nul)?;
+    let data = CString::new(data).map_err(nul)?;
+    let flags = libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
+    // SAFETY: every pointer is a NUL-terminated string that outlives the call.
+    let rc = unsafe {
+        libc::mount(
+            source.as_ptr(),
+            target.as_ptr(),
+            fstype.as_ptr(),
+            flags,
+            data.as_ptr().cast(),
+        )
     };
-    let session = fuser::Session::new(FuseAdapter::new(core.clone()), mountpoint, &config)
-        .map_err(|e| mount_error(&e, mountpoint))?;
-    let notifier = session.notifier();
-    core.start_expiry_watch(notifier.clone())
-        .map_err(no_thread)?;
-    let session = session.spawn().map_err(|e| match e.raw_os_error() {
-        Some(libc::EAGAIN) if req.mlock => thread_error(true, &e),
-        _ => mount_error(&e, mountpoint),
-    })?;
-    Ok((session, cache, signals, emulator, core, notifier, endpoint))
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(dev.into())
 }
 
 /// With `--emulator`, starts the built-in emulator for the plan's upstream on an ephemeral
@@ -510,7 +657,8 @@ fn start_endpoint(
 fn mount_error(e: &std::io::Error, mountpoint: &Path) -> MountError {
     if e.to_string().contains("user_allow_other") {
         return MountError::Mount(
-            "--allow-other as an ordinary user needs a line `user_allow_other` in /etc/fuse.conf"
+            "--allow-other, --allow-root or --auto-unmount (which implies allow_root) as an \
+             ordinary user needs a line `user_allow_other` in /etc/fuse.conf"
                 .into(),
         );
     }

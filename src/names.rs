@@ -128,13 +128,49 @@ pub fn resolve(name: &str) -> Result<String, NameError> {
     if is_guid(name) {
         return Ok(name.to_string());
     }
-    if let Some((_, resource)) = well_known().iter().find(|(short, _)| *short == name) {
+    // Host names are case-insensitive and may end in the root's dot: `MANAGEMENT.AZURE.COM.`
+    // is management.azure.com.
+    let host = name.strip_suffix('.').unwrap_or(name).to_ascii_lowercase();
+    if let Some((_, resource)) = well_known().iter().find(|(short, _)| *short == host) {
         return Ok((*resource).to_string());
     }
-    if is_dns_name(name) {
-        return Ok(format!("https://{name}"));
+    if is_dns_name(&host) {
+        return Ok(format!("https://{host}"));
     }
     Err(NameError::NotAResource)
+}
+
+/// What a user types on the command line (`get NAME`, `--resource NAME`): a file name as
+/// [`resolve`] takes it, or a URI (`https://management.azure.com/`) or a scope
+/// (`https://graph.microsoft.com/.default`). A URI whose whole path is empty or `/` on a
+/// well-known host is that host's exact resource string (the spelling the service expects);
+/// any other URI is used verbatim, its `/.default` stripped.
+pub fn resolve_arg(arg: &str) -> Result<String, NameError> {
+    if !arg.contains("://") {
+        return resolve(arg);
+    }
+    if arg.chars().any(char::is_control) {
+        return Err(NameError::ControlCharacter);
+    }
+    if arg.len() > 2048 {
+        return Err(NameError::TooLong);
+    }
+    let mut resource = arg;
+    while let Some(r) = resource.strip_suffix("/.default") {
+        resource = r;
+    }
+    if !is_uri(resource) {
+        return Err(NameError::NotAResource);
+    }
+    let (scheme, rest) = resource.split_once("://").unwrap_or(("", resource));
+    let host = rest.strip_suffix('/').unwrap_or(rest);
+    if scheme.eq_ignore_ascii_case("https") && !host.contains('/') {
+        let host = host.strip_suffix('.').unwrap_or(host).to_ascii_lowercase();
+        if let Some((_, known)) = well_known().iter().find(|(short, _)| *short == host) {
+            return Ok((*known).to_string());
+        }
+    }
+    Ok(resource.to_string())
 }
 
 /// The name a resource is listed under: the short name if the rules map it back to exactly
@@ -286,6 +322,69 @@ mod tests {
         assert_eq!(resolve("%FF%FE"), Err(NameError::BadPercentEncoding));
         assert_eq!(
             resolve("https%3A%2F%2Fa%0Ab"),
+            Err(NameError::ControlCharacter)
+        );
+    }
+
+    #[test]
+    fn host_names_are_case_insensitive_with_an_optional_trailing_dot() {
+        for n in [
+            "MANAGEMENT.AZURE.COM",
+            "management.azure.com.",
+            "Management.Azure.Com.",
+        ] {
+            assert_eq!(resolve(n).unwrap(), "https://management.azure.com/", "{n}");
+        }
+        assert_eq!(
+            resolve("MyApp.Example.COM").unwrap(),
+            "https://myapp.example.com"
+        );
+        assert_eq!(resolve("a..b."), Err(NameError::NotAResource));
+    }
+
+    #[test]
+    fn command_line_names_take_uris_and_scopes() {
+        for (arg, want) in [
+            (
+                "https://management.azure.com/",
+                "https://management.azure.com/",
+            ),
+            (
+                "https://management.azure.com",
+                "https://management.azure.com/",
+            ),
+            (
+                "https://MANAGEMENT.AZURE.COM/",
+                "https://management.azure.com/",
+            ),
+            (
+                "https://graph.microsoft.com/.default",
+                "https://graph.microsoft.com/",
+            ),
+            (
+                "https://vault.azure.net/.default",
+                "https://vault.azure.net",
+            ),
+            ("https://myapp.example.com/", "https://myapp.example.com/"),
+            (
+                "api://6dae42f8-4368-4678-94ff-3960e28e3630",
+                "api://6dae42f8-4368-4678-94ff-3960e28e3630",
+            ),
+            (
+                "https://storage.azure.com/x/.default",
+                "https://storage.azure.com/x",
+            ),
+            ("management.azure.com", "https://management.azure.com/"),
+            (
+                "499b84ac-1321-427f-aa17-267ca6975798",
+                "499b84ac-1321-427f-aa17-267ca6975798",
+            ),
+        ] {
+            assert_eq!(resolve_arg(arg).as_deref(), Ok(want), "{arg}");
+        }
+        assert_eq!(resolve_arg("https://"), Err(NameError::NotAResource));
+        assert_eq!(
+            resolve_arg("https://a\nb"),
             Err(NameError::ControlCharacter)
         );
     }

@@ -96,11 +96,30 @@ fn git_credential_fill_gets_the_token_for_azure_devops() {
         }
         child.wait_with_output().unwrap()
     };
-    // The README's recipe.
+    // A global `store` helper, set before the recipe, as a user has it: without the reset
+    // (`helper =` first) git would hand it the token after every successful request.
+    assert!(
+        git(&["config", "--global", "credential.helper", "store"], None)
+            .status
+            .success()
+    );
+    // The README's recipe: reset the helper list for the URL, then ours.
     assert!(git(
         &[
             "config",
             "--global",
+            "credential.https://dev.azure.com.helper",
+            ""
+        ],
+        None
+    )
+    .status
+    .success());
+    assert!(git(
+        &[
+            "config",
+            "--global",
+            "--add",
             "credential.https://dev.azure.com.helper",
             &helper
         ],
@@ -137,6 +156,39 @@ fn git_credential_fill_gets_the_token_for_azure_devops() {
     assert_same_token(password.as_bytes(), &token, "git's password is the token");
     assert!(text.lines().any(|l| l.starts_with("username=")));
     assert_eq!(claims(&token)["aud"], DEVOPS);
+    // What git does after the request succeeds (`git ls-remote`, a clone): approve the
+    // credential to every helper in the list. The store helper is not in it.
+    let out = git(&["credential", "approve"], Some(&text));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stored = home.path().join(".git-credentials");
+    assert!(
+        !stored.exists(),
+        "~/.git-credentials was written: the token leaked into the store helper"
+    );
+    // Without the reset the same approve would have stored it: the check above can fail.
+    assert!(git(
+        &[
+            "config",
+            "--global",
+            "--unset-all",
+            "credential.https://dev.azure.com.helper",
+            "^$"
+        ],
+        None
+    )
+    .status
+    .success());
+    let out = git(&["credential", "approve"], Some(&text));
+    assert!(out.status.success());
+    let leaked = std::fs::read_to_string(&stored).unwrap_or_default();
+    assert!(
+        leaked.contains("dev.azure.com"),
+        "control: store writes without the reset"
+    );
 }
 
 /// Makes /dev/fuse usable by ordinary users (mode 0666, as udev sets it on every distribution)
@@ -219,11 +271,12 @@ fn an_ordinary_user_mounts_reads_and_unmounts() {
     // Without --allow-other only that user can read, root included.
     let err = std::fs::read(mnt.join("management.azure.com")).unwrap_err();
     assert_eq!(errno(&err), libc::EACCES);
-    // fusermount3 -u unmounts, and the daemon goes away.
-    let out = as_user(1000, "fusermount3", &["-u", m]);
+    // The user unmounts its own mount with plain umount (util-linux lets the mount's
+    // user_id do it; fusermount3 -u works too), and the daemon goes away.
+    let out = as_user(1000, "umount", &[m]);
     assert!(
         out.status.success(),
-        "fusermount3 -u: {}",
+        "umount as the user who mounted: {}",
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(eventually(Duration::from_secs(5), || daemon_pids(&mnt)

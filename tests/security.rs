@@ -222,10 +222,14 @@ fn fstab_line_mounts_through_mount_fuse3_and_umount_unmounts() {
         .lines()
         .find(|l| !l.starts_with('#') && !l.trim().is_empty())
         .unwrap();
-    let line = line.replace("/run/cstoken", mnt.to_str().unwrap()).replace(
-        "allow_other,uid=1000",
-        &format!("allow_other,uid=1000,endpoint={}", emu.url()),
-    );
+    let log = dir.path().join("cstokenfs.log");
+    let line = line
+        .replace("/var/log/cstokenfs.log", log.to_str().unwrap())
+        .replace("/run/cstoken", mnt.to_str().unwrap())
+        .replace(
+            "allow_other,uid=1000",
+            &format!("allow_other,uid=1000,endpoint={}", emu.url()),
+        );
     let fstab = dir.path().join("fstab");
     std::fs::write(&fstab, format!("{line}\n")).unwrap();
     let _guard = KillOnDrop(mnt.clone());
@@ -241,6 +245,21 @@ fn fstab_line_mounts_through_mount_fuse3_and_umount_unmounts() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(is_mounted(&mnt));
+    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap();
+    let line = mounts
+        .lines()
+        .find(|l| l.contains(&format!(" {} ", mnt.display())))
+        .unwrap();
+    assert!(
+        line.starts_with("cstoken ") && line.contains(" fuse.cstokenfs "),
+        "SOURCE and the type fstab names: {line}"
+    );
+    let logged = eventually(Duration::from_secs(10), || {
+        std::fs::read_to_string(&log)
+            .ok()
+            .filter(|t| t.contains("mounted "))
+    });
+    assert!(logged.is_some(), "fstab's log_file= gets the daemon's logs");
     let out = cat_as(1000, 1000, &mnt.join("management.azure.com"));
     assert!(
         out.status.success(),

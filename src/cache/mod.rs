@@ -833,6 +833,11 @@ impl Cache {
         let message = e.to_string();
         let f = &mut entry.failures;
         f.consecutive += 1;
+        // A failure unlike the one before it is news (WARN); the same one again is not.
+        let changed = f
+            .last_error
+            .as_ref()
+            .is_none_or(|(last, _)| *last != message);
         f.last_error = Some((message.clone(), now));
         let jitter = (now.rem_euclid(1000)) as f64 / 1000.0;
         f.next_attempt_at =
@@ -853,6 +858,11 @@ impl Cache {
             } else {
                 warn!("{resource}: fetch failed: {message}");
             }
+        } else if changed {
+            warn!(
+                "{resource}: failure {} in a row, now: {message}",
+                entry.failures.consecutive
+            );
         } else {
             debug!(
                 "{resource}: failure {} in a row: {message}",

@@ -104,15 +104,15 @@ pub fn run(req: SinkRequest) -> Result<(), SinkError> {
         Some(path) => Some(mount::open_log(path).map_err(|e| SinkError::LogFile(e.to_string()))?),
         None => None,
     };
-    let discarded = log.is_none();
+    let to_syslog = log.is_none();
     mount::daemonize(
         log,
         "the sink exited before its files were written (run with -f to see why)",
         |ready| serve(&req, &dir, plan, &declared, ready),
     )
     .map_err(SinkError::Daemon)?;
-    if discarded {
-        eprintln!("cstokenfs: detached without --log-file: logs are discarded");
+    if to_syslog {
+        mount::say_if_logs_are_discarded();
     }
     Ok(())
 }
@@ -127,7 +127,7 @@ fn preflight(req: &SinkRequest) -> Result<(PathBuf, Plan, Vec<Declared>), SinkEr
     }
     let mut declared: Vec<Declared> = Vec::new();
     for given in &req.resources {
-        let resource = crate::names::resolve(given)
+        let resource = crate::names::resolve_arg(given)
             .map_err(|e| SinkError::Usage(format!("--resource {given:?}: {e}")))?;
         let name = crate::names::canonical_name(&resource).ok_or_else(|| {
             SinkError::Usage(format!("--resource {given:?}: too long for a file name"))
