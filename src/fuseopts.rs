@@ -74,7 +74,8 @@ pub fn subcommands() -> Vec<String> {
 }
 
 /// The `-o` keys: every long flag of `mount` with `_` for `-`, and whether it takes a value.
-pub fn option_keys() -> Vec<(String, bool)> {
+#[cfg(test)]
+fn option_keys() -> Vec<(String, bool)> {
     let cmd = crate::cli::Cli::command();
     let Some(mount) = cmd.find_subcommand(MOUNT) else {
         return Vec::new();

@@ -7,22 +7,41 @@
 //! per upstream) ; `emulator` is a stand-in upstream for demos and tests, served by
 //! `httpserver` (hyper, loopback only).
 
-pub mod audit;
-pub mod cache;
-pub mod civil;
-pub mod claims;
-pub mod cli;
+mod audit;
+mod cache;
+mod civil;
+mod claims;
+mod cli;
 pub mod emulator;
-pub mod endpoint;
-pub mod fs;
-pub mod fuseopts;
-pub mod hardening;
-pub mod httpserver;
-pub mod logging;
-pub mod mount;
-pub mod names;
-pub mod policy;
-pub mod sink;
-pub mod source;
+mod endpoint;
+mod fs;
+mod fuseopts;
+mod hardening;
+mod httpserver;
+mod logging;
+mod mount;
+mod names;
+mod policy;
+mod sink;
+mod source;
 pub mod testing;
-pub mod token;
+mod token;
+
+// The public API: what the binary runs and what the test suites drive. Everything else is
+// private to the crate. `emulator` (a test tool) and `testing` (fakes) are public modules.
+pub use cache::Cache;
+pub use cli::{run, Cli};
+pub use fs::{inode, Access, Caller, Core, Entry, FsError};
+pub use fuseopts::rewrite;
+pub use httpserver::tls::server_config;
+pub use policy::Policy;
+pub use sink::LOCK_NAME;
+pub use source::Kind;
+pub use token::View;
+
+/// The name and answer rules, for the property tests.
+pub mod rules {
+    pub use crate::names::{canonical_name, is_guid, resolve, well_known, NAME_MAX};
+    pub use crate::source::parse::{days_from_civil, error_message, legacy_date, token};
+    pub use crate::source::redact::redact;
+}

@@ -1,10 +1,11 @@
 //! Test doubles for driving the cache and the filesystem core without FUSE or a network:
 //! a wall clock that moves only when told, and a source whose answers a test steers. Used
-//! by the unit tests and by `tests/fs.rs`; nothing in the daemon uses them.
+//! by the unit tests and by `tests/fs.rs`; nothing in the daemon uses them. The types a test
+//! needs to write a source of its own are re-exported here.
 
-use crate::policy::{Clock, EpochMs};
-use crate::source::{Kind, Source, SourceError};
-use crate::token::Token;
+pub use crate::policy::{Clock, EpochMs};
+pub use crate::source::{Kind, Source, SourceError};
+pub use crate::token::Token;
 use parking_lot::Mutex;
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};

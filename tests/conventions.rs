@@ -522,11 +522,9 @@ fn detached_without_log_file_logs_go_to_syslog_else_are_discarded_once() {
 mod failures {
     //! The cache driven directly with a source that fails as told, and a logger that keeps
     //! what is logged: a failure unlike the one before is a WARN, a recovery an INFO.
-    use cstokenfs::cache::Cache;
-    use cstokenfs::policy::Policy;
-    use cstokenfs::source::{Kind, Source, SourceError};
-    use cstokenfs::testing::FakeClock;
-    use cstokenfs::token::Token;
+    use cstokenfs::testing::{Clock, FakeClock, Kind, Source, SourceError, Token};
+    use cstokenfs::Cache;
+    use cstokenfs::Policy;
     use log::Level;
     use parking_lot::Mutex;
     use std::collections::VecDeque;
@@ -562,7 +560,7 @@ mod failures {
                 None => Ok(Token {
                     access_token: zeroize::Zeroizing::new("t".into()),
                     token_type: "Bearer".into(),
-                    expires_on: cstokenfs::policy::Clock::now(&*self.clock) + 3_600_000,
+                    expires_on: Clock::now(&*self.clock) + 3_600_000,
                     refresh_in_ms: None,
                     not_before: None,
                 }),

@@ -272,8 +272,7 @@ fn tls_with_a_ca_file_and_refused_without_it() {
     need_fuse!();
     let dir = tempfile::tempdir().unwrap();
     let (ca, leaf, leaf_key) = ca_and_leaf();
-    let tls = cstokenfs::httpserver::tls::server_config(leaf.as_bytes(), leaf_key.as_bytes())
-        .expect("TLS config");
+    let tls = cstokenfs::server_config(leaf.as_bytes(), leaf_key.as_bytes()).expect("TLS config");
     let secret = "tls-secret-value-0123456789";
     let emu = entra_emulator(
         EntraSettings {

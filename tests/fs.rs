@@ -2,11 +2,11 @@
 //! mountpoint-s3's `tests/fs.rs`): lookups, opens, reads, attributes and listings against a
 //! fake clock and a fake source. Runs anywhere, /dev/fuse or not.
 
-use cstokenfs::cache::Cache;
-use cstokenfs::fs::inode::{self, Node};
-use cstokenfs::fs::{Access, Caller, Core, Entry, FsError};
-use cstokenfs::policy::Policy;
+use cstokenfs::inode::{self, Node};
 use cstokenfs::testing::{FakeClock, FakeSource};
+use cstokenfs::Cache;
+use cstokenfs::Policy;
+use cstokenfs::{Access, Caller, Core, Entry, FsError};
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::Duration;
@@ -25,7 +25,7 @@ fn fixture_with(policy: Policy, declared: &[&str]) -> Fixture {
     let source = FakeSource::new(clock.clone(), HOUR);
     let declared: Vec<String> = declared
         .iter()
-        .map(|n| cstokenfs::names::resolve(n).unwrap())
+        .map(|n| cstokenfs::rules::resolve(n).unwrap())
         .collect();
     let cache = Cache::new(source.clone(), policy, &declared, clock.clone());
     let access = Access {
@@ -100,7 +100,7 @@ fn a_lookup_fetches_once_and_the_file_reads_the_token_whole() {
     assert_eq!(f.core.getattr(entry.attr.ino.0).unwrap().attr.size, 7);
     assert!(entry.ttl > Duration::ZERO && entry.ttl <= Duration::from_secs(60));
     // Views of the same version.
-    let json = f.lookup(inode::view_dir_ino(cstokenfs::token::View::Json), ARM);
+    let json = f.lookup(inode::view_dir_ino(cstokenfs::View::Json), ARM);
     let json = f.cat(json.unwrap().attr.ino.0).unwrap();
     let doc: serde_json::Value = serde_json::from_slice(&json).unwrap();
     assert_eq!(doc["access_token"], "token-1");
@@ -215,7 +215,7 @@ fn listings_show_declared_and_held_names_and_eviction_keeps_the_bound() {
     assert_eq!(names.len(), 3, "{names:?}");
     assert!(names.contains(&"vault.azure.net".into()), "declared kept");
     assert!(names.contains(&"r4.example.com".into()), "recent kept");
-    let json = f.listing(inode::view_dir_ino(cstokenfs::token::View::Json));
+    let json = f.listing(inode::view_dir_ino(cstokenfs::View::Json));
     assert!(json.contains(&"r4.example.com".into()));
 }
 

@@ -4,8 +4,8 @@
 //! Failure persistence is off so that a failing run writes no regression file; a failure
 //! prints its minimal input, to be turned into a unit test by hand.
 
-use cstokenfs::names::{canonical_name, is_guid, resolve, well_known, NAME_MAX};
-use cstokenfs::source::parse::{days_from_civil, error_message, legacy_date, token};
+use cstokenfs::rules::{canonical_name, is_guid, resolve, well_known, NAME_MAX};
+use cstokenfs::rules::{days_from_civil, error_message, legacy_date, token};
 use proptest::collection::vec;
 use proptest::prelude::*;
 use proptest::sample::select;
@@ -1035,7 +1035,7 @@ proptest! {
             // What reaches logs is one line: control characters blanked, at most 300
             // characters, trimmed, never empty.
             // Redacted first: an error body never carries a credential into a log.
-            let expected = cstokenfs::source::redact::redact(&expected);
+            let expected = cstokenfs::rules::redact(&expected);
             let line: String = expected.chars().map(|c| if c.is_control() { ' ' } else { c }).take(300).collect();
             let line = match line.trim() {
                 "" => "no message in the answer".to_string(),

@@ -31,7 +31,7 @@ fn layout_and_bytes_equal_a_mounts_for_the_same_resources() {
     let m = Mounted::new(&emu.url(), &["--resource", VAULT, "--resource", ARM]);
     wait_file(&fs.path.join(ARM), Duration::from_secs(20));
     let mut want = tree(&m.path);
-    want.insert(cstokenfs::sink::LOCK_NAME.to_string());
+    want.insert(cstokenfs::LOCK_NAME.to_string());
     assert_eq!(
         tree(&fs.path),
         want,
@@ -283,7 +283,7 @@ fn a_second_sink_is_refused_and_a_killed_ones_lock_is_taken_over() {
     assert_eq!(status.code(), Some(0), "detached once written");
     assert!(fs.path.join(VAULT).exists() && !fs.path.join(ARM).exists());
     let lock: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(fs.path.join(cstokenfs::sink::LOCK_NAME)).unwrap())
+        serde_json::from_slice(&std::fs::read(fs.path.join(cstokenfs::LOCK_NAME)).unwrap())
             .unwrap();
     let pid = lock["pid"].as_i64().unwrap() as i32;
     // SAFETY: the detached sink started by this test.

@@ -6,7 +6,7 @@ mod common;
 
 use common::*;
 use cstokenfs::emulator::{Emulator, EmulatorConfig, Fault};
-use cstokenfs::source::Kind;
+use cstokenfs::Kind;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::time::{Duration, Instant};

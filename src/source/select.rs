@@ -11,7 +11,6 @@ use std::sync::Arc;
 use zeroize::Zeroizing;
 
 mod entra;
-pub use entra::VARS as ENTRA_VARS;
 
 /// What detection looks at: environment variables and whether `az` is on PATH.
 #[derive(Clone, Default)]
