@@ -195,6 +195,27 @@ impl Upstream {
     }
 }
 
+/// What `mount` and `sink` share beyond the upstream: freshness, logs, owner and mode.
+#[derive(Args, Debug, Clone)]
+pub struct Keeping {
+    /// Refresh a token when this little lifetime is left, in seconds.
+    #[arg(long, value_name = "SECS", default_value_t = 300, value_parser = clap::builder::RangedI64ValueParser::<u64>::new().range(0..=31_536_000))]
+    pub refresh_margin: u64,
+    /// Where logs go when detached (foreground: stderr; without it: syslog); level from
+    /// RUST_LOG (default info).
+    #[arg(long, value_name = "PATH")]
+    pub log_file: Option<PathBuf>,
+    /// Owner of the files [default: the user who ran the command].
+    #[arg(long, value_name = "UID")]
+    pub uid: Option<u32>,
+    /// Group of the files [default: the group of the user who ran the command].
+    #[arg(long, value_name = "GID")]
+    pub gid: Option<u32>,
+    /// Permission bits of token files, octal; directories get the matching x bits.
+    #[arg(long, value_name = "OCTAL", default_value = "0400", value_parser = crate::fuseopts::parse_mode)]
+    pub mode: u16,
+}
+
 #[derive(Args, Debug)]
 pub struct MountArgs {
     /// Where to mount (an existing directory).
@@ -209,12 +230,11 @@ pub struct MountArgs {
     /// with RUST_LOG=trace.
     #[arg(short, long)]
     pub debug: bool,
+    #[command(flatten)]
+    pub keep: Keeping,
     /// A resource the listing always shows (repeatable).
     #[arg(long = "resource", value_name = "NAME")]
     pub resources: Vec<String>,
-    /// Refresh a token when this little lifetime is left, in seconds.
-    #[arg(long, value_name = "SECS", default_value_t = 300, value_parser = clap::builder::RangedI64ValueParser::<u64>::new().range(0..=31_536_000))]
-    pub refresh_margin: u64,
     /// How long a refused resource answers ENOENT without asking the endpoint, in seconds.
     #[arg(long, value_name = "SECS", default_value_t = 30, value_parser = clap::builder::RangedI64ValueParser::<u64>::new().range(0..=31_536_000))]
     pub negative_ttl: u64,
@@ -224,18 +244,6 @@ pub struct MountArgs {
     /// Upstream requests per second for the whole mount, after a burst of 100 (0: no bound).
     #[arg(long, value_name = "N", default_value_t = 20, value_parser = clap::builder::RangedI64ValueParser::<u32>::new().range(0..=100_000))]
     pub max_upstream_rate: u32,
-    /// Where logs go when detached (foreground: stderr); level from RUST_LOG (default info).
-    #[arg(long, value_name = "PATH")]
-    pub log_file: Option<PathBuf>,
-    /// Owner of the files [default: the user who ran mount].
-    #[arg(long, value_name = "UID")]
-    pub uid: Option<u32>,
-    /// Group of the files [default: the group of the user who ran mount].
-    #[arg(long, value_name = "GID")]
-    pub gid: Option<u32>,
-    /// Permission bits of token files, octal; directories get the matching x bits.
-    #[arg(long, value_name = "OCTAL", default_value = "0400", value_parser = crate::fuseopts::parse_mode)]
-    pub mode: u16,
     /// Let users other than the one who mounted reach the mount (the modes then decide).
     #[arg(long)]
     pub allow_other: bool,
@@ -278,21 +286,8 @@ pub struct SinkArgs {
     /// A resource to keep as files (repeatable, at least one: only these exist in DIR).
     #[arg(long = "resource", value_name = "NAME", required = true)]
     pub resources: Vec<String>,
-    /// Refresh a token when this little lifetime is left, in seconds.
-    #[arg(long, value_name = "SECS", default_value_t = 300, value_parser = clap::builder::RangedI64ValueParser::<u64>::new().range(0..=31_536_000))]
-    pub refresh_margin: u64,
-    /// Where logs go when detached (foreground: stderr); level from RUST_LOG (default info).
-    #[arg(long, value_name = "PATH")]
-    pub log_file: Option<PathBuf>,
-    /// Owner of the files and directories [default: the user who ran sink].
-    #[arg(long, value_name = "UID")]
-    pub uid: Option<u32>,
-    /// Group of the files and directories [default: the group of the user who ran sink].
-    #[arg(long, value_name = "GID")]
-    pub gid: Option<u32>,
-    /// Permission bits of the files, octal; directories get the matching x bits.
-    #[arg(long, value_name = "OCTAL", default_value = "0400", value_parser = crate::fuseopts::parse_mode)]
-    pub mode: u16,
+    #[command(flatten)]
+    pub keep: Keeping,
 }
 
 #[derive(Args, Debug)]
@@ -465,6 +460,7 @@ pub fn mount_warnings(args: &MountArgs, uid: u32, gid: u32) -> Vec<String> {
     };
     if !args.allow_other {
         if let Some(u) = args
+            .keep
             .uid
             .filter(|u| *u != uid && !(*u == 0 && reach.ends_with("root")))
         {
@@ -473,14 +469,14 @@ pub fn mount_warnings(args: &MountArgs, uid: u32, gid: u32) -> Vec<String> {
                  will be denied (add --allow-other)"
             ));
         }
-        if let Some(g) = args.gid.filter(|g| *g != gid) {
+        if let Some(g) = args.keep.gid.filter(|g| *g != gid) {
             warnings.push(format!(
                 "--gid {g} without --allow-other: only {reach} can reach the mount, so other \
                  members of group {g} will be denied (add --allow-other)"
             ));
         }
     }
-    if let (true, Some(path)) = (args.foreground || args.debug, &args.log_file) {
+    if let (true, Some(path)) = (args.foreground || args.debug, &args.keep.log_file) {
         warnings.push(format!(
             "--log-file {} is not used in the foreground (-f, -d): logs go to stderr",
             path.display()
@@ -500,7 +496,7 @@ fn mount_command(args: MountArgs) -> ExitCode {
     let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
     warn_all(&mount_warnings(&args, uid, gid));
     let policy = Policy {
-        refresh_margin_ms: (args.refresh_margin as i64).saturating_mul(1000),
+        refresh_margin_ms: (args.keep.refresh_margin as i64).saturating_mul(1000),
         negative_ttl_ms: (args.negative_ttl as i64).saturating_mul(1000),
         timeout: Duration::from_secs(args.upstream.timeout),
         max_resources: args.max_resources as usize,
@@ -513,10 +509,10 @@ fn mount_command(args: MountArgs) -> ExitCode {
         policy,
         foreground: args.foreground || args.debug,
         debug: args.debug,
-        log_file: args.log_file,
-        uid: args.uid,
-        gid: args.gid,
-        mode: args.mode,
+        log_file: args.keep.log_file,
+        uid: args.keep.uid,
+        gid: args.keep.gid,
+        mode: args.keep.mode,
         allow_other: args.allow_other,
         allow_root: args.allow_root,
         auto_unmount: args.auto_unmount,
@@ -528,20 +524,20 @@ fn mount_command(args: MountArgs) -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("cstokenfs: {e}");
-            ExitCode::from(EXIT_FAILURE)
+            ExitCode::from(e.exit_code())
         }
     }
 }
 
 fn sink_command(args: SinkArgs) -> ExitCode {
-    if let (true, Some(path)) = (args.foreground, &args.log_file) {
+    if let (true, Some(path)) = (args.foreground, &args.keep.log_file) {
         warn_all(&[format!(
             "--log-file {} is not used in the foreground (-f): logs go to stderr",
             path.display()
         )]);
     }
     let policy = Policy {
-        refresh_margin_ms: (args.refresh_margin as i64).saturating_mul(1000),
+        refresh_margin_ms: (args.keep.refresh_margin as i64).saturating_mul(1000),
         timeout: Duration::from_secs(args.upstream.timeout),
         ..Policy::default()
     };
@@ -551,10 +547,10 @@ fn sink_command(args: SinkArgs) -> ExitCode {
         resources: args.resources,
         policy,
         foreground: args.foreground,
-        log_file: args.log_file,
-        uid: args.uid,
-        gid: args.gid,
-        mode: args.mode,
+        log_file: args.keep.log_file,
+        uid: args.keep.uid,
+        gid: args.keep.gid,
+        mode: args.keep.mode,
     };
     match crate::sink::run(request) {
         Ok(()) => ExitCode::SUCCESS,

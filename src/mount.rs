@@ -46,35 +46,46 @@ pub struct MountRequest {
     pub serve_endpoint: Option<std::net::SocketAddr>,
 }
 
-/// Why mounting failed: one line, with the fix where there is one.
+/// Why mounting failed: one line for the operator, naming the fix where there is one. Its
+/// callers show it and exit 1 (`exit_code`); the variant says at which stage it arose.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum MountError {
-    MountPoint(String),
-    NoFuse,
-    AlreadyMounted(PathBuf),
-    Endpoint(String),
-    Resource(String),
-    LogFile(String),
+    /// Refused before anything was mounted: the mount point, the source, the resources,
+    /// the log file, /dev/fuse.
+    Setup(String),
+    /// The kernel or fusermount3 refused the mount.
     Mount(String),
+    /// The daemon could not start or keep running (fork, threads, signals, memory locking).
     Daemon(String),
+}
+
+impl MountError {
+    fn no_fuse() -> MountError {
+        MountError::Setup(
+            "/dev/fuse is missing: load the fuse module (modprobe fuse), or in Docker run the \
+             container with --device /dev/fuse --cap-add SYS_ADMIN"
+                .into(),
+        )
+    }
+
+    fn already_mounted(p: &Path) -> MountError {
+        MountError::Setup(format!(
+            "{} is already a live FUSE mount: unmount it first (umount {0} or fusermount3 -u {0})",
+            p.display()
+        ))
+    }
+
+    /// The process's exit code for it (every stage: 1; usage errors are clap's, 2).
+    pub fn exit_code(&self) -> u8 {
+        1
+    }
 }
 
 impl fmt::Display for MountError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            MountError::MountPoint(m) | MountError::Endpoint(m) | MountError::Resource(m) => f.write_str(m),
-            MountError::NoFuse => f.write_str(
-                "/dev/fuse is missing: load the fuse module (modprobe fuse), or in Docker run the \
-                 container with --device /dev/fuse --cap-add SYS_ADMIN",
-            ),
-            MountError::AlreadyMounted(p) => write!(
-                f,
-                "{} is already a live FUSE mount: unmount it first (umount {0} or fusermount3 -u {0})",
-                p.display()
-            ),
-            MountError::LogFile(m) => write!(f, "cannot open the log file: {m}"),
+            MountError::Setup(m) | MountError::Daemon(m) => f.write_str(m),
             MountError::Mount(m) => write!(f, "mount failed: {m}"),
-            MountError::Daemon(m) => f.write_str(m),
         }
     }
 }
@@ -115,11 +126,11 @@ pub(crate) fn say_if_logs_are_discarded() {
 
 /// Checks that make a clear error before anything is mounted.
 fn preflight(req: &MountRequest) -> Result<(PathBuf, Plan), MountError> {
-    let plan = select::plan(&req.wanted, &Env::current())
-        .map_err(|e| MountError::Endpoint(e.to_string()))?;
+    let plan =
+        select::plan(&req.wanted, &Env::current()).map_err(|e| MountError::Setup(e.to_string()))?;
     for name in &req.resources {
         crate::names::resolve_arg(name)
-            .map_err(|e| MountError::Resource(format!("--resource {name:?}: {e}")))?;
+            .map_err(|e| MountError::Setup(format!("--resource {name:?}: {e}")))?;
     }
     let shown = req.mountpoint.display();
     let meta = match std::fs::metadata(&req.mountpoint) {
@@ -128,34 +139,34 @@ fn preflight(req: &MountRequest) -> Result<(PathBuf, Plan), MountError> {
             warn!("{shown} is a dead FUSE mount (its daemon is gone): detaching it");
             eprintln!("cstokenfs: {shown} was a dead FUSE mount; detached it");
             unmount(&req.mountpoint).map_err(|e| {
-                MountError::MountPoint(format!(
+                MountError::Setup(format!(
                     "{shown} is a dead FUSE mount and cannot be detached: {e}"
                 ))
             })?;
             std::fs::metadata(&req.mountpoint)
-                .map_err(|e| MountError::MountPoint(format!("mount point {shown}: {e}")))?
+                .map_err(|e| MountError::Setup(format!("mount point {shown}: {e}")))?
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            return Err(MountError::MountPoint(format!(
+            return Err(MountError::Setup(format!(
                 "mount point {shown} does not exist: create it first (mkdir -p {shown})"
             )))
         }
-        Err(e) => return Err(MountError::MountPoint(format!("mount point {shown}: {e}"))),
+        Err(e) => return Err(MountError::Setup(format!("mount point {shown}: {e}"))),
     };
     if !meta.is_dir() {
-        return Err(MountError::MountPoint(format!(
+        return Err(MountError::Setup(format!(
             "mount point {shown} is not a directory"
         )));
     }
     let path = req
         .mountpoint
         .canonicalize()
-        .map_err(|e| MountError::MountPoint(format!("mount point {shown}: {e}")))?;
+        .map_err(|e| MountError::Setup(format!("mount point {shown}: {e}")))?;
     if is_fuse_mount(&path) {
-        return Err(MountError::AlreadyMounted(path));
+        return Err(MountError::already_mounted(&path));
     }
     if !Path::new("/dev/fuse").exists() {
-        return Err(MountError::NoFuse);
+        return Err(MountError::no_fuse());
     }
     // SAFETY: geteuid cannot fail; access() only reads the path.
     let usable = unsafe {
@@ -303,7 +314,9 @@ pub(crate) fn open_log(path: &Path) -> Result<File, MountError> {
         .create(true)
         .append(true)
         .open(path)
-        .map_err(|e| MountError::LogFile(format!("{}: {e}", path.display())))
+        .map_err(|e| {
+            MountError::Setup(format!("cannot open the log file: {}: {e}", path.display()))
+        })
 }
 
 enum Event {
@@ -440,9 +453,7 @@ fn start(req: &MountRequest, mountpoint: &Path, plan: Plan) -> Result<Started, M
     let mut plan = plan;
     let emulator = start_stand_in(&mut plan)
         .map_err(|e| MountError::Daemon(format!("cannot start the emulator: {e}")))?;
-    let source = plan
-        .build()
-        .map_err(|e| MountError::Endpoint(e.to_string()))?;
+    let source = plan.build().map_err(|e| MountError::Setup(e.to_string()))?;
     info!("source {}: {}", plan.kind, plan.reason);
     if let Some(emu) = &emulator {
         info!("serving tokens from the built-in emulator at {}", emu.url());
@@ -668,7 +679,7 @@ fn mount_error(e: &std::io::Error, mountpoint: &Path) -> MountError {
              add --device /dev/fuse --cap-add SYS_ADMIN",
             mountpoint.display()
         )),
-        Some(libc::ENOENT) if !Path::new("/dev/fuse").exists() => MountError::NoFuse,
+        Some(libc::ENOENT) if !Path::new("/dev/fuse").exists() => MountError::no_fuse(),
         _ => MountError::Mount(format!("{}: {e}", mountpoint.display())),
     }
 }
