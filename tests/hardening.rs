@@ -297,26 +297,6 @@ fn mlock_without_the_capability_or_the_limit_says_which() {
     }
 }
 
-/// Makes /dev/fuse usable by ordinary users (mode 0666, as udev sets it) for the test.
-struct DevFuseOpen(u32);
-
-impl DevFuseOpen {
-    fn new() -> DevFuseOpen {
-        use std::os::unix::fs::PermissionsExt;
-        let mode = std::fs::metadata("/dev/fuse").unwrap().permissions().mode();
-        std::fs::set_permissions("/dev/fuse", std::fs::Permissions::from_mode(mode | 0o666))
-            .unwrap();
-        DevFuseOpen(mode)
-    }
-}
-
-impl Drop for DevFuseOpen {
-    fn drop(&mut self) {
-        use std::os::unix::fs::PermissionsExt;
-        let _ = std::fs::set_permissions("/dev/fuse", std::fs::Permissions::from_mode(self.0));
-    }
-}
-
 /// The same as an ordinary user (uid 1000, no capabilities) under a 64 KiB RLIMIT_MEMLOCK.
 #[test]
 fn mlock_as_an_ordinary_user_under_a_small_limit_says_so() {

@@ -323,3 +323,54 @@ pub fn scratch_mountpoint() -> (tempfile::TempDir, PathBuf) {
     std::fs::create_dir(&mnt).unwrap();
     (dir, mnt)
 }
+
+/// Whether a tool the test needs is installed at one of `paths`; where it is not, the test
+/// says loudly that it is skipped, and fails when `CI=true` (CI installs every tool).
+pub fn have_tool(paths: &[&str], what: &str) -> bool {
+    if paths.iter().any(|p| Path::new(p).exists()) {
+        return true;
+    }
+    let test = std::thread::current().name().unwrap_or("?").to_string();
+    assert!(
+        std::env::var("CI").as_deref() != Ok("true"),
+        "{what} is missing in CI ({test})"
+    );
+    eprintln!("\n!!!!! SKIPPED {test}: {what} is missing !!!!!\n");
+    false
+}
+
+/// Makes /dev/fuse usable by ordinary users (mode 0666, as udev sets it on every
+/// distribution) while any guard of this process lives; the last one puts the mode back.
+pub struct DevFuseOpen;
+
+static DEV_FUSE_OPEN: parking_lot::Mutex<Option<(usize, u32)>> = parking_lot::Mutex::new(None);
+
+impl DevFuseOpen {
+    pub fn new() -> DevFuseOpen {
+        use std::os::unix::fs::PermissionsExt;
+        let mut held = DEV_FUSE_OPEN.lock();
+        let (count, _) = held.get_or_insert_with(|| {
+            let mode = std::fs::metadata("/dev/fuse").unwrap().permissions().mode();
+            std::fs::set_permissions("/dev/fuse", std::fs::Permissions::from_mode(mode | 0o666))
+                .unwrap();
+            (0, mode)
+        });
+        *count += 1;
+        DevFuseOpen
+    }
+}
+
+impl Drop for DevFuseOpen {
+    fn drop(&mut self) {
+        use std::os::unix::fs::PermissionsExt;
+        let mut held = DEV_FUSE_OPEN.lock();
+        if let Some((count, mode)) = held.as_mut() {
+            *count -= 1;
+            if *count == 0 {
+                let _ =
+                    std::fs::set_permissions("/dev/fuse", std::fs::Permissions::from_mode(*mode));
+                *held = None;
+            }
+        }
+    }
+}
