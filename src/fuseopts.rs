@@ -36,7 +36,7 @@ const VALUE_KEYS: &[&str] = &[
 ];
 
 /// `-o` keys that are switches.
-const FLAG_KEYS: &[&str] = &["foreground", "emulator", "allow-other", "mlock"];
+const FLAG_KEYS: &[&str] = &["foreground", "emulator", "allow-other", "mlock", "no-open"];
 
 /// What mount(8) and mount.fuse3 pass that does not apply here.
 const IGNORED: &[&str] = &[
