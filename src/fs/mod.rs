@@ -248,13 +248,15 @@ impl Core {
         let core = self.clone();
         let key = resource.clone();
         let newest_before = self.cache.last_version_id();
-        let name = name.to_string();
+        // Kept for `inval_entry` in no-open mode only.
+        let name = self.no_open().then(|| name.to_string());
         self.cache.get(
             &key,
             Box::new(move |got| {
                 done(match got {
-                    Ok(v) if core.no_open() => {
-                        core.inodes.remember_as(&v, Some((parent, &name)));
+                    Ok(v) if name.is_some() => {
+                        let name = name.as_deref().unwrap_or_default();
+                        core.inodes.remember_as(&v, Some((parent, name)));
                         core.lookup_read(&v, view, caller, newest_before);
                         Ok(core.token_entry(&v, view))
                     }
