@@ -592,7 +592,11 @@ impl Core {
             .map(|(k, part)| (*k, part()))
             .collect();
         extra.insert("no_open", self.no_open().into());
-        extra.insert("fuse_requests", self.request_counts());
+        // Only in no-open mode, where they stop changing after the first open: in the default
+        // mode every open would make `.status` differ and defeat the shared snapshots.
+        if self.no_open() {
+            extra.insert("fuse_requests", self.request_counts());
+        }
         status::Report::new(&status, &self.source_reason, extra).to_bytes()
     }
 

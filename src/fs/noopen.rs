@@ -69,7 +69,8 @@ pub enum FuseRequest {
     Release,
 }
 
-/// OPEN, FLUSH and RELEASE requests received, in either mode (one relaxed add each).
+/// OPEN, FLUSH and RELEASE requests received, in either mode (one relaxed add each); shown
+/// in `.status` in no-open mode.
 #[derive(Default)]
 pub(super) struct RequestCounts {
     open: AtomicU64,
