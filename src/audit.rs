@@ -16,6 +16,8 @@ use std::time::{Duration, Instant};
 const QUEUE: usize = 4096;
 
 pub struct OpenEvent {
+    /// What the reader did: "open", or "lookup" with `--no-open` (opens never reach the daemon).
+    pub kind: &'static str,
     pub resource: Arc<str>,
     pub view: &'static str,
     pub pid: u32,
@@ -96,7 +98,7 @@ impl Audit {
 /// Logs each open; repeats of the same reader, resource and view within a second are
 /// counted and summed up in one line, so a tight read loop cannot flood the log.
 fn writer(rx: Receiver<Queued>, dropped: Arc<AtomicU64>) {
-    let mut window: HashMap<Key, u64> = HashMap::new();
+    let mut window: HashMap<Key, (u64, &'static str)> = HashMap::new();
     let mut window_start = Instant::now();
     loop {
         // Idle: sleep until the next open; otherwise until the window closes.
@@ -106,10 +108,10 @@ fn writer(rx: Receiver<Queued>, dropped: Arc<AtomicU64>) {
             rx.recv_timeout(WINDOW.saturating_sub(window_start.elapsed()))
         };
         if window_start.elapsed() >= WINDOW {
-            for ((resource, view, who), n) in window.drain().filter(|(_, n)| *n > 0) {
+            for ((resource, view, who), (n, kind)) in window.drain().filter(|(_, (n, _))| *n > 0) {
                 match who {
                     Who::Process { pid, uid, gid } => info!(
-                        "audit: {n} more open(s) of {resource} ({view}) by pid {pid} uid {uid} gid {gid}"
+                        "audit: {n} more {kind}(s) of {resource} ({view}) by pid {pid} uid {uid} gid {gid}"
                     ),
                     Who::Peer(ip) => info!(
                         "audit: {n} more request(s) of {resource} over HTTP from {}",
@@ -143,15 +145,19 @@ fn writer(rx: Receiver<Queued>, dropped: Arc<AtomicU64>) {
         if window.is_empty() {
             window_start = Instant::now();
         }
-        if let Some(n) = window.get_mut(&key) {
+        if let Some((n, _)) = window.get_mut(&key) {
             *n += 1;
             continue;
         }
-        window.insert(key, 0);
+        let kind = match &e {
+            Queued::Open(e) => e.kind,
+            Queued::Http(_) => "request",
+        };
+        window.insert(key, (0, kind));
         match e {
             Queued::Open(e) => info!(
-                "audit: open of {} ({}) by pid {} uid {} gid {} exe {}",
-                e.resource, e.view, e.pid, e.uid, e.gid, e.exe
+                "audit: {} of {} ({}) by pid {} uid {} gid {} exe {}",
+                e.kind, e.resource, e.view, e.pid, e.uid, e.gid, e.exe
             ),
             Queued::Http(e) => info!(
                 "audit: request of {} over HTTP from {}",

@@ -258,6 +258,11 @@ pub struct MountArgs {
     /// Keep the daemon's memory (tokens included) out of swap.
     #[arg(long)]
     pub mlock: bool,
+    /// The kernel answers opens itself: a read costs what a tmpfs file's does. Expiry,
+    /// refresh and SIGUSR1 still hold (a refresh reaches readers within about a second);
+    /// the audit logs lookups (about one a second per reader and name), not opens.
+    #[arg(long)]
+    pub no_open: bool,
     /// Also serve App Service's managed-identity protocol from the mount's cache on this
     /// loopback address (127.0.0.1:PORT or [::1]:PORT; port 0: ephemeral); the URL and the
     /// secret are in MOUNT/.env.
@@ -517,6 +522,7 @@ fn mount_command(args: MountArgs) -> ExitCode {
         allow_root: args.allow_root,
         auto_unmount: args.auto_unmount,
         mlock: args.mlock,
+        no_open: args.no_open,
         fsname: args.fsname,
         serve_endpoint: args.serve_endpoint,
     };

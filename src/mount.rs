@@ -40,6 +40,8 @@ pub struct MountRequest {
     /// `auto_unmount`: fusermount3 detaches the mount when the daemon dies.
     pub auto_unmount: bool,
     pub mlock: bool,
+    /// `--no-open`: the kernel answers opens itself (see `fs::noopen`).
+    pub no_open: bool,
     /// The source shown in the mount table.
     pub fsname: String,
     /// `--serve-endpoint`: also serve App Service's protocol here (loopback).
@@ -377,12 +379,16 @@ fn serve(
         req.policy.timeout.as_secs(),
         if req.mlock { ", memory locked" } else { "" }
     );
+    if req.no_open {
+        // Before any reader: the kernel learns no-open and no-flush from this open and close.
+        crate::fs::noopen::first_open_and_close(mountpoint, Duration::from_secs(2));
+    }
     ready.tell(&Ok(()));
     crate::hardening::notify_systemd("READY=1");
 
     while let Ok(event) = rx.recv() {
         match event {
-            Event::Signal(libc::SIGUSR1) => cache.clear(),
+            Event::Signal(libc::SIGUSR1) => core.drop_tokens(),
             Event::Signal(libc::SIGHUP) => reopen_log(req.log_file.as_deref(), req.foreground),
             Event::Signal(sig) => {
                 info!("signal {sig}: unmounting {}", mountpoint.display());
@@ -472,7 +478,8 @@ fn start(req: &MountRequest, mountpoint: &Path, plan: Plan) -> Result<Started, M
         file_mode: req.mode,
     };
     let audit = crate::audit::Audit::start().map_err(no_thread)?;
-    let (endpoint, extras) = start_endpoint(req, &cache, &audit)?;
+    let (endpoint, mut extras) = start_endpoint(req, &cache, &audit)?;
+    extras.no_open = req.no_open;
     let core = Core::with_extras(cache.clone(), access, Some(audit), &plan.reason, extras);
     let (session, direct) = open_session(req, &core, mountpoint)?;
     // A mount of our own mount(2) is not undone by fuser when the session goes: undo it
@@ -661,6 +668,7 @@ fn start_endpoint(
     let extras = crate::fs::Extras {
         env_file: Some(Arc::new(endpoint.env_file())),
         status: Some(("serve_endpoint", Arc::new(endpoint.status_part()))),
+        ..Default::default()
     };
     Ok((Some(endpoint), extras))
 }

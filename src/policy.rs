@@ -137,6 +137,12 @@ pub fn verdict(now: EpochMs, s: &Schedule, current: bool) -> Verdict {
     }
 }
 
+/// How long a version with schedule `s` stays valid after `now` (0 once expired), current or
+/// superseded: how long the kernel may keep the attributes of its immutable inodes.
+pub fn valid_for_ms(now: EpochMs, s: &Schedule) -> i64 {
+    s.valid_until.saturating_sub(now).max(0)
+}
+
 /// The last moment a token may be served: `expires_on` less the skew allowance.
 pub fn valid_until(issued_at: EpochMs, expires_on: EpochMs) -> EpochMs {
     expires_on.saturating_sub(skew(expires_on.saturating_sub(issued_at)))

@@ -55,7 +55,8 @@ impl Fixture {
     /// A lookup as the kernel makes it; the answer may come from a fetch thread.
     fn lookup(&self, parent: u64, name: &str) -> Result<Entry, FsError> {
         let (tx, rx) = mpsc::channel();
-        self.core.lookup(parent, name, move |r| drop(tx.send(r)));
+        self.core
+            .lookup(parent, name, READER, move |r| drop(tx.send(r)));
         rx.recv_timeout(Duration::from_secs(10))
             .expect("every lookup is answered")
     }

@@ -4,7 +4,7 @@
 //! audit's rate limit) and that a reader can reach is answered here, quietly. Calls that
 //! would change the filesystem never reach the daemon on this read-only mount (see the end).
 
-use super::{Caller, Core, FsError, OpenMode};
+use super::{noopen::FuseRequest, Caller, Core, FsError, OpenMode};
 use fuser::{
     AccessFlags, Errno, FileHandle, Filesystem, FopenFlags, Generation, INodeNo, IoctlFlags,
     LockOwner, OpenFlags, PollEvents, PollFlags, PollNotifier, ReplyAttr, ReplyBmap, ReplyData,
@@ -31,15 +31,31 @@ impl Filesystem for FuseAdapter {
         if let Err(missing) = config.add_capabilities(fuser::InitFlags::FUSE_PARALLEL_DIROPS) {
             log::warn!("the kernel lacks {missing:?}: lookups in one directory run one at a time");
         }
+        if self.core.no_open() {
+            // No-open: the kernel answers opens itself once one OPEN got ENOSYS; it drops a
+            // file's cached pages when its mtime changes (`.status`).
+            let wanted =
+                fuser::InitFlags::FUSE_NO_OPEN_SUPPORT | fuser::InitFlags::FUSE_AUTO_INVAL_DATA;
+            if let Err(missing) = config.add_capabilities(wanted) {
+                return Err(std::io::Error::other(format!(
+                    "--no-open: the kernel lacks {missing:?} (Linux 4.19 or later has it)"
+                )));
+            }
+        }
         Ok(())
     }
 
-    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+    fn lookup(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         let Some(name) = name.to_str() else {
             return reply.error(Errno::ENOENT);
         };
-        self.core.lookup(parent.0, name, move |r| match r {
-            Ok(e) => reply.entry(&e.ttl, &e.attr, Generation(0)),
+        let caller = Caller {
+            pid: req.pid(),
+            uid: req.uid(),
+            gid: req.gid(),
+        };
+        self.core.lookup(parent.0, name, caller, move |r| match r {
+            Ok(e) => reply.entry_with_ttls(&e.ttl, &e.entry_ttl, &e.attr, Generation(0)),
             Err(e) => reply.error(e.errno()),
         });
     }
@@ -56,8 +72,13 @@ impl Filesystem for FuseAdapter {
     }
 
     fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        self.core.count(FuseRequest::Open);
         if flags.acc_mode() != fuser::OpenAccMode::O_RDONLY {
             return reply.error(FsError::ReadOnly.errno());
+        }
+        if self.core.no_open() {
+            // The kernel makes its own file (FOPEN_KEEP_CACHE) and sends no OPEN again.
+            return reply.error(Errno::ENOSYS);
         }
         let caller = Caller {
             pid: req.pid(),
@@ -77,7 +98,7 @@ impl Filesystem for FuseAdapter {
     fn read(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         offset: u64,
         size: u32,
@@ -87,11 +108,16 @@ impl Filesystem for FuseAdapter {
     ) {
         // The reply is sent while the handle's bytes are borrowed: no copy.
         let mut reply = Some(reply);
-        let sent = self.core.read(fh.0, offset, size, |bytes| {
+        let send = |bytes: &[u8]| {
             if let Some(r) = reply.take() {
                 r.data(bytes);
             }
-        });
+        };
+        let sent = match self.core.no_open() {
+            // No handles: the kernel's own files read by inode.
+            true => self.core.read_inode(ino.0, offset, size, send),
+            false => self.core.read(fh.0, offset, size, send),
+        };
         if let (Err(e), Some(r)) = (sent, reply) {
             r.error(e.errno());
         }
@@ -107,6 +133,7 @@ impl Filesystem for FuseAdapter {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
+        self.core.count(FuseRequest::Release);
         self.core.release(fh.0);
         reply.ok();
     }
@@ -119,6 +146,11 @@ impl Filesystem for FuseAdapter {
         _lo: LockOwner,
         reply: ReplyEmpty,
     ) {
+        self.core.count(FuseRequest::Flush);
+        if self.core.no_open() {
+            // The kernel sends no FLUSH again (FOPEN_NOFLUSH needs an OPEN reply).
+            return reply.error(Errno::ENOSYS);
+        }
         reply.ok();
     }
 
@@ -201,13 +233,17 @@ impl Filesystem for FuseAdapter {
     fn lseek(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         offset: i64,
         whence: i32,
         reply: ReplyLseek,
     ) {
-        match self.core.seek(fh.0, offset, whence) {
+        let at = match self.core.no_open() {
+            true => self.core.seek_inode(ino.0, offset, whence),
+            false => self.core.seek(fh.0, offset, whence),
+        };
+        match at {
             Ok(at) => reply.offset(at),
             Err(e) => reply.error(e),
         }

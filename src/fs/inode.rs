@@ -72,10 +72,19 @@ pub fn view_dir_ino(view: View) -> u64 {
     }
 }
 
+/// Names a version keeps for `inval_entry` (`--no-open`); more aliases of one resource than
+/// this are left to their entry timeout (at most a second).
+const MAX_NAMES: usize = 8;
+
 /// What the kernel may ask of a version after its token is gone: its sizes and times stay
-/// answerable, its bytes do not (only open handles keep those alive).
+/// answerable, its bytes do not (only open handles keep those alive, or the pin).
 pub struct Known {
     pub version: Weak<Version>,
+    /// `--no-open`: no handle keeps the bytes of a version an fd still reads, so the table
+    /// does, until the kernel forgets the version or it expires.
+    pin: Option<Arc<Version>>,
+    /// `--no-open`: the (directory inode, name) pairs the kernel looked this version up by.
+    names: Vec<(u64, String)>,
     pub resource: Arc<str>,
     pub sizes: [u64; View::ALL.len()],
     pub mtime_ms: i64,
@@ -95,9 +104,17 @@ pub struct InodeTable {
 impl InodeTable {
     /// Counts one kernel lookup of `v`.
     pub fn remember(&self, v: &Arc<Version>) {
+        self.remember_as(v, None);
+    }
+
+    /// `remember`, and with `--no-open` (`pinned`: `Some((parent, name))`) pins the
+    /// version and keeps the name it was looked up by.
+    pub fn remember_as(&self, v: &Arc<Version>, pinned: Option<(u64, &str)>) {
         let mut known = self.known.lock();
         let k = known.entry(v.id).or_insert_with(|| Known {
             version: Arc::downgrade(v),
+            pin: None,
+            names: Vec::new(),
             resource: v.resource.clone(),
             sizes: View::ALL.map(|view| v.bytes(view).len() as u64),
             mtime_ms: v.fetched_at,
@@ -106,6 +123,38 @@ impl InodeTable {
             invalidated: false,
         });
         k.lookups += 1;
+        if let Some((parent, name)) = pinned {
+            if !k.invalidated && k.pin.is_none() {
+                k.pin = Some(v.clone());
+            }
+            let known_name = k.names.iter().any(|(p, n)| *p == parent && n == name);
+            if !known_name && k.names.len() < MAX_NAMES {
+                k.names.push((parent, name.to_string()));
+            }
+        }
+    }
+
+    /// The version's bytes, if anything still holds them (the pin, a handle, the cache).
+    pub fn version(&self, version: u64) -> Option<Arc<Version>> {
+        let known = self.known.lock();
+        let k = known.get(&version)?;
+        k.pin.clone().or_else(|| k.version.upgrade())
+    }
+
+    /// The names the kernel looked up versions `ids` by (every version when `None`).
+    pub fn names(&self, ids: Option<&[u64]>) -> Vec<(u64, String)> {
+        let known = self.known.lock();
+        let mut out: Vec<(u64, String)> = match ids {
+            None => known.values().flat_map(|k| k.names.clone()).collect(),
+            Some(ids) => ids
+                .iter()
+                .filter_map(|id| known.get(id))
+                .flat_map(|k| k.names.clone())
+                .collect(),
+        };
+        out.sort();
+        out.dedup();
+        out
     }
 
     /// Whether the kernel holds a name for some version of `resource`.
@@ -146,6 +195,8 @@ impl InodeTable {
         for (id, k) in known.iter_mut().filter(|(_, k)| !k.invalidated) {
             if policy::verdict(now, &k.schedule, true) == Verdict::Expired {
                 k.invalidated = true;
+                // Never served again: let the bytes go (and be wiped).
+                k.pin = None;
                 expired.push(*id);
             } else {
                 let until = k.schedule.valid_until;

@@ -5,6 +5,7 @@
 mod echo;
 pub mod fuse;
 pub mod inode;
+pub mod noopen;
 pub mod status;
 
 use crate::audit::{Audit, OpenEvent};
@@ -33,13 +34,15 @@ pub struct Extras {
     pub env_file: Option<Arc<Zeroizing<Vec<u8>>>>,
     /// A key of `.status` and the function giving its value when `.status` is opened.
     pub status: Option<(&'static str, StatusPart)>,
+    /// `--no-open`: the kernel answers opens itself (see `noopen`).
+    pub no_open: bool,
 }
 
 /// How long the kernel may keep directory and `.status` attributes.
-const META_TTL: Duration = Duration::from_secs(1);
+pub(crate) const META_TTL: Duration = Duration::from_secs(1);
 /// The longest a token's name or attributes are cached by the kernel (opens always reach the
 /// daemon, which sends a reader of a superseded or expired version back to lookup).
-const MAX_TOKEN_TTL: Duration = Duration::from_secs(60);
+pub(crate) const MAX_TOKEN_TTL: Duration = Duration::from_secs(60);
 
 /// A `.status` this big is worth returning the heap's free memory after (`malloc_trim`).
 const LARGE_SNAPSHOT: usize = 64 * 1024;
@@ -117,7 +120,10 @@ pub type DirEntry = (u64, FileType, String);
 #[derive(Debug, Clone)]
 pub struct Entry {
     pub attr: FileAttr,
+    /// How long the kernel may keep the attributes.
     pub ttl: Duration,
+    /// How long the kernel may keep the name (the same but in no-open mode).
+    pub entry_ttl: Duration,
 }
 
 /// Who opens a file (from the kernel's request header).
@@ -147,6 +153,10 @@ pub struct Core {
     /// bytes (nothing changed, same second); gone once its last handle closes.
     last_status: Mutex<Weak<Vec<u8>>>,
     extras: Extras,
+    /// `--no-open`'s state; `None` in the default mode.
+    noopen: Option<noopen::NoOpen>,
+    /// OPEN, FLUSH and RELEASE requests received (`.status`).
+    requests: noopen::RequestCounts,
 }
 
 /// How an open file is served.
@@ -188,21 +198,28 @@ impl Core {
             started: SystemTime::now(),
             stopping: AtomicBool::new(false),
             last_status: Mutex::new(Weak::new()),
+            noopen: extras.no_open.then(noopen::NoOpen::new),
+            requests: noopen::RequestCounts::default(),
             extras,
         })
     }
 
-    /// Looks `name` up in directory `parent`; `done` may run later, on a fetch thread.
+    /// `caller` looks `name` up in directory `parent`; `done` may run later, on a fetch
+    /// thread.
     pub fn lookup(
         self: &Arc<Self>,
         parent: u64,
         name: &str,
+        caller: Caller,
         done: impl FnOnce(Result<Entry, FsError>) + Send + 'static,
     ) {
         let view = match (inode::node(parent), name) {
-            (Some(Node::Root), ".status") => return done(Ok(self.meta_entry(inode::STATUS))),
+            (Some(Node::Root), ".status") => return done(Ok(self.status_entry())),
             (Some(Node::Root), ".env") if self.extras.env_file.is_some() => {
-                return done(self.getattr(inode::ENV))
+                if self.no_open() {
+                    self.audit_lookup(".env".into(), "endpoint secret", caller);
+                }
+                return done(self.getattr(inode::ENV));
             }
             (Some(Node::Root), dot) if dot.starts_with('.') => {
                 return done(
@@ -231,10 +248,18 @@ impl Core {
         let core = self.clone();
         let key = resource.clone();
         let newest_before = self.cache.last_version_id();
+        // Kept for `inval_entry` in no-open mode only.
+        let name = self.no_open().then(|| name.to_string());
         self.cache.get(
             &key,
             Box::new(move |got| {
                 done(match got {
+                    Ok(v) if name.is_some() => {
+                        let name = name.as_deref().unwrap_or_default();
+                        core.inodes.remember_as(&v, Some((parent, name)));
+                        core.lookup_read(&v, view, caller, newest_before);
+                        Ok(core.token_entry(&v, view))
+                    }
                     Ok(v) => {
                         core.inodes.remember(&v);
                         if v.id > newest_before {
@@ -268,17 +293,22 @@ impl Core {
         match inode::node(ino).ok_or(FsError::NotFound)? {
             Node::Token { version, view } => {
                 // Read the table, then let go of it before asking the cache.
-                let (size, mtime, v) = self
+                let (size, mtime) = self
                     .inodes
-                    .with(version, |k| {
-                        (k.sizes[view as usize], k.mtime_ms, k.version.upgrade())
-                    })
+                    .with(version, |k| (k.sizes[view as usize], k.mtime_ms))
                     .ok_or(FsError::Stale)?;
+                let v = self.inodes.version(version);
+                let ttl = v.map_or(Duration::ZERO, |v| match self.no_open() {
+                    true => self.no_open_ttls(&v).0,
+                    false => self.token_ttl(&v),
+                });
                 Ok(Entry {
                     attr: self.attr(ino, FileType::RegularFile, size, mtime),
-                    ttl: v.map_or(Duration::ZERO, |v| self.token_ttl(&v)),
+                    ttl,
+                    entry_ttl: ttl,
                 })
             }
+            Node::Status => Ok(self.status_entry()),
             Node::Env => {
                 let size = self
                     .extras
@@ -314,6 +344,7 @@ impl Core {
                 }
                 if let Some(audit) = &self.audit {
                     audit.opened(OpenEvent {
+                        kind: "open",
                         resource: v.resource.clone(),
                         view: view.label(),
                         pid: caller.pid,
@@ -329,6 +360,7 @@ impl Core {
                 let bytes = self.extras.env_file.clone().ok_or(FsError::NotFound)?;
                 if let Some(audit) = &self.audit {
                     audit.opened(OpenEvent {
+                        kind: "open",
                         resource: ".env".into(),
                         view: "endpoint secret",
                         pid: caller.pid,
@@ -498,7 +530,15 @@ impl Core {
     /// notification: an open of a superseded version answers ESTALE and the kernel looks the
     /// name up again (an `inval_entry` would take the directory lock and queue every lookup
     /// behind a slow first fetch).
+    ///
+    /// In no-open mode it wakes at least every `noopen::WATCH_MAX_PAUSE_MS`, also has the
+    /// names of expired versions invalidated, and starts the invalidator thread.
     pub fn start_expiry_watch(self: &Arc<Self>, notifier: fuser::Notifier) -> std::io::Result<()> {
+        self.start_invalidator(notifier.clone())?;
+        let max_pause = match self.no_open() {
+            true => noopen::WATCH_MAX_PAUSE_MS,
+            false => 1_000,
+        };
         let core = Arc::downgrade(self);
         std::thread::Builder::new()
             .name("expiry".into())
@@ -507,6 +547,9 @@ impl Core {
                 let Some(core) = core.upgrade() else { return };
                 let now = core.cache.now();
                 let (expired, next) = core.inodes.newly_expired(now);
+                if !expired.is_empty() {
+                    core.invalidate_names(Some(&expired));
+                }
                 for id in expired {
                     for view in View::ALL {
                         let ino = INodeNo(inode::token_ino(id, view));
@@ -515,7 +558,7 @@ impl Core {
                         }
                     }
                 }
-                let pause = next.map_or(1_000, |n| n.saturating_sub(now).clamp(10, 1_000));
+                let pause = next.map_or(max_pause, |n| n.saturating_sub(now).clamp(10, max_pause));
                 drop(core);
                 std::thread::sleep(Duration::from_millis(pause as u64));
             })?;
@@ -542,16 +585,26 @@ impl Core {
 
     fn status_bytes(&self) -> Vec<u8> {
         let status = self.cache.status();
-        let extra: std::collections::BTreeMap<&str, serde_json::Value> = self
+        let mut extra: std::collections::BTreeMap<&str, serde_json::Value> = self
             .extras
             .status
             .iter()
             .map(|(k, part)| (*k, part()))
             .collect();
+        extra.insert("no_open", self.no_open().into());
+        // Only in no-open mode, where they stop changing after the first open: in the default
+        // mode every open would make `.status` differ and defeat the shared snapshots.
+        if self.no_open() {
+            extra.insert("fuse_requests", self.request_counts());
+        }
         status::Report::new(&status, &self.source_reason, extra).to_bytes()
     }
 
     fn token_entry(&self, v: &Version, view: View) -> Entry {
+        let (ttl, entry_ttl) = match self.no_open() {
+            true => self.no_open_ttls(v),
+            false => (self.token_ttl(v), self.token_ttl(v)),
+        };
         Entry {
             attr: self.attr(
                 inode::token_ino(v.id, view),
@@ -559,7 +612,8 @@ impl Core {
                 v.bytes(view).len() as u64,
                 v.fetched_at,
             ),
-            ttl: self.token_ttl(v),
+            ttl,
+            entry_ttl,
         }
     }
 
@@ -587,6 +641,7 @@ impl Core {
         Entry {
             attr: self.attr(ino, kind, 0, mtime),
             ttl: META_TTL,
+            entry_ttl: META_TTL,
         }
     }
 

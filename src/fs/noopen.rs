@@ -1,0 +1,295 @@
+//! `--no-open`: the kernel answers opens itself. The daemon asks for `FUSE_NO_OPEN_SUPPORT`
+//! and answers the mount's first OPEN with ENOSYS (the kernel then makes its own file,
+//! `FOPEN_KEEP_CACHE`, and never sends OPEN or RELEASE again) and its first FLUSH with ENOSYS
+//! (no FLUSH again): an open+read+close of a cached token is served from the page cache with
+//! no round trip. What the daemon still sees, and how every freshness rule is kept:
+//!
+//! - LOOKUP: entries of token names live at most [`ENTRY_TTL`], so a steady reader looks the
+//!   name up again once a second. That lookup is the read (refresh ahead, eviction order),
+//!   the audit line ("lookup of ..."), and how a refresh reaches readers.
+//! - READ of a page the kernel does not hold, with no handle (fh 0): served by inode. A
+//!   version's inodes are immutable; versions the kernel knows are pinned (the inode table),
+//!   so an fd opened before a refresh reads its version whole. Expired: EIO.
+//! - Expiry: the expiry watch wakes at least every [`WATCH_MAX_PAUSE_MS`] and makes the kernel
+//!   drop an expired version's pages (`inval_inode`); its names are invalidated too, on the
+//!   invalidator thread.
+//! - `.status`: attribute TTL 0, and a size and mtime (ns) that change with each snapshot, with
+//!   `FUSE_AUTO_INVAL_DATA`: the kernel asks GETATTR before reading and drops its pages when
+//!   they changed; READ serves the snapshot the last GETATTR described.
+//! - SIGUSR1: after the cache drops every token, the names of every version the kernel knows
+//!   are invalidated (`inval_entry`) on a thread of their own: `inval_entry` takes the
+//!   directory's lock and waits behind lookups in flight (a hanging first fetch), so it never
+//!   runs on a FUSE or fetch thread.
+
+use super::{inode, Caller, Core, Entry, FsError, Node, MAX_TOKEN_TTL, META_TTL};
+use crate::audit::OpenEvent;
+use crate::policy;
+use crate::token::{Version, View};
+use fuser::{Errno, INodeNo};
+use log::debug;
+use parking_lot::Mutex;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{channel, Sender};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// The longest the kernel keeps a token's name before looking it up again.
+pub const ENTRY_TTL: Duration = Duration::from_secs(1);
+/// The expiry watch never sleeps longer than this: an expired version's pages are dropped at
+/// worst this late after its validity ends (on the wall clock, after a suspend included).
+pub const WATCH_MAX_PAUSE_MS: i64 = 250;
+
+/// (directory inode, name) pairs the kernel is to forget.
+type Names = Vec<(u64, String)>;
+
+/// What no-open mode adds to the core.
+pub(super) struct NoOpen {
+    /// The `.status` snapshot the last GETATTR (or LOOKUP) of `.status` described, and the
+    /// mtime it was given (ns since the epoch, never the same twice).
+    status: Mutex<(Arc<Vec<u8>>, u64)>,
+    /// Batches of (directory inode, name) for the invalidator thread.
+    invalidator: OnceLock<Sender<Names>>,
+}
+
+impl NoOpen {
+    pub(super) fn new() -> NoOpen {
+        NoOpen {
+            status: Mutex::new((Arc::new(Vec::new()), 0)),
+            invalidator: OnceLock::new(),
+        }
+    }
+}
+
+/// The requests counted for `.status` (`fuse_requests`).
+#[derive(Debug, Clone, Copy)]
+pub enum FuseRequest {
+    Open,
+    Flush,
+    Release,
+}
+
+/// OPEN, FLUSH and RELEASE requests received, in either mode (one relaxed add each); shown
+/// in `.status` in no-open mode.
+#[derive(Default)]
+pub(super) struct RequestCounts {
+    open: AtomicU64,
+    flush: AtomicU64,
+    release: AtomicU64,
+}
+
+impl Core {
+    /// Whether the mount runs in no-open mode.
+    pub fn no_open(&self) -> bool {
+        self.noopen.is_some()
+    }
+
+    /// Counts one OPEN, FLUSH or RELEASE (for `.status`).
+    pub fn count(&self, request: FuseRequest) {
+        let c = &self.requests;
+        let n = match request {
+            FuseRequest::Open => &c.open,
+            FuseRequest::Flush => &c.flush,
+            FuseRequest::Release => &c.release,
+        };
+        n.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// `.status`'s `fuse_requests`.
+    pub(super) fn request_counts(&self) -> serde_json::Value {
+        let c = &self.requests;
+        serde_json::json!({
+            "open": c.open.load(Ordering::Relaxed),
+            "flush": c.flush.load(Ordering::Relaxed),
+            "release": c.release.load(Ordering::Relaxed),
+        })
+    }
+
+    /// A lookup that found version `v`, in no-open mode: it counts as a read unless it
+    /// waited for this very version (`v.id > newest_before`: the read that made it), and
+    /// it is audited as the reader's lookup.
+    pub(super) fn lookup_read(
+        &self,
+        v: &Arc<Version>,
+        view: View,
+        caller: Caller,
+        newest_before: u64,
+    ) {
+        // Superseded or expired between the cache's answer and now: the kernel gets it with
+        // TTL 0 and asks again; nothing to count.
+        let _ = self.cache.on_open(v, v.id <= newest_before);
+        self.audit_lookup(v.resource.clone(), view.label(), caller);
+    }
+
+    pub(super) fn audit_lookup(&self, resource: Arc<str>, view: &'static str, caller: Caller) {
+        if let Some(audit) = &self.audit {
+            audit.opened(OpenEvent {
+                kind: "lookup",
+                resource,
+                view,
+                pid: caller.pid,
+                uid: caller.uid,
+                gid: caller.gid,
+                exe: crate::audit::exe_of(caller.pid),
+            });
+        }
+    }
+
+    /// In no-open mode, how long the kernel may keep a version's attributes (its inodes are
+    /// immutable: until it stops being valid, current or not) and its name (at most
+    /// [`ENTRY_TTL`], and only while current).
+    pub(super) fn no_open_ttls(&self, v: &Version) -> (Duration, Duration) {
+        let left = policy::valid_for_ms(self.cache.now(), &v.schedule);
+        let attr = Duration::from_millis(left as u64).min(MAX_TOKEN_TTL);
+        let entry = match self.cache.check(v) {
+            policy::Verdict::Current { .. } => attr.min(ENTRY_TTL),
+            _ => Duration::ZERO,
+        };
+        (attr, entry)
+    }
+
+    /// `.status`'s entry: in no-open mode a new snapshot when anything changed, described
+    /// with attribute TTL 0 so the kernel asks again before every read.
+    pub(super) fn status_entry(&self) -> Entry {
+        let mut entry = self.meta_entry(inode::STATUS);
+        let Some(no) = &self.noopen else {
+            return entry;
+        };
+        let bytes = self.status_bytes();
+        let mut current = no.status.lock();
+        if *current.0 != bytes {
+            let now = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos() as u64);
+            *current = (Arc::new(bytes), now.max(current.1 + 1));
+        }
+        entry.attr.size = current.0.len() as u64;
+        entry.attr.blocks = entry.attr.size.div_ceil(512);
+        let mtime = UNIX_EPOCH + Duration::from_nanos(current.1);
+        (entry.attr.mtime, entry.attr.ctime) = (mtime, mtime);
+        entry.ttl = Duration::ZERO;
+        entry.entry_ttl = META_TTL;
+        entry
+    }
+
+    /// A READ without a handle (no-open mode): up to `size` bytes at `offset` of inode `ino`.
+    /// An expired version, or one whose bytes are gone, is EIO, never an empty read.
+    pub fn read_inode<T>(
+        &self,
+        ino: u64,
+        offset: u64,
+        size: u32,
+        f: impl FnOnce(&[u8]) -> T,
+    ) -> Result<T, FsError> {
+        let (version, status, env);
+        let bytes: &[u8] = match inode::node(ino).ok_or(FsError::NotFound)? {
+            Node::Token { .. } if self.stopping.load(Ordering::SeqCst) => return Err(FsError::Io),
+            Node::Token { version: id, view } => {
+                version = self.inodes.version(id).ok_or(FsError::Io)?;
+                if self.cache.check(&version) == policy::Verdict::Expired {
+                    return Err(FsError::Io);
+                }
+                version.bytes(view)
+            }
+            Node::Status => {
+                let no = self.noopen.as_ref().ok_or(FsError::BadHandle)?;
+                status = no.status.lock().0.clone();
+                status.as_slice()
+            }
+            Node::Env => {
+                env = self.extras.env_file.clone().ok_or(FsError::NotFound)?;
+                env.as_slice()
+            }
+            Node::Root | Node::ViewDir(_) => return Err(FsError::BadHandle),
+        };
+        let start = (offset.min(bytes.len() as u64)) as usize;
+        let end = start.saturating_add(size as usize).min(bytes.len());
+        Ok(f(&bytes[start..end]))
+    }
+
+    /// `lseek` SEEK_DATA / SEEK_HOLE without a handle: by the inode's size.
+    pub fn seek_inode(&self, ino: u64, offset: i64, whence: i32) -> Result<i64, Errno> {
+        let size = self.getattr(ino).map_err(FsError::errno)?.attr.size as i64;
+        if whence != libc::SEEK_DATA && whence != libc::SEEK_HOLE {
+            return Err(Errno::EINVAL);
+        }
+        if offset < 0 || offset >= size {
+            return Err(Errno::ENXIO);
+        }
+        Ok(if whence == libc::SEEK_DATA {
+            offset
+        } else {
+            size
+        })
+    }
+
+    /// SIGUSR1: drops every held token; in no-open mode the kernel is also told to forget
+    /// every name it holds of a version (off this thread), so the next read looks it up and
+    /// fetches anew. Files already open keep reading the version they had.
+    pub fn drop_tokens(&self) {
+        self.cache.clear();
+        self.invalidate_names(None);
+    }
+
+    /// Queues `inval_entry` of the names of versions `ids` (all when `None`).
+    pub(super) fn invalidate_names(&self, ids: Option<&[u64]>) {
+        let Some(tx) = self.noopen.as_ref().and_then(|n| n.invalidator.get()) else {
+            return;
+        };
+        let names = self.inodes.names(ids);
+        if !names.is_empty() {
+            let _ = tx.send(names);
+        }
+    }
+
+    /// No-open mode: starts the thread that sends `inval_entry`. Its only job: it may wait
+    /// behind lookups in flight without holding anything else up.
+    pub(super) fn start_invalidator(&self, notifier: fuser::Notifier) -> std::io::Result<()> {
+        let Some(no) = &self.noopen else {
+            return Ok(());
+        };
+        let (tx, rx) = channel::<Names>();
+        std::thread::Builder::new()
+            .name("invalidator".into())
+            .stack_size(128 * 1024)
+            .spawn(move || {
+                for batch in rx {
+                    for (parent, name) in batch {
+                        let dir = INodeNo(parent);
+                        if let Err(e) = notifier.inval_entry(dir, std::ffi::OsStr::new(&name)) {
+                            // ENOENT: the kernel no longer holds that name.
+                            debug!("invalidating a name in directory {parent}: {e}");
+                        }
+                    }
+                }
+            })?;
+        let _ = no.invalidator.set(tx);
+        Ok(())
+    }
+}
+
+/// The mount's first open and close, made by the daemon right after mounting (no-open mode):
+/// the kernel learns no-open from that OPEN (answered ENOSYS) and stops sending FLUSH after
+/// its FLUSH (answered ENOSYS), before any reader comes. Runs on a thread of its own (the
+/// FUSE threads answer it) and waits at most `within`; a failure only means the first
+/// reader's open teaches the kernel instead.
+pub fn first_open_and_close(mountpoint: &Path, within: Duration) {
+    let path = mountpoint.join(".status");
+    let (tx, rx) = channel();
+    let spawned = std::thread::Builder::new()
+        .name("first-open".into())
+        .stack_size(128 * 1024)
+        .spawn(move || {
+            let _ = tx.send(std::fs::File::open(&path).map(drop));
+        });
+    if spawned.is_err() {
+        return debug!("no thread for the first open; the first reader's open teaches the kernel");
+    }
+    match rx.recv_timeout(within) {
+        Ok(Ok(())) => debug!("first open and close made: the kernel answers opens itself"),
+        Ok(Err(e)) => {
+            debug!("the first open failed ({e}); the first reader's open teaches the kernel")
+        }
+        Err(_) => debug!("the first open did not finish in time"),
+    }
+}
