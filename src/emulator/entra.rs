@@ -12,7 +12,7 @@ use std::time::Duration;
 use serde_json::json;
 
 use super::form::{params_lossy, params_strict};
-use super::handler::reply;
+use super::handler::to_answer;
 use super::protocol::{ok, Action};
 use super::{now_secs, random_hex, Fault, Issued, Shared};
 use crate::httpserver::{Answer, Request, Stop};
@@ -158,18 +158,6 @@ fn status_of(action: &Action) -> String {
     match action {
         Action::Respond { status, .. } => status.to_string(),
         _ => "other".into(),
-    }
-}
-
-fn to_answer(action: Action) -> Answer {
-    match action {
-        Action::Respond {
-            status,
-            body,
-            headers,
-        } => Answer::Reply(reply(status, body, headers)),
-        Action::Raw(parts) => Answer::Raw(parts),
-        Action::Hang | Action::Close => Answer::Close,
     }
 }
 

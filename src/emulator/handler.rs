@@ -29,19 +29,10 @@ impl httpserver::Handler for EmuHandler {
                     protocol::answer(&sh, &req, routed)
                 }
             };
-            match action {
-                Action::Respond {
-                    status,
-                    body,
-                    headers,
-                } => Answer::Reply(reply(status, body, headers)),
-                Action::Raw(parts) => Answer::Raw(parts),
-                Action::Hang => {
-                    stop.stopped().await;
-                    Answer::Close
-                }
-                Action::Close => Answer::Close,
+            if let Action::Hang = action {
+                stop.stopped().await;
             }
+            to_answer(action)
         }
     }
 
@@ -54,6 +45,19 @@ impl httpserver::Handler for EmuHandler {
             } => reply(status, body, headers),
             _ => reply(status, Vec::new(), Vec::new()),
         }
+    }
+}
+
+/// The server's answer for an action (a hang has been waited out by then: it closes).
+pub(super) fn to_answer(action: Action) -> Answer {
+    match action {
+        Action::Respond {
+            status,
+            body,
+            headers,
+        } => Answer::Reply(reply(status, body, headers)),
+        Action::Raw(parts) => Answer::Raw(parts),
+        Action::Hang | Action::Close => Answer::Close,
     }
 }
 
