@@ -14,7 +14,7 @@ use crate::source::{Failure, Source, SourceError};
 use crate::token::{Token, Version};
 use log::{debug, info, warn};
 use parking_lot::{Condvar, Mutex};
-use pool::{Job, Pool};
+use pool::{Job, Pool, Pushed};
 pub use status::{ResourceStatus, Status};
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
@@ -258,9 +258,14 @@ pub struct Cache {
 
 impl Drop for Cache {
     fn drop(&mut self) {
-        self.pool.stop();
+        for job in self.pool.stop() {
+            self.abandon(&job.resource, STOPPING);
+        }
     }
 }
+
+/// What a reader gets whose fetch can no longer run.
+const STOPPING: &str = "the mount is stopping";
 
 impl Cache {
     pub fn new(
@@ -327,7 +332,8 @@ impl Cache {
             }
         };
         let Some(entry) = entries.get_mut(&key) else {
-            return;
+            drop(guard);
+            return done(Err(unreachable_state(&key)));
         };
         entry.reads.last = self.read_seq.fetch_add(1, Ordering::Relaxed);
         let refused_until = refusal.as_ref().map_or(0, |r| r.until);
@@ -568,7 +574,9 @@ impl Cache {
     pub fn stop_background(&self) {
         *self.stopped.lock() = true;
         self.wake.notify_all();
-        self.pool.stop();
+        for job in self.pool.stop() {
+            self.abandon(&job.resource, STOPPING);
+        }
     }
 
     fn background(self: Arc<Self>) {
@@ -624,7 +632,15 @@ impl Cache {
                 "no fetch could start within --timeout (too many fetches at once)",
             );
         }
-        Duration::from_millis((next - now).clamp(10, 1_000) as u64)
+        let pause = Duration::from_millis((next - now).clamp(10, 1_000) as u64);
+        // Wake for the earliest queued deadline: its readers are answered on time.
+        match self.pool.next_deadline() {
+            Some(d) => pause.min(
+                d.saturating_duration_since(Instant::now())
+                    .max(Duration::from_millis(10)),
+            ),
+            None => pause,
+        }
     }
 
     /// Keeps the tokens held (declared resources count) within `--max-resources`: the
@@ -651,8 +667,10 @@ impl Cache {
 
     /// Hands a job to the pool, starting a worker when it asks for one.
     fn enqueue(self: &Arc<Self>, job: Job) {
-        if !self.pool.push(job) {
-            return;
+        match self.pool.push(job) {
+            Pushed::Queued => return,
+            Pushed::Stopped(job) => return self.abandon(&job.resource, STOPPING),
+            Pushed::StartWorker => {}
         }
         let cache = Arc::downgrade(self);
         let pool = self.pool.clone();

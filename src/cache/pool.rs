@@ -24,6 +24,15 @@ pub struct Job {
     pub refresh: bool,
 }
 
+/// What became of a pushed job.
+pub enum Pushed {
+    Queued,
+    /// Queued, and no worker is free: start one.
+    StartWorker,
+    /// The pool is stopped: the job is handed back.
+    Stopped(Job),
+}
+
 #[derive(Default)]
 struct Queue {
     refresh: VecDeque<Job>,
@@ -48,22 +57,29 @@ pub struct Pool {
 }
 
 impl Pool {
-    /// Queues `job`; `true` when the caller must start a worker for it (then call
-    /// `not_started` if that fails).
-    pub fn push(&self, job: Job) -> bool {
+    /// Queues `job`: `StartWorker` when the caller must start a worker for it (then call
+    /// `not_started` if that fails); `Stopped` hands it back (its readers must be answered).
+    pub fn push(&self, job: Job) -> Pushed {
         let (queue, cv) = &*self.inner;
         let mut q = queue.lock();
+        if q.stopped {
+            return Pushed::Stopped(job);
+        }
         if job.refresh {
             q.refresh.push_back(job);
         } else {
             q.first.push_back(job);
         }
-        let start = q.len() > q.idle && q.workers < MAX_WORKERS && !q.stopped;
+        let start = q.len() > q.idle && q.workers < MAX_WORKERS;
         if start {
             q.workers += 1;
         }
         cv.notify_one();
-        start
+        if start {
+            Pushed::StartWorker
+        } else {
+            Pushed::Queued
+        }
     }
 
     /// A worker `push` asked for could not be started: when none runs at all, every queued
@@ -118,19 +134,31 @@ impl Pool {
         overdue
     }
 
+    /// The earliest deadline of a queued job.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        let q = self.inner.0.lock();
+        q.refresh
+            .iter()
+            .chain(q.first.iter())
+            .map(|j| j.deadline)
+            .min()
+    }
+
     /// Jobs waiting for a worker.
     pub fn queued(&self) -> usize {
         self.inner.0.lock().len()
     }
 
-    /// Ends every worker once its current job is done; queued jobs are dropped.
-    pub fn stop(&self) {
+    /// Ends every worker once its current job is done and refuses new jobs; the queued
+    /// ones are handed back (their readers must be answered).
+    pub fn stop(&self) -> Vec<Job> {
         let (queue, cv) = &*self.inner;
         let mut q = queue.lock();
         q.stopped = true;
-        q.refresh.clear();
-        q.first.clear();
         cv.notify_all();
+        let mut jobs: Vec<Job> = q.refresh.drain(..).collect();
+        jobs.extend(q.first.drain(..));
+        jobs
     }
 }
 
@@ -152,10 +180,16 @@ mod tests {
         let later = Instant::now() + Duration::from_secs(60);
         let mut started = 0;
         for i in 0..20 {
-            started += usize::from(pool.push(job(&format!("first-{i}"), false, later)));
+            started += usize::from(matches!(
+                pool.push(job(&format!("first-{i}"), false, later)),
+                Pushed::StartWorker
+            ));
         }
         assert_eq!(started, MAX_WORKERS, "one worker per job up to the cap");
-        assert!(!pool.push(job("refresh", true, later)));
+        assert!(matches!(
+            pool.push(job("refresh", true, later)),
+            Pushed::Queued
+        ));
         assert_eq!(pool.queued(), 21);
         assert_eq!(&*pool.next().unwrap().resource, "refresh");
         assert_eq!(&*pool.next().unwrap().resource, "first-0");
@@ -174,9 +208,24 @@ mod tests {
     }
 
     #[test]
+    fn a_stopped_pool_hands_back_what_it_held_and_what_comes() {
+        let pool = Pool::default();
+        let later = Instant::now() + Duration::from_secs(60);
+        pool.push(job("queued", false, later));
+        assert_eq!(pool.stop().len(), 1);
+        assert!(matches!(
+            pool.push(job("late", false, later)),
+            Pushed::Stopped(_)
+        ));
+    }
+
+    #[test]
     fn a_pool_without_workers_hands_its_jobs_back() {
         let pool = Pool::default();
-        assert!(pool.push(job("a", false, Instant::now())));
+        assert!(matches!(
+            pool.push(job("a", false, Instant::now())),
+            Pushed::StartWorker
+        ));
         let back = pool.not_started();
         assert_eq!(back.len(), 1);
         assert_eq!(pool.queued(), 0);

@@ -12,6 +12,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+/// A request that timed out after at least this long marks the upstream down.
+const FAIR_TIMEOUT: Duration = Duration::from_secs(1);
 /// The longest a first fetch sleeps between looks at the rate limit while refreshes wait.
 const YIELD_PAUSE: Duration = Duration::from_millis(10);
 
@@ -87,14 +89,20 @@ impl Upstream {
         let single = self.known_down();
         let mut calls = 0u64;
         let mut protocol_errors = 0;
+        // How long the last request was given: a timeout says the upstream is down only
+        // when the request had a fair chance (not when the reader's deadline was all but
+        // spent waiting for the rate limit or the pool).
+        let mut budget = Duration::ZERO;
         let result = loop {
             if let Err(e) = self.acquire(refresh, deadline) {
                 break Err(e);
             }
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
+                budget = Duration::ZERO;
                 break Err(SourceError::Timeout);
             }
+            budget = left;
             calls += 1;
             let err = match self.source.fetch_once(resource, left) {
                 Ok(t) => break Ok(t),
@@ -118,14 +126,16 @@ impl Upstream {
             debug!("{resource}: attempt {calls} failed ({err}); again in {pause:?}");
             std::thread::sleep(pause);
         };
-        self.note(&result);
+        self.note(&result, budget);
         (result, calls)
     }
 
-    /// Records whether the upstream answered at all.
-    fn note(&self, result: &Result<Token, SourceError>) {
+    /// Records whether the upstream answered at all (`budget`: the last request's time).
+    fn note(&self, result: &Result<Token, SourceError>, budget: Duration) {
         let mut reach = self.reach.lock();
         match result {
+            // Ran out of time before or soon after sending: says nothing of the upstream.
+            Err(SourceError::Timeout) if budget < FAIR_TIMEOUT => {}
             Err(e) if e.is_connection_level() => {
                 reach.failures = reach.failures.saturating_add(1);
                 let now = self.clock.now();

@@ -22,8 +22,9 @@ pub struct KernelEcho {
     /// Per version id: opens still to come from lookups that waited for its fetch. Dropped
     /// when the count reaches zero or the kernel forgets the version.
     pending_opens: Mutex<HashMap<u64, usize>>,
-    /// Per resource: a revalidation that failed just now, when, and its error.
-    failed: Mutex<HashMap<String, (Instant, FsError)>>,
+    /// Per resource and reader (pid): a revalidation that failed just now, when, and its
+    /// error. Only the same reader's retry gets it; another reader asks again.
+    failed: Mutex<HashMap<(String, u32), (Instant, FsError)>>,
 }
 
 impl KernelEcho {
@@ -50,23 +51,34 @@ impl KernelEcho {
 
     /// The kernel holds no name of version `id` any more: no open of it can follow.
     pub fn forget(&self, id: u64) {
-        self.pending_opens.lock().remove(&id);
+        let mut pending = self.pending_opens.lock();
+        pending.remove(&id);
+        if pending.capacity() > 4 * pending.len().max(16) {
+            pending.shrink_to_fit();
+        }
     }
 
-    /// A revalidation of `resource` failed with `err`.
-    pub fn revalidation_failed(&self, resource: String, err: FsError) {
-        self.failed.lock().insert(resource, (Instant::now(), err));
+    /// A revalidation of `resource` for reader `pid` failed with `err`.
+    pub fn revalidation_failed(&self, resource: String, pid: u32, err: FsError) {
+        self.failed
+            .lock()
+            .insert((resource, pid), (Instant::now(), err));
     }
 
-    /// The error of a revalidation of `resource` that failed just now, once: this lookup
-    /// is the kernel's own retry of the same read.
-    pub fn retry_of_failed(&self, resource: &str) -> Option<FsError> {
+    /// The error of a revalidation of `resource` for reader `pid` that failed just now,
+    /// once: this lookup is the kernel's own retry of the same read.
+    pub fn retry_of_failed(&self, resource: &str, pid: u32) -> Option<FsError> {
         let mut failed = self.failed.lock();
         if failed.is_empty() {
             return None;
         }
         failed.retain(|_, (at, _)| at.elapsed() < RETRY_WINDOW);
-        failed.remove(resource).map(|(_, err)| err)
+        if failed.is_empty() && failed.capacity() > 16 {
+            failed.shrink_to_fit();
+        }
+        failed
+            .remove(&(resource.to_string(), pid))
+            .map(|(_, err)| err)
     }
 }
 
@@ -90,8 +102,13 @@ mod tests {
     #[test]
     fn a_failed_revalidation_answers_the_kernels_retry_once() {
         let echo = KernelEcho::default();
-        echo.revalidation_failed("r".into(), FsError::Io);
-        assert_eq!(echo.retry_of_failed("r"), Some(FsError::Io));
-        assert_eq!(echo.retry_of_failed("r"), None);
+        echo.revalidation_failed("r".into(), 7, FsError::Io);
+        assert_eq!(
+            echo.retry_of_failed("r", 8),
+            None,
+            "another reader asks again"
+        );
+        assert_eq!(echo.retry_of_failed("r", 7), Some(FsError::Io));
+        assert_eq!(echo.retry_of_failed("r", 7), None);
     }
 }

@@ -172,6 +172,10 @@ impl InodeTable {
         k.lookups = k.lookups.saturating_sub(n);
         if k.lookups == 0 {
             known.remove(&version);
+            // A flood of versions must not pin the table's peak size.
+            if known.capacity() > 4 * known.len().max(16) {
+                known.shrink_to_fit();
+            }
             return true;
         }
         false

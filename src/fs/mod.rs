@@ -242,7 +242,7 @@ impl Core {
                 return done(Err(FsError::NotFound));
             }
         };
-        if let Some(err) = self.echo.retry_of_failed(&resource) {
+        if let Some(err) = self.echo.retry_of_failed(&resource, caller.pid) {
             return done(Err(err));
         }
         let core = self.clone();
@@ -271,7 +271,8 @@ impl Core {
                     Err(ReadError::Denied(_)) => Err(FsError::Denied),
                     Err(ReadError::Unavailable(_)) => {
                         if core.inodes.holds(&resource) {
-                            core.echo.revalidation_failed(resource, FsError::Io);
+                            core.echo
+                                .revalidation_failed(resource, caller.pid, FsError::Io);
                         }
                         Err(FsError::Io)
                     }

@@ -61,6 +61,16 @@ fn check_url(endpoint: &str) -> Result<reqwest::Url, ConfigError> {
     if url.host_str().is_none_or(str::is_empty) {
         return Err(bad("has no host".into()));
     }
+    if !url.username().is_empty() || url.password().is_some() {
+        // Shown without them: the URL goes to logs and `.status`, its credentials must not.
+        let mut shown = url.clone();
+        let _ = shown.set_username("");
+        let _ = shown.set_password(None);
+        return Err(ConfigError::Url {
+            url: shown.to_string(),
+            problem: "must not carry a user name or password".into(),
+        });
+    }
     Ok(url)
 }
 
@@ -201,4 +211,23 @@ fn with_query(url: &reqwest::Url, params: &[(&str, &str)]) -> reqwest::Url {
         }
     }
     url
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endpoint_urls_are_http_with_a_host_and_no_credentials() {
+        assert!(HttpEndpoint::new("http://127.0.0.1:1/oauth2/token").is_ok());
+        let problem = |u: &str| match HttpEndpoint::new(u) {
+            Err(ConfigError::Url { url, problem }) => (url, problem),
+            _ => panic!("{u} accepted"),
+        };
+        assert!(problem("https://127.0.0.1/x").1.contains("http://"));
+        assert!(problem("nonsense").1.contains("malformed"));
+        let (shown, why) = problem("http://user:s3cr3t@127.0.0.1:1/x");
+        assert!(why.contains("user name or password"));
+        assert!(!shown.contains("s3cr3t") && !shown.contains("user"));
+    }
 }

@@ -3,25 +3,40 @@
 //!
 //! - a word holding `eyJ` (the start of every base64url JSON header, so of every JWT) or
 //!   shaped like a JWT (three or more base64url segments joined by dots, one of them long);
-//! - the value of `access_token`, `refresh_token`, `id_token`, `client_secret` and
-//!   `client_assertion`, written `key=value`, `key: value` or JSON `"key": "value"`;
+//! - the value of `access_token`, `refresh_token`, `id_token`, `client_secret`,
+//!   `client_assertion`, `X-IDENTITY-HEADER`, `IDENTITY_HEADER`, `password` and any `secret`,
+//!   written `key=value`, `key: value`, `key = value` or JSON `"key": "value"`;
 //! - the word after `Bearer` (any case).
 
 const HIDDEN: &str = "<redacted>";
-const SECRET_KEYS: [&str; 5] = [
+const SECRET_KEYS: [&str; 9] = [
     "access_token",
     "refresh_token",
     "id_token",
     "client_secret",
     "client_assertion",
+    "x-identity-header",
+    "identity_header",
+    "password",
+    "secret",
 ];
 /// A JWT-like word has at least one dot-separated segment this long.
 const LONG_SEGMENT: usize = 20;
 
+/// What the next word is, given the words before it.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Next {
+    Plain,
+    /// A secret's value (after `key=`, `key:`, `"key": ` or `Bearer`).
+    Value,
+    /// A secret's key ended the word, no separator yet (`access_token = x`).
+    Key,
+}
+
 /// `text` with every credential-like word replaced by `<redacted>`; white space is kept.
 pub fn redact(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
-    let mut hide_next = false;
+    let mut next = Next::Plain;
     for piece in text.split_inclusive(char::is_whitespace) {
         let word = piece.trim_end_matches(char::is_whitespace);
         let space = &piece[word.len()..];
@@ -29,23 +44,52 @@ pub fn redact(text: &str) -> String {
             out.push_str(space);
             continue;
         }
+        let seps = word.bytes().take_while(|b| is_separator(*b)).count();
+        let has_sep = word[..seps].contains(['=', ':']);
+        match next {
+            Next::Value if seps == word.len() => {}
+            Next::Value => {
+                out.push_str(HIDDEN);
+                next = Next::Plain;
+                out.push_str(space);
+                continue;
+            }
+            Next::Key if has_sep && seps == word.len() => {
+                out.push_str(word);
+                out.push_str(space);
+                next = Next::Value;
+                continue;
+            }
+            Next::Key if has_sep => {
+                out.push_str(&word[..seps]);
+                out.push_str(HIDDEN);
+                out.push_str(space);
+                next = Next::Plain;
+                continue;
+            }
+            Next::Key | Next::Plain => next = Next::Plain,
+        }
         let bare = word.trim_matches(|c: char| !c.is_ascii_alphanumeric());
-        if hide_next {
-            out.push_str(HIDDEN);
-            hide_next = false;
+        if next == Next::Value {
+            // Only separators while a value is awaited: keep waiting.
+            out.push_str(word);
         } else if bare.eq_ignore_ascii_case("bearer") {
             out.push_str(word);
-            hide_next = true;
+            next = Next::Value;
         } else if word.contains("eyJ") || jwt_shaped(bare) {
             out.push_str(HIDDEN);
         } else {
-            let (shown, dangling) = hide_values(word);
+            let (shown, after) = hide_values(word);
             out.push_str(&shown);
-            hide_next = dangling;
+            next = after;
         }
         out.push_str(space);
     }
     out
+}
+
+fn is_separator(b: u8) -> bool {
+    matches!(b, b'"' | b'\'' | b'=' | b':')
 }
 
 fn jwt_shaped(word: &str) -> bool {
@@ -58,32 +102,40 @@ fn jwt_shaped(word: &str) -> bool {
         && segments.iter().any(|s| s.len() >= LONG_SEGMENT)
 }
 
-/// Replaces the value after each secret key in `word`; `true` when a key ends the word
-/// (`"refresh_token":`), so the next word is its value.
-fn hide_values(word: &str) -> (String, bool) {
+/// Replaces the value after each secret key in `word`; says what the next word is when a
+/// key (or a key and its separator) ends the word.
+fn hide_values(word: &str) -> (String, Next) {
     let lower = word.to_ascii_lowercase();
     let mut out = String::with_capacity(word.len());
     let mut at = 0;
     while let Some((start, key)) = SECRET_KEYS
         .iter()
         .filter_map(|k| lower[at..].find(k).map(|i| (at + i, *k)))
-        .min_by_key(|(i, _)| *i)
+        .min_by_key(|(i, key)| (*i, usize::MAX - key.len()))
     {
         let after_key = start + key.len();
-        // The separator: `=`, `:`, quotes around the key (spaces are word breaks).
-        let sep_len = word[after_key..]
+        // Quotes around the key, then `=` or `:` (and quotes): the separator.
+        let seps = word[after_key..]
             .bytes()
-            .take_while(|b| matches!(b, b'"' | b'\'' | b'=' | b':'))
+            .take_while(|b| is_separator(*b))
             .count();
-        let value_start = after_key + sep_len;
-        out.push_str(&word[at..value_start]);
-        at = value_start;
-        if sep_len == 0 {
+        let separator = &word[after_key..after_key + seps];
+        if !separator.contains(['=', ':']) {
+            if after_key + seps == word.len() {
+                // `"access_token"` then ` : value`: the separator comes in the next word.
+                out.push_str(&word[at..]);
+                return (out, Next::Key);
+            }
             // The key's name alone (`grant_type=refresh_token&...`): nothing to hide.
+            out.push_str(&word[at..after_key]);
+            at = after_key;
             continue;
         }
+        let value_start = after_key + seps;
+        out.push_str(&word[at..value_start]);
+        at = value_start;
         if at == word.len() {
-            return (out, true);
+            return (out, Next::Value);
         }
         // The value runs to the next delimiter; what follows may name another secret.
         let value_len = word[at..]
@@ -93,7 +145,7 @@ fn hide_values(word: &str) -> (String, bool) {
         at += value_len;
     }
     out.push_str(&word[at..]);
-    (out, false)
+    (out, Next::Plain)
 }
 
 #[cfg(test)]
@@ -153,6 +205,23 @@ mod tests {
             "sent Authorization: Bearer <redacted> to x"
         );
         assert_eq!(redact("bearer"), "bearer");
+        assert_eq!(
+            redact(r#"{"access_token" : "opaque", "a": 1}"#),
+            r#"{"access_token" : <redacted> "a": 1}"#
+        );
+        assert_eq!(
+            redact("access_token = opaque next"),
+            "access_token = <redacted> next"
+        );
+        assert_eq!(
+            redact("access_token =opaque next"),
+            "access_token =<redacted> next"
+        );
+        assert_eq!(
+            redact("X-IDENTITY-HEADER: 0123abcd sent"),
+            "X-IDENTITY-HEADER: <redacted> sent"
+        );
+        assert_eq!(redact("no secret here"), "no secret here");
         assert_eq!(redact("a  b\tc "), "a  b\tc ", "white space is kept");
     }
 }
