@@ -4,19 +4,21 @@
 //! in the background, eviction. Decisions come from `policy`; the upstream's rate limit and
 //! known-down state are in `upstream`.
 
+mod entry;
 mod pool;
 mod status;
 mod upstream;
 
 use crate::policy::Clock;
-use crate::policy::{self, EntryView, EpochMs, Policy, ReadDecision, Schedule, Verdict};
+use crate::policy::{self, EpochMs, Policy, ReadDecision, Schedule, Verdict};
 use crate::source::{Failure, Source, SourceError};
 use crate::token::{Token, Version};
+use entry::{shrink, Entry, Failures, Refusal, Refusals};
 use log::{debug, info, warn};
 use parking_lot::{Condvar, Mutex};
 use pool::{Job, Pool, Pushed};
-pub use status::{ResourceStatus, Status};
-use std::collections::{HashMap, VecDeque};
+pub use status::Status;
+use std::collections::HashMap;
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -59,8 +61,6 @@ impl ReadError {
 
 /// Pause between asking an upstream that keeps returning a token about to expire.
 const EXPIRED_ON_ARRIVAL_PAUSE: Duration = Duration::from_millis(1_000);
-/// Refusals remembered at most (each for `--negative-ttl`); the oldest go first.
-pub const MAX_REFUSALS: usize = 10_000;
 /// Stack of a fetch worker: a blocking HTTP call and a JSON parse (serde_json limits depth).
 const WORKER_STACK: usize = 512 * 1024;
 
@@ -73,165 +73,6 @@ pub enum OpenDecision {
     Serve,
     /// Superseded or expired: the reader must look the name up again.
     Stale,
-}
-
-/// How the last fetches of a resource went.
-#[derive(Default)]
-struct Failures {
-    /// Failed fetches in a row (0 after a success).
-    consecutive: u32,
-    /// Background refreshes wait until then (backoff, or an upstream that cached).
-    next_attempt_at: EpochMs,
-    /// The last failure's (redacted) message and when it happened.
-    last_error: Option<(String, EpochMs)>,
-    /// "The endpoint returned the token already held" was logged for the held version.
-    unchanged_logged: bool,
-}
-
-/// How the held version is read.
-#[derive(Default)]
-struct Reads {
-    /// Read since it was fetched (the filesystem tells which opens are reads): in use, so
-    /// refreshed ahead of its refresh point.
-    since_fetch: bool,
-    /// Sequence number of the last read: the least recently read entry is evicted first.
-    last: u64,
-}
-
-/// One resource that is declared, holds a token or is being fetched. Refusals live apart
-/// (`Refusals`), so a flood of refused names never evicts a token.
-#[derive(Default)]
-struct Entry {
-    /// Named with `--resource`: always listed, never evicted.
-    declared: bool,
-    /// The newest version (it may have expired; `valid` says).
-    held: Option<Arc<Version>>,
-    /// Some while a fetch is queued or running: the readers waiting for it.
-    waiters: Option<Vec<Done>>,
-    /// When the last fetch started (fetches of a held token are paced).
-    last_fetch_at: Option<EpochMs>,
-    failures: Failures,
-    reads: Reads,
-    /// Upstream requests made for this resource.
-    upstream_calls: u64,
-    /// When the held version was fetched.
-    fetched_at: Option<EpochMs>,
-}
-
-impl Entry {
-    fn view(&self, refused_until: EpochMs) -> EntryView {
-        EntryView {
-            schedule: self.held.as_ref().map(|v| v.schedule),
-            fetch_in_flight: self.waiters.is_some(),
-            next_attempt_at: self.failures.next_attempt_at,
-            refused_until,
-            last_fetch_at: self.last_fetch_at,
-        }
-    }
-
-    fn valid(&self, now: EpochMs) -> Option<&Arc<Version>> {
-        self.held
-            .as_ref()
-            .filter(|v| policy::verdict(now, &v.schedule, true) != Verdict::Expired)
-    }
-
-    fn state(&self, now: EpochMs, refusal: Option<&Refusal>) -> &'static str {
-        let valid = self.valid(now).is_some();
-        match () {
-            _ if self.waiters.is_some() && valid => "refreshing",
-            _ if self.waiters.is_some() => "fetching",
-            _ if !valid && refusal.is_some() => refusal.map_or("refused", Refusal::state),
-            _ if self.failures.consecutive > 0 => "failed",
-            _ if !valid => "empty",
-            _ if self
-                .held
-                .as_ref()
-                .is_some_and(|v| now >= v.schedule.refresh_at) =>
-            {
-                "stale-but-valid"
-            }
-            _ => "fresh",
-        }
-    }
-}
-
-/// A resource the upstream said no to, answered without asking again until `until`.
-#[derive(Clone)]
-struct Refusal {
-    until: EpochMs,
-    error: ReadError,
-    at: EpochMs,
-}
-
-impl Refusal {
-    fn state(&self) -> &'static str {
-        match self.error {
-            ReadError::Denied(_) => "denied",
-            _ => "refused",
-        }
-    }
-
-    fn message(&self) -> &str {
-        match &self.error {
-            ReadError::Refused(m) | ReadError::Denied(m) | ReadError::Unavailable(m) => m,
-        }
-    }
-}
-
-/// The negative cache: at most `MAX_REFUSALS`, the oldest dropped first.
-#[derive(Default)]
-struct Refusals {
-    by_resource: HashMap<Arc<str>, Refusal>,
-    /// Insertion order, with the time of each insertion (stale pairs are skipped).
-    order: VecDeque<(Arc<str>, EpochMs)>,
-}
-
-impl Refusals {
-    fn active(&self, resource: &str, now: EpochMs) -> Option<&Refusal> {
-        self.by_resource.get(resource).filter(|r| now < r.until)
-    }
-
-    fn insert(&mut self, resource: Arc<str>, refusal: Refusal) {
-        while self.by_resource.len() >= MAX_REFUSALS && !self.by_resource.contains_key(&resource) {
-            let Some((old, at)) = self.order.pop_front() else {
-                break;
-            };
-            if self.by_resource.get(&old).is_some_and(|r| r.at == at) {
-                self.by_resource.remove(&old);
-            }
-        }
-        self.order.push_back((resource.clone(), refusal.at));
-        self.by_resource.insert(resource, refusal);
-    }
-
-    fn expire(&mut self, now: EpochMs) {
-        self.by_resource.retain(|_, r| now < r.until);
-        let by_resource = &self.by_resource;
-        self.order
-            .retain(|(r, at)| by_resource.get(r).is_some_and(|x| x.at == *at));
-        shrink(&mut self.by_resource);
-        if self.order.capacity() > 4 * self.order.len().max(16) {
-            self.order.shrink_to_fit();
-        }
-    }
-}
-
-/// Gives memory back once a map has emptied out (a flood of names must not pin it): the
-/// map's own table, then the allocator's free pages.
-fn shrink<K: std::hash::Hash + Eq, V>(map: &mut HashMap<K, V>) {
-    if map.capacity() > 4 * map.len().max(16) {
-        map.shrink_to_fit();
-        release_free_memory();
-    }
-}
-
-/// Returns the allocator's free pages to the system (glibc keeps them otherwise).
-fn release_free_memory() {
-    #[cfg(target_env = "gnu")]
-    // SAFETY: malloc_trim only walks the allocator's own free lists.
-    unsafe {
-        libc::malloc_trim(0);
-    }
 }
 
 /// Everything behind the cache's one lock.
@@ -469,77 +310,6 @@ impl Cache {
             .entries
             .get(resource)
             .and_then(|e| e.valid(at).cloned())
-    }
-
-    /// `.status`: per resource state and times, never token bytes.
-    pub fn status(&self) -> Status {
-        let now = self.clock.now();
-        let secs = |ms: EpochMs| ms.div_euclid(1000);
-        let guard = self.state.lock();
-        let State { entries, refusals } = &*guard;
-        let mut resources: Vec<ResourceStatus> = entries
-            .iter()
-            .map(|(r, e)| {
-                let held = e.valid(now);
-                let refusal = refusals.active(r, now);
-                let last_error = e
-                    .failures
-                    .last_error
-                    .as_ref()
-                    .map(|(m, at)| (m.clone(), *at))
-                    .or_else(|| refusal.map(|x| (x.message().to_string(), x.at)));
-                ResourceStatus {
-                    name: crate::names::canonical_name(r),
-                    resource: r.to_string(),
-                    state: e.state(now, refusal),
-                    declared: e.declared,
-                    expires_on: held.map(|v| secs(v.expires_on)),
-                    fetched_at: e.fetched_at.map(secs),
-                    next_refresh: held
-                        .map(|v| secs(v.schedule.refresh_at.max(e.failures.next_attempt_at))),
-                    upstream_calls: Some(e.upstream_calls),
-                    consecutive_failures: e.failures.consecutive,
-                    last_error_at: last_error.as_ref().map(|x| secs(x.1)),
-                    last_error: last_error.map(|x| x.0),
-                    written: None,
-                }
-            })
-            .collect();
-        resources.extend(
-            refusals
-                .by_resource
-                .iter()
-                .filter(|(r, x)| now < x.until && !entries.contains_key(*r))
-                .map(|(r, x)| ResourceStatus {
-                    name: crate::names::canonical_name(r),
-                    resource: r.to_string(),
-                    state: x.state(),
-                    declared: false,
-                    expires_on: None,
-                    fetched_at: None,
-                    next_refresh: None,
-                    upstream_calls: None,
-                    consecutive_failures: 1,
-                    last_error: Some(x.message().to_string()),
-                    last_error_at: Some(secs(x.at)),
-                    written: None,
-                }),
-        );
-        drop(guard);
-        resources.sort_by(|a, b| a.resource.cmp(&b.resource));
-        Status {
-            endpoint: self.source().endpoint(),
-            source: self.source().kind().name(),
-            refresh_margin: self.policy.refresh_margin_ms / 1000,
-            negative_ttl: self.policy.negative_ttl_ms / 1000,
-            timeout: self.policy.timeout.as_secs(),
-            max_upstream_rate: self.policy.max_upstream_rate,
-            upstream_down: self.upstream.known_down(),
-            upstream_held_back: self.upstream.held_back(),
-            fetches_queued: self.pool.queued(),
-            now: secs(now),
-            resources,
-        }
     }
 
     /// Drops every held token (wiped once no open file holds it), every refusal and the
@@ -898,178 +668,4 @@ fn unreachable_state(resource: &str) -> ReadError {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::testing::{FakeClock, FakeSource};
-
-    fn setup(life: i64) -> (Arc<Cache>, Arc<FakeClock>, Arc<FakeSource>) {
-        let clock = FakeClock::new(1_000_000);
-        let source = FakeSource::new(clock.clone(), life);
-        let policy = Policy {
-            refresh_margin_ms: 300_000,
-            ..Policy::default()
-        };
-        let cache = Cache::new(source.clone(), policy, &[], clock.clone());
-        (cache, clock, source)
-    }
-
-    #[test]
-    fn serves_until_the_refresh_point_then_refreshes_in_the_background() {
-        let (cache, clock, source) = setup(3_600_000);
-        let first = cache.get_blocking("r").unwrap();
-        clock.advance(3_300_000 - 1_000); // a second before the refresh point
-        assert_eq!(cache.get_blocking("r").unwrap().id, first.id);
-        assert_eq!(source.calls(), 1);
-        clock.advance(1_000); // exactly at the refresh point
-        let served = cache.get_blocking("r").unwrap();
-        assert_eq!(
-            served.id, first.id,
-            "the held token, while a refresh starts"
-        );
-        assert!(source.wait_calls(2));
-        let mut newer = cache.get_blocking("r").unwrap();
-        for _ in 0..500 {
-            if newer.id != first.id {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(2));
-            newer = cache.get_blocking("r").unwrap();
-        }
-        assert_ne!(newer.id, first.id);
-    }
-
-    struct PanickingSource;
-
-    impl Source for PanickingSource {
-        fn fetch_once(&self, _r: &str, _t: Duration) -> Result<Token, SourceError> {
-            panic!("a source bug");
-        }
-        fn endpoint(&self) -> String {
-            "panics".into()
-        }
-        fn kind(&self) -> crate::source::Kind {
-            crate::source::Kind::CloudShell
-        }
-    }
-
-    #[test]
-    fn a_panicking_fetch_leaves_nobody_waiting() {
-        let clock = FakeClock::new(0);
-        let cache = Cache::new(Arc::new(PanickingSource), Policy::default(), &[], clock);
-        let (tx, rx) = std::sync::mpsc::channel();
-        let c = cache.clone();
-        std::thread::spawn(move || drop(tx.send(c.get_blocking("r"))));
-        let got = rx
-            .recv_timeout(Duration::from_secs(10))
-            .expect("the reader is answered");
-        assert!(matches!(got, Err(ReadError::Unavailable(_))));
-        // And the resource is not stuck "fetching": the next reader starts a fetch again.
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || drop(tx.send(cache.get_blocking("r"))));
-        assert!(rx.recv_timeout(Duration::from_secs(10)).is_ok());
-    }
-
-    #[test]
-    fn a_clock_jump_past_expiry_never_serves_the_old_token() {
-        let (cache, clock, source) = setup(3_600_000);
-        let first = cache.get_blocking("r").unwrap();
-        // A laptop suspended for two hours: the wall clock jumps.
-        clock.advance(7_200_000);
-        let after = cache.get_blocking("r").unwrap();
-        assert_ne!(after.id, first.id, "the reader waited for a new token");
-        assert_eq!(source.calls(), 2);
-        assert_eq!(cache.on_open(&first, true), OpenDecision::Stale);
-        assert_eq!(cache.on_open(&after, true), OpenDecision::Serve);
-    }
-
-    #[test]
-    fn within_the_skew_before_expiry_a_token_is_not_served() {
-        let (cache, clock, source) = setup(3_600_000);
-        let first = cache.get_blocking("r").unwrap();
-        clock.advance(3_600_000 - 5_000); // 5 s before expiry
-        assert_eq!(cache.on_open(&first, true), OpenDecision::Stale);
-        assert_ne!(cache.get_blocking("r").unwrap().id, first.id);
-        assert_eq!(source.calls(), 2);
-    }
-
-    #[test]
-    fn refusals_never_evict_tokens_and_are_bounded() {
-        let clock = FakeClock::new(1_000_000);
-        let source = FakeSource::new(clock.clone(), 3_600_000);
-        let policy = Policy {
-            max_resources: 2,
-            ..Policy::default()
-        };
-        let cache = Cache::new(source.clone(), policy, &[], clock.clone());
-        cache.get_blocking("a").unwrap();
-        cache.get_blocking("b").unwrap();
-        for i in 0..50 {
-            source.refuse(&format!("bad{i}"));
-            let got = cache.get_blocking(&format!("bad{i}"));
-            assert!(matches!(got, Err(ReadError::Refused(_))));
-        }
-        let calls = source.calls();
-        cache.get_blocking("a").unwrap();
-        cache.get_blocking("b").unwrap();
-        assert!(matches!(
-            cache.get_blocking("bad3"),
-            Err(ReadError::Refused(_))
-        ));
-        assert_eq!(source.calls(), calls, "all from the caches");
-        // A third token evicts the least recently read one.
-        cache.get_blocking("c").unwrap();
-        assert_eq!(cache.listed().len(), 2);
-
-        let mut refusals = Refusals::default();
-        for i in 0..MAX_REFUSALS + 10 {
-            let refusal = Refusal {
-                until: 10,
-                error: ReadError::Refused(String::new()),
-                at: i as i64,
-            };
-            refusals.insert(format!("r{i}").into(), refusal);
-        }
-        assert_eq!(refusals.by_resource.len(), MAX_REFUSALS);
-        assert!(refusals.active("r0", 0).is_none(), "the oldest went first");
-        refusals.expire(10);
-        assert!(refusals.by_resource.is_empty() && refusals.order.is_empty());
-    }
-
-    #[test]
-    fn a_down_upstream_gets_one_attempt_per_fetch_until_it_answers() {
-        let clock = FakeClock::new(1_000_000);
-        let source = FakeSource::new(clock.clone(), 3_600_000);
-        source.set_down(true);
-        let policy = Policy {
-            timeout: Duration::from_millis(800),
-            ..Policy::default()
-        };
-        let cache = Cache::new(source.clone(), policy, &[], clock.clone());
-        assert!(cache.get_blocking("a").is_err());
-        let first = source.calls();
-        assert!(first > 1, "the first fetch retries ({first} calls)");
-        assert!(cache.get_blocking("b").is_err());
-        assert_eq!(source.calls(), first + 1, "then one attempt");
-        source.set_down(false);
-        assert!(cache.get_blocking("b").is_ok(), "a read finds it up again");
-        assert!(!cache.upstream.known_down());
-    }
-
-    #[test]
-    fn fetches_of_a_held_token_are_paced() {
-        let clock = FakeClock::new(1_000_000);
-        let source = FakeSource::new(clock.clone(), 3_600_000);
-        source.set_refresh_in(Some(0));
-        let cache = Cache::new(source.clone(), Policy::default(), &[], clock.clone());
-        let first = cache.get_blocking("r").unwrap();
-        for _ in 0..100 {
-            assert_eq!(cache.on_open(&first, true), OpenDecision::Serve);
-        }
-        assert_eq!(source.calls(), 1, "paced: nothing within 2 s");
-        clock.advance(policy::MIN_FETCH_INTERVAL_MS);
-        assert_eq!(cache.on_open(&first, true), OpenDecision::Serve);
-        assert!(source.wait_calls(2));
-        std::thread::sleep(Duration::from_millis(20));
-        assert_eq!(source.calls(), 2, "one refresh after 2 s");
-    }
-}
+mod tests;

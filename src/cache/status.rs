@@ -1,6 +1,8 @@
 //! What `.status` says of the cache: the settings, the upstream's state and one record per
 //! resource (held, being fetched, refused, failed). Never token bytes.
 
+use super::{Cache, State};
+use crate::policy::EpochMs;
 use serde::Serialize;
 
 /// The cache's part of `.status`.
@@ -57,4 +59,77 @@ pub struct ResourceStatus {
     /// `sink` only: whether its files are in DIR.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub written: Option<bool>,
+}
+
+impl Cache {
+    /// `.status`: per resource state and times, never token bytes.
+    pub fn status(&self) -> Status {
+        let now = self.clock.now();
+        let secs = |ms: EpochMs| ms.div_euclid(1000);
+        let guard = self.state.lock();
+        let State { entries, refusals } = &*guard;
+        let mut resources: Vec<ResourceStatus> = entries
+            .iter()
+            .map(|(r, e)| {
+                let held = e.valid(now);
+                let refusal = refusals.active(r, now);
+                let last_error = e
+                    .failures
+                    .last_error
+                    .as_ref()
+                    .map(|(m, at)| (m.clone(), *at))
+                    .or_else(|| refusal.map(|x| (x.message().to_string(), x.at)));
+                ResourceStatus {
+                    name: crate::names::canonical_name(r),
+                    resource: r.to_string(),
+                    state: e.state(now, refusal),
+                    declared: e.declared,
+                    expires_on: held.map(|v| secs(v.expires_on)),
+                    fetched_at: e.fetched_at.map(secs),
+                    next_refresh: held
+                        .map(|v| secs(v.schedule.refresh_at.max(e.failures.next_attempt_at))),
+                    upstream_calls: Some(e.upstream_calls),
+                    consecutive_failures: e.failures.consecutive,
+                    last_error_at: last_error.as_ref().map(|x| secs(x.1)),
+                    last_error: last_error.map(|x| x.0),
+                    written: None,
+                }
+            })
+            .collect();
+        resources.extend(
+            refusals
+                .by_resource
+                .iter()
+                .filter(|(r, x)| now < x.until && !entries.contains_key(*r))
+                .map(|(r, x)| ResourceStatus {
+                    name: crate::names::canonical_name(r),
+                    resource: r.to_string(),
+                    state: x.state(),
+                    declared: false,
+                    expires_on: None,
+                    fetched_at: None,
+                    next_refresh: None,
+                    upstream_calls: None,
+                    consecutive_failures: 1,
+                    last_error: Some(x.message().to_string()),
+                    last_error_at: Some(secs(x.at)),
+                    written: None,
+                }),
+        );
+        drop(guard);
+        resources.sort_by(|a, b| a.resource.cmp(&b.resource));
+        Status {
+            endpoint: self.source().endpoint(),
+            source: self.source().kind().name(),
+            refresh_margin: self.policy.refresh_margin_ms / 1000,
+            negative_ttl: self.policy.negative_ttl_ms / 1000,
+            timeout: self.policy.timeout.as_secs(),
+            max_upstream_rate: self.policy.max_upstream_rate,
+            upstream_down: self.upstream.known_down(),
+            upstream_held_back: self.upstream.held_back(),
+            fetches_queued: self.pool.queued(),
+            now: secs(now),
+            resources,
+        }
+    }
 }

@@ -1,0 +1,170 @@
+//! What the cache keeps per resource: the entry (held version, fetch in flight, failures,
+//! reads) and the negative cache of refusals, each field documented.
+
+use super::{Done, ReadError};
+use crate::policy::{self, EntryView, EpochMs, Verdict};
+use crate::token::Version;
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+
+/// Refusals remembered at most (each for `--negative-ttl`); the oldest go first.
+pub const MAX_REFUSALS: usize = 10_000;
+
+/// How the last fetches of a resource went.
+#[derive(Default)]
+pub(super) struct Failures {
+    /// Failed fetches in a row (0 after a success).
+    pub(super) consecutive: u32,
+    /// Background refreshes wait until then (backoff, or an upstream that cached).
+    pub(super) next_attempt_at: EpochMs,
+    /// The last failure's (redacted) message and when it happened.
+    pub(super) last_error: Option<(String, EpochMs)>,
+    /// "The endpoint returned the token already held" was logged for the held version.
+    pub(super) unchanged_logged: bool,
+}
+
+/// How the held version is read.
+#[derive(Default)]
+pub(super) struct Reads {
+    /// Read since it was fetched (the filesystem tells which opens are reads): in use, so
+    /// refreshed ahead of its refresh point.
+    pub(super) since_fetch: bool,
+    /// Sequence number of the last read: the least recently read entry is evicted first.
+    pub(super) last: u64,
+}
+
+/// One resource that is declared, holds a token or is being fetched. Refusals live apart
+/// (`Refusals`), so a flood of refused names never evicts a token.
+#[derive(Default)]
+pub(super) struct Entry {
+    /// Named with `--resource`: always listed, never evicted.
+    pub(super) declared: bool,
+    /// The newest version (it may have expired; `valid` says).
+    pub(super) held: Option<Arc<Version>>,
+    /// Some while a fetch is queued or running: the readers waiting for it.
+    pub(super) waiters: Option<Vec<Done>>,
+    /// When the last fetch started (fetches of a held token are paced).
+    pub(super) last_fetch_at: Option<EpochMs>,
+    pub(super) failures: Failures,
+    pub(super) reads: Reads,
+    /// Upstream requests made for this resource.
+    pub(super) upstream_calls: u64,
+    /// When the held version was fetched.
+    pub(super) fetched_at: Option<EpochMs>,
+}
+
+impl Entry {
+    pub(super) fn view(&self, refused_until: EpochMs) -> EntryView {
+        EntryView {
+            schedule: self.held.as_ref().map(|v| v.schedule),
+            fetch_in_flight: self.waiters.is_some(),
+            next_attempt_at: self.failures.next_attempt_at,
+            refused_until,
+            last_fetch_at: self.last_fetch_at,
+        }
+    }
+
+    pub(super) fn valid(&self, now: EpochMs) -> Option<&Arc<Version>> {
+        self.held
+            .as_ref()
+            .filter(|v| policy::verdict(now, &v.schedule, true) != Verdict::Expired)
+    }
+
+    pub(super) fn state(&self, now: EpochMs, refusal: Option<&Refusal>) -> &'static str {
+        let valid = self.valid(now).is_some();
+        match () {
+            _ if self.waiters.is_some() && valid => "refreshing",
+            _ if self.waiters.is_some() => "fetching",
+            _ if !valid && refusal.is_some() => refusal.map_or("refused", Refusal::state),
+            _ if self.failures.consecutive > 0 => "failed",
+            _ if !valid => "empty",
+            _ if self
+                .held
+                .as_ref()
+                .is_some_and(|v| now >= v.schedule.refresh_at) =>
+            {
+                "stale-but-valid"
+            }
+            _ => "fresh",
+        }
+    }
+}
+
+/// A resource the upstream said no to, answered without asking again until `until`.
+#[derive(Clone)]
+pub(super) struct Refusal {
+    pub(super) until: EpochMs,
+    pub(super) error: ReadError,
+    pub(super) at: EpochMs,
+}
+
+impl Refusal {
+    pub(super) fn state(&self) -> &'static str {
+        match self.error {
+            ReadError::Denied(_) => "denied",
+            _ => "refused",
+        }
+    }
+
+    pub(super) fn message(&self) -> &str {
+        match &self.error {
+            ReadError::Refused(m) | ReadError::Denied(m) | ReadError::Unavailable(m) => m,
+        }
+    }
+}
+
+/// The negative cache: at most `MAX_REFUSALS`, the oldest dropped first.
+#[derive(Default)]
+pub(super) struct Refusals {
+    pub(super) by_resource: HashMap<Arc<str>, Refusal>,
+    /// Insertion order, with the time of each insertion (stale pairs are skipped).
+    pub(super) order: VecDeque<(Arc<str>, EpochMs)>,
+}
+
+impl Refusals {
+    pub(super) fn active(&self, resource: &str, now: EpochMs) -> Option<&Refusal> {
+        self.by_resource.get(resource).filter(|r| now < r.until)
+    }
+
+    pub(super) fn insert(&mut self, resource: Arc<str>, refusal: Refusal) {
+        while self.by_resource.len() >= MAX_REFUSALS && !self.by_resource.contains_key(&resource) {
+            let Some((old, at)) = self.order.pop_front() else {
+                break;
+            };
+            if self.by_resource.get(&old).is_some_and(|r| r.at == at) {
+                self.by_resource.remove(&old);
+            }
+        }
+        self.order.push_back((resource.clone(), refusal.at));
+        self.by_resource.insert(resource, refusal);
+    }
+
+    pub(super) fn expire(&mut self, now: EpochMs) {
+        self.by_resource.retain(|_, r| now < r.until);
+        let by_resource = &self.by_resource;
+        self.order
+            .retain(|(r, at)| by_resource.get(r).is_some_and(|x| x.at == *at));
+        shrink(&mut self.by_resource);
+        if self.order.capacity() > 4 * self.order.len().max(16) {
+            self.order.shrink_to_fit();
+        }
+    }
+}
+
+/// Gives memory back once a map has emptied out (a flood of names must not pin it): the
+/// map's own table, then the allocator's free pages.
+pub(super) fn shrink<K: std::hash::Hash + Eq, V>(map: &mut HashMap<K, V>) {
+    if map.capacity() > 4 * map.len().max(16) {
+        map.shrink_to_fit();
+        release_free_memory();
+    }
+}
+
+/// Returns the allocator's free pages to the system (glibc keeps them otherwise).
+fn release_free_memory() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim only walks the allocator's own free lists.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}

@@ -1,0 +1,175 @@
+//! The cache driven with the fake clock and source: pacing, refusals, known-down, panics.
+use super::entry::MAX_REFUSALS;
+use super::*;
+use crate::testing::{FakeClock, FakeSource};
+
+fn setup(life: i64) -> (Arc<Cache>, Arc<FakeClock>, Arc<FakeSource>) {
+    let clock = FakeClock::new(1_000_000);
+    let source = FakeSource::new(clock.clone(), life);
+    let policy = Policy {
+        refresh_margin_ms: 300_000,
+        ..Policy::default()
+    };
+    let cache = Cache::new(source.clone(), policy, &[], clock.clone());
+    (cache, clock, source)
+}
+
+#[test]
+fn serves_until_the_refresh_point_then_refreshes_in_the_background() {
+    let (cache, clock, source) = setup(3_600_000);
+    let first = cache.get_blocking("r").unwrap();
+    clock.advance(3_300_000 - 1_000); // a second before the refresh point
+    assert_eq!(cache.get_blocking("r").unwrap().id, first.id);
+    assert_eq!(source.calls(), 1);
+    clock.advance(1_000); // exactly at the refresh point
+    let served = cache.get_blocking("r").unwrap();
+    assert_eq!(
+        served.id, first.id,
+        "the held token, while a refresh starts"
+    );
+    assert!(source.wait_calls(2));
+    let mut newer = cache.get_blocking("r").unwrap();
+    for _ in 0..500 {
+        if newer.id != first.id {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(2));
+        newer = cache.get_blocking("r").unwrap();
+    }
+    assert_ne!(newer.id, first.id);
+}
+
+struct PanickingSource;
+
+impl Source for PanickingSource {
+    fn fetch_once(&self, _r: &str, _t: Duration) -> Result<Token, SourceError> {
+        panic!("a source bug");
+    }
+    fn endpoint(&self) -> String {
+        "panics".into()
+    }
+    fn kind(&self) -> crate::source::Kind {
+        crate::source::Kind::CloudShell
+    }
+}
+
+#[test]
+fn a_panicking_fetch_leaves_nobody_waiting() {
+    let clock = FakeClock::new(0);
+    let cache = Cache::new(Arc::new(PanickingSource), Policy::default(), &[], clock);
+    let (tx, rx) = std::sync::mpsc::channel();
+    let c = cache.clone();
+    std::thread::spawn(move || drop(tx.send(c.get_blocking("r"))));
+    let got = rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the reader is answered");
+    assert!(matches!(got, Err(ReadError::Unavailable(_))));
+    // And the resource is not stuck "fetching": the next reader starts a fetch again.
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || drop(tx.send(cache.get_blocking("r"))));
+    assert!(rx.recv_timeout(Duration::from_secs(10)).is_ok());
+}
+
+#[test]
+fn a_clock_jump_past_expiry_never_serves_the_old_token() {
+    let (cache, clock, source) = setup(3_600_000);
+    let first = cache.get_blocking("r").unwrap();
+    // A laptop suspended for two hours: the wall clock jumps.
+    clock.advance(7_200_000);
+    let after = cache.get_blocking("r").unwrap();
+    assert_ne!(after.id, first.id, "the reader waited for a new token");
+    assert_eq!(source.calls(), 2);
+    assert_eq!(cache.on_open(&first, true), OpenDecision::Stale);
+    assert_eq!(cache.on_open(&after, true), OpenDecision::Serve);
+}
+
+#[test]
+fn within_the_skew_before_expiry_a_token_is_not_served() {
+    let (cache, clock, source) = setup(3_600_000);
+    let first = cache.get_blocking("r").unwrap();
+    clock.advance(3_600_000 - 5_000); // 5 s before expiry
+    assert_eq!(cache.on_open(&first, true), OpenDecision::Stale);
+    assert_ne!(cache.get_blocking("r").unwrap().id, first.id);
+    assert_eq!(source.calls(), 2);
+}
+
+#[test]
+fn refusals_never_evict_tokens_and_are_bounded() {
+    let clock = FakeClock::new(1_000_000);
+    let source = FakeSource::new(clock.clone(), 3_600_000);
+    let policy = Policy {
+        max_resources: 2,
+        ..Policy::default()
+    };
+    let cache = Cache::new(source.clone(), policy, &[], clock.clone());
+    cache.get_blocking("a").unwrap();
+    cache.get_blocking("b").unwrap();
+    for i in 0..50 {
+        source.refuse(&format!("bad{i}"));
+        let got = cache.get_blocking(&format!("bad{i}"));
+        assert!(matches!(got, Err(ReadError::Refused(_))));
+    }
+    let calls = source.calls();
+    cache.get_blocking("a").unwrap();
+    cache.get_blocking("b").unwrap();
+    assert!(matches!(
+        cache.get_blocking("bad3"),
+        Err(ReadError::Refused(_))
+    ));
+    assert_eq!(source.calls(), calls, "all from the caches");
+    // A third token evicts the least recently read one.
+    cache.get_blocking("c").unwrap();
+    assert_eq!(cache.listed().len(), 2);
+
+    let mut refusals = Refusals::default();
+    for i in 0..MAX_REFUSALS + 10 {
+        let refusal = Refusal {
+            until: 10,
+            error: ReadError::Refused(String::new()),
+            at: i as i64,
+        };
+        refusals.insert(format!("r{i}").into(), refusal);
+    }
+    assert_eq!(refusals.by_resource.len(), MAX_REFUSALS);
+    assert!(refusals.active("r0", 0).is_none(), "the oldest went first");
+    refusals.expire(10);
+    assert!(refusals.by_resource.is_empty() && refusals.order.is_empty());
+}
+
+#[test]
+fn a_down_upstream_gets_one_attempt_per_fetch_until_it_answers() {
+    let clock = FakeClock::new(1_000_000);
+    let source = FakeSource::new(clock.clone(), 3_600_000);
+    source.set_down(true);
+    let policy = Policy {
+        timeout: Duration::from_millis(800),
+        ..Policy::default()
+    };
+    let cache = Cache::new(source.clone(), policy, &[], clock.clone());
+    assert!(cache.get_blocking("a").is_err());
+    let first = source.calls();
+    assert!(first > 1, "the first fetch retries ({first} calls)");
+    assert!(cache.get_blocking("b").is_err());
+    assert_eq!(source.calls(), first + 1, "then one attempt");
+    source.set_down(false);
+    assert!(cache.get_blocking("b").is_ok(), "a read finds it up again");
+    assert!(!cache.upstream.known_down());
+}
+
+#[test]
+fn fetches_of_a_held_token_are_paced() {
+    let clock = FakeClock::new(1_000_000);
+    let source = FakeSource::new(clock.clone(), 3_600_000);
+    source.set_refresh_in(Some(0));
+    let cache = Cache::new(source.clone(), Policy::default(), &[], clock.clone());
+    let first = cache.get_blocking("r").unwrap();
+    for _ in 0..100 {
+        assert_eq!(cache.on_open(&first, true), OpenDecision::Serve);
+    }
+    assert_eq!(source.calls(), 1, "paced: nothing within 2 s");
+    clock.advance(policy::MIN_FETCH_INTERVAL_MS);
+    assert_eq!(cache.on_open(&first, true), OpenDecision::Serve);
+    assert!(source.wait_calls(2));
+    std::thread::sleep(Duration::from_millis(20));
+    assert_eq!(source.calls(), 2, "one refresh after 2 s");
+}
