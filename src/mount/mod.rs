@@ -1,18 +1,19 @@
 //! Mounting: checks before mounting, detaching once the mount is live, the session, and
 //! signals (SIGTERM/SIGINT unmount, SIGUSR1 drops tokens, SIGHUP reopens the log file).
 
+mod daemon;
+mod kernel;
+
 use crate::cache::Cache;
 use crate::emulator::{Emulator, EmulatorConfig};
-use crate::fs::{fuse::FuseAdapter, Access, Core};
+use crate::fs::{Access, Core};
 use crate::policy::{Policy, SystemClock};
 use crate::source::select::{self, Env, Plan, Wanted};
+use daemon::detach;
+pub(crate) use daemon::{daemonize, open_log, reopen_log, say_if_logs_are_discarded, Ready};
+use kernel::{is_fuse_mount, mount_error, open_session, unmount};
 use log::{debug, info, warn};
-use std::ffi::CString;
 use std::fmt;
-use std::fs::{File, OpenOptions};
-use std::io::{Read, Write};
-use std::os::fd::{AsRawFd, FromRawFd};
-use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::sync::Arc;
@@ -115,17 +116,6 @@ pub fn run(req: MountRequest) -> Result<(), MountError> {
     detach(&req, &mountpoint, plan, log)
 }
 
-/// Detached without `--log-file`, logs go to syslog; where there is none, they are
-/// discarded, and the caller is told once. Shared with `sink`.
-pub(crate) fn say_if_logs_are_discarded() {
-    if !crate::logging::syslog_available() {
-        eprintln!(
-            "cstokenfs: detached without --log-file and no syslog at {}: logs are discarded",
-            crate::logging::SYSLOG_PATH
-        );
-    }
-}
-
 /// Checks that make a clear error before anything is mounted.
 fn preflight(req: &MountRequest) -> Result<(PathBuf, Plan), MountError> {
     let plan =
@@ -184,141 +174,6 @@ fn preflight(req: &MountRequest) -> Result<(PathBuf, Plan), MountError> {
         eprintln!("cstokenfs: warning: {shown} is not empty; its files are hidden while mounted");
     }
     Ok((path, plan))
-}
-
-/// Who is told once the mount is live (or why it failed). Shared with `sink`.
-pub(crate) enum Ready {
-    Nobody,
-    Pipe(File),
-}
-
-impl Ready {
-    fn tell(self, outcome: &Result<(), MountError>) {
-        self.tell_line(outcome.as_ref().err().map(|e| e.to_string()).as_deref());
-    }
-
-    /// `OK`, or `ERR` and why: what the parent of a detached daemon waits for.
-    pub(crate) fn tell_line(self, error: Option<&str>) {
-        if let Ready::Pipe(mut pipe) = self {
-            let msg = match error {
-                None => "OK\n".to_string(),
-                Some(e) => format!("ERR {e}\n"),
-            };
-            let _ = pipe.write_all(msg.as_bytes());
-        }
-    }
-}
-
-/// Forks; the child becomes the daemon and reports through a pipe once the mount is live.
-/// No thread exists yet, so forking is safe.
-fn detach(
-    req: &MountRequest,
-    mountpoint: &Path,
-    plan: Plan,
-    log: Option<File>,
-) -> Result<(), MountError> {
-    daemonize(
-        log,
-        "the daemon exited before the mount was live (run with -f to see why)",
-        |ready| serve(req, mountpoint, plan, ready),
-    )
-    .map_err(MountError::Daemon)
-}
-
-/// Forks; the child becomes a daemon (`become_daemon`), runs `child` with the pipe's
-/// writing end and exits 1 if it fails; the parent returns once the child says `OK` (the
-/// child's `ERR` line, or `early_exit` if it said nothing). Shared by `mount` and `sink`.
-/// Call it while the process has a single thread: forking is safe only then.
-pub(crate) fn daemonize<E>(
-    log: Option<File>,
-    early_exit: &str,
-    child: impl FnOnce(Ready) -> Result<(), E>,
-) -> Result<(), String> {
-    let mut fds = [0; 2];
-    // SAFETY: pipe2 writes two descriptors into the array we own.
-    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
-        return Err(format!("pipe: {}", std::io::Error::last_os_error()));
-    }
-    // SAFETY: both descriptors were just created and are owned here only.
-    let (read_end, write_end) = unsafe { (File::from_raw_fd(fds[0]), File::from_raw_fd(fds[1])) };
-    // SAFETY: the caller has a single thread here (nothing has spawned one yet).
-    match unsafe { libc::fork() } {
-        -1 => Err(format!("fork: {}", std::io::Error::last_os_error())),
-        0 => {
-            drop(read_end);
-            let to_syslog = log.is_none();
-            let ok = become_daemon(log, write_end.as_raw_fd()).is_ok() && {
-                if !(to_syslog && crate::logging::init_syslog("info")) {
-                    crate::logging::init_stderr("info");
-                }
-                child(Ready::Pipe(write_end)).is_ok()
-            };
-            std::process::exit(i32::from(!ok))
-        }
-        _ => {
-            drop(write_end);
-            let mut answer = String::new();
-            let mut reader = read_end;
-            let _ = reader.read_to_string(&mut answer);
-            match answer.lines().next() {
-                Some("OK") => Ok(()),
-                Some(line) => Err(line.trim_start_matches("ERR ").to_string()),
-                None => Err(early_exit.to_string()),
-            }
-        }
-    }
-}
-
-/// New session; stdin from /dev/null, stdout and stderr to the log file or /dev/null, so a
-/// caller capturing our output (`$(cstokenfs mount ...)`) is released.
-fn become_daemon(log: Option<File>, keep: i32) -> Result<(), MountError> {
-    // SAFETY: setsid has no memory effects; it fails only if we lead a group, harmless.
-    unsafe { libc::setsid() };
-    let null = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/null")
-        .map_err(|e| MountError::Daemon(format!("/dev/null: {e}")))?;
-    let out = log.as_ref().unwrap_or(&null);
-    for (from, to) in [(&null, 0), (out, 1), (out, 2)] {
-        // SAFETY: dup2 onto the standard descriptors, which this process owns.
-        if unsafe { libc::dup2(from.as_raw_fd(), to) } < 0 {
-            return Err(MountError::Daemon(format!(
-                "dup2: {}",
-                std::io::Error::last_os_error()
-            )));
-        }
-    }
-    drop((null, log));
-    let _ = std::env::set_current_dir("/");
-    close_inherited_fds(keep);
-    Ok(())
-}
-
-/// Closes every descriptor above stderr but `keep`: whatever the caller handed down (a pipe
-/// it reads to EOF, say) must not stay open in the daemon.
-fn close_inherited_fds(keep: i32) {
-    let fds: Vec<i32> = std::fs::read_dir("/proc/self/fd")
-        .map(|d| {
-            d.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
-                .collect()
-        })
-        .unwrap_or_default();
-    for fd in fds.into_iter().filter(|fd| *fd > 2 && *fd != keep) {
-        // SAFETY: the process is single-threaded here and every descriptor it owns through a
-        // Rust object (the pipe to the caller) is `keep`; the rest were inherited.
-        unsafe { libc::close(fd) };
-    }
-}
-
-pub(crate) fn open_log(path: &Path) -> Result<File, MountError> {
-    OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(path)
-        .map_err(|e| {
-            MountError::Setup(format!("cannot open the log file: {}: {e}", path.display()))
-        })
 }
 
 enum Event {
@@ -507,127 +362,6 @@ fn start(req: &MountRequest, mountpoint: &Path, plan: Plan) -> Result<Started, M
     ))
 }
 
-/// The filesystem type in the mount table, whoever mounts.
-pub const FS_TYPE: &str = "fuse.cstokenfs";
-
-/// Mounts and opens the FUSE session, with type `fuse.cstokenfs` either way: as root, our
-/// own mount(2) (fuser's own mount(2) hard-codes `fuse`), then `Session::from_fd`; as an
-/// ordinary user, with `auto_unmount` (which only fusermount3 can do), or where root's
-/// mount(2) is refused (a container without CAP_SYS_ADMIN), fuser and fuse3's setuid
-/// fusermount3, which names the type from the subtype. True: our own mount(2).
-fn open_session(
-    req: &MountRequest,
-    core: &Arc<Core>,
-    mountpoint: &Path,
-) -> Result<(fuser::Session<FuseAdapter>, bool), MountError> {
-    let acl = if req.allow_other {
-        fuser::SessionACL::All
-    } else if req.allow_root || req.auto_unmount {
-        fuser::SessionACL::RootAndOwner
-    } else {
-        fuser::SessionACL::Owner
-    };
-    let mut config = fuser::Config::default();
-    config.mount_options = vec![
-        fuser::MountOption::FSName(req.fsname.clone()),
-        fuser::MountOption::Subtype("cstokenfs".into()),
-        fuser::MountOption::RO,
-        fuser::MountOption::NoSuid,
-        fuser::MountOption::NoDev,
-        fuser::MountOption::NoExec,
-        fuser::MountOption::DefaultPermissions,
-    ];
-    if req.auto_unmount {
-        config.mount_options.push(fuser::MountOption::AutoUnmount);
-    }
-    config.n_threads = Some(2);
-    config.acl = acl;
-    debug!(
-        "mounting {} as {FS_TYPE} (source {:?}, access {acl:?}, auto_unmount {})",
-        mountpoint.display(),
-        req.fsname,
-        req.auto_unmount
-    );
-    // SAFETY: geteuid cannot fail.
-    if unsafe { libc::geteuid() } == 0 && !req.auto_unmount {
-        match mount_direct(&req.fsname, mountpoint, acl != fuser::SessionACL::Owner) {
-            Ok(fd) => {
-                let adapter = FuseAdapter::new(core.clone());
-                return match fuser::Session::from_fd(adapter, fd, acl, config) {
-                    Ok(session) => Ok((session, true)),
-                    Err(e) => {
-                        let _ = unmount(mountpoint);
-                        Err(mount_error(&e, mountpoint))
-                    }
-                };
-            }
-            Err(e) if e.raw_os_error() == Some(libc::EPERM) => {
-                info!("mount(2) refused (EPERM): mounting through fusermount3");
-            }
-            Err(e) => return Err(mount_error(&e, mountpoint)),
-        }
-    }
-    if req.auto_unmount && !fusermount3_on_path() {
-        return Err(MountError::Mount(
-            "auto_unmount needs fuse3's fusermount3 (install the fuse3 package)".into(),
-        ));
-    }
-    fuser::Session::new(FuseAdapter::new(core.clone()), mountpoint, &config)
-        .map(|s| (s, false))
-        .map_err(|e| mount_error(&e, mountpoint))
-}
-
-fn fusermount3_on_path() -> bool {
-    std::env::var_os("PATH")
-        .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join("fusermount3").is_file()))
-}
-
-/// mount(2) of type `fuse.cstokenfs` on a new /dev/fuse descriptor: read-only, nosuid,
-/// nodev, noexec, default_permissions; `allow_other` lets the kernel pass other users'
-/// requests (fuser then enforces allow_root itself).
-fn mount_direct(
-    fsname: &str,
-    mountpoint: &Path,
-    allow_other: bool,
-) -> std::io::Result<std::os::fd::OwnedFd> {
-    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
-    let dev = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .custom_flags(libc::O_CLOEXEC)
-        .open("/dev/fuse")?;
-    let root_mode = std::fs::metadata(mountpoint)?.mode() & libc::S_IFMT;
-    // SAFETY: getuid/getgid cannot fail.
-    let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
-    let mut data = format!(
-        "fd={},rootmode={root_mode:o},user_id={uid},group_id={gid},default_permissions",
-        dev.as_raw_fd()
-    );
-    if allow_other {
-        data.push_str(",allow_other");
-    }
-    let nul = |_| std::io::Error::new(std::io::ErrorKind::InvalidInput, "a NUL byte in a name");
-    let source = CString::new(fsname).map_err(nul)?;
-    let target = CString::new(mountpoint.as_os_str().as_bytes()).map_err(nul)?;
-    let fstype = CString::new(FS_TYPE).map_err(nul)?;
-    let data = CString::new(data).map_err(nul)?;
-    let flags = libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
-    // SAFETY: every pointer is a NUL-terminated string that outlives the call.
-    let rc = unsafe {
-        libc::mount(
-            source.as_ptr(),
-            target.as_ptr(),
-            fstype.as_ptr(),
-            flags,
-            data.as_ptr().cast(),
-        )
-    };
-    if rc != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(dev.into())
-}
-
 /// With `--emulator`, starts the built-in emulator for the plan's upstream on an ephemeral
 /// loopback port and points the plan at it; the emulator serves as long as it is kept.
 pub fn start_stand_in(plan: &mut Plan) -> std::io::Result<Option<Emulator>> {
@@ -671,113 +405,4 @@ fn start_endpoint(
         ..Default::default()
     };
     Ok((Some(endpoint), extras))
-}
-
-fn mount_error(e: &std::io::Error, mountpoint: &Path) -> MountError {
-    if e.to_string().contains("user_allow_other") {
-        return MountError::Mount(
-            "--allow-other, --allow-root or --auto-unmount (which implies allow_root) as an \
-             ordinary user needs a line `user_allow_other` in /etc/fuse.conf"
-                .into(),
-        );
-    }
-    match e.raw_os_error() {
-        Some(libc::EPERM) | Some(libc::EACCES) => MountError::Mount(format!(
-            "not permitted to mount on {}: run as root, install fuse3 (fusermount3), or in Docker \
-             add --device /dev/fuse --cap-add SYS_ADMIN",
-            mountpoint.display()
-        )),
-        Some(libc::ENOENT) if !Path::new("/dev/fuse").exists() => MountError::no_fuse(),
-        _ => MountError::Mount(format!("{}: {e}", mountpoint.display())),
-    }
-}
-
-pub(crate) fn reopen_log(path: Option<&Path>, foreground: bool) {
-    let (Some(path), false) = (path, foreground) else {
-        return;
-    };
-    match open_log(path) {
-        Ok(file) => {
-            // SAFETY: dup2 onto our own stdout/stderr.
-            unsafe {
-                libc::dup2(file.as_raw_fd(), 1);
-                libc::dup2(file.as_raw_fd(), 2);
-            }
-            info!("log file reopened");
-        }
-        Err(e) => warn!("{e}"),
-    }
-}
-
-/// Unmounts `path`: `umount2` as root (lazily if busy), else fuse3's `fusermount3 -u`.
-pub fn unmount(path: &Path) -> std::io::Result<()> {
-    let c = CString::new(path.as_os_str().as_bytes())?;
-    // SAFETY: geteuid cannot fail.
-    if unsafe { libc::geteuid() } == 0 {
-        // SAFETY: c is a valid NUL-terminated path.
-        if unsafe { libc::umount2(c.as_ptr(), 0) } == 0 {
-            return Ok(());
-        }
-        let err = std::io::Error::last_os_error();
-        if err.raw_os_error() != Some(libc::EBUSY) {
-            return Err(err);
-        }
-        // SAFETY: as above.
-        if unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) } == 0 {
-            return Ok(());
-        }
-        return Err(std::io::Error::last_os_error());
-    }
-    for args in [["-u"].as_slice(), ["-u", "-z"].as_slice()] {
-        let status = std::process::Command::new("fusermount3")
-            .args(args)
-            .arg(path)
-            .status()?;
-        if status.success() {
-            return Ok(());
-        }
-    }
-    Err(std::io::Error::other("fusermount3 -u failed"))
-}
-
-/// Whether `path` is itself a FUSE mount point (per /proc/self/mountinfo).
-pub fn is_fuse_mount(path: &Path) -> bool {
-    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
-        return false;
-    };
-    let want = path.as_os_str().as_bytes();
-    info.lines().any(|line| {
-        let mut fields = line.split(' ');
-        let point = fields.nth(4).map(unescape);
-        let fstype = line
-            .split(" - ")
-            .nth(1)
-            .and_then(|rest| rest.split(' ').next());
-        point.as_deref() == Some(want)
-            && fstype.is_some_and(|t| t == "fuse" || t.starts_with("fuse."))
-    })
-}
-
-/// mountinfo escapes space, tab, newline and backslash as `\ooo`.
-fn unescape(s: &str) -> Vec<u8> {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        let octal = b
-            .get(i + 1..i + 4)
-            .and_then(|d| std::str::from_utf8(d).ok())
-            .and_then(|d| u8::from_str_radix(d, 8).ok());
-        match (b[i], octal) {
-            (b'\\', Some(v)) => {
-                out.push(v);
-                i += 4;
-            }
-            (c, _) => {
-                out.push(c);
-                i += 1;
-            }
-        }
-    }
-    out
 }

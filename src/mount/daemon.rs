@@ -1,0 +1,170 @@
+//! Detaching once the mount is live: the fork, the readiness pipe, the daemon's standard
+//! descriptors and log file (shared with `sink`).
+
+use super::*;
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd};
+
+/// Detached without `--log-file`, logs go to syslog; where there is none, they are
+/// discarded, and the caller is told once. Shared with `sink`.
+pub(crate) fn say_if_logs_are_discarded() {
+    if !crate::logging::syslog_available() {
+        eprintln!(
+            "cstokenfs: detached without --log-file and no syslog at {}: logs are discarded",
+            crate::logging::SYSLOG_PATH
+        );
+    }
+}
+
+/// Who is told once the mount is live (or why it failed). Shared with `sink`.
+pub(crate) enum Ready {
+    Nobody,
+    Pipe(File),
+}
+
+impl Ready {
+    pub(super) fn tell(self, outcome: &Result<(), MountError>) {
+        self.tell_line(outcome.as_ref().err().map(|e| e.to_string()).as_deref());
+    }
+
+    /// `OK`, or `ERR` and why: what the parent of a detached daemon waits for.
+    pub(crate) fn tell_line(self, error: Option<&str>) {
+        if let Ready::Pipe(mut pipe) = self {
+            let msg = match error {
+                None => "OK\n".to_string(),
+                Some(e) => format!("ERR {e}\n"),
+            };
+            let _ = pipe.write_all(msg.as_bytes());
+        }
+    }
+}
+
+/// Forks; the child becomes the daemon and reports through a pipe once the mount is live.
+/// No thread exists yet, so forking is safe.
+pub(super) fn detach(
+    req: &MountRequest,
+    mountpoint: &Path,
+    plan: Plan,
+    log: Option<File>,
+) -> Result<(), MountError> {
+    daemonize(
+        log,
+        "the daemon exited before the mount was live (run with -f to see why)",
+        |ready| serve(req, mountpoint, plan, ready),
+    )
+    .map_err(MountError::Daemon)
+}
+
+/// Forks; the child becomes a daemon (`become_daemon`), runs `child` with the pipe's
+/// writing end and exits 1 if it fails; the parent returns once the child says `OK` (the
+/// child's `ERR` line, or `early_exit` if it said nothing). Shared by `mount` and `sink`.
+/// Call it while the process has a single thread: forking is safe only then.
+pub(crate) fn daemonize<E>(
+    log: Option<File>,
+    early_exit: &str,
+    child: impl FnOnce(Ready) -> Result<(), E>,
+) -> Result<(), String> {
+    let mut fds = [0; 2];
+    // SAFETY: pipe2 writes two descriptors into the array we own.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(format!("pipe: {}", std::io::Error::last_os_error()));
+    }
+    // SAFETY: both descriptors were just created and are owned here only.
+    let (read_end, write_end) = unsafe { (File::from_raw_fd(fds[0]), File::from_raw_fd(fds[1])) };
+    // SAFETY: the caller has a single thread here (nothing has spawned one yet).
+    match unsafe { libc::fork() } {
+        -1 => Err(format!("fork: {}", std::io::Error::last_os_error())),
+        0 => {
+            drop(read_end);
+            let to_syslog = log.is_none();
+            let ok = become_daemon(log, write_end.as_raw_fd()).is_ok() && {
+                if !(to_syslog && crate::logging::init_syslog("info")) {
+                    crate::logging::init_stderr("info");
+                }
+                child(Ready::Pipe(write_end)).is_ok()
+            };
+            std::process::exit(i32::from(!ok))
+        }
+        _ => {
+            drop(write_end);
+            let mut answer = String::new();
+            let mut reader = read_end;
+            let _ = reader.read_to_string(&mut answer);
+            match answer.lines().next() {
+                Some("OK") => Ok(()),
+                Some(line) => Err(line.trim_start_matches("ERR ").to_string()),
+                None => Err(early_exit.to_string()),
+            }
+        }
+    }
+}
+
+/// New session; stdin from /dev/null, stdout and stderr to the log file or /dev/null, so a
+/// caller capturing our output (`$(cstokenfs mount ...)`) is released.
+pub(super) fn become_daemon(log: Option<File>, keep: i32) -> Result<(), MountError> {
+    // SAFETY: setsid has no memory effects; it fails only if we lead a group, harmless.
+    unsafe { libc::setsid() };
+    let null = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/null")
+        .map_err(|e| MountError::Daemon(format!("/dev/null: {e}")))?;
+    let out = log.as_ref().unwrap_or(&null);
+    for (from, to) in [(&null, 0), (out, 1), (out, 2)] {
+        // SAFETY: dup2 onto the standard descriptors, which this process owns.
+        if unsafe { libc::dup2(from.as_raw_fd(), to) } < 0 {
+            return Err(MountError::Daemon(format!(
+                "dup2: {}",
+                std::io::Error::last_os_error()
+            )));
+        }
+    }
+    drop((null, log));
+    let _ = std::env::set_current_dir("/");
+    close_inherited_fds(keep);
+    Ok(())
+}
+
+/// Closes every descriptor above stderr but `keep`: whatever the caller handed down (a pipe
+/// it reads to EOF, say) must not stay open in the daemon.
+pub(super) fn close_inherited_fds(keep: i32) {
+    let fds: Vec<i32> = std::fs::read_dir("/proc/self/fd")
+        .map(|d| {
+            d.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    for fd in fds.into_iter().filter(|fd| *fd > 2 && *fd != keep) {
+        // SAFETY: the process is single-threaded here and every descriptor it owns through a
+        // Rust object (the pipe to the caller) is `keep`; the rest were inherited.
+        unsafe { libc::close(fd) };
+    }
+}
+
+pub(crate) fn open_log(path: &Path) -> Result<File, MountError> {
+    OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map_err(|e| {
+            MountError::Setup(format!("cannot open the log file: {}: {e}", path.display()))
+        })
+}
+
+pub(crate) fn reopen_log(path: Option<&Path>, foreground: bool) {
+    let (Some(path), false) = (path, foreground) else {
+        return;
+    };
+    match open_log(path) {
+        Ok(file) => {
+            // SAFETY: dup2 onto our own stdout/stderr.
+            unsafe {
+                libc::dup2(file.as_raw_fd(), 1);
+                libc::dup2(file.as_raw_fd(), 2);
+            }
+            info!("log file reopened");
+        }
+        Err(e) => warn!("{e}"),
+    }
+}
