@@ -421,17 +421,7 @@ impl Core {
             Some(Handle::Dir(_)) => return Err(Errno::EINVAL),
             None => return Err(Errno::EBADF),
         } as i64;
-        if whence != libc::SEEK_DATA && whence != libc::SEEK_HOLE {
-            return Err(Errno::EINVAL);
-        }
-        if offset < 0 || offset >= size {
-            return Err(Errno::ENXIO);
-        }
-        Ok(if whence == libc::SEEK_DATA {
-            offset
-        } else {
-            size
-        })
+        seek_in(size, offset, whence)
     }
 
     pub fn release(&self, fh: u64) {
@@ -670,4 +660,20 @@ impl Core {
             blksize: 4096,
         }
     }
+}
+
+/// SEEK_DATA / SEEK_HOLE in a file of `size` bytes: one run of data, no holes; at or past
+/// its end there is neither (ENXIO). The kernel does every other whence itself.
+fn seek_in(size: i64, offset: i64, whence: i32) -> Result<i64, Errno> {
+    if whence != libc::SEEK_DATA && whence != libc::SEEK_HOLE {
+        return Err(Errno::EINVAL);
+    }
+    if offset < 0 || offset >= size {
+        return Err(Errno::ENXIO);
+    }
+    Ok(if whence == libc::SEEK_DATA {
+        offset
+    } else {
+        size
+    })
 }

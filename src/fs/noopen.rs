@@ -210,17 +210,7 @@ impl Core {
     /// `lseek` SEEK_DATA / SEEK_HOLE without a handle: by the inode's size.
     pub fn seek_inode(&self, ino: u64, offset: i64, whence: i32) -> Result<i64, Errno> {
         let size = self.getattr(ino).map_err(FsError::errno)?.attr.size as i64;
-        if whence != libc::SEEK_DATA && whence != libc::SEEK_HOLE {
-            return Err(Errno::EINVAL);
-        }
-        if offset < 0 || offset >= size {
-            return Err(Errno::ENXIO);
-        }
-        Ok(if whence == libc::SEEK_DATA {
-            offset
-        } else {
-            size
-        })
+        super::seek_in(size, offset, whence)
     }
 
     /// SIGUSR1: drops every held token; in no-open mode the kernel is also told to forget
