@@ -117,8 +117,9 @@ pub fn schedule(
 pub enum Verdict {
     /// The newest version of its resource, valid for that much longer.
     Current { valid_for_ms: i64 },
-    /// Valid, but a newer version exists: an open file keeps reading it, a new open must not.
-    Superseded,
+    /// Valid for that much longer, but a newer version exists: an open file keeps reading
+    /// it, a new open must not.
+    Superseded { valid_for_ms: i64 },
     /// Past `valid_until`: never served again.
     Expired,
 }
@@ -133,14 +134,10 @@ pub fn verdict(now: EpochMs, s: &Schedule, current: bool) -> Verdict {
             valid_for_ms: s.valid_until - now,
         }
     } else {
-        Verdict::Superseded
+        Verdict::Superseded {
+            valid_for_ms: s.valid_until - now,
+        }
     }
-}
-
-/// How long a version with schedule `s` stays valid after `now` (0 once expired), current or
-/// superseded: how long the kernel may keep the attributes of its immutable inodes.
-pub fn valid_for_ms(now: EpochMs, s: &Schedule) -> i64 {
-    s.valid_until.saturating_sub(now).max(0)
 }
 
 /// The last moment a token may be served: `expires_on` less the skew allowance.

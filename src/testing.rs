@@ -122,3 +122,49 @@ impl Source for FakeSource {
         Kind::CloudShell
     }
 }
+
+/// An HTTP answer's JSON body, for tests of the endpoints: it reads like the parsed JSON
+/// (`body["statusCode"]`), but shown (`{body}` in a failure message) its `access_token` is
+/// only a length.
+pub struct Body(pub serde_json::Value);
+
+impl std::ops::Deref for Body {
+    type Target = serde_json::Value;
+    fn deref(&self) -> &serde_json::Value {
+        &self.0
+    }
+}
+
+impl std::fmt::Display for Body {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut shown = self.0.clone();
+        if let Some(token) = shown.get_mut("access_token") {
+            let len = token.as_str().map_or(0, str::len);
+            *token = format!("<{len} bytes, not shown>").into();
+        }
+        write!(f, "{shown}")
+    }
+}
+
+/// One `GET target` with `head` (header lines, each ending in CRLF) on a new connection to
+/// `addr`, closed after: the status and the parsed body (`Null` if not JSON).
+pub fn http_get(addr: std::net::SocketAddr, target: &str, head: &str) -> (u16, Body) {
+    use std::io::{Read, Write};
+    let Ok(mut s) = std::net::TcpStream::connect(addr) else {
+        return (0, Body(serde_json::Value::Null));
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(30)));
+    let req = format!("GET {target} HTTP/1.1\r\n{head}Connection: close\r\n\r\n");
+    let _ = s.write_all(req.as_bytes());
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    let text = String::from_utf8_lossy(&out);
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = text.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+    let json = serde_json::from_str(body).unwrap_or(serde_json::Value::Null);
+    (status, Body(json))
+}

@@ -63,7 +63,7 @@ fn cat_of_each_name_form() {
         ".hidden",
         "x_y.example.com",
     ] {
-        let err = std::fs::read(m.file(bad)).unwrap_err();
+        let err = expect_err(std::fs::read(m.file(bad)), bad);
         assert_eq!(errno(&err), libc::ENOENT, "{bad}");
     }
     let long = "a".repeat(300);
@@ -415,10 +415,7 @@ fn refused_audience_is_enoent_and_negative_cached() {
         "cat says ENOENT"
     );
     for _ in 0..10 {
-        assert_eq!(
-            errno(&m.read("newservice.azure.com").unwrap_err()),
-            libc::ENOENT
-        );
+        assert_eq!(errno(&m.read_err("newservice.azure.com")), libc::ENOENT);
     }
     assert_eq!(emu.requests(), 1, "refusal negative-cached");
     assert!(
@@ -499,7 +496,7 @@ fn endpoint_down_gives_eio_within_the_timeout() {
     let url = format!("http://127.0.0.1:{}/oauth2/token", free_port());
     let m = Mounted::new(&url, &["--timeout", "2"]);
     let start = Instant::now();
-    let err = m.read("management.azure.com").unwrap_err();
+    let err = m.read_err("management.azure.com");
     assert_eq!(errno(&err), libc::EIO, "{err}");
     assert!(
         start.elapsed() < Duration::from_secs(6),
@@ -520,10 +517,7 @@ fn endpoint_started_after_the_mount_then_reads_work() {
     let port = free_port();
     let url = format!("http://127.0.0.1:{port}/oauth2/token");
     let m = Mounted::new(&url, &["--timeout", "1"]);
-    assert_eq!(
-        errno(&m.read("management.azure.com").unwrap_err()),
-        libc::EIO
-    );
+    assert_eq!(errno(&m.read_err("management.azure.com")), libc::EIO);
     let emu = emulator_with_addr(port);
     let token = m
         .read("management.azure.com")

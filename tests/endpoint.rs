@@ -6,7 +6,7 @@ mod common;
 
 use common::*;
 use cstokenfs::emulator::EmulatorConfig;
-use std::io::{Read, Write};
+use std::io::Write;
 use std::net::{SocketAddr, TcpStream};
 use std::process::Command;
 use std::time::Duration;
@@ -35,23 +35,9 @@ fn env_of(m: &Mounted) -> (SocketAddr, String) {
     (addr, secret)
 }
 
-/// One request (`head`: header lines); (status, parsed body).
-fn get(addr: SocketAddr, target: &str, head: &str) -> (u16, serde_json::Value) {
-    let mut s = TcpStream::connect(addr).expect("connect");
-    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-    let req = format!("GET {target} HTTP/1.1\r\n{head}Connection: close\r\n\r\n");
-    s.write_all(req.as_bytes()).unwrap();
-    let mut out = Vec::new();
-    let _ = s.read_to_end(&mut out);
-    let text = String::from_utf8_lossy(&out);
-    let status = text
-        .split(' ')
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let body = text.split_once("\r\n\r\n").map_or("", |(_, b)| b);
-    let json = serde_json::from_str(body).unwrap_or(serde_json::Value::Null);
-    (status, json)
+/// One request (`head`: header lines); (status, parsed body, its token never shown).
+fn get(addr: SocketAddr, target: &str, head: &str) -> (u16, cstokenfs::testing::Body) {
+    cstokenfs::testing::http_get(addr, target, head)
 }
 
 fn mount_with_endpoint(emu_url: &str) -> Mounted {
@@ -200,7 +186,7 @@ fn hostile_requests_get_nothing_and_cost_no_upstream_call() {
         assert!(body.get("access_token").is_none());
         if *want == 401 {
             assert_eq!(
-                body,
+                *body,
                 serde_json::json!({"statusCode": 401, "message": "Unauthorized"})
             );
         }
@@ -268,7 +254,7 @@ fn no_env_without_serve_endpoint_and_loopback_only() {
     need_fuse!();
     let emu = emulator();
     let m = Mounted::new(&emu.url(), &[]);
-    assert_eq!(errno(&m.read(".env").unwrap_err()), libc::ENOENT);
+    assert_eq!(errno(&m.read_err(".env")), libc::ENOENT);
     let names: Vec<String> = std::fs::read_dir(&m.path)
         .unwrap()
         .map(|e| e.unwrap().file_name().into_string().unwrap())

@@ -93,13 +93,10 @@ fn service_principal_with_a_secret_file() {
         .unwrap()
         .contains("--source service-principal"));
     // An unknown resource: AADSTS500011, ENOENT, negative-cached.
-    let unknown = m.read("newservice.example.com").unwrap_err();
+    let unknown = m.read_err("newservice.example.com");
     assert_eq!(errno(&unknown), libc::ENOENT);
     let calls = emu.requests();
-    assert_eq!(
-        errno(&m.read("newservice.example.com").unwrap_err()),
-        libc::ENOENT
-    );
+    assert_eq!(errno(&m.read_err("newservice.example.com")), libc::ENOENT);
     assert_eq!(emu.requests(), calls, "a refusal is remembered");
     assert!(last_error_of(&m, "https://newservice.example.com").contains("AADSTS500011"));
     assert_absent(&leak_surface(&m), secret, "log and .status");
@@ -111,7 +108,7 @@ fn service_principal_with_a_secret_file() {
     let owned = args(&file);
     let argv: Vec<&str> = owned.iter().map(String::as_str).collect();
     let m = Mounted::raw(&argv, &env);
-    let denied = m.read("management.azure.com").unwrap_err();
+    let denied = m.read_err("management.azure.com");
     assert_eq!(errno(&denied), libc::EACCES);
     let error = last_error_of(&m, "https://management.azure.com/");
     assert!(
@@ -177,19 +174,13 @@ fn workload_identity_rereads_its_token_file() {
     // An expired assertion: AADSTS700024, EACCES.
     let expired = federated_token(now_secs() - 60, "expired");
     std::fs::write(&file, &expired).unwrap();
-    assert_eq!(
-        errno(&m.read("graph.microsoft.com").unwrap_err()),
-        libc::EACCES
-    );
+    assert_eq!(errno(&m.read_err("graph.microsoft.com")), libc::EACCES);
     let error = last_error_of(&m, "https://graph.microsoft.com/");
     assert!(error.contains("AADSTS700024"), "{error}");
 
     // An empty file: EIO, an error naming the file.
     std::fs::write(&file, "\n").unwrap();
-    assert_eq!(
-        errno(&m.read("database.windows.net").unwrap_err()),
-        libc::EIO
-    );
+    assert_eq!(errno(&m.read_err("database.windows.net")), libc::EIO);
     let error = last_error_of(&m, "https://database.windows.net");
     assert!(
         error.contains("azure-identity-token") && error.contains("empty"),
@@ -263,7 +254,7 @@ fn service_principal_with_a_certificate() {
         ..settings()
     });
     let m = Mounted::raw(&[], &env);
-    assert_eq!(errno(&m.read("vault.azure.net").unwrap_err()), libc::EACCES);
+    assert_eq!(errno(&m.read_err("vault.azure.net")), libc::EACCES);
     assert!(last_error_of(&m, "https://vault.azure.net").contains("AADSTS700027"));
 }
 

@@ -113,7 +113,7 @@ fn hang_costs_a_waiting_reader_the_timeout_and_blocks_nothing_else() {
     let held = m.read("management.azure.com").unwrap();
     emu.set_fault(Some(Fault::Hang));
     let t0 = Instant::now();
-    let err = m.read("vault.azure.net").unwrap_err();
+    let err = m.read_err("vault.azure.net");
     assert_eq!(errno(&err), libc::EIO);
     assert!(
         t0.elapsed() < Duration::from_secs(6),
@@ -143,7 +143,10 @@ fn hang_costs_a_waiting_reader_the_timeout_and_blocks_nothing_else() {
         !waiting.is_finished(),
         ".status, ls and a cached read answered while a fetch hung"
     );
-    assert_eq!(errno(&waiting.join().unwrap().unwrap_err()), libc::EIO);
+    assert_eq!(
+        errno(&expect_err(waiting.join().unwrap(), "storage.azure.com")),
+        libc::EIO
+    );
     emu.set_fault(None);
     m.read("vault.azure.net")
         .expect("nothing negative-cached after a hang");
@@ -185,8 +188,8 @@ fn client_errors_are_not_retried_and_are_negative_cached() {
     for (i, (fault, want, name)) in cases.into_iter().enumerate() {
         let code = format!("{fault:?}");
         emu.push_fault(fault);
-        assert_eq!(errno(&m.read(name).unwrap_err()), want, "{code}");
-        assert_eq!(errno(&m.read(name).unwrap_err()), want, "{code} remembered");
+        assert_eq!(errno(&m.read_err(name)), want, "{code}");
+        assert_eq!(errno(&m.read_err(name)), want, "{code} remembered");
         assert_eq!(
             emu.requests(),
             i as u64 + 1,
@@ -210,7 +213,7 @@ fn too_many_requests_honours_retry_after() {
     assert_eq!(emu.requests(), 2);
     // A Retry-After longer than the timeout: the waiting reader gets EIO at once.
     emu.push_fault(status_code(429, Some("30")));
-    assert_eq!(errno(&m.read("vault.azure.net").unwrap_err()), libc::EIO);
+    assert_eq!(errno(&m.read_err("vault.azure.net")), libc::EIO);
     assert_eq!(emu.requests(), 3);
 }
 
@@ -301,7 +304,7 @@ fn garbage_and_missing_fields_are_eio_naming_what_was_wrong() {
         emu.push_fault(fault.clone());
         let before = emu.requests();
         assert_eq!(
-            errno(&m.read("management.azure.com").unwrap_err()),
+            errno(&m.read_err("management.azure.com")),
             libc::EIO,
             "{fault:?}"
         );
@@ -352,10 +355,7 @@ fn a_huge_body_is_an_error_and_memory_stays_bounded() {
     let emu = emulator();
     let m = Mounted::new(&emu.url(), &["--timeout", "5"]);
     emu.push_fault(Fault::HugeBody { bytes: 64 << 20 });
-    assert_eq!(
-        errno(&m.read("management.azure.com").unwrap_err()),
-        libc::EIO
-    );
+    assert_eq!(errno(&m.read_err("management.azure.com")), libc::EIO);
     let last = m.resource_status(ARM)["last_error"]
         .as_str()
         .unwrap_or_default()
@@ -392,7 +392,7 @@ fn endpoint_killed_and_back() {
     assert_eq!(serials, vec![serial(&held)]);
     assert_eq!(m.resource_status(ARM)["state"], "failed");
     // None cached: EIO.
-    assert_eq!(errno(&m.read("vault.azure.net").unwrap_err()), libc::EIO);
+    assert_eq!(errno(&m.read_err("vault.azure.net")), libc::EIO);
     // Back again: both work, the held one refreshed before it expires.
     let emu = start();
     m.read("vault.azure.net")
@@ -530,10 +530,7 @@ fn an_expired_token_with_the_endpoint_down_is_eio_within_the_timeout() {
     // The kernel still holds the name; the token expires; the endpoint is gone.
     std::thread::sleep(Duration::from_secs(4));
     let t0 = Instant::now();
-    assert_eq!(
-        errno(&m.read("management.azure.com").unwrap_err()),
-        libc::EIO
-    );
+    assert_eq!(errno(&m.read_err("management.azure.com")), libc::EIO);
     let waited = t0.elapsed();
     // The kernel looks a cached name up twice when it fails to revalidate; the second
     // lookup must not start a second fetch.

@@ -55,7 +55,7 @@ fn a_token_with_a_line_break_is_eio_and_never_reaches_a_view() {
     )));
     let m = Mounted::new(&emu.url(), &[]);
     for view in ["", ".header/", ".git-credential/", ".json/"] {
-        let e = m.read(&format!("{view}management.azure.com")).unwrap_err();
+        let e = m.read_err(&format!("{view}management.azure.com"));
         assert_eq!(errno(&e), libc::EIO, "{view}");
     }
     let log = m.log_text();
@@ -70,7 +70,7 @@ fn a_token_with_a_line_break_is_eio_and_never_reaches_a_view() {
         ))));
         let name = format!("n{}.example.com", bad.len());
         emu.set_allow_any(true);
-        assert_eq!(errno(&m.read(&name).unwrap_err()), libc::EIO, "{bad}");
+        assert_eq!(errno(&m.read_err(&name)), libc::EIO, "{bad}");
     }
 }
 
@@ -94,10 +94,7 @@ fn secrets_in_azs_stderr_never_reach_the_log_or_status() {
         &["--source", "azure-cli"],
         &[("PATH", &path), ("RUST_LOG", "trace")],
     );
-    assert_eq!(
-        errno(&m.read("management.azure.com").unwrap_err()),
-        libc::EIO
-    );
+    assert_eq!(errno(&m.read_err("management.azure.com")), libc::EIO);
     let status = String::from_utf8(m.read(".status").unwrap()).unwrap();
     let log = m.log_text();
     for (what, text) in [("log", &log), (".status", &status)] {
@@ -146,7 +143,7 @@ fn an_expiry_in_milliseconds_is_capped_by_the_jwt_or_refused() {
         r#"{{"access_token":"opaque","expires_on":"{}"}}"#,
         (now + 3600) * 1000
     ))));
-    assert_eq!(errno(&m.read("x.example.com").unwrap_err()), libc::EIO);
+    assert_eq!(errno(&m.read_err("x.example.com")), libc::EIO);
     let why = last_error(&m, "https://x.example.com");
     assert!(
         why.contains("expires_on") && why.contains("7 days"),
@@ -256,7 +253,7 @@ fn refusals_never_evict_tokens_and_are_remembered_apart() {
     }
     // The emulator refuses audiences it does not know (AudienceNotSupported).
     for i in 0..500 {
-        let e = m.read(&format!("refused{i}.example.com")).unwrap_err();
+        let e = m.read_err(&format!("refused{i}.example.com"));
         assert_eq!(errno(&e), libc::ENOENT);
     }
     let before = emu.requests();
@@ -376,7 +373,7 @@ fn a_broken_http_answer_is_retried_once_at_most() {
         let m = Mounted::new(&emu.url(), &["--timeout", "10"]);
         let t0 = Instant::now();
         assert_eq!(
-            errno(&m.read("management.azure.com").unwrap_err()),
+            errno(&m.read_err("management.azure.com")),
             libc::EIO,
             "{what}"
         );
@@ -419,10 +416,7 @@ fn an_endpoint_that_is_down_costs_one_timeout_not_one_per_name() {
     let _ = ls;
     let after_ls = emu.requests();
     let t1 = Instant::now();
-    assert_eq!(
-        errno(&m.read("management.azure.com").unwrap_err()),
-        libc::EIO
-    );
+    assert_eq!(errno(&m.read_err("management.azure.com")), libc::EIO);
     assert!(
         t1.elapsed() < Duration::from_millis(1500),
         "{:?}",

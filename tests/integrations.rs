@@ -248,7 +248,10 @@ fn an_ordinary_user_mounts_reads_and_unmounts() {
         "https://management.azure.com/"
     );
     // Without --allow-other only that user can read, root included.
-    let err = std::fs::read(mnt.join("management.azure.com")).unwrap_err();
+    let err = expect_err(
+        std::fs::read(mnt.join("management.azure.com")),
+        "management.azure.com",
+    );
     assert_eq!(errno(&err), libc::EACCES);
     // The user unmounts its own mount with plain umount (util-linux lets the mount's
     // user_id do it; fusermount3 -u works too), and the daemon goes away.

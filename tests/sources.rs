@@ -74,10 +74,7 @@ fn imds_with_a_user_assigned_identity() {
         .unwrap()
         .contains("--source imds"));
     // Refusal in IMDS's flat error shape: ENOENT, its words in .status.
-    assert_eq!(
-        errno(&m.read("newservice.azure.com").unwrap_err()),
-        libc::ENOENT
-    );
+    assert_eq!(errno(&m.read_err("newservice.azure.com")), libc::ENOENT);
     let refused = s["resources"].as_array().map(|_| m.status()).unwrap();
     let text = refused.to_string();
     assert!(text.contains("invalid_resource"), "{text}");
@@ -130,7 +127,7 @@ fn imds_retry_rules() {
     assert_eq!(emu.requests(), 5);
     emu.push_fault(flat(403));
     assert_eq!(
-        errno(&m.read("vault.azure.net").unwrap_err()),
+        errno(&m.read_err("vault.azure.net")),
         libc::EACCES,
         "403 is not retried (and is EACCES)"
     );
@@ -183,10 +180,7 @@ fn app_service_with_a_wrong_secret_is_refused_with_its_message() {
         &[("IDENTITY_ENDPOINT", &url), ("IDENTITY_HEADER", "wrong")],
     );
     // A refused identity, not a missing name.
-    assert_eq!(
-        errno(&m.read("management.azure.com").unwrap_err()),
-        libc::EACCES
-    );
+    assert_eq!(errno(&m.read_err("management.azure.com")), libc::EACCES);
     assert!(last_error(&m).contains("HTTP 401"), "{}", last_error(&m));
 }
 
@@ -254,10 +248,7 @@ fn azure_cli_not_logged_in_and_slow() {
         "echo \"ERROR: Please run 'az login' to setup account.\" >&2; exit 1",
     );
     let m = Mounted::raw(&["--source", "azure-cli"], &[("PATH", &path)]);
-    assert_eq!(
-        errno(&m.read("management.azure.com").unwrap_err()),
-        libc::EIO
-    );
+    assert_eq!(errno(&m.read_err("management.azure.com")), libc::EIO);
     assert!(
         last_error(&m).contains("az login"),
         "az's stderr is the error: {}",
@@ -271,10 +262,7 @@ fn azure_cli_not_logged_in_and_slow() {
         &[("PATH", &path)],
     );
     let t0 = Instant::now();
-    assert_eq!(
-        errno(&m.read("management.azure.com").unwrap_err()),
-        libc::EIO
-    );
+    assert_eq!(errno(&m.read_err("management.azure.com")), libc::EIO);
     assert!(
         t0.elapsed() < Duration::from_secs(5),
         "a slow az is cut off at --timeout: {:?}",

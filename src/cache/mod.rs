@@ -217,6 +217,12 @@ impl Cache {
             .unwrap_or_else(|_| Err(ReadError::Unavailable("the fetch was abandoned".into())))
     }
 
+    /// Has `v` expired? The read path's question: it needs no lock (an open file reads its
+    /// version until it expires, superseded or not).
+    pub fn expired(&self, v: &Version) -> bool {
+        policy::verdict(self.clock.now(), &v.schedule, true) == Verdict::Expired
+    }
+
     /// May `v` be served now? The filesystem's one question about a version.
     pub fn check(&self, v: &Version) -> Verdict {
         let now = self.clock.now();

@@ -5,8 +5,6 @@ use crate::emulator::{Emulator, EmulatorConfig};
 use crate::policy::Policy;
 use crate::policy::SystemClock;
 use crate::source::cloudshell::CloudShell;
-use std::io::{Read as _, Write as _};
-use std::net::TcpStream;
 
 struct Rig {
     emu: Emulator,
@@ -40,24 +38,8 @@ fn secret_of(ep: &Endpoint) -> String {
 }
 
 /// One request with `head` lines after the request line; (status, body).
-fn send(ep: &Endpoint, target: &str, head: &str) -> (u16, serde_json::Value) {
-    let mut s = TcpStream::connect(ep.addr()).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-    let req = format!("GET {target} HTTP/1.1\r\n{head}Connection: close\r\n\r\n");
-    s.write_all(req.as_bytes()).unwrap();
-    let mut out = Vec::new();
-    let _ = s.read_to_end(&mut out);
-    let text = String::from_utf8_lossy(&out).into_owned();
-    let status = text
-        .split(' ')
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let body = text.split_once("\r\n\r\n").map_or("", |(_, b)| b);
-    (
-        status,
-        serde_json::from_str(body).unwrap_or(serde_json::Value::Null),
-    )
+fn send(ep: &Endpoint, target: &str, head: &str) -> (u16, crate::testing::Body) {
+    crate::testing::http_get(ep.addr(), target, head)
 }
 
 const ARM: &str = "/msi/token?api-version=2019-08-01&resource=https%3A%2F%2Fmanagement.azure.com";

@@ -155,8 +155,6 @@ pub struct Core {
     extras: Extras,
     /// `--no-open`'s state; `None` in the default mode.
     noopen: Option<noopen::NoOpen>,
-    /// OPEN, FLUSH and RELEASE requests received (`.status`).
-    requests: noopen::RequestCounts,
 }
 
 /// How an open file is served.
@@ -199,7 +197,6 @@ impl Core {
             stopping: AtomicBool::new(false),
             last_status: Mutex::new(Weak::new()),
             noopen: extras.no_open.then(noopen::NoOpen::new),
-            requests: noopen::RequestCounts::default(),
             extras,
         })
     }
@@ -217,7 +214,7 @@ impl Core {
             (Some(Node::Root), ".status") => return done(Ok(self.status_entry())),
             (Some(Node::Root), ".env") if self.extras.env_file.is_some() => {
                 if self.no_open() {
-                    self.audit_lookup(".env".into(), "endpoint secret", caller);
+                    self.audit("lookup", ".env".into(), "endpoint secret", caller);
                 }
                 return done(self.getattr(inode::ENV));
             }
@@ -343,33 +340,13 @@ impl Core {
                 if self.cache.on_open(&v, read) == OpenDecision::Stale {
                     return Err(FsError::Stale);
                 }
-                if let Some(audit) = &self.audit {
-                    audit.opened(OpenEvent {
-                        kind: "open",
-                        resource: v.resource.clone(),
-                        view: view.label(),
-                        pid: caller.pid,
-                        uid: caller.uid,
-                        gid: caller.gid,
-                        exe: crate::audit::exe_of(caller.pid),
-                    });
-                }
+                self.audit("open", v.resource.clone(), view.label(), caller);
                 (Handle::Token(v, view), OpenMode::Cached)
             }
             Node::Status => (Handle::Status(self.status_snapshot()), OpenMode::Direct),
             Node::Env => {
                 let bytes = self.extras.env_file.clone().ok_or(FsError::NotFound)?;
-                if let Some(audit) = &self.audit {
-                    audit.opened(OpenEvent {
-                        kind: "open",
-                        resource: ".env".into(),
-                        view: "endpoint secret",
-                        pid: caller.pid,
-                        uid: caller.uid,
-                        gid: caller.gid,
-                        exe: crate::audit::exe_of(caller.pid),
-                    });
-                }
+                self.audit("open", ".env".into(), "endpoint secret", caller);
                 (Handle::Fixed(bytes), OpenMode::Cached)
             }
             Node::Root | Node::ViewDir(_) => return Err(FsError::NotFound),
@@ -377,6 +354,21 @@ impl Core {
         let fh = self.next_handle.fetch_add(1, Ordering::Relaxed);
         self.handles.lock().insert(fh, handle);
         Ok((fh, mode))
+    }
+
+    /// Queues the audit line of an open (or, in no-open mode, a lookup) by `caller`.
+    fn audit(&self, kind: &'static str, resource: Arc<str>, view: &'static str, caller: Caller) {
+        if let Some(audit) = &self.audit {
+            audit.opened(OpenEvent {
+                kind,
+                resource,
+                view,
+                pid: caller.pid,
+                uid: caller.uid,
+                gid: caller.gid,
+                exe: crate::audit::exe_of(caller.pid),
+            });
+        }
     }
 
     /// Up to `size` bytes at `offset` of an open file.
@@ -398,17 +390,13 @@ impl Core {
             // The daemon is shutting down: its pages are being dropped from the page cache.
             Handle::Token(..) if self.stopping.load(Ordering::SeqCst) => return Err(FsError::Io),
             // Opened while valid, but never served once expired.
-            Handle::Token(v, _) if self.cache.check(v) == Verdict::Expired => {
-                return Err(FsError::Io)
-            }
+            Handle::Token(v, _) if self.cache.expired(v) => return Err(FsError::Io),
             Handle::Token(v, view) => v.bytes(*view),
             Handle::Status(b) => b.as_slice(),
             Handle::Fixed(b) => b.as_slice(),
             Handle::Dir(_) => return Err(FsError::BadHandle),
         };
-        let start = (offset.min(bytes.len() as u64)) as usize;
-        let end = start.saturating_add(size as usize).min(bytes.len());
-        Ok(f(&bytes[start..end]))
+        Ok(f(slice_at(bytes, offset, size)))
     }
 
     /// `lseek` with SEEK_DATA or SEEK_HOLE: a file is one run of data, no holes; at or past
@@ -583,10 +571,9 @@ impl Core {
             .map(|(k, part)| (*k, part()))
             .collect();
         extra.insert("no_open", self.no_open().into());
-        // Only in no-open mode, where they stop changing after the first open: in the default
-        // mode every open would make `.status` differ and defeat the shared snapshots.
-        if self.no_open() {
-            extra.insert("fuse_requests", self.request_counts());
+        // Counted in no-open mode only, where they stop changing after the first open.
+        if let Some(counts) = self.request_counts() {
+            extra.insert("fuse_requests", counts);
         }
         status::Report::new(&status, &self.source_reason, extra).to_bytes()
     }
@@ -615,7 +602,7 @@ impl Core {
             Verdict::Current { valid_for_ms } => {
                 Duration::from_millis(valid_for_ms.max(0) as u64).min(MAX_TOKEN_TTL)
             }
-            Verdict::Superseded | Verdict::Expired => Duration::ZERO,
+            Verdict::Superseded { .. } | Verdict::Expired => Duration::ZERO,
         }
     }
 
@@ -676,4 +663,11 @@ fn seek_in(size: i64, offset: i64, whence: i32) -> Result<i64, Errno> {
     } else {
         size
     })
+}
+
+/// Up to `size` bytes of `bytes` from `offset` (none past the end).
+fn slice_at(bytes: &[u8], offset: u64, size: u32) -> &[u8] {
+    let start = offset.min(bytes.len() as u64) as usize;
+    let end = start.saturating_add(size as usize).min(bytes.len());
+    &bytes[start..end]
 }

@@ -22,7 +22,6 @@
 //!   runs on a FUSE or fetch thread.
 
 use super::{inode, Caller, Core, Entry, FsError, Node, MAX_TOKEN_TTL, META_TTL};
-use crate::audit::OpenEvent;
 use crate::policy;
 use crate::token::{Version, View};
 use fuser::{Errno, INodeNo};
@@ -50,6 +49,9 @@ pub(super) struct NoOpen {
     status: Mutex<(Arc<Vec<u8>>, u64)>,
     /// Batches of (directory inode, name) for the invalidator thread.
     invalidator: OnceLock<Sender<Names>>,
+    /// OPEN, FLUSH and RELEASE requests received (`.status`), to show that none arrive
+    /// after the first open and close.
+    requests: RequestCounts,
 }
 
 impl NoOpen {
@@ -57,6 +59,7 @@ impl NoOpen {
         NoOpen {
             status: Mutex::new((Arc::new(Vec::new()), 0)),
             invalidator: OnceLock::new(),
+            requests: RequestCounts::default(),
         }
     }
 }
@@ -69,10 +72,10 @@ pub enum FuseRequest {
     Release,
 }
 
-/// OPEN, FLUSH and RELEASE requests received, in either mode (one relaxed add each); shown
-/// in `.status` in no-open mode.
+/// OPEN, FLUSH and RELEASE requests received in no-open mode (the default mode counts
+/// nothing: its read path stays as it was).
 #[derive(Default)]
-pub(super) struct RequestCounts {
+struct RequestCounts {
     open: AtomicU64,
     flush: AtomicU64,
     release: AtomicU64,
@@ -84,9 +87,10 @@ impl Core {
         self.noopen.is_some()
     }
 
-    /// Counts one OPEN, FLUSH or RELEASE (for `.status`).
+    /// Counts one OPEN, FLUSH or RELEASE (for `.status`), in no-open mode.
     pub fn count(&self, request: FuseRequest) {
-        let c = &self.requests;
+        let Some(no) = &self.noopen else { return };
+        let c = &no.requests;
         let n = match request {
             FuseRequest::Open => &c.open,
             FuseRequest::Flush => &c.flush,
@@ -95,14 +99,14 @@ impl Core {
         n.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// `.status`'s `fuse_requests`.
-    pub(super) fn request_counts(&self) -> serde_json::Value {
-        let c = &self.requests;
-        serde_json::json!({
+    /// `.status`'s `fuse_requests` (no-open mode only).
+    pub(super) fn request_counts(&self) -> Option<serde_json::Value> {
+        let c = &self.noopen.as_ref()?.requests;
+        Some(serde_json::json!({
             "open": c.open.load(Ordering::Relaxed),
             "flush": c.flush.load(Ordering::Relaxed),
             "release": c.release.load(Ordering::Relaxed),
-        })
+        }))
     }
 
     /// A lookup that found version `v`, in no-open mode: it counts as a read unless it
@@ -118,34 +122,24 @@ impl Core {
         // Superseded or expired between the cache's answer and now: the kernel gets it with
         // TTL 0 and asks again; nothing to count.
         let _ = self.cache.on_open(v, v.id <= newest_before);
-        self.audit_lookup(v.resource.clone(), view.label(), caller);
-    }
-
-    pub(super) fn audit_lookup(&self, resource: Arc<str>, view: &'static str, caller: Caller) {
-        if let Some(audit) = &self.audit {
-            audit.opened(OpenEvent {
-                kind: "lookup",
-                resource,
-                view,
-                pid: caller.pid,
-                uid: caller.uid,
-                gid: caller.gid,
-                exe: crate::audit::exe_of(caller.pid),
-            });
-        }
+        self.audit("lookup", v.resource.clone(), view.label(), caller);
     }
 
     /// In no-open mode, how long the kernel may keep a version's attributes (its inodes are
     /// immutable: until it stops being valid, current or not) and its name (at most
     /// [`ENTRY_TTL`], and only while current).
     pub(super) fn no_open_ttls(&self, v: &Version) -> (Duration, Duration) {
-        let left = policy::valid_for_ms(self.cache.now(), &v.schedule);
-        let attr = Duration::from_millis(left as u64).min(MAX_TOKEN_TTL);
-        let entry = match self.cache.check(v) {
-            policy::Verdict::Current { .. } => attr.min(ENTRY_TTL),
-            _ => Duration::ZERO,
-        };
-        (attr, entry)
+        let ms = |valid_for_ms: i64| Duration::from_millis(valid_for_ms.max(0) as u64);
+        match self.cache.check(v) {
+            policy::Verdict::Current { valid_for_ms } => {
+                let attr = ms(valid_for_ms).min(MAX_TOKEN_TTL);
+                (attr, attr.min(ENTRY_TTL))
+            }
+            policy::Verdict::Superseded { valid_for_ms } => {
+                (ms(valid_for_ms).min(MAX_TOKEN_TTL), Duration::ZERO)
+            }
+            policy::Verdict::Expired => (Duration::ZERO, Duration::ZERO),
+        }
     }
 
     /// `.status`'s entry: in no-open mode a new snapshot when anything changed, described
@@ -186,7 +180,7 @@ impl Core {
             Node::Token { .. } if self.stopping.load(Ordering::SeqCst) => return Err(FsError::Io),
             Node::Token { version: id, view } => {
                 version = self.inodes.version(id).ok_or(FsError::Io)?;
-                if self.cache.check(&version) == policy::Verdict::Expired {
+                if self.cache.expired(&version) {
                     return Err(FsError::Io);
                 }
                 version.bytes(view)
@@ -202,9 +196,7 @@ impl Core {
             }
             Node::Root | Node::ViewDir(_) => return Err(FsError::BadHandle),
         };
-        let start = (offset.min(bytes.len() as u64)) as usize;
-        let end = start.saturating_add(size as usize).min(bytes.len());
-        Ok(f(&bytes[start..end]))
+        Ok(f(super::slice_at(bytes, offset, size)))
     }
 
     /// `lseek` SEEK_DATA / SEEK_HOLE without a handle: by the inode's size.

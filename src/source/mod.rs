@@ -167,7 +167,9 @@ pub enum ConfigError {
 impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            ConfigError::Url { url, problem } => write!(f, "endpoint URL {url:?} {problem}"),
+            ConfigError::Url { url, problem } => {
+                write!(f, "endpoint URL {:?} {problem}", without_credentials(url))
+            }
             ConfigError::Client(why) => write!(f, "cannot build an HTTP client: {why}"),
             ConfigError::Choice(what) => f.write_str(what),
             ConfigError::File {
@@ -181,6 +183,19 @@ impl fmt::Display for ConfigError {
 }
 
 impl std::error::Error for ConfigError {}
+
+/// `url` with any user name and password cut out of its authority (`http://<...>@host/`):
+/// a URL is shown in errors, logs and `.status`, its credentials never are.
+fn without_credentials(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    match rest[..authority_end].rfind('@') {
+        Some(at) => format!("{scheme}://<redacted>@{}", &rest[at + 1..]),
+        None => url.to_string(),
+    }
+}
 
 /// How the cache must treat a failure.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

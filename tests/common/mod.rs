@@ -159,6 +159,12 @@ impl Mounted {
         std::fs::read(self.file(rel))
     }
 
+    /// A read that must fail: its error. A read that succeeds fails the test naming only
+    /// the length of what it got (never the token).
+    pub fn read_err(&self, rel: &str) -> std::io::Error {
+        expect_err(self.read(rel), rel)
+    }
+
     /// `.status`, parsed.
     pub fn status(&self) -> serde_json::Value {
         serde_json::from_slice(&self.read(".status").expect("read .status"))
@@ -372,5 +378,17 @@ impl Drop for DevFuseOpen {
                 *held = None;
             }
         }
+    }
+}
+
+/// The error of a read that must fail; a success fails the test with the length of what
+/// was read, never its bytes (a token).
+pub fn expect_err(read: std::io::Result<Vec<u8>>, what: &str) -> std::io::Error {
+    match read {
+        Ok(bytes) => panic!(
+            "{what}: the read succeeded ({} bytes; not shown)",
+            bytes.len()
+        ),
+        Err(e) => e,
     }
 }
