@@ -78,11 +78,18 @@ pub(crate) fn daemonize<E>(
         0 => {
             drop(read_end);
             let to_syslog = log.is_none();
-            let ok = become_daemon(log, write_end.as_raw_fd()).is_ok() && {
-                if !(to_syslog && crate::logging::init_syslog("info")) {
-                    crate::logging::init_stderr("info");
+            let ok = match become_daemon(log, write_end.as_raw_fd()) {
+                Ok(()) => {
+                    if !(to_syslog && crate::logging::init_syslog("info")) {
+                        crate::logging::init_stderr("info");
+                    }
+                    child(Ready::Pipe(write_end)).is_ok()
                 }
-                child(Ready::Pipe(write_end)).is_ok()
+                // The caller shows why, rather than "exited before the mount was live".
+                Err(e) => {
+                    Ready::Pipe(write_end).tell_line(Some(&e.to_string()));
+                    false
+                }
             };
             std::process::exit(i32::from(!ok))
         }

@@ -166,7 +166,8 @@ fn preflight(req: &MountRequest) -> Result<(PathBuf, Plan), MountError> {
     };
     if !usable {
         return Err(MountError::Mount(
-            "/dev/fuse is not open to ordinary users: make it mode 0666 as udev does              (chmod 0666 /dev/fuse), or mount as root"
+            "/dev/fuse is not open to ordinary users: make it mode 0666 as udev does \
+             (chmod 0666 /dev/fuse), or mount as root"
                 .into(),
         ));
     }

@@ -110,7 +110,11 @@ impl Lock {
             }
             let mut text = String::new();
             file.read_to_string(&mut text).map_err(io)?;
-            let stale = serde_json::from_str::<Record>(&text).ok();
+            // Only a record a sink of ours wrote is trusted: anyone who can write DIR could
+            // plant a lock file naming files to remove and an owner to give DIR.
+            // SAFETY: geteuid cannot fail.
+            let ours = locked.uid() == unsafe { libc::geteuid() } && locked.mode() & 0o777 == 0o600;
+            let stale = serde_json::from_str::<Record>(&text).ok().filter(|_| ours);
             return Ok((Lock { file, path }, stale));
         }
         Err(SinkError::Dir(format!(
@@ -136,6 +140,7 @@ impl Lock {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::PermissionsExt;
 
     #[test]
     fn a_record_round_trips() {
@@ -180,11 +185,15 @@ mod tests {
             files: vec!["x".into()],
             ..Record::default()
         };
-        std::fs::write(
-            dir.path().join(LOCK_NAME),
-            serde_json::to_vec(&left).unwrap(),
-        )
-        .unwrap();
+        let path = dir.path().join(LOCK_NAME);
+        std::fs::write(&path, serde_json::to_vec(&left).unwrap()).unwrap();
+        // Written by someone else (another mode than a sink's 0600): not trusted.
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let (lock, stale) = Lock::acquire(dir.path()).unwrap();
+        assert_eq!(stale, None, "a planted record is not followed");
+        drop(lock);
+        // A sink's own (0600, ours): taken over with its record.
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
         let (lock, stale) = Lock::acquire(dir.path()).unwrap();
         assert_eq!(stale, Some(left));
         lock.release();

@@ -78,7 +78,8 @@ impl fmt::Display for SinkError {
                  --tmpfs {0}:mode=0700)",
                 dir.display()
             ),
-            SinkError::LogFile(m) => write!(f, "cannot open the log file: {m}"),
+            // `mount::open_log`'s message already says what failed.
+            SinkError::LogFile(m) => f.write_str(m),
         }
     }
 }
@@ -223,7 +224,18 @@ fn take_dir(req: &SinkRequest, dir: &Path, declared: &[Declared]) -> Result<Take
                 dir.display(),
                 old.pid
             );
-            for rel in old.files.iter().filter(|r| writer::is_inside(r)) {
+            // Only names a sink's layout has: DIR/<name>, .status, and <view dir>/<name> where
+            // the view directory is a real directory (never a symlink out of DIR).
+            let view_dirs = writer::view_dirs();
+            let ours = |rel: &str| match rel.split_once('/') {
+                None => writer::is_inside(rel),
+                Some((parent, _)) => {
+                    writer::is_inside(rel)
+                        && view_dirs.contains(&parent)
+                        && std::fs::symlink_metadata(writer.path(parent)).is_ok_and(|m| m.is_dir())
+                }
+            };
+            for rel in old.files.iter().filter(|r| ours(r)) {
                 let path = writer.path(rel);
                 if std::fs::symlink_metadata(&path).is_ok_and(|m| m.is_file()) {
                     writer
@@ -231,7 +243,12 @@ fn take_dir(req: &SinkRequest, dir: &Path, declared: &[Declared]) -> Result<Take
                         .map_err(|e| SinkError::Dir(format!("{}: {e}", path.display())))?;
                 }
             }
-            for rel in old.dirs.iter().rev().filter(|r| writer::is_inside(r)) {
+            for rel in old
+                .dirs
+                .iter()
+                .rev()
+                .filter(|r| view_dirs.contains(&r.as_str()))
+            {
                 writer.remove_dir(rel);
             }
             (old.dir_uid, old.dir_gid, old.dir_mode)
