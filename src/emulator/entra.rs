@@ -13,8 +13,8 @@ use serde_json::json;
 
 use super::form::{params_lossy, params_strict};
 use super::handler::to_answer;
-use super::protocol::{ok, Action};
-use super::{now_secs, random_hex, Fault, Issued, Shared};
+use super::protocol::{common_fault, ok, Action};
+use super::{now_secs, random_hex, Issued, Shared};
 use crate::httpserver::{Answer, Request, Stop};
 use crate::source::{assertion, entra::ASSERTION_TYPE};
 
@@ -126,27 +126,20 @@ pub(super) async fn handle(sh: &Shared, req: &Request, stop: Stop) -> Answer {
         .lock()
         .pop_front()
         .or_else(|| sh.sticky.lock().clone());
-    let action = match fault {
-        Some(Fault::Status {
-            code,
-            body,
-            retry_after,
-        }) => Action::Respond {
-            status: code,
-            body: body.into_bytes(),
-            headers: retry_after
-                .map(|v| ("Retry-After", v))
-                .into_iter()
-                .collect(),
-        },
-        Some(Fault::Hang) => {
-            stop.stopped().await;
-            return Answer::Close;
-        }
-        Some(Fault::Reset) => return Answer::Close,
-        Some(Fault::Garbage) => ok(b"this is not json <html>".to_vec()),
-        _ => answer(sh, req, &tenant),
+    let action = match fault.as_ref().map(|f| (f, common_fault(f))) {
+        None => answer(sh, req, &tenant),
+        Some((_, Some(action))) => action,
+        // Never dropped silently: a test that queues one must not pass without it.
+        Some((f, None)) => error(
+            500,
+            "server_error",
+            0,
+            &format!("the Entra emulator does not inject {f:?}"),
+        ),
     };
+    if let Action::Hang = action {
+        stop.stopped().await;
+    }
     log::debug!(
         "emulator: POST /{tenant}/oauth2/v2.0/token -> {}",
         status_of(&action)

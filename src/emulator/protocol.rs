@@ -149,6 +149,30 @@ pub(super) fn answer(sh: &Shared, req: &Request, routed: Routed) -> Action {
     action
 }
 
+/// The faults every protocol answers the same way (a status, a hang, a reset, garbage);
+/// `None` for those that depend on the protocol's own answer.
+pub(super) fn common_fault(fault: &Fault) -> Option<Action> {
+    Some(match fault {
+        Fault::Status {
+            code,
+            body,
+            retry_after,
+        } => Action::Respond {
+            status: *code,
+            body: body.clone().into_bytes(),
+            headers: retry_after
+                .clone()
+                .map(|v| ("Retry-After", v))
+                .into_iter()
+                .collect(),
+        },
+        Fault::Hang => Action::Hang,
+        Fault::Reset => Action::Close,
+        Fault::Garbage => ok(b"this is not json <html>".to_vec()),
+        _ => return None,
+    })
+}
+
 fn answer_inner(sh: &Shared, req: &Request, resource: Result<Option<String>, ()>) -> Action {
     let queued = sh.faults.lock().pop_front();
     let from_queue = queued.is_some();
@@ -171,22 +195,10 @@ fn answer_inner(sh: &Shared, req: &Request, resource: Result<Option<String>, ()>
             client_id,
         ))
     };
+    if let Some(action) = fault.as_ref().and_then(common_fault) {
+        return action;
+    }
     match fault {
-        Some(Fault::Status {
-            code,
-            body,
-            retry_after,
-        }) => {
-            let headers = retry_after.map(|v| ("Retry-After", v)).into_iter();
-            return Action::Respond {
-                status: code,
-                body: body.into_bytes(),
-                headers: headers.collect(),
-            };
-        }
-        Some(Fault::Hang) => return Action::Hang,
-        Some(Fault::Reset) => return Action::Close,
-        Some(Fault::Garbage) => return ok(b"this is not json <html>".to_vec()),
         Some(Fault::Fields(fields)) => {
             let action = answer_protocol(sh, req, params, resource, client_id);
             return match faults::merge_fields(action, &fields) {
@@ -234,7 +246,8 @@ fn answer_inner(sh: &Shared, req: &Request, resource: Result<Option<String>, ()>
             let issued = sh.issue(&resource_or_empty);
             return body(&issued, Some(&issued.token), form);
         }
-        None => {}
+        // Answered by `common_fault` above.
+        Some(Fault::Status { .. } | Fault::Hang | Fault::Reset | Fault::Garbage) | None => {}
     }
     answer_protocol(sh, req, params, resource, client_id)
 }

@@ -6,9 +6,13 @@ use super::*;
 
 struct Echo;
 
+/// Requests to `/hang` that reached the handler (a test waits on it, not on a sleep).
+static HUNG: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
 impl Handler for Echo {
     async fn handle(&self, req: Request, stop: Stop) -> Answer {
         if req.target == "/hang" {
+            HUNG.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             stop.stopped().await;
             return Answer::Close;
         }
@@ -97,8 +101,16 @@ fn shutdown_releases_hung_requests_and_closes_the_port() {
     let server = Server::start("127.0.0.1:0".parse().unwrap(), Config::default(), Echo).unwrap();
     let addr = server.addr();
     assert!(get(addr, "/x").contains("HTTP/1.1 200 OK"));
+    let before = HUNG.load(std::sync::atomic::Ordering::SeqCst);
     let hung = std::thread::spawn(move || get(addr, "/hang"));
-    std::thread::sleep(Duration::from_millis(100));
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while HUNG.load(std::sync::atomic::Ordering::SeqCst) == before {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the hung request reached the handler"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
     server.shutdown();
     assert_eq!(hung.join().unwrap(), "");
     assert!(TcpStream::connect(addr).is_err());
