@@ -31,7 +31,7 @@ fn opaque(expires_on: EpochMs) -> Zeroizing<Vec<u8>> {
 
 /// The payload of a JWT-shaped token, if it is one: exactly three dot-separated parts, the
 /// middle one base64url (padding tolerated) of a JSON object.
-fn payload(token: &str) -> Option<serde_json::Map<String, serde_json::Value>> {
+pub(crate) fn payload(token: &str) -> Option<serde_json::Map<String, serde_json::Value>> {
     let mut parts = token.split('.');
     let (_header, body, _signature) = (parts.next()?, parts.next()?, parts.next()?);
     if parts.next().is_some() || body.is_empty() {

@@ -153,6 +153,29 @@ pub fn notify_systemd(state: &str) {
     }
 }
 
+/// `bytes` random bytes from the kernel, in lowercase hex (wiped when dropped): secrets
+/// (the local endpoint's, the emulator's) and ids.
+pub(crate) fn random_hex(bytes: usize) -> std::io::Result<zeroize::Zeroizing<String>> {
+    use std::io::Read;
+    let mut raw = zeroize::Zeroizing::new(vec![0u8; bytes]);
+    std::fs::File::open("/dev/urandom")?.read_exact(&mut raw)?;
+    let mut hex = zeroize::Zeroizing::new(String::with_capacity(bytes * 2));
+    for b in raw.iter() {
+        hex.push(char::from(b"0123456789abcdef"[usize::from(b >> 4)]));
+        hex.push(char::from(b"0123456789abcdef"[usize::from(b & 15)]));
+    }
+    Ok(hex)
+}
+
+/// Equal bytes, in time independent of where they differ (the length is not secret).
+pub(crate) fn ct_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    let diff = a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y));
+    std::hint::black_box(diff) == 0
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

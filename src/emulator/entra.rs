@@ -61,8 +61,8 @@ impl EntraSettings {
 
 /// An Entra error: `AADSTS<code>: <message>` and the trace lines, as Entra writes them.
 pub(super) fn error(status: u16, error: &str, code: u32, message: &str) -> Action {
-    let trace = random_hex(16).unwrap_or_default();
-    let correlation = random_hex(16).unwrap_or_default();
+    let trace = random_hex(16).map(|h| h.to_string()).unwrap_or_default();
+    let correlation = random_hex(16).map(|h| h.to_string()).unwrap_or_default();
     let timestamp = now_secs();
     let body = json!({
         "error": error,
@@ -227,7 +227,7 @@ fn check_credential(
     };
     if let Some(secret) = form.get("client_secret") {
         return match &settings.client_secret {
-            Some(want) if same(want, secret) => Ok(()),
+            Some(want) if crate::hardening::ct_eq(want.as_bytes(), secret.as_bytes()) => Ok(()),
             None if settings.any_credential() && !secret.is_empty() => Ok(()),
             _ => Err(bad_secret()),
         };
@@ -249,7 +249,7 @@ fn check_credential(
     let now = now_secs();
     if let Some(path) = &settings.federated_token_file {
         let current = std::fs::read_to_string(path).unwrap_or_default();
-        if same(current.trim(), assertion) {
+        if crate::hardening::ct_eq(current.trim().as_bytes(), assertion.as_bytes()) {
             return match super::decode_claims(assertion).and_then(|c| c["exp"].as_u64()) {
                 Some(exp) if exp <= now => Err(expired(now, exp)),
                 _ => Ok(()),
@@ -313,13 +313,4 @@ fn check_credential(
 fn expired(now: u64, exp: u64) -> Action {
     let message = format!("Client assertion is not within its valid time range. Current time: {now}, expiry time of assertion {exp}.");
     error(400, "invalid_client", 700024, &message)
-}
-
-/// Equal, in time independent of where they differ.
-fn same(a: &str, b: &str) -> bool {
-    a.len() == b.len()
-        && a.bytes()
-            .zip(b.bytes())
-            .fold(0u8, |acc, (x, y)| acc | (x ^ y))
-            == 0
 }

@@ -13,9 +13,8 @@
 //! Content-Length, an oversized head, a huge, slow or endless body).
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::fmt::{self, Write as _};
-use std::fs::File;
-use std::io::{self, Read};
+use std::fmt;
+use std::io;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
@@ -27,6 +26,7 @@ use base64::Engine as _;
 use parking_lot::{Condvar, Mutex};
 use serde_json::Value;
 
+use crate::hardening::random_hex;
 use crate::httpserver::{self, Server};
 pub use crate::source::Kind;
 
@@ -276,7 +276,7 @@ impl Emulator {
                     .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
                 secret
             }
-            None => random_hex(16)?,
+            None => random_hex(16)?.to_string(),
         };
         let shared = Arc::new(Shared {
             ttl: AtomicU64::new(config.ttl_secs),
@@ -483,15 +483,4 @@ fn now_secs() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
-}
-
-/// `2 * bytes` lowercase hex digits from the kernel's random source.
-fn random_hex(bytes: usize) -> io::Result<String> {
-    let mut raw = vec![0u8; bytes];
-    File::open("/dev/urandom")?.read_exact(&mut raw)?;
-    let mut out = String::with_capacity(bytes * 2);
-    for b in raw {
-        let _ = write!(out, "{b:02x}");
-    }
-    Ok(out)
 }

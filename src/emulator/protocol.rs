@@ -327,7 +327,7 @@ fn answer_arc(sh: &Shared, req: &Request, params: &[u8], client_id: &str) -> Act
             .arc_keys
             .lock()
             .iter()
-            .any(|k| ct_eq(k.secret.as_bytes(), secret.as_bytes()));
+            .any(|k| crate::hardening::ct_eq(k.secret.as_bytes(), secret.as_bytes()));
     if !known {
         return arc_challenge(sh, "Invalid Authorization secret");
     }
@@ -382,7 +382,7 @@ fn imds_token(sh: &Shared, proto: Kind, resource: &str, client_id: &str) -> Acti
 fn answer_app_service(sh: &Shared, req: &Request, params: &[u8], client_id: &str) -> Action {
     match req.header("X-IDENTITY-HEADER") {
         None => return app_err(401, "X-IDENTITY-HEADER header not specified"),
-        Some(h) if !ct_eq(h.as_bytes(), sh.identity_header.as_bytes()) => {
+        Some(h) if !crate::hardening::ct_eq(h.as_bytes(), sh.identity_header.as_bytes()) => {
             return app_err(401, "Invalid X-IDENTITY-HEADER")
         }
         Some(_) => {}
@@ -465,8 +465,8 @@ fn write_arc_key(dir: &Path) -> io::Result<(PathBuf, String)> {
     if !dir.is_dir() {
         DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
     }
-    let secret = random_hex(32)?;
-    let path = dir.join(format!("{}.key", random_hex(16)?));
+    let secret = random_hex(32)?.to_string();
+    let path = dir.join(format!("{}.key", *random_hex(16)?));
     let mut file = OpenOptions::new()
         .write(true)
         .create_new(true)
@@ -474,11 +474,6 @@ fn write_arc_key(dir: &Path) -> io::Result<(PathBuf, String)> {
         .open(&path)?;
     file.write_all(secret.as_bytes())?;
     Ok((path, secret))
-}
-
-/// Equality whose time does not depend on where the inputs differ.
-fn ct_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 pub(super) fn ok(body: Vec<u8>) -> Action {

@@ -110,7 +110,7 @@ fn flat(error: &str, description: &str) -> Value {
 }
 
 fn unique_dir(tag: &str) -> PathBuf {
-    let id = random_hex(8).unwrap();
+    let id = random_hex(8).unwrap().to_string();
     std::env::temp_dir().join(format!("cstokenfs-emu-{tag}-{}-{id}", std::process::id()))
 }
 

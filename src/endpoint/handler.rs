@@ -4,9 +4,10 @@
 //! Service's shapes.
 
 use super::request::{self, BadRequest};
-use super::{ct_eq, Counters, Settings};
+use super::{Counters, Settings};
 use crate::audit::{Audit, HttpEvent};
 use crate::cache::{Cache, OpenDecision, ReadError};
+use crate::hardening::ct_eq;
 use crate::httpserver::{self, race, Answer, Either, Reply, Request, Stop};
 use crate::token::Version;
 use log::debug;

@@ -27,7 +27,7 @@ use crate::cache::Cache;
 use crate::httpserver::{self, Config, Server};
 use crate::source::Identity;
 use std::fmt;
-use std::io::{self, Read};
+use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -119,7 +119,7 @@ impl Endpoint {
         audit: Option<Audit>,
     ) -> io::Result<Endpoint> {
         httpserver::check_loopback(settings.listen)?;
-        let secret = Arc::new(new_secret()?);
+        let secret = Arc::new(crate::hardening::random_hex(32)?);
         let counters = Arc::new(Counters::default());
         let config = Config {
             max_connections: MAX_CONNECTIONS,
@@ -198,25 +198,4 @@ pub fn parse_listen(s: &str) -> Result<SocketAddr, String> {
         .map_err(|e| format!("not an IP:PORT address (127.0.0.1:PORT or [::1]:PORT): {e}"))?;
     httpserver::check_loopback(addr).map_err(|e| e.to_string())?;
     Ok(addr)
-}
-
-/// 32 random bytes from the kernel, in lowercase hex.
-fn new_secret() -> io::Result<Zeroizing<String>> {
-    let mut raw = Zeroizing::new([0u8; 32]);
-    std::fs::File::open("/dev/urandom")?.read_exact(&mut *raw)?;
-    let mut hex = Zeroizing::new(String::with_capacity(64));
-    for b in raw.iter() {
-        hex.push(char::from(b"0123456789abcdef"[usize::from(b >> 4)]));
-        hex.push(char::from(b"0123456789abcdef"[usize::from(b & 15)]));
-    }
-    Ok(hex)
-}
-
-/// Equal bytes, in time independent of where they differ (the length is not secret).
-pub(crate) fn ct_eq(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() {
-        return false;
-    }
-    let diff = a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y));
-    std::hint::black_box(diff) == 0
 }

@@ -200,7 +200,7 @@ fn listen_addresses() {
     assert!(parse_listen("0.0.0.0:80").is_err());
     assert!(parse_listen("10.1.2.3:80").is_err());
     assert!(parse_listen("localhost:80").is_err());
-    assert!(ct_eq(b"abc", b"abc"));
-    assert!(!ct_eq(b"abc", b"abd"));
-    assert!(!ct_eq(b"abc", b"ab"));
+    assert!(crate::hardening::ct_eq(b"abc", b"abc"));
+    assert!(!crate::hardening::ct_eq(b"abc", b"abd"));
+    assert!(!crate::hardening::ct_eq(b"abc", b"ab"));
 }

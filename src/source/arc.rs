@@ -51,9 +51,11 @@ impl ArcAgent {
 impl Source for ArcAgent {
     fn fetch_once(&self, resource: &str, timeout: Duration) -> Result<Token, SourceError> {
         let deadline = Instant::now() + timeout;
+        // `expires_in` counts from when the request was sent, not from its answer.
+        let requested_at = now_ms();
         let challenge = self.get(resource, None, timeout)?;
         if challenge.status != 401 {
-            return challenge.into_token(now_ms());
+            return challenge.into_token(requested_at);
         }
         let realm = challenge
             .www_authenticate

@@ -59,11 +59,7 @@ pub fn failure_of(status: u16, code: Option<u32>, error: &str) -> Failure {
     if matches!(error, "invalid_client" | "unauthorized_client") {
         return Failure::Denied;
     }
-    match status {
-        401 | 403 => Failure::Denied,
-        404 | 410 => Failure::Transient,
-        _ => Failure::Refused,
-    }
+    super::status_failure(status)
 }
 
 /// The scope for a resource: `<resource>/.default`, without doubling a trailing slash

@@ -222,10 +222,8 @@ impl SourceError {
             SourceError::Status {
                 status, message, ..
             } => match status {
-                404 | 408 | 410 | 429 | 500..=599 => Failure::Transient,
-                401 | 403 => Failure::Denied,
                 400 if names_unknown_identity(message) => Failure::Denied,
-                _ => Failure::Refused,
+                _ => status_failure(*status),
             },
             SourceError::BadResponse(_) | SourceError::Command(_) | SourceError::Credential(_) => {
                 Failure::Invalid
@@ -252,6 +250,16 @@ impl SourceError {
             }
             _ => None,
         }
+    }
+}
+
+/// How an HTTP error status is treated, whatever the upstream: 404, 408, 410, 429 and 5xx
+/// are transient, 401 and 403 refuse the identity, any other status refuses the resource.
+pub fn status_failure(status: u16) -> Failure {
+    match status {
+        404 | 408 | 410 | 429 | 500..=599 => Failure::Transient,
+        401 | 403 => Failure::Denied,
+        _ => Failure::Refused,
     }
 }
 
