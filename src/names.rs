@@ -8,6 +8,8 @@
 use percent_encoding::{percent_decode_str, utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
 use std::fmt;
 
+/// The longest resource given as a URI (a resource is a URI or a GUID, not a document).
+pub const MAX_RESOURCE: usize = 2048;
 /// Longest file name Linux allows in one path component.
 pub const NAME_MAX: usize = 255;
 
@@ -152,7 +154,7 @@ pub fn resolve_arg(arg: &str) -> Result<String, NameError> {
     if arg.chars().any(char::is_control) {
         return Err(NameError::ControlCharacter);
     }
-    if arg.len() > 2048 {
+    if arg.len() > MAX_RESOURCE {
         return Err(NameError::TooLong);
     }
     let mut resource = arg;
@@ -162,15 +164,33 @@ pub fn resolve_arg(arg: &str) -> Result<String, NameError> {
     if !is_uri(resource) {
         return Err(NameError::NotAResource);
     }
-    let (scheme, rest) = resource.split_once("://").unwrap_or(("", resource));
-    let host = rest.strip_suffix('/').unwrap_or(rest);
-    if scheme.eq_ignore_ascii_case("https") && !host.contains('/') {
-        let host = host.strip_suffix('.').unwrap_or(host).to_ascii_lowercase();
-        if let Some((_, known)) = well_known().iter().find(|(short, _)| *short == host) {
-            return Ok((*known).to_string());
-        }
+    Ok(well_known_spelling(resource).map_or_else(|| resource.to_string(), str::to_string))
+}
+
+/// The allowlist's spelling of a resource given in another: with or without the trailing
+/// slash (`https://management.azure.com`, as the SDKs send a scope's resource), or as its
+/// host alone in any case or with a trailing dot (`https://MANAGEMENT.AZURE.COM./`).
+fn well_known_spelling(resource: &str) -> Option<&'static str> {
+    let other = match resource.strip_suffix('/') {
+        Some(without) => without.to_string(),
+        None => format!("{resource}/"),
+    };
+    if let Some(known) = CLOUD_SHELL_ALLOWLIST
+        .iter()
+        .find(|k| **k == resource || **k == other)
+    {
+        return Some(known);
     }
-    Ok(resource.to_string())
+    let (scheme, rest) = resource.split_once("://")?;
+    let host = rest.strip_suffix('/').unwrap_or(rest);
+    if !scheme.eq_ignore_ascii_case("https") || host.contains('/') {
+        return None;
+    }
+    let host = host.strip_suffix('.').unwrap_or(host).to_ascii_lowercase();
+    well_known()
+        .iter()
+        .find(|(short, _)| *short == host)
+        .map(|(_, known)| *known)
 }
 
 /// The name a resource is listed under: the short name if the rules map it back to exactly

@@ -2,7 +2,7 @@
 //! resource it names (and the cache key that resource shares with a file name), the
 //! identity it asks for, and its `Host`.
 
-use crate::names::{self, well_known, NameError};
+use crate::names::{self, NameError};
 use crate::source::Identity;
 use std::collections::BTreeMap;
 use std::fmt;
@@ -12,8 +12,6 @@ use std::net::{IpAddr, SocketAddr};
 pub const PATH: &str = "/msi/token";
 /// The App Service API version the SDKs send (the only one served).
 pub const API_VERSION: &str = "2019-08-01";
-/// The longest resource accepted (a resource is a URI or a GUID, not a document).
-pub const MAX_RESOURCE: usize = 2048;
 
 /// Why a request is refused with 400 before anything is fetched.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -89,38 +87,24 @@ pub fn path(target: &str) -> &str {
 }
 
 /// The cache key of a resource as an SDK sends it: a URI or a GUID (a trailing `/.default`
-/// stripped), validated like a percent-encoded file name's decoded value. A well-known
-/// resource in either spelling (with or without the trailing slash) is the spelling its
-/// file name resolves to, so both share one cache entry and one upstream call.
+/// stripped), resolved by the same rules as `get` and `--resource` (`names::resolve_arg`):
+/// a well-known resource in either spelling is the spelling its file name resolves to, so
+/// both share one cache entry and one upstream call. A bare host name is not a resource here.
 pub fn cache_key(sent: &str) -> Result<String, NameError> {
     if sent.is_empty() {
         return Err(NameError::Empty);
     }
-    if sent.len() > MAX_RESOURCE {
-        return Err(NameError::TooLong);
+    let mut bare = sent;
+    while let Some(r) = bare.strip_suffix("/.default") {
+        bare = r;
     }
-    if sent.chars().any(char::is_control) {
-        return Err(NameError::ControlCharacter);
+    if names::is_guid(bare) {
+        return Ok(bare.to_string());
     }
-    let mut resource = sent;
-    while let Some(r) = resource.strip_suffix("/.default") {
-        resource = r;
-    }
-    if names::is_guid(resource) {
-        return Ok(resource.to_string());
-    }
-    if !names::is_uri(resource) {
+    if !sent.contains("://") {
         return Err(NameError::NotAResource);
     }
-    let other_spelling = match resource.strip_suffix('/') {
-        Some(without) => without.to_string(),
-        None => format!("{resource}/"),
-    };
-    Ok(well_known()
-        .iter()
-        .find(|(_, known)| *known == resource || *known == other_spelling)
-        .map_or(resource, |(_, known)| *known)
-        .to_string())
+    names::resolve_arg(sent)
 }
 
 /// Refuses a request naming another identity than `mount`'s. Names it can be given by:
@@ -198,6 +182,8 @@ mod tests {
             "https://management.azure.com/",
             "https://management.azure.com/.default",
             "https://management.azure.com//.default",
+            // The same rules as `get` and `--resource`: host names in any case.
+            "https://MANAGEMENT.AZURE.COM./.default",
         ] {
             assert_eq!(cache_key(sent).unwrap(), arm, "{sent}");
         }
@@ -235,7 +221,7 @@ mod tests {
         assert_eq!(cache_key("hello world"), Err(NameError::NotAResource));
         assert_eq!(cache_key("https://a b"), Err(NameError::NotAResource));
         assert_eq!(cache_key("https://a\nb"), Err(NameError::ControlCharacter));
-        let long = format!("https://{}", "a".repeat(MAX_RESOURCE));
+        let long = format!("https://{}", "a".repeat(names::MAX_RESOURCE));
         assert_eq!(cache_key(&long), Err(NameError::TooLong));
     }
 

@@ -100,8 +100,9 @@ pub trait Source: Send + Sync {
     fn kind(&self) -> Kind;
 }
 
-/// What went wrong with one upstream request. Messages never carry token bytes.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// What went wrong with one upstream request. Messages never carry token bytes: the
+/// upstream's words are redacted wherever they are shown (`Display`, and `Debug` through it).
+#[derive(Clone, PartialEq, Eq)]
 pub enum SourceError {
     /// No connection (refused, reset, DNS): the endpoint may not be up yet.
     Unreachable(String),
@@ -300,6 +301,12 @@ impl fmt::Display for SourceError {
             },
         };
         f.write_str(&redact::redact(&text))
+    }
+}
+
+impl fmt::Debug for SourceError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "SourceError({self})")
     }
 }
 
