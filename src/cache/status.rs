@@ -56,9 +56,6 @@ pub struct ResourceStatus {
     /// The last failure's (redacted) message and when.
     pub last_error: Option<String>,
     pub last_error_at: Option<i64>,
-    /// `sink` only: whether its files are in DIR.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub written: Option<bool>,
 }
 
 impl Cache {
@@ -92,7 +89,6 @@ impl Cache {
                     consecutive_failures: e.failures.consecutive,
                     last_error_at: last_error.as_ref().map(|x| secs(x.1)),
                     last_error: last_error.map(|x| x.0),
-                    written: None,
                 }
             })
             .collect();
@@ -113,7 +109,6 @@ impl Cache {
                     consecutive_failures: 1,
                     last_error: Some(x.message().to_string()),
                     last_error_at: Some(secs(x.at)),
-                    written: None,
                 }),
         );
         drop(guard);

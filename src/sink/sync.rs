@@ -90,7 +90,6 @@ struct Follower<'a> {
     slots: Vec<Slot>,
     tx: Sender<Event>,
     source_reason: String,
-    /// `.status` as last written, without its `now`.
     /// The last `.status` written (its clock zeroed), so an unchanged one is not rewritten.
     last_status: Option<(Status, SinkPart)>,
 }
@@ -316,7 +315,7 @@ impl Follower<'_> {
     /// `.status`: the mount's (`Cache::status` and the daemon's fields) plus which resources
     /// are written and which are missing and why; rewritten only when something changed.
     fn write_status(&mut self) {
-        let mut status = self.cache.status();
+        let status = self.cache.status();
         let missing: Vec<Missing> = self
             .slots
             .iter()
@@ -339,13 +338,6 @@ impl Follower<'_> {
                 })
             })
             .collect();
-        for r in &mut status.resources {
-            let slot = self
-                .slots
-                .iter()
-                .find(|s| r.resource == s.declared.resource);
-            r.written = Some(slot.is_some_and(|s| s.written.is_some()));
-        }
         let sink = SinkPart {
             sink: SinkDir {
                 dir: self.taken.writer.dir().display().to_string(),

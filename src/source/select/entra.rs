@@ -113,7 +113,7 @@ pub fn settings(kind: Kind, wanted: &Wanted, env: &Env) -> Result<(String, Setti
             )))
         }
     };
-    tls::check_tenant(&tenant)?;
+    // The tenant and the authority are checked once, by `Plan::build` (`tls::token_url`).
     let client_id = match pick(&wanted.identity.client_id, "AZURE_CLIENT_ID") {
         Some(c) => c,
         None if emulated => EMULATED_CLIENT.into(),
@@ -128,9 +128,6 @@ pub fn settings(kind: Kind, wanted: &Wanted, env: &Env) -> Result<(String, Setti
         .clone()
         .or_else(|| env.get("AZURE_AUTHORITY_HOST").map(str::to_string))
         .unwrap_or_else(|| tls::DEFAULT_AUTHORITY.to_string());
-    if !emulated {
-        tls::token_url(&authority, &tenant)?;
-    }
     let credential = match kind {
         Kind::WorkloadIdentity => workload_credential(wanted, env, emulated)?,
         _ => principal_credential(wanted, env, emulated)?,
