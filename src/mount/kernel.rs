@@ -181,20 +181,40 @@ pub fn unmount(path: &Path) -> std::io::Result<()> {
 
 /// Whether `path` is itself a FUSE mount point (per /proc/self/mountinfo).
 pub fn is_fuse_mount(path: &Path) -> bool {
-    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
-        return false;
-    };
     let want = path.as_os_str().as_bytes();
-    info.lines().any(|line| {
-        let mut fields = line.split(' ');
-        let point = fields.nth(4).map(unescape);
-        let fstype = line
-            .split(" - ")
-            .nth(1)
-            .and_then(|rest| rest.split(' ').next());
-        point.as_deref() == Some(want)
-            && fstype.is_some_and(|t| t == "fuse" || t.starts_with("fuse."))
-    })
+    mount_table()
+        .iter()
+        .any(|m| m.point == want && (m.fstype == "fuse" || m.fstype.starts_with("fuse.")))
+}
+
+/// One line of /proc/self/mountinfo.
+pub(crate) struct Mounted {
+    /// `major:minor` of the filesystem's device.
+    pub device: String,
+    /// The mount point, unescaped.
+    pub point: Vec<u8>,
+    /// The filesystem type (`fuse.cstokenfs`, `tmpfs`, ...).
+    pub fstype: String,
+}
+
+/// The mount table as this process sees it (empty if it cannot be read).
+pub(crate) fn mount_table() -> Vec<Mounted> {
+    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return Vec::new();
+    };
+    info.lines()
+        .filter_map(|line| {
+            let mut fields = line.split(' ');
+            let device = fields.nth(2)?.to_string();
+            let point = unescape(fields.nth(1)?);
+            let fstype = line.split(" - ").nth(1)?.split(' ').next()?.to_string();
+            Some(Mounted {
+                device,
+                point,
+                fstype,
+            })
+        })
+        .collect()
 }
 
 /// mountinfo escapes space, tab, newline and backslash as `\ooo`.

@@ -11,6 +11,7 @@ use crate::policy::{Policy, SystemClock};
 use crate::source::select::{self, Env, Plan, Wanted};
 use daemon::detach;
 pub(crate) use daemon::{daemonize, open_log, reopen_log, say_if_logs_are_discarded, Ready};
+pub(crate) use kernel::mount_table;
 use kernel::{is_fuse_mount, mount_error, open_session, unmount};
 use log::{debug, info, warn};
 use std::fmt;

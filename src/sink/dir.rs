@@ -45,10 +45,10 @@ pub fn check_in_memory(dir: &Path) -> Result<(), SinkError> {
 fn fs_type_name(path: &Path) -> Option<String> {
     let dev = std::fs::metadata(path).ok()?.dev();
     let want = format!("{}:{}", libc::major(dev), libc::minor(dev));
-    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
-    info.lines()
-        .filter(|l| l.split(' ').nth(2) == Some(want.as_str()))
-        .filter_map(|l| l.split(" - ").nth(1)?.split(' ').next().map(str::to_string))
+    crate::mount::mount_table()
+        .into_iter()
+        .filter(|m| m.device == want)
+        .map(|m| m.fstype)
         .next_back()
 }
 
