@@ -481,13 +481,28 @@ pub fn mount_warnings(args: &MountArgs, uid: u32, gid: u32) -> Vec<String> {
             ));
         }
     }
-    if let (true, Some(path)) = (args.foreground || args.debug, &args.keep.log_file) {
-        warnings.push(format!(
+    warnings.extend(args.keep.log_file_warning(args.foreground || args.debug));
+    warnings
+}
+
+impl Keeping {
+    /// The freshness policy these flags and `--timeout` ask for (the rest: defaults).
+    fn policy(&self, upstream: &Upstream) -> Policy {
+        Policy {
+            refresh_margin_ms: (self.refresh_margin as i64).saturating_mul(1000),
+            timeout: Duration::from_secs(upstream.timeout),
+            ..Policy::default()
+        }
+    }
+
+    /// `--log-file` in the foreground does nothing: say so.
+    fn log_file_warning(&self, foreground: bool) -> Option<String> {
+        let path = self.log_file.as_ref().filter(|_| foreground)?;
+        Some(format!(
             "--log-file {} is not used in the foreground (-f, -d): logs go to stderr",
             path.display()
-        ));
+        ))
     }
-    warnings
 }
 
 fn warn_all(warnings: &[String]) {
@@ -501,11 +516,10 @@ fn mount_command(args: MountArgs) -> ExitCode {
     let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
     warn_all(&mount_warnings(&args, uid, gid));
     let policy = Policy {
-        refresh_margin_ms: (args.keep.refresh_margin as i64).saturating_mul(1000),
         negative_ttl_ms: (args.negative_ttl as i64).saturating_mul(1000),
-        timeout: Duration::from_secs(args.upstream.timeout),
         max_resources: args.max_resources as usize,
         max_upstream_rate: args.max_upstream_rate,
+        ..args.keep.policy(&args.upstream)
     };
     let request = MountRequest {
         mountpoint: args.mountpoint,
@@ -536,17 +550,14 @@ fn mount_command(args: MountArgs) -> ExitCode {
 }
 
 fn sink_command(args: SinkArgs) -> ExitCode {
-    if let (true, Some(path)) = (args.foreground, &args.keep.log_file) {
-        warn_all(&[format!(
-            "--log-file {} is not used in the foreground (-f): logs go to stderr",
-            path.display()
-        )]);
-    }
-    let policy = Policy {
-        refresh_margin_ms: (args.keep.refresh_margin as i64).saturating_mul(1000),
-        timeout: Duration::from_secs(args.upstream.timeout),
-        ..Policy::default()
-    };
+    warn_all(
+        &args
+            .keep
+            .log_file_warning(args.foreground)
+            .into_iter()
+            .collect::<Vec<_>>(),
+    );
+    let policy = args.keep.policy(&args.upstream);
     let request = SinkRequest {
         dir: args.dir,
         wanted: args.upstream.wanted(),
