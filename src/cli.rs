@@ -710,15 +710,8 @@ fn emulator_command(args: EmulatorArgs) -> ExitCode {
             return ExitCode::from(EXIT_FAILURE);
         }
     };
-    let handle = stopper.handle();
-    std::thread::spawn(move || {
-        let mut stopper = stopper;
-        if stopper.forever().next().is_some() {
-            handle.close();
-        }
-    })
-    .join()
-    .ok();
+    let mut stopper = stopper;
+    let _ = stopper.forever().next();
     emulator.stop();
     ExitCode::SUCCESS
 }

@@ -202,24 +202,14 @@ fn serve(
     // cannot (under --mlock, RLIMIT_MEMLOCK), the session is dropped, which unmounts.
     let (tx, rx) = mpsc::channel();
     let signal_handle = signals.handle();
-    let sig_tx = tx.clone();
-    let waiting = small_thread("signals")
-        .spawn(move || {
-            let mut signals = signals;
-            for sig in signals.forever() {
-                if sig_tx.send(Event::Signal(sig)).is_err() {
-                    break;
-                }
+    let waiting = forward_signals(signals, tx.clone(), Event::Signal).and_then(|_| {
+        small_thread("session").spawn(move || {
+            if let Err(e) = session.join() {
+                warn!("the FUSE session ended with an error: {e}");
             }
+            let _ = tx.send(Event::SessionEnded);
         })
-        .and_then(|_| {
-            small_thread("session").spawn(move || {
-                if let Err(e) = session.join() {
-                    warn!("the FUSE session ended with an error: {e}");
-                }
-                let _ = tx.send(Event::SessionEnded);
-            })
-        });
+    });
     if let Err(e) = waiting {
         if direct {
             let _ = unmount(mountpoint);
@@ -373,6 +363,23 @@ pub fn start_stand_in(plan: &mut Plan) -> std::io::Result<Option<Emulator>> {
     let emu = Emulator::start_with(([127, 0, 0, 1], 0).into(), EmulatorConfig::default(), kind)?;
     plan.use_stand_in(emu.url(), emu.identity_header());
     Ok(Some(emu))
+}
+
+/// Sends every signal `signals` catches into `tx` (as `event(signal)`) from a small thread
+/// of its own, until the receiver is gone. Shared with `sink`.
+pub(crate) fn forward_signals<E: Send + 'static>(
+    signals: signal_hook::iterator::Signals,
+    tx: mpsc::Sender<E>,
+    event: fn(i32) -> E,
+) -> std::io::Result<std::thread::JoinHandle<()>> {
+    small_thread("signals").spawn(move || {
+        let mut signals = signals;
+        for sig in signals.forever() {
+            if tx.send(event(sig)).is_err() {
+                break;
+            }
+        }
+    })
 }
 
 /// The signals a daemon answers (SIGTERM/SIGINT stop, SIGUSR1 refetches, SIGHUP reopens the

@@ -143,15 +143,11 @@ pub fn run(
     );
     let (tx, rx) = mpsc::channel();
     let signal_handle = signals.handle();
-    let sig_tx = tx.clone();
-    std::thread::spawn(move || {
-        let mut signals = signals;
-        for sig in signals.forever() {
-            if sig_tx.send(Event::Signal(sig)).is_err() {
-                break;
-            }
-        }
-    });
+    if let Err(e) = crate::mount::forward_signals(signals, tx.clone(), Event::Signal) {
+        let e = SinkError::Daemon(format!("cannot start a thread: {e}"));
+        ready.tell_line(Some(&e.to_string()));
+        return Err(e);
+    }
     let now = Instant::now();
     let mut sync = Follower {
         cache: cache.clone(),
