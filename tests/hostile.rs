@@ -210,7 +210,11 @@ fn a_flood_of_hanging_names_costs_no_threads_and_never_delays_a_cached_read() {
             std::thread::spawn(move || std::fs::read(path).map(|_| ()))
         })
         .collect();
-    std::thread::sleep(Duration::from_millis(500));
+    // The flood is on once every fetch worker hangs on a request.
+    let flooded = eventually(Duration::from_secs(10), || {
+        (emu.requests() > 8).then_some(())
+    });
+    assert!(flooded.is_some(), "the flood reached the upstream");
     let pid = m.pid();
     let threads = count_dir(&format!("/proc/{pid}/task"));
     let fds = count_dir(&format!("/proc/{pid}/fd"));

@@ -527,7 +527,7 @@ impl Core {
                 let now = core.cache.now();
                 let (expired, next) = core.inodes.newly_expired(now);
                 if !expired.is_empty() {
-                    core.invalidate_names(Some(&expired));
+                    core.invalidate_names(&expired);
                 }
                 for id in expired {
                     for view in View::ALL {

@@ -25,7 +25,7 @@ use super::{inode, Caller, Core, Entry, FsError, Node, MAX_TOKEN_TTL, META_TTL};
 use crate::policy;
 use crate::token::{Version, View};
 use fuser::{Errno, INodeNo};
-use log::debug;
+use log::{debug, info};
 use parking_lot::Mutex;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -35,12 +35,14 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// The longest the kernel keeps a token's name before looking it up again.
 pub const ENTRY_TTL: Duration = Duration::from_secs(1);
+/// SIGUSR1 waits at most this long for the kernel to forget the token names.
+const INVALIDATE_WAIT: Duration = Duration::from_secs(2);
 /// The expiry watch never sleeps longer than this: an expired version's pages are dropped at
 /// worst this late after its validity ends (on the wall clock, after a suspend included).
 pub const WATCH_MAX_PAUSE_MS: i64 = 250;
 
-/// (directory inode, name) pairs the kernel is to forget.
-type Names = Vec<(u64, String)>;
+/// (directory inode, name) pairs the kernel is to forget, and who waits until it did.
+type Names = (Vec<(u64, String)>, Option<Sender<()>>);
 
 /// What no-open mode adds to the core.
 pub(super) struct NoOpen {
@@ -210,17 +212,26 @@ impl Core {
     /// fetches anew. Files already open keep reading the version they had.
     pub fn drop_tokens(&self) {
         self.cache.clear();
-        self.invalidate_names(None);
-    }
-
-    /// Queues `inval_entry` of the names of versions `ids` (all when `None`).
-    pub(super) fn invalidate_names(&self, ids: Option<&[u64]>) {
         let Some(tx) = self.noopen.as_ref().and_then(|n| n.invalidator.get()) else {
             return;
         };
-        let names = self.inodes.names(ids);
+        // Waited for, but boundedly: `inval_entry` may wait behind a lookup in flight.
+        let (done, finished) = channel();
+        if tx.send((self.inodes.names(None), Some(done))).is_ok()
+            && finished.recv_timeout(INVALIDATE_WAIT).is_ok()
+        {
+            info!("the kernel forgot every token name it held: the next read fetches anew");
+        }
+    }
+
+    /// Queues `inval_entry` of the names of versions `ids`.
+    pub(super) fn invalidate_names(&self, ids: &[u64]) {
+        let Some(tx) = self.noopen.as_ref().and_then(|n| n.invalidator.get()) else {
+            return;
+        };
+        let names = self.inodes.names(Some(ids));
         if !names.is_empty() {
-            let _ = tx.send(names);
+            let _ = tx.send((names, None));
         }
     }
 
@@ -235,13 +246,16 @@ impl Core {
             .name("invalidator".into())
             .stack_size(128 * 1024)
             .spawn(move || {
-                for batch in rx {
+                for (batch, done) in rx {
                     for (parent, name) in batch {
                         let dir = INodeNo(parent);
                         if let Err(e) = notifier.inval_entry(dir, std::ffi::OsStr::new(&name)) {
                             // ENOENT: the kernel no longer holds that name.
                             debug!("invalidating a name in directory {parent}: {e}");
                         }
+                    }
+                    if let Some(done) = done {
+                        let _ = done.send(());
                     }
                 }
             })?;
