@@ -196,16 +196,9 @@ impl Source for Entra {
             .header("Content-Type", "application/x-www-form-urlencoded")
             .header("Accept", "application/json")
             .body(form.as_bytes().to_vec());
-        let requested_at = now_ms();
-        let response = request
-            .timeout(timeout)
-            .send()
-            .map_err(http::transport_error)?;
-        let answer = http::read_answer(response)?;
-        if (200..300).contains(&answer.status) {
-            return Ok(parse::token(&answer.body, requested_at)?);
-        }
-        Err(error_of(answer.status, &answer.body, answer.retry_after))
+        http::request_token_or(request, timeout, |a| {
+            error_of(a.status, &a.body, a.retry_after)
+        })
     }
 
     fn endpoint(&self) -> String {

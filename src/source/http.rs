@@ -126,14 +126,29 @@ pub fn read_answer(mut response: Response) -> Result<Answer, SourceError> {
 impl Answer {
     /// A 2xx answer as a token; any other status as an error with the upstream's words.
     pub fn into_token(self, requested_at: EpochMs) -> Result<Token, SourceError> {
+        self.into_token_or(requested_at, Answer::status_error)
+    }
+
+    /// A 2xx answer as a token; any other status as `error` makes it (an upstream with
+    /// error bodies of its own, such as Entra's).
+    pub fn into_token_or(
+        self,
+        requested_at: EpochMs,
+        error: impl FnOnce(&Answer) -> SourceError,
+    ) -> Result<Token, SourceError> {
         if !(200..300).contains(&self.status) {
-            return Err(SourceError::Status {
-                status: self.status,
-                message: parse::error_message(&self.body),
-                retry_after: self.retry_after,
-            });
+            return Err(error(&self));
         }
         Ok(parse::token(&self.body, requested_at)?)
+    }
+
+    /// The error of a non-2xx answer, with the upstream's words.
+    pub fn status_error(&self) -> SourceError {
+        SourceError::Status {
+            status: self.status,
+            message: parse::error_message(&self.body),
+            retry_after: self.retry_after,
+        }
     }
 }
 
@@ -189,9 +204,18 @@ pub fn transport_error(e: reqwest::Error) -> SourceError {
 /// Sends one token request and reads its answer as a token (what every HTTP upstream does
 /// once it has built its request).
 pub fn request_token(request: RequestBuilder, timeout: Duration) -> Result<Token, SourceError> {
+    request_token_or(request, timeout, Answer::status_error)
+}
+
+/// [`request_token`] with the upstream's own error mapping for non-2xx answers.
+pub fn request_token_or(
+    request: RequestBuilder,
+    timeout: Duration,
+    error: impl FnOnce(&Answer) -> SourceError,
+) -> Result<Token, SourceError> {
     let requested_at = now_ms();
     let response = request.timeout(timeout).send().map_err(transport_error)?;
-    read_answer(response)?.into_token(requested_at)
+    read_answer(response)?.into_token_or(requested_at, error)
 }
 
 /// `url` with query parameters appended.
