@@ -119,7 +119,7 @@ impl Entra {
         if settings.client_id.trim().is_empty() {
             return Err(ConfigError::Missing("the client ID is empty".into()));
         }
-        let client = tls::client(&url, &settings.ca)?;
+        let client = http::client(&url, &settings.ca)?;
         Ok(Entra {
             kind,
             token_url: url.to_string(),

@@ -21,7 +21,7 @@ impl HttpEndpoint {
     pub fn new(endpoint: &str) -> Result<HttpEndpoint, ConfigError> {
         let url = check_url(endpoint)?;
         Ok(HttpEndpoint {
-            client: client(&url)?,
+            client: client(&url, &[])?,
             url,
         })
     }
@@ -67,30 +67,35 @@ fn check_url(endpoint: &str) -> Result<reqwest::Url, ConfigError> {
     Ok(url)
 }
 
-/// A client for one endpoint. Proxies from the environment never capture a local endpoint.
-fn client(url: &reqwest::Url) -> Result<Client, ConfigError> {
+/// The client of one upstream, HTTP or TLS (verified against the system's roots and `ca`):
+/// no redirect is ever followed (it would carry our headers, App Service's secret, Entra's
+/// assertion, elsewhere), and proxies from the environment never capture a local endpoint.
+pub(super) fn client(
+    url: &reqwest::Url,
+    ca: &[reqwest::Certificate],
+) -> Result<Client, ConfigError> {
     // reqwest's rustls needs a crypto provider for every client, plain http ones too.
     super::tls::ensure_provider();
-    // Never follow a redirect: it would carry our headers (App Service's secret) elsewhere.
     let mut builder = Client::builder()
         .pool_max_idle_per_host(4)
-        .redirect(reqwest::redirect::Policy::none());
+        .redirect(reqwest::redirect::Policy::none())
+        .tls_certs_merge(ca.iter().cloned());
     if is_local(url) {
         builder = builder.no_proxy();
     }
     builder
         .build()
-        .map_err(|e| ConfigError::Client(e.to_string()))
+        .map_err(|e| ConfigError::Client(super::tls::error_chain(&e)))
 }
 
+/// Loopback (`localhost`, 127.0.0.0/8, ::1, mapped or not) or IPv4 link-local (IMDS).
 fn is_local(url: &reqwest::Url) -> bool {
     let host = url.host_str().unwrap_or_default();
     let bare = host.trim_start_matches('[').trim_end_matches(']');
-    match bare.parse::<std::net::IpAddr>() {
-        Ok(std::net::IpAddr::V4(ip)) => ip.is_loopback() || ip.is_link_local(),
-        Ok(std::net::IpAddr::V6(ip)) => ip.is_loopback(),
-        Err(_) => host.eq_ignore_ascii_case("localhost"),
-    }
+    super::tls::is_loopback(url)
+        || bare
+            .parse::<std::net::Ipv4Addr>()
+            .is_ok_and(|ip| ip.is_link_local())
 }
 
 /// The status, `Retry-After` and (bounded, wiped on drop) body of an answer.

@@ -1,10 +1,10 @@
 //! TLS for the Microsoft Entra upstreams: rustls (through reqwest) with ring as the crypto
 //! provider, verifying against the system's trust store plus `--ca-file`; the authority's
-//! URL rules; the Entra HTTP client (proxies as reqwest reads them from the environment,
-//! never for a loopback authority; redirects never followed).
+//! URL rules and loopback test. The client itself is `http::client`, the same for every
+//! upstream (proxies as reqwest reads them from the environment, never for a local host;
+//! redirects never followed).
 
 use super::ConfigError;
-use reqwest::blocking::Client;
 use reqwest::{Certificate, Url};
 use std::net::IpAddr;
 use std::path::Path;
@@ -93,22 +93,6 @@ pub fn check_tenant(tenant: &str) -> Result<(), ConfigError> {
     }
 }
 
-/// The client of an Entra upstream: TLS verified against the system's roots and `ca`,
-/// proxies from the environment unless the authority is loopback, no redirects.
-pub fn client(url: &Url, ca: &[Certificate]) -> Result<Client, ConfigError> {
-    ensure_provider();
-    let mut builder = Client::builder()
-        .pool_max_idle_per_host(4)
-        .redirect(reqwest::redirect::Policy::none())
-        .tls_certs_merge(ca.iter().cloned());
-    if is_loopback(url) {
-        builder = builder.no_proxy();
-    }
-    builder
-        .build()
-        .map_err(|e| ConfigError::Client(error_chain(&e)))
-}
-
 /// Whether the URL's host is loopback (127.0.0.0/8, ::1, `localhost`).
 pub fn is_loopback(url: &Url) -> bool {
     let host = url.host_str().unwrap_or_default();
@@ -119,7 +103,7 @@ pub fn is_loopback(url: &Url) -> bool {
     }
 }
 
-fn error_chain(e: &dyn std::error::Error) -> String {
+pub(super) fn error_chain(e: &dyn std::error::Error) -> String {
     let mut text = e.to_string();
     let mut cause = e.source();
     while let Some(c) = cause {
