@@ -11,9 +11,7 @@ use crate::hardening::ct_eq;
 use crate::httpserver::{self, race, Answer, Either, Reply, Request, Stop};
 use crate::token::Version;
 use log::debug;
-use parking_lot::Mutex;
 use std::future::Future;
-use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -33,8 +31,6 @@ struct Inner {
     audit: Option<Audit>,
     secret: Arc<Zeroizing<String>>,
     counters: Arc<Counters>,
-    /// The bound address (known once the listener is bound).
-    bound: Arc<Mutex<SocketAddr>>,
 }
 
 impl EndpointHandler {
@@ -44,7 +40,6 @@ impl EndpointHandler {
         audit: Option<Audit>,
         secret: Arc<Zeroizing<String>>,
         counters: Arc<Counters>,
-        bound: Arc<Mutex<SocketAddr>>,
     ) -> EndpointHandler {
         EndpointHandler(Arc::new(Inner {
             settings,
@@ -52,7 +47,6 @@ impl EndpointHandler {
             audit,
             secret,
             counters,
-            bound,
         }))
     }
 }
@@ -122,8 +116,7 @@ impl Inner {
         if req.header("x-forwarded-for").is_some() || req.header("forwarded").is_some() {
             return bad(BadRequest::Forwarded);
         }
-        let listen = *self.bound.lock();
-        if !request::host_allowed(req.header("host"), listen) {
+        if !request::host_allowed(req.header("host"), req.local) {
             return bad(BadRequest::Host);
         }
         if request::path(&req.target) != request::PATH {

@@ -131,18 +131,16 @@ impl Endpoint {
             thread_name: "endpoint".into(),
             tls: None,
         };
-        // The listen address is known only once bound (port 0): the handler learns it then.
-        let bound = Arc::new(parking_lot::Mutex::new(settings.listen));
+        let listen = settings.listen;
         let handler = handler::EndpointHandler::new(
             settings,
             cache,
             audit,
             Arc::clone(&secret),
             Arc::clone(&counters),
-            Arc::clone(&bound),
         );
-        let server = Server::start(*bound.lock(), config, handler)?;
-        *bound.lock() = server.addr();
+        // Each request carries the address bound (the port chosen for port 0).
+        let server = Server::start(listen, config, handler)?;
         let url = format!("http://{}{}", server.addr(), request::PATH);
         Ok(Endpoint {
             server,

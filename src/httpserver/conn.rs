@@ -25,6 +25,8 @@ use super::{race, Answer, Config, Either, Handler, RawPart, Reply, Request, Stop
 pub(super) struct Shared<H> {
     pub(super) config: Config,
     pub(super) handler: H,
+    /// The address the server listens on (the port, when it was 0, chosen).
+    pub(super) local: std::net::SocketAddr,
 }
 
 pub(super) async fn accept_loop<H: Handler>(listener: TcpListener, sh: Arc<Shared<H>>, stop: Stop) {
@@ -184,6 +186,7 @@ pub(super) async fn respond<H: Handler>(
             .collect(),
         body: body.to_vec(),
         peer: Some(peer),
+        local: sh.local,
     };
     match sh.handler.handle(request, stop).await {
         Answer::Reply(r) => reply(r, slot),

@@ -89,6 +89,8 @@ pub struct Request {
     pub body: Vec<u8>,
     /// The client's address (`None` if the socket could not tell).
     pub peer: Option<SocketAddr>,
+    /// The address the server listens on (what a `Host` header should name).
+    pub local: SocketAddr,
 }
 
 impl Request {
@@ -233,7 +235,11 @@ impl Server {
         let stop = Stop(rx);
         let name = config.thread_name.clone();
         let tls = config.tls.is_some();
-        let shared = Arc::new(conn::Shared { config, handler });
+        let shared = Arc::new(conn::Shared {
+            config,
+            handler,
+            local: addr,
+        });
         let thread = thread::Builder::new()
             .name(name)
             .spawn(move || runtime.block_on(conn::accept_loop(listener, shared, stop)))?;

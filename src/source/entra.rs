@@ -364,5 +364,15 @@ mod tests {
             .contains("empty"));
         std::fs::write(&path, "abc.def.ghi\n").unwrap();
         assert_eq!(read_token_file(&path).unwrap().as_str(), "abc.def.ghi");
+        // A file refused for what it holds: the message never shows it.
+        for bad in [
+            b"assertion-bytes\xff".to_vec(),
+            [b"assertion-bytes".as_slice(), &[b'x'; 70 * 1024]].concat(),
+        ] {
+            std::fs::write(&path, &bad).unwrap();
+            let e = read_token_file(&path).unwrap_err().to_string();
+            assert!(e.contains("azure-identity-token"), "names the path");
+            assert!(!e.contains("assertion-bytes"), "never the contents");
+        }
     }
 }
