@@ -354,15 +354,10 @@ fn parse_loopback(s: &str) -> Result<SocketAddr, String> {
 /// The secret in `path`: its contents without one trailing newline; empty or unreadable
 /// is an error naming the file.
 pub fn read_secret_file(path: &std::path::Path) -> Result<String, String> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| format!("--secret-file {}: {e}", path.display()))?;
-    let secret = text
-        .strip_suffix("\r\n")
-        .or_else(|| text.strip_suffix('\n'))
-        .unwrap_or(&text);
-    crate::emulator::check_secret(secret)
-        .map_err(|e| format!("--secret-file {}: {e}", path.display()))?;
-    Ok(secret.to_owned())
+    let bad = |e: String| format!("--secret-file {}: {e}", path.display());
+    let secret = crate::hardening::read_secret_file(path).map_err(bad)?;
+    crate::emulator::check_secret(&secret).map_err(|e| bad(e.to_string()))?;
+    Ok(secret.to_string())
 }
 
 fn parse_view(s: &str) -> Result<View, String> {

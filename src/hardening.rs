@@ -176,6 +176,27 @@ pub(crate) fn ct_eq(a: &[u8], b: &[u8]) -> bool {
     std::hint::black_box(diff) == 0
 }
 
+/// A secret kept in a file (`--client-secret-file`, `--secret-file`): its contents without
+/// one trailing newline. Unreadable, not text, empty, or with a control character (a second
+/// line) it is refused; the error says which, never the contents.
+pub(crate) fn read_secret_file(
+    path: &std::path::Path,
+) -> Result<zeroize::Zeroizing<String>, String> {
+    let raw = zeroize::Zeroizing::new(std::fs::read(path).map_err(|e| e.to_string())?);
+    let text = std::str::from_utf8(&raw).map_err(|_| "is not UTF-8 text".to_string())?;
+    let secret = text
+        .strip_suffix("\r\n")
+        .or_else(|| text.strip_suffix('\n'))
+        .unwrap_or(text);
+    if secret.is_empty() {
+        return Err("is empty".into());
+    }
+    if secret.chars().any(char::is_control) {
+        return Err("has control characters (one trailing newline is allowed)".into());
+    }
+    Ok(zeroize::Zeroizing::new(secret.to_string()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -52,19 +52,11 @@ impl EntraEmulatorArgs {
             std::fs::read(path).map_err(|e| format!("{flag} {}: {e}", path.display()))
         };
         let client_secret = match &self.client_secret_file {
-            Some(path) => {
-                let raw = read("--client-secret-file", path)?;
-                let text = String::from_utf8(raw)
-                    .map_err(|_| format!("--client-secret-file {}: not UTF-8", path.display()))?;
-                let secret = text
-                    .strip_suffix("\r\n")
-                    .or_else(|| text.strip_suffix('\n'))
-                    .unwrap_or(&text);
-                if secret.is_empty() {
-                    return Err(format!("--client-secret-file {}: is empty", path.display()));
-                }
-                Some(secret.to_string())
-            }
+            Some(path) => Some(
+                crate::hardening::read_secret_file(path)
+                    .map_err(|e| format!("--client-secret-file {}: {e}", path.display()))?
+                    .to_string(),
+            ),
             None => None,
         };
         let client_certificate = match &self.client_certificate {

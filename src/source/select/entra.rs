@@ -223,22 +223,8 @@ fn secret_file(path: &Path) -> Result<Credential, ConfigError> {
         path: path.display().to_string(),
         problem,
     };
-    let text = Zeroizing::new(std::fs::read_to_string(path).map_err(|e| bad(e.to_string()))?);
-    let secret = text
-        .strip_suffix("\r\n")
-        .or_else(|| text.strip_suffix('\n'))
-        .unwrap_or(&text);
-    if secret.is_empty() {
-        return Err(bad("is empty".into()));
-    }
-    if secret.chars().any(char::is_control) {
-        return Err(bad(
-            "has control characters (one trailing newline is allowed)".into(),
-        ));
-    }
-    Ok(Credential::Secret(Arc::new(Zeroizing::new(
-        secret.to_string(),
-    ))))
+    let secret = crate::hardening::read_secret_file(path).map_err(bad)?;
+    Ok(Credential::Secret(Arc::new(secret)))
 }
 
 #[cfg(test)]
