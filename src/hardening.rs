@@ -197,9 +197,25 @@ pub(crate) fn read_secret_file(
     Ok(zeroize::Zeroizing::new(secret.to_string()))
 }
 
+/// A random fraction in [0, 1), for backoff jitter: daemons and sinks that fail together
+/// must not retry together. 0 if the kernel's randomness cannot be read.
+pub(crate) fn jitter() -> f64 {
+    use std::io::Read;
+    let mut raw = [0u8; 2];
+    let read = std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut raw));
+    read.map_or(0.0, |()| f64::from(u16::from_le_bytes(raw)) / 65_536.0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn jitter_is_a_fraction_and_varies() {
+        let draws: Vec<f64> = (0..64).map(|_| jitter()).collect();
+        assert!(draws.iter().all(|j| (0.0..1.0).contains(j)));
+        assert!(draws.iter().any(|j| *j != draws[0]), "random, not fixed");
+    }
 
     #[test]
     fn mlock_errors_name_the_capability_or_the_limit() {

@@ -633,7 +633,7 @@ impl Cache {
             .as_ref()
             .is_none_or(|(last, _)| *last != message);
         f.last_error = Some((message.clone(), now));
-        let jitter = (now.rem_euclid(1000)) as f64 / 1000.0;
+        let jitter = crate::hardening::jitter();
         f.next_attempt_at =
             now.saturating_add(policy::backoff_ms(f.consecutive, e.retry_after(), jitter));
         let held = entry.valid(now).is_some();

@@ -291,7 +291,7 @@ impl Follower<'_> {
             }
             Err(e) => {
                 slot.failures = slot.failures.saturating_add(1);
-                let jitter = f64::from(slot.failures % 4) / 4.0;
+                let jitter = crate::hardening::jitter();
                 let pause = crate::policy::backoff_ms(slot.failures, None, jitter);
                 slot.retry_at = Instant::now() + Duration::from_millis(pause.max(0) as u64);
                 slot.last_error = Some(e);
