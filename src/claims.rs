@@ -32,16 +32,57 @@ fn opaque(expires_on: EpochMs) -> Zeroizing<Vec<u8>> {
 /// The payload of a JWT-shaped token, if it is one: exactly three dot-separated parts, the
 /// middle one base64url (padding tolerated) of a JSON object.
 pub(crate) fn payload(token: &str) -> Option<serde_json::Map<String, serde_json::Value>> {
+    payload_of(&payload_bytes(token)?)
+}
+
+fn payload_bytes(token: &str) -> Option<Zeroizing<Vec<u8>>> {
     let mut parts = token.split('.');
     let (_header, body, _signature) = (parts.next()?, parts.next()?, parts.next()?);
     if parts.next().is_some() || body.is_empty() {
         return None;
     }
-    let bytes = Zeroizing::new(URL_SAFE_NO_PAD.decode(body.trim_end_matches('=')).ok()?);
-    match serde_json::from_slice(&bytes).ok()? {
+    Some(Zeroizing::new(
+        URL_SAFE_NO_PAD.decode(body.trim_end_matches('=')).ok()?,
+    ))
+}
+
+fn payload_of(bytes: &[u8]) -> Option<serde_json::Map<String, serde_json::Value>> {
+    match serde_json::from_slice(bytes).ok()? {
         serde_json::Value::Object(map) => Some(map),
         _ => None,
     }
+}
+
+/// Why a JWT's `exp` cannot be trusted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BadExp {
+    NotANumber,
+    Repeated,
+}
+
+/// The `exp` claim of a JWT-shaped token, in seconds: `None` for a token that is not a JWT
+/// or has no `exp`; an error when `exp` is not a number or appears more than once (a
+/// reader could take either, so none is trusted).
+pub(crate) fn exp(token: &str) -> Result<Option<f64>, BadExp> {
+    /// `exp` alone; serde refuses a field given twice.
+    #[derive(serde::Deserialize)]
+    struct ExpOnly {
+        #[allow(dead_code)] // only read for serde's duplicate check
+        exp: Option<serde::de::IgnoredAny>,
+    }
+    let Some(bytes) = payload_bytes(token) else {
+        return Ok(None);
+    };
+    let Some(claims) = payload_of(&bytes) else {
+        return Ok(None);
+    };
+    let Some(exp) = claims.get("exp") else {
+        return Ok(None);
+    };
+    if serde_json::from_slice::<ExpOnly>(&bytes).is_err() {
+        return Err(BadExp::Repeated);
+    }
+    exp.as_f64().map(Some).ok_or(BadExp::NotANumber)
 }
 
 #[cfg(test)]
@@ -72,6 +113,18 @@ mod tests {
             !text.contains(t.split('.').nth(1).unwrap()),
             "no token part"
         );
+    }
+
+    #[test]
+    fn exp_must_be_one_number() {
+        assert_eq!(exp(&jwt(r#"{"exp":17}"#)), Ok(Some(17.0)));
+        assert_eq!(exp(&jwt(r#"{"exp":17.5}"#)), Ok(Some(17.5)));
+        assert_eq!(exp(&jwt(r#"{"aud":"x"}"#)), Ok(None));
+        assert_eq!(exp("opaque-token"), Ok(None));
+        for bad in [r#"{"exp":"17"}"#, r#"{"exp":null}"#, r#"{"exp":[17]}"#] {
+            assert_eq!(exp(&jwt(bad)), Err(BadExp::NotANumber), "{bad}");
+        }
+        assert_eq!(exp(&jwt(r#"{"exp":1,"exp":99}"#)), Err(BadExp::Repeated));
     }
 
     #[test]

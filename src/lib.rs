@@ -18,6 +18,7 @@ mod fs;
 mod fuseopts;
 mod hardening;
 mod httpserver;
+mod known;
 mod logging;
 mod mount;
 mod names;

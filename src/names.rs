@@ -81,7 +81,9 @@ impl fmt::Display for NameError {
             NameError::Empty => "the name is empty",
             NameError::TooLong => "the name is longer than 255 bytes",
             NameError::Reserved => "names starting with '.' are reserved for views",
-            NameError::ControlCharacter => "the name contains a control character",
+            NameError::ControlCharacter => {
+                "the name contains a control, bidi or other invisible character"
+            }
             NameError::BadPercentEncoding => "the name's percent-encoding is not valid UTF-8",
             NameError::NotAResource => {
                 "not a resource: use a host name (management.azure.com), an app ID (GUID) \
@@ -94,6 +96,22 @@ impl fmt::Display for NameError {
 
 impl std::error::Error for NameError {}
 
+/// Whether `c` prints nothing a reader can see, or changes how what follows is shown: a
+/// control character, a bidi control (U+202E turns `exe.txt` into `txt.exe`), or another
+/// invisible format character (zero-width spaces and joiners, the byte-order mark, soft
+/// hyphen, line and paragraph separators, interlinear annotation). Refused in names, escaped
+/// in logged text from outside.
+pub fn is_unprintable(c: char) -> bool {
+    c.is_control()
+        || matches!(c,
+            '\u{00AD}' | '\u{061C}' | '\u{180E}'
+            | '\u{200B}'..='\u{200F}'
+            | '\u{2028}'..='\u{202E}'
+            | '\u{2060}'..='\u{206F}'
+            | '\u{FEFF}'
+            | '\u{FFF9}'..='\u{FFFB}')
+}
+
 /// Maps a file name to the exact resource string to request.
 pub fn resolve(name: &str) -> Result<String, NameError> {
     if name.is_empty() {
@@ -105,14 +123,14 @@ pub fn resolve(name: &str) -> Result<String, NameError> {
     if name.starts_with('.') {
         return Err(NameError::Reserved);
     }
-    if name.chars().any(char::is_control) {
+    if name.chars().any(is_unprintable) {
         return Err(NameError::ControlCharacter);
     }
     if name.contains('%') {
         let decoded = percent_decode_str(name)
             .decode_utf8()
             .map_err(|_| NameError::BadPercentEncoding)?;
-        if decoded.chars().any(char::is_control) {
+        if decoded.chars().any(is_unprintable) {
             return Err(NameError::ControlCharacter);
         }
         // A scope names its resource; strip every `/.default` so no resource ends in one
@@ -151,7 +169,7 @@ pub fn resolve_arg(arg: &str) -> Result<String, NameError> {
     if !arg.contains("://") {
         return resolve(arg);
     }
-    if arg.chars().any(char::is_control) {
+    if arg.chars().any(is_unprintable) {
         return Err(NameError::ControlCharacter);
     }
     if arg.len() > MAX_RESOURCE {
@@ -222,7 +240,7 @@ pub fn canonical_name(resource: &str) -> Option<String> {
 fn escape_minimal(resource: &str) -> String {
     let mut out = String::with_capacity(resource.len() + 8);
     for c in resource.chars() {
-        if c == '%' || c == '/' || c.is_control() {
+        if c == '%' || c == '/' || is_unprintable(c) {
             let mut buf = [0u8; 4];
             for b in c.encode_utf8(&mut buf).bytes() {
                 out.push_str(&format!("%{b:02X}"));
@@ -261,7 +279,7 @@ pub fn is_uri(s: &str) -> bool {
         && chars.all(|c| c.is_ascii_alphanumeric() || "+-.".contains(c))
         && !rest.is_empty()
         && !rest.starts_with('/')
-        && !rest.chars().any(|c| c.is_whitespace() || c.is_control())
+        && !rest.chars().any(|c| c.is_whitespace() || is_unprintable(c))
 }
 
 /// Two or more labels of letters, digits and inner hyphens, each at most 63 bytes.
@@ -422,6 +440,17 @@ mod tests {
         assert_eq!(resolve(".json"), Err(NameError::Reserved));
         assert_eq!(resolve(&"a".repeat(256)), Err(NameError::TooLong));
         assert_eq!(resolve("bad\u{7}.com"), Err(NameError::ControlCharacter));
+        for hidden in ["\u{202E}", "\u{2066}", "\u{200B}", "\u{FEFF}", "\u{2028}"] {
+            let name = format!("evil{hidden}moc.example.com");
+            assert_eq!(resolve(&name), Err(NameError::ControlCharacter), "{name:?}");
+            let encoded = format!(
+                "https%3A%2F%2Fa{}",
+                utf8_percent_encode(hidden, NON_ALPHANUMERIC)
+            );
+            assert_eq!(resolve(&encoded), Err(NameError::ControlCharacter));
+            let uri = format!("https://a{hidden}b.example.com/");
+            assert_eq!(resolve_arg(&uri), Err(NameError::ControlCharacter));
+        }
     }
 
     #[test]

@@ -110,6 +110,8 @@ pub struct Version {
     /// When it is refreshed and until when it may be served, computed once by the policy.
     pub schedule: Schedule,
     views: [Zeroizing<Vec<u8>>; View::ALL.len()],
+    /// The token, registered for scrubbing from outside text while this version is held.
+    _known: crate::known::Known,
 }
 
 impl Version {
@@ -127,6 +129,7 @@ impl Version {
         let git = wrap(b"username=cstokenfs\npassword=", &raw, b"\n");
         let claims = crate::claims::render(&token.access_token, token.expires_on);
         Version {
+            _known: crate::known::remember(&token.access_token),
             id,
             resource,
             fetched_at,

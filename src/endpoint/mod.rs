@@ -98,6 +98,8 @@ pub struct Endpoint {
     server: Server,
     url: String,
     secret: Arc<Zeroizing<String>>,
+    /// The secret, registered for scrubbing from outside text while the endpoint runs.
+    _known: crate::known::Known,
     counters: Arc<Counters>,
 }
 
@@ -145,6 +147,7 @@ impl Endpoint {
         Ok(Endpoint {
             server,
             url,
+            _known: crate::known::remember(&secret),
             secret,
             counters,
         })

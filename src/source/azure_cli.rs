@@ -83,12 +83,14 @@ impl Source for AzureCli {
         let out = stdout.and_then(|h| h.join().ok()).unwrap_or_default();
         let err = stderr.and_then(|h| h.join().ok()).unwrap_or_default();
         if !status.success() {
-            let text: String = String::from_utf8_lossy(&err)
+            // Redacted whole, before it is cut short: a cut never keeps part of a credential.
+            let joined = String::from_utf8_lossy(&err)
                 .lines()
                 .map(str::trim)
                 .filter(|l| !l.is_empty())
                 .collect::<Vec<_>>()
-                .join(" ")
+                .join(" ");
+            let text: String = super::redact::redact(&joined)
                 .chars()
                 .filter(|c| !c.is_control())
                 .take(300)

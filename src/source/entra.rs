@@ -7,7 +7,7 @@
 
 use super::assertion::ClientCertificate;
 use super::http::{self, HttpEndpoint};
-use super::{parse, tls, ConfigError, Failure, Kind, Source, SourceError};
+use super::{parse, redact, tls, ConfigError, Failure, Kind, Source, SourceError};
 use crate::policy::now_ms;
 use crate::token::Token;
 use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
@@ -110,6 +110,8 @@ pub struct Entra {
     token_url: String,
     client_id: String,
     credential: Credential,
+    /// The client secret, registered for scrubbing while this source exists.
+    _known: Option<crate::known::Known>,
 }
 
 impl Entra {
@@ -126,11 +128,19 @@ impl Entra {
             endpoint: HttpEndpoint::from_parts(url, client),
             client_id: settings.client_id.clone(),
             credential: settings.credential.clone(),
+            _known: match &settings.credential {
+                Credential::Secret(secret) => Some(crate::known::remember(secret)),
+                _ => None,
+            },
         })
     }
 
-    /// The request body (wiped on drop: it holds the credential).
-    fn form(&self, resource: &str) -> Result<Zeroizing<String>, SourceError> {
+    /// The request body (wiped on drop: it holds the credential), and the assertion it
+    /// carries registered for scrubbing (kept until the answer is read).
+    fn form(
+        &self,
+        resource: &str,
+    ) -> Result<(Zeroizing<String>, Option<crate::known::Known>), SourceError> {
         let enc = |s: &str| utf8_percent_encode(s, FORM).to_string();
         let mut body = Zeroizing::new(format!(
             "grant_type=client_credentials&client_id={}&scope={}",
@@ -141,18 +151,20 @@ impl Entra {
             Credential::Secret(secret) => {
                 body.push_str("&client_secret=");
                 body.push_str(&Zeroizing::new(enc(secret)));
+                Ok((body, None))
             }
             Credential::FederatedTokenFile(path) => {
                 let token = read_token_file(path)?;
                 push_assertion(&mut body, &token);
+                Ok((body, Some(crate::known::remember(&token))))
             }
             Credential::Certificate(cert) => {
                 let now = u64::try_from(now_ms() / 1000).unwrap_or(0);
                 let jwt = cert.assertion(&self.client_id, &self.token_url, now)?;
                 push_assertion(&mut body, &jwt);
+                Ok((body, Some(crate::known::remember(&jwt))))
             }
         }
-        Ok(body)
     }
 }
 
@@ -189,7 +201,8 @@ pub fn read_token_file(path: &std::path::Path) -> Result<Zeroizing<String>, Sour
 
 impl Source for Entra {
     fn fetch_once(&self, resource: &str, timeout: Duration) -> Result<Token, SourceError> {
-        let form = self.form(resource)?;
+        // The assertion stays registered until its answer, echoes included, is parsed.
+        let (form, _assertion) = self.form(resource)?;
         let request = self
             .endpoint
             .post()
@@ -238,7 +251,8 @@ pub fn error_of(status: u16, body: &[u8], retry_after: Option<Duration>) -> Sour
         .and_then(Value::as_u64)
         .and_then(|c| u32::try_from(c).ok())
         .or_else(|| code_in(description));
-    let description: String = description
+    // Redacted whole, before they are cut short: a cut never keeps part of a credential.
+    let description: String = redact::redact(description)
         .chars()
         .map(|c| if c.is_control() { ' ' } else { c })
         .take(1000)
@@ -246,7 +260,7 @@ pub fn error_of(status: u16, body: &[u8], retry_after: Option<Duration>) -> Sour
     SourceError::Entra {
         status,
         code,
-        error: error
+        error: redact::redact(error)
             .chars()
             .filter(|c| !c.is_control())
             .take(100)

@@ -29,6 +29,8 @@ pub enum AnswerError {
     },
     /// An expiry before the epoch.
     BeforeEpoch(&'static str),
+    /// The token is a JWT whose `exp` is not one number.
+    JwtExp(crate::claims::BadExp),
 }
 
 impl fmt::Display for AnswerError {
@@ -56,6 +58,12 @@ impl fmt::Display for AnswerError {
                 "{field} is more than 7 days away ({days} days): not a plausible token expiry (milliseconds instead of seconds?)"
             ),
             AnswerError::BeforeEpoch(field) => write!(f, "{field} is before 1970"),
+            AnswerError::JwtExp(crate::claims::BadExp::NotANumber) => {
+                f.write_str("the token's exp claim is not a number")
+            }
+            AnswerError::JwtExp(crate::claims::BadExp::Repeated) => {
+                f.write_str("the token's exp claim is given more than once")
+            }
         }
     }
 }
@@ -93,7 +101,7 @@ fn token_of(obj: &mut Map<String, Value>, requested_at: EpochMs) -> Result<Token
         .unwrap_or("Bearer")
         .to_string();
     let (answered, field) = expiry(obj, requested_at)?;
-    let expires_on = match jwt_exp(&access_token) {
+    let expires_on = match jwt_exp(&access_token)? {
         Some(exp) if exp < answered => {
             checked_expiry(exp, "exp (the JWT's own claim)", requested_at)?
         }
@@ -141,14 +149,12 @@ fn byte_class(b: u8) -> &'static str {
     }
 }
 
-/// The `exp` claim of a JWT, in ms: `None` for a token that is not a JWT with a numeric
-/// `exp` (opaque tokens are fine; their answer's expiry counts).
-pub fn jwt_exp(token: &str) -> Option<EpochMs> {
-    // The same reading of a JWT as the `.claims` view's.
-    let claims = crate::claims::payload(token)?;
-    let exp = claims.get("exp")?;
-    let secs = exp.as_i64().or_else(|| exp.as_f64().map(|f| f as i64))?;
-    secs.checked_mul(1000)
+/// The `exp` claim of a JWT, in ms: `None` for a token that is not a JWT or has no `exp`
+/// (opaque tokens are fine; their answer's expiry counts); an error when `exp` is not one
+/// number (the same reading of a JWT as the `.claims` view's).
+pub fn jwt_exp(token: &str) -> Result<Option<EpochMs>, AnswerError> {
+    let secs = crate::claims::exp(token).map_err(AnswerError::JwtExp)?;
+    Ok(secs.and_then(|s| (s.floor() as i64).checked_mul(1000)))
 }
 
 /// An expiry at most `MAX_LIFETIME_MS` after the request (so also one RFC 3339 can write).
@@ -554,9 +560,24 @@ mod tests {
         let e = token(body.as_bytes(), now).unwrap_err().to_string();
         assert!(e.contains("exp"), "{e}");
         // Not a JWT, or no exp: the answer counts.
-        assert_eq!(jwt_exp("opaque"), None);
-        assert_eq!(jwt_exp(&jwt(r#"{"aud":"x"}"#)), None);
-        assert_eq!(jwt_exp("a.!!!.c"), None);
+        assert_eq!(jwt_exp("opaque"), Ok(None));
+        assert_eq!(jwt_exp(&jwt(r#"{"aud":"x"}"#)), Ok(None));
+        assert_eq!(jwt_exp("a.!!!.c"), Ok(None));
+    }
+
+    #[test]
+    fn a_jwt_whose_exp_is_not_one_number_is_refused() {
+        let now = 1_700_000_000_000;
+        let later = now / 1000 + 600;
+        for (claims, why) in [
+            (format!(r#"{{"exp":"{later}"}}"#), "not a number"),
+            (format!(r#"{{"exp":{later},"exp":1}}"#), "more than once"),
+        ] {
+            let body = format!(r#"{{"access_token":"{}","expires_in":3600}}"#, jwt(&claims));
+            let e = token(body.as_bytes(), now).unwrap_err();
+            assert!(matches!(e, AnswerError::JwtExp(_)), "{e}");
+            assert!(e.to_string().contains(why), "{e}");
+        }
     }
 
     #[test]

@@ -1,5 +1,7 @@
 //! Redaction of upstream text (error bodies, `az`'s stderr, transport errors) before it
-//! reaches a log, an error message or `.status`: whatever looks like a credential goes.
+//! reaches a log, an error message, `.status` or an HTTP reply: the one place such text
+//! passes. First every credential the daemon holds goes, in every form it could be echoed
+//! in (`crate::known::scrub`); then whatever looks like a credential:
 //!
 //! - a word holding `eyJ` (the start of every base64url JSON header, so of every JWT) or
 //!   shaped like a JWT (three or more base64url segments joined by dots, one of them long);
@@ -7,8 +9,12 @@
 //!   `client_assertion`, `X-IDENTITY-HEADER`, `IDENTITY_HEADER`, `password` and any `secret`,
 //!   written `key=value`, `key: value`, `key = value` or JSON `"key": "value"`;
 //! - the word after `Bearer` (any case).
+//!
+//! Last, what could forge or hide log text is escaped: control characters but space and tab
+//! (a line break would start a fake log line) and bidi or invisible characters
+//! (`crate::names::is_unprintable`) become `\u{..}`.
 
-const HIDDEN: &str = "<redacted>";
+use crate::known::HIDDEN;
 const SECRET_KEYS: [&str; 9] = [
     "access_token",
     "refresh_token",
@@ -33,8 +39,27 @@ enum Next {
     Key,
 }
 
-/// `text` with every credential-like word replaced by `<redacted>`; white space is kept.
+/// `text` without any credential the daemon holds or any credential-like word (each
+/// replaced by `<redacted>`), its unprintable characters escaped; white space is kept.
 pub fn redact(text: &str) -> String {
+    escape(&by_pattern(&crate::known::scrub(text)))
+}
+
+/// `\u{..}` for every character that could forge a log line or hide what follows.
+fn escape(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        if crate::names::is_unprintable(c) && c != '\t' {
+            out.push_str(&format!("\\u{{{:x}}}", u32::from(c)));
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// `text` with every credential-like word replaced by `<redacted>`; white space is kept.
+fn by_pattern(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     let mut next = Next::Plain;
     for piece in text.split_inclusive(char::is_whitespace) {
@@ -223,5 +248,13 @@ mod tests {
         );
         assert_eq!(redact("no secret here"), "no secret here");
         assert_eq!(redact("a  b\tc "), "a  b\tc ", "white space is kept");
+    }
+
+    #[test]
+    fn what_could_forge_or_hide_log_text_is_escaped() {
+        assert_eq!(redact("bad\nWARN forged line"), "bad\\u{a}WARN forged line");
+        assert_eq!(redact("a\u{202E}fdp.exe"), "a\\u{202e}fdp.exe");
+        assert_eq!(redact("zero\u{200B}width"), "zero\\u{200b}width");
+        assert_eq!(redact("r\u{e9}sum\u{e9} ok"), "r\u{e9}sum\u{e9} ok");
     }
 }
