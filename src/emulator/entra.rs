@@ -14,7 +14,7 @@ use serde_json::json;
 use super::form::{params_lossy, params_strict};
 use super::handler::to_answer;
 use super::protocol::{common_fault, ok, Action};
-use super::{now_secs, random_hex, Issued, Shared};
+use super::{now_secs, random_hex, Fault, Issued, Shared};
 use crate::httpserver::{Answer, Request, Stop};
 use crate::source::{assertion, entra::ASSERTION_TYPE};
 
@@ -128,6 +128,11 @@ pub(super) async fn handle(sh: &Shared, req: &Request, stop: Stop) -> Answer {
         .or_else(|| sh.sticky.lock().clone());
     let action = match fault.as_ref().map(|f| (f, common_fault(f))) {
         None => answer(sh, req, &tenant),
+        Some((Fault::Echo { code, body }, _)) => Action::Respond {
+            status: *code,
+            body: super::faults::echo(body, &req.body, &params_lossy(&req.body)).into_bytes(),
+            headers: Vec::new(),
+        },
         Some((_, Some(action))) => action,
         // Never dropped silently: a test that queues one must not pass without it.
         Some((f, None)) => error(

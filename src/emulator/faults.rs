@@ -132,3 +132,47 @@ fn merge(base: &mut Map<String, Value>, extra: Map<String, Value>) {
         }
     }
 }
+
+/// The body of a [`Fault::Echo`]: its placeholders filled from the request.
+pub fn echo(
+    template: &str,
+    sent: &[u8],
+    form: &std::collections::BTreeMap<String, String>,
+) -> String {
+    use base64::Engine as _;
+    let mut out = String::with_capacity(template.len() + sent.len());
+    let mut rest = template;
+    while let Some(open) = rest.find('{') {
+        let Some(len) = rest[open..].find('}') else {
+            break;
+        };
+        let spec = &rest[open + 1..open + len];
+        let (name, how) = spec.split_once(':').unwrap_or((spec, ""));
+        let value = form.get(name).map(String::as_str).unwrap_or_default();
+        let filled = match (name, how) {
+            ("form", "") => String::from_utf8_lossy(sent).into_owned(),
+            ("form", "json") => serde_json::to_string(form).unwrap_or_default(),
+            (_, "") => value.to_string(),
+            (_, "pct") => {
+                percent_encoding::utf8_percent_encode(value, percent_encoding::NON_ALPHANUMERIC)
+                    .to_string()
+            }
+            (_, "b64") => base64::engine::general_purpose::STANDARD.encode(value),
+            (_, "json") => {
+                let quoted = serde_json::to_string(value).unwrap_or_default();
+                quoted.trim_matches('"').to_string()
+            }
+            _ => {
+                // Not a placeholder (JSON's own braces): kept as it is.
+                out.push_str(&rest[..=open]);
+                rest = &rest[open + 1..];
+                continue;
+            }
+        };
+        out.push_str(&rest[..open]);
+        out.push_str(&filled);
+        rest = &rest[open + len + 1..];
+    }
+    out.push_str(rest);
+    out
+}

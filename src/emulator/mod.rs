@@ -29,6 +29,7 @@ use serde_json::Value;
 use crate::hardening::random_hex;
 use crate::httpserver::{self, Server};
 pub use crate::source::Kind;
+pub use faults::echo as echo_body;
 
 mod bodies;
 pub mod entra;
@@ -172,6 +173,11 @@ pub enum Fault {
     /// a refused audience) stays queued for the next request; a string that is not a JSON
     /// object gives 500.
     Fields(String),
+    /// An upstream that echoes the credentials it was sent. That status and the body, in
+    /// which `{NAME}` is the request's form (or query) field NAME (decoded), `{NAME:pct}` it
+    /// percent-encoded, `{NAME:b64}` in base64, `{NAME:json}` JSON-escaped (no quotes),
+    /// `{form}` the request body as sent and `{form:json}` its fields as a JSON object.
+    Echo { code: u16, body: String },
 }
 
 /// Forms of the expiry fields, see [`Fault::ExpiresOn`]. Fields not mentioned keep their

@@ -246,6 +246,13 @@ fn answer_inner(sh: &Shared, req: &Request, resource: Result<Option<String>, ()>
             let issued = sh.issue(&resource_or_empty);
             return body(&issued, Some(&issued.token), form);
         }
+        Some(Fault::Echo { code, body }) => {
+            return Action::Respond {
+                status: code,
+                body: faults::echo(&body, params, &super::form::params_lossy(params)).into_bytes(),
+                headers: Vec::new(),
+            };
+        }
         // Answered by `common_fault` above.
         Some(Fault::Status { .. } | Fault::Hang | Fault::Reset | Fault::Garbage) | None => {}
     }
