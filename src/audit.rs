@@ -44,15 +44,18 @@ thread_local! {
     static LAST_EXE: std::cell::RefCell<Option<(u32, Arc<str>)>> = const { std::cell::RefCell::new(None) };
 }
 
-/// The executable of `pid` (`?` when it cannot be read).
+/// The executable of `pid` (`?` when it cannot be read), its unprintable characters escaped
+/// (any user names their own executables).
 pub fn exe_of(pid: u32) -> Arc<str> {
     LAST_EXE.with(|last| {
         let mut last = last.borrow_mut();
         match &*last {
             Some((p, exe)) if *p == pid => exe.clone(),
             _ => {
-                let exe: Arc<str> = std::fs::read_link(format!("/proc/{pid}/exe"))
-                    .map_or_else(|_| "?".into(), |p| p.display().to_string().into());
+                let exe: Arc<str> = std::fs::read_link(format!("/proc/{pid}/exe")).map_or_else(
+                    |_| "?".into(),
+                    |p| crate::names::escape_unprintable(&p.to_string_lossy()).into(),
+                );
                 *last = Some((pid, exe.clone()));
                 exe
             }

@@ -112,6 +112,21 @@ pub fn is_unprintable(c: char) -> bool {
             | '\u{FFF9}'..='\u{FFFB}')
 }
 
+/// `text` with every unprintable character but tab written `\u{..}`: what a log line
+/// shows of text from outside (an upstream's words, a reader's executable path), so it can
+/// neither forge a line nor hide what follows.
+pub fn escape_unprintable(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        if is_unprintable(c) && c != '\t' {
+            out.push_str(&format!("\\u{{{:x}}}", u32::from(c)));
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 /// Maps a file name to the exact resource string to request.
 pub fn resolve(name: &str) -> Result<String, NameError> {
     if name.is_empty() {

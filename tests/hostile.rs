@@ -451,3 +451,75 @@ fn azure_cli_without_az_on_path_is_a_mount_time_error() {
     assert!(err.contains("az is not on PATH"), "{err}");
     assert!(!is_mounted(Path::new(&mnt)));
 }
+
+#[test]
+fn a_jwt_whose_exp_is_not_one_number_is_eio() {
+    need_fuse!();
+    let emu = emulator();
+    emu.set_allow_any(true);
+    let m = Mounted::new(&emu.url(), &[]);
+    let later = now_secs() + 1200;
+    for (i, claims) in [
+        format!(r#"{{"exp":"{later}"}}"#),
+        format!(r#"{{"exp":{later},"exp":1}}"#),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let b64 = |s: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s);
+        let token = format!("{}.{}.", b64(r#"{"alg":"none"}"#), b64(claims));
+        emu.set_fault(Some(answer(format!(
+            r#"{{"access_token":"{token}","expires_in":"3600"}}"#
+        ))));
+        let name = format!("exp{i}.example.com");
+        assert_eq!(errno(&m.read_err(&name)), libc::EIO, "claims #{i}");
+        let why = last_error(&m, &format!("https://{name}"));
+        assert!(why.contains("exp claim"), "{why}");
+    }
+}
+
+#[test]
+fn outside_text_that_could_forge_log_lines_is_escaped() {
+    need_fuse!();
+    let emu = emulator();
+    emu.set_allow_any(true);
+    let m = Mounted::with_env(&emu.url(), &[], &[("RUST_LOG", "debug")]);
+    // An upstream's words with a line break and a bidi override.
+    emu.push_fault(Fault::Status {
+        code: 400,
+        body: r#"{"error":"invalid_resource","error_description":"no\nERROR forged line \u202Eexe.txt"}"#
+            .into(),
+        retry_after: None,
+    });
+    assert_eq!(errno(&m.read_err("forge.example.com")), libc::ENOENT);
+    // A name with a bidi override is refused locally: no upstream call.
+    let calls = emu.requests();
+    assert_eq!(
+        errno(&m.read_err("evil\u{202E}moc.example.com")),
+        libc::ENOENT
+    );
+    assert_eq!(emu.requests(), calls, "refused without asking");
+    // A reader whose executable's name holds a line break: the audit line is escaped.
+    let dir = tempfile::tempdir().unwrap();
+    let exe = dir.path().join("cat\nINFO forged audit");
+    std::fs::copy("/bin/cat", &exe).unwrap();
+    let out = std::process::Command::new(&exe)
+        .arg(m.file("management.azure.com"))
+        .output()
+        .unwrap();
+    assert!(out.status.success() && !out.stdout.is_empty());
+    let log = eventually(Duration::from_secs(5), || {
+        let log = m.log_text();
+        log.contains("forged audit").then_some(log)
+    })
+    .expect("the audit line");
+    for line in log.lines() {
+        assert!(
+            !line.starts_with("ERROR forged") && !line.starts_with("INFO forged"),
+            "a forged line: {line}"
+        );
+    }
+    assert!(!log.contains('\u{202E}'), "no raw bidi override");
+    assert!(log.contains("\\u{a}ERROR forged") && log.contains("\\u{202e}exe.txt"));
+    assert!(log.contains("cat\\u{a}INFO forged audit"));
+}

@@ -42,20 +42,7 @@ enum Next {
 /// `text` without any credential the daemon holds or any credential-like word (each
 /// replaced by `<redacted>`), its unprintable characters escaped; white space is kept.
 pub fn redact(text: &str) -> String {
-    escape(&by_pattern(&crate::known::scrub(text)))
-}
-
-/// `\u{..}` for every character that could forge a log line or hide what follows.
-fn escape(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    for c in text.chars() {
-        if crate::names::is_unprintable(c) && c != '\t' {
-            out.push_str(&format!("\\u{{{:x}}}", u32::from(c)));
-        } else {
-            out.push(c);
-        }
-    }
-    out
+    crate::names::escape_unprintable(&by_pattern(&crate::known::scrub(text)))
 }
 
 /// `text` with every credential-like word replaced by `<redacted>`; white space is kept.
