@@ -30,11 +30,18 @@ const UNRESERVED: &AsciiSet = &NON_ALPHANUMERIC
     .remove(b'_')
     .remove(b'~');
 
-/// One registered credential: every form to look for, longest first.
+/// One registered credential. Its forms are many and each as long as the credential (with
+/// 1,024 tokens held, tens of MB), so only a short piece of each is kept: the forms are
+/// made again, for the one credential, when a text holds one of its pieces.
 struct Entry {
     id: u64,
-    forms: Vec<Zeroizing<String>>,
+    secret: Zeroizing<String>,
+    /// [`ANCHOR`] bytes from the middle of each form (the whole of a shorter one).
+    anchors: Vec<Zeroizing<String>>,
 }
+
+/// The length of an anchor: long enough that ordinary text never holds one by chance.
+const ANCHOR: usize = 16;
 
 /// The registered credentials. A `Mutex`, not a lock-free set: registration happens once
 /// per fetched token or assertion, and scrubbing only on the error path.
@@ -63,8 +70,18 @@ impl std::fmt::Debug for Known {
 pub fn remember(secret: &str) -> Known {
     let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
     if secret.len() >= MIN_LEN {
-        let forms = forms_of(secret);
-        REGISTRY.lock().push(Entry { id, forms });
+        let mut anchors: Vec<Zeroizing<String>> = forms_of(secret)
+            .iter()
+            .map(|f| Zeroizing::new(anchor_of(f).to_string()))
+            .collect();
+        anchors.sort_by(|a, b| a.as_str().cmp(b.as_str()));
+        anchors.dedup();
+        let secret = Zeroizing::new(secret.to_string());
+        REGISTRY.lock().push(Entry {
+            id,
+            secret,
+            anchors,
+        });
     }
     Known { id }
 }
@@ -74,13 +91,32 @@ pub fn scrub(text: &str) -> String {
     let registry = REGISTRY.lock();
     let mut out = text.to_string();
     for entry in registry.iter() {
-        for form in &entry.forms {
+        if !entry.anchors.iter().any(|a| out.contains(a.as_str())) {
+            continue;
+        }
+        for form in forms_of(&entry.secret) {
             if out.contains(form.as_str()) {
                 out = out.replace(form.as_str(), HIDDEN);
             }
         }
     }
     out
+}
+
+/// [`ANCHOR`] bytes from the middle of `form` (widened to whole characters), or all of it.
+fn anchor_of(form: &str) -> &str {
+    if form.len() <= ANCHOR {
+        return form;
+    }
+    let mut start = (form.len() - ANCHOR) / 2;
+    while !form.is_char_boundary(start) {
+        start -= 1;
+    }
+    let mut end = start + ANCHOR;
+    while !form.is_char_boundary(end) {
+        end += 1;
+    }
+    &form[start..end]
 }
 
 /// The forms `secret` may come back in, longest first (so a form never leaves a part of a
@@ -179,6 +215,14 @@ mod tests {
     fn short_credentials_are_not_registered() {
         let _k = remember("abc");
         assert_eq!(scrub("abc abc"), "abc abc");
+    }
+
+    #[test]
+    fn anchors_are_short_pieces_of_whole_characters() {
+        assert_eq!(anchor_of("short"), "short");
+        assert_eq!(anchor_of(&"a".repeat(40)).len(), ANCHOR);
+        let wide = "\u{e9}".repeat(30);
+        assert!(anchor_of(&wide).len() >= ANCHOR && wide.contains(anchor_of(&wide)));
     }
 
     #[test]
