@@ -78,17 +78,19 @@ fn head(addr: SocketAddr, secret: &str) -> String {
 }
 
 /// Asks for a resource nobody issues through the endpoint and as a file with each shape
-/// queued (the 500 one sticky, so every retry meets it); returns the endpoint's replies.
-/// `field`: the form field echoed; `planted`: a value the test plants itself instead.
+/// queued (the 500 one sticky, so every retry meets it); returns the endpoint's replies and
+/// the field's value as last sent with each shape. `field`: the form field echoed;
+/// `planted`: a value the test plants itself instead.
 fn drive_shapes(
     m: &Mounted,
     emu: &Emulator,
     field: &str,
     planted: Option<&str>,
     tag: &str,
-) -> String {
+) -> (String, Vec<String>) {
     let (addr, secret) = endpoint_of(m);
     let mut replies = String::new();
+    let mut sent = Vec::new();
     for (i, (code, template)) in SHAPES.iter().enumerate() {
         let template = template.replace("{F", &format!("{{{field}"));
         let fault = match planted {
@@ -126,13 +128,20 @@ fn drive_shapes(
             let _ = m.read_err(&format!("{tag}{i}b.example.com"));
             emu.set_fault(None);
         }
+        sent.extend(emu.last_params().and_then(|p| p.get(field).cloned()));
     }
-    replies
+    (replies, sent)
 }
 
-fn mount(emu: &Emulator, env: &[(&str, &str)], args: &[&str]) -> Mounted {
-    let url = emu.url();
-    let mut all = vec![
+/// A mount of the Entra source `source` (with its credential flag) against `emu`, serving
+/// the endpoint too, logging at trace level.
+fn mount(emu: &Emulator, source: &str, credential: (&str, &std::path::Path)) -> Mounted {
+    let (url, path) = (emu.url(), credential.1.display().to_string());
+    let args = [
+        "--source",
+        source,
+        credential.0,
+        &path,
         "--serve-endpoint",
         "127.0.0.1:0",
         "--timeout",
@@ -142,14 +151,12 @@ fn mount(emu: &Emulator, env: &[(&str, &str)], args: &[&str]) -> Mounted {
         "--client-id",
         CLIENT,
         "--authority-host",
-        url.as_str(),
+        &url,
     ];
-    all.extend_from_slice(args);
-    let mut env = env.to_vec();
-    env.push(("RUST_LOG", "trace"));
-    Mounted::raw(&all, &env)
+    Mounted::raw(&args, &[("RUST_LOG", "trace")])
 }
 
+/// Everything a credential may leak into: the log, `.status` and the endpoint's replies.
 fn surface(m: &Mounted, replies: &str) -> String {
     format!(
         "{}\n{}\n{replies}",
@@ -171,24 +178,15 @@ fn a_client_secret_echoed_in_every_shape_never_leaves() {
         None,
     );
     let file = write(dir.path(), "secret", secret);
-    let path = file.display().to_string();
-    let m = mount(
-        &emu,
-        &[],
-        &[
-            "--source",
-            "service-principal",
-            "--client-secret-file",
-            &path,
-        ],
-    );
-    let replies = drive_shapes(&m, &emu, "client_secret", None, "s");
+    let m = mount(&emu, "service-principal", ("--client-secret-file", &file));
+    let (mut replies, _) = drive_shapes(&m, &emu, "client_secret", None, "s");
     // A token held and the endpoint's secret, planted by the test in the same shapes.
     let token = String::from_utf8(m.read("management.azure.com").expect("a token")).unwrap();
     let (_, endpoint_secret) = endpoint_of(&m);
-    let more = drive_shapes(&m, &emu, "v", Some(&token), "t")
-        + &drive_shapes(&m, &emu, "v", Some(&endpoint_secret), "e");
-    let all = surface(&m, &(replies + &more));
+    for (value, tag) in [(&token, "t"), (&endpoint_secret, "e")] {
+        replies += &drive_shapes(&m, &emu, "v", Some(value), tag).0;
+    }
+    let all = surface(&m, &replies);
     assert!(all.contains("<redacted>"), "the shapes reached the surface");
     assert_none_of(&all, &[secret.to_string()], "the client secret");
     assert_none_of(&all, &[token], "a token held");
@@ -221,23 +219,14 @@ fn a_federated_assertion_echoed_in_every_shape_never_leaves() {
         },
         None,
     );
-    let path = file.display().to_string();
-    let m = mount(
-        &emu,
-        &[],
-        &[
-            "--source",
-            "workload-identity",
-            "--federated-token-file",
-            &path,
-        ],
+    let m = mount(&emu, "workload-identity", ("--federated-token-file", &file));
+    let (replies, sent) = drive_shapes(&m, &emu, "client_assertion", None, "f");
+    assert!(
+        sent.iter().all(|s| *s == assertion),
+        "the file's token was sent"
     );
-    let replies = drive_shapes(&m, &emu, "client_assertion", None, "f");
-    assert_none_of(
-        &surface(&m, &replies),
-        &[assertion],
-        "the federated assertion",
-    );
+    let all = surface(&m, &replies);
+    assert_none_of(&all, &[assertion], "the federated assertion");
 }
 
 #[test]
@@ -253,37 +242,11 @@ fn a_certificate_assertion_echoed_in_every_shape_never_leaves() {
         },
         None,
     );
-    let path = file.display().to_string();
-    let m = mount(
-        &emu,
-        &[],
-        &[
-            "--source",
-            "service-principal",
-            "--client-certificate",
-            &path,
-        ],
-    );
-    let (addr, secret) = endpoint_of(&m);
-    let mut replies = String::new();
-    let mut assertions = Vec::new();
+    let m = mount(&emu, "service-principal", ("--client-certificate", &file));
     // Each fetch signs a new assertion: the emulator shows the one it was sent.
-    for (i, (code, template)) in SHAPES.iter().enumerate().filter(|(_, (c, _))| *c < 500) {
-        emu.push_fault(Fault::Echo {
-            code: *code,
-            body: template.replace("{F", "{client_assertion"),
-        });
-        let target =
-            format!("/msi/token?api-version=2019-08-01&resource=https%3A%2F%2Fc{i}.example.com");
-        let (_, body) = cstokenfs::testing::http_get(addr, &target, &head(addr, &secret));
-        replies.push_str(&body.0.to_string());
-        let sent = emu
-            .last_params()
-            .and_then(|p| p.get("client_assertion").cloned())
-            .expect("an assertion was sent");
-        assertions.push(sent);
-    }
+    let (replies, sent) = drive_shapes(&m, &emu, "client_assertion", None, "c");
+    assert_eq!(sent.len(), SHAPES.len(), "an assertion per shape");
     let all = surface(&m, &replies);
     assert!(all.contains("<redacted>"), "the shapes reached the surface");
-    assert_none_of(&all, &assertions, "a certificate assertion");
+    assert_none_of(&all, &sent, "a certificate assertion");
 }
