@@ -356,8 +356,8 @@ fn mount_logging_to(url: &str, log: &Path, mnt: &Path) -> Output {
     run_bounded(&["mount", "--endpoint", url, "--log-file", log, mnt])
 }
 
-/// A link planted where the log file goes, or a log file someone else owns: mount and sink
-/// exit 1 before detaching, saying why; nothing is created or written through the link.
+/// A link planted where the log file goes, a log file someone else owns, a FIFO: mount and
+/// sink exit 1 before detaching, saying why; nothing is created or written through the link.
 #[test]
 fn log_files_through_links_or_owned_by_others_are_refused() {
     need_fuse!();
@@ -372,12 +372,17 @@ fn log_files_through_links_or_owned_by_others_are_refused() {
     let foreign = dir.path().join("foreign.log");
     std::fs::write(&foreign, "").unwrap();
     std::os::unix::fs::chown(&foreign, Some(65534), Some(65534)).unwrap();
+    let fifo = dir.path().join("fifo.log");
+    let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: mkfifo reads the NUL-terminated path we own.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
     let sink_dir = sink_support::Tmpfs::new();
     let (_d, mnt) = scratch_mountpoint();
     let _guard = KillOnDrop(mnt.clone());
     for (log, why) in [
         (&link, "is a symbolic link"),
         (&foreign, "is owned by uid 65534"),
+        (&fifo, "is not a regular file"),
     ] {
         let logged = log.to_str().unwrap();
         let mount = mount_logging_to(&emu.url(), log, &mnt);

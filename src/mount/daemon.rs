@@ -174,6 +174,10 @@ pub(crate) fn open_log(path: &Path) -> Result<File, MountError> {
         rustix::io::Errno::LOOP => {
             refuse("is a symbolic link: log files are never opened through one".into())
         }
+        // A FIFO without a reader (or a device without its driver): open fails at once.
+        rustix::io::Errno::NXIO => {
+            refuse("is not a regular file (a FIFO no one reads, or a device with no driver)".into())
+        }
         e => refuse(std::io::Error::from(e).to_string()),
     })?;
     let stat = rustix::fs::fstat(&fd).map_err(|e| refuse(std::io::Error::from(e).to_string()))?;
