@@ -377,6 +377,8 @@ fn log_files_through_links_or_owned_by_others_are_refused() {
     // SAFETY: mkfifo reads the NUL-terminated path we own.
     assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
     let sink_dir = sink_support::Tmpfs::new();
+    // Should a sink start after all, it is stopped.
+    let _sink_guard = KillOnDrop(sink_dir.path.clone());
     let (_d, mnt) = scratch_mountpoint();
     let _guard = KillOnDrop(mnt.clone());
     for (log, why) in [
