@@ -356,6 +356,21 @@ fn mount_logging_to(url: &str, log: &Path, mnt: &Path) -> Output {
     run_bounded(&["mount", "--endpoint", url, "--log-file", log, mnt])
 }
 
+/// Should a sink start after all (detached, on DIR), it is stopped when this drops.
+struct StopSinks<'a>(&'a Path);
+
+impl Drop for StopSinks<'_> {
+    fn drop(&mut self) {
+        let _ = Command::new("pkill")
+            .args([
+                "-TERM",
+                "-f",
+                &format!("cstokenfs sink.*{}", self.0.display()),
+            ])
+            .status();
+    }
+}
+
 /// A link planted where the log file goes, a log file someone else owns, a FIFO: mount and
 /// sink exit 1 before detaching, saying why; nothing is created or written through the link.
 #[test]
@@ -377,8 +392,7 @@ fn log_files_through_links_or_owned_by_others_are_refused() {
     // SAFETY: mkfifo reads the NUL-terminated path we own.
     assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
     let sink_dir = sink_support::Tmpfs::new();
-    // Should a sink start after all, it is stopped.
-    let _sink_guard = KillOnDrop(sink_dir.path.clone());
+    let _sink_guard = StopSinks(&sink_dir.path);
     let (_d, mnt) = scratch_mountpoint();
     let _guard = KillOnDrop(mnt.clone());
     for (log, why) in [
