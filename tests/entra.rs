@@ -388,3 +388,147 @@ fn a_service_principal_wins_over_workload_identity_and_cloud_shell() {
     assert!(param(&emu, "client_secret") == secret);
     assert_absent(&leak_surface(&m), secret, "log and .status");
 }
+
+/// Issue 19: a FIFO, a link to /dev/zero or to /proc/self/environ, or a file that is not a
+/// JWT as the federated token file: each read fails with EIO within --timeout, naming the
+/// file and why, nothing reaches the authority, and the daemon stays responsive.
+#[test]
+fn hostile_federated_token_files_fail_reads_within_the_timeout() {
+    need_fuse!();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("azure-identity-token");
+    let good = federated_token(now_secs() + 3600, "good");
+    let emu = entra_emulator(
+        EntraSettings {
+            federated_token_file: Some(file.clone()),
+            ..settings()
+        },
+        None,
+    );
+    let (url, path) = (emu.url(), file.display().to_string());
+    std::fs::write(&file, &good).unwrap();
+    let env = [
+        ("AZURE_FEDERATED_TOKEN_FILE", path.as_str()),
+        ("AZURE_CLIENT_ID", CLIENT),
+        ("AZURE_TENANT_ID", TENANT),
+        ("AZURE_AUTHORITY_HOST", url.as_str()),
+        ("RUST_LOG", "trace"),
+        ENVIRON_MARKER,
+    ];
+    let m = std::sync::Arc::new(Mounted::raw(&["--timeout", "3"], &env));
+    // A read on its own thread: a hang fails the test instead of hanging it.
+    let read_within = |name: &'static str| {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let mounted = m.clone();
+        std::thread::spawn(move || tx.send(mounted.read(name)));
+        rx.recv_timeout(std::time::Duration::from_secs(15))
+            .unwrap_or_else(|_| panic!("a read of {name} hung"))
+    };
+    let cases = [
+        (
+            Some(Hostile::Fifo),
+            "management.azure.com",
+            "https://management.azure.com/",
+        ),
+        (
+            Some(Hostile::Zero),
+            "vault.azure.net",
+            "https://vault.azure.net",
+        ),
+        (
+            Some(Hostile::Proc),
+            "storage.azure.com",
+            "https://storage.azure.com/",
+        ),
+        (None, "graph.microsoft.com", "https://graph.microsoft.com/"),
+    ];
+    for (hostile, name, resource) in cases {
+        let why = match hostile {
+            Some(h) => h.plant(&file),
+            None => {
+                std::fs::remove_file(&file).unwrap();
+                std::fs::write(&file, "not-a-jwt\n").unwrap();
+                "is not a JWT"
+            }
+        };
+        let e = expect_err(read_within(name), name);
+        assert_eq!(errno(&e), libc::EIO, "{hostile:?}");
+        let error = last_error_of(&m, resource);
+        assert!(error.contains(&path) && error.contains(why), "{error}");
+    }
+    assert_eq!(emu.requests(), 0, "nothing reached the authority");
+    // Responsive: .status answers and, the file fixed, a read gets a token.
+    std::fs::remove_file(&file).unwrap();
+    std::fs::write(&file, &good).unwrap();
+    read_within("database.windows.net").expect("a token once the file is a JWT again");
+    let surface = leak_surface(&m);
+    assert_absent(&surface, ENVIRON_MARKER.1, "the daemon's environment");
+    assert_absent(&surface, &good, "the federated token");
+}
+
+/// `get` and start-up with a hostile credential file (federated token, client secret,
+/// certificate): an error naming the file and why, within a bound, never a hang.
+#[test]
+fn hostile_credential_files_fail_get_and_start_up_without_hanging() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("credential");
+    let emu = entra_emulator(settings(), None);
+    let url = emu.url();
+    let within = std::time::Duration::from_secs(15);
+    let get = |source: &str, flag: &str| {
+        let mut cmd = Command::new(BIN);
+        cmd.args(["get", "--timeout", "3", "--source", source])
+            .args(["--tenant-id", TENANT, "--client-id", CLIENT, flag])
+            .arg(&file)
+            .args(["--authority-host", &url, "management.azure.com"]);
+        output_within(cmd, within)
+    };
+    let check = |out: std::process::Output, why: &str, what: &str| {
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_ne!(out.status.code(), Some(0), "{what}: {err}");
+        assert!(
+            err.contains(&file.display().to_string()) && err.contains(why),
+            "{what}: {err}"
+        );
+        assert_absent(&err, ENVIRON_MARKER.1, what);
+    };
+    for hostile in HOSTILE {
+        let why = hostile.plant(&file);
+        let what = format!("{hostile:?}");
+        check(
+            get("workload-identity", "--federated-token-file"),
+            why,
+            &what,
+        );
+        check(get("service-principal", "--client-secret-file"), why, &what);
+        check(get("service-principal", "--client-certificate"), why, &what);
+    }
+    std::fs::remove_file(&file).unwrap();
+    std::fs::write(&file, "not.a-jwt\n").unwrap();
+    check(
+        get("workload-identity", "--federated-token-file"),
+        "is not a JWT",
+        "not a JWT",
+    );
+    assert_eq!(emu.requests(), 0, "nothing reached the authority");
+
+    // A mount whose secret file is a FIFO exits 1 saying why, foreground or not.
+    need_fuse!();
+    Hostile::Fifo.plant(&file);
+    let (_d, mnt) = scratch_mountpoint();
+    let _guard = KillOnDrop(mnt.clone());
+    for foreground in [true, false] {
+        let mut cmd = Command::new(BIN);
+        cmd.arg("mount")
+            .args(foreground.then_some("-f"))
+            .args(["--source", "service-principal", "--tenant-id", TENANT])
+            .args(["--client-id", CLIENT, "--client-secret-file"])
+            .arg(&file)
+            .args(["--authority-host", &url])
+            .arg(&mnt);
+        let out = output_within(cmd, within);
+        assert_eq!(out.status.code(), Some(1), "foreground {foreground}");
+        check(out, "(a FIFO)", "mount");
+        assert!(!is_mounted(&mnt));
+    }
+}

@@ -1,12 +1,15 @@
 //! Issue 10 (hardening): shutdown with open files, `.status` memory, `--mlock`, the
 //! `--timeout` bound, and the FUSE calls fuser would log as not implemented. Real mounts of
-//! the built binary against the in-process emulator on 127.0.0.1.
+//! the built binary against the in-process emulator on 127.0.0.1. Issue 19: log files.
 
 #[macro_use]
 mod common;
+mod sink_support;
 
 use common::*;
-use std::process::Command;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::Path;
+use std::process::{Command, Output};
 use std::time::Duration;
 
 #[test]
@@ -334,4 +337,164 @@ fn mlock_as_an_ordinary_user_under_a_small_limit_says_so() {
     assert!(err.contains("RLIMIT_MEMLOCK is 64 KiB"), "{err}");
     assert!(!err.contains("cannot start a thread"), "{err}");
     assert!(!is_mounted(&mnt));
+}
+
+/// `cstokenfs ARGS` (identity variables removed), killed if it runs 30 s: a detached
+/// mount or sink returns once live or refused.
+fn run_bounded(args: &[&str]) -> Output {
+    let mut cmd = Command::new("timeout");
+    cmd.args(["30", BIN]).args(args);
+    for k in IDENTITY_VARS {
+        cmd.env_remove(k);
+    }
+    cmd.output().expect("run cstokenfs")
+}
+
+/// A detached mount logging to `log` (unmounted when the guard drops).
+fn mount_logging_to(url: &str, log: &Path, mnt: &Path) -> Output {
+    let (log, mnt) = (log.to_str().unwrap(), mnt.to_str().unwrap());
+    run_bounded(&["mount", "--endpoint", url, "--log-file", log, mnt])
+}
+
+/// Should a sink start after all (detached, on DIR), it is stopped when this drops.
+struct StopSinks<'a>(&'a Path);
+
+impl Drop for StopSinks<'_> {
+    fn drop(&mut self) {
+        let _ = Command::new("pkill")
+            .args([
+                "-TERM",
+                "-f",
+                &format!("cstokenfs sink.*{}", self.0.display()),
+            ])
+            .status();
+    }
+}
+
+/// A link planted where the log file goes, a log file someone else owns, a FIFO: mount and
+/// sink exit 1 before detaching, saying why; nothing is created or written through the link.
+#[test]
+fn log_files_through_links_or_owned_by_others_are_refused() {
+    need_fuse!();
+    let emu = emulator();
+    let dir = tempfile::tempdir().unwrap();
+    let private = dir.path().join("root-only");
+    std::fs::create_dir(&private).unwrap();
+    std::fs::set_permissions(&private, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let target = private.join("created.log");
+    let link = dir.path().join("planted.log");
+    std::os::unix::fs::symlink(&target, &link).unwrap();
+    let foreign = dir.path().join("foreign.log");
+    std::fs::write(&foreign, "").unwrap();
+    std::os::unix::fs::chown(&foreign, Some(65534), Some(65534)).unwrap();
+    let fifo = dir.path().join("fifo.log");
+    let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: mkfifo reads the NUL-terminated path we own.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    let sink_dir = sink_support::Tmpfs::new();
+    let _sink_guard = StopSinks(&sink_dir.path);
+    let (_d, mnt) = scratch_mountpoint();
+    let _guard = KillOnDrop(mnt.clone());
+    for (log, why) in [
+        (&link, "is a symbolic link"),
+        (&foreign, "is owned by uid 65534"),
+        (&fifo, "is not a regular file"),
+    ] {
+        let logged = log.to_str().unwrap();
+        let mount = mount_logging_to(&emu.url(), log, &mnt);
+        let sink = run_bounded(&[
+            "sink",
+            "--endpoint",
+            &emu.url(),
+            "--resource",
+            "vault.azure.net",
+            "--log-file",
+            logged,
+            sink_dir.path.to_str().unwrap(),
+        ]);
+        for (out, what) in [(mount, "mount"), (sink, "sink")] {
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(1), "{what}: {err}");
+            assert!(err.contains(logged) && err.contains(why), "{what}: {err}");
+        }
+        assert!(!is_mounted(&mnt));
+        assert!(!target.exists(), "nothing created through the link");
+        assert_eq!(std::fs::metadata(&foreign).unwrap().len(), 0);
+    }
+    assert_eq!(
+        std::fs::read_dir(&sink_dir.path).unwrap().count(),
+        0,
+        "the sink wrote nothing"
+    );
+}
+
+/// A new log file is created 0600; /dev/null is accepted.
+#[test]
+fn a_new_log_file_is_private_and_dev_null_will_do() {
+    need_fuse!();
+    let emu = emulator();
+    let (dir, mnt) = scratch_mountpoint();
+    let log = dir.path().join("new.log");
+    let _guard = KillOnDrop(mnt.clone());
+    let out = mount_logging_to(&emu.url(), &log, &mnt);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let meta = std::fs::metadata(&log).unwrap();
+    assert_eq!(meta.mode() & 0o7777, 0o600, "created 0600");
+    drop(_guard);
+    let (_d, mnt) = scratch_mountpoint();
+    let _guard = KillOnDrop(mnt.clone());
+    let out = mount_logging_to(&emu.url(), Path::new("/dev/null"), &mnt);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(is_mounted(&mnt));
+}
+
+/// SIGHUP after the log file was swapped for a link to a root 0600 file: that file is left
+/// alone, and the daemon keeps logging to the old file, saying so there.
+#[test]
+fn sighup_keeps_the_old_log_when_the_new_one_is_refused() {
+    need_fuse!();
+    let emu = emulator();
+    let (dir, mnt) = scratch_mountpoint();
+    let log = dir.path().join("daemon.log");
+    let _guard = KillOnDrop(mnt.clone());
+    let out = mount_logging_to(&emu.url(), &log, &mnt);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let victim = dir.path().join("victim");
+    std::fs::write(&victim, "precious\n").unwrap();
+    std::fs::set_permissions(&victim, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let old = dir.path().join("daemon.log.1");
+    std::fs::rename(&log, &old).unwrap();
+    std::os::unix::fs::symlink(&victim, &log).unwrap();
+    let hup = Command::new("pkill")
+        .args(["-HUP", "-f", &format!("cstokenfs.*{}", mnt.display())])
+        .status()
+        .unwrap();
+    assert!(hup.success(), "the daemon got SIGHUP");
+    let said = eventually(Duration::from_secs(10), || {
+        let text = std::fs::read_to_string(&old).ok()?;
+        text.contains("still logging to the previous log file")
+            .then_some(text)
+    });
+    let text = said.expect("the old log says the new one was refused");
+    assert!(text.contains("is a symbolic link"), "{text}");
+    std::fs::read(mnt.join("management.azure.com")).expect("a token");
+    let audited = eventually(Duration::from_secs(10), || {
+        let text = std::fs::read_to_string(&old).ok()?;
+        text.contains("audit:").then_some(())
+    });
+    assert!(audited.is_some(), "logging goes on in the old file");
+    assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious\n");
+    assert_eq!(std::fs::metadata(&victim).unwrap().mode() & 0o7777, 0o600);
 }

@@ -253,8 +253,11 @@ fn check_credential(
     }
     let now = now_secs();
     if let Some(path) = &settings.federated_token_file {
-        let current = std::fs::read_to_string(path).unwrap_or_default();
-        if crate::hardening::ct_eq(current.trim().as_bytes(), assertion.as_bytes()) {
+        // Read as the daemon reads it: a FIFO there cannot hang the emulator either.
+        let current =
+            crate::hardening::read_credential_file(path, crate::hardening::MAX_SECRET_FILE)
+                .unwrap_or_default();
+        if crate::hardening::ct_eq(current.trim_ascii(), assertion.as_bytes()) {
             return match super::decode_claims(assertion).and_then(|c| c["exp"].as_u64()) {
                 Some(exp) if exp <= now => Err(expired(now, exp)),
                 _ => Ok(()),

@@ -8,6 +8,7 @@
 //! `verify` is the other side (the emulator's check), kept here so both use one format.
 
 use super::{ConfigError, SourceError};
+use crate::hardening::MAX_CERTIFICATE_FILE;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine as _;
 use ring::rand::{SecureRandom, SystemRandom};
@@ -21,8 +22,6 @@ use zeroize::{Zeroize, Zeroizing};
 
 /// An assertion is valid this long after it is made (MSAL's 10 minutes).
 pub const LIFETIME_SECS: u64 = 600;
-/// The most a certificate file may hold.
-const MAX_FILE: u64 = 1024 * 1024;
 
 /// The certificate and key of `AZURE_CLIENT_CERTIFICATE_PATH` / `--client-certificate`.
 pub struct ClientCertificate {
@@ -70,11 +69,8 @@ impl ClientCertificate {
             path: path.display().to_string(),
             problem: problem.to_string(),
         };
-        let meta = std::fs::metadata(path).map_err(|e| bad(&e.to_string()))?;
-        if meta.len() > MAX_FILE {
-            return Err(bad("is larger than 1 MiB"));
-        }
-        let pem = Zeroizing::new(std::fs::read(path).map_err(|e| bad(&e.to_string()))?);
+        let pem = crate::hardening::read_credential_file(path, MAX_CERTIFICATE_FILE)
+            .map_err(|e| bad(&e.to_string()))?;
         ClientCertificate::from_pem(&pem).map_err(bad)
     }
 

@@ -13,15 +13,12 @@ use crate::token::Token;
 use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
 use serde_json::Value;
 use std::fmt;
-use std::io::Read;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 use zeroize::Zeroizing;
 
 pub const ASSERTION_TYPE: &str = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer";
-/// The most of a federated token file that is read.
-const MAX_TOKEN_FILE: u64 = 64 * 1024;
 
 /// application/x-www-form-urlencoded: everything but `*-._` and alphanumerics is escaped.
 const FORM: &AsciiSet = &NON_ALPHANUMERIC
@@ -177,26 +174,39 @@ fn push_assertion(body: &mut String, assertion: &str) {
     ));
 }
 
-/// The federated token: the file's contents without surrounding white space. Unreadable,
-/// empty or not text is an error naming the file, never its contents.
+/// The federated token: the file's contents without surrounding white space, read as
+/// every credential file is (`hardening::read_credential_file`: a regular file, not on
+/// procfs or sysfs, at most 64 KiB). Unreadable, empty, not text or not a JWT is an error
+/// naming the file, never its contents.
 pub fn read_token_file(path: &std::path::Path) -> Result<Zeroizing<String>, SourceError> {
     let fail = |why: String| {
         SourceError::Credential(format!("federated token file {}: {why}", path.display()))
     };
-    let file = std::fs::File::open(path).map_err(|e| fail(e.to_string()))?;
-    let mut raw = Zeroizing::new(Vec::new());
-    file.take(MAX_TOKEN_FILE + 1)
-        .read_to_end(&mut raw)
+    let raw = crate::hardening::read_credential_file(path, crate::hardening::MAX_SECRET_FILE)
         .map_err(|e| fail(e.to_string()))?;
-    if raw.len() as u64 > MAX_TOKEN_FILE {
-        return Err(fail("is larger than 64 KiB".into()));
-    }
     let text = std::str::from_utf8(&raw).map_err(|_| fail("is not UTF-8 text".into()))?;
     let token = text.trim();
     if token.is_empty() {
         return Err(fail("is empty".into()));
     }
+    if !is_jwt(token) {
+        return Err(fail(
+            "is not a JWT (three base64url parts separated by dots)".into(),
+        ));
+    }
     Ok(Zeroizing::new(token.to_string()))
+}
+
+/// Three non-empty base64url parts (no padding) separated by dots: a compact JWS.
+fn is_jwt(text: &str) -> bool {
+    let base64url = |part: &str| {
+        !part.is_empty()
+            && part
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    };
+    let parts: Vec<&str> = text.split('.').collect();
+    parts.len() == 3 && parts.into_iter().all(base64url)
 }
 
 impl Source for Entra {
@@ -382,11 +392,29 @@ mod tests {
         for bad in [
             b"assertion-bytes\xff".to_vec(),
             [b"assertion-bytes".as_slice(), &[b'x'; 70 * 1024]].concat(),
+            b"assertion-bytes".to_vec(),
+            b"assertion.bytes.x.y".to_vec(),
+            b"assertion.bytes.".to_vec(),
+            b"assertion.by+es.sig".to_vec(),
+            b"assertion.bytes.sig==".to_vec(),
         ] {
             std::fs::write(&path, &bad).unwrap();
             let e = read_token_file(&path).unwrap_err().to_string();
             assert!(e.contains("azure-identity-token"), "names the path");
-            assert!(!e.contains("assertion-bytes"), "never the contents");
+            assert!(!e.contains("assertion"), "never the contents");
         }
+        std::fs::write(&path, "a.b").unwrap();
+        let e = read_token_file(&path).unwrap_err().to_string();
+        assert!(e.ends_with("is not a JWT (three base64url parts separated by dots)"));
+        // Read as every credential file is: a link to procfs is refused, not sent.
+        std::fs::remove_file(&path).unwrap();
+        std::os::unix::fs::symlink("/proc/self/environ", &path).unwrap();
+        let e = read_token_file(&path).unwrap_err().to_string();
+        assert!(
+            e.ends_with(
+                "azure-identity-token: is on procfs, a kernel interface: not a credential file"
+            ),
+            "{e}"
+        );
     }
 }

@@ -13,8 +13,8 @@ use std::sync::Once;
 /// The authority when neither `--authority-host` nor `AZURE_AUTHORITY_HOST` says otherwise.
 pub const DEFAULT_AUTHORITY: &str = "https://login.microsoftonline.com/";
 
-/// The most a `--ca-file` may hold.
-const MAX_CA_FILE: u64 = 4 * 1024 * 1024;
+/// The most a `--ca-file` may hold: a bundle of CAs (the system's is about 200 KiB).
+const MAX_CA_FILE: usize = 4 * 1024 * 1024;
 
 /// Makes ring rustls' process-wide crypto provider, once; every reqwest client (plain
 /// http ones too) needs one before it is built.
@@ -33,11 +33,8 @@ pub fn ca_certificates(path: &Path) -> Result<Vec<Certificate>, ConfigError> {
         path: path.display().to_string(),
         problem,
     };
-    let meta = std::fs::metadata(path).map_err(|e| bad(e.to_string()))?;
-    if meta.len() > MAX_CA_FILE {
-        return Err(bad("is larger than 4 MiB".into()));
-    }
-    let pem = std::fs::read(path).map_err(|e| bad(e.to_string()))?;
+    let pem = crate::hardening::read_credential_file(path, MAX_CA_FILE)
+        .map_err(|e| bad(e.to_string()))?;
     let certs = Certificate::from_pem_bundle(&pem)
         .map_err(|e| bad(format!("is not a PEM certificate bundle: {e}")))?;
     if certs.is_empty() {

@@ -6,6 +6,7 @@ use cstokenfs::emulator::entra::EntraSettings;
 use cstokenfs::emulator::{Emulator, EmulatorConfig, Kind};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 pub const TENANT: &str = "72f988bf-86f1-41af-91ab-2d7cd011db47";
 pub const CLIENT: &str = "8a0b5c4d-1111-2222-3333-444455556666";
@@ -131,4 +132,71 @@ pub fn get(authority: &str, secret_file: &std::path::Path, extra: &[&str]) -> st
         cmd.env_remove(k);
     }
     cmd.output().expect("run cstokenfs get")
+}
+
+/// What an attacker may plant where a credential file is expected.
+#[derive(Debug, Clone, Copy)]
+pub enum Hostile {
+    /// A FIFO without a writer: a blocking open or read would hang for good.
+    Fifo,
+    /// A link to /dev/zero: a read that never ends.
+    Zero,
+    /// A link to /proc/self/environ: the reader's environment, sent upstream.
+    Proc,
+}
+
+pub const HOSTILE: [Hostile; 3] = [Hostile::Fifo, Hostile::Zero, Hostile::Proc];
+
+impl Hostile {
+    /// Replaces whatever is at `path` with this; returns the reason an error must give.
+    pub fn plant(self, path: &Path) -> &'static str {
+        let _ = std::fs::remove_file(path);
+        match self {
+            Hostile::Fifo => {
+                let c = std::ffi::CString::new(path.to_str().unwrap()).unwrap();
+                // SAFETY: mkfifo reads the NUL-terminated path we own.
+                assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0, "mkfifo");
+                "is not a regular file (a FIFO)"
+            }
+            Hostile::Zero => {
+                std::os::unix::fs::symlink("/dev/zero", path).unwrap();
+                "is not a regular file (a character device)"
+            }
+            Hostile::Proc => {
+                std::os::unix::fs::symlink("/proc/self/environ", path).unwrap();
+                "is on procfs"
+            }
+        }
+    }
+}
+
+/// A variable set in the environment of the processes the hostile-file tests start: a
+/// /proc/self/environ read would carry it; it must show nowhere.
+pub const ENVIRON_MARKER: (&str, &str) = ("CSTOKENFS_TEST_MARKER", "environ-marker-7f3a9c");
+
+/// Runs `cmd` (identity variables removed, `ENVIRON_MARKER` set) to its end; a run longer
+/// than `within` is killed and fails the test: a credential file must never hang it.
+pub fn output_within(mut cmd: std::process::Command, within: Duration) -> std::process::Output {
+    use std::process::Stdio;
+    for k in crate::common::IDENTITY_VARS {
+        cmd.env_remove(k);
+    }
+    cmd.env(ENVIRON_MARKER.0, ENVIRON_MARKER.1);
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn cstokenfs");
+    let deadline = Instant::now() + within;
+    while child.try_wait().expect("wait").is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            let args: Vec<_> = cmd.get_args().collect();
+            panic!("{args:?} still running after {within:?}: it hung");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.wait_with_output().expect("output")
 }

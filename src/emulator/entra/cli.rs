@@ -48,9 +48,6 @@ impl EntraEmulatorArgs {
 
     /// The settings the options give; an unreadable file is an error naming it.
     pub fn settings(&self) -> Result<EntraSettings, String> {
-        let read = |flag: &str, path: &Path| {
-            std::fs::read(path).map_err(|e| format!("{flag} {}: {e}", path.display()))
-        };
         let client_secret = match &self.client_secret_file {
             Some(path) => Some(
                 crate::hardening::read_secret_file(path)
@@ -61,8 +58,11 @@ impl EntraEmulatorArgs {
         };
         let client_certificate = match &self.client_certificate {
             Some(path) => Some(
-                crate::source::assertion::first_certificate(&read("--client-certificate", path)?)
-                    .ok_or_else(|| {
+                crate::source::assertion::first_certificate(&read_certificate(
+                    "--client-certificate",
+                    path,
+                )?)
+                .ok_or_else(|| {
                     format!(
                         "--client-certificate {}: holds no PEM certificate",
                         path.display()
@@ -84,12 +84,12 @@ impl EntraEmulatorArgs {
         let (Some(cert), Some(key)) = (&self.tls_cert, &self.tls_key) else {
             return Ok(None);
         };
-        let read = |flag: &str, path: &Path| {
-            std::fs::read(path).map_err(|e| format!("{flag} {}: {e}", path.display()))
-        };
-        crate::httpserver::tls::server_config(&read("--tls-cert", cert)?, &read("--tls-key", key)?)
-            .map(Some)
-            .map_err(|e| e.to_string())
+        crate::httpserver::tls::server_config(
+            &read_certificate("--tls-cert", cert)?,
+            &read_certificate("--tls-key", key)?,
+        )
+        .map(Some)
+        .map_err(|e| e.to_string())
     }
 }
 
@@ -144,4 +144,11 @@ pub fn command(
     let _ = signals.forever().next();
     emulator.stop();
     ExitCode::SUCCESS
+}
+
+/// A certificate or key file (`--client-certificate`, `--tls-cert`, `--tls-key`), read as
+/// every credential file is; an error names the flag and the file.
+fn read_certificate(flag: &str, path: &Path) -> Result<zeroize::Zeroizing<Vec<u8>>, String> {
+    crate::hardening::read_credential_file(path, crate::hardening::MAX_CERTIFICATE_FILE)
+        .map_err(|e| format!("{flag} {}: {e}", path.display()))
 }
