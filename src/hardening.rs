@@ -193,6 +193,9 @@ pub(crate) enum FileRefused {
     KernelFs(&'static str),
     /// Larger than the cap (bytes).
     TooLarge(usize),
+    /// Its filesystem did not finish the open or read in time (seconds): a dead NFS
+    /// server, a FUSE daemon that never answers.
+    Hung(u64),
 }
 
 impl std::fmt::Display for FileRefused {
@@ -210,6 +213,10 @@ impl std::fmt::Display for FileRefused {
                 write!(f, "is larger than {} KiB", cap / 1024)
             }
             FileRefused::TooLarge(cap) => write!(f, "is larger than {cap} bytes"),
+            FileRefused::Hung(secs) => write!(
+                f,
+                "could not be read within {secs} s: its filesystem does not answer"
+            ),
         }
     }
 }
@@ -286,6 +293,43 @@ pub(crate) fn read_credential_file(
     }
     buf.truncate(len);
     Ok(buf)
+}
+
+/// The most reads of credential files left waiting on a filesystem that does not answer.
+const MAX_HUNG_READS: usize = 4;
+static READS_IN_FLIGHT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// [`read_credential_file`] on a thread of its own, waited for at most `within`: a file on
+/// a filesystem that never answers (a dead NFS server, a hung FUSE daemon; O_NONBLOCK does
+/// not help there) cannot hold the caller (a fetch worker) past its deadline. The thread
+/// left behind ends when the filesystem answers; while [`MAX_HUNG_READS`] are left, the
+/// next read fails at once instead of leaving another.
+pub(crate) fn read_credential_file_within(
+    path: &std::path::Path,
+    cap: usize,
+    within: std::time::Duration,
+) -> Result<zeroize::Zeroizing<Vec<u8>>, FileRefused> {
+    use std::sync::atomic::Ordering;
+    let hung = FileRefused::Hung(within.as_secs_f64().ceil() as u64);
+    if READS_IN_FLIGHT.fetch_add(1, Ordering::SeqCst) >= MAX_HUNG_READS {
+        READS_IN_FLIGHT.fetch_sub(1, Ordering::SeqCst);
+        return Err(hung);
+    }
+    let (tx, rx) = std::sync::mpsc::sync_channel(1);
+    let owned = path.to_path_buf();
+    let spawned = std::thread::Builder::new()
+        .name("credential-read".into())
+        .stack_size(64 * 1024)
+        .spawn(move || {
+            // The receiver may be gone (the caller gave up): the bytes are wiped on drop.
+            let _ = tx.send(read_credential_file(&owned, cap));
+            READS_IN_FLIGHT.fetch_sub(1, Ordering::SeqCst);
+        });
+    if let Err(e) = spawned {
+        READS_IN_FLIGHT.fetch_sub(1, Ordering::SeqCst);
+        return Err(FileRefused::Io(e));
+    }
+    rx.recv_timeout(within).unwrap_or(Err(hung))
 }
 
 /// A secret kept in a file (`--client-secret-file`, `--secret-file`), read as

@@ -532,3 +532,35 @@ fn hostile_credential_files_fail_get_and_start_up_without_hanging() {
         assert!(!is_mounted(&mnt));
     }
 }
+
+/// A federated token file on a filesystem that does not answer (here a cstokenfs mount whose
+/// own upstream hangs, a stand-in for a dead NFS server): the read is given up at the
+/// fetch's deadline, the reader gets EIO within `--timeout`, and the daemon stays responsive.
+#[test]
+fn a_federated_token_file_on_a_hung_filesystem_fails_within_the_timeout() {
+    need_fuse!();
+    let hanging = emulator();
+    hanging.set_fault(Some(cstokenfs::emulator::Fault::Hang));
+    let stuck = Mounted::new(&hanging.url(), &["--timeout", "8"]);
+    let file = stuck.file("management.azure.com");
+    let emu = entra_emulator(settings(), None);
+    let (url, path) = (emu.url(), file.display().to_string());
+    let env = [
+        ("AZURE_FEDERATED_TOKEN_FILE", path.as_str()),
+        ("AZURE_CLIENT_ID", CLIENT),
+        ("AZURE_TENANT_ID", TENANT),
+        ("AZURE_AUTHORITY_HOST", url.as_str()),
+    ];
+    let m = Mounted::raw(&["--timeout", "2"], &env);
+    let started = std::time::Instant::now();
+    let e = expect_err(m.read("vault.azure.net"), "a read through a hung file");
+    assert_eq!(errno(&e), libc::EIO);
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(6),
+        "given up at the deadline, not when the filesystem answered"
+    );
+    let error = last_error_of(&m, "https://vault.azure.net");
+    assert!(error.contains("does not answer"), "{error}");
+    assert_eq!(emu.requests(), 0, "nothing reached the authority");
+    m.read(".status").expect("the daemon stays responsive");
+}

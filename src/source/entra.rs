@@ -137,6 +137,7 @@ impl Entra {
     fn form(
         &self,
         resource: &str,
+        timeout: Duration,
     ) -> Result<(Zeroizing<String>, Option<crate::known::Known>), SourceError> {
         let enc = |s: &str| utf8_percent_encode(s, FORM).to_string();
         let mut body = Zeroizing::new(format!(
@@ -151,7 +152,7 @@ impl Entra {
                 Ok((body, None))
             }
             Credential::FederatedTokenFile(path) => {
-                let token = read_token_file(path)?;
+                let token = read_token_file(path, timeout)?;
                 push_assertion(&mut body, &token);
                 Ok((body, Some(crate::known::remember(&token))))
             }
@@ -177,12 +178,17 @@ fn push_assertion(body: &mut String, assertion: &str) {
 /// The federated token: the file's contents without surrounding white space, read as
 /// every credential file is (`hardening::read_credential_file`: a regular file, not on
 /// procfs or sysfs, at most 64 KiB). Unreadable, empty, not text or not a JWT is an error
-/// naming the file, never its contents.
-pub fn read_token_file(path: &std::path::Path) -> Result<Zeroizing<String>, SourceError> {
+/// naming the file, never its contents; so is a file whose filesystem does not answer
+/// `within`.
+pub fn read_token_file(
+    path: &std::path::Path,
+    within: Duration,
+) -> Result<Zeroizing<String>, SourceError> {
     let fail = |why: String| {
         SourceError::Credential(format!("federated token file {}: {why}", path.display()))
     };
-    let raw = crate::hardening::read_credential_file(path, crate::hardening::MAX_SECRET_FILE)
+    let cap = crate::hardening::MAX_SECRET_FILE;
+    let raw = crate::hardening::read_credential_file_within(path, cap, within)
         .map_err(|e| fail(e.to_string()))?;
     let text = std::str::from_utf8(&raw).map_err(|_| fail("is not UTF-8 text".into()))?;
     let token = text.trim();
@@ -212,7 +218,7 @@ fn is_jwt(text: &str) -> bool {
 impl Source for Entra {
     fn fetch_once(&self, resource: &str, timeout: Duration) -> Result<Token, SourceError> {
         // The assertion stays registered until its answer, echoes included, is parsed.
-        let (form, _assertion) = self.form(resource)?;
+        let (form, _assertion) = self.form(resource, timeout)?;
         let request = self
             .endpoint
             .post()
@@ -375,19 +381,24 @@ mod tests {
         ));
     }
 
+    const SECOND: Duration = Duration::from_secs(1);
+
     #[test]
     fn token_file_errors_name_the_path_never_the_contents() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("azure-identity-token");
-        let e = read_token_file(&path).unwrap_err().to_string();
+        let e = read_token_file(&path, SECOND).unwrap_err().to_string();
         assert!(e.contains("azure-identity-token"), "{e}");
         std::fs::write(&path, " \n").unwrap();
-        assert!(read_token_file(&path)
+        assert!(read_token_file(&path, SECOND)
             .unwrap_err()
             .to_string()
             .contains("empty"));
         std::fs::write(&path, "abc.def.ghi\n").unwrap();
-        assert_eq!(read_token_file(&path).unwrap().as_str(), "abc.def.ghi");
+        assert_eq!(
+            read_token_file(&path, SECOND).unwrap().as_str(),
+            "abc.def.ghi"
+        );
         // A file refused for what it holds: the message never shows it.
         for bad in [
             b"assertion-bytes\xff".to_vec(),
@@ -399,17 +410,17 @@ mod tests {
             b"assertion.bytes.sig==".to_vec(),
         ] {
             std::fs::write(&path, &bad).unwrap();
-            let e = read_token_file(&path).unwrap_err().to_string();
+            let e = read_token_file(&path, SECOND).unwrap_err().to_string();
             assert!(e.contains("azure-identity-token"), "names the path");
             assert!(!e.contains("assertion"), "never the contents");
         }
         std::fs::write(&path, "a.b").unwrap();
-        let e = read_token_file(&path).unwrap_err().to_string();
+        let e = read_token_file(&path, SECOND).unwrap_err().to_string();
         assert!(e.ends_with("is not a JWT (three base64url parts separated by dots)"));
         // Read as every credential file is: a link to procfs is refused, not sent.
         std::fs::remove_file(&path).unwrap();
         std::os::unix::fs::symlink("/proc/self/environ", &path).unwrap();
-        let e = read_token_file(&path).unwrap_err().to_string();
+        let e = read_token_file(&path, SECOND).unwrap_err().to_string();
         assert!(
             e.ends_with(
                 "azure-identity-token: is on procfs, a kernel interface: not a credential file"
