@@ -9,8 +9,9 @@
 //! 3. else (every connection has a request in its handler) none: the new connection is
 //!    closed at once.
 //!
-//! A connection with a request in its handler is never evicted: a request with the right
-//! credentials is answered whatever other clients do.
+//! A connection with a request in its handler is never evicted, so a request that got that
+//! far is answered whatever other clients do (the endpoint's handler answers a request
+//! without the secret at once: only one with it stays there).
 
 use std::collections::BTreeMap;
 use std::future::Future;
