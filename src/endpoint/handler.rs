@@ -1,7 +1,7 @@
 //! The endpoint as an [`httpserver::Handler`]: the secret first (401 and nothing else),
-//! then proxies, an absolute-form target and `Host`, path and method, the query, the identity and the resource (400
-//! without any upstream call), then a read of the cache like an open, answered in App
-//! Service's shapes.
+//! then proxies, an absolute-form target and `Host`, path and method, the query, the
+//! identity and the resource (400 without any upstream call), then a read of the cache like
+//! an open, answered in App Service's shapes.
 
 use super::request::{self, BadRequest};
 use super::{Counters, Settings};

@@ -50,7 +50,8 @@ pub(super) async fn accept_loop<H: Handler>(listener: TcpListener, sh: Arc<Share
             Either::Right(()) => break,
         };
         let Some(ticket) = registry.admit() else {
-            log::debug!("http: every connection has a request in progress; closing a new one");
+            // Per connection, so trace: a flood must not flood the log too.
+            log::trace!("http: every connection has a request in progress; closing a new one");
             continue;
         };
         let (sh, stop) = (Arc::clone(&sh), stop.clone());
@@ -67,7 +68,7 @@ pub(super) async fn accept_loop<H: Handler>(listener: TcpListener, sh: Arc<Share
             if let Either::Right(why) =
                 race(serve, ticket.closing(sh.config.first_head_timeout)).await
             {
-                log::debug!("http: connection from {peer} closed: {why:?}");
+                log::trace!("http: connection from {peer} closed: {why:?}");
             }
         });
         // Let the new connection read its head before the next accept can evict it.
