@@ -1,15 +1,18 @@
 //! `--serve-endpoint` through real mounts with raw loopback HTTP clients: the secret,
-//! hostile requests, slow clients, one cache with the files; `.claims`; `get --view`.
+//! hostile requests, slow clients, a flood of idle connections from another user, one cache
+//! with the files; `.claims`; `get --view`.
 
 #[macro_use]
 mod common;
+#[path = "../src/httpserver/flood.rs"]
+mod flood;
 
 use common::*;
 use cstokenfs::emulator::EmulatorConfig;
-use std::io::Write;
+use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::process::Command;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 const ARM: &str = "/msi/token?api-version=2019-08-01&resource=https%3A%2F%2Fmanagement.azure.com";
 
@@ -38,6 +41,12 @@ fn env_of(m: &Mounted) -> (SocketAddr, String) {
 /// One request (`head`: header lines); (status, parsed body, its token never shown).
 fn get(addr: SocketAddr, target: &str, head: &str) -> (u16, cstokenfs::testing::Body) {
     cstokenfs::testing::http_get(addr, target, head)
+}
+
+/// A request for `api://aaa..`, `len` bytes long.
+fn long_resource(len: usize) -> String {
+    let resource = format!("api%3A%2F%2F{}", "a".repeat(len - "api://".len()));
+    ARM.replace("https%3A%2F%2Fmanagement.azure.com", &resource)
 }
 
 fn mount_with_endpoint(emu_url: &str) -> Mounted {
@@ -178,6 +187,32 @@ fn hostile_requests_get_nothing_and_cost_no_upstream_call() {
             400,
             "api-version",
         ),
+        (ARM.into(), format!("{good}{host}"), 400, "Host twice"),
+        (
+            ARM.into(),
+            format!("{good}Host: evil.example.com\r\n"),
+            400,
+            "another Host after ours",
+        ),
+        (
+            format!("http://evil.example.com{ARM}"),
+            good.clone(),
+            400,
+            "absolute-form target",
+        ),
+        (
+            ARM.into(),
+            format!("{good}X-Forwarded-Host: evil.example.com\r\n"),
+            400,
+            "X-Forwarded-Host",
+        ),
+        (
+            ARM.into(),
+            format!("{good}X-Real-IP: 10.0.0.1\r\n"),
+            400,
+            "X-Real-IP",
+        ),
+        (long_resource(513), good.clone(), 400, "a 513-byte resource"),
     ];
     for (target, head, want, what) in &cases {
         let (status, body) = get(addr, target, head);
@@ -192,6 +227,16 @@ fn hostile_requests_get_nothing_and_cost_no_upstream_call() {
         }
     }
     assert_eq!(emu.requests(), 0, "none of them reached the upstream");
+    let (_, body) = get(addr, &long_resource(512), &good);
+    assert!(
+        !body.to_string().contains("bytes long"),
+        "512 bytes: {body}"
+    );
+    assert_eq!(
+        emu.requests(),
+        1,
+        "a 512-byte resource reaches the upstream"
+    );
     // Allowed spellings of the Host.
     for h in [
         "localhost",
@@ -247,6 +292,54 @@ fn slow_clients_do_not_hold_the_server_or_the_files() {
     }
     drop(held);
     drop(greedy);
+}
+
+#[test]
+fn a_flood_of_idle_connections_from_another_user_holds_back_no_request() {
+    need_fuse!();
+    if !flood::can_switch_user() {
+        eprintln!("skipped: needs root to flood as another user");
+        return;
+    }
+    let emu = emulator();
+    let m = mount_with_endpoint(&emu.url());
+    let (addr, secret) = env_of(&m);
+    let head = format!("Host: {addr}\r\nX-IDENTITY-HEADER: {secret}\r\n");
+    let flood = flood::Flood::start(addr, 2000).expect("start the flood");
+    std::thread::sleep(Duration::from_millis(500));
+    for i in 0..50 {
+        let started = Instant::now();
+        let (status, body) = get(addr, ARM, &head);
+        let took = started.elapsed();
+        assert_eq!(status, 200, "request {i}: {body}");
+        assert!(took < Duration::from_secs(2), "request {i} took {took:?}");
+    }
+    let reopened = flood.stop().expect("the flood's count");
+    assert!(reopened > 0, "the flood's connections were closed");
+    assert!(!m.log_text().contains(&secret));
+}
+
+#[test]
+fn a_silent_connection_is_closed_after_two_seconds() {
+    need_fuse!();
+    let emu = emulator();
+    let m = mount_with_endpoint(&emu.url());
+    let (addr, _) = env_of(&m);
+    let started = Instant::now();
+    let mut silent = TcpStream::connect(addr).unwrap();
+    silent
+        .set_read_timeout(Some(Duration::from_secs(8)))
+        .unwrap();
+    assert_eq!(
+        silent.read(&mut [0u8; 64]).unwrap_or(0),
+        0,
+        "closed, unanswered"
+    );
+    let took = started.elapsed();
+    assert!(
+        took > Duration::from_millis(1500) && took < Duration::from_secs(5),
+        "closed after {took:?}"
+    );
 }
 
 #[test]

@@ -309,6 +309,7 @@ impl Emulator {
         let config = httpserver::Config {
             // Longer than reqwest's 90 s pool idle timeout: a client's pooled connection is
             // closed by the client, never under it by us.
+            first_head_timeout: Duration::from_secs(100),
             header_read_timeout: Duration::from_secs(100),
             thread_name: "cstokenfs-emulator".into(),
             tls,

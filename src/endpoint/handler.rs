@@ -1,7 +1,7 @@
 //! The endpoint as an [`httpserver::Handler`]: the secret first (401 and nothing else),
-//! then proxies and `Host`, path and method, the query, the identity and the resource (400
-//! without any upstream call), then a read of the cache like an open, answered in App
-//! Service's shapes.
+//! then proxies, an absolute-form target and `Host`, path and method, the query, the
+//! identity and the resource (400 without any upstream call), then a read of the cache like
+//! an open, answered in App Service's shapes.
 
 use super::request::{self, BadRequest};
 use super::{Counters, Settings};
@@ -113,10 +113,18 @@ impl Inner {
             debug!("endpoint: 401 for {peer:?}: missing or wrong X-IDENTITY-HEADER");
             return error(401, "Unauthorized");
         }
-        if req.header("x-forwarded-for").is_some() || req.header("forwarded").is_some() {
+        if request::PROXY_HEADERS
+            .iter()
+            .any(|h| req.header(h).is_some())
+        {
             return bad(BadRequest::Forwarded);
         }
-        if !request::host_allowed(req.header("host"), req.local) {
+        if req.authority.is_some() {
+            return bad(BadRequest::Target);
+        }
+        let mut hosts = req.all("host");
+        let host = hosts.next();
+        if hosts.next().is_some() || !request::host_allowed(host, req.local) {
             return bad(BadRequest::Host);
         }
         if request::path(&req.target) != request::PATH {
@@ -142,6 +150,9 @@ impl Inner {
         let Some(sent) = params.get("resource") else {
             return bad(BadRequest::NoResource);
         };
+        if sent.len() > request::MAX_RESOURCE {
+            return bad(BadRequest::ResourceTooLong(sent.len()));
+        }
         let key = match request::cache_key(sent) {
             Ok(k) => k,
             Err(why) => return bad(BadRequest::Resource(sent.clone(), why)),

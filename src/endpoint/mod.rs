@@ -10,8 +10,8 @@
 //!      500 (no token: the upstream's redacted error), 404 / 405 (another path or method)
 //! ```
 //!
-//! The server is [`crate::httpserver`] (hyper, its own thread, bounded connections, head
-//! size and idle time). A request is a read like an open: [`crate::cache::Cache::get`] (the
+//! The server is [`crate::httpserver`] (hyper, its own thread, bounded connections that a
+//! flood of silent ones cannot hold, head size and idle time). A request is a read like an open: [`crate::cache::Cache::get`] (the
 //! same entry, single flight with file readers, negative cache, `--timeout`), then
 //! `on_open` (refresh ahead), then an audit line with the client's address. The secret is
 //! 32 random bytes in hex, new for each mount, compared in constant time, published only
@@ -34,10 +34,13 @@ use std::sync::Arc;
 use std::time::Duration;
 use zeroize::Zeroizing;
 
-/// Connections open at once (more wait in the kernel's backlog until one closes).
+/// Connections open at once; a new one beyond them closes the oldest that has not completed
+/// a request (else the one idle the longest), never one with a request in progress.
 pub const MAX_CONNECTIONS: usize = 256;
-/// The most a request head may take, and how long a keep-alive connection may idle.
-pub const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
+/// The most a new connection may take to send its first request head.
+pub const FIRST_HEAD_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a keep-alive connection may idle, and the most a later request head may take.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Largest request head.
 pub const MAX_HEAD: usize = 8 * 1024;
 
@@ -123,16 +126,6 @@ impl Endpoint {
         httpserver::check_loopback(settings.listen)?;
         let secret = Arc::new(crate::hardening::random_hex(32)?);
         let counters = Arc::new(Counters::default());
-        let config = Config {
-            max_connections: MAX_CONNECTIONS,
-            header_read_timeout: HEAD_TIMEOUT,
-            body_timeout: Duration::from_secs(5),
-            max_head: MAX_HEAD,
-            max_body: 1024,
-            write_stall: Duration::from_secs(10),
-            thread_name: "endpoint".into(),
-            tls: None,
-        };
         let listen = settings.listen;
         let handler = handler::EndpointHandler::new(
             settings,
@@ -142,7 +135,7 @@ impl Endpoint {
             Arc::clone(&counters),
         );
         // Each request carries the address bound (the port chosen for port 0).
-        let server = Server::start(listen, config, handler)?;
+        let server = Server::start(listen, config(), handler)?;
         let url = format!("http://{}{}", server.addr(), request::PATH);
         Ok(Endpoint {
             server,
@@ -188,6 +181,21 @@ impl Endpoint {
     /// Closes the listener and every connection; idempotent (also on drop).
     pub fn shutdown(&self) {
         self.server.shutdown();
+    }
+}
+
+/// The server's limits.
+fn config() -> Config {
+    Config {
+        max_connections: MAX_CONNECTIONS,
+        first_head_timeout: FIRST_HEAD_TIMEOUT,
+        header_read_timeout: IDLE_TIMEOUT,
+        body_timeout: Duration::from_secs(5),
+        max_head: MAX_HEAD,
+        max_body: 1024,
+        write_stall: Duration::from_secs(10),
+        thread_name: "endpoint".into(),
+        tls: None,
     }
 }
 

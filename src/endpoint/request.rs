@@ -12,6 +12,15 @@ use std::net::{IpAddr, SocketAddr};
 pub const PATH: &str = "/msi/token";
 /// The App Service API version the SDKs send (the only one served).
 pub const API_VERSION: &str = "2019-08-01";
+/// The longest `resource` served, in bytes as decoded (longer ones are 400).
+pub const MAX_RESOURCE: usize = 512;
+/// Headers a proxy adds: a request carrying any of them is refused.
+pub const PROXY_HEADERS: [&str; 4] = [
+    "forwarded",
+    "x-forwarded-for",
+    "x-forwarded-host",
+    "x-real-ip",
+];
 
 /// Why a request is refused with 400 before anything is fetched.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -22,11 +31,17 @@ pub enum BadRequest {
     Repeated(String),
     ApiVersion(Option<String>),
     NoResource,
+    /// The resource is longer than [`MAX_RESOURCE`] (its length).
+    ResourceTooLong(usize),
     Resource(String, NameError),
     /// `client_id`, `principal_id` or `mi_res_id` names another identity than the mount's.
     OtherIdentity(&'static str),
+    /// The `Host` header is missing, repeated or names another host.
     Host,
+    /// A header of [`PROXY_HEADERS`].
     Forwarded,
+    /// The target is not a path (`GET http://host/path`, `CONNECT host:port`).
+    Target,
 }
 
 impl fmt::Display for BadRequest {
@@ -44,16 +59,23 @@ impl fmt::Display for BadRequest {
                 write!(f, "api-version {v:?} is not supported (use {API_VERSION})")
             }
             BadRequest::NoResource => f.write_str("the resource parameter is missing"),
+            BadRequest::ResourceTooLong(n) => write!(
+                f,
+                "the resource is {n} bytes long; at most {MAX_RESOURCE} are served"
+            ),
             BadRequest::Resource(r, why) => write!(f, "resource {r:?} is not valid: {why}"),
             BadRequest::OtherIdentity(p) => write!(
                 f,
                 "{p} names another identity than this mount's: one mount serves one identity"
             ),
             BadRequest::Host => f.write_str(
-                "the Host header must be this endpoint's address, localhost, 127.0.0.1 or [::1]",
+                "one Host header, naming this endpoint's address, localhost, 127.0.0.1 or [::1], is required",
             ),
-            BadRequest::Forwarded => {
-                f.write_str("requests through a proxy (X-Forwarded-For, Forwarded) are refused")
+            BadRequest::Forwarded => f.write_str(
+                "requests through a proxy (Forwarded, X-Forwarded-For, X-Forwarded-Host, X-Real-IP) are refused",
+            ),
+            BadRequest::Target => {
+                f.write_str("the request target must be a path (/msi/token?..), not a URL")
             }
         }
     }

@@ -204,3 +204,72 @@ fn listen_addresses() {
     assert!(!crate::hardening::ct_eq(b"abc", b"abd"));
     assert!(!crate::hardening::ct_eq(b"abc", b"ab"));
 }
+
+#[test]
+fn limits_against_a_flood() {
+    let c = config();
+    assert_eq!(c.max_connections, 256);
+    assert_eq!(c.first_head_timeout, Duration::from_secs(2));
+    assert_eq!(
+        c.header_read_timeout,
+        Duration::from_secs(10),
+        "keep-alive idle"
+    );
+}
+
+#[test]
+fn ambiguous_proxied_or_absolute_requests_are_400() {
+    let r = rig(Identity::default());
+    let head = good_head(&r.ep);
+    let addr = r.ep.addr();
+    let cases = [
+        (ARM.to_string(), format!("{head}Host: {addr}\r\n"), "Host"),
+        (
+            ARM.to_string(),
+            format!("{head}Host: evil.example\r\n"),
+            "Host",
+        ),
+        (
+            format!("http://evil.example{ARM}"),
+            head.clone(),
+            "not a URL",
+        ),
+        (format!("http://{addr}{ARM}"), head.clone(), "not a URL"),
+        (
+            ARM.to_string(),
+            format!("{head}X-Forwarded-Host: evil.example\r\n"),
+            "proxy",
+        ),
+        (
+            ARM.to_string(),
+            format!("{head}X-Real-IP: 10.0.0.1\r\n"),
+            "proxy",
+        ),
+    ];
+    for (target, head, says) in cases {
+        let (status, body) = send(&r.ep, &target, &head);
+        assert_eq!(status, 400, "{says}: {body}");
+        let message = body["message"].as_str().unwrap_or_default();
+        assert!(message.contains(says), "{says}: {body}");
+    }
+    assert_eq!(r.emu.requests(), 0);
+}
+
+#[test]
+fn resources_longer_than_512_bytes_are_400() {
+    let r = rig(Identity::default());
+    let head = good_head(&r.ep);
+    let target = |len: usize| {
+        let resource = format!("api://{}", "a".repeat(len - "api://".len()));
+        format!("/msi/token?api-version=2019-08-01&resource={resource}")
+    };
+    let (status, body) = send(&r.ep, &target(513), &head);
+    assert_eq!(status, 400, "{body}");
+    assert!(body["message"]
+        .as_str()
+        .is_some_and(|m| m.contains("513 bytes")));
+    assert_eq!(r.emu.requests(), 0);
+    let (_, body) = send(&r.ep, &target(512), &head);
+    assert!(!body.to_string().contains("bytes long"), "{body}");
+    assert_eq!(r.emu.requests(), 1, "512 bytes reach the upstream");
+}

@@ -17,9 +17,9 @@ use hyper::{Response, StatusCode};
 use hyper_util::rt::TokioTimer;
 use parking_lot::Mutex;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 
+use super::registry::{Registry, Ticket};
 use super::{race, Answer, Config, Either, Handler, RawPart, Reply, Request, Stop};
 
 pub(super) struct Shared<H> {
@@ -29,15 +29,14 @@ pub(super) struct Shared<H> {
     pub(super) local: std::net::SocketAddr,
 }
 
+/// Accepts as fast as connections come: never waits for a slot. A full server closes the
+/// connection [`Registry`] picks, or the new one when every connection has a request in
+/// its handler.
 pub(super) async fn accept_loop<H: Handler>(listener: TcpListener, sh: Arc<Shared<H>>, stop: Stop) {
-    let limit = Arc::new(Semaphore::new(sh.config.max_connections.max(1)));
+    let registry = Registry::new(sh.config.max_connections);
     let mut conns = JoinSet::new();
     loop {
         while conns.try_join_next().is_some() {}
-        let permit = match race(Arc::clone(&limit).acquire_owned(), stop.stopped()).await {
-            Either::Left(Ok(permit)) => permit,
-            _ => break,
-        };
         let (stream, peer) = match race(listener.accept(), stop.stopped()).await {
             Either::Left(Ok((stream, peer))) => (stream, peer),
             Either::Left(Err(e)) => {
@@ -50,14 +49,30 @@ pub(super) async fn accept_loop<H: Handler>(listener: TcpListener, sh: Arc<Share
             }
             Either::Right(()) => break,
         };
+        let Some(ticket) = registry.admit() else {
+            // Per connection, so trace: a flood must not flood the log too.
+            log::trace!("http: every connection has a request in progress; closing a new one");
+            continue;
+        };
         let (sh, stop) = (Arc::clone(&sh), stop.clone());
         conns.spawn(async move {
-            match sh.config.tls.clone() {
-                Some(tls) => super::tls::serve_conn(stream, peer, &sh, stop, tls).await,
-                None => serve_conn(stream, peer, &sh, stop).await,
+            let ticket = Arc::new(ticket);
+            let serve = async {
+                match sh.config.tls.clone() {
+                    Some(tls) => {
+                        super::tls::serve_conn(stream, peer, &sh, stop, tls, &ticket).await
+                    }
+                    None => serve_conn(stream, peer, &sh, stop, &ticket).await,
+                }
+            };
+            if let Either::Right(why) =
+                race(serve, ticket.closing(sh.config.first_head_timeout)).await
+            {
+                log::trace!("http: connection from {peer} closed: {why:?}");
             }
-            drop(permit);
         });
+        // Let the new connection read its head before the next accept can evict it.
+        tokio::task::yield_now().await;
     }
     drop(listener);
     // Every connection task watches `stop` too and ends promptly.
@@ -89,6 +104,7 @@ async fn serve_conn<H: Handler>(
     peer: std::net::SocketAddr,
     sh: &Arc<Shared<H>>,
     stop: Stop,
+    ticket: &Arc<Ticket>,
 ) {
     let _ = stream.set_nodelay(true);
     let stream = Arc::new(stream);
@@ -96,7 +112,7 @@ async fn serve_conn<H: Handler>(
     let builder = builder(&sh.config);
     let conn = builder.serve_connection(
         SharedIo(Arc::clone(&stream)),
-        service(sh, peer, &slot, &stop),
+        service(sh, peer, &slot, &stop, ticket),
     );
     match race(conn, stop.stopped()).await {
         Either::Left(Ok(())) | Either::Right(()) => return,
@@ -137,6 +153,7 @@ pub(super) fn service<H: Handler>(
     peer: std::net::SocketAddr,
     slot: &Slot,
     stop: &Stop,
+    ticket: &Arc<Ticket>,
 ) -> impl hyper::service::Service<
     hyper::Request<Incoming>,
     Response = Response<Full<Bytes>>,
@@ -144,18 +161,22 @@ pub(super) fn service<H: Handler>(
     Future: Send,
 > {
     let (sh, slot, stop) = (Arc::clone(sh), Arc::clone(slot), stop.clone());
+    let ticket = Arc::clone(ticket);
     hyper::service::service_fn(move |req| {
+        ticket.head_in();
         let (sh, slot, stop) = (Arc::clone(&sh), Arc::clone(&slot), stop.clone());
-        async move { respond(&sh, req, peer, &slot, stop).await }
+        let ticket = Arc::clone(&ticket);
+        async move { respond(&sh, req, peer, &slot, stop, &ticket).await }
     })
 }
 
-pub(super) async fn respond<H: Handler>(
+async fn respond<H: Handler>(
     sh: &Shared<H>,
     req: hyper::Request<Incoming>,
     peer: std::net::SocketAddr,
     slot: &Slot,
     stop: Stop,
+    ticket: &Ticket,
 ) -> Result<Response<Full<Bytes>>, TakenOver> {
     let (parts, body) = req.into_parts();
     let limited = Limited::new(body, sh.config.max_body).collect();
@@ -176,6 +197,10 @@ pub(super) async fn respond<H: Handler>(
             .uri
             .path_and_query()
             .map_or_else(|| parts.uri.to_string(), |pq| pq.as_str().to_owned()),
+        authority: parts.uri.authority().map(|a| match parts.uri.scheme_str() {
+            Some(scheme) => format!("{scheme}://{a}"),
+            None => a.to_string(),
+        }),
         headers: parts
             .headers
             .iter()
@@ -188,7 +213,10 @@ pub(super) async fn respond<H: Handler>(
         peer: Some(peer),
         local: sh.local,
     };
-    match sh.handler.handle(request, stop).await {
+    ticket.handling();
+    let answer = sh.handler.handle(request, stop).await;
+    ticket.answered();
+    match answer {
         Answer::Reply(r) => reply(r, slot),
         Answer::Raw(parts) => take_over(slot, Takeover::Raw(parts)),
         Answer::Close => take_over(slot, Takeover::Close),

@@ -10,12 +10,15 @@
 //! ```
 //!
 //! Threads: one per server, running a current-thread tokio runtime that owns the listener
-//! and every connection (no thread per connection, no polling). At most
-//! [`Config::max_connections`] connections are open at once; further ones wait in the
-//! kernel's backlog until one closes. A connection must deliver each request head within
+//! and every connection (no thread per connection, no polling). Accepting never waits: at
+//! most [`Config::max_connections`] connections are open at once, and a new one beyond
+//! that closes the oldest that has not completed a request (then the one idle the longest;
+//! one with a request in its handler never: see `registry`), so silent clients cannot keep
+//! others in the kernel's backlog. A new connection must deliver its first complete request
+//! head within [`Config::first_head_timeout`]; every later head within
 //! [`Config::header_read_timeout`], counted from the moment the server waits for it (so it
-//! also bounds keep-alive idleness and does not restart on every byte), and its body
-//! within [`Config::body_timeout`].
+//! bounds keep-alive idleness and does not restart on every byte); a body within
+//! [`Config::body_timeout`].
 //!
 //! Raw answers: hyper only writes well-formed HTTP, so [`Answer::Raw`] and
 //! [`Answer::Close`] take the socket over. The connection's socket is shared (an
@@ -37,16 +40,25 @@ use tokio::sync::watch;
 
 mod conn;
 #[cfg(test)]
+mod flood;
+mod registry;
+#[cfg(test)]
 mod tests;
 pub mod tls;
+
+/// The listen backlog asked for.
+const LISTEN_BACKLOG: u32 = 4096;
 
 /// Limits of one server.
 #[derive(Debug, Clone)]
 pub struct Config {
-    /// Connections open at once; more wait in the listen backlog.
+    /// Connections open at once; a new one beyond them closes one (see the module's doc).
     pub max_connections: usize,
-    /// The most a request head may take, counted from when the server starts waiting for
-    /// it (a fresh or an idle keep-alive connection); then the connection is closed.
+    /// The most a new connection may take to send its first complete request head (a TLS
+    /// handshake included); then it is closed.
+    pub first_head_timeout: Duration,
+    /// The most a later request head may take, counted from when the server starts waiting
+    /// for it (so also how long a keep-alive connection may idle); then it is closed.
     pub header_read_timeout: Duration,
     /// The most a request body may take once its head is in; then 408.
     pub body_timeout: Duration,
@@ -67,6 +79,7 @@ impl Default for Config {
     fn default() -> Self {
         Config {
             max_connections: 512,
+            first_head_timeout: Duration::from_secs(30),
             header_read_timeout: Duration::from_secs(30),
             body_timeout: Duration::from_secs(30),
             max_head: 16 * 1024,
@@ -82,8 +95,11 @@ impl Default for Config {
 #[derive(Debug, Clone)]
 pub struct Request {
     pub method: String,
-    /// The request target as sent: path and query (`/oauth2/token?x=1`).
+    /// The request target's path and query (`/oauth2/token?x=1`).
     pub target: String,
+    /// The scheme and authority of a target not in origin form (`http://host` of
+    /// `GET http://host/path`; `host:443` of `CONNECT host:443`), which `target` leaves out.
+    pub authority: Option<String>,
     /// Header names in lower case, values with undecodable bytes replaced.
     pub headers: Vec<(String, String)>,
     pub body: Vec<u8>,
@@ -96,9 +112,14 @@ pub struct Request {
 impl Request {
     /// First header of that name (case-insensitive).
     pub fn header(&self, name: &str) -> Option<&str> {
+        self.all(name).next()
+    }
+
+    /// Every header of that name (case-insensitive), in order.
+    pub fn all<'a, 'n>(&'a self, name: &'n str) -> impl Iterator<Item = &'a str> + use<'a, 'n> {
         self.headers
             .iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .filter(move |(k, _)| k.eq_ignore_ascii_case(name))
             .map(|(_, v)| v.as_str())
     }
 }
@@ -228,7 +249,9 @@ impl Server {
             };
             socket.set_reuseaddr(true)?;
             socket.bind(listen)?;
-            socket.listen(1024)?
+            // Deep enough for a flood of connects to queue rather than drop a client's SYN
+            // (the kernel caps it at net.core.somaxconn); the accept loop drains it fast.
+            socket.listen(LISTEN_BACKLOG)?
         };
         let addr = listener.local_addr()?;
         let (tx, rx) = watch::channel(false);

@@ -54,34 +54,107 @@ fn refuses_non_loopback() {
     assert!(is_loopback("127.1.2.3".parse().unwrap()));
 }
 
+/// One keep-alive request on `s`; the answer's head.
+fn ask(s: &mut TcpStream, target: &str) -> String {
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let req = format!("GET {target} HTTP/1.1\r\nHost: x\r\n\r\n");
+    if s.write_all(req.as_bytes()).is_err() {
+        return String::new();
+    }
+    let mut out = Vec::new();
+    let mut byte = [0u8; 1];
+    while !out.ends_with(b"\r\n\r\n") && s.read(&mut byte).unwrap_or(0) == 1 {
+        out.push(byte[0]);
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Whether the server closed `s` within `within`.
+fn closed_within(s: &mut TcpStream, within: Duration) -> bool {
+    s.set_read_timeout(Some(within)).unwrap();
+    match s.read(&mut [0u8; 64]) {
+        Ok(0) => true,
+        Ok(_) => false,
+        Err(e) => !matches!(
+            e.kind(),
+            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+        ),
+    }
+}
+
+/// Waits until `more` requests to `/hang` beyond `before` are in the handler.
+fn wait_hung(before: usize, more: usize) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while HUNG.load(std::sync::atomic::Ordering::SeqCst) < before + more {
+        assert!(
+            Instant::now() < deadline,
+            "the hung requests reached the handler"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
 #[test]
-fn connection_limit_makes_new_ones_wait() {
+fn a_full_server_evicts_a_connection_instead_of_waiting() {
     let config = Config {
         max_connections: 2,
         ..Config::default()
     };
     let server = Server::start("127.0.0.1:0".parse().unwrap(), config, Echo).unwrap();
     let addr = server.addr();
-    let idle: Vec<_> = (0..2).map(|_| TcpStream::connect(addr).unwrap()).collect();
-    let waiting = std::thread::spawn(move || get(addr, "/third"));
-    std::thread::sleep(Duration::from_millis(300));
-    assert!(!waiting.is_finished(), "the third connection was served");
-    drop(idle);
-    assert!(waiting.join().unwrap().contains("X-Seen: /third"));
+    let short = Duration::from_millis(300);
+    let long = Duration::from_secs(5);
+    // The oldest connection that has not completed a request goes first.
+    let mut silent = TcpStream::connect(addr).unwrap();
+    let mut served = TcpStream::connect(addr).unwrap();
+    assert!(ask(&mut served, "/a").contains("200 OK"));
+    let mut fresh = TcpStream::connect(addr).unwrap();
+    assert!(closed_within(&mut silent, long), "the silent one evicted");
+    assert!(
+        ask(&mut served, "/b").contains("200 OK"),
+        "not the served one"
+    );
+    // Even one younger than a connection that completed a request.
+    let mut newer = TcpStream::connect(addr).unwrap();
+    assert!(closed_within(&mut fresh, long), "the one without a request");
+    assert!(!closed_within(&mut served, short));
+    // When all have completed requests: the one idle the longest.
+    assert!(ask(&mut newer, "/c").contains("200 OK"));
+    let mut hang1 = TcpStream::connect(addr).unwrap();
+    assert!(closed_within(&mut served, long), "idle the longest");
+    assert!(ask(&mut newer, "/d").contains("200 OK"));
+    // A connection with a request in the handler is never evicted: a new one is closed.
+    let before = HUNG.load(std::sync::atomic::Ordering::SeqCst);
+    let mut hang2 = newer;
+    for s in [&mut hang1, &mut hang2] {
+        s.write_all(b"GET /hang HTTP/1.1\r\nHost: x\r\n\r\n")
+            .unwrap();
+    }
+    wait_hung(before, 2);
+    let mut refused = TcpStream::connect(addr).unwrap();
+    assert!(closed_within(&mut refused, long), "the new one closed");
+    assert!(!closed_within(&mut hang1, short) && !closed_within(&mut hang2, short));
+    server.shutdown();
 }
 
 #[test]
-fn header_read_timeout_closes_idle_and_slow_heads() {
+fn first_head_and_keep_alive_idle_limits() {
     let config = Config {
-        header_read_timeout: Duration::from_millis(300),
+        first_head_timeout: Duration::from_millis(300),
+        header_read_timeout: Duration::from_secs(2),
         ..Config::default()
     };
     let server = Server::start("127.0.0.1:0".parse().unwrap(), config, Echo).unwrap();
     let started = Instant::now();
     let mut idle = TcpStream::connect(server.addr()).unwrap();
-    idle.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    assert_eq!(idle.read(&mut [0u8; 64]).unwrap_or(0), 0);
+    assert!(closed_within(&mut idle, Duration::from_secs(5)));
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_millis(1500),
+        "first-head limit: {took:?}"
+    );
     // A head trickled a byte at a time does not restart the limit.
+    let started = Instant::now();
     let mut slow = TcpStream::connect(server.addr()).unwrap();
     slow.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     for b in b"GET / HTTP/1.1\r\n" {
@@ -93,7 +166,48 @@ fn header_read_timeout_closes_idle_and_slow_heads() {
     let mut out = Vec::new();
     let _ = slow.read_to_end(&mut out);
     assert!(!String::from_utf8_lossy(&out).contains("200 OK"));
-    assert!(started.elapsed() < Duration::from_secs(4));
+    assert!(started.elapsed() < Duration::from_millis(1500));
+    // After a request, a keep-alive connection may idle up to header_read_timeout.
+    let mut kept = TcpStream::connect(server.addr()).unwrap();
+    assert!(ask(&mut kept, "/x").contains("200 OK"));
+    let answered = Instant::now();
+    assert!(closed_within(&mut kept, Duration::from_secs(6)));
+    let idled = answered.elapsed();
+    assert!(
+        idled > Duration::from_millis(1500) && idled < Duration::from_secs(4),
+        "closed after {idled:?}"
+    );
+}
+
+#[test]
+fn a_flood_of_idle_connections_from_another_user_holds_back_no_request() {
+    if !flood::can_switch_user() {
+        eprintln!("skipped: needs root to flood as another user");
+        return;
+    }
+    let config = Config {
+        max_connections: 256,
+        first_head_timeout: Duration::from_secs(2),
+        header_read_timeout: Duration::from_secs(10),
+        ..Config::default()
+    };
+    let server = Server::start("127.0.0.1:0".parse().unwrap(), config, Echo).unwrap();
+    let flood = flood::Flood::start(server.addr(), 2000).expect("start the flood");
+    std::thread::sleep(Duration::from_millis(500));
+    let mut times = Vec::new();
+    for i in 0..50 {
+        let started = Instant::now();
+        let answer = get(server.addr(), &format!("/req{i}"));
+        let took = started.elapsed();
+        assert!(answer.contains("200 OK"), "request {i}: {answer:?}");
+        assert!(took < Duration::from_secs(2), "request {i} took {took:?}");
+        times.push(took);
+    }
+    times.sort();
+    eprintln!("median {:?}, worst {:?}", times[25], times[49]);
+    let reopened = flood.stop().expect("the flood's count");
+    eprintln!("the flood re-opened {reopened} connections");
+    assert!(reopened > 0, "the flood's connections were closed");
 }
 
 #[test]

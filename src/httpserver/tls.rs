@@ -13,6 +13,7 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::net::TcpStream;
 
 use super::conn::{builder, service, Shared, Slot};
+use super::registry::Ticket;
 use super::{race, Either, Handler, Stop};
 
 /// A handshake must finish within this.
@@ -47,6 +48,7 @@ pub(super) async fn serve_conn<H: Handler>(
     sh: &Arc<Shared<H>>,
     stop: Stop,
     config: Arc<rustls::ServerConfig>,
+    ticket: &Arc<Ticket>,
 ) {
     let _ = stream.set_nodelay(true);
     let acceptor = tokio_rustls::TlsAcceptor::from(config);
@@ -61,7 +63,7 @@ pub(super) async fn serve_conn<H: Handler>(
     };
     let slot: Slot = Arc::new(Mutex::new(None));
     let builder = builder(&sh.config);
-    let conn = builder.serve_connection(TokioIo::new(tls), service(sh, peer, &slot, &stop));
+    let conn = builder.serve_connection(TokioIo::new(tls), service(sh, peer, &slot, &stop, ticket));
     if let Either::Left(Err(e)) = race(conn, stop.stopped()).await {
         if slot.lock().is_none() {
             log::debug!("http: TLS connection ended: {e}");
