@@ -92,7 +92,13 @@ impl httpserver::Handler for EndpointHandler {
             if stop.is_stopped() {
                 return Answer::Close;
             }
-            Answer::Reply(json_reply(status, body))
+            let mut reply = json_reply(status, body);
+            if status == 401 {
+                // A caller without the secret keeps no connection: idle connections that
+                // completed a request never hold places a caller with the secret needs.
+                reply.headers.push(("Connection".into(), "close".into()));
+            }
+            Answer::Reply(reply)
         }
     }
 

@@ -273,3 +273,24 @@ fn resources_longer_than_512_bytes_are_400() {
     assert!(!body.to_string().contains("bytes long"), "{body}");
     assert_eq!(r.emu.requests(), 1, "512 bytes reach the upstream");
 }
+
+#[test]
+fn a_caller_without_the_secret_keeps_no_connection() {
+    use std::io::{Read, Write};
+    let r = rig(Identity::default());
+    let mut conn = std::net::TcpStream::connect(r.ep.addr()).unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let head = format!("GET {ARM} HTTP/1.1\r\nHost: {}\r\n\r\n", r.ep.addr());
+    conn.write_all(head.as_bytes()).unwrap();
+    let mut answer = Vec::new();
+    // Read to the end: the server closes after the 401 (a kept-alive connection would
+    // time the read out instead).
+    conn.read_to_end(&mut answer).unwrap();
+    let text = String::from_utf8_lossy(&answer);
+    assert!(text.starts_with("HTTP/1.1 401"), "{text}");
+    assert!(
+        text.to_ascii_lowercase().contains("connection: close"),
+        "{text}"
+    );
+    assert_eq!(r.emu.requests(), 0);
+}
