@@ -59,12 +59,18 @@ struct Quiet(Option<String>);
 
 impl Quiet {
     fn report(&mut self, message: String) {
-        if self.0.as_ref() == Some(&message) {
-            debug!("{message}");
-        } else {
+        if self.is_news(&message) {
             warn!("{message}");
+        } else {
+            debug!("{message}");
         }
-        self.0 = Some(message);
+    }
+
+    /// Whether `message` differs from the one before (which it now is).
+    fn is_news(&mut self, message: &str) -> bool {
+        let news = self.0.as_deref() != Some(message);
+        self.0 = Some(message.to_string());
+        news
     }
 
     fn clear(&mut self) {
@@ -100,6 +106,21 @@ struct Slot {
 }
 
 impl Slot {
+    fn new(declared: Declared, now: Instant) -> Slot {
+        Slot {
+            declared,
+            written: None,
+            pending: false,
+            settled: false,
+            failures: 0,
+            last_error: None,
+            retry_at: now,
+            write_error: None,
+            write_again_at: now,
+            quiet: Quiet::default(),
+        }
+    }
+
     fn missing_reason(&self) -> Option<String> {
         if self.written.is_some() {
             return None;
@@ -187,21 +208,7 @@ pub fn run(
     let mut sync = Follower {
         cache: cache.clone(),
         taken,
-        slots: declared
-            .iter()
-            .map(|d| Slot {
-                declared: d.clone(),
-                written: None,
-                pending: false,
-                settled: false,
-                failures: 0,
-                last_error: None,
-                retry_at: now,
-                write_error: None,
-                write_again_at: now,
-                quiet: Quiet::default(),
-            })
-            .collect(),
+        slots: declared.iter().map(|d| Slot::new(d.clone(), now)).collect(),
         tx,
         source_reason: plan.reason.clone(),
         last_status: None,
@@ -425,5 +432,43 @@ impl Follower<'_> {
                 .report(format!("cannot write {STATUS}: {e}")),
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failure_is_news_once_until_another_comes_or_it_clears() {
+        let mut q = Quiet::default();
+        assert!(q.is_news("ENOSPC"));
+        assert!(!q.is_news("ENOSPC"), "the same again: not news");
+        assert!(q.is_news("ENOENT"));
+        assert!(q.is_news("ENOSPC"));
+        q.clear();
+        assert!(q.is_news("ENOSPC"));
+    }
+
+    /// A resource whose files cannot be written says so in `.status`, whatever its fetches
+    /// do meanwhile (not "fetching").
+    #[test]
+    fn a_write_failure_is_the_missing_reason_until_a_write_succeeds() {
+        let declared = Declared {
+            resource: "https://vault.azure.net".into(),
+            name: "vault.azure.net".into(),
+        };
+        let mut slot = Slot::new(declared, Instant::now());
+        slot.pending = true;
+        assert_eq!(slot.missing_reason().as_deref(), Some("fetching"));
+        slot.write_error = Some("cannot write its files: No space left on device".into());
+        assert_eq!(
+            slot.missing_reason().as_deref(),
+            Some("cannot write its files: No space left on device")
+        );
+        slot.last_error = Some("a fetch failed".into());
+        assert!(slot
+            .missing_reason()
+            .is_some_and(|r| r.contains("No space left")));
     }
 }
