@@ -202,4 +202,24 @@ mod tests {
         assert_eq!(stale, Some(left));
         release(lock, dir.path());
     }
+
+    /// The lock's name as a symlink out of DIR is refused; a lock file replaced while the
+    /// sink ran is not removed at release (only ours is).
+    #[test]
+    fn the_lock_never_follows_a_symlink_and_removes_only_its_own_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let victim = tempfile::tempdir().unwrap();
+        let target = victim.path().join("v");
+        std::fs::write(&target, b"victim").unwrap();
+        let path = dir.path().join(LOCK_NAME);
+        std::os::unix::fs::symlink(&target, &path).unwrap();
+        assert!(matches!(acquire(dir.path()), Err(SinkError::Dir(_))));
+        std::fs::remove_file(&path).unwrap();
+        let (lock, _) = acquire(dir.path()).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        std::os::unix::fs::symlink(&target, &path).unwrap();
+        release(lock, dir.path());
+        assert!(path.symlink_metadata().is_ok(), "not ours: left");
+        assert_eq!(std::fs::read(&target).unwrap(), b"victim");
+    }
 }
