@@ -3,7 +3,7 @@
 
 use super::writer::{euid, open_dir_at, same_file};
 use super::SinkError;
-use rustix::fs::{self as rfs, AtFlags, FlockOperation, Mode, OFlags};
+use rustix::fs::{self as rfs, AtFlags, FileType, FlockOperation, Mode, OFlags};
 use serde::{Deserialize, Serialize};
 use std::fs::File;
 use std::io::{Read, Write};
@@ -73,10 +73,19 @@ impl Lock {
             |e: std::io::Error| SinkError::Dir(format!("lock file {}: {e}", shown_lock.display()));
         // A sink that exits unlinks its lock file: the file locked must still be at its name.
         for _ in 0..10 {
-            let flags = OFlags::RDWR | OFlags::CREATE | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+            // Non-blocking: a FIFO put at the name must not hold the sink up.
+            let flags = OFlags::RDWR
+                | OFlags::CREATE
+                | OFlags::NOFOLLOW
+                | OFlags::NONBLOCK
+                | OFlags::CLOEXEC;
             let fd = rfs::openat(dir, LOCK_NAME, flags, Mode::from_raw_mode(0o600))
                 .map_err(|e| io(e.into()))?;
             let mut file = File::from(fd);
+            let locked = rfs::fstat(&file).map_err(|e| io(e.into()))?;
+            if FileType::from_raw_mode(locked.st_mode) != FileType::RegularFile {
+                return Err(io(std::io::Error::other("not a regular file")));
+            }
             match rfs::flock(&file, FlockOperation::NonBlockingLockExclusive) {
                 Ok(()) => {}
                 Err(rustix::io::Errno::WOULDBLOCK) => {
@@ -91,7 +100,6 @@ impl Lock {
                 }
                 Err(e) => return Err(io(e.into())),
             }
-            let locked = rfs::fstat(&file).map_err(|e| io(e.into()))?;
             let same = rfs::statat(dir, LOCK_NAME, AtFlags::SYMLINK_NOFOLLOW)
                 .is_ok_and(|m| same_file(&m, &locked));
             if !same {
@@ -221,5 +229,23 @@ mod tests {
         release(lock, dir.path());
         assert!(path.symlink_metadata().is_ok(), "not ours: left");
         assert_eq!(std::fs::read(&target).unwrap(), b"victim");
+    }
+
+    #[test]
+    fn a_lock_name_that_is_not_a_regular_file_is_refused_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(LOCK_NAME);
+        rfs::mknodat(
+            rfs::CWD,
+            &path,
+            FileType::Fifo,
+            Mode::from_raw_mode(0o600),
+            0,
+        )
+        .unwrap();
+        match acquire(dir.path()) {
+            Err(SinkError::Dir(m)) => assert!(m.contains("not a regular file"), "{m}"),
+            other => panic!("expected Dir, got {:?}", other.map(|_| ())),
+        }
     }
 }
