@@ -188,7 +188,7 @@ fn another_user_racing_inside_dir_never_reaches_outside_it() {
         .collect();
     assert!(changed.is_empty(), "changed outside DIR: {changed:?}");
     assert!(
-        runs >= 15 && served >= 3,
+        runs >= 10 && served >= 3,
         "{runs} runs, {served} served a token; the sinks' last lines: {endings:#?}"
     );
 }
