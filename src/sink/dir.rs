@@ -143,7 +143,6 @@ impl Lock {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::os::unix::fs::PermissionsExt;
 
     fn acquire(dir: &Path) -> Result<(Lock, Option<Record>), SinkError> {
         let fd = open_dir_at(rfs::CWD, dir).unwrap();
@@ -200,12 +199,12 @@ mod tests {
         let path = dir.path().join(LOCK_NAME);
         std::fs::write(&path, serde_json::to_vec(&left).unwrap()).unwrap();
         // Written by someone else (another mode than a sink's 0600): not trusted.
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        rfs::chmod(&path, Mode::from_raw_mode(0o644)).unwrap();
         let (lock, stale) = acquire(dir.path()).unwrap();
         assert_eq!(stale, None, "a planted record is not followed");
         drop(lock);
         // A sink's own (0600, ours): taken over with its record.
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        rfs::chmod(&path, Mode::from_raw_mode(0o600)).unwrap();
         let (lock, stale) = acquire(dir.path()).unwrap();
         assert_eq!(stale, Some(left));
         release(lock, dir.path());
@@ -222,9 +221,9 @@ mod tests {
         let path = dir.path().join(LOCK_NAME);
         std::os::unix::fs::symlink(&target, &path).unwrap();
         assert!(matches!(acquire(dir.path()), Err(SinkError::Dir(_))));
-        std::fs::remove_file(&path).unwrap();
+        rfs::unlink(&path).unwrap();
         let (lock, _) = acquire(dir.path()).unwrap();
-        std::fs::remove_file(&path).unwrap();
+        rfs::unlink(&path).unwrap();
         std::os::unix::fs::symlink(&target, &path).unwrap();
         release(lock, dir.path());
         assert!(path.symlink_metadata().is_ok(), "not ours: left");

@@ -339,6 +339,10 @@ mod tests {
         Writer::new(fd, dir.to_path_buf(), access, 0o750).unwrap()
     }
 
+    fn rename(from: &Path, to: &Path) {
+        rfs::renameat(rfs::CWD, from, rfs::CWD, to).unwrap();
+    }
+
     #[test]
     fn paths_follow_the_mount_layout() {
         assert_eq!(view_path(View::Raw, "a"), "a");
@@ -392,7 +396,7 @@ mod tests {
         std::fs::write(victim.path().join("a"), b"victim").unwrap();
         let mut w = writer(dir.path());
         w.make_dir(".json").unwrap();
-        std::fs::rename(dir.path().join(".json"), dir.path().join("moved")).unwrap();
+        rename(&dir.path().join(".json"), &dir.path().join("moved"));
         std::os::unix::fs::symlink(victim.path(), dir.path().join(".json")).unwrap();
         w.write(".json/a", b"token").unwrap();
         assert_eq!(std::fs::read(victim.path().join("a")).unwrap(), b"victim");
@@ -427,11 +431,11 @@ mod tests {
     fn a_directory_moved_away_from_its_path_stops_the_writes() {
         let parent = tempfile::tempdir().unwrap();
         let path = parent.path().join("d");
-        std::fs::create_dir(&path).unwrap();
+        rfs::mkdir(&path, Mode::from_raw_mode(0o700)).unwrap();
         let w = writer(&path);
         w.write("a", b"one").unwrap();
-        std::fs::rename(&path, parent.path().join("e")).unwrap();
-        std::fs::create_dir(&path).unwrap();
+        rename(&path, &parent.path().join("e"));
+        rfs::mkdir(&path, Mode::from_raw_mode(0o700)).unwrap();
         match w.write("a", b"two") {
             Err(WriteError::DirGone(m)) => assert!(m.contains("DIR is unusable"), "{m}"),
             other => panic!("expected DirGone, got {other:?}"),
