@@ -1,7 +1,7 @@
 //! The sink's directory: on tmpfs or ramfs only (`statfs`), and one sink per directory (a
 //! lock file held with `flock`; a stale one left by a killed sink is taken over).
 
-use super::writer::{euid, open_dir_at, same_file};
+use super::writer::{euid, open_dir_at, same_file, unlink_if_held};
 use super::SinkError;
 use rustix::fs::{self as rfs, AtFlags, FileType, FlockOperation, Mode, OFlags};
 use serde::{Deserialize, Serialize};
@@ -130,12 +130,7 @@ impl Lock {
     /// Removes the lock file from DIR (`dir`, held open) if it is still ours, then lets go
     /// of the lock.
     pub fn release(self, dir: BorrowedFd<'_>) {
-        let there = rfs::statat(dir, LOCK_NAME, AtFlags::SYMLINK_NOFOLLOW);
-        if let (Ok(there), Ok(held)) = (there, rfs::fstat(&self.file)) {
-            if same_file(&there, &held) {
-                let _ = rfs::unlinkat(dir, LOCK_NAME, AtFlags::empty());
-            }
-        }
+        unlink_if_held(dir, LOCK_NAME, self.file.as_fd(), AtFlags::empty());
         drop(self.file);
     }
 }

@@ -279,13 +279,7 @@ impl Writer {
         let Some((_, fd)) = self.views.iter().find(|(made, _)| *made == name) else {
             return;
         };
-        let there = rfs::statat(&self.dir, name, AtFlags::SYMLINK_NOFOLLOW);
-        let held = rfs::fstat(fd);
-        if let (Ok(there), Ok(held)) = (there, held) {
-            if same_file(&there, &held) {
-                let _ = rfs::unlinkat(&self.dir, name, AtFlags::REMOVEDIR);
-            }
-        }
+        unlink_if_held(self.dir.as_fd(), name, fd.as_fd(), AtFlags::REMOVEDIR);
     }
 
     /// Removes the directory `name` a killed sink made, if it is empty and a directory.
@@ -312,6 +306,17 @@ impl Writer {
 
     fn gid(&self) -> Gid {
         Gid::from_raw(self.access.gid)
+    }
+}
+
+/// Unlinks `name` in `at` (with `flags`) if it is still the file `held` is open on: what
+/// someone else put at the name since stays.
+pub fn unlink_if_held(at: BorrowedFd<'_>, name: &str, held: BorrowedFd<'_>, flags: AtFlags) {
+    let there = rfs::statat(at, name, AtFlags::SYMLINK_NOFOLLOW);
+    if let (Ok(there), Ok(held)) = (there, rfs::fstat(held)) {
+        if same_file(&there, &held) {
+            let _ = rfs::unlinkat(at, name, flags);
+        }
     }
 }
 
