@@ -95,7 +95,11 @@ pub struct Declared {
 
 /// Runs the sink as asked: in the foreground until a signal, or detached once every
 /// declared resource was written or failed once.
-pub fn run(req: SinkRequest) -> Result<(), SinkError> {
+pub fn run(mut req: SinkRequest) -> Result<(), SinkError> {
+    // DIR as given, made absolute before a daemon leaves the working directory: the path
+    // checked before each write (`Writer::check_dir`).
+    req.dir = std::path::absolute(&req.dir)
+        .map_err(|e| SinkError::Dir(format!("{}: {e}", req.dir.display())))?;
     let (dir, plan, declared) = preflight(&req)?;
     if req.foreground {
         crate::logging::init_stderr("info");
@@ -186,7 +190,7 @@ fn serve(
             return Err(e);
         }
     };
-    let outcome = sync::run(req, dir, plan, declared, &taken, signals, ready);
+    let outcome = sync::run(req, plan, declared, &taken, signals, ready);
     taken.give_back();
     outcome
 }
@@ -229,7 +233,7 @@ fn take_dir(req: &SinkRequest, dir: &Path, declared: &[Declared]) -> Result<Take
     // Without root's override the sink needs the owner's write bit to replace its files.
     let dir_mode = access.dir_mode() | if root { 0 } else { 0o200 };
     let io = |e: std::io::Error| SinkError::Dir(format!("{}: {e}", dir.display()));
-    let writer = writer::Writer::new(fd, dir.to_path_buf(), access, dir_mode).map_err(io)?;
+    let writer = writer::Writer::new(fd, req.dir.clone(), access, dir_mode).map_err(io)?;
     let now = writer.dir_owner().map_err(io)?;
     let before = match stale {
         Some(old) => {

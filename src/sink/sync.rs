@@ -11,7 +11,6 @@ use crate::policy::SystemClock;
 use crate::source::select::Plan;
 use crate::token::{Version, View};
 use log::{debug, error, info, warn};
-use std::path::Path;
 use std::sync::mpsc::{self, RecvTimeoutError, Sender};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -153,7 +152,6 @@ struct Follower<'a> {
 /// Starts the cache and keeps DIR in step until SIGTERM or SIGINT.
 pub fn run(
     req: &SinkRequest,
-    dir: &Path,
     plan: Plan,
     declared: &[Declared],
     taken: &Taken,
@@ -192,7 +190,7 @@ pub fn run(
     }
     info!(
         "sink {} (endpoint {}, refresh margin {} s, timeout {} s)",
-        dir.display(),
+        taken.writer.dir().display(),
         cache.source().endpoint(),
         req.policy.refresh_margin_ms / 1000,
         req.policy.timeout.as_secs()
@@ -239,7 +237,10 @@ pub fn run(
                 crate::mount::reopen_log(req.log_file.as_deref(), req.foreground)
             }
             Ok(Event::Signal(sig)) => {
-                info!("signal {sig}: removing the files of {}", dir.display());
+                info!(
+                    "signal {sig}: removing the files of {}",
+                    taken.writer.dir().display()
+                );
                 break;
             }
             Ok(Event::Fetched(i, outcome)) => sync.fetched(i, outcome),

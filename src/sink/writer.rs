@@ -107,7 +107,7 @@ impl Owner {
 pub struct Writer {
     /// DIR, as opened at start.
     dir: OwnedFd,
-    /// The path DIR was opened at (shown, and checked before each write).
+    /// DIR's path as given (shown, and checked before each write).
     path: PathBuf,
     held: Stat,
     access: Access,
@@ -119,7 +119,7 @@ pub struct Writer {
 }
 
 impl Writer {
-    /// `dir` is DIR opened at `path`; `dir_mode` is what the view directories get (the
+    /// `dir` is DIR opened from `path` (as the user gave it, absolute); `dir_mode` is what the view directories get (the
     /// mount's, plus the owner's write bit when the sink needs it to replace files).
     pub fn new(dir: OwnedFd, path: PathBuf, access: Access, dir_mode: u16) -> io::Result<Writer> {
         let held = rfs::fstat(&dir)?;
@@ -446,5 +446,34 @@ mod tests {
             other => panic!("expected DirGone, got {other:?}"),
         }
         assert_eq!(std::fs::read_dir(&path).unwrap().count(), 0);
+    }
+
+    /// DIR given as a symlink: the path checked is the one given, so a symlink that now
+    /// leads elsewhere stops the writes too.
+    #[test]
+    fn a_dir_given_through_a_symlink_that_now_leads_elsewhere_stops_the_writes() {
+        let parent = tempfile::tempdir().unwrap();
+        let (a, b, link) = (
+            parent.path().join("a"),
+            parent.path().join("b"),
+            parent.path().join("link"),
+        );
+        for d in [&a, &b] {
+            rfs::mkdir(d, Mode::from_raw_mode(0o700)).unwrap();
+        }
+        rfs::symlink(&a, &link).unwrap();
+        let access = Access {
+            uid: euid(),
+            // SAFETY: getgid cannot fail.
+            gid: unsafe { libc::getgid() },
+            file_mode: 0o400,
+        };
+        let fd = open_dir_at(rfs::CWD, &a).unwrap();
+        let w = Writer::new(fd, link.clone(), access, 0o500).unwrap();
+        w.write("x", b"one").unwrap();
+        rfs::unlink(&link).unwrap();
+        rfs::symlink(&b, &link).unwrap();
+        assert!(matches!(w.write("x", b"two"), Err(WriteError::DirGone(_))));
+        assert_eq!(std::fs::read_dir(&b).unwrap().count(), 0);
     }
 }
