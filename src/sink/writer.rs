@@ -476,4 +476,19 @@ mod tests {
         assert!(matches!(w.write("x", b"two"), Err(WriteError::DirGone(_))));
         assert_eq!(std::fs::read_dir(&b).unwrap().count(), 0);
     }
+
+    /// A view directory removed by someone else: its writes fail (ENOENT) and nothing is
+    /// made at its name again behind the sink's back.
+    #[test]
+    fn a_removed_view_dir_fails_its_writes_with_enoent() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut w = writer(dir.path());
+        w.make_dir(".json").unwrap();
+        rfs::unlinkat(rfs::CWD, dir.path().join(".json"), AtFlags::REMOVEDIR).unwrap();
+        match w.write(".json/a", b"token") {
+            Err(WriteError::Io(e)) => assert_eq!(e.kind(), io::ErrorKind::NotFound),
+            other => panic!("expected ENOENT, got {other:?}"),
+        }
+        assert!(!dir.path().join(".json").exists());
+    }
 }
