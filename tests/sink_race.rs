@@ -181,7 +181,7 @@ fn another_user_racing_inside_dir_never_reaches_outside_it() {
     let _ = attacker.kill();
     let _ = attacker.wait();
     let after = snapshot(victim.path());
-    let changed: Vec<_> = before
+    let changed: std::collections::BTreeSet<_> = before
         .keys()
         .chain(after.keys())
         .filter(|k| before.get(*k) != after.get(*k))
