@@ -355,3 +355,88 @@ fn sigusr1_refetches_every_declared_resource() {
         sink.log_text()
     );
 }
+
+/// Issue 19: a Kubernetes emptyDir (root's tmpfs, 0777) and a sink running as another user
+/// with no --uid/--gid/--mode: it works, and DIR keeps its owner and mode throughout.
+#[test]
+fn a_sink_of_another_user_in_an_empty_dir_leaves_dir_as_it_is() {
+    use std::os::unix::process::CommandExt;
+    let emu = emulator();
+    let fs = Tmpfs::with_options("mode=0777,size=1m");
+    let mut cmd = sink_cmd(&emu.url(), &fs.path, &["-f", "--resource", VAULT]);
+    cmd.uid(NOBODY).gid(NOBODY);
+    let mut sink = Sink::spawn(cmd, &fs.path);
+    wait_file(&fs.path.join(VAULT), Duration::from_secs(20));
+    let owner = |p: &std::path::Path| {
+        let m = std::fs::metadata(p).unwrap();
+        (m.uid(), m.gid(), m.mode() & 0o7777)
+    };
+    assert_eq!(owner(&fs.path), (0, 0, 0o777), "DIR while the sink runs");
+    assert_eq!(owner(&fs.path.join(VAULT)), (NOBODY, NOBODY, 0o400));
+    assert_eq!(owner(&fs.path.join(".json")), (NOBODY, NOBODY, 0o700));
+    assert_eq!(sink.stop(libc::SIGTERM), Some(0), "{}", sink.log_text());
+    assert_eq!(owner(&fs.path), (0, 0, 0o777), "DIR after");
+    assert!(tree(&fs.path).is_empty(), "left: {:?}", tree(&fs.path));
+}
+
+/// Issue 19: the tmpfs unmounted (lazily) under a running sink: it stops with exit 1 and
+/// says why; nothing reaches the directory beneath, whose owner and mode stay.
+#[test]
+fn a_tmpfs_unmounted_under_the_sink_stops_it_and_nothing_is_written_beneath() {
+    let emu = emulator();
+    emu.set_ttl(6);
+    let fs = Tmpfs::new();
+    let mut sink = Sink::start(
+        &emu.url(),
+        &fs.path,
+        &[
+            "--resource",
+            VAULT,
+            "--uid",
+            "1000",
+            "--refresh-margin",
+            "3",
+        ],
+    );
+    wait_file(&fs.path.join(VAULT), Duration::from_secs(20));
+    lazy_unmount(&fs.path);
+    assert_eq!(sink.wait_exit(Duration::from_secs(10)), Some(1));
+    let log = sink.log_text();
+    assert!(
+        log.contains("DIR is unusable") && log.contains("unmounted or replaced"),
+        "{log}"
+    );
+    assert_eq!(tree(&fs.path), BTreeSet::new(), "written beneath");
+    let m = std::fs::metadata(&fs.path).unwrap();
+    assert_eq!((m.uid(), m.gid(), m.mode()), fs.beneath, "changed beneath");
+}
+
+/// Issue 19: files that do not fit (ENOSPC): one WARN, not one every pass; `.status` says
+/// why the resource is missing.
+#[test]
+fn a_full_tmpfs_is_reported_once_and_shown_in_status() {
+    let emu = emulator();
+    // Three pages: the lock, `.status` and its replacement; a token's views do not fit.
+    let fs = Tmpfs::with_options("mode=0700,size=12k");
+    let sink = Sink::start(&emu.url(), &fs.path, &["--resource", VAULT]);
+    let reason = eventually(Duration::from_secs(20), || {
+        let st = status(&fs.path);
+        let reason = st["sink"]["missing"][0]["reason"].as_str()?.to_string();
+        reason.contains("cannot write").then_some(reason)
+    });
+    assert!(
+        reason
+            .as_deref()
+            .is_some_and(|r| r.contains("No space left on device")),
+        "{reason:?}: {}",
+        sink.log_text()
+    );
+    std::thread::sleep(Duration::from_secs(5));
+    let log = sink.log_text();
+    let warned = log
+        .lines()
+        .filter(|l| l.contains("WARN") && l.contains("cannot write"))
+        .count();
+    assert_eq!(warned, 1, "{log}");
+    assert!(!fs.path.join(VAULT).exists());
+}

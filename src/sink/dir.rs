@@ -1,15 +1,14 @@
 //! The sink's directory: on tmpfs or ramfs only (`statfs`), and one sink per directory (a
 //! lock file held with `flock`; a stale one left by a killed sink is taken over).
 
+use super::writer::{euid, open_dir_at, same_file, unlink_if_held};
 use super::SinkError;
+use rustix::fs::{self as rfs, AtFlags, FileType, FlockOperation, Mode, OFlags};
 use serde::{Deserialize, Serialize};
-use std::ffi::CString;
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::{Read, Write};
-use std::os::fd::AsRawFd;
-use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
-use std::path::{Path, PathBuf};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::path::Path;
 
 /// `statfs` magic numbers of the filesystems that keep pages in memory only.
 const TMPFS_MAGIC: i64 = 0x0102_1994;
@@ -18,33 +17,28 @@ const RAMFS_MAGIC: i64 = 0x8584_58f6;
 /// The lock file, in DIR itself (a dot name: `ls DIR` shows what a mount shows).
 pub const LOCK_NAME: &str = ".cstokenfs-sink.lock";
 
-/// Refuses a directory whose filesystem may write its pages to a disk.
-pub fn check_in_memory(dir: &Path) -> Result<(), SinkError> {
+/// Opens DIR (`dir`, its symlinks already resolved; a symlink as its last component is
+/// refused) and refuses a directory whose filesystem may write its pages to a disk.
+pub fn open_in_memory(dir: &Path) -> Result<OwnedFd, SinkError> {
     let shown = dir.display();
-    let c = CString::new(dir.as_os_str().as_bytes())
-        .map_err(|_| SinkError::Dir(format!("{shown}: the path contains a NUL byte")))?;
-    // SAFETY: statfs only writes into the struct we own; all-zero is a valid statfs.
-    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
-    // SAFETY: c is a valid NUL-terminated path and st a valid out pointer.
-    if unsafe { libc::statfs(c.as_ptr(), &mut st) } != 0 {
-        let e = std::io::Error::last_os_error();
-        return Err(SinkError::Dir(format!("{shown}: statfs: {e}")));
-    }
+    let fd = open_dir_at(rfs::CWD, dir).map_err(|e| SinkError::Dir(format!("{shown}: {e}")))?;
+    let st = rfs::fstatfs(&fd)
+        .map_err(|e| SinkError::Dir(format!("{shown}: statfs: {}", std::io::Error::from(e))))?;
     #[allow(clippy::useless_conversion)] // f_type's integer type differs between targets
     let magic = i64::from(st.f_type);
     if magic == TMPFS_MAGIC || magic == RAMFS_MAGIC {
-        return Ok(());
+        return Ok(fd);
     }
     Err(SinkError::NotInMemory {
         dir: dir.to_path_buf(),
-        fstype: fs_type_name(dir).unwrap_or_else(|| format!("filesystem type {magic:#x}")),
+        fstype: fs_type_name(fd.as_fd()).unwrap_or_else(|| format!("filesystem type {magic:#x}")),
     })
 }
 
-/// The type of the filesystem `path` is on, per /proc/self/mountinfo (`ext4`, `overlay`, ...).
-fn fs_type_name(path: &Path) -> Option<String> {
-    let dev = std::fs::metadata(path).ok()?.dev();
-    let want = format!("{}:{}", libc::major(dev), libc::minor(dev));
+/// The type of the filesystem `fd` is on, per /proc/self/mountinfo (`ext4`, `overlay`, ...).
+fn fs_type_name(fd: BorrowedFd<'_>) -> Option<String> {
+    let dev = rfs::fstat(fd).ok()?.st_dev;
+    let want = format!("{}:{}", rfs::major(dev), rfs::minor(dev));
     crate::mount::mount_table()
         .into_iter()
         .filter(|m| m.device == want)
@@ -68,43 +62,46 @@ pub struct Record {
 /// The lock of one DIR, held until dropped (the kernel drops it when the process dies).
 pub struct Lock {
     file: File,
-    path: PathBuf,
 }
 
 impl Lock {
-    /// Takes the lock of `dir`, with the record of a sink that died holding it (if any).
-    pub fn acquire(dir: &Path) -> Result<(Lock, Option<Record>), SinkError> {
-        let path = dir.join(LOCK_NAME);
-        let shown = path.display();
-        let io = |e: std::io::Error| SinkError::Dir(format!("lock file {shown}: {e}"));
-        // A sink that exits unlinks its lock file: the file locked must still be at `path`.
+    /// Takes the lock of DIR (`dir`, held open; `shown` is its path), with the record of a
+    /// sink that died holding it (if any).
+    pub fn acquire(dir: BorrowedFd<'_>, shown: &Path) -> Result<(Lock, Option<Record>), SinkError> {
+        let shown_lock = shown.join(LOCK_NAME);
+        let io =
+            |e: std::io::Error| SinkError::Dir(format!("lock file {}: {e}", shown_lock.display()));
+        // A sink that exits unlinks its lock file: the file locked must still be at its name.
         for _ in 0..10 {
-            let mut file = OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create(true)
-                .mode(0o600)
-                .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-                .open(&path)
-                .map_err(io)?;
-            // SAFETY: flock on a descriptor we own.
-            if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-                let e = std::io::Error::last_os_error();
-                if e.raw_os_error() != Some(libc::EWOULDBLOCK) {
-                    return Err(io(e));
-                }
-                let mut text = String::new();
-                let _ = file.read_to_string(&mut text);
-                let pid = serde_json::from_str::<Record>(&text)
-                    .map_or_else(|_| "unknown".to_string(), |r| r.pid.to_string());
-                return Err(SinkError::Busy(format!(
-                    "{} is in use by another cstokenfs sink (pid {pid}): stop it first",
-                    dir.display()
-                )));
+            // Non-blocking: a FIFO put at the name must not hold the sink up.
+            let flags = OFlags::RDWR
+                | OFlags::CREATE
+                | OFlags::NOFOLLOW
+                | OFlags::NONBLOCK
+                | OFlags::CLOEXEC;
+            let fd = rfs::openat(dir, LOCK_NAME, flags, Mode::from_raw_mode(0o600))
+                .map_err(|e| io(e.into()))?;
+            let mut file = File::from(fd);
+            let locked = rfs::fstat(&file).map_err(|e| io(e.into()))?;
+            if FileType::from_raw_mode(locked.st_mode) != FileType::RegularFile {
+                return Err(io(std::io::Error::other("not a regular file")));
             }
-            let locked = file.metadata().map_err(io)?;
-            let same = std::fs::symlink_metadata(&path)
-                .is_ok_and(|m| m.ino() == locked.ino() && m.dev() == locked.dev());
+            match rfs::flock(&file, FlockOperation::NonBlockingLockExclusive) {
+                Ok(()) => {}
+                Err(rustix::io::Errno::WOULDBLOCK) => {
+                    let mut text = String::new();
+                    let _ = file.read_to_string(&mut text);
+                    let pid = serde_json::from_str::<Record>(&text)
+                        .map_or_else(|_| "unknown".to_string(), |r| r.pid.to_string());
+                    return Err(SinkError::Busy(format!(
+                        "{} is in use by another cstokenfs sink (pid {pid}): stop it first",
+                        shown.display()
+                    )));
+                }
+                Err(e) => return Err(io(e.into())),
+            }
+            let same = rfs::statat(dir, LOCK_NAME, AtFlags::SYMLINK_NOFOLLOW)
+                .is_ok_and(|m| same_file(&m, &locked));
             if !same {
                 continue;
             }
@@ -112,13 +109,13 @@ impl Lock {
             file.read_to_string(&mut text).map_err(io)?;
             // Only a record a sink of ours wrote is trusted: anyone who can write DIR could
             // plant a lock file naming files to remove and an owner to give DIR.
-            // SAFETY: geteuid cannot fail.
-            let ours = locked.uid() == unsafe { libc::geteuid() } && locked.mode() & 0o777 == 0o600;
+            let ours = locked.st_uid == euid() && locked.st_mode & 0o777 == 0o600;
             let stale = serde_json::from_str::<Record>(&text).ok().filter(|_| ours);
-            return Ok((Lock { file, path }, stale));
+            return Ok((Lock { file }, stale));
         }
         Err(SinkError::Dir(format!(
-            "lock file {shown}: it keeps being replaced"
+            "lock file {}: it keeps being replaced",
+            shown_lock.display()
         )))
     }
 
@@ -130,9 +127,10 @@ impl Lock {
         self.file.flush()
     }
 
-    /// Removes the lock file, then lets go of the lock.
-    pub fn release(self) {
-        let _ = std::fs::remove_file(&self.path);
+    /// Removes the lock file from DIR (`dir`, held open) if it is still ours, then lets go
+    /// of the lock.
+    pub fn release(self, dir: BorrowedFd<'_>) {
+        unlink_if_held(dir, LOCK_NAME, self.file.as_fd(), AtFlags::empty());
         drop(self.file);
     }
 }
@@ -140,7 +138,15 @@ impl Lock {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::os::unix::fs::PermissionsExt;
+
+    fn acquire(dir: &Path) -> Result<(Lock, Option<Record>), SinkError> {
+        let fd = open_dir_at(rfs::CWD, dir).unwrap();
+        Lock::acquire(fd.as_fd(), dir)
+    }
+
+    fn release(lock: Lock, dir: &Path) {
+        lock.release(open_dir_at(rfs::CWD, dir).unwrap().as_fd());
+    }
 
     #[test]
     fn a_record_round_trips() {
@@ -158,7 +164,7 @@ mod tests {
     #[test]
     fn a_second_lock_of_the_same_dir_is_refused_and_a_released_one_is_free() {
         let dir = tempfile::tempdir().unwrap();
-        let (mut first, stale) = Lock::acquire(dir.path()).unwrap();
+        let (mut first, stale) = acquire(dir.path()).unwrap();
         assert!(stale.is_none());
         first
             .record(&Record {
@@ -166,15 +172,15 @@ mod tests {
                 ..Record::default()
             })
             .unwrap();
-        match Lock::acquire(dir.path()) {
+        match acquire(dir.path()) {
             Err(SinkError::Busy(m)) => assert!(m.contains("pid 42"), "{m}"),
             other => panic!("expected Busy, got {:?}", other.map(|_| ())),
         }
-        first.release();
+        release(first, dir.path());
         assert!(!dir.path().join(LOCK_NAME).exists());
-        let (again, stale) = Lock::acquire(dir.path()).unwrap();
+        let (again, stale) = acquire(dir.path()).unwrap();
         assert!(stale.is_none());
-        again.release();
+        release(again, dir.path());
     }
 
     #[test]
@@ -188,14 +194,52 @@ mod tests {
         let path = dir.path().join(LOCK_NAME);
         std::fs::write(&path, serde_json::to_vec(&left).unwrap()).unwrap();
         // Written by someone else (another mode than a sink's 0600): not trusted.
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
-        let (lock, stale) = Lock::acquire(dir.path()).unwrap();
+        rfs::chmod(&path, Mode::from_raw_mode(0o644)).unwrap();
+        let (lock, stale) = acquire(dir.path()).unwrap();
         assert_eq!(stale, None, "a planted record is not followed");
         drop(lock);
         // A sink's own (0600, ours): taken over with its record.
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
-        let (lock, stale) = Lock::acquire(dir.path()).unwrap();
+        rfs::chmod(&path, Mode::from_raw_mode(0o600)).unwrap();
+        let (lock, stale) = acquire(dir.path()).unwrap();
         assert_eq!(stale, Some(left));
-        lock.release();
+        release(lock, dir.path());
+    }
+
+    /// The lock's name as a symlink out of DIR is refused; a lock file replaced while the
+    /// sink ran is not removed at release (only ours is).
+    #[test]
+    fn the_lock_never_follows_a_symlink_and_removes_only_its_own_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let victim = tempfile::tempdir().unwrap();
+        let target = victim.path().join("v");
+        std::fs::write(&target, b"victim").unwrap();
+        let path = dir.path().join(LOCK_NAME);
+        std::os::unix::fs::symlink(&target, &path).unwrap();
+        assert!(matches!(acquire(dir.path()), Err(SinkError::Dir(_))));
+        rfs::unlink(&path).unwrap();
+        let (lock, _) = acquire(dir.path()).unwrap();
+        rfs::unlink(&path).unwrap();
+        std::os::unix::fs::symlink(&target, &path).unwrap();
+        release(lock, dir.path());
+        assert!(path.symlink_metadata().is_ok(), "not ours: left");
+        assert_eq!(std::fs::read(&target).unwrap(), b"victim");
+    }
+
+    #[test]
+    fn a_lock_name_that_is_not_a_regular_file_is_refused_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(LOCK_NAME);
+        rfs::mknodat(
+            rfs::CWD,
+            &path,
+            FileType::Fifo,
+            Mode::from_raw_mode(0o600),
+            0,
+        )
+        .unwrap();
+        match acquire(dir.path()) {
+            Err(SinkError::Dir(m)) => assert!(m.contains("not a regular file"), "{m}"),
+            other => panic!("expected Dir, got {:?}", other.map(|_| ())),
+        }
     }
 }

@@ -14,7 +14,7 @@ use crate::mount::{self, Ready};
 use crate::policy::Policy;
 use crate::source::select::{self, Env, Plan, Wanted};
 use std::fmt;
-use std::os::unix::fs::MetadataExt;
+use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 
 pub use dir::LOCK_NAME;
@@ -95,7 +95,11 @@ pub struct Declared {
 
 /// Runs the sink as asked: in the foreground until a signal, or detached once every
 /// declared resource was written or failed once.
-pub fn run(req: SinkRequest) -> Result<(), SinkError> {
+pub fn run(mut req: SinkRequest) -> Result<(), SinkError> {
+    // DIR as given, made absolute before a daemon leaves the working directory: the path
+    // checked before each write (`Writer::check_dir`).
+    req.dir = std::path::absolute(&req.dir)
+        .map_err(|e| SinkError::Dir(format!("{}: {e}", req.dir.display())))?;
     let (dir, plan, declared) = preflight(&req)?;
     if req.foreground {
         crate::logging::init_stderr("info");
@@ -137,6 +141,11 @@ fn preflight(req: &SinkRequest) -> Result<(PathBuf, Plan, Vec<Declared>), SinkEr
             declared.push(Declared { resource, name });
         }
     }
+    for (flag, id) in [("--uid", req.uid), ("--gid", req.gid)] {
+        if id == Some(u32::MAX) {
+            return Err(SinkError::Usage(format!("{flag} {}: not an id", u32::MAX)));
+        }
+    }
     let plan = select::plan(&req.wanted, &Env::current())
         .map_err(|e| SinkError::Endpoint(e.to_string()))?;
     let shown = req.dir.display();
@@ -153,7 +162,9 @@ fn preflight(req: &SinkRequest) -> Result<(PathBuf, Plan, Vec<Declared>), SinkEr
         .dir
         .canonicalize()
         .map_err(|e| SinkError::Dir(format!("{shown}: {e}")))?;
-    dir::check_in_memory(&dir)?;
+    // Checked here for a clear error before detaching; `serve` opens it again (a daemon
+    // keeps no descriptor from before) and checks again.
+    dir::open_in_memory(&dir)?;
     Ok((dir, plan, declared))
 }
 
@@ -179,7 +190,7 @@ fn serve(
             return Err(e);
         }
     };
-    let outcome = sync::run(req, dir, plan, declared, &taken, signals, ready);
+    let outcome = sync::run(req, plan, declared, &taken, signals, ready);
     taken.give_back();
     outcome
 }
@@ -189,8 +200,13 @@ pub(crate) struct Taken {
     lock: dir::Lock,
     record: dir::Record,
     writer: writer::Writer,
-    created_dirs: Vec<String>,
+    /// DIR's owner and mode to give back at exit, if this sink (or the killed one whose lock
+    /// it took over) changed them.
+    restore: Option<writer::Owner>,
 }
+
+/// The default of `--mode`: a sink given it (and no `--uid`/`--gid`) leaves DIR as it is.
+const DEFAULT_MODE: u16 = 0o400;
 
 /// Every file a sink writes for `declared`, relative to DIR.
 fn files_of(declared: &[Declared]) -> Vec<String> {
@@ -202,21 +218,23 @@ fn files_of(declared: &[Declared]) -> Vec<String> {
     files
 }
 
-/// Locks DIR, tidies up after a killed sink, checks nothing of ours is there already, then
-/// makes the view directories and gives DIR the owner and mode asked for.
+/// Opens and locks DIR, tidies up after a killed sink, checks nothing of ours is there
+/// already, then makes the view directories and gives DIR the owner and mode asked for.
 fn take_dir(req: &SinkRequest, dir: &Path, declared: &[Declared]) -> Result<Taken, SinkError> {
-    let (lock, stale) = dir::Lock::acquire(dir)?;
+    let fd = dir::open_in_memory(dir)?;
+    let (lock, stale) = dir::Lock::acquire(fd.as_fd(), dir)?;
     let access = Access {
         // SAFETY: getuid/getgid cannot fail.
         uid: req.uid.unwrap_or_else(|| unsafe { libc::getuid() }),
         gid: req.gid.unwrap_or_else(|| unsafe { libc::getgid() }),
         file_mode: req.mode,
     };
-    // SAFETY: geteuid cannot fail.
-    let root = unsafe { libc::geteuid() } == 0;
+    let root = writer::euid() == 0;
     // Without root's override the sink needs the owner's write bit to replace its files.
     let dir_mode = access.dir_mode() | if root { 0 } else { 0o200 };
-    let writer = writer::Writer::new(dir.to_path_buf(), access, dir_mode);
+    let io = |e: std::io::Error| SinkError::Dir(format!("{}: {e}", dir.display()));
+    let writer = writer::Writer::new(fd, req.dir.clone(), access, dir_mode).map_err(io)?;
+    let now = writer.dir_owner().map_err(io)?;
     let before = match stale {
         Some(old) => {
             log::warn!(
@@ -224,24 +242,19 @@ fn take_dir(req: &SinkRequest, dir: &Path, declared: &[Declared]) -> Result<Take
                 dir.display(),
                 old.pid
             );
-            // Only names a sink's layout has: DIR/<name>, .status, and <view dir>/<name> where
-            // the view directory is a real directory (never a symlink out of DIR).
+            // Only names a sink's layout has: DIR/<name>, .status, and <view dir>/<name>
+            // where the view directory is a real directory (never a symlink out of DIR).
             let view_dirs = writer::view_dirs();
-            let ours = |rel: &str| match rel.split_once('/') {
-                None => writer::is_inside(rel),
-                Some((parent, _)) => {
-                    writer::is_inside(rel)
-                        && view_dirs.contains(&parent)
-                        && std::fs::symlink_metadata(writer.path(parent)).is_ok_and(|m| m.is_dir())
-                }
+            let ours = |rel: &str| {
+                writer::is_inside(rel)
+                    && rel
+                        .split_once('/')
+                        .is_none_or(|(parent, _)| view_dirs.contains(&parent))
             };
             for rel in old.files.iter().filter(|r| ours(r)) {
-                let path = writer.path(rel);
-                if std::fs::symlink_metadata(&path).is_ok_and(|m| m.is_file()) {
-                    writer
-                        .remove(rel)
-                        .map_err(|e| SinkError::Dir(format!("{}: {e}", path.display())))?;
-                }
+                writer
+                    .remove_left(rel)
+                    .map_err(|e| SinkError::Dir(format!("{}: {e}", writer.path(rel).display())))?;
             }
             for rel in old
                 .dirs
@@ -249,22 +262,22 @@ fn take_dir(req: &SinkRequest, dir: &Path, declared: &[Declared]) -> Result<Take
                 .rev()
                 .filter(|r| view_dirs.contains(&r.as_str()))
             {
-                writer.remove_dir(rel);
+                writer.remove_left_dir(rel);
             }
-            (old.dir_uid, old.dir_gid, old.dir_mode)
+            writer::Owner {
+                uid: old.dir_uid,
+                gid: old.dir_gid,
+                mode: old.dir_mode,
+            }
         }
-        None => {
-            let m = std::fs::metadata(dir)
-                .map_err(|e| SinkError::Dir(format!("{}: {e}", dir.display())))?;
-            (m.uid(), m.gid(), m.mode() & 0o7777)
-        }
+        None => now,
     };
     let mut taken = Taken {
         record: dir::Record {
             pid: std::process::id(),
-            dir_uid: before.0,
-            dir_gid: before.1,
-            dir_mode: before.2,
+            dir_uid: before.uid,
+            dir_gid: before.gid,
+            dir_mode: before.mode,
             files: files_of(declared),
             dirs: writer::view_dirs()
                 .into_iter()
@@ -273,9 +286,10 @@ fn take_dir(req: &SinkRequest, dir: &Path, declared: &[Declared]) -> Result<Take
         },
         lock,
         writer,
-        created_dirs: Vec::new(),
+        restore: (before != now).then_some(before),
     };
-    match taken.lay_out(dir) {
+    let asked = req.uid.is_some() || req.gid.is_some() || req.mode != DEFAULT_MODE;
+    match taken.lay_out(req, asked.then_some(u32::from(dir_mode))) {
         Ok(()) => Ok(taken),
         Err(e) => {
             taken.give_back();
@@ -286,11 +300,13 @@ fn take_dir(req: &SinkRequest, dir: &Path, declared: &[Declared]) -> Result<Take
 
 impl Taken {
     /// Refuses a DIR where one of our names exists already, makes the view directories,
-    /// writes the record down and gives DIR the owner and mode asked for.
-    fn lay_out(&mut self, dir: &Path) -> Result<(), SinkError> {
+    /// writes the record down and gives DIR the owner and `mode` asked for (if asked).
+    fn lay_out(&mut self, req: &SinkRequest, mode: Option<u32>) -> Result<(), SinkError> {
         let shown = |w: &writer::Writer, rel: &str| w.path(rel).display().to_string();
-        for rel in self.record.files.iter().chain(&self.record.dirs) {
-            if std::fs::symlink_metadata(self.writer.path(rel)).is_ok() {
+        // A file in a view directory can only be there if the directory is.
+        let top = self.record.files.iter().chain(&self.record.dirs);
+        for rel in top.filter(|r| !r.contains('/')) {
+            if self.writer.exists(rel) {
                 return Err(SinkError::Dir(format!(
                     "{} already exists and was not written by a cstokenfs sink: remove it or \
                      use an empty directory",
@@ -302,37 +318,58 @@ impl Taken {
             self.writer
                 .make_dir(rel)
                 .map_err(|e| SinkError::Dir(format!("{}: {e}", shown(&self.writer, rel))))?;
-            self.created_dirs.push(rel.to_string());
         }
         self.lock
             .record(&self.record)
-            .map_err(|e| SinkError::Dir(format!("{}: {e}", dir.join(LOCK_NAME).display())))?;
-        self.writer.own_dir(dir).map_err(|e| {
+            .map_err(|e| SinkError::Dir(format!("{}: {e}", shown(&self.writer, LOCK_NAME))))?;
+        let Some(mode) = mode else {
+            return Ok(());
+        };
+        let io = |e: std::io::Error| {
             SinkError::Dir(format!(
                 "{}: cannot give it the owner and mode asked for: {e}",
-                dir.display()
+                self.writer.dir().display()
             ))
-        })
+        };
+        let before = self.writer.dir_owner().map_err(io)?;
+        let set = self.writer.set_dir_owner(req.uid, req.gid, mode);
+        let after = self.writer.dir_owner().map_err(io)?;
+        if self.restore.is_none() && after != before {
+            self.restore = Some(before);
+        }
+        match set {
+            // Not ours to change (a Kubernetes emptyDir is root's, 0777): left as it is.
+            Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+                log::warn!(
+                    "{}: leaving its owner and mode as they are: {e}",
+                    self.writer.dir().display()
+                );
+                Ok(())
+            }
+            other => other.map_err(io),
+        }
     }
 
-    /// Removes everything this sink wrote and made, gives DIR its owner and mode back, and
-    /// lets go of the lock: DIR is as it was before.
+    /// Removes everything this sink wrote and made, gives DIR (the directory held, whatever
+    /// is at its path now) its owner and mode back if they were changed, and lets go of the
+    /// lock: DIR is as it was before.
     fn give_back(self) {
         for rel in self.writer.written() {
             if let Err(e) = self.writer.remove(&rel) {
                 log::warn!("cannot remove {}: {e}", self.writer.path(&rel).display());
             }
         }
-        for rel in self.created_dirs.iter().rev() {
+        for rel in writer::view_dirs().into_iter().rev() {
             self.writer.remove_dir(rel);
         }
-        let dir = self.writer.dir().to_path_buf();
-        let r = &self.record;
-        let _ = std::os::unix::fs::chown(&dir, Some(r.dir_uid), Some(r.dir_gid));
-        let _ = std::fs::set_permissions(
-            &dir,
-            std::os::unix::fs::PermissionsExt::from_mode(r.dir_mode),
-        );
-        self.lock.release();
+        if let Some(r) = self.restore {
+            if let Err(e) = self.writer.set_dir_owner(Some(r.uid), Some(r.gid), r.mode) {
+                log::warn!(
+                    "{}: cannot give it its owner and mode back: {e}",
+                    self.writer.dir().display()
+                );
+            }
+        }
+        self.lock.release(self.writer.dir_fd());
     }
 }

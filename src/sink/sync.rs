@@ -10,13 +10,12 @@ use crate::mount::Ready;
 use crate::policy::SystemClock;
 use crate::source::select::Plan;
 use crate::token::{Version, View};
-use log::{info, warn};
-use std::path::Path;
+use log::{debug, error, info, warn};
 use std::sync::mpsc::{self, RecvTimeoutError, Sender};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::writer::{view_path, STATUS};
+use super::writer::{view_path, WriteError, STATUS};
 use super::SinkError;
 use serde::Serialize;
 
@@ -49,6 +48,34 @@ struct Missing {
 pub const UNLINK_LEAD: Duration = Duration::from_millis(500);
 /// The loop looks at every resource at least this often.
 const PASS: Duration = Duration::from_millis(100);
+/// A resource whose files could not be written is tried again after this long.
+const WRITE_AGAIN: Duration = Duration::from_secs(2);
+
+/// A failure that repeats is logged once per change: one unlike the one before at WARN,
+/// the same one again at debug (as the cache does for fetches).
+#[derive(Default)]
+struct Quiet(Option<String>);
+
+impl Quiet {
+    fn report(&mut self, message: String) {
+        if self.is_news(&message) {
+            warn!("{message}");
+        } else {
+            debug!("{message}");
+        }
+    }
+
+    /// Whether `message` differs from the one before (which it now is).
+    fn is_news(&mut self, message: &str) -> bool {
+        let news = self.0.as_deref() != Some(message);
+        self.0 = Some(message.to_string());
+        news
+    }
+
+    fn clear(&mut self) {
+        self.0 = None;
+    }
+}
 
 enum Event {
     Signal(i32),
@@ -69,18 +96,44 @@ struct Slot {
     last_error: Option<String>,
     /// The next `get` of a missing resource waits until then (backoff).
     retry_at: Instant,
+    /// Why the last write of its files failed (until one succeeds).
+    write_error: Option<String>,
+    /// The next write after a failed one waits until then.
+    write_again_at: Instant,
+    /// Its write and removal failures, logged once per change.
+    quiet: Quiet,
 }
 
 impl Slot {
+    fn new(declared: Declared, now: Instant) -> Slot {
+        Slot {
+            declared,
+            written: None,
+            pending: false,
+            settled: false,
+            failures: 0,
+            last_error: None,
+            retry_at: now,
+            write_error: None,
+            write_again_at: now,
+            quiet: Quiet::default(),
+        }
+    }
+
     fn missing_reason(&self) -> Option<String> {
         if self.written.is_some() {
             return None;
         }
-        Some(match (&self.last_error, self.pending) {
-            (Some(e), _) => e.clone(),
-            (None, true) => "fetching".into(),
-            (None, false) => "no valid token held (waiting for a fetch)".into(),
-        })
+        Some(
+            match (
+                self.write_error.as_ref().or(self.last_error.as_ref()),
+                self.pending,
+            ) {
+                (Some(e), _) => e.clone(),
+                (None, true) => "fetching".into(),
+                (None, false) => "no valid token held (waiting for a fetch)".into(),
+            },
+        )
     }
 }
 
@@ -92,12 +145,13 @@ struct Follower<'a> {
     source_reason: String,
     /// The last `.status` written (its clock zeroed), so an unchanged one is not rewritten.
     last_status: Option<(Status, SinkPart)>,
+    /// Failures to write `.status`, logged once per change.
+    status_quiet: Quiet,
 }
 
 /// Starts the cache and keeps DIR in step until SIGTERM or SIGINT.
 pub fn run(
     req: &SinkRequest,
-    dir: &Path,
     plan: Plan,
     declared: &[Declared],
     taken: &Taken,
@@ -136,7 +190,7 @@ pub fn run(
     }
     info!(
         "sink {} (endpoint {}, refresh margin {} s, timeout {} s)",
-        dir.display(),
+        taken.writer.dir().display(),
         cache.source().endpoint(),
         req.policy.refresh_margin_ms / 1000,
         req.policy.timeout.as_secs()
@@ -152,25 +206,24 @@ pub fn run(
     let mut sync = Follower {
         cache: cache.clone(),
         taken,
-        slots: declared
-            .iter()
-            .map(|d| Slot {
-                declared: d.clone(),
-                written: None,
-                pending: false,
-                settled: false,
-                failures: 0,
-                last_error: None,
-                retry_at: now,
-            })
-            .collect(),
+        slots: declared.iter().map(|d| Slot::new(d.clone(), now)).collect(),
         tx,
         source_reason: plan.reason.clone(),
         last_status: None,
+        status_quiet: Quiet::default(),
     };
     let mut ready = Some(ready);
+    let mut outcome = Ok(());
     loop {
-        sync.pass();
+        if let Err(e) = sync.pass() {
+            // DIR is no longer where its path leads: nothing more is written there.
+            error!("{e}");
+            if let Some(r) = ready.take() {
+                r.tell_line(Some(&e.to_string()));
+            }
+            outcome = Err(e);
+            break;
+        }
         if ready.is_some() && sync.slots.iter().all(|s| s.settled) {
             if let Some(r) = ready.take() {
                 info!("every declared resource was written or failed once");
@@ -184,7 +237,10 @@ pub fn run(
                 crate::mount::reopen_log(req.log_file.as_deref(), req.foreground)
             }
             Ok(Event::Signal(sig)) => {
-                info!("signal {sig}: removing the files of {}", dir.display());
+                info!(
+                    "signal {sig}: removing the files of {}",
+                    taken.writer.dir().display()
+                );
                 break;
             }
             Ok(Event::Fetched(i, outcome)) => sync.fetched(i, outcome),
@@ -194,25 +250,29 @@ pub fn run(
     }
     signal_handle.close();
     cache.stop_background();
-    Ok(())
+    outcome
 }
 
 impl Follower<'_> {
-    /// One look at every resource, then `.status` if anything in it changed.
-    fn pass(&mut self) {
+    /// One look at every resource, then `.status` if anything in it changed; an error if
+    /// DIR's path no longer leads to the directory held.
+    fn pass(&mut self) -> Result<(), SinkError> {
+        let dir = self.taken.writer.check_dir();
+        dir.map_err(|e| SinkError::Dir(e.to_string()))?;
         for i in 0..self.slots.len() {
-            self.sync_slot(i);
+            self.sync_slot(i)?;
         }
-        self.write_status();
+        self.write_status()
     }
 
-    fn sync_slot(&mut self, i: usize) {
+    fn sync_slot(&mut self, i: usize) -> Result<(), SinkError> {
         let resource = self.slots[i].declared.resource.clone();
         match self.cache.peek_valid_for(&resource, UNLINK_LEAD) {
             Some(v) => {
-                let fresh = self.slots[i].written.as_ref().is_none_or(|w| w.id != v.id);
-                if fresh {
-                    self.write_views(i, v.clone());
+                let slot = &self.slots[i];
+                let fresh = slot.written.as_ref().is_none_or(|w| w.id != v.id);
+                if fresh && Instant::now() >= slot.write_again_at {
+                    self.write_views(i, v.clone())?;
                 }
                 // Every declared resource counts as read: the cache refreshes it ahead.
                 let _ = self.cache.on_open(&v, true);
@@ -236,10 +296,11 @@ impl Follower<'_> {
                 }
             }
         }
+        Ok(())
     }
 
     /// Writes every view of `v`, the raw token last; on a failure none stays.
-    fn write_views(&mut self, i: usize, v: Arc<Version>) {
+    fn write_views(&mut self, i: usize, v: Arc<Version>) -> Result<(), SinkError> {
         let name = self.slots[i].declared.name.clone();
         let mut views = View::ALL;
         views.rotate_left(1);
@@ -251,14 +312,22 @@ impl Follower<'_> {
         let slot = &mut self.slots[i];
         slot.settled = true;
         match written {
-            Ok(()) => slot.written = Some(v),
-            Err(e) => {
-                warn!("{}: cannot write its files: {e}", slot.declared.resource);
-                slot.last_error = Some(format!("cannot write its files: {e}"));
-                slot.retry_at = Instant::now() + Duration::from_secs(2);
+            Ok(()) => {
+                slot.written = Some(v);
+                slot.write_error = None;
+                slot.quiet.clear();
+            }
+            Err(WriteError::DirGone(m)) => return Err(SinkError::Dir(m)),
+            Err(WriteError::Io(e)) => {
+                let why = format!("cannot write its files: {e}");
+                slot.quiet
+                    .report(format!("{}: {why}", slot.declared.resource));
+                slot.write_error = Some(why);
+                slot.write_again_at = Instant::now() + WRITE_AGAIN;
                 self.remove_views(i);
             }
         }
+        Ok(())
     }
 
     fn remove_views(&mut self, i: usize) {
@@ -267,10 +336,9 @@ impl Follower<'_> {
         for view in View::ALL {
             let rel = view_path(view, &slot.declared.name);
             if let Err(e) = self.taken.writer.remove(&rel) {
-                warn!(
-                    "cannot remove {}: {e}",
-                    self.taken.writer.path(&rel).display()
-                );
+                let shown = self.taken.writer.path(&rel);
+                slot.quiet
+                    .report(format!("cannot remove {}: {e}", shown.display()));
             }
         }
     }
@@ -305,12 +373,13 @@ impl Follower<'_> {
         for slot in &mut self.slots {
             slot.failures = 0;
             slot.retry_at = Instant::now();
+            slot.write_again_at = Instant::now();
         }
     }
 
     /// `.status`: the mount's (`Cache::status` and the daemon's fields) plus which resources
     /// are written and which are missing and why; rewritten only when something changed.
-    fn write_status(&mut self) {
+    fn write_status(&mut self) -> Result<(), SinkError> {
         let status = self.cache.status();
         let missing: Vec<Missing> = self
             .slots
@@ -322,7 +391,7 @@ impl Follower<'_> {
                     .find(|r| r.resource == s.declared.resource)
                     .and_then(|r| r.last_error.clone());
                 let reason = match (s.missing_reason()?, cache_error) {
-                    (_, Some(e)) if s.last_error.is_none() => {
+                    (_, Some(e)) if s.last_error.is_none() && s.write_error.is_none() => {
                         format!("not refreshed in time: {e}")
                     }
                     (why, _) => why,
@@ -350,12 +419,57 @@ impl Follower<'_> {
         let mut compared = status.clone();
         compared.now = 0;
         if self.last_status.as_ref() == Some(&(compared.clone(), sink.clone())) {
-            return;
+            return Ok(());
         }
         let bytes = Report::new(&status, &self.source_reason, &sink).to_bytes();
         match self.taken.writer.write(STATUS, &bytes) {
-            Ok(()) => self.last_status = Some((compared, sink)),
-            Err(e) => warn!("cannot write {STATUS}: {e}"),
+            Ok(()) => {
+                self.last_status = Some((compared, sink));
+                self.status_quiet.clear();
+            }
+            Err(WriteError::DirGone(m)) => return Err(SinkError::Dir(m)),
+            Err(WriteError::Io(e)) => self
+                .status_quiet
+                .report(format!("cannot write {STATUS}: {e}")),
         }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failure_is_news_once_until_another_comes_or_it_clears() {
+        let mut q = Quiet::default();
+        assert!(q.is_news("ENOSPC"));
+        assert!(!q.is_news("ENOSPC"), "the same again: not news");
+        assert!(q.is_news("ENOENT"));
+        assert!(q.is_news("ENOSPC"));
+        q.clear();
+        assert!(q.is_news("ENOSPC"));
+    }
+
+    /// A resource whose files cannot be written says so in `.status`, whatever its fetches
+    /// do meanwhile (not "fetching").
+    #[test]
+    fn a_write_failure_is_the_missing_reason_until_a_write_succeeds() {
+        let declared = Declared {
+            resource: "https://vault.azure.net".into(),
+            name: "vault.azure.net".into(),
+        };
+        let mut slot = Slot::new(declared, Instant::now());
+        slot.pending = true;
+        assert_eq!(slot.missing_reason().as_deref(), Some("fetching"));
+        slot.write_error = Some("cannot write its files: No space left on device".into());
+        assert_eq!(
+            slot.missing_reason().as_deref(),
+            Some("cannot write its files: No space left on device")
+        );
+        slot.last_error = Some("a fetch failed".into());
+        assert!(slot
+            .missing_reason()
+            .is_some_and(|r| r.contains("No space left")));
     }
 }

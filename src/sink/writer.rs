@@ -1,13 +1,18 @@
-//! Files of the sink: each replaced atomically (a temporary file in the same directory, then
-//! `rename(2)`), owned and moded as asked; the layout is the mount's.
+//! Files of the sink, through directory descriptors only: DIR is opened once, the view
+//! directories are made and held open, and every create, chmod, chown, rename and unlink is
+//! relative to one of those descriptors, never to a path below DIR. Whoever else can write
+//! DIR may swap names for symlinks or other directories: the sink still only touches its own
+//! directories. Each file is replaced atomically (a temporary file in the same directory,
+//! then `renameat(2)`), owned and moded as asked; the layout is the mount's.
 
 use crate::fs::Access;
 use crate::token::View;
+use rustix::fs::{self as rfs, AtFlags, FileType, Gid, Mode, OFlags, Stat, Uid};
 use std::cell::RefCell;
 use std::collections::BTreeSet;
-use std::fs::OpenOptions;
-use std::io::Write;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::fmt;
+use std::io::{self, Write};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::{Component, Path, PathBuf};
 
 /// The `.status` file, as in the mount.
@@ -26,12 +31,9 @@ pub fn view_dirs() -> Vec<&'static str> {
     View::ALL.iter().filter_map(|v| v.dir_name()).collect()
 }
 
-/// The temporary file a write of `rel` goes through: a dot name in the same directory.
-fn temp_path(rel: &str) -> String {
-    match rel.rsplit_once('/') {
-        Some((dir, name)) => format!("{dir}/.{name}.cstokenfs-tmp"),
-        None => format!(".{rel}.cstokenfs-tmp"),
-    }
+/// The temporary file a write of `name` goes through: a dot name in the same directory.
+fn temp_name(name: &str) -> String {
+    format!(".{name}.cstokenfs-tmp")
 }
 
 /// Whether `rel` is a plain relative path of at most two components (a lock file's record
@@ -42,25 +44,94 @@ pub fn is_inside(rel: &str) -> bool {
     !parts.is_empty() && parts.len() <= 2 && parts.iter().all(|c| matches!(c, Component::Normal(_)))
 }
 
-/// Writes, replaces and removes files under one directory.
+/// Opens the directory `path` names, not following a symlink in its last component.
+pub fn open_dir_at(at: BorrowedFd<'_>, path: impl rustix::path::Arg) -> io::Result<OwnedFd> {
+    let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+    Ok(rfs::openat(at, path, flags, Mode::empty())?)
+}
+
+/// Whether two `stat`s are of the same file.
+pub fn same_file(a: &Stat, b: &Stat) -> bool {
+    a.st_dev == b.st_dev && a.st_ino == b.st_ino
+}
+
+/// The effective uid.
+pub fn euid() -> u32 {
+    // SAFETY: geteuid cannot fail.
+    unsafe { libc::geteuid() }
+}
+
+/// Why a write did not happen.
+#[derive(Debug)]
+pub enum WriteError {
+    /// DIR's path no longer leads to the directory held (unmounted, replaced): the sink
+    /// must stop writing.
+    DirGone(String),
+    Io(io::Error),
+}
+
+impl fmt::Display for WriteError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            WriteError::DirGone(m) => f.write_str(m),
+            WriteError::Io(e) => e.fmt(f),
+        }
+    }
+}
+
+impl From<io::Error> for WriteError {
+    fn from(e: io::Error) -> Self {
+        WriteError::Io(e)
+    }
+}
+
+/// DIR's owner and mode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Owner {
+    pub uid: u32,
+    pub gid: u32,
+    pub mode: u32,
+}
+
+impl Owner {
+    pub fn of(st: &Stat) -> Owner {
+        Owner {
+            uid: st.st_uid,
+            gid: st.st_gid,
+            mode: st.st_mode & 0o7777,
+        }
+    }
+}
+
+/// Writes, replaces and removes files under one directory held open.
 pub struct Writer {
-    dir: PathBuf,
+    /// DIR, as opened at start.
+    dir: OwnedFd,
+    /// DIR's path as given (shown, and checked before each write).
+    path: PathBuf,
+    held: Stat,
     access: Access,
     dir_mode: u16,
+    /// The view directories this writer made, held open.
+    views: Vec<(&'static str, OwnedFd)>,
     /// What this writer wrote and has not removed (relative paths): what an exit removes.
     written: RefCell<BTreeSet<String>>,
 }
 
 impl Writer {
-    /// `dir_mode` is what the directories get (the mount's, plus the owner's write bit when
-    /// the sink needs it to replace files).
-    pub fn new(dir: PathBuf, access: Access, dir_mode: u16) -> Writer {
-        Writer {
+    /// `dir` is DIR opened from `path` (as the user gave it, absolute); `dir_mode` is what the view directories get (the
+    /// mount's, plus the owner's write bit when the sink needs it to replace files).
+    pub fn new(dir: OwnedFd, path: PathBuf, access: Access, dir_mode: u16) -> io::Result<Writer> {
+        let held = rfs::fstat(&dir)?;
+        Ok(Writer {
             dir,
+            path,
+            held,
             access,
             dir_mode,
+            views: Vec::new(),
             written: RefCell::default(),
-        }
+        })
     }
 
     /// The files written and not removed since, relative to DIR.
@@ -68,76 +139,192 @@ impl Writer {
         self.written.borrow().iter().cloned().collect()
     }
 
+    /// DIR's path, as shown to people.
     pub fn dir(&self) -> &Path {
-        &self.dir
+        &self.path
+    }
+
+    /// DIR, held open.
+    pub fn dir_fd(&self) -> BorrowedFd<'_> {
+        self.dir.as_fd()
     }
 
     pub fn path(&self, rel: &str) -> PathBuf {
-        self.dir.join(rel)
+        self.path.join(rel)
+    }
+
+    /// Whether DIR's path still leads to the directory held (the same `st_dev` and `st_ino`:
+    /// a lazily unmounted tmpfs keeps both on the held descriptor, the path shows what is
+    /// beneath).
+    pub fn check_dir(&self) -> Result<(), WriteError> {
+        let gone = |why: String| {
+            WriteError::DirGone(format!(
+                "{}: DIR is unusable: {why}; the sink stops writing",
+                self.path.display()
+            ))
+        };
+        match rfs::stat(&self.path) {
+            Ok(now) if same_file(&now, &self.held) => Ok(()),
+            Ok(_) => Err(gone(
+                "the path no longer leads to the directory the sink started in (unmounted \
+                 or replaced)"
+                    .into(),
+            )),
+            Err(e) => Err(gone(io::Error::from(e).to_string())),
+        }
+    }
+
+    /// The directory `rel` is in, held open, and its last component.
+    fn parent_of<'a>(&self, rel: &'a str) -> io::Result<(BorrowedFd<'_>, &'a str)> {
+        match rel.split_once('/') {
+            None => Ok((self.dir.as_fd(), rel)),
+            Some((parent, name)) => self
+                .views
+                .iter()
+                .find(|(made, _)| *made == parent)
+                .map(|(_, fd)| (fd.as_fd(), name))
+                .ok_or_else(|| {
+                    io::Error::other(format!("{parent}: not a directory this sink made"))
+                }),
+        }
     }
 
     /// Replaces `rel` with `bytes` at once: a reader sees the whole old or the whole new file.
-    pub fn write(&self, rel: &str, bytes: &[u8]) -> std::io::Result<()> {
-        let temp = self.path(&temp_path(rel));
-        match std::fs::remove_file(&temp) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
-            _ => {}
-        }
-        let written = (|| {
-            let mut file = OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-                .open(&temp)?;
+    pub fn write(&self, rel: &str, bytes: &[u8]) -> Result<(), WriteError> {
+        self.check_dir()?;
+        let (at, name) = self.parent_of(rel)?;
+        let temp = temp_name(name);
+        unlink_if_there(at, &temp)?;
+        let written = (|| -> io::Result<()> {
+            let flags =
+                OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+            let fd = rfs::openat(at, &temp, flags, Mode::from_raw_mode(0o600))?;
+            let mut file = std::fs::File::from(fd);
             file.write_all(bytes)?;
-            std::os::unix::fs::fchown(&file, Some(self.access.uid), Some(self.access.gid))?;
-            file.set_permissions(std::fs::Permissions::from_mode(u32::from(
-                self.access.file_mode,
-            )))?;
+            rfs::fchown(&file, Some(self.uid()), Some(self.gid()))?;
+            rfs::fchmod(&file, Mode::from_raw_mode(u32::from(self.access.file_mode)))?;
             // tmpfs: no fsync, the pages never reach a disk.
-            std::fs::rename(&temp, self.path(rel))
+            Ok(rfs::renameat(at, &temp, at, name)?)
         })();
         match written {
             Ok(()) => {
                 self.written.borrow_mut().insert(rel.to_string());
+                Ok(())
             }
-            Err(_) => {
-                let _ = std::fs::remove_file(&temp);
+            Err(e) => {
+                let _ = rfs::unlinkat(at, &temp, AtFlags::empty());
+                Err(e.into())
             }
         }
-        written
     }
 
     /// Removes `rel` (and a temporary file of it left by a crash); absent is fine.
-    pub fn remove(&self, rel: &str) -> std::io::Result<()> {
-        let _ = std::fs::remove_file(self.path(&temp_path(rel)));
+    pub fn remove(&self, rel: &str) -> io::Result<()> {
         self.written.borrow_mut().remove(rel);
-        match std::fs::remove_file(self.path(rel)) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+        let (at, name) = self.parent_of(rel)?;
+        let _ = unlink_if_there(at, &temp_name(name));
+        unlink_if_there(at, name)
+    }
+
+    /// Removes what a killed sink left: the regular file `rel` (and its temporary file) when
+    /// its directory is DIR or a real directory in it (never through a symlink).
+    pub fn remove_left(&self, rel: &str) -> io::Result<()> {
+        let (opened, name) = match rel.split_once('/') {
+            None => (None, rel),
+            Some((parent, name)) => match open_dir_at(self.dir.as_fd(), parent) {
+                Ok(fd) => (Some(fd), name),
+                // Gone, or not a directory (a symlink): nothing of ours can be in it.
+                Err(_) => return Ok(()),
+            },
+        };
+        let at = opened.as_ref().map_or(self.dir.as_fd(), |fd| fd.as_fd());
+        let _ = unlink_if_there(at, &temp_name(name));
+        match rfs::statat(at, name, AtFlags::SYMLINK_NOFOLLOW) {
+            Ok(st) if FileType::from_raw_mode(st.st_mode) == FileType::RegularFile => {
+                unlink_if_there(at, name)
+            }
             _ => Ok(()),
         }
     }
 
-    /// Makes the directory `rel` with the owner and mode asked for.
-    pub fn make_dir(&self, rel: &str) -> std::io::Result<()> {
-        let path = self.path(rel);
-        std::fs::DirBuilder::new().mode(0o700).create(&path)?;
-        self.own_dir(&path)
+    /// Whether `name` exists in DIR (not following a symlink).
+    pub fn exists(&self, name: &str) -> bool {
+        rfs::statat(&self.dir, name, AtFlags::SYMLINK_NOFOLLOW).is_ok()
     }
 
-    /// Gives a directory the owner and directory mode asked for.
-    pub fn own_dir(&self, path: &Path) -> std::io::Result<()> {
-        std::os::unix::fs::chown(path, Some(self.access.uid), Some(self.access.gid))?;
-        std::fs::set_permissions(
-            path,
-            std::fs::Permissions::from_mode(u32::from(self.dir_mode)),
-        )
+    /// Makes the view directory `name` in DIR, holds it open, and gives it the owner and
+    /// mode asked for, by descriptor: what is opened must be the directory just made (a
+    /// directory of ours on DIR's filesystem), not whatever another user put at that name.
+    pub fn make_dir(&mut self, name: &'static str) -> io::Result<()> {
+        rfs::mkdirat(&self.dir, name, Mode::from_raw_mode(0o700))?;
+        let fd = open_dir_at(self.dir.as_fd(), name)?;
+        let st = rfs::fstat(&fd)?;
+        let ours = FileType::from_raw_mode(st.st_mode) == FileType::Directory
+            && st.st_uid == euid()
+            && st.st_dev == self.held.st_dev;
+        if !ours {
+            return Err(io::Error::other(
+                "replaced by another directory while it was being made",
+            ));
+        }
+        rfs::fchown(&fd, Some(self.uid()), Some(self.gid()))?;
+        rfs::fchmod(&fd, Mode::from_raw_mode(u32::from(self.dir_mode)))?;
+        self.views.push((name, fd));
+        Ok(())
     }
 
-    /// Removes the directory `rel` if it is empty (anything else in it stays).
-    pub fn remove_dir(&self, rel: &str) {
-        let _ = std::fs::remove_dir(self.path(rel));
+    /// Removes the view directory `name` this writer made if it is still at that name and
+    /// empty (anything else in it stays).
+    pub fn remove_dir(&self, name: &str) {
+        let Some((_, fd)) = self.views.iter().find(|(made, _)| *made == name) else {
+            return;
+        };
+        unlink_if_held(self.dir.as_fd(), name, fd.as_fd(), AtFlags::REMOVEDIR);
+    }
+
+    /// Removes the directory `name` a killed sink made, if it is empty and a directory.
+    pub fn remove_left_dir(&self, name: &str) {
+        let _ = rfs::unlinkat(&self.dir, name, AtFlags::REMOVEDIR);
+    }
+
+    /// DIR's owner and mode now (of the directory held).
+    pub fn dir_owner(&self) -> io::Result<Owner> {
+        Ok(Owner::of(&rfs::fstat(&self.dir)?))
+    }
+
+    /// Gives DIR (the directory held) `uid`, `gid` (each only if given) and `mode`.
+    pub fn set_dir_owner(&self, uid: Option<u32>, gid: Option<u32>, mode: u32) -> io::Result<()> {
+        if uid.is_some() || gid.is_some() {
+            rfs::fchown(&self.dir, uid.map(Uid::from_raw), gid.map(Gid::from_raw))?;
+        }
+        Ok(rfs::fchmod(&self.dir, Mode::from_raw_mode(mode))?)
+    }
+
+    fn uid(&self) -> Uid {
+        Uid::from_raw(self.access.uid)
+    }
+
+    fn gid(&self) -> Gid {
+        Gid::from_raw(self.access.gid)
+    }
+}
+
+/// Unlinks `name` in `at` (with `flags`) if it is still the file `held` is open on: what
+/// someone else put at the name since stays.
+pub fn unlink_if_held(at: BorrowedFd<'_>, name: &str, held: BorrowedFd<'_>, flags: AtFlags) {
+    let there = rfs::statat(at, name, AtFlags::SYMLINK_NOFOLLOW);
+    if let (Ok(there), Ok(held)) = (there, rfs::fstat(held)) {
+        if same_file(&there, &held) {
+            let _ = rfs::unlinkat(at, name, flags);
+        }
+    }
+}
+
+/// Unlinks the non-directory `name` in `at`; absent is fine.
+fn unlink_if_there(at: BorrowedFd<'_>, name: &str) -> io::Result<()> {
+    match rfs::unlinkat(at, name, AtFlags::empty()) {
+        Err(rustix::io::Errno::NOENT) => Ok(()),
+        other => Ok(other?),
     }
 }
 
@@ -153,7 +340,12 @@ mod tests {
             gid: unsafe { libc::getgid() },
             file_mode: 0o440,
         };
-        Writer::new(dir.to_path_buf(), access, 0o750)
+        let fd = open_dir_at(rfs::CWD, dir).unwrap();
+        Writer::new(fd, dir.to_path_buf(), access, 0o750).unwrap()
+    }
+
+    fn rename(from: &Path, to: &Path) {
+        rfs::renameat(rfs::CWD, from, rfs::CWD, to).unwrap();
     }
 
     #[test]
@@ -161,8 +353,7 @@ mod tests {
         assert_eq!(view_path(View::Raw, "a"), "a");
         assert_eq!(view_path(View::Json, "a"), ".json/a");
         assert_eq!(view_path(View::GitCredential, "a"), ".git-credential/a");
-        assert_eq!(temp_path(".json/a"), ".json/.a.cstokenfs-tmp");
-        assert_eq!(temp_path("a"), ".a.cstokenfs-tmp");
+        assert_eq!(temp_name("a"), ".a.cstokenfs-tmp");
         assert_eq!(
             view_dirs().len(),
             View::ALL.len() - 1,
@@ -181,7 +372,7 @@ mod tests {
     #[test]
     fn a_write_replaces_the_file_with_the_mode_asked_and_leaves_no_temporary() {
         let dir = tempfile::tempdir().unwrap();
-        let w = writer(dir.path());
+        let mut w = writer(dir.path());
         w.make_dir(".json").unwrap();
         w.write(".json/a", b"one").unwrap();
         w.write(".json/a", b"two").unwrap();
@@ -198,6 +389,106 @@ mod tests {
         w.remove(".json/a").unwrap();
         w.remove(".json/a").unwrap();
         w.remove_dir(".json");
+        assert!(!dir.path().join(".json").exists());
+    }
+
+    /// A view directory swapped for a symlink to another directory: the writer keeps
+    /// writing into (and removing from) the directory it made; the other one is untouched.
+    #[test]
+    fn a_view_dir_swapped_for_a_symlink_is_never_followed() {
+        let dir = tempfile::tempdir().unwrap();
+        let victim = tempfile::tempdir().unwrap();
+        std::fs::write(victim.path().join("a"), b"victim").unwrap();
+        let mut w = writer(dir.path());
+        w.make_dir(".json").unwrap();
+        rename(&dir.path().join(".json"), &dir.path().join("moved"));
+        std::os::unix::fs::symlink(victim.path(), dir.path().join(".json")).unwrap();
+        w.write(".json/a", b"token").unwrap();
+        assert_eq!(std::fs::read(victim.path().join("a")).unwrap(), b"victim");
+        assert_eq!(std::fs::read(dir.path().join("moved/a")).unwrap(), b"token");
+        w.remove(".json/a").unwrap();
+        w.remove_left(".json/a").unwrap();
+        w.remove_dir(".json");
+        w.remove_left_dir(".json");
+        assert_eq!(std::fs::read(victim.path().join("a")).unwrap(), b"victim");
+        assert!(dir.path().join(".json").symlink_metadata().is_ok());
+    }
+
+    /// A file swapped for a symlink: replaced by the new file (the link itself), the
+    /// target untouched; a removal unlinks the link, not its target.
+    #[test]
+    fn a_file_swapped_for_a_symlink_replaces_the_link_not_its_target() {
+        let dir = tempfile::tempdir().unwrap();
+        let victim = tempfile::tempdir().unwrap();
+        let target = victim.path().join("t");
+        std::fs::write(&target, b"victim").unwrap();
+        let w = writer(dir.path());
+        std::os::unix::fs::symlink(&target, dir.path().join(".a.cstokenfs-tmp")).unwrap();
+        w.write("a", b"token").unwrap();
+        std::os::unix::fs::symlink(&target, dir.path().join("b")).unwrap();
+        w.remove("b").unwrap();
+        w.remove_left("a").unwrap();
+        assert_eq!(std::fs::read(&target).unwrap(), b"victim");
+        assert!(!dir.path().join("a").exists() && !dir.path().join("b").exists());
+    }
+
+    #[test]
+    fn a_directory_moved_away_from_its_path_stops_the_writes() {
+        let parent = tempfile::tempdir().unwrap();
+        let path = parent.path().join("d");
+        rfs::mkdir(&path, Mode::from_raw_mode(0o700)).unwrap();
+        let w = writer(&path);
+        w.write("a", b"one").unwrap();
+        rename(&path, &parent.path().join("e"));
+        rfs::mkdir(&path, Mode::from_raw_mode(0o700)).unwrap();
+        match w.write("a", b"two") {
+            Err(WriteError::DirGone(m)) => assert!(m.contains("DIR is unusable"), "{m}"),
+            other => panic!("expected DirGone, got {other:?}"),
+        }
+        assert_eq!(std::fs::read_dir(&path).unwrap().count(), 0);
+    }
+
+    /// DIR given as a symlink: the path checked is the one given, so a symlink that now
+    /// leads elsewhere stops the writes too.
+    #[test]
+    fn a_dir_given_through_a_symlink_that_now_leads_elsewhere_stops_the_writes() {
+        let parent = tempfile::tempdir().unwrap();
+        let (a, b, link) = (
+            parent.path().join("a"),
+            parent.path().join("b"),
+            parent.path().join("link"),
+        );
+        for d in [&a, &b] {
+            rfs::mkdir(d, Mode::from_raw_mode(0o700)).unwrap();
+        }
+        rfs::symlink(&a, &link).unwrap();
+        let access = Access {
+            uid: euid(),
+            // SAFETY: getgid cannot fail.
+            gid: unsafe { libc::getgid() },
+            file_mode: 0o400,
+        };
+        let fd = open_dir_at(rfs::CWD, &a).unwrap();
+        let w = Writer::new(fd, link.clone(), access, 0o500).unwrap();
+        w.write("x", b"one").unwrap();
+        rfs::unlink(&link).unwrap();
+        rfs::symlink(&b, &link).unwrap();
+        assert!(matches!(w.write("x", b"two"), Err(WriteError::DirGone(_))));
+        assert_eq!(std::fs::read_dir(&b).unwrap().count(), 0);
+    }
+
+    /// A view directory removed by someone else: its writes fail (ENOENT) and nothing is
+    /// made at its name again behind the sink's back.
+    #[test]
+    fn a_removed_view_dir_fails_its_writes_with_enoent() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut w = writer(dir.path());
+        w.make_dir(".json").unwrap();
+        rfs::unlinkat(rfs::CWD, dir.path().join(".json"), AtFlags::REMOVEDIR).unwrap();
+        match w.write(".json/a", b"token") {
+            Err(WriteError::Io(e)) => assert_eq!(e.kind(), io::ErrorKind::NotFound),
+            other => panic!("expected ENOENT, got {other:?}"),
+        }
         assert!(!dir.path().join(".json").exists());
     }
 }

@@ -4,6 +4,7 @@
 
 use crate::common::*;
 use std::collections::BTreeSet;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -12,15 +13,24 @@ use std::time::{Duration, Instant};
 pub struct Tmpfs {
     _parent: tempfile::TempDir,
     pub path: PathBuf,
+    /// The owner and mode of the directory beneath the mount (uid, gid, mode).
+    pub beneath: (u32, u32, u32),
 }
 
 impl Tmpfs {
     pub fn new() -> Tmpfs {
+        Tmpfs::with_options("mode=0700,size=1m")
+    }
+
+    /// With these mount options; its parent is 0755 so that other users can reach it.
+    pub fn with_options(options: &str) -> Tmpfs {
         let parent = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(parent.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
         let path = parent.path().join("tokens");
         std::fs::create_dir(&path).unwrap();
+        let m = std::fs::metadata(&path).unwrap();
         let ok = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", "mode=0700,size=1m", "tmpfs"])
+            .args(["-t", "tmpfs", "-o", options, "tmpfs"])
             .arg(&path)
             .status()
             .is_ok_and(|s| s.success());
@@ -28,6 +38,7 @@ impl Tmpfs {
         Tmpfs {
             _parent: parent,
             path,
+            beneath: (m.uid(), m.gid(), m.mode()),
         }
     }
 }
@@ -56,8 +67,12 @@ pub fn sink_cmd(url: &str, dir: &Path, extra: &[&str]) -> Command {
 
 impl Sink {
     pub fn start(url: &str, dir: &Path, extra: &[&str]) -> Sink {
+        Sink::spawn(sink_cmd(url, dir, &[&["-f"], extra].concat()), dir)
+    }
+
+    /// Starts `cmd` (a `sink_cmd` with `-f`) and waits for `dir/.status`.
+    pub fn spawn(mut cmd: Command, dir: &Path) -> Sink {
         let log = tempfile::NamedTempFile::new().unwrap();
-        let mut cmd = sink_cmd(url, dir, &[&["-f"], extra].concat());
         cmd.stdout(log.reopen().unwrap())
             .stderr(log.reopen().unwrap());
         let child = cmd.spawn().expect("spawn cstokenfs sink");
@@ -86,8 +101,13 @@ impl Sink {
     /// Sends `sig` and waits for the exit code.
     pub fn stop(&mut self, sig: i32) -> Option<i32> {
         self.signal(sig);
+        self.wait_exit(Duration::from_secs(10))
+    }
+
+    /// Waits for the sink to exit on its own (killed after `within`): its exit code.
+    pub fn wait_exit(&mut self, within: Duration) -> Option<i32> {
         let mut child = self.child.take()?;
-        let deadline = Instant::now() + Duration::from_secs(10);
+        let deadline = Instant::now() + within;
         while Instant::now() < deadline {
             if let Ok(Some(status)) = child.try_wait() {
                 return status.code();
@@ -130,3 +150,6 @@ pub fn wait_file(path: &Path, within: Duration) -> Vec<u8> {
     eventually(within, || std::fs::read(path).ok())
         .unwrap_or_else(|| panic!("{} did not appear", path.display()))
 }
+
+/// Another user (nobody): an attacker, or a sink that is not root.
+pub const NOBODY: u32 = 65534;
