@@ -35,9 +35,10 @@ else
   echo "WARNING: clippy missing: lints not checked" >&2
 fi
 # azure-identity from PyPI for the --serve-endpoint SDK tests (tests/endpoint_sdk.rs), in a
-# venv kept between runs and rebuilt only when the pinned requirements change.
+# venv under ~/.cache (not in the clone: a fresh clone reuses it), one per set of pinned
+# requirements, made only when that set is new.
 req=tests/endpoint_sdk/requirements.txt
-venv=target/pyvenv
+venv="${XDG_CACHE_HOME:-$HOME/.cache}/cstokenfs/pyvenv-$(sha256sum "$req" | cut -c1-16)"
 stamp="$venv/.cstokenfs-requirements"
 if ! cmp -s "$req" "$stamp" 2>/dev/null || [ ! -x "$venv/bin/python" ]; then
   echo "making $venv with $(grep -c '==' "$req") pinned packages (azure-identity $(sed -n 's/^azure-identity==//p' "$req"))"
@@ -48,7 +49,7 @@ if ! cmp -s "$req" "$stamp" 2>/dev/null || [ ! -x "$venv/bin/python" ]; then
     echo "!!!!! WARNING: cannot make $venv: the SDK tests will say so (and fail when CI=true) !!!!!" >&2
   fi
 fi
-export CSTOKENFS_PYVENV="$PWD/$venv"
+export CSTOKENFS_PYVENV="$venv"
 
 cargo test --all-targets --locked -- --test-threads=8
 
