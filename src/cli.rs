@@ -211,9 +211,10 @@ pub struct Keeping {
     /// Group of the files [default: the group of the user who ran the command].
     #[arg(long, value_name = "GID")]
     pub gid: Option<u32>,
-    /// Permission bits of token files, octal; directories get the matching x bits.
-    #[arg(long, value_name = "OCTAL", default_value = "0400", value_parser = crate::fuseopts::parse_mode)]
-    pub mode: u16,
+    /// Permission bits of token files, octal; directories get the matching x bits
+    /// [default: 0400].
+    #[arg(long, value_name = "OCTAL", value_parser = crate::fuseopts::parse_mode)]
+    pub mode: Option<u16>,
 }
 
 #[derive(Args, Debug)]
@@ -526,7 +527,7 @@ fn mount_command(args: MountArgs) -> ExitCode {
         log_file: args.keep.log_file,
         uid: args.keep.uid,
         gid: args.keep.gid,
-        mode: args.keep.mode,
+        mode: args.keep.mode.unwrap_or(crate::fs::DEFAULT_FILE_MODE),
         allow_other: args.allow_other,
         allow_root: args.allow_root,
         auto_unmount: args.auto_unmount,

@@ -87,6 +87,9 @@ impl FsError {
     }
 }
 
+/// The permission bits of token files when `--mode` is not given.
+pub const DEFAULT_FILE_MODE: u16 = 0o400;
+
 /// Owner and permission bits of what the mount shows.
 #[derive(Debug, Clone, Copy)]
 pub struct Access {

@@ -31,7 +31,8 @@ pub struct SinkRequest {
     pub log_file: Option<PathBuf>,
     pub uid: Option<u32>,
     pub gid: Option<u32>,
-    pub mode: u16,
+    /// `--mode`, if given (only then, or with `--uid`/`--gid`, does DIR get an owner and mode).
+    pub mode: Option<u16>,
 }
 
 /// Why `sink` cannot run: one line, with the fix where there is one.
@@ -205,9 +206,6 @@ pub(crate) struct Taken {
     restore: Option<writer::Owner>,
 }
 
-/// The default of `--mode`: a sink given it (and no `--uid`/`--gid`) leaves DIR as it is.
-const DEFAULT_MODE: u16 = 0o400;
-
 /// Every file a sink writes for `declared`, relative to DIR.
 fn files_of(declared: &[Declared]) -> Vec<String> {
     let mut files: Vec<String> = declared
@@ -227,7 +225,7 @@ fn take_dir(req: &SinkRequest, dir: &Path, declared: &[Declared]) -> Result<Take
         // SAFETY: getuid/getgid cannot fail.
         uid: req.uid.unwrap_or_else(|| unsafe { libc::getuid() }),
         gid: req.gid.unwrap_or_else(|| unsafe { libc::getgid() }),
-        file_mode: req.mode,
+        file_mode: req.mode.unwrap_or(crate::fs::DEFAULT_FILE_MODE),
     };
     let root = writer::euid() == 0;
     // Without root's override the sink needs the owner's write bit to replace its files.
@@ -288,7 +286,7 @@ fn take_dir(req: &SinkRequest, dir: &Path, declared: &[Declared]) -> Result<Take
         writer,
         restore: (before != now).then_some(before),
     };
-    let asked = req.uid.is_some() || req.gid.is_some() || req.mode != DEFAULT_MODE;
+    let asked = req.uid.is_some() || req.gid.is_some() || req.mode.is_some();
     match taken.lay_out(req, asked.then_some(u32::from(dir_mode))) {
         Ok(()) => Ok(taken),
         Err(e) => {
