@@ -348,7 +348,7 @@ fn parse_loopback(s: &str) -> Result<SocketAddr, String> {
     let addr: SocketAddr = s
         .parse()
         .map_err(|e| format!("not an IP:PORT address: {e}"))?;
-    crate::httpserver::check_loopback(addr).map_err(|e| e.to_string())?;
+    crate::net::check_loopback(addr).map_err(|e| e.to_string())?;
     Ok(addr)
 }
 

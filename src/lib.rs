@@ -5,7 +5,8 @@
 //! `cli` -> `mount` (session, detach, signals) -> `fs` (inodes, views, errno; never does
 //! HTTP) -> `cache` (single-flight fetches; decisions from `policy`) -> `source` (one file
 //! per upstream) ; `emulator` is a stand-in upstream for demos and tests, served by
-//! `httpserver` (hyper, loopback only).
+//! `httpserver` (hyper, loopback only). `net` holds the loopback rules that `httpserver`
+//! and `source` share.
 
 mod audit;
 mod cache;
@@ -22,6 +23,7 @@ mod known;
 mod logging;
 mod mount;
 mod names;
+mod net;
 mod policy;
 mod sink;
 mod source;

@@ -269,7 +269,7 @@ impl Emulator {
         protocol: Kind,
         tls: Option<Arc<rustls::ServerConfig>>,
     ) -> io::Result<Emulator> {
-        httpserver::check_loopback(listen)?;
+        crate::net::check_loopback(listen)?;
         if !SERVED.contains(&protocol) {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,

@@ -24,7 +24,7 @@ mod tests;
 
 use crate::audit::Audit;
 use crate::cache::Cache;
-use crate::httpserver::{self, Config, Server};
+use crate::httpserver::{Config, Server};
 use crate::source::Identity;
 use std::fmt;
 use std::io;
@@ -123,7 +123,7 @@ impl Endpoint {
         cache: Arc<Cache>,
         audit: Option<Audit>,
     ) -> io::Result<Endpoint> {
-        httpserver::check_loopback(settings.listen)?;
+        crate::net::check_loopback(settings.listen)?;
         let secret = Arc::new(crate::hardening::random_hex(32)?);
         let counters = Arc::new(Counters::default());
         let listen = settings.listen;
@@ -205,6 +205,6 @@ pub fn parse_listen(s: &str) -> Result<SocketAddr, String> {
     let addr: SocketAddr = s
         .parse()
         .map_err(|e| format!("not an IP:PORT address (127.0.0.1:PORT or [::1]:PORT): {e}"))?;
-    httpserver::check_loopback(addr).map_err(|e| e.to_string())?;
+    crate::net::check_loopback(addr).map_err(|e| e.to_string())?;
     Ok(addr)
 }

@@ -1,5 +1,6 @@
 //! The accept loop, one task per connection (hyper's HTTP/1 state machine over a shared
-//! socket), request collection, and the raw-answer writer.
+//! socket, or over the TLS stream of `tls::handshake`: one generic `serve` for both),
+//! request collection, and the raw-answer writer.
 
 use std::fmt::Write as _;
 use std::io;
@@ -14,7 +15,7 @@ use hyper::body::Incoming;
 use hyper::header::{HeaderName, HeaderValue};
 use hyper::server::conn::http1;
 use hyper::{Response, StatusCode};
-use hyper_util::rt::TokioTimer;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use parking_lot::Mutex;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinSet;
@@ -57,14 +58,7 @@ pub(super) async fn accept_loop<H: Handler>(listener: TcpListener, sh: Arc<Share
         let (sh, stop) = (Arc::clone(&sh), stop.clone());
         conns.spawn(async move {
             let ticket = Arc::new(ticket);
-            let serve = async {
-                match sh.config.tls.clone() {
-                    Some(tls) => {
-                        super::tls::serve_conn(stream, peer, &sh, stop, tls, &ticket).await
-                    }
-                    None => serve_conn(stream, peer, &sh, stop, &ticket).await,
-                }
-            };
+            let serve = serve_conn(stream, peer, &sh, stop, &ticket);
             if let Either::Right(why) =
                 race(serve, ticket.closing(sh.config.first_head_timeout)).await
             {
@@ -80,14 +74,14 @@ pub(super) async fn accept_loop<H: Handler>(listener: TcpListener, sh: Arc<Share
 }
 
 /// What the connection task does once hyper has let go.
-pub(super) enum Takeover {
+enum Takeover {
     Close,
     Raw(Vec<RawPart>),
 }
 
 /// The error a service returns to make hyper end the connection without writing.
 #[derive(Debug)]
-pub(super) struct TakenOver;
+struct TakenOver;
 
 impl std::fmt::Display for TakenOver {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -97,8 +91,9 @@ impl std::fmt::Display for TakenOver {
 
 impl std::error::Error for TakenOver {}
 
-pub(super) type Slot = Arc<Mutex<Option<Takeover>>>;
+type Slot = Arc<Mutex<Option<Takeover>>>;
 
+/// One accepted connection: plain, or TLS once its handshake is done (within the stop).
 async fn serve_conn<H: Handler>(
     stream: TcpStream,
     peer: std::net::SocketAddr,
@@ -107,25 +102,52 @@ async fn serve_conn<H: Handler>(
     ticket: &Arc<Ticket>,
 ) {
     let _ = stream.set_nodelay(true);
-    let stream = Arc::new(stream);
+    match sh.config.tls.clone() {
+        None => {
+            let stream = Arc::new(stream);
+            let io = SharedIo(Arc::clone(&stream));
+            serve(io, Some(&stream), peer, sh, stop, ticket).await;
+            // Dropping the last reference closes the socket.
+        }
+        Some(config) => {
+            if let Either::Left(Some(tls)) =
+                race(super::tls::handshake(stream, config), stop.stopped()).await
+            {
+                serve(TokioIo::new(tls), None, peer, sh, stop, ticket).await;
+            }
+        }
+    }
+}
+
+/// Serves hyper over `io` until the connection ends or the server stops; then writes a raw
+/// answer on `raw`, the socket under `io`, if there is one (over TLS there is none: a raw
+/// answer closes the connection, as the caller drops `io`).
+async fn serve<H: Handler, IO>(
+    io: IO,
+    raw: Option<&TcpStream>,
+    peer: std::net::SocketAddr,
+    sh: &Arc<Shared<H>>,
+    stop: Stop,
+    ticket: &Arc<Ticket>,
+) where
+    IO: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
     let slot: Slot = Arc::new(Mutex::new(None));
     let builder = builder(&sh.config);
-    let conn = builder.serve_connection(
-        SharedIo(Arc::clone(&stream)),
-        service(sh, peer, &slot, &stop, ticket),
-    );
+    let conn = builder.serve_connection(io, service(sh, peer, &slot, &stop, ticket));
     match race(conn, stop.stopped()).await {
         Either::Left(Ok(())) | Either::Right(()) => return,
         Either::Left(Err(e)) if slot.lock().is_none() => {
-            log::debug!("http: connection ended: {e}");
+            let tls = if raw.is_none() { "TLS " } else { "" };
+            log::debug!("http: {tls}connection ended: {e}");
             return;
         }
         Either::Left(Err(_)) => {}
     }
     let taken = slot.lock().take();
-    if let Some(Takeover::Raw(parts)) = taken {
+    if let (Some(Takeover::Raw(parts)), Some(stream)) = (taken, raw) {
         let written = race(
-            write_raw(&stream, parts, sh.config.write_stall),
+            write_raw(stream, parts, sh.config.write_stall),
             stop.stopped(),
         )
         .await;
@@ -133,11 +155,10 @@ async fn serve_conn<H: Handler>(
             log::debug!("http: raw answer cut short: {e}");
         }
     }
-    // Dropping the last reference closes the socket.
 }
 
 /// hyper's HTTP/1 connection settings from the server's `Config` (plain and TLS alike).
-pub(super) fn builder(config: &Config) -> http1::Builder {
+fn builder(config: &Config) -> http1::Builder {
     let mut builder = http1::Builder::new();
     builder
         .timer(TokioTimer::new())
@@ -148,7 +169,7 @@ pub(super) fn builder(config: &Config) -> http1::Builder {
 }
 
 /// The service of one connection: every request goes to `respond`.
-pub(super) fn service<H: Handler>(
+fn service<H: Handler>(
     sh: &Arc<Shared<H>>,
     peer: std::net::SocketAddr,
     slot: &Slot,

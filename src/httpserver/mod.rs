@@ -30,7 +30,7 @@
 
 use std::future::Future;
 use std::io;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::thread::{self, JoinHandle};
 use std::time::Duration;
@@ -207,36 +207,11 @@ pub struct Server {
     thread: Mutex<Option<JoinHandle<()>>>,
 }
 
-/// Whether `ip` is a loopback address (127.0.0.0/8, ::1, or ::ffff:127.x.y.z).
-pub fn is_loopback(ip: IpAddr) -> bool {
-    match ip {
-        IpAddr::V4(v4) => v4.is_loopback(),
-        IpAddr::V6(v6) => v6
-            .to_ipv4_mapped()
-            .map_or(v6.is_loopback(), |v4| v4.is_loopback()),
-    }
-}
-
-/// `InvalidInput` unless `addr` is loopback.
-pub fn check_loopback(addr: SocketAddr) -> io::Result<()> {
-    if is_loopback(addr.ip()) {
-        Ok(())
-    } else {
-        Err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            format!(
-                "only loopback addresses are allowed (127.0.0.0/8, ::1), not {}",
-                addr.ip()
-            ),
-        ))
-    }
-}
-
 impl Server {
     /// Binds `listen` (loopback only; port 0 = ephemeral) and serves `handler` on a
     /// background thread.
     pub fn start<H: Handler>(listen: SocketAddr, config: Config, handler: H) -> io::Result<Server> {
-        check_loopback(listen)?;
+        crate::net::check_loopback(listen)?;
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_io()
             .enable_time()

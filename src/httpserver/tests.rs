@@ -50,8 +50,8 @@ fn refuses_non_loopback() {
         assert_eq!(err.kind(), io::ErrorKind::InvalidInput, "{addr}");
         assert!(err.to_string().contains("only loopback"), "{err}");
     }
-    assert!(is_loopback("::ffff:127.0.0.1".parse().unwrap()));
-    assert!(is_loopback("127.1.2.3".parse().unwrap()));
+    assert!(crate::net::is_loopback("::ffff:127.0.0.1".parse().unwrap()));
+    assert!(crate::net::is_loopback("127.1.2.3".parse().unwrap()));
 }
 
 /// One keep-alive request on `s`; the answer's head.

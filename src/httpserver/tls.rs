@@ -1,20 +1,16 @@
 //! The server's HTTPS option: a rustls configuration from PEM (ring as the provider) and
-//! the connection task that serves hyper over a TLS stream. A raw answer cannot be
-//! written under hyper there, so it closes the connection.
+//! the handshake that turns an accepted socket into a TLS stream (`conn` serves it like a
+//! plain one, except that a raw answer closes the connection: it cannot be written under
+//! hyper there).
 
 use std::io;
 use std::sync::Arc;
 use std::time::Duration;
 
-use hyper_util::rt::TokioIo;
-use parking_lot::Mutex;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::net::TcpStream;
-
-use super::conn::{builder, service, Shared, Slot};
-use super::registry::Ticket;
-use super::{race, Either, Handler, Stop};
+use tokio_rustls::server::TlsStream;
 
 /// A handshake must finish within this.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -42,39 +38,26 @@ pub fn server_config(cert_pem: &[u8], key_pem: &[u8]) -> io::Result<Arc<rustls::
     Ok(Arc::new(config))
 }
 
-pub(super) async fn serve_conn<H: Handler>(
+/// The TLS handshake of an accepted connection, within [`HANDSHAKE_TIMEOUT`]; `None` if it
+/// fails (logged) or times out.
+pub(super) async fn handshake(
     stream: TcpStream,
-    peer: std::net::SocketAddr,
-    sh: &Arc<Shared<H>>,
-    stop: Stop,
     config: Arc<rustls::ServerConfig>,
-    ticket: &Arc<Ticket>,
-) {
-    let _ = stream.set_nodelay(true);
+) -> Option<TlsStream<TcpStream>> {
     let acceptor = tokio_rustls::TlsAcceptor::from(config);
-    let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream));
-    let tls = match race(handshake, stop.stopped()).await {
-        Either::Left(Ok(Ok(tls))) => tls,
-        Either::Left(Ok(Err(e))) => {
+    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+        Ok(Ok(tls)) => Some(tls),
+        Ok(Err(e)) => {
             log::debug!("http: TLS handshake failed: {e}");
-            return;
+            None
         }
-        Either::Left(Err(_)) | Either::Right(()) => return,
-    };
-    let slot: Slot = Arc::new(Mutex::new(None));
-    let builder = builder(&sh.config);
-    let conn = builder.serve_connection(TokioIo::new(tls), service(sh, peer, &slot, &stop, ticket));
-    if let Either::Left(Err(e)) = race(conn, stop.stopped()).await {
-        if slot.lock().is_none() {
-            log::debug!("http: TLS connection ended: {e}");
-        }
+        Err(_) => None,
     }
-    // A raw answer or a close: dropping the stream closes the connection.
 }
 
 #[cfg(test)]
 mod tests {
-    use super::super::{Answer, Config, Reply, Request, Server};
+    use super::super::{Answer, Config, Handler, Reply, Request, Server, Stop};
     use super::*;
 
     struct Hello;

@@ -95,7 +95,7 @@ pub fn is_loopback(url: &Url) -> bool {
     let host = url.host_str().unwrap_or_default();
     let bare = host.trim_start_matches('[').trim_end_matches(']');
     match bare.parse::<IpAddr>() {
-        Ok(ip) => crate::httpserver::is_loopback(ip),
+        Ok(ip) => crate::net::is_loopback(ip),
         Err(_) => host.eq_ignore_ascii_case("localhost"),
     }
 }
