@@ -213,8 +213,26 @@ pub struct Keeping {
     pub gid: Option<u32>,
     /// Permission bits of token files, octal; directories get the matching x bits
     /// [default: 0400].
-    #[arg(long, value_name = "OCTAL", value_parser = crate::fuseopts::parse_mode)]
+    #[arg(long, value_name = "OCTAL", value_parser = parse_mode)]
     pub mode: Option<u16>,
+}
+
+/// An octal permission mode, with or without a leading 0 (`0440`, `440`): permission bits
+/// only (no setuid, setgid or sticky bit).
+fn parse_mode(s: &str) -> Result<u16, String> {
+    let digits = s.strip_prefix("0o").unwrap_or(s);
+    match u32::from_str_radix(digits, 8) {
+        Ok(m) if m <= 0o777 && !digits.is_empty() => Ok(m as u16),
+        Ok(m) if m <= 0o7777 && !digits.is_empty() => Err(format!(
+            "{s} has setuid, setgid or sticky bits ({:04o}): only permission bits are allowed \
+             (0000 to 0777, such as 0400 or 0440)",
+            m & 0o7000
+        )),
+        Ok(_) => Err(format!(
+            "{s} is out of range: only permission bits are allowed (0000 to 0777, such as 0400 or 0440)"
+        )),
+        Err(_) => Err(format!("{s:?} is not an octal mode such as 0400 or 440")),
+    }
 }
 
 #[derive(Args, Debug)]
@@ -710,4 +728,22 @@ fn emulator_command(args: EmulatorArgs) -> ExitCode {
     let _ = stopper.forever().next();
     emulator.stop();
     ExitCode::SUCCESS
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn modes_are_octal_permission_bits() {
+        assert_eq!(parse_mode("0440"), Ok(0o440));
+        assert_eq!(parse_mode("440"), Ok(0o440));
+        assert_eq!(parse_mode("0400"), Ok(0o400));
+        assert!(parse_mode("0888").is_err());
+        assert!(parse_mode("4755")
+            .unwrap_err()
+            .contains("only permission bits are allowed"));
+        assert!(parse_mode("17777").is_err());
+        assert!(parse_mode("").is_err());
+    }
 }
