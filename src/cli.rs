@@ -733,6 +733,7 @@ fn emulator_command(args: EmulatorArgs) -> ExitCode {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::fuseopts::{option_keys, subcommands};
 
     #[test]
     fn modes_are_octal_permission_bits() {
@@ -745,5 +746,37 @@ mod tests {
             .contains("only permission bits are allowed"));
         assert!(parse_mode("17777").is_err());
         assert!(parse_mode("").is_err());
+    }
+
+    /// fuseopts reads the `-o` keys and the subcommands from this definition.
+    #[test]
+    fn every_long_flag_of_mount_is_a_key() {
+        let cli = Cli::command();
+        let keys = option_keys(&cli);
+        for (key, value) in [
+            ("allow_other", false),
+            ("allow_root", false),
+            ("auto_unmount", false),
+            ("debug", false),
+            ("fsname", true),
+            ("uid", true),
+            ("log_file", true),
+            ("endpoint", true),
+            ("serve_endpoint", true),
+        ] {
+            assert!(keys.contains(&(key.to_string(), value)), "{key}: {keys:?}");
+        }
+        let subs = subcommands(&cli);
+        for s in [
+            "mount",
+            "sink",
+            "get",
+            "emulator",
+            "completions",
+            "man",
+            "help",
+        ] {
+            assert!(subs.iter().any(|x| x == s), "{s}");
+        }
     }
 }
