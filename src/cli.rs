@@ -370,12 +370,31 @@ fn parse_loopback(s: &str) -> Result<SocketAddr, String> {
     Ok(addr)
 }
 
+/// `--secret-file` cannot be used: unreadable, empty, or not a usable secret.
+#[derive(Debug)]
+pub struct SecretFileError {
+    path: PathBuf,
+    /// What is wrong with it (never the contents).
+    problem: String,
+}
+
+impl std::fmt::Display for SecretFileError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "--secret-file {}: {}", self.path.display(), self.problem)
+    }
+}
+
+impl std::error::Error for SecretFileError {}
+
 /// The secret in `path`: its contents without one trailing newline; empty or unreadable
 /// is an error naming the file.
-pub fn read_secret_file(path: &std::path::Path) -> Result<String, String> {
-    let bad = |e: String| format!("--secret-file {}: {e}", path.display());
+pub fn read_secret_file(path: &std::path::Path) -> Result<String, SecretFileError> {
+    let bad = |problem: String| SecretFileError {
+        path: path.to_owned(),
+        problem,
+    };
     let secret = crate::hardening::read_secret_file(path).map_err(bad)?;
-    crate::emulator::check_secret(&secret).map_err(|e| bad(e.to_string()))?;
+    crate::emulator::check_secret(&secret).map_err(bad)?;
     Ok(secret.to_string())
 }
 
@@ -778,5 +797,27 @@ mod tests {
         ] {
             assert!(subs.iter().any(|x| x == s), "{s}");
         }
+    }
+    #[test]
+    fn a_bad_secret_file_is_named_with_what_is_wrong() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("secret");
+        std::fs::write(&path, "\n").unwrap();
+        let e = read_secret_file(&path).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            format!("--secret-file {}: is empty", path.display())
+        );
+        std::fs::write(&path, " padded \n").unwrap();
+        let e = read_secret_file(&path).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "--secret-file {}: the identity header secret starts or ends with whitespace",
+                path.display()
+            )
+        );
+        std::fs::write(&path, "s3cret\n").unwrap();
+        assert_eq!(read_secret_file(&path).unwrap(), "s3cret");
     }
 }
