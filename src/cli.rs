@@ -213,8 +213,26 @@ pub struct Keeping {
     pub gid: Option<u32>,
     /// Permission bits of token files, octal; directories get the matching x bits
     /// [default: 0400].
-    #[arg(long, value_name = "OCTAL", value_parser = crate::fuseopts::parse_mode)]
+    #[arg(long, value_name = "OCTAL", value_parser = parse_mode)]
     pub mode: Option<u16>,
+}
+
+/// An octal permission mode, with or without a leading 0 (`0440`, `440`): permission bits
+/// only (no setuid, setgid or sticky bit).
+fn parse_mode(s: &str) -> Result<u16, String> {
+    let digits = s.strip_prefix("0o").unwrap_or(s);
+    match u32::from_str_radix(digits, 8) {
+        Ok(m) if m <= 0o777 && !digits.is_empty() => Ok(m as u16),
+        Ok(m) if m <= 0o7777 && !digits.is_empty() => Err(format!(
+            "{s} has setuid, setgid or sticky bits ({:04o}): only permission bits are allowed \
+             (0000 to 0777, such as 0400 or 0440)",
+            m & 0o7000
+        )),
+        Ok(_) => Err(format!(
+            "{s} is out of range: only permission bits are allowed (0000 to 0777, such as 0400 or 0440)"
+        )),
+        Err(_) => Err(format!("{s:?} is not an octal mode such as 0400 or 440")),
+    }
 }
 
 #[derive(Args, Debug)]
@@ -352,12 +370,31 @@ fn parse_loopback(s: &str) -> Result<SocketAddr, String> {
     Ok(addr)
 }
 
+/// `--secret-file` cannot be used: unreadable, empty, or not a usable secret.
+#[derive(Debug)]
+pub struct SecretFileError {
+    path: PathBuf,
+    /// What is wrong with it (never the contents).
+    problem: String,
+}
+
+impl std::fmt::Display for SecretFileError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "--secret-file {}: {}", self.path.display(), self.problem)
+    }
+}
+
+impl std::error::Error for SecretFileError {}
+
 /// The secret in `path`: its contents without one trailing newline; empty or unreadable
 /// is an error naming the file.
-pub fn read_secret_file(path: &std::path::Path) -> Result<String, String> {
-    let bad = |e: String| format!("--secret-file {}: {e}", path.display());
+pub fn read_secret_file(path: &std::path::Path) -> Result<String, SecretFileError> {
+    let bad = |problem: String| SecretFileError {
+        path: path.to_owned(),
+        problem,
+    };
     let secret = crate::hardening::read_secret_file(path).map_err(bad)?;
-    crate::emulator::check_secret(&secret).map_err(|e| bad(e.to_string()))?;
+    crate::emulator::check_secret(&secret).map_err(bad)?;
     Ok(secret.to_string())
 }
 
@@ -710,4 +747,77 @@ fn emulator_command(args: EmulatorArgs) -> ExitCode {
     let _ = stopper.forever().next();
     emulator.stop();
     ExitCode::SUCCESS
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fuseopts::{option_keys, subcommands};
+
+    #[test]
+    fn modes_are_octal_permission_bits() {
+        assert_eq!(parse_mode("0440"), Ok(0o440));
+        assert_eq!(parse_mode("440"), Ok(0o440));
+        assert_eq!(parse_mode("0400"), Ok(0o400));
+        assert!(parse_mode("0888").is_err());
+        assert!(parse_mode("4755")
+            .unwrap_err()
+            .contains("only permission bits are allowed"));
+        assert!(parse_mode("17777").is_err());
+        assert!(parse_mode("").is_err());
+    }
+
+    /// fuseopts reads the `-o` keys and the subcommands from this definition.
+    #[test]
+    fn every_long_flag_of_mount_is_a_key() {
+        let cli = Cli::command();
+        let keys = option_keys(&cli);
+        for (key, value) in [
+            ("allow_other", false),
+            ("allow_root", false),
+            ("auto_unmount", false),
+            ("debug", false),
+            ("fsname", true),
+            ("uid", true),
+            ("log_file", true),
+            ("endpoint", true),
+            ("serve_endpoint", true),
+        ] {
+            assert!(keys.contains(&(key.to_string(), value)), "{key}: {keys:?}");
+        }
+        let subs = subcommands(&cli);
+        for s in [
+            "mount",
+            "sink",
+            "get",
+            "emulator",
+            "completions",
+            "man",
+            "help",
+        ] {
+            assert!(subs.iter().any(|x| x == s), "{s}");
+        }
+    }
+    #[test]
+    fn a_bad_secret_file_is_named_with_what_is_wrong() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("secret");
+        std::fs::write(&path, "\n").unwrap();
+        let e = read_secret_file(&path).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            format!("--secret-file {}: is empty", path.display())
+        );
+        std::fs::write(&path, " padded \n").unwrap();
+        let e = read_secret_file(&path).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "--secret-file {}: the identity header secret starts or ends with whitespace",
+                path.display()
+            )
+        );
+        std::fs::write(&path, "s3cret\n").unwrap();
+        assert_eq!(read_secret_file(&path).unwrap(), "s3cret");
+    }
 }

@@ -3,15 +3,15 @@
 //! flags (`--allow-other --uid=1000`) before clap sees them, so clap checks `-o` values with
 //! the same messages (and suggestions) as the long flags. Every long flag of `mount` is an
 //! `-o` key, its name with `_` for `-`: nothing here lists them, they come from the clap
-//! definition. Options mount(8) and mount.fuse3 add on their own are accepted and ignored
-//! (the mount is always read-only, nosuid, nodev, noexec).
+//! definition the caller passes (the program's: `Cli::command()`). Options mount(8) and
+//! mount.fuse3 add on their own are accepted and ignored (the mount is always read-only,
+//! nosuid, nodev, noexec).
 //!
 //! The `SOURCE MOUNTPOINT` form applies only when invoked as a mount helper would be: under
 //! a `mount.*` name (`mount.cstokenfs`, `mount.fuse.cstokenfs`), or with `-o` (mount.fuse3
 //! always passes `-o`: it adds `dev,suid` at least). Anything else is clap's, so a mistyped
 //! subcommand is clap's "unrecognized subcommand" error with its suggestion.
 
-use clap::CommandFactory;
 use std::ffi::{OsStr, OsString};
 
 /// What mount(8) and mount.fuse3 pass that does not apply here.
@@ -61,10 +61,9 @@ const IGNORED: &[&str] = &[
 /// The subcommand `-o` and the `SOURCE MOUNTPOINT` form belong to.
 const MOUNT: &str = "mount";
 
-/// The names (and aliases) of every subcommand, from the clap definition, plus `help`.
-pub fn subcommands() -> Vec<String> {
-    let cmd = crate::cli::Cli::command();
-    let mut names: Vec<String> = cmd
+/// The names (and aliases) of every subcommand of `cli`, plus `help`.
+pub fn subcommands(cli: &clap::Command) -> Vec<String> {
+    let mut names: Vec<String> = cli
         .get_subcommands()
         .flat_map(|s| std::iter::once(s.get_name()).chain(s.get_all_aliases()))
         .map(str::to_owned)
@@ -73,11 +72,11 @@ pub fn subcommands() -> Vec<String> {
     names
 }
 
-/// The `-o` keys: every long flag of `mount` with `_` for `-`, and whether it takes a value.
+/// The `-o` keys: every long flag of `cli`'s `mount` with `_` for `-`, and whether it takes
+/// a value.
 #[cfg(test)]
-fn option_keys() -> Vec<(String, bool)> {
-    let cmd = crate::cli::Cli::command();
-    let Some(mount) = cmd.find_subcommand(MOUNT) else {
+pub fn option_keys(cli: &clap::Command) -> Vec<(String, bool)> {
+    let Some(mount) = cli.find_subcommand(MOUNT) else {
         return Vec::new();
     };
     mount
@@ -125,15 +124,16 @@ fn has_dash_o(args: &[OsString]) -> bool {
     })
 }
 
-/// Rewrites a FUSE-style command line into `mount` with long flags; anything else is
-/// returned unchanged but for `-o` after `mount`.
-pub fn rewrite(args: Vec<OsString>) -> Result<Vec<OsString>, clap::Error> {
+/// Rewrites a FUSE-style command line into `mount` with long flags, as `cli` (the program's
+/// clap definition) spells them; anything else is returned unchanged but for `-o` after
+/// `mount`.
+pub fn rewrite(cli: &clap::Command, args: Vec<OsString>) -> Result<Vec<OsString>, clap::Error> {
     let Some(argv0) = args.first().cloned() else {
         return Ok(args);
     };
     let helper = invoked_as_mount_helper(&argv0);
     let first = args.get(1).and_then(|a| a.to_str()).unwrap_or("");
-    if subcommands().iter().any(|s| s == first) {
+    if subcommands(cli).iter().any(|s| s == first) {
         if first != MOUNT {
             return Ok(args);
         }
@@ -145,17 +145,17 @@ pub fn rewrite(args: Vec<OsString>) -> Result<Vec<OsString>, clap::Error> {
         // `cstokenfs mout ...`, `cstokenfs --version`, no arguments: clap answers.
         return Ok(args);
     }
-    mount_form(argv0, &args[1..], helper)
+    mount_form(cli, argv0, &args[1..], helper)
 }
 
 /// `SOURCE MOUNTPOINT [options]` (or `MOUNTPOINT -o ...`): options may come before, between
 /// or after the two.
 fn mount_form(
+    cli: &clap::Command,
     argv0: OsString,
     args: &[OsString],
     helper: bool,
 ) -> Result<Vec<OsString>, clap::Error> {
-    let cli = crate::cli::Cli::command();
     let mount = cli
         .find_subcommand(MOUNT)
         .cloned()
@@ -264,27 +264,28 @@ fn option(item: &str) -> Option<OsString> {
     })
 }
 
-/// An octal permission mode, with or without a leading 0 (`0440`, `440`): permission bits
-/// only (no setuid, setgid or sticky bit).
-pub fn parse_mode(s: &str) -> Result<u16, String> {
-    let digits = s.strip_prefix("0o").unwrap_or(s);
-    match u32::from_str_radix(digits, 8) {
-        Ok(m) if m <= 0o777 && !digits.is_empty() => Ok(m as u16),
-        Ok(m) if m <= 0o7777 && !digits.is_empty() => Err(format!(
-            "{s} has setuid, setgid or sticky bits ({:04o}): only permission bits are allowed \
-             (0000 to 0777, such as 0400 or 0440)",
-            m & 0o7000
-        )),
-        Ok(_) => Err(format!(
-            "{s} is out of range: only permission bits are allowed (0000 to 0777, such as 0400 or 0440)"
-        )),
-        Err(_) => Err(format!("{s:?} is not an octal mode such as 0400 or 440")),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A definition of the shape the program's has: `mount` with a flag that takes a value
+    /// and one that does not, and another subcommand.
+    fn cli() -> clap::Command {
+        use clap::{Arg, ArgAction, Command};
+        Command::new("cstokenfs")
+            .subcommand(
+                Command::new(MOUNT)
+                    .arg(Arg::new("mountpoint"))
+                    .arg(Arg::new("endpoint").long("endpoint"))
+                    .arg(
+                        Arg::new("foreground")
+                            .short('f')
+                            .long("foreground")
+                            .action(ArgAction::SetTrue),
+                    ),
+            )
+            .subcommand(Command::new("get").arg(Arg::new("name")))
+    }
 
     fn v(s: &str) -> Vec<OsString> {
         s.split(' ').map(OsString::from).collect()
@@ -292,22 +293,22 @@ mod tests {
 
     #[test]
     fn fstab_style_becomes_mount_with_long_flags() {
-        let got = rewrite(v("cstokenfs cstoken /run/cstoken -o rw,dev,suid,allow_other,uid=1000,gid=1000,mode=0440,refresh_margin=300,endpoint=http://127.0.0.1:1/oauth2/token")).unwrap();
+        let got = rewrite(&cli(), v("cstokenfs cstoken /run/cstoken -o rw,dev,suid,allow_other,uid=1000,gid=1000,mode=0440,refresh_margin=300,endpoint=http://127.0.0.1:1/oauth2/token")).unwrap();
         let want = v("cstokenfs mount --fsname=cstoken --allow-other --uid=1000 --gid=1000 --mode=0440 --refresh-margin=300 --endpoint=http://127.0.0.1:1/oauth2/token -- /run/cstoken");
         assert_eq!(got, want);
     }
 
     #[test]
     fn options_first_glued_and_flags_with_values() {
-        let got = rewrite(v("cstokenfs -oallow_other src /m")).unwrap();
+        let got = rewrite(&cli(), v("cstokenfs -oallow_other src /m")).unwrap();
         assert_eq!(got, v("cstokenfs mount --fsname=src --allow-other -- /m"));
-        let got = rewrite(v("cstokenfs src -o allow_other /m -f")).unwrap();
+        let got = rewrite(&cli(), v("cstokenfs src -o allow_other /m -f")).unwrap();
         assert_eq!(
             got,
             v("cstokenfs mount --fsname=src --allow-other -f -- /m")
         );
         // A long flag's value is not taken for a positional.
-        let got = rewrite(v("cstokenfs --endpoint http://x src /m -o debug")).unwrap();
+        let got = rewrite(&cli(), v("cstokenfs --endpoint http://x src /m -o debug")).unwrap();
         assert_eq!(
             got,
             v("cstokenfs mount --fsname=src --endpoint http://x --debug -- /m")
@@ -316,9 +317,9 @@ mod tests {
 
     #[test]
     fn mount_helper_names_take_the_mount_form_without_o() {
-        let got = rewrite(v("/sbin/mount.cstokenfs src /m")).unwrap();
+        let got = rewrite(&cli(), v("/sbin/mount.cstokenfs src /m")).unwrap();
         assert_eq!(got, v("/sbin/mount.cstokenfs mount --fsname=src -- /m"));
-        let got = rewrite(v("mount.fuse.cstokenfs src /m -n -s -v -o ro")).unwrap();
+        let got = rewrite(&cli(), v("mount.fuse.cstokenfs src /m -n -s -v -o ro")).unwrap();
         assert_eq!(got, v("mount.fuse.cstokenfs mount --fsname=src -- /m"));
     }
 
@@ -329,23 +330,27 @@ mod tests {
             "cstokenfs gett management.azure.com",
             "cstokenfs --version",
         ] {
-            assert_eq!(rewrite(v(line)).unwrap(), v(line));
+            assert_eq!(rewrite(&cli(), v(line)).unwrap(), v(line));
         }
     }
 
     #[test]
     fn mount_subcommand_accepts_o() {
-        let got = rewrite(v(
-            "cstokenfs mount -o foreground,log_file=/tmp/x,resource=vault.azure.net /m",
-        ))
+        let got = rewrite(
+            &cli(),
+            v("cstokenfs mount -o foreground,log_file=/tmp/x,resource=vault.azure.net /m"),
+        )
         .unwrap();
         assert_eq!(
             got,
             v("cstokenfs mount --foreground --log-file=/tmp/x --resource=vault.azure.net /m")
         );
-        assert_eq!(rewrite(v("cstokenfs get x")).unwrap(), v("cstokenfs get x"));
         assert_eq!(
-            rewrite(v("cstokenfs mount /m -o")).unwrap(),
+            rewrite(&cli(), v("cstokenfs get x")).unwrap(),
+            v("cstokenfs get x")
+        );
+        assert_eq!(
+            rewrite(&cli(), v("cstokenfs mount /m -o")).unwrap(),
             v("cstokenfs mount /m -o")
         );
     }
@@ -353,52 +358,9 @@ mod tests {
     #[test]
     fn bad_options_reach_clap_as_flags() {
         assert_eq!(
-            rewrite(v("cstokenfs s /m -o allow_otehr,refresh_margin=-5")).unwrap(),
+            rewrite(&cli(), v("cstokenfs s /m -o allow_otehr,refresh_margin=-5")).unwrap(),
             v("cstokenfs mount --fsname=s --allow-otehr --refresh-margin=-5 -- /m")
         );
-        assert!(rewrite(v("cstokenfs a b c -o x")).is_err());
-    }
-
-    #[test]
-    fn every_long_flag_of_mount_is_a_key() {
-        let keys = option_keys();
-        for (key, value) in [
-            ("allow_other", false),
-            ("allow_root", false),
-            ("auto_unmount", false),
-            ("debug", false),
-            ("fsname", true),
-            ("uid", true),
-            ("log_file", true),
-            ("endpoint", true),
-            ("serve_endpoint", true),
-        ] {
-            assert!(keys.contains(&(key.to_string(), value)), "{key}: {keys:?}");
-        }
-        let subs = subcommands();
-        for s in [
-            "mount",
-            "sink",
-            "get",
-            "emulator",
-            "completions",
-            "man",
-            "help",
-        ] {
-            assert!(subs.iter().any(|x| x == s), "{s}");
-        }
-    }
-
-    #[test]
-    fn modes_are_octal_permission_bits() {
-        assert_eq!(parse_mode("0440"), Ok(0o440));
-        assert_eq!(parse_mode("440"), Ok(0o440));
-        assert_eq!(parse_mode("0400"), Ok(0o400));
-        assert!(parse_mode("0888").is_err());
-        assert!(parse_mode("4755")
-            .unwrap_err()
-            .contains("only permission bits are allowed"));
-        assert!(parse_mode("17777").is_err());
-        assert!(parse_mode("").is_err());
+        assert!(rewrite(&cli(), v("cstokenfs a b c -o x")).is_err());
     }
 }
