@@ -10,7 +10,10 @@
 //! HTTP is [`crate::httpserver`] (hyper 1.x on one thread, bounded connections, per-request
 //! idle limits); this module routes and answers (`protocol.rs`) and builds the faults hyper
 //! cannot produce as raw bytes (`faults.rs`: no answer, HTTP/0.9, a bad status line or
-//! Content-Length, an oversized head, a huge, slow or endless body).
+//! Content-Length, an oversized head, a huge, slow or endless body). `action.rs` is the
+//! leaf the others share: the `Action` a request gets and the answers common to
+//! every protocol; imports between these files go one way only (no file imports one that
+//! imports it back).
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fmt;
@@ -31,6 +34,7 @@ use crate::httpserver::{self, Server};
 pub use crate::source::Kind;
 pub use faults::echo as echo_body;
 
+mod action;
 mod bodies;
 pub mod entra;
 mod faults;

@@ -12,29 +12,15 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine as _;
 use serde_json::json;
 
+use super::action::{common_fault, ok, Action};
 use super::bodies::{success_body, token_body};
-use super::faults;
 use super::form::{form_value, params_lossy, params_strict};
 use super::{
-    now_secs, random_hex, ArcKey, ExpiresOnForm, Fault, Issued, Kind, Shared,
+    entra, faults, now_secs, random_hex, ArcKey, ExpiresOnForm, Fault, Issued, Kind, Shared,
     APP_SERVICE_API_VERSION, ARC_API_VERSION, DEFAULT_CLIENT_ID, IMDS_API_VERSION,
 };
 
-use crate::httpserver::{RawPart, Request};
-
-/// What the emulator does with a routed request.
-pub(super) enum Action {
-    Respond {
-        status: u16,
-        body: Vec<u8>,
-        headers: Vec<(&'static str, String)>,
-    },
-    Raw(Vec<RawPart>),
-    /// No answer until the emulator stops.
-    Hang,
-    /// Close without an answer.
-    Close,
-}
+use crate::httpserver::Request;
 
 /// A request on the right path with the right method (counted), before latency and faults.
 pub(super) struct Routed {
@@ -149,30 +135,6 @@ pub(super) fn answer(sh: &Shared, req: &Request, routed: Routed) -> Action {
     action
 }
 
-/// The faults every protocol answers the same way (a status, a hang, a reset, garbage);
-/// `None` for those that depend on the protocol's own answer.
-pub(super) fn common_fault(fault: &Fault) -> Option<Action> {
-    Some(match fault {
-        Fault::Status {
-            code,
-            body,
-            retry_after,
-        } => Action::Respond {
-            status: *code,
-            body: body.clone().into_bytes(),
-            headers: retry_after
-                .clone()
-                .map(|v| ("Retry-After", v))
-                .into_iter()
-                .collect(),
-        },
-        Fault::Hang => Action::Hang,
-        Fault::Reset => Action::Close,
-        Fault::Garbage => ok(b"this is not json <html>".to_vec()),
-        _ => return None,
-    })
-}
-
 fn answer_inner(sh: &Shared, req: &Request, resource: Result<Option<String>, ()>) -> Action {
     let queued = sh.faults.lock().pop_front();
     let from_queue = queued.is_some();
@@ -249,7 +211,7 @@ fn answer_inner(sh: &Shared, req: &Request, resource: Result<Option<String>, ()>
         Some(Fault::Echo { code, body }) => {
             return Action::Respond {
                 status: code,
-                body: faults::echo(&body, params, &super::form::params_lossy(params)).into_bytes(),
+                body: faults::echo(&body, params, &params_lossy(params)).into_bytes(),
                 headers: Vec::new(),
             };
         }
@@ -483,14 +445,6 @@ fn write_arc_key(dir: &Path) -> io::Result<(PathBuf, String)> {
     Ok((path, secret))
 }
 
-pub(super) fn ok(body: Vec<u8>) -> Action {
-    Action::Respond {
-        status: 200,
-        body,
-        headers: Vec::new(),
-    }
-}
-
 fn with_header(mut action: Action, name: &'static str, value: String) -> Action {
     if let Action::Respond { headers, .. } = &mut action {
         headers.push((name, value));
@@ -552,7 +506,7 @@ pub(super) fn proto_err(proto: Kind, status: u16, code: &str, message: &str) -> 
         }
         Kind::AppService => app_err(status, message),
         Kind::WorkloadIdentity | Kind::ServicePrincipal => {
-            super::entra::error(status, "invalid_request", 900144, message)
+            entra::error(status, "invalid_request", 900144, message)
         }
     }
 }
