@@ -57,6 +57,11 @@ pub const DEFAULT_ARC_KEY_DIR: &str = "/var/opt/azcmagent/tokens";
 /// `client_id` in IMDS / App Service answers when the request names none.
 pub const DEFAULT_CLIENT_ID: &str = "00000000-0000-0000-0000-00000000e111";
 
+/// `iss` of the tokens the emulator mints.
+const ISSUER: &str = "https://cstokenfs-emulator.invalid/";
+/// The `emulator` claim of every token it mints.
+const NOTICE: &str = "cstokenfs emulator: unsigned test token, not valid in Azure";
+
 /// Start-up configuration; everything but `allow` and `identity_header` can be changed
 /// later through knobs.
 #[derive(Clone)]
@@ -470,6 +475,52 @@ impl Shared {
         while !*stopped {
             self.stop_cv.wait(&mut stopped);
         }
+    }
+
+    /// Whether tokens for `resource` are issued: `allow_any`, or it is in the Cloud Shell
+    /// allowlist or `allow` (a trailing `/` does not matter).
+    fn audience_allowed(&self, resource: &str) -> bool {
+        fn norm(s: &str) -> &str {
+            s.strip_suffix('/').unwrap_or(s)
+        }
+        self.allow_any.load(SeqCst)
+            || crate::names::CLOUD_SHELL_ALLOWLIST
+                .iter()
+                .copied()
+                .chain(self.allow.iter().map(String::as_str))
+                .any(|a| norm(a) == norm(resource))
+    }
+
+    /// Mints a token for `resource`, or returns the cached one when caching is on.
+    fn issue(&self, resource: &str) -> Issued {
+        let now = now_secs();
+        let caching = self.caching.load(SeqCst);
+        let mut cache = self.cache.lock();
+        if let Some(hit) = cache
+            .get(resource)
+            .filter(|t| caching && t.expires_on > now)
+        {
+            return hit.clone();
+        }
+        let exp = now.saturating_add(self.ttl.load(SeqCst));
+        let serial = self.serial.fetch_add(1, SeqCst) + 1;
+        self.issued.fetch_add(1, SeqCst);
+        let claims = serde_json::json!({"iss": ISSUER, "aud": resource, "iat": now, "nbf": now,
+            "exp": exp, "serial": serial, "emulator": NOTICE});
+        let token = format!(
+            "{}.{}.",
+            URL_SAFE_NO_PAD.encode(r#"{"alg":"none","typ":"JWT"}"#),
+            URL_SAFE_NO_PAD.encode(claims.to_string())
+        );
+        let issued = Issued {
+            token,
+            expires_on: exp,
+            not_before: now,
+        };
+        if caching {
+            cache.insert(resource.to_owned(), issued.clone());
+        }
+        issued
     }
 }
 

@@ -1,6 +1,6 @@
 //! Routing and the per-protocol answers (Cloud Shell, IMDS, App Service, Arc): request
-//! checks, fault application, token minting, success and error bodies, form / query
-//! decoding and the legacy expiry date forms.
+//! checks, fault application, the Arc challenge and the error bodies. Tokens are minted
+//! by `Shared::issue` (mod.rs), success bodies are `bodies.rs`'s.
 
 use std::fs::{DirBuilder, OpenOptions};
 use std::io::{self, Write};
@@ -8,8 +8,6 @@ use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering::SeqCst;
 
-use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use base64::Engine as _;
 use serde_json::json;
 
 use super::action::{common_fault, ok, Action};
@@ -29,55 +27,6 @@ pub(super) struct Routed {
 
 /// Arc challenge keys remembered (and their files kept) at most; older ones are forgotten.
 const MAX_ARC_KEYS: usize = 64;
-pub(super) const ISSUER: &str = "https://cstokenfs-emulator.invalid/";
-pub(super) const NOTICE: &str = "cstokenfs emulator: unsigned test token, not valid in Azure";
-
-impl Shared {
-    pub(super) fn audience_allowed(&self, resource: &str) -> bool {
-        fn norm(s: &str) -> &str {
-            s.strip_suffix('/').unwrap_or(s)
-        }
-        self.allow_any.load(SeqCst)
-            || crate::names::CLOUD_SHELL_ALLOWLIST
-                .iter()
-                .copied()
-                .chain(self.allow.iter().map(String::as_str))
-                .any(|a| norm(a) == norm(resource))
-    }
-
-    /// Mints a token for `resource`, or returns the cached one when caching is on.
-    pub(super) fn issue(&self, resource: &str) -> Issued {
-        let now = now_secs();
-        let caching = self.caching.load(SeqCst);
-        let mut cache = self.cache.lock();
-        if let Some(hit) = cache
-            .get(resource)
-            .filter(|t| caching && t.expires_on > now)
-        {
-            return hit.clone();
-        }
-        let exp = now.saturating_add(self.ttl.load(SeqCst));
-        let serial = self.serial.fetch_add(1, SeqCst) + 1;
-        self.issued.fetch_add(1, SeqCst);
-        let claims = json!({"iss": ISSUER, "aud": resource, "iat": now, "nbf": now, "exp": exp,
-            "serial": serial, "emulator": NOTICE});
-        let token = format!(
-            "{}.{}.",
-            URL_SAFE_NO_PAD.encode(r#"{"alg":"none","typ":"JWT"}"#),
-            URL_SAFE_NO_PAD.encode(claims.to_string())
-        );
-        let issued = Issued {
-            token,
-            expires_on: exp,
-            not_before: now,
-        };
-        if caching {
-            cache.insert(resource.to_owned(), issued.clone());
-        }
-        issued
-    }
-}
-
 fn split_target(req: &Request) -> (&str, &str) {
     req.target.split_once('?').unwrap_or((&req.target, ""))
 }
