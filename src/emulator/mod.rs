@@ -14,6 +14,21 @@
 //! leaf the others share: the `Action` a request gets and the answers common to
 //! every protocol; imports between these files go one way only (no file imports one that
 //! imports it back).
+//!
+//! # Locks
+//!
+//! The state requests and knobs share is `Shared`: atomics for numbers and switches, and a
+//! `parking_lot::Mutex` of its own for each other mutable field (`faults`, `sticky`,
+//! `cache`, `per_resource`, `stopped` with `stop_cv`, `arc_key_dir`, `arc_keys`,
+//! `last_params`, `entra`). Each lock is taken for a short step and released: no guard
+//! lives across an `.await` (the handler's future is `Send`; the guards are not), and only
+//! one pair is ever held together: `entra::handle` takes `sticky` while it holds `faults`
+//! (in that order; nothing takes them the other way round). `cache` is held while a token
+//! is minted (atomics only, no other lock); `arc_keys` while key files are removed. The
+//! mutexes are not reentrant: code holding one must not call a `Shared` method or
+//! `Emulator` knob that takes the same lock. `Emulator::shutdown` joins the server's
+//! threads, whose requests take these locks: it must not be called with any of them held
+//! (it takes `stopped` and `arc_keys` only after the join).
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fmt;
@@ -218,27 +233,68 @@ struct Issued {
     not_before: u64,
 }
 
+/// The state the server's request handlers and the [`Emulator`] knobs share (one `Arc`).
+/// Knobs write, handlers read, except for the counters and records, which handlers write.
 struct Shared {
+    /// Lifetime of newly minted tokens, in seconds. Written by `Emulator::set_ttl`; read by
+    /// `issue` and the `Missing`/`EmptyAccessToken` faults.
     ttl: AtomicU64,
+    /// Delay before each answer, in nanoseconds. Written by `Emulator::set_latency`; read
+    /// by each request after routing (`handler`, `entra::handle`).
     latency_ns: AtomicU64,
+    /// Every audience is allowed. Written by `Emulator::set_allow_any`; read by
+    /// `audience_allowed`.
     allow_any: AtomicBool,
+    /// Audiences allowed besides the Cloud Shell allowlist; fixed at start.
     allow: Vec<String>,
+    /// Whether `issue` serves unexpired tokens from `cache`. Written by
+    /// `Emulator::set_caching` while it holds `cache` (the clear and the switch are one
+    /// step for `issue`); read by `issue` before it takes `cache`.
     caching: AtomicBool,
+    /// One-shot faults, FIFO. Lock: its own. Pushed by `Emulator::push_fault`; popped by
+    /// each request (`protocol::answer_inner`, `entra::handle`); a `Fault::Fields` that
+    /// met no success is pushed back to the front by `answer_inner`.
     faults: Mutex<VecDeque<Fault>>,
+    /// The fault for every request while no one-shot fault is queued. Lock: its own.
+    /// Written by `Emulator::set_fault`; cloned by each request.
     sticky: Mutex<Option<Fault>>,
+    /// Tokens issued while caching is on, by resource. Lock: its own, held by `issue` for
+    /// the look-up, the minting and the insert (two requests for a resource get one
+    /// token); cleared by `Emulator::set_caching`.
     cache: Mutex<HashMap<String, Issued>>,
+    /// Token requests received (right path and method), counted on arrival by `route` and
+    /// `entra::handle`; zeroed by `Emulator::reset_counters`.
     requests: AtomicU64,
+    /// Requests per resource (Entra: the scope without `/.default`). Lock: its own.
+    /// Incremented by `route` and `entra::handle`; cleared by `Emulator::reset_counters`.
     per_resource: Mutex<HashMap<String, u64>>,
+    /// Tokens newly minted (by `issue`, under `cache`); zeroed by `reset_counters`.
     issued: AtomicU64,
+    /// The last token serial (the `serial` claim); incremented by `issue` under `cache`,
+    /// never reset.
     serial: AtomicU64,
+    /// Whether the emulator is stopped. Lock: its own, with `stop_cv`. Set once by
+    /// `Emulator::shutdown`; waited on by `wait_stopped` (`Emulator::wait`).
     stopped: Mutex<bool>,
+    /// Signalled (all waiters) when `stopped` becomes true.
     stop_cv: Condvar,
+    /// The protocol served; fixed at start.
     protocol: Kind,
+    /// The App Service `X-IDENTITY-HEADER` secret; fixed at start.
     identity_header: String,
+    /// Where Arc challenge key files are written. Lock: its own, only to copy or replace
+    /// the path. Written by `Emulator::set_arc_key_dir`; copied by `arc_challenge`.
     arc_key_dir: Mutex<PathBuf>,
+    /// The Arc challenges issued and not forgotten (at most `MAX_ARC_KEYS`). Lock: its own,
+    /// held while forgotten keys' files are removed. Pushed and trimmed by `arc_challenge`;
+    /// searched by `answer_arc`; emptied (files removed) by `Emulator::shutdown`.
     arc_keys: Mutex<VecDeque<ArcKey>>,
+    /// The decoded parameters of the last routed request. Lock: its own. Written by
+    /// `route` and `entra::handle`; read by `Emulator::last_params`.
     last_params: Mutex<Option<BTreeMap<String, String>>>,
-    /// What the Entra protocol accepts (`Emulator::set_entra`).
+    /// What the Entra protocol accepts. Lock: its own, only to copy or replace the
+    /// settings. Written by `Emulator::set_entra`; cloned by each Entra request before
+    /// its checks (the federated token file is read with no lock held).
     entra: Mutex<entra::EntraSettings>,
 }
 
