@@ -673,8 +673,16 @@ fn get_command(args: GetArgs) -> ExitCode {
 fn emulator_command(args: EmulatorArgs) -> ExitCode {
     crate::logging::init_stderr("info");
     if args.protocol.is_entra() {
+        let (settings, tls) = match args.entra.resolve() {
+            Ok(v) => v,
+            Err(e) => {
+                eprintln!("cstokenfs: {e}");
+                return ExitCode::from(EXIT_USAGE);
+            }
+        };
         return crate::emulator::entra::command(
-            &args.entra,
+            settings,
+            tls,
             args.listen,
             args.ttl,
             args.allow,
@@ -683,7 +691,7 @@ fn emulator_command(args: EmulatorArgs) -> ExitCode {
     }
     if args.entra.is_given() {
         eprintln!("cstokenfs: the Entra options are only for --protocol entra");
-        return ExitCode::from(2);
+        return ExitCode::from(EXIT_USAGE);
     }
     let identity_header = match (&args.secret_file, args.protocol) {
         (None, _) => None,

@@ -1,5 +1,6 @@
-//! `cstokenfs emulator` as a user runs it: loopback only, and the App Service secret
-//! printed on stdout (or taken from `--secret-file`) that requests then carry.
+//! `cstokenfs emulator` as a user runs it: loopback only, the App Service secret printed
+//! on stdout (or taken from `--secret-file`) that requests then carry, and usage errors
+//! (the Entra options' too) exiting 2.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
@@ -135,4 +136,39 @@ fn non_loopback_listen_is_a_usage_error() {
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains("only loopback"), "{err}");
     }
+}
+
+#[test]
+fn a_bad_entra_option_is_a_usage_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("missing");
+    let not_pem = dir.path().join("not.pem");
+    std::fs::write(&not_pem, "not a certificate\n").unwrap();
+    let cases = [
+        ("--client-certificate", &missing, "--client-certificate"),
+        ("--client-certificate", &not_pem, "holds no PEM certificate"),
+        ("--client-secret-file", &missing, "--client-secret-file"),
+    ];
+    for (flag, path, says) in cases {
+        let out = run(&[
+            "emulator",
+            "--protocol",
+            "entra",
+            "--listen",
+            "127.0.0.1:0",
+            flag,
+            path.to_str().unwrap(),
+        ]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(
+            out.status.code(),
+            Some(2),
+            "{flag} {}: {err}",
+            path.display()
+        );
+        assert!(err.contains(says), "{err}");
+    }
+    let out = run(&["emulator", "--protocol", "imds", "--tenant-id", "t"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("only for --protocol entra"));
 }

@@ -19,9 +19,9 @@ pub(super) fn success_body(
     let body = match proto {
         // The Azure CLI is never served (`Emulator::start_with` refuses it).
         Kind::CloudShell | Kind::AzureCli => return token_body(t, access_token, resource, form),
-        // Entra's body is `entra::success`; a fault body in its shape.
+        // Entra's body; a fault body in its shape.
         Kind::WorkloadIdentity | Kind::ServicePrincipal => {
-            return super::entra::success(t, access_token.unwrap_or_default())
+            return entra_body(t, access_token.unwrap_or_default())
         }
         Kind::Imds | Kind::Arc => serde_json::to_vec(&ImdsBody {
             access_token,
@@ -50,6 +50,15 @@ pub(super) fn success_body(
         }
     };
     body.unwrap_or_default()
+}
+
+/// Entra's success body: `expires_in` and `ext_expires_in` (integers), no `expires_on`.
+pub(super) fn entra_body(t: &Issued, access_token: &str) -> Vec<u8> {
+    let left = t.expires_on.saturating_sub(now_secs());
+    json!({"token_type": "Bearer", "expires_in": left, "ext_expires_in": left,
+        "access_token": access_token})
+    .to_string()
+    .into_bytes()
 }
 
 #[derive(Serialize)]

@@ -11,10 +11,11 @@ use std::time::Duration;
 
 use serde_json::json;
 
+use super::action::{common_fault, ok, to_answer, Action};
+use super::bodies::entra_body;
+use super::faults;
 use super::form::{params_lossy, params_strict};
-use super::handler::to_answer;
-use super::protocol::{common_fault, ok, Action};
-use super::{now_secs, random_hex, Fault, Issued, Shared};
+use super::{decode_claims, now_secs, random_hex, Fault, Shared};
 use crate::httpserver::{Answer, Request, Stop};
 use crate::source::{assertion, entra::ASSERTION_TYPE};
 
@@ -82,15 +83,6 @@ pub(super) fn error(status: u16, error: &str, code: u32, message: &str) -> Actio
     }
 }
 
-/// The success body: `expires_in` and `ext_expires_in` (integers), no `expires_on`.
-pub(super) fn success(t: &Issued, access_token: &str) -> Vec<u8> {
-    let left = t.expires_on.saturating_sub(now_secs());
-    json!({"token_type": "Bearer", "expires_in": left, "ext_expires_in": left,
-        "access_token": access_token})
-    .to_string()
-    .into_bytes()
-}
-
 /// One request, start to end (route, latency, faults, checks, answer).
 pub(super) async fn handle(sh: &Shared, req: &Request, stop: Stop) -> Answer {
     let target = req
@@ -130,7 +122,7 @@ pub(super) async fn handle(sh: &Shared, req: &Request, stop: Stop) -> Answer {
         None => answer(sh, req, &tenant),
         Some((Fault::Echo { code, body }, _)) => Action::Respond {
             status: *code,
-            body: super::faults::echo(body, &req.body, &params_lossy(&req.body)).into_bytes(),
+            body: faults::echo(body, &req.body, &params_lossy(&req.body)).into_bytes(),
             headers: Vec::new(),
         },
         Some((_, Some(action))) => action,
@@ -215,7 +207,7 @@ fn answer(sh: &Shared, req: &Request, tenant: &str) -> Action {
         return error(400, "invalid_resource", 500011, &message);
     }
     let issued = sh.issue(resource);
-    ok(success(&issued, &issued.token))
+    ok(entra_body(&issued, &issued.token))
 }
 
 type Form = std::collections::BTreeMap<String, String>;
@@ -258,7 +250,7 @@ fn check_credential(
             crate::hardening::read_credential_file(path, crate::hardening::MAX_SECRET_FILE)
                 .unwrap_or_default();
         if crate::hardening::ct_eq(current.trim_ascii(), assertion.as_bytes()) {
-            return match super::decode_claims(assertion).and_then(|c| c["exp"].as_u64()) {
+            return match decode_claims(assertion).and_then(|c| c["exp"].as_u64()) {
                 Some(exp) if exp <= now => Err(expired(now, exp)),
                 _ => Ok(()),
             };

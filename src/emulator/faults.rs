@@ -3,7 +3,7 @@
 
 use serde_json::{Map, Value};
 
-use super::protocol::Action;
+use super::action::Action;
 use super::Fault;
 use crate::httpserver::RawPart;
 

@@ -6,8 +6,9 @@ use std::sync::atomic::Ordering::SeqCst;
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::protocol::{self, proto_err, Action};
-use super::Shared;
+use super::action::{reply, to_answer, Action};
+use super::protocol::{self, proto_err};
+use super::{entra, Shared};
 use crate::httpserver::{self, Answer, Reply, Request, Stop};
 
 pub(super) struct EmuHandler(pub(super) Arc<Shared>);
@@ -17,7 +18,7 @@ impl httpserver::Handler for EmuHandler {
         let sh = Arc::clone(&self.0);
         async move {
             if sh.protocol.is_entra() {
-                return super::entra::handle(&sh, &req, stop).await;
+                return entra::handle(&sh, &req, stop).await;
             }
             let action = match protocol::route(&sh, &req) {
                 Err(action) => action,
@@ -45,28 +46,5 @@ impl httpserver::Handler for EmuHandler {
             } => reply(status, body, headers),
             _ => reply(status, Vec::new(), Vec::new()),
         }
-    }
-}
-
-/// The server's answer for an action (a hang has been waited out by then: it closes).
-pub(super) fn to_answer(action: Action) -> Answer {
-    match action {
-        Action::Respond {
-            status,
-            body,
-            headers,
-        } => Answer::Reply(reply(status, body, headers)),
-        Action::Raw(parts) => Answer::Raw(parts),
-        Action::Hang | Action::Close => Answer::Close,
-    }
-}
-
-pub(super) fn reply(status: u16, body: Vec<u8>, headers: Vec<(&'static str, String)>) -> Reply {
-    let mut all = vec![("Content-Type".to_owned(), "application/json".to_owned())];
-    all.extend(headers.into_iter().map(|(k, v)| (k.to_owned(), v)));
-    Reply {
-        status,
-        headers: all,
-        body,
     }
 }

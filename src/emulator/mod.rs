@@ -10,7 +10,25 @@
 //! HTTP is [`crate::httpserver`] (hyper 1.x on one thread, bounded connections, per-request
 //! idle limits); this module routes and answers (`protocol.rs`) and builds the faults hyper
 //! cannot produce as raw bytes (`faults.rs`: no answer, HTTP/0.9, a bad status line or
-//! Content-Length, an oversized head, a huge, slow or endless body).
+//! Content-Length, an oversized head, a huge, slow or endless body). `action.rs` is the
+//! leaf the others share: the `Action` a request gets and the answers common to
+//! every protocol; imports between these files go one way only (no file imports one that
+//! imports it back).
+//!
+//! # Locks
+//!
+//! The state requests and knobs share is `Shared`: atomics for numbers and switches, and a
+//! `parking_lot::Mutex` of its own for each other mutable field (`faults`, `sticky`,
+//! `cache`, `per_resource`, `stopped` with `stop_cv`, `arc_key_dir`, `arc_keys`,
+//! `last_params`, `entra`). Each lock is taken for a short step and released: no guard
+//! lives across an `.await` (the handler's future is `Send`; the guards are not), and only
+//! one pair is ever held together: `entra::handle` takes `sticky` while it holds `faults`
+//! (in that order; nothing takes them the other way round). `cache` is held while a token
+//! is minted (atomics only, no other lock); `arc_keys` while key files are removed. The
+//! mutexes are not reentrant: code holding one must not call a `Shared` method or
+//! `Emulator` knob that takes the same lock. `Emulator::shutdown` joins the server's
+//! threads, whose requests take these locks: it must not be called with any of them held
+//! (it takes `stopped` and `arc_keys` only after the join).
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fmt;
@@ -31,6 +49,7 @@ use crate::httpserver::{self, Server};
 pub use crate::source::Kind;
 pub use faults::echo as echo_body;
 
+mod action;
 mod bodies;
 pub mod entra;
 mod faults;
@@ -52,6 +71,11 @@ const ARC_API_VERSION: &str = "2020-06-01";
 pub const DEFAULT_ARC_KEY_DIR: &str = "/var/opt/azcmagent/tokens";
 /// `client_id` in IMDS / App Service answers when the request names none.
 pub const DEFAULT_CLIENT_ID: &str = "00000000-0000-0000-0000-00000000e111";
+
+/// `iss` of the tokens the emulator mints.
+const ISSUER: &str = "https://cstokenfs-emulator.invalid/";
+/// The `emulator` claim of every token it mints.
+const NOTICE: &str = "cstokenfs emulator: unsigned test token, not valid in Azure";
 
 /// Start-up configuration; everything but `allow` and `identity_header` can be changed
 /// later through knobs.
@@ -209,27 +233,68 @@ struct Issued {
     not_before: u64,
 }
 
+/// The state the server's request handlers and the [`Emulator`] knobs share (one `Arc`).
+/// Knobs write, handlers read, except for the counters and records, which handlers write.
 struct Shared {
+    /// Lifetime of newly minted tokens, in seconds. Written by `Emulator::set_ttl`; read by
+    /// `issue` and the `Missing`/`EmptyAccessToken` faults.
     ttl: AtomicU64,
+    /// Delay before each answer, in nanoseconds. Written by `Emulator::set_latency`; read
+    /// by each request after routing (`handler`, `entra::handle`).
     latency_ns: AtomicU64,
+    /// Every audience is allowed. Written by `Emulator::set_allow_any`; read by
+    /// `audience_allowed`.
     allow_any: AtomicBool,
+    /// Audiences allowed besides the Cloud Shell allowlist; fixed at start.
     allow: Vec<String>,
+    /// Whether `issue` serves unexpired tokens from `cache`. Written by
+    /// `Emulator::set_caching` while it holds `cache` (the clear and the switch are one
+    /// step for `issue`); read by `issue` before it takes `cache`.
     caching: AtomicBool,
+    /// One-shot faults, FIFO. Lock: its own. Pushed by `Emulator::push_fault`; popped by
+    /// each request (`protocol::answer_inner`, `entra::handle`); a `Fault::Fields` that
+    /// met no success is pushed back to the front by `answer_inner`.
     faults: Mutex<VecDeque<Fault>>,
+    /// The fault for every request while no one-shot fault is queued. Lock: its own.
+    /// Written by `Emulator::set_fault`; cloned by each request.
     sticky: Mutex<Option<Fault>>,
+    /// Tokens issued while caching is on, by resource. Lock: its own, held by `issue` for
+    /// the look-up, the minting and the insert (two requests for a resource get one
+    /// token); cleared by `Emulator::set_caching`.
     cache: Mutex<HashMap<String, Issued>>,
+    /// Token requests received (right path and method), counted on arrival by `route` and
+    /// `entra::handle`; zeroed by `Emulator::reset_counters`.
     requests: AtomicU64,
+    /// Requests per resource (Entra: the scope without `/.default`). Lock: its own.
+    /// Incremented by `route` and `entra::handle`; cleared by `Emulator::reset_counters`.
     per_resource: Mutex<HashMap<String, u64>>,
+    /// Tokens newly minted (by `issue`, under `cache`); zeroed by `reset_counters`.
     issued: AtomicU64,
+    /// The last token serial (the `serial` claim); incremented by `issue` under `cache`,
+    /// never reset.
     serial: AtomicU64,
+    /// Whether the emulator is stopped. Lock: its own, with `stop_cv`. Set once by
+    /// `Emulator::shutdown`; waited on by `wait_stopped` (`Emulator::wait`).
     stopped: Mutex<bool>,
+    /// Signalled (all waiters) when `stopped` becomes true.
     stop_cv: Condvar,
+    /// The protocol served; fixed at start.
     protocol: Kind,
+    /// The App Service `X-IDENTITY-HEADER` secret; fixed at start.
     identity_header: String,
+    /// Where Arc challenge key files are written. Lock: its own, only to copy or replace
+    /// the path. Written by `Emulator::set_arc_key_dir`; copied by `arc_challenge`.
     arc_key_dir: Mutex<PathBuf>,
+    /// The Arc challenges issued and not forgotten (at most `MAX_ARC_KEYS`). Lock: its own,
+    /// held while forgotten keys' files are removed. Pushed and trimmed by `arc_challenge`;
+    /// searched by `answer_arc`; emptied (files removed) by `Emulator::shutdown`.
     arc_keys: Mutex<VecDeque<ArcKey>>,
+    /// The decoded parameters of the last routed request. Lock: its own. Written by
+    /// `route` and `entra::handle`; read by `Emulator::last_params`.
     last_params: Mutex<Option<BTreeMap<String, String>>>,
-    /// What the Entra protocol accepts (`Emulator::set_entra`).
+    /// What the Entra protocol accepts. Lock: its own, only to copy or replace the
+    /// settings. Written by `Emulator::set_entra`; cloned by each Entra request before
+    /// its checks (the federated token file is read with no lock held).
     entra: Mutex<entra::EntraSettings>,
 }
 
@@ -466,6 +531,52 @@ impl Shared {
         while !*stopped {
             self.stop_cv.wait(&mut stopped);
         }
+    }
+
+    /// Whether tokens for `resource` are issued: `allow_any`, or it is in the Cloud Shell
+    /// allowlist or `allow` (a trailing `/` does not matter).
+    fn audience_allowed(&self, resource: &str) -> bool {
+        fn norm(s: &str) -> &str {
+            s.strip_suffix('/').unwrap_or(s)
+        }
+        self.allow_any.load(SeqCst)
+            || crate::names::CLOUD_SHELL_ALLOWLIST
+                .iter()
+                .copied()
+                .chain(self.allow.iter().map(String::as_str))
+                .any(|a| norm(a) == norm(resource))
+    }
+
+    /// Mints a token for `resource`, or returns the cached one when caching is on.
+    fn issue(&self, resource: &str) -> Issued {
+        let now = now_secs();
+        let caching = self.caching.load(SeqCst);
+        let mut cache = self.cache.lock();
+        if let Some(hit) = cache
+            .get(resource)
+            .filter(|t| caching && t.expires_on > now)
+        {
+            return hit.clone();
+        }
+        let exp = now.saturating_add(self.ttl.load(SeqCst));
+        let serial = self.serial.fetch_add(1, SeqCst) + 1;
+        self.issued.fetch_add(1, SeqCst);
+        let claims = serde_json::json!({"iss": ISSUER, "aud": resource, "iat": now, "nbf": now,
+            "exp": exp, "serial": serial, "emulator": NOTICE});
+        let token = format!(
+            "{}.{}.",
+            URL_SAFE_NO_PAD.encode(r#"{"alg":"none","typ":"JWT"}"#),
+            URL_SAFE_NO_PAD.encode(claims.to_string())
+        );
+        let issued = Issued {
+            token,
+            expires_on: exp,
+            not_before: now,
+        };
+        if caching {
+            cache.insert(resource.to_owned(), issued.clone());
+        }
+        issued
     }
 }
 

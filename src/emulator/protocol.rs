@@ -1,6 +1,6 @@
 //! Routing and the per-protocol answers (Cloud Shell, IMDS, App Service, Arc): request
-//! checks, fault application, token minting, success and error bodies, form / query
-//! decoding and the legacy expiry date forms.
+//! checks, fault application, the Arc challenge and the error bodies. Tokens are minted
+//! by `Shared::issue` (mod.rs), success bodies are `bodies.rs`'s.
 
 use std::fs::{DirBuilder, OpenOptions};
 use std::io::{self, Write};
@@ -8,33 +8,17 @@ use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering::SeqCst;
 
-use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use base64::Engine as _;
 use serde_json::json;
 
+use super::action::{common_fault, ok, Action};
 use super::bodies::{success_body, token_body};
-use super::faults;
 use super::form::{form_value, params_lossy, params_strict};
 use super::{
-    now_secs, random_hex, ArcKey, ExpiresOnForm, Fault, Issued, Kind, Shared,
+    entra, faults, now_secs, random_hex, ArcKey, ExpiresOnForm, Fault, Issued, Kind, Shared,
     APP_SERVICE_API_VERSION, ARC_API_VERSION, DEFAULT_CLIENT_ID, IMDS_API_VERSION,
 };
 
-use crate::httpserver::{RawPart, Request};
-
-/// What the emulator does with a routed request.
-pub(super) enum Action {
-    Respond {
-        status: u16,
-        body: Vec<u8>,
-        headers: Vec<(&'static str, String)>,
-    },
-    Raw(Vec<RawPart>),
-    /// No answer until the emulator stops.
-    Hang,
-    /// Close without an answer.
-    Close,
-}
+use crate::httpserver::Request;
 
 /// A request on the right path with the right method (counted), before latency and faults.
 pub(super) struct Routed {
@@ -43,55 +27,6 @@ pub(super) struct Routed {
 
 /// Arc challenge keys remembered (and their files kept) at most; older ones are forgotten.
 const MAX_ARC_KEYS: usize = 64;
-pub(super) const ISSUER: &str = "https://cstokenfs-emulator.invalid/";
-pub(super) const NOTICE: &str = "cstokenfs emulator: unsigned test token, not valid in Azure";
-
-impl Shared {
-    pub(super) fn audience_allowed(&self, resource: &str) -> bool {
-        fn norm(s: &str) -> &str {
-            s.strip_suffix('/').unwrap_or(s)
-        }
-        self.allow_any.load(SeqCst)
-            || crate::names::CLOUD_SHELL_ALLOWLIST
-                .iter()
-                .copied()
-                .chain(self.allow.iter().map(String::as_str))
-                .any(|a| norm(a) == norm(resource))
-    }
-
-    /// Mints a token for `resource`, or returns the cached one when caching is on.
-    pub(super) fn issue(&self, resource: &str) -> Issued {
-        let now = now_secs();
-        let caching = self.caching.load(SeqCst);
-        let mut cache = self.cache.lock();
-        if let Some(hit) = cache
-            .get(resource)
-            .filter(|t| caching && t.expires_on > now)
-        {
-            return hit.clone();
-        }
-        let exp = now.saturating_add(self.ttl.load(SeqCst));
-        let serial = self.serial.fetch_add(1, SeqCst) + 1;
-        self.issued.fetch_add(1, SeqCst);
-        let claims = json!({"iss": ISSUER, "aud": resource, "iat": now, "nbf": now, "exp": exp,
-            "serial": serial, "emulator": NOTICE});
-        let token = format!(
-            "{}.{}.",
-            URL_SAFE_NO_PAD.encode(r#"{"alg":"none","typ":"JWT"}"#),
-            URL_SAFE_NO_PAD.encode(claims.to_string())
-        );
-        let issued = Issued {
-            token,
-            expires_on: exp,
-            not_before: now,
-        };
-        if caching {
-            cache.insert(resource.to_owned(), issued.clone());
-        }
-        issued
-    }
-}
-
 fn split_target(req: &Request) -> (&str, &str) {
     req.target.split_once('?').unwrap_or((&req.target, ""))
 }
@@ -147,30 +82,6 @@ pub(super) fn answer(sh: &Shared, req: &Request, routed: Routed) -> Action {
         req.method
     );
     action
-}
-
-/// The faults every protocol answers the same way (a status, a hang, a reset, garbage);
-/// `None` for those that depend on the protocol's own answer.
-pub(super) fn common_fault(fault: &Fault) -> Option<Action> {
-    Some(match fault {
-        Fault::Status {
-            code,
-            body,
-            retry_after,
-        } => Action::Respond {
-            status: *code,
-            body: body.clone().into_bytes(),
-            headers: retry_after
-                .clone()
-                .map(|v| ("Retry-After", v))
-                .into_iter()
-                .collect(),
-        },
-        Fault::Hang => Action::Hang,
-        Fault::Reset => Action::Close,
-        Fault::Garbage => ok(b"this is not json <html>".to_vec()),
-        _ => return None,
-    })
 }
 
 fn answer_inner(sh: &Shared, req: &Request, resource: Result<Option<String>, ()>) -> Action {
@@ -249,7 +160,7 @@ fn answer_inner(sh: &Shared, req: &Request, resource: Result<Option<String>, ()>
         Some(Fault::Echo { code, body }) => {
             return Action::Respond {
                 status: code,
-                body: faults::echo(&body, params, &super::form::params_lossy(params)).into_bytes(),
+                body: faults::echo(&body, params, &params_lossy(params)).into_bytes(),
                 headers: Vec::new(),
             };
         }
@@ -483,14 +394,6 @@ fn write_arc_key(dir: &Path) -> io::Result<(PathBuf, String)> {
     Ok((path, secret))
 }
 
-pub(super) fn ok(body: Vec<u8>) -> Action {
-    Action::Respond {
-        status: 200,
-        body,
-        headers: Vec::new(),
-    }
-}
-
 fn with_header(mut action: Action, name: &'static str, value: String) -> Action {
     if let Action::Respond { headers, .. } = &mut action {
         headers.push((name, value));
@@ -552,7 +455,7 @@ pub(super) fn proto_err(proto: Kind, status: u16, code: &str, message: &str) -> 
         }
         Kind::AppService => app_err(status, message),
         Kind::WorkloadIdentity | Kind::ServicePrincipal => {
-            super::entra::error(status, "invalid_request", 900144, message)
+            entra::error(status, "invalid_request", 900144, message)
         }
     }
 }

@@ -10,7 +10,6 @@ use percent_encoding::{utf8_percent_encode, NON_ALPHANUMERIC};
 use serde_json::{json, Value};
 
 use super::form::legacy_date;
-use super::protocol::{ISSUER, NOTICE};
 use super::*;
 
 pub(super) const MGMT: &str = "https://management.azure.com/";

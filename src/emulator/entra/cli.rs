@@ -7,6 +7,7 @@ use std::io::Write;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
 
 /// The Entra emulator's options (`--protocol entra`).
 #[derive(Args, Debug, Clone, Default)]
@@ -46,8 +47,14 @@ impl EntraEmulatorArgs {
             || self.tls_cert.is_some()
     }
 
+    /// The settings and the TLS configuration the options give; a file that cannot be
+    /// read or used is an error naming its flag and the file (a usage error).
+    pub fn resolve(&self) -> Result<(EntraSettings, Option<Arc<rustls::ServerConfig>>), String> {
+        Ok((self.settings()?, self.tls()?))
+    }
+
     /// The settings the options give; an unreadable file is an error naming it.
-    pub fn settings(&self) -> Result<EntraSettings, String> {
+    fn settings(&self) -> Result<EntraSettings, String> {
         let client_secret = match &self.client_secret_file {
             Some(path) => Some(
                 crate::hardening::read_secret_file(path)
@@ -80,7 +87,7 @@ impl EntraEmulatorArgs {
         })
     }
 
-    fn tls(&self) -> Result<Option<std::sync::Arc<rustls::ServerConfig>>, String> {
+    fn tls(&self) -> Result<Option<Arc<rustls::ServerConfig>>, String> {
         let (Some(cert), Some(key)) = (&self.tls_cert, &self.tls_key) else {
             return Ok(None);
         };
@@ -93,22 +100,18 @@ impl EntraEmulatorArgs {
     }
 }
 
-/// Serves the Entra protocol until SIGTERM or SIGINT; prints `AZURE_AUTHORITY_HOST=<url>`
-/// on stdout once listening.
+/// Serves the Entra protocol with `settings` (and HTTPS with `tls`), from
+/// [`EntraEmulatorArgs::resolve`], until SIGTERM or SIGINT; prints
+/// `AZURE_AUTHORITY_HOST=<url>` on stdout once listening. Exits 1 when it cannot listen or
+/// handle signals.
 pub fn command(
-    args: &EntraEmulatorArgs,
+    settings: EntraSettings,
+    tls: Option<Arc<rustls::ServerConfig>>,
     listen: SocketAddr,
     ttl_secs: u64,
     allow: Vec<String>,
     allow_any: bool,
 ) -> ExitCode {
-    let (settings, tls) = match args.settings().and_then(|s| Ok((s, args.tls()?))) {
-        Ok(v) => v,
-        Err(e) => {
-            eprintln!("cstokenfs: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
     let config = EmulatorConfig {
         ttl_secs,
         allow,
