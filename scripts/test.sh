@@ -27,6 +27,8 @@ if [ ! -e /dev/fuse ]; then
   echo "!!!!! WARNING: /dev/fuse is missing: the FUSE tests will say so (and fail when CI=true) !!!!!" >&2
 fi
 
+# No two files of src import each other, directly or in a loop.
+python3 scripts/import-cycles.py
 # Format and lints where the toolchain has them (rustup's default profile does).
 if cargo fmt --version >/dev/null 2>&1; then cargo fmt --check; else echo "WARNING: rustfmt missing: format not checked" >&2; fi
 if cargo clippy --version >/dev/null 2>&1; then
