@@ -306,7 +306,6 @@ fn a_flood_of_idle_connections_from_another_user_holds_back_no_request() {
     let (addr, secret) = env_of(&m);
     let head = format!("Host: {addr}\r\nX-IDENTITY-HEADER: {secret}\r\n");
     let flood = flood::Flood::start(addr, 2000).expect("start the flood");
-    std::thread::sleep(Duration::from_millis(500));
     for i in 0..50 {
         let started = Instant::now();
         let (status, body) = get(addr, ARM, &head);

@@ -418,7 +418,9 @@ fn a_full_tmpfs_is_reported_once_and_shown_in_status() {
     let emu = emulator();
     // Three pages: the lock, `.status` and its replacement; a token's views do not fit.
     let fs = Tmpfs::with_options("mode=0700,size=12k");
-    let sink = Sink::start(&emu.url(), &fs.path, &["--resource", VAULT]);
+    let mut cmd = sink_cmd(&emu.url(), &fs.path, &["-f", "--resource", VAULT]);
+    cmd.env("RUST_LOG", "debug");
+    let sink = Sink::spawn(cmd, &fs.path);
     let reason = eventually(Duration::from_secs(20), || {
         let st = status(&fs.path);
         let reason = st["sink"]["missing"][0]["reason"].as_str()?.to_string();
@@ -431,8 +433,13 @@ fn a_full_tmpfs_is_reported_once_and_shown_in_status() {
         "{reason:?}: {}",
         sink.log_text()
     );
-    std::thread::sleep(Duration::from_secs(5));
-    let log = sink.log_text();
+    // The same failure twice more (retried every 2 s), each logged at debug only.
+    let repeated = |l: &&str| l.contains("DEBUG") && l.contains("cannot write its files");
+    let log = eventually(Duration::from_secs(20), || {
+        let log = sink.log_text();
+        (log.lines().filter(repeated).count() >= 2).then_some(log)
+    })
+    .expect("the write retried and failed again");
     let warned = log
         .lines()
         .filter(|l| l.contains("WARN") && l.contains("cannot write"))
