@@ -59,20 +59,6 @@ fn assert_none_of(surface: &str, values: &[String], what: &str) {
     }
 }
 
-/// The endpoint's address and secret, from `MOUNT/.env`.
-fn endpoint_of(m: &Mounted) -> (SocketAddr, String) {
-    let env = String::from_utf8(m.read(".env").expect("read .env")).unwrap();
-    let value = |key: &str| {
-        env.lines()
-            .find_map(|l| l.strip_prefix(key))
-            .expect("a line of .env")
-            .to_string()
-    };
-    let url = value("IDENTITY_ENDPOINT=http://");
-    let addr = url.strip_suffix("/msi/token").unwrap().parse().unwrap();
-    (addr, value("IDENTITY_HEADER="))
-}
-
 fn head(addr: SocketAddr, secret: &str) -> String {
     format!("Host: {addr}\r\nX-IDENTITY-HEADER: {secret}\r\n")
 }
@@ -88,7 +74,7 @@ fn drive_shapes(
     planted: Option<&str>,
     tag: &str,
 ) -> (String, Vec<String>) {
-    let (addr, secret) = endpoint_of(m);
+    let (addr, secret) = m.endpoint();
     let mut replies = String::new();
     let mut sent = Vec::new();
     for (i, (code, template)) in SHAPES.iter().enumerate() {
@@ -182,7 +168,7 @@ fn a_client_secret_echoed_in_every_shape_never_leaves() {
     let (mut replies, _) = drive_shapes(&m, &emu, "client_secret", None, "s");
     // A token held and the endpoint's secret, planted by the test in the same shapes.
     let token = String::from_utf8(m.read("management.azure.com").expect("a token")).unwrap();
-    let (_, endpoint_secret) = endpoint_of(&m);
+    let (_, endpoint_secret) = m.endpoint();
     for (value, tag) in [(&token, "t"), (&endpoint_secret, "e")] {
         replies += &drive_shapes(&m, &emu, "v", Some(value), tag).0;
     }

@@ -16,28 +16,6 @@ use std::time::{Duration, Instant};
 
 const ARM: &str = "/msi/token?api-version=2019-08-01&resource=https%3A%2F%2Fmanagement.azure.com";
 
-/// The endpoint's address and secret, from `MOUNT/.env`.
-fn env_of(m: &Mounted) -> (SocketAddr, String) {
-    let env = String::from_utf8(m.read(".env").expect("read .env")).unwrap();
-    let mut lines = env.lines();
-    let url = lines
-        .next()
-        .and_then(|l| l.strip_prefix("IDENTITY_ENDPOINT=http://"))
-        .expect("IDENTITY_ENDPOINT first");
-    let addr = url
-        .strip_suffix("/msi/token")
-        .expect("/msi/token")
-        .parse()
-        .unwrap();
-    let secret = lines
-        .next()
-        .and_then(|l| l.strip_prefix("IDENTITY_HEADER="))
-        .expect("IDENTITY_HEADER second")
-        .to_string();
-    assert_eq!(lines.next(), None, "two lines");
-    (addr, secret)
-}
-
 /// One request (`head`: header lines); (status, parsed body, its token never shown).
 fn get(addr: SocketAddr, target: &str, head: &str) -> (u16, cstokenfs::testing::Body) {
     cstokenfs::testing::http_get(addr, target, head)
@@ -58,7 +36,7 @@ fn env_file_status_and_a_token_shared_with_cat() {
     need_fuse!();
     let emu = emulator();
     let m = mount_with_endpoint(&emu.url());
-    let (addr, secret) = env_of(&m);
+    let (addr, secret) = m.endpoint();
     assert!(addr.ip().is_loopback() && addr.port() != 0);
     assert_eq!(secret.len(), 64, "32 bytes in hex");
     let meta = std::fs::metadata(m.file(".env")).unwrap();
@@ -119,7 +97,7 @@ fn hostile_requests_get_nothing_and_cost_no_upstream_call() {
     need_fuse!();
     let emu = emulator();
     let m = mount_with_endpoint(&emu.url());
-    let (addr, secret) = env_of(&m);
+    let (addr, secret) = m.endpoint();
     let host = format!("Host: {addr}\r\n");
     let good = format!("{host}X-IDENTITY-HEADER: {secret}\r\n");
     let cases: Vec<(String, String, u16, &str)> = vec![
@@ -266,7 +244,7 @@ fn slow_clients_do_not_hold_the_server_or_the_files() {
         ..EmulatorConfig::default()
     });
     let m = mount_with_endpoint(&emu.url());
-    let (addr, secret) = env_of(&m);
+    let (addr, secret) = m.endpoint();
     // Half-sent heads, idle connections and a client that never reads its answer.
     let mut held = Vec::new();
     for i in 0..60 {
@@ -303,7 +281,7 @@ fn a_flood_of_idle_connections_from_another_user_holds_back_no_request() {
     }
     let emu = emulator();
     let m = mount_with_endpoint(&emu.url());
-    let (addr, secret) = env_of(&m);
+    let (addr, secret) = m.endpoint();
     let head = format!("Host: {addr}\r\nX-IDENTITY-HEADER: {secret}\r\n");
     let flood = flood::Flood::start(addr, 2000).expect("start the flood");
     for i in 0..50 {
@@ -323,7 +301,7 @@ fn a_silent_connection_is_closed_after_two_seconds() {
     need_fuse!();
     let emu = emulator();
     let m = mount_with_endpoint(&emu.url());
-    let (addr, _) = env_of(&m);
+    let (addr, _) = m.endpoint();
     let started = Instant::now();
     let mut silent = TcpStream::connect(addr).unwrap();
     silent

@@ -189,7 +189,7 @@ fn sdk_errors_wrong_secret_refused_audience_upstream_down() {
         "the refusal is remembered: one upstream call"
     );
     let log = m.log_text();
-    assert!(!log.contains(&secret_of(&m)), "the secret is never logged");
+    assert!(!log.contains(&m.endpoint().1), "the secret is never logged");
 
     // The upstream down: 500 with its error; the SDK retries (bounded) then reports it.
     let down = format!("http://127.0.0.1:{}/oauth2/token", free_port());
@@ -205,12 +205,4 @@ fn sdk_errors_wrong_secret_refused_audience_upstream_down() {
             .unwrap()
             >= 1
     );
-}
-
-fn secret_of(m: &Mounted) -> String {
-    let env = String::from_utf8(m.read(".env").unwrap()).unwrap();
-    env.lines()
-        .find_map(|l| l.strip_prefix("IDENTITY_HEADER="))
-        .expect("IDENTITY_HEADER line")
-        .to_string()
 }

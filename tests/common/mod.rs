@@ -179,6 +179,28 @@ impl Mounted {
             .unwrap_or(serde_json::Value::Null)
     }
 
+    /// `--serve-endpoint`'s address and secret, from `MOUNT/.env` (exactly its two lines).
+    pub fn endpoint(&self) -> (std::net::SocketAddr, String) {
+        let env = String::from_utf8(self.read(".env").expect("read .env")).unwrap();
+        let mut lines = env.lines();
+        let url = lines
+            .next()
+            .and_then(|l| l.strip_prefix("IDENTITY_ENDPOINT=http://"))
+            .expect("IDENTITY_ENDPOINT first");
+        let addr = url
+            .strip_suffix("/msi/token")
+            .expect("/msi/token")
+            .parse()
+            .unwrap();
+        let secret = lines
+            .next()
+            .and_then(|l| l.strip_prefix("IDENTITY_HEADER="))
+            .expect("IDENTITY_HEADER second")
+            .to_string();
+        assert_eq!(lines.next(), None, "two lines");
+        (addr, secret)
+    }
+
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
