@@ -13,6 +13,7 @@ use base64::Engine as _;
 use parking_lot::Mutex;
 use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use zeroize::Zeroizing;
 
 /// What a scrubbed credential becomes (the pattern redaction's word too).
@@ -44,8 +45,10 @@ struct Entry {
 const ANCHOR: usize = 16;
 
 /// The registered credentials. A `Mutex`, not a lock-free set: registration happens once
-/// per fetched token or assertion, and scrubbing only on the error path.
-static REGISTRY: Mutex<Vec<Entry>> = Mutex::new(Vec::new());
+/// per fetched token or assertion, and scrubbing only on the error path. It is held only to
+/// add, remove or copy out the entries (never while a text is scanned): a `Known` dropped
+/// on a FUSE thread (the last handle of a token version) never waits on a scrub.
+static REGISTRY: Mutex<Vec<Arc<Entry>>> = Mutex::new(Vec::new());
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 
 /// A credential registered for scrubbing; dropping it forgets the credential.
@@ -77,20 +80,20 @@ pub fn remember(secret: &str) -> Known {
         anchors.sort_by(|a, b| a.as_str().cmp(b.as_str()));
         anchors.dedup();
         let secret = Zeroizing::new(secret.to_string());
-        REGISTRY.lock().push(Entry {
+        REGISTRY.lock().push(Arc::new(Entry {
             id,
             secret,
             anchors,
-        });
+        }));
     }
     Known { id }
 }
 
 /// `text` with every registered credential, in every form, replaced by [`HIDDEN`].
 pub fn scrub(text: &str) -> String {
-    let registry = REGISTRY.lock();
+    let registry: Vec<Arc<Entry>> = REGISTRY.lock().clone();
     let mut out = text.to_string();
-    for entry in registry.iter() {
+    for entry in &registry {
         if !entry.anchors.iter().any(|a| out.contains(a.as_str())) {
             continue;
         }
