@@ -297,13 +297,15 @@ pub(crate) fn read_credential_file(
 
 /// The most reads of credential files left waiting on a filesystem that does not answer.
 const MAX_HUNG_READS: usize = 4;
-static READS_IN_FLIGHT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+/// Reads whose caller gave up on them, until their filesystem answers.
+static HUNG_READS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
 /// [`read_credential_file`] on a thread of its own, waited for at most `within`: a file on
 /// a filesystem that never answers (a dead NFS server, a hung FUSE daemon; O_NONBLOCK does
 /// not help there) cannot hold the caller (a fetch worker) past its deadline. The thread
 /// left behind ends when the filesystem answers; while [`MAX_HUNG_READS`] are left, the
-/// next read fails at once instead of leaving another.
+/// next read fails at once instead of leaving another. Reads that answer in time, however
+/// many at once, count for nothing.
 pub(crate) fn read_credential_file_within(
     path: &std::path::Path,
     cap: usize,
@@ -311,25 +313,44 @@ pub(crate) fn read_credential_file_within(
 ) -> Result<zeroize::Zeroizing<Vec<u8>>, FileRefused> {
     use std::sync::atomic::Ordering;
     let hung = FileRefused::Hung(within.as_secs_f64().ceil() as u64);
-    if READS_IN_FLIGHT.fetch_add(1, Ordering::SeqCst) >= MAX_HUNG_READS {
-        READS_IN_FLIGHT.fetch_sub(1, Ordering::SeqCst);
+    if HUNG_READS.load(Ordering::SeqCst) >= MAX_HUNG_READS {
         return Err(hung);
     }
     let (tx, rx) = std::sync::mpsc::sync_channel(1);
-    let owned = path.to_path_buf();
+    // Whether the caller gave up; the answer is sent, or the count dropped, under this lock,
+    // so a read that ends just as its caller gives up is counted exactly once or not at all.
+    let abandoned = std::sync::Arc::new(parking_lot::Mutex::new(false));
+    let (owned, gone) = (path.to_path_buf(), std::sync::Arc::clone(&abandoned));
     let spawned = std::thread::Builder::new()
         .name("credential-read".into())
         .stack_size(64 * 1024)
         .spawn(move || {
-            // The receiver may be gone (the caller gave up): the bytes are wiped on drop.
-            let _ = tx.send(read_credential_file(&owned, cap));
-            READS_IN_FLIGHT.fetch_sub(1, Ordering::SeqCst);
+            let read = read_credential_file(&owned, cap);
+            let gone = gone.lock();
+            if *gone {
+                // The bytes are wiped as `read` drops.
+                HUNG_READS.fetch_sub(1, Ordering::SeqCst);
+            } else {
+                let _ = tx.send(read);
+            }
         });
     if let Err(e) = spawned {
-        READS_IN_FLIGHT.fetch_sub(1, Ordering::SeqCst);
         return Err(FileRefused::Io(e));
     }
-    rx.recv_timeout(within).unwrap_or(Err(hung))
+    match rx.recv_timeout(within) {
+        Ok(read) => read,
+        Err(_) => {
+            let mut gone = abandoned.lock();
+            match rx.try_recv() {
+                Ok(read) => read,
+                Err(_) => {
+                    *gone = true;
+                    HUNG_READS.fetch_add(1, Ordering::SeqCst);
+                    Err(hung)
+                }
+            }
+        }
+    }
 }
 
 /// A secret kept in a file (`--client-secret-file`, `--secret-file`), read as
@@ -422,6 +443,26 @@ mod tests {
             FileRefused::TooLarge(MAX_CERTIFICATE_FILE).to_string(),
             "is larger than 1 MiB"
         );
+    }
+
+    /// Many reads at once that answer in time are never taken for hung ones (the fetch pool
+    /// has 8 workers; the limit of reads left waiting is 4).
+    #[test]
+    fn reads_in_time_however_many_at_once_all_succeed() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("token");
+        std::fs::write(&file, b"a.b.c").unwrap();
+        let within = std::time::Duration::from_secs(10);
+        let reads: Vec<_> = (0..4 * MAX_HUNG_READS)
+            .map(|_| {
+                let file = file.clone();
+                std::thread::spawn(move || read_credential_file_within(&file, 64, within))
+            })
+            .collect();
+        for read in reads {
+            let bytes = read.join().unwrap().expect("read in time");
+            assert_eq!(bytes.as_slice(), b"a.b.c");
+        }
     }
 
     #[test]
