@@ -36,7 +36,7 @@ if cargo clippy --version >/dev/null 2>&1; then
 else
   echo "WARNING: clippy missing: lints not checked" >&2
 fi
-# azure-identity from PyPI for the --serve-endpoint SDK tests (tests/endpoint_sdk.rs), in a
+# azure-identity from PyPI for the --serve-endpoint SDK tests (tests/it/endpoint_sdk.rs), in a
 # venv under ~/.cache (not in the clone: a fresh clone reuses it), one per set of pinned
 # requirements, made only when that set is new.
 req=tests/endpoint_sdk/requirements.txt
@@ -57,9 +57,9 @@ cargo test --all-targets --locked -- --test-threads=8
 
 # The filesystem core's suite needs no FUSE: prove it with /dev (and so /dev/fuse) hidden.
 if [ "$(id -u)" = 0 ] && command -v unshare >/dev/null 2>&1; then
-  fs_suite=$(cargo test --locked --test fs --no-run 2>&1 | grep -o 'target/debug/deps/fs-[0-9a-f]*' | tail -1)
-  if [ -n "$fs_suite" ]; then
-    echo "tests/fs.rs with /dev/fuse hidden:"
-    unshare -m sh -c "mount -t tmpfs none /dev && exec $fs_suite --test-threads=2" | grep "test result"
+  it=$(cargo test --locked --test it --no-run 2>&1 | grep -o 'target/debug/deps/it-[0-9a-f]*' | tail -1)
+  if [ -n "$it" ]; then
+    echo "tests/it/fs.rs (the core without FUSE) with /dev/fuse hidden:"
+    unshare -m sh -c "mount -t tmpfs none /dev && exec $it --test-threads=2 fs::" | grep "test result"
   fi
 fi

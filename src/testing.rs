@@ -1,6 +1,6 @@
 //! Test doubles for driving the cache and the filesystem core without FUSE or a network:
 //! a wall clock that moves only when told, and a source whose answers a test steers. Used
-//! by the unit tests and by `tests/fs.rs`; nothing in the daemon uses them. The types a test
+//! by the unit tests and by `tests/it/fs.rs`; nothing in the daemon uses them. The types a test
 //! needs to write a source of its own are re-exported here.
 
 pub use crate::policy::{Clock, EpochMs};

@@ -674,4 +674,4 @@ fn unreachable_state(resource: &str) -> ReadError {
 }
 
 #[cfg(test)]
-mod tests;
+mod cache_tests;

@@ -51,15 +51,15 @@ pub use faults::echo as echo_body;
 
 mod action;
 mod bodies;
+#[cfg(test)]
+mod emulator_tests;
 pub mod entra;
 mod faults;
 mod form;
-mod handler;
+#[cfg(test)]
+mod http_tests;
 mod protocol;
-#[cfg(test)]
-mod tests;
-#[cfg(test)]
-mod tests_http;
+mod routes;
 
 const TOKEN_PATH: &str = "/oauth2/token";
 const IMDS_PATH: &str = "/metadata/identity/oauth2/token";
@@ -240,7 +240,7 @@ struct Shared {
     /// `issue` and the `Missing`/`EmptyAccessToken` faults.
     ttl: AtomicU64,
     /// Delay before each answer, in nanoseconds. Written by `Emulator::set_latency`; read
-    /// by each request after routing (`handler`, `entra::handle`).
+    /// by each request after routing (`routes`, `entra::handle`).
     latency_ns: AtomicU64,
     /// Every audience is allowed. Written by `Emulator::set_allow_any`; read by
     /// `audience_allowed`.
@@ -380,7 +380,7 @@ impl Emulator {
             tls,
             ..httpserver::Config::default()
         };
-        let server = Server::start(listen, config, handler::EmuHandler(Arc::clone(&shared)))?;
+        let server = Server::start(listen, config, routes::EmuHandler(Arc::clone(&shared)))?;
         log::debug!("emulator ({protocol}) listening on {}", server.addr());
         Ok(Emulator { shared, server })
     }

@@ -17,10 +17,10 @@
 //! 32 random bytes in hex, new for each mount, compared in constant time, published only
 //! in `MOUNT/.env`, never logged.
 
-mod handler;
-pub mod request;
+mod answer;
 #[cfg(test)]
-mod tests;
+mod endpoint_tests;
+pub mod request;
 
 use crate::audit::Audit;
 use crate::cache::Cache;
@@ -127,7 +127,7 @@ impl Endpoint {
         let secret = Arc::new(crate::hardening::random_hex(32)?);
         let counters = Arc::new(Counters::default());
         let listen = settings.listen;
-        let handler = handler::EndpointHandler::new(
+        let handler = answer::EndpointHandler::new(
             settings,
             cache,
             audit,

@@ -1,5 +1,5 @@
 //! A flood of idle connections from another user, for tests (the library's and
-//! `tests/endpoint.rs`, which includes this file): `flood.py` as uid and gid 65534 holds N
+//! `tests/it/endpoint.rs`, which includes this file): `flood.py` as uid and gid 65534 holds N
 //! connections that never send a byte, re-opening each one the server closes.
 
 use std::io::{self, BufRead, BufReader};

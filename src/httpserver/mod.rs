@@ -43,7 +43,7 @@ mod conn;
 mod flood;
 mod registry;
 #[cfg(test)]
-mod tests;
+mod server_tests;
 pub mod tls;
 
 /// The listen backlog asked for.

@@ -92,7 +92,7 @@ mod tests {
 
     #[test]
     fn serves_https_to_a_client_that_trusts_the_ca_only() {
-        crate::source::tls::ensure_provider();
+        crate::source::client_tls::ensure_provider();
         let (ca, leaf, key) = certs();
         let config = Config {
             tls: Some(server_config(leaf.as_bytes(), key.as_bytes()).unwrap()),

@@ -7,7 +7,7 @@
 
 use super::assertion::ClientCertificate;
 use super::http::{self, HttpEndpoint};
-use super::{parse, redact, tls, ConfigError, Failure, Kind, Source, SourceError};
+use super::{client_tls, parse, redact, ConfigError, Failure, Kind, Source, SourceError};
 use crate::policy::now_ms;
 use crate::token::Token;
 use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
@@ -114,7 +114,7 @@ pub struct Entra {
 impl Entra {
     /// Checks the authority and builds the client; no request is sent.
     pub fn new(kind: Kind, authority: &str, settings: &Settings) -> Result<Entra, ConfigError> {
-        let url = tls::token_url(authority, &settings.tenant)?;
+        let url = client_tls::token_url(authority, &settings.tenant)?;
         if settings.client_id.trim().is_empty() {
             return Err(ConfigError::Missing("the client ID is empty".into()));
         }

@@ -75,7 +75,7 @@ pub(super) fn client(
     ca: &[reqwest::Certificate],
 ) -> Result<Client, ConfigError> {
     // reqwest's rustls needs a crypto provider for every client, plain http ones too.
-    super::tls::ensure_provider();
+    super::client_tls::ensure_provider();
     let mut builder = Client::builder()
         .pool_max_idle_per_host(4)
         .redirect(reqwest::redirect::Policy::none())
@@ -85,14 +85,14 @@ pub(super) fn client(
     }
     builder
         .build()
-        .map_err(|e| ConfigError::Client(super::tls::error_chain(&e)))
+        .map_err(|e| ConfigError::Client(super::client_tls::error_chain(&e)))
 }
 
 /// Loopback (`localhost`, 127.0.0.0/8, ::1, mapped or not) or IPv4 link-local (IMDS).
 fn is_local(url: &reqwest::Url) -> bool {
     let host = url.host_str().unwrap_or_default();
     let bare = host.trim_start_matches('[').trim_end_matches(']');
-    super::tls::is_loopback(url)
+    super::client_tls::is_loopback(url)
         || bare
             .parse::<std::net::Ipv4Addr>()
             .is_ok_and(|ip| ip.is_link_local())

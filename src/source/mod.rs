@@ -5,6 +5,7 @@ pub mod appservice;
 pub mod arc;
 pub mod assertion;
 pub mod azure_cli;
+pub mod client_tls;
 pub mod cloudshell;
 pub mod entra;
 pub mod http;
@@ -12,7 +13,6 @@ pub mod imds;
 pub mod parse;
 pub mod redact;
 pub mod select;
-pub mod tls;
 
 use crate::token::Token;
 use std::fmt;

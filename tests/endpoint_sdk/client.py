@@ -1,4 +1,4 @@
-"""One azure-identity client against the mount's endpoint, for tests/endpoint_sdk.rs.
+"""One azure-identity client against the mount's endpoint, for tests/it/endpoint_sdk.rs.
 
 usage: client.py mi|dac SCOPE OUT_FILE
 Prints one JSON line: {"ok": true, "expires_on": N} (the token itself goes to OUT_FILE,

@@ -2,10 +2,8 @@
 //! hostile requests, slow clients, a flood of idle connections from another user, one cache
 //! with the files; `.claims`; `get --view`.
 
-#[macro_use]
-mod common;
-#[path = "../src/httpserver/flood.rs"]
-mod flood;
+use crate::common;
+use crate::flood;
 
 use common::*;
 use cstokenfs::emulator::EmulatorConfig;

@@ -2,9 +2,8 @@
 //! `--timeout` bound, and the FUSE calls fuser would log as not implemented. Real mounts of
 //! the built binary against the in-process emulator on 127.0.0.1. Issue 19: log files.
 
-#[macro_use]
-mod common;
-mod sink_support;
+use crate::common;
+use crate::sink_support;
 
 use common::*;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};

@@ -1,7 +1,6 @@
 //! Issue 7: kubectl and git credentials from the mount, and mounts by ordinary users.
 
-#[macro_use]
-mod common;
+use crate::common;
 
 use common::*;
 use std::io::Write;

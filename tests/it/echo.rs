@@ -4,9 +4,8 @@
 //! the log (at trace level), `.status`, the endpoint's replies or `get`'s stderr, in any of
 //! its forms (as is, percent-encoded, JSON-escaped, base64).
 
-#[macro_use]
-mod common;
-mod entra_support;
+use crate::common;
+use crate::entra_support;
 
 use common::*;
 use cstokenfs::emulator::entra::EntraSettings;

@@ -1,7 +1,6 @@
 //! Issue 3: freshness and faults, injected through the emulator into real mounts.
 
-#[macro_use]
-mod common;
+use crate::common;
 
 use common::*;
 use cstokenfs::emulator::{ExpiresOnForm, Fault};

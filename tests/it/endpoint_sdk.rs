@@ -3,8 +3,7 @@
 //! `MOUNT/.env` as the README says. Loopback only: with IDENTITY_ENDPOINT and
 //! IDENTITY_HEADER set, azure-identity uses App Service's protocol and never probes IMDS.
 
-#[macro_use]
-mod common;
+use crate::common;
 
 use common::*;
 use cstokenfs::emulator::EmulatorConfig;

@@ -3,9 +3,8 @@
 //! 127.0.0.1, over plain http to loopback and over TLS with `--ca-file`. The default
 //! authority is never dialled: every test points the authority at the emulator.
 
-#[macro_use]
-mod common;
-mod entra_support;
+use crate::common;
+use crate::entra_support;
 
 use common::*;
 use cstokenfs::emulator::decode_claims;

@@ -1,8 +1,7 @@
 //! Issue 10: what a hostile upstream, a flood of names and a careless caller could do to the
 //! mount, each injected through the emulator (or a stand-in `az`) into a real mount.
 
-#[macro_use]
-mod common;
+use crate::common;
 
 use base64::Engine as _;
 use common::*;

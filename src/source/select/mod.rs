@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use zeroize::Zeroizing;
 
-mod entra;
+mod entra_detect;
 
 /// What detection looks at: environment variables and whether `az` is on PATH.
 #[derive(Clone, Default)]
@@ -40,7 +40,7 @@ impl Env {
         ];
         let vars = keys
             .iter()
-            .chain(entra::VARS.iter())
+            .chain(entra_detect::VARS.iter())
             .filter_map(|k| {
                 std::env::var(k)
                     .ok()
@@ -78,7 +78,7 @@ pub fn detect(
     if endpoint_given {
         return (Kind::CloudShell, "--endpoint without --source".into());
     }
-    if let Some(found) = entra::detect_env(env) {
+    if let Some(found) = entra_detect::detect_env(env) {
         return found;
     }
     if env.has("MSI_ENDPOINT") && !env.has("MSI_SECRET") && !env.has("IDENTITY_ENDPOINT") {
@@ -161,7 +161,7 @@ pub struct Wanted {
 
 pub fn plan(wanted: &Wanted, env: &Env) -> Result<Plan, ConfigError> {
     let flagged = if wanted.source.is_none() && !wanted.emulator && wanted.endpoint.is_none() {
-        entra::detect_flags(wanted)
+        entra_detect::detect_flags(wanted)
     } else {
         None
     };
@@ -174,7 +174,7 @@ pub fn plan(wanted: &Wanted, env: &Env) -> Result<Plan, ConfigError> {
         )
     });
     if kind.is_entra() {
-        let (authority, settings) = entra::settings(kind, wanted, env)?;
+        let (authority, settings) = entra_detect::settings(kind, wanted, env)?;
         let plan = Plan {
             kind,
             reason,
@@ -189,7 +189,7 @@ pub fn plan(wanted: &Wanted, env: &Env) -> Result<Plan, ConfigError> {
         }
         return Ok(plan);
     }
-    if let Some(flag) = entra::entra_only_flag(wanted) {
+    if let Some(flag) = entra_detect::entra_only_flag(wanted) {
         return Err(ConfigError::Missing(format!(
             "{flag} is for --source workload-identity or service-principal, not {kind}"
         )));

@@ -2,9 +2,8 @@
 //! swapped in while it starts, rotates, takes SIGUSR1/SIGHUP and exits, or is killed);
 //! nothing outside DIR may be created, changed or removed.
 
-#[allow(unused_macros)]
-mod common;
-mod sink_support;
+use crate::common;
+use crate::sink_support;
 
 use common::*;
 use sink_support::*;

@@ -3,8 +3,7 @@
 //! `-d`, warnings that do not stop a mount, completions and the man page, and a changed
 //! failure logged at WARN.
 
-#[macro_use]
-mod common;
+use crate::common;
 
 use common::*;
 use std::os::unix::net::UnixDatagram;
@@ -757,13 +756,15 @@ mod packaging {
                 assert!(mentioned, "{shown} is not in the README's layout");
             }
         }
-        for entry in std::fs::read_dir(root.join("tests")).unwrap() {
-            let name = entry.unwrap().file_name().to_string_lossy().into_owned();
-            let stem = name.trim_end_matches(".rs");
-            assert!(
-                layout.contains(stem),
-                "tests/{name} is not in the README's layout"
-            );
+        for dir in ["tests", "tests/it"] {
+            for entry in std::fs::read_dir(root.join(dir)).unwrap() {
+                let name = entry.unwrap().file_name().to_string_lossy().into_owned();
+                let stem = name.trim_end_matches(".rs");
+                assert!(
+                    layout.contains(stem),
+                    "{dir}/{name} is not in the README's layout"
+                );
+            }
         }
     }
 }

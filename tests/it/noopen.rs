@@ -1,8 +1,7 @@
 //! Issue 12: `--no-open`, where the kernel answers opens itself. Real mounts of the built
 //! binary against the in-process emulator on 127.0.0.1; every freshness rule still holds.
 
-#[macro_use]
-mod common;
+use crate::common;
 
 use common::*;
 use std::io::Read;

@@ -4,7 +4,7 @@ use super::*;
 use crate::emulator::{Emulator, EmulatorConfig, Kind};
 
 fn start(settings: EntraSettings) -> Emulator {
-    crate::source::tls::ensure_provider();
+    crate::source::client_tls::ensure_provider();
     let emu = Emulator::start_with(
         "127.0.0.1:0".parse().unwrap(),
         EmulatorConfig::default(),

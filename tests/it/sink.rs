@@ -1,8 +1,7 @@
 //! Issue 16: `cstokenfs sink DIR`, real files on a real tmpfs, the emulator on loopback.
 
-#[macro_use]
-mod common;
-mod sink_support;
+use crate::common;
+use crate::sink_support;
 
 use common::*;
 use cstokenfs::emulator::Fault;

@@ -1,8 +1,7 @@
 //! Issue 5: every upstream against the emulator (or a stand-in `az`) on loopback, auto
 //! detection end to end, a user-assigned identity's parameters reaching the endpoint.
 
-#[macro_use]
-mod common;
+use crate::common;
 
 use common::*;
 use cstokenfs::emulator::{Emulator, EmulatorConfig, Fault};

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use super::tests::{claims, emu, emu_with, get, post, query, raw, META, MGMT};
+use super::emulator_tests::{claims, emu, emu_with, get, post, query, raw, META, MGMT};
 use super::*;
 
 const REQUEST: &str =

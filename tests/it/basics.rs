@@ -1,8 +1,7 @@
 //! Issue 2, end to end: real mounts of the built binary through /dev/fuse, read by real
 //! processes, against the in-process emulator on 127.0.0.1.
 
-#[macro_use]
-mod common;
+use crate::common;
 
 use common::*;
 use std::io::Read;

@@ -19,10 +19,10 @@ use super::{decode_claims, now_secs, random_hex, Fault, Shared};
 use crate::httpserver::{Answer, Request, Stop};
 use crate::source::{assertion, entra::ASSERTION_TYPE};
 
-mod cli;
+mod command;
 #[cfg(test)]
-mod tests;
-pub use cli::{command, EntraEmulatorArgs};
+mod entra_tests;
+pub use command::{command, EntraEmulatorArgs};
 
 /// What the emulator accepts; `None` fields accept anything (any non-empty credential
 /// when no credential is set).

@@ -1,7 +1,6 @@
 //! Issue 4: access control, secrets, and container lifecycle, on real mounts.
 
-#[macro_use]
-mod common;
+use crate::common;
 
 use common::*;
 use std::os::unix::fs::PermissionsExt;

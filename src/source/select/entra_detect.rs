@@ -5,7 +5,7 @@
 use super::{Env, Wanted};
 use crate::source::assertion::ClientCertificate;
 use crate::source::entra::{Credential, Settings};
-use crate::source::{tls, ConfigError, Kind};
+use crate::source::{client_tls, ConfigError, Kind};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use zeroize::Zeroizing;
@@ -113,7 +113,7 @@ pub fn settings(kind: Kind, wanted: &Wanted, env: &Env) -> Result<(String, Setti
             )))
         }
     };
-    // The tenant and the authority are checked once, by `Plan::build` (`tls::token_url`).
+    // The tenant and the authority are checked once, by `Plan::build` (`client_tls::token_url`).
     let client_id = match pick(&wanted.identity.client_id, "AZURE_CLIENT_ID") {
         Some(c) => c,
         None if emulated => EMULATED_CLIENT.into(),
@@ -127,13 +127,13 @@ pub fn settings(kind: Kind, wanted: &Wanted, env: &Env) -> Result<(String, Setti
         .authority_host
         .clone()
         .or_else(|| env.get("AZURE_AUTHORITY_HOST").map(str::to_string))
-        .unwrap_or_else(|| tls::DEFAULT_AUTHORITY.to_string());
+        .unwrap_or_else(|| client_tls::DEFAULT_AUTHORITY.to_string());
     let credential = match kind {
         Kind::WorkloadIdentity => workload_credential(wanted, env, emulated)?,
         _ => principal_credential(wanted, env, emulated)?,
     };
     let ca = match &wanted.ca_file {
-        Some(path) => tls::ca_certificates(path)?,
+        Some(path) => client_tls::ca_certificates(path)?,
         None => Vec::new(),
     };
     Ok((

@@ -1,0 +1,32 @@
+//! The integration suites, one test binary (one compile and link, every suite's tests run
+//! side by side): real mounts of the built binary against the emulator on 127.0.0.1, the
+//! filesystem core without FUSE (`fs`), property tests (`props`). `common` mounts, polls
+//! `.status`, runs the binary and other uids; `sink_support` and `entra_support` add what
+//! their suites share.
+
+#[macro_use]
+mod common;
+mod entra_support;
+mod sink_support;
+// The endpoint flood helper is compiled from the crate's own source (it is also a bench).
+#[path = "../../src/httpserver/flood.rs"]
+mod flood;
+
+mod basics;
+mod conventions;
+mod echo;
+mod emulator_cli;
+mod endpoint;
+mod endpoint_sdk;
+mod entra;
+mod freshness;
+mod fs;
+mod hardening;
+mod hostile;
+mod integrations;
+mod noopen;
+mod props;
+mod security;
+mod sink;
+mod sink_race;
+mod sources;
