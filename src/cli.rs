@@ -1,11 +1,11 @@
 //! The command line: `mount`, `sink`, `get`, `emulator`, `completions`, `man`.
 
-use crate::cache::Cache;
+use crate::daemon::{self, Daemon};
 use crate::emulator::{Emulator, EmulatorConfig};
 use crate::mount::{self, MountRequest};
-use crate::policy::{Policy, SystemClock};
+use crate::policy::Policy;
 use crate::sink::SinkRequest;
-use crate::source::select::{self, Env, Wanted};
+use crate::source::select::Wanted;
 use crate::source::Identity;
 use crate::source::Kind;
 use crate::token::View;
@@ -14,7 +14,6 @@ use std::io::Write;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
 use std::time::Duration;
 
 /// Appended to the help of the program and of each subcommand: the views, the mount(8)
@@ -564,7 +563,7 @@ fn mount_command(args: MountArgs) -> ExitCode {
         log_file: args.keep.log_file,
         uid: args.keep.uid,
         gid: args.keep.gid,
-        mode: args.keep.mode.unwrap_or(crate::fs::DEFAULT_FILE_MODE),
+        mode: args.keep.mode.unwrap_or(crate::access::DEFAULT_FILE_MODE),
         allow_other: args.allow_other,
         allow_root: args.allow_root,
         auto_unmount: args.auto_unmount,
@@ -575,9 +574,10 @@ fn mount_command(args: MountArgs) -> ExitCode {
     };
     match mount::run(request) {
         Ok(()) => ExitCode::SUCCESS,
+        Err(mount::MountError::Reported) => ExitCode::from(EXIT_FAILURE),
         Err(e) => {
             eprintln!("cstokenfs: {e}");
-            ExitCode::from(e.exit_code())
+            ExitCode::from(EXIT_FAILURE)
         }
     }
 }
@@ -604,9 +604,13 @@ fn sink_command(args: SinkArgs) -> ExitCode {
     };
     match crate::sink::run(request) {
         Ok(()) => ExitCode::SUCCESS,
+        Err(crate::sink::SinkError::Reported) => ExitCode::from(EXIT_FAILURE),
         Err(e) => {
             eprintln!("cstokenfs: {e}");
-            ExitCode::from(e.exit_code())
+            ExitCode::from(match e {
+                crate::sink::SinkError::Usage(_) => EXIT_USAGE,
+                _ => EXIT_FAILURE,
+            })
         }
     }
 }
@@ -620,23 +624,8 @@ fn get_command(args: GetArgs) -> ExitCode {
             return ExitCode::from(EXIT_USAGE);
         }
     };
-    let mut plan = match select::plan(&args.upstream.wanted(), &Env::current()) {
+    let plan = match daemon::plan(&args.upstream.wanted()) {
         Ok(p) => p,
-        Err(e) => {
-            eprintln!("cstokenfs: {e}");
-            return ExitCode::from(EXIT_USAGE);
-        }
-    };
-    // Held alive until the token is printed.
-    let _emulator = match mount::start_stand_in(&mut plan) {
-        Ok(e) => e,
-        Err(e) => {
-            eprintln!("cstokenfs: cannot start the emulator: {e}");
-            return ExitCode::from(EXIT_FAILURE);
-        }
-    };
-    let source = match plan.build() {
-        Ok(s) => s,
         Err(e) => {
             eprintln!("cstokenfs: {e}");
             return ExitCode::from(EXIT_USAGE);
@@ -646,8 +635,19 @@ fn get_command(args: GetArgs) -> ExitCode {
         timeout: Duration::from_secs(args.upstream.timeout),
         ..Policy::default()
     };
-    let cache = Cache::new(source, policy, &[], Arc::new(SystemClock));
-    match cache.get_blocking(&resource) {
+    // The stand-in (with --emulator) is held alive until the token is printed.
+    let daemon = match Daemon::build(plan, policy, &[]) {
+        Ok(d) => d,
+        Err(e) => {
+            eprintln!("cstokenfs: {e}");
+            return ExitCode::from(if e.is_setup() {
+                EXIT_USAGE
+            } else {
+                EXIT_FAILURE
+            });
+        }
+    };
+    match daemon.cache().get_blocking(&resource) {
         Ok(v) => {
             let mut out = std::io::stdout().lock();
             let view = if args.json { View::Json } else { args.view };

@@ -2,17 +2,23 @@
 //! cached Azure access token.
 //!
 //! Layers, each knowing only the ones below it:
-//! `cli` -> `mount` (session, detach, signals) -> `fs` (inodes, views, errno; never does
-//! HTTP) -> `cache` (single-flight fetches; decisions from `policy`) -> `source` (one file
-//! per upstream) ; `emulator` is a stand-in upstream for demos and tests, served by
-//! `httpserver` (hyper, loopback only). `net` holds the loopback rules that `httpserver`
-//! and `source` share.
+//! `cli` -> the front ends side by side: `mount` (the FUSE session), `sink` (files on
+//! tmpfs), `get` (in `cli`), `endpoint` (`--serve-endpoint`) -> `daemon` (the core they
+//! share: the cache and its background pass, the stand-in, signals, detaching, the log
+//! file) -> `fs` (inodes, views, errno; never does HTTP) -> `cache` (single-flight fetches;
+//! decisions from `policy`) -> `source` (one file per upstream) ; `emulator` is a stand-in
+//! upstream for demos and tests, served by `httpserver` (hyper, loopback only). `net` holds
+//! the loopback rules that `httpserver` and `source` share; `access` (owner and modes),
+//! `report` (`.status`) and `mountinfo` (the mount table) are small types and readers the
+//! front ends share.
 
+mod access;
 mod audit;
 mod cache;
 mod civil;
 mod claims;
 mod cli;
+mod daemon;
 pub mod emulator;
 mod endpoint;
 mod fs;
@@ -22,9 +28,11 @@ mod httpserver;
 mod known;
 mod logging;
 mod mount;
+mod mountinfo;
 mod names;
 mod net;
 mod policy;
+mod report;
 mod sink;
 mod source;
 pub mod testing;
@@ -32,9 +40,10 @@ mod token;
 
 // The public API: what the binary runs and what the test suites drive. Everything else is
 // private to the crate. `emulator` (a test tool) and `testing` (fakes) are public modules.
+pub use access::Access;
 pub use cache::Cache;
 pub use cli::{run, Cli};
-pub use fs::{inode, Access, Caller, Core, Entry, FsError};
+pub use fs::{inode, Caller, Core, Entry, FsError};
 pub use fuseopts::rewrite;
 pub use httpserver::tls::server_config;
 pub use policy::Policy;

@@ -6,12 +6,13 @@ mod echo;
 pub mod fuse;
 pub mod inode;
 pub mod noopen;
-pub mod status;
 
+pub use crate::access::Access;
 use crate::audit::{Audit, OpenEvent};
 use crate::cache::{Cache, OpenDecision, ReadError};
 use crate::names;
 use crate::policy::Verdict;
+use crate::report as status;
 use crate::token::{Version, View};
 use echo::KernelEcho;
 use fuser::{Errno, FileAttr, FileType, INodeNo};
@@ -84,24 +85,6 @@ impl FsError {
             FsError::NotDir => Errno::ENOTDIR,
             FsError::BadHandle => Errno::EBADF,
         }
-    }
-}
-
-/// The permission bits of token files when `--mode` is not given.
-pub const DEFAULT_FILE_MODE: u16 = 0o400;
-
-/// Owner and permission bits of what the mount shows.
-#[derive(Debug, Clone, Copy)]
-pub struct Access {
-    pub uid: u32,
-    pub gid: u32,
-    /// Token files; directories get the matching x bits.
-    pub file_mode: u16,
-}
-
-impl Access {
-    pub fn dir_mode(&self) -> u16 {
-        self.file_mode | ((self.file_mode & 0o444) >> 2)
     }
 }
 

@@ -1,24 +1,19 @@
-//! Mounting: checks before mounting, detaching once the mount is live, the session, and
-//! signals (SIGTERM/SIGINT unmount, SIGUSR1 drops tokens, SIGHUP reopens the log file).
+//! `cstokenfs mount`: the FUSE front end. Checks before mounting (here), the session and
+//! its life until a signal or an outside unmount (`session`), the kernel's side (`kernel`).
+//! What every front end shares (the cache, the stand-in, signals, detaching, the log file)
+//! is the daemon core's (`crate::daemon`).
 
-mod daemon;
 mod kernel;
+mod session;
 
-use crate::cache::Cache;
-use crate::emulator::{Emulator, EmulatorConfig};
-use crate::fs::{Access, Core};
-use crate::policy::{Policy, SystemClock};
-use crate::source::select::{self, Env, Plan, Wanted};
-use daemon::detach;
-pub(crate) use daemon::{daemonize, open_log, reopen_log, say_if_logs_are_discarded, Ready};
-pub(crate) use kernel::mount_table;
-use kernel::{is_fuse_mount, mount_error, open_session, unmount};
-use log::{debug, info, warn};
+use crate::daemon::{self, DaemonError, Detached, Ready};
+use crate::mountinfo::is_fuse_mount;
+use crate::policy::Policy;
+use crate::source::select::{Plan, Wanted};
+use kernel::unmount;
+use log::warn;
 use std::fmt;
 use std::path::{Path, PathBuf};
-use std::sync::mpsc;
-use std::sync::Arc;
-use std::time::Duration;
 
 /// Everything `mount` was asked for.
 #[derive(Debug, Clone)]
@@ -26,6 +21,7 @@ pub struct MountRequest {
     pub mountpoint: PathBuf,
     /// Which upstream (`--source`, `--endpoint`, `--emulator`, identity flags).
     pub wanted: Wanted,
+    /// `--resource` names as given (resolved once, by `preflight`).
     pub resources: Vec<String>,
     pub policy: Policy,
     pub foreground: bool,
@@ -50,8 +46,8 @@ pub struct MountRequest {
     pub serve_endpoint: Option<std::net::SocketAddr>,
 }
 
-/// Why mounting failed: one line for the operator, naming the fix where there is one. Its
-/// callers show it and exit 1 (`exit_code`); the variant says at which stage it arose.
+/// Why mounting failed: one line for the operator, naming the fix where there is one (a
+/// failure at run time, exit 1); the variant says at which stage it arose.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum MountError {
     /// Refused before anything was mounted: the mount point, the source, the resources,
@@ -61,6 +57,8 @@ pub enum MountError {
     Mount(String),
     /// The daemon could not start or keep running (fork, threads, signals, memory locking).
     Daemon(String),
+    /// The detached daemon failed after it forked; its parent was told why and printed it.
+    Reported,
 }
 
 impl MountError {
@@ -78,11 +76,6 @@ impl MountError {
             p.display()
         ))
     }
-
-    /// The process's exit code for it (every stage: 1; usage errors are clap's, 2).
-    pub fn exit_code(&self) -> u8 {
-        1
-    }
 }
 
 impl fmt::Display for MountError {
@@ -90,41 +83,73 @@ impl fmt::Display for MountError {
         match self {
             MountError::Setup(m) | MountError::Daemon(m) => f.write_str(m),
             MountError::Mount(m) => write!(f, "mount failed: {m}"),
+            MountError::Reported => f.write_str("the daemon failed after detaching"),
         }
     }
 }
 
 impl std::error::Error for MountError {}
 
+impl From<DaemonError> for MountError {
+    fn from(e: DaemonError) -> MountError {
+        match e.is_setup() {
+            true => MountError::Setup(e.to_string()),
+            false => MountError::Daemon(e.to_string()),
+        }
+    }
+}
+
+/// What `preflight` found: where to mount, the upstream, the resolved `--resource` names.
+struct Checked {
+    /// The mount point, canonical.
+    mountpoint: PathBuf,
+    plan: Plan,
+    /// `--resource` names resolved (what is sent upstream and held from the start).
+    declared: Vec<String>,
+}
+
 /// Mounts as asked: in the foreground until a signal, or detached once live.
 pub fn run(req: MountRequest) -> Result<(), MountError> {
-    let (mountpoint, plan) = preflight(&req)?;
+    let checked = preflight(&req)?;
     if req.foreground {
         crate::logging::init_stderr(if req.debug {
             "info,cstokenfs=debug"
         } else {
             "info"
         });
-        return serve(&req, &mountpoint, plan, Ready::Nobody);
+        return session::serve(&req, checked, Ready::Nobody);
     }
     let log = match &req.log_file {
-        Some(path) => Some(open_log(path)?),
+        Some(path) => Some(daemon::open_log(path)?),
         None => {
-            say_if_logs_are_discarded();
+            daemon::say_if_logs_are_discarded();
             None
         }
     };
-    detach(&req, &mountpoint, plan, log)
+    // The child becomes the daemon and reports through a pipe once the mount is live. No
+    // thread exists yet, so forking is safe.
+    let detached = daemon::daemonize(
+        log,
+        "the daemon exited before the mount was live (run with -f to see why)",
+        |ready| session::serve(&req, checked, ready),
+    )?;
+    match detached {
+        Detached::Parent | Detached::Daemon { failed: false } => Ok(()),
+        Detached::Daemon { failed: true } => Err(MountError::Reported),
+    }
 }
 
 /// Checks that make a clear error before anything is mounted.
-fn preflight(req: &MountRequest) -> Result<(PathBuf, Plan), MountError> {
-    let plan =
-        select::plan(&req.wanted, &Env::current()).map_err(|e| MountError::Setup(e.to_string()))?;
-    for name in &req.resources {
-        crate::names::resolve_arg(name)
-            .map_err(|e| MountError::Setup(format!("--resource {name:?}: {e}")))?;
-    }
+fn preflight(req: &MountRequest) -> Result<Checked, MountError> {
+    let plan = daemon::plan(&req.wanted)?;
+    let declared = req
+        .resources
+        .iter()
+        .map(|name| {
+            crate::names::resolve_arg(name)
+                .map_err(|e| MountError::Setup(format!("--resource {name:?}: {e}")))
+        })
+        .collect::<Result<Vec<String>, MountError>>()?;
     let shown = req.mountpoint.display();
     let meta = match std::fs::metadata(&req.mountpoint) {
         Ok(m) => m,
@@ -175,243 +200,9 @@ fn preflight(req: &MountRequest) -> Result<(PathBuf, Plan), MountError> {
     if std::fs::read_dir(&path).is_ok_and(|mut d| d.next().is_some()) {
         eprintln!("cstokenfs: warning: {shown} is not empty; its files are hidden while mounted");
     }
-    Ok((path, plan))
-}
-
-enum Event {
-    Signal(i32),
-    SessionEnded,
-}
-
-/// Mounts, tells `ready`, then serves until a signal or an outside unmount.
-fn serve(
-    req: &MountRequest,
-    mountpoint: &Path,
-    plan: Plan,
-    ready: Ready,
-) -> Result<(), MountError> {
-    let started = start(req, mountpoint, plan);
-    let (session, cache, signals, _emulator, core, notifier, endpoint, direct) = match started {
-        Ok(s) => s,
-        Err(e) => {
-            ready.tell(&Err(e.clone()));
-            return Err(e);
-        }
-    };
-    // The two waiting threads start before the caller hears the mount is live; if one
-    // cannot (under --mlock, RLIMIT_MEMLOCK), the session is dropped, which unmounts.
-    let (tx, rx) = mpsc::channel();
-    let signal_handle = signals.handle();
-    let waiting = forward_signals(signals, tx.clone(), Event::Signal).and_then(|_| {
-        small_thread("session").spawn(move || {
-            if let Err(e) = session.join() {
-                warn!("the FUSE session ended with an error: {e}");
-            }
-            let _ = tx.send(Event::SessionEnded);
-        })
-    });
-    if let Err(e) = waiting {
-        if direct {
-            let _ = unmount(mountpoint);
-        }
-        let e = thread_error(req.mlock, &e);
-        ready.tell(&Err(e.clone()));
-        return Err(e);
-    }
-    info!(
-        "mounted {} (endpoint {}, refresh margin {} s, timeout {} s{})",
-        mountpoint.display(),
-        cache.source().endpoint(),
-        req.policy.refresh_margin_ms / 1000,
-        req.policy.timeout.as_secs(),
-        if req.mlock { ", memory locked" } else { "" }
-    );
-    if req.no_open {
-        // Before any reader: the kernel learns no-open and no-flush from this open and close.
-        crate::fs::noopen::first_open_and_close(mountpoint, Duration::from_secs(2));
-    }
-    ready.tell(&Ok(()));
-    crate::hardening::notify_systemd("READY=1");
-
-    while let Ok(event) = rx.recv() {
-        match event {
-            Event::Signal(libc::SIGUSR1) => core.drop_tokens(),
-            Event::Signal(libc::SIGHUP) => reopen_log(req.log_file.as_deref(), req.foreground),
-            Event::Signal(sig) => {
-                info!("signal {sig}: unmounting {}", mountpoint.display());
-                // A file held open across our exit would otherwise keep reading the token
-                // from the page cache, past its expiry.
-                let n = core.stop_serving(&notifier);
-                info!("dropped the cached pages of {n} token version(s)");
-                if let Err(e) = unmount(mountpoint) {
-                    warn!("unmounting {} failed: {e}", mountpoint.display());
-                }
-                // The session ends once the kernel lets go; files still open may delay it.
-                let _ = rx.recv_timeout(Duration::from_secs(2));
-                break;
-            }
-            Event::SessionEnded => {
-                info!("{} was unmounted", mountpoint.display());
-                break;
-            }
-        }
-    }
-    signal_handle.close();
-    if let Some(endpoint) = endpoint {
-        endpoint.shutdown();
-    }
-    cache.stop_background();
-    Ok(())
-}
-
-type Started = (
-    fuser::BackgroundSession,
-    Arc<Cache>,
-    signal_hook::iterator::Signals,
-    Option<Emulator>,
-    Arc<Core>,
-    fuser::Notifier,
-    Option<crate::endpoint::Endpoint>,
-    bool,
-);
-
-/// A thread that only waits (signals, the session's end): a small stack.
-fn small_thread(name: &str) -> std::thread::Builder {
-    std::thread::Builder::new()
-        .name(name.into())
-        .stack_size(128 * 1024)
-}
-
-/// A thread that could not start. Under --mlock every new thread's stack counts against
-/// RLIMIT_MEMLOCK (EAGAIN): say so, with the fix.
-fn thread_error(mlock: bool, e: &std::io::Error) -> MountError {
-    if mlock && e.raw_os_error() == Some(libc::EAGAIN) {
-        MountError::Daemon(crate::hardening::mlock_error(e).to_string())
-    } else {
-        MountError::Daemon(format!("cannot start a thread: {e}"))
-    }
-}
-
-fn start(req: &MountRequest, mountpoint: &Path, plan: Plan) -> Result<Started, MountError> {
-    if let Err(e) = crate::hardening::set_not_dumpable() {
-        warn!("cannot make the daemon non-dumpable: {e}");
-    }
-    if req.mlock {
-        crate::hardening::lock_memory().map_err(|e| MountError::Daemon(e.to_string()))?;
-    }
-    let no_thread = |e: std::io::Error| thread_error(req.mlock, &e);
-    // Registered before the mount is live, so a SIGTERM right after `mount` returns counts.
-    let signals =
-        handled_signals().map_err(|e| MountError::Daemon(format!("cannot handle signals: {e}")))?;
-    let mut plan = plan;
-    let emulator = start_stand_in(&mut plan)
-        .map_err(|e| MountError::Daemon(format!("cannot start the emulator: {e}")))?;
-    let source = plan.build().map_err(|e| MountError::Setup(e.to_string()))?;
-    info!("source {}: {}", plan.kind, plan.reason);
-    if let Some(emu) = &emulator {
-        info!("serving tokens from the built-in emulator at {}", emu.url());
-    }
-    let declared: Vec<String> = req
-        .resources
-        .iter()
-        .filter_map(|n| crate::names::resolve_arg(n).ok())
-        .collect();
-    let cache = Cache::new(source, req.policy.clone(), &declared, Arc::new(SystemClock));
-    cache.start_background().map_err(no_thread)?;
-    let access = Access {
-        // SAFETY: getuid/getgid cannot fail.
-        uid: req.uid.unwrap_or_else(|| unsafe { libc::getuid() }),
-        gid: req.gid.unwrap_or_else(|| unsafe { libc::getgid() }),
-        file_mode: req.mode,
-    };
-    let audit = crate::audit::Audit::start().map_err(no_thread)?;
-    let (endpoint, mut extras) = start_endpoint(req, &cache, &audit)?;
-    extras.no_open = req.no_open;
-    let core = Core::with_extras(cache.clone(), access, Some(audit), &plan.reason, extras);
-    let (session, direct) = open_session(req, &core, mountpoint)?;
-    // A mount of our own mount(2) is not undone by fuser when the session goes: undo it
-    // here if starting fails.
-    let undo = |e: MountError| {
-        if direct {
-            let _ = unmount(mountpoint);
-        }
-        e
-    };
-    let notifier = session.notifier();
-    if let Err(e) = core.start_expiry_watch(notifier.clone()) {
-        drop(session);
-        return Err(undo(no_thread(e)));
-    }
-    let session = session
-        .spawn()
-        .map_err(|e| match e.raw_os_error() {
-            Some(libc::EAGAIN) if req.mlock => thread_error(true, &e),
-            _ => mount_error(&e, mountpoint),
-        })
-        .map_err(undo)?;
-    Ok((
-        session, cache, signals, emulator, core, notifier, endpoint, direct,
-    ))
-}
-
-/// With `--emulator`, starts the built-in emulator for the plan's upstream on an ephemeral
-/// loopback port and points the plan at it; the emulator serves as long as it is kept.
-pub fn start_stand_in(plan: &mut Plan) -> std::io::Result<Option<Emulator>> {
-    let Some(kind) = plan.emulated() else {
-        return Ok(None);
-    };
-    let emu = Emulator::start_with(([127, 0, 0, 1], 0).into(), EmulatorConfig::default(), kind)?;
-    plan.use_stand_in(emu.url(), emu.identity_header());
-    Ok(Some(emu))
-}
-
-/// Sends every signal `signals` catches into `tx` (as `event(signal)`) from a small thread
-/// of its own, until the receiver is gone. Shared with `sink`.
-pub(crate) fn forward_signals<E: Send + 'static>(
-    signals: signal_hook::iterator::Signals,
-    tx: mpsc::Sender<E>,
-    event: fn(i32) -> E,
-) -> std::io::Result<std::thread::JoinHandle<()>> {
-    small_thread("signals").spawn(move || {
-        let mut signals = signals;
-        for sig in signals.forever() {
-            if tx.send(event(sig)).is_err() {
-                break;
-            }
-        }
+    Ok(Checked {
+        mountpoint: path,
+        plan,
+        declared,
     })
-}
-
-/// The signals a daemon answers (SIGTERM/SIGINT stop, SIGUSR1 refetches, SIGHUP reopens the
-/// log), registered at once. Shared with `sink`.
-pub(crate) fn handled_signals() -> std::io::Result<signal_hook::iterator::Signals> {
-    signal_hook::iterator::Signals::new([libc::SIGTERM, libc::SIGINT, libc::SIGHUP, libc::SIGUSR1])
-}
-
-/// `--serve-endpoint`: the server (its own thread) and what the mount shows of it.
-fn start_endpoint(
-    req: &MountRequest,
-    cache: &Arc<Cache>,
-    audit: &crate::audit::Audit,
-) -> Result<(Option<crate::endpoint::Endpoint>, crate::fs::Extras), MountError> {
-    let Some(listen) = req.serve_endpoint else {
-        return Ok((None, crate::fs::Extras::default()));
-    };
-    let settings = crate::endpoint::Settings {
-        listen,
-        identity: req.wanted.identity.clone(),
-        timeout: req.policy.timeout,
-    };
-    let endpoint = crate::endpoint::Endpoint::start(settings, cache.clone(), Some(audit.clone()))
-        .map_err(|e| MountError::Daemon(format!("--serve-endpoint {listen}: {e}")))?;
-    info!(
-        "serving the App Service managed-identity protocol at {}",
-        endpoint.url()
-    );
-    let extras = crate::fs::Extras {
-        env_file: Some(Arc::new(endpoint.env_file())),
-        status: Some(("serve_endpoint", Arc::new(endpoint.status_part()))),
-        ..Default::default()
-    };
-    Ok((Some(endpoint), extras))
 }

@@ -39,7 +39,7 @@ pub fn open_in_memory(dir: &Path) -> Result<OwnedFd, SinkError> {
 fn fs_type_name(fd: BorrowedFd<'_>) -> Option<String> {
     let dev = rfs::fstat(fd).ok()?.st_dev;
     let want = format!("{}:{}", rfs::major(dev), rfs::minor(dev));
-    crate::mount::mount_table()
+    crate::mountinfo::mount_table()
         .into_iter()
         .filter(|m| m.device == want)
         .map(|m| m.fstype)

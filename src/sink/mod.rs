@@ -3,16 +3,17 @@
 //! replaced atomically, and a token is removed before it stops being valid.
 //!
 //! `dir` checks DIR (in memory only) and holds its lock; `writer` writes the files;
-//! `sync` keeps them in step with the cache. Detach, log file and signals are `mount`'s.
+//! `sync` keeps them in step with the cache. The cache, detaching, the log file and
+//! signals are the daemon core's (`crate::daemon`), as for every front end.
 
 mod dir;
 mod sync;
 mod writer;
 
-use crate::fs::Access;
-use crate::mount::{self, Ready};
+use crate::access::Access;
+use crate::daemon::{self, DaemonError, Detached, Handled, Ready};
 use crate::policy::Policy;
-use crate::source::select::{self, Env, Plan, Wanted};
+use crate::source::select::{Plan, Wanted};
 use std::fmt;
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
@@ -52,16 +53,8 @@ pub enum SinkError {
     Endpoint(String),
     LogFile(String),
     Daemon(String),
-}
-
-impl SinkError {
-    /// The exit code of `cstokenfs sink` for this error: 2 for a usage error, else 1.
-    pub fn exit_code(&self) -> u8 {
-        match self {
-            SinkError::Usage(_) => 2,
-            _ => 1,
-        }
-    }
+    /// The detached sink failed after it forked; its parent was told why and printed it.
+    Reported,
 }
 
 impl fmt::Display for SinkError {
@@ -79,13 +72,24 @@ impl fmt::Display for SinkError {
                  --tmpfs {0}:mode=0700)",
                 dir.display()
             ),
-            // `mount::open_log`'s message already says what failed.
+            // `daemon::open_log`'s message already says what failed.
             SinkError::LogFile(m) => f.write_str(m),
+            SinkError::Reported => f.write_str("the sink failed after detaching"),
         }
     }
 }
 
 impl std::error::Error for SinkError {}
+
+impl From<DaemonError> for SinkError {
+    fn from(e: DaemonError) -> SinkError {
+        match e {
+            DaemonError::Source(e) => SinkError::Endpoint(e.to_string()),
+            e @ DaemonError::LogFile { .. } => SinkError::LogFile(e.to_string()),
+            e => SinkError::Daemon(e.to_string()),
+        }
+    }
+}
 
 /// One declared resource: what is sent and the name its files have.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -107,20 +111,25 @@ pub fn run(mut req: SinkRequest) -> Result<(), SinkError> {
         return serve(&req, &dir, plan, &declared, Ready::Nobody);
     }
     let log = match &req.log_file {
-        Some(path) => Some(mount::open_log(path).map_err(|e| SinkError::LogFile(e.to_string()))?),
+        Some(path) => Some(daemon::open_log(path)?),
         None => None,
     };
     let to_syslog = log.is_none();
-    mount::daemonize(
+    let detached = daemon::daemonize(
         log,
         "the sink exited before its files were written (run with -f to see why)",
         |ready| serve(&req, &dir, plan, &declared, ready),
-    )
-    .map_err(SinkError::Daemon)?;
-    if to_syslog {
-        mount::say_if_logs_are_discarded();
+    )?;
+    match detached {
+        Detached::Parent => {
+            if to_syslog {
+                daemon::say_if_logs_are_discarded();
+            }
+            Ok(())
+        }
+        Detached::Daemon { failed: false } => Ok(()),
+        Detached::Daemon { failed: true } => Err(SinkError::Reported),
     }
-    Ok(())
 }
 
 /// Checks that make a clear error before anything is written (no thread is started here:
@@ -147,8 +156,7 @@ fn preflight(req: &SinkRequest) -> Result<(PathBuf, Plan, Vec<Declared>), SinkEr
             return Err(SinkError::Usage(format!("{flag} {}: not an id", u32::MAX)));
         }
     }
-    let plan = select::plan(&req.wanted, &Env::current())
-        .map_err(|e| SinkError::Endpoint(e.to_string()))?;
+    let plan = daemon::plan(&req.wanted)?;
     let shown = req.dir.display();
     let meta = std::fs::metadata(&req.dir).map_err(|e| match e.kind() {
         std::io::ErrorKind::NotFound => SinkError::Dir(format!(
@@ -178,16 +186,14 @@ fn serve(
     declared: &[Declared],
     ready: Ready,
 ) -> Result<(), SinkError> {
-    if let Err(e) = crate::hardening::set_not_dumpable() {
-        log::warn!("cannot make the sink non-dumpable: {e}");
-    }
-    let started = mount::handled_signals()
-        .map_err(|e| SinkError::Daemon(format!("cannot handle signals: {e}")))
+    let started = daemon::harden("sink", false)
+        .and_then(|()| Handled::register())
+        .map_err(SinkError::from)
         .and_then(|signals| Ok((signals, take_dir(req, dir, declared)?)));
     let (signals, taken) = match started {
         Ok(s) => s,
         Err(e) => {
-            ready.tell_line(Some(&e.to_string()));
+            ready.fail(&e);
             return Err(e);
         }
     };
@@ -221,12 +227,7 @@ fn files_of(declared: &[Declared]) -> Vec<String> {
 fn take_dir(req: &SinkRequest, dir: &Path, declared: &[Declared]) -> Result<Taken, SinkError> {
     let fd = dir::open_in_memory(dir)?;
     let (lock, stale) = dir::Lock::acquire(fd.as_fd(), dir)?;
-    let access = Access {
-        // SAFETY: getuid/getgid cannot fail.
-        uid: req.uid.unwrap_or_else(|| unsafe { libc::getuid() }),
-        gid: req.gid.unwrap_or_else(|| unsafe { libc::getgid() }),
-        file_mode: req.mode.unwrap_or(crate::fs::DEFAULT_FILE_MODE),
-    };
+    let access = Access::asked(req.uid, req.gid, req.mode);
     let root = writer::euid() == 0;
     // Without root's override the sink needs the owner's write bit to replace its files.
     let dir_mode = access.dir_mode() | if root { 0 } else { 0o200 };

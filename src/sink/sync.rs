@@ -5,9 +5,8 @@
 
 use super::{Declared, SinkRequest, Taken};
 use crate::cache::{Cache, Status};
-use crate::fs::status::Report;
-use crate::mount::Ready;
-use crate::policy::SystemClock;
+use crate::daemon::{self, Daemon, Handled, Ready, Signal};
+use crate::report::Report;
 use crate::source::select::Plan;
 use crate::token::{Version, View};
 use log::{debug, error, info, warn};
@@ -78,7 +77,7 @@ impl Quiet {
 }
 
 enum Event {
-    Signal(i32),
+    Signal(Signal),
     /// A fetch of the slot's resource ended (the error's message if it failed).
     Fetched(usize, Result<(), String>),
 }
@@ -149,45 +148,27 @@ struct Follower<'a> {
     status_quiet: Quiet,
 }
 
-/// Starts the cache and keeps DIR in step until SIGTERM or SIGINT.
+/// Starts the daemon core and keeps DIR in step until SIGTERM or SIGINT.
 pub fn run(
     req: &SinkRequest,
     plan: Plan,
     declared: &[Declared],
     taken: &Taken,
-    signals: signal_hook::iterator::Signals,
+    signals: Handled,
     ready: Ready,
 ) -> Result<(), SinkError> {
-    let mut plan = plan;
-    let built = crate::mount::start_stand_in(&mut plan)
-        .map_err(|e| SinkError::Daemon(format!("cannot start the emulator: {e}")))
-        .and_then(|emulator| {
-            let source = plan
-                .build()
-                .map_err(|e| SinkError::Endpoint(e.to_string()))?;
-            Ok((emulator, source))
-        });
-    // The emulator (with --emulator) serves as long as the sink runs.
-    let (_emulator, source) = match built {
-        Ok(b) => b,
+    let resources: Vec<String> = declared.iter().map(|d| d.resource.clone()).collect();
+    // The daemon core (the cache, its background pass, the stand-in with --emulator)
+    // serves as long as the sink runs.
+    let daemon = match Daemon::start(plan, req.policy.clone(), &resources, false) {
+        Ok(d) => d,
         Err(e) => {
-            ready.tell_line(Some(&e.to_string()));
+            let e = SinkError::from(e);
+            ready.fail(&e);
             return Err(e);
         }
     };
-    info!("source {}: {}", plan.kind, plan.reason);
-    let resources: Vec<String> = declared.iter().map(|d| d.resource.clone()).collect();
-    let cache = Cache::new(
-        source,
-        req.policy.clone(),
-        &resources,
-        Arc::new(SystemClock),
-    );
-    if let Err(e) = cache.start_background() {
-        let e = SinkError::Daemon(format!("cannot start a thread: {e}"));
-        ready.tell_line(Some(&e.to_string()));
-        return Err(e);
-    }
+    let cache = daemon.cache().clone();
     info!(
         "sink {} (endpoint {}, refresh margin {} s, timeout {} s)",
         taken.writer.dir().display(),
@@ -196,19 +177,21 @@ pub fn run(
         req.policy.timeout.as_secs()
     );
     let (tx, rx) = mpsc::channel();
-    let signal_handle = signals.handle();
-    if let Err(e) = crate::mount::forward_signals(signals, tx.clone(), Event::Signal) {
-        let e = SinkError::Daemon(format!("cannot start a thread: {e}"));
-        ready.tell_line(Some(&e.to_string()));
-        return Err(e);
-    }
+    let signal_handle = match signals.forward(tx.clone(), Event::Signal, false) {
+        Ok(h) => h,
+        Err(e) => {
+            let e = SinkError::from(e);
+            ready.fail(&e);
+            return Err(e);
+        }
+    };
     let now = Instant::now();
     let mut sync = Follower {
-        cache: cache.clone(),
+        cache,
         taken,
         slots: declared.iter().map(|d| Slot::new(d.clone(), now)).collect(),
         tx,
-        source_reason: plan.reason.clone(),
+        source_reason: daemon.source_reason().to_string(),
         last_status: None,
         status_quiet: Quiet::default(),
     };
@@ -219,7 +202,7 @@ pub fn run(
             // DIR is no longer where its path leads: nothing more is written there.
             error!("{e}");
             if let Some(r) = ready.take() {
-                r.tell_line(Some(&e.to_string()));
+                r.fail(&e);
             }
             outcome = Err(e);
             break;
@@ -227,16 +210,16 @@ pub fn run(
         if ready.is_some() && sync.slots.iter().all(|s| s.settled) {
             if let Some(r) = ready.take() {
                 info!("every declared resource was written or failed once");
-                r.tell_line(None);
+                r.ok();
                 crate::hardening::notify_systemd("READY=1");
             }
         }
         match rx.recv_timeout(PASS) {
-            Ok(Event::Signal(libc::SIGUSR1)) => sync.refetch_all(),
-            Ok(Event::Signal(libc::SIGHUP)) => {
-                crate::mount::reopen_log(req.log_file.as_deref(), req.foreground)
+            Ok(Event::Signal(Signal::DropTokens)) => sync.refetch_all(),
+            Ok(Event::Signal(Signal::ReopenLog)) => {
+                daemon::reopen_log(req.log_file.as_deref(), req.foreground)
             }
-            Ok(Event::Signal(sig)) => {
+            Ok(Event::Signal(Signal::Stop(sig))) => {
                 info!(
                     "signal {sig}: removing the files of {}",
                     taken.writer.dir().display()
@@ -249,7 +232,8 @@ pub fn run(
         }
     }
     signal_handle.close();
-    cache.stop_background();
+    // Dropping the daemon core stops the background pass and the pool.
+    drop(daemon);
     outcome
 }
 

@@ -5,7 +5,7 @@
 //! directories. Each file is replaced atomically (a temporary file in the same directory,
 //! then `renameat(2)`), owned and moded as asked; the layout is the mount's.
 
-use crate::fs::Access;
+use crate::access::Access;
 use crate::token::View;
 use rustix::fs::{self as rfs, AtFlags, FileType, Gid, Mode, OFlags, Stat, Uid};
 use std::cell::RefCell;

@@ -1,9 +1,11 @@
-//! `.status`, as the mount (and the sink) write it: the cache's part, the daemon's own
-//! fields and whatever else the caller adds, serialized from types (never token bytes).
+//! `.status`, as every front end writes it (the mount's file, the sink's): the cache's
+//! part, the daemon's own fields and whatever else the front end adds, serialized from
+//! types (never token bytes).
 
 use crate::cache::Status;
 use serde::Serialize;
 
+/// One `.status` document.
 #[derive(Serialize)]
 pub struct Report<'a, E: Serialize> {
     #[serde(flatten)]

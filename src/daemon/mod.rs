@@ -1,0 +1,130 @@
+//! The daemon core: what every front end (the FUSE mount, the sink, `get`, the local
+//! endpoint's listener) builds and runs the same way, beneath them all.
+//!
+//! - [`Daemon`]: the stand-in emulator when asked (`--emulator`), the upstream's client
+//!   from the plan, the cache, and its background pass and fetch pool; undone on drop.
+//! - `signals`: SIGTERM/SIGINT stop, SIGUSR1 drops tokens, SIGHUP reopens the log file.
+//! - `detach`: the fork, the readiness pipe, the daemon's session and descriptors.
+//! - `log_file`: `--log-file`, opened before detaching and reopened on SIGHUP.
+//! - `error`: [`DaemonError`], which each front end turns into its own.
+//!
+//! The front ends sit side by side above it and never reach into one another.
+
+mod detach;
+mod error;
+mod log_file;
+mod signals;
+
+pub use detach::{daemonize, Detached, Ready};
+pub use error::DaemonError;
+pub use log_file::{open_log, reopen_log, say_if_logs_are_discarded};
+pub use signals::{small_thread, Handled, Signal};
+
+use crate::cache::Cache;
+use crate::emulator::{Emulator, EmulatorConfig};
+use crate::policy::{Policy, SystemClock};
+use crate::source::select::{self, Env, Plan, Wanted};
+use log::{info, warn};
+use std::sync::Arc;
+
+/// The plan for `wanted` in this process's environment: which upstream, and why.
+pub fn plan(wanted: &Wanted) -> Result<Plan, DaemonError> {
+    Ok(select::plan(wanted, &Env::current())?)
+}
+
+/// What a daemon's start-up leaves running. Dropping it stops the background pass and the
+/// fetch pool (readers still waiting are told the daemon is stopping), then the stand-in.
+pub struct Daemon {
+    /// The cache every front end reads through. Shared with the front end's threads (FUSE,
+    /// the endpoint, the sink's loop), which may hold it past the `Daemon`.
+    cache: Arc<Cache>,
+    /// Whether the background pass runs (`start_background`): stopped on drop.
+    background: bool,
+    /// `--emulator`: the stand-in the plan points at, serving while it is kept (dropped
+    /// after the cache's background pass has stopped).
+    _stand_in: Option<Emulator>,
+    /// Why the plan chose this upstream (`.status`'s `source_reason`).
+    source_reason: String,
+}
+
+impl Daemon {
+    /// Starts the stand-in if the plan asks for one, builds the upstream's client (reqwest
+    /// starts a thread: call it after any fork) and the cache, which knows `declared`
+    /// (resolved resource names) from the start. No background pass yet: `get` needs none.
+    pub fn build(plan: Plan, policy: Policy, declared: &[String]) -> Result<Daemon, DaemonError> {
+        let mut plan = plan;
+        let stand_in = start_stand_in(&mut plan)?;
+        let source = plan.build()?;
+        info!("source {}: {}", plan.kind, plan.reason);
+        if let Some(emu) = &stand_in {
+            info!("serving tokens from the built-in emulator at {}", emu.url());
+        }
+        let cache = Cache::new(source, policy, declared, Arc::new(SystemClock));
+        Ok(Daemon {
+            cache,
+            background: false,
+            _stand_in: stand_in,
+            source_reason: plan.reason,
+        })
+    }
+
+    /// [`build`](Self::build), then the background pass: what a long-running front end
+    /// (mount, sink) starts with. `mlock`: whether `--mlock` is on (a thread that cannot
+    /// start then says why).
+    pub fn start(
+        plan: Plan,
+        policy: Policy,
+        declared: &[String],
+        mlock: bool,
+    ) -> Result<Daemon, DaemonError> {
+        let mut daemon = Daemon::build(plan, policy, declared)?;
+        daemon
+            .cache
+            .start_background()
+            .map_err(|e| DaemonError::Thread(e, mlock))?;
+        daemon.background = true;
+        Ok(daemon)
+    }
+
+    pub fn cache(&self) -> &Arc<Cache> {
+        &self.cache
+    }
+
+    /// Why the plan chose this upstream.
+    pub fn source_reason(&self) -> &str {
+        &self.source_reason
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if self.background {
+            self.cache.stop_background();
+        }
+    }
+}
+
+/// Makes the process non-dumpable (no core files, no ptrace by the same uid; a warning if
+/// it cannot) and, with `mlock`, locks its memory out of swap. Call before any thread
+/// starts. `who` names the daemon in the warning ("daemon", "sink").
+pub fn harden(who: &str, mlock: bool) -> Result<(), DaemonError> {
+    if let Err(e) = crate::hardening::set_not_dumpable() {
+        warn!("cannot make the {who} non-dumpable: {e}");
+    }
+    if mlock {
+        crate::hardening::lock_memory()?;
+    }
+    Ok(())
+}
+
+/// With `--emulator`, starts the built-in emulator for the plan's upstream on an ephemeral
+/// loopback port and points the plan at it; the emulator serves as long as it is kept.
+fn start_stand_in(plan: &mut Plan) -> Result<Option<Emulator>, DaemonError> {
+    let Some(kind) = plan.emulated() else {
+        return Ok(None);
+    };
+    let emu = Emulator::start_with(([127, 0, 0, 1], 0).into(), EmulatorConfig::default(), kind)
+        .map_err(DaemonError::Emulator)?;
+    plan.use_stand_in(emu.url(), emu.identity_header());
+    Ok(Some(emu))
+}

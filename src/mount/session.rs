@@ -1,0 +1,237 @@
+//! A mount's life: start-up (the daemon core, the endpoint, the FUSE core and session),
+//! readiness, the event loop (signals, an outside unmount) and the way out. Everything
+//! start-up built is held in [`Started`], which undoes it on drop, whether start-up fails
+//! half way or the mount ends.
+
+use super::kernel::{mount_error, open_session, unmount};
+use super::{Checked, MountError, MountRequest};
+use crate::access::Access;
+use crate::daemon::{self, Daemon, DaemonError, Handled, Ready, Signal};
+use crate::endpoint::Endpoint;
+use crate::fs::Core;
+use log::{info, warn};
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// What wakes the mount's event loop.
+enum Event {
+    Signal(Signal),
+    /// The FUSE session ended: the mount is gone (an outside unmount).
+    SessionEnded,
+}
+
+/// A live mount: what start-up built, undone by dropping it. `Drop::drop` ends the session
+/// and shuts the endpoint down; then the fields drop in order: the daemon core stops its
+/// background pass and pool (then the stand-in), and our own mount(2), if still armed, is
+/// undone.
+struct Started {
+    /// The FUSE session's threads, until `serve` hands them to the thread that waits for
+    /// the session's end. Dropped first: fuser unmounts what it mounted itself.
+    session: Option<fuser::BackgroundSession>,
+    /// Tells the kernel to drop cached names and pages (expiry, SIGUSR1, stopping).
+    notifier: fuser::Notifier,
+    /// `--serve-endpoint`'s server: shut down on drop.
+    endpoint: Option<Endpoint>,
+    /// The filesystem core the session serves.
+    core: Arc<Core>,
+    /// The cache, its background pass and the stand-in.
+    daemon: Daemon,
+    /// Where this process mounted with its own mount(2) (as root), while mounted: fuser
+    /// does not undo such a mount when the session goes, so `drop` does. `None` once the
+    /// mount is known gone (unmounted on a signal, or from outside).
+    own_mount: OwnMount,
+}
+
+/// Our own mount(2), undone on drop unless disarmed.
+struct OwnMount(Option<PathBuf>);
+
+impl OwnMount {
+    /// The mount is gone already: nothing to undo.
+    fn disarm(&mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for OwnMount {
+    fn drop(&mut self) {
+        if let Some(path) = self.0.take() {
+            let _ = unmount(&path);
+        }
+    }
+}
+
+impl Drop for Started {
+    fn drop(&mut self) {
+        // The session goes before our own mount(2) is undone (a field, dropped last).
+        drop(self.session.take());
+        // No more requests from the endpoint before the cache stops.
+        if let Some(endpoint) = &self.endpoint {
+            endpoint.shutdown();
+        }
+    }
+}
+
+/// Mounts, tells `ready`, then serves until a signal or an outside unmount.
+pub(super) fn serve(req: &MountRequest, checked: Checked, ready: Ready) -> Result<(), MountError> {
+    let mountpoint = checked.mountpoint.clone();
+    match start(req, checked) {
+        Ok((started, signals)) => run(req, &mountpoint, started, signals, ready),
+        Err(e) => {
+            ready.fail(&e);
+            Err(e)
+        }
+    }
+}
+
+/// Starts the waiting threads, says the mount is live, then answers events until the
+/// mount ends.
+fn run(
+    req: &MountRequest,
+    mountpoint: &Path,
+    mut started: Started,
+    signals: Handled,
+    ready: Ready,
+) -> Result<(), MountError> {
+    // The two waiting threads start before the caller hears the mount is live; if one
+    // cannot (under --mlock, RLIMIT_MEMLOCK), `started` is dropped, which unmounts.
+    let (tx, rx) = mpsc::channel();
+    let waiting = signals
+        .forward(tx.clone(), Event::Signal, req.mlock)
+        .and_then(|handle| {
+            let session = started.session.take();
+            daemon::small_thread("session")
+                .spawn(move || {
+                    if let Some(Err(e)) = session.map(|s| s.join()) {
+                        warn!("the FUSE session ended with an error: {e}");
+                    }
+                    let _ = tx.send(Event::SessionEnded);
+                })
+                .map_err(|e| DaemonError::Thread(e, req.mlock))?;
+            Ok(handle)
+        });
+    let signal_handle = match waiting {
+        Ok(h) => h,
+        Err(e) => {
+            let e = MountError::from(e);
+            ready.fail(&e);
+            return Err(e);
+        }
+    };
+    info!(
+        "mounted {} (endpoint {}, refresh margin {} s, timeout {} s{})",
+        mountpoint.display(),
+        started.daemon.cache().source().endpoint(),
+        req.policy.refresh_margin_ms / 1000,
+        req.policy.timeout.as_secs(),
+        if req.mlock { ", memory locked" } else { "" }
+    );
+    if req.no_open {
+        // Before any reader: the kernel learns no-open and no-flush from this open and close.
+        crate::fs::noopen::first_open_and_close(mountpoint, Duration::from_secs(2));
+    }
+    ready.ok();
+    crate::hardening::notify_systemd("READY=1");
+
+    while let Ok(event) = rx.recv() {
+        match event {
+            Event::Signal(Signal::DropTokens) => started.core.drop_tokens(),
+            Event::Signal(Signal::ReopenLog) => {
+                daemon::reopen_log(req.log_file.as_deref(), req.foreground)
+            }
+            Event::Signal(Signal::Stop(sig)) => {
+                info!("signal {sig}: unmounting {}", mountpoint.display());
+                // A file held open across our exit would otherwise keep reading the token
+                // from the page cache, past its expiry.
+                let n = started.core.stop_serving(&started.notifier);
+                info!("dropped the cached pages of {n} token version(s)");
+                if let Err(e) = unmount(mountpoint) {
+                    warn!("unmounting {} failed: {e}", mountpoint.display());
+                }
+                started.own_mount.disarm();
+                // The session ends once the kernel lets go; files still open may delay it.
+                let _ = rx.recv_timeout(Duration::from_secs(2));
+                break;
+            }
+            Event::SessionEnded => {
+                info!("{} was unmounted", mountpoint.display());
+                started.own_mount.disarm();
+                break;
+            }
+        }
+    }
+    signal_handle.close();
+    Ok(())
+}
+
+/// Everything up to a live mount: the daemon core, the endpoint, the FUSE core, the
+/// session. Signals are registered before the mount is live, so a SIGTERM right after
+/// `mount` returns counts.
+fn start(req: &MountRequest, checked: Checked) -> Result<(Started, Handled), MountError> {
+    daemon::harden("daemon", req.mlock)?;
+    let signals = Handled::register()?;
+    let daemon = Daemon::start(
+        checked.plan,
+        req.policy.clone(),
+        &checked.declared,
+        req.mlock,
+    )?;
+    let no_thread = |e: std::io::Error| MountError::from(DaemonError::Thread(e, req.mlock));
+    let access = Access::asked(req.uid, req.gid, Some(req.mode));
+    let audit = crate::audit::Audit::start().map_err(no_thread)?;
+    let (endpoint, mut extras) = start_endpoint(req, daemon.cache(), &audit)?;
+    extras.no_open = req.no_open;
+    let reason = daemon.source_reason();
+    let core = Core::with_extras(daemon.cache().clone(), access, Some(audit), reason, extras);
+    let mountpoint = &checked.mountpoint;
+    let (session, direct) = open_session(req, &core, mountpoint)?;
+    // From here on, our own mount(2) is undone if starting fails.
+    let own_mount = OwnMount(direct.then(|| mountpoint.clone()));
+    let notifier = session.notifier();
+    if let Err(e) = core.start_expiry_watch(notifier.clone()) {
+        drop(session);
+        return Err(no_thread(e));
+    }
+    let session = session.spawn().map_err(|e| match e.raw_os_error() {
+        Some(libc::EAGAIN) if req.mlock => no_thread(e),
+        _ => mount_error(&e, mountpoint),
+    })?;
+    let started = Started {
+        session: Some(session),
+        notifier,
+        endpoint,
+        core,
+        daemon,
+        own_mount,
+    };
+    Ok((started, signals))
+}
+
+/// `--serve-endpoint`: the server (its own thread) and what the mount shows of it.
+fn start_endpoint(
+    req: &MountRequest,
+    cache: &Arc<crate::cache::Cache>,
+    audit: &crate::audit::Audit,
+) -> Result<(Option<Endpoint>, crate::fs::Extras), MountError> {
+    let Some(listen) = req.serve_endpoint else {
+        return Ok((None, crate::fs::Extras::default()));
+    };
+    let settings = crate::endpoint::Settings {
+        listen,
+        identity: req.wanted.identity.clone(),
+        timeout: req.policy.timeout,
+    };
+    let endpoint = Endpoint::start(settings, cache.clone(), Some(audit.clone()))
+        .map_err(|e| MountError::Daemon(format!("--serve-endpoint {listen}: {e}")))?;
+    info!(
+        "serving the App Service managed-identity protocol at {}",
+        endpoint.url()
+    );
+    let extras = crate::fs::Extras {
+        env_file: Some(Arc::new(endpoint.env_file())),
+        status: Some(("serve_endpoint", Arc::new(endpoint.status_part()))),
+        ..Default::default()
+    };
+    Ok((Some(endpoint), extras))
+}
