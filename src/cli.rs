@@ -1,10 +1,11 @@
 //! The command line: `mount`, `sink`, `get`, `emulator`, `completions`, `man`.
 
-use crate::daemon::{self, Daemon};
+use crate::daemon::{self, Daemon, DaemonError};
+use crate::emulator::entra::EntraCommandError;
 use crate::emulator::{Emulator, EmulatorConfig};
-use crate::mount::{self, MountRequest};
+use crate::mount::{self, MountError, MountRequest};
 use crate::policy::Policy;
-use crate::sink::SinkRequest;
+use crate::sink::{SinkError, SinkRequest};
 use crate::source::select::Wanted;
 use crate::source::Identity;
 use crate::source::Kind;
@@ -13,7 +14,6 @@ use clap::{Args, CommandFactory, Parser, Subcommand};
 use std::io::Write;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::process::ExitCode;
 use std::time::Duration;
 
 /// Appended to the help of the program and of each subcommand: the views, the mount(8)
@@ -388,12 +388,12 @@ impl std::error::Error for SecretFileError {}
 /// The secret in `path`: its contents without one trailing newline; empty or unreadable
 /// is an error naming the file.
 pub fn read_secret_file(path: &std::path::Path) -> Result<String, SecretFileError> {
-    let bad = |problem: String| SecretFileError {
+    let bad = |problem: &dyn std::fmt::Display| SecretFileError {
         path: path.to_owned(),
-        problem,
+        problem: problem.to_string(),
     };
-    let secret = crate::hardening::read_secret_file(path).map_err(bad)?;
-    crate::emulator::check_secret(&secret).map_err(bad)?;
+    let secret = crate::hardening::read_secret_file(path).map_err(|e| bad(&e))?;
+    crate::emulator::check_secret(&secret).map_err(|e| bad(&e))?;
     Ok(secret.to_string())
 }
 
@@ -422,7 +422,8 @@ fn parse_protocol(s: &str) -> Result<Kind, String> {
     Ok(kind)
 }
 
-pub fn run(cli: Cli) -> ExitCode {
+/// Runs the command: `Ok` is exit 0; `main` prints the error and maps it to the exit code.
+pub fn run(cli: Cli) -> Result<(), CliError> {
     match cli.command {
         Command::Mount(args) => mount_command(args),
         Command::Sink(args) => sink_command(args),
@@ -433,12 +434,94 @@ pub fn run(cli: Cli) -> ExitCode {
     }
 }
 
-/// Exit codes, in one place: 0 done, 1 a failure at run time, 2 a usage error (clap's too).
-pub const EXIT_FAILURE: u8 = 1;
-pub const EXIT_USAGE: u8 = 2;
+/// Why a command failed: the one error every command returns. `main` prints it (once)
+/// and decides the exit code from the variant (usage or failure).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CliError {
+    /// A bad command line, or flags and environment that ask for something that cannot
+    /// work: the message.
+    Usage(String),
+    /// A failure at run time: the message.
+    Failure(String),
+    /// A detached daemon failed after its parent printed why: nothing more to say.
+    Reported,
+}
+
+impl CliError {
+    /// What to print after `cstokenfs: `, if anything.
+    pub fn message(&self) -> Option<&str> {
+        match self {
+            CliError::Usage(m) | CliError::Failure(m) => Some(m),
+            CliError::Reported => None,
+        }
+    }
+
+    fn failure(e: impl std::fmt::Display) -> CliError {
+        CliError::Failure(e.to_string())
+    }
+
+    fn usage(e: impl std::fmt::Display) -> CliError {
+        CliError::Usage(e.to_string())
+    }
+}
+
+impl std::fmt::Display for CliError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(
+            self.message()
+                .unwrap_or("the daemon failed after detaching"),
+        )
+    }
+}
+
+impl std::error::Error for CliError {}
+
+impl From<MountError> for CliError {
+    fn from(e: MountError) -> CliError {
+        match e {
+            MountError::Reported => CliError::Reported,
+            e => CliError::failure(e),
+        }
+    }
+}
+
+impl From<SinkError> for CliError {
+    fn from(e: SinkError) -> CliError {
+        match e {
+            SinkError::Usage(m) => CliError::Usage(m),
+            SinkError::Reported => CliError::Reported,
+            e => CliError::failure(e),
+        }
+    }
+}
+
+/// `get`'s start-up: what the flags and the environment ask for is a usage error.
+impl From<DaemonError> for CliError {
+    fn from(e: DaemonError) -> CliError {
+        match e.is_setup() {
+            true => CliError::usage(e),
+            false => CliError::failure(e),
+        }
+    }
+}
+
+impl From<EntraCommandError> for CliError {
+    fn from(e: EntraCommandError) -> CliError {
+        match e.is_usage() {
+            true => CliError::usage(e),
+            false => CliError::failure(e),
+        }
+    }
+}
+
+impl From<SecretFileError> for CliError {
+    fn from(e: SecretFileError) -> CliError {
+        CliError::failure(e)
+    }
+}
 
 /// `completions bash|zsh|fish`: the script on stdout.
-fn completions_command(shell: &str) -> ExitCode {
+fn completions_command(shell: &str) -> Result<(), CliError> {
     let shell = match shell {
         "bash" => clap_complete::Shell::Bash,
         "zsh" => clap_complete::Shell::Zsh,
@@ -451,10 +534,10 @@ fn completions_command(shell: &str) -> ExitCode {
 }
 
 /// `man`: the man page (roff) on stdout, subcommands included.
-fn man_command() -> ExitCode {
+fn man_command() -> Result<(), CliError> {
     let cmd = Cli::command();
     let mut out = Vec::new();
-    let rendered = clap_mangen::Man::new(cmd.clone())
+    clap_mangen::Man::new(cmd.clone())
         .render(&mut out)
         .and_then(|()| {
             // Each subcommand's options as a page of its own, cstokenfs-mount(1) and so on.
@@ -465,25 +548,16 @@ fn man_command() -> ExitCode {
                     .render(&mut out)?;
             }
             Ok(())
-        });
-    match rendered {
-        Ok(()) => write_stdout(&out),
-        Err(e) => {
-            eprintln!("cstokenfs: cannot render the man page: {e}");
-            ExitCode::from(EXIT_FAILURE)
-        }
-    }
+        })
+        .map_err(|e| CliError::Failure(format!("cannot render the man page: {e}")))?;
+    write_stdout(&out)
 }
 
-fn write_stdout(bytes: &[u8]) -> ExitCode {
+fn write_stdout(bytes: &[u8]) -> Result<(), CliError> {
     let mut out = std::io::stdout().lock();
-    match out.write_all(bytes).and_then(|()| out.flush()) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("cstokenfs: cannot write to stdout: {e}");
-            ExitCode::from(EXIT_FAILURE)
-        }
-    }
+    out.write_all(bytes)
+        .and_then(|()| out.flush())
+        .map_err(|e| CliError::Failure(format!("cannot write to stdout: {e}")))
 }
 
 /// Warnings for options that cannot do what was asked; the mount goes on (fstab lines must
@@ -543,7 +617,7 @@ fn warn_all(warnings: &[String]) {
     }
 }
 
-fn mount_command(args: MountArgs) -> ExitCode {
+fn mount_command(args: MountArgs) -> Result<(), CliError> {
     // SAFETY: getuid/getgid cannot fail.
     let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
     warn_all(&mount_warnings(&args, uid, gid));
@@ -572,17 +646,10 @@ fn mount_command(args: MountArgs) -> ExitCode {
         fsname: args.fsname,
         serve_endpoint: args.serve_endpoint,
     };
-    match mount::run(request) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(mount::MountError::Reported) => ExitCode::from(EXIT_FAILURE),
-        Err(e) => {
-            eprintln!("cstokenfs: {e}");
-            ExitCode::from(EXIT_FAILURE)
-        }
-    }
+    Ok(mount::run(request)?)
 }
 
-fn sink_command(args: SinkArgs) -> ExitCode {
+fn sink_command(args: SinkArgs) -> Result<(), CliError> {
     warn_all(
         &args
             .keep
@@ -602,109 +669,60 @@ fn sink_command(args: SinkArgs) -> ExitCode {
         gid: args.keep.gid,
         mode: args.keep.mode,
     };
-    match crate::sink::run(request) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(crate::sink::SinkError::Reported) => ExitCode::from(EXIT_FAILURE),
-        Err(e) => {
-            eprintln!("cstokenfs: {e}");
-            ExitCode::from(match e {
-                crate::sink::SinkError::Usage(_) => EXIT_USAGE,
-                _ => EXIT_FAILURE,
-            })
-        }
-    }
+    Ok(crate::sink::run(request)?)
 }
 
-fn get_command(args: GetArgs) -> ExitCode {
+fn get_command(args: GetArgs) -> Result<(), CliError> {
     crate::logging::init_stderr("warn");
-    let resource = match crate::names::resolve_arg(&args.name) {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("cstokenfs: {:?} is not a resource name: {e}", args.name);
-            return ExitCode::from(EXIT_USAGE);
-        }
-    };
-    let plan = match daemon::plan(&args.upstream.wanted()) {
-        Ok(p) => p,
-        Err(e) => {
-            eprintln!("cstokenfs: {e}");
-            return ExitCode::from(EXIT_USAGE);
-        }
-    };
+    let resource = crate::names::resolve_arg(&args.name)
+        .map_err(|e| CliError::Usage(format!("{:?} is not a resource name: {e}", args.name)))?;
+    let plan = daemon::plan(&args.upstream.wanted())?;
     let policy = Policy {
         timeout: Duration::from_secs(args.upstream.timeout),
         ..Policy::default()
     };
     // The stand-in (with --emulator) is held alive until the token is printed.
-    let daemon = match Daemon::build(plan, policy, &[]) {
-        Ok(d) => d,
-        Err(e) => {
-            eprintln!("cstokenfs: {e}");
-            return ExitCode::from(if e.is_setup() {
-                EXIT_USAGE
-            } else {
-                EXIT_FAILURE
-            });
-        }
+    let daemon = Daemon::build(plan, policy, &[])?;
+    let v = daemon
+        .cache()
+        .get_blocking(&resource)
+        .map_err(|e| CliError::Failure(format!("{resource}: {e}")))?;
+    let mut out = std::io::stdout().lock();
+    let view = if args.json { View::Json } else { args.view };
+    let written = match view {
+        View::Raw => out.write_all(v.token()).and_then(|()| out.write_all(b"\n")),
+        view => out.write_all(v.bytes(view)),
     };
-    match daemon.cache().get_blocking(&resource) {
-        Ok(v) => {
-            let mut out = std::io::stdout().lock();
-            let view = if args.json { View::Json } else { args.view };
-            let written = match view {
-                View::Raw => out.write_all(v.token()).and_then(|()| out.write_all(b"\n")),
-                view => out.write_all(v.bytes(view)),
-            };
-            match written.and_then(|()| out.flush()) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    eprintln!("cstokenfs: cannot write the token: {e}");
-                    ExitCode::from(EXIT_FAILURE)
-                }
-            }
-        }
-        Err(e) => {
-            eprintln!("cstokenfs: {resource}: {e}");
-            ExitCode::from(EXIT_FAILURE)
-        }
-    }
+    written
+        .and_then(|()| out.flush())
+        .map_err(|e| CliError::Failure(format!("cannot write the token: {e}")))
 }
 
-fn emulator_command(args: EmulatorArgs) -> ExitCode {
+fn emulator_command(args: EmulatorArgs) -> Result<(), CliError> {
     crate::logging::init_stderr("info");
     if args.protocol.is_entra() {
-        let (settings, tls) = match args.entra.resolve() {
-            Ok(v) => v,
-            Err(e) => {
-                eprintln!("cstokenfs: {e}");
-                return ExitCode::from(EXIT_USAGE);
-            }
-        };
-        return crate::emulator::entra::command(
+        let (settings, tls) = args.entra.resolve().map_err(CliError::usage)?;
+        return Ok(crate::emulator::entra::command(
             settings,
             tls,
             args.listen,
             args.ttl,
             args.allow,
             args.allow_any,
-        );
+        )?);
     }
     if args.entra.is_given() {
-        eprintln!("cstokenfs: the Entra options are only for --protocol entra");
-        return ExitCode::from(EXIT_USAGE);
+        return Err(CliError::usage(
+            "the Entra options are only for --protocol entra",
+        ));
     }
     let identity_header = match (&args.secret_file, args.protocol) {
         (None, _) => None,
-        (Some(path), Kind::AppService) => match read_secret_file(path) {
-            Ok(secret) => Some(secret),
-            Err(e) => {
-                eprintln!("cstokenfs: {e}");
-                return ExitCode::from(EXIT_FAILURE);
-            }
-        },
+        (Some(path), Kind::AppService) => Some(read_secret_file(path)?),
         (Some(_), _) => {
-            eprintln!("cstokenfs: --secret-file is only for --protocol appservice");
-            return ExitCode::from(EXIT_USAGE);
+            return Err(CliError::usage(
+                "--secret-file is only for --protocol appservice",
+            ))
         }
     };
     let generated = identity_header.is_none();
@@ -715,13 +733,8 @@ fn emulator_command(args: EmulatorArgs) -> ExitCode {
         allow_any: args.allow_any,
         identity_header,
     };
-    let emulator = match Emulator::start_with(args.listen, config, args.protocol) {
-        Ok(e) => e,
-        Err(e) => {
-            eprintln!("cstokenfs: cannot listen on {}: {e}", args.listen);
-            return ExitCode::from(EXIT_FAILURE);
-        }
-    };
+    let emulator = Emulator::start_with(args.listen, config, args.protocol)
+        .map_err(|e| CliError::Failure(format!("cannot listen on {}: {e}", args.listen)))?;
     emulator.set_caching(args.caching);
     log::info!(
         "emulator serving the {:?} protocol at {}",
@@ -744,17 +757,11 @@ fn emulator_command(args: EmulatorArgs) -> ExitCode {
             log::warn!("cannot write the endpoint and secret to stdout");
         }
     }
-    let stopper = match signal_hook::iterator::Signals::new([libc::SIGTERM, libc::SIGINT]) {
-        Ok(s) => s,
-        Err(e) => {
-            eprintln!("cstokenfs: cannot handle signals: {e}");
-            return ExitCode::from(EXIT_FAILURE);
-        }
-    };
-    let mut stopper = stopper;
+    let mut stopper = signal_hook::iterator::Signals::new([libc::SIGTERM, libc::SIGINT])
+        .map_err(|e| CliError::Failure(format!("cannot handle signals: {e}")))?;
     let _ = stopper.forever().next();
     emulator.stop();
-    ExitCode::SUCCESS
+    Ok(())
 }
 
 #[cfg(test)]

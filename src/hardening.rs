@@ -353,24 +353,50 @@ pub(crate) fn read_credential_file_within(
     }
 }
 
+/// Why a secret file was refused: shown after its path, never with its contents.
+#[derive(Debug)]
+pub(crate) enum SecretRefused {
+    /// Refused as any credential file is (see [`FileRefused`]).
+    File(FileRefused),
+    NotText,
+    Empty,
+    /// A control character: a second line, say.
+    ControlCharacters,
+}
+
+impl std::fmt::Display for SecretRefused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SecretRefused::File(e) => e.fmt(f),
+            SecretRefused::NotText => f.write_str("is not UTF-8 text"),
+            SecretRefused::Empty => f.write_str("is empty"),
+            SecretRefused::ControlCharacters => {
+                f.write_str("has control characters (one trailing newline is allowed)")
+            }
+        }
+    }
+}
+
+impl std::error::Error for SecretRefused {}
+
 /// A secret kept in a file (`--client-secret-file`, `--secret-file`), read as
 /// `read_credential_file` does: its contents without one trailing newline. Not text, empty,
 /// or with a control character (a second line) it is refused; the error says which, never
 /// the contents.
 pub(crate) fn read_secret_file(
     path: &std::path::Path,
-) -> Result<zeroize::Zeroizing<String>, String> {
-    let raw = read_credential_file(path, MAX_SECRET_FILE).map_err(|e| e.to_string())?;
-    let text = std::str::from_utf8(&raw).map_err(|_| "is not UTF-8 text".to_string())?;
+) -> Result<zeroize::Zeroizing<String>, SecretRefused> {
+    let raw = read_credential_file(path, MAX_SECRET_FILE).map_err(SecretRefused::File)?;
+    let text = std::str::from_utf8(&raw).map_err(|_| SecretRefused::NotText)?;
     let secret = text
         .strip_suffix("\r\n")
         .or_else(|| text.strip_suffix('\n'))
         .unwrap_or(text);
     if secret.is_empty() {
-        return Err("is empty".into());
+        return Err(SecretRefused::Empty);
     }
     if secret.chars().any(char::is_control) {
-        return Err("has control characters (one trailing newline is allowed)".into());
+        return Err(SecretRefused::ControlCharacters);
     }
     Ok(zeroize::Zeroizing::new(secret.to_string()))
 }
@@ -419,7 +445,7 @@ mod tests {
         for (path, why) in cases {
             let e = read_credential_file(&path, MAX_SECRET_FILE).unwrap_err();
             assert!(e.to_string().contains(why), "{}: {e}", path.display());
-            let e = read_secret_file(&path).unwrap_err();
+            let e = read_secret_file(&path).unwrap_err().to_string();
             assert!(e.contains(why), "{}: {e}", path.display());
         }
     }
@@ -435,7 +461,7 @@ mod tests {
         let e = read_credential_file(&link, 1023).unwrap_err().to_string();
         assert_eq!(e, "is larger than 1023 bytes");
         std::fs::write(&file, vec![b'x'; MAX_SECRET_FILE + 1]).unwrap();
-        let e = read_secret_file(&file).unwrap_err();
+        let e = read_secret_file(&file).unwrap_err().to_string();
         assert_eq!(e, "is larger than 64 KiB");
         let e = read_credential_file(&dir.path().join("absent"), MAX_CERTIFICATE_FILE);
         assert!(matches!(e, Err(FileRefused::Io(_))));

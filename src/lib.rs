@@ -42,7 +42,7 @@ mod token;
 // private to the crate. `emulator` (a test tool) and `testing` (fakes) are public modules.
 pub use access::Access;
 pub use cache::Cache;
-pub use cli::{run, Cli};
+pub use cli::{run, Cli, CliError};
 pub use fs::{inode, Caller, Core, Entry, FsError};
 pub use fuseopts::rewrite;
 pub use httpserver::tls::server_config;

@@ -580,14 +580,35 @@ impl Shared {
     }
 }
 
+/// Why a secret cannot be an `X-IDENTITY-HEADER` value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BadSecret {
+    Empty,
+    ControlCharacters,
+    /// It starts or ends with whitespace (which HTTP would trim).
+    Whitespace,
+}
+
+impl std::fmt::Display for BadSecret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            BadSecret::Empty => "the identity header secret is empty",
+            BadSecret::ControlCharacters => "the identity header secret has control characters",
+            BadSecret::Whitespace => "the identity header secret starts or ends with whitespace",
+        })
+    }
+}
+
+impl std::error::Error for BadSecret {}
+
 /// Why `secret` cannot be an `X-IDENTITY-HEADER` value, if it cannot.
-pub fn check_secret(secret: &str) -> Result<(), String> {
+pub fn check_secret(secret: &str) -> Result<(), BadSecret> {
     if secret.is_empty() {
-        Err("the identity header secret is empty".into())
+        Err(BadSecret::Empty)
     } else if secret.chars().any(char::is_control) {
-        Err("the identity header secret has control characters".into())
+        Err(BadSecret::ControlCharacters)
     } else if secret.trim() != secret {
-        Err("the identity header secret starts or ends with whitespace".into())
+        Err(BadSecret::Whitespace)
     } else {
         Ok(())
     }

@@ -3,10 +3,11 @@
 use super::EntraSettings;
 use crate::emulator::{Emulator, EmulatorConfig, Kind};
 use clap::Args;
+use std::fmt;
+use std::io;
 use std::io::Write;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::ExitCode;
 use std::sync::Arc;
 
 /// The Entra emulator's options (`--protocol entra`).
@@ -36,6 +37,60 @@ pub struct EntraEmulatorArgs {
     pub tls_key: Option<PathBuf>,
 }
 
+/// Why `emulator --protocol entra` cannot run: an option's file (a usage error), or the
+/// server (a failure at run time).
+#[derive(Debug)]
+pub enum EntraCommandError {
+    /// A file given to `flag` cannot be read or used; `problem` says how (never its
+    /// contents).
+    File {
+        flag: &'static str,
+        path: PathBuf,
+        problem: String,
+    },
+    /// `--tls-cert` and `--tls-key` do not make a TLS server configuration.
+    Tls(io::Error),
+    /// The address cannot be listened on.
+    Listen(SocketAddr, io::Error),
+    /// The signal handlers cannot be registered.
+    Signals(io::Error),
+}
+
+impl EntraCommandError {
+    /// Whether the command line is what is wrong (its options' files).
+    pub fn is_usage(&self) -> bool {
+        matches!(
+            self,
+            EntraCommandError::File { .. } | EntraCommandError::Tls(_)
+        )
+    }
+
+    fn file(flag: &'static str, path: &Path, problem: impl fmt::Display) -> EntraCommandError {
+        EntraCommandError::File {
+            flag,
+            path: path.to_path_buf(),
+            problem: problem.to_string(),
+        }
+    }
+}
+
+impl fmt::Display for EntraCommandError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            EntraCommandError::File {
+                flag,
+                path,
+                problem,
+            } => write!(f, "{flag} {}: {problem}", path.display()),
+            EntraCommandError::Tls(e) => e.fmt(f),
+            EntraCommandError::Listen(addr, e) => write!(f, "cannot listen on {addr}: {e}"),
+            EntraCommandError::Signals(e) => write!(f, "cannot handle signals: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for EntraCommandError {}
+
 impl EntraEmulatorArgs {
     /// Whether any Entra option was given.
     pub fn is_given(&self) -> bool {
@@ -49,16 +104,18 @@ impl EntraEmulatorArgs {
 
     /// The settings and the TLS configuration the options give; a file that cannot be
     /// read or used is an error naming its flag and the file (a usage error).
-    pub fn resolve(&self) -> Result<(EntraSettings, Option<Arc<rustls::ServerConfig>>), String> {
+    pub fn resolve(
+        &self,
+    ) -> Result<(EntraSettings, Option<Arc<rustls::ServerConfig>>), EntraCommandError> {
         Ok((self.settings()?, self.tls()?))
     }
 
     /// The settings the options give; an unreadable file is an error naming it.
-    fn settings(&self) -> Result<EntraSettings, String> {
+    fn settings(&self) -> Result<EntraSettings, EntraCommandError> {
         let client_secret = match &self.client_secret_file {
             Some(path) => Some(
                 crate::hardening::read_secret_file(path)
-                    .map_err(|e| format!("--client-secret-file {}: {e}", path.display()))?
+                    .map_err(|e| EntraCommandError::file("--client-secret-file", path, e))?
                     .to_string(),
             ),
             None => None,
@@ -70,9 +127,10 @@ impl EntraEmulatorArgs {
                     path,
                 )?)
                 .ok_or_else(|| {
-                    format!(
-                        "--client-certificate {}: holds no PEM certificate",
-                        path.display()
+                    EntraCommandError::file(
+                        "--client-certificate",
+                        path,
+                        "holds no PEM certificate",
                     )
                 })?,
             ),
@@ -87,7 +145,7 @@ impl EntraEmulatorArgs {
         })
     }
 
-    fn tls(&self) -> Result<Option<Arc<rustls::ServerConfig>>, String> {
+    fn tls(&self) -> Result<Option<Arc<rustls::ServerConfig>>, EntraCommandError> {
         let (Some(cert), Some(key)) = (&self.tls_cert, &self.tls_key) else {
             return Ok(None);
         };
@@ -96,13 +154,13 @@ impl EntraEmulatorArgs {
             &read_certificate("--tls-key", key)?,
         )
         .map(Some)
-        .map_err(|e| e.to_string())
+        .map_err(EntraCommandError::Tls)
     }
 }
 
 /// Serves the Entra protocol with `settings` (and HTTPS with `tls`), from
 /// [`EntraEmulatorArgs::resolve`], until SIGTERM or SIGINT; prints
-/// `AZURE_AUTHORITY_HOST=<url>` on stdout once listening. Exits 1 when it cannot listen or
+/// `AZURE_AUTHORITY_HOST=<url>` on stdout once listening. An error when it cannot listen or
 /// handle signals.
 pub fn command(
     settings: EntraSettings,
@@ -111,20 +169,15 @@ pub fn command(
     ttl_secs: u64,
     allow: Vec<String>,
     allow_any: bool,
-) -> ExitCode {
+) -> Result<(), EntraCommandError> {
     let config = EmulatorConfig {
         ttl_secs,
         allow,
         allow_any,
         ..EmulatorConfig::default()
     };
-    let emulator = match Emulator::start_tls(listen, config, Kind::ServicePrincipal, tls) {
-        Ok(e) => e,
-        Err(e) => {
-            eprintln!("cstokenfs: cannot listen on {listen}: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
+    let emulator = Emulator::start_tls(listen, config, Kind::ServicePrincipal, tls)
+        .map_err(|e| EntraCommandError::Listen(listen, e))?;
     emulator.set_entra(settings);
     log::info!("emulator serving the Entra protocol at {}", emulator.url());
     let mut out = std::io::stdout().lock();
@@ -137,21 +190,19 @@ pub fn command(
         log::warn!("cannot write the authority to stdout");
     }
     drop(out);
-    let mut signals = match signal_hook::iterator::Signals::new([libc::SIGTERM, libc::SIGINT]) {
-        Ok(s) => s,
-        Err(e) => {
-            eprintln!("cstokenfs: cannot handle signals: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
+    let mut signals = signal_hook::iterator::Signals::new([libc::SIGTERM, libc::SIGINT])
+        .map_err(EntraCommandError::Signals)?;
     let _ = signals.forever().next();
     emulator.stop();
-    ExitCode::SUCCESS
+    Ok(())
 }
 
 /// A certificate or key file (`--client-certificate`, `--tls-cert`, `--tls-key`), read as
 /// every credential file is; an error names the flag and the file.
-fn read_certificate(flag: &str, path: &Path) -> Result<zeroize::Zeroizing<Vec<u8>>, String> {
+fn read_certificate(
+    flag: &'static str,
+    path: &Path,
+) -> Result<zeroize::Zeroizing<Vec<u8>>, EntraCommandError> {
     crate::hardening::read_credential_file(path, crate::hardening::MAX_CERTIFICATE_FILE)
-        .map_err(|e| format!("{flag} {}: {e}", path.display()))
+        .map_err(|e| EntraCommandError::file(flag, path, e))
 }

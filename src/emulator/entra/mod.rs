@@ -22,7 +22,7 @@ use crate::source::{assertion, entra::ASSERTION_TYPE};
 mod command;
 #[cfg(test)]
 mod entra_tests;
-pub use command::{command, EntraEmulatorArgs};
+pub use command::{command, EntraCommandError, EntraEmulatorArgs};
 
 /// What the emulator accepts; `None` fields accept anything (any non-empty credential
 /// when no credential is set).

@@ -223,7 +223,7 @@ fn secret_file(path: &Path) -> Result<Credential, ConfigError> {
         path: path.display().to_string(),
         problem,
     };
-    let secret = crate::hardening::read_secret_file(path).map_err(bad)?;
+    let secret = crate::hardening::read_secret_file(path).map_err(|e| bad(e.to_string()))?;
     Ok(Credential::Secret(Arc::new(secret)))
 }
 
