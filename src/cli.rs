@@ -82,8 +82,11 @@ pub struct CompletionsArgs {
     pub shell: String,
 }
 
+/// Which upstream and identity: the flags every command that fetches takes (turned into a
+/// `Wanted` for `source::select`; not to be confused with the cache's rate-limited
+/// `cache::upstream::Upstream`).
 #[derive(Args, Debug, Clone)]
-pub struct Upstream {
+pub struct UpstreamArgs {
     /// Where tokens come from: auto, cloudshell, imds, appservice, arc, azure-cli,
     /// workload-identity, service-principal [default: auto, detected from the environment;
     /// IMDS only when chosen].
@@ -173,7 +176,7 @@ fn parse_timeout(s: &str) -> Result<u64, String> {
     }
 }
 
-impl Upstream {
+impl UpstreamArgs {
     pub fn wanted(&self) -> Wanted {
         Wanted {
             source: self.source.and_then(|s| s.0),
@@ -194,9 +197,10 @@ impl Upstream {
     }
 }
 
-/// What `mount` and `sink` share beyond the upstream: freshness, logs, owner and mode.
+/// The flags of a long-running daemon (`mount`, `sink`) beyond the upstream: freshness,
+/// logs, owner and mode.
 #[derive(Args, Debug, Clone)]
-pub struct Keeping {
+pub struct DaemonArgs {
     /// Refresh a token when this little lifetime is left, in seconds.
     #[arg(long, value_name = "SECS", default_value_t = 300, value_parser = clap::builder::RangedI64ValueParser::<u64>::new().range(0..=31_536_000))]
     pub refresh_margin: u64,
@@ -240,7 +244,7 @@ pub struct MountArgs {
     #[arg(value_name = "MOUNTPOINT")]
     pub mountpoint: PathBuf,
     #[command(flatten)]
-    pub upstream: Upstream,
+    pub upstream: UpstreamArgs,
     /// Stay attached (logs to stderr); without it, return once the mount is live.
     #[arg(short, long)]
     pub foreground: bool,
@@ -249,7 +253,7 @@ pub struct MountArgs {
     #[arg(short, long)]
     pub debug: bool,
     #[command(flatten)]
-    pub keep: Keeping,
+    pub daemon: DaemonArgs,
     /// A resource the listing always shows (repeatable).
     #[arg(long = "resource", value_name = "NAME")]
     pub resources: Vec<String>,
@@ -301,7 +305,7 @@ pub struct SinkArgs {
     #[arg(value_name = "DIR")]
     pub dir: PathBuf,
     #[command(flatten)]
-    pub upstream: Upstream,
+    pub upstream: UpstreamArgs,
     /// Stay attached (logs to stderr); without it, return once every declared resource was
     /// written or failed once.
     #[arg(short, long)]
@@ -310,13 +314,13 @@ pub struct SinkArgs {
     #[arg(long = "resource", value_name = "NAME", required = true)]
     pub resources: Vec<String>,
     #[command(flatten)]
-    pub keep: Keeping,
+    pub daemon: DaemonArgs,
 }
 
 #[derive(Args, Debug)]
 pub struct GetArgs {
     #[command(flatten)]
-    pub upstream: Upstream,
+    pub upstream: UpstreamArgs,
     /// Print the `.json` view's document instead of the bare token (= --view json).
     #[arg(long, conflicts_with = "view")]
     pub json: bool,
@@ -571,7 +575,7 @@ pub fn mount_warnings(args: &MountArgs, uid: u32, gid: u32) -> Vec<String> {
     };
     if !args.allow_other {
         if let Some(u) = args
-            .keep
+            .daemon
             .uid
             .filter(|u| *u != uid && !(*u == 0 && reach.ends_with("root")))
         {
@@ -580,20 +584,20 @@ pub fn mount_warnings(args: &MountArgs, uid: u32, gid: u32) -> Vec<String> {
                  will be denied (add --allow-other)"
             ));
         }
-        if let Some(g) = args.keep.gid.filter(|g| *g != gid) {
+        if let Some(g) = args.daemon.gid.filter(|g| *g != gid) {
             warnings.push(format!(
                 "--gid {g} without --allow-other: only {reach} can reach the mount, so other \
                  members of group {g} will be denied (add --allow-other)"
             ));
         }
     }
-    warnings.extend(args.keep.log_file_warning(args.foreground || args.debug));
+    warnings.extend(args.daemon.log_file_warning(args.foreground || args.debug));
     warnings
 }
 
-impl Keeping {
+impl DaemonArgs {
     /// The freshness policy these flags and `--timeout` ask for (the rest: defaults).
-    fn policy(&self, upstream: &Upstream) -> Policy {
+    fn policy(&self, upstream: &UpstreamArgs) -> Policy {
         Policy {
             refresh_margin_ms: (self.refresh_margin as i64).saturating_mul(1000),
             timeout: Duration::from_secs(upstream.timeout),
@@ -625,7 +629,7 @@ fn mount_command(args: MountArgs) -> Result<(), CliError> {
         negative_ttl_ms: (args.negative_ttl as i64).saturating_mul(1000),
         max_resources: args.max_resources as usize,
         max_upstream_rate: args.max_upstream_rate,
-        ..args.keep.policy(&args.upstream)
+        ..args.daemon.policy(&args.upstream)
     };
     let request = MountRequest {
         mountpoint: args.mountpoint,
@@ -634,10 +638,10 @@ fn mount_command(args: MountArgs) -> Result<(), CliError> {
         policy,
         foreground: args.foreground || args.debug,
         debug: args.debug,
-        log_file: args.keep.log_file,
-        uid: args.keep.uid,
-        gid: args.keep.gid,
-        mode: args.keep.mode.unwrap_or(crate::access::DEFAULT_FILE_MODE),
+        log_file: args.daemon.log_file,
+        uid: args.daemon.uid,
+        gid: args.daemon.gid,
+        mode: args.daemon.mode.unwrap_or(crate::access::DEFAULT_FILE_MODE),
         allow_other: args.allow_other,
         allow_root: args.allow_root,
         auto_unmount: args.auto_unmount,
@@ -652,22 +656,22 @@ fn mount_command(args: MountArgs) -> Result<(), CliError> {
 fn sink_command(args: SinkArgs) -> Result<(), CliError> {
     warn_all(
         &args
-            .keep
+            .daemon
             .log_file_warning(args.foreground)
             .into_iter()
             .collect::<Vec<_>>(),
     );
-    let policy = args.keep.policy(&args.upstream);
+    let policy = args.daemon.policy(&args.upstream);
     let request = SinkRequest {
         dir: args.dir,
         wanted: args.upstream.wanted(),
         resources: args.resources,
         policy,
         foreground: args.foreground,
-        log_file: args.keep.log_file,
-        uid: args.keep.uid,
-        gid: args.keep.gid,
-        mode: args.keep.mode,
+        log_file: args.daemon.log_file,
+        uid: args.daemon.uid,
+        gid: args.daemon.gid,
+        mode: args.daemon.mode,
     };
     Ok(crate::sink::run(request)?)
 }

@@ -190,22 +190,26 @@ fn serve(
         .and_then(|()| Handled::register())
         .map_err(SinkError::from)
         .and_then(|signals| Ok((signals, take_dir(req, dir, declared)?)));
-    let (signals, taken) = match started {
+    let (signals, held) = match started {
         Ok(s) => s,
         Err(e) => {
             ready.fail(&e);
             return Err(e);
         }
     };
-    let outcome = sync::run(req, plan, declared, &taken, signals, ready);
-    taken.give_back();
+    let outcome = sync::run(req, plan, declared, &held, signals, ready);
+    held.give_back();
     outcome
 }
 
 /// DIR while this sink holds it: the lock, the writer, what to restore on exit.
-pub(crate) struct Taken {
+pub(crate) struct HeldDir {
+    /// The lock file, held with `flock` while the sink runs.
     lock: dir::Lock,
+    /// What the lock file says: our pid, DIR's owner and mode before, our files and
+    /// directories (for the next sink, should this one be killed).
     record: dir::Record,
+    /// Writes and removes the files, through DIR's descriptor only.
     writer: writer::Writer,
     /// DIR's owner and mode to give back at exit, if this sink (or the killed one whose lock
     /// it took over) changed them.
@@ -224,7 +228,7 @@ fn files_of(declared: &[Declared]) -> Vec<String> {
 
 /// Opens and locks DIR, tidies up after a killed sink, checks nothing of ours is there
 /// already, then makes the view directories and gives DIR the owner and mode asked for.
-fn take_dir(req: &SinkRequest, dir: &Path, declared: &[Declared]) -> Result<Taken, SinkError> {
+fn take_dir(req: &SinkRequest, dir: &Path, declared: &[Declared]) -> Result<HeldDir, SinkError> {
     let fd = dir::open_in_memory(dir)?;
     let (lock, stale) = dir::Lock::acquire(fd.as_fd(), dir)?;
     let access = Access::asked(req.uid, req.gid, req.mode);
@@ -271,7 +275,7 @@ fn take_dir(req: &SinkRequest, dir: &Path, declared: &[Declared]) -> Result<Take
         }
         None => now,
     };
-    let mut taken = Taken {
+    let mut held = HeldDir {
         record: dir::Record {
             pid: std::process::id(),
             dir_uid: before.uid,
@@ -288,16 +292,16 @@ fn take_dir(req: &SinkRequest, dir: &Path, declared: &[Declared]) -> Result<Take
         restore: (before != now).then_some(before),
     };
     let asked = req.uid.is_some() || req.gid.is_some() || req.mode.is_some();
-    match taken.lay_out(req, asked.then_some(u32::from(dir_mode))) {
-        Ok(()) => Ok(taken),
+    match held.lay_out(req, asked.then_some(u32::from(dir_mode))) {
+        Ok(()) => Ok(held),
         Err(e) => {
-            taken.give_back();
+            held.give_back();
             Err(e)
         }
     }
 }
 
-impl Taken {
+impl HeldDir {
     /// Refuses a DIR where one of our names exists already, makes the view directories,
     /// writes the record down and gives DIR the owner and `mode` asked for (if asked).
     fn lay_out(&mut self, req: &SinkRequest, mode: Option<u32>) -> Result<(), SinkError> {

@@ -3,7 +3,7 @@
 //! judgement: `Cache::peek_valid_for`), counts every declared resource as read (`on_open`)
 //! so it is refreshed ahead, fetches what is missing, and rewrites `.status` on change.
 
-use super::{Declared, SinkRequest, Taken};
+use super::{Declared, HeldDir, SinkRequest};
 use crate::cache::{Cache, Status};
 use crate::daemon::{self, Daemon, Handled, Ready, Signal};
 use crate::report::Report;
@@ -136,11 +136,18 @@ impl Slot {
     }
 }
 
-struct Follower<'a> {
+/// DIR as a mirror of the cache: what is written there of each declared resource, and
+/// what `.status` last said. Owned by the sink's loop (`run`) alone: no lock.
+struct Mirror<'a> {
+    /// The daemon core's cache (read with `peek_valid_for`, fetched with `get`).
     cache: Arc<Cache>,
-    taken: &'a Taken,
+    /// DIR, held (its lock, its writer).
+    taken: &'a HeldDir,
+    /// One per declared resource, in `--resource` order; an index is a fetch's address.
     slots: Vec<Slot>,
+    /// Where a fetch's outcome goes back to the loop (`Event::Fetched`).
     tx: Sender<Event>,
+    /// Why the plan chose this upstream (`.status`'s `source_reason`).
     source_reason: String,
     /// The last `.status` written (its clock zeroed), so an unchanged one is not rewritten.
     last_status: Option<(Status, SinkPart)>,
@@ -153,7 +160,7 @@ pub fn run(
     req: &SinkRequest,
     plan: Plan,
     declared: &[Declared],
-    taken: &Taken,
+    held: &HeldDir,
     signals: Handled,
     ready: Ready,
 ) -> Result<(), SinkError> {
@@ -171,7 +178,7 @@ pub fn run(
     let cache = daemon.cache().clone();
     info!(
         "sink {} (endpoint {}, refresh margin {} s, timeout {} s)",
-        taken.writer.dir().display(),
+        held.writer.dir().display(),
         cache.source().endpoint(),
         req.policy.refresh_margin_ms / 1000,
         req.policy.timeout.as_secs()
@@ -186,9 +193,9 @@ pub fn run(
         }
     };
     let now = Instant::now();
-    let mut sync = Follower {
+    let mut sync = Mirror {
         cache,
-        taken,
+        taken: held,
         slots: declared.iter().map(|d| Slot::new(d.clone(), now)).collect(),
         tx,
         source_reason: daemon.source_reason().to_string(),
@@ -222,7 +229,7 @@ pub fn run(
             Ok(Event::Signal(Signal::Stop(sig))) => {
                 info!(
                     "signal {sig}: removing the files of {}",
-                    taken.writer.dir().display()
+                    held.writer.dir().display()
                 );
                 break;
             }
@@ -237,7 +244,7 @@ pub fn run(
     outcome
 }
 
-impl Follower<'_> {
+impl Mirror<'_> {
     /// One look at every resource, then `.status` if anything in it changed; an error if
     /// DIR's path no longer leads to the directory held.
     fn pass(&mut self) -> Result<(), SinkError> {
