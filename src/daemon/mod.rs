@@ -9,6 +9,12 @@
 //! - `error`: [`DaemonError`], which each front end turns into its own.
 //!
 //! The front ends sit side by side above it and never reach into one another.
+//!
+//! State and locks: the core holds no lock of its own. A [`Daemon`]'s fields are set at
+//! start-up and only read after; the cache it holds guards its own state (see
+//! `cache/mod.rs`). Signals reach the front end's event loop over a channel, so the state
+//! a front end keeps (the mount's `Started`, the sink's `Mirror`) is owned by that one
+//! thread.
 
 mod detach;
 mod error;

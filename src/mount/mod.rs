@@ -18,25 +18,33 @@ use std::path::{Path, PathBuf};
 /// Everything `mount` was asked for.
 #[derive(Debug, Clone)]
 pub struct MountRequest {
+    /// Where to mount, as given (an existing directory).
     pub mountpoint: PathBuf,
     /// Which upstream (`--source`, `--endpoint`, `--emulator`, identity flags).
     pub wanted: Wanted,
     /// `--resource` names as given (resolved once, by `preflight`).
     pub resources: Vec<String>,
+    /// Freshness, timeouts, the negative cache, limits: the cache's rules.
     pub policy: Policy,
+    /// `-f` (or `-d`): stay attached, log to stderr.
     pub foreground: bool,
     /// `-d`: foreground (set with it) and cstokenfs's own logs at debug level.
     pub debug: bool,
+    /// `--log-file`: a detached daemon's stdout and stderr (else syslog).
     pub log_file: Option<PathBuf>,
-    /// Owner and group of the files (default: who runs `mount`) and their mode.
+    /// Owner of the files (default: who runs `mount`).
     pub uid: Option<u32>,
+    /// Group of the files (default: who runs `mount`).
     pub gid: Option<u32>,
+    /// Permission bits of token files (directories get the matching x bits).
     pub mode: u16,
+    /// `allow_other`: every user may enter (the modes then decide).
     pub allow_other: bool,
     /// `allow_root`: root may enter too (implied by `auto_unmount` without `allow_other`).
     pub allow_root: bool,
     /// `auto_unmount`: fusermount3 detaches the mount when the daemon dies.
     pub auto_unmount: bool,
+    /// `--mlock`: the daemon's memory stays out of swap.
     pub mlock: bool,
     /// `--no-open`: the kernel answers opens itself (see `fs::noopen`).
     pub no_open: bool,

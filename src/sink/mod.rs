@@ -23,14 +23,21 @@ pub use dir::LOCK_NAME;
 /// Everything `sink` was asked for.
 #[derive(Debug, Clone)]
 pub struct SinkRequest {
+    /// DIR, as given (made absolute before anything else).
     pub dir: PathBuf,
+    /// Which upstream (`--source`, `--endpoint`, `--emulator`, identity flags).
     pub wanted: Wanted,
     /// Names as given (`--resource`, at least one).
     pub resources: Vec<String>,
+    /// Freshness and timeouts: the cache's rules.
     pub policy: Policy,
+    /// `-f`: stay attached, log to stderr.
     pub foreground: bool,
+    /// `--log-file`: a detached sink's stdout and stderr (else syslog).
     pub log_file: Option<PathBuf>,
+    /// Owner of the files (default: who runs `sink`).
     pub uid: Option<u32>,
+    /// Group of the files (default: who runs `sink`).
     pub gid: Option<u32>,
     /// `--mode`, if given (only then, or with `--uid`/`--gid`, does DIR get an owner and mode).
     pub mode: Option<u16>,
