@@ -1,8 +1,8 @@
 //! The command line: `mount`, `sink`, `get`, `emulator`, `completions`, `man`.
 
-use crate::daemon::{self, Daemon, DaemonError};
 use crate::emulator::entra::EntraCommandError;
 use crate::emulator::{Emulator, EmulatorConfig};
+use crate::get::{GetError, GetRequest};
 use crate::mount::{self, MountError, MountRequest};
 use crate::policy::Policy;
 use crate::sink::{SinkError, SinkRequest};
@@ -499,10 +499,9 @@ impl From<SinkError> for CliError {
     }
 }
 
-/// `get`'s start-up: what the flags and the environment ask for is a usage error.
-impl From<DaemonError> for CliError {
-    fn from(e: DaemonError) -> CliError {
-        match e.is_setup() {
+impl From<GetError> for CliError {
+    fn from(e: GetError) -> CliError {
+        match e.is_usage() {
             true => CliError::usage(e),
             false => CliError::failure(e),
         }
@@ -677,29 +676,13 @@ fn sink_command(args: SinkArgs) -> Result<(), CliError> {
 }
 
 fn get_command(args: GetArgs) -> Result<(), CliError> {
-    crate::logging::init_stderr("warn");
-    let resource = crate::names::resolve_arg(&args.name)
-        .map_err(|e| CliError::Usage(format!("{:?} is not a resource name: {e}", args.name)))?;
-    let plan = daemon::plan(&args.upstream.wanted())?;
-    let policy = Policy {
+    let request = GetRequest {
+        wanted: args.upstream.wanted(),
         timeout: Duration::from_secs(args.upstream.timeout),
-        ..Policy::default()
+        name: args.name,
+        view: if args.json { View::Json } else { args.view },
     };
-    // The stand-in (with --emulator) is held alive until the token is printed.
-    let daemon = Daemon::build(plan, policy, &[])?;
-    let v = daemon
-        .cache()
-        .get_blocking(&resource)
-        .map_err(|e| CliError::Failure(format!("{resource}: {e}")))?;
-    let mut out = std::io::stdout().lock();
-    let view = if args.json { View::Json } else { args.view };
-    let written = match view {
-        View::Raw => out.write_all(v.token()).and_then(|()| out.write_all(b"\n")),
-        view => out.write_all(v.bytes(view)),
-    };
-    written
-        .and_then(|()| out.flush())
-        .map_err(|e| CliError::Failure(format!("cannot write the token: {e}")))
+    Ok(crate::get::run(request)?)
 }
 
 fn emulator_command(args: EmulatorArgs) -> Result<(), CliError> {

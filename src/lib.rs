@@ -2,10 +2,10 @@
 //! cached Azure access token.
 //!
 //! Layers, each knowing only the ones below it:
-//! `cli` -> the front ends side by side: `mount` (the FUSE session), `sink` (files on
-//! tmpfs), `get` (in `cli`), `endpoint` (`--serve-endpoint`) -> `daemon` (the core they
-//! share: the cache and its background pass, the stand-in, signals, detaching, the log
-//! file) -> `fs` (inodes, views, errno; never does HTTP) -> `cache` (single-flight fetches;
+//! `cli` -> the front ends, side by side: `mount` (the FUSE session over `fs`: inodes,
+//! views, errno; never does HTTP), `sink` (files on tmpfs), `get` (one token), `endpoint`
+//! (`--serve-endpoint`) -> `daemon` (the core they share: the cache and its background
+//! pass, the stand-in, signals, detaching, the log file) -> `cache` (single-flight fetches;
 //! decisions from `policy`) -> `source` (one file per upstream) ; `emulator` is a stand-in
 //! upstream for demos and tests, served by `httpserver` (hyper, loopback only). `net` holds
 //! the loopback rules that `httpserver` and `source` share; `access` (owner and modes),
@@ -23,6 +23,7 @@ pub mod emulator;
 mod endpoint;
 mod fs;
 mod fuseopts;
+mod get;
 mod hardening;
 mod httpserver;
 mod known;

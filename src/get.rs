@@ -1,0 +1,100 @@
+//! `cstokenfs get NAME`: the one-shot front end. It builds the daemon core without a
+//! background pass, fetches one token with the same client and name rules as the mount,
+//! and prints one view of it on stdout.
+
+use crate::cache::ReadError;
+use crate::daemon::{self, Daemon, DaemonError};
+use crate::names::NameError;
+use crate::policy::Policy;
+use crate::source::select::Wanted;
+use crate::token::View;
+use std::fmt;
+use std::io::{self, Write};
+use std::time::Duration;
+
+/// Everything `get` was asked for.
+#[derive(Debug, Clone)]
+pub struct GetRequest {
+    /// Which upstream (`--source`, `--endpoint`, `--emulator`, identity flags).
+    pub wanted: Wanted,
+    /// `--timeout`: the most the fetch may take, retries included.
+    pub timeout: Duration,
+    /// NAME as given: a host, a URI, a scope or a GUID.
+    pub name: String,
+    /// The view to print (`Raw`: the token and a newline).
+    pub view: View,
+}
+
+/// Why `get` printed no token.
+#[derive(Debug)]
+pub enum GetError {
+    /// NAME is not a resource name.
+    Name { given: String, error: NameError },
+    /// The daemon core could not start.
+    Daemon(DaemonError),
+    /// No token could be had for `resource`.
+    Fetch { resource: String, error: ReadError },
+    /// Standard output refused the token.
+    Write(io::Error),
+}
+
+impl GetError {
+    /// Whether the command line (or the environment it reads) is what is wrong.
+    pub fn is_usage(&self) -> bool {
+        match self {
+            GetError::Name { .. } => true,
+            GetError::Daemon(e) => e.is_setup(),
+            GetError::Fetch { .. } | GetError::Write(_) => false,
+        }
+    }
+}
+
+impl fmt::Display for GetError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            GetError::Name { given, error } => {
+                write!(f, "{given:?} is not a resource name: {error}")
+            }
+            GetError::Daemon(e) => e.fmt(f),
+            GetError::Fetch { resource, error } => write!(f, "{resource}: {error}"),
+            GetError::Write(e) => write!(f, "cannot write the token: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for GetError {}
+
+impl From<DaemonError> for GetError {
+    fn from(e: DaemonError) -> GetError {
+        GetError::Daemon(e)
+    }
+}
+
+/// Fetches the token `req` names and prints its view on stdout.
+pub fn run(req: GetRequest) -> Result<(), GetError> {
+    crate::logging::init_stderr("warn");
+    let resource = crate::names::resolve_arg(&req.name).map_err(|error| GetError::Name {
+        given: req.name.clone(),
+        error,
+    })?;
+    let plan = daemon::plan(&req.wanted)?;
+    let policy = Policy {
+        timeout: req.timeout,
+        ..Policy::default()
+    };
+    // The stand-in (with --emulator) is held alive until the token is printed.
+    let daemon = Daemon::build(plan, policy, &[])?;
+    let v = daemon
+        .cache()
+        .get_blocking(&resource)
+        .map_err(|error| GetError::Fetch {
+            resource: resource.clone(),
+            error,
+        })?;
+    let mut out = io::stdout().lock();
+    let written = match req.view {
+        View::Raw => out.write_all(v.token()).and_then(|()| out.write_all(b"\n")),
+        view => out.write_all(v.bytes(view)),
+    };
+    written.and_then(|()| out.flush()).map_err(GetError::Write)
+}
