@@ -16,8 +16,9 @@ pub enum DaemonError {
     Emulator(io::Error),
     /// The signal handlers cannot be registered.
     Signals(io::Error),
-    /// A thread cannot start; under `--mlock` (true) EAGAIN means RLIMIT_MEMLOCK.
-    Thread(io::Error, bool),
+    /// A thread cannot start. Under `--mlock` (`mlock`), EAGAIN means the thread's stack
+    /// would pass RLIMIT_MEMLOCK: the message names that limit.
+    Thread { error: io::Error, mlock: bool },
     /// `--mlock` was refused.
     Memory(MlockError),
     /// `--log-file` cannot be opened, or is refused (`why`).
@@ -30,6 +31,11 @@ pub enum DaemonError {
 }
 
 impl DaemonError {
+    /// A thread that could not start (`mlock`: whether `--mlock` is on).
+    pub fn thread(error: io::Error, mlock: bool) -> DaemonError {
+        DaemonError::Thread { error, mlock }
+    }
+
     /// Whether the operator's configuration (flags, environment, files) is what is wrong,
     /// rather than the system: front ends report these as setup errors.
     pub fn is_setup(&self) -> bool {
@@ -43,10 +49,12 @@ impl fmt::Display for DaemonError {
             DaemonError::Source(e) => e.fmt(f),
             DaemonError::Emulator(e) => write!(f, "cannot start the emulator: {e}"),
             DaemonError::Signals(e) => write!(f, "cannot handle signals: {e}"),
-            DaemonError::Thread(e, true) if e.raw_os_error() == Some(libc::EAGAIN) => {
-                crate::hardening::mlock_error(e).fmt(f)
+            DaemonError::Thread { error, mlock: true }
+                if error.raw_os_error() == Some(libc::EAGAIN) =>
+            {
+                crate::hardening::mlock_error(error).fmt(f)
             }
-            DaemonError::Thread(e, _) => write!(f, "cannot start a thread: {e}"),
+            DaemonError::Thread { error, .. } => write!(f, "cannot start a thread: {error}"),
             DaemonError::Memory(e) => e.fmt(f),
             DaemonError::LogFile { path, why } => {
                 write!(f, "cannot open the log file: {}: {why}", path.display())

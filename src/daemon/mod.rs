@@ -87,7 +87,7 @@ impl Daemon {
         daemon
             .cache
             .start_background()
-            .map_err(|e| DaemonError::Thread(e, mlock))?;
+            .map_err(|e| DaemonError::thread(e, mlock))?;
         daemon.background = true;
         Ok(daemon)
     }

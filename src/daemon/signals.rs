@@ -59,7 +59,7 @@ impl Handled {
                     }
                 }
             })
-            .map_err(|e| DaemonError::Thread(e, mlock))?;
+            .map_err(|e| DaemonError::thread(e, mlock))?;
         Ok(handle)
     }
 }

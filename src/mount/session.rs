@@ -108,7 +108,7 @@ fn run(
                     }
                     let _ = tx.send(Event::SessionEnded);
                 })
-                .map_err(|e| DaemonError::Thread(e, req.mlock))?;
+                .map_err(|e| DaemonError::thread(e, req.mlock))?;
             Ok(handle)
         });
     let signal_handle = match waiting {
@@ -177,7 +177,7 @@ fn start(req: &MountRequest, checked: Checked) -> Result<(Started, Handled), Mou
         &checked.declared,
         req.mlock,
     )?;
-    let no_thread = |e: std::io::Error| MountError::from(DaemonError::Thread(e, req.mlock));
+    let no_thread = |e: std::io::Error| MountError::from(DaemonError::thread(e, req.mlock));
     let access = Access::asked(req.uid, req.gid, Some(req.mode));
     let audit = crate::audit::Audit::start().map_err(no_thread)?;
     let (endpoint, mut extras) = start_endpoint(req, daemon.cache(), &audit)?;
