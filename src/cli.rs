@@ -822,4 +822,38 @@ mod tests {
         std::fs::write(&path, "s3cret\n").unwrap();
         assert_eq!(read_secret_file(&path).unwrap(), "s3cret");
     }
+
+    /// Each layer's error reaches main as usage (exit 2) or failure (exit 1), its message
+    /// unchanged; a failure a detached daemon's parent already printed is not printed again.
+    #[test]
+    fn errors_become_usage_or_failure_with_their_message() {
+        let usage = CliError::from(SinkError::Usage(
+            "sink needs at least one --resource".into(),
+        ));
+        assert_eq!(
+            usage,
+            CliError::Usage("sink needs at least one --resource".into())
+        );
+        let failure = CliError::from(SinkError::Busy("held".into()));
+        assert_eq!(failure, CliError::Failure("held".into()));
+        let mount = CliError::from(MountError::Mount("/mnt: EPERM".into()));
+        assert_eq!(mount, CliError::Failure("mount failed: /mnt: EPERM".into()));
+        assert_eq!(CliError::from(MountError::Reported), CliError::Reported);
+        assert_eq!(CliError::from(SinkError::Reported), CliError::Reported);
+        assert_eq!(CliError::Reported.message(), None);
+        let name = crate::names::resolve_arg("https://").unwrap_err();
+        let get = CliError::from(GetError::Name {
+            given: "https://".into(),
+            error: name,
+        });
+        assert!(
+            matches!(&get, CliError::Usage(m) if m.starts_with("\"https://\" is not a resource name: "))
+        );
+        let write = CliError::from(GetError::Write(std::io::Error::from_raw_os_error(
+            libc::EPIPE,
+        )));
+        assert!(
+            matches!(&write, CliError::Failure(m) if m.starts_with("cannot write the token: "))
+        );
+    }
 }

@@ -55,13 +55,19 @@ pub fn daemonize<E>(
     let mut fds = [0; 2];
     // SAFETY: pipe2 writes two descriptors into the array we own.
     if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
-        return Err(DaemonError::Detach("pipe", std::io::Error::last_os_error()));
+        return Err(DaemonError::Detach {
+            call: "pipe",
+            error: std::io::Error::last_os_error(),
+        });
     }
     // SAFETY: both descriptors were just created and are owned here only.
     let (read_end, write_end) = unsafe { (File::from_raw_fd(fds[0]), File::from_raw_fd(fds[1])) };
     // SAFETY: the caller has a single thread here (nothing has spawned one yet).
     match unsafe { libc::fork() } {
-        -1 => Err(DaemonError::Detach("fork", std::io::Error::last_os_error())),
+        -1 => Err(DaemonError::Detach {
+            call: "fork",
+            error: std::io::Error::last_os_error(),
+        }),
         0 => {
             drop(read_end);
             let to_syslog = log.is_none();
@@ -105,12 +111,18 @@ fn become_daemon(log: Option<File>, keep: i32) -> Result<(), DaemonError> {
         .read(true)
         .write(true)
         .open("/dev/null")
-        .map_err(|e| DaemonError::Detach("/dev/null", e))?;
+        .map_err(|error| DaemonError::Detach {
+            call: "/dev/null",
+            error,
+        })?;
     let out = log.as_ref().unwrap_or(&null);
     for (from, to) in [(&null, 0), (out, 1), (out, 2)] {
         // SAFETY: dup2 onto the standard descriptors, which this process owns.
         if unsafe { libc::dup2(from.as_raw_fd(), to) } < 0 {
-            return Err(DaemonError::Detach("dup2", std::io::Error::last_os_error()));
+            return Err(DaemonError::Detach {
+                call: "dup2",
+                error: std::io::Error::last_os_error(),
+            });
         }
     }
     drop((null, log));

@@ -23,8 +23,11 @@ pub enum DaemonError {
     Memory(MlockError),
     /// `--log-file` cannot be opened, or is refused (`why`).
     LogFile { path: PathBuf, why: String },
-    /// Detaching failed at a system call (`pipe`, `fork`, `/dev/null`, `dup2`).
-    Detach(&'static str, io::Error),
+    /// Detaching failed at a system call (`call`: `pipe`, `fork`, `/dev/null`, `dup2`).
+    Detach {
+        call: &'static str,
+        error: io::Error,
+    },
     /// The detached daemon said why it failed, or exited without a word (then the front
     /// end's own sentence: run with -f to see why).
     Child(String),
@@ -59,7 +62,7 @@ impl fmt::Display for DaemonError {
             DaemonError::LogFile { path, why } => {
                 write!(f, "cannot open the log file: {}: {why}", path.display())
             }
-            DaemonError::Detach(call, e) => write!(f, "{call}: {e}"),
+            DaemonError::Detach { call, error } => write!(f, "{call}: {error}"),
             DaemonError::Child(why) => f.write_str(why),
         }
     }
@@ -76,5 +79,50 @@ impl From<ConfigError> for DaemonError {
 impl From<MlockError> for DaemonError {
     fn from(e: MlockError) -> DaemonError {
         DaemonError::Memory(e)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The messages are the contract: the same words as before the core was shared.
+    #[test]
+    fn messages_say_what_failed() {
+        let gone = || io::Error::from_raw_os_error(libc::EMFILE);
+        let emulator = DaemonError::Emulator(gone()).to_string();
+        assert!(
+            emulator.starts_with("cannot start the emulator: "),
+            "{emulator}"
+        );
+        let signals = DaemonError::Signals(gone()).to_string();
+        assert!(signals.starts_with("cannot handle signals: "), "{signals}");
+        let thread = DaemonError::thread(gone(), true).to_string();
+        assert!(thread.starts_with("cannot start a thread: "), "{thread}");
+        let fork = DaemonError::Detach {
+            call: "fork",
+            error: gone(),
+        };
+        assert!(fork.to_string().starts_with("fork: "));
+        let log = DaemonError::LogFile {
+            path: "/var/log/x".into(),
+            why: "is a symbolic link".into(),
+        };
+        assert_eq!(
+            log.to_string(),
+            "cannot open the log file: /var/log/x: is a symbolic link"
+        );
+        assert!(log.is_setup());
+        assert!(!DaemonError::Child("ERR".into()).is_setup());
+    }
+
+    /// Under --mlock a thread refused with EAGAIN is RLIMIT_MEMLOCK's doing: said so.
+    #[test]
+    fn a_thread_refused_under_mlock_names_the_limit() {
+        let again = || io::Error::from_raw_os_error(libc::EAGAIN);
+        let plain = DaemonError::thread(again(), false).to_string();
+        assert!(plain.starts_with("cannot start a thread: "), "{plain}");
+        let locked = DaemonError::thread(again(), true).to_string();
+        assert_eq!(locked, crate::hardening::mlock_error(&again()).to_string());
     }
 }
