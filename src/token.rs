@@ -147,6 +147,13 @@ impl Version {
     pub fn token(&self) -> &[u8] {
         self.bytes(View::Raw)
     }
+
+    /// Whether it has expired at `now` (the policy's verdict): the read path's question,
+    /// which needs no lock (an open file reads its version until it expires, superseded or
+    /// not).
+    pub fn expired(&self, now: EpochMs) -> bool {
+        crate::policy::verdict(now, &self.schedule, true) == crate::policy::Verdict::Expired
+    }
 }
 
 /// `before` + `token` + `after` in a wiped buffer of exactly that size.

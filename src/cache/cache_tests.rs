@@ -79,8 +79,8 @@ fn a_clock_jump_past_expiry_never_serves_the_old_token() {
     let after = cache.get_blocking("r").unwrap();
     assert_ne!(after.id, first.id, "the reader waited for a new token");
     assert_eq!(source.calls(), 2);
-    assert_eq!(cache.on_open(&first, true), OpenDecision::Stale);
-    assert_eq!(cache.on_open(&after, true), OpenDecision::Serve);
+    assert!(cache.reopen(&first, Use::Read).is_err());
+    assert!(cache.reopen(&after, Use::Read).is_ok());
 }
 
 #[test]
@@ -88,7 +88,7 @@ fn within_the_skew_before_expiry_a_token_is_not_served() {
     let (cache, clock, source) = setup(3_600_000);
     let first = cache.get_blocking("r").unwrap();
     clock.advance(3_600_000 - 5_000); // 5 s before expiry
-    assert_eq!(cache.on_open(&first, true), OpenDecision::Stale);
+    assert!(cache.reopen(&first, Use::Read).is_err());
     assert_ne!(cache.get_blocking("r").unwrap().id, first.id);
     assert_eq!(source.calls(), 2);
 }
@@ -164,12 +164,48 @@ fn fetches_of_a_held_token_are_paced() {
     let cache = Cache::new(source.clone(), Policy::default(), &[], clock.clone());
     let first = cache.get_blocking("r").unwrap();
     for _ in 0..100 {
-        assert_eq!(cache.on_open(&first, true), OpenDecision::Serve);
+        assert!(cache.reopen(&first, Use::Read).is_ok());
     }
     assert_eq!(source.calls(), 1, "paced: nothing within 2 s");
     clock.advance(policy::MIN_FETCH_INTERVAL_MS);
-    assert_eq!(cache.on_open(&first, true), OpenDecision::Serve);
+    assert!(cache.reopen(&first, Use::Read).is_ok());
     assert!(source.wait_calls(2));
     std::thread::sleep(Duration::from_millis(20));
     assert_eq!(source.calls(), 2, "one refresh after 2 s");
+}
+
+#[test]
+fn one_read_gives_a_lease_and_marks_use_as_told() {
+    let (cache, clock, _source) = setup(3_600_000);
+    let in_use = |c: &Cache| c.state.lock().entries.get("r").unwrap().reads.since_fetch;
+    let first = cache.read_blocking("r", Use::ReadUnlessFetched).unwrap();
+    assert!(first.fetched && first.current);
+    assert!(
+        !in_use(&cache),
+        "the read that waited for the fetch is not a use"
+    );
+    clock.advance(1_000);
+    let again = cache.read_blocking("r", Use::Look).unwrap();
+    assert!(!again.fetched && again.current);
+    assert_eq!(again.version.id, first.version.id);
+    assert_eq!(
+        again.valid_for,
+        Duration::from_millis(3_600_000 - 5_000 - 1_000)
+    );
+    assert!(!in_use(&cache), "a lookup is not a use");
+    cache.read_blocking("r", Use::ReadUnlessFetched).unwrap();
+    assert!(in_use(&cache), "a later read is");
+    // An endpoint read that waited for its fetch is a use.
+    let other = cache.read_blocking("o", Use::Read).unwrap();
+    assert!(other.fetched);
+    assert!(
+        cache
+            .state
+            .lock()
+            .entries
+            .get("o")
+            .unwrap()
+            .reads
+            .since_fetch
+    );
 }

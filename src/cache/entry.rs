@@ -1,7 +1,7 @@
 //! What the cache keeps per resource: the entry (held version, fetch in flight, failures,
 //! reads) and the negative cache of refusals, each field documented.
 
-use super::{Done, ReadError};
+use super::{ReadError, Waiter};
 use crate::policy::{self, EntryView, EpochMs, Verdict};
 use crate::token::Version;
 use std::collections::{HashMap, VecDeque};
@@ -42,7 +42,7 @@ pub(super) struct Entry {
     /// The newest version (it may have expired; `valid` says).
     pub(super) held: Option<Arc<Version>>,
     /// Some while a fetch is queued or running: the readers waiting for it.
-    pub(super) waiters: Option<Vec<Done>>,
+    pub(super) waiters: Option<Vec<Waiter>>,
     /// When the last fetch started (fetches of a held token are paced).
     pub(super) last_fetch_at: Option<EpochMs>,
     pub(super) failures: Failures,

@@ -65,14 +65,79 @@ const EXPIRED_ON_ARRIVAL_PAUSE: Duration = Duration::from_millis(1_000);
 const WORKER_STACK: usize = 512 * 1024;
 
 /// Called once with the outcome of a read; may run on a fetch thread.
-pub type Done = Box<dyn FnOnce(Result<Arc<Version>, ReadError>) + Send>;
+pub type Done = Box<dyn FnOnce(Result<Lease, ReadError>) + Send>;
 
-/// Whether an open of a version may go ahead.
+/// What a read tells the cache about the use of a token: use earns a refresh ahead of the
+/// refresh point (a token read once must not be refreshed forever), and every read counts
+/// for the eviction order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum OpenDecision {
-    Serve,
-    /// Superseded or expired: the reader must look the name up again.
-    Stale,
+pub enum Use {
+    /// The token is used: an open that is a later read, the endpoint, the sink.
+    Read,
+    /// Not a use by itself: a lookup whose open is the read, the open that echoes a lookup
+    /// which waited for the fetch, the `get` command.
+    Look,
+    /// A use unless this very read waited for the fetch that made the version: a lookup in
+    /// no-open mode (the only request of a read that the daemon sees).
+    ReadUnlessFetched,
+}
+
+/// What a reader gets: a version and the cache's verdict on it when the read was decided.
+#[derive(Clone)]
+pub struct Lease {
+    pub version: Arc<Version>,
+    /// How long the version stays valid, counted from the decision (never zero: an expired
+    /// version gets no lease).
+    pub valid_for: Duration,
+    /// No newer version of its resource existed: a new open may serve it.
+    pub current: bool,
+    /// This read waited for the fetch that made the version.
+    pub fetched: bool,
+}
+
+impl Lease {
+    /// The lease on `v` at `now`, `current` when no newer version exists; `None` once `v`
+    /// has expired. The verdict is the policy's.
+    fn of(now: EpochMs, v: &Arc<Version>, current: bool, fetched: bool) -> Option<Lease> {
+        let (valid_for_ms, current) = match policy::verdict(now, &v.schedule, current) {
+            Verdict::Current { valid_for_ms } => (valid_for_ms, true),
+            Verdict::Superseded { valid_for_ms } => (valid_for_ms, false),
+            Verdict::Expired => return None,
+        };
+        Some(Lease {
+            version: v.clone(),
+            valid_for: Duration::from_millis(valid_for_ms.max(0) as u64),
+            current,
+            fetched,
+        })
+    }
+}
+
+/// The version an open asked for is superseded or expired: the reader must look the name
+/// up again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stale;
+
+/// A token as it arrived, with its schedule (computed once, on arrival).
+struct Arrival {
+    token: Token,
+    schedule: Schedule,
+    /// When it arrived.
+    at: EpochMs,
+}
+
+impl Arrival {
+    /// Expired already on arrival (an upstream that caches, near expiry).
+    fn expired(&self) -> bool {
+        policy::verdict(self.at, &self.schedule, true) == Verdict::Expired
+    }
+}
+
+/// A reader waiting for a fetch.
+pub(crate) struct Waiter {
+    done: Done,
+    /// The read is a use of the token (`Use::Read`): the version it gets is marked in use.
+    marks_use: bool,
 }
 
 /// Everything behind the cache's one lock.
@@ -152,10 +217,37 @@ impl Cache {
         self.clock.now()
     }
 
-    /// The token of `resource` for a reader: `done` runs at once when a valid token is held
-    /// or the resource was refused recently, else when the fetch (started here or already
-    /// under way) ends.
-    pub fn get(self: &Arc<Self>, resource: &str, done: Done) {
+    /// The one read: the current valid version of `resource` for a reader, decided under
+    /// the cache's lock. `done` runs at once when a valid token is held or the resource was
+    /// refused recently, else when the fetch (started here or already under way) ends.
+    /// `usage` says whether the read is a use of the token (refresh ahead).
+    pub fn read(self: &Arc<Self>, resource: &str, usage: Use, done: Done) {
+        if let Some((answer, done)) = self.begin(resource, usage, done) {
+            done(answer);
+        }
+    }
+
+    /// [`Cache::read`] for a caller that handles an answer at hand itself: returns it (and
+    /// drops `later`) when the cache answers at once, else `None`, and `later` gets the
+    /// answer when the fetch ends.
+    pub fn read_now(
+        self: &Arc<Self>,
+        resource: &str,
+        usage: Use,
+        later: Done,
+    ) -> Option<Result<Lease, ReadError>> {
+        self.begin(resource, usage, later)
+            .map(|(answer, _later)| answer)
+    }
+
+    /// Decides a read under the lock: the answer and `done` back when it is at hand, else
+    /// `None` (`done` waits for the fetch).
+    fn begin(
+        self: &Arc<Self>,
+        resource: &str,
+        usage: Use,
+        done: Done,
+    ) -> Option<(Result<Lease, ReadError>, Done)> {
         let now = self.clock.now();
         let mut guard = self.state.lock();
         let State { entries, refusals } = &mut *guard;
@@ -164,8 +256,7 @@ impl Cache {
             Some((k, _)) => k.clone(),
             None => {
                 if let Some(r) = refusal {
-                    drop(guard);
-                    return done(Err(r.error));
+                    return Some((Err(r.error), done));
                 }
                 let key: Arc<str> = Arc::from(resource);
                 entries.insert(key.clone(), Entry::default());
@@ -173,58 +264,68 @@ impl Cache {
             }
         };
         let Some(entry) = entries.get_mut(&key) else {
-            drop(guard);
-            return done(Err(unreachable_state(&key)));
+            return Some((Err(unreachable_state(&key)), done));
         };
         entry.reads.last = self.read_seq.fetch_add(1, Ordering::Relaxed);
         let refused_until = refusal.as_ref().map_or(0, |r| r.until);
-        match policy::on_read(now, &entry.view(refused_until)) {
-            ReadDecision::Serve => {
-                let v = entry.valid(now).cloned();
+        let decision = policy::on_read(now, &entry.view(refused_until));
+        match decision {
+            ReadDecision::Serve | ReadDecision::ServeAndRefresh => {
+                // Served what is held: this read waited for nothing.
+                if usage != Use::Look {
+                    entry.reads.since_fetch = true;
+                }
+                let lease = entry
+                    .valid(now)
+                    .and_then(|v| Lease::of(now, v, true, false))
+                    .ok_or_else(|| unreachable_state(&key));
+                let job = (decision == ReadDecision::ServeAndRefresh)
+                    .then(|| self.start_fetch(entry, &key, now, true));
                 drop(guard);
-                done(v.ok_or_else(|| unreachable_state(&key)))
+                if let Some(job) = job {
+                    self.enqueue(job);
+                }
+                Some((lease, done))
             }
-            ReadDecision::ServeAndRefresh => {
-                let v = entry.valid(now).cloned();
-                let job = self.start_fetch(entry, &key, now, true);
-                drop(guard);
-                self.enqueue(job);
-                done(v.ok_or_else(|| unreachable_state(&key)))
-            }
-            ReadDecision::Refused => {
-                drop(guard);
-                done(Err(
-                    refusal.map_or_else(|| unreachable_state(&key), |r| r.error)
-                ))
-            }
+            ReadDecision::Refused => Some((
+                Err(refusal.map_or_else(|| unreachable_state(&key), |r| r.error)),
+                done,
+            )),
             ReadDecision::Wait => {
+                let waiter = Waiter {
+                    done,
+                    marks_use: usage == Use::Read,
+                };
                 if let Some(waiters) = &mut entry.waiters {
-                    return waiters.push(done);
+                    waiters.push(waiter);
+                    return None;
                 }
                 let job = self.start_fetch(entry, &key, now, false);
-                entry.waiters = Some(vec![done]);
+                entry.waiters = Some(vec![waiter]);
                 drop(guard);
                 self.enqueue(job);
+                None
             }
         }
     }
 
-    /// `get` for callers that may block (the `get` command, tests).
+    /// A read for callers that may block (the `get` command, tests): not a use of the token.
     pub fn get_blocking(self: &Arc<Self>, resource: &str) -> Result<Arc<Version>, ReadError> {
+        self.read_blocking(resource, Use::Look)
+            .map(|lease| lease.version)
+    }
+
+    /// [`Cache::read`], waiting for the answer.
+    pub fn read_blocking(self: &Arc<Self>, resource: &str, usage: Use) -> Result<Lease, ReadError> {
         let (tx, rx) = std::sync::mpsc::channel();
-        self.get(resource, Box::new(move |r| drop(tx.send(r))));
+        self.read(resource, usage, Box::new(move |r| drop(tx.send(r))));
         rx.recv()
             .unwrap_or_else(|_| Err(ReadError::Unavailable("the fetch was abandoned".into())))
     }
 
-    /// Has `v` expired? The read path's question: it needs no lock (an open file reads its
-    /// version until it expires, superseded or not).
-    pub fn expired(&self, v: &Version) -> bool {
-        policy::verdict(self.clock.now(), &v.schedule, true) == Verdict::Expired
-    }
-
-    /// May `v` be served now? The filesystem's one question about a version.
-    pub fn check(&self, v: &Version) -> Verdict {
+    /// The cache's verdict on `v` now, without counting a read (attributes): `None` once it
+    /// has expired.
+    pub fn judge(&self, v: &Arc<Version>) -> Option<Lease> {
         let now = self.clock.now();
         let guard = self.state.lock();
         let current = guard
@@ -232,33 +333,23 @@ impl Cache {
             .get(&*v.resource)
             .and_then(|e| e.held.as_ref())
             .is_some_and(|held| held.id == v.id);
-        policy::verdict(now, &v.schedule, current)
+        drop(guard);
+        Lease::of(now, v, current, false)
     }
 
-    /// The id of the newest version made so far: a lookup that gets a higher one waited
-    /// for its fetch.
-    pub fn last_version_id(&self) -> u64 {
-        self.next_version.load(Ordering::Relaxed).saturating_sub(1)
-    }
-
-    /// An open of `v`: may it be served, or must the reader look the name up again? A
-    /// served open that `counts_as_read` marks the version in use (refresh ahead) and may
-    /// start a refresh past the refresh point; the filesystem says no for the open that
-    /// echoes a lookup which waited for this very version.
-    pub fn on_open(self: &Arc<Self>, v: &Version, counts_as_read: bool) -> OpenDecision {
+    /// An open of `v`, a version a lookup already found: its lease while it is current and
+    /// valid, else `Stale` (the reader must look the name up again). A served open counts
+    /// as a read (eviction order, and a use when `usage` says so) and may start a refresh
+    /// past the refresh point.
+    pub fn reopen(self: &Arc<Self>, v: &Arc<Version>, usage: Use) -> Result<Lease, Stale> {
         let now = self.clock.now();
         let mut guard = self.state.lock();
-        let Some(entry) = guard.entries.get_mut(&*v.resource) else {
-            return OpenDecision::Stale;
-        };
+        let entry = guard.entries.get_mut(&*v.resource).ok_or(Stale)?;
         let current = entry.held.as_ref().is_some_and(|held| held.id == v.id);
-        if !matches!(
-            policy::verdict(now, &v.schedule, current),
-            Verdict::Current { .. }
-        ) {
-            return OpenDecision::Stale;
-        }
-        if counts_as_read {
+        let lease = Lease::of(now, v, current, false)
+            .filter(|l| l.current)
+            .ok_or(Stale)?;
+        if usage != Use::Look {
             entry.reads.since_fetch = true;
         }
         entry.reads.last = self.read_seq.fetch_add(1, Ordering::Relaxed);
@@ -267,7 +358,7 @@ impl Cache {
             drop(guard);
             self.enqueue(job);
         }
-        OpenDecision::Serve
+        Ok(lease)
     }
 
     /// Marks a fetch as started (its waiters list exists, pacing counts from now).
@@ -295,27 +386,15 @@ impl Cache {
             .collect()
     }
 
-    /// The current valid version of a resource, without counting a read.
-    pub fn peek(&self, resource: &str) -> Option<Arc<Version>> {
+    /// The current valid version of a resource, without counting a read (tests).
+    #[cfg(test)]
+    pub(crate) fn peek(&self, resource: &str) -> Option<Arc<Version>> {
         let now = self.clock.now();
         self.state
             .lock()
             .entries
             .get(resource)
             .and_then(|e| e.valid(now).cloned())
-    }
-
-    /// The current version of a resource if it stays valid for at least `lead` more, without
-    /// counting a read: what `sink` keeps as files (it must remove a token before the
-    /// moment it stops being valid, not at it).
-    pub fn peek_valid_for(&self, resource: &str, lead: Duration) -> Option<Arc<Version>> {
-        let lead_ms = i64::try_from(lead.as_millis()).unwrap_or(i64::MAX);
-        let at = self.clock.now().saturating_add(lead_ms);
-        self.state
-            .lock()
-            .entries
-            .get(resource)
-            .and_then(|e| e.valid(at).cloned())
     }
 
     /// Drops every held token (wiped once no open file holds it), every refusal and the
@@ -480,8 +559,8 @@ impl Cache {
             .entries
             .get_mut(resource)
             .and_then(|e| e.waiters.take());
-        for done in waiters.unwrap_or_default() {
-            done(Err(ReadError::Unavailable(why.to_string())));
+        for waiter in waiters.unwrap_or_default() {
+            (waiter.done)(Err(ReadError::Unavailable(why.to_string())));
         }
     }
 
@@ -507,11 +586,15 @@ impl Cache {
         };
         entry.upstream_calls += calls;
         let held = entry.valid(now).map(|v| v.id);
-        let outcome = match result.and_then(|token| self.accept(resource, entry, token, now)) {
-            Ok(v) => Ok(v),
+        let outcome = match result.and_then(|arrival| self.accept(resource, entry, arrival, now)) {
+            Ok(v) => Lease::of(now, &v, true, true).ok_or_else(|| unreachable_state(resource)),
             Err(e) => Err(self.record_failure(resource, entry, refusals, &e, now)),
         };
         let waiters = entry.waiters.take().unwrap_or_default();
+        // A waiter whose read is a use marks the version it gets in use.
+        if outcome.is_ok() && waiters.iter().any(|w| w.marks_use) {
+            entry.reads.since_fetch = true;
+        }
         if held.is_none() && outcome.is_ok() {
             self.evict_beyond_limit(entries, resource);
         }
@@ -522,24 +605,35 @@ impl Cache {
         if holds_nothing && refusals.active(resource, now).is_some() {
             entries.remove(resource);
         }
+        // Never call a `done` while holding the lock: it may read again.
         drop(guard);
-        for done in waiters {
-            done(outcome.clone());
+        for waiter in waiters {
+            (waiter.done)(outcome.clone());
         }
     }
 
     /// The upstream's answer before the job's deadline, and how many calls it took.
-    fn ask(&self, job: &Job) -> (Result<Token, SourceError>, u64) {
+    fn ask(&self, job: &Job) -> (Result<Arrival, SourceError>, u64) {
         let mut calls = 0;
         loop {
             let (result, n) = self
                 .upstream
                 .fetch(&job.resource, job.deadline, job.refresh);
             calls += n;
+            // The token's schedule, computed once, when it arrives.
+            let result = result.map(|token| {
+                let at = self.clock.now();
+                let schedule = self.schedule_of(&token, at);
+                Arrival {
+                    token,
+                    schedule,
+                    at,
+                }
+            });
             // An upstream that caches hands out its old token until it has expired; near
             // expiry that token is already too old for us. Ask again, calmly, until the
             // upstream issues a new one or the time is up.
-            let stale = result.as_ref().is_ok_and(|t| self.expired_on_arrival(t));
+            let stale = result.as_ref().is_ok_and(Arrival::expired);
             if stale && Instant::now() + EXPIRED_ON_ARRIVAL_PAUSE < job.deadline {
                 debug!(
                     "{}: the endpoint returned a token that is about to expire; asking again",
@@ -562,18 +656,16 @@ impl Cache {
         )
     }
 
-    fn expired_on_arrival(&self, t: &Token) -> bool {
-        let now = self.clock.now();
-        policy::verdict(now, &self.schedule_of(t, now), true) == Verdict::Expired
-    }
-
     fn accept(
         &self,
         resource: &Arc<str>,
         entry: &mut Entry,
-        token: Token,
+        arrival: Arrival,
         now: EpochMs,
     ) -> Result<Arc<Version>, SourceError> {
+        let Arrival {
+            token, schedule, ..
+        } = arrival;
         if let Some(held) = entry.valid(now).cloned() {
             if held.expires_on == token.expires_on && held.token() == token.access_token.as_bytes()
             {
@@ -587,7 +679,6 @@ impl Cache {
                 return Ok(held);
             }
         }
-        let schedule = self.schedule_of(&token, now);
         if policy::verdict(now, &schedule, true) == Verdict::Expired {
             return Err(SourceError::BadResponse(
                 "the endpoint issued a token that is already expired".into(),

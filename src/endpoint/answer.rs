@@ -6,7 +6,7 @@
 use super::request::{self, BadRequest};
 use super::{Counters, Settings};
 use crate::audit::{Audit, HttpEvent};
-use crate::cache::{Cache, OpenDecision, ReadError};
+use crate::cache::{Cache, Lease, ReadError, Use};
 use crate::hardening::ct_eq;
 use crate::httpserver::{self, race, Answer, Either, Reply, Request, Stop};
 use crate::token::Version;
@@ -20,8 +20,6 @@ use zeroize::Zeroizing;
 /// How much longer than `--timeout` a request waits for the cache (which answers within
 /// `--timeout` itself) before giving up with 500.
 const GRACE: Duration = Duration::from_secs(2);
-/// Reads retried when the version read was superseded before it could be counted.
-const STALE_RETRIES: usize = 3;
 
 pub(super) struct EndpointHandler(Arc<Inner>);
 
@@ -164,7 +162,7 @@ impl Inner {
             Err(why) => return bad(BadRequest::Resource(sent.clone(), why)),
         };
         match self.read(&key, stop).await {
-            Ok(v) => {
+            Ok(Lease { version: v, .. }) => {
                 if let Some(audit) = &self.audit {
                     audit.served(HttpEvent {
                         resource: v.resource.clone(),
@@ -186,38 +184,26 @@ impl Inner {
         }
     }
 
-    /// A read like a file's lookup and open: the cache's current valid version (waiting for
-    /// a fetch if need be, within `--timeout`), then counted as an open (refresh ahead).
-    async fn read(&self, key: &str, stop: &Stop) -> Result<Arc<Version>, ReadError> {
-        for _ in 0..STALE_RETRIES {
-            let (tx, rx) = tokio::sync::oneshot::channel();
-            self.cache.get(
-                key,
-                Box::new(move |got| {
-                    let _ = tx.send(got);
-                }),
-            );
-            let wait = tokio::time::timeout(self.settings.timeout + GRACE, rx);
-            let got = match race(wait, stop.stopped()).await {
-                Either::Left(Ok(Ok(got))) => got,
-                Either::Left(_) => {
-                    return Err(ReadError::Unavailable(
-                        "no answer from the cache in time".into(),
-                    ))
-                }
-                Either::Right(()) => {
-                    return Err(ReadError::Unavailable("the mount is stopping".into()))
-                }
-            };
-            let v = got?;
-            // `on_open` serves only a version that is current and valid (the cache's verdict).
-            if self.cache.on_open(&v, true) == OpenDecision::Serve {
-                return Ok(v);
-            }
+    /// A read like a file's lookup and open, in one call: the cache's current valid version
+    /// (waiting for a fetch if need be, within `--timeout`), counted as a use (refresh
+    /// ahead).
+    async fn read(&self, key: &str, stop: &Stop) -> Result<Lease, ReadError> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.cache.read(
+            key,
+            Use::Read,
+            Box::new(move |got| {
+                let _ = tx.send(got);
+            }),
+        );
+        let wait = tokio::time::timeout(self.settings.timeout + GRACE, rx);
+        match race(wait, stop.stopped()).await {
+            Either::Left(Ok(Ok(got))) => got,
+            Either::Left(_) => Err(ReadError::Unavailable(
+                "no answer from the cache in time".into(),
+            )),
+            Either::Right(()) => Err(ReadError::Unavailable("the mount is stopping".into())),
         }
-        Err(ReadError::Unavailable(
-            "the token was superseded while being read; try again".into(),
-        ))
     }
 
     /// `{"access_token","expires_on","resource","token_type"[,"client_id"]}`, `resource`

@@ -11,9 +11,9 @@
 //! ```
 //!
 //! The server is [`crate::httpserver`] (hyper, its own thread, bounded connections that a
-//! flood of silent ones cannot hold, head size and idle time). A request is a read like an open: [`crate::cache::Cache::get`] (the
-//! same entry, single flight with file readers, negative cache, `--timeout`), then
-//! `on_open` (refresh ahead), then an audit line with the client's address. The secret is
+//! flood of silent ones cannot hold, head size and idle time). A request is a read like an open: one [`crate::cache::Cache::read`]
+//! (the same entry, single flight with file readers, negative cache, `--timeout`, counted as
+//! a use for refresh ahead), then an audit line with the client's address. The secret is
 //! 32 random bytes in hex, new for each mount, compared in constant time, published only
 //! in `MOUNT/.env`, never logged.
 

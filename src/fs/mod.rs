@@ -9,9 +9,8 @@ pub mod noopen;
 pub mod status;
 
 use crate::audit::{Audit, OpenEvent};
-use crate::cache::{Cache, OpenDecision, ReadError};
+use crate::cache::{Cache, Lease, ReadError, Use};
 use crate::names;
-use crate::policy::Verdict;
 use crate::token::{Version, View};
 use echo::KernelEcho;
 use fuser::{Errno, FileAttr, FileType, INodeNo};
@@ -247,25 +246,31 @@ impl Core {
         }
         let core = self.clone();
         let key = resource.clone();
-        let newest_before = self.cache.last_version_id();
         // Kept for `inval_entry` in no-open mode only.
         let name = self.no_open().then(|| name.to_string());
-        self.cache.get(
+        // In no-open mode the lookup is the read; else the open that follows is.
+        let usage = match self.no_open() {
+            true => Use::ReadUnlessFetched,
+            false => Use::Look,
+        };
+        self.cache.read(
             &key,
+            usage,
             Box::new(move |got| {
                 done(match got {
-                    Ok(v) if name.is_some() => {
+                    Ok(lease) if name.is_some() => {
                         let name = name.as_deref().unwrap_or_default();
-                        core.inodes.remember_as(&v, Some((parent, name)));
-                        core.lookup_read(&v, view, caller, newest_before);
-                        Ok(core.token_entry(&v, view))
+                        let v = &lease.version;
+                        core.inodes.remember_as(v, Some((parent, name)));
+                        core.audit("lookup", v.resource.clone(), view.label(), caller);
+                        Ok(core.token_entry(&lease, view))
                     }
-                    Ok(v) => {
-                        core.inodes.remember(&v);
-                        if v.id > newest_before {
-                            core.echo.waited_for(v.id);
+                    Ok(lease) => {
+                        core.inodes.remember(&lease.version);
+                        if lease.fetched {
+                            core.echo.waited_for(lease.version.id);
                         }
-                        Ok(core.token_entry(&v, view))
+                        Ok(core.token_entry(&lease, view))
                     }
                     Err(ReadError::Refused(_)) => Err(FsError::NotFound),
                     Err(ReadError::Denied(_)) => Err(FsError::Denied),
@@ -298,11 +303,14 @@ impl Core {
                     .inodes
                     .with(version, |k| (k.sizes[view as usize], k.mtime_ms))
                     .ok_or(FsError::Stale)?;
-                let v = self.inodes.version(version);
-                let ttl = v.map_or(Duration::ZERO, |v| match self.no_open() {
-                    true => self.no_open_ttls(&v).0,
-                    false => self.token_ttl(&v),
-                });
+                let lease = self
+                    .inodes
+                    .version(version)
+                    .and_then(|v| self.cache.judge(&v));
+                let ttl = match self.no_open() {
+                    true => self.no_open_ttls(lease.as_ref()).0,
+                    false => token_ttl(lease.as_ref()),
+                };
                 Ok(Entry {
                     attr: self.attr(ino, FileType::RegularFile, size, mtime),
                     ttl,
@@ -339,10 +347,11 @@ impl Core {
                     .with(version, |k| k.version.upgrade())
                     .flatten()
                     .ok_or(FsError::Stale)?;
-                let read = self.echo.is_later_read(v.id);
-                if self.cache.on_open(&v, read) == OpenDecision::Stale {
-                    return Err(FsError::Stale);
-                }
+                let usage = match self.echo.is_later_read(v.id) {
+                    true => Use::Read,
+                    false => Use::Look,
+                };
+                self.cache.reopen(&v, usage).map_err(|_| FsError::Stale)?;
                 self.audit("open", v.resource.clone(), view.label(), caller);
                 (Handle::Token(v, view), OpenMode::Cached)
             }
@@ -393,7 +402,7 @@ impl Core {
             // The daemon is shutting down: its pages are being dropped from the page cache.
             Handle::Token(..) if self.stopping.load(Ordering::SeqCst) => return Err(FsError::Io),
             // Opened while valid, but never served once expired.
-            Handle::Token(v, _) if self.cache.expired(v) => return Err(FsError::Io),
+            Handle::Token(v, _) if v.expired(self.cache.now()) => return Err(FsError::Io),
             Handle::Token(v, view) => v.bytes(*view),
             Handle::Status(b) => b.as_slice(),
             Handle::Fixed(b) => b.as_slice(),
@@ -581,11 +590,12 @@ impl Core {
         status::Report::new(&status, &self.source_reason, extra).to_bytes()
     }
 
-    fn token_entry(&self, v: &Version, view: View) -> Entry {
+    fn token_entry(&self, lease: &Lease, view: View) -> Entry {
         let (ttl, entry_ttl) = match self.no_open() {
-            true => self.no_open_ttls(v),
-            false => (self.token_ttl(v), self.token_ttl(v)),
+            true => self.no_open_ttls(Some(lease)),
+            false => (token_ttl(Some(lease)), token_ttl(Some(lease))),
         };
+        let v = &lease.version;
         Entry {
             attr: self.attr(
                 inode::token_ino(v.id, view),
@@ -595,17 +605,6 @@ impl Core {
             ),
             ttl,
             entry_ttl,
-        }
-    }
-
-    /// Until the token stops being valid (while it is the current one), at most
-    /// `MAX_TOKEN_TTL`.
-    fn token_ttl(&self, v: &Version) -> Duration {
-        match self.cache.check(v) {
-            Verdict::Current { valid_for_ms } => {
-                Duration::from_millis(valid_for_ms.max(0) as u64).min(MAX_TOKEN_TTL)
-            }
-            Verdict::Superseded { .. } | Verdict::Expired => Duration::ZERO,
         }
     }
 
@@ -649,6 +648,16 @@ impl Core {
             flags: 0,
             blksize: 4096,
         }
+    }
+}
+
+/// How long the kernel may keep a token's name and attributes: until it stops being valid
+/// (while it is the current one), at most `MAX_TOKEN_TTL`; nothing once superseded or
+/// expired (`None`).
+fn token_ttl(lease: Option<&Lease>) -> Duration {
+    match lease {
+        Some(l) if l.current => l.valid_for.min(MAX_TOKEN_TTL),
+        _ => Duration::ZERO,
     }
 }
 

@@ -21,9 +21,8 @@
 //!   directory's lock and waits behind lookups in flight (a hanging first fetch), so it never
 //!   runs on a FUSE or fetch thread.
 
-use super::{inode, Caller, Core, Entry, FsError, Node, MAX_TOKEN_TTL, META_TTL};
-use crate::policy;
-use crate::token::{Version, View};
+use super::{inode, Core, Entry, FsError, Node, MAX_TOKEN_TTL, META_TTL};
+use crate::cache::Lease;
 use fuser::{Errno, INodeNo};
 use log::{debug, info};
 use parking_lot::Mutex;
@@ -111,36 +110,21 @@ impl Core {
         }))
     }
 
-    /// A lookup that found version `v`, in no-open mode: it counts as a read unless it
-    /// waited for this very version (`v.id > newest_before`: the read that made it), and
-    /// it is audited as the reader's lookup.
-    pub(super) fn lookup_read(
-        &self,
-        v: &Arc<Version>,
-        view: View,
-        caller: Caller,
-        newest_before: u64,
-    ) {
-        // Superseded or expired between the cache's answer and now: the kernel gets it with
-        // TTL 0 and asks again; nothing to count.
-        let _ = self.cache.on_open(v, v.id <= newest_before);
-        self.audit("lookup", v.resource.clone(), view.label(), caller);
-    }
-
     /// In no-open mode, how long the kernel may keep a version's attributes (its inodes are
     /// immutable: until it stops being valid, current or not) and its name (at most
-    /// [`ENTRY_TTL`], and only while current).
-    pub(super) fn no_open_ttls(&self, v: &Version) -> (Duration, Duration) {
-        let ms = |valid_for_ms: i64| Duration::from_millis(valid_for_ms.max(0) as u64);
-        match self.cache.check(v) {
-            policy::Verdict::Current { valid_for_ms } => {
-                let attr = ms(valid_for_ms).min(MAX_TOKEN_TTL);
-                (attr, attr.min(ENTRY_TTL))
+    /// [`ENTRY_TTL`], and only while current); nothing once expired (`None`).
+    pub(super) fn no_open_ttls(&self, lease: Option<&Lease>) -> (Duration, Duration) {
+        match lease {
+            Some(l) => {
+                let attr = l.valid_for.min(MAX_TOKEN_TTL);
+                let name = if l.current {
+                    attr.min(ENTRY_TTL)
+                } else {
+                    Duration::ZERO
+                };
+                (attr, name)
             }
-            policy::Verdict::Superseded { valid_for_ms } => {
-                (ms(valid_for_ms).min(MAX_TOKEN_TTL), Duration::ZERO)
-            }
-            policy::Verdict::Expired => (Duration::ZERO, Duration::ZERO),
+            None => (Duration::ZERO, Duration::ZERO),
         }
     }
 
@@ -182,7 +166,7 @@ impl Core {
             Node::Token { .. } if self.stopping.load(Ordering::SeqCst) => return Err(FsError::Io),
             Node::Token { version: id, view } => {
                 version = self.inodes.version(id).ok_or(FsError::Io)?;
-                if self.cache.expired(&version) {
+                if version.expired(self.cache.now()) {
                     return Err(FsError::Io);
                 }
                 version.bytes(view)
