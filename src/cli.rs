@@ -646,7 +646,12 @@ fn get_command(args: GetArgs) -> ExitCode {
         timeout: Duration::from_secs(args.upstream.timeout),
         ..Policy::default()
     };
-    let cache = Cache::new(source, policy, &[], Arc::new(SystemClock));
+    let cache = Cache::new(
+        crate::cache::Identities::one(source),
+        policy,
+        &[],
+        Arc::new(SystemClock),
+    );
     match cache.get_blocking(&resource) {
         Ok(v) => {
             let mut out = std::io::stdout().lock();

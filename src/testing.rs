@@ -3,6 +3,7 @@
 //! by the unit tests and by `tests/it/fs.rs`; nothing in the daemon uses them. The types a test
 //! needs to write a source of its own are re-exported here.
 
+pub use crate::cache::{Identities, IdentityId, Key};
 pub use crate::policy::{Clock, EpochMs};
 pub use crate::source::{Kind, Source, SourceError};
 pub use crate::token::Token;

@@ -1,7 +1,7 @@
-//! What the cache keeps per resource: the entry (held version, fetch in flight, failures,
+//! What the cache keeps per key (identity, resource): the entry (held version, fetch in flight, failures,
 //! reads) and the negative cache of refusals, each field documented.
 
-use super::{ReadError, Waiter};
+use super::{Key, ReadError, Waiter};
 use crate::policy::{self, EntryView, EpochMs, Verdict};
 use crate::token::Version;
 use std::collections::{HashMap, VecDeque};
@@ -116,35 +116,35 @@ impl Refusal {
 /// The negative cache: at most `MAX_REFUSALS`, the oldest dropped first.
 #[derive(Default)]
 pub(super) struct Refusals {
-    pub(super) by_resource: HashMap<Arc<str>, Refusal>,
+    pub(super) by_key: HashMap<Key, Refusal>,
     /// Insertion order, with the time of each insertion (stale pairs are skipped).
-    pub(super) order: VecDeque<(Arc<str>, EpochMs)>,
+    pub(super) order: VecDeque<(Key, EpochMs)>,
 }
 
 impl Refusals {
-    pub(super) fn active(&self, resource: &str, now: EpochMs) -> Option<&Refusal> {
-        self.by_resource.get(resource).filter(|r| now < r.until)
+    pub(super) fn active(&self, key: &Key, now: EpochMs) -> Option<&Refusal> {
+        self.by_key.get(key).filter(|r| now < r.until)
     }
 
-    pub(super) fn insert(&mut self, resource: Arc<str>, refusal: Refusal) {
-        while self.by_resource.len() >= MAX_REFUSALS && !self.by_resource.contains_key(&resource) {
+    pub(super) fn insert(&mut self, key: Key, refusal: Refusal) {
+        while self.by_key.len() >= MAX_REFUSALS && !self.by_key.contains_key(&key) {
             let Some((old, at)) = self.order.pop_front() else {
                 break;
             };
-            if self.by_resource.get(&old).is_some_and(|r| r.at == at) {
-                self.by_resource.remove(&old);
+            if self.by_key.get(&old).is_some_and(|r| r.at == at) {
+                self.by_key.remove(&old);
             }
         }
-        self.order.push_back((resource.clone(), refusal.at));
-        self.by_resource.insert(resource, refusal);
+        self.order.push_back((key.clone(), refusal.at));
+        self.by_key.insert(key, refusal);
     }
 
     pub(super) fn expire(&mut self, now: EpochMs) {
-        self.by_resource.retain(|_, r| now < r.until);
-        let by_resource = &self.by_resource;
+        self.by_key.retain(|_, r| now < r.until);
+        let by_key = &self.by_key;
         self.order
-            .retain(|(r, at)| by_resource.get(r).is_some_and(|x| x.at == *at));
-        shrink(&mut self.by_resource);
+            .retain(|(r, at)| by_key.get(r).is_some_and(|x| x.at == *at));
+        shrink(&mut self.by_key);
         if self.order.capacity() > 4 * self.order.len().max(16) {
             self.order.shrink_to_fit();
         }

@@ -5,15 +5,20 @@
 //! known-down state are in `upstream`.
 
 mod entry;
+mod identities;
+mod key;
 mod pool;
 mod status;
 mod upstream;
 
+use crate::names::Resource;
 use crate::policy::Clock;
 use crate::policy::{self, EpochMs, Policy, ReadDecision, Schedule, Verdict};
 use crate::source::{Failure, Source, SourceError};
 use crate::token::{Token, Version};
 use entry::{shrink, Entry, Failures, Refusal, Refusals};
+pub use identities::Identities;
+pub use key::{IdentityId, Key};
 use log::{debug, info, warn};
 use parking_lot::{Condvar, Mutex};
 use pool::{Job, Pool, Pushed};
@@ -143,11 +148,12 @@ pub(crate) struct Waiter {
 /// Everything behind the cache's one lock.
 #[derive(Default)]
 struct State {
-    entries: HashMap<Arc<str>, Entry>,
+    entries: HashMap<Key, Entry>,
     refusals: Refusals,
 }
 
 pub struct Cache {
+    identities: Identities,
     upstream: Upstream,
     policy: Policy,
     clock: Arc<dyn Clock>,
@@ -165,7 +171,7 @@ pub struct Cache {
 impl Drop for Cache {
     fn drop(&mut self) {
         for job in self.pool.stop() {
-            self.abandon(&job.resource, STOPPING);
+            self.abandon(&job.key, STOPPING);
         }
     }
 }
@@ -175,16 +181,16 @@ const STOPPING: &str = "the mount is stopping";
 
 impl Cache {
     pub fn new(
-        source: Arc<dyn Source>,
+        identities: Identities,
         policy: Policy,
-        declared: &[String],
+        declared: &[Key],
         clock: Arc<dyn Clock>,
     ) -> Arc<Cache> {
         let entries = declared
             .iter()
-            .map(|r| {
+            .map(|k| {
                 (
-                    Arc::from(r.as_str()),
+                    k.clone(),
                     Entry {
                         declared: true,
                         ..Entry::default()
@@ -193,7 +199,8 @@ impl Cache {
             })
             .collect();
         Arc::new(Cache {
-            upstream: Upstream::new(source, clock.clone(), policy.max_upstream_rate),
+            identities,
+            upstream: Upstream::new(clock.clone(), policy.max_upstream_rate),
             policy,
             clock,
             state: Mutex::new(State {
@@ -209,8 +216,9 @@ impl Cache {
         })
     }
 
+    /// The default identity's source.
     pub fn source(&self) -> &dyn Source {
-        self.upstream.source()
+        self.identities.default_source()
     }
 
     pub fn now(&self) -> EpochMs {
@@ -221,8 +229,8 @@ impl Cache {
     /// the cache's lock. `done` runs at once when a valid token is held or the resource was
     /// refused recently, else when the fetch (started here or already under way) ends.
     /// `usage` says whether the read is a use of the token (refresh ahead).
-    pub fn read(self: &Arc<Self>, resource: &str, usage: Use, done: Done) {
-        if let Some((answer, done)) = self.begin(resource, usage, done) {
+    pub fn read(self: &Arc<Self>, key: &Key, usage: Use, done: Done) {
+        if let Some((answer, done)) = self.begin(key, usage, done) {
             done(answer);
         }
     }
@@ -232,39 +240,33 @@ impl Cache {
     /// answer when the fetch ends.
     pub fn read_now(
         self: &Arc<Self>,
-        resource: &str,
+        key: &Key,
         usage: Use,
         later: Done,
     ) -> Option<Result<Lease, ReadError>> {
-        self.begin(resource, usage, later)
-            .map(|(answer, _later)| answer)
+        self.begin(key, usage, later).map(|(answer, _later)| answer)
     }
 
     /// Decides a read under the lock: the answer and `done` back when it is at hand, else
     /// `None` (`done` waits for the fetch).
     fn begin(
         self: &Arc<Self>,
-        resource: &str,
+        key: &Key,
         usage: Use,
         done: Done,
     ) -> Option<(Result<Lease, ReadError>, Done)> {
         let now = self.clock.now();
         let mut guard = self.state.lock();
         let State { entries, refusals } = &mut *guard;
-        let refusal = refusals.active(resource, now).cloned();
-        let key = match entries.get_key_value(resource) {
-            Some((k, _)) => k.clone(),
-            None => {
-                if let Some(r) = refusal {
-                    return Some((Err(r.error), done));
-                }
-                let key: Arc<str> = Arc::from(resource);
-                entries.insert(key.clone(), Entry::default());
-                key
+        let refusal = refusals.active(key, now).cloned();
+        if !entries.contains_key(key) {
+            if let Some(r) = refusal {
+                return Some((Err(r.error), done));
             }
-        };
-        let Some(entry) = entries.get_mut(&key) else {
-            return Some((Err(unreachable_state(&key)), done));
+            entries.insert(key.clone(), Entry::default());
+        }
+        let Some(entry) = entries.get_mut(key) else {
+            return Some((Err(unreachable_state(key)), done));
         };
         entry.reads.last = self.read_seq.fetch_add(1, Ordering::Relaxed);
         let refused_until = refusal.as_ref().map_or(0, |r| r.until);
@@ -278,9 +280,9 @@ impl Cache {
                 let lease = entry
                     .valid(now)
                     .and_then(|v| Lease::of(now, v, true, false))
-                    .ok_or_else(|| unreachable_state(&key));
+                    .ok_or_else(|| unreachable_state(key));
                 let job = (decision == ReadDecision::ServeAndRefresh)
-                    .then(|| self.start_fetch(entry, &key, now, true));
+                    .then(|| self.start_fetch(entry, key, now, true));
                 drop(guard);
                 if let Some(job) = job {
                     self.enqueue(job);
@@ -288,7 +290,7 @@ impl Cache {
                 Some((lease, done))
             }
             ReadDecision::Refused => Some((
-                Err(refusal.map_or_else(|| unreachable_state(&key), |r| r.error)),
+                Err(refusal.map_or_else(|| unreachable_state(key), |r| r.error)),
                 done,
             )),
             ReadDecision::Wait => {
@@ -300,7 +302,7 @@ impl Cache {
                     waiters.push(waiter);
                     return None;
                 }
-                let job = self.start_fetch(entry, &key, now, false);
+                let job = self.start_fetch(entry, key, now, false);
                 entry.waiters = Some(vec![waiter]);
                 drop(guard);
                 self.enqueue(job);
@@ -310,15 +312,17 @@ impl Cache {
     }
 
     /// A read for callers that may block (the `get` command, tests): not a use of the token.
-    pub fn get_blocking(self: &Arc<Self>, resource: &str) -> Result<Arc<Version>, ReadError> {
-        self.read_blocking(resource, Use::Look)
+    /// The default identity's token.
+    pub fn get_blocking(self: &Arc<Self>, resource: &Resource) -> Result<Arc<Version>, ReadError> {
+        let key = Key::new(IdentityId::DEFAULT, resource.clone());
+        self.read_blocking(&key, Use::Look)
             .map(|lease| lease.version)
     }
 
     /// [`Cache::read`], waiting for the answer.
-    pub fn read_blocking(self: &Arc<Self>, resource: &str, usage: Use) -> Result<Lease, ReadError> {
+    pub fn read_blocking(self: &Arc<Self>, key: &Key, usage: Use) -> Result<Lease, ReadError> {
         let (tx, rx) = std::sync::mpsc::channel();
-        self.read(resource, usage, Box::new(move |r| drop(tx.send(r))));
+        self.read(key, usage, Box::new(move |r| drop(tx.send(r))));
         rx.recv()
             .unwrap_or_else(|_| Err(ReadError::Unavailable("the fetch was abandoned".into())))
     }
@@ -330,7 +334,7 @@ impl Cache {
         let guard = self.state.lock();
         let current = guard
             .entries
-            .get(&*v.resource)
+            .get(&v.key)
             .and_then(|e| e.held.as_ref())
             .is_some_and(|held| held.id == v.id);
         drop(guard);
@@ -344,7 +348,7 @@ impl Cache {
     pub fn reopen(self: &Arc<Self>, v: &Arc<Version>, usage: Use) -> Result<Lease, Stale> {
         let now = self.clock.now();
         let mut guard = self.state.lock();
-        let entry = guard.entries.get_mut(&*v.resource).ok_or(Stale)?;
+        let entry = guard.entries.get_mut(&v.key).ok_or(Stale)?;
         let current = entry.held.as_ref().is_some_and(|held| held.id == v.id);
         let lease = Lease::of(now, v, current, false)
             .filter(|l| l.current)
@@ -354,7 +358,7 @@ impl Cache {
         }
         entry.reads.last = self.read_seq.fetch_add(1, Ordering::Relaxed);
         if policy::on_read(now, &entry.view(0)) == ReadDecision::ServeAndRefresh {
-            let job = self.start_fetch(entry, &v.resource, now, true);
+            let job = self.start_fetch(entry, &v.key, now, true);
             drop(guard);
             self.enqueue(job);
         }
@@ -362,18 +366,18 @@ impl Cache {
     }
 
     /// Marks a fetch as started (its waiters list exists, pacing counts from now).
-    fn start_fetch(&self, entry: &mut Entry, key: &Arc<str>, now: EpochMs, refresh: bool) -> Job {
+    fn start_fetch(&self, entry: &mut Entry, key: &Key, now: EpochMs, refresh: bool) -> Job {
         entry.waiters = Some(Vec::new());
         entry.last_fetch_at = Some(now);
         Job {
-            resource: key.clone(),
+            key: key.clone(),
             deadline: Instant::now() + self.policy.timeout,
             refresh,
         }
     }
 
     /// Every resource to list: the declared ones and those whose token is held.
-    pub fn listed(&self) -> Vec<(Arc<str>, Option<Arc<Version>>)> {
+    pub fn listed(&self) -> Vec<(Key, Option<Arc<Version>>)> {
         let now = self.clock.now();
         let guard = self.state.lock();
         guard
@@ -388,12 +392,12 @@ impl Cache {
 
     /// The current valid version of a resource, without counting a read (tests).
     #[cfg(test)]
-    pub(crate) fn peek(&self, resource: &str) -> Option<Arc<Version>> {
+    pub(crate) fn peek(&self, key: &Key) -> Option<Arc<Version>> {
         let now = self.clock.now();
         self.state
             .lock()
             .entries
-            .get(resource)
+            .get(key)
             .and_then(|e| e.valid(now).cloned())
     }
 
@@ -430,7 +434,7 @@ impl Cache {
         *self.stopped.lock() = true;
         self.wake.notify_all();
         for job in self.pool.stop() {
-            self.abandon(&job.resource, STOPPING);
+            self.abandon(&job.key, STOPPING);
         }
     }
 
@@ -483,7 +487,7 @@ impl Cache {
         }
         for job in self.pool.take_overdue(Instant::now()) {
             self.abandon(
-                &job.resource,
+                &job.key,
                 "no fetch could start within --timeout (too many fetches at once)",
             );
         }
@@ -501,7 +505,7 @@ impl Cache {
     /// Keeps the tokens held (declared resources count) within `--max-resources`: the
     /// least recently read undeclared one goes, never `keep` (just fetched) nor one being
     /// fetched. Names that hold nothing (refused, failed, in flight) never evict a token.
-    fn evict_beyond_limit(&self, entries: &mut HashMap<Arc<str>, Entry>, keep: &str) {
+    fn evict_beyond_limit(&self, entries: &mut HashMap<Key, Entry>, keep: &Key) {
         let held = entries
             .values()
             .filter(|e| e.declared || e.held.is_some())
@@ -510,7 +514,7 @@ impl Cache {
             let victim = entries
                 .iter()
                 .filter(|(r, e)| {
-                    !e.declared && e.held.is_some() && e.waiters.is_none() && &***r != keep
+                    !e.declared && e.held.is_some() && e.waiters.is_none() && *r != keep
                 })
                 .min_by_key(|(_, e)| e.reads.last)
                 .map(|(r, _)| r.clone());
@@ -524,7 +528,7 @@ impl Cache {
     fn enqueue(self: &Arc<Self>, job: Job) {
         match self.pool.push(job) {
             Pushed::Queued => return,
-            Pushed::Stopped(job) => return self.abandon(&job.resource, STOPPING),
+            Pushed::Stopped(job) => return self.abandon(&job.key, STOPPING),
             Pushed::StartWorker => {}
         }
         let cache = Arc::downgrade(self);
@@ -535,29 +539,29 @@ impl Cache {
             .spawn(move || {
                 while let Some(job) = pool.next() {
                     let Some(cache) = cache.upgrade() else { return };
-                    let resource = job.resource.clone();
+                    let key = job.key.clone();
                     // A fetch that panics leaves nobody waiting, and the worker goes on.
                     let run = std::panic::AssertUnwindSafe(|| cache.run(&job));
                     if std::panic::catch_unwind(run).is_err() {
-                        cache.abandon(&resource, "internal error: the fetch ended unexpectedly");
+                        cache.abandon(&key, "internal error: the fetch ended unexpectedly");
                     }
                 }
             });
         if let Err(e) = spawned {
             warn!("cannot start a fetch thread: {e}");
             for job in self.pool.not_started() {
-                self.abandon(&job.resource, &format!("cannot start a fetch thread: {e}"));
+                self.abandon(&job.key, &format!("cannot start a fetch thread: {e}"));
             }
         }
     }
 
     /// Answers whoever still waits on `resource` with an error and ends the fetch state.
-    fn abandon(&self, resource: &str, why: &str) {
+    fn abandon(&self, key: &Key, why: &str) {
         let waiters = self
             .state
             .lock()
             .entries
-            .get_mut(resource)
+            .get_mut(key)
             .and_then(|e| e.waiters.take());
         for waiter in waiters.unwrap_or_default() {
             (waiter.done)(Err(ReadError::Unavailable(why.to_string())));
@@ -569,7 +573,7 @@ impl Cache {
     /// under way when the tokens were dropped (SIGUSR1) starts over, within the same
     /// deadline: its answer may be of the old login.
     fn run(self: &Arc<Self>, job: &Job) {
-        let resource = &job.resource;
+        let resource = &job.key;
         let (result, calls) = loop {
             let generation = self.generation.load(Ordering::SeqCst);
             let outcome = self.ask(job);
@@ -616,9 +620,19 @@ impl Cache {
     fn ask(&self, job: &Job) -> (Result<Arrival, SourceError>, u64) {
         let mut calls = 0;
         loop {
-            let (result, n) = self
-                .upstream
-                .fetch(&job.resource, job.deadline, job.refresh);
+            let (result, n) = match self.identities.source(job.key.identity) {
+                Some(source) => {
+                    self.upstream
+                        .fetch(&**source, &job.key.resource, job.deadline, job.refresh)
+                }
+                None => (
+                    Err(SourceError::Credential(format!(
+                        "{}: not an identity of this daemon",
+                        job.key
+                    ))),
+                    0,
+                ),
+            };
             calls += n;
             // The token's schedule, computed once, when it arrives.
             let result = result.map(|token| {
@@ -637,7 +651,7 @@ impl Cache {
             if stale && Instant::now() + EXPIRED_ON_ARRIVAL_PAUSE < job.deadline {
                 debug!(
                     "{}: the endpoint returned a token that is about to expire; asking again",
-                    job.resource
+                    job.key
                 );
                 std::thread::sleep(EXPIRED_ON_ARRIVAL_PAUSE);
                 continue;
@@ -658,7 +672,7 @@ impl Cache {
 
     fn accept(
         &self,
-        resource: &Arc<str>,
+        resource: &Key,
         entry: &mut Entry,
         arrival: Arrival,
         now: EpochMs,
@@ -708,7 +722,7 @@ impl Cache {
     /// valid held goes to the negative cache. Returns what waiters get.
     fn record_failure(
         &self,
-        resource: &Arc<str>,
+        resource: &Key,
         entry: &mut Entry,
         refusals: &mut Refusals,
         e: &SourceError,
@@ -758,7 +772,7 @@ impl Cache {
     }
 }
 
-fn unreachable_state(resource: &str) -> ReadError {
+fn unreachable_state(resource: &Key) -> ReadError {
     ReadError::Unavailable(format!(
         "{resource}: internal error: no valid token to serve"
     ))

@@ -1,5 +1,6 @@
 //! What `.status` says of the cache: the settings, the upstream's state and one record per
-//! resource (held, being fetched, refused, failed). Never token bytes.
+//! key (held, being fetched, refused, failed), gathered under the cache's lock. Never token
+//! bytes.
 
 use super::{Cache, State};
 use crate::policy::EpochMs;
@@ -67,9 +68,9 @@ impl Cache {
         let State { entries, refusals } = &*guard;
         let mut resources: Vec<ResourceStatus> = entries
             .iter()
-            .map(|(r, e)| {
+            .map(|(k, e)| {
                 let held = e.valid(now);
-                let refusal = refusals.active(r, now);
+                let refusal = refusals.active(k, now);
                 let last_error = e
                     .failures
                     .last_error
@@ -77,8 +78,8 @@ impl Cache {
                     .map(|(m, at)| (m.clone(), *at))
                     .or_else(|| refusal.map(|x| (x.message().to_string(), x.at)));
                 ResourceStatus {
-                    name: crate::names::canonical_name(r),
-                    resource: r.to_string(),
+                    name: crate::names::canonical_name(&k.resource),
+                    resource: k.resource.to_string(),
                     state: e.state(now, refusal),
                     declared: e.declared,
                     expires_on: held.map(|v| secs(v.expires_on)),
@@ -94,12 +95,12 @@ impl Cache {
             .collect();
         resources.extend(
             refusals
-                .by_resource
+                .by_key
                 .iter()
-                .filter(|(r, x)| now < x.until && !entries.contains_key(*r))
-                .map(|(r, x)| ResourceStatus {
-                    name: crate::names::canonical_name(r),
-                    resource: r.to_string(),
+                .filter(|(k, x)| now < x.until && !entries.contains_key(*k))
+                .map(|(k, x)| ResourceStatus {
+                    name: crate::names::canonical_name(&k.resource),
+                    resource: k.resource.to_string(),
                     state: x.state(),
                     declared: false,
                     expires_on: None,

@@ -1,4 +1,5 @@
-//! The upstream as the cache uses it: one `Source` behind the mount-wide request rate
+//! The upstream as the cache uses it: the sources of every identity behind the mount-wide
+//! request rate
 //! (`--max-upstream-rate`, refreshes of held tokens first) and the known-down state (after
 //! a connection-level failure, fetches make one attempt each until the upstream answers
 //! again, so an endpoint that is down costs one `--timeout`, not one per name).
@@ -33,7 +34,6 @@ struct Reach {
 }
 
 pub struct Upstream {
-    source: Arc<dyn Source>,
     clock: Arc<dyn Clock>,
     limiter: Mutex<Limiter>,
     limiter_cv: Condvar,
@@ -43,10 +43,9 @@ pub struct Upstream {
 }
 
 impl Upstream {
-    pub fn new(source: Arc<dyn Source>, clock: Arc<dyn Clock>, rate: u32) -> Upstream {
+    pub fn new(clock: Arc<dyn Clock>, rate: u32) -> Upstream {
         let now = clock.now();
         Upstream {
-            source,
             clock,
             limiter: Mutex::new(Limiter {
                 bucket: Bucket::new(rate, now),
@@ -56,10 +55,6 @@ impl Upstream {
             reach: Mutex::new(Reach::default()),
             held_back: AtomicU64::new(0),
         }
-    }
-
-    pub fn source(&self) -> &dyn Source {
-        &*self.source
     }
 
     pub fn held_back(&self) -> u64 {
@@ -82,6 +77,7 @@ impl Upstream {
     /// is retried while the upstream is known down. Returns the outcome and the calls made.
     pub fn fetch(
         &self,
+        source: &dyn Source,
         resource: &str,
         deadline: Instant,
         refresh: bool,
@@ -104,7 +100,7 @@ impl Upstream {
             }
             budget = left;
             calls += 1;
-            let err = match self.source.fetch_once(resource, left) {
+            let err = match source.fetch_once(resource, left) {
                 Ok(t) => break Ok(t),
                 Err(e) => e,
             };

@@ -6,7 +6,7 @@
 use super::request::{self, BadRequest};
 use super::{Counters, Settings};
 use crate::audit::{Audit, HttpEvent};
-use crate::cache::{Cache, Lease, ReadError, Use};
+use crate::cache::{Cache, IdentityId, Key, Lease, ReadError, Use};
 use crate::hardening::ct_eq;
 use crate::httpserver::{self, race, Answer, Either, Reply, Request, Stop};
 use crate::token::Version;
@@ -157,15 +157,15 @@ impl Inner {
         if sent.len() > request::MAX_RESOURCE {
             return bad(BadRequest::ResourceTooLong(sent.len()));
         }
-        let key = match request::cache_key(sent) {
-            Ok(k) => k,
+        let key = match crate::names::resolve_query(sent) {
+            Ok(resource) => Key::new(IdentityId::DEFAULT, resource),
             Err(why) => return bad(BadRequest::Resource(sent.clone(), why)),
         };
         match self.read(&key, stop).await {
             Ok(Lease { version: v, .. }) => {
                 if let Some(audit) = &self.audit {
                     audit.served(HttpEvent {
-                        resource: v.resource.clone(),
+                        resource: v.key.resource.shared(),
                         peer,
                     });
                 }
@@ -187,7 +187,7 @@ impl Inner {
     /// A read like a file's lookup and open, in one call: the cache's current valid version
     /// (waiting for a fetch if need be, within `--timeout`), counted as a use (refresh
     /// ahead).
-    async fn read(&self, key: &str, stop: &Stop) -> Result<Lease, ReadError> {
+    async fn read(&self, key: &Key, stop: &Stop) -> Result<Lease, ReadError> {
         let (tx, rx) = tokio::sync::oneshot::channel();
         self.cache.read(
             key,

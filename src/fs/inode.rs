@@ -4,6 +4,7 @@
 //! its own block of inodes (one per view), so each version has its own page cache and a
 //! refresh never changes the bytes behind an inode.
 
+use crate::cache::Key;
 use crate::policy::{self, Schedule, Verdict};
 use crate::token::{Version, View};
 use parking_lot::Mutex;
@@ -85,7 +86,7 @@ pub struct Known {
     pin: Option<Arc<Version>>,
     /// `--no-open`: the (directory inode, name) pairs the kernel looked this version up by.
     names: Vec<(u64, String)>,
-    pub resource: Arc<str>,
+    pub key: Key,
     pub sizes: [u64; View::ALL.len()],
     pub mtime_ms: i64,
     /// The version's schedule (a copy: the version itself may be gone).
@@ -115,7 +116,7 @@ impl InodeTable {
             version: Arc::downgrade(v),
             pin: None,
             names: Vec::new(),
-            resource: v.resource.clone(),
+            key: v.key.clone(),
             sizes: View::ALL.map(|view| v.bytes(view).len() as u64),
             mtime_ms: v.fetched_at,
             schedule: v.schedule,
@@ -157,9 +158,9 @@ impl InodeTable {
         out
     }
 
-    /// Whether the kernel holds a name for some version of `resource`.
-    pub fn holds(&self, resource: &str) -> bool {
-        self.known.lock().values().any(|k| &*k.resource == resource)
+    /// Whether the kernel holds a name for some version of `key`.
+    pub fn holds(&self, key: &Key) -> bool {
+        self.known.lock().values().any(|k| k.key == *key)
     }
 
     /// The kernel dropped `n` lookups of an inode of `version`; `true` when it holds none

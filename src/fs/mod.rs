@@ -9,7 +9,7 @@ pub mod noopen;
 pub mod status;
 
 use crate::audit::{Audit, OpenEvent};
-use crate::cache::{Cache, Lease, ReadError, Use};
+use crate::cache::{Cache, IdentityId, Key, Lease, ReadError, Use};
 use crate::names;
 use crate::token::{Version, View};
 use echo::KernelEcho;
@@ -138,6 +138,8 @@ pub struct Caller {
 
 pub struct Core {
     cache: Arc<Cache>,
+    /// The identity whose tokens the mount shows (the cache's default one, today).
+    identity: IdentityId,
     access: Access,
     audit: Option<Audit>,
     /// Why this upstream was chosen, for `.status`.
@@ -188,6 +190,7 @@ impl Core {
     ) -> Arc<Core> {
         Arc::new(Core {
             cache,
+            identity: IdentityId::DEFAULT,
             access,
             audit,
             source_reason: source_reason.to_string(),
@@ -234,18 +237,18 @@ impl Core {
             (Some(_), _) => return done(Err(FsError::NotDir)),
             (None, _) => return done(Err(FsError::NotFound)),
         };
-        let resource = match names::resolve(name) {
-            Ok(r) => r,
+        let key = match names::resolve(name) {
+            Ok(resource) => Key::new(self.identity, resource),
             Err(why) => {
                 debug!("lookup {name:?}: {why}");
                 return done(Err(FsError::NotFound));
             }
         };
-        if let Some(err) = self.echo.retry_of_failed(&resource, caller.pid) {
+        if let Some(err) = self.echo.retry_of_failed(&key, caller.pid) {
             return done(Err(err));
         }
         let core = self.clone();
-        let key = resource.clone();
+        let read = key.clone();
         // Kept for `inval_entry` in no-open mode only.
         let name = self.no_open().then(|| name.to_string());
         // In no-open mode the lookup is the read; else the open that follows is.
@@ -254,7 +257,7 @@ impl Core {
             false => Use::Look,
         };
         self.cache.read(
-            &key,
+            &read,
             usage,
             Box::new(move |got| {
                 done(match got {
@@ -262,7 +265,7 @@ impl Core {
                         let name = name.as_deref().unwrap_or_default();
                         let v = &lease.version;
                         core.inodes.remember_as(v, Some((parent, name)));
-                        core.audit("lookup", v.resource.clone(), view.label(), caller);
+                        core.audit("lookup", v.key.resource.shared(), view.label(), caller);
                         Ok(core.token_entry(&lease, view))
                     }
                     Ok(lease) => {
@@ -275,9 +278,8 @@ impl Core {
                     Err(ReadError::Refused(_)) => Err(FsError::NotFound),
                     Err(ReadError::Denied(_)) => Err(FsError::Denied),
                     Err(ReadError::Unavailable(_)) => {
-                        if core.inodes.holds(&resource) {
-                            core.echo
-                                .revalidation_failed(resource, caller.pid, FsError::Io);
+                        if core.inodes.holds(&key) {
+                            core.echo.revalidation_failed(key, caller.pid, FsError::Io);
                         }
                         Err(FsError::Io)
                     }
@@ -352,7 +354,7 @@ impl Core {
                     false => Use::Look,
                 };
                 self.cache.reopen(&v, usage).map_err(|_| FsError::Stale)?;
-                self.audit("open", v.resource.clone(), view.label(), caller);
+                self.audit("open", v.key.resource.shared(), view.label(), caller);
                 (Handle::Token(v, view), OpenMode::Cached)
             }
             Node::Status => (Handle::Status(self.status_snapshot()), OpenMode::Direct),
@@ -479,9 +481,10 @@ impl Core {
             .cache
             .listed()
             .into_iter()
-            .filter_map(|(resource, v)| {
+            .filter(|(key, _)| key.identity == self.identity)
+            .filter_map(|(key, v)| {
                 let ino = v.map_or(inode::UNRESOLVED, |v| inode::token_ino(v.id, view));
-                names::canonical_name(&resource).map(|n| (ino, n))
+                names::canonical_name(&key.resource).map(|n| (ino, n))
             })
             .collect();
         names.sort_by(|a, b| a.1.cmp(&b.1));

@@ -311,12 +311,17 @@ fn start(req: &MountRequest, mountpoint: &Path, plan: Plan) -> Result<Started, M
     if let Some(emu) = &emulator {
         info!("serving tokens from the built-in emulator at {}", emu.url());
     }
-    let declared: Vec<String> = req
+    let declared: Vec<_> = req
         .resources
         .iter()
         .filter_map(|n| crate::names::resolve_arg(n).ok())
         .collect();
-    let cache = Cache::new(source, req.policy.clone(), &declared, Arc::new(SystemClock));
+    let cache = Cache::new(
+        crate::cache::Identities::one(source),
+        req.policy.clone(),
+        &crate::cache::Key::defaults(&declared),
+        Arc::new(SystemClock),
+    );
     cache.start_background().map_err(no_thread)?;
     let access = Access {
         // SAFETY: getuid/getgid cannot fail.

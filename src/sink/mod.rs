@@ -90,7 +90,7 @@ impl std::error::Error for SinkError {}
 /// One declared resource: what is sent and the name its files have.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Declared {
-    pub resource: String,
+    pub resource: crate::names::Resource,
     pub name: String,
 }
 

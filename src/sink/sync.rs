@@ -5,7 +5,7 @@
 //! what is missing, and rewrites `.status` on change.
 
 use super::{Declared, SinkRequest, Taken};
-use crate::cache::{Cache, Status, Use};
+use crate::cache::{Cache, Identities, IdentityId, Key, Status, Use};
 use crate::fs::status::Report;
 use crate::mount::Ready;
 use crate::policy::SystemClock;
@@ -177,11 +177,11 @@ pub fn run(
         }
     };
     info!("source {}: {}", plan.kind, plan.reason);
-    let resources: Vec<String> = declared.iter().map(|d| d.resource.clone()).collect();
+    let resources: Vec<_> = declared.iter().map(|d| d.resource.clone()).collect();
     let cache = Cache::new(
-        source,
+        Identities::one(source),
         req.policy.clone(),
-        &resources,
+        &Key::defaults(&resources),
         Arc::new(SystemClock),
     );
     if let Err(e) = cache.start_background() {
@@ -276,6 +276,7 @@ impl Follower<'_> {
             return Ok(());
         }
         let resource = slot.declared.resource.clone();
+        let key = Key::new(IdentityId::DEFAULT, resource.clone());
         let tx = self.tx.clone();
         let later = Box::new(
             move |r: Result<crate::cache::Lease, crate::cache::ReadError>| {
@@ -283,7 +284,7 @@ impl Follower<'_> {
             },
         );
         // Every declared resource counts as read: the cache refreshes it ahead.
-        match self.cache.read_now(&resource, Use::Read, later) {
+        match self.cache.read_now(&key, Use::Read, later) {
             Some(Ok(lease)) if lease.valid_for > UNLINK_LEAD => {
                 let slot = &self.slots[i];
                 let fresh = slot
@@ -409,7 +410,7 @@ impl Follower<'_> {
                 };
                 Some(Missing {
                     name: s.declared.name.clone(),
-                    resource: s.declared.resource.clone(),
+                    resource: s.declared.resource.to_string(),
                     reason,
                 })
             })
@@ -467,7 +468,7 @@ mod tests {
     #[test]
     fn a_write_failure_is_the_missing_reason_until_a_write_succeeds() {
         let declared = Declared {
-            resource: "https://vault.azure.net".into(),
+            resource: crate::names::resolve("vault.azure.net").unwrap(),
             name: "vault.azure.net".into(),
         };
         let mut slot = Slot::new(declared, Instant::now());

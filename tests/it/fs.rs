@@ -3,7 +3,7 @@
 //! fake clock and a fake source. Runs anywhere, /dev/fuse or not.
 
 use cstokenfs::inode::{self, Node};
-use cstokenfs::testing::{FakeClock, FakeSource};
+use cstokenfs::testing::{FakeClock, FakeSource, Identities, IdentityId, Key};
 use cstokenfs::Cache;
 use cstokenfs::Policy;
 use cstokenfs::{Access, Caller, Core, Entry, FsError};
@@ -23,11 +23,16 @@ struct Fixture {
 fn fixture_with(policy: Policy, declared: &[&str]) -> Fixture {
     let clock = FakeClock::new(1_700_000_000_000);
     let source = FakeSource::new(clock.clone(), HOUR);
-    let declared: Vec<String> = declared
+    let declared: Vec<Key> = declared
         .iter()
-        .map(|n| cstokenfs::rules::resolve(n).unwrap())
+        .map(|n| Key::new(IdentityId::DEFAULT, cstokenfs::rules::resolve(n).unwrap()))
         .collect();
-    let cache = Cache::new(source.clone(), policy, &declared, clock.clone());
+    let cache = Cache::new(
+        Identities::one(source.clone()),
+        policy,
+        &declared,
+        clock.clone(),
+    );
     let access = Access {
         uid: 1000,
         gid: 1000,
@@ -252,7 +257,12 @@ fn directories_and_dot_names() {
 fn the_open_that_echoes_a_waiting_lookup_is_not_a_later_read() {
     let clock = FakeClock::new(1_700_000_000_000);
     let source = FakeSource::new(clock.clone(), HOUR);
-    let cache = Cache::new(source.clone(), Policy::default(), &[], clock.clone());
+    let cache = Cache::new(
+        Identities::one(source.clone()),
+        Policy::default(),
+        &[],
+        clock.clone(),
+    );
     let _background = cache.start_background().unwrap();
     let access = Access {
         uid: 0,
