@@ -70,6 +70,8 @@ pub enum FsError {
     ReadOnly,
     NotDir,
     BadHandle,
+    /// No-open mode: the kernel answers this request itself once told so (OPEN, FLUSH).
+    LeftToKernel,
 }
 
 impl FsError {
@@ -82,6 +84,7 @@ impl FsError {
             FsError::ReadOnly => Errno::EROFS,
             FsError::NotDir => Errno::ENOTDIR,
             FsError::BadHandle => Errno::EBADF,
+            FsError::LeftToKernel => Errno::ENOSYS,
         }
     }
 }
@@ -157,8 +160,26 @@ pub struct Core {
     /// bytes (nothing changed, same second); gone once its last handle closes.
     last_status: Mutex<Weak<Vec<u8>>>,
     extras: Extras,
-    /// `--no-open`'s state; `None` in the default mode.
-    noopen: Option<noopen::NoOpen>,
+    /// How opens are served, with no-open mode's state.
+    serving: Serving,
+}
+
+/// How the mount serves opens: matched once per operation that differs between the modes.
+enum Serving {
+    /// The default: every open reaches the daemon and gets a handle; the open is the read.
+    Handles,
+    /// `--no-open`: the kernel answers opens itself and reads by inode; the lookup is the
+    /// read (see `noopen`).
+    NoOpen(noopen::NoOpen),
+}
+
+/// What a lookup's answer does with the version it found, by mode.
+enum Found {
+    /// Counts the kernel's lookup; the open that follows is the read.
+    Handles,
+    /// Pins the version under the name looked up (for `inval_entry`); the lookup is the read
+    /// and is audited.
+    NoOpen { parent: u64, name: String },
 }
 
 /// How an open file is served.
@@ -201,7 +222,10 @@ impl Core {
             started: SystemTime::now(),
             stopping: AtomicBool::new(false),
             last_status: Mutex::new(Weak::new()),
-            noopen: extras.no_open.then(noopen::NoOpen::new),
+            serving: match extras.no_open {
+                true => Serving::NoOpen(noopen::NoOpen::new()),
+                false => Serving::Handles,
+            },
             extras,
         })
     }
@@ -218,7 +242,7 @@ impl Core {
         let view = match (inode::node(parent), name) {
             (Some(Node::Root), ".status") => return done(Ok(self.status_entry())),
             (Some(Node::Root), ".env") if self.extras.env_file.is_some() => {
-                if self.no_open() {
+                if let Serving::NoOpen(_) = self.serving {
                     self.audit("lookup", ".env".into(), "endpoint secret", caller);
                 }
                 return done(self.getattr(inode::ENV));
@@ -249,29 +273,33 @@ impl Core {
         }
         let core = self.clone();
         let read = key.clone();
-        // Kept for `inval_entry` in no-open mode only.
-        let name = self.no_open().then(|| name.to_string());
         // In no-open mode the lookup is the read; else the open that follows is.
-        let usage = match self.no_open() {
-            true => Use::ReadUnlessFetched,
-            false => Use::Look,
+        let (found, usage) = match self.serving {
+            Serving::Handles => (Found::Handles, Use::Look),
+            Serving::NoOpen(_) => {
+                let name = name.to_string();
+                (Found::NoOpen { parent, name }, Use::ReadUnlessFetched)
+            }
         };
         self.cache.read(
             &read,
             usage,
             Box::new(move |got| {
                 done(match got {
-                    Ok(lease) if name.is_some() => {
-                        let name = name.as_deref().unwrap_or_default();
-                        let v = &lease.version;
-                        core.inodes.remember_as(v, Some((parent, name)));
-                        core.audit("lookup", v.key.resource.shared(), view.label(), caller);
-                        Ok(core.token_entry(&lease, view))
-                    }
                     Ok(lease) => {
-                        core.inodes.remember(&lease.version);
-                        if lease.fetched {
-                            core.echo.waited_for(lease.version.id);
+                        let v = &lease.version;
+                        match found {
+                            Found::Handles => {
+                                core.inodes.remember(v);
+                                if lease.fetched {
+                                    core.echo.waited_for(v.id);
+                                }
+                            }
+                            Found::NoOpen { parent, name } => {
+                                core.inodes.remember_as(v, Some((parent, &name)));
+                                let resource = v.key.resource.shared();
+                                core.audit("lookup", resource, view.label(), caller);
+                            }
                         }
                         Ok(core.token_entry(&lease, view))
                     }
@@ -309,10 +337,7 @@ impl Core {
                     .inodes
                     .version(version)
                     .and_then(|v| self.cache.judge(&v));
-                let ttl = match self.no_open() {
-                    true => self.no_open_ttls(lease.as_ref()).0,
-                    false => token_ttl(lease.as_ref()),
-                };
+                let (ttl, _) = self.serving.ttls(lease.as_ref());
                 Ok(Entry {
                     attr: self.attr(ino, FileType::RegularFile, size, mtime),
                     ttl,
@@ -339,11 +364,16 @@ impl Core {
         }
     }
 
-    /// Opens a file for reading: a token version only while it is current and valid.
+    /// Opens a file for reading: a token version only while it is current and valid. In
+    /// no-open mode the kernel answers opens itself once told so (`LeftToKernel`).
     pub fn open(&self, ino: u64, caller: Caller) -> Result<(u64, OpenMode), FsError> {
+        if let Serving::NoOpen(_) = self.serving {
+            // The kernel makes its own file (FOPEN_KEEP_CACHE) and sends no OPEN again.
+            return Err(FsError::LeftToKernel);
+        }
         let (handle, mode) = match inode::node(ino).ok_or(FsError::NotFound)? {
-            Node::Token { .. } if self.stopping.load(Ordering::SeqCst) => return Err(FsError::Io),
             Node::Token { version, view } => {
+                self.serving_allowed()?;
                 let v = self
                     .inodes
                     .with(version, |k| k.version.upgrade())
@@ -385,8 +415,44 @@ impl Core {
         }
     }
 
-    /// Up to `size` bytes at `offset` of an open file.
+    /// Up to `size` bytes at `offset` of inode `ino` opened as handle `fh`: by the handle,
+    /// or in no-open mode (no handles) by the inode.
     pub fn read<T>(
+        &self,
+        ino: u64,
+        fh: u64,
+        offset: u64,
+        size: u32,
+        f: impl FnOnce(&[u8]) -> T,
+    ) -> Result<T, FsError> {
+        let no = match &self.serving {
+            Serving::Handles => return self.read_handle(fh, offset, size, f),
+            Serving::NoOpen(no) => no,
+        };
+        self.read_inode(no, ino, offset, size, f)
+    }
+
+    /// The bytes of `v`'s `view`, if they may be served now: never once the daemon is
+    /// stopping (its pages are being dropped from the page cache) nor once `v` has expired
+    /// (an open file reads its version until then, superseded or not). Both modes ask this.
+    fn token_bytes<'a>(&self, v: &'a Version, view: View) -> Result<&'a [u8], FsError> {
+        self.serving_allowed()?;
+        if v.expired(self.cache.now()) {
+            return Err(FsError::Io);
+        }
+        Ok(v.bytes(view))
+    }
+
+    /// Token bytes are served at all: not once SIGTERM/SIGINT stopped serving (EIO).
+    fn serving_allowed(&self) -> Result<(), FsError> {
+        match self.stopping.load(Ordering::SeqCst) {
+            true => Err(FsError::Io),
+            false => Ok(()),
+        }
+    }
+
+    /// Up to `size` bytes at `offset` of open file `fh`.
+    fn read_handle<T>(
         &self,
         fh: u64,
         offset: u64,
@@ -401,11 +467,7 @@ impl Core {
             .cloned()
             .ok_or(FsError::BadHandle)?;
         let bytes = match &handle {
-            // The daemon is shutting down: its pages are being dropped from the page cache.
-            Handle::Token(..) if self.stopping.load(Ordering::SeqCst) => return Err(FsError::Io),
-            // Opened while valid, but never served once expired.
-            Handle::Token(v, _) if v.expired(self.cache.now()) => return Err(FsError::Io),
-            Handle::Token(v, view) => v.bytes(*view),
+            Handle::Token(v, view) => self.token_bytes(v, *view)?,
             Handle::Status(b) => b.as_slice(),
             Handle::Fixed(b) => b.as_slice(),
             Handle::Dir(_) => return Err(FsError::BadHandle),
@@ -413,9 +475,14 @@ impl Core {
         Ok(f(slice_at(bytes, offset, size)))
     }
 
-    /// `lseek` with SEEK_DATA or SEEK_HOLE: a file is one run of data, no holes; at or past
-    /// its end there is neither (ENXIO). The kernel does every other whence itself.
-    pub fn seek(&self, fh: u64, offset: i64, whence: i32) -> Result<i64, Errno> {
+    /// `lseek` with SEEK_DATA or SEEK_HOLE on inode `ino` opened as `fh` (in no-open mode:
+    /// by the inode's size): a file is one run of data, no holes; at or past its end there
+    /// is neither (ENXIO). The kernel does every other whence itself.
+    pub fn seek(&self, ino: u64, fh: u64, offset: i64, whence: i32) -> Result<i64, Errno> {
+        if let Serving::NoOpen(_) = self.serving {
+            let size = self.getattr(ino).map_err(FsError::errno)?.attr.size as i64;
+            return seek_in(size, offset, whence);
+        }
         let size = match self.handles.lock().get(&fh) {
             Some(Handle::Token(v, view)) => v.bytes(*view).len(),
             Some(Handle::Status(b)) => b.len(),
@@ -424,6 +491,15 @@ impl Core {
             None => return Err(Errno::EBADF),
         } as i64;
         seek_in(size, offset, whence)
+    }
+
+    /// FLUSH: nothing to write back; in no-open mode the kernel is told to stop sending it
+    /// (FOPEN_NOFLUSH needs an OPEN reply).
+    pub fn flush(&self) -> Result<(), FsError> {
+        match self.serving {
+            Serving::Handles => Ok(()),
+            Serving::NoOpen(_) => Err(FsError::LeftToKernel),
+        }
     }
 
     pub fn release(&self, fh: u64) {
@@ -528,10 +604,12 @@ impl Core {
     /// In no-open mode it wakes at least every `noopen::WATCH_MAX_PAUSE_MS`, also has the
     /// names of expired versions invalidated, and starts the invalidator thread.
     pub fn start_expiry_watch(self: &Arc<Self>, notifier: fuser::Notifier) -> std::io::Result<()> {
-        self.start_invalidator(notifier.clone())?;
-        let max_pause = match self.no_open() {
-            true => noopen::WATCH_MAX_PAUSE_MS,
-            false => 1_000,
+        let max_pause = match &self.serving {
+            Serving::Handles => 1_000,
+            Serving::NoOpen(no) => {
+                no.start_invalidator(notifier.clone())?;
+                noopen::WATCH_MAX_PAUSE_MS
+            }
         };
         let core = Arc::downgrade(self);
         std::thread::Builder::new()
@@ -585,19 +663,21 @@ impl Core {
             .iter()
             .map(|(k, part)| (*k, part()))
             .collect();
-        extra.insert("no_open", self.no_open().into());
-        // Counted in no-open mode only, where they stop changing after the first open.
-        if let Some(counts) = self.request_counts() {
-            extra.insert("fuse_requests", counts);
+        match &self.serving {
+            Serving::Handles => {
+                extra.insert("no_open", false.into());
+            }
+            Serving::NoOpen(no) => {
+                extra.insert("no_open", true.into());
+                // Counted in no-open mode only, where they stop changing after the first open.
+                extra.insert("fuse_requests", no.request_counts());
+            }
         }
         status::Report::new(&status, &self.source_reason, extra).to_bytes()
     }
 
     fn token_entry(&self, lease: &Lease, view: View) -> Entry {
-        let (ttl, entry_ttl) = match self.no_open() {
-            true => self.no_open_ttls(Some(lease)),
-            false => (token_ttl(Some(lease)), token_ttl(Some(lease))),
-        };
+        let (ttl, entry_ttl) = self.serving.ttls(Some(lease));
         let v = &lease.version;
         Entry {
             attr: self.attr(
@@ -654,13 +734,23 @@ impl Core {
     }
 }
 
-/// How long the kernel may keep a token's name and attributes: until it stops being valid
-/// (while it is the current one), at most `MAX_TOKEN_TTL`; nothing once superseded or
-/// expired (`None`).
-fn token_ttl(lease: Option<&Lease>) -> Duration {
-    match lease {
-        Some(l) if l.current => l.valid_for.min(MAX_TOKEN_TTL),
-        _ => Duration::ZERO,
+impl Serving {
+    /// How long the kernel may keep a token's attributes and its name, given the cache's
+    /// lease on its version (`None`: expired). Default mode: both until it stops being
+    /// valid while it is the current one, at most `MAX_TOKEN_TTL`, nothing once superseded.
+    /// No-open mode: see `noopen::ttls`.
+    fn ttls(&self, lease: Option<&Lease>) -> (Duration, Duration) {
+        match (self, lease) {
+            (_, None) => (Duration::ZERO, Duration::ZERO),
+            (Serving::Handles, Some(l)) => {
+                let ttl = match l.current {
+                    true => l.valid_for.min(MAX_TOKEN_TTL),
+                    false => Duration::ZERO,
+                };
+                (ttl, ttl)
+            }
+            (Serving::NoOpen(_), Some(l)) => noopen::ttls(l),
+        }
     }
 }
 

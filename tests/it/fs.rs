@@ -73,7 +73,7 @@ impl Fixture {
     /// open + read of the whole file + release.
     fn cat(&self, ino: u64) -> Result<Vec<u8>, FsError> {
         let (fh, _) = self.core.open(ino, READER)?;
-        let bytes = self.core.read(fh, 0, 1 << 20, <[u8]>::to_vec);
+        let bytes = self.core.read(ino, fh, 0, 1 << 20, <[u8]>::to_vec);
         self.core.release(fh);
         bytes
     }
@@ -131,7 +131,7 @@ fn a_superseded_version_is_stale_for_new_opens_but_an_open_file_keeps_it() {
         .expect("a new version");
     assert_eq!(f.core.open(old, READER).unwrap_err(), FsError::Stale);
     assert_eq!(f.cat(new).unwrap(), b"token-2");
-    let kept = f.core.read(held, 0, 4096, <[u8]>::to_vec).unwrap();
+    let kept = f.core.read(old, held, 0, 4096, <[u8]>::to_vec).unwrap();
     assert_eq!(kept, b"token-1", "an open file reads its version whole");
     assert_eq!(
         f.core.getattr(old).unwrap().ttl,
@@ -147,7 +147,7 @@ fn an_open_file_gets_eio_once_its_version_expires() {
     let (fh, _) = f.core.open(ino, READER).unwrap();
     f.clock.advance(HOUR - 5_000);
     assert_eq!(
-        f.core.read(fh, 0, 4096, <[u8]>::to_vec).unwrap_err(),
+        f.core.read(ino, fh, 0, 4096, <[u8]>::to_vec).unwrap_err(),
         FsError::Io
     );
     assert_eq!(f.core.open(ino, READER).unwrap_err(), FsError::Stale);
