@@ -53,8 +53,9 @@ impl fmt::Display for ReadError {
 
 impl std::error::Error for ReadError {}
 
-impl ReadError {
-    fn of(e: &SourceError) -> ReadError {
+/// How a failed fetch reads to a reader: by the failure's kind, with its (redacted) message.
+impl From<&SourceError> for ReadError {
+    fn from(e: &SourceError) -> ReadError {
         let message = e.to_string();
         match e.failure() {
             Failure::Refused => ReadError::Refused(message),
@@ -728,7 +729,7 @@ impl Cache {
         e: &SourceError,
         now: EpochMs,
     ) -> ReadError {
-        let error = ReadError::of(e);
+        let error = ReadError::from(e);
         let message = e.to_string();
         let f = &mut entry.failures;
         f.consecutive += 1;

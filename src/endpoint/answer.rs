@@ -4,7 +4,7 @@
 //! an open, answered in App Service's shapes.
 
 use super::request::{self, BadRequest};
-use super::{Counters, Settings};
+use super::{Category, Counters, Settings};
 use crate::audit::{Audit, HttpEvent};
 use crate::cache::{Cache, IdentityId, Key, Lease, ReadError, Use};
 use crate::hardening::ct_eq;
@@ -49,22 +49,46 @@ impl EndpointHandler {
     }
 }
 
-/// An answer before it is a reply: status, message or token body.
+/// An answer before it is a reply: a token body, or an error with its category (what
+/// `.status` counts), status and message.
 enum Outcome {
     Token(Vec<u8>),
     Error {
+        category: Category,
         status: u16,
         message: String,
-        /// A resource the upstream refused (counted apart from our own 400s).
-        upstream_refused: bool,
     },
 }
 
-fn error(status: u16, message: impl Into<String>) -> Outcome {
+fn error(category: Category, status: u16, message: impl Into<String>) -> Outcome {
     Outcome::Error {
+        category,
         status,
         message: message.into(),
-        upstream_refused: false,
+    }
+}
+
+impl Outcome {
+    /// A read of resource `sent` that got no token: category and status by the read's
+    /// error.
+    fn of_read(e: ReadError, sent: &str) -> Outcome {
+        match e {
+            ReadError::Refused(m) => error(
+                Category::Refused,
+                400,
+                format!("the token endpoint refused resource {sent}: {m}"),
+            ),
+            ReadError::Denied(m) => error(
+                Category::Denied,
+                403,
+                format!("the token endpoint refused this mount's identity ({sent}): {m}"),
+            ),
+            ReadError::Unavailable(m) => error(
+                Category::UpstreamFailed,
+                500,
+                format!("no token for {sent}: {m}"),
+            ),
+        }
     }
 }
 
@@ -74,19 +98,15 @@ impl httpserver::Handler for EndpointHandler {
         async move {
             inner.counters.requests.fetch_add(1, Ordering::Relaxed);
             let outcome = inner.answer(&req, &stop).await;
-            let (status, body, refused) = match outcome {
-                Outcome::Token(body) => (200, body, false),
+            let (category, status, body) = match outcome {
+                Outcome::Token(body) => (Category::Served, 200, body),
                 Outcome::Error {
+                    category,
                     status,
                     message,
-                    upstream_refused,
-                } => (
-                    status,
-                    app_service_error(status, &message),
-                    upstream_refused,
-                ),
+                } => (category, status, app_service_error(status, &message)),
             };
-            inner.counters.count(status, refused);
+            inner.counters.count(category);
             if stop.is_stopped() {
                 return Answer::Close;
             }
@@ -102,7 +122,8 @@ impl httpserver::Handler for EndpointHandler {
 
     fn refuse(&self, status: u16, message: &str) -> Reply {
         self.0.counters.requests.fetch_add(1, Ordering::Relaxed);
-        self.0.counters.count(status, false);
+        // 408 and 413: the server refused the request before the endpoint saw it.
+        self.0.counters.count(Category::BadRequest);
         json_reply(status, app_service_error(status, message))
     }
 }
@@ -115,7 +136,7 @@ impl Inner {
             .is_some_and(|h| ct_eq(h.as_bytes(), self.secret.as_bytes()));
         if !secret_ok {
             debug!("endpoint: 401 for {peer:?}: missing or wrong X-IDENTITY-HEADER");
-            return error(401, "Unauthorized");
+            return error(Category::Unauthorized, 401, "Unauthorized");
         }
         if request::PROXY_HEADERS
             .iter()
@@ -133,12 +154,13 @@ impl Inner {
         }
         if request::path(&req.target) != request::PATH {
             return error(
+                Category::NotFound,
                 404,
                 format!("Not found: only GET {} is served", request::PATH),
             );
         }
         if req.method != "GET" {
-            return error(405, "Method not allowed: use GET");
+            return error(Category::NotFound, 405, "Method not allowed: use GET");
         }
         let params = match request::parse_query(&req.target) {
             Ok(p) => p,
@@ -171,16 +193,7 @@ impl Inner {
                 }
                 Outcome::Token(self.token_body(&v, sent))
             }
-            Err(ReadError::Refused(m)) => Outcome::Error {
-                status: 400,
-                message: format!("the token endpoint refused resource {sent}: {m}"),
-                upstream_refused: true,
-            },
-            Err(ReadError::Denied(m)) => error(
-                403,
-                format!("the token endpoint refused this mount's identity ({sent}): {m}"),
-            ),
-            Err(ReadError::Unavailable(m)) => error(500, format!("no token for {sent}: {m}")),
+            Err(e) => Outcome::of_read(e, sent),
         }
     }
 
@@ -238,7 +251,7 @@ impl Inner {
 }
 
 fn bad(e: BadRequest) -> Outcome {
-    error(400, e.to_string())
+    error(Category::BadRequest, 400, e.to_string())
 }
 
 /// App Service's error shape: `{"statusCode":N,"message":".."}`.

@@ -54,7 +54,28 @@ pub struct Settings {
     pub timeout: Duration,
 }
 
-/// Requests by outcome, for `.status`.
+/// What kind of answer a request got, as `.status` counts it: decided where the answer is
+/// made (a read's failure by its `ReadError`), never worked back out of the HTTP status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Category {
+    /// 200 with a token.
+    Served,
+    /// 401: a missing or wrong secret.
+    Unauthorized,
+    /// 400 (and 408, 413 from the server) for a request the endpoint will not serve.
+    BadRequest,
+    /// 400: the upstream refused the resource.
+    Refused,
+    /// 403: the upstream refused the identity.
+    Denied,
+    /// 500: no token could be had.
+    UpstreamFailed,
+    /// 404 or 405: another path or method.
+    NotFound,
+}
+
+/// Requests by outcome, for `.status`. Atomics: any connection's task counts, the
+/// `.status` reader loads; no lock.
 #[derive(Default)]
 pub(crate) struct Counters {
     requests: AtomicU64,
@@ -68,15 +89,15 @@ pub(crate) struct Counters {
 }
 
 impl Counters {
-    pub(crate) fn count(&self, status: u16, upstream_refused: bool) {
-        let c = match status {
-            200 => &self.served,
-            401 => &self.unauthorized,
-            400 if upstream_refused => &self.refused,
-            403 => &self.denied,
-            500..=599 => &self.upstream_failed,
-            404 | 405 => &self.not_found,
-            _ => &self.bad_request,
+    pub(crate) fn count(&self, category: Category) {
+        let c = match category {
+            Category::Served => &self.served,
+            Category::Unauthorized => &self.unauthorized,
+            Category::Refused => &self.refused,
+            Category::Denied => &self.denied,
+            Category::UpstreamFailed => &self.upstream_failed,
+            Category::NotFound => &self.not_found,
+            Category::BadRequest => &self.bad_request,
         };
         c.fetch_add(1, Ordering::Relaxed);
     }

@@ -232,7 +232,7 @@ impl Filesystem for FuseAdapter {
     ) {
         match self.core.seek(ino.0, fh.0, offset, whence) {
             Ok(at) => reply.offset(at),
-            Err(e) => reply.error(e),
+            Err(e) => reply.error(e.errno()),
         }
     }
 

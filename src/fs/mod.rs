@@ -55,7 +55,8 @@ fn give_back_memory() {
     }
 }
 
-/// A failure, as the errno the reader sees.
+/// A failure, as the errno the reader sees. The core returns these; `errno` is the one
+/// place they become `fuser::Errno` (with the adapter, `fuse.rs`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FsError {
     /// No such name, or a resource the endpoint refused.
@@ -72,6 +73,11 @@ pub enum FsError {
     BadHandle,
     /// No-open mode: the kernel answers this request itself once told so (OPEN, FLUSH).
     LeftToKernel,
+    /// An argument this file cannot take: a seek on a directory, a whence other than
+    /// SEEK_DATA or SEEK_HOLE.
+    Invalid,
+    /// SEEK_DATA or SEEK_HOLE at or past the end of the file: neither is there.
+    PastEnd,
 }
 
 impl FsError {
@@ -85,6 +91,19 @@ impl FsError {
             FsError::NotDir => Errno::ENOTDIR,
             FsError::BadHandle => Errno::EBADF,
             FsError::LeftToKernel => Errno::ENOSYS,
+            FsError::Invalid => Errno::EINVAL,
+            FsError::PastEnd => Errno::ENXIO,
+        }
+    }
+}
+
+/// How a read without a token reads to a file reader.
+impl From<&ReadError> for FsError {
+    fn from(e: &ReadError) -> FsError {
+        match e {
+            ReadError::Refused(_) => FsError::NotFound,
+            ReadError::Denied(_) => FsError::Denied,
+            ReadError::Unavailable(_) => FsError::Io,
         }
     }
 }
@@ -303,13 +322,13 @@ impl Core {
                         }
                         Ok(core.token_entry(&lease, view))
                     }
-                    Err(ReadError::Refused(_)) => Err(FsError::NotFound),
-                    Err(ReadError::Denied(_)) => Err(FsError::Denied),
-                    Err(ReadError::Unavailable(_)) => {
-                        if core.inodes.holds(&key) {
-                            core.echo.revalidation_failed(key, caller.pid, FsError::Io);
+                    Err(e) => {
+                        let err = FsError::from(&e);
+                        // The kernel retries a failed revalidation at once, for the same read.
+                        if matches!(e, ReadError::Unavailable(_)) && core.inodes.holds(&key) {
+                            core.echo.revalidation_failed(key, caller.pid, err);
                         }
-                        Err(FsError::Io)
+                        Err(err)
                     }
                 })
             }),
@@ -478,17 +497,17 @@ impl Core {
     /// `lseek` with SEEK_DATA or SEEK_HOLE on inode `ino` opened as `fh` (in no-open mode:
     /// by the inode's size): a file is one run of data, no holes; at or past its end there
     /// is neither (ENXIO). The kernel does every other whence itself.
-    pub fn seek(&self, ino: u64, fh: u64, offset: i64, whence: i32) -> Result<i64, Errno> {
+    pub fn seek(&self, ino: u64, fh: u64, offset: i64, whence: i32) -> Result<i64, FsError> {
         if let Serving::NoOpen(_) = self.serving {
-            let size = self.getattr(ino).map_err(FsError::errno)?.attr.size as i64;
+            let size = self.getattr(ino)?.attr.size as i64;
             return seek_in(size, offset, whence);
         }
         let size = match self.handles.lock().get(&fh) {
             Some(Handle::Token(v, view)) => v.bytes(*view).len(),
             Some(Handle::Status(b)) => b.len(),
             Some(Handle::Fixed(b)) => b.len(),
-            Some(Handle::Dir(_)) => return Err(Errno::EINVAL),
-            None => return Err(Errno::EBADF),
+            Some(Handle::Dir(_)) => return Err(FsError::Invalid),
+            None => return Err(FsError::BadHandle),
         } as i64;
         seek_in(size, offset, whence)
     }
@@ -756,12 +775,12 @@ impl Serving {
 
 /// SEEK_DATA / SEEK_HOLE in a file of `size` bytes: one run of data, no holes; at or past
 /// its end there is neither (ENXIO). The kernel does every other whence itself.
-fn seek_in(size: i64, offset: i64, whence: i32) -> Result<i64, Errno> {
+fn seek_in(size: i64, offset: i64, whence: i32) -> Result<i64, FsError> {
     if whence != libc::SEEK_DATA && whence != libc::SEEK_HOLE {
-        return Err(Errno::EINVAL);
+        return Err(FsError::Invalid);
     }
     if offset < 0 || offset >= size {
-        return Err(Errno::ENXIO);
+        return Err(FsError::PastEnd);
     }
     Ok(if whence == libc::SEEK_DATA {
         offset
