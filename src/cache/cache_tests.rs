@@ -245,3 +245,12 @@ fn one_read_gives_a_lease_and_marks_use_as_told() {
             .since_fetch
     );
 }
+
+#[test]
+fn resource_states_are_spelled_as_status_shows_them() {
+    use super::status::ResourceState;
+    let spelled = |s: ResourceState| serde_json::to_value(s).unwrap();
+    assert_eq!(spelled(ResourceState::StaleButValid), "stale-but-valid");
+    assert_eq!(spelled(ResourceState::Fresh), "fresh");
+    assert_eq!(spelled(ResourceState::Denied), "denied");
+}

@@ -1,6 +1,7 @@
 //! What the cache keeps per key (identity, resource): the entry (held version, fetch in flight, failures,
 //! reads) and the negative cache of refusals, each field documented.
 
+use super::status::ResourceState;
 use super::{Key, ReadError, Waiter};
 use crate::policy::{self, EntryView, EpochMs, Verdict};
 use crate::token::Version;
@@ -45,7 +46,9 @@ pub(super) struct Entry {
     pub(super) waiters: Option<Vec<Waiter>>,
     /// When the last fetch started (fetches of a held token are paced).
     pub(super) last_fetch_at: Option<EpochMs>,
+    /// How the last fetches went (backoff, the last error).
     pub(super) failures: Failures,
+    /// How the held version is read (in use, eviction order).
     pub(super) reads: Reads,
     /// Upstream requests made for this resource.
     pub(super) upstream_calls: u64,
@@ -70,22 +73,24 @@ impl Entry {
             .filter(|v| policy::verdict(now, &v.schedule, true) != Verdict::Expired)
     }
 
-    pub(super) fn state(&self, now: EpochMs, refusal: Option<&Refusal>) -> &'static str {
+    pub(super) fn state(&self, now: EpochMs, refusal: Option<&Refusal>) -> ResourceState {
         let valid = self.valid(now).is_some();
         match () {
-            _ if self.waiters.is_some() && valid => "refreshing",
-            _ if self.waiters.is_some() => "fetching",
-            _ if !valid && refusal.is_some() => refusal.map_or("refused", Refusal::state),
-            _ if self.failures.consecutive > 0 => "failed",
-            _ if !valid => "empty",
+            _ if self.waiters.is_some() && valid => ResourceState::Refreshing,
+            _ if self.waiters.is_some() => ResourceState::Fetching,
+            _ if !valid && refusal.is_some() => {
+                refusal.map_or(ResourceState::Refused, Refusal::state)
+            }
+            _ if self.failures.consecutive > 0 => ResourceState::Failed,
+            _ if !valid => ResourceState::Empty,
             _ if self
                 .held
                 .as_ref()
                 .is_some_and(|v| now >= v.schedule.refresh_at) =>
             {
-                "stale-but-valid"
+                ResourceState::StaleButValid
             }
-            _ => "fresh",
+            _ => ResourceState::Fresh,
         }
     }
 }
@@ -93,16 +98,19 @@ impl Entry {
 /// A resource the upstream said no to, answered without asking again until `until`.
 #[derive(Clone)]
 pub(super) struct Refusal {
+    /// Answered from here until then (`--negative-ttl`).
     pub(super) until: EpochMs,
+    /// What readers get meanwhile.
     pub(super) error: ReadError,
+    /// When the upstream refused.
     pub(super) at: EpochMs,
 }
 
 impl Refusal {
-    pub(super) fn state(&self) -> &'static str {
+    pub(super) fn state(&self) -> ResourceState {
         match self.error {
-            ReadError::Denied(_) => "denied",
-            _ => "refused",
+            ReadError::Denied(_) => ResourceState::Denied,
+            _ => ResourceState::Refused,
         }
     }
 
@@ -116,6 +124,7 @@ impl Refusal {
 /// The negative cache: at most `MAX_REFUSALS`, the oldest dropped first.
 #[derive(Default)]
 pub(super) struct Refusals {
+    /// The refusals, by key.
     pub(super) by_key: HashMap<Key, Refusal>,
     /// Insertion order, with the time of each insertion (stale pairs are skipped).
     pub(super) order: VecDeque<(Key, EpochMs)>,

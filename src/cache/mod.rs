@@ -1,8 +1,21 @@
-//! The token cache: one entry per resource, single-flight fetches run by a small pool (a
-//! reader never blocks a FUSE thread or another resource, a flood of names never costs a
-//! thread each), a bounded negative cache of refusals apart from the tokens, refresh ahead
-//! in the background, eviction. Decisions come from `policy`; the upstream's rate limit and
-//! known-down state are in `upstream`.
+//! The token cache: one entry per key (identity, resource), single-flight fetches run by a
+//! small pool (a reader never blocks a FUSE thread or another resource, a flood of names
+//! never costs a thread each), a bounded negative cache of refusals apart from the tokens,
+//! refresh ahead in the background, eviction. A reader asks once ([`Cache::read`]) and gets
+//! a [`Lease`] decided under one lock. Decisions come from `policy`; the upstream's rate
+//! limit and known-down state are in `upstream`.
+//!
+//! # Locks
+//!
+//! - `Cache::state` (entries and refusals) is held only to decide and to record: never
+//!   while the upstream is asked, a job is queued (`Pool`'s lock), a `done` callback runs
+//!   (it may read again, on this very thread), or the upstream's locks are taken. Never call
+//!   a `done` callback while holding it.
+//! - `Cache::stopped` is held by the background thread for the whole of each pass (so
+//!   `stop_background` waits for a pass in progress); it is taken before `state` and the
+//!   pool's lock, never while holding either.
+//! - The pool's queue lock (`pool.rs`) and the upstream's `limiter` and `reach` locks
+//!   (`upstream.rs`) are leaves: nothing else is locked while they are held.
 
 mod entry;
 mod identities;
@@ -146,26 +159,49 @@ pub(crate) struct Waiter {
     marks_use: bool,
 }
 
-/// Everything behind the cache's one lock.
+/// Everything behind the cache's one lock (`Cache::state`).
 #[derive(Default)]
 struct State {
+    /// Keys that are declared, hold a token or are being fetched. Readers (`read`,
+    /// `reopen`) and the fetch workers (`run`) change them; the background pass drops
+    /// expired tokens and idle entries; `status`, `listed` and `judge` look.
     entries: HashMap<Key, Entry>,
+    /// The negative cache: keys the upstream refused recently, apart from `entries` so a
+    /// flood of refused names never evicts a token. Written by `run`, expired by the
+    /// background pass, read by `read` and `status`.
     refusals: Refusals,
 }
 
+/// The shared cache: one per daemon, behind an `Arc` held by every front end (the mount's
+/// core, the endpoint, the sink), the fetch workers (weakly) and the background thread.
 pub struct Cache {
+    /// Each identity's source. Fixed at start; read by the fetch workers without a lock.
     identities: Identities,
+    /// The upstream's rate limit and known-down state, shared by every identity's fetches
+    /// (its own locks, see `upstream.rs`).
     upstream: Upstream,
+    /// The knobs from the command line. Fixed at start.
     policy: Policy,
+    /// The wall clock every decision is judged against (a fake one in tests).
     clock: Arc<dyn Clock>,
+    /// Entries and refusals: the one lock every read decides under (see "Locks").
     state: Mutex<State>,
+    /// The fetch jobs and their workers (its own lock, see `pool.rs`). Readers and the
+    /// background pass queue jobs after releasing `state`.
     pool: Pool,
+    /// The id the next version gets (versions' ids grow; inode numbers come from them).
+    /// Taken by `accept` under `state`.
     next_version: AtomicU64,
+    /// Read sequence numbers: the least recently read entry is evicted first. Taken under
+    /// `state`.
     read_seq: AtomicU64,
-    /// Wakes the background worker early (stop).
+    /// Wakes the background thread early (stop); paired with `stopped`.
     wake: Condvar,
+    /// Set by `stop_background`; the background thread holds it during each pass and waits
+    /// on `wake` with it between passes.
     stopped: Mutex<bool>,
-    /// Bumped when every token is dropped; fetches started before it start over.
+    /// Bumped when every token is dropped (SIGUSR1, under `state`); a fetch that was under
+    /// way then starts over (read by the fetch workers without a lock).
     generation: AtomicU64,
 }
 

@@ -34,14 +34,18 @@ pub enum Pushed {
     Stopped(Job),
 }
 
+/// Everything behind the pool's one lock (a leaf: nothing else is locked while it is held).
 #[derive(Default)]
 struct Queue {
+    /// Refreshes of held tokens, taken first.
     refresh: VecDeque<Job>,
+    /// First fetches (a reader without a valid token waits), in arrival order.
     first: VecDeque<Job>,
     /// Worker threads alive.
     workers: usize,
     /// Workers waiting for a job.
     idle: usize,
+    /// `stop` was called: no job is taken or queued again.
     stopped: bool,
 }
 
@@ -54,6 +58,7 @@ impl Queue {
 /// Shared by the cache and its workers (cheap to clone).
 #[derive(Clone, Default)]
 pub struct Pool {
+    /// The queue, and the condition idle workers wait on for a job.
     inner: Arc<(Mutex<Queue>, Condvar)>,
 }
 

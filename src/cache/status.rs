@@ -40,8 +40,7 @@ pub struct ResourceStatus {
     pub name: Option<String>,
     /// The resource string sent upstream.
     pub resource: String,
-    /// fresh, stale-but-valid, refreshing, fetching, failed, refused, denied or empty.
-    pub state: &'static str,
+    pub state: ResourceState,
     /// Named with `--resource`.
     pub declared: bool,
     /// The held token's expiry, while it is valid.
@@ -57,6 +56,28 @@ pub struct ResourceStatus {
     /// The last failure's (redacted) message and when.
     pub last_error: Option<String>,
     pub last_error_at: Option<i64>,
+}
+
+/// Where a resource stands, as `.status` spells it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ResourceState {
+    /// A valid token, before its refresh point.
+    Fresh,
+    /// A valid token past its refresh point (a refresh is due, paced or backing off).
+    StaleButValid,
+    /// A valid token, and a fetch of its successor under way.
+    Refreshing,
+    /// No valid token, a fetch under way.
+    Fetching,
+    /// No valid token; the last fetch failed.
+    Failed,
+    /// The upstream refused the resource recently (negative cache).
+    Refused,
+    /// The upstream refused the identity recently (negative cache).
+    Denied,
+    /// Nothing held and nothing under way (a declared resource not read yet).
+    Empty,
 }
 
 impl Cache {

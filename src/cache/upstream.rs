@@ -2,7 +2,15 @@
 //! request rate
 //! (`--max-upstream-rate`, refreshes of held tokens first) and the known-down state (after
 //! a connection-level failure, fetches make one attempt each until the upstream answers
-//! again, so an endpoint that is down costs one `--timeout`, not one per name).
+//! again, so an endpoint that is down costs one `--timeout`, not one per name). One per
+//! cache: every identity of a daemon asks the same upstream, so they share its rate limit
+//! and its known-down state.
+//!
+//! # Locks
+//!
+//! `limiter` (with `limiter_cv`) and `reach` are never held together, nor while a request
+//! is sent or the cache's locks are taken: a fetch worker takes the limiter to wait for
+//! its turn, lets go, sends, then takes `reach` to record the outcome.
 
 use crate::policy::{self, Bucket, Clock, EpochMs};
 use crate::source::{Failure, Source, SourceError};
@@ -18,7 +26,9 @@ const FAIR_TIMEOUT: Duration = Duration::from_secs(1);
 /// The longest a first fetch sleeps between looks at the rate limit while refreshes wait.
 const YIELD_PAUSE: Duration = Duration::from_millis(10);
 
+/// The rate limit's state, behind `Upstream::limiter`.
 struct Limiter {
+    /// `--max-upstream-rate`'s token bucket.
     bucket: Bucket,
     /// Refreshes waiting for the bucket: first fetches let them go first.
     refreshes_waiting: usize,
@@ -34,9 +44,14 @@ struct Reach {
 }
 
 pub struct Upstream {
+    /// The cache's wall clock.
     clock: Arc<dyn Clock>,
+    /// The rate limit; fetch workers wait on it (`acquire`).
     limiter: Mutex<Limiter>,
+    /// Wakes first fetches waiting behind refreshes, and waiters when the bucket refills.
     limiter_cv: Condvar,
+    /// Whether the upstream answers: written after each fetch (`note`), read by `fetch`
+    /// and `.status`, reset on SIGUSR1.
     reach: Mutex<Reach>,
     /// Requests that had to wait for the rate limit (`.status`).
     held_back: AtomicU64,

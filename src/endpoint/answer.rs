@@ -23,11 +23,19 @@ const GRACE: Duration = Duration::from_secs(2);
 
 pub(super) struct EndpointHandler(Arc<Inner>);
 
+/// The endpoint's shared state, read by every request's task (on the server's thread);
+/// nothing in it is locked: it is fixed at start but for the counters (atomics). A read's
+/// `done` runs on a fetch thread and only sends on its request's oneshot channel.
 struct Inner {
+    /// Listen address, the mount's identity, `--timeout`. Fixed.
     settings: Settings,
+    /// The daemon's token cache: one `read` per request.
     cache: Arc<Cache>,
+    /// The audit log of served requests; `None` in tests.
     audit: Option<Audit>,
+    /// The secret a request must carry (`X-IDENTITY-HEADER`), compared in constant time.
     secret: Arc<Zeroizing<String>>,
+    /// Requests by category, shared with `Endpoint::status_part`.
     counters: Arc<Counters>,
 }
 

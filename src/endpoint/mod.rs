@@ -117,13 +117,18 @@ impl Counters {
     }
 }
 
-/// A running endpoint; dropping it shuts the server down.
+/// A running endpoint; dropping it shuts the server down. Held by the front end that started
+/// it; nothing in it is locked (the counters are atomics).
 pub struct Endpoint {
+    /// The HTTP server answering on its own thread.
     server: Server,
+    /// `http://ADDR/msi/token`, as `.env` publishes it.
     url: String,
+    /// The secret requests must carry; published only in `.env`, never logged.
     secret: Arc<Zeroizing<String>>,
     /// The secret, registered for scrubbing from outside text while the endpoint runs.
     _known: crate::known::Known,
+    /// Requests by category, shared with the handler (which counts) and `.status`.
     counters: Arc<Counters>,
 }
 

@@ -8,6 +8,9 @@
 //! - When a revalidation failed (no valid token within `--timeout`), the kernel looks the
 //!   name up again at once, for the same read: that lookup must get the same error without
 //!   waiting a second `--timeout`.
+//!
+//! Locks: `pending_opens` and `failed` are independent, never held together nor while the
+//! cache is asked.
 
 use super::FsError;
 use crate::cache::Key;
@@ -18,6 +21,8 @@ use std::time::{Duration, Instant};
 /// How soon the kernel's retry of a failed revalidation arrives (microseconds, in practice).
 const RETRY_WINDOW: Duration = Duration::from_millis(100);
 
+/// What the echo remembers: the core holds one, FUSE threads and fetch threads (lookups'
+/// answers) update it.
 #[derive(Default)]
 pub struct KernelEcho {
     /// Per version id: opens still to come from lookups that waited for its fetch. Dropped

@@ -91,6 +91,7 @@ pub struct Known {
     pub mtime_ms: i64,
     /// The version's schedule (a copy: the version itself may be gone).
     pub schedule: Schedule,
+    /// The kernel's lookups not yet forgotten (FORGET counts them down).
     lookups: u64,
     /// The kernel was told to drop its cached pages of this expired version.
     invalidated: bool,
@@ -99,6 +100,7 @@ pub struct Known {
 /// Versions the kernel holds lookups on, by version id; dropped when the kernel forgets.
 #[derive(Default)]
 pub struct InodeTable {
+    /// The table's one lock, a leaf: let go of it before asking the cache.
     known: Mutex<HashMap<u64, Known>>,
 }
 

@@ -1,6 +1,16 @@
 //! The filesystem core: names, views, attributes, handles and errno. It never does HTTP:
 //! whatever may fetch goes through the cache, which answers on its own thread. `fuse` is the
 //! thin adapter to fuser.
+//!
+//! # Locks
+//!
+//! The core's locks are leaves, never nested: the inode table (`InodeTable`), `handles`,
+//! `last_status`, the echo's two maps (`echo.rs`) and no-open's `.status` snapshot
+//! (`noopen.rs`). Release each before asking the cache: read the inode table, let go of
+//! it, then ask (`getattr`, `open`); build `.status` bytes before taking `last_status`.
+//! Never call `Cache::read` while holding one of them: its `done` may run at once on this
+//! thread and takes the inode table and the echo's maps. No lock is held while a reply is
+//! written (a read clones its handle first).
 
 mod echo;
 pub mod fuse;
@@ -158,19 +168,31 @@ pub struct Caller {
     pub gid: u32,
 }
 
+/// The filesystem's shared state: one per mount, behind an `Arc` held by the FUSE adapter,
+/// the lookups' `done` callbacks (which may run on fetch threads), the expiry watch and the
+/// daemon's signal handling.
 pub struct Core {
+    /// The daemon's token cache: every read of a token goes through it.
     cache: Arc<Cache>,
     /// The identity whose tokens the mount shows (the cache's default one, today).
     identity: IdentityId,
+    /// Owner and permission bits of every file and directory. Fixed at mount.
     access: Access,
+    /// The audit log of opens (lookups in no-open mode); `None` in tests.
     audit: Option<Audit>,
     /// Why this upstream was chosen, for `.status`.
     source_reason: String,
+    /// Versions the kernel holds lookups on (its own lock): written by lookups and
+    /// FORGET, read by getattr, open, no-open reads and the expiry watch.
     inodes: InodeTable,
+    /// Open files by handle number: written by open, opendir and release; read (and
+    /// cloned out) by read, seek and readdir.
     handles: Mutex<HashMap<u64, Handle>>,
+    /// The next handle number (never 0: no-open reads come with fh 0).
     next_handle: AtomicU64,
     /// The kernel's lookup-then-open echo (see `echo`).
     echo: KernelEcho,
+    /// When the mount started: the times of directories and `.status`.
     started: SystemTime,
     /// Set on SIGTERM/SIGINT: token bytes are no longer served (opens and reads answer EIO),
     /// so nothing lands in the page cache again once it is invalidated.
@@ -178,6 +200,7 @@ pub struct Core {
     /// The last `.status` snapshot handed out, shared by every open that finds the same
     /// bytes (nothing changed, same second); gone once its last handle closes.
     last_status: Mutex<Weak<Vec<u8>>>,
+    /// `.env` and the front end's parts of `.status`. Fixed at mount.
     extras: Extras,
     /// How opens are served, with no-open mode's state.
     serving: Serving,
