@@ -254,3 +254,25 @@ fn resource_states_are_spelled_as_status_shows_them() {
     assert_eq!(spelled(ResourceState::Fresh), "fresh");
     assert_eq!(spelled(ResourceState::Denied), "denied");
 }
+
+#[test]
+fn advancing_the_fake_clock_brings_a_fetchs_deadline_closer() {
+    let clock = FakeClock::new(1_000_000);
+    let source = FakeSource::new(clock.clone(), 3_600_000);
+    source.set_down(true);
+    let policy = Policy {
+        timeout: Duration::from_secs(600),
+        ..Policy::default()
+    };
+    let cache = Cache::new(Identities::one(source.clone()), policy, &[], clock.clone());
+    let (tx, rx) = std::sync::mpsc::channel();
+    let c = cache.clone();
+    std::thread::spawn(move || drop(tx.send(c.get_blocking(&res("r")))));
+    assert!(source.wait_calls(1), "the fetch is under way");
+    // Ten minutes of --timeout pass at once: the retrying fetch gives up.
+    clock.advance(600_000);
+    let got = rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("answered long before ten real minutes");
+    assert!(matches!(got, Err(ReadError::Unavailable(_))));
+}

@@ -40,7 +40,7 @@ use std::collections::HashMap;
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use upstream::Upstream;
 
 /// Why a reader gets no token.
@@ -197,6 +197,9 @@ pub struct Cache {
     read_seq: AtomicU64,
     /// Wakes the background thread early (stop); paired with `stopped`.
     wake: Condvar,
+    /// Notified (after `state` is released) when a fetch ends; paired with `state` by
+    /// `wait_until_settled` (tests).
+    settled: Condvar,
     /// Set by `stop_background`; the background thread holds it during each pass and waits
     /// on `wake` with it between passes.
     stopped: Mutex<bool>,
@@ -248,6 +251,7 @@ impl Cache {
             next_version: AtomicU64::new(1),
             read_seq: AtomicU64::new(1),
             wake: Condvar::new(),
+            settled: Condvar::new(),
             stopped: Mutex::new(false),
             generation: AtomicU64::new(0),
         })
@@ -408,7 +412,7 @@ impl Cache {
         entry.last_fetch_at = Some(now);
         Job {
             key: key.clone(),
-            deadline: Instant::now() + self.policy.timeout,
+            deadline: self.clock.instant() + self.policy.timeout,
             refresh,
         }
     }
@@ -475,6 +479,27 @@ impl Cache {
         }
     }
 
+    /// One background pass now, on the caller's thread: what the background thread does
+    /// when it wakes. Tests on the fake clock run it instead of waiting for the thread.
+    pub fn pass_now(self: &Arc<Self>) {
+        self.background_pass();
+    }
+
+    /// Waits, at most `within` (real time), until no fetch is queued or running; `false`
+    /// if one still is. Tests on the fake clock wait with it for a refresh to land.
+    pub fn wait_until_settled(&self, within: Duration) -> bool {
+        let until = std::time::Instant::now() + within;
+        let mut guard = self.state.lock();
+        loop {
+            if guard.entries.values().all(|e| e.waiters.is_none()) {
+                return true;
+            }
+            if self.settled.wait_until(&mut guard, until).timed_out() {
+                return guard.entries.values().all(|e| e.waiters.is_none());
+            }
+        }
+    }
+
     fn background(self: Arc<Self>) {
         let mut stopped = self.stopped.lock();
         while !*stopped {
@@ -522,7 +547,7 @@ impl Cache {
         for job in due {
             self.enqueue(job);
         }
-        for job in self.pool.take_overdue(Instant::now()) {
+        for job in self.pool.take_overdue(self.clock.instant()) {
             self.abandon(
                 &job.key,
                 "no fetch could start within --timeout (too many fetches at once)",
@@ -532,7 +557,7 @@ impl Cache {
         // Wake for the earliest queued deadline: its readers are answered on time.
         match self.pool.next_deadline() {
             Some(d) => pause.min(
-                d.saturating_duration_since(Instant::now())
+                d.saturating_duration_since(self.clock.instant())
                     .max(Duration::from_millis(10)),
             ),
             None => pause,
@@ -582,6 +607,7 @@ impl Cache {
                     if std::panic::catch_unwind(run).is_err() {
                         cache.abandon(&key, "internal error: the fetch ended unexpectedly");
                     }
+                    cache.settled.notify_all();
                 }
             });
         if let Err(e) = spawned {
@@ -600,6 +626,7 @@ impl Cache {
             .entries
             .get_mut(key)
             .and_then(|e| e.waiters.take());
+        self.settled.notify_all();
         for waiter in waiters.unwrap_or_default() {
             (waiter.done)(Err(ReadError::Unavailable(why.to_string())));
         }
@@ -685,7 +712,7 @@ impl Cache {
             // expiry that token is already too old for us. Ask again, calmly, until the
             // upstream issues a new one or the time is up.
             let stale = result.as_ref().is_ok_and(Arrival::expired);
-            if stale && Instant::now() + EXPIRED_ON_ARRIVAL_PAUSE < job.deadline {
+            if stale && self.clock.instant() + EXPIRED_ON_ARRIVAL_PAUSE < job.deadline {
                 debug!(
                     "{}: the endpoint returned a token that is about to expire; asking again",
                     job.key

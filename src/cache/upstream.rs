@@ -108,7 +108,7 @@ impl Upstream {
             if let Err(e) = self.acquire(refresh, deadline) {
                 break Err(e);
             }
-            let left = deadline.saturating_duration_since(Instant::now());
+            let left = deadline.saturating_duration_since(self.clock.instant());
             if left.is_zero() {
                 budget = Duration::ZERO;
                 break Err(SourceError::Timeout);
@@ -131,7 +131,7 @@ impl Upstream {
             let pause = err
                 .retry_after()
                 .unwrap_or_else(|| policy::in_fetch_pause(calls as u32 - 1));
-            if pause >= deadline.saturating_duration_since(Instant::now()) {
+            if pause >= deadline.saturating_duration_since(self.clock.instant()) {
                 break Err(err);
             }
             debug!("{resource}: attempt {calls} failed ({err}); again in {pause:?}");
@@ -189,12 +189,13 @@ impl Upstream {
                 self.held_back.fetch_add(1, Ordering::Relaxed);
                 counted = true;
             }
-            let now = Instant::now();
-            if now >= deadline {
+            // Deadlines are on the clock's monotonic time: wait for a duration, not until an
+            // instant (a fake clock's instants run ahead of real ones).
+            let left = deadline.saturating_duration_since(self.clock.instant());
+            if left.is_zero() {
                 break Err(SourceError::Throttled);
             }
-            self.limiter_cv
-                .wait_until(&mut l, (now + wait).min(deadline));
+            self.limiter_cv.wait_for(&mut l, wait.min(left));
         };
         if refresh {
             l.refreshes_waiting -= 1;

@@ -16,6 +16,7 @@ const HOUR: i64 = 3_600_000;
 
 struct Fixture {
     core: Arc<Core>,
+    cache: Arc<Cache>,
     clock: Arc<FakeClock>,
     source: Arc<FakeSource>,
 }
@@ -38,9 +39,10 @@ fn fixture_with(policy: Policy, declared: &[&str]) -> Fixture {
         gid: 1000,
         file_mode: 0o400,
     };
-    let core = Core::new(cache, access, None, "test");
+    let core = Core::new(cache.clone(), access, None, "test");
     Fixture {
         core,
+        cache,
         clock,
         source,
     }
@@ -121,14 +123,10 @@ fn a_superseded_version_is_stale_for_new_opens_but_an_open_file_keeps_it() {
     // Past the refresh point: the next open starts a refresh in the background.
     f.clock.advance(HOUR - 300_000);
     f.core.release(f.core.open(old, READER).unwrap().0);
-    assert!(f.source.wait_calls(2));
-    let new = (0..500)
-        .map(|_| {
-            std::thread::sleep(Duration::from_millis(2));
-            f.ino(ARM)
-        })
-        .find(|ino| *ino != old)
-        .expect("a new version");
+    assert!(f.cache.wait_until_settled(Duration::from_secs(10)));
+    assert_eq!(f.source.calls(), 2);
+    let new = f.ino(ARM);
+    assert_ne!(new, old, "a new version");
     assert_eq!(f.core.open(old, READER).unwrap_err(), FsError::Stale);
     assert_eq!(f.cat(new).unwrap(), b"token-2");
     let kept = f.core.read(old, held, 0, 4096, <[u8]>::to_vec).unwrap();
@@ -263,7 +261,6 @@ fn the_open_that_echoes_a_waiting_lookup_is_not_a_later_read() {
         &[],
         clock.clone(),
     );
-    let _background = cache.start_background().unwrap();
     let access = Access {
         uid: 0,
         gid: 0,
@@ -271,6 +268,7 @@ fn the_open_that_echoes_a_waiting_lookup_is_not_a_later_read() {
     };
     let f = Fixture {
         core: Core::new(cache.clone(), access, None, "test"),
+        cache,
         clock,
         source,
     };
@@ -278,8 +276,10 @@ fn the_open_that_echoes_a_waiting_lookup_is_not_a_later_read() {
     let ino = f.ino(ARM);
     f.core.release(f.core.open(ino, READER).unwrap().0);
     // Shortly before the refresh point (the refresh-ahead window) nothing happens...
+    // (the background pass runs here, on the fake clock, instead of on its thread).
     f.clock.advance(HOUR - 300_000 - 500);
-    std::thread::sleep(Duration::from_millis(1500));
+    f.cache.pass_now();
+    assert!(f.cache.wait_until_settled(Duration::from_secs(10)));
     assert_eq!(
         f.source.calls(),
         1,
@@ -287,6 +287,6 @@ fn the_open_that_echoes_a_waiting_lookup_is_not_a_later_read() {
     );
     // ...until a later read marks it in use.
     f.core.release(f.core.open(ino, READER).unwrap().0);
+    f.cache.pass_now();
     assert!(f.source.wait_calls(2), "a token in use is refreshed ahead");
-    cache.stop_background();
 }
