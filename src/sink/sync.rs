@@ -5,7 +5,7 @@
 //! what is missing, and rewrites `.status` on change.
 
 use super::{Declared, SinkRequest, Taken};
-use crate::cache::{Cache, Identities, IdentityId, Key, Status, Use};
+use crate::cache::{Cache, Done, Identities, IdentityId, Key, Status, Use};
 use crate::fs::status::Report;
 use crate::mount::Ready;
 use crate::policy::SystemClock;
@@ -278,11 +278,9 @@ impl Follower<'_> {
         let resource = slot.declared.resource.clone();
         let key = Key::new(IdentityId::DEFAULT, resource.clone());
         let tx = self.tx.clone();
-        let later = Box::new(
-            move |r: Result<crate::cache::Lease, crate::cache::ReadError>| {
-                let _ = tx.send(Event::Fetched(i, r.map(drop).map_err(|e| e.to_string())));
-            },
-        );
+        let later: Done = Box::new(move |r| {
+            let _ = tx.send(Event::Fetched(i, r.map(drop).map_err(|e| e.to_string())));
+        });
         // Every declared resource counts as read: the cache refreshes it ahead.
         match self.cache.read_now(&key, Use::Read, later) {
             Some(Ok(lease)) if lease.valid_for > UNLINK_LEAD => {
