@@ -88,7 +88,7 @@ pub fn run(req: GetRequest) -> Result<(), GetError> {
         .cache()
         .get_blocking(&resource)
         .map_err(|error| GetError::Fetch {
-            resource: resource.clone(),
+            resource: resource.to_string(),
             error,
         })?;
     let mut out = io::stdout().lock();

@@ -4,9 +4,101 @@
 //! Cloud Shell accepts; any other DNS-style name `N` maps to `https://N`; a name with `%` is
 //! percent-decoded and used verbatim (a `/.default` scope becomes its resource); a GUID is an
 //! app ID used verbatim. Names starting with `.` are reserved for views.
+//!
+//! A [`Resource`] is built here only: by [`resolve`] (a file name), [`resolve_arg`] (`get`,
+//! `--resource`) and [`resolve_query`] (an SDK's `resource` parameter). A trailing
+//! `/.default` is stripped in one place, [`without_default_scope`].
 
 use percent_encoding::{percent_decode_str, utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
 use std::fmt;
+use std::ops::Deref;
+use std::sync::Arc;
+
+/// A resource string exactly as it is sent upstream, resolved by the name rules of this
+/// module (nothing else can build one). Cheap to clone.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Resource(Arc<str>);
+
+impl Resource {
+    /// Only the rules below call this.
+    fn new(resource: impl Into<Arc<str>>) -> Resource {
+        Resource(resource.into())
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// The string, shared (for audit events).
+    pub fn shared(&self) -> Arc<str> {
+        self.0.clone()
+    }
+
+    /// Any string as a resource, for unit tests that need no name rules.
+    #[cfg(test)]
+    pub(crate) fn for_test(resource: &str) -> Resource {
+        Resource::new(resource)
+    }
+}
+
+impl Deref for Resource {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl AsRef<str> for Resource {
+    fn as_ref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for Resource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Resource strings are not secrets: shown as they are.
+impl fmt::Debug for Resource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&*self.0, f)
+    }
+}
+
+impl PartialEq<str> for Resource {
+    fn eq(&self, other: &str) -> bool {
+        *self.0 == *other
+    }
+}
+
+impl PartialEq<&str> for Resource {
+    fn eq(&self, other: &&str) -> bool {
+        *self.0 == **other
+    }
+}
+
+impl PartialEq<Resource> for String {
+    fn eq(&self, other: &Resource) -> bool {
+        self.as_str() == other.as_str()
+    }
+}
+
+impl From<Resource> for String {
+    fn from(r: Resource) -> String {
+        r.0.to_string()
+    }
+}
+
+/// A scope names its resource: `resource` without every trailing `/.default`. The one
+/// place a scope is stripped.
+pub fn without_default_scope(mut resource: &str) -> &str {
+    while let Some(r) = resource.strip_suffix("/.default") {
+        resource = r;
+    }
+    resource
+}
 
 /// The longest resource given as a URI (a resource is a URI or a GUID, not a document).
 pub const MAX_RESOURCE: usize = 2048;
@@ -128,7 +220,7 @@ pub fn escape_unprintable(text: &str) -> String {
 }
 
 /// Maps a file name to the exact resource string to request.
-pub fn resolve(name: &str) -> Result<String, NameError> {
+pub fn resolve(name: &str) -> Result<Resource, NameError> {
     if name.is_empty() {
         return Err(NameError::Empty);
     }
@@ -150,27 +242,24 @@ pub fn resolve(name: &str) -> Result<String, NameError> {
         }
         // A scope names its resource; strip every `/.default` so no resource ends in one
         // (its listing name would otherwise resolve to a different resource).
-        let mut resource: &str = &decoded;
-        while let Some(r) = resource.strip_suffix("/.default") {
-            resource = r;
-        }
+        let resource = without_default_scope(&decoded);
         return if is_guid(resource) || is_uri(resource) {
-            Ok(resource.to_string())
+            Ok(Resource::new(resource))
         } else {
             Err(NameError::NotAResource)
         };
     }
     if is_guid(name) {
-        return Ok(name.to_string());
+        return Ok(Resource::new(name));
     }
     // Host names are case-insensitive and may end in the root's dot: `MANAGEMENT.AZURE.COM.`
     // is management.azure.com.
     let host = name.strip_suffix('.').unwrap_or(name).to_ascii_lowercase();
     if let Some((_, resource)) = well_known().iter().find(|(short, _)| *short == host) {
-        return Ok((*resource).to_string());
+        return Ok(Resource::new(*resource));
     }
     if is_dns_name(&host) {
-        return Ok(format!("https://{host}"));
+        return Ok(Resource::new(format!("https://{host}")));
     }
     Err(NameError::NotAResource)
 }
@@ -180,7 +269,7 @@ pub fn resolve(name: &str) -> Result<String, NameError> {
 /// (`https://graph.microsoft.com/.default`). A URI whose whole path is empty or `/` on a
 /// well-known host is that host's exact resource string (the spelling the service expects);
 /// any other URI is used verbatim, its `/.default` stripped.
-pub fn resolve_arg(arg: &str) -> Result<String, NameError> {
+pub fn resolve_arg(arg: &str) -> Result<Resource, NameError> {
     if !arg.contains("://") {
         return resolve(arg);
     }
@@ -190,14 +279,30 @@ pub fn resolve_arg(arg: &str) -> Result<String, NameError> {
     if arg.len() > MAX_RESOURCE {
         return Err(NameError::TooLong);
     }
-    let mut resource = arg;
-    while let Some(r) = resource.strip_suffix("/.default") {
-        resource = r;
-    }
+    let resource = without_default_scope(arg);
     if !is_uri(resource) {
         return Err(NameError::NotAResource);
     }
-    Ok(well_known_spelling(resource).map_or_else(|| resource.to_string(), str::to_string))
+    Ok(well_known_spelling(resource).map_or_else(|| Resource::new(resource), Resource::new))
+}
+
+/// A resource as an SDK sends it (the endpoint's `resource` parameter): a URI or a GUID (a
+/// trailing `/.default` stripped), resolved by the same rules as `get` and `--resource`
+/// ([`resolve_arg`]): a well-known resource in either spelling is the spelling its file name
+/// resolves to, so both share one cache entry and one upstream call. A bare host name is not
+/// a resource here.
+pub fn resolve_query(sent: &str) -> Result<Resource, NameError> {
+    if sent.is_empty() {
+        return Err(NameError::Empty);
+    }
+    let bare = without_default_scope(sent);
+    if is_guid(bare) {
+        return Ok(Resource::new(bare));
+    }
+    if !sent.contains("://") {
+        return Err(NameError::NotAResource);
+    }
+    resolve_arg(sent)
 }
 
 /// The allowlist's spelling of a resource given in another: with or without the trailing
@@ -234,7 +339,7 @@ pub fn canonical_name(resource: &str) -> Option<String> {
         return Some((*short).to_string());
     }
     if let Some(host) = resource.strip_prefix("https://") {
-        if resolve(host).as_deref() == Ok(resource) {
+        if resolve(host).is_ok_and(|r| r == resource) {
             return Some(host.to_string());
         }
     }
@@ -247,7 +352,7 @@ pub fn canonical_name(resource: &str) -> Option<String> {
         // that can be read through a name can also be listed.
         encoded = escape_minimal(resource);
     }
-    (encoded.len() <= NAME_MAX && resolve(&encoded).as_deref() == Ok(resource)).then_some(encoded)
+    (encoded.len() <= NAME_MAX && resolve(&encoded).is_ok_and(|r| r == resource)).then_some(encoded)
 }
 
 /// Escapes only what a percent-encoded file name must: `%` itself, `/` and control
@@ -433,7 +538,7 @@ mod tests {
                 "499b84ac-1321-427f-aa17-267ca6975798",
             ),
         ] {
-            assert_eq!(resolve_arg(arg).as_deref(), Ok(want), "{arg}");
+            assert_eq!(resolve_arg(arg).as_deref().ok(), Some(want), "{arg}");
         }
         assert_eq!(resolve_arg("https://"), Err(NameError::NotAResource));
         assert_eq!(
@@ -488,5 +593,59 @@ mod tests {
             n.is_empty(),
             "a resource the rules cannot produce is not listed"
         );
+    }
+
+    #[test]
+    fn sdk_queries_share_their_file_names_resource_in_either_spelling() {
+        let arm = resolve("management.azure.com").unwrap();
+        for sent in [
+            "https://management.azure.com",
+            "https://management.azure.com/",
+            "https://management.azure.com/.default",
+            "https://management.azure.com//.default",
+            // The same rules as `get` and `--resource`: host names in any case.
+            "https://MANAGEMENT.AZURE.COM./.default",
+        ] {
+            assert_eq!(resolve_query(sent).unwrap(), arm, "{sent}");
+        }
+        let kv = resolve("vault.azure.net").unwrap();
+        assert_eq!(resolve_query("https://vault.azure.net").unwrap(), kv);
+        assert_eq!(resolve_query("https://vault.azure.net/").unwrap(), kv);
+        let pbi = "https://analysis.windows.net/powerbi/api";
+        assert_eq!(resolve_query(&format!("{pbi}/")).unwrap(), pbi);
+    }
+
+    #[test]
+    fn other_sdk_resources_are_verbatim_like_a_file_name() {
+        assert_eq!(
+            resolve_query("https://myapp.example.com").unwrap(),
+            resolve("myapp.example.com").unwrap()
+        );
+        assert_eq!(
+            resolve_query("https://myapp.example.com/").unwrap(),
+            "https://myapp.example.com/"
+        );
+        assert_eq!(resolve_query("api://my-app").unwrap(), "api://my-app");
+        let g = "499b84ac-1321-427f-aa17-267ca6975798";
+        assert_eq!(resolve_query(g).unwrap(), g);
+        assert_eq!(resolve_query(&format!("{g}/.default")).unwrap(), g);
+    }
+
+    #[test]
+    fn bad_sdk_resources() {
+        assert_eq!(resolve_query(""), Err(NameError::Empty));
+        assert_eq!(resolve_query("/.default"), Err(NameError::NotAResource));
+        assert_eq!(
+            resolve_query("management.azure.com"),
+            Err(NameError::NotAResource)
+        );
+        assert_eq!(resolve_query("hello world"), Err(NameError::NotAResource));
+        assert_eq!(resolve_query("https://a b"), Err(NameError::NotAResource));
+        assert_eq!(
+            resolve_query("https://a\nb"),
+            Err(NameError::ControlCharacter)
+        );
+        let long = format!("https://{}", "a".repeat(MAX_RESOURCE));
+        assert_eq!(resolve_query(&long), Err(NameError::TooLong));
     }
 }

@@ -2,14 +2,21 @@
 //! clock. All times are wall-clock milliseconds since the epoch (`EpochMs`): monotonic
 //! timers sleep through a suspend, the wall clock does not.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 /// Milliseconds since the Unix epoch (wall clock).
 pub type EpochMs = i64;
 
-/// The wall clock every decision is judged against; a fake one in tests.
+/// The wall clock every decision is judged against, and the monotonic time deadlines and
+/// pauses are measured on (the pool's queued jobs, a fetch's `--timeout`); a fake one in
+/// tests moves both.
 pub trait Clock: Send + Sync {
     fn now(&self) -> EpochMs;
+
+    /// Monotonic time: never goes back, unaffected by changes of the wall clock.
+    fn instant(&self) -> Instant {
+        Instant::now()
+    }
 }
 
 /// The system's wall clock.

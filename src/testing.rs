@@ -3,6 +3,7 @@
 //! by the unit tests and by `tests/it/fs.rs`; nothing in the daemon uses them. The types a test
 //! needs to write a source of its own are re-exported here.
 
+pub use crate::cache::{Identities, IdentityId, Key};
 pub use crate::policy::{Clock, EpochMs};
 pub use crate::source::{Kind, Source, SourceError};
 pub use crate::token::Token;
@@ -13,22 +14,37 @@ use std::sync::Arc;
 use std::time::Duration;
 use zeroize::Zeroizing;
 
-/// A clock that stands still until a test moves it.
-pub struct FakeClock(AtomicI64);
+/// A wall clock that stands still until a test moves it. Its monotonic time runs with real
+/// time plus every advance: moving the clock also brings the cache's deadlines (a queued
+/// fetch's, a fetch's `--timeout`) that much closer.
+pub struct FakeClock {
+    now: AtomicI64,
+    /// Milliseconds advanced so far (never below 0 on the monotonic side).
+    advanced: AtomicI64,
+}
 
 impl FakeClock {
     pub fn new(start: EpochMs) -> Arc<FakeClock> {
-        Arc::new(FakeClock(AtomicI64::new(start)))
+        Arc::new(FakeClock {
+            now: AtomicI64::new(start),
+            advanced: AtomicI64::new(0),
+        })
     }
 
     pub fn advance(&self, ms: i64) {
-        self.0.fetch_add(ms, Ordering::SeqCst);
+        self.now.fetch_add(ms, Ordering::SeqCst);
+        self.advanced.fetch_add(ms, Ordering::SeqCst);
     }
 }
 
 impl Clock for FakeClock {
     fn now(&self) -> EpochMs {
-        self.0.load(Ordering::SeqCst)
+        self.now.load(Ordering::SeqCst)
+    }
+
+    fn instant(&self) -> std::time::Instant {
+        let ahead = self.advanced.load(Ordering::SeqCst).max(0) as u64;
+        std::time::Instant::now() + Duration::from_millis(ahead)
     }
 }
 

@@ -1,9 +1,9 @@
 //! Token types. Their bytes are wiped when dropped and never appear in `Debug` output.
 
 use std::fmt;
-use std::sync::Arc;
 use zeroize::Zeroizing;
 
+use crate::cache::Key;
 pub use crate::policy::EpochMs;
 use crate::policy::Schedule;
 
@@ -104,7 +104,8 @@ impl View {
 /// makes a new version (with its own id, hence its own inodes and page cache).
 pub struct Version {
     pub id: u64,
-    pub resource: Arc<str>,
+    /// Whose token of which resource it is.
+    pub key: Key,
     pub fetched_at: EpochMs,
     pub expires_on: EpochMs,
     /// When it is refreshed and until when it may be served, computed once by the policy.
@@ -117,13 +118,13 @@ pub struct Version {
 impl Version {
     pub fn new(
         id: u64,
-        resource: Arc<str>,
+        key: Key,
         token: &Token,
         fetched_at: EpochMs,
         schedule: Schedule,
     ) -> Version {
         let raw = Zeroizing::new(token.access_token.as_bytes().to_vec());
-        let json = render_json(token, &resource);
+        let json = render_json(token, &key.resource);
         let header = wrap(b"Authorization: Bearer ", &raw, b"\n");
         let kubectl = render_exec_credential(&token.access_token, token.expires_on);
         let git = wrap(b"username=cstokenfs\npassword=", &raw, b"\n");
@@ -131,7 +132,7 @@ impl Version {
         Version {
             _known: crate::known::remember(&token.access_token),
             id,
-            resource,
+            key,
             fetched_at,
             expires_on: token.expires_on,
             schedule,
@@ -146,6 +147,13 @@ impl Version {
     /// The token itself.
     pub fn token(&self) -> &[u8] {
         self.bytes(View::Raw)
+    }
+
+    /// Whether it has expired at `now` (the policy's verdict): the read path's question,
+    /// which needs no lock (an open file reads its version until it expires, superseded or
+    /// not).
+    pub fn expired(&self, now: EpochMs) -> bool {
+        crate::policy::verdict(now, &self.schedule, true) == crate::policy::Verdict::Expired
     }
 }
 
@@ -212,7 +220,7 @@ impl fmt::Debug for Version {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Version")
             .field("id", &self.id)
-            .field("resource", &self.resource)
+            .field("resource", &self.key.resource)
             .field("fetched_at", &self.fetched_at)
             .field("expires_on", &self.expires_on)
             .field(
@@ -237,13 +245,20 @@ mod tests {
         }
     }
 
+    fn key(resource: &str) -> Key {
+        Key::new(
+            crate::cache::IdentityId::DEFAULT,
+            crate::names::Resource::for_test(resource),
+        )
+    }
+
     fn schedule() -> Schedule {
         crate::policy::schedule(0, 1_700_000_000_000, None, 300_000)
     }
 
     #[test]
     fn views_render_once() {
-        let v = Version::new(7, "https://vault.azure.net".into(), &token(), 0, schedule());
+        let v = Version::new(7, key("https://vault.azure.net"), &token(), 0, schedule());
         assert_eq!(v.bytes(View::Raw), b"aaa.bbb.ccc");
         assert_eq!(
             v.bytes(View::Header),
@@ -258,7 +273,7 @@ mod tests {
 
     #[test]
     fn kubectl_and_git_views() {
-        let v = Version::new(7, "r".into(), &token(), 0, schedule());
+        let v = Version::new(7, key("r"), &token(), 0, schedule());
         let k: serde_json::Value = serde_json::from_slice(v.bytes(View::Kubectl)).unwrap();
         assert_eq!(k["apiVersion"], "client.authentication.k8s.io/v1");
         assert_eq!(k["kind"], "ExecCredential");
@@ -276,7 +291,7 @@ mod tests {
     fn debug_never_shows_the_token() {
         let t = token();
         assert!(!format!("{t:?}").contains("bbb"));
-        let v = Version::new(1, "r".into(), &t, 0, schedule());
+        let v = Version::new(1, key("r"), &t, 0, schedule());
         assert!(!format!("{v:?}").contains("bbb"));
     }
 }

@@ -1,7 +1,8 @@
-//! What the cache keeps per resource: the entry (held version, fetch in flight, failures,
+//! What the cache keeps per key (identity, resource): the entry (held version, fetch in flight, failures,
 //! reads) and the negative cache of refusals, each field documented.
 
-use super::{Done, ReadError};
+use super::status::ResourceState;
+use super::{Key, ReadError, Waiter};
 use crate::policy::{self, EntryView, EpochMs, Verdict};
 use crate::token::Version;
 use std::collections::{HashMap, VecDeque};
@@ -42,10 +43,12 @@ pub(super) struct Entry {
     /// The newest version (it may have expired; `valid` says).
     pub(super) held: Option<Arc<Version>>,
     /// Some while a fetch is queued or running: the readers waiting for it.
-    pub(super) waiters: Option<Vec<Done>>,
+    pub(super) waiters: Option<Vec<Waiter>>,
     /// When the last fetch started (fetches of a held token are paced).
     pub(super) last_fetch_at: Option<EpochMs>,
+    /// How the last fetches went (backoff, the last error).
     pub(super) failures: Failures,
+    /// How the held version is read (in use, eviction order).
     pub(super) reads: Reads,
     /// Upstream requests made for this resource.
     pub(super) upstream_calls: u64,
@@ -70,22 +73,24 @@ impl Entry {
             .filter(|v| policy::verdict(now, &v.schedule, true) != Verdict::Expired)
     }
 
-    pub(super) fn state(&self, now: EpochMs, refusal: Option<&Refusal>) -> &'static str {
+    pub(super) fn state(&self, now: EpochMs, refusal: Option<&Refusal>) -> ResourceState {
         let valid = self.valid(now).is_some();
         match () {
-            _ if self.waiters.is_some() && valid => "refreshing",
-            _ if self.waiters.is_some() => "fetching",
-            _ if !valid && refusal.is_some() => refusal.map_or("refused", Refusal::state),
-            _ if self.failures.consecutive > 0 => "failed",
-            _ if !valid => "empty",
+            _ if self.waiters.is_some() && valid => ResourceState::Refreshing,
+            _ if self.waiters.is_some() => ResourceState::Fetching,
+            _ if !valid && refusal.is_some() => {
+                refusal.map_or(ResourceState::Refused, Refusal::state)
+            }
+            _ if self.failures.consecutive > 0 => ResourceState::Failed,
+            _ if !valid => ResourceState::Empty,
             _ if self
                 .held
                 .as_ref()
                 .is_some_and(|v| now >= v.schedule.refresh_at) =>
             {
-                "stale-but-valid"
+                ResourceState::StaleButValid
             }
-            _ => "fresh",
+            _ => ResourceState::Fresh,
         }
     }
 }
@@ -93,16 +98,19 @@ impl Entry {
 /// A resource the upstream said no to, answered without asking again until `until`.
 #[derive(Clone)]
 pub(super) struct Refusal {
+    /// Answered from here until then (`--negative-ttl`).
     pub(super) until: EpochMs,
+    /// What readers get meanwhile.
     pub(super) error: ReadError,
+    /// When the upstream refused.
     pub(super) at: EpochMs,
 }
 
 impl Refusal {
-    pub(super) fn state(&self) -> &'static str {
+    pub(super) fn state(&self) -> ResourceState {
         match self.error {
-            ReadError::Denied(_) => "denied",
-            _ => "refused",
+            ReadError::Denied(_) => ResourceState::Denied,
+            _ => ResourceState::Refused,
         }
     }
 
@@ -116,35 +124,36 @@ impl Refusal {
 /// The negative cache: at most `MAX_REFUSALS`, the oldest dropped first.
 #[derive(Default)]
 pub(super) struct Refusals {
-    pub(super) by_resource: HashMap<Arc<str>, Refusal>,
+    /// The refusals, by key.
+    pub(super) by_key: HashMap<Key, Refusal>,
     /// Insertion order, with the time of each insertion (stale pairs are skipped).
-    pub(super) order: VecDeque<(Arc<str>, EpochMs)>,
+    pub(super) order: VecDeque<(Key, EpochMs)>,
 }
 
 impl Refusals {
-    pub(super) fn active(&self, resource: &str, now: EpochMs) -> Option<&Refusal> {
-        self.by_resource.get(resource).filter(|r| now < r.until)
+    pub(super) fn active(&self, key: &Key, now: EpochMs) -> Option<&Refusal> {
+        self.by_key.get(key).filter(|r| now < r.until)
     }
 
-    pub(super) fn insert(&mut self, resource: Arc<str>, refusal: Refusal) {
-        while self.by_resource.len() >= MAX_REFUSALS && !self.by_resource.contains_key(&resource) {
+    pub(super) fn insert(&mut self, key: Key, refusal: Refusal) {
+        while self.by_key.len() >= MAX_REFUSALS && !self.by_key.contains_key(&key) {
             let Some((old, at)) = self.order.pop_front() else {
                 break;
             };
-            if self.by_resource.get(&old).is_some_and(|r| r.at == at) {
-                self.by_resource.remove(&old);
+            if self.by_key.get(&old).is_some_and(|r| r.at == at) {
+                self.by_key.remove(&old);
             }
         }
-        self.order.push_back((resource.clone(), refusal.at));
-        self.by_resource.insert(resource, refusal);
+        self.order.push_back((key.clone(), refusal.at));
+        self.by_key.insert(key, refusal);
     }
 
     pub(super) fn expire(&mut self, now: EpochMs) {
-        self.by_resource.retain(|_, r| now < r.until);
-        let by_resource = &self.by_resource;
+        self.by_key.retain(|_, r| now < r.until);
+        let by_key = &self.by_key;
         self.order
-            .retain(|(r, at)| by_resource.get(r).is_some_and(|x| x.at == *at));
-        shrink(&mut self.by_resource);
+            .retain(|(r, at)| by_key.get(r).is_some_and(|x| x.at == *at));
+        shrink(&mut self.by_key);
         if self.order.capacity() > 4 * self.order.len().max(16) {
             self.order.shrink_to_fit();
         }

@@ -1,19 +1,37 @@
-//! The token cache: one entry per resource, single-flight fetches run by a small pool (a
-//! reader never blocks a FUSE thread or another resource, a flood of names never costs a
-//! thread each), a bounded negative cache of refusals apart from the tokens, refresh ahead
-//! in the background, eviction. Decisions come from `policy`; the upstream's rate limit and
-//! known-down state are in `upstream`.
+//! The token cache: one entry per key (identity, resource), single-flight fetches run by a
+//! small pool (a reader never blocks a FUSE thread or another resource, a flood of names
+//! never costs a thread each), a bounded negative cache of refusals apart from the tokens,
+//! refresh ahead in the background, eviction. A reader asks once ([`Cache::read`]) and gets
+//! a [`Lease`] decided under one lock. Decisions come from `policy`; the upstream's rate
+//! limit and known-down state are in `upstream`.
+//!
+//! # Locks
+//!
+//! - `Cache::state` (entries and refusals) is held only to decide and to record: never
+//!   while the upstream is asked, a job is queued (`Pool`'s lock), a `done` callback runs
+//!   (it may read again, on this very thread), or the upstream's locks are taken. Never call
+//!   a `done` callback while holding it.
+//! - `Cache::stopped` is held by the background thread for the whole of each pass (so
+//!   `stop_background` waits for a pass in progress); it is taken before `state` and the
+//!   pool's lock, never while holding either.
+//! - The pool's queue lock (`pool.rs`) and the upstream's `limiter` and `reach` locks
+//!   (`upstream.rs`) are leaves: nothing else is locked while they are held.
 
 mod entry;
+mod identities;
+mod key;
 mod pool;
 mod status;
 mod upstream;
 
+use crate::names::Resource;
 use crate::policy::Clock;
 use crate::policy::{self, EpochMs, Policy, ReadDecision, Schedule, Verdict};
 use crate::source::{Failure, Source, SourceError};
 use crate::token::{Token, Version};
 use entry::{shrink, Entry, Failures, Refusal, Refusals};
+pub use identities::Identities;
+pub use key::{IdentityId, Key};
 use log::{debug, info, warn};
 use parking_lot::{Condvar, Mutex};
 use pool::{Job, Pool, Pushed};
@@ -22,7 +40,7 @@ use std::collections::HashMap;
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use upstream::Upstream;
 
 /// Why a reader gets no token.
@@ -48,8 +66,9 @@ impl fmt::Display for ReadError {
 
 impl std::error::Error for ReadError {}
 
-impl ReadError {
-    fn of(e: &SourceError) -> ReadError {
+/// How a failed fetch reads to a reader: by the failure's kind, with its (redacted) message.
+impl From<&SourceError> for ReadError {
+    fn from(e: &SourceError) -> ReadError {
         let message = e.to_string();
         match e.failure() {
             Failure::Refused => ReadError::Refused(message),
@@ -65,42 +84,134 @@ const EXPIRED_ON_ARRIVAL_PAUSE: Duration = Duration::from_millis(1_000);
 const WORKER_STACK: usize = 512 * 1024;
 
 /// Called once with the outcome of a read; may run on a fetch thread.
-pub type Done = Box<dyn FnOnce(Result<Arc<Version>, ReadError>) + Send>;
+pub type Done = Box<dyn FnOnce(Result<Lease, ReadError>) + Send>;
 
-/// Whether an open of a version may go ahead.
+/// What a read tells the cache about the use of a token: use earns a refresh ahead of the
+/// refresh point (a token read once must not be refreshed forever), and every read counts
+/// for the eviction order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum OpenDecision {
-    Serve,
-    /// Superseded or expired: the reader must look the name up again.
-    Stale,
+pub enum Use {
+    /// The token is used: an open that is a later read, the endpoint, the sink.
+    Read,
+    /// Not a use by itself: a lookup whose open is the read, the open that echoes a lookup
+    /// which waited for the fetch, the `get` command.
+    Look,
+    /// A use unless this very read waited for the fetch that made the version: a lookup in
+    /// no-open mode (the only request of a read that the daemon sees).
+    ReadUnlessFetched,
 }
 
-/// Everything behind the cache's one lock.
+/// What a reader gets: a version and the cache's verdict on it when the read was decided.
+#[derive(Clone)]
+pub struct Lease {
+    pub version: Arc<Version>,
+    /// How long the version stays valid, counted from the decision (never zero: an expired
+    /// version gets no lease).
+    pub valid_for: Duration,
+    /// No newer version of its resource existed: a new open may serve it.
+    pub current: bool,
+    /// This read waited for the fetch that made the version.
+    pub fetched: bool,
+}
+
+impl Lease {
+    /// The lease on `v` at `now`, `current` when no newer version exists; `None` once `v`
+    /// has expired. The verdict is the policy's.
+    fn of(now: EpochMs, v: &Arc<Version>, current: bool, fetched: bool) -> Option<Lease> {
+        let (valid_for_ms, current) = match policy::verdict(now, &v.schedule, current) {
+            Verdict::Current { valid_for_ms } => (valid_for_ms, true),
+            Verdict::Superseded { valid_for_ms } => (valid_for_ms, false),
+            Verdict::Expired => return None,
+        };
+        Some(Lease {
+            version: v.clone(),
+            valid_for: Duration::from_millis(valid_for_ms.max(0) as u64),
+            current,
+            fetched,
+        })
+    }
+}
+
+/// The version an open asked for is superseded or expired: the reader must look the name
+/// up again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stale;
+
+/// A token as it arrived, with its schedule (computed once, on arrival).
+struct Arrival {
+    token: Token,
+    schedule: Schedule,
+    /// When it arrived.
+    at: EpochMs,
+}
+
+impl Arrival {
+    /// Expired already on arrival (an upstream that caches, near expiry).
+    fn expired(&self) -> bool {
+        policy::verdict(self.at, &self.schedule, true) == Verdict::Expired
+    }
+}
+
+/// A reader waiting for a fetch.
+pub(crate) struct Waiter {
+    done: Done,
+    /// The read is a use of the token (`Use::Read`): the version it gets is marked in use.
+    marks_use: bool,
+}
+
+/// Everything behind the cache's one lock (`Cache::state`).
 #[derive(Default)]
 struct State {
-    entries: HashMap<Arc<str>, Entry>,
+    /// Keys that are declared, hold a token or are being fetched. Readers (`read`,
+    /// `reopen`) and the fetch workers (`run`) change them; the background pass drops
+    /// expired tokens and idle entries; `status`, `listed` and `judge` look.
+    entries: HashMap<Key, Entry>,
+    /// The negative cache: keys the upstream refused recently, apart from `entries` so a
+    /// flood of refused names never evicts a token. Written by `run`, expired by the
+    /// background pass, read by `read` and `status`.
     refusals: Refusals,
 }
 
+/// The shared cache: one per daemon, behind an `Arc` held by every front end (the mount's
+/// core, the endpoint, the sink), the fetch workers (weakly) and the background thread.
 pub struct Cache {
+    /// Each identity's source. Fixed at start; read by the fetch workers without a lock.
+    identities: Identities,
+    /// The upstream's rate limit and known-down state, shared by every identity's fetches
+    /// (its own locks, see `upstream.rs`).
     upstream: Upstream,
+    /// The knobs from the command line. Fixed at start.
     policy: Policy,
+    /// The wall clock every decision is judged against (a fake one in tests).
     clock: Arc<dyn Clock>,
+    /// Entries and refusals: the one lock every read decides under (see "Locks").
     state: Mutex<State>,
+    /// The fetch jobs and their workers (its own lock, see `pool.rs`). Readers and the
+    /// background pass queue jobs after releasing `state`.
     pool: Pool,
+    /// The id the next version gets (versions' ids grow; inode numbers come from them).
+    /// Taken by `accept` under `state`.
     next_version: AtomicU64,
+    /// Read sequence numbers: the least recently read entry is evicted first. Taken under
+    /// `state`.
     read_seq: AtomicU64,
-    /// Wakes the background worker early (stop).
+    /// Wakes the background thread early (stop); paired with `stopped`.
     wake: Condvar,
+    /// Notified (after `state` is released) when a fetch ends; paired with `state` by
+    /// `wait_until_settled` (tests).
+    settled: Condvar,
+    /// Set by `stop_background`; the background thread holds it during each pass and waits
+    /// on `wake` with it between passes.
     stopped: Mutex<bool>,
-    /// Bumped when every token is dropped; fetches started before it start over.
+    /// Bumped when every token is dropped (SIGUSR1, under `state`); a fetch that was under
+    /// way then starts over (read by the fetch workers without a lock).
     generation: AtomicU64,
 }
 
 impl Drop for Cache {
     fn drop(&mut self) {
         for job in self.pool.stop() {
-            self.abandon(&job.resource, STOPPING);
+            self.abandon(&job.key, STOPPING);
         }
     }
 }
@@ -110,16 +221,16 @@ const STOPPING: &str = "the mount is stopping";
 
 impl Cache {
     pub fn new(
-        source: Arc<dyn Source>,
+        identities: Identities,
         policy: Policy,
-        declared: &[String],
+        declared: &[Key],
         clock: Arc<dyn Clock>,
     ) -> Arc<Cache> {
         let entries = declared
             .iter()
-            .map(|r| {
+            .map(|k| {
                 (
-                    Arc::from(r.as_str()),
+                    k.clone(),
                     Entry {
                         declared: true,
                         ..Entry::default()
@@ -128,7 +239,8 @@ impl Cache {
             })
             .collect();
         Arc::new(Cache {
-            upstream: Upstream::new(source, clock.clone(), policy.max_upstream_rate),
+            identities,
+            upstream: Upstream::new(clock.clone(), policy.max_upstream_rate),
             policy,
             clock,
             state: Mutex::new(State {
@@ -139,150 +251,174 @@ impl Cache {
             next_version: AtomicU64::new(1),
             read_seq: AtomicU64::new(1),
             wake: Condvar::new(),
+            settled: Condvar::new(),
             stopped: Mutex::new(false),
             generation: AtomicU64::new(0),
         })
     }
 
+    /// The default identity's source.
     pub fn source(&self) -> &dyn Source {
-        self.upstream.source()
+        self.identities.default_source()
     }
 
     pub fn now(&self) -> EpochMs {
         self.clock.now()
     }
 
-    /// The token of `resource` for a reader: `done` runs at once when a valid token is held
-    /// or the resource was refused recently, else when the fetch (started here or already
-    /// under way) ends.
-    pub fn get(self: &Arc<Self>, resource: &str, done: Done) {
+    /// The one read: the current valid version of `resource` for a reader, decided under
+    /// the cache's lock. `done` runs at once when a valid token is held or the resource was
+    /// refused recently, else when the fetch (started here or already under way) ends.
+    /// `usage` says whether the read is a use of the token (refresh ahead).
+    pub fn read(self: &Arc<Self>, key: &Key, usage: Use, done: Done) {
+        if let Some((answer, done)) = self.begin(key, usage, done) {
+            done(answer);
+        }
+    }
+
+    /// [`Cache::read`] for a caller that handles an answer at hand itself: returns it (and
+    /// drops `later`) when the cache answers at once, else `None`, and `later` gets the
+    /// answer when the fetch ends.
+    pub fn read_now(
+        self: &Arc<Self>,
+        key: &Key,
+        usage: Use,
+        later: Done,
+    ) -> Option<Result<Lease, ReadError>> {
+        self.begin(key, usage, later).map(|(answer, _later)| answer)
+    }
+
+    /// Decides a read under the lock: the answer and `done` back when it is at hand, else
+    /// `None` (`done` waits for the fetch).
+    fn begin(
+        self: &Arc<Self>,
+        key: &Key,
+        usage: Use,
+        done: Done,
+    ) -> Option<(Result<Lease, ReadError>, Done)> {
         let now = self.clock.now();
         let mut guard = self.state.lock();
         let State { entries, refusals } = &mut *guard;
-        let refusal = refusals.active(resource, now).cloned();
-        let key = match entries.get_key_value(resource) {
-            Some((k, _)) => k.clone(),
-            None => {
-                if let Some(r) = refusal {
-                    drop(guard);
-                    return done(Err(r.error));
-                }
-                let key: Arc<str> = Arc::from(resource);
-                entries.insert(key.clone(), Entry::default());
-                key
+        let refusal = refusals.active(key, now).cloned();
+        if !entries.contains_key(key) {
+            if let Some(r) = refusal {
+                return Some((Err(r.error), done));
             }
-        };
-        let Some(entry) = entries.get_mut(&key) else {
-            drop(guard);
-            return done(Err(unreachable_state(&key)));
+            entries.insert(key.clone(), Entry::default());
+        }
+        let Some(entry) = entries.get_mut(key) else {
+            return Some((Err(unreachable_state(key)), done));
         };
         entry.reads.last = self.read_seq.fetch_add(1, Ordering::Relaxed);
         let refused_until = refusal.as_ref().map_or(0, |r| r.until);
-        match policy::on_read(now, &entry.view(refused_until)) {
-            ReadDecision::Serve => {
-                let v = entry.valid(now).cloned();
-                drop(guard);
-                done(v.ok_or_else(|| unreachable_state(&key)))
-            }
-            ReadDecision::ServeAndRefresh => {
-                let v = entry.valid(now).cloned();
-                let job = self.start_fetch(entry, &key, now, true);
-                drop(guard);
-                self.enqueue(job);
-                done(v.ok_or_else(|| unreachable_state(&key)))
-            }
-            ReadDecision::Refused => {
-                drop(guard);
-                done(Err(
-                    refusal.map_or_else(|| unreachable_state(&key), |r| r.error)
-                ))
-            }
-            ReadDecision::Wait => {
-                if let Some(waiters) = &mut entry.waiters {
-                    return waiters.push(done);
+        let decision = policy::on_read(now, &entry.view(refused_until));
+        match decision {
+            ReadDecision::Serve | ReadDecision::ServeAndRefresh => {
+                // Served what is held: this read waited for nothing.
+                if usage != Use::Look {
+                    entry.reads.since_fetch = true;
                 }
-                let job = self.start_fetch(entry, &key, now, false);
-                entry.waiters = Some(vec![done]);
+                let lease = entry
+                    .valid(now)
+                    .and_then(|v| Lease::of(now, v, true, false))
+                    .ok_or_else(|| unreachable_state(key));
+                let job = (decision == ReadDecision::ServeAndRefresh)
+                    .then(|| self.start_fetch(entry, key, now, true));
+                drop(guard);
+                if let Some(job) = job {
+                    self.enqueue(job);
+                }
+                Some((lease, done))
+            }
+            ReadDecision::Refused => Some((
+                Err(refusal.map_or_else(|| unreachable_state(key), |r| r.error)),
+                done,
+            )),
+            ReadDecision::Wait => {
+                let waiter = Waiter {
+                    done,
+                    marks_use: usage == Use::Read,
+                };
+                if let Some(waiters) = &mut entry.waiters {
+                    waiters.push(waiter);
+                    return None;
+                }
+                let job = self.start_fetch(entry, key, now, false);
+                entry.waiters = Some(vec![waiter]);
                 drop(guard);
                 self.enqueue(job);
+                None
             }
         }
     }
 
-    /// `get` for callers that may block (the `get` command, tests).
-    pub fn get_blocking(self: &Arc<Self>, resource: &str) -> Result<Arc<Version>, ReadError> {
+    /// A read for callers that may block (the `get` command, tests): not a use of the token.
+    /// The default identity's token.
+    pub fn get_blocking(self: &Arc<Self>, resource: &Resource) -> Result<Arc<Version>, ReadError> {
+        let key = Key::new(IdentityId::DEFAULT, resource.clone());
+        self.read_blocking(&key, Use::Look)
+            .map(|lease| lease.version)
+    }
+
+    /// [`Cache::read`], waiting for the answer.
+    pub fn read_blocking(self: &Arc<Self>, key: &Key, usage: Use) -> Result<Lease, ReadError> {
         let (tx, rx) = std::sync::mpsc::channel();
-        self.get(resource, Box::new(move |r| drop(tx.send(r))));
+        self.read(key, usage, Box::new(move |r| drop(tx.send(r))));
         rx.recv()
             .unwrap_or_else(|_| Err(ReadError::Unavailable("the fetch was abandoned".into())))
     }
 
-    /// Has `v` expired? The read path's question: it needs no lock (an open file reads its
-    /// version until it expires, superseded or not).
-    pub fn expired(&self, v: &Version) -> bool {
-        policy::verdict(self.clock.now(), &v.schedule, true) == Verdict::Expired
-    }
-
-    /// May `v` be served now? The filesystem's one question about a version.
-    pub fn check(&self, v: &Version) -> Verdict {
+    /// The cache's verdict on `v` now, without counting a read (attributes): `None` once it
+    /// has expired.
+    pub fn judge(&self, v: &Arc<Version>) -> Option<Lease> {
         let now = self.clock.now();
         let guard = self.state.lock();
         let current = guard
             .entries
-            .get(&*v.resource)
+            .get(&v.key)
             .and_then(|e| e.held.as_ref())
             .is_some_and(|held| held.id == v.id);
-        policy::verdict(now, &v.schedule, current)
+        drop(guard);
+        Lease::of(now, v, current, false)
     }
 
-    /// The id of the newest version made so far: a lookup that gets a higher one waited
-    /// for its fetch.
-    pub fn last_version_id(&self) -> u64 {
-        self.next_version.load(Ordering::Relaxed).saturating_sub(1)
-    }
-
-    /// An open of `v`: may it be served, or must the reader look the name up again? A
-    /// served open that `counts_as_read` marks the version in use (refresh ahead) and may
-    /// start a refresh past the refresh point; the filesystem says no for the open that
-    /// echoes a lookup which waited for this very version.
-    pub fn on_open(self: &Arc<Self>, v: &Version, counts_as_read: bool) -> OpenDecision {
+    /// An open of `v`, a version a lookup already found: its lease while it is current and
+    /// valid, else `Stale` (the reader must look the name up again). A served open counts
+    /// as a read (eviction order, and a use when `usage` says so) and may start a refresh
+    /// past the refresh point.
+    pub fn reopen(self: &Arc<Self>, v: &Arc<Version>, usage: Use) -> Result<Lease, Stale> {
         let now = self.clock.now();
         let mut guard = self.state.lock();
-        let Some(entry) = guard.entries.get_mut(&*v.resource) else {
-            return OpenDecision::Stale;
-        };
+        let entry = guard.entries.get_mut(&v.key).ok_or(Stale)?;
         let current = entry.held.as_ref().is_some_and(|held| held.id == v.id);
-        if !matches!(
-            policy::verdict(now, &v.schedule, current),
-            Verdict::Current { .. }
-        ) {
-            return OpenDecision::Stale;
-        }
-        if counts_as_read {
+        let lease = Lease::of(now, v, current, false)
+            .filter(|l| l.current)
+            .ok_or(Stale)?;
+        if usage != Use::Look {
             entry.reads.since_fetch = true;
         }
         entry.reads.last = self.read_seq.fetch_add(1, Ordering::Relaxed);
         if policy::on_read(now, &entry.view(0)) == ReadDecision::ServeAndRefresh {
-            let job = self.start_fetch(entry, &v.resource, now, true);
+            let job = self.start_fetch(entry, &v.key, now, true);
             drop(guard);
             self.enqueue(job);
         }
-        OpenDecision::Serve
+        Ok(lease)
     }
 
     /// Marks a fetch as started (its waiters list exists, pacing counts from now).
-    fn start_fetch(&self, entry: &mut Entry, key: &Arc<str>, now: EpochMs, refresh: bool) -> Job {
+    fn start_fetch(&self, entry: &mut Entry, key: &Key, now: EpochMs, refresh: bool) -> Job {
         entry.waiters = Some(Vec::new());
         entry.last_fetch_at = Some(now);
         Job {
-            resource: key.clone(),
-            deadline: Instant::now() + self.policy.timeout,
+            key: key.clone(),
+            deadline: self.clock.instant() + self.policy.timeout,
             refresh,
         }
     }
 
     /// Every resource to list: the declared ones and those whose token is held.
-    pub fn listed(&self) -> Vec<(Arc<str>, Option<Arc<Version>>)> {
+    pub fn listed(&self) -> Vec<(Key, Option<Arc<Version>>)> {
         let now = self.clock.now();
         let guard = self.state.lock();
         guard
@@ -295,27 +431,15 @@ impl Cache {
             .collect()
     }
 
-    /// The current valid version of a resource, without counting a read.
-    pub fn peek(&self, resource: &str) -> Option<Arc<Version>> {
+    /// The current valid version of a resource, without counting a read (tests).
+    #[cfg(test)]
+    pub(crate) fn peek(&self, key: &Key) -> Option<Arc<Version>> {
         let now = self.clock.now();
         self.state
             .lock()
             .entries
-            .get(resource)
+            .get(key)
             .and_then(|e| e.valid(now).cloned())
-    }
-
-    /// The current version of a resource if it stays valid for at least `lead` more, without
-    /// counting a read: what `sink` keeps as files (it must remove a token before the
-    /// moment it stops being valid, not at it).
-    pub fn peek_valid_for(&self, resource: &str, lead: Duration) -> Option<Arc<Version>> {
-        let lead_ms = i64::try_from(lead.as_millis()).unwrap_or(i64::MAX);
-        let at = self.clock.now().saturating_add(lead_ms);
-        self.state
-            .lock()
-            .entries
-            .get(resource)
-            .and_then(|e| e.valid(at).cloned())
     }
 
     /// Drops every held token (wiped once no open file holds it), every refusal and the
@@ -351,7 +475,28 @@ impl Cache {
         *self.stopped.lock() = true;
         self.wake.notify_all();
         for job in self.pool.stop() {
-            self.abandon(&job.resource, STOPPING);
+            self.abandon(&job.key, STOPPING);
+        }
+    }
+
+    /// One background pass now, on the caller's thread: what the background thread does
+    /// when it wakes. Tests on the fake clock run it instead of waiting for the thread.
+    pub fn pass_now(self: &Arc<Self>) {
+        self.background_pass();
+    }
+
+    /// Waits, at most `within` (real time), until no fetch is queued or running; `false`
+    /// if one still is. Tests on the fake clock wait with it for a refresh to land.
+    pub fn wait_until_settled(&self, within: Duration) -> bool {
+        let until = std::time::Instant::now() + within;
+        let mut guard = self.state.lock();
+        loop {
+            if guard.entries.values().all(|e| e.waiters.is_none()) {
+                return true;
+            }
+            if self.settled.wait_until(&mut guard, until).timed_out() {
+                return guard.entries.values().all(|e| e.waiters.is_none());
+            }
         }
     }
 
@@ -402,9 +547,9 @@ impl Cache {
         for job in due {
             self.enqueue(job);
         }
-        for job in self.pool.take_overdue(Instant::now()) {
+        for job in self.pool.take_overdue(self.clock.instant()) {
             self.abandon(
-                &job.resource,
+                &job.key,
                 "no fetch could start within --timeout (too many fetches at once)",
             );
         }
@@ -412,7 +557,7 @@ impl Cache {
         // Wake for the earliest queued deadline: its readers are answered on time.
         match self.pool.next_deadline() {
             Some(d) => pause.min(
-                d.saturating_duration_since(Instant::now())
+                d.saturating_duration_since(self.clock.instant())
                     .max(Duration::from_millis(10)),
             ),
             None => pause,
@@ -422,7 +567,7 @@ impl Cache {
     /// Keeps the tokens held (declared resources count) within `--max-resources`: the
     /// least recently read undeclared one goes, never `keep` (just fetched) nor one being
     /// fetched. Names that hold nothing (refused, failed, in flight) never evict a token.
-    fn evict_beyond_limit(&self, entries: &mut HashMap<Arc<str>, Entry>, keep: &str) {
+    fn evict_beyond_limit(&self, entries: &mut HashMap<Key, Entry>, keep: &Key) {
         let held = entries
             .values()
             .filter(|e| e.declared || e.held.is_some())
@@ -431,7 +576,7 @@ impl Cache {
             let victim = entries
                 .iter()
                 .filter(|(r, e)| {
-                    !e.declared && e.held.is_some() && e.waiters.is_none() && &***r != keep
+                    !e.declared && e.held.is_some() && e.waiters.is_none() && *r != keep
                 })
                 .min_by_key(|(_, e)| e.reads.last)
                 .map(|(r, _)| r.clone());
@@ -445,7 +590,7 @@ impl Cache {
     fn enqueue(self: &Arc<Self>, job: Job) {
         match self.pool.push(job) {
             Pushed::Queued => return,
-            Pushed::Stopped(job) => return self.abandon(&job.resource, STOPPING),
+            Pushed::Stopped(job) => return self.abandon(&job.key, STOPPING),
             Pushed::StartWorker => {}
         }
         let cache = Arc::downgrade(self);
@@ -456,32 +601,34 @@ impl Cache {
             .spawn(move || {
                 while let Some(job) = pool.next() {
                     let Some(cache) = cache.upgrade() else { return };
-                    let resource = job.resource.clone();
+                    let key = job.key.clone();
                     // A fetch that panics leaves nobody waiting, and the worker goes on.
                     let run = std::panic::AssertUnwindSafe(|| cache.run(&job));
                     if std::panic::catch_unwind(run).is_err() {
-                        cache.abandon(&resource, "internal error: the fetch ended unexpectedly");
+                        cache.abandon(&key, "internal error: the fetch ended unexpectedly");
                     }
+                    cache.settled.notify_all();
                 }
             });
         if let Err(e) = spawned {
             warn!("cannot start a fetch thread: {e}");
             for job in self.pool.not_started() {
-                self.abandon(&job.resource, &format!("cannot start a fetch thread: {e}"));
+                self.abandon(&job.key, &format!("cannot start a fetch thread: {e}"));
             }
         }
     }
 
     /// Answers whoever still waits on `resource` with an error and ends the fetch state.
-    fn abandon(&self, resource: &str, why: &str) {
+    fn abandon(&self, key: &Key, why: &str) {
         let waiters = self
             .state
             .lock()
             .entries
-            .get_mut(resource)
+            .get_mut(key)
             .and_then(|e| e.waiters.take());
-        for done in waiters.unwrap_or_default() {
-            done(Err(ReadError::Unavailable(why.to_string())));
+        self.settled.notify_all();
+        for waiter in waiters.unwrap_or_default() {
+            (waiter.done)(Err(ReadError::Unavailable(why.to_string())));
         }
     }
 
@@ -490,7 +637,7 @@ impl Cache {
     /// under way when the tokens were dropped (SIGUSR1) starts over, within the same
     /// deadline: its answer may be of the old login.
     fn run(self: &Arc<Self>, job: &Job) {
-        let resource = &job.resource;
+        let resource = &job.key;
         let (result, calls) = loop {
             let generation = self.generation.load(Ordering::SeqCst);
             let outcome = self.ask(job);
@@ -507,11 +654,15 @@ impl Cache {
         };
         entry.upstream_calls += calls;
         let held = entry.valid(now).map(|v| v.id);
-        let outcome = match result.and_then(|token| self.accept(resource, entry, token, now)) {
-            Ok(v) => Ok(v),
+        let outcome = match result.and_then(|arrival| self.accept(resource, entry, arrival, now)) {
+            Ok(v) => Lease::of(now, &v, true, true).ok_or_else(|| unreachable_state(resource)),
             Err(e) => Err(self.record_failure(resource, entry, refusals, &e, now)),
         };
         let waiters = entry.waiters.take().unwrap_or_default();
+        // A waiter whose read is a use marks the version it gets in use.
+        if outcome.is_ok() && waiters.iter().any(|w| w.marks_use) {
+            entry.reads.since_fetch = true;
+        }
         if held.is_none() && outcome.is_ok() {
             self.evict_beyond_limit(entries, resource);
         }
@@ -522,28 +673,49 @@ impl Cache {
         if holds_nothing && refusals.active(resource, now).is_some() {
             entries.remove(resource);
         }
+        // Never call a `done` while holding the lock: it may read again.
         drop(guard);
-        for done in waiters {
-            done(outcome.clone());
+        for waiter in waiters {
+            (waiter.done)(outcome.clone());
         }
     }
 
     /// The upstream's answer before the job's deadline, and how many calls it took.
-    fn ask(&self, job: &Job) -> (Result<Token, SourceError>, u64) {
+    fn ask(&self, job: &Job) -> (Result<Arrival, SourceError>, u64) {
         let mut calls = 0;
         loop {
-            let (result, n) = self
-                .upstream
-                .fetch(&job.resource, job.deadline, job.refresh);
+            let (result, n) = match self.identities.source(job.key.identity) {
+                Some(source) => {
+                    self.upstream
+                        .fetch(&**source, &job.key.resource, job.deadline, job.refresh)
+                }
+                None => (
+                    Err(SourceError::Credential(format!(
+                        "{}: not an identity of this daemon",
+                        job.key
+                    ))),
+                    0,
+                ),
+            };
             calls += n;
+            // The token's schedule, computed once, when it arrives.
+            let result = result.map(|token| {
+                let at = self.clock.now();
+                let schedule = self.schedule_of(&token, at);
+                Arrival {
+                    token,
+                    schedule,
+                    at,
+                }
+            });
             // An upstream that caches hands out its old token until it has expired; near
             // expiry that token is already too old for us. Ask again, calmly, until the
             // upstream issues a new one or the time is up.
-            let stale = result.as_ref().is_ok_and(|t| self.expired_on_arrival(t));
-            if stale && Instant::now() + EXPIRED_ON_ARRIVAL_PAUSE < job.deadline {
+            let stale = result.as_ref().is_ok_and(Arrival::expired);
+            if stale && self.clock.instant() + EXPIRED_ON_ARRIVAL_PAUSE < job.deadline {
                 debug!(
                     "{}: the endpoint returned a token that is about to expire; asking again",
-                    job.resource
+                    job.key
                 );
                 std::thread::sleep(EXPIRED_ON_ARRIVAL_PAUSE);
                 continue;
@@ -562,18 +734,16 @@ impl Cache {
         )
     }
 
-    fn expired_on_arrival(&self, t: &Token) -> bool {
-        let now = self.clock.now();
-        policy::verdict(now, &self.schedule_of(t, now), true) == Verdict::Expired
-    }
-
     fn accept(
         &self,
-        resource: &Arc<str>,
+        resource: &Key,
         entry: &mut Entry,
-        token: Token,
+        arrival: Arrival,
         now: EpochMs,
     ) -> Result<Arc<Version>, SourceError> {
+        let Arrival {
+            token, schedule, ..
+        } = arrival;
         if let Some(held) = entry.valid(now).cloned() {
             if held.expires_on == token.expires_on && held.token() == token.access_token.as_bytes()
             {
@@ -587,7 +757,6 @@ impl Cache {
                 return Ok(held);
             }
         }
-        let schedule = self.schedule_of(&token, now);
         if policy::verdict(now, &schedule, true) == Verdict::Expired {
             return Err(SourceError::BadResponse(
                 "the endpoint issued a token that is already expired".into(),
@@ -617,13 +786,13 @@ impl Cache {
     /// valid held goes to the negative cache. Returns what waiters get.
     fn record_failure(
         &self,
-        resource: &Arc<str>,
+        resource: &Key,
         entry: &mut Entry,
         refusals: &mut Refusals,
         e: &SourceError,
         now: EpochMs,
     ) -> ReadError {
-        let error = ReadError::of(e);
+        let error = ReadError::from(e);
         let message = e.to_string();
         let f = &mut entry.failures;
         f.consecutive += 1;
@@ -667,7 +836,7 @@ impl Cache {
     }
 }
 
-fn unreachable_state(resource: &str) -> ReadError {
+fn unreachable_state(resource: &Key) -> ReadError {
     ReadError::Unavailable(format!(
         "{resource}: internal error: no valid token to serve"
     ))

@@ -3,6 +3,7 @@
 //! entries, not threads, sockets or descriptors; a queued job whose reader's deadline
 //! passes is handed back (`take_overdue`) so its readers are answered within `--timeout`.
 
+use super::Key;
 use parking_lot::{Condvar, Mutex};
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -13,9 +14,9 @@ pub const MAX_WORKERS: usize = 8;
 /// A worker with nothing to do for this long ends (an idle mount keeps no fetch threads).
 const IDLE_EXIT: Duration = Duration::from_secs(30);
 
-/// One fetch of one resource.
+/// One fetch of one key.
 pub struct Job {
-    pub resource: Arc<str>,
+    pub key: Key,
     /// When the first reader waiting for it gives up: fixed when that reader started waiting,
     /// never extended (not by a restart after SIGUSR1 either).
     pub deadline: Instant,
@@ -33,14 +34,18 @@ pub enum Pushed {
     Stopped(Job),
 }
 
+/// Everything behind the pool's one lock (a leaf: nothing else is locked while it is held).
 #[derive(Default)]
 struct Queue {
+    /// Refreshes of held tokens, taken first.
     refresh: VecDeque<Job>,
+    /// First fetches (a reader without a valid token waits), in arrival order.
     first: VecDeque<Job>,
     /// Worker threads alive.
     workers: usize,
     /// Workers waiting for a job.
     idle: usize,
+    /// `stop` was called: no job is taken or queued again.
     stopped: bool,
 }
 
@@ -53,6 +58,7 @@ impl Queue {
 /// Shared by the cache and its workers (cheap to clone).
 #[derive(Clone, Default)]
 pub struct Pool {
+    /// The queue, and the condition idle workers wait on for a job.
     inner: Arc<(Mutex<Queue>, Condvar)>,
 }
 
@@ -168,7 +174,10 @@ mod tests {
 
     fn job(name: &str, refresh: bool, deadline: Instant) -> Job {
         Job {
-            resource: name.into(),
+            key: Key::new(
+                super::super::IdentityId::DEFAULT,
+                crate::names::Resource::for_test(name),
+            ),
             deadline,
             refresh,
         }
@@ -191,8 +200,8 @@ mod tests {
             Pushed::Queued
         ));
         assert_eq!(pool.queued(), 21);
-        assert_eq!(&*pool.next().unwrap().resource, "refresh");
-        assert_eq!(&*pool.next().unwrap().resource, "first-0");
+        assert_eq!(pool.next().unwrap().key.resource.as_str(), "refresh");
+        assert_eq!(pool.next().unwrap().key.resource.as_str(), "first-0");
     }
 
     #[test]
@@ -203,7 +212,7 @@ mod tests {
         pool.push(job("on-time", false, now + Duration::from_secs(60)));
         let late = pool.take_overdue(now);
         assert_eq!(late.len(), 1);
-        assert_eq!(&*late[0].resource, "late");
+        assert_eq!(late[0].key.resource.as_str(), "late");
         assert_eq!(pool.queued(), 1);
     }
 

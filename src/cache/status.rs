@@ -1,5 +1,6 @@
 //! What `.status` says of the cache: the settings, the upstream's state and one record per
-//! resource (held, being fetched, refused, failed). Never token bytes.
+//! key (held, being fetched, refused, failed), gathered under the cache's lock. Never token
+//! bytes.
 
 use super::{Cache, State};
 use crate::policy::EpochMs;
@@ -39,8 +40,7 @@ pub struct ResourceStatus {
     pub name: Option<String>,
     /// The resource string sent upstream.
     pub resource: String,
-    /// fresh, stale-but-valid, refreshing, fetching, failed, refused, denied or empty.
-    pub state: &'static str,
+    pub state: ResourceState,
     /// Named with `--resource`.
     pub declared: bool,
     /// The held token's expiry, while it is valid.
@@ -58,6 +58,28 @@ pub struct ResourceStatus {
     pub last_error_at: Option<i64>,
 }
 
+/// Where a resource stands, as `.status` spells it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ResourceState {
+    /// A valid token, before its refresh point.
+    Fresh,
+    /// A valid token past its refresh point (a refresh is due, paced or backing off).
+    StaleButValid,
+    /// A valid token, and a fetch of its successor under way.
+    Refreshing,
+    /// No valid token, a fetch under way.
+    Fetching,
+    /// No valid token; the last fetch failed.
+    Failed,
+    /// The upstream refused the resource recently (negative cache).
+    Refused,
+    /// The upstream refused the identity recently (negative cache).
+    Denied,
+    /// Nothing held and nothing under way (a declared resource not read yet).
+    Empty,
+}
+
 impl Cache {
     /// `.status`: per resource state and times, never token bytes.
     pub fn status(&self) -> Status {
@@ -67,9 +89,9 @@ impl Cache {
         let State { entries, refusals } = &*guard;
         let mut resources: Vec<ResourceStatus> = entries
             .iter()
-            .map(|(r, e)| {
+            .map(|(k, e)| {
                 let held = e.valid(now);
-                let refusal = refusals.active(r, now);
+                let refusal = refusals.active(k, now);
                 let last_error = e
                     .failures
                     .last_error
@@ -77,8 +99,8 @@ impl Cache {
                     .map(|(m, at)| (m.clone(), *at))
                     .or_else(|| refusal.map(|x| (x.message().to_string(), x.at)));
                 ResourceStatus {
-                    name: crate::names::canonical_name(r),
-                    resource: r.to_string(),
+                    name: crate::names::canonical_name(&k.resource),
+                    resource: k.resource.to_string(),
                     state: e.state(now, refusal),
                     declared: e.declared,
                     expires_on: held.map(|v| secs(v.expires_on)),
@@ -94,12 +116,12 @@ impl Cache {
             .collect();
         resources.extend(
             refusals
-                .by_resource
+                .by_key
                 .iter()
-                .filter(|(r, x)| now < x.until && !entries.contains_key(*r))
-                .map(|(r, x)| ResourceStatus {
-                    name: crate::names::canonical_name(r),
-                    resource: r.to_string(),
+                .filter(|(k, x)| now < x.until && !entries.contains_key(*k))
+                .map(|(k, x)| ResourceStatus {
+                    name: crate::names::canonical_name(&k.resource),
+                    resource: k.resource.to_string(),
                     state: x.state(),
                     declared: false,
                     expires_on: None,

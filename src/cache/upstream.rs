@@ -1,7 +1,16 @@
-//! The upstream as the cache uses it: one `Source` behind the mount-wide request rate
+//! The upstream as the cache uses it: the sources of every identity behind the mount-wide
+//! request rate
 //! (`--max-upstream-rate`, refreshes of held tokens first) and the known-down state (after
 //! a connection-level failure, fetches make one attempt each until the upstream answers
-//! again, so an endpoint that is down costs one `--timeout`, not one per name).
+//! again, so an endpoint that is down costs one `--timeout`, not one per name). One per
+//! cache: every identity of a daemon asks the same upstream, so they share its rate limit
+//! and its known-down state.
+//!
+//! # Locks
+//!
+//! `limiter` (with `limiter_cv`) and `reach` are never held together, nor while a request
+//! is sent or the cache's locks are taken: a fetch worker takes the limiter to wait for
+//! its turn, lets go, sends, then takes `reach` to record the outcome.
 
 use crate::policy::{self, Bucket, Clock, EpochMs};
 use crate::source::{Failure, Source, SourceError};
@@ -17,7 +26,9 @@ const FAIR_TIMEOUT: Duration = Duration::from_secs(1);
 /// The longest a first fetch sleeps between looks at the rate limit while refreshes wait.
 const YIELD_PAUSE: Duration = Duration::from_millis(10);
 
+/// The rate limit's state, behind `Upstream::limiter`.
 struct Limiter {
+    /// `--max-upstream-rate`'s token bucket.
     bucket: Bucket,
     /// Refreshes waiting for the bucket: first fetches let them go first.
     refreshes_waiting: usize,
@@ -33,20 +44,23 @@ struct Reach {
 }
 
 pub struct Upstream {
-    source: Arc<dyn Source>,
+    /// The cache's wall clock.
     clock: Arc<dyn Clock>,
+    /// The rate limit; fetch workers wait on it (`acquire`).
     limiter: Mutex<Limiter>,
+    /// Wakes first fetches waiting behind refreshes, and waiters when the bucket refills.
     limiter_cv: Condvar,
+    /// Whether the upstream answers: written after each fetch (`note`), read by `fetch`
+    /// and `.status`, reset on SIGUSR1.
     reach: Mutex<Reach>,
     /// Requests that had to wait for the rate limit (`.status`).
     held_back: AtomicU64,
 }
 
 impl Upstream {
-    pub fn new(source: Arc<dyn Source>, clock: Arc<dyn Clock>, rate: u32) -> Upstream {
+    pub fn new(clock: Arc<dyn Clock>, rate: u32) -> Upstream {
         let now = clock.now();
         Upstream {
-            source,
             clock,
             limiter: Mutex::new(Limiter {
                 bucket: Bucket::new(rate, now),
@@ -56,10 +70,6 @@ impl Upstream {
             reach: Mutex::new(Reach::default()),
             held_back: AtomicU64::new(0),
         }
-    }
-
-    pub fn source(&self) -> &dyn Source {
-        &*self.source
     }
 
     pub fn held_back(&self) -> u64 {
@@ -82,6 +92,7 @@ impl Upstream {
     /// is retried while the upstream is known down. Returns the outcome and the calls made.
     pub fn fetch(
         &self,
+        source: &dyn Source,
         resource: &str,
         deadline: Instant,
         refresh: bool,
@@ -97,14 +108,14 @@ impl Upstream {
             if let Err(e) = self.acquire(refresh, deadline) {
                 break Err(e);
             }
-            let left = deadline.saturating_duration_since(Instant::now());
+            let left = deadline.saturating_duration_since(self.clock.instant());
             if left.is_zero() {
                 budget = Duration::ZERO;
                 break Err(SourceError::Timeout);
             }
             budget = left;
             calls += 1;
-            let err = match self.source.fetch_once(resource, left) {
+            let err = match source.fetch_once(resource, left) {
                 Ok(t) => break Ok(t),
                 Err(e) => e,
             };
@@ -120,7 +131,7 @@ impl Upstream {
             let pause = err
                 .retry_after()
                 .unwrap_or_else(|| policy::in_fetch_pause(calls as u32 - 1));
-            if pause >= deadline.saturating_duration_since(Instant::now()) {
+            if pause >= deadline.saturating_duration_since(self.clock.instant()) {
                 break Err(err);
             }
             debug!("{resource}: attempt {calls} failed ({err}); again in {pause:?}");
@@ -178,12 +189,13 @@ impl Upstream {
                 self.held_back.fetch_add(1, Ordering::Relaxed);
                 counted = true;
             }
-            let now = Instant::now();
-            if now >= deadline {
+            // Deadlines are on the clock's monotonic time: wait for a duration, not until an
+            // instant (a fake clock's instants run ahead of real ones).
+            let left = deadline.saturating_duration_since(self.clock.instant());
+            if left.is_zero() {
                 break Err(SourceError::Throttled);
             }
-            self.limiter_cv
-                .wait_until(&mut l, (now + wait).min(deadline));
+            self.limiter_cv.wait_for(&mut l, wait.min(left));
         };
         if refresh {
             l.refreshes_waiting -= 1;

@@ -26,8 +26,9 @@ pub use error::DaemonError;
 pub use log_file::{open_log, reopen_log, say_if_logs_are_discarded};
 pub use signals::{small_thread, Handled, Signal};
 
-use crate::cache::Cache;
+use crate::cache::{Cache, Identities, Key};
 use crate::emulator::{Emulator, EmulatorConfig};
+use crate::names::Resource;
 use crate::policy::{Policy, SystemClock};
 use crate::source::select::{self, Env, Plan, Wanted};
 use log::{info, warn};
@@ -57,7 +58,7 @@ impl Daemon {
     /// Starts the stand-in if the plan asks for one, builds the upstream's client (reqwest
     /// starts a thread: call it after any fork) and the cache, which knows `declared`
     /// (resolved resource names) from the start. No background pass yet: `get` needs none.
-    pub fn build(plan: Plan, policy: Policy, declared: &[String]) -> Result<Daemon, DaemonError> {
+    pub fn build(plan: Plan, policy: Policy, declared: &[Resource]) -> Result<Daemon, DaemonError> {
         let mut plan = plan;
         let stand_in = start_stand_in(&mut plan)?;
         let source = plan.build()?;
@@ -65,7 +66,12 @@ impl Daemon {
         if let Some(emu) = &stand_in {
             info!("serving tokens from the built-in emulator at {}", emu.url());
         }
-        let cache = Cache::new(source, policy, declared, Arc::new(SystemClock));
+        let cache = Cache::new(
+            Identities::one(source),
+            policy,
+            &Key::defaults(declared),
+            Arc::new(SystemClock),
+        );
         Ok(Daemon {
             cache,
             background: false,
@@ -80,7 +86,7 @@ impl Daemon {
     pub fn start(
         plan: Plan,
         policy: Policy,
-        declared: &[String],
+        declared: &[Resource],
         mlock: bool,
     ) -> Result<Daemon, DaemonError> {
         let mut daemon = Daemon::build(plan, policy, declared)?;

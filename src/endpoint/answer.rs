@@ -4,9 +4,9 @@
 //! an open, answered in App Service's shapes.
 
 use super::request::{self, BadRequest};
-use super::{Counters, Settings};
+use super::{Category, Counters, Settings};
 use crate::audit::{Audit, HttpEvent};
-use crate::cache::{Cache, OpenDecision, ReadError};
+use crate::cache::{Cache, IdentityId, Key, Lease, ReadError, Use};
 use crate::hardening::ct_eq;
 use crate::httpserver::{self, race, Answer, Either, Reply, Request, Stop};
 use crate::token::Version;
@@ -20,16 +20,22 @@ use zeroize::Zeroizing;
 /// How much longer than `--timeout` a request waits for the cache (which answers within
 /// `--timeout` itself) before giving up with 500.
 const GRACE: Duration = Duration::from_secs(2);
-/// Reads retried when the version read was superseded before it could be counted.
-const STALE_RETRIES: usize = 3;
 
 pub(super) struct EndpointHandler(Arc<Inner>);
 
+/// The endpoint's shared state, read by every request's task (on the server's thread);
+/// nothing in it is locked: it is fixed at start but for the counters (atomics). A read's
+/// `done` runs on a fetch thread and only sends on its request's oneshot channel.
 struct Inner {
+    /// Listen address, the mount's identity, `--timeout`. Fixed.
     settings: Settings,
+    /// The daemon's token cache: one `read` per request.
     cache: Arc<Cache>,
+    /// The audit log of served requests; `None` in tests.
     audit: Option<Audit>,
+    /// The secret a request must carry (`X-IDENTITY-HEADER`), compared in constant time.
     secret: Arc<Zeroizing<String>>,
+    /// Requests by category, shared with `Endpoint::status_part`.
     counters: Arc<Counters>,
 }
 
@@ -51,22 +57,46 @@ impl EndpointHandler {
     }
 }
 
-/// An answer before it is a reply: status, message or token body.
+/// An answer before it is a reply: a token body, or an error with its category (what
+/// `.status` counts), status and message.
 enum Outcome {
     Token(Vec<u8>),
     Error {
+        category: Category,
         status: u16,
         message: String,
-        /// A resource the upstream refused (counted apart from our own 400s).
-        upstream_refused: bool,
     },
 }
 
-fn error(status: u16, message: impl Into<String>) -> Outcome {
+fn error(category: Category, status: u16, message: impl Into<String>) -> Outcome {
     Outcome::Error {
+        category,
         status,
         message: message.into(),
-        upstream_refused: false,
+    }
+}
+
+impl Outcome {
+    /// A read of resource `sent` that got no token: category and status by the read's
+    /// error.
+    fn of_read(e: ReadError, sent: &str) -> Outcome {
+        match e {
+            ReadError::Refused(m) => error(
+                Category::Refused,
+                400,
+                format!("the token endpoint refused resource {sent}: {m}"),
+            ),
+            ReadError::Denied(m) => error(
+                Category::Denied,
+                403,
+                format!("the token endpoint refused this mount's identity ({sent}): {m}"),
+            ),
+            ReadError::Unavailable(m) => error(
+                Category::UpstreamFailed,
+                500,
+                format!("no token for {sent}: {m}"),
+            ),
+        }
     }
 }
 
@@ -76,19 +106,15 @@ impl httpserver::Handler for EndpointHandler {
         async move {
             inner.counters.requests.fetch_add(1, Ordering::Relaxed);
             let outcome = inner.answer(&req, &stop).await;
-            let (status, body, refused) = match outcome {
-                Outcome::Token(body) => (200, body, false),
+            let (category, status, body) = match outcome {
+                Outcome::Token(body) => (Category::Served, 200, body),
                 Outcome::Error {
+                    category,
                     status,
                     message,
-                    upstream_refused,
-                } => (
-                    status,
-                    app_service_error(status, &message),
-                    upstream_refused,
-                ),
+                } => (category, status, app_service_error(status, &message)),
             };
-            inner.counters.count(status, refused);
+            inner.counters.count(category);
             if stop.is_stopped() {
                 return Answer::Close;
             }
@@ -104,7 +130,8 @@ impl httpserver::Handler for EndpointHandler {
 
     fn refuse(&self, status: u16, message: &str) -> Reply {
         self.0.counters.requests.fetch_add(1, Ordering::Relaxed);
-        self.0.counters.count(status, false);
+        // 408 and 413: the server refused the request before the endpoint saw it.
+        self.0.counters.count(Category::BadRequest);
         json_reply(status, app_service_error(status, message))
     }
 }
@@ -117,7 +144,7 @@ impl Inner {
             .is_some_and(|h| ct_eq(h.as_bytes(), self.secret.as_bytes()));
         if !secret_ok {
             debug!("endpoint: 401 for {peer:?}: missing or wrong X-IDENTITY-HEADER");
-            return error(401, "Unauthorized");
+            return error(Category::Unauthorized, 401, "Unauthorized");
         }
         if request::PROXY_HEADERS
             .iter()
@@ -135,12 +162,13 @@ impl Inner {
         }
         if request::path(&req.target) != request::PATH {
             return error(
+                Category::NotFound,
                 404,
                 format!("Not found: only GET {} is served", request::PATH),
             );
         }
         if req.method != "GET" {
-            return error(405, "Method not allowed: use GET");
+            return error(Category::NotFound, 405, "Method not allowed: use GET");
         }
         let params = match request::parse_query(&req.target) {
             Ok(p) => p,
@@ -159,65 +187,44 @@ impl Inner {
         if sent.len() > request::MAX_RESOURCE {
             return bad(BadRequest::ResourceTooLong(sent.len()));
         }
-        let key = match request::cache_key(sent) {
-            Ok(k) => k,
+        let key = match crate::names::resolve_query(sent) {
+            Ok(resource) => Key::new(IdentityId::DEFAULT, resource),
             Err(why) => return bad(BadRequest::Resource(sent.clone(), why)),
         };
         match self.read(&key, stop).await {
-            Ok(v) => {
+            Ok(Lease { version: v, .. }) => {
                 if let Some(audit) = &self.audit {
                     audit.served(HttpEvent {
-                        resource: v.resource.clone(),
+                        resource: v.key.resource.shared(),
                         peer,
                     });
                 }
                 Outcome::Token(self.token_body(&v, sent))
             }
-            Err(ReadError::Refused(m)) => Outcome::Error {
-                status: 400,
-                message: format!("the token endpoint refused resource {sent}: {m}"),
-                upstream_refused: true,
-            },
-            Err(ReadError::Denied(m)) => error(
-                403,
-                format!("the token endpoint refused this mount's identity ({sent}): {m}"),
-            ),
-            Err(ReadError::Unavailable(m)) => error(500, format!("no token for {sent}: {m}")),
+            Err(e) => Outcome::of_read(e, sent),
         }
     }
 
-    /// A read like a file's lookup and open: the cache's current valid version (waiting for
-    /// a fetch if need be, within `--timeout`), then counted as an open (refresh ahead).
-    async fn read(&self, key: &str, stop: &Stop) -> Result<Arc<Version>, ReadError> {
-        for _ in 0..STALE_RETRIES {
-            let (tx, rx) = tokio::sync::oneshot::channel();
-            self.cache.get(
-                key,
-                Box::new(move |got| {
-                    let _ = tx.send(got);
-                }),
-            );
-            let wait = tokio::time::timeout(self.settings.timeout + GRACE, rx);
-            let got = match race(wait, stop.stopped()).await {
-                Either::Left(Ok(Ok(got))) => got,
-                Either::Left(_) => {
-                    return Err(ReadError::Unavailable(
-                        "no answer from the cache in time".into(),
-                    ))
-                }
-                Either::Right(()) => {
-                    return Err(ReadError::Unavailable("the mount is stopping".into()))
-                }
-            };
-            let v = got?;
-            // `on_open` serves only a version that is current and valid (the cache's verdict).
-            if self.cache.on_open(&v, true) == OpenDecision::Serve {
-                return Ok(v);
-            }
+    /// A read like a file's lookup and open, in one call: the cache's current valid version
+    /// (waiting for a fetch if need be, within `--timeout`), counted as a use (refresh
+    /// ahead).
+    async fn read(&self, key: &Key, stop: &Stop) -> Result<Lease, ReadError> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.cache.read(
+            key,
+            Use::Read,
+            Box::new(move |got| {
+                let _ = tx.send(got);
+            }),
+        );
+        let wait = tokio::time::timeout(self.settings.timeout + GRACE, rx);
+        match race(wait, stop.stopped()).await {
+            Either::Left(Ok(Ok(got))) => got,
+            Either::Left(_) => Err(ReadError::Unavailable(
+                "no answer from the cache in time".into(),
+            )),
+            Either::Right(()) => Err(ReadError::Unavailable("the mount is stopping".into())),
         }
-        Err(ReadError::Unavailable(
-            "the token was superseded while being read; try again".into(),
-        ))
     }
 
     /// `{"access_token","expires_on","resource","token_type"[,"client_id"]}`, `resource`
@@ -252,7 +259,7 @@ impl Inner {
 }
 
 fn bad(e: BadRequest) -> Outcome {
-    error(400, e.to_string())
+    error(Category::BadRequest, 400, e.to_string())
 }
 
 /// App Service's error shape: `{"statusCode":N,"message":".."}`.

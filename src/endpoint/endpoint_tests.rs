@@ -19,7 +19,12 @@ fn rig(identity: Identity) -> Rig {
         timeout: Duration::from_secs(3),
         ..Policy::default()
     };
-    let cache = Cache::new(source, policy, &[], Arc::new(SystemClock));
+    let cache = Cache::new(
+        crate::cache::Identities::one(source),
+        policy,
+        &[],
+        Arc::new(SystemClock),
+    );
     let settings = Settings {
         listen: "127.0.0.1:0".parse().unwrap(),
         identity,
@@ -87,7 +92,10 @@ fn serves_the_cache_entry_of_the_file_name_in_either_spelling() {
     let expires: i64 = body["expires_on"].as_str().unwrap().parse().unwrap();
     let file = r
         .cache
-        .peek(&crate::names::resolve("management.azure.com").unwrap())
+        .peek(&crate::cache::Key::new(
+            crate::cache::IdentityId::DEFAULT,
+            crate::names::resolve("management.azure.com").unwrap(),
+        ))
         .expect("one entry, under the file name's resource");
     assert_eq!(expires, file.expires_on / 1000);
     assert!(body["access_token"].as_str().unwrap().as_bytes() == file.token());

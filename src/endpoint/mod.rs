@@ -11,9 +11,9 @@
 //! ```
 //!
 //! The server is [`crate::httpserver`] (hyper, its own thread, bounded connections that a
-//! flood of silent ones cannot hold, head size and idle time). A request is a read like an open: [`crate::cache::Cache::get`] (the
-//! same entry, single flight with file readers, negative cache, `--timeout`), then
-//! `on_open` (refresh ahead), then an audit line with the client's address. The secret is
+//! flood of silent ones cannot hold, head size and idle time). A request is a read like an open: one [`crate::cache::Cache::read`]
+//! (the same entry, single flight with file readers, negative cache, `--timeout`, counted as
+//! a use for refresh ahead), then an audit line with the client's address. The secret is
 //! 32 random bytes in hex, new for each mount, compared in constant time, published only
 //! in `MOUNT/.env`, never logged.
 
@@ -54,7 +54,28 @@ pub struct Settings {
     pub timeout: Duration,
 }
 
-/// Requests by outcome, for `.status`.
+/// What kind of answer a request got, as `.status` counts it: decided where the answer is
+/// made (a read's failure by its `ReadError`), never worked back out of the HTTP status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Category {
+    /// 200 with a token.
+    Served,
+    /// 401: a missing or wrong secret.
+    Unauthorized,
+    /// 400 (and 408, 413 from the server) for a request the endpoint will not serve.
+    BadRequest,
+    /// 400: the upstream refused the resource.
+    Refused,
+    /// 403: the upstream refused the identity.
+    Denied,
+    /// 500: no token could be had.
+    UpstreamFailed,
+    /// 404 or 405: another path or method.
+    NotFound,
+}
+
+/// Requests by outcome, for `.status`. Atomics: any connection's task counts, the
+/// `.status` reader loads; no lock.
 #[derive(Default)]
 pub(crate) struct Counters {
     requests: AtomicU64,
@@ -68,15 +89,15 @@ pub(crate) struct Counters {
 }
 
 impl Counters {
-    pub(crate) fn count(&self, status: u16, upstream_refused: bool) {
-        let c = match status {
-            200 => &self.served,
-            401 => &self.unauthorized,
-            400 if upstream_refused => &self.refused,
-            403 => &self.denied,
-            500..=599 => &self.upstream_failed,
-            404 | 405 => &self.not_found,
-            _ => &self.bad_request,
+    pub(crate) fn count(&self, category: Category) {
+        let c = match category {
+            Category::Served => &self.served,
+            Category::Unauthorized => &self.unauthorized,
+            Category::Refused => &self.refused,
+            Category::Denied => &self.denied,
+            Category::UpstreamFailed => &self.upstream_failed,
+            Category::NotFound => &self.not_found,
+            Category::BadRequest => &self.bad_request,
         };
         c.fetch_add(1, Ordering::Relaxed);
     }
@@ -96,13 +117,18 @@ impl Counters {
     }
 }
 
-/// A running endpoint; dropping it shuts the server down.
+/// A running endpoint; dropping it shuts the server down. Held by the front end that started
+/// it; nothing in it is locked (the counters are atomics).
 pub struct Endpoint {
+    /// The HTTP server answering on its own thread.
     server: Server,
+    /// `http://ADDR/msi/token`, as `.env` publishes it.
     url: String,
+    /// The secret requests must carry; published only in `.env`, never logged.
     secret: Arc<Zeroizing<String>>,
     /// The secret, registered for scrubbing from outside text while the endpoint runs.
     _known: crate::known::Known,
+    /// Requests by category, shared with the handler (which counts) and `.status`.
     counters: Arc<Counters>,
 }
 

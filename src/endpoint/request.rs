@@ -1,8 +1,8 @@
 //! What a request to the endpoint says, checked without any upstream call: its query, the
-//! resource it names (and the cache key that resource shares with a file name), the
-//! identity it asks for, and its `Host`.
+//! identity it asks for, and its `Host` (the resource it names is resolved by
+//! `names::resolve_query`, the rule it shares with file names).
 
-use crate::names::{self, NameError};
+use crate::names::NameError;
 use crate::source::Identity;
 use std::collections::BTreeMap;
 use std::fmt;
@@ -108,27 +108,6 @@ pub fn path(target: &str) -> &str {
     target.split_once('?').map_or(target, |(p, _)| p)
 }
 
-/// The cache key of a resource as an SDK sends it: a URI or a GUID (a trailing `/.default`
-/// stripped), resolved by the same rules as `get` and `--resource` (`names::resolve_arg`):
-/// a well-known resource in either spelling is the spelling its file name resolves to, so
-/// both share one cache entry and one upstream call. A bare host name is not a resource here.
-pub fn cache_key(sent: &str) -> Result<String, NameError> {
-    if sent.is_empty() {
-        return Err(NameError::Empty);
-    }
-    let mut bare = sent;
-    while let Some(r) = bare.strip_suffix("/.default") {
-        bare = r;
-    }
-    if names::is_guid(bare) {
-        return Ok(bare.to_string());
-    }
-    if !sent.contains("://") {
-        return Err(NameError::NotAResource);
-    }
-    names::resolve_arg(sent)
-}
-
 /// Refuses a request naming another identity than `mount`'s. Names it can be given by:
 /// `client_id`; `principal_id` or `object_id` (the object ID); `mi_res_id` or `msi_res_id`.
 /// Empty values count as absent; IDs compare case-insensitively. A mount without that
@@ -195,57 +174,6 @@ pub fn host_allowed(host: Option<&str>, listen: SocketAddr) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn well_known_resources_share_their_file_names_entry_in_either_spelling() {
-        let arm = names::resolve("management.azure.com").unwrap();
-        for sent in [
-            "https://management.azure.com",
-            "https://management.azure.com/",
-            "https://management.azure.com/.default",
-            "https://management.azure.com//.default",
-            // The same rules as `get` and `--resource`: host names in any case.
-            "https://MANAGEMENT.AZURE.COM./.default",
-        ] {
-            assert_eq!(cache_key(sent).unwrap(), arm, "{sent}");
-        }
-        let kv = names::resolve("vault.azure.net").unwrap();
-        assert_eq!(cache_key("https://vault.azure.net").unwrap(), kv);
-        assert_eq!(cache_key("https://vault.azure.net/").unwrap(), kv);
-        let pbi = "https://analysis.windows.net/powerbi/api";
-        assert_eq!(cache_key(&format!("{pbi}/")).unwrap(), pbi);
-    }
-
-    #[test]
-    fn other_resources_are_verbatim_like_a_file_name() {
-        assert_eq!(
-            cache_key("https://myapp.example.com").unwrap(),
-            names::resolve("myapp.example.com").unwrap()
-        );
-        assert_eq!(
-            cache_key("https://myapp.example.com/").unwrap(),
-            "https://myapp.example.com/"
-        );
-        assert_eq!(cache_key("api://my-app").unwrap(), "api://my-app");
-        let g = "499b84ac-1321-427f-aa17-267ca6975798";
-        assert_eq!(cache_key(g).unwrap(), g);
-        assert_eq!(cache_key(&format!("{g}/.default")).unwrap(), g);
-    }
-
-    #[test]
-    fn bad_resources() {
-        assert_eq!(cache_key(""), Err(NameError::Empty));
-        assert_eq!(cache_key("/.default"), Err(NameError::NotAResource));
-        assert_eq!(
-            cache_key("management.azure.com"),
-            Err(NameError::NotAResource)
-        );
-        assert_eq!(cache_key("hello world"), Err(NameError::NotAResource));
-        assert_eq!(cache_key("https://a b"), Err(NameError::NotAResource));
-        assert_eq!(cache_key("https://a\nb"), Err(NameError::ControlCharacter));
-        let long = format!("https://{}", "a".repeat(names::MAX_RESOURCE));
-        assert_eq!(cache_key(&long), Err(NameError::TooLong));
-    }
 
     #[test]
     fn queries() {

@@ -8,8 +8,12 @@
 //! - When a revalidation failed (no valid token within `--timeout`), the kernel looks the
 //!   name up again at once, for the same read: that lookup must get the same error without
 //!   waiting a second `--timeout`.
+//!
+//! Locks: `pending_opens` and `failed` are independent, never held together nor while the
+//! cache is asked.
 
 use super::FsError;
+use crate::cache::Key;
 use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -17,14 +21,16 @@ use std::time::{Duration, Instant};
 /// How soon the kernel's retry of a failed revalidation arrives (microseconds, in practice).
 const RETRY_WINDOW: Duration = Duration::from_millis(100);
 
+/// What the echo remembers: the core holds one, FUSE threads and fetch threads (lookups'
+/// answers) update it.
 #[derive(Default)]
 pub struct KernelEcho {
     /// Per version id: opens still to come from lookups that waited for its fetch. Dropped
     /// when the count reaches zero or the kernel forgets the version.
     pending_opens: Mutex<HashMap<u64, usize>>,
-    /// Per resource and reader (pid): a revalidation that failed just now, when, and its
+    /// Per key and reader (pid): a revalidation that failed just now, when, and its
     /// error. Only the same reader's retry gets it; another reader asks again.
-    failed: Mutex<HashMap<(String, u32), (Instant, FsError)>>,
+    failed: Mutex<HashMap<(Key, u32), (Instant, FsError)>>,
 }
 
 impl KernelEcho {
@@ -58,16 +64,14 @@ impl KernelEcho {
         }
     }
 
-    /// A revalidation of `resource` for reader `pid` failed with `err`.
-    pub fn revalidation_failed(&self, resource: String, pid: u32, err: FsError) {
-        self.failed
-            .lock()
-            .insert((resource, pid), (Instant::now(), err));
+    /// A revalidation of `key` for reader `pid` failed with `err`.
+    pub fn revalidation_failed(&self, key: Key, pid: u32, err: FsError) {
+        self.failed.lock().insert((key, pid), (Instant::now(), err));
     }
 
-    /// The error of a revalidation of `resource` for reader `pid` that failed just now,
+    /// The error of a revalidation of `key` for reader `pid` that failed just now,
     /// once: this lookup is the kernel's own retry of the same read.
-    pub fn retry_of_failed(&self, resource: &str, pid: u32) -> Option<FsError> {
+    pub fn retry_of_failed(&self, key: &Key, pid: u32) -> Option<FsError> {
         let mut failed = self.failed.lock();
         if failed.is_empty() {
             return None;
@@ -76,9 +80,7 @@ impl KernelEcho {
         if failed.is_empty() && failed.capacity() > 16 {
             failed.shrink_to_fit();
         }
-        failed
-            .remove(&(resource.to_string(), pid))
-            .map(|(_, err)| err)
+        failed.remove(&(key.clone(), pid)).map(|(_, err)| err)
     }
 }
 
@@ -102,13 +104,17 @@ mod tests {
     #[test]
     fn a_failed_revalidation_answers_the_kernels_retry_once() {
         let echo = KernelEcho::default();
-        echo.revalidation_failed("r".into(), 7, FsError::Io);
+        let r = Key::new(
+            crate::cache::IdentityId::DEFAULT,
+            crate::names::Resource::for_test("r"),
+        );
+        echo.revalidation_failed(r.clone(), 7, FsError::Io);
         assert_eq!(
-            echo.retry_of_failed("r", 8),
+            echo.retry_of_failed(&r, 8),
             None,
             "another reader asks again"
         );
-        assert_eq!(echo.retry_of_failed("r", 7), Some(FsError::Io));
-        assert_eq!(echo.retry_of_failed("r", 7), None);
+        assert_eq!(echo.retry_of_failed(&r, 7), Some(FsError::Io));
+        assert_eq!(echo.retry_of_failed(&r, 7), None);
     }
 }

@@ -76,10 +76,6 @@ impl Filesystem for FuseAdapter {
         if flags.acc_mode() != fuser::OpenAccMode::O_RDONLY {
             return reply.error(FsError::ReadOnly.errno());
         }
-        if self.core.no_open() {
-            // The kernel makes its own file (FOPEN_KEEP_CACHE) and sends no OPEN again.
-            return reply.error(Errno::ENOSYS);
-        }
         let caller = Caller {
             pid: req.pid(),
             uid: req.uid(),
@@ -113,11 +109,7 @@ impl Filesystem for FuseAdapter {
                 r.data(bytes);
             }
         };
-        let sent = match self.core.no_open() {
-            // No handles: the kernel's own files read by inode.
-            true => self.core.read_inode(ino.0, offset, size, send),
-            false => self.core.read(fh.0, offset, size, send),
-        };
+        let sent = self.core.read(ino.0, fh.0, offset, size, send);
         if let (Err(e), Some(r)) = (sent, reply) {
             r.error(e.errno());
         }
@@ -147,11 +139,10 @@ impl Filesystem for FuseAdapter {
         reply: ReplyEmpty,
     ) {
         self.core.count(FuseRequest::Flush);
-        if self.core.no_open() {
-            // The kernel sends no FLUSH again (FOPEN_NOFLUSH needs an OPEN reply).
-            return reply.error(Errno::ENOSYS);
+        match self.core.flush() {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e.errno()),
         }
-        reply.ok();
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
@@ -239,13 +230,9 @@ impl Filesystem for FuseAdapter {
         whence: i32,
         reply: ReplyLseek,
     ) {
-        let at = match self.core.no_open() {
-            true => self.core.seek_inode(ino.0, offset, whence),
-            false => self.core.seek(fh.0, offset, whence),
-        };
-        match at {
+        match self.core.seek(ino.0, fh.0, offset, whence) {
             Ok(at) => reply.offset(at),
-            Err(e) => reply.error(e),
+            Err(e) => reply.error(e.errno()),
         }
     }
 

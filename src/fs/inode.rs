@@ -4,6 +4,7 @@
 //! its own block of inodes (one per view), so each version has its own page cache and a
 //! refresh never changes the bytes behind an inode.
 
+use crate::cache::Key;
 use crate::policy::{self, Schedule, Verdict};
 use crate::token::{Version, View};
 use parking_lot::Mutex;
@@ -85,11 +86,12 @@ pub struct Known {
     pin: Option<Arc<Version>>,
     /// `--no-open`: the (directory inode, name) pairs the kernel looked this version up by.
     names: Vec<(u64, String)>,
-    pub resource: Arc<str>,
+    pub key: Key,
     pub sizes: [u64; View::ALL.len()],
     pub mtime_ms: i64,
     /// The version's schedule (a copy: the version itself may be gone).
     pub schedule: Schedule,
+    /// The kernel's lookups not yet forgotten (FORGET counts them down).
     lookups: u64,
     /// The kernel was told to drop its cached pages of this expired version.
     invalidated: bool,
@@ -98,6 +100,7 @@ pub struct Known {
 /// Versions the kernel holds lookups on, by version id; dropped when the kernel forgets.
 #[derive(Default)]
 pub struct InodeTable {
+    /// The table's one lock, a leaf: let go of it before asking the cache.
     known: Mutex<HashMap<u64, Known>>,
 }
 
@@ -115,7 +118,7 @@ impl InodeTable {
             version: Arc::downgrade(v),
             pin: None,
             names: Vec::new(),
-            resource: v.resource.clone(),
+            key: v.key.clone(),
             sizes: View::ALL.map(|view| v.bytes(view).len() as u64),
             mtime_ms: v.fetched_at,
             schedule: v.schedule,
@@ -157,9 +160,9 @@ impl InodeTable {
         out
     }
 
-    /// Whether the kernel holds a name for some version of `resource`.
-    pub fn holds(&self, resource: &str) -> bool {
-        self.known.lock().values().any(|k| &*k.resource == resource)
+    /// Whether the kernel holds a name for some version of `key`.
+    pub fn holds(&self, key: &Key) -> bool {
+        self.known.lock().values().any(|k| k.key == *key)
     }
 
     /// The kernel dropped `n` lookups of an inode of `version`; `true` when it holds none

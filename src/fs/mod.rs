@@ -1,6 +1,16 @@
 //! The filesystem core: names, views, attributes, handles and errno. It never does HTTP:
 //! whatever may fetch goes through the cache, which answers on its own thread. `fuse` is the
 //! thin adapter to fuser.
+//!
+//! # Locks
+//!
+//! The core's locks are leaves, never nested: the inode table (`InodeTable`), `handles`,
+//! `last_status`, the echo's two maps (`echo.rs`) and no-open's `.status` snapshot
+//! (`noopen.rs`). Release each before asking the cache: read the inode table, let go of
+//! it, then ask (`getattr`, `open`); build `.status` bytes before taking `last_status`.
+//! Never call `Cache::read` while holding one of them: its `done` may run at once on this
+//! thread and takes the inode table and the echo's maps. No lock is held while a reply is
+//! written (a read clones its handle first).
 
 mod echo;
 pub mod fuse;
@@ -9,9 +19,8 @@ pub mod noopen;
 
 pub use crate::access::Access;
 use crate::audit::{Audit, OpenEvent};
-use crate::cache::{Cache, OpenDecision, ReadError};
+use crate::cache::{Cache, IdentityId, Key, Lease, ReadError, Use};
 use crate::names;
-use crate::policy::Verdict;
 use crate::report as status;
 use crate::token::{Version, View};
 use echo::KernelEcho;
@@ -57,7 +66,8 @@ fn give_back_memory() {
     }
 }
 
-/// A failure, as the errno the reader sees.
+/// A failure, as the errno the reader sees. The core returns these; `errno` is the one
+/// place they become `fuser::Errno` (with the adapter, `fuse.rs`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FsError {
     /// No such name, or a resource the endpoint refused.
@@ -72,6 +82,13 @@ pub enum FsError {
     ReadOnly,
     NotDir,
     BadHandle,
+    /// No-open mode: the kernel answers this request itself once told so (OPEN, FLUSH).
+    LeftToKernel,
+    /// An argument this file cannot take: a seek on a directory, a whence other than
+    /// SEEK_DATA or SEEK_HOLE.
+    Invalid,
+    /// SEEK_DATA or SEEK_HOLE at or past the end of the file: neither is there.
+    PastEnd,
 }
 
 impl FsError {
@@ -84,6 +101,20 @@ impl FsError {
             FsError::ReadOnly => Errno::EROFS,
             FsError::NotDir => Errno::ENOTDIR,
             FsError::BadHandle => Errno::EBADF,
+            FsError::LeftToKernel => Errno::ENOSYS,
+            FsError::Invalid => Errno::EINVAL,
+            FsError::PastEnd => Errno::ENXIO,
+        }
+    }
+}
+
+/// How a read without a token reads to a file reader.
+impl From<&ReadError> for FsError {
+    fn from(e: &ReadError) -> FsError {
+        match e {
+            ReadError::Refused(_) => FsError::NotFound,
+            ReadError::Denied(_) => FsError::Denied,
+            ReadError::Unavailable(_) => FsError::Io,
         }
     }
 }
@@ -120,17 +151,31 @@ pub struct Caller {
     pub gid: u32,
 }
 
+/// The filesystem's shared state: one per mount, behind an `Arc` held by the FUSE adapter,
+/// the lookups' `done` callbacks (which may run on fetch threads), the expiry watch and the
+/// daemon's signal handling.
 pub struct Core {
+    /// The daemon's token cache: every read of a token goes through it.
     cache: Arc<Cache>,
+    /// The identity whose tokens the mount shows (the cache's default one, today).
+    identity: IdentityId,
+    /// Owner and permission bits of every file and directory. Fixed at mount.
     access: Access,
+    /// The audit log of opens (lookups in no-open mode); `None` in tests.
     audit: Option<Audit>,
     /// Why this upstream was chosen, for `.status`.
     source_reason: String,
+    /// Versions the kernel holds lookups on (its own lock): written by lookups and
+    /// FORGET, read by getattr, open, no-open reads and the expiry watch.
     inodes: InodeTable,
+    /// Open files by handle number: written by open, opendir and release; read (and
+    /// cloned out) by read, seek and readdir.
     handles: Mutex<HashMap<u64, Handle>>,
+    /// The next handle number (never 0: no-open reads come with fh 0).
     next_handle: AtomicU64,
     /// The kernel's lookup-then-open echo (see `echo`).
     echo: KernelEcho,
+    /// When the mount started: the times of directories and `.status`.
     started: SystemTime,
     /// Set on SIGTERM/SIGINT: token bytes are no longer served (opens and reads answer EIO),
     /// so nothing lands in the page cache again once it is invalidated.
@@ -138,9 +183,28 @@ pub struct Core {
     /// The last `.status` snapshot handed out, shared by every open that finds the same
     /// bytes (nothing changed, same second); gone once its last handle closes.
     last_status: Mutex<Weak<Vec<u8>>>,
+    /// `.env` and the front end's parts of `.status`. Fixed at mount.
     extras: Extras,
-    /// `--no-open`'s state; `None` in the default mode.
-    noopen: Option<noopen::NoOpen>,
+    /// How opens are served, with no-open mode's state.
+    serving: Serving,
+}
+
+/// How the mount serves opens: matched once per operation that differs between the modes.
+enum Serving {
+    /// The default: every open reaches the daemon and gets a handle; the open is the read.
+    Handles,
+    /// `--no-open`: the kernel answers opens itself and reads by inode; the lookup is the
+    /// read (see `noopen`).
+    NoOpen(noopen::NoOpen),
+}
+
+/// What a lookup's answer does with the version it found, by mode.
+enum Found {
+    /// Counts the kernel's lookup; the open that follows is the read.
+    Handles,
+    /// Pins the version under the name looked up (for `inval_entry`); the lookup is the read
+    /// and is audited.
+    NoOpen { parent: u64, name: String },
 }
 
 /// How an open file is served.
@@ -172,6 +236,7 @@ impl Core {
     ) -> Arc<Core> {
         Arc::new(Core {
             cache,
+            identity: IdentityId::DEFAULT,
             access,
             audit,
             source_reason: source_reason.to_string(),
@@ -182,7 +247,10 @@ impl Core {
             started: SystemTime::now(),
             stopping: AtomicBool::new(false),
             last_status: Mutex::new(Weak::new()),
-            noopen: extras.no_open.then(noopen::NoOpen::new),
+            serving: match extras.no_open {
+                true => Serving::NoOpen(noopen::NoOpen::new()),
+                false => Serving::Handles,
+            },
             extras,
         })
     }
@@ -199,7 +267,7 @@ impl Core {
         let view = match (inode::node(parent), name) {
             (Some(Node::Root), ".status") => return done(Ok(self.status_entry())),
             (Some(Node::Root), ".env") if self.extras.env_file.is_some() => {
-                if self.no_open() {
+                if let Serving::NoOpen(_) = self.serving {
                     self.audit("lookup", ".env".into(), "endpoint secret", caller);
                 }
                 return done(self.getattr(inode::ENV));
@@ -218,46 +286,55 @@ impl Core {
             (Some(_), _) => return done(Err(FsError::NotDir)),
             (None, _) => return done(Err(FsError::NotFound)),
         };
-        let resource = match names::resolve(name) {
-            Ok(r) => r,
+        let key = match names::resolve(name) {
+            Ok(resource) => Key::new(self.identity, resource),
             Err(why) => {
                 debug!("lookup {name:?}: {why}");
                 return done(Err(FsError::NotFound));
             }
         };
-        if let Some(err) = self.echo.retry_of_failed(&resource, caller.pid) {
+        if let Some(err) = self.echo.retry_of_failed(&key, caller.pid) {
             return done(Err(err));
         }
         let core = self.clone();
-        let key = resource.clone();
-        let newest_before = self.cache.last_version_id();
-        // Kept for `inval_entry` in no-open mode only.
-        let name = self.no_open().then(|| name.to_string());
-        self.cache.get(
-            &key,
+        let read = key.clone();
+        // In no-open mode the lookup is the read; else the open that follows is.
+        let (found, usage) = match self.serving {
+            Serving::Handles => (Found::Handles, Use::Look),
+            Serving::NoOpen(_) => {
+                let name = name.to_string();
+                (Found::NoOpen { parent, name }, Use::ReadUnlessFetched)
+            }
+        };
+        self.cache.read(
+            &read,
+            usage,
             Box::new(move |got| {
                 done(match got {
-                    Ok(v) if name.is_some() => {
-                        let name = name.as_deref().unwrap_or_default();
-                        core.inodes.remember_as(&v, Some((parent, name)));
-                        core.lookup_read(&v, view, caller, newest_before);
-                        Ok(core.token_entry(&v, view))
-                    }
-                    Ok(v) => {
-                        core.inodes.remember(&v);
-                        if v.id > newest_before {
-                            core.echo.waited_for(v.id);
+                    Ok(lease) => {
+                        let v = &lease.version;
+                        match found {
+                            Found::Handles => {
+                                core.inodes.remember(v);
+                                if lease.fetched {
+                                    core.echo.waited_for(v.id);
+                                }
+                            }
+                            Found::NoOpen { parent, name } => {
+                                core.inodes.remember_as(v, Some((parent, &name)));
+                                let resource = v.key.resource.shared();
+                                core.audit("lookup", resource, view.label(), caller);
+                            }
                         }
-                        Ok(core.token_entry(&v, view))
+                        Ok(core.token_entry(&lease, view))
                     }
-                    Err(ReadError::Refused(_)) => Err(FsError::NotFound),
-                    Err(ReadError::Denied(_)) => Err(FsError::Denied),
-                    Err(ReadError::Unavailable(_)) => {
-                        if core.inodes.holds(&resource) {
-                            core.echo
-                                .revalidation_failed(resource, caller.pid, FsError::Io);
+                    Err(e) => {
+                        let err = FsError::from(&e);
+                        // The kernel retries a failed revalidation at once, for the same read.
+                        if matches!(e, ReadError::Unavailable(_)) && core.inodes.holds(&key) {
+                            core.echo.revalidation_failed(key, caller.pid, err);
                         }
-                        Err(FsError::Io)
+                        Err(err)
                     }
                 })
             }),
@@ -281,11 +358,11 @@ impl Core {
                     .inodes
                     .with(version, |k| (k.sizes[view as usize], k.mtime_ms))
                     .ok_or(FsError::Stale)?;
-                let v = self.inodes.version(version);
-                let ttl = v.map_or(Duration::ZERO, |v| match self.no_open() {
-                    true => self.no_open_ttls(&v).0,
-                    false => self.token_ttl(&v),
-                });
+                let lease = self
+                    .inodes
+                    .version(version)
+                    .and_then(|v| self.cache.judge(&v));
+                let (ttl, _) = self.serving.ttls(lease.as_ref());
                 Ok(Entry {
                     attr: self.attr(ino, FileType::RegularFile, size, mtime),
                     ttl,
@@ -312,21 +389,27 @@ impl Core {
         }
     }
 
-    /// Opens a file for reading: a token version only while it is current and valid.
+    /// Opens a file for reading: a token version only while it is current and valid. In
+    /// no-open mode the kernel answers opens itself once told so (`LeftToKernel`).
     pub fn open(&self, ino: u64, caller: Caller) -> Result<(u64, OpenMode), FsError> {
+        if let Serving::NoOpen(_) = self.serving {
+            // The kernel makes its own file (FOPEN_KEEP_CACHE) and sends no OPEN again.
+            return Err(FsError::LeftToKernel);
+        }
         let (handle, mode) = match inode::node(ino).ok_or(FsError::NotFound)? {
-            Node::Token { .. } if self.stopping.load(Ordering::SeqCst) => return Err(FsError::Io),
             Node::Token { version, view } => {
+                self.serving_allowed()?;
                 let v = self
                     .inodes
                     .with(version, |k| k.version.upgrade())
                     .flatten()
                     .ok_or(FsError::Stale)?;
-                let read = self.echo.is_later_read(v.id);
-                if self.cache.on_open(&v, read) == OpenDecision::Stale {
-                    return Err(FsError::Stale);
-                }
-                self.audit("open", v.resource.clone(), view.label(), caller);
+                let usage = match self.echo.is_later_read(v.id) {
+                    true => Use::Read,
+                    false => Use::Look,
+                };
+                self.cache.reopen(&v, usage).map_err(|_| FsError::Stale)?;
+                self.audit("open", v.key.resource.shared(), view.label(), caller);
                 (Handle::Token(v, view), OpenMode::Cached)
             }
             Node::Status => (Handle::Status(self.status_snapshot()), OpenMode::Direct),
@@ -357,8 +440,44 @@ impl Core {
         }
     }
 
-    /// Up to `size` bytes at `offset` of an open file.
+    /// Up to `size` bytes at `offset` of inode `ino` opened as handle `fh`: by the handle,
+    /// or in no-open mode (no handles) by the inode.
     pub fn read<T>(
+        &self,
+        ino: u64,
+        fh: u64,
+        offset: u64,
+        size: u32,
+        f: impl FnOnce(&[u8]) -> T,
+    ) -> Result<T, FsError> {
+        let no = match &self.serving {
+            Serving::Handles => return self.read_handle(fh, offset, size, f),
+            Serving::NoOpen(no) => no,
+        };
+        self.read_inode(no, ino, offset, size, f)
+    }
+
+    /// The bytes of `v`'s `view`, if they may be served now: never once the daemon is
+    /// stopping (its pages are being dropped from the page cache) nor once `v` has expired
+    /// (an open file reads its version until then, superseded or not). Both modes ask this.
+    fn token_bytes<'a>(&self, v: &'a Version, view: View) -> Result<&'a [u8], FsError> {
+        self.serving_allowed()?;
+        if v.expired(self.cache.now()) {
+            return Err(FsError::Io);
+        }
+        Ok(v.bytes(view))
+    }
+
+    /// Token bytes are served at all: not once SIGTERM/SIGINT stopped serving (EIO).
+    fn serving_allowed(&self) -> Result<(), FsError> {
+        match self.stopping.load(Ordering::SeqCst) {
+            true => Err(FsError::Io),
+            false => Ok(()),
+        }
+    }
+
+    /// Up to `size` bytes at `offset` of open file `fh`.
+    fn read_handle<T>(
         &self,
         fh: u64,
         offset: u64,
@@ -373,11 +492,7 @@ impl Core {
             .cloned()
             .ok_or(FsError::BadHandle)?;
         let bytes = match &handle {
-            // The daemon is shutting down: its pages are being dropped from the page cache.
-            Handle::Token(..) if self.stopping.load(Ordering::SeqCst) => return Err(FsError::Io),
-            // Opened while valid, but never served once expired.
-            Handle::Token(v, _) if self.cache.expired(v) => return Err(FsError::Io),
-            Handle::Token(v, view) => v.bytes(*view),
+            Handle::Token(v, view) => self.token_bytes(v, *view)?,
             Handle::Status(b) => b.as_slice(),
             Handle::Fixed(b) => b.as_slice(),
             Handle::Dir(_) => return Err(FsError::BadHandle),
@@ -385,17 +500,31 @@ impl Core {
         Ok(f(slice_at(bytes, offset, size)))
     }
 
-    /// `lseek` with SEEK_DATA or SEEK_HOLE: a file is one run of data, no holes; at or past
-    /// its end there is neither (ENXIO). The kernel does every other whence itself.
-    pub fn seek(&self, fh: u64, offset: i64, whence: i32) -> Result<i64, Errno> {
+    /// `lseek` with SEEK_DATA or SEEK_HOLE on inode `ino` opened as `fh` (in no-open mode:
+    /// by the inode's size): a file is one run of data, no holes; at or past its end there
+    /// is neither (ENXIO). The kernel does every other whence itself.
+    pub fn seek(&self, ino: u64, fh: u64, offset: i64, whence: i32) -> Result<i64, FsError> {
+        if let Serving::NoOpen(_) = self.serving {
+            let size = self.getattr(ino)?.attr.size as i64;
+            return seek_in(size, offset, whence);
+        }
         let size = match self.handles.lock().get(&fh) {
             Some(Handle::Token(v, view)) => v.bytes(*view).len(),
             Some(Handle::Status(b)) => b.len(),
             Some(Handle::Fixed(b)) => b.len(),
-            Some(Handle::Dir(_)) => return Err(Errno::EINVAL),
-            None => return Err(Errno::EBADF),
+            Some(Handle::Dir(_)) => return Err(FsError::Invalid),
+            None => return Err(FsError::BadHandle),
         } as i64;
         seek_in(size, offset, whence)
+    }
+
+    /// FLUSH: nothing to write back; in no-open mode the kernel is told to stop sending it
+    /// (FOPEN_NOFLUSH needs an OPEN reply).
+    pub fn flush(&self) -> Result<(), FsError> {
+        match self.serving {
+            Serving::Handles => Ok(()),
+            Serving::NoOpen(_) => Err(FsError::LeftToKernel),
+        }
     }
 
     pub fn release(&self, fh: u64) {
@@ -453,9 +582,10 @@ impl Core {
             .cache
             .listed()
             .into_iter()
-            .filter_map(|(resource, v)| {
+            .filter(|(key, _)| key.identity == self.identity)
+            .filter_map(|(key, v)| {
                 let ino = v.map_or(inode::UNRESOLVED, |v| inode::token_ino(v.id, view));
-                names::canonical_name(&resource).map(|n| (ino, n))
+                names::canonical_name(&key.resource).map(|n| (ino, n))
             })
             .collect();
         names.sort_by(|a, b| a.1.cmp(&b.1));
@@ -499,10 +629,12 @@ impl Core {
     /// In no-open mode it wakes at least every `noopen::WATCH_MAX_PAUSE_MS`, also has the
     /// names of expired versions invalidated, and starts the invalidator thread.
     pub fn start_expiry_watch(self: &Arc<Self>, notifier: fuser::Notifier) -> std::io::Result<()> {
-        self.start_invalidator(notifier.clone())?;
-        let max_pause = match self.no_open() {
-            true => noopen::WATCH_MAX_PAUSE_MS,
-            false => 1_000,
+        let max_pause = match &self.serving {
+            Serving::Handles => 1_000,
+            Serving::NoOpen(no) => {
+                no.start_invalidator(notifier.clone())?;
+                noopen::WATCH_MAX_PAUSE_MS
+            }
         };
         let core = Arc::downgrade(self);
         std::thread::Builder::new()
@@ -556,19 +688,22 @@ impl Core {
             .iter()
             .map(|(k, part)| (*k, part()))
             .collect();
-        extra.insert("no_open", self.no_open().into());
-        // Counted in no-open mode only, where they stop changing after the first open.
-        if let Some(counts) = self.request_counts() {
-            extra.insert("fuse_requests", counts);
+        match &self.serving {
+            Serving::Handles => {
+                extra.insert("no_open", false.into());
+            }
+            Serving::NoOpen(no) => {
+                extra.insert("no_open", true.into());
+                // Counted in no-open mode only, where they stop changing after the first open.
+                extra.insert("fuse_requests", no.request_counts());
+            }
         }
         status::Report::new(&status, &self.source_reason, extra).to_bytes()
     }
 
-    fn token_entry(&self, v: &Version, view: View) -> Entry {
-        let (ttl, entry_ttl) = match self.no_open() {
-            true => self.no_open_ttls(v),
-            false => (self.token_ttl(v), self.token_ttl(v)),
-        };
+    fn token_entry(&self, lease: &Lease, view: View) -> Entry {
+        let (ttl, entry_ttl) = self.serving.ttls(Some(lease));
+        let v = &lease.version;
         Entry {
             attr: self.attr(
                 inode::token_ino(v.id, view),
@@ -578,17 +713,6 @@ impl Core {
             ),
             ttl,
             entry_ttl,
-        }
-    }
-
-    /// Until the token stops being valid (while it is the current one), at most
-    /// `MAX_TOKEN_TTL`.
-    fn token_ttl(&self, v: &Version) -> Duration {
-        match self.cache.check(v) {
-            Verdict::Current { valid_for_ms } => {
-                Duration::from_millis(valid_for_ms.max(0) as u64).min(MAX_TOKEN_TTL)
-            }
-            Verdict::Superseded { .. } | Verdict::Expired => Duration::ZERO,
         }
     }
 
@@ -635,14 +759,34 @@ impl Core {
     }
 }
 
+impl Serving {
+    /// How long the kernel may keep a token's attributes and its name, given the cache's
+    /// lease on its version (`None`: expired). Default mode: both until it stops being
+    /// valid while it is the current one, at most `MAX_TOKEN_TTL`, nothing once superseded.
+    /// No-open mode: see `noopen::ttls`.
+    fn ttls(&self, lease: Option<&Lease>) -> (Duration, Duration) {
+        match (self, lease) {
+            (_, None) => (Duration::ZERO, Duration::ZERO),
+            (Serving::Handles, Some(l)) => {
+                let ttl = match l.current {
+                    true => l.valid_for.min(MAX_TOKEN_TTL),
+                    false => Duration::ZERO,
+                };
+                (ttl, ttl)
+            }
+            (Serving::NoOpen(_), Some(l)) => noopen::ttls(l),
+        }
+    }
+}
+
 /// SEEK_DATA / SEEK_HOLE in a file of `size` bytes: one run of data, no holes; at or past
 /// its end there is neither (ENXIO). The kernel does every other whence itself.
-fn seek_in(size: i64, offset: i64, whence: i32) -> Result<i64, Errno> {
+fn seek_in(size: i64, offset: i64, whence: i32) -> Result<i64, FsError> {
     if whence != libc::SEEK_DATA && whence != libc::SEEK_HOLE {
-        return Err(Errno::EINVAL);
+        return Err(FsError::Invalid);
     }
     if offset < 0 || offset >= size {
-        return Err(Errno::ENXIO);
+        return Err(FsError::PastEnd);
     }
     Ok(if whence == libc::SEEK_DATA {
         offset

@@ -21,10 +21,9 @@
 //!   directory's lock and waits behind lookups in flight (a hanging first fetch), so it never
 //!   runs on a FUSE or fetch thread.
 
-use super::{inode, Caller, Core, Entry, FsError, Node, MAX_TOKEN_TTL, META_TTL};
-use crate::policy;
-use crate::token::{Version, View};
-use fuser::{Errno, INodeNo};
+use super::{inode, Core, Entry, FsError, Node, Serving, MAX_TOKEN_TTL, META_TTL};
+use crate::cache::Lease;
+use fuser::INodeNo;
 use log::{debug, info};
 use parking_lot::Mutex;
 use std::path::Path;
@@ -64,6 +63,53 @@ impl NoOpen {
             requests: RequestCounts::default(),
         }
     }
+
+    /// `.status`'s `fuse_requests`.
+    pub(super) fn request_counts(&self) -> serde_json::Value {
+        let c = &self.requests;
+        serde_json::json!({
+            "open": c.open.load(Ordering::Relaxed),
+            "flush": c.flush.load(Ordering::Relaxed),
+            "release": c.release.load(Ordering::Relaxed),
+        })
+    }
+
+    /// Starts the thread that sends `inval_entry`. Its only job: it may wait behind lookups
+    /// in flight without holding anything else up.
+    pub(super) fn start_invalidator(&self, notifier: fuser::Notifier) -> std::io::Result<()> {
+        let (tx, rx) = channel::<Names>();
+        std::thread::Builder::new()
+            .name("invalidator".into())
+            .stack_size(128 * 1024)
+            .spawn(move || {
+                for (batch, done) in rx {
+                    for (parent, name) in batch {
+                        let dir = INodeNo(parent);
+                        if let Err(e) = notifier.inval_entry(dir, std::ffi::OsStr::new(&name)) {
+                            // ENOENT: the kernel no longer holds that name.
+                            debug!("invalidating a name in directory {parent}: {e}");
+                        }
+                    }
+                    if let Some(done) = done {
+                        let _ = done.send(());
+                    }
+                }
+            })?;
+        let _ = self.invalidator.set(tx);
+        Ok(())
+    }
+}
+
+/// In no-open mode, how long the kernel may keep a version's attributes (its inodes are
+/// immutable: until it stops being valid, current or not) and its name (at most
+/// [`ENTRY_TTL`], and only while current).
+pub(super) fn ttls(lease: &Lease) -> (Duration, Duration) {
+    let attr = lease.valid_for.min(MAX_TOKEN_TTL);
+    let name = match lease.current {
+        true => attr.min(ENTRY_TTL),
+        false => Duration::ZERO,
+    };
+    (attr, name)
 }
 
 /// The requests counted for `.status` (`fuse_requests`).
@@ -84,14 +130,16 @@ struct RequestCounts {
 }
 
 impl Core {
-    /// Whether the mount runs in no-open mode.
+    /// Whether the mount runs in no-open mode: what the adapter asks the kernel for at INIT.
     pub fn no_open(&self) -> bool {
-        self.noopen.is_some()
+        matches!(self.serving, Serving::NoOpen(_))
     }
 
     /// Counts one OPEN, FLUSH or RELEASE (for `.status`), in no-open mode.
     pub fn count(&self, request: FuseRequest) {
-        let Some(no) = &self.noopen else { return };
+        let Serving::NoOpen(no) = &self.serving else {
+            return;
+        };
         let c = &no.requests;
         let n = match request {
             FuseRequest::Open => &c.open,
@@ -101,54 +149,11 @@ impl Core {
         n.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// `.status`'s `fuse_requests` (no-open mode only).
-    pub(super) fn request_counts(&self) -> Option<serde_json::Value> {
-        let c = &self.noopen.as_ref()?.requests;
-        Some(serde_json::json!({
-            "open": c.open.load(Ordering::Relaxed),
-            "flush": c.flush.load(Ordering::Relaxed),
-            "release": c.release.load(Ordering::Relaxed),
-        }))
-    }
-
-    /// A lookup that found version `v`, in no-open mode: it counts as a read unless it
-    /// waited for this very version (`v.id > newest_before`: the read that made it), and
-    /// it is audited as the reader's lookup.
-    pub(super) fn lookup_read(
-        &self,
-        v: &Arc<Version>,
-        view: View,
-        caller: Caller,
-        newest_before: u64,
-    ) {
-        // Superseded or expired between the cache's answer and now: the kernel gets it with
-        // TTL 0 and asks again; nothing to count.
-        let _ = self.cache.on_open(v, v.id <= newest_before);
-        self.audit("lookup", v.resource.clone(), view.label(), caller);
-    }
-
-    /// In no-open mode, how long the kernel may keep a version's attributes (its inodes are
-    /// immutable: until it stops being valid, current or not) and its name (at most
-    /// [`ENTRY_TTL`], and only while current).
-    pub(super) fn no_open_ttls(&self, v: &Version) -> (Duration, Duration) {
-        let ms = |valid_for_ms: i64| Duration::from_millis(valid_for_ms.max(0) as u64);
-        match self.cache.check(v) {
-            policy::Verdict::Current { valid_for_ms } => {
-                let attr = ms(valid_for_ms).min(MAX_TOKEN_TTL);
-                (attr, attr.min(ENTRY_TTL))
-            }
-            policy::Verdict::Superseded { valid_for_ms } => {
-                (ms(valid_for_ms).min(MAX_TOKEN_TTL), Duration::ZERO)
-            }
-            policy::Verdict::Expired => (Duration::ZERO, Duration::ZERO),
-        }
-    }
-
     /// `.status`'s entry: in no-open mode a new snapshot when anything changed, described
     /// with attribute TTL 0 so the kernel asks again before every read.
     pub(super) fn status_entry(&self) -> Entry {
         let mut entry = self.meta_entry(inode::STATUS);
-        let Some(no) = &self.noopen else {
+        let Serving::NoOpen(no) = &self.serving else {
             return entry;
         };
         let bytes = self.status_bytes();
@@ -170,8 +175,9 @@ impl Core {
 
     /// A READ without a handle (no-open mode): up to `size` bytes at `offset` of inode `ino`.
     /// An expired version, or one whose bytes are gone, is EIO, never an empty read.
-    pub fn read_inode<T>(
+    pub(super) fn read_inode<T>(
         &self,
+        no: &NoOpen,
         ino: u64,
         offset: u64,
         size: u32,
@@ -179,16 +185,11 @@ impl Core {
     ) -> Result<T, FsError> {
         let (version, status, env);
         let bytes: &[u8] = match inode::node(ino).ok_or(FsError::NotFound)? {
-            Node::Token { .. } if self.stopping.load(Ordering::SeqCst) => return Err(FsError::Io),
             Node::Token { version: id, view } => {
                 version = self.inodes.version(id).ok_or(FsError::Io)?;
-                if self.cache.expired(&version) {
-                    return Err(FsError::Io);
-                }
-                version.bytes(view)
+                self.token_bytes(&version, view)?
             }
             Node::Status => {
-                let no = self.noopen.as_ref().ok_or(FsError::BadHandle)?;
                 status = no.status.lock().0.clone();
                 status.as_slice()
             }
@@ -201,18 +202,15 @@ impl Core {
         Ok(f(super::slice_at(bytes, offset, size)))
     }
 
-    /// `lseek` SEEK_DATA / SEEK_HOLE without a handle: by the inode's size.
-    pub fn seek_inode(&self, ino: u64, offset: i64, whence: i32) -> Result<i64, Errno> {
-        let size = self.getattr(ino).map_err(FsError::errno)?.attr.size as i64;
-        super::seek_in(size, offset, whence)
-    }
-
     /// SIGUSR1: drops every held token; in no-open mode the kernel is also told to forget
     /// every name it holds of a version (off this thread), so the next read looks it up and
     /// fetches anew. Files already open keep reading the version they had.
     pub fn drop_tokens(&self) {
         self.cache.clear();
-        let Some(tx) = self.noopen.as_ref().and_then(|n| n.invalidator.get()) else {
+        let Serving::NoOpen(no) = &self.serving else {
+            return;
+        };
+        let Some(tx) = no.invalidator.get() else {
             return;
         };
         // Waited for, but boundedly: `inval_entry` may wait behind a lookup in flight.
@@ -226,41 +224,16 @@ impl Core {
 
     /// Queues `inval_entry` of the names of versions `ids`.
     pub(super) fn invalidate_names(&self, ids: &[u64]) {
-        let Some(tx) = self.noopen.as_ref().and_then(|n| n.invalidator.get()) else {
+        let Serving::NoOpen(no) = &self.serving else {
+            return;
+        };
+        let Some(tx) = no.invalidator.get() else {
             return;
         };
         let names = self.inodes.names(Some(ids));
         if !names.is_empty() {
             let _ = tx.send((names, None));
         }
-    }
-
-    /// No-open mode: starts the thread that sends `inval_entry`. Its only job: it may wait
-    /// behind lookups in flight without holding anything else up.
-    pub(super) fn start_invalidator(&self, notifier: fuser::Notifier) -> std::io::Result<()> {
-        let Some(no) = &self.noopen else {
-            return Ok(());
-        };
-        let (tx, rx) = channel::<Names>();
-        std::thread::Builder::new()
-            .name("invalidator".into())
-            .stack_size(128 * 1024)
-            .spawn(move || {
-                for (batch, done) in rx {
-                    for (parent, name) in batch {
-                        let dir = INodeNo(parent);
-                        if let Err(e) = notifier.inval_entry(dir, std::ffi::OsStr::new(&name)) {
-                            // ENOENT: the kernel no longer holds that name.
-                            debug!("invalidating a name in directory {parent}: {e}");
-                        }
-                    }
-                    if let Some(done) = done {
-                        let _ = done.send(());
-                    }
-                }
-            })?;
-        let _ = no.invalidator.set(tx);
-        Ok(())
     }
 }
 

@@ -8,6 +8,7 @@ mod session;
 
 use crate::daemon::{self, DaemonError, Detached, Ready};
 use crate::mountinfo::is_fuse_mount;
+use crate::names::Resource;
 use crate::policy::Policy;
 use crate::source::select::{Plan, Wanted};
 use kernel::unmount;
@@ -113,7 +114,7 @@ struct Checked {
     mountpoint: PathBuf,
     plan: Plan,
     /// `--resource` names resolved (what is sent upstream and held from the start).
-    declared: Vec<String>,
+    declared: Vec<Resource>,
 }
 
 /// Mounts as asked: in the foreground until a signal, or detached once live.
@@ -157,7 +158,7 @@ fn preflight(req: &MountRequest) -> Result<Checked, MountError> {
             crate::names::resolve_arg(name)
                 .map_err(|e| MountError::Setup(format!("--resource {name:?}: {e}")))
         })
-        .collect::<Result<Vec<String>, MountError>>()?;
+        .collect::<Result<Vec<Resource>, MountError>>()?;
     let shown = req.mountpoint.display();
     let meta = match std::fs::metadata(&req.mountpoint) {
         Ok(m) => m,

@@ -101,7 +101,7 @@ impl From<DaemonError> for SinkError {
 /// One declared resource: what is sent and the name its files have.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Declared {
-    pub resource: String,
+    pub resource: crate::names::Resource,
     pub name: String,
 }
 

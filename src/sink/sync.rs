@@ -1,11 +1,13 @@
-//! Keeps DIR in step with the cache: writes a resource's views when the cache holds a new
-//! valid version, removes them before that version stops being valid (the cache's
-//! judgement: `Cache::peek_valid_for`), counts every declared resource as read (`on_open`)
-//! so it is refreshed ahead, fetches what is missing, and rewrites `.status` on change.
+//! Keeps DIR in step with the cache: reads every declared resource once a pass (one
+//! `Cache::read_now`, a use of the token, so it is refreshed ahead), writes its views when
+//! the lease is of a new version valid for at least `UNLINK_LEAD`, removes them before the
+//! version stops being valid (the lease's `valid_for`, the cache's judgement), waits for
+//! what is missing, and rewrites `.status` on change.
 
 use super::{Declared, HeldDir, SinkRequest};
-use crate::cache::{Cache, Status};
+use crate::cache::{Cache, Done, IdentityId, Key, Status, Use};
 use crate::daemon::{self, Daemon, Handled, Ready, Signal};
+use crate::names::Resource;
 use crate::report::Report;
 use crate::source::select::Plan;
 use crate::token::{Version, View};
@@ -164,7 +166,7 @@ pub fn run(
     signals: Handled,
     ready: Ready,
 ) -> Result<(), SinkError> {
-    let resources: Vec<String> = declared.iter().map(|d| d.resource.clone()).collect();
+    let resources: Vec<Resource> = declared.iter().map(|d| d.resource.clone()).collect();
     // The daemon core (the cache, its background pass, the stand-in with --emulator)
     // serves as long as the sink runs.
     let daemon = match Daemon::start(plan, req.policy.clone(), &resources, false) {
@@ -256,34 +258,43 @@ impl Mirror<'_> {
         self.write_status()
     }
 
+    /// One read of slot `i`'s resource: writes a new version valid for at least
+    /// `UNLINK_LEAD`, removes the files of one that is not; a read that waits for a fetch
+    /// answers later (`fetched`). Nothing is read while a read is under way, nor during the
+    /// backoff after a failed one.
     fn sync_slot(&mut self, i: usize) -> Result<(), SinkError> {
-        let resource = self.slots[i].declared.resource.clone();
-        match self.cache.peek_valid_for(&resource, UNLINK_LEAD) {
-            Some(v) => {
+        let slot = &self.slots[i];
+        if slot.pending || (slot.failures > 0 && Instant::now() < slot.retry_at) {
+            return Ok(());
+        }
+        let resource = slot.declared.resource.clone();
+        let key = Key::new(IdentityId::DEFAULT, resource.clone());
+        let tx = self.tx.clone();
+        let later: Done = Box::new(move |r| {
+            let _ = tx.send(Event::Fetched(i, r.map(drop).map_err(|e| e.to_string())));
+        });
+        // Every declared resource counts as read: the cache refreshes it ahead.
+        match self.cache.read_now(&key, Use::Read, later) {
+            Some(Ok(lease)) if lease.valid_for > UNLINK_LEAD => {
                 let slot = &self.slots[i];
-                let fresh = slot.written.as_ref().is_none_or(|w| w.id != v.id);
+                let fresh = slot
+                    .written
+                    .as_ref()
+                    .is_none_or(|w| w.id != lease.version.id);
                 if fresh && Instant::now() >= slot.write_again_at {
-                    self.write_views(i, v.clone())?;
+                    self.write_views(i, lease.version)?;
                 }
-                // Every declared resource counts as read: the cache refreshes it ahead.
-                let _ = self.cache.on_open(&v, true);
             }
-            None => {
+            answer => {
                 if self.slots[i].written.is_some() {
                     self.remove_views(i);
                     warn!("{resource}: no refreshed token in time: its files were removed");
                 }
-                let slot = &mut self.slots[i];
-                if !slot.pending && Instant::now() >= slot.retry_at {
-                    slot.pending = true;
-                    let tx = self.tx.clone();
-                    self.cache.get(
-                        &resource,
-                        Box::new(move |r| {
-                            let _ =
-                                tx.send(Event::Fetched(i, r.map(drop).map_err(|e| e.to_string())));
-                        }),
-                    );
+                match answer {
+                    None => self.slots[i].pending = true,
+                    // A token too close to the end of its validity to be written, or an
+                    // error at hand (a recent refusal).
+                    Some(r) => self.fetched(i, r.map(drop).map_err(|e| e.to_string())),
                 }
             }
         }
@@ -389,7 +400,7 @@ impl Mirror<'_> {
                 };
                 Some(Missing {
                     name: s.declared.name.clone(),
-                    resource: s.declared.resource.clone(),
+                    resource: s.declared.resource.to_string(),
                     reason,
                 })
             })
@@ -447,7 +458,7 @@ mod tests {
     #[test]
     fn a_write_failure_is_the_missing_reason_until_a_write_succeeds() {
         let declared = Declared {
-            resource: "https://vault.azure.net".into(),
+            resource: crate::names::resolve("vault.azure.net").unwrap(),
             name: "vault.azure.net".into(),
         };
         let mut slot = Slot::new(declared, Instant::now());

@@ -580,10 +580,16 @@ mod failures {
             negative_ttl_ms: 0,
             ..Policy::default()
         };
-        let cache = Cache::new(source, policy, &[], clock.clone());
+        let cache = Cache::new(
+            cstokenfs::testing::Identities::one(source),
+            policy,
+            &[],
+            clock.clone(),
+        );
         let resource = "https://changed-failure.example.com";
         for _ in 0..4 {
-            let _ = cache.get_blocking(resource);
+            let _ = cache
+                .get_blocking(&cstokenfs::rules::resolve("changed-failure.example.com").unwrap());
             // Past any backoff.
             clock.advance(3_600_000);
         }

@@ -3,7 +3,7 @@
 //! fake clock and a fake source. Runs anywhere, /dev/fuse or not.
 
 use cstokenfs::inode::{self, Node};
-use cstokenfs::testing::{FakeClock, FakeSource};
+use cstokenfs::testing::{FakeClock, FakeSource, Identities, IdentityId, Key};
 use cstokenfs::Cache;
 use cstokenfs::Policy;
 use cstokenfs::{Access, Caller, Core, Entry, FsError};
@@ -16,6 +16,7 @@ const HOUR: i64 = 3_600_000;
 
 struct Fixture {
     core: Arc<Core>,
+    cache: Arc<Cache>,
     clock: Arc<FakeClock>,
     source: Arc<FakeSource>,
 }
@@ -23,19 +24,25 @@ struct Fixture {
 fn fixture_with(policy: Policy, declared: &[&str]) -> Fixture {
     let clock = FakeClock::new(1_700_000_000_000);
     let source = FakeSource::new(clock.clone(), HOUR);
-    let declared: Vec<String> = declared
+    let declared: Vec<Key> = declared
         .iter()
-        .map(|n| cstokenfs::rules::resolve(n).unwrap())
+        .map(|n| Key::new(IdentityId::DEFAULT, cstokenfs::rules::resolve(n).unwrap()))
         .collect();
-    let cache = Cache::new(source.clone(), policy, &declared, clock.clone());
+    let cache = Cache::new(
+        Identities::one(source.clone()),
+        policy,
+        &declared,
+        clock.clone(),
+    );
     let access = Access {
         uid: 1000,
         gid: 1000,
         file_mode: 0o400,
     };
-    let core = Core::new(cache, access, None, "test");
+    let core = Core::new(cache.clone(), access, None, "test");
     Fixture {
         core,
+        cache,
         clock,
         source,
     }
@@ -68,7 +75,7 @@ impl Fixture {
     /// open + read of the whole file + release.
     fn cat(&self, ino: u64) -> Result<Vec<u8>, FsError> {
         let (fh, _) = self.core.open(ino, READER)?;
-        let bytes = self.core.read(fh, 0, 1 << 20, <[u8]>::to_vec);
+        let bytes = self.core.read(ino, fh, 0, 1 << 20, <[u8]>::to_vec);
         self.core.release(fh);
         bytes
     }
@@ -116,17 +123,13 @@ fn a_superseded_version_is_stale_for_new_opens_but_an_open_file_keeps_it() {
     // Past the refresh point: the next open starts a refresh in the background.
     f.clock.advance(HOUR - 300_000);
     f.core.release(f.core.open(old, READER).unwrap().0);
-    assert!(f.source.wait_calls(2));
-    let new = (0..500)
-        .map(|_| {
-            std::thread::sleep(Duration::from_millis(2));
-            f.ino(ARM)
-        })
-        .find(|ino| *ino != old)
-        .expect("a new version");
+    assert!(f.cache.wait_until_settled(Duration::from_secs(10)));
+    assert_eq!(f.source.calls(), 2);
+    let new = f.ino(ARM);
+    assert_ne!(new, old, "a new version");
     assert_eq!(f.core.open(old, READER).unwrap_err(), FsError::Stale);
     assert_eq!(f.cat(new).unwrap(), b"token-2");
-    let kept = f.core.read(held, 0, 4096, <[u8]>::to_vec).unwrap();
+    let kept = f.core.read(old, held, 0, 4096, <[u8]>::to_vec).unwrap();
     assert_eq!(kept, b"token-1", "an open file reads its version whole");
     assert_eq!(
         f.core.getattr(old).unwrap().ttl,
@@ -142,7 +145,7 @@ fn an_open_file_gets_eio_once_its_version_expires() {
     let (fh, _) = f.core.open(ino, READER).unwrap();
     f.clock.advance(HOUR - 5_000);
     assert_eq!(
-        f.core.read(fh, 0, 4096, <[u8]>::to_vec).unwrap_err(),
+        f.core.read(ino, fh, 0, 4096, <[u8]>::to_vec).unwrap_err(),
         FsError::Io
     );
     assert_eq!(f.core.open(ino, READER).unwrap_err(), FsError::Stale);
@@ -252,8 +255,12 @@ fn directories_and_dot_names() {
 fn the_open_that_echoes_a_waiting_lookup_is_not_a_later_read() {
     let clock = FakeClock::new(1_700_000_000_000);
     let source = FakeSource::new(clock.clone(), HOUR);
-    let cache = Cache::new(source.clone(), Policy::default(), &[], clock.clone());
-    let _background = cache.start_background().unwrap();
+    let cache = Cache::new(
+        Identities::one(source.clone()),
+        Policy::default(),
+        &[],
+        clock.clone(),
+    );
     let access = Access {
         uid: 0,
         gid: 0,
@@ -261,6 +268,7 @@ fn the_open_that_echoes_a_waiting_lookup_is_not_a_later_read() {
     };
     let f = Fixture {
         core: Core::new(cache.clone(), access, None, "test"),
+        cache,
         clock,
         source,
     };
@@ -268,8 +276,10 @@ fn the_open_that_echoes_a_waiting_lookup_is_not_a_later_read() {
     let ino = f.ino(ARM);
     f.core.release(f.core.open(ino, READER).unwrap().0);
     // Shortly before the refresh point (the refresh-ahead window) nothing happens...
+    // (the background pass runs here, on the fake clock, instead of on its thread).
     f.clock.advance(HOUR - 300_000 - 500);
-    std::thread::sleep(Duration::from_millis(1500));
+    f.cache.pass_now();
+    assert!(f.cache.wait_until_settled(Duration::from_secs(10)));
     assert_eq!(
         f.source.calls(),
         1,
@@ -277,6 +287,6 @@ fn the_open_that_echoes_a_waiting_lookup_is_not_a_later_read() {
     );
     // ...until a later read marks it in use.
     f.core.release(f.core.open(ino, READER).unwrap().0);
+    f.cache.pass_now();
     assert!(f.source.wait_calls(2), "a token in use is refreshed ahead");
-    cache.stop_background();
 }

@@ -1,0 +1,49 @@
+//! What the cache is keyed by: which identity asks for which resource. An identity owns its
+//! source (its own credential and upstream client); today a daemon has one, the default
+//! identity, but the cache, its single flight, negative cache, eviction and `.status` are
+//! already keyed by (identity, resource).
+
+use crate::names::Resource;
+use std::fmt;
+
+/// An identity of the daemon: an index into its `Identities` (`cache/identities.rs`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct IdentityId(u32);
+
+impl IdentityId {
+    /// The daemon's one identity today (the one `--source` and its flags describe).
+    pub const DEFAULT: IdentityId = IdentityId(0);
+
+    /// Its place among the daemon's identities.
+    pub(super) fn index(self) -> usize {
+        self.0 as usize
+    }
+}
+
+/// One cache entry's key: the resource as `identity` asks for it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Key {
+    pub identity: IdentityId,
+    pub resource: Resource,
+}
+
+impl Key {
+    pub fn new(identity: IdentityId, resource: Resource) -> Key {
+        Key { identity, resource }
+    }
+
+    /// The default identity's key of each of `resources` (the declared `--resource`s).
+    pub fn defaults(resources: &[Resource]) -> Vec<Key> {
+        resources
+            .iter()
+            .map(|r| Key::new(IdentityId::DEFAULT, r.clone()))
+            .collect()
+    }
+}
+
+/// Logs name a key by its resource: with one identity, the lines stay as they were.
+impl fmt::Display for Key {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(&self.resource, f)
+    }
+}
