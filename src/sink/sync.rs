@@ -5,7 +5,7 @@
 //! what is missing, and rewrites `.status` on change.
 
 use super::{Declared, HeldDir, SinkRequest};
-use crate::cache::{Cache, Done, IdentityId, Key, Status, Use};
+use crate::cache::{Cache, Done, IdentityId, Key, ReadError, Status, Use};
 use crate::daemon::{self, Daemon, Handled, Ready, Signal};
 use crate::names::Resource;
 use crate::report::Report;
@@ -81,7 +81,7 @@ impl Quiet {
 enum Event {
     Signal(Signal),
     /// A fetch of the slot's resource ended (the error's message if it failed).
-    Fetched(usize, Result<(), String>),
+    Fetched(usize, Result<(), ReadError>),
 }
 
 /// One declared resource and what DIR holds of it.
@@ -141,10 +141,10 @@ impl Slot {
 /// DIR as a mirror of the cache: what is written there of each declared resource, and
 /// what `.status` last said. Owned by the sink's loop (`run`) alone: no lock.
 struct Mirror<'a> {
-    /// The daemon core's cache (read with `peek_valid_for`, fetched with `get`).
+    /// The daemon core's cache, read once a pass per slot (`read_now`).
     cache: Arc<Cache>,
     /// DIR, held (its lock, its writer).
-    taken: &'a HeldDir,
+    held: &'a HeldDir,
     /// One per declared resource, in `--resource` order; an index is a fetch's address.
     slots: Vec<Slot>,
     /// Where a fetch's outcome goes back to the loop (`Event::Fetched`).
@@ -197,7 +197,7 @@ pub fn run(
     let now = Instant::now();
     let mut sync = Mirror {
         cache,
-        taken: held,
+        held,
         slots: declared.iter().map(|d| Slot::new(d.clone(), now)).collect(),
         tx,
         source_reason: daemon.source_reason().to_string(),
@@ -250,7 +250,7 @@ impl Mirror<'_> {
     /// One look at every resource, then `.status` if anything in it changed; an error if
     /// DIR's path no longer leads to the directory held.
     fn pass(&mut self) -> Result<(), SinkError> {
-        let dir = self.taken.writer.check_dir();
+        let dir = self.held.writer.check_dir();
         dir.map_err(|e| SinkError::Dir(e.to_string()))?;
         for i in 0..self.slots.len() {
             self.sync_slot(i)?;
@@ -271,7 +271,7 @@ impl Mirror<'_> {
         let key = Key::new(IdentityId::DEFAULT, resource.clone());
         let tx = self.tx.clone();
         let later: Done = Box::new(move |r| {
-            let _ = tx.send(Event::Fetched(i, r.map(drop).map_err(|e| e.to_string())));
+            let _ = tx.send(Event::Fetched(i, r.map(drop)));
         });
         // Every declared resource counts as read: the cache refreshes it ahead.
         match self.cache.read_now(&key, Use::Read, later) {
@@ -294,7 +294,7 @@ impl Mirror<'_> {
                     None => self.slots[i].pending = true,
                     // A token too close to the end of its validity to be written, or an
                     // error at hand (a recent refusal).
-                    Some(r) => self.fetched(i, r.map(drop).map_err(|e| e.to_string())),
+                    Some(r) => self.fetched(i, r.map(drop)),
                 }
             }
         }
@@ -307,7 +307,7 @@ impl Mirror<'_> {
         let mut views = View::ALL;
         views.rotate_left(1);
         let written = views.iter().try_for_each(|view| {
-            self.taken
+            self.held
                 .writer
                 .write(&view_path(*view, &name), v.bytes(*view))
         });
@@ -337,15 +337,15 @@ impl Mirror<'_> {
         slot.written = None;
         for view in View::ALL {
             let rel = view_path(view, &slot.declared.name);
-            if let Err(e) = self.taken.writer.remove(&rel) {
-                let shown = self.taken.writer.path(&rel);
+            if let Err(e) = self.held.writer.remove(&rel) {
+                let shown = self.held.writer.path(&rel);
                 slot.quiet
                     .report(format!("cannot remove {}: {e}", shown.display()));
             }
         }
     }
 
-    fn fetched(&mut self, i: usize, outcome: Result<(), String>) {
+    fn fetched(&mut self, i: usize, outcome: Result<(), ReadError>) {
         let Some(slot) = self.slots.get_mut(i) else {
             return;
         };
@@ -364,7 +364,7 @@ impl Mirror<'_> {
                 let jitter = crate::hardening::jitter();
                 let pause = crate::policy::backoff_ms(slot.failures, None, jitter);
                 slot.retry_at = Instant::now() + Duration::from_millis(pause.max(0) as u64);
-                slot.last_error = Some(e);
+                slot.last_error = Some(e.to_string());
             }
         }
     }
@@ -407,7 +407,7 @@ impl Mirror<'_> {
             .collect();
         let sink = SinkPart {
             sink: SinkDir {
-                dir: self.taken.writer.dir().display().to_string(),
+                dir: self.held.writer.dir().display().to_string(),
                 written: self
                     .slots
                     .iter()
@@ -424,7 +424,7 @@ impl Mirror<'_> {
             return Ok(());
         }
         let bytes = Report::new(&status, &self.source_reason, &sink).to_bytes();
-        match self.taken.writer.write(STATUS, &bytes) {
+        match self.held.writer.write(STATUS, &bytes) {
             Ok(()) => {
                 self.last_status = Some((compared, sink));
                 self.status_quiet.clear();
