@@ -121,24 +121,14 @@ fn drive_shapes(
 /// A mount of the Entra source `source` (with its credential flag) against `emu`, serving
 /// the endpoint too, logging at trace level.
 fn mount(emu: &Emulator, source: &str, credential: (&str, &std::path::Path)) -> Mounted {
-    let (url, path) = (emu.url(), credential.1.display().to_string());
-    let args = [
-        "--source",
+    let extra = ["--serve-endpoint", "127.0.0.1:0", "--timeout", "2"];
+    entra_mount(
         source,
-        credential.0,
-        &path,
-        "--serve-endpoint",
-        "127.0.0.1:0",
-        "--timeout",
-        "2",
-        "--tenant-id",
-        TENANT,
-        "--client-id",
-        CLIENT,
-        "--authority-host",
-        &url,
-    ];
-    Mounted::raw(&args, &[("RUST_LOG", "trace")])
+        credential,
+        &emu.url(),
+        &extra,
+        &[("RUST_LOG", "trace")],
+    )
 }
 
 /// Everything a credential may leak into: the log, `.status` and the endpoint's replies.

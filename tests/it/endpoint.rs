@@ -9,7 +9,6 @@ use common::*;
 use cstokenfs::emulator::EmulatorConfig;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 const ARM: &str = "/msi/token?api-version=2019-08-01&resource=https%3A%2F%2Fmanagement.azure.com";
@@ -25,15 +24,11 @@ fn long_resource(len: usize) -> String {
     ARM.replace("https%3A%2F%2Fmanagement.azure.com", &resource)
 }
 
-fn mount_with_endpoint(emu_url: &str) -> Mounted {
-    Mounted::new(emu_url, &["--serve-endpoint", "127.0.0.1:0"])
-}
-
 #[test]
 fn env_file_status_and_a_token_shared_with_cat() {
     need_fuse!();
     let emu = emulator();
-    let m = mount_with_endpoint(&emu.url());
+    let m = Mounted::serving(&emu.url(), &[]);
     let (addr, secret) = m.endpoint();
     assert!(addr.ip().is_loopback() && addr.port() != 0);
     assert_eq!(secret.len(), 64, "32 bytes in hex");
@@ -94,7 +89,7 @@ fn env_file_status_and_a_token_shared_with_cat() {
 fn hostile_requests_get_nothing_and_cost_no_upstream_call() {
     need_fuse!();
     let emu = emulator();
-    let m = mount_with_endpoint(&emu.url());
+    let m = Mounted::serving(&emu.url(), &[]);
     let (addr, secret) = m.endpoint();
     let host = format!("Host: {addr}\r\n");
     let good = format!("{host}X-IDENTITY-HEADER: {secret}\r\n");
@@ -241,7 +236,7 @@ fn slow_clients_do_not_hold_the_server_or_the_files() {
         latency: Duration::from_millis(300),
         ..EmulatorConfig::default()
     });
-    let m = mount_with_endpoint(&emu.url());
+    let m = Mounted::serving(&emu.url(), &[]);
     let (addr, secret) = m.endpoint();
     // Half-sent heads, idle connections and a client that never reads its answer.
     let mut held = Vec::new();
@@ -278,7 +273,7 @@ fn a_flood_of_idle_connections_from_another_user_holds_back_no_request() {
         return;
     }
     let emu = emulator();
-    let m = mount_with_endpoint(&emu.url());
+    let m = Mounted::serving(&emu.url(), &[]);
     let (addr, secret) = m.endpoint();
     let head = format!("Host: {addr}\r\nX-IDENTITY-HEADER: {secret}\r\n");
     let flood = flood::Flood::start(addr, 2000).expect("start the flood");
@@ -298,7 +293,7 @@ fn a_flood_of_idle_connections_from_another_user_holds_back_no_request() {
 fn a_silent_connection_is_closed_after_two_seconds() {
     need_fuse!();
     let emu = emulator();
-    let m = mount_with_endpoint(&emu.url());
+    let m = Mounted::serving(&emu.url(), &[]);
     let (addr, _) = m.endpoint();
     let started = Instant::now();
     let mut silent = TcpStream::connect(addr).unwrap();
@@ -331,22 +326,20 @@ fn no_env_without_serve_endpoint_and_loopback_only() {
     assert!(m.status().get("serve_endpoint").is_none());
     for bad in ["0.0.0.0:0", "192.0.2.1:80", "localhost:80", "127.0.0.1"] {
         let (_dir, mnt) = scratch_mountpoint();
-        let out = Command::new(BIN)
-            .args([
-                "mount",
-                "-f",
-                "--endpoint",
-                &emu.url(),
-                "--serve-endpoint",
-                bad,
-            ])
-            .arg(&mnt)
-            .output()
-            .unwrap();
+        let out = cli([
+            "mount",
+            "-f",
+            "--endpoint",
+            &emu.url(),
+            "--serve-endpoint",
+            bad,
+        ])
+        .arg(&mnt)
+        .output()
+        .unwrap();
         assert_eq!(out.status.code(), Some(2), "{bad}: a usage error");
         let opt = format!("serve_endpoint={bad}");
-        let out = Command::new(BIN)
-            .args(["mount", "-f", "--endpoint", &emu.url(), "-o", &opt])
+        let out = cli(["mount", "-f", "--endpoint", &emu.url(), "-o", &opt])
             .arg(&mnt)
             .output()
             .unwrap();
@@ -381,8 +374,7 @@ fn claims_of_a_known_emulator_token() {
 #[test]
 fn get_prints_every_view() {
     let run = |view: &str| {
-        let out = Command::new(BIN)
-            .args(["get", "--emulator", "--view", view, "management.azure.com"])
+        let out = cli(["get", "--emulator", "--view", view, "management.azure.com"])
             .env_remove("MSI_ENDPOINT")
             .output()
             .unwrap();
@@ -406,15 +398,14 @@ fn get_prints_every_view() {
     let claims: serde_json::Value = serde_json::from_str(&c).unwrap();
     assert_eq!(claims["aud"], "https://management.azure.com/");
     assert!(!c.contains("access_token"));
-    let out = Command::new(BIN)
-        .args([
-            "get",
-            "--emulator",
-            "--view",
-            "bogus",
-            "management.azure.com",
-        ])
-        .output()
-        .unwrap();
+    let out = cli([
+        "get",
+        "--emulator",
+        "--view",
+        "bogus",
+        "management.azure.com",
+    ])
+    .output()
+    .unwrap();
     assert_eq!(out.status.code(), Some(2));
 }

@@ -25,13 +25,6 @@ fn jwt(claims: &serde_json::Value) -> String {
     format!("{}.{}.", b64(r#"{"alg":"none"}"#), b64(&claims.to_string()))
 }
 
-fn last_error(m: &Mounted, resource: &str) -> String {
-    m.resource_status(resource)["last_error"]
-        .as_str()
-        .unwrap_or_default()
-        .to_string()
-}
-
 fn count_dir(path: &str) -> usize {
     std::fs::read_dir(path).map_or(0, |d| d.count())
 }
@@ -60,7 +53,7 @@ fn a_token_with_a_line_break_is_eio_and_never_reaches_a_view() {
     let log = m.log_text();
     assert!(log.contains("line break"), "the log names the byte class");
     assert!(!log.contains("X-Injected"), "never the bytes");
-    let why = last_error(&m, "https://management.azure.com/");
+    let why = m.last_error("https://management.azure.com/");
     assert!(why.contains("printable ASCII"), "{why}");
     // A space, a control character and a non-ASCII byte are refused the same way.
     for bad in ["a b", "a\\u0007", "caf\\u00e9"] {
@@ -143,7 +136,7 @@ fn an_expiry_in_milliseconds_is_capped_by_the_jwt_or_refused() {
         (now + 3600) * 1000
     ))));
     assert_eq!(errno(&m.read_err("x.example.com")), libc::EIO);
-    let why = last_error(&m, "https://x.example.com");
+    let why = m.last_error("https://x.example.com");
     assert!(
         why.contains("expires_on") && why.contains("7 days"),
         "{why}"
@@ -439,7 +432,7 @@ fn azure_cli_without_az_on_path_is_a_mount_time_error() {
     let dir = tempfile::tempdir().unwrap();
     let mnt = dir.path().join("mnt");
     std::fs::create_dir(&mnt).unwrap();
-    let out = std::process::Command::new(BIN)
+    let out = bin()
         .args(["mount", "--source", "azure-cli"])
         .arg(&mnt)
         .env("PATH", dir.path())
@@ -472,7 +465,7 @@ fn a_jwt_whose_exp_is_not_one_number_is_eio() {
         ))));
         let name = format!("exp{i}.example.com");
         assert_eq!(errno(&m.read_err(&name)), libc::EIO, "claims #{i}");
-        let why = last_error(&m, &format!("https://{name}"));
+        let why = m.last_error(&format!("https://{name}"));
         assert!(why.contains("exp claim"), "{why}");
     }
 }
