@@ -150,7 +150,7 @@ fn refresh_in_zero_or_an_ancient_not_before_cost_a_fetch_per_two_seconds_at_most
         let emu = emulator();
         emu.set_fault(Some(Fault::Fields(fields.into())));
         let m = Mounted::new(&emu.url(), &[]);
-        let run = Duration::from_secs(5);
+        let run = Duration::from_secs(3);
         let end = Instant::now() + run;
         let readers: Vec<_> = (0..4)
             .map(|_| {
@@ -180,7 +180,7 @@ fn refresh_in_zero_or_an_ancient_not_before_cost_a_fetch_per_two_seconds_at_most
         assert!(reads > 100, "{fields}: readers kept reading ({reads})");
         // One first fetch, then at most one per 2 s (plus one of slack for timing).
         assert!(
-            emu.requests() <= 1 + 3 + 1,
+            emu.requests() <= 1 + 2 + 1,
             "{fields}: {} upstream requests in {run:?}",
             emu.requests()
         );
@@ -313,9 +313,17 @@ fn names_that_hold_nothing_do_not_pin_memory() {
     );
     m.read("management.azure.com").unwrap();
     let start = rss_kib(m.pid());
-    for i in 0..8000 {
-        let _ = std::fs::metadata(m.file(&format!("gone{i}.example.com")));
-    }
+    // 8000 lookups of names the upstream refuses, from 4 threads at once.
+    std::thread::scope(|scope| {
+        for t in 0..4 {
+            let m = &m;
+            scope.spawn(move || {
+                for i in (t..8000).step_by(4) {
+                    let _ = std::fs::metadata(m.file(&format!("gone{i}.example.com")));
+                }
+            });
+        }
+    });
     // The refusals expire after --negative-ttl and the background pass lets them go
     // (waited out rather than polled: a .status of 8000 names is itself a big read).
     std::thread::sleep(Duration::from_secs(3));

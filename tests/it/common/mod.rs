@@ -124,6 +124,16 @@ pub fn eventually<T>(within: Duration, mut f: impl FnMut() -> Option<T>) -> Opti
     }
 }
 
+/// Waits until the wall clock has reached `epoch_secs` (a token's `exp`): a wait on the
+/// clock itself, bounded by how far ahead it is.
+pub fn wait_until_epoch(epoch_secs: i64) {
+    let ahead = (epoch_secs - now_secs()).max(0) as u64;
+    eventually(Duration::from_secs(ahead + 2), || {
+        (now_secs() >= epoch_secs).then_some(())
+    })
+    .expect("the clock moves");
+}
+
 pub fn errno(e: &std::io::Error) -> i32 {
     e.raw_os_error().unwrap_or(0)
 }
