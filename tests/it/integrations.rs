@@ -5,7 +5,6 @@ use crate::common;
 use common::*;
 use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
-use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
@@ -195,17 +194,6 @@ fn run_as(uid: u32, program: &str, args: &[&str]) -> Output {
     as_user(uid, uid, program).args(args).output().unwrap()
 }
 
-fn daemon_pids(mnt: &Path) -> Vec<i32> {
-    let out = Command::new("pgrep")
-        .args(["-f", &format!("cstokenfs.*{}", mnt.display())])
-        .output()
-        .unwrap();
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter_map(|l| l.parse().ok())
-        .collect()
-}
-
 #[test]
 fn an_ordinary_user_mounts_reads_and_unmounts() {
     need_fuse!();
@@ -255,7 +243,7 @@ fn an_ordinary_user_mounts_reads_and_unmounts() {
         "umount as the user who mounted: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(eventually(Duration::from_secs(5), || daemon_pids(&mnt)
+    assert!(eventually(Duration::from_secs(5), || daemons(&mnt)
         .is_empty()
         .then_some(()))
     .is_some());
@@ -264,7 +252,7 @@ fn an_ordinary_user_mounts_reads_and_unmounts() {
     assert!(run_as(1000, BIN, &["mount", "--endpoint", &emu.url(), m])
         .status
         .success());
-    for pid in daemon_pids(&mnt) {
+    for pid in daemons(&mnt) {
         // SAFETY: signalling the daemon we started.
         unsafe { libc::kill(pid, libc::SIGTERM) };
     }
@@ -277,7 +265,7 @@ fn an_ordinary_user_mounts_reads_and_unmounts() {
     assert!(run_as(1000, BIN, &["mount", "--endpoint", &emu.url(), m])
         .status
         .success());
-    for pid in daemon_pids(&mnt) {
+    for pid in daemons(&mnt) {
         // SAFETY: as above.
         unsafe { libc::kill(pid, libc::SIGKILL) };
     }

@@ -3,6 +3,7 @@
 
 use super::{eventually, BIN};
 use std::ffi::OsStr;
+use std::path::Path;
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::time::Duration;
 
@@ -91,6 +92,26 @@ pub fn as_user(uid: u32, gid: u32, program: impl AsRef<OsStr>) -> Command {
 /// Waits for `child` to exit, up to `within`: its status (None if it still runs).
 pub fn wait_child(child: &mut Child, within: Duration) -> Option<ExitStatus> {
     eventually(within, || child.try_wait().ok().flatten())
+}
+
+/// The pids of the `cstokenfs` daemons serving `mnt` (per their command line), leaving out
+/// processes that are exiting (a detaching daemon's first process, for a moment).
+pub fn daemons(mnt: &Path) -> Vec<i32> {
+    let out = Command::new("pgrep")
+        .args(["-f", &format!("cstokenfs.*{}", mnt.display())])
+        .output()
+        .expect("pgrep");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.parse().ok())
+        .filter(|pid| {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            // The state follows the command name's closing parenthesis.
+            let state = stat.rsplit_once(") ").map(|(_, rest)| rest.chars().next());
+            let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+            comm.trim() == "cstokenfs" && matches!(state, Some(Some('R' | 'S' | 'D' | 'T' | 't')))
+        })
+        .collect()
 }
 
 pub fn stderr(o: &Output) -> String {
