@@ -243,16 +243,17 @@ fn a_failed_background_refresh_keeps_the_valid_token_and_backs_off() {
     let held = m.read("management.azure.com").unwrap();
     emu.set_fault(Some(status_code(503, Some("30"))));
     // Past the refresh point (6 s): readers keep the held token; refreshes fail.
-    let failed = eventually(Duration::from_secs(16), || {
-        assert_same_token(
-            &m.read("management.azure.com").unwrap(),
-            &held,
-            "held token served",
-        );
-        let r = m.resource_status(ARM);
-        (r["state"] == "failed").then_some(r)
-    })
-    .expect("state failed after the refresh fails");
+    let failed = m
+        .wait_status(Duration::from_secs(16), |s| {
+            assert_same_token(
+                &m.read("management.azure.com").unwrap(),
+                &held,
+                "held token served",
+            );
+            let r = resource_entry(s, ARM);
+            (r["state"] == "failed").then_some(r)
+        })
+        .expect("state failed after the refresh fails");
     assert!(failed["last_error"].as_str().unwrap().contains("503"));
     assert!(failed["consecutive_failures"].as_u64().unwrap() >= 1);
     assert!(
@@ -277,16 +278,17 @@ fn a_refusal_while_a_valid_token_is_held_keeps_serving_it() {
     let m = Mounted::new(&emu.url(), &["--refresh-margin", "6"]);
     let held = m.read("management.azure.com").unwrap();
     emu.set_fault(Some(status_code(400, None)));
-    let r = eventually(Duration::from_secs(8), || {
-        assert_same_token(
-            &m.read("management.azure.com").unwrap(),
-            &held,
-            "held token served",
-        );
-        let r = m.resource_status(ARM);
-        (r["state"] == "failed").then_some(r)
-    })
-    .expect("an intermittent 400 while a token is held: state failed");
+    let r = m
+        .wait_status(Duration::from_secs(8), |s| {
+            assert_same_token(
+                &m.read("management.azure.com").unwrap(),
+                &held,
+                "held token served",
+            );
+            let r = resource_entry(s, ARM);
+            (r["state"] == "failed").then_some(r)
+        })
+        .expect("an intermittent 400 while a token is held: state failed");
     assert_eq!(r["expires_on"].as_i64(), claims(&held)["exp"].as_i64());
     emu.set_fault(None);
     let recovered = eventually(Duration::from_secs(8), || {

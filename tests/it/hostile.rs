@@ -508,11 +508,9 @@ fn outside_text_that_could_forge_log_lines_is_escaped() {
         .output()
         .unwrap();
     assert!(out.status.success() && !out.stdout.is_empty());
-    let log = eventually(Duration::from_secs(5), || {
-        let log = m.log_text();
-        log.contains("forged audit").then_some(log)
-    })
-    .expect("the audit line");
+    let log = m
+        .wait_log("forged audit", Duration::from_secs(5))
+        .expect("the audit line");
     for line in log.lines() {
         assert!(
             !line.starts_with("ERROR forged") && !line.starts_with("INFO forged"),

@@ -21,8 +21,8 @@ fn mount(emu: &cstokenfs::emulator::Emulator, extra: &[&str]) -> Mounted {
 /// shows the mount before it: a reader's open racing it would reach the daemon too).
 fn no_open_mount(url: &str, args: &[&str]) -> Mounted {
     let m = Mounted::with_env(url, args, &[("RUST_LOG", "debug")]);
-    let over = || m.log_text().contains("first open").then_some(());
-    eventually(Duration::from_secs(10), over).expect("the daemon's first open and close");
+    m.wait_log("first open", Duration::from_secs(10))
+        .expect("the daemon's first open and close");
     m
 }
 
@@ -116,11 +116,10 @@ fn sigusr1_then_a_read_gives_a_new_token() {
     assert_eq!(m.read("management.azure.com").unwrap(), a, "cached");
     m.signal(libc::SIGUSR1);
     // Handled once the tokens are dropped and the kernel has forgotten their names.
-    eventually(Duration::from_secs(5), || {
-        m.log_text()
-            .contains("the kernel forgot every token name it held")
-            .then_some(())
-    })
+    m.wait_log(
+        "the kernel forgot every token name it held",
+        Duration::from_secs(5),
+    )
     .expect("SIGUSR1 handled");
     let b = m.read("management.azure.com").unwrap();
     assert!(

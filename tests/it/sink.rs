@@ -151,12 +151,20 @@ fn an_upstream_down_past_expiry_removes_the_files_before_expiry_and_they_return(
                 );
                 None
             }
-            Err(_) => files.iter().all(|f| !f.exists()).then(now_secs),
+            Err(_) => files.iter().all(|f| !f.exists()).then(|| {
+                // When the sink removed them, not when this poll saw it (which a loaded
+                // machine delays): the last change to `.json/` was the removal of its file.
+                let at = std::fs::metadata(fs.path.join(".json")).and_then(|m| m.modified());
+                at.expect("mtime of .json/")
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .expect("after 1970")
+                    .as_secs_f64()
+            }),
         }
     })
     .expect("the files go once the token can no longer be refreshed");
     assert!(
-        gone < last_expiry,
+        gone < last_expiry as f64,
         "removed at {gone}, expiry {last_expiry}"
     );
     // `.status` says it is missing and why (rewritten right after the removal).

@@ -120,13 +120,13 @@ impl Mounted {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
-    /// Waits until the daemon's log holds `needle` `times` times (or more); false if it
-    /// does not within `within`.
-    pub fn wait_log(&self, needle: &str, times: usize, within: Duration) -> bool {
+    /// Waits until the daemon's log holds `needle`: the log then (None if it did not
+    /// within `within`).
+    pub fn wait_log(&self, needle: &str, within: Duration) -> Option<String> {
         eventually(within, || {
-            (self.log_text().matches(needle).count() >= times).then_some(())
+            let log = self.log_text();
+            log.contains(needle).then_some(log)
         })
-        .is_some()
     }
 
     pub fn pid(&self) -> i32 {
