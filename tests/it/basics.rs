@@ -495,12 +495,7 @@ fn endpoint_down_gives_eio_within_the_timeout() {
         "answered within the timeout (plus slack): {:?}",
         start.elapsed()
     );
-    // The reader's wait ends at --timeout; the fetch records its error as it ends.
-    let last = m.wait_status(Duration::from_secs(10), |s| {
-        let e = resource_entry(s, "https://management.azure.com/")["last_error"].clone();
-        e.as_str().map(str::to_string)
-    });
-    let last = last.expect("last_error in .status");
+    let last = m.last_error("https://management.azure.com/");
     assert!(last.contains("unreachable"), "{last}");
 }
 

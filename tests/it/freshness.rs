@@ -50,13 +50,14 @@ fn read_until(
 fn slow_endpoint_across_rollovers_readers_never_wait() {
     need_fuse!();
     let emu = emulator();
-    emu.set_ttl(6);
+    emu.set_ttl(8);
     let m = Mounted::new(&emu.url(), &["--refresh-margin", "4"]);
     m.read("management.azure.com").unwrap();
     // From now on every upstream answer takes 1.5 s; a reader that waited on one would take that long.
     emu.set_latency(Duration::from_millis(1500));
-    // Refreshed at half-life (3 s), 1.5 s before the old token stops being valid. Two
-    // rollovers: a token fetched in the background is itself refreshed in the background.
+    // Refreshed 4 s before expiry, answered 1.5 s later, well before the old token stops
+    // being valid (0.8 s before expiry). Two rollovers: a token fetched in the background
+    // is itself refreshed in the background.
     let rollovers = |s: &[u64]| s.len() >= 3;
     let (serials, worst) = read_until(
         &m,

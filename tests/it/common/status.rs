@@ -17,12 +17,15 @@ impl Mounted {
         resource_entry(&self.status(), resource)
     }
 
-    /// `last_error` of one resource in `.status` (empty if none).
+    /// `last_error` of one resource in `.status`, once there is one (empty if none comes
+    /// within 10 s): a fetch records its error as it ends, which can be after a reader's
+    /// wait for it has ended (at `--timeout`).
     pub fn last_error(&self, resource: &str) -> String {
-        self.resource_status(resource)["last_error"]
-            .as_str()
-            .unwrap_or_default()
-            .to_string()
+        self.wait_status(Duration::from_secs(10), |s| {
+            let e = resource_entry(s, resource)["last_error"].clone();
+            e.as_str().filter(|e| !e.is_empty()).map(str::to_string)
+        })
+        .unwrap_or_default()
     }
 
     /// Polls `.status` until `f` finds what it wants in it, up to `within`.
