@@ -375,11 +375,8 @@ fn claims_of_a_known_emulator_token() {
 
 #[test]
 fn get_prints_every_view() {
-    let run = |view: &str| {
-        let out = cli(["get", "--emulator", "--view", view, "management.azure.com"])
-            .env_remove("MSI_ENDPOINT")
-            .output()
-            .unwrap();
+    let view_of = |view: &str| {
+        let out = run(&["get", "--emulator", "--view", view, "management.azure.com"]);
         assert!(
             out.status.success(),
             "{view}: {}",
@@ -387,16 +384,16 @@ fn get_prints_every_view() {
         );
         String::from_utf8(out.stdout).unwrap()
     };
-    let raw = run("raw");
+    let raw = view_of("raw");
     assert!(raw.ends_with('\n') && raw.trim_end().split('.').count() == 3);
-    let json: serde_json::Value = serde_json::from_str(&run("json")).unwrap();
+    let json: serde_json::Value = serde_json::from_str(&view_of("json")).unwrap();
     assert_eq!(json["resource"], "https://management.azure.com/");
-    assert!(run("header").starts_with("Authorization: Bearer ey"));
-    let k: serde_json::Value = serde_json::from_str(&run("kubectl")).unwrap();
+    assert!(view_of("header").starts_with("Authorization: Bearer ey"));
+    let k: serde_json::Value = serde_json::from_str(&view_of("kubectl")).unwrap();
     assert_eq!(k["kind"], "ExecCredential");
-    let git = run("git-credential");
+    let git = view_of("git-credential");
     assert!(git.starts_with("username=cstokenfs\npassword=ey"));
-    let c = run("claims");
+    let c = view_of("claims");
     let claims: serde_json::Value = serde_json::from_str(&c).unwrap();
     assert_eq!(claims["aud"], "https://management.azure.com/");
     assert!(!c.contains("access_token"));
