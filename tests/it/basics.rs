@@ -242,20 +242,13 @@ fn status_lists_state_without_token_bytes() {
     assert_no_token(&text, &token, ".status");
     let status: serde_json::Value = serde_json::from_str(&text).unwrap();
     assert_eq!(status["endpoint"], emu.url());
-    let resources = status["resources"].as_array().unwrap();
-    let arm = resources
-        .iter()
-        .find(|r| r["resource"] == "https://management.azure.com/")
-        .unwrap();
+    let arm = resource_entry(&status, "https://management.azure.com/");
     assert_eq!(arm["name"], "management.azure.com");
     assert_eq!(arm["upstream_calls"], 1);
     assert_eq!(arm["expires_on"].as_i64(), claims(&token)["exp"].as_i64());
     assert!(arm["fetched_at"].as_i64().unwrap() <= now_secs());
     assert!(arm["last_error"].is_null());
-    let refused = resources
-        .iter()
-        .find(|r| r["resource"] == "https://newservice.azure.com")
-        .unwrap();
+    let refused = resource_entry(&status, "https://newservice.azure.com");
     assert!(refused["last_error"]
         .as_str()
         .unwrap()
@@ -502,11 +495,7 @@ fn endpoint_down_gives_eio_within_the_timeout() {
         "answered within the timeout (plus slack): {:?}",
         start.elapsed()
     );
-    let status: serde_json::Value = serde_json::from_slice(&m.read(".status").unwrap()).unwrap();
-    let last = status["resources"][0]["last_error"]
-        .as_str()
-        .unwrap_or_default()
-        .to_string();
+    let last = m.last_error("https://management.azure.com/");
     assert!(last.contains("unreachable"), "{last}");
 }
 
@@ -566,17 +555,16 @@ fn detached_mount_returns_only_when_live() {
     let emu = emulator();
     let (dir, mnt) = scratch_mountpoint();
     let log = dir.path().join("log");
-    let out = Command::new(BIN)
-        .args([
-            "mount",
-            "--endpoint",
-            &emu.url(),
-            "--log-file",
-            log.to_str().unwrap(),
-        ])
-        .arg(&mnt)
-        .output()
-        .unwrap();
+    let out = cli([
+        "mount",
+        "--endpoint",
+        &emu.url(),
+        "--log-file",
+        log.to_str().unwrap(),
+    ])
+    .arg(&mnt)
+    .output()
+    .unwrap();
     let _guard = KillOnDrop(mnt.clone());
     assert!(
         out.status.success(),
@@ -617,16 +605,14 @@ fn detached_mount_returns_only_when_live() {
     );
 
     // Without --log-file: said once on stderr.
-    let out = Command::new(BIN)
-        .args(["mount", "--endpoint", &emu.url()])
+    let out = cli(["mount", "--endpoint", &emu.url()])
         .arg(&mnt)
         .output()
         .unwrap();
     assert!(out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(stderr.matches("logs are discarded").count(), 1, "{stderr}");
-    let out = Command::new(BIN)
-        .args(["mount", "--endpoint", &emu.url()])
+    let out = cli(["mount", "--endpoint", &emu.url()])
         .arg(&mnt)
         .output()
         .unwrap();
@@ -682,7 +668,7 @@ fn bad_mount_points_and_endpoints_give_one_clear_line() {
     ];
     for (args, mnt, want) in cases {
         for fg in [true, false] {
-            let mut cmd = Command::new(BIN);
+            let mut cmd = bin();
             cmd.arg("mount").args(args);
             if fg {
                 cmd.arg("-f");
@@ -717,12 +703,12 @@ fn no_token_in_trace_level_logs() {
     }
     let _ = m.read(".status");
     // The audit line of the last open is the only one written by another thread.
-    let log = eventually(Duration::from_secs(5), || {
-        let log = m.log_text();
-        log.contains("audit: open of https://storage.azure.com/ (header)")
-            .then_some(log)
-    })
-    .expect("the log is complete");
+    let log = m
+        .wait_log(
+            "audit: open of https://storage.azure.com/ (header)",
+            Duration::from_secs(5),
+        )
+        .expect("the log is complete");
     assert!(
         log.contains("TRACE") || log.contains("DEBUG"),
         "trace logging was on"
@@ -743,8 +729,7 @@ fn no_token_in_trace_level_logs() {
 #[test]
 fn get_prints_the_token_or_fails_with_the_right_code() {
     let emu = emulator();
-    let out = Command::new(BIN)
-        .args(["get", "--endpoint", &emu.url(), "vault.azure.net"])
+    let out = cli(["get", "--endpoint", &emu.url(), "vault.azure.net"])
         .output()
         .unwrap();
     assert!(
@@ -759,42 +744,38 @@ fn get_prints_the_token_or_fails_with_the_right_code() {
     );
     assert!(out.stderr.is_empty(), "get is quiet on success");
 
-    let out = Command::new(BIN)
-        .args([
-            "get",
-            "--endpoint",
-            &emu.url(),
-            "--json",
-            "management.azure.com",
-        ])
-        .output()
-        .unwrap();
+    let out = cli([
+        "get",
+        "--endpoint",
+        &emu.url(),
+        "--json",
+        "management.azure.com",
+    ])
+    .output()
+    .unwrap();
     let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(json["resource"], "https://management.azure.com/");
     assert!(json["expires_on"].is_i64());
 
-    let out = Command::new(BIN)
-        .args(["get", "--endpoint", &emu.url(), "newservice.azure.com"])
+    let out = cli(["get", "--endpoint", &emu.url(), "newservice.azure.com"])
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("AudienceNotSupported"));
     let url = format!("http://127.0.0.1:{}/oauth2/token", free_port());
-    let out = Command::new(BIN)
-        .args([
-            "get",
-            "--timeout",
-            "1",
-            "--endpoint",
-            &url,
-            "vault.azure.net",
-        ])
-        .output()
-        .unwrap();
+    let out = cli([
+        "get",
+        "--timeout",
+        "1",
+        "--endpoint",
+        &url,
+        "vault.azure.net",
+    ])
+    .output()
+    .unwrap();
     assert_eq!(out.status.code(), Some(1));
 
-    let out = Command::new(BIN)
-        .args(["get", "--emulator", "graph.microsoft.com"])
+    let out = cli(["get", "--emulator", "graph.microsoft.com"])
         .output()
         .unwrap();
     assert!(out.status.success());
@@ -809,7 +790,7 @@ fn get_prints_the_token_or_fails_with_the_right_code() {
         &["get", "--emulator", "--endpoint", "http://x", "n"],
         &["get", "--emulator", "not_a_name"],
     ] {
-        let out = Command::new(BIN).args(usage).output().unwrap();
+        let out = cli(usage).output().unwrap();
         assert_eq!(out.status.code(), Some(2), "{usage:?}");
     }
 }
@@ -822,15 +803,12 @@ fn help_on_every_subcommand() {
         &["get", "--help"],
         &["emulator", "--help"],
     ] {
-        let out = Command::new(BIN).args(sub).output().unwrap();
+        let out = cli(sub).output().unwrap();
         assert!(out.status.success(), "{sub:?}");
         let text = String::from_utf8_lossy(&out.stdout);
         assert!(text.contains("Usage"), "{sub:?}");
     }
-    let out = Command::new(BIN)
-        .args(["mount", "--help"])
-        .output()
-        .unwrap();
+    let out = cli(["mount", "--help"]).output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     for flag in [
         "--endpoint",
@@ -848,23 +826,21 @@ fn help_on_every_subcommand() {
 #[test]
 fn emulator_subcommand_serves_the_recipe() {
     let port = free_port();
-    let mut child = Command::new(BIN)
-        .args([
-            "emulator",
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-            "--ttl",
-            "120",
-            "--allow",
-            "https://x.example.com",
-        ])
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = cli([
+        "emulator",
+        "--listen",
+        &format!("127.0.0.1:{port}"),
+        "--ttl",
+        "120",
+        "--allow",
+        "https://x.example.com",
+    ])
+    .stderr(std::process::Stdio::null())
+    .spawn()
+    .unwrap();
     let url = format!("http://127.0.0.1:{port}/oauth2/token");
     let got = eventually(Duration::from_secs(10), || {
-        let out = Command::new(BIN)
-            .args(["get", "--json", "--endpoint", &url, "x.example.com"])
+        let out = cli(["get", "--json", "--endpoint", &url, "x.example.com"])
             .output()
             .ok()?;
         out.status.success().then_some(out.stdout)

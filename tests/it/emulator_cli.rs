@@ -2,12 +2,11 @@
 //! on stdout (or taken from `--secret-file`) that requests then carry, and usage errors
 //! (the Entra options' too) exiting 2.
 
+use crate::common::{cli, run};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Stdio};
 use std::time::Duration;
-
-const BIN: &str = env!("CARGO_BIN_EXE_cstokenfs");
 
 /// Kills the emulator it holds when dropped.
 struct Running(Child);
@@ -20,19 +19,18 @@ impl Drop for Running {
 }
 
 fn start(extra: &[&str]) -> (Running, Vec<String>) {
-    let mut child = Command::new(BIN)
-        .args([
-            "emulator",
-            "--protocol",
-            "appservice",
-            "--listen",
-            "127.0.0.1:0",
-        ])
-        .args(extra)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("run cstokenfs emulator");
+    let mut child = cli([
+        "emulator",
+        "--protocol",
+        "appservice",
+        "--listen",
+        "127.0.0.1:0",
+    ])
+    .args(extra)
+    .stdout(Stdio::piped())
+    .stderr(Stdio::null())
+    .spawn()
+    .expect("run cstokenfs emulator");
     let stdout = child.stdout.take().expect("stdout");
     let running = Running(child);
     let mut lines = Vec::new();
@@ -71,13 +69,6 @@ fn fetch(endpoint: &str, secret: &str) -> u16 {
         .nth(1)
         .and_then(|c| c.parse().ok())
         .unwrap_or(0)
-}
-
-fn run(args: &[&str]) -> Output {
-    Command::new(BIN)
-        .args(args)
-        .output()
-        .expect("run cstokenfs")
 }
 
 #[test]

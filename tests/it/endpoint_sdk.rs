@@ -105,12 +105,6 @@ fn run(mut sdk: Sdk) -> Outcome {
     finish(child, &sdk.out)
 }
 
-fn endpoint_mount(url: &str, extra: &[&str]) -> Mounted {
-    let mut args = vec!["--serve-endpoint", "127.0.0.1:0"];
-    args.extend_from_slice(extra);
-    Mounted::new(url, &args)
-}
-
 #[test]
 fn twenty_sdk_processes_and_cat_share_one_token_and_one_upstream_call() {
     need_fuse!();
@@ -119,7 +113,7 @@ fn twenty_sdk_processes_and_cat_share_one_token_and_one_upstream_call() {
         latency: Duration::from_millis(1500),
         ..EmulatorConfig::default()
     });
-    let m = endpoint_mount(&emu.url(), &[]);
+    let m = Mounted::serving(&emu.url(), &[]);
     let mut started = Vec::new();
     for i in 0..20 {
         let kind = if i % 2 == 0 { "mi" } else { "dac" };
@@ -160,7 +154,7 @@ fn sdk_errors_wrong_secret_refused_audience_upstream_down() {
     need_fuse!();
     let py = need_python!();
     let emu = emulator();
-    let m = endpoint_mount(&emu.url(), &[]);
+    let m = Mounted::serving(&emu.url(), &[]);
     let wrong = "0".repeat(64);
     let o = run(sdk(
         &py,
@@ -192,7 +186,7 @@ fn sdk_errors_wrong_secret_refused_audience_upstream_down() {
 
     // The upstream down: 500 with its error; the SDK retries (bounded) then reports it.
     let down = format!("http://127.0.0.1:{}/oauth2/token", free_port());
-    let m = endpoint_mount(&down, &["--timeout", "2"]);
+    let m = Mounted::serving(&down, &["--timeout", "2"]);
     let o = run(sdk(&py, &m, "mi", ARM_SCOPE, &[]));
     assert_eq!(o.report["ok"], false);
     let msg = o.report["message"].as_str().unwrap();

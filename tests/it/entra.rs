@@ -10,14 +10,6 @@ use common::*;
 use cstokenfs::emulator::decode_claims;
 use cstokenfs::emulator::entra::EntraSettings;
 use entra_support::*;
-use std::process::Command;
-
-fn last_error_of(m: &Mounted, resource: &str) -> String {
-    m.resource_status(resource)["last_error"]
-        .as_str()
-        .unwrap_or_default()
-        .to_string()
-}
 
 fn param(emu: &cstokenfs::emulator::Emulator, key: &str) -> String {
     emu.last_params()
@@ -47,29 +39,22 @@ fn service_principal_with_a_secret_file() {
         None,
     );
     let file = write(dir.path(), "secret", &format!("{secret}\n"));
-    let args = |file: &std::path::Path| {
-        vec![
-            "--source".to_string(),
-            "service-principal".into(),
-            "--tenant-id".into(),
-            TENANT.into(),
-            "--client-id".into(),
-            CLIENT.into(),
-            "--client-secret-file".into(),
-            file.display().to_string(),
-            "--authority-host".into(),
-            emu.url(),
-        ]
+    let mount = |file: &std::path::Path, env: &[(&str, &str)]| {
+        entra_mount(
+            "service-principal",
+            ("--client-secret-file", file),
+            &emu.url(),
+            &[],
+            env,
+        )
     };
-    let owned = args(&file);
-    let argv: Vec<&str> = owned.iter().map(String::as_str).collect();
     // A dead proxy in the environment: a loopback authority never goes through it.
     let env = [
         ("RUST_LOG", "trace"),
         ("HTTPS_PROXY", "http://127.0.0.1:1"),
         ("HTTP_PROXY", "http://127.0.0.1:1"),
     ];
-    let m = Mounted::raw(&argv, &env);
+    let m = mount(&file, &env);
     let token = m.read("management.azure.com").expect("a token");
     assert_eq!(claims(&token)["aud"], "https://management.azure.com");
     assert_eq!(param(&emu, "grant_type"), "client_credentials");
@@ -97,19 +82,19 @@ fn service_principal_with_a_secret_file() {
     let calls = emu.requests();
     assert_eq!(errno(&m.read_err("newservice.example.com")), libc::ENOENT);
     assert_eq!(emu.requests(), calls, "a refusal is remembered");
-    assert!(last_error_of(&m, "https://newservice.example.com").contains("AADSTS500011"));
+    assert!(m
+        .last_error("https://newservice.example.com")
+        .contains("AADSTS500011"));
     assert_absent(&leak_surface(&m), secret, "log and .status");
     drop(m);
 
     // A wrong secret: EACCES, AADSTS7000215 in .status, neither secret anywhere.
     let wrong = "Zx8Q~wrong-secret-value.98765";
     let file = write(dir.path(), "wrong", wrong);
-    let owned = args(&file);
-    let argv: Vec<&str> = owned.iter().map(String::as_str).collect();
-    let m = Mounted::raw(&argv, &env);
+    let m = mount(&file, &env);
     let denied = m.read_err("management.azure.com");
     assert_eq!(errno(&denied), libc::EACCES);
-    let error = last_error_of(&m, "https://management.azure.com/");
+    let error = m.last_error("https://management.azure.com/");
     assert!(
         error.contains("AADSTS7000215") && error.contains("invalid_client"),
         "{error}"
@@ -174,13 +159,13 @@ fn workload_identity_rereads_its_token_file() {
     let expired = federated_token(now_secs() - 60, "expired");
     std::fs::write(&file, &expired).unwrap();
     assert_eq!(errno(&m.read_err("graph.microsoft.com")), libc::EACCES);
-    let error = last_error_of(&m, "https://graph.microsoft.com/");
+    let error = m.last_error("https://graph.microsoft.com/");
     assert!(error.contains("AADSTS700024"), "{error}");
 
     // An empty file: EIO, an error naming the file.
     std::fs::write(&file, "\n").unwrap();
     assert_eq!(errno(&m.read_err("database.windows.net")), libc::EIO);
-    let error = last_error_of(&m, "https://database.windows.net");
+    let error = m.last_error("https://database.windows.net");
     assert!(
         error.contains("azure-identity-token") && error.contains("empty"),
         "{error}"
@@ -254,7 +239,9 @@ fn service_principal_with_a_certificate() {
     });
     let m = Mounted::raw(&[], &env);
     assert_eq!(errno(&m.read_err("vault.azure.net")), libc::EACCES);
-    assert!(last_error_of(&m, "https://vault.azure.net").contains("AADSTS700027"));
+    assert!(m
+        .last_error("https://vault.azure.net")
+        .contains("AADSTS700027"));
 }
 
 #[test]
@@ -275,25 +262,12 @@ fn tls_with_a_ca_file_and_refused_without_it() {
     assert!(url.starts_with("https://127.0.0.1:"), "{url}");
     let ca_file = write(dir.path(), "ca.pem", &ca);
     let secret_file = write(dir.path(), "secret", secret);
-    let (ca_path, secret_path) = (
-        ca_file.display().to_string(),
-        secret_file.display().to_string(),
-    );
-    let m = Mounted::raw(
-        &[
-            "--source",
-            "service-principal",
-            "--tenant-id",
-            TENANT,
-            "--client-id",
-            CLIENT,
-            "--client-secret-file",
-            &secret_path,
-            "--authority-host",
-            &url,
-            "--ca-file",
-            &ca_path,
-        ],
+    let ca_path = ca_file.display().to_string();
+    let m = entra_mount(
+        "service-principal",
+        ("--client-secret-file", &secret_file),
+        &url,
+        &["--ca-file", &ca_path],
         &[("RUST_LOG", "trace")],
     );
     let token = m
@@ -336,8 +310,7 @@ fn the_authority_must_be_https_or_loopback() {
         );
     }
     let (_d, mnt) = scratch_mountpoint();
-    let out = Command::new(BIN)
-        .args(["mount", "-f", "--source", "workload-identity"])
+    let out = cli(["mount", "-f", "--source", "workload-identity"])
         .args(["--tenant-id", TENANT, "--client-id", CLIENT])
         .args(["--federated-token-file", "/nonexistent/token"])
         .args(["--authority-host", "http://login.example.invalid/"])
@@ -452,7 +425,7 @@ fn hostile_federated_token_files_fail_reads_within_the_timeout() {
         };
         let e = expect_err(read_within(name), name);
         assert_eq!(errno(&e), libc::EIO, "{hostile:?}");
-        let error = last_error_of(&m, resource);
+        let error = m.last_error(resource);
         assert!(error.contains(&path) && error.contains(why), "{error}");
     }
     assert_eq!(emu.requests(), 0, "nothing reached the authority");
@@ -475,7 +448,7 @@ fn hostile_credential_files_fail_get_and_start_up_without_hanging() {
     let url = emu.url();
     let within = std::time::Duration::from_secs(15);
     let get = |source: &str, flag: &str| {
-        let mut cmd = Command::new(BIN);
+        let mut cmd = bin();
         cmd.args(["get", "--timeout", "3", "--source", source])
             .args(["--tenant-id", TENANT, "--client-id", CLIENT, flag])
             .arg(&file)
@@ -517,7 +490,7 @@ fn hostile_credential_files_fail_get_and_start_up_without_hanging() {
     let (_d, mnt) = scratch_mountpoint();
     let _guard = KillOnDrop(mnt.clone());
     for foreground in [true, false] {
-        let mut cmd = Command::new(BIN);
+        let mut cmd = bin();
         cmd.arg("mount")
             .args(foreground.then_some("-f"))
             .args(["--source", "service-principal", "--tenant-id", TENANT])
@@ -558,7 +531,7 @@ fn a_federated_token_file_on_a_hung_filesystem_fails_within_the_timeout() {
         started.elapsed() < std::time::Duration::from_secs(6),
         "given up at the deadline, not when the filesystem answered"
     );
-    let error = last_error_of(&m, "https://vault.azure.net");
+    let error = m.last_error("https://vault.azure.net");
     assert!(error.contains("does not answer"), "{error}");
     assert_eq!(emu.requests(), 0, "nothing reached the authority");
     m.read(".status").expect("the daemon stays responsive");

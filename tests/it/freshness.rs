@@ -16,11 +16,17 @@ fn status_code(code: u16, retry_after: Option<&str>) -> Fault {
     }
 }
 
-/// Reads in a loop for `run`, returning (serials seen in order, slowest read).
-fn read_loop(m: &Mounted, name: &str, run: Duration) -> (Vec<u64>, Duration) {
-    let end = Instant::now() + run;
+/// Reads every 50 ms until `done(serials seen in order)` or `within` is up, returning (the
+/// serials, the slowest read). Every read must succeed with a token that has not expired.
+fn read_until(
+    m: &Mounted,
+    name: &str,
+    within: Duration,
+    mut done: impl FnMut(&[u64]) -> bool,
+) -> (Vec<u64>, Duration) {
+    let end = Instant::now() + within;
     let (mut serials, mut worst) = (Vec::new(), Duration::ZERO);
-    while Instant::now() < end {
+    while Instant::now() < end && !done(&serials) {
         let t0 = Instant::now();
         let token = m
             .read(name)
@@ -49,8 +55,17 @@ fn slow_endpoint_across_rollovers_readers_never_wait() {
     m.read("management.azure.com").unwrap();
     // From now on every upstream answer takes 1.5 s; a reader that waited on one would take that long.
     emu.set_latency(Duration::from_millis(1500));
-    let (serials, worst) = read_loop(&m, "management.azure.com", Duration::from_secs(20));
-    assert!(serials.len() >= 4, "at least three rollovers: {serials:?}");
+    // Refreshed 4 s before expiry, answered 1.5 s later, well before the old token stops
+    // being valid (0.8 s before expiry). Two rollovers: a token fetched in the background
+    // is itself refreshed in the background.
+    let rollovers = |s: &[u64]| s.len() >= 3;
+    let (serials, worst) = read_until(
+        &m,
+        "management.azure.com",
+        Duration::from_secs(30),
+        rollovers,
+    );
+    assert!(serials.len() >= 3, "at least two rollovers: {serials:?}");
     assert!(
         worst < Duration::from_millis(1000),
         "a reader waited on the upstream: {worst:?}"
@@ -61,22 +76,21 @@ fn slow_endpoint_across_rollovers_readers_never_wait() {
 fn a_token_nobody_reads_is_not_refreshed_and_is_dropped_when_expired() {
     need_fuse!();
     let emu = emulator();
-    emu.set_ttl(4);
+    emu.set_ttl(3);
     let m = Mounted::new(&emu.url(), &["--refresh-margin", "1"]);
     m.read("vault.azure.net").unwrap();
-    std::thread::sleep(Duration::from_secs(6));
+    // Dropped from the listing once expired, which is past the refresh point (2 s).
+    let listed = || {
+        std::fs::read_dir(&m.path)
+            .unwrap()
+            .any(|e| e.unwrap().file_name() == "vault.azure.net")
+    };
+    let dropped = eventually(Duration::from_secs(10), || (!listed()).then_some(()));
+    assert!(dropped.is_some(), "expired token dropped from the listing");
     assert_eq!(
         emu.requests(),
         1,
         "no background refresh of an unread token"
-    );
-    let names: Vec<_> = std::fs::read_dir(&m.path)
-        .unwrap()
-        .map(|e| e.unwrap().file_name())
-        .collect();
-    assert!(
-        !names.iter().any(|n| n == "vault.azure.net"),
-        "expired token dropped from the listing"
     );
     let t = m.read("vault.azure.net").unwrap();
     assert_eq!(serial(&t), 2, "the next reader fetches a new one");
@@ -89,15 +103,20 @@ fn caching_upstream_returns_the_same_token_without_spinning() {
     emu.set_ttl(8);
     emu.set_caching(true);
     let m = Mounted::new(&emu.url(), &["--refresh-margin", "4", "--timeout", "5"]);
-    let (serials, _) = read_loop(&m, "management.azure.com", Duration::from_secs(18));
+    // Read until the upstream's token expired and a new one came (about 8 s).
+    let t0 = Instant::now();
+    let renewed = |s: &[u64]| s.len() >= 2;
+    let (serials, _) = read_until(&m, "management.azure.com", Duration::from_secs(30), renewed);
     assert!(
         serials.len() >= 2,
         "new tokens once the upstream's expired: {serials:?}"
     );
     let calls = emu.requests();
-    // 18 s of 8 s tokens: refresh point at 4 s, then retries tightening toward expiry, at
-    // most one call every 2 s, plus a few while the upstream still holds the old one.
-    assert!(calls <= 20, "{calls} upstream calls in 18 s: spinning");
+    // Of 8 s tokens: refresh point at 4 s, then retries tightening toward expiry, at most
+    // one call every 2 s, plus a few while the upstream still holds the old one (a read
+    // every 50 ms that spun would be a call per read).
+    let took = t0.elapsed();
+    assert!(calls <= 20, "{calls} upstream calls in {took:?}: spinning");
     assert!(
         m.log_text().contains("already held"),
         "the caching upstream is noticed in the log"
@@ -220,27 +239,30 @@ fn too_many_requests_honours_retry_after() {
 fn a_failed_background_refresh_keeps_the_valid_token_and_backs_off() {
     need_fuse!();
     let emu = emulator();
-    emu.set_ttl(20);
-    let m = Mounted::new(&emu.url(), &["--refresh-margin", "8"]);
+    emu.set_ttl(12);
+    let m = Mounted::new(&emu.url(), &["--refresh-margin", "6"]);
     let held = m.read("management.azure.com").unwrap();
     emu.set_fault(Some(status_code(503, Some("30"))));
-    // Past the refresh point (12 s): readers keep the held token; refreshes fail.
-    let failed = eventually(Duration::from_secs(16), || {
-        assert_same_token(
-            &m.read("management.azure.com").unwrap(),
-            &held,
-            "held token served",
-        );
-        let r = m.resource_status(ARM);
-        (r["state"] == "failed").then_some(r)
-    })
-    .expect("state failed after the refresh fails");
+    // Past the refresh point (6 s): readers keep the held token; refreshes fail.
+    let failed = m
+        .wait_status(Duration::from_secs(16), |s| {
+            assert_same_token(
+                &m.read("management.azure.com").unwrap(),
+                &held,
+                "held token served",
+            );
+            let r = resource_entry(s, ARM);
+            (r["state"] == "failed").then_some(r)
+        })
+        .expect("state failed after the refresh fails");
     assert!(failed["last_error"].as_str().unwrap().contains("503"));
     assert!(failed["consecutive_failures"].as_u64().unwrap() >= 1);
     assert!(
         failed["next_refresh"].as_i64().unwrap() >= now_secs() + 20,
         "Retry-After 30 honoured: {failed}"
     );
+    // Nothing to wait on: a retry that ignored Retry-After would come after the shortest
+    // backoff (2 s); none may come in that time (the token is valid for 4 s more).
     let calls = emu.requests();
     std::thread::sleep(Duration::from_secs(2));
     m.read("management.azure.com").unwrap();
@@ -257,16 +279,17 @@ fn a_refusal_while_a_valid_token_is_held_keeps_serving_it() {
     let m = Mounted::new(&emu.url(), &["--refresh-margin", "6"]);
     let held = m.read("management.azure.com").unwrap();
     emu.set_fault(Some(status_code(400, None)));
-    let r = eventually(Duration::from_secs(8), || {
-        assert_same_token(
-            &m.read("management.azure.com").unwrap(),
-            &held,
-            "held token served",
-        );
-        let r = m.resource_status(ARM);
-        (r["state"] == "failed").then_some(r)
-    })
-    .expect("an intermittent 400 while a token is held: state failed");
+    let r = m
+        .wait_status(Duration::from_secs(8), |s| {
+            assert_same_token(
+                &m.read("management.azure.com").unwrap(),
+                &held,
+                "held token served",
+            );
+            let r = resource_entry(s, ARM);
+            (r["state"] == "failed").then_some(r)
+        })
+        .expect("an intermittent 400 while a token is held: state failed");
     assert_eq!(r["expires_on"].as_i64(), claims(&held)["exp"].as_i64());
     emu.set_fault(None);
     let recovered = eventually(Duration::from_secs(8), || {
@@ -382,12 +405,14 @@ fn endpoint_killed_and_back() {
     let start =
         || cstokenfs::emulator::Emulator::start(addr, Default::default()).expect("emulator");
     let emu = start();
-    emu.set_ttl(12);
-    let m = Mounted::new(&emu.url(), &["--refresh-margin", "6", "--timeout", "1"]);
+    emu.set_ttl(10);
+    let m = Mounted::new(&emu.url(), &["--refresh-margin", "5", "--timeout", "1"]);
     let held = m.read("management.azure.com").unwrap();
     drop(emu);
-    // A valid token cached: still served, even past the refresh point.
-    let (serials, _) = read_loop(&m, "management.azure.com", Duration::from_secs(7));
+    // A valid token cached: still served, even past the refresh point (5 s), once the
+    // refresh has failed.
+    let failed = |s: &[u64]| !s.is_empty() && m.resource_status(ARM)["state"] == "failed";
+    let (serials, _) = read_until(&m, "management.azure.com", Duration::from_secs(9), failed);
     assert_eq!(serials, vec![serial(&held)]);
     assert_eq!(m.resource_status(ARM)["state"], "failed");
     // None cached: EIO.
@@ -460,10 +485,11 @@ fn a_short_token_with_a_margin_longer_than_its_life() {
     let emu = emulator();
     emu.set_ttl(4);
     let m = Mounted::new(&emu.url(), &[]); // margin 300 s > 4 s
-    let (serials, _) = read_loop(&m, "management.azure.com", Duration::from_secs(9));
+    let twice = |s: &[u64]| s.len() >= 3;
+    let (serials, _) = read_until(&m, "management.azure.com", Duration::from_secs(20), twice);
     assert!(serials.len() >= 3, "refreshed at half-life: {serials:?}");
     // 4 s tokens (issued on whole seconds) refreshed 2 s before expiry: about one call a
-    // second, against some 180 reads.
+    // second, against a read every 50 ms.
     assert!(
         emu.requests() <= 14,
         "{} calls: not every read",
@@ -524,10 +550,14 @@ fn an_expired_token_with_the_endpoint_down_is_eio_within_the_timeout() {
     let emu = cstokenfs::emulator::Emulator::start(addr, Default::default()).expect("emulator");
     emu.set_ttl(3);
     let m = Mounted::new(&emu.url(), &["--timeout", "2"]);
-    m.read("management.azure.com").unwrap();
+    let exp = claims(&m.read("management.azure.com").unwrap())["exp"]
+        .as_i64()
+        .unwrap();
     drop(emu);
-    // The kernel still holds the name; the token expires; the endpoint is gone.
-    std::thread::sleep(Duration::from_secs(4));
+    // The kernel still holds the name; the token expires; the endpoint is gone. A second
+    // past `exp`, the background refresh that started at half-life (and had no endpoint
+    // to ask) is over: the read below starts its own fetch.
+    wait_until_epoch(exp + 1);
     let t0 = Instant::now();
     assert_eq!(errno(&m.read_err("management.azure.com")), libc::EIO);
     let waited = t0.elapsed();

@@ -28,7 +28,7 @@ fn timeout_above_sixty_seconds_is_a_usage_error_that_says_why() {
         vec!["src", mnt, "-o", "timeout=61"],
     ];
     for args in cases {
-        let out = Command::new(BIN).args(&args).output().unwrap();
+        let out = cli(&args).output().unwrap();
         let err = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
         assert!(
@@ -39,22 +39,18 @@ fn timeout_above_sixty_seconds_is_a_usage_error_that_says_why() {
         );
         assert!(!is_mounted(dir.path()), "{args:?} mounted nothing");
     }
-    let out = Command::new(BIN)
-        .args(["mount", "--timeout", "0", mnt])
-        .output()
-        .unwrap();
+    let out = cli(["mount", "--timeout", "0", mnt]).output().unwrap();
     assert_eq!(out.status.code(), Some(2), "--timeout 0");
     // 60 is accepted.
-    let out = Command::new(BIN)
-        .args([
-            "get",
-            "--emulator",
-            "--timeout",
-            "60",
-            "management.azure.com",
-        ])
-        .output()
-        .unwrap();
+    let out = cli([
+        "get",
+        "--emulator",
+        "--timeout",
+        "60",
+        "management.azure.com",
+    ])
+    .output()
+    .unwrap();
     assert!(
         out.status.success(),
         "--timeout 60: {}",
@@ -255,8 +251,8 @@ fn mlock_without_the_capability_or_the_limit_says_which() {
     let _guard = KillOnDrop(mnt.clone());
     let url = format!("http://127.0.0.1:{}/oauth2/token", free_port());
     let attempt = |memlock: &str| {
-        Command::new("prlimit")
-            .arg(format!("--memlock={memlock}:{memlock}"))
+        let mut cmd = Command::new("prlimit");
+        cmd.arg(format!("--memlock={memlock}:{memlock}"))
             .args([
                 "setpriv",
                 "--bounding-set",
@@ -270,8 +266,8 @@ fn mlock_without_the_capability_or_the_limit_says_which() {
                 "--endpoint",
                 &url,
             ])
-            .arg(&mnt)
-            .env_remove("MSI_ENDPOINT")
+            .arg(&mnt);
+        without_identity(&mut cmd)
             .output()
             .expect("prlimit and setpriv (util-linux)")
     };
@@ -312,23 +308,12 @@ fn mlock_as_an_ordinary_user_under_a_small_limit_says_so() {
     std::os::unix::fs::chown(&mnt, Some(1000), Some(1000)).unwrap();
     let _guard = KillOnDrop(mnt.clone());
     let url = format!("http://127.0.0.1:{}/oauth2/token", free_port());
-    let out = Command::new("prlimit")
-        .arg("--memlock=65536:65536")
-        .args([
-            "setpriv",
-            "--reuid",
-            "1000",
-            "--regid",
-            "1000",
-            "--clear-groups",
-            BIN,
-            "mount",
-            "--mlock",
-            "--endpoint",
-            &url,
-        ])
-        .arg(&mnt)
-        .env_remove("MSI_ENDPOINT")
+    let mut cmd = Command::new("prlimit");
+    cmd.arg("--memlock=65536:65536")
+        .args(setpriv_args(1000, 1000))
+        .args([BIN, "mount", "--mlock", "--endpoint", &url])
+        .arg(&mnt);
+    let out = without_identity(&mut cmd)
         .output()
         .expect("prlimit and setpriv (util-linux)");
     let err = String::from_utf8_lossy(&out.stderr);
@@ -336,17 +321,6 @@ fn mlock_as_an_ordinary_user_under_a_small_limit_says_so() {
     assert!(err.contains("RLIMIT_MEMLOCK is 64 KiB"), "{err}");
     assert!(!err.contains("cannot start a thread"), "{err}");
     assert!(!is_mounted(&mnt));
-}
-
-/// `cstokenfs ARGS` (identity variables removed), killed if it runs 30 s: a detached
-/// mount or sink returns once live or refused.
-fn run_bounded(args: &[&str]) -> Output {
-    let mut cmd = Command::new("timeout");
-    cmd.args(["30", BIN]).args(args);
-    for k in IDENTITY_VARS {
-        cmd.env_remove(k);
-    }
-    cmd.output().expect("run cstokenfs")
 }
 
 /// A detached mount logging to `log` (unmounted when the guard drops).

@@ -25,13 +25,6 @@ fn jwt(claims: &serde_json::Value) -> String {
     format!("{}.{}.", b64(r#"{"alg":"none"}"#), b64(&claims.to_string()))
 }
 
-fn last_error(m: &Mounted, resource: &str) -> String {
-    m.resource_status(resource)["last_error"]
-        .as_str()
-        .unwrap_or_default()
-        .to_string()
-}
-
 fn count_dir(path: &str) -> usize {
     std::fs::read_dir(path).map_or(0, |d| d.count())
 }
@@ -60,7 +53,7 @@ fn a_token_with_a_line_break_is_eio_and_never_reaches_a_view() {
     let log = m.log_text();
     assert!(log.contains("line break"), "the log names the byte class");
     assert!(!log.contains("X-Injected"), "never the bytes");
-    let why = last_error(&m, "https://management.azure.com/");
+    let why = m.last_error("https://management.azure.com/");
     assert!(why.contains("printable ASCII"), "{why}");
     // A space, a control character and a non-ASCII byte are refused the same way.
     for bad in ["a b", "a\\u0007", "caf\\u00e9"] {
@@ -143,7 +136,7 @@ fn an_expiry_in_milliseconds_is_capped_by_the_jwt_or_refused() {
         (now + 3600) * 1000
     ))));
     assert_eq!(errno(&m.read_err("x.example.com")), libc::EIO);
-    let why = last_error(&m, "https://x.example.com");
+    let why = m.last_error("https://x.example.com");
     assert!(
         why.contains("expires_on") && why.contains("7 days"),
         "{why}"
@@ -157,7 +150,7 @@ fn refresh_in_zero_or_an_ancient_not_before_cost_a_fetch_per_two_seconds_at_most
         let emu = emulator();
         emu.set_fault(Some(Fault::Fields(fields.into())));
         let m = Mounted::new(&emu.url(), &[]);
-        let run = Duration::from_secs(5);
+        let run = Duration::from_secs(3);
         let end = Instant::now() + run;
         let readers: Vec<_> = (0..4)
             .map(|_| {
@@ -187,7 +180,7 @@ fn refresh_in_zero_or_an_ancient_not_before_cost_a_fetch_per_two_seconds_at_most
         assert!(reads > 100, "{fields}: readers kept reading ({reads})");
         // One first fetch, then at most one per 2 s (plus one of slack for timing).
         assert!(
-            emu.requests() <= 1 + 3 + 1,
+            emu.requests() <= 1 + 2 + 1,
             "{fields}: {} upstream requests in {run:?}",
             emu.requests()
         );
@@ -320,9 +313,17 @@ fn names_that_hold_nothing_do_not_pin_memory() {
     );
     m.read("management.azure.com").unwrap();
     let start = rss_kib(m.pid());
-    for i in 0..8000 {
-        let _ = std::fs::metadata(m.file(&format!("gone{i}.example.com")));
-    }
+    // 8000 lookups of names the upstream refuses, from 4 threads at once.
+    std::thread::scope(|scope| {
+        for t in 0..4 {
+            let m = &m;
+            scope.spawn(move || {
+                for i in (t..8000).step_by(4) {
+                    let _ = std::fs::metadata(m.file(&format!("gone{i}.example.com")));
+                }
+            });
+        }
+    });
     // The refusals expire after --negative-ttl and the background pass lets them go
     // (waited out rather than polled: a .status of 8000 names is itself a big read).
     std::thread::sleep(Duration::from_secs(3));
@@ -439,7 +440,7 @@ fn azure_cli_without_az_on_path_is_a_mount_time_error() {
     let dir = tempfile::tempdir().unwrap();
     let mnt = dir.path().join("mnt");
     std::fs::create_dir(&mnt).unwrap();
-    let out = std::process::Command::new(BIN)
+    let out = bin()
         .args(["mount", "--source", "azure-cli"])
         .arg(&mnt)
         .env("PATH", dir.path())
@@ -472,7 +473,7 @@ fn a_jwt_whose_exp_is_not_one_number_is_eio() {
         ))));
         let name = format!("exp{i}.example.com");
         assert_eq!(errno(&m.read_err(&name)), libc::EIO, "claims #{i}");
-        let why = last_error(&m, &format!("https://{name}"));
+        let why = m.last_error(&format!("https://{name}"));
         assert!(why.contains("exp claim"), "{why}");
     }
 }
@@ -507,11 +508,9 @@ fn outside_text_that_could_forge_log_lines_is_escaped() {
         .output()
         .unwrap();
     assert!(out.status.success() && !out.stdout.is_empty());
-    let log = eventually(Duration::from_secs(5), || {
-        let log = m.log_text();
-        log.contains("forged audit").then_some(log)
-    })
-    .expect("the audit line");
+    let log = m
+        .wait_log("forged audit", Duration::from_secs(5))
+        .expect("the audit line");
     for line in log.lines() {
         assert!(
             !line.starts_with("ERROR forged") && !line.starts_with("INFO forged"),

@@ -5,7 +5,6 @@ use crate::common;
 use common::*;
 use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
-use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
@@ -190,25 +189,9 @@ fn git_credential_fill_gets_the_token_for_azure_devops() {
     );
 }
 
-fn as_user(uid: u32, program: &str, args: &[&str]) -> Output {
-    let id = uid.to_string();
-    Command::new("setpriv")
-        .args(["--reuid", &id, "--regid", &id, "--clear-groups", program])
-        .args(args)
-        .env_remove("MSI_ENDPOINT")
-        .output()
-        .unwrap()
-}
-
-fn daemon_pids(mnt: &Path) -> Vec<i32> {
-    let out = Command::new("pgrep")
-        .args(["-f", &format!("cstokenfs.*{}", mnt.display())])
-        .output()
-        .unwrap();
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter_map(|l| l.parse().ok())
-        .collect()
+/// `program ARGS` run as `uid` (its own group, no others) to its end.
+fn run_as(uid: u32, program: &str, args: &[&str]) -> Output {
+    as_user(uid, uid, program).args(args).output().unwrap()
 }
 
 #[test]
@@ -230,13 +213,13 @@ fn an_ordinary_user_mounts_reads_and_unmounts() {
     let m = mnt.to_str().unwrap();
     let cleanup = KillOnDrop(mnt.clone());
 
-    let out = as_user(1000, BIN, &["mount", "--endpoint", &emu.url(), m]);
+    let out = run_as(1000, BIN, &["mount", "--endpoint", &emu.url(), m]);
     assert!(
         out.status.success(),
         "mount as uid 1000: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let token = as_user(1000, "cat", &[&format!("{m}/management.azure.com")]);
+    let token = run_as(1000, "cat", &[&format!("{m}/management.azure.com")]);
     assert!(
         token.status.success(),
         "{}",
@@ -254,22 +237,22 @@ fn an_ordinary_user_mounts_reads_and_unmounts() {
     assert_eq!(errno(&err), libc::EACCES);
     // The user unmounts its own mount with plain umount (util-linux lets the mount's
     // user_id do it; fusermount3 -u works too), and the daemon goes away.
-    let out = as_user(1000, "umount", &[m]);
+    let out = run_as(1000, "umount", &[m]);
     assert!(
         out.status.success(),
         "umount as the user who mounted: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(eventually(Duration::from_secs(5), || daemon_pids(&mnt)
+    assert!(eventually(Duration::from_secs(5), || daemons(&mnt)
         .is_empty()
         .then_some(()))
     .is_some());
 
     // SIGTERM unmounts an ordinary user's mount too (through fusermount3).
-    assert!(as_user(1000, BIN, &["mount", "--endpoint", &emu.url(), m])
+    assert!(run_as(1000, BIN, &["mount", "--endpoint", &emu.url(), m])
         .status
         .success());
-    for pid in daemon_pids(&mnt) {
+    for pid in daemons(&mnt) {
         // SAFETY: signalling the daemon we started.
         unsafe { libc::kill(pid, libc::SIGTERM) };
     }
@@ -279,28 +262,28 @@ fn an_ordinary_user_mounts_reads_and_unmounts() {
     );
 
     // kill -9 leaves a dead mount; the user mounts again over it.
-    assert!(as_user(1000, BIN, &["mount", "--endpoint", &emu.url(), m])
+    assert!(run_as(1000, BIN, &["mount", "--endpoint", &emu.url(), m])
         .status
         .success());
-    for pid in daemon_pids(&mnt) {
+    for pid in daemons(&mnt) {
         // SAFETY: as above.
         unsafe { libc::kill(pid, libc::SIGKILL) };
     }
     // Seen as its owner: root is kept out of a user's mount whatever its state.
     let stale = eventually(Duration::from_secs(5), || {
-        let out = as_user(1000, "stat", &[m]);
+        let out = run_as(1000, "stat", &[m]);
         String::from_utf8_lossy(&out.stderr)
             .contains("Transport endpoint is not connected")
             .then_some(())
     });
     assert!(stale.is_some(), "kill -9 leaves a dead mount");
-    let out = as_user(1000, BIN, &["mount", "--endpoint", &emu.url(), m]);
+    let out = run_as(1000, BIN, &["mount", "--endpoint", &emu.url(), m]);
     assert!(
         out.status.success(),
         "mount over a stale mount: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(as_user(1000, "cat", &[&format!("{m}/vault.azure.net")])
+    assert!(run_as(1000, "cat", &[&format!("{m}/vault.azure.net")])
         .status
         .success());
 
@@ -310,7 +293,7 @@ fn an_ordinary_user_mounts_reads_and_unmounts() {
         let other = dir.path().join("other");
         std::fs::create_dir(&other).unwrap();
         std::os::unix::fs::chown(&other, Some(1000), Some(1000)).unwrap();
-        let out = as_user(
+        let out = run_as(
             1000,
             BIN,
             &[

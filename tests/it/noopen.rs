@@ -21,8 +21,8 @@ fn mount(emu: &cstokenfs::emulator::Emulator, extra: &[&str]) -> Mounted {
 /// shows the mount before it: a reader's open racing it would reach the daemon too).
 fn no_open_mount(url: &str, args: &[&str]) -> Mounted {
     let m = Mounted::with_env(url, args, &[("RUST_LOG", "debug")]);
-    let over = || m.log_text().contains("first open").then_some(());
-    eventually(Duration::from_secs(10), over).expect("the daemon's first open and close");
+    m.wait_log("first open", Duration::from_secs(10))
+        .expect("the daemon's first open and close");
     m
 }
 
@@ -51,9 +51,10 @@ fn many_rollovers_read_by_several_readers_never_serve_an_expired_token() {
         .map(|_| {
             let path = path.clone();
             std::thread::spawn(move || {
-                let end = Instant::now() + Duration::from_secs(16);
+                // Until this reader has seen three rollovers (about 10 s), at most 40 s.
+                let end = Instant::now() + Duration::from_secs(40);
                 let (mut reads, mut serials) = (0u64, Vec::new());
-                while Instant::now() < end {
+                while Instant::now() < end && (serials.len() < 4 || reads <= 100) {
                     let token = std::fs::read(&path).expect("a token in use is always served");
                     let c = claims(&token);
                     let exp = c["exp"].as_i64().expect("exp");
@@ -115,11 +116,10 @@ fn sigusr1_then_a_read_gives_a_new_token() {
     assert_eq!(m.read("management.azure.com").unwrap(), a, "cached");
     m.signal(libc::SIGUSR1);
     // Handled once the tokens are dropped and the kernel has forgotten their names.
-    eventually(Duration::from_secs(5), || {
-        m.log_text()
-            .contains("the kernel forgot every token name it held")
-            .then_some(())
-    })
+    m.wait_log(
+        "the kernel forgot every token name it held",
+        Duration::from_secs(5),
+    )
     .expect("SIGUSR1 handled");
     let b = m.read("management.azure.com").unwrap();
     assert!(
@@ -270,9 +270,7 @@ fn an_fd_held_past_expiry_gets_eio_never_an_empty_read() {
     let n = f.read_at(&mut buf, 0).unwrap();
     let exp = claims(&buf[..n])["exp"].as_i64().unwrap();
     // Nobody else reads: no refresh; the version expires (validity ends 0.4 s before exp).
-    while now_secs() < exp {
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_until_epoch(exp);
     for _ in 0..3 {
         let err = f
             .read_at(&mut buf, 0)

@@ -10,15 +10,7 @@ use std::time::Duration;
 
 /// Runs `cat path` as another uid/gid (no supplementary groups).
 fn cat_as(uid: u32, gid: u32, path: &Path) -> Output {
-    Command::new("setpriv")
-        .args([
-            "--reuid",
-            &uid.to_string(),
-            "--regid",
-            &gid.to_string(),
-            "--clear-groups",
-            "cat",
-        ])
+    as_user(uid, gid, "cat")
         .arg(path)
         .output()
         .expect("setpriv (util-linux)")
@@ -148,7 +140,7 @@ fn fuse_style_command_line_and_bad_options() {
     need_fuse!();
     let emu = emulator();
     let (dir, mnt) = scratch_mountpoint();
-    let out = Command::new(BIN)
+    let out = bin()
         .arg("mytokens")
         .arg(&mnt)
         .args([
@@ -182,7 +174,7 @@ fn fuse_style_command_line_and_bad_options() {
     );
     std::fs::read(mnt.join("management.azure.com")).unwrap();
     for bad in ["bogus=1", "uid", "mode=999"] {
-        let out = Command::new(BIN)
+        let out = bin()
             .arg("src")
             .arg(dir.path())
             .args(["-o", bad])
@@ -292,8 +284,7 @@ fn kill_9_then_mount_again_over_the_stale_mount() {
     let (_dir, mnt) = scratch_mountpoint();
     let _guard = KillOnDrop(mnt.clone());
     let mount = || {
-        Command::new(BIN)
-            .args(["mount", "--endpoint", &emu.url()])
+        cli(["mount", "--endpoint", &emu.url()])
             .arg(&mnt)
             .output()
             .unwrap()
@@ -417,17 +408,16 @@ fn sighup_reopens_the_log_file() {
     let (dir, mnt) = scratch_mountpoint();
     let log = dir.path().join("cstokenfs.log");
     let _guard = KillOnDrop(mnt.clone());
-    let out = Command::new(BIN)
-        .args([
-            "mount",
-            "--endpoint",
-            &emu.url(),
-            "--log-file",
-            log.to_str().unwrap(),
-        ])
-        .arg(&mnt)
-        .output()
-        .unwrap();
+    let out = cli([
+        "mount",
+        "--endpoint",
+        &emu.url(),
+        "--log-file",
+        log.to_str().unwrap(),
+    ])
+    .arg(&mnt)
+    .output()
+    .unwrap();
     assert!(out.status.success());
     std::fs::rename(&log, dir.path().join("cstokenfs.log.1")).unwrap();
     let _ = Command::new("pkill")
@@ -467,8 +457,7 @@ fn mount_errors_name_the_fix() {
     // Not empty: a warning, not an error.
     std::fs::write(mnt.join("hidden"), b"x").unwrap();
     let emu = emulator();
-    let out = Command::new(BIN)
-        .args(["mount", "--endpoint", &emu.url()])
+    let out = cli(["mount", "--endpoint", &emu.url()])
         .arg(&mnt)
         .output()
         .unwrap();
@@ -505,15 +494,8 @@ fn entrypoint_snippet_mounts_for_the_target_user_and_execs() {
     .env("CSTOKEN_GID", "1000")
     .env("CSTOKEN_LOG", dir.path().join("log"))
     .env("CSTOKEN_ARGS", format!("--endpoint {}", emu.url()))
-    .args([
-        "setpriv",
-        "--reuid",
-        "1000",
-        "--regid",
-        "1000",
-        "--clear-groups",
-        "cat",
-    ])
+    .args(setpriv_args(1000, 1000))
+    .arg("cat")
     .arg(mnt.join("management.azure.com"))
     .output()
     .unwrap();

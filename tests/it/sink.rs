@@ -71,8 +71,12 @@ fn short_lived_tokens_rotate_under_readers_never_expired_never_torn() {
             let (raw, json) = (raw.clone(), json.clone());
             std::thread::spawn(move || {
                 let (mut by_serial, mut reads, mut missing) = (BTreeMap::new(), 0, 0);
-                let end = Instant::now() + Duration::from_secs(14);
-                while Instant::now() < end {
+                // Until this reader has seen four versions (about 10 s), at most 40 s.
+                let versions = |m: &BTreeMap<(u64, u8), Vec<u8>>| {
+                    m.keys().map(|k| k.0).collect::<BTreeSet<_>>().len()
+                };
+                let end = Instant::now() + Duration::from_secs(40);
+                while Instant::now() < end && (versions(&by_serial) < 4 || reads <= 10) {
                     let (Ok(t), Ok(j)) = (std::fs::read(&raw), std::fs::read(&json)) else {
                         missing += 1;
                         std::thread::sleep(Duration::from_millis(5));
@@ -147,12 +151,20 @@ fn an_upstream_down_past_expiry_removes_the_files_before_expiry_and_they_return(
                 );
                 None
             }
-            Err(_) => files.iter().all(|f| !f.exists()).then(now_secs),
+            Err(_) => files.iter().all(|f| !f.exists()).then(|| {
+                // When the sink removed them, not when this poll saw it (which a loaded
+                // machine delays): the last change to `.json/` was the removal of its file.
+                let at = std::fs::metadata(fs.path.join(".json")).and_then(|m| m.modified());
+                at.expect("mtime of .json/")
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .expect("after 1970")
+                    .as_secs_f64()
+            }),
         }
     })
     .expect("the files go once the token can no longer be refreshed");
     assert!(
-        gone < last_expiry,
+        gone < last_expiry as f64,
         "removed at {gone}, expiry {last_expiry}"
     );
     // `.status` says it is missing and why (rewritten right after the removal).
@@ -310,9 +322,15 @@ fn an_inotify_watch_sees_one_moved_to_per_rotation() {
         &["--resource", VAULT, "--refresh-margin", "3"],
     );
     let mut serials = Vec::new();
-    let end = Instant::now() + Duration::from_secs(13);
+    // Until three versions were moved in (about 7 s; at most 40 s), then a moment more for
+    // any event that would repeat the last one.
+    let end = Instant::now() + Duration::from_secs(40);
+    let mut grace: Option<Instant> = None;
     let mut buf = [0u8; 4096];
-    while Instant::now() < end {
+    while Instant::now() < end && grace.is_none_or(|g| Instant::now() < g) {
+        if serials.len() >= 3 && grace.is_none() {
+            grace = Some(Instant::now() + Duration::from_millis(300));
+        }
         // SAFETY: reading into a buffer we own.
         let n = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
         let mut at = 0;

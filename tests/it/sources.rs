@@ -21,13 +21,6 @@ fn emulator_of(protocol: Kind) -> Emulator {
     .expect("emulator")
 }
 
-fn last_error(m: &Mounted) -> String {
-    m.status()["resources"][0]["last_error"]
-        .as_str()
-        .unwrap_or_default()
-        .to_string()
-}
-
 /// A PATH with only a stand-in `az` (plus the system's tools).
 fn fake_az(dir: &Path, script: &str) -> String {
     let az = dir.join("az");
@@ -180,7 +173,11 @@ fn app_service_with_a_wrong_secret_is_refused_with_its_message() {
     );
     // A refused identity, not a missing name.
     assert_eq!(errno(&m.read_err("management.azure.com")), libc::EACCES);
-    assert!(last_error(&m).contains("HTTP 401"), "{}", last_error(&m));
+    assert!(
+        m.last_error(ARM).contains("HTTP 401"),
+        "{}",
+        m.last_error(ARM)
+    );
 }
 
 #[test]
@@ -249,9 +246,9 @@ fn azure_cli_not_logged_in_and_slow() {
     let m = Mounted::raw(&["--source", "azure-cli"], &[("PATH", &path)]);
     assert_eq!(errno(&m.read_err("management.azure.com")), libc::EIO);
     assert!(
-        last_error(&m).contains("az login"),
+        m.last_error(ARM).contains("az login"),
         "az's stderr is the error: {}",
-        last_error(&m)
+        m.last_error(ARM)
     );
 
     let slow = tempfile::tempdir().unwrap();
@@ -303,19 +300,18 @@ fn each_protocol_served_by_the_built_in_emulator() {
 #[test]
 fn get_uses_the_same_sources() {
     let emu = emulator_of(Kind::Imds);
-    let out = std::process::Command::new(BIN)
-        .args([
-            "get",
-            "--source",
-            "imds",
-            "--endpoint",
-            &emu.url(),
-            "--object-id",
-            "oid",
-            "vault.azure.net",
-        ])
-        .output()
-        .unwrap();
+    let out = cli([
+        "get",
+        "--source",
+        "imds",
+        "--endpoint",
+        &emu.url(),
+        "--object-id",
+        "oid",
+        "vault.azure.net",
+    ])
+    .output()
+    .unwrap();
     assert!(
         out.status.success(),
         "{}",
@@ -332,8 +328,7 @@ fn get_uses_the_same_sources() {
             .map(String::as_str),
         Some("oid")
     );
-    let out = std::process::Command::new(BIN)
-        .args(["get", "--source", "vm", "x.example.com"])
+    let out = cli(["get", "--source", "vm", "x.example.com"])
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(2));

@@ -6,7 +6,7 @@ use cstokenfs::emulator::entra::EntraSettings;
 use cstokenfs::emulator::{Emulator, EmulatorConfig, Kind};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 pub const TENANT: &str = "72f988bf-86f1-41af-91ab-2d7cd011db47";
 pub const CLIENT: &str = "8a0b5c4d-1111-2222-3333-444455556666";
@@ -118,9 +118,36 @@ pub fn pem_body(pem: &str) -> String {
     pem.lines().filter(|l| !l.starts_with("-----")).collect()
 }
 
+/// A mount of the Entra source `source` (`service-principal`, `workload-identity`) for
+/// `TENANT`/`CLIENT` with its credential flag and file (`("--client-secret-file", path)`)
+/// against `authority`, plus `extra` flags and `env`.
+pub fn entra_mount(
+    source: &str,
+    credential: (&str, &Path),
+    authority: &str,
+    extra: &[&str],
+    env: &[(&str, &str)],
+) -> crate::common::Mounted {
+    let path = credential.1.display().to_string();
+    let mut args = vec![
+        "--source",
+        source,
+        credential.0,
+        &path,
+        "--tenant-id",
+        TENANT,
+        "--client-id",
+        CLIENT,
+        "--authority-host",
+        authority,
+    ];
+    args.extend_from_slice(extra);
+    crate::common::Mounted::raw(&args, env)
+}
+
 /// `cstokenfs get` with the secret-file service principal against `authority`.
 pub fn get(authority: &str, secret_file: &std::path::Path, extra: &[&str]) -> std::process::Output {
-    let mut cmd = std::process::Command::new(crate::common::BIN);
+    let mut cmd = crate::common::bin();
     cmd.args(["get", "--source", "service-principal", "--timeout", "2"])
         .args(["--tenant-id", TENANT, "--client-id", CLIENT])
         .arg("--client-secret-file")
@@ -128,9 +155,6 @@ pub fn get(authority: &str, secret_file: &std::path::Path, extra: &[&str]) -> st
         .args(["--authority-host", authority])
         .args(extra)
         .arg("management.azure.com");
-    for k in crate::common::IDENTITY_VARS {
-        cmd.env_remove(k);
-    }
     cmd.output().expect("run cstokenfs get")
 }
 
@@ -178,25 +202,18 @@ pub const ENVIRON_MARKER: (&str, &str) = ("CSTOKENFS_TEST_MARKER", "environ-mark
 /// than `within` is killed and fails the test: a credential file must never hang it.
 pub fn output_within(mut cmd: std::process::Command, within: Duration) -> std::process::Output {
     use std::process::Stdio;
-    for k in crate::common::IDENTITY_VARS {
-        cmd.env_remove(k);
-    }
-    cmd.env(ENVIRON_MARKER.0, ENVIRON_MARKER.1);
+    crate::common::without_identity(&mut cmd).env(ENVIRON_MARKER.0, ENVIRON_MARKER.1);
     let mut child = cmd
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .expect("spawn cstokenfs");
-    let deadline = Instant::now() + within;
-    while child.try_wait().expect("wait").is_none() {
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            let args: Vec<_> = cmd.get_args().collect();
-            panic!("{args:?} still running after {within:?}: it hung");
-        }
-        std::thread::sleep(Duration::from_millis(20));
+    if crate::common::wait_child(&mut child, within).is_none() {
+        let _ = child.kill();
+        let _ = child.wait();
+        let args: Vec<_> = cmd.get_args().collect();
+        panic!("{args:?} still running after {within:?}: it hung");
     }
     child.wait_with_output().expect("output")
 }

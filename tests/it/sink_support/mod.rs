@@ -6,8 +6,8 @@ use crate::common::*;
 use std::collections::BTreeSet;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Child, Command};
+use std::time::Duration;
 
 /// A tmpfs mounted on a fresh directory, unmounted when dropped.
 pub struct Tmpfs {
@@ -56,12 +56,8 @@ pub struct Sink {
 }
 
 pub fn sink_cmd(url: &str, dir: &Path, extra: &[&str]) -> Command {
-    let mut cmd = Command::new(BIN);
-    cmd.args(["sink", "--endpoint", url]).args(extra).arg(dir);
-    for k in IDENTITY_VARS {
-        cmd.env_remove(k);
-    }
-    cmd.stdin(Stdio::null());
+    let mut cmd = cli(["sink", "--endpoint", url]);
+    cmd.args(extra).arg(dir);
     cmd
 }
 
@@ -107,12 +103,8 @@ impl Sink {
     /// Waits for the sink to exit on its own (killed after `within`): its exit code.
     pub fn wait_exit(&mut self, within: Duration) -> Option<i32> {
         let mut child = self.child.take()?;
-        let deadline = Instant::now() + within;
-        while Instant::now() < deadline {
-            if let Ok(Some(status)) = child.try_wait() {
-                return status.code();
-            }
-            std::thread::sleep(Duration::from_millis(20));
+        if let Some(status) = wait_child(&mut child, within) {
+            return status.code();
         }
         let _ = child.kill();
         let _ = child.wait();
