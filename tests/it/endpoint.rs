@@ -276,12 +276,9 @@ fn a_flood_of_idle_connections_from_another_user_holds_back_no_request() {
     let m = Mounted::serving(&emu.url(), &[]);
     let (addr, secret) = m.endpoint();
     let head = format!("Host: {addr}\r\nX-IDENTITY-HEADER: {secret}\r\n");
-    // More than the endpoint's 256 connections: every one the flood re-opens evicts
-    // another, for as long as the flood runs. (The release benchmark floods 2,000; in a
-    // debug build running beside the other suites, each request would wait behind the
-    // ~1,700 the kernel queued ahead of it, which measures this machine's load, not
-    // whether requests are held back.)
-    let flood = flood::Flood::start(addr, 400).expect("start the flood");
+    // 2,000 connections, nearly eight times the endpoint's 256: every one the flood
+    // re-opens evicts another, for as long as the flood runs.
+    let flood = flood::Flood::start(addr, 2000).expect("start the flood");
     for i in 0..50 {
         let started = Instant::now();
         let (status, body) = get(addr, ARM, &head);
