@@ -417,7 +417,7 @@ fn parse_protocol(s: &str) -> Result<Kind, String> {
     if s.eq_ignore_ascii_case("entra") {
         return Ok(Kind::ServicePrincipal);
     }
-    let kind = s.parse::<Kind>()?;
+    let kind = s.parse::<Kind>().map_err(|e| e.to_string())?;
     if !crate::emulator::SERVED.contains(&kind) {
         return Err(format!(
             "the emulator does not serve {kind}: one of cloudshell, imds, appservice, arc, entra"

@@ -83,6 +83,8 @@ pub fn run(req: GetRequest) -> Result<(), GetError> {
         ..Policy::default()
     };
     // The stand-in (with --emulator) is held alive until the token is printed.
+    let mut plan = plan;
+    let _stand_in = crate::stand_in::start(&mut plan)?;
     let daemon = Daemon::build(plan, policy, &[])?;
     let v = daemon
         .cache()

@@ -5,9 +5,10 @@
 //! `cli` -> the front ends, side by side: `mount` (the FUSE session over `fs`: inodes,
 //! views, errno; never does HTTP), `sink` (files on tmpfs), `get` (one token), `endpoint`
 //! (`--serve-endpoint`) -> `daemon` (the core they share: the cache and its background
-//! pass, the stand-in, signals, detaching, the log file) -> `cache` (single-flight fetches;
-//! decisions from `policy`) -> `source` (one file per upstream) ; `emulator` is a stand-in
-//! upstream for demos and tests, served by `httpserver` (hyper, loopback only). `net` holds
+//! pass, signals, detaching, the log file) -> `cache` (single-flight fetches; decisions
+//! from `policy`) -> `source` (one file per upstream) ; `emulator` is a stand-in upstream
+//! for demos and tests, served by `httpserver` (hyper, loopback only), which a front end
+//! starts with `--emulator` (`stand_in`) and hands to the core as a URL in the plan. `net` holds
 //! the loopback rules that `httpserver` and `source` share; `access` (owner and modes),
 //! `report` (`.status`) and `mountinfo` (the mount table) are small types and readers the
 //! front ends share.
@@ -26,6 +27,7 @@ mod fuseopts;
 mod get;
 mod hardening;
 mod httpserver;
+mod key;
 mod known;
 mod logging;
 mod mount;
@@ -36,6 +38,7 @@ mod policy;
 mod report;
 mod sink;
 mod source;
+mod stand_in;
 pub mod testing;
 mod token;
 

@@ -3,7 +3,7 @@
 use std::fmt;
 use zeroize::Zeroizing;
 
-use crate::cache::Key;
+use crate::key::Key;
 pub use crate::policy::EpochMs;
 use crate::policy::Schedule;
 

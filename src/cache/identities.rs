@@ -1,7 +1,7 @@
 //! The daemon's identities: each owns the source (credential and upstream client) its
 //! tokens come from.
 
-use super::key::IdentityId;
+use crate::key::IdentityId;
 use crate::source::Source;
 use std::sync::Arc;
 

@@ -19,11 +19,12 @@
 
 mod entry;
 mod identities;
-mod key;
+
 mod pool;
 mod status;
 mod upstream;
 
+pub use crate::key::{IdentityId, Key};
 use crate::names::Resource;
 use crate::policy::Clock;
 use crate::policy::{self, EpochMs, Policy, ReadDecision, Schedule, Verdict};
@@ -31,7 +32,6 @@ use crate::source::{Failure, Source, SourceError};
 use crate::token::{Token, Version};
 use entry::{shrink, Entry, Failures, Refusal, Refusals};
 pub use identities::Identities;
-pub use key::{IdentityId, Key};
 use log::{debug, info, warn};
 use parking_lot::{Condvar, Mutex};
 use pool::{Job, Pool, Pushed};

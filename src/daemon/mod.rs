@@ -1,8 +1,9 @@
 //! The daemon core: what every front end (the FUSE mount, the sink, `get`, the local
 //! endpoint's listener) builds and runs the same way, beneath them all.
 //!
-//! - [`Daemon`]: the stand-in emulator when asked (`--emulator`), the upstream's client
-//!   from the plan, the cache, and its background pass and fetch pool; undone on drop.
+//! - [`Daemon`]: the upstream's client from the plan (with `--emulator`, a plan the front
+//!   end already pointed at its stand-in: see `stand_in.rs`), the cache, and its
+//!   background pass and fetch pool; undone on drop.
 //! - `signals`: SIGTERM/SIGINT stop, SIGUSR1 drops tokens, SIGHUP reopens the log file.
 //! - `detach`: the fork, the readiness pipe, the daemon's session and descriptors.
 //! - `log_file`: `--log-file`, opened before detaching and reopened on SIGHUP.
@@ -27,7 +28,6 @@ pub use log_file::{open_log, reopen_log, say_if_logs_are_discarded};
 pub use signals::{small_thread, Handled, Signal};
 
 use crate::cache::{Cache, Identities, Key};
-use crate::emulator::{Emulator, EmulatorConfig};
 use crate::names::Resource;
 use crate::policy::{Policy, SystemClock};
 use crate::source::select::{self, Env, Plan, Wanted};
@@ -39,33 +39,26 @@ pub fn plan(wanted: &Wanted) -> Result<Plan, DaemonError> {
     Ok(select::plan(wanted, &Env::current())?)
 }
 
-/// What a daemon's start-up leaves running. Dropping it stops the background pass and the
-/// fetch pool (readers still waiting are told the daemon is stopping), then the stand-in.
+/// What a daemon's start-up leaves running. Dropping it (or [`stop`](Self::stop)) stops the
+/// background pass and the fetch pool (readers still waiting are told the daemon is
+/// stopping).
 pub struct Daemon {
     /// The cache every front end reads through. Shared with the front end's threads (FUSE,
     /// the endpoint, the sink's loop), which may hold it past the `Daemon`.
     cache: Arc<Cache>,
     /// Whether the background pass runs (`start_background`): stopped on drop.
     background: bool,
-    /// `--emulator`: the stand-in the plan points at, serving while it is kept (dropped
-    /// after the cache's background pass has stopped).
-    _stand_in: Option<Emulator>,
     /// Why the plan chose this upstream (`.status`'s `source_reason`).
     source_reason: String,
 }
 
 impl Daemon {
-    /// Starts the stand-in if the plan asks for one, builds the upstream's client (reqwest
-    /// starts a thread: call it after any fork) and the cache, which knows `declared`
-    /// (resolved resource names) from the start. No background pass yet: `get` needs none.
+    /// Builds the upstream's client (reqwest starts a thread: call it after any fork) and
+    /// the cache, which knows `declared` (resolved resource names) from the start. No
+    /// background pass yet: `get` needs none.
     pub fn build(plan: Plan, policy: Policy, declared: &[Resource]) -> Result<Daemon, DaemonError> {
-        let mut plan = plan;
-        let stand_in = start_stand_in(&mut plan)?;
         let source = plan.build()?;
         info!("source {}: {}", plan.kind, plan.reason);
-        if let Some(emu) = &stand_in {
-            info!("serving tokens from the built-in emulator at {}", emu.url());
-        }
         let cache = Cache::new(
             Identities::one(source),
             policy,
@@ -75,7 +68,6 @@ impl Daemon {
         Ok(Daemon {
             cache,
             background: false,
-            _stand_in: stand_in,
             source_reason: plan.reason,
         })
     }
@@ -108,11 +100,20 @@ impl Daemon {
     }
 }
 
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if self.background {
+impl Daemon {
+    /// Stops the background pass and the fetch pool (readers still waiting are told the
+    /// daemon is stopping); the cache still answers from what it holds. Once: dropping
+    /// the `Daemon` after it does nothing more.
+    pub fn stop(&mut self) {
+        if std::mem::take(&mut self.background) {
             self.cache.stop_background();
         }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.stop();
     }
 }
 
@@ -127,16 +128,4 @@ pub fn harden(who: &str, mlock: bool) -> Result<(), DaemonError> {
         crate::hardening::lock_memory()?;
     }
     Ok(())
-}
-
-/// With `--emulator`, starts the built-in emulator for the plan's upstream on an ephemeral
-/// loopback port and points the plan at it; the emulator serves as long as it is kept.
-fn start_stand_in(plan: &mut Plan) -> Result<Option<Emulator>, DaemonError> {
-    let Some(kind) = plan.emulated() else {
-        return Ok(None);
-    };
-    let emu = Emulator::start_with(([127, 0, 0, 1], 0).into(), EmulatorConfig::default(), kind)
-        .map_err(DaemonError::Emulator)?;
-    plan.use_stand_in(emu.url(), emu.identity_header());
-    Ok(Some(emu))
 }

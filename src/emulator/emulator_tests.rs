@@ -394,7 +394,7 @@ fn protocol_names_urls_and_identity_header() {
         assert_eq!(p.to_string(), p.name());
     }
     assert_eq!("IMDS".parse::<Kind>(), Ok(Kind::Imds));
-    let err = "cloud-shell".parse::<Kind>().unwrap_err();
+    let err = "cloud-shell".parse::<Kind>().unwrap_err().to_string();
     assert!(err.contains("cloudshell, imds, appservice, arc"), "{err}");
     let cs = emu();
     assert_eq!(cs.protocol(), Kind::CloudShell);

@@ -27,6 +27,14 @@
 //! the connection without writing anything. The task then writes the raw bytes on the
 //! socket it still holds, and closes it. This works on any request of a keep-alive
 //! connection, unlike peeking at the first request before hyper sees it.
+//!
+//! Locks (each held for a few field reads or writes, never across an `.await`, never
+//! while calling the handler, and never two at once, so no order between them):
+//! - `Server::thread` (the serving thread's handle): taken by `shutdown` to join it once.
+//! - `Registry::inner` (`registry.rs`: the open connections, in accept order, and what
+//!   each is doing): taken on accept, at each request's start and end, and on close.
+//! - each connection's takeover `Slot` (`conn.rs`): the service stores a raw answer in it,
+//!   the connection task takes it out after hyper has let go of the request.
 
 use std::future::Future;
 use std::io;
@@ -201,9 +209,13 @@ impl Stop {
 
 /// A running server; dropping it shuts it down.
 pub struct Server {
+    /// The bound address (port 0 resolved).
     addr: SocketAddr,
+    /// Whether it serves HTTPS (its URL's scheme).
     tls: bool,
+    /// Set to `true` to stop: the accept loop and every connection watch it.
     stop: watch::Sender<bool>,
+    /// The serving thread, joined once by `shutdown` (then `None`).
     thread: Mutex<Option<JoinHandle<()>>>,
 }
 

@@ -44,13 +44,17 @@ struct Entry {
 
 #[derive(Default)]
 struct Inner {
+    /// The id the next accepted connection gets.
     next: u64,
     /// By id, which is accept order.
     conns: BTreeMap<u64, Entry>,
 }
 
+/// The open connections of one server, shared by its accept loop and connection tasks.
 pub(super) struct Registry {
+    /// At most this many open at once (`Config::max_connections`).
     max: usize,
+    /// The connections; held only for a lookup or update, never across an `.await`.
     inner: Mutex<Inner>,
 }
 

@@ -22,9 +22,9 @@ enum Event {
     SessionEnded,
 }
 
-/// A live mount: what start-up built, undone by dropping it. `Drop::drop` ends the session
-/// and shuts the endpoint down; then the fields drop in order: the daemon core stops its
-/// background pass and pool (then the stand-in), and our own mount(2), if still armed, is
+/// A live mount: what start-up built, undone by dropping it. `Drop::drop` ends the session,
+/// shuts the endpoint down and stops the daemon core's background pass and pool, in that
+/// order; then the fields drop: the stand-in goes, and our own mount(2), if still armed, is
 /// undone.
 struct Started {
     /// The FUSE session's threads, until `serve` hands them to the thread that waits for
@@ -36,8 +36,11 @@ struct Started {
     endpoint: Option<Endpoint>,
     /// The filesystem core the session serves.
     core: Arc<Core>,
-    /// The cache, its background pass and the stand-in.
+    /// The cache and its background pass.
     daemon: Daemon,
+    /// `--emulator`: the stand-in the daemon core's plan points at; it goes after the core
+    /// has stopped.
+    _stand_in: Option<crate::emulator::Emulator>,
     /// Where this process mounted with its own mount(2) (as root), while mounted: fuser
     /// does not undo such a mount when the session goes, so `drop` does. `None` once the
     /// mount is known gone (unmounted on a signal, or from outside).
@@ -70,6 +73,8 @@ impl Drop for Started {
         if let Some(endpoint) = &self.endpoint {
             endpoint.shutdown();
         }
+        // Then the cache stops fetching: readers still waiting are told the mount stops.
+        self.daemon.stop();
     }
 }
 
@@ -114,6 +119,8 @@ fn run(
     let signal_handle = match waiting {
         Ok(h) => h,
         Err(e) => {
+            // Undone (our own mount(2) included) before the caller hears of the failure.
+            drop(started);
             let e = MountError::from(e);
             ready.fail(&e);
             return Err(e);
@@ -171,12 +178,12 @@ fn run(
 fn start(req: &MountRequest, checked: Checked) -> Result<(Started, Handled), MountError> {
     daemon::harden("daemon", req.mlock)?;
     let signals = Handled::register()?;
-    let daemon = Daemon::start(
-        checked.plan,
-        req.policy.clone(),
-        &checked.declared,
-        req.mlock,
-    )?;
+    let mut plan = checked.plan;
+    let stand_in = crate::stand_in::start(&mut plan)?;
+    let daemon = Daemon::start(plan, req.policy.clone(), &checked.declared, req.mlock)?;
+    if let Some(emu) = &stand_in {
+        info!("serving tokens from the built-in emulator at {}", emu.url());
+    }
     let no_thread = |e: std::io::Error| MountError::from(DaemonError::thread(e, req.mlock));
     let access = Access::asked(req.uid, req.gid, Some(req.mode));
     let audit = crate::audit::Audit::start().map_err(no_thread)?;
@@ -203,6 +210,7 @@ fn start(req: &MountRequest, checked: Checked) -> Result<(Started, Handled), Mou
         endpoint,
         core,
         daemon,
+        _stand_in: stand_in,
         own_mount,
     };
     Ok((started, signals))

@@ -80,22 +80,26 @@ impl Quiet {
 
 enum Event {
     Signal(Signal),
-    /// A fetch of the slot's resource ended (the error's message if it failed).
+    /// A read of the slot's resource that waited for a fetch ended (why, if it failed).
     Fetched(usize, Result<(), ReadError>),
 }
 
 /// One declared resource and what DIR holds of it.
 struct Slot {
+    /// The resource and the file name its views are written under.
     declared: Declared,
     /// The version whose views are in DIR.
     written: Option<Arc<Version>>,
-    /// A `get` is under way.
+    /// A read waits for a fetch (`read_now` answered later): its answer comes as
+    /// `Event::Fetched`.
     pending: bool,
     /// Written or failed at least once (readiness).
     settled: bool,
+    /// Reads in a row that ended in an error (0 after a token).
     failures: u32,
+    /// The last read's error, shown in `.status` while nothing is written.
     last_error: Option<String>,
-    /// The next `get` of a missing resource waits until then (backoff).
+    /// After a failed read, the next read waits until then (backoff).
     retry_at: Instant,
     /// Why the last write of its files failed (until one succeeds).
     write_error: Option<String>,
@@ -167,8 +171,17 @@ pub fn run(
     ready: Ready,
 ) -> Result<(), SinkError> {
     let resources: Vec<Resource> = declared.iter().map(|d| d.resource.clone()).collect();
-    // The daemon core (the cache, its background pass, the stand-in with --emulator)
-    // serves as long as the sink runs.
+    // The stand-in (with --emulator) outlives the daemon core (declared first, dropped
+    // last); the core (the cache, its background pass) serves as long as the sink runs.
+    let mut plan = plan;
+    let _stand_in = match crate::stand_in::start(&mut plan) {
+        Ok(s) => s,
+        Err(e) => {
+            let e = SinkError::from(e);
+            ready.fail(&e);
+            return Err(e);
+        }
+    };
     let daemon = match Daemon::start(plan, req.policy.clone(), &resources, false) {
         Ok(d) => d,
         Err(e) => {
@@ -355,9 +368,6 @@ impl Mirror<'_> {
             Ok(()) => {
                 slot.failures = 0;
                 slot.last_error = None;
-                // Asked at most once a pass while the cache answers with a token too close
-                // to the end of its validity to be written.
-                slot.retry_at = Instant::now() + PASS;
             }
             Err(e) => {
                 slot.failures = slot.failures.saturating_add(1);

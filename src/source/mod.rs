@@ -66,17 +66,33 @@ impl Kind {
     }
 }
 
+/// A name that is not one of the sources' (`Kind::from_str`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UnknownKind(String);
+
+impl fmt::Display for UnknownKind {
+    /// Names the given text and lists the names.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let names: Vec<_> = Kind::ALL.iter().map(|k| k.name()).collect();
+        write!(
+            f,
+            "unknown source {:?}: one of {}",
+            self.0,
+            names.join(", ")
+        )
+    }
+}
+
+impl std::error::Error for UnknownKind {}
+
 impl std::str::FromStr for Kind {
-    type Err = String;
-    /// Case-insensitive; the error lists the names.
-    fn from_str(s: &str) -> Result<Kind, String> {
+    type Err = UnknownKind;
+    /// Case-insensitive.
+    fn from_str(s: &str) -> Result<Kind, UnknownKind> {
         Kind::ALL
             .into_iter()
             .find(|k| k.name().eq_ignore_ascii_case(s.trim()))
-            .ok_or_else(|| {
-                let names: Vec<_> = Kind::ALL.iter().map(|k| k.name()).collect();
-                format!("unknown source {s:?}: one of {}", names.join(", "))
-            })
+            .ok_or_else(|| UnknownKind(s.to_string()))
     }
 }
 

@@ -1,7 +1,8 @@
 //! Which upstream to use: `--source`, or detected from the environment the way the Azure
 //! SDKs do. Auto never probes the network: IMDS is used only when chosen. A plan is checked
 //! before anything starts; `--emulator` plans are pointed at the stand-in by the caller
-//! (`mount`, `get`), which starts it: this layer never starts a server.
+//! (the front end: `mount`, `sink`, `get`, through `stand_in`), which starts it: this layer
+//! never starts a server.
 
 use super::{appservice, arc, azure_cli, cloudshell, imds, ConfigError, Identity, Kind, Source};
 use std::collections::BTreeMap;
@@ -406,6 +407,10 @@ mod tests {
         let p = plan(&Wanted::default(), &env(&["MSI_ENDPOINT"], false)).unwrap();
         assert_eq!(p.url.as_deref(), Some("http://127.0.0.1:1/MSI_ENDPOINT"));
         assert_eq!("azure-cli".parse::<Kind>(), Ok(Kind::AzureCli));
-        assert!("vm".parse::<Kind>().unwrap_err().contains("imds"));
+        assert!("vm"
+            .parse::<Kind>()
+            .unwrap_err()
+            .to_string()
+            .contains("imds"));
     }
 }

@@ -1,4 +1,5 @@
-//! What the cache is keyed by: which identity asks for which resource. An identity owns its
+//! What the cache is keyed by: which identity asks for which resource (a leaf below
+//! `cache` and `token`: a version carries its key). An identity owns its
 //! source (its own credential and upstream client); today a daemon has one, the default
 //! identity, but the cache, its single flight, negative cache, eviction and `.status` are
 //! already keyed by (identity, resource).
