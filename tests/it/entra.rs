@@ -523,7 +523,9 @@ fn a_federated_token_file_on_a_hung_filesystem_fails_within_the_timeout() {
         ("AZURE_TENANT_ID", TENANT),
         ("AZURE_AUTHORITY_HOST", url.as_str()),
     ];
-    let m = Mounted::raw(&["--timeout", "2"], &env);
+    // Declared, so its entry (and last_error) stays in .status after the failure: an
+    // undeclared name that holds nothing is dropped by the next background pass.
+    let m = Mounted::raw(&["--timeout", "2", "--resource", "vault.azure.net"], &env);
     let started = std::time::Instant::now();
     let e = expect_err(m.read("vault.azure.net"), "a read through a hung file");
     assert_eq!(errno(&e), libc::EIO);
