@@ -137,15 +137,6 @@ fn mount(emu: &Emulator, source: &str, credential: (&str, &std::path::Path)) -> 
     )
 }
 
-/// Everything a credential may leak into: the log, `.status` and the endpoint's replies.
-fn surface(m: &Mounted, replies: &str) -> String {
-    format!(
-        "{}\n{}\n{replies}",
-        m.log_text(),
-        String::from_utf8_lossy(&m.read(".status").unwrap())
-    )
-}
-
 #[test]
 fn a_client_secret_echoed_in_every_shape_never_leaves() {
     need_fuse!();
@@ -167,7 +158,7 @@ fn a_client_secret_echoed_in_every_shape_never_leaves() {
     for (value, tag) in [(&token, "t"), (&endpoint_secret, "e")] {
         replies += &drive_shapes(&m, &emu, "v", Some(value), tag).0;
     }
-    let all = surface(&m, &replies);
+    let all = format!("{}\n{replies}", m.leak_surface());
     assert!(all.contains("<redacted>"), "the shapes reached the surface");
     assert_none_of(&all, &[secret.to_string()], "the client secret");
     assert_none_of(&all, &[token], "a token held");
@@ -206,7 +197,7 @@ fn a_federated_assertion_echoed_in_every_shape_never_leaves() {
         sent.iter().all(|s| *s == assertion),
         "the file's token was sent"
     );
-    let all = surface(&m, &replies);
+    let all = format!("{}\n{replies}", m.leak_surface());
     assert_none_of(&all, &[assertion], "the federated assertion");
 }
 
@@ -227,7 +218,7 @@ fn a_certificate_assertion_echoed_in_every_shape_never_leaves() {
     // Each fetch signs a new assertion: the emulator shows the one it was sent.
     let (replies, sent) = drive_shapes(&m, &emu, "client_assertion", None, "c");
     assert_eq!(sent.len(), SHAPES.len(), "an assertion per shape");
-    let all = surface(&m, &replies);
+    let all = format!("{}\n{replies}", m.leak_surface());
     assert!(all.contains("<redacted>"), "the shapes reached the surface");
     assert_none_of(&all, &sent, "a certificate assertion");
 }

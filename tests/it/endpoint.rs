@@ -74,13 +74,9 @@ fn env_file_status_and_a_token_shared_with_cat() {
         !m.log_text().contains(&secret),
         "the log never shows the secret"
     );
-    let audited = || {
-        m.log_text()
-            .contains("over HTTP from 127.0.0.1:")
-            .then_some(())
-    };
     assert!(
-        eventually(Duration::from_secs(5), audited).is_some(),
+        m.wait_log("over HTTP from 127.0.0.1:", Duration::from_secs(5))
+            .is_some(),
         "audit line"
     );
 }

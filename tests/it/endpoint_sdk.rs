@@ -138,13 +138,9 @@ fn twenty_sdk_processes_and_cat_share_one_token_and_one_upstream_call() {
     );
     assert_no_token(&status.to_string(), &file_token, ".status");
     assert_no_token(&m.log_text(), &file_token, "the log");
-    let audited = || {
-        m.log_text()
-            .contains("over HTTP from 127.0.0.1:")
-            .then_some(())
-    };
     assert!(
-        eventually(Duration::from_secs(5), audited).is_some(),
+        m.wait_log("over HTTP from 127.0.0.1:", Duration::from_secs(5))
+            .is_some(),
         "audit lines"
     );
 }

@@ -17,15 +17,6 @@ fn param(emu: &cstokenfs::emulator::Emulator, key: &str) -> String {
         .unwrap_or_default()
 }
 
-/// Everything a test may leak into: the daemon's trace-level log and `.status`.
-fn leak_surface(m: &Mounted) -> String {
-    format!(
-        "{}\n{}",
-        m.log_text(),
-        String::from_utf8_lossy(&m.read(".status").unwrap())
-    )
-}
-
 #[test]
 fn service_principal_with_a_secret_file() {
     need_fuse!();
@@ -85,7 +76,7 @@ fn service_principal_with_a_secret_file() {
     assert!(m
         .last_error("https://newservice.example.com")
         .contains("AADSTS500011"));
-    assert_absent(&leak_surface(&m), secret, "log and .status");
+    assert_absent(&m.leak_surface(), secret, "log and .status");
     drop(m);
 
     // A wrong secret: EACCES, AADSTS7000215 in .status, neither secret anywhere.
@@ -100,7 +91,7 @@ fn service_principal_with_a_secret_file() {
         "{error}"
     );
     assert!(m.log_text().contains("AADSTS7000215"));
-    let surface = leak_surface(&m);
+    let surface = m.leak_surface();
     assert_absent(&surface, wrong, "log and .status");
     assert_absent(&surface, secret, "log and .status");
 }
@@ -171,7 +162,7 @@ fn workload_identity_rereads_its_token_file() {
         "{error}"
     );
 
-    let surface = leak_surface(&m);
+    let surface = m.leak_surface();
     for (token, what) in [
         (&first, "first"),
         (&second, "second"),
@@ -226,7 +217,7 @@ fn service_principal_with_a_certificate() {
     assert_eq!(s["source"], "service-principal");
     let reason = s["source_reason"].as_str().unwrap();
     assert!(reason.contains("AZURE_CLIENT_CERTIFICATE_PATH"), "{reason}");
-    let surface = leak_surface(&m);
+    let surface = m.leak_surface();
     assert_absent(&surface, &pem_body(&key_pem), "the key");
     assert_absent(&surface, &assertion, "the assertion");
     drop(m);
@@ -274,7 +265,7 @@ fn tls_with_a_ca_file_and_refused_without_it() {
         .read("management.azure.com")
         .expect("a token over verified TLS");
     assert_eq!(claims(&token)["aud"], "https://management.azure.com");
-    assert_absent(&leak_surface(&m), secret, "log and .status");
+    assert_absent(&m.leak_surface(), secret, "log and .status");
 
     // Without the CA the certificate is not trusted: no token, exit 1.
     let calls = emu.requests();
@@ -358,7 +349,7 @@ fn a_service_principal_wins_over_workload_identity_and_cloud_shell() {
     let reason = s["source_reason"].as_str().unwrap();
     assert!(reason.contains("AZURE_CLIENT_SECRET"), "{reason}");
     assert!(param(&emu, "client_secret") == secret);
-    assert_absent(&leak_surface(&m), secret, "log and .status");
+    assert_absent(&m.leak_surface(), secret, "log and .status");
 }
 
 /// Issue 19: a FIFO, a link to /dev/zero or to /proc/self/environ, or a file that is not a
@@ -433,7 +424,7 @@ fn hostile_federated_token_files_fail_reads_within_the_timeout() {
     std::fs::remove_file(&file).unwrap();
     std::fs::write(&file, &good).unwrap();
     read_within("database.windows.net").expect("a token once the file is a JWT again");
-    let surface = leak_surface(&m);
+    let surface = m.leak_surface();
     assert_absent(&surface, ENVIRON_MARKER.1, "the daemon's environment");
     assert_absent(&surface, &good, "the federated token");
 }

@@ -122,6 +122,15 @@ impl Mounted {
 
     /// Waits until the daemon's log holds `needle`: the log then (None if it did not
     /// within `within`).
+    /// Everything a secret could leak into from the daemon: its log and `.status`.
+    pub fn leak_surface(&self) -> String {
+        format!(
+            "{}\n{}",
+            self.log_text(),
+            String::from_utf8_lossy(&self.read(".status").unwrap_or_default())
+        )
+    }
+
     pub fn wait_log(&self, needle: &str, within: Duration) -> Option<String> {
         eventually(within, || {
             let log = self.log_text();
