@@ -290,3 +290,78 @@ fn the_open_that_echoes_a_waiting_lookup_is_not_a_later_read() {
     f.cache.pass_now();
     assert!(f.source.wait_calls(2), "a token in use is refreshed ahead");
 }
+
+// The freshness scenarios of the real-mount suite (tests/it/freshness.rs), on the fake
+// clock: hours pass in a call, and the background pass runs when the test says so.
+
+#[test]
+fn on_the_fake_clock_a_token_nobody_reads_is_not_refreshed_and_goes_at_expiry() {
+    let f = fixture();
+    assert_eq!(f.cat(f.ino(ARM)).unwrap(), b"token-1");
+    // Past the refresh point, unread since its fetch: no refresh.
+    f.clock.advance(HOUR - 300_000);
+    f.cache.pass_now();
+    assert!(f.cache.wait_until_settled(Duration::from_secs(10)));
+    assert_eq!(f.source.calls(), 1, "a token nobody reads is not refreshed");
+    assert!(f.listing(inode::ROOT).contains(&ARM.to_string()));
+    // Past its expiry: dropped, and gone from the listing.
+    f.clock.advance(300_000);
+    f.cache.pass_now();
+    assert!(!f.listing(inode::ROOT).contains(&ARM.to_string()));
+    assert_eq!(f.source.calls(), 1);
+}
+
+#[test]
+fn on_the_fake_clock_a_failed_refresh_keeps_serving_the_valid_token_and_backs_off() {
+    // A short --timeout: the failing refresh retries (in real time) only that long.
+    let policy = Policy {
+        timeout: Duration::from_millis(500),
+        ..Policy::default()
+    };
+    let f = fixture_with(policy, &[]);
+    let ino = f.ino(ARM);
+    assert_eq!(f.cat(ino).unwrap(), b"token-1");
+    f.clock.advance(HOUR - 300_000);
+    f.source.set_down(true);
+    // A read past the refresh point is served at once; the refresh fails behind it.
+    assert_eq!(f.cat(ino).unwrap(), b"token-1");
+    assert!(f.cache.wait_until_settled(Duration::from_secs(10)));
+    let calls = f.source.calls();
+    assert!(calls >= 2, "the refresh was tried");
+    // Within the backoff, reads are served from the held token and ask nothing.
+    for _ in 0..5 {
+        assert_eq!(f.cat(ino).unwrap(), b"token-1");
+    }
+    f.cache.pass_now();
+    assert!(f.cache.wait_until_settled(Duration::from_secs(10)));
+    assert_eq!(
+        f.source.calls(),
+        calls,
+        "no retry before the backoff is over"
+    );
+    // The upstream is back and the backoff is over: the next read refreshes.
+    f.source.set_down(false);
+    f.clock.advance(120_000);
+    assert_eq!(f.cat(ino).unwrap(), b"token-1");
+    assert!(f.cache.wait_until_settled(Duration::from_secs(10)));
+    let new = f.ino(ARM);
+    assert_ne!(new, ino, "a new version after the upstream came back");
+    assert_ne!(f.cat(new).unwrap(), b"token-1");
+}
+
+#[test]
+fn on_the_fake_clock_a_refusal_while_a_valid_token_is_held_keeps_serving_it() {
+    let f = fixture();
+    let ino = f.ino(ARM);
+    assert_eq!(f.cat(ino).unwrap(), b"token-1");
+    f.clock.advance(HOUR - 300_000);
+    f.source.refuse("https://management.azure.com/");
+    assert_eq!(f.cat(ino).unwrap(), b"token-1");
+    assert!(f.cache.wait_until_settled(Duration::from_secs(10)));
+    assert_eq!(f.source.calls(), 2, "the refresh was refused");
+    // Still served, by the same name and inode, until it expires.
+    assert_eq!(f.ino(ARM), ino);
+    assert_eq!(f.cat(ino).unwrap(), b"token-1");
+    f.clock.advance(300_000);
+    assert_eq!(f.core.open(ino, READER).unwrap_err(), FsError::Stale);
+}
