@@ -6,7 +6,8 @@ use crate::get::{GetError, GetRequest};
 use crate::mount::{self, MountError, MountRequest};
 use crate::policy::Policy;
 use crate::sink::{SinkError, SinkRequest};
-use crate::source::select::Wanted;
+use crate::source::declared::IdentityArg;
+use crate::source::select::{Env, Wanted};
 use crate::source::Identity;
 use crate::source::Kind;
 use crate::token::View;
@@ -102,8 +103,10 @@ pub struct UpstreamArgs {
     /// The most one fetch may take, retries included, in seconds (1 to 60).
     #[arg(long, value_name = "SECS", default_value_t = 10, value_parser = parse_timeout)]
     pub timeout: u64,
-    /// User-assigned identity by client ID (IMDS, App Service); the application's client
-    /// ID for Entra [default: $AZURE_CLIENT_ID].
+    /// The mount's own identity: a user-assigned identity by client ID (IMDS, App
+    /// Service), the application's client ID (Entra) [default: $AZURE_CLIENT_ID, as the
+    /// SDKs' DefaultAzureCredential takes it, for imds, appservice and Entra; none: the
+    /// system-assigned identity]. `.status`'s `identity` says which is used and why.
     #[arg(long, value_name = "ID")]
     pub client_id: Option<String>,
     /// User-assigned identity by object (principal) ID (IMDS, App Service).
@@ -112,6 +115,14 @@ pub struct UpstreamArgs {
     /// User-assigned identity by Azure resource ID (IMDS, App Service).
     #[arg(long, value_name = "ID")]
     pub msi_res_id: Option<String>,
+    /// Another identity served beside the mount's own, under MOUNT/id/NAME/ (repeatable).
+    /// NAME: a-z, 0-9, - (up to 63). imds, appservice: one of client-id=GUID,
+    /// object-id=GUID, resource-id=/subscriptions/.../userAssignedIdentities/N.
+    /// workload-identity, service-principal: client-id=GUID, and tenant-id=GUID,
+    /// client-secret-file=PATH or client-certificate=PATH by repeating the flag with the
+    /// same NAME (what it does not set is the mount's). `get`: print this identity's token.
+    #[arg(long = "identity", value_name = "NAME=SELECTOR", value_parser = crate::source::declared::parse_identity_arg)]
+    pub identities: Vec<IdentityArg>,
     #[command(flatten)]
     pub entra: EntraArgs,
 }
@@ -177,8 +188,12 @@ fn parse_timeout(s: &str) -> Result<u64, String> {
 }
 
 impl UpstreamArgs {
-    pub fn wanted(&self) -> Wanted {
-        Wanted {
+    /// What the flags ask for; a usage error when the `--identity` flags do not add up,
+    /// or name identities the source cannot serve.
+    pub fn wanted(&self) -> Result<Wanted, CliError> {
+        let identities =
+            crate::source::declared::gather(&self.identities).map_err(CliError::Usage)?;
+        let wanted = Wanted {
             source: self.source.and_then(|s| s.0),
             endpoint: self.endpoint.clone(),
             emulator: self.emulator,
@@ -193,7 +208,11 @@ impl UpstreamArgs {
             client_secret_file: self.entra.client_secret_file.clone(),
             client_certificate: self.entra.client_certificate.clone(),
             ca_file: self.entra.ca_file.clone(),
-        }
+            identities,
+        };
+        crate::source::select::check_identities(&wanted, &Env::current())
+            .map_err(CliError::Usage)?;
+        Ok(wanted)
     }
 }
 
@@ -632,7 +651,7 @@ fn mount_command(args: MountArgs) -> Result<(), CliError> {
     };
     let request = MountRequest {
         mountpoint: args.mountpoint,
-        wanted: args.upstream.wanted(),
+        wanted: args.upstream.wanted()?,
         resources: args.resources,
         policy,
         foreground: args.foreground || args.debug,
@@ -663,7 +682,7 @@ fn sink_command(args: SinkArgs) -> Result<(), CliError> {
     let policy = args.daemon.policy(&args.upstream);
     let request = SinkRequest {
         dir: args.dir,
-        wanted: args.upstream.wanted(),
+        wanted: args.upstream.wanted()?,
         resources: args.resources,
         policy,
         foreground: args.foreground,
@@ -677,7 +696,7 @@ fn sink_command(args: SinkArgs) -> Result<(), CliError> {
 
 fn get_command(args: GetArgs) -> Result<(), CliError> {
     let request = GetRequest {
-        wanted: args.upstream.wanted(),
+        wanted: args.upstream.wanted()?,
         timeout: Duration::from_secs(args.upstream.timeout),
         name: args.name,
         view: if args.json { View::Json } else { args.view },

@@ -18,6 +18,16 @@ impl IdentityId {
     pub(super) fn index(self) -> usize {
         self.0 as usize
     }
+
+    /// The identity at `index` among the daemon's identities.
+    pub(super) fn at(index: usize) -> IdentityId {
+        IdentityId(index as u32)
+    }
+
+    /// Whether this is the mount's own identity.
+    pub fn is_default(self) -> bool {
+        self == IdentityId::DEFAULT
+    }
 }
 
 /// One cache entry's key: the resource as `identity` asks for it.
@@ -34,9 +44,17 @@ impl Key {
 
     /// The default identity's key of each of `resources` (the declared `--resource`s).
     pub fn defaults(resources: &[Resource]) -> Vec<Key> {
-        resources
-            .iter()
-            .map(|r| Key::new(IdentityId::DEFAULT, r.clone()))
+        Key::all(1, resources)
+    }
+
+    /// The key of each of `resources` for each of the first `identities` identities.
+    pub fn all(identities: usize, resources: &[Resource]) -> Vec<Key> {
+        (0..identities)
+            .flat_map(|i| {
+                resources
+                    .iter()
+                    .map(move |r| Key::new(IdentityId::at(i), r.clone()))
+            })
             .collect()
     }
 }

@@ -63,13 +63,30 @@ impl Daemon {
         let stand_in = start_stand_in(&mut plan)?;
         let source = plan.build()?;
         info!("source {}: {}", plan.kind, plan.reason);
+        let others: Vec<_> = plan
+            .declared()
+            .zip(plan.build_declared()?)
+            .map(|(d, source)| (d.name.clone(), d.identity(), source))
+            .collect();
+        for (name, ids, _) in &others {
+            if let Some(s) = crate::source::declared::selector_of(ids) {
+                info!("identity {name}: {}={}", s.kind, s.value);
+            }
+        }
         if let Some(emu) = &stand_in {
             info!("serving tokens from the built-in emulator at {}", emu.url());
         }
+        let count = others.len() + 1;
+        let identities = Identities::new(
+            source,
+            plan.own_identity().clone(),
+            plan.identity_origin().to_string(),
+            others,
+        );
         let cache = Cache::new(
-            Identities::one(source),
+            identities,
             policy,
-            &Key::defaults(declared),
+            &Key::all(count, declared),
             Arc::new(SystemClock),
         );
         Ok(Daemon {

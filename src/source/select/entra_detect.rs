@@ -4,6 +4,7 @@
 
 use super::{Env, Wanted};
 use crate::source::assertion::ClientCertificate;
+use crate::source::declared::Declared;
 use crate::source::entra::{Credential, Settings};
 use crate::source::{client_tls, ConfigError, Kind};
 use std::path::{Path, PathBuf};
@@ -145,6 +146,26 @@ pub fn settings(kind: Kind, wanted: &Wanted, env: &Env) -> Result<(String, Setti
             ca,
         },
     ))
+}
+
+/// A declared identity's settings: its client ID, and its tenant and credential where it
+/// gives them, else the mount's (one federated token file serves every client ID federated
+/// with it). Its files are read now.
+pub fn declared_settings(mount: &Settings, d: &Declared) -> Result<Settings, ConfigError> {
+    let credential = match (&d.client_secret_file, &d.client_certificate) {
+        (Some(path), _) => secret_file(path)?,
+        (None, Some(path)) => certificate(path)?,
+        (None, None) => mount.credential.clone(),
+    };
+    Ok(Settings {
+        tenant: d.tenant_id.clone().unwrap_or_else(|| mount.tenant.clone()),
+        client_id: d
+            .client_id
+            .clone()
+            .unwrap_or_else(|| mount.client_id.clone()),
+        credential,
+        ca: mount.ca.clone(),
+    })
 }
 
 fn workload_credential(
