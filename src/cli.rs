@@ -380,6 +380,12 @@ pub struct EmulatorArgs {
     /// trimmed); without it a random one is generated and printed on stdout.
     #[arg(long, value_name = "PATH")]
     pub secret_file: Option<PathBuf>,
+    /// IMDS, App Service: know N user-assigned identities (client IDs
+    /// 00000000-0000-0000-0000-c0000000000N, object IDs ...-a0000000000N, resource IDs
+    /// .../userAssignedIdentities/id0N; logged at start) and refuse any other named, as the
+    /// real services do [default: answer any identity named].
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u8).range(0..=255))]
+    pub user_assigned: Option<u8>,
     #[command(flatten)]
     pub entra: crate::emulator::entra::EntraEmulatorArgs,
 }
@@ -742,6 +748,25 @@ fn emulator_command(args: EmulatorArgs) -> Result<(), CliError> {
     let emulator = Emulator::start_with(args.listen, config, args.protocol)
         .map_err(|e| CliError::Failure(format!("cannot listen on {}: {e}", args.listen)))?;
     emulator.set_caching(args.caching);
+    if let Some(n) = args.user_assigned {
+        if !matches!(args.protocol, Kind::Imds | Kind::AppService) {
+            return Err(CliError::usage(
+                "--user-assigned is only for --protocol imds or appservice",
+            ));
+        }
+        let known: Vec<_> = (1..=n)
+            .map(crate::emulator::KnownIdentity::numbered)
+            .collect();
+        for k in &known {
+            log::info!(
+                "user-assigned identity: client_id {} object_id {} msi_res_id {}",
+                k.client_id,
+                k.object_id,
+                k.resource_id
+            );
+        }
+        emulator.set_identities(known);
+    }
     log::info!(
         "emulator serving the {:?} protocol at {}",
         args.protocol,

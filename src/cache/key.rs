@@ -15,12 +15,12 @@ impl IdentityId {
     pub const DEFAULT: IdentityId = IdentityId(0);
 
     /// Its place among the daemon's identities.
-    pub(super) fn index(self) -> usize {
+    pub fn index(self) -> usize {
         self.0 as usize
     }
 
     /// The identity at `index` among the daemon's identities.
-    pub(super) fn at(index: usize) -> IdentityId {
+    pub fn at(index: usize) -> IdentityId {
         IdentityId(index as u32)
     }
 

@@ -90,7 +90,7 @@ pub fn parse_identity_arg(s: &str) -> Result<IdentityArg, String> {
 const GUID_HINT: &str = "is not a GUID (xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx)";
 
 /// NAME: `[a-z0-9][a-z0-9-]{0,62}`.
-fn check_name(name: &str) -> Result<(), String> {
+pub fn check_name(name: &str) -> Result<(), String> {
     let ok = !name.is_empty()
         && name.len() <= MAX_NAME
         && name
@@ -228,9 +228,8 @@ impl Declared {
                         "--identity {name}: the {kind} source names an application by client-id= only (object-id= and resource-id= are for imds and appservice)"
                     ));
                 }
-                if kind == Kind::WorkloadIdentity && self.client_secret_file.is_some()
-                    || kind == Kind::WorkloadIdentity && self.client_certificate.is_some()
-                {
+                let credential = self.client_secret_file.is_some() || self.client_certificate.is_some();
+                if kind == Kind::WorkloadIdentity && credential {
                     return Err(format!(
                         "--identity {name}: the workload-identity source uses the mount's federated token file, not a secret or certificate"
                     ));
