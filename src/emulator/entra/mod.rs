@@ -206,7 +206,13 @@ fn answer(sh: &Shared, req: &Request, tenant: &str) -> Action {
         let message = format!("The resource principal named {resource} was not found in the tenant named {tenant}. This can happen if the application has not been installed by the administrator of the tenant.");
         return error(400, "invalid_resource", 500011, &message);
     }
-    let issued = sh.issue(resource);
+    // The token tells which application asked (`appid`, `azp`).
+    let who = super::Who {
+        client_id: client_id.clone(),
+        object_id: None,
+        resource_id: None,
+    };
+    let issued = sh.issue_for(resource, Some(&who));
     ok(entra_body(&issued, &issued.token))
 }
 
