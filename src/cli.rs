@@ -27,7 +27,8 @@ also take a URI (https://management.azure.com/) or a scope (https://graph.micros
 Views (mount; sink writes the same files; get --view): MOUNT/<name> (raw token, no newline),
 MOUNT/.json/<name>, MOUNT/.header/<name> (Authorization: Bearer ...), MOUNT/.kubectl/<name>
 (ExecCredential), MOUNT/.git-credential/<name>, MOUNT/.claims/<name> (the JWT payload),
-MOUNT/.status (JSON: source, errors, counters), MOUNT/.env (--serve-endpoint only).
+MOUNT/.status (JSON: source, identity, errors, counters), MOUNT/.env (--serve-endpoint only);
+MOUNT/id/NAME/ the same tree for each --identity NAME=SELECTOR.
 
 mount(8) and fstab: cstokenfs SOURCE MOUNTPOINT -o OPTIONS (SOURCE is the name in the mount
 table); every long flag of mount is an -o key with _ for - (allow_other,uid=1000,mode=0440,
