@@ -549,3 +549,41 @@ fn grammar_and_sources_with_one_identity_are_usage_errors() {
     assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
     assert!(stderr(&o).contains("is not valid"), "{}", stderr(&o));
 }
+
+/// `--no-open` serves `MOUNT/id/NAME/` the same way; with workload identity one federated
+/// token file serves every declared client ID (the emulator's Entra tokens name the
+/// application asked for).
+#[test]
+fn no_open_mode_and_workload_identity_serve_declared_identities() {
+    need_fuse!();
+    let emu = emulator_of(Kind::Imds, 1);
+    let ids = vec![format!("a=client-id={}", id(1).client_id)];
+    let url = emu.url();
+    let m = Mounted::raw(
+        &with_identities(&["--source", "imds", "--endpoint", &url, "--no-open"], &ids),
+        &[],
+    );
+    for _ in 0..3 {
+        let a = m.read("id/a/management.azure.com").unwrap();
+        assert_eq!(appid(&a), id(1).client_id);
+    }
+    assert_eq!(emu.requests_by(&id(1).client_id, ARM), 1);
+    drop(m);
+
+    let g1 = "12345678-1234-1234-1234-000000000001";
+    let g2 = "12345678-1234-1234-1234-000000000002";
+    let ids = vec![format!("one=client-id={g1}"), format!("two=client-id={g2}")];
+    let m = Mounted::raw(
+        &with_identities(&["--emulator", "--source", "workload-identity"], &ids),
+        &[],
+    );
+    for (dir, want) in [("id/one/", g1), ("id/two/", g2)] {
+        let t = m.read(&format!("{dir}vault.azure.net")).unwrap();
+        assert_eq!(appid(&t), want, "{dir}");
+    }
+    let own = m.read("vault.azure.net").unwrap();
+    assert_ne!(appid(&own), g1);
+    let s = m.status();
+    assert_eq!(s["identities"][1]["selector"], "client-id");
+    assert_eq!(s["identities"][1]["value"], g2);
+}

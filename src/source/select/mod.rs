@@ -488,6 +488,47 @@ mod tests {
         }
     }
 
+    /// The mount's own identity: the flags, else AZURE_CLIENT_ID for imds and appservice
+    /// (as DefaultAzureCredential takes it), else the system-assigned one; other sources
+    /// send no identity from the variable.
+    #[test]
+    fn azure_client_id_is_the_own_identity_of_imds_and_appservice() {
+        let e = Env {
+            vars: [("AZURE_CLIENT_ID".to_string(), "c-env".to_string())]
+                .into_iter()
+                .collect(),
+            az_on_path: false,
+        };
+        for kind in [Kind::Imds, Kind::AppService] {
+            let (id, from) = own_identity(kind, &Identity::default(), &e);
+            assert_eq!(
+                (id.client_id.as_deref(), from.as_str()),
+                (Some("c-env"), "AZURE_CLIENT_ID")
+            );
+            let flag = Identity {
+                object_id: Some("o".into()),
+                ..Identity::default()
+            };
+            let (id, from) = own_identity(kind, &flag, &e);
+            assert_eq!((id, from.as_str()), (flag.clone(), "--object-id"));
+            let (id, from) = own_identity(kind, &Identity::default(), &Env::default());
+            assert_eq!(id, Identity::default());
+            assert!(from.contains("system-assigned"), "{from}");
+        }
+        let (id, _) = own_identity(Kind::CloudShell, &Identity::default(), &e);
+        assert_eq!(id, Identity::default());
+        let p = plan(
+            &Wanted {
+                source: Some(Kind::Imds),
+                ..Wanted::default()
+            },
+            &e,
+        )
+        .unwrap();
+        assert_eq!(p.own_identity().client_id.as_deref(), Some("c-env"));
+        assert_eq!(p.identity_origin(), "AZURE_CLIENT_ID");
+    }
+
     #[test]
     fn debug_never_shows_the_app_service_secret() {
         let e = Env {
