@@ -1,6 +1,8 @@
 //! The filesystem core: names, views, attributes, handles and errno. It never does HTTP:
 //! whatever may fetch goes through the cache, which answers on its own thread. `fuse` is the
-//! thin adapter to fuser.
+//! thin adapter to fuser. The top holds the mount's own identity's tokens; with
+//! `--identity`, `id/NAME/` holds each declared identity's, the same tree (no `.status`,
+//! `.env`), its directories' inodes apart (`inode::identity_dir_ino`).
 //!
 //! # Locks
 //!
@@ -396,6 +398,11 @@ impl Core {
                 entry.attr.size = size as u64;
                 entry.attr.blocks = entry.attr.size.div_ceil(512);
                 Ok(entry)
+            }
+            Node::IdentityDir { identity, .. }
+                if self.cache.identities().name(identity).is_none() =>
+            {
+                Err(FsError::NotFound)
             }
             _ => Ok(self.meta_entry(ino)),
         }
