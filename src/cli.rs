@@ -713,6 +713,11 @@ fn get_command(args: GetArgs) -> Result<(), CliError> {
 
 fn emulator_command(args: EmulatorArgs) -> Result<(), CliError> {
     crate::logging::init_stderr("info");
+    if args.user_assigned.is_some() && !matches!(args.protocol, Kind::Imds | Kind::AppService) {
+        return Err(CliError::usage(
+            "--user-assigned is only for --protocol imds or appservice",
+        ));
+    }
     if args.protocol.is_entra() {
         let (settings, tls) = args.entra.resolve().map_err(CliError::usage)?;
         return Ok(crate::emulator::entra::command(
@@ -750,11 +755,6 @@ fn emulator_command(args: EmulatorArgs) -> Result<(), CliError> {
         .map_err(|e| CliError::Failure(format!("cannot listen on {}: {e}", args.listen)))?;
     emulator.set_caching(args.caching);
     if let Some(n) = args.user_assigned {
-        if !matches!(args.protocol, Kind::Imds | Kind::AppService) {
-            return Err(CliError::usage(
-                "--user-assigned is only for --protocol imds or appservice",
-            ));
-        }
         let known: Vec<_> = (1..=n)
             .map(crate::emulator::KnownIdentity::numbered)
             .collect();

@@ -539,6 +539,20 @@ fn grammar_and_sources_with_one_identity_are_usage_errors() {
             assert!(stderr(&o).contains(why), "{cmd} {source}: {}", stderr(&o));
         }
     }
+    // The emulator knows user-assigned identities only where the protocol has them.
+    for protocol in ["cloudshell", "arc", "entra"] {
+        let o = run(&[
+            "emulator",
+            "--protocol",
+            protocol,
+            "--listen",
+            "127.0.0.1:0",
+            "--user-assigned",
+            "2",
+        ]);
+        assert_eq!(o.status.code(), Some(2), "{protocol}: {}", stderr(&o));
+        assert!(stderr(&o).contains("only for --protocol imds or appservice"));
+    }
     // fstab form: the same grammar, the same errors.
     let opts = format!("source=cloudshell,identity={one}");
     let o = run(&["cstoken", mnt, "-o", &opts]);
