@@ -601,3 +601,54 @@ fn no_open_mode_and_workload_identity_serve_declared_identities() {
     assert_eq!(s["identities"][1]["selector"], "client-id");
     assert_eq!(s["identities"][1]["value"], g2);
 }
+
+/// Workload identity against an Entra that knows two applications federated with one
+/// service-account token: the mount's own and a declared one are served from the one token
+/// file; a declared application Entra does not know is EACCES (negative-cached) and
+/// disturbs neither.
+#[test]
+fn workload_identity_exchanges_one_token_file_for_each_declared_application() {
+    use crate::entra_support::{entra_emulator, federated_token, settings, write, CLIENT, TENANT};
+    use cstokenfs::emulator::entra::EntraSettings;
+    need_fuse!();
+    let dir = tempfile::tempdir().unwrap();
+    let token = federated_token(now_secs() + 3600, "shared");
+    let file = write(dir.path(), "azure-identity-token", &format!("{token}\n"));
+    let other = "8a0b5c4d-1111-2222-3333-000000000002";
+    let emu = entra_emulator(
+        EntraSettings {
+            federated_token_file: Some(file.clone()),
+            client_id: Some(format!("{CLIENT},{other}")),
+            ..settings()
+        },
+        None,
+    );
+    let url = emu.url();
+    let path = file.display().to_string();
+    let ids = vec![
+        format!("two=client-id={other}"),
+        format!("nope=client-id={UNKNOWN}"),
+    ];
+    let m = Mounted::raw(
+        &with_identities(&["--source", "workload-identity"], &ids),
+        &[
+            ("AZURE_FEDERATED_TOKEN_FILE", &path),
+            ("AZURE_CLIENT_ID", CLIENT),
+            ("AZURE_TENANT_ID", TENANT),
+            ("AZURE_AUTHORITY_HOST", &url),
+        ],
+    );
+    let e = m.read_err("id/nope/vault.azure.net");
+    assert_eq!(errno(&e), libc::EACCES, "{e}");
+    let own = m.read("vault.azure.net").unwrap();
+    assert_eq!(appid(&own), CLIENT);
+    let two = m.read("id/two/vault.azure.net").unwrap();
+    assert_eq!(appid(&two), other);
+    let before = emu.requests();
+    assert_eq!(errno(&m.read_err("id/nope/vault.azure.net")), libc::EACCES);
+    assert_eq!(emu.requests(), before, "the refusal is remembered");
+    let s = m.status();
+    assert_eq!(s["identity"]["from"], "AZURE_CLIENT_ID");
+    assert_eq!(s["identity"]["value"], CLIENT);
+    assert_eq!(s["identities"][1]["resources"][0]["state"], "denied");
+}
