@@ -348,6 +348,41 @@ mod tests {
         assert!(err(&imds, &[]).contains("--ca-file is for"));
     }
 
+    /// A declared identity's settings: its client ID; its tenant and credential where it
+    /// gives them, else the mount's.
+    #[test]
+    fn a_declared_identity_takes_what_it_does_not_set_from_the_mount() {
+        use super::super::super::declared::Declared;
+        use super::{declared_settings, Credential, Settings};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s");
+        std::fs::write(&path, "its-own\n").unwrap();
+        let mount = Settings {
+            tenant: "t".into(),
+            client_id: "c".into(),
+            credential: Credential::FederatedTokenFile("/var/run/token".into()),
+            ca: Vec::new(),
+        };
+        let d = Declared {
+            name: "x".into(),
+            client_id: Some("c2".into()),
+            ..Declared::default()
+        };
+        let got = declared_settings(&mount, &d).unwrap();
+        assert_eq!((got.tenant.as_str(), got.client_id.as_str()), ("t", "c2"));
+        assert!(
+            matches!(got.credential, Credential::FederatedTokenFile(ref p) if p.to_str() == Some("/var/run/token"))
+        );
+        let d = Declared {
+            tenant_id: Some("t2".into()),
+            client_secret_file: Some(path),
+            ..d
+        };
+        let got = declared_settings(&mount, &d).unwrap();
+        assert_eq!(got.tenant, "t2");
+        assert!(matches!(got.credential, Credential::Secret(ref s) if s.as_str() == "its-own"));
+    }
+
     #[test]
     fn a_secret_file_loses_its_trailing_newline_only() {
         let dir = tempfile::tempdir().unwrap();
