@@ -38,6 +38,15 @@ enum Queued {
     Http(HttpEvent),
 }
 
+/// How an audit line names what was read: the resource, under `id/NAME/` for a declared
+/// identity (the mount's own keeps the bare resource, as before).
+pub fn label(identity: Option<&str>, resource: &crate::names::Resource) -> Arc<str> {
+    match identity {
+        None => resource.shared(),
+        Some(name) => format!("id/{name}/{resource}").into(),
+    }
+}
+
 thread_local! {
     /// The last process seen by this FUSE thread and its executable: a loop of opens by
     /// one process reads /proc once.

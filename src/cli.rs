@@ -6,7 +6,8 @@ use crate::get::{GetError, GetRequest};
 use crate::mount::{self, MountError, MountRequest};
 use crate::policy::Policy;
 use crate::sink::{SinkError, SinkRequest};
-use crate::source::select::Wanted;
+use crate::source::declared::IdentityArg;
+use crate::source::select::{Env, Wanted};
 use crate::source::Identity;
 use crate::source::Kind;
 use crate::token::View;
@@ -26,7 +27,8 @@ also take a URI (https://management.azure.com/) or a scope (https://graph.micros
 Views (mount; sink writes the same files; get --view): MOUNT/<name> (raw token, no newline),
 MOUNT/.json/<name>, MOUNT/.header/<name> (Authorization: Bearer ...), MOUNT/.kubectl/<name>
 (ExecCredential), MOUNT/.git-credential/<name>, MOUNT/.claims/<name> (the JWT payload),
-MOUNT/.status (JSON: source, errors, counters), MOUNT/.env (--serve-endpoint only).
+MOUNT/.status (JSON: source, identity, errors, counters), MOUNT/.env (--serve-endpoint only);
+MOUNT/id/NAME/ the same tree for each --identity NAME=SELECTOR.
 
 mount(8) and fstab: cstokenfs SOURCE MOUNTPOINT -o OPTIONS (SOURCE is the name in the mount
 table); every long flag of mount is an -o key with _ for - (allow_other,uid=1000,mode=0440,
@@ -102,8 +104,10 @@ pub struct UpstreamArgs {
     /// The most one fetch may take, retries included, in seconds (1 to 60).
     #[arg(long, value_name = "SECS", default_value_t = 10, value_parser = parse_timeout)]
     pub timeout: u64,
-    /// User-assigned identity by client ID (IMDS, App Service); the application's client
-    /// ID for Entra [default: $AZURE_CLIENT_ID].
+    /// The mount's own identity: a user-assigned identity by client ID (IMDS, App
+    /// Service), the application's client ID (Entra) [default: $AZURE_CLIENT_ID, as the
+    /// SDKs' DefaultAzureCredential takes it, for imds, appservice and Entra; none: the
+    /// system-assigned identity]. `.status`'s `identity` says which is used and why.
     #[arg(long, value_name = "ID")]
     pub client_id: Option<String>,
     /// User-assigned identity by object (principal) ID (IMDS, App Service).
@@ -112,6 +116,14 @@ pub struct UpstreamArgs {
     /// User-assigned identity by Azure resource ID (IMDS, App Service).
     #[arg(long, value_name = "ID")]
     pub msi_res_id: Option<String>,
+    /// Another identity served beside the mount's own, under MOUNT/id/NAME/ (repeatable).
+    /// NAME: a-z, 0-9, - (up to 63). imds, appservice: one of client-id=GUID,
+    /// object-id=GUID, resource-id=/subscriptions/.../userAssignedIdentities/N.
+    /// workload-identity, service-principal: client-id=GUID, and tenant-id=GUID,
+    /// client-secret-file=PATH or client-certificate=PATH by repeating the flag with the
+    /// same NAME (what it does not set is the mount's). `get`: print this identity's token.
+    #[arg(long = "identity", value_name = "NAME=SELECTOR", value_parser = crate::source::declared::parse_identity_arg)]
+    pub identities: Vec<IdentityArg>,
     #[command(flatten)]
     pub entra: EntraArgs,
 }
@@ -177,8 +189,12 @@ fn parse_timeout(s: &str) -> Result<u64, String> {
 }
 
 impl UpstreamArgs {
-    pub fn wanted(&self) -> Wanted {
-        Wanted {
+    /// What the flags ask for; a usage error when the `--identity` flags do not add up,
+    /// or name identities the source cannot serve.
+    pub fn wanted(&self) -> Result<Wanted, CliError> {
+        let identities =
+            crate::source::declared::gather(&self.identities).map_err(CliError::Usage)?;
+        let wanted = Wanted {
             source: self.source.and_then(|s| s.0),
             endpoint: self.endpoint.clone(),
             emulator: self.emulator,
@@ -193,7 +209,11 @@ impl UpstreamArgs {
             client_secret_file: self.entra.client_secret_file.clone(),
             client_certificate: self.entra.client_certificate.clone(),
             ca_file: self.entra.ca_file.clone(),
-        }
+            identities,
+        };
+        crate::source::select::check_identities(&wanted, &Env::current())
+            .map_err(CliError::Usage)?;
+        Ok(wanted)
     }
 }
 
@@ -361,6 +381,12 @@ pub struct EmulatorArgs {
     /// trimmed); without it a random one is generated and printed on stdout.
     #[arg(long, value_name = "PATH")]
     pub secret_file: Option<PathBuf>,
+    /// IMDS, App Service: know N user-assigned identities (client IDs
+    /// 00000000-0000-0000-0000-c0000000000N, object IDs ...-a0000000000N, resource IDs
+    /// .../userAssignedIdentities/id0N; logged at start) and refuse any other named, as the
+    /// real services do [default: answer any identity named].
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u8).range(0..=255))]
+    pub user_assigned: Option<u8>,
     #[command(flatten)]
     pub entra: crate::emulator::entra::EntraEmulatorArgs,
 }
@@ -632,7 +658,7 @@ fn mount_command(args: MountArgs) -> Result<(), CliError> {
     };
     let request = MountRequest {
         mountpoint: args.mountpoint,
-        wanted: args.upstream.wanted(),
+        wanted: args.upstream.wanted()?,
         resources: args.resources,
         policy,
         foreground: args.foreground || args.debug,
@@ -663,7 +689,7 @@ fn sink_command(args: SinkArgs) -> Result<(), CliError> {
     let policy = args.daemon.policy(&args.upstream);
     let request = SinkRequest {
         dir: args.dir,
-        wanted: args.upstream.wanted(),
+        wanted: args.upstream.wanted()?,
         resources: args.resources,
         policy,
         foreground: args.foreground,
@@ -677,7 +703,7 @@ fn sink_command(args: SinkArgs) -> Result<(), CliError> {
 
 fn get_command(args: GetArgs) -> Result<(), CliError> {
     let request = GetRequest {
-        wanted: args.upstream.wanted(),
+        wanted: args.upstream.wanted()?,
         timeout: Duration::from_secs(args.upstream.timeout),
         name: args.name,
         view: if args.json { View::Json } else { args.view },
@@ -687,6 +713,11 @@ fn get_command(args: GetArgs) -> Result<(), CliError> {
 
 fn emulator_command(args: EmulatorArgs) -> Result<(), CliError> {
     crate::logging::init_stderr("info");
+    if args.user_assigned.is_some() && !matches!(args.protocol, Kind::Imds | Kind::AppService) {
+        return Err(CliError::usage(
+            "--user-assigned is only for --protocol imds or appservice",
+        ));
+    }
     if args.protocol.is_entra() {
         let (settings, tls) = args.entra.resolve().map_err(CliError::usage)?;
         return Ok(crate::emulator::entra::command(
@@ -723,6 +754,20 @@ fn emulator_command(args: EmulatorArgs) -> Result<(), CliError> {
     let emulator = Emulator::start_with(args.listen, config, args.protocol)
         .map_err(|e| CliError::Failure(format!("cannot listen on {}: {e}", args.listen)))?;
     emulator.set_caching(args.caching);
+    if let Some(n) = args.user_assigned {
+        let known: Vec<_> = (1..=n)
+            .map(crate::emulator::KnownIdentity::numbered)
+            .collect();
+        for k in &known {
+            log::info!(
+                "user-assigned identity: client_id {} object_id {} msi_res_id {}",
+                k.client_id,
+                k.object_id,
+                k.resource_id
+            );
+        }
+        emulator.set_identities(known);
+    }
     log::info!(
         "emulator serving the {:?} protocol at {}",
         args.protocol,

@@ -355,6 +355,21 @@ mod tests {
         );
     }
 
+    /// `identity=NAME=KEY=VALUE`: the first `=` ends the key, the rest is the flag's value
+    /// (repeated per setting, as the flag is).
+    #[test]
+    fn identity_options_keep_their_inner_equals_signs() {
+        let got = rewrite(
+            &cli(),
+            v("cstokenfs cstoken /m -o identity=ci=client-id=G,identity=ci=tenant-id=T"),
+        )
+        .unwrap();
+        assert_eq!(
+            got,
+            v("cstokenfs mount --fsname=cstoken --identity=ci=client-id=G --identity=ci=tenant-id=T -- /m")
+        );
+    }
+
     #[test]
     fn bad_options_reach_clap_as_flags() {
         assert_eq!(

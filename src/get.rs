@@ -2,7 +2,7 @@
 //! background pass, fetches one token with the same client and name rules as the mount,
 //! and prints one view of it on stdout.
 
-use crate::cache::ReadError;
+use crate::cache::{IdentityId, Key, ReadError, Use};
 use crate::daemon::{self, Daemon, DaemonError};
 use crate::names::NameError;
 use crate::policy::Policy;
@@ -36,13 +36,15 @@ pub enum GetError {
     Fetch { resource: String, error: ReadError },
     /// Standard output refused the token.
     Write(io::Error),
+    /// `--identity` names more than one identity: `get` prints one token.
+    Identities,
 }
 
 impl GetError {
     /// Whether the command line (or the environment it reads) is what is wrong.
     pub fn is_usage(&self) -> bool {
         match self {
-            GetError::Name { .. } => true,
+            GetError::Name { .. } | GetError::Identities => true,
             GetError::Daemon(e) => e.is_setup(),
             GetError::Fetch { .. } | GetError::Write(_) => false,
         }
@@ -58,6 +60,9 @@ impl fmt::Display for GetError {
             GetError::Daemon(e) => e.fmt(f),
             GetError::Fetch { resource, error } => write!(f, "{resource}: {error}"),
             GetError::Write(e) => write!(f, "cannot write the token: {e}"),
+            GetError::Identities => {
+                f.write_str("get prints one identity's token: give --identity for one NAME only")
+            }
         }
     }
 }
@@ -78,6 +83,12 @@ pub fn run(req: GetRequest) -> Result<(), GetError> {
         error,
     })?;
     let plan = daemon::plan(&req.wanted)?;
+    // `get --identity NAME=...`: that identity's token (one NAME at most).
+    let named = match req.wanted.identities.as_slice() {
+        [] => None,
+        [one] => Some(one.name.clone()),
+        _ => return Err(GetError::Identities),
+    };
     let policy = Policy {
         timeout: req.timeout,
         ..Policy::default()
@@ -86,9 +97,17 @@ pub fn run(req: GetRequest) -> Result<(), GetError> {
     let mut plan = plan;
     let _stand_in = crate::stand_in::start(&mut plan)?;
     let daemon = Daemon::build(plan, policy, &[])?;
-    let v = daemon
-        .cache()
-        .get_blocking(&resource)
+    let cache = daemon.cache();
+    let identity = match &named {
+        Some(name) => cache
+            .identities()
+            .by_name(name)
+            .ok_or(GetError::Identities)?,
+        None => IdentityId::DEFAULT,
+    };
+    let v = cache
+        .read_blocking(&Key::new(identity, resource.clone()), Use::Look)
+        .map(|lease| lease.version)
         .map_err(|error| GetError::Fetch {
             resource: resource.to_string(),
             error,

@@ -16,8 +16,18 @@ impl IdentityId {
     pub const DEFAULT: IdentityId = IdentityId(0);
 
     /// Its place among the daemon's identities.
-    pub(super) fn index(self) -> usize {
+    pub fn index(self) -> usize {
         self.0 as usize
+    }
+
+    /// The identity at `index` among the daemon's identities.
+    pub fn at(index: usize) -> IdentityId {
+        IdentityId(index as u32)
+    }
+
+    /// Whether this is the mount's own identity.
+    pub fn is_default(self) -> bool {
+        self == IdentityId::DEFAULT
     }
 }
 
@@ -35,9 +45,17 @@ impl Key {
 
     /// The default identity's key of each of `resources` (the declared `--resource`s).
     pub fn defaults(resources: &[Resource]) -> Vec<Key> {
-        resources
-            .iter()
-            .map(|r| Key::new(IdentityId::DEFAULT, r.clone()))
+        Key::all(1, resources)
+    }
+
+    /// The key of each of `resources` for each of the first `identities` identities.
+    pub fn all(identities: usize, resources: &[Resource]) -> Vec<Key> {
+        (0..identities)
+            .flat_map(|i| {
+                resources
+                    .iter()
+                    .map(move |r| Key::new(IdentityId::at(i), r.clone()))
+            })
             .collect()
     }
 }

@@ -1,34 +1,298 @@
 //! The daemon's identities: each owns the source (credential and upstream client) its
-//! tokens come from.
+//! tokens come from. The mount's own identity is `IdentityId::DEFAULT`; the declared ones
+//! (`--identity NAME=SELECTOR`) follow in their order. [`Identities::select`] is the one
+//! rule by which a request's `client_id`, `object_id`/`principal_id` or
+//! `msi_res_id`/`mi_res_id` picks an identity, for every listener.
 
 use crate::key::IdentityId;
-use crate::source::Source;
+use crate::source::declared::{selector_of, Selector};
+use crate::source::{Identity, Source};
+use std::collections::BTreeMap;
+use std::fmt;
 use std::sync::Arc;
+
+/// One identity of the daemon.
+struct Member {
+    /// `None`: the mount's own identity.
+    name: Option<String>,
+    /// The ids it is sent upstream under (and matched by).
+    ids: Identity,
+    source: Arc<dyn Source>,
+}
 
 /// The daemon's identities, each with the source it fetches its tokens from. The cache's
 /// background pass and fetch pool serve every identity (no thread per identity); the
-/// upstream rate limit and known-down state stay per upstream (`upstream.rs`: one per cache
-/// today, as every identity of a daemon asks the same endpoint).
+/// upstream rate limit and known-down state stay per upstream (`upstream.rs`: one per
+/// cache, shared by every identity, as IMDS limits requests per VM).
 pub struct Identities {
-    /// By `IdentityId`: index 0 is the default identity.
-    sources: Vec<Arc<dyn Source>>,
+    /// By `IdentityId`: index 0 is the mount's own identity.
+    members: Vec<Member>,
+    /// Where the mount's own identity came from, for `.status`.
+    origin: String,
+}
+
+/// Which identity a request names, by the parameters of IMDS's and App Service's
+/// protocols (empty values count as absent).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Query {
+    /// (parameter as the request spelled it, selector kind it matches, value).
+    asked: Vec<(&'static str, &'static str, String)>,
+}
+
+impl Query {
+    /// The identity parameters of a request: `client_id`; `object_id` or `principal_id`
+    /// (an object ID); `msi_res_id` or `mi_res_id` (a resource ID).
+    pub fn from_params(params: &BTreeMap<String, String>) -> Query {
+        let names: [(&'static str, &'static str); 5] = [
+            ("client_id", "client-id"),
+            ("object_id", "object-id"),
+            ("principal_id", "object-id"),
+            ("msi_res_id", "resource-id"),
+            ("mi_res_id", "resource-id"),
+        ];
+        let asked = names
+            .into_iter()
+            .filter_map(|(param, kind)| {
+                let v = params.get(param).filter(|v| !v.is_empty())?;
+                Some((param, kind, v.clone()))
+            })
+            .collect();
+        Query { asked }
+    }
+
+    /// Whether the request names no identity (the mount's own is meant).
+    pub fn is_empty(&self) -> bool {
+        self.asked.is_empty()
+    }
+}
+
+/// A request names an identity the operator did not declare: the first parameter that no
+/// declared identity matches.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NotDeclared {
+    pub param: &'static str,
+}
+
+impl fmt::Display for NotDeclared {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} names no identity this daemon serves: only the mount's own identity and those declared with --identity are served",
+            self.param
+        )
+    }
+}
+
+impl std::error::Error for NotDeclared {}
+
+/// What `.status` says of an identity: its name and selector (never a secret).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Described {
+    pub id: IdentityId,
+    /// `None`: the mount's own identity.
+    pub name: Option<String>,
+    pub selector: Option<Selector>,
 }
 
 impl Identities {
-    /// One identity, the default, fetching from `source`.
+    /// One identity, the mount's own, fetching from `source`.
     pub fn one(source: Arc<dyn Source>) -> Identities {
-        Identities {
-            sources: vec![source],
-        }
+        Identities::new(source, Identity::default(), String::new(), Vec::new())
+    }
+
+    /// The mount's own identity (`own`: its ids, `origin`: where they came from) and the
+    /// declared ones, by name, ids and source, in order.
+    pub fn new(
+        source: Arc<dyn Source>,
+        own: Identity,
+        origin: String,
+        declared: Vec<(String, Identity, Arc<dyn Source>)>,
+    ) -> Identities {
+        let mut members = vec![Member {
+            name: None,
+            ids: own,
+            source,
+        }];
+        members.extend(declared.into_iter().map(|(name, ids, source)| Member {
+            name: Some(name),
+            ids,
+            source,
+        }));
+        Identities { members, origin }
     }
 
     /// The source of `identity` (`None`: not an identity of this daemon).
     pub fn source(&self, identity: IdentityId) -> Option<&Arc<dyn Source>> {
-        self.sources.get(identity.index())
+        self.members.get(identity.index()).map(|m| &m.source)
     }
 
-    /// The default identity's source (what `.status` describes).
+    /// The default identity's source (what `.status` describes at the top).
     pub fn default_source(&self) -> &dyn Source {
-        &*self.sources[0]
+        &*self.members[0].source
+    }
+
+    /// The ids `identity` is sent upstream under (`None`: not an identity of this daemon).
+    pub fn ids(&self, identity: IdentityId) -> Option<&Identity> {
+        self.members.get(identity.index()).map(|m| &m.ids)
+    }
+
+    /// The declared identity named `name` (`MOUNT/id/NAME`).
+    pub fn by_name(&self, name: &str) -> Option<IdentityId> {
+        self.members
+            .iter()
+            .position(|m| m.name.as_deref() == Some(name))
+            .map(IdentityId::at)
+    }
+
+    /// The name of `identity` (`None`: the mount's own, or not an identity).
+    pub fn name(&self, identity: IdentityId) -> Option<&str> {
+        self.members.get(identity.index())?.name.as_deref()
+    }
+
+    /// The declared identities' ids and names, in order.
+    pub fn declared(&self) -> impl Iterator<Item = (IdentityId, &str)> {
+        self.members
+            .iter()
+            .enumerate()
+            .filter_map(|(i, m)| Some((IdentityId::at(i), m.name.as_deref()?)))
+    }
+
+    /// Every identity, the mount's own first, as `.status` describes it.
+    pub fn describe(&self) -> Vec<Described> {
+        self.members
+            .iter()
+            .enumerate()
+            .map(|(i, m)| Described {
+                id: IdentityId::at(i),
+                name: m.name.clone(),
+                selector: selector_of(&m.ids),
+            })
+            .collect()
+    }
+
+    /// Where the mount's own identity came from.
+    pub fn origin(&self) -> &str {
+        &self.origin
+    }
+
+    /// The identity a request names: the mount's own when it names none; else the first
+    /// (the mount's own, then the declared in order) whose selector matches every parameter
+    /// given. A `client_id` matches only a client ID, an `object_id`/`principal_id` only an
+    /// object ID, a `msi_res_id`/`mi_res_id` only a resource ID (the daemon cannot know
+    /// that two kinds of id name one identity); case does not matter.
+    pub fn select(&self, query: &Query) -> Result<IdentityId, NotDeclared> {
+        if query.is_empty() {
+            return Ok(IdentityId::DEFAULT);
+        }
+        let matches = |ids: &Identity| query.asked.iter().all(|(_, k, v)| has(ids, k, v));
+        if let Some(i) = self.members.iter().position(|m| matches(&m.ids)) {
+            return Ok(IdentityId::at(i));
+        }
+        // Name the first parameter no identity has, else the first given.
+        let param = query
+            .asked
+            .iter()
+            .find(|(_, k, v)| !self.members.iter().any(|m| has(&m.ids, k, v)))
+            .or(query.asked.first())
+            .map_or("client_id", |(p, _, _)| p);
+        Err(NotDeclared { param })
+    }
+}
+
+/// Whether `ids` has the id of selector kind `kind` equal to `value` (case-insensitively).
+fn has(ids: &Identity, kind: &str, value: &str) -> bool {
+    let ours = match kind {
+        "client-id" => &ids.client_id,
+        "object-id" => &ids.object_id,
+        _ => &ids.msi_res_id,
+    };
+    ours.as_ref().is_some_and(|o| o.eq_ignore_ascii_case(value))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::source::{Kind, SourceError};
+    use crate::token::Token;
+    use std::time::Duration;
+
+    struct Nothing;
+    impl Source for Nothing {
+        fn fetch_once(&self, _: &str, _: Duration) -> Result<Token, SourceError> {
+            Err(SourceError::Timeout)
+        }
+        fn endpoint(&self) -> String {
+            "nowhere".into()
+        }
+        fn kind(&self) -> Kind {
+            Kind::Imds
+        }
+    }
+
+    fn ids(c: Option<&str>, o: Option<&str>, r: Option<&str>) -> Identity {
+        Identity {
+            client_id: c.map(str::to_string),
+            object_id: o.map(str::to_string),
+            msi_res_id: r.map(str::to_string),
+        }
+    }
+
+    fn q(pairs: &[(&str, &str)]) -> Query {
+        Query::from_params(
+            &pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        )
+    }
+
+    #[test]
+    fn a_request_selects_only_by_a_selector_of_its_kind() {
+        let s: Arc<dyn Source> = Arc::new(Nothing);
+        let all = Identities::new(
+            s.clone(),
+            ids(Some("own"), None, None),
+            "--client-id".into(),
+            vec![
+                ("a".into(), ids(Some("AAAA"), None, None), s.clone()),
+                ("b".into(), ids(None, Some("bbbb"), None), s.clone()),
+                ("c".into(), ids(None, None, Some("/sub/C")), s.clone()),
+            ],
+        );
+        let at = IdentityId::at;
+        assert_eq!(all.select(&q(&[])), Ok(IdentityId::DEFAULT));
+        assert_eq!(
+            all.select(&q(&[("client_id", "")])),
+            Ok(IdentityId::DEFAULT)
+        );
+        assert_eq!(
+            all.select(&q(&[("client_id", "OWN")])),
+            Ok(IdentityId::DEFAULT)
+        );
+        assert_eq!(all.select(&q(&[("client_id", "aaaa")])), Ok(at(1)));
+        assert_eq!(all.select(&q(&[("object_id", "BBBB")])), Ok(at(2)));
+        assert_eq!(all.select(&q(&[("principal_id", "bbbb")])), Ok(at(2)));
+        assert_eq!(all.select(&q(&[("msi_res_id", "/sub/c")])), Ok(at(3)));
+        assert_eq!(all.select(&q(&[("mi_res_id", "/sub/C")])), Ok(at(3)));
+        // A client ID never matches an object ID, nor the reverse.
+        assert_eq!(
+            all.select(&q(&[("object_id", "aaaa")])),
+            Err(NotDeclared { param: "object_id" })
+        );
+        assert_eq!(
+            all.select(&q(&[("client_id", "bbbb")])),
+            Err(NotDeclared { param: "client_id" })
+        );
+        assert_eq!(
+            all.select(&q(&[("client_id", "aaaa"), ("object_id", "bbbb")])),
+            Err(NotDeclared { param: "client_id" }),
+            "two ids of two identities name none"
+        );
+        assert_eq!(all.by_name("b"), Some(at(2)));
+        assert_eq!(all.name(at(3)), Some("c"));
+        assert_eq!(all.declared().count(), 3);
+        let system = Identities::one(s);
+        assert!(system.select(&q(&[("client_id", "x")])).is_err());
+        assert_eq!(system.select(&q(&[])), Ok(IdentityId::DEFAULT));
     }
 }

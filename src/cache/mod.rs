@@ -31,7 +31,7 @@ use crate::policy::{self, EpochMs, Policy, ReadDecision, Schedule, Verdict};
 use crate::source::{Failure, Source, SourceError};
 use crate::token::{Token, Version};
 use entry::{shrink, Entry, Failures, Refusal, Refusals};
-pub use identities::Identities;
+pub use identities::{Identities, NotDeclared, Query};
 use log::{debug, info, warn};
 use parking_lot::{Condvar, Mutex};
 use pool::{Job, Pool, Pushed};
@@ -255,6 +255,11 @@ impl Cache {
             stopped: Mutex::new(false),
             generation: AtomicU64::new(0),
         })
+    }
+
+    /// The daemon's identities (names, selectors, sources).
+    pub fn identities(&self) -> &Identities {
+        &self.identities
     }
 
     /// The default identity's source.

@@ -2,7 +2,7 @@
 //! key (held, being fetched, refused, failed), gathered under the cache's lock. Never token
 //! bytes.
 
-use super::{Cache, State};
+use super::{Cache, IdentityId, State};
 use crate::policy::EpochMs;
 use serde::Serialize;
 
@@ -29,7 +29,32 @@ pub struct Status {
     pub fetches_queued: usize,
     /// The wall clock, epoch seconds.
     pub now: i64,
-    /// By resource string.
+    /// The mount's own identity's resources, by resource string.
+    pub resources: Vec<ResourceStatus>,
+    /// The mount's own identity: its selector and where it came from.
+    pub identity: OwnIdentity,
+    /// The declared identities (`--identity`), in order, each with its resources.
+    pub identities: Vec<IdentityStatus>,
+}
+
+/// `.status`'s `identity`: which identity the top level serves, and why.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct OwnIdentity {
+    /// `client-id`, `object-id`, `resource-id` (`None`: the source's own, such as the
+    /// system-assigned identity).
+    pub selector: Option<&'static str>,
+    pub value: Option<String>,
+    /// Where it came from: a flag, `AZURE_CLIENT_ID`, or none given.
+    pub from: String,
+}
+
+/// One declared identity in `.status` (never a secret: its selector only).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct IdentityStatus {
+    pub name: String,
+    pub selector: Option<&'static str>,
+    pub value: Option<String>,
+    /// Its resources, as the top-level `resources`.
     pub resources: Vec<ResourceStatus>,
 }
 
@@ -87,31 +112,33 @@ impl Cache {
         let secs = |ms: EpochMs| ms.div_euclid(1000);
         let guard = self.state.lock();
         let State { entries, refusals } = &*guard;
-        let mut resources: Vec<ResourceStatus> = entries
+        let mut resources: Vec<(IdentityId, ResourceStatus)> = entries
             .iter()
             .map(|(k, e)| {
-                let held = e.valid(now);
-                let refusal = refusals.active(k, now);
-                let last_error = e
-                    .failures
-                    .last_error
-                    .as_ref()
-                    .map(|(m, at)| (m.clone(), *at))
-                    .or_else(|| refusal.map(|x| (x.message().to_string(), x.at)));
-                ResourceStatus {
-                    name: crate::names::canonical_name(&k.resource),
-                    resource: k.resource.to_string(),
-                    state: e.state(now, refusal),
-                    declared: e.declared,
-                    expires_on: held.map(|v| secs(v.expires_on)),
-                    fetched_at: e.fetched_at.map(secs),
-                    next_refresh: held
-                        .map(|v| secs(v.schedule.refresh_at.max(e.failures.next_attempt_at))),
-                    upstream_calls: Some(e.upstream_calls),
-                    consecutive_failures: e.failures.consecutive,
-                    last_error_at: last_error.as_ref().map(|x| secs(x.1)),
-                    last_error: last_error.map(|x| x.0),
-                }
+                (k.identity, {
+                    let held = e.valid(now);
+                    let refusal = refusals.active(k, now);
+                    let last_error = e
+                        .failures
+                        .last_error
+                        .as_ref()
+                        .map(|(m, at)| (m.clone(), *at))
+                        .or_else(|| refusal.map(|x| (x.message().to_string(), x.at)));
+                    ResourceStatus {
+                        name: crate::names::canonical_name(&k.resource),
+                        resource: k.resource.to_string(),
+                        state: e.state(now, refusal),
+                        declared: e.declared,
+                        expires_on: held.map(|v| secs(v.expires_on)),
+                        fetched_at: e.fetched_at.map(secs),
+                        next_refresh: held
+                            .map(|v| secs(v.schedule.refresh_at.max(e.failures.next_attempt_at))),
+                        upstream_calls: Some(e.upstream_calls),
+                        consecutive_failures: e.failures.consecutive,
+                        last_error_at: last_error.as_ref().map(|x| secs(x.1)),
+                        last_error: last_error.map(|x| x.0),
+                    }
+                })
             })
             .collect();
         resources.extend(
@@ -119,22 +146,46 @@ impl Cache {
                 .by_key
                 .iter()
                 .filter(|(k, x)| now < x.until && !entries.contains_key(*k))
-                .map(|(k, x)| ResourceStatus {
-                    name: crate::names::canonical_name(&k.resource),
-                    resource: k.resource.to_string(),
-                    state: x.state(),
-                    declared: false,
-                    expires_on: None,
-                    fetched_at: None,
-                    next_refresh: None,
-                    upstream_calls: None,
-                    consecutive_failures: 1,
-                    last_error: Some(x.message().to_string()),
-                    last_error_at: Some(secs(x.at)),
+                .map(|(k, x)| {
+                    (
+                        k.identity,
+                        ResourceStatus {
+                            name: crate::names::canonical_name(&k.resource),
+                            resource: k.resource.to_string(),
+                            state: x.state(),
+                            declared: false,
+                            expires_on: None,
+                            fetched_at: None,
+                            next_refresh: None,
+                            upstream_calls: None,
+                            consecutive_failures: 1,
+                            last_error: Some(x.message().to_string()),
+                            last_error_at: Some(secs(x.at)),
+                        },
+                    )
                 }),
         );
         drop(guard);
-        resources.sort_by(|a, b| a.resource.cmp(&b.resource));
+        resources.sort_by(|a, b| (a.0, &a.1.resource).cmp(&(b.0, &b.1.resource)));
+        let mut of = |id: IdentityId| -> Vec<ResourceStatus> {
+            let (mine, rest) = std::mem::take(&mut resources)
+                .into_iter()
+                .partition(|(i, _)| *i == id);
+            resources = rest;
+            mine.into_iter().map(|(_, r)| r).collect()
+        };
+        let mut described = self.identities.describe().into_iter();
+        let own = described.next();
+        let own_resources = of(IdentityId::DEFAULT);
+        let identities = described
+            .map(|d| IdentityStatus {
+                name: d.name.unwrap_or_default(),
+                selector: d.selector.as_ref().map(|s| s.kind),
+                value: d.selector.map(|s| s.value),
+                resources: of(d.id),
+            })
+            .collect();
+        let own_selector = own.and_then(|d| d.selector);
         Status {
             endpoint: self.source().endpoint(),
             source: self.source().kind().name(),
@@ -146,7 +197,13 @@ impl Cache {
             upstream_held_back: self.upstream.held_back(),
             fetches_queued: self.pool.queued(),
             now: secs(now),
-            resources,
+            resources: own_resources,
+            identity: OwnIdentity {
+                selector: own_selector.as_ref().map(|s| s.kind),
+                value: own_selector.map(|s| s.value),
+                from: self.identities.origin().to_string(),
+            },
+            identities,
         }
     }
 }

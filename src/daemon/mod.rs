@@ -59,10 +59,27 @@ impl Daemon {
     pub fn build(plan: Plan, policy: Policy, declared: &[Resource]) -> Result<Daemon, DaemonError> {
         let source = plan.build()?;
         info!("source {}: {}", plan.kind, plan.reason);
+        let others: Vec<_> = plan
+            .declared()
+            .zip(plan.build_declared()?)
+            .map(|(d, source)| (d.name.clone(), d.identity(), source))
+            .collect();
+        for (name, ids, _) in &others {
+            if let Some(s) = crate::source::declared::selector_of(ids) {
+                info!("identity {name}: {}={}", s.kind, s.value);
+            }
+        }
+        let count = others.len() + 1;
+        let identities = Identities::new(
+            source,
+            plan.own_identity().clone(),
+            plan.identity_origin().to_string(),
+            others,
+        );
         let cache = Cache::new(
-            Identities::one(source),
+            identities,
             policy,
-            &Key::defaults(declared),
+            &Key::all(count, declared),
             Arc::new(SystemClock),
         );
         Ok(Daemon {

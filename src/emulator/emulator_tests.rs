@@ -881,3 +881,58 @@ fn stop_closes_port_and_wait_returns() {
     fn send_sync<T: Send + Sync>() {}
     send_sync::<Emulator>();
 }
+
+/// With user-assigned identities set, IMDS and App Service answer the one a request names
+/// by any of its ids (its ids in the token), the system-assigned one when none is named,
+/// and refuse an unknown one as the real services do; `requests_by` counts per identity.
+#[test]
+fn known_identities_are_answered_and_others_refused() {
+    let known = KnownIdentity::numbered(1);
+    let header = |emu: &Emulator| format!("X-IDENTITY-HEADER: {}\r\n", emu.identity_header());
+    for p in [Kind::Imds, Kind::AppService] {
+        let emu = emu_with(p);
+        emu.set_identities(vec![known.clone()]);
+        let (api, extra) = match p {
+            Kind::Imds => (IMDS_API_VERSION, META.to_string()),
+            _ => (APP_SERVICE_API_VERSION, header(&emu)),
+        };
+        let rid = enc(&known.resource_id);
+        for more in [
+            format!("&client_id={}", known.client_id.to_uppercase()),
+            format!("&object_id={}", known.object_id),
+            format!("&principal_id={}", known.object_id),
+            format!("&msi_res_id={rid}"),
+            format!("&mi_res_id={rid}"),
+        ] {
+            let (status, _, v) = get(&emu, &query(api, VAULT, &more), &extra);
+            assert_eq!(status, 200, "{p} {more}: {v}");
+            assert_eq!(v["client_id"], known.client_id.as_str(), "{p} {more}");
+            let c = claims(&v);
+            assert_eq!(c["appid"], known.client_id.as_str());
+            assert_eq!(c["azp"], known.client_id.as_str());
+            assert_eq!(c["oid"], known.object_id.as_str());
+            assert_eq!(c["xms_mirid"], known.resource_id.as_str());
+        }
+        let (status, _, v) = get(&emu, &query(api, VAULT, ""), &extra);
+        assert_eq!(status, 200);
+        assert_eq!(claims(&v)["oid"], DEFAULT_OBJECT_ID);
+        assert_eq!(emu.requests_by(&known.client_id, VAULT), 5);
+        assert_eq!(emu.requests_by(DEFAULT_CLIENT_ID, VAULT), 1);
+        let unknown = "&client_id=99999999-9999-9999-9999-999999999999";
+        let (status, _, v) = get(&emu, &query(api, VAULT, unknown), &extra);
+        assert_eq!(status, 400, "{p}");
+        match p {
+            Kind::Imds => assert_eq!(
+                v,
+                json!({"error": "invalid_request", "error_description": "Identity not found"})
+            ),
+            _ => assert_eq!(
+                v["message"],
+                "No Managed Identity found for specified ClientId/ResourceId/PrincipalId."
+            ),
+        }
+        // A client ID given as an object ID names no identity.
+        let swapped = format!("&object_id={}", known.client_id);
+        assert_eq!(get(&emu, &query(api, VAULT, &swapped), &extra).0, 400);
+    }
+}

@@ -72,6 +72,31 @@ pub const DEFAULT_ARC_KEY_DIR: &str = "/var/opt/azcmagent/tokens";
 /// `client_id` in IMDS / App Service answers when the request names none.
 pub const DEFAULT_CLIENT_ID: &str = "00000000-0000-0000-0000-00000000e111";
 
+/// `oid` of the system-assigned identity's tokens (a request that names no identity).
+pub const DEFAULT_OBJECT_ID: &str = "00000000-0000-0000-0000-00000000a111";
+
+/// A user-assigned identity the IMDS and App Service protocols know ([`Emulator::set_identities`]):
+/// a request names it by any one of its ids, and its tokens carry them (`appid`, `azp`,
+/// `oid`, `xms_mirid`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct KnownIdentity {
+    pub client_id: String,
+    pub object_id: String,
+    pub resource_id: String,
+}
+
+impl KnownIdentity {
+    /// An identity whose ids are all made from `n` (client `...c000000000NN`, object
+    /// `...a000000000NN`, resource `/subscriptions/.../userAssignedIdentities/idNN`).
+    pub fn numbered(n: u8) -> KnownIdentity {
+        KnownIdentity {
+            client_id: format!("00000000-0000-0000-0000-c000000000{n:02x}"),
+            object_id: format!("00000000-0000-0000-0000-a000000000{n:02x}"),
+            resource_id: format!("/subscriptions/00000000-0000-0000-0000-000000000001/resourceGroups/rg/providers/Microsoft.ManagedIdentity/userAssignedIdentities/id{n:02x}"),
+        }
+    }
+}
+
 /// `iss` of the tokens the emulator mints.
 const ISSUER: &str = "https://cstokenfs-emulator.invalid/";
 /// The `emulator` claim of every token it mints.
@@ -226,6 +251,15 @@ pub enum ExpiresOnForm {
     GarbageString,
 }
 
+/// Who a token is for: the identity a request named (its client ID, object ID and resource
+/// ID as far as known).
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Who {
+    client_id: String,
+    object_id: Option<String>,
+    resource_id: Option<String>,
+}
+
 #[derive(Clone)]
 struct Issued {
     token: String,
@@ -296,6 +330,14 @@ struct Shared {
     /// settings. Written by `Emulator::set_entra`; cloned by each Entra request before
     /// its checks (the federated token file is read with no lock held).
     entra: Mutex<entra::EntraSettings>,
+    /// The user-assigned identities the IMDS and App Service protocols know; `None`: any
+    /// identity named is answered. Lock: its own, only to copy or replace. Written by
+    /// `Emulator::set_identities`; read by `protocol::who`.
+    identities: Mutex<Option<Vec<KnownIdentity>>>,
+    /// Requests per (identity's client ID, resource) of the IMDS and App Service protocols
+    /// that named a known identity (or none). Lock: its own. Incremented by `protocol`;
+    /// cleared by `Emulator::reset_counters`.
+    per_identity: Mutex<HashMap<(String, String), u64>>,
 }
 
 /// One Arc challenge this emulator issued: the secret and the file holding it.
@@ -370,6 +412,8 @@ impl Emulator {
             arc_keys: Mutex::new(VecDeque::new()),
             last_params: Mutex::new(None),
             entra: Mutex::new(entra::EntraSettings::default()),
+            identities: Mutex::new(None),
+            per_identity: Mutex::new(HashMap::new()),
         });
         let config = httpserver::Config {
             // Longer than reqwest's 90 s pool idle timeout: a client's pooled connection is
@@ -487,7 +531,31 @@ impl Emulator {
     pub fn reset_counters(&self) {
         self.shared.requests.store(0, SeqCst);
         self.shared.per_resource.lock().clear();
+        self.shared.per_identity.lock().clear();
         self.shared.issued.store(0, SeqCst);
+    }
+
+    /// The user-assigned identities the IMDS and App Service protocols know, besides the
+    /// system-assigned one (a request naming none). Once set, a request naming another
+    /// identity gets what the real services answer: IMDS 400 `invalid_request` "Identity
+    /// not found", App Service 400 "No Managed Identity found for specified
+    /// ClientId/ResourceId/PrincipalId.". Before: any identity named is answered.
+    pub fn set_identities(&self, identities: Vec<KnownIdentity>) {
+        *self.shared.identities.lock() = Some(identities);
+    }
+
+    /// Requests of the IMDS and App Service protocols for `resource` (as sent) by the
+    /// identity whose client ID is `client_id` ([`DEFAULT_CLIENT_ID`]: the system-assigned
+    /// one), however the request named it; requests naming an unknown identity are not
+    /// counted here.
+    pub fn requests_by(&self, client_id: &str, resource: &str) -> u64 {
+        let key = (client_id.to_ascii_lowercase(), resource.to_string());
+        self.shared
+            .per_identity
+            .lock()
+            .get(&key)
+            .copied()
+            .unwrap_or(0)
     }
 
     /// Same as dropping the emulator.
@@ -549,11 +617,21 @@ impl Shared {
 
     /// Mints a token for `resource`, or returns the cached one when caching is on.
     fn issue(&self, resource: &str) -> Issued {
+        self.issue_for(resource, None)
+    }
+
+    /// Mints a token for `resource` as `who` asked for it (its ids in the claims), or
+    /// returns the cached one when caching is on.
+    fn issue_for(&self, resource: &str, who: Option<&Who>) -> Issued {
         let now = now_secs();
         let caching = self.caching.load(SeqCst);
         let mut cache = self.cache.lock();
+        let cache_key = match who {
+            Some(w) => format!("{}\n{resource}", w.client_id),
+            None => resource.to_string(),
+        };
         if let Some(hit) = cache
-            .get(resource)
+            .get(&cache_key)
             .filter(|t| caching && t.expires_on > now)
         {
             return hit.clone();
@@ -561,8 +639,18 @@ impl Shared {
         let exp = now.saturating_add(self.ttl.load(SeqCst));
         let serial = self.serial.fetch_add(1, SeqCst) + 1;
         self.issued.fetch_add(1, SeqCst);
-        let claims = serde_json::json!({"iss": ISSUER, "aud": resource, "iat": now, "nbf": now,
+        let mut claims = serde_json::json!({"iss": ISSUER, "aud": resource, "iat": now, "nbf": now,
             "exp": exp, "serial": serial, "emulator": NOTICE});
+        if let Some(w) = who {
+            claims["appid"] = w.client_id.clone().into();
+            claims["azp"] = w.client_id.clone().into();
+            if let Some(oid) = &w.object_id {
+                claims["oid"] = oid.clone().into();
+            }
+            if let Some(rid) = &w.resource_id {
+                claims["xms_mirid"] = rid.clone().into();
+            }
+        }
         let token = format!(
             "{}.{}.",
             URL_SAFE_NO_PAD.encode(r#"{"alg":"none","typ":"JWT"}"#),
@@ -574,7 +662,7 @@ impl Shared {
             not_before: now,
         };
         if caching {
-            cache.insert(resource.to_owned(), issued.clone());
+            cache.insert(cache_key, issued.clone());
         }
         issued
     }

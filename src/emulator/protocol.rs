@@ -14,7 +14,7 @@ use super::action::{common_fault, ok, Action};
 use super::bodies::{success_body, token_body};
 use super::form::{form_value, params_lossy, params_strict};
 use super::{
-    entra, faults, now_secs, random_hex, ArcKey, ExpiresOnForm, Fault, Issued, Kind, Shared,
+    entra, faults, now_secs, random_hex, ArcKey, ExpiresOnForm, Fault, Issued, Kind, Shared, Who,
     APP_SERVICE_API_VERSION, ARC_API_VERSION, DEFAULT_CLIENT_ID, IMDS_API_VERSION,
 };
 
@@ -225,7 +225,72 @@ fn answer_imds(sh: &Shared, req: &Request, params: &[u8], client_id: &str) -> Ac
         Ok(r) => r,
         Err(a) => return a,
     };
-    imds_token(sh, Kind::Imds, &resource, client_id)
+    let Some(who) = who(sh, params, client_id) else {
+        return flat_err(400, "invalid_request", "Identity not found");
+    };
+    count(sh, &who, &resource);
+    if !sh.audience_allowed(&resource) {
+        return flat_err(400, "invalid_resource", &aadsts500011(&resource));
+    }
+    let issued = sh.issue_for(&resource, Some(&who));
+    ok(success_body(
+        Kind::Imds,
+        &issued,
+        Some(&issued.token),
+        &resource,
+        ExpiresOnForm::EpochString,
+        &who.client_id,
+    ))
+}
+
+/// The identity a request of the IMDS or App Service protocol names (`client_id`;
+/// `object_id` or `principal_id`; `msi_res_id` or `mi_res_id`), as the emulator knows it:
+/// `None` when identities are set (`Emulator::set_identities`) and none of them has every
+/// id named. Naming none is the system-assigned identity.
+fn who(sh: &Shared, params: &[u8], client_id: &str) -> Option<Who> {
+    let query = params_strict(params).unwrap_or_default();
+    let get = |names: &[&str]| {
+        names
+            .iter()
+            .find_map(|n| query.get(*n).filter(|v| !v.is_empty()).cloned())
+    };
+    let (c, o, r) = (
+        get(&["client_id"]),
+        get(&["object_id", "principal_id"]),
+        get(&["msi_res_id", "mi_res_id"]),
+    );
+    if c.is_none() && o.is_none() && r.is_none() {
+        return Some(Who {
+            client_id: super::DEFAULT_CLIENT_ID.into(),
+            object_id: Some(super::DEFAULT_OBJECT_ID.into()),
+            resource_id: None,
+        });
+    }
+    let known = sh.identities.lock().clone();
+    let Some(known) = known else {
+        return Some(Who {
+            client_id: client_id.to_string(),
+            object_id: o,
+            resource_id: r,
+        });
+    };
+    let same = |given: &Option<String>, ours: &str| {
+        given.as_ref().is_none_or(|g| g.eq_ignore_ascii_case(ours))
+    };
+    known
+        .iter()
+        .find(|k| same(&c, &k.client_id) && same(&o, &k.object_id) && same(&r, &k.resource_id))
+        .map(|k| Who {
+            client_id: k.client_id.clone(),
+            object_id: Some(k.object_id.clone()),
+            resource_id: Some(k.resource_id.clone()),
+        })
+}
+
+/// Counts a request of `who` for `resource` (`Emulator::requests_by`).
+fn count(sh: &Shared, who: &Who, resource: &str) {
+    let key = (who.client_id.to_ascii_lowercase(), resource.to_string());
+    *sh.per_identity.lock().entry(key).or_insert(0) += 1;
 }
 
 fn answer_arc(sh: &Shared, req: &Request, params: &[u8], client_id: &str) -> Action {
@@ -327,17 +392,24 @@ fn answer_app_service(sh: &Shared, req: &Request, params: &[u8], client_id: &str
         Some(r) if !r.is_empty() => r.as_str(),
         _ => return app_err(400, "Required resource parameter not specified"),
     };
+    let Some(who) = who(sh, params, client_id) else {
+        return app_err(
+            400,
+            "No Managed Identity found for specified ClientId/ResourceId/PrincipalId.",
+        );
+    };
+    count(sh, &who, resource);
     if !sh.audience_allowed(resource) {
         return app_err(400, &aadsts500011(resource));
     }
-    let issued = sh.issue(resource);
+    let issued = sh.issue_for(resource, Some(&who));
     ok(success_body(
         Kind::AppService,
         &issued,
         Some(&issued.token),
         resource,
         ExpiresOnForm::EpochString,
-        client_id,
+        &who.client_id,
     ))
 }
 

@@ -6,7 +6,7 @@
 use super::request::{self, BadRequest};
 use super::{Category, Counters, Settings};
 use crate::audit::{Audit, HttpEvent};
-use crate::cache::{Cache, IdentityId, Key, Lease, ReadError, Use};
+use crate::cache::{Cache, Key, Lease, Query, ReadError, Use};
 use crate::hardening::ct_eq;
 use crate::httpserver::{self, race, Answer, Either, Reply, Request, Stop};
 use crate::token::Version;
@@ -79,7 +79,7 @@ fn error(category: Category, status: u16, message: impl Into<String>) -> Outcome
 impl Outcome {
     /// A read of resource `sent` that got no token: category and status by the read's
     /// error.
-    fn of_read(e: ReadError, sent: &str) -> Outcome {
+    fn of_read(e: ReadError, sent: &str, who: &str) -> Outcome {
         match e {
             ReadError::Refused(m) => error(
                 Category::Refused,
@@ -89,7 +89,7 @@ impl Outcome {
             ReadError::Denied(m) => error(
                 Category::Denied,
                 403,
-                format!("the token endpoint refused this mount's identity ({sent}): {m}"),
+                format!("the token endpoint refused {who} ({sent}): {m}"),
             ),
             ReadError::Unavailable(m) => error(
                 Category::UpstreamFailed,
@@ -178,9 +178,10 @@ impl Inner {
             Some(v) if v == request::API_VERSION => {}
             other => return bad(BadRequest::ApiVersion(other.cloned())),
         }
-        if let Err(e) = request::check_identity(&params, &self.settings.identity) {
-            return bad(e);
-        }
+        let identity = match self.cache.identities().select(&Query::from_params(&params)) {
+            Ok(identity) => identity,
+            Err(e) => return bad(BadRequest::NotDeclared(e)),
+        };
         let Some(sent) = params.get("resource") else {
             return bad(BadRequest::NoResource);
         };
@@ -188,20 +189,29 @@ impl Inner {
             return bad(BadRequest::ResourceTooLong(sent.len()));
         }
         let key = match crate::names::resolve_query(sent) {
-            Ok(resource) => Key::new(IdentityId::DEFAULT, resource),
+            Ok(resource) => Key::new(identity, resource),
             Err(why) => return bad(BadRequest::Resource(sent.clone(), why)),
         };
         match self.read(&key, stop).await {
             Ok(Lease { version: v, .. }) => {
                 if let Some(audit) = &self.audit {
                     audit.served(HttpEvent {
-                        resource: v.key.resource.shared(),
+                        resource: crate::audit::label(
+                            self.cache.identities().name(identity),
+                            &v.key.resource,
+                        ),
                         peer,
                     });
                 }
                 Outcome::Token(self.token_body(&v, sent))
             }
-            Err(e) => Outcome::of_read(e, sent),
+            Err(e) => {
+                let who = match self.cache.identities().name(identity) {
+                    Some(name) => format!("identity {name}"),
+                    None => "this mount's identity".into(),
+                };
+                Outcome::of_read(e, sent, &who)
+            }
         }
     }
 
@@ -231,14 +241,12 @@ impl Inner {
     /// as the request spelled it.
     fn token_body(&self, v: &Version, sent: &str) -> Vec<u8> {
         let token = String::from_utf8_lossy(v.token());
-        let extra = sent.len()
-            + 128
-            + self
-                .settings
-                .identity
-                .client_id
-                .as_ref()
-                .map_or(0, |c| c.len());
+        let client_id = self
+            .cache
+            .identities()
+            .ids(v.key.identity)
+            .and_then(|ids| ids.client_id.as_ref());
+        let extra = sent.len() + 128 + client_id.map_or(0, |c| c.len());
         let mut out = Zeroizing::new(Vec::with_capacity(6 * token.len() + 6 * extra));
         let buf: &mut Vec<u8> = &mut out;
         buf.extend_from_slice(b"{\"access_token\":");
@@ -248,7 +256,7 @@ impl Inner {
         buf.extend_from_slice(b",\"resource\":");
         let _ = serde_json::to_writer(&mut *buf, sent);
         buf.extend_from_slice(b",\"token_type\":\"Bearer\"");
-        if let Some(id) = &self.settings.identity.client_id {
+        if let Some(id) = client_id {
             buf.extend_from_slice(b",\"client_id\":");
             let _ = serde_json::to_writer(&mut *buf, id);
         }

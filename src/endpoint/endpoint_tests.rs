@@ -5,6 +5,7 @@ use crate::emulator::{Emulator, EmulatorConfig};
 use crate::policy::Policy;
 use crate::policy::SystemClock;
 use crate::source::cloudshell::CloudShell;
+use crate::source::Identity;
 
 struct Rig {
     emu: Emulator,
@@ -20,14 +21,13 @@ fn rig(identity: Identity) -> Rig {
         ..Policy::default()
     };
     let cache = Cache::new(
-        crate::cache::Identities::one(source),
+        crate::cache::Identities::new(source, identity, String::new(), Vec::new()),
         policy,
         &[],
         Arc::new(SystemClock),
     );
     let settings = Settings {
         listen: "127.0.0.1:0".parse().unwrap(),
-        identity,
         timeout: Duration::from_secs(3),
     };
     let ep = Endpoint::start(settings, cache.clone(), None).unwrap();

@@ -5,8 +5,8 @@
 //! GET /msi/token?api-version=2019-08-01&resource=R[&client_id=..]   X-IDENTITY-HEADER: <secret>
 //!   -> 200 {"access_token","expires_on":"<epoch s>","resource":R,"token_type":"Bearer"}
 //!   -> 401 (wrong or missing secret: nothing else is looked at)
-//!   -> 400 {"statusCode":400,"message":..} (proxied, foreign Host, bad query, resource or
-//!      identity; a resource the upstream refused), 403 (the upstream refused the identity),
+//!   -> 400 {"statusCode":400,"message":..} (proxied, foreign Host, bad query, resource, an
+//!      identity not declared; a resource the upstream refused), 403 (the upstream refused the identity),
 //!      500 (no token: the upstream's redacted error), 404 / 405 (another path or method)
 //! ```
 //!
@@ -25,7 +25,6 @@ pub mod request;
 use crate::audit::Audit;
 use crate::cache::Cache;
 use crate::httpserver::{Config, Server};
-use crate::source::Identity;
 use std::fmt;
 use std::io;
 use std::net::SocketAddr;
@@ -48,8 +47,6 @@ pub const MAX_HEAD: usize = 8 * 1024;
 #[derive(Clone)]
 pub struct Settings {
     pub listen: SocketAddr,
-    /// The mount's identity: requests naming another one are refused.
-    pub identity: Identity,
     /// `--timeout`: the cache answers within it; the endpoint waits a little longer at most.
     pub timeout: Duration,
 }

@@ -1,9 +1,9 @@
-//! What a request to the endpoint says, checked without any upstream call: its query, the
-//! identity it asks for, and its `Host` (the resource it names is resolved by
+//! What a request to the endpoint says, checked without any upstream call: its query and
+//! its `Host` (the identity it asks for is chosen by `cache::Identities::select`) (the resource it names is resolved by
 //! `names::resolve_query`, the rule it shares with file names).
 
+use crate::cache::NotDeclared;
 use crate::names::NameError;
-use crate::source::Identity;
 use std::collections::BTreeMap;
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
@@ -34,8 +34,9 @@ pub enum BadRequest {
     /// The resource is longer than [`MAX_RESOURCE`] (its length).
     ResourceTooLong(usize),
     Resource(String, NameError),
-    /// `client_id`, `principal_id` or `mi_res_id` names another identity than the mount's.
-    OtherIdentity(&'static str),
+    /// `client_id`, `principal_id`/`object_id` or `mi_res_id`/`msi_res_id` names no
+    /// identity the daemon serves (`Identities::select`).
+    NotDeclared(NotDeclared),
     /// The `Host` header is missing, repeated or names another host.
     Host,
     /// A header of [`PROXY_HEADERS`].
@@ -64,9 +65,9 @@ impl fmt::Display for BadRequest {
                 "the resource is {n} bytes long; at most {MAX_RESOURCE} are served"
             ),
             BadRequest::Resource(r, why) => write!(f, "resource {r:?} is not valid: {why}"),
-            BadRequest::OtherIdentity(p) => write!(
+            BadRequest::NotDeclared(e) => write!(
                 f,
-                "{p} names another identity than this mount's: one mount serves one identity"
+                "No Managed Identity found for specified ClientId/ResourceId/PrincipalId: {e}"
             ),
             BadRequest::Host => f.write_str(
                 "one Host header, naming this endpoint's address, localhost, 127.0.0.1 or [::1], is required",
@@ -106,32 +107,6 @@ fn decode(s: &str) -> Result<String, BadRequest> {
 /// The path of a request target (without its query).
 pub fn path(target: &str) -> &str {
     target.split_once('?').map_or(target, |(p, _)| p)
-}
-
-/// Refuses a request naming another identity than `mount`'s. Names it can be given by:
-/// `client_id`; `principal_id` or `object_id` (the object ID); `mi_res_id` or `msi_res_id`.
-/// Empty values count as absent; IDs compare case-insensitively. A mount without that
-/// kind of ID (the system-assigned identity, Cloud Shell's user) refuses every such name.
-pub fn check_identity(
-    params: &BTreeMap<String, String>,
-    mount: &Identity,
-) -> Result<(), BadRequest> {
-    let kinds: [(&'static str, &Option<String>); 5] = [
-        ("client_id", &mount.client_id),
-        ("principal_id", &mount.object_id),
-        ("object_id", &mount.object_id),
-        ("mi_res_id", &mount.msi_res_id),
-        ("msi_res_id", &mount.msi_res_id),
-    ];
-    for (param, ours) in kinds {
-        let Some(asked) = params.get(param).filter(|v| !v.is_empty()) else {
-            continue;
-        };
-        if !ours.as_ref().is_some_and(|o| o.eq_ignore_ascii_case(asked)) {
-            return Err(BadRequest::OtherIdentity(param));
-        }
-    }
-    Ok(())
 }
 
 /// Whether `host` (the `Host` header) names this endpoint: the listen address's IP,
@@ -189,32 +164,6 @@ mod tests {
         assert_eq!(parse_query("/?resource=%FF"), Err(BadRequest::Query));
         assert!(parse_query("/msi/token").unwrap().is_empty());
         assert_eq!(path("/msi/token?x=1"), "/msi/token");
-    }
-
-    #[test]
-    fn identities() {
-        let q = |k: &str, v: &str| BTreeMap::from([(k.to_string(), v.to_string())]);
-        let system = Identity::default();
-        assert_eq!(check_identity(&BTreeMap::new(), &system), Ok(()));
-        assert_eq!(check_identity(&q("client_id", ""), &system), Ok(()));
-        for p in ["client_id", "principal_id", "object_id", "mi_res_id"] {
-            assert_eq!(
-                check_identity(&q(p, "x"), &system),
-                Err(BadRequest::OtherIdentity(match p {
-                    "client_id" => "client_id",
-                    "principal_id" => "principal_id",
-                    "object_id" => "object_id",
-                    _ => "mi_res_id",
-                }))
-            );
-        }
-        let ours = Identity {
-            client_id: Some("AAAA-1".into()),
-            ..Identity::default()
-        };
-        assert_eq!(check_identity(&q("client_id", "aaaa-1"), &ours), Ok(()));
-        assert!(check_identity(&q("client_id", "bbbb"), &ours).is_err());
-        assert!(check_identity(&q("principal_id", "aaaa-1"), &ours).is_err());
     }
 
     #[test]

@@ -4,7 +4,7 @@
 //! its own block of inodes (one per view), so each version has its own page cache and a
 //! refresh never changes the bytes behind an inode.
 
-use crate::cache::Key;
+use crate::cache::{IdentityId, Key};
 use crate::policy::{self, Schedule, Verdict};
 use crate::token::{Version, View};
 use parking_lot::Mutex;
@@ -22,6 +22,11 @@ pub const GIT_CREDENTIAL_DIR: u64 = 7;
 /// `MOUNT/.env` (only with `--serve-endpoint`).
 pub const ENV: u64 = 8;
 pub const CLAIMS_DIR: u64 = 9;
+/// `MOUNT/id` (only with `--identity`).
+pub const ID_DIR: u64 = 10;
+/// `MOUNT/id/NAME/` and its view directories: a block of inodes per declared identity, far
+/// above any version's (a version id would need 2^59 fetches to reach them).
+const IDENTITY_DIRS: u64 = 1 << 62;
 const FIRST_VERSION_INO: u64 = 16;
 /// Room for views added later.
 const INOS_PER_VERSION: u64 = 8;
@@ -33,7 +38,17 @@ pub enum Node {
     ViewDir(View),
     Status,
     Env,
-    Token { version: u64, view: View },
+    Token {
+        version: u64,
+        view: View,
+    },
+    /// `MOUNT/id`.
+    Ids,
+    /// `MOUNT/id/NAME/` (`View::Raw`) or one of its view directories.
+    IdentityDir {
+        identity: IdentityId,
+        view: View,
+    },
 }
 
 pub fn node(ino: u64) -> Option<Node> {
@@ -46,6 +61,13 @@ pub fn node(ino: u64) -> Option<Node> {
         CLAIMS_DIR => Some(Node::ViewDir(View::Claims)),
         ENV => Some(Node::Env),
         STATUS => Some(Node::Status),
+        ID_DIR => Some(Node::Ids),
+        _ if ino >= IDENTITY_DIRS => {
+            let rel = ino - IDENTITY_DIRS;
+            let view = View::ALL.get((rel % INOS_PER_VERSION) as usize).copied()?;
+            let identity = IdentityId::at(usize::try_from(rel / INOS_PER_VERSION).ok()?);
+            (!identity.is_default()).then_some(Node::IdentityDir { identity, view })
+        }
         _ if ino >= FIRST_VERSION_INO => {
             let rel = ino - FIRST_VERSION_INO;
             let view = View::ALL.get((rel % INOS_PER_VERSION) as usize).copied()?;
@@ -70,6 +92,15 @@ pub fn view_dir_ino(view: View) -> u64 {
         View::Kubectl => KUBECTL_DIR,
         View::GitCredential => GIT_CREDENTIAL_DIR,
         View::Claims => CLAIMS_DIR,
+    }
+}
+
+/// The directory of `view` for `identity`: the top's for the mount's own identity, else
+/// under `MOUNT/id/NAME/`.
+pub fn identity_dir_ino(identity: IdentityId, view: View) -> u64 {
+    match identity.is_default() {
+        true => view_dir_ino(view),
+        false => IDENTITY_DIRS + identity.index() as u64 * INOS_PER_VERSION + view as u64,
     }
 }
 
@@ -220,7 +251,7 @@ mod tests {
 
     #[test]
     fn inode_numbers_round_trip() {
-        for id in [0, 1, 7, u64::MAX / 16] {
+        for id in [0, 1, 7, 1 << 58] {
             for view in View::ALL {
                 assert_eq!(
                     node(token_ino(id, view)),
@@ -234,6 +265,18 @@ mod tests {
         assert_eq!(node(token_ino(3, View::Raw) + 7), None);
         for view in View::ALL {
             assert!(node(view_dir_ino(view)).is_some());
+            for i in [1, 2, 1000] {
+                let identity = IdentityId::at(i);
+                assert_eq!(
+                    node(identity_dir_ino(identity, view)),
+                    Some(Node::IdentityDir { identity, view })
+                );
+            }
+            assert_eq!(
+                identity_dir_ino(IdentityId::DEFAULT, view),
+                view_dir_ino(view)
+            );
         }
+        assert_eq!(node(ID_DIR), Some(Node::Ids));
     }
 }

@@ -1,6 +1,8 @@
 //! The filesystem core: names, views, attributes, handles and errno. It never does HTTP:
 //! whatever may fetch goes through the cache, which answers on its own thread. `fuse` is the
-//! thin adapter to fuser.
+//! thin adapter to fuser. The top holds the mount's own identity's tokens; with
+//! `--identity`, `id/NAME/` holds each declared identity's, the same tree (no `.status`,
+//! `.env`), its directories' inodes apart (`inode::identity_dir_ino`).
 //!
 //! # Locks
 //!
@@ -157,8 +159,6 @@ pub struct Caller {
 pub struct Core {
     /// The daemon's token cache: every read of a token goes through it.
     cache: Arc<Cache>,
-    /// The identity whose tokens the mount shows (the cache's default one, today).
-    identity: IdentityId,
     /// Owner and permission bits of every file and directory. Fixed at mount.
     access: Access,
     /// The audit log of opens (lookups in no-open mode); `None` in tests.
@@ -236,7 +236,6 @@ impl Core {
     ) -> Arc<Core> {
         Arc::new(Core {
             cache,
-            identity: IdentityId::DEFAULT,
             access,
             audit,
             source_reason: source_reason.to_string(),
@@ -264,7 +263,8 @@ impl Core {
         caller: Caller,
         done: impl FnOnce(Result<Entry, FsError>) + Send + 'static,
     ) {
-        let view = match (inode::node(parent), name) {
+        let node = inode::node(parent);
+        let (identity, view) = match (node, name) {
             (Some(Node::Root), ".status") => return done(Ok(self.status_entry())),
             (Some(Node::Root), ".env") if self.extras.env_file.is_some() => {
                 if let Serving::NoOpen(_) = self.serving {
@@ -272,22 +272,36 @@ impl Core {
                 }
                 return done(self.getattr(inode::ENV));
             }
-            (Some(Node::Root), dot) if dot.starts_with('.') => {
+            (Some(Node::Root), IDS) if self.has_declared() => {
+                return done(Ok(self.meta_entry(inode::ID_DIR)))
+            }
+            (Some(Node::Ids), _) => {
+                return done(
+                    self.cache
+                        .identities()
+                        .by_name(name)
+                        .map(|i| self.meta_entry(inode::identity_dir_ino(i, View::Raw)))
+                        .ok_or(FsError::NotFound),
+                )
+            }
+            (Some(n), dot) if dot.starts_with('.') && top_of(n).is_some() => {
+                let identity = top_of(n).unwrap_or(IdentityId::DEFAULT);
                 return done(
                     View::ALL
                         .into_iter()
                         .find(|v| v.dir_name() == Some(dot))
-                        .map(|v| self.meta_entry(inode::view_dir_ino(v)))
+                        .map(|v| self.meta_entry(inode::identity_dir_ino(identity, v)))
                         .ok_or(FsError::NotFound),
-                )
+                );
             }
-            (Some(Node::Root), _) => View::Raw,
-            (Some(Node::ViewDir(view)), _) => view,
-            (Some(_), _) => return done(Err(FsError::NotDir)),
+            (Some(n), _) => match dir_of(n) {
+                Some(found) => found,
+                None => return done(Err(FsError::NotDir)),
+            },
             (None, _) => return done(Err(FsError::NotFound)),
         };
         let key = match names::resolve(name) {
-            Ok(resource) => Key::new(self.identity, resource),
+            Ok(resource) => Key::new(identity, resource),
             Err(why) => {
                 debug!("lookup {name:?}: {why}");
                 return done(Err(FsError::NotFound));
@@ -322,7 +336,7 @@ impl Core {
                             }
                             Found::NoOpen { parent, name } => {
                                 core.inodes.remember_as(v, Some((parent, &name)));
-                                let resource = v.key.resource.shared();
+                                let resource = core.label(&v.key);
                                 core.audit("lookup", resource, view.label(), caller);
                             }
                         }
@@ -385,6 +399,11 @@ impl Core {
                 entry.attr.blocks = entry.attr.size.div_ceil(512);
                 Ok(entry)
             }
+            Node::IdentityDir { identity, .. }
+                if self.cache.identities().name(identity).is_none() =>
+            {
+                Err(FsError::NotFound)
+            }
             _ => Ok(self.meta_entry(ino)),
         }
     }
@@ -409,7 +428,7 @@ impl Core {
                     false => Use::Look,
                 };
                 self.cache.reopen(&v, usage).map_err(|_| FsError::Stale)?;
-                self.audit("open", v.key.resource.shared(), view.label(), caller);
+                self.audit("open", self.label(&v.key), view.label(), caller);
                 (Handle::Token(v, view), OpenMode::Cached)
             }
             Node::Status => (Handle::Status(self.status_snapshot()), OpenMode::Direct),
@@ -418,11 +437,23 @@ impl Core {
                 self.audit("open", ".env".into(), "endpoint secret", caller);
                 (Handle::Fixed(bytes), OpenMode::Cached)
             }
-            Node::Root | Node::ViewDir(_) => return Err(FsError::NotFound),
+            Node::Root | Node::ViewDir(_) | Node::Ids | Node::IdentityDir { .. } => {
+                return Err(FsError::NotFound)
+            }
         };
         let fh = self.next_handle.fetch_add(1, Ordering::Relaxed);
         self.handles.lock().insert(fh, handle);
         Ok((fh, mode))
+    }
+
+    /// Whether identities are declared (`MOUNT/id` exists).
+    fn has_declared(&self) -> bool {
+        self.cache.identities().declared().next().is_some()
+    }
+
+    /// How the audit names `key`: its resource, under `id/NAME/` for a declared identity.
+    fn label(&self, key: &Key) -> Arc<str> {
+        crate::audit::label(self.cache.identities().name(key.identity), &key.resource)
     }
 
     /// Queues the audit line of an open (or, in no-open mode, a lookup) by `caller`.
@@ -557,32 +588,50 @@ impl Core {
 
     /// The entries of a directory: (inode, kind, name), `.` and `..` first.
     fn list(&self, ino: u64) -> Result<Vec<DirEntry>, FsError> {
-        let view = match inode::node(ino) {
-            Some(Node::Root) => View::Raw,
-            Some(Node::ViewDir(view)) => view,
-            Some(_) => return Err(FsError::NotDir),
-            None => return Err(FsError::NotFound),
+        let node = inode::node(ino).ok_or(FsError::NotFound)?;
+        if node == Node::Ids {
+            let mut out = vec![
+                (ino, FileType::Directory, ".".to_string()),
+                (inode::ROOT, FileType::Directory, "..".to_string()),
+            ];
+            out.extend(self.cache.identities().declared().map(|(i, name)| {
+                let dir = inode::identity_dir_ino(i, View::Raw);
+                (dir, FileType::Directory, name.to_string())
+            }));
+            return Ok(out);
+        }
+        let (identity, view) = dir_of(node).ok_or(FsError::NotDir)?;
+        let parent = match (identity.is_default(), view) {
+            (true, _) => inode::ROOT,
+            (false, View::Raw) => inode::ID_DIR,
+            (false, _) => inode::identity_dir_ino(identity, View::Raw),
         };
         let mut out = vec![
             (ino, FileType::Directory, ".".to_string()),
-            (inode::ROOT, FileType::Directory, "..".to_string()),
+            (parent, FileType::Directory, "..".to_string()),
         ];
         if view == View::Raw {
             for v in View::ALL {
                 if let Some(dir) = v.dir_name() {
-                    out.push((inode::view_dir_ino(v), FileType::Directory, dir.into()));
+                    let dir_ino = inode::identity_dir_ino(identity, v);
+                    out.push((dir_ino, FileType::Directory, dir.into()));
                 }
             }
+        }
+        if view == View::Raw && identity.is_default() {
             out.push((inode::STATUS, FileType::RegularFile, ".status".into()));
             if self.extras.env_file.is_some() {
                 out.push((inode::ENV, FileType::RegularFile, ".env".into()));
+            }
+            if self.has_declared() {
+                out.push((inode::ID_DIR, FileType::Directory, IDS.into()));
             }
         }
         let mut names: Vec<(u64, String)> = self
             .cache
             .listed()
             .into_iter()
-            .filter(|(key, _)| key.identity == self.identity)
+            .filter(|(key, _)| key.identity == identity)
             .filter_map(|(key, v)| {
                 let ino = v.map_or(inode::UNRESOLVED, |v| inode::token_ino(v.id, view));
                 names::canonical_name(&key.resource).map(|n| (ino, n))
@@ -776,6 +825,28 @@ impl Serving {
             }
             (Serving::NoOpen(_), Some(l)) => noopen::ttls(l),
         }
+    }
+}
+
+/// `MOUNT/id`: the declared identities' directories.
+const IDS: &str = "id";
+
+/// The identity and view of a directory of tokens (the top, a view directory, and theirs
+/// under `MOUNT/id/NAME/`); `None` for anything else.
+fn dir_of(node: Node) -> Option<(IdentityId, View)> {
+    match node {
+        Node::Root => Some((IdentityId::DEFAULT, View::Raw)),
+        Node::ViewDir(view) => Some((IdentityId::DEFAULT, view)),
+        Node::IdentityDir { identity, view } => Some((identity, view)),
+        _ => None,
+    }
+}
+
+/// The identity whose top directory `node` is (the mount's, or `MOUNT/id/NAME/`).
+fn top_of(node: Node) -> Option<IdentityId> {
+    match dir_of(node)? {
+        (identity, View::Raw) => Some(identity),
+        _ => None,
     }
 }
 

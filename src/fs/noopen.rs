@@ -197,7 +197,9 @@ impl Core {
                 env = self.extras.env_file.clone().ok_or(FsError::NotFound)?;
                 env.as_slice()
             }
-            Node::Root | Node::ViewDir(_) => return Err(FsError::BadHandle),
+            Node::Root | Node::ViewDir(_) | Node::Ids | Node::IdentityDir { .. } => {
+                return Err(FsError::BadHandle)
+            }
         };
         Ok(f(super::slice_at(bytes, offset, size)))
     }

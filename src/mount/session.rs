@@ -227,7 +227,6 @@ fn start_endpoint(
     };
     let settings = crate::endpoint::Settings {
         listen,
-        identity: req.wanted.identity.clone(),
         timeout: req.policy.timeout,
     };
     let endpoint = Endpoint::start(settings, cache.clone(), Some(audit.clone()))

@@ -11,6 +11,7 @@ mod sync;
 mod writer;
 
 use crate::access::Access;
+use crate::cache::IdentityId;
 use crate::daemon::{self, DaemonError, Detached, Handled, Ready};
 use crate::policy::Policy;
 use crate::source::select::{Plan, Wanted};
@@ -98,11 +99,21 @@ impl From<DaemonError> for SinkError {
     }
 }
 
-/// One declared resource: what is sent and the name its files have.
+/// One declared resource of one identity: what is sent, the name its files have, and the
+/// directory they are under (`""`, or `id/NAME/` for a declared identity).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Declared {
     pub resource: crate::names::Resource,
     pub name: String,
+    pub identity: IdentityId,
+    pub under: String,
+}
+
+impl Declared {
+    /// Where its `view` lives, relative to DIR.
+    pub fn path(&self, view: crate::token::View) -> String {
+        format!("{}{}", self.under, writer::view_path(view, &self.name))
+    }
 }
 
 /// Runs the sink as asked: in the foreground until a signal, or detached once every
@@ -155,8 +166,22 @@ fn preflight(req: &SinkRequest) -> Result<(PathBuf, Plan, Vec<Declared>), SinkEr
             SinkError::Usage(format!("--resource {given:?}: too long for a file name"))
         })?;
         if !declared.iter().any(|d| d.resource == resource) {
-            declared.push(Declared { resource, name });
+            declared.push(Declared {
+                resource,
+                name,
+                identity: IdentityId::DEFAULT,
+                under: String::new(),
+            });
         }
+    }
+    // Each declared identity's files under id/NAME/, in --identity order (its IdentityId).
+    let own = declared.clone();
+    for (i, identity) in req.wanted.identities.iter().enumerate() {
+        declared.extend(own.iter().map(|d| Declared {
+            identity: IdentityId::at(i + 1),
+            under: format!("{}/{}/", writer::IDS, identity.name),
+            ..d.clone()
+        }));
     }
     for (flag, id) in [("--uid", req.uid), ("--gid", req.gid)] {
         if id == Some(u32::MAX) {
@@ -223,11 +248,20 @@ pub(crate) struct HeldDir {
     restore: Option<writer::Owner>,
 }
 
+/// The names of the declared identities (`--identity`), in order.
+fn identity_names(req: &SinkRequest) -> Vec<String> {
+    req.wanted
+        .identities
+        .iter()
+        .map(|d| d.name.clone())
+        .collect()
+}
+
 /// Every file a sink writes for `declared`, relative to DIR.
 fn files_of(declared: &[Declared]) -> Vec<String> {
     let mut files: Vec<String> = declared
         .iter()
-        .flat_map(|d| crate::token::View::ALL.map(|v| writer::view_path(v, &d.name)))
+        .flat_map(|d| crate::token::View::ALL.map(|v| d.path(v)))
         .collect();
     files.push(writer::STATUS.to_string());
     files
@@ -252,26 +286,20 @@ fn take_dir(req: &SinkRequest, dir: &Path, declared: &[Declared]) -> Result<Held
                 dir.display(),
                 old.pid
             );
-            // Only names a sink's layout has: DIR/<name>, .status, and <view dir>/<name>
-            // where the view directory is a real directory (never a symlink out of DIR).
-            let view_dirs = writer::view_dirs();
+            // Only names a sink's layout has: DIR/<name>, .status, and <dir>/<name> where
+            // the directory is one a sink makes (opened without following a symlink).
             let ours = |rel: &str| {
                 writer::is_inside(rel)
                     && rel
-                        .split_once('/')
-                        .is_none_or(|(parent, _)| view_dirs.contains(&parent))
+                        .rsplit_once('/')
+                        .is_none_or(|(parent, _)| writer::is_sink_dir(parent))
             };
             for rel in old.files.iter().filter(|r| ours(r)) {
                 writer
                     .remove_left(rel)
                     .map_err(|e| SinkError::Dir(format!("{}: {e}", writer.path(rel).display())))?;
             }
-            for rel in old
-                .dirs
-                .iter()
-                .rev()
-                .filter(|r| view_dirs.contains(&r.as_str()))
-            {
+            for rel in old.dirs.iter().rev().filter(|r| writer::is_sink_dir(r)) {
                 writer.remove_left_dir(rel);
             }
             writer::Owner {
@@ -289,10 +317,7 @@ fn take_dir(req: &SinkRequest, dir: &Path, declared: &[Declared]) -> Result<Held
             dir_gid: before.gid,
             dir_mode: before.mode,
             files: files_of(declared),
-            dirs: writer::view_dirs()
-                .into_iter()
-                .map(str::to_string)
-                .collect(),
+            dirs: writer::dirs(&identity_names(req)),
         },
         lock,
         writer,
@@ -324,10 +349,10 @@ impl HeldDir {
                 )));
             }
         }
-        for rel in writer::view_dirs() {
+        for rel in writer::dirs(&identity_names(req)) {
             self.writer
-                .make_dir(rel)
-                .map_err(|e| SinkError::Dir(format!("{}: {e}", shown(&self.writer, rel))))?;
+                .make_dir(&rel)
+                .map_err(|e| SinkError::Dir(format!("{}: {e}", shown(&self.writer, &rel))))?;
         }
         self.lock
             .record(&self.record)
@@ -369,7 +394,7 @@ impl HeldDir {
                 log::warn!("cannot remove {}: {e}", self.writer.path(&rel).display());
             }
         }
-        for rel in writer::view_dirs().into_iter().rev() {
+        for rel in self.record.dirs.iter().rev() {
             self.writer.remove_dir(rel);
         }
         if let Some(r) = self.restore {

@@ -5,7 +5,7 @@
 //! what is missing, and rewrites `.status` on change.
 
 use super::{Declared, HeldDir, SinkRequest};
-use crate::cache::{Cache, Done, IdentityId, Key, ReadError, Status, Use};
+use crate::cache::{Cache, Done, Key, ReadError, Status, Use};
 use crate::daemon::{self, Daemon, Handled, Ready, Signal};
 use crate::names::Resource;
 use crate::report::Report;
@@ -16,7 +16,7 @@ use std::sync::mpsc::{self, RecvTimeoutError, Sender};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::writer::{view_path, WriteError, STATUS};
+use super::writer::{WriteError, STATUS};
 use super::SinkError;
 use serde::Serialize;
 
@@ -281,7 +281,7 @@ impl Mirror<'_> {
             return Ok(());
         }
         let resource = slot.declared.resource.clone();
-        let key = Key::new(IdentityId::DEFAULT, resource.clone());
+        let key = Key::new(slot.declared.identity, resource.clone());
         let tx = self.tx.clone();
         let later: Done = Box::new(move |r| {
             let _ = tx.send(Event::Fetched(i, r.map(drop)));
@@ -316,13 +316,13 @@ impl Mirror<'_> {
 
     /// Writes every view of `v`, the raw token last; on a failure none stays.
     fn write_views(&mut self, i: usize, v: Arc<Version>) -> Result<(), SinkError> {
-        let name = self.slots[i].declared.name.clone();
+        let declared = self.slots[i].declared.clone();
         let mut views = View::ALL;
         views.rotate_left(1);
         let written = views.iter().try_for_each(|view| {
             self.held
                 .writer
-                .write(&view_path(*view, &name), v.bytes(*view))
+                .write(&declared.path(*view), v.bytes(*view))
         });
         let slot = &mut self.slots[i];
         slot.settled = true;
@@ -349,7 +349,7 @@ impl Mirror<'_> {
         let slot = &mut self.slots[i];
         slot.written = None;
         for view in View::ALL {
-            let rel = view_path(view, &slot.declared.name);
+            let rel = slot.declared.path(view);
             if let Err(e) = self.held.writer.remove(&rel) {
                 let shown = self.held.writer.path(&rel);
                 slot.quiet
@@ -409,7 +409,7 @@ impl Mirror<'_> {
                     (why, _) => why,
                 };
                 Some(Missing {
-                    name: s.declared.name.clone(),
+                    name: format!("{}{}", s.declared.under, s.declared.name),
                     resource: s.declared.resource.to_string(),
                     reason,
                 })
@@ -470,6 +470,8 @@ mod tests {
         let declared = Declared {
             resource: crate::names::resolve("vault.azure.net").unwrap(),
             name: "vault.azure.net".into(),
+            identity: crate::cache::IdentityId::DEFAULT,
+            under: String::new(),
         };
         let mut slot = Slot::new(declared, Instant::now());
         slot.pending = true;

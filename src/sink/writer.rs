@@ -31,17 +31,63 @@ pub fn view_dirs() -> Vec<&'static str> {
     View::ALL.iter().filter_map(|v| v.dir_name()).collect()
 }
 
+/// The directory of the declared identities (`DIR/id/NAME/`, as in the mount).
+pub const IDS: &str = "id";
+
+/// Every directory a sink makes, relative to DIR, parents first: the view directories,
+/// then with declared identities (`identities`: their names) `id`, and for each
+/// `id/NAME` and its view directories.
+pub fn dirs(identities: &[String]) -> Vec<String> {
+    let mut out: Vec<String> = view_dirs().into_iter().map(str::to_string).collect();
+    if !identities.is_empty() {
+        out.push(IDS.to_string());
+    }
+    for name in identities {
+        out.push(format!("{IDS}/{name}"));
+        out.extend(view_dirs().into_iter().map(|v| format!("{IDS}/{name}/{v}")));
+    }
+    out
+}
+
+/// Whether `rel` is a directory a sink's layout can have (a record from outside names it).
+pub fn is_sink_dir(rel: &str) -> bool {
+    let views = view_dirs();
+    let parts: Vec<&str> = rel.split('/').collect();
+    match parts.as_slice() {
+        [v] => views.contains(v) || *v == IDS,
+        [id, name] => *id == IDS && is_identity_name(name),
+        [id, name, v] => *id == IDS && is_identity_name(name) && views.contains(v),
+        _ => false,
+    }
+}
+
+fn is_identity_name(name: &str) -> bool {
+    crate::source::declared::check_name(name).is_ok()
+}
+
 /// The temporary file a write of `name` goes through: a dot name in the same directory.
 fn temp_name(name: &str) -> String {
     format!(".{name}.cstokenfs-tmp")
 }
 
-/// Whether `rel` is a plain relative path of at most two components (a lock file's record
-/// comes from outside: nothing in it may reach outside DIR).
+/// Whether `rel` is a plain relative path of at most four components (`id/NAME/.json/x`;
+/// a lock file's record comes from outside: nothing in it may reach outside DIR).
 pub fn is_inside(rel: &str) -> bool {
     let p = Path::new(rel);
     let parts: Vec<Component> = p.components().collect();
-    !parts.is_empty() && parts.len() <= 2 && parts.iter().all(|c| matches!(c, Component::Normal(_)))
+    !parts.is_empty() && parts.len() <= 4 && parts.iter().all(|c| matches!(c, Component::Normal(_)))
+}
+
+/// Opens the directory `rel` below `at` one component at a time, never following a
+/// symlink in any of them.
+fn open_below(at: BorrowedFd<'_>, rel: &str) -> io::Result<OwnedFd> {
+    let mut parts = rel.split('/');
+    let first = parts.next().unwrap_or(rel);
+    let mut fd = open_dir_at(at, first)?;
+    for part in parts {
+        fd = open_dir_at(fd.as_fd(), part)?;
+    }
+    Ok(fd)
 }
 
 /// Opens the directory `path` names, not following a symlink in its last component.
@@ -113,7 +159,7 @@ pub struct Writer {
     access: Access,
     dir_mode: u16,
     /// The view directories this writer made, held open.
-    views: Vec<(&'static str, OwnedFd)>,
+    views: Vec<(String, OwnedFd)>,
     /// What this writer wrote and has not removed (relative paths): what an exit removes.
     written: RefCell<BTreeSet<String>>,
 }
@@ -176,7 +222,7 @@ impl Writer {
 
     /// The directory `rel` is in, held open, and its last component.
     fn parent_of<'a>(&self, rel: &'a str) -> io::Result<(BorrowedFd<'_>, &'a str)> {
-        match rel.split_once('/') {
+        match rel.rsplit_once('/') {
             None => Ok((self.dir.as_fd(), rel)),
             Some((parent, name)) => self
                 .views
@@ -229,9 +275,9 @@ impl Writer {
     /// Removes what a killed sink left: the regular file `rel` (and its temporary file) when
     /// its directory is DIR or a real directory in it (never through a symlink).
     pub fn remove_left(&self, rel: &str) -> io::Result<()> {
-        let (opened, name) = match rel.split_once('/') {
+        let (opened, name) = match rel.rsplit_once('/') {
             None => (None, rel),
-            Some((parent, name)) => match open_dir_at(self.dir.as_fd(), parent) {
+            Some((parent, name)) => match open_below(self.dir.as_fd(), parent) {
                 Ok(fd) => (Some(fd), name),
                 // Gone, or not a directory (a symlink): nothing of ours can be in it.
                 Err(_) => return Ok(()),
@@ -255,9 +301,10 @@ impl Writer {
     /// Makes the view directory `name` in DIR, holds it open, and gives it the owner and
     /// mode asked for, by descriptor: what is opened must be the directory just made (a
     /// directory of ours on DIR's filesystem), not whatever another user put at that name.
-    pub fn make_dir(&mut self, name: &'static str) -> io::Result<()> {
-        rfs::mkdirat(&self.dir, name, Mode::from_raw_mode(0o700))?;
-        let fd = open_dir_at(self.dir.as_fd(), name)?;
+    pub fn make_dir(&mut self, rel: &str) -> io::Result<()> {
+        let (at, name) = self.parent_of(rel)?;
+        rfs::mkdirat(at, name, Mode::from_raw_mode(0o700))?;
+        let fd = open_dir_at(at, name)?;
         let st = rfs::fstat(&fd)?;
         let ours = FileType::from_raw_mode(st.st_mode) == FileType::Directory
             && st.st_uid == euid()
@@ -269,22 +316,31 @@ impl Writer {
         }
         rfs::fchown(&fd, Some(self.uid()), Some(self.gid()))?;
         rfs::fchmod(&fd, Mode::from_raw_mode(u32::from(self.dir_mode)))?;
-        self.views.push((name, fd));
+        self.views.push((rel.to_string(), fd));
         Ok(())
     }
 
     /// Removes the view directory `name` this writer made if it is still at that name and
     /// empty (anything else in it stays).
     pub fn remove_dir(&self, name: &str) {
-        let Some((_, fd)) = self.views.iter().find(|(made, _)| *made == name) else {
+        let Some((_, fd)) = self.views.iter().find(|(made, _)| made == name) else {
             return;
         };
-        unlink_if_held(self.dir.as_fd(), name, fd.as_fd(), AtFlags::REMOVEDIR);
+        if let Ok((at, last)) = self.parent_of(name) {
+            unlink_if_held(at, last, fd.as_fd(), AtFlags::REMOVEDIR);
+        }
     }
 
     /// Removes the directory `name` a killed sink made, if it is empty and a directory.
     pub fn remove_left_dir(&self, name: &str) {
-        let _ = rfs::unlinkat(&self.dir, name, AtFlags::REMOVEDIR);
+        match name.rsplit_once('/') {
+            None => drop(rfs::unlinkat(&self.dir, name, AtFlags::REMOVEDIR)),
+            Some((parent, last)) => {
+                if let Ok(at) = open_below(self.dir.as_fd(), parent) {
+                    let _ = rfs::unlinkat(&at, last, AtFlags::REMOVEDIR);
+                }
+            }
+        }
     }
 
     /// DIR's owner and mode now (of the directory held).
@@ -363,10 +419,27 @@ mod tests {
 
     #[test]
     fn only_plain_relative_paths_are_inside() {
-        assert!(is_inside("a") && is_inside(".json/a"));
-        for bad in ["", "/etc/passwd", "../x", ".json/../../x", "a/b/c", "./a"] {
+        assert!(is_inside("a") && is_inside(".json/a") && is_inside("id/ci/.json/a"));
+        for bad in [
+            "",
+            "/etc/passwd",
+            "../x",
+            ".json/../../x",
+            "a/b/c/d/e",
+            "./a",
+        ] {
             assert!(!is_inside(bad), "{bad}");
         }
+        for dir in [".json", "id", "id/ci", "id/ci/.claims"] {
+            assert!(is_sink_dir(dir), "{dir}");
+        }
+        for bad in ["id/CI", "id/ci/x", "etc", "id/ci/.json/a", "x/ci"] {
+            assert!(!is_sink_dir(bad), "{bad}");
+        }
+        assert_eq!(dirs(&[]), view_dirs());
+        let two = dirs(&["a".into(), "b".into()]);
+        assert_eq!(two.len(), view_dirs().len() * 3 + 3);
+        assert!(two.iter().position(|d| d == "id") < two.iter().position(|d| d == "id/a"));
     }
 
     #[test]

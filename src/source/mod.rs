@@ -7,6 +7,7 @@ pub mod assertion;
 pub mod azure_cli;
 pub mod client_tls;
 pub mod cloudshell;
+pub mod declared;
 pub mod entra;
 pub mod http;
 pub mod imds;

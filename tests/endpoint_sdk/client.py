@@ -7,6 +7,7 @@ never to stdout) or {"ok": false, "error": TYPE, "message": TEXT}. Retries are b
 this fail within seconds.
 """
 import json
+import os
 import sys
 
 from azure.identity import DefaultAzureCredential, ManagedIdentityCredential
@@ -16,6 +17,10 @@ RETRIES = dict(retry_total=2, retry_backoff_factor=0.1, retry_backoff_max=1)
 
 def credential(kind):
     if kind == "mi":
+        # CSTOKENFS_MI_CLIENT_ID: ManagedIdentityCredential(client_id=...) (tests/it/identities.rs).
+        client_id = os.environ.get("CSTOKENFS_MI_CLIENT_ID")
+        if client_id:
+            return ManagedIdentityCredential(client_id=client_id, **RETRIES)
         return ManagedIdentityCredential(**RETRIES)
     # DefaultAzureCredential itself, with the developer-tool credentials after managed
     # identity excluded so a failure cannot fall through to az, pwsh or a browser.

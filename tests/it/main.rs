@@ -23,6 +23,7 @@ mod freshness;
 mod fs;
 mod hardening;
 mod hostile;
+mod identities;
 mod integrations;
 mod noopen;
 mod props;

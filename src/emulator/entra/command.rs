@@ -16,7 +16,8 @@ pub struct EntraEmulatorArgs {
     /// Entra: accept only this tenant [default: any].
     #[arg(long, value_name = "ID")]
     pub tenant_id: Option<String>,
-    /// Entra: accept only this client ID [default: any].
+    /// Entra: accept only this client ID, or these (comma-separated: one application per
+    /// declared identity) [default: any].
     #[arg(long, value_name = "ID")]
     pub client_id: Option<String>,
     /// Entra: the client secret is this file's contents (one trailing newline trimmed).

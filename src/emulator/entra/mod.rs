@@ -29,6 +29,8 @@ pub use command::{command, EntraCommandError, EntraEmulatorArgs};
 #[derive(Clone, Default)]
 pub struct EntraSettings {
     pub tenant: Option<String>,
+    /// The applications accepted: one client ID, or several separated by commas (`None`:
+    /// any).
     pub client_id: Option<String>,
     pub client_secret: Option<String>,
     /// Read at every request: an assertion must equal its contents, trimmed.
@@ -187,7 +189,12 @@ fn answer(sh: &Shared, req: &Request, tenant: &str) -> Action {
     let Some(client_id) = form.get("client_id").filter(|c| !c.is_empty()) else {
         return missing("client_id");
     };
-    if settings.client_id.as_ref().is_some_and(|c| c != client_id) {
+    // Several applications: client IDs separated by commas (one federated credential each).
+    if settings
+        .client_id
+        .as_ref()
+        .is_some_and(|c| !c.split(',').any(|one| one.trim() == client_id))
+    {
         let message =
             format!("Application with identifier '{client_id}' was not found in the directory.");
         return error(400, "unauthorized_client", 700016, &message);
@@ -206,7 +213,13 @@ fn answer(sh: &Shared, req: &Request, tenant: &str) -> Action {
         let message = format!("The resource principal named {resource} was not found in the tenant named {tenant}. This can happen if the application has not been installed by the administrator of the tenant.");
         return error(400, "invalid_resource", 500011, &message);
     }
-    let issued = sh.issue(resource);
+    // The token tells which application asked (`appid`, `azp`).
+    let who = super::Who {
+        client_id: client_id.clone(),
+        object_id: None,
+        resource_id: None,
+    };
+    let issued = sh.issue_for(resource, Some(&who));
     ok(entra_body(&issued, &issued.token))
 }
 

@@ -4,6 +4,7 @@
 
 use super::{Env, Wanted};
 use crate::source::assertion::ClientCertificate;
+use crate::source::declared::Declared;
 use crate::source::entra::{Credential, Settings};
 use crate::source::{client_tls, ConfigError, Kind};
 use std::path::{Path, PathBuf};
@@ -145,6 +146,26 @@ pub fn settings(kind: Kind, wanted: &Wanted, env: &Env) -> Result<(String, Setti
             ca,
         },
     ))
+}
+
+/// A declared identity's settings: its client ID, and its tenant and credential where it
+/// gives them, else the mount's (one federated token file serves every client ID federated
+/// with it). Its files are read now.
+pub fn declared_settings(mount: &Settings, d: &Declared) -> Result<Settings, ConfigError> {
+    let credential = match (&d.client_secret_file, &d.client_certificate) {
+        (Some(path), _) => secret_file(path)?,
+        (None, Some(path)) => certificate(path)?,
+        (None, None) => mount.credential.clone(),
+    };
+    Ok(Settings {
+        tenant: d.tenant_id.clone().unwrap_or_else(|| mount.tenant.clone()),
+        client_id: d
+            .client_id
+            .clone()
+            .unwrap_or_else(|| mount.client_id.clone()),
+        credential,
+        ca: mount.ca.clone(),
+    })
 }
 
 fn workload_credential(
@@ -325,6 +346,41 @@ mod tests {
             ..w(Kind::Imds)
         };
         assert!(err(&imds, &[]).contains("--ca-file is for"));
+    }
+
+    /// A declared identity's settings: its client ID; its tenant and credential where it
+    /// gives them, else the mount's.
+    #[test]
+    fn a_declared_identity_takes_what_it_does_not_set_from_the_mount() {
+        use super::super::super::declared::Declared;
+        use super::{declared_settings, Credential, Settings};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s");
+        std::fs::write(&path, "its-own\n").unwrap();
+        let mount = Settings {
+            tenant: "t".into(),
+            client_id: "c".into(),
+            credential: Credential::FederatedTokenFile("/var/run/token".into()),
+            ca: Vec::new(),
+        };
+        let d = Declared {
+            name: "x".into(),
+            client_id: Some("c2".into()),
+            ..Declared::default()
+        };
+        let got = declared_settings(&mount, &d).unwrap();
+        assert_eq!((got.tenant.as_str(), got.client_id.as_str()), ("t", "c2"));
+        assert!(
+            matches!(got.credential, Credential::FederatedTokenFile(ref p) if p.to_str() == Some("/var/run/token"))
+        );
+        let d = Declared {
+            tenant_id: Some("t2".into()),
+            client_secret_file: Some(path),
+            ..d
+        };
+        let got = declared_settings(&mount, &d).unwrap();
+        assert_eq!(got.tenant, "t2");
+        assert!(matches!(got.credential, Credential::Secret(ref s) if s.as_str() == "its-own"));
     }
 
     #[test]

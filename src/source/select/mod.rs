@@ -4,6 +4,7 @@
 //! (the front end: `mount`, `sink`, `get`, through `stand_in`), which starts it: this layer
 //! never starts a server.
 
+use super::declared::Declared;
 use super::{appservice, arc, azure_cli, cloudshell, imds, ConfigError, Identity, Kind, Source};
 use std::collections::BTreeMap;
 use std::fmt;
@@ -125,6 +126,11 @@ pub struct Plan {
     emulated: bool,
     /// The Entra sources' tenant, client and credential (`url` is the authority).
     entra: Option<crate::source::entra::Settings>,
+    /// Where the mount's own identity came from (`.status`'s `identity.from`).
+    identity_origin: String,
+    /// `--identity`: the identities served besides the mount's own, each with the source
+    /// settings it differs by (checked against `kind`).
+    declared: Vec<(Declared, Option<crate::source::entra::Settings>)>,
 }
 
 impl fmt::Debug for Plan {
@@ -137,6 +143,11 @@ impl fmt::Debug for Plan {
             .field("identity", &self.identity)
             .field("emulated", &self.emulated)
             .field("entra", &self.entra)
+            .field("identity_origin", &self.identity_origin)
+            .field(
+                "declared",
+                &self.declared.iter().map(|d| &d.0).collect::<Vec<_>>(),
+            )
             .finish()
     }
 }
@@ -158,35 +169,47 @@ pub struct Wanted {
     pub client_secret_file: Option<PathBuf>,
     pub client_certificate: Option<PathBuf>,
     pub ca_file: Option<PathBuf>,
+    /// `--identity`: the identities served besides the mount's own.
+    pub identities: Vec<Declared>,
 }
 
 pub fn plan(wanted: &Wanted, env: &Env) -> Result<Plan, ConfigError> {
-    let flagged = if wanted.source.is_none() && !wanted.emulator && wanted.endpoint.is_none() {
-        entra_detect::detect_flags(wanted)
-    } else {
-        None
-    };
-    let (kind, reason) = flagged.unwrap_or_else(|| {
-        detect(
-            wanted.source,
-            wanted.endpoint.is_some(),
-            wanted.emulator,
-            env,
-        )
-    });
+    let (kind, reason) = source_kind(wanted, env);
+    check_declared(kind, &wanted.identities)?;
     if kind.is_entra() {
         let (authority, settings) = entra_detect::settings(kind, wanted, env)?;
+        let declared = wanted
+            .identities
+            .iter()
+            .map(|d| {
+                Ok((
+                    d.clone(),
+                    Some(entra_detect::declared_settings(&settings, d)?),
+                ))
+            })
+            .collect::<Result<Vec<_>, ConfigError>>()?;
+        let identity_origin = match (&wanted.identity.client_id, env.get("AZURE_CLIENT_ID")) {
+            (Some(_), _) => "--client-id",
+            (None, Some(_)) => "AZURE_CLIENT_ID",
+            (None, None) => "the emulator's default application",
+        };
         let plan = Plan {
             kind,
             reason,
             url: (!wanted.emulator).then_some(authority),
             secret: None,
-            identity: wanted.identity.clone(),
+            identity: Identity {
+                client_id: Some(settings.client_id.clone()),
+                ..Identity::default()
+            },
             emulated: wanted.emulator,
             entra: Some(settings),
+            identity_origin: identity_origin.into(),
+            declared,
         };
         if !plan.emulated {
             plan.build()?;
+            plan.build_declared()?;
         }
         return Ok(plan);
     }
@@ -236,6 +259,7 @@ pub fn plan(wanted: &Wanted, env: &Env) -> Result<Plan, ConfigError> {
         }
         _ => {}
     }
+    let (identity, identity_origin) = own_identity(kind, &wanted.identity, env);
     let plan = Plan {
         kind,
         reason,
@@ -243,18 +267,127 @@ pub fn plan(wanted: &Wanted, env: &Env) -> Result<Plan, ConfigError> {
         secret: env
             .get("IDENTITY_HEADER")
             .map(|s| Zeroizing::new(s.to_string())),
-        identity: wanted.identity.clone(),
+        identity,
         emulated: wanted.emulator,
         entra: None,
+        identity_origin,
+        declared: wanted
+            .identities
+            .iter()
+            .map(|d| (d.clone(), None))
+            .collect(),
     };
     if !plan.emulated {
         // Every URL and identity problem now, not when the first reader comes.
         plan.build()?;
+        plan.build_declared()?;
     }
     Ok(plan)
 }
 
+/// The usage errors of `--identity`, before anything is planned: a source with one identity
+/// (cloudshell, arc, azure-cli), or selectors the source cannot send.
+pub fn check_identities(wanted: &Wanted, env: &Env) -> Result<(), String> {
+    if wanted.identities.is_empty() {
+        return Ok(());
+    }
+    let kind = source_kind(wanted, env).0;
+    wanted.identities.iter().try_for_each(|d| d.check_for(kind))
+}
+
+/// Which upstream `wanted` means in `env`, and why.
+fn source_kind(wanted: &Wanted, env: &Env) -> (Kind, String) {
+    let flagged = if wanted.source.is_none() && !wanted.emulator && wanted.endpoint.is_none() {
+        entra_detect::detect_flags(wanted)
+    } else {
+        None
+    };
+    flagged.unwrap_or_else(|| {
+        detect(
+            wanted.source,
+            wanted.endpoint.is_some(),
+            wanted.emulator,
+            env,
+        )
+    })
+}
+
+/// Refuses `--identity` on a source that has one identity, and selectors a source cannot
+/// send (the message is a usage error's).
+fn check_declared(kind: Kind, declared: &[Declared]) -> Result<(), ConfigError> {
+    for d in declared {
+        d.check_for(kind).map_err(ConfigError::Missing)?;
+    }
+    Ok(())
+}
+
+/// The mount's own identity and where it came from: the flags, else (IMDS and App Service)
+/// `AZURE_CLIENT_ID` as the SDKs' `DefaultAzureCredential` takes it, else the
+/// system-assigned identity. Other sources send no identity.
+pub fn own_identity(kind: Kind, flags: &Identity, env: &Env) -> (Identity, String) {
+    if !matches!(kind, Kind::Imds | Kind::AppService) {
+        return (
+            flags.clone(),
+            "the source's own (it has one identity)".into(),
+        );
+    }
+    let given: Vec<&str> = [
+        (flags.client_id.is_some(), "--client-id"),
+        (flags.object_id.is_some(), "--object-id"),
+        (flags.msi_res_id.is_some(), "--msi-res-id"),
+    ]
+    .into_iter()
+    .filter_map(|(g, f)| g.then_some(f))
+    .collect();
+    if !given.is_empty() {
+        return (flags.clone(), given.join(", "));
+    }
+    match env.get("AZURE_CLIENT_ID") {
+        Some(id) => (
+            Identity {
+                client_id: Some(id.to_string()),
+                ..Identity::default()
+            },
+            "AZURE_CLIENT_ID".into(),
+        ),
+        None => (
+            Identity::default(),
+            "none given: the system-assigned identity".into(),
+        ),
+    }
+}
+
 impl Plan {
+    /// The mount's own identity: the ids sent upstream (an Entra source's client ID).
+    pub fn own_identity(&self) -> &Identity {
+        &self.identity
+    }
+
+    /// Where the mount's own identity came from (a flag, `AZURE_CLIENT_ID`, none).
+    pub fn identity_origin(&self) -> &str {
+        &self.identity_origin
+    }
+
+    /// The declared identities (`--identity`), in order.
+    pub fn declared(&self) -> impl Iterator<Item = &Declared> {
+        self.declared.iter().map(|(d, _)| d)
+    }
+
+    /// Builds the source of each declared identity, in order: the mount's upstream, sent
+    /// that identity's ids (IMDS, App Service) or its client ID and credential (Entra).
+    pub fn build_declared(&self) -> Result<Vec<Arc<dyn Source>>, ConfigError> {
+        self.declared
+            .iter()
+            .map(|(d, entra)| {
+                let mut one = self.clone();
+                one.identity = d.identity();
+                one.entra = entra.clone().or(one.entra);
+                one.declared = Vec::new();
+                one.build()
+            })
+            .collect()
+    }
+
     /// With `--emulator`: the upstream the caller must stand in for (then `use_stand_in`).
     pub fn emulated(&self) -> Option<Kind> {
         self.emulated.then_some(self.kind)
@@ -354,6 +487,47 @@ mod tests {
         ] {
             assert_ne!(detect(None, false, false, &env(vars, false)).0, Kind::Imds);
         }
+    }
+
+    /// The mount's own identity: the flags, else AZURE_CLIENT_ID for imds and appservice
+    /// (as DefaultAzureCredential takes it), else the system-assigned one; other sources
+    /// send no identity from the variable.
+    #[test]
+    fn azure_client_id_is_the_own_identity_of_imds_and_appservice() {
+        let e = Env {
+            vars: [("AZURE_CLIENT_ID".to_string(), "c-env".to_string())]
+                .into_iter()
+                .collect(),
+            az_on_path: false,
+        };
+        for kind in [Kind::Imds, Kind::AppService] {
+            let (id, from) = own_identity(kind, &Identity::default(), &e);
+            assert_eq!(
+                (id.client_id.as_deref(), from.as_str()),
+                (Some("c-env"), "AZURE_CLIENT_ID")
+            );
+            let flag = Identity {
+                object_id: Some("o".into()),
+                ..Identity::default()
+            };
+            let (id, from) = own_identity(kind, &flag, &e);
+            assert_eq!((id, from.as_str()), (flag.clone(), "--object-id"));
+            let (id, from) = own_identity(kind, &Identity::default(), &Env::default());
+            assert_eq!(id, Identity::default());
+            assert!(from.contains("system-assigned"), "{from}");
+        }
+        let (id, _) = own_identity(Kind::CloudShell, &Identity::default(), &e);
+        assert_eq!(id, Identity::default());
+        let p = plan(
+            &Wanted {
+                source: Some(Kind::Imds),
+                ..Wanted::default()
+            },
+            &e,
+        )
+        .unwrap();
+        assert_eq!(p.own_identity().client_id.as_deref(), Some("c-env"));
+        assert_eq!(p.identity_origin(), "AZURE_CLIENT_ID");
     }
 
     #[test]
