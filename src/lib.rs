@@ -26,6 +26,7 @@ mod fuseopts;
 mod get;
 mod hardening;
 mod httpserver;
+mod imds;
 mod known;
 mod logging;
 mod mount;

@@ -42,8 +42,8 @@ pub type StatusPart = Arc<dyn Fn() -> serde_json::Value + Send + Sync>;
 pub struct Extras {
     /// `MOUNT/.env`'s bytes (`--serve-endpoint`); `None`: there is no `.env`.
     pub env_file: Option<Arc<Zeroizing<Vec<u8>>>>,
-    /// A key of `.status` and the function giving its value when `.status` is opened.
-    pub status: Option<(&'static str, StatusPart)>,
+    /// Keys of `.status` and the functions giving their values when `.status` is opened.
+    pub status: Vec<(&'static str, StatusPart)>,
     /// `--no-open`: the kernel answers opens itself (see `noopen`).
     pub no_open: bool,
 }

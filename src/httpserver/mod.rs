@@ -41,6 +41,7 @@ use tokio::sync::watch;
 mod conn;
 #[cfg(test)]
 mod flood;
+pub mod origin;
 mod registry;
 #[cfg(test)]
 mod server_tests;
@@ -212,6 +213,17 @@ impl Server {
     /// background thread.
     pub fn start<H: Handler>(listen: SocketAddr, config: Config, handler: H) -> io::Result<Server> {
         crate::net::check_loopback(listen)?;
+        Server::bind(listen, config, handler)
+    }
+
+    /// Binds IMDS's link-local address ([`crate::net::IMDS_LINK_LOCAL`], for
+    /// `--serve-imds`), which the caller found configured on an interface here; no other
+    /// non-loopback address can be bound.
+    pub fn start_imds_link_local<H: Handler>(config: Config, handler: H) -> io::Result<Server> {
+        Server::bind(crate::net::IMDS_LINK_LOCAL, config, handler)
+    }
+
+    fn bind<H: Handler>(listen: SocketAddr, config: Config, handler: H) -> io::Result<Server> {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_io()
             .enable_time()

@@ -23,6 +23,7 @@ mod freshness;
 mod fs;
 mod hardening;
 mod hostile;
+mod imds;
 mod integrations;
 mod noopen;
 mod props;
