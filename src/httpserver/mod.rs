@@ -49,6 +49,10 @@ pub mod tls;
 
 /// The listen backlog asked for.
 const LISTEN_BACKLOG: u32 = 4096;
+/// Threads for a handler's blocking calls (`tokio::task::spawn_blocking`), at most.
+const MAX_BLOCKING_THREADS: usize = 4;
+/// Their stack size (NSS look-ups run on them).
+const BLOCKING_STACK: usize = 512 * 1024;
 
 /// Limits of one server.
 #[derive(Debug, Clone)]
@@ -224,9 +228,14 @@ impl Server {
     }
 
     fn bind<H: Handler>(listen: SocketAddr, config: Config, handler: H) -> io::Result<Server> {
+        // A handler's blocking calls (`--serve-imds`'s look-ups) share a few small threads
+        // and queue beyond them, so a flood of requests cannot start a thread each.
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_io()
             .enable_time()
+            .max_blocking_threads(MAX_BLOCKING_THREADS)
+            .thread_stack_size(BLOCKING_STACK)
+            .thread_name(format!("{}-blocking", config.thread_name))
             .build()?;
         let listener = {
             let _context = runtime.enter();

@@ -151,6 +151,18 @@ mod tests {
     }
 
     #[test]
+    fn ipv6_loopback_too() {
+        let Ok(listener) = TcpListener::bind("[::1]:0") else {
+            return; // no IPv6 here
+        };
+        let _client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (_server, peer) = listener.accept().unwrap();
+        let got = owner(peer, listener.local_addr().unwrap()).unwrap();
+        // SAFETY: getuid cannot fail.
+        assert_eq!(got.map(|o| o.uid), Some(unsafe { libc::getuid() }));
+    }
+
+    #[test]
     fn root_is_in_its_own_group() {
         assert!(groups_of(0).contains(&0));
         assert!(groups_of(4_000_000_000).is_empty());
