@@ -25,6 +25,8 @@
 
 mod answer;
 pub mod authz;
+#[cfg(test)]
+mod imds_tests;
 pub mod peer;
 
 use crate::access::Access;
