@@ -12,11 +12,11 @@ use crate::cache::{Cache, IdentityId, Key, Lease, ReadError, Use};
 use crate::endpoint::request::{self as shared, BadRequest};
 use crate::httpserver::{self, race, Answer, Either, Reply, Request, Stop};
 use crate::token::Version;
-use log::debug;
+use log::{debug, warn};
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use zeroize::Zeroizing;
@@ -29,6 +29,10 @@ pub(super) const API_VERSIONS: [&str; 3] = ["2018-02-01", "2019-08-01", "2019-11
 
 /// The parameters that name an identity, as IMDS takes them (`mi_res_id` from some callers).
 const IDENTITY_PARAMS: [&str; 4] = ["client_id", "object_id", "msi_res_id", "mi_res_id"];
+
+/// A failed sock_diag look-up has been reported (once per process: the cause, a sandbox
+/// without netlink, is the same for every request).
+static LOOKUP_FAILED: AtomicBool = AtomicBool::new(false);
 
 pub(super) struct ImdsHandler(Arc<Inner>);
 
@@ -266,6 +270,13 @@ impl Inner {
             let owner = match peer::owner(peer, local) {
                 Ok(o) => o,
                 Err(e) => {
+                    if !LOOKUP_FAILED.swap(true, Ordering::Relaxed) {
+                        warn!(
+                            "imds: cannot ask the kernel who owns a connecting socket \
+                             (sock_diag: {e}): such requests are refused (403); allow \
+                             AF_NETLINK sockets (systemd: RestrictAddressFamilies=)"
+                        );
+                    }
                     debug!("imds: sock_diag for {peer}: {e}");
                     None
                 }
