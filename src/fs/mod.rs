@@ -40,7 +40,7 @@ pub type StatusPart = Arc<dyn Fn() -> serde_json::Value + Send + Sync>;
 /// What the mount shows beyond tokens, when asked for (see [`Core::with_extras`]).
 #[derive(Default, Clone)]
 pub struct Extras {
-    /// `MOUNT/.env`'s bytes (`--serve-endpoint`); `None`: there is no `.env`.
+    /// `MOUNT/.env`'s bytes (`--serve-endpoint`, `--serve-imds`); `None`: there is no `.env`.
     pub env_file: Option<Arc<Zeroizing<Vec<u8>>>>,
     /// Keys of `.status` and the functions giving their values when `.status` is opened.
     pub status: Vec<(&'static str, StatusPart)>,
