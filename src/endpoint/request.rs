@@ -30,7 +30,7 @@ pub enum BadRequest {
     OtherIdentity(&'static str),
     /// The `Host` header is missing, repeated or names another host.
     Host,
-    /// A header of [`PROXY_HEADERS`].
+    /// A header of [`crate::httpserver::origin::PROXY_HEADERS`].
     Forwarded,
     /// The target is not a path (`GET http://host/path`, `CONNECT host:port`).
     Target,
