@@ -32,10 +32,28 @@ pub struct HttpEvent {
     pub peer: Option<SocketAddr>,
 }
 
+/// A token served over `--serve-imds`: the resource, the client's address and the uid that
+/// owns its socket.
+pub struct ImdsEvent {
+    pub resource: Arc<str>,
+    pub peer: Option<SocketAddr>,
+    pub uid: u32,
+}
+
+/// A `--serve-imds` request refused (403) for its socket's uid. The writer thread looks for
+/// the process holding socket `inode` in /proc (best effort, off the request's path).
+pub struct RefusedEvent {
+    pub peer: Option<SocketAddr>,
+    pub uid: u32,
+    pub inode: u32,
+}
+
 /// What the writer thread is handed.
 enum Queued {
     Open(OpenEvent),
     Http(HttpEvent),
+    Imds(ImdsEvent),
+    Refused(RefusedEvent),
 }
 
 /// How an audit line names what was read: the resource, under `id/NAME/` for a declared
@@ -100,6 +118,16 @@ impl Audit {
         self.queue(Queued::Http(event));
     }
 
+    /// Queues a token served over `--serve-imds`; never blocks.
+    pub fn served_imds(&self, event: ImdsEvent) {
+        self.queue(Queued::Imds(event));
+    }
+
+    /// Queues a `--serve-imds` request refused for its uid; never blocks.
+    pub fn refused_imds(&self, event: RefusedEvent) {
+        self.queue(Queued::Refused(event));
+    }
+
     fn queue(&self, event: Queued) {
         if let Err(TrySendError::Full(_)) = self.tx.try_send(event) {
             self.dropped.fetch_add(1, Ordering::Relaxed);
@@ -129,6 +157,10 @@ fn writer(rx: Receiver<Queued>, dropped: Arc<AtomicU64>) {
                         "audit: {n} more request(s) of {resource} over HTTP from {}",
                         ip.map_or_else(|| "?".to_string(), |ip| ip.to_string())
                     ),
+                    Who::Socket { uid, ip } => info!(
+                        "audit: {n} more {kind}(s) of {resource} over IMDS from {} uid {uid}",
+                        ip.map_or_else(|| "?".to_string(), |ip| ip.to_string())
+                    ),
                 }
             }
             window_start = Instant::now();
@@ -153,6 +185,22 @@ fn writer(rx: Receiver<Queued>, dropped: Arc<AtomicU64>) {
                 "endpoint",
                 Who::Peer(e.peer.map(|p| p.ip())),
             ),
+            Queued::Imds(e) => (
+                e.resource.clone(),
+                "imds",
+                Who::Socket {
+                    uid: e.uid,
+                    ip: e.peer.map(|p| p.ip()),
+                },
+            ),
+            Queued::Refused(e) => (
+                Arc::from("a token"),
+                "imds-refused",
+                Who::Socket {
+                    uid: e.uid,
+                    ip: e.peer.map(|p| p.ip()),
+                },
+            ),
         };
         if window.is_empty() {
             window_start = Instant::now();
@@ -163,7 +211,8 @@ fn writer(rx: Receiver<Queued>, dropped: Arc<AtomicU64>) {
         }
         let kind = match &e {
             Queued::Open(e) => e.kind,
-            Queued::Http(_) => "request",
+            Queued::Http(_) | Queued::Imds(_) => "request",
+            Queued::Refused(_) => "refused request",
         };
         window.insert(key, (0, kind));
         match e {
@@ -176,6 +225,24 @@ fn writer(rx: Receiver<Queued>, dropped: Arc<AtomicU64>) {
                 e.resource,
                 e.peer.map_or_else(|| "?".to_string(), |p| p.to_string())
             ),
+            Queued::Imds(e) => info!(
+                "audit: request of {} over IMDS from {} uid {}",
+                e.resource,
+                e.peer.map_or_else(|| "?".to_string(), |p| p.to_string()),
+                e.uid
+            ),
+            Queued::Refused(e) => {
+                let (pid, exe) = match holder_of_socket(e.inode) {
+                    Some(pid) => (pid.to_string(), exe_of(pid)),
+                    None => ("?".to_string(), Arc::from("?")),
+                };
+                warn!(
+                    "audit: refused (403) an IMDS request from {} uid {} pid {pid} exe {exe}: \
+                     that uid may not read this mount's token files",
+                    e.peer.map_or_else(|| "?".to_string(), |p| p.to_string()),
+                    e.uid
+                )
+            }
         }
         let lost = dropped.swap(0, Ordering::Relaxed);
         if lost > 0 {
@@ -184,11 +251,40 @@ fn writer(rx: Receiver<Queued>, dropped: Arc<AtomicU64>) {
     }
 }
 
-/// Who read: a process through the mount, or an HTTP client (by address, any port).
+/// Who read: a process through the mount, an HTTP client (by address, any port), or an
+/// IMDS client (by its socket's uid and address).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 enum Who {
     Process { pid: u32, uid: u32, gid: u32 },
     Peer(Option<IpAddr>),
+    Socket { uid: u32, ip: Option<IpAddr> },
+}
+
+/// A process holding socket `inode` (`socket:[inode]` among its /proc/PID/fd), if one is
+/// found (best effort: it may have closed the socket, or be in another pid namespace).
+fn holder_of_socket(inode: u32) -> Option<u32> {
+    if inode == 0 {
+        return None;
+    }
+    let want = format!("socket:[{inode}]");
+    for entry in std::fs::read_dir("/proc").ok()?.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let Ok(fds) = std::fs::read_dir(entry.path().join("fd")) else {
+            continue;
+        };
+        for fd in fds.flatten() {
+            if std::fs::read_link(fd.path()).is_ok_and(|l| l.as_os_str() == want.as_str()) {
+                return Some(pid);
+            }
+        }
+    }
+    None
 }
 
 type Key = (Arc<str>, &'static str, Who);

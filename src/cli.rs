@@ -27,8 +27,8 @@ also take a URI (https://management.azure.com/) or a scope (https://graph.micros
 Views (mount; sink writes the same files; get --view): MOUNT/<name> (raw token, no newline),
 MOUNT/.json/<name>, MOUNT/.header/<name> (Authorization: Bearer ...), MOUNT/.kubectl/<name>
 (ExecCredential), MOUNT/.git-credential/<name>, MOUNT/.claims/<name> (the JWT payload),
-MOUNT/.status (JSON: source, identity, errors, counters), MOUNT/.env (--serve-endpoint only);
-MOUNT/id/NAME/ the same tree for each --identity NAME=SELECTOR.
+MOUNT/.status (JSON: source, identity, errors, counters), MOUNT/.env (--serve-endpoint,
+--serve-imds); MOUNT/id/NAME/ the same tree for each --identity NAME=SELECTOR.
 
 mount(8) and fstab: cstokenfs SOURCE MOUNTPOINT -o OPTIONS (SOURCE is the name in the mount
 table); every long flag of mount is an -o key with _ for - (allow_other,uid=1000,mode=0440,
@@ -310,6 +310,11 @@ pub struct MountArgs {
     /// secret are in MOUNT/.env.
     #[arg(long, value_name = "ADDR", value_parser = crate::endpoint::parse_listen)]
     pub serve_endpoint: Option<SocketAddr>,
+    /// Also serve IMDS's protocol (GET /metadata/identity/oauth2/token, Metadata: true) on
+    /// this loopback address, or on 169.254.169.254:80 once configured on an interface; only
+    /// uids that could read the token files get tokens. MOUNT/.env names it for the SDKs.
+    #[arg(long, value_name = "ADDR", value_parser = crate::imds::parse_listen)]
+    pub serve_imds: Option<SocketAddr>,
     /// FUSE-style options: every flag above as a key with `_` for `-`
     /// (allow_other,uid=1000,mode=0440,endpoint=URL,...).
     #[arg(short = 'o', value_name = "OPTIONS")]
@@ -650,6 +655,10 @@ fn mount_command(args: MountArgs) -> Result<(), CliError> {
     // SAFETY: getuid/getgid cannot fail.
     let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
     warn_all(&mount_warnings(&args, uid, gid));
+    let wanted = args.upstream.wanted()?;
+    if let Some(addr) = args.serve_imds {
+        crate::imds::check_address(addr, wanted.source).map_err(CliError::usage)?;
+    }
     let policy = Policy {
         negative_ttl_ms: (args.negative_ttl as i64).saturating_mul(1000),
         max_resources: args.max_resources as usize,
@@ -658,7 +667,7 @@ fn mount_command(args: MountArgs) -> Result<(), CliError> {
     };
     let request = MountRequest {
         mountpoint: args.mountpoint,
-        wanted: args.upstream.wanted()?,
+        wanted,
         resources: args.resources,
         policy,
         foreground: args.foreground || args.debug,
@@ -674,6 +683,7 @@ fn mount_command(args: MountArgs) -> Result<(), CliError> {
         no_open: args.no_open,
         fsname: args.fsname,
         serve_endpoint: args.serve_endpoint,
+        serve_imds: args.serve_imds,
     };
     Ok(mount::run(request)?)
 }
@@ -829,6 +839,7 @@ mod tests {
             ("log_file", true),
             ("endpoint", true),
             ("serve_endpoint", true),
+            ("serve_imds", true),
         ] {
             assert!(keys.contains(&(key.to_string(), value)), "{key}: {keys:?}");
         }

@@ -27,6 +27,7 @@ mod fuseopts;
 mod get;
 mod hardening;
 mod httpserver;
+mod imds;
 mod key;
 mod known;
 mod logging;

@@ -146,19 +146,8 @@ impl Inner {
             debug!("endpoint: 401 for {peer:?}: missing or wrong X-IDENTITY-HEADER");
             return error(Category::Unauthorized, 401, "Unauthorized");
         }
-        if request::PROXY_HEADERS
-            .iter()
-            .any(|h| req.header(h).is_some())
-        {
-            return bad(BadRequest::Forwarded);
-        }
-        if req.authority.is_some() {
-            return bad(BadRequest::Target);
-        }
-        let mut hosts = req.all("host");
-        let host = hosts.next();
-        if hosts.next().is_some() || !request::host_allowed(host, req.local) {
-            return bad(BadRequest::Host);
+        if let Err(r) = crate::httpserver::origin::check(req) {
+            return bad(r.into());
         }
         if request::path(&req.target) != request::PATH {
             return error(

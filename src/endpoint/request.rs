@@ -1,12 +1,13 @@
-//! What a request to the endpoint says, checked without any upstream call: its query and
-//! its `Host` (the identity it asks for is chosen by `cache::Identities::select`) (the resource it names is resolved by
-//! `names::resolve_query`, the rule it shares with file names).
+//! What a request to the endpoint says, checked without any upstream call: its query (the
+//! identity it asks for is chosen by `cache::Identities::select`, the resource it names is
+//! resolved by `names::resolve_query`, the rule it shares with file names); its `Host`,
+//! target and forwarding headers are checked by `httpserver::origin`, shared with IMDS.
 
 use crate::cache::NotDeclared;
+use crate::httpserver::origin::Refusal;
 use crate::names::NameError;
 use std::collections::BTreeMap;
 use std::fmt;
-use std::net::{IpAddr, SocketAddr};
 
 /// The only path served.
 pub const PATH: &str = "/msi/token";
@@ -14,14 +15,6 @@ pub const PATH: &str = "/msi/token";
 pub const API_VERSION: &str = "2019-08-01";
 /// The longest `resource` served, in bytes as decoded (longer ones are 400).
 pub const MAX_RESOURCE: usize = 512;
-/// Headers a proxy adds: a request carrying any of them is refused.
-pub const PROXY_HEADERS: [&str; 4] = [
-    "forwarded",
-    "x-forwarded-for",
-    "x-forwarded-host",
-    "x-real-ip",
-];
-
 /// Why a request is refused with 400 before anything is fetched.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum BadRequest {
@@ -39,7 +32,7 @@ pub enum BadRequest {
     NotDeclared(NotDeclared),
     /// The `Host` header is missing, repeated or names another host.
     Host,
-    /// A header of [`PROXY_HEADERS`].
+    /// A header of [`crate::httpserver::origin::PROXY_HEADERS`].
     Forwarded,
     /// The target is not a path (`GET http://host/path`, `CONNECT host:port`).
     Target,
@@ -109,41 +102,14 @@ pub fn path(target: &str) -> &str {
     target.split_once('?').map_or(target, |(p, _)| p)
 }
 
-/// Whether `host` (the `Host` header) names this endpoint: the listen address's IP,
-/// `localhost`, `127.0.0.1` or `[::1]`, with no port or the listen port.
-pub fn host_allowed(host: Option<&str>, listen: SocketAddr) -> bool {
-    let Some(host) = host.map(str::trim) else {
-        return false;
-    };
-    let (name, port) = if let Some(rest) = host.strip_prefix('[') {
-        let Some((inside, after)) = rest.split_once(']') else {
-            return false;
-        };
-        let port = match after {
-            "" => None,
-            p => match p.strip_prefix(':') {
-                Some(p) => Some(p),
-                None => return false,
-            },
-        };
-        (format!("[{inside}]"), port)
-    } else {
-        match host.split_once(':') {
-            Some((n, p)) => (n.to_string(), Some(p)),
-            None => (host.to_string(), None),
-        }
-    };
-    if let Some(p) = port {
-        if p.parse::<u16>().ok() != Some(listen.port()) {
-            return false;
+impl From<Refusal> for BadRequest {
+    fn from(r: Refusal) -> BadRequest {
+        match r {
+            Refusal::Forwarded => BadRequest::Forwarded,
+            Refusal::Target => BadRequest::Target,
+            Refusal::Host => BadRequest::Host,
         }
     }
-    let name = name.to_ascii_lowercase();
-    let own = match listen.ip() {
-        IpAddr::V4(ip) => ip.to_string(),
-        IpAddr::V6(ip) => format!("[{ip}]"),
-    };
-    name == "localhost" || name == "127.0.0.1" || name == "[::1]" || name == own
 }
 
 #[cfg(test)]
@@ -164,36 +130,5 @@ mod tests {
         assert_eq!(parse_query("/?resource=%FF"), Err(BadRequest::Query));
         assert!(parse_query("/msi/token").unwrap().is_empty());
         assert_eq!(path("/msi/token?x=1"), "/msi/token");
-    }
-
-    #[test]
-    fn hosts() {
-        let v4: SocketAddr = "127.0.0.1:4000".parse().unwrap();
-        let v6: SocketAddr = "[::1]:4000".parse().unwrap();
-        let other: SocketAddr = "127.0.0.2:4000".parse().unwrap();
-        for h in [
-            "127.0.0.1:4000",
-            "localhost",
-            "LocalHost:4000",
-            "[::1]:4000",
-            "[::1]",
-        ] {
-            assert!(host_allowed(Some(h), v4), "{h}");
-            assert!(host_allowed(Some(h), v6), "{h}");
-        }
-        assert!(host_allowed(Some("127.0.0.2:4000"), other));
-        for h in [
-            "evil.example.com",
-            "evil.example.com:4000",
-            "127.0.0.1:4001",
-            "localhost:x",
-            "[::1]x",
-            "127.0.0.2:4000",
-            "",
-            "localhost.evil.com",
-        ] {
-            assert!(!host_allowed(Some(h), v4), "{h}");
-        }
-        assert!(!host_allowed(None, v4));
     }
 }

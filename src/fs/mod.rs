@@ -42,10 +42,10 @@ pub type StatusPart = Arc<dyn Fn() -> serde_json::Value + Send + Sync>;
 /// What the mount shows beyond tokens, when asked for (see [`Core::with_extras`]).
 #[derive(Default, Clone)]
 pub struct Extras {
-    /// `MOUNT/.env`'s bytes (`--serve-endpoint`); `None`: there is no `.env`.
+    /// `MOUNT/.env`'s bytes (`--serve-endpoint`, `--serve-imds`); `None`: there is no `.env`.
     pub env_file: Option<Arc<Zeroizing<Vec<u8>>>>,
-    /// A key of `.status` and the function giving its value when `.status` is opened.
-    pub status: Option<(&'static str, StatusPart)>,
+    /// Keys of `.status` and the functions giving their values when `.status` is opened.
+    pub status: Vec<(&'static str, StatusPart)>,
     /// `--no-open`: the kernel answers opens itself (see `noopen`).
     pub no_open: bool,
 }

@@ -49,6 +49,7 @@ use tokio::sync::watch;
 mod conn;
 #[cfg(test)]
 mod flood;
+pub mod origin;
 mod registry;
 #[cfg(test)]
 mod server_tests;
@@ -56,6 +57,10 @@ pub mod tls;
 
 /// The listen backlog asked for.
 const LISTEN_BACKLOG: u32 = 4096;
+/// Threads for a handler's blocking calls (`tokio::task::spawn_blocking`), at most.
+const MAX_BLOCKING_THREADS: usize = 4;
+/// Their stack size (NSS look-ups run on them).
+const BLOCKING_STACK: usize = 512 * 1024;
 
 /// Limits of one server.
 #[derive(Debug, Clone)]
@@ -224,9 +229,25 @@ impl Server {
     /// background thread.
     pub fn start<H: Handler>(listen: SocketAddr, config: Config, handler: H) -> io::Result<Server> {
         crate::net::check_loopback(listen)?;
+        Server::bind(listen, config, handler)
+    }
+
+    /// Binds IMDS's link-local address ([`crate::net::IMDS_LINK_LOCAL`], for
+    /// `--serve-imds`), which the caller found configured on an interface here; no other
+    /// non-loopback address can be bound.
+    pub fn start_imds_link_local<H: Handler>(config: Config, handler: H) -> io::Result<Server> {
+        Server::bind(crate::net::IMDS_LINK_LOCAL, config, handler)
+    }
+
+    fn bind<H: Handler>(listen: SocketAddr, config: Config, handler: H) -> io::Result<Server> {
+        // A handler's blocking calls (`--serve-imds`'s look-ups) share a few small threads
+        // and queue beyond them, so a flood of requests cannot start a thread each.
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_io()
             .enable_time()
+            .max_blocking_threads(MAX_BLOCKING_THREADS)
+            .thread_stack_size(BLOCKING_STACK)
+            .thread_name(format!("{}-blocking", config.thread_name))
             .build()?;
         let listener = {
             let _context = runtime.enter();

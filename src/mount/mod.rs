@@ -53,6 +53,8 @@ pub struct MountRequest {
     pub fsname: String,
     /// `--serve-endpoint`: also serve App Service's protocol here (loopback).
     pub serve_endpoint: Option<std::net::SocketAddr>,
+    /// `--serve-imds`: also serve IMDS's protocol here (checked by `imds::check_address`).
+    pub serve_imds: Option<std::net::SocketAddr>,
 }
 
 /// Why mounting failed: one line for the operator, naming the fix where there is one (a

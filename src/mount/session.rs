@@ -9,6 +9,7 @@ use crate::access::Access;
 use crate::daemon::{self, Daemon, DaemonError, Handled, Ready, Signal};
 use crate::endpoint::Endpoint;
 use crate::fs::Core;
+use crate::imds::Imds;
 use log::{info, warn};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
@@ -34,6 +35,8 @@ struct Started {
     notifier: fuser::Notifier,
     /// `--serve-endpoint`'s server: shut down on drop.
     endpoint: Option<Endpoint>,
+    /// `--serve-imds`'s server: shut down on drop.
+    imds: Option<Imds>,
     /// The filesystem core the session serves.
     core: Arc<Core>,
     /// The cache and its background pass.
@@ -72,6 +75,9 @@ impl Drop for Started {
         // No more requests from the endpoint before the cache stops.
         if let Some(endpoint) = &self.endpoint {
             endpoint.shutdown();
+        }
+        if let Some(imds) = &self.imds {
+            imds.shutdown();
         }
         // Then the cache stops fetching: readers still waiting are told the mount stops.
         self.daemon.stop();
@@ -188,6 +194,7 @@ fn start(req: &MountRequest, checked: Checked) -> Result<(Started, Handled), Mou
     let access = Access::asked(req.uid, req.gid, Some(req.mode));
     let audit = crate::audit::Audit::start().map_err(no_thread)?;
     let (endpoint, mut extras) = start_endpoint(req, daemon.cache(), &audit)?;
+    let imds = start_imds(req, daemon.cache(), &audit, access, &mut extras)?;
     extras.no_open = req.no_open;
     let reason = daemon.source_reason();
     let core = Core::with_extras(daemon.cache().clone(), access, Some(audit), reason, extras);
@@ -208,6 +215,7 @@ fn start(req: &MountRequest, checked: Checked) -> Result<(Started, Handled), Mou
         session: Some(session),
         notifier,
         endpoint,
+        imds,
         core,
         daemon,
         _stand_in: stand_in,
@@ -237,8 +245,52 @@ fn start_endpoint(
     );
     let extras = crate::fs::Extras {
         env_file: Some(Arc::new(endpoint.env_file())),
-        status: Some(("serve_endpoint", Arc::new(endpoint.status_part()))),
+        status: vec![("serve_endpoint", Arc::new(endpoint.status_part()))],
         ..Default::default()
     };
     Ok((Some(endpoint), extras))
+}
+
+/// `--serve-imds`: the server (its own thread), its line in `.env` (after the endpoint's,
+/// if any) and its part of `.status`.
+fn start_imds(
+    req: &MountRequest,
+    cache: &Arc<crate::cache::Cache>,
+    audit: &crate::audit::Audit,
+    access: Access,
+    extras: &mut crate::fs::Extras,
+) -> Result<Option<Imds>, MountError> {
+    let Some(listen) = req.serve_imds else {
+        return Ok(None);
+    };
+    let settings = crate::imds::Settings {
+        listen,
+        timeout: req.policy.timeout,
+        access,
+        reach: crate::imds::authz::Reach {
+            // SAFETY: getuid cannot fail.
+            mounter: unsafe { libc::getuid() },
+            allow_other: req.allow_other,
+        },
+    };
+    let imds = Imds::start(settings, cache.clone(), Some(audit.clone()))
+        .map_err(|e| MountError::Daemon(format!("--serve-imds {listen}: {e}")))?;
+    info!(
+        "serving the IMDS managed-identity protocol at {}{}",
+        imds.base_url(),
+        crate::imds::PATH
+    );
+    let mut env = zeroize::Zeroizing::new(
+        extras
+            .env_file
+            .as_ref()
+            .map(|e| e.to_vec())
+            .unwrap_or_default(),
+    );
+    env.extend_from_slice(imds.env_line().as_bytes());
+    extras.env_file = Some(Arc::new(env));
+    extras
+        .status
+        .push(("serve_imds", Arc::new(imds.status_part())));
+    Ok(Some(imds))
 }

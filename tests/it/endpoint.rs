@@ -280,7 +280,11 @@ fn a_flood_of_idle_connections_from_another_user_holds_back_no_request() {
         let (status, body) = get(addr, ARM, &head);
         let took = started.elapsed();
         assert_eq!(status, 200, "request {i}: {body}");
-        assert!(took < Duration::from_secs(2), "request {i} took {took:?}");
+        // A bound, not a speed (scripts/bench.sh measures that: median under 1 ms in a
+        // release build): before issue 19 such a flood held a request for 24 s; a debug
+        // build beside the other suites on 2 cores needs a few seconds to accept and evict
+        // the connections queued ahead of a new one.
+        assert!(took < Duration::from_secs(10), "request {i} took {took:?}");
     }
     let reopened = flood.stop().expect("the flood's count");
     assert!(reopened > 0, "the flood's connections were closed");

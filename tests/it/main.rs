@@ -24,6 +24,7 @@ mod fs;
 mod hardening;
 mod hostile;
 mod identities;
+mod imds;
 mod integrations;
 mod noopen;
 mod props;

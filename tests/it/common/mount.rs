@@ -116,6 +116,16 @@ impl Mounted {
         (addr, secret)
     }
 
+    /// `--serve-imds`'s address, from `MOUNT/.env`'s `AZURE_POD_IDENTITY_AUTHORITY_HOST`.
+    pub fn imds(&self) -> std::net::SocketAddr {
+        let env = String::from_utf8(self.read(".env").expect("read .env")).unwrap();
+        env.lines()
+            .find_map(|l| l.strip_prefix("AZURE_POD_IDENTITY_AUTHORITY_HOST=http://"))
+            .expect("AZURE_POD_IDENTITY_AUTHORITY_HOST in .env")
+            .parse()
+            .expect("an IP:PORT")
+    }
+
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
