@@ -1,8 +1,8 @@
 //! What the cache is keyed by: which identity asks for which resource (a leaf below
-//! `cache` and `token`: a version carries its key). An identity owns its
-//! source (its own credential and upstream client); today a daemon has one, the default
-//! identity, but the cache, its single flight, negative cache, eviction and `.status` are
-//! already keyed by (identity, resource).
+//! `cache` and `token`: a version carries its key). An identity owns its source (its own
+//! credential and upstream client): the mount's own is `IdentityId::DEFAULT`, each
+//! `--identity` follows; the cache, its single flight, negative cache, eviction and
+//! `.status` are keyed by (identity, resource).
 
 use crate::names::Resource;
 use std::fmt;

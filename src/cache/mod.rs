@@ -262,6 +262,15 @@ impl Cache {
         &self.identities
     }
 
+    /// `key` as the logs name it: `id/NAME/<resource>` for a declared identity, the
+    /// resource alone for the mount's own (its lines are as they were with one identity).
+    fn shown<'a>(&'a self, key: &'a Key) -> Shown<'a> {
+        Shown {
+            name: self.identities.name(key.identity),
+            key,
+        }
+    }
+
     /// The default identity's source.
     pub fn source(&self) -> &dyn Source {
         self.identities.default_source()
@@ -523,7 +532,7 @@ impl Cache {
             let mut guard = self.state.lock();
             for (r, e) in guard.entries.iter_mut() {
                 if e.held.is_some() && e.valid(now).is_none() && e.waiters.is_none() {
-                    debug!("token of {r} expired: dropped");
+                    debug!("token of {} expired: dropped", self.shown(r));
                     e.held = None;
                 }
                 let view = e.view(0);
@@ -586,7 +595,7 @@ impl Cache {
                 .min_by_key(|(_, e)| e.reads.last)
                 .map(|(r, _)| r.clone());
             let Some(r) = victim else { break };
-            debug!("evicting {r} (least recently read)");
+            debug!("evicting {} (least recently read)", self.shown(&r));
             entries.remove(&r);
         }
     }
@@ -649,7 +658,10 @@ impl Cache {
             if generation == self.generation.load(Ordering::SeqCst) {
                 break outcome;
             }
-            debug!("{resource}: tokens were dropped during the fetch; fetching again");
+            debug!(
+                "{}: tokens were dropped during the fetch; fetching again",
+                self.shown(resource)
+            );
         };
         let now = self.clock.now();
         let mut guard = self.state.lock();
@@ -720,7 +732,7 @@ impl Cache {
             if stale && self.clock.instant() + EXPIRED_ON_ARRIVAL_PAUSE < job.deadline {
                 debug!(
                     "{}: the endpoint returned a token that is about to expire; asking again",
-                    job.key
+                    self.shown(&job.key)
                 );
                 std::thread::sleep(EXPIRED_ON_ARRIVAL_PAUSE);
                 continue;
@@ -746,6 +758,7 @@ impl Cache {
         arrival: Arrival,
         now: EpochMs,
     ) -> Result<Arc<Version>, SourceError> {
+        let shown = self.shown(resource);
         let Arrival {
             token, schedule, ..
         } = arrival;
@@ -756,7 +769,7 @@ impl Cache {
                 entry.failures.next_attempt_at = policy::unchanged_retry_at(now, &held.schedule);
                 entry.failures.consecutive = 0;
                 if !entry.failures.unchanged_logged {
-                    info!("{resource}: the endpoint returned the token already held (it caches); retrying closer to expiry");
+                    info!("{shown}: the endpoint returned the token already held (it caches); retrying closer to expiry");
                     entry.failures.unchanged_logged = true;
                 }
                 return Ok(held);
@@ -771,12 +784,12 @@ impl Cache {
         let version = Arc::new(Version::new(id, resource.clone(), &token, now, schedule));
         if entry.failures.consecutive > 0 {
             info!(
-                "{resource}: token fetched again after {} failure(s)",
+                "{shown}: token fetched again after {} failure(s)",
                 entry.failures.consecutive
             );
         }
         info!(
-            "{resource}: new token, expires in {} s, refresh in {} s",
+            "{shown}: new token, expires in {} s, refresh in {} s",
             (token.expires_on - now) / 1000,
             (schedule.refresh_at - now) / 1000
         );
@@ -797,6 +810,7 @@ impl Cache {
         e: &SourceError,
         now: EpochMs,
     ) -> ReadError {
+        let shown = self.shown(resource);
         let error = ReadError::from(e);
         let message = e.to_string();
         let f = &mut entry.failures;
@@ -822,22 +836,37 @@ impl Cache {
         }
         if entry.failures.consecutive == 1 {
             if held {
-                warn!("{resource}: refresh failed, still serving the held token: {message}");
+                warn!("{shown}: refresh failed, still serving the held token: {message}");
             } else {
-                warn!("{resource}: fetch failed: {message}");
+                warn!("{shown}: fetch failed: {message}");
             }
         } else if changed {
             warn!(
-                "{resource}: failure {} in a row, now: {message}",
+                "{shown}: failure {} in a row, now: {message}",
                 entry.failures.consecutive
             );
         } else {
             debug!(
-                "{resource}: failure {} in a row: {message}",
+                "{shown}: failure {} in a row: {message}",
                 entry.failures.consecutive
             );
         }
         error
+    }
+}
+
+/// A key named for a log line (`Cache::shown`).
+struct Shown<'a> {
+    name: Option<&'a str>,
+    key: &'a Key,
+}
+
+impl fmt::Display for Shown<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.name {
+            Some(name) => write!(f, "id/{name}/{}", self.key),
+            None => write!(f, "{}", self.key),
+        }
     }
 }
 

@@ -280,14 +280,13 @@ fn start_imds(
         imds.base_url(),
         crate::imds::PATH
     );
-    let mut env = zeroize::Zeroizing::new(
-        extras
-            .env_file
-            .as_ref()
-            .map(|e| e.to_vec())
-            .unwrap_or_default(),
-    );
-    env.extend_from_slice(imds.env_line().as_bytes());
+    // Sized once, so the copy of the endpoint's lines (its secret) is never reallocated
+    // and left unwiped.
+    let line = imds.env_line();
+    let old = extras.env_file.as_ref().map_or(&[][..], |e| &e[..]);
+    let mut env = zeroize::Zeroizing::new(Vec::with_capacity(old.len() + line.len()));
+    env.extend_from_slice(old);
+    env.extend_from_slice(line.as_bytes());
     extras.env_file = Some(Arc::new(env));
     extras
         .status

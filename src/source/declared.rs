@@ -228,12 +228,6 @@ impl Declared {
                         "--identity {name}: the {kind} source names an application by client-id= only (object-id= and resource-id= are for imds and appservice)"
                     ));
                 }
-                let credential = self.client_secret_file.is_some() || self.client_certificate.is_some();
-                if kind == Kind::WorkloadIdentity && credential {
-                    return Err(format!(
-                        "--identity {name}: the workload-identity source uses the mount's federated token file, not a secret or certificate"
-                    ));
-                }
                 if self.client_secret_file.is_some() && self.client_certificate.is_some() {
                     return Err(format!(
                         "--identity {name}: client-secret-file= and client-certificate= do not go together: pick one"

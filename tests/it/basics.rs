@@ -825,28 +825,33 @@ fn help_on_every_subcommand() {
 
 #[test]
 fn emulator_subcommand_serves_the_recipe() {
-    let port = free_port();
+    use std::io::BufRead;
+    // An ephemeral port: the emulator says its URL once it listens.
     let mut child = cli([
         "emulator",
         "--listen",
-        &format!("127.0.0.1:{port}"),
+        "127.0.0.1:0",
         "--ttl",
         "120",
         "--allow",
         "https://x.example.com",
     ])
-    .stderr(std::process::Stdio::null())
+    .stderr(std::process::Stdio::piped())
     .spawn()
     .unwrap();
-    let url = format!("http://127.0.0.1:{port}/oauth2/token");
-    let got = eventually(Duration::from_secs(10), || {
-        let out = cli(["get", "--json", "--endpoint", &url, "x.example.com"])
-            .output()
-            .ok()?;
-        out.status.success().then_some(out.stdout)
-    });
-    let json: serde_json::Value =
-        serde_json::from_slice(&got.expect("the emulator answers")).unwrap();
+    let mut lines = std::io::BufReader::new(child.stderr.take().unwrap()).lines();
+    let url = lines
+        .by_ref()
+        .map_while(Result::ok)
+        .find_map(|l| l.split(" at ").nth(1).map(str::to_string))
+        .expect("the emulator says where it listens");
+    // Keep reading its log so it never blocks on a full pipe.
+    std::thread::spawn(move || lines.for_each(drop));
+    let out = cli(["get", "--json", "--endpoint", &url, "x.example.com"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "the emulator answers");
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let life = json["expires_on"].as_i64().unwrap() - now_secs();
     assert!((100..=121).contains(&life), "--ttl 120: {life}");
     // SAFETY: signalling our child.

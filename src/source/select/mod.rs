@@ -292,7 +292,27 @@ pub fn check_identities(wanted: &Wanted, env: &Env) -> Result<(), String> {
         return Ok(());
     }
     let kind = source_kind(wanted, env).0;
-    wanted.identities.iter().try_for_each(|d| d.check_for(kind))
+    wanted
+        .identities
+        .iter()
+        .try_for_each(|d| d.check_for(kind))?;
+    // A declared identity that is the mount's own would be a second entry, and a second
+    // upstream call, for one identity: its files are the top's.
+    let (own, _) = own_identity(kind, &wanted.identity, env);
+    for d in &wanted.identities {
+        let same = |ours: &Option<String>, theirs: &Option<String>| matches!((ours, theirs), (Some(o), Some(t)) if o.eq_ignore_ascii_case(t));
+        let ids = d.identity();
+        let duplicate = same(&own.client_id, &ids.client_id) && d.tenant_id.is_none()
+            || same(&own.object_id, &ids.object_id)
+            || same(&own.msi_res_id, &ids.msi_res_id);
+        if duplicate {
+            return Err(format!(
+                "--identity {}: names the mount's own identity (its files are the top's): leave it out",
+                d.name
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Which upstream `wanted` means in `env`, and why.
@@ -326,10 +346,16 @@ fn check_declared(kind: Kind, declared: &[Declared]) -> Result<(), ConfigError> 
 /// system-assigned identity. Other sources send no identity.
 pub fn own_identity(kind: Kind, flags: &Identity, env: &Env) -> (Identity, String) {
     if !matches!(kind, Kind::Imds | Kind::AppService) {
-        return (
-            flags.clone(),
-            "the source's own (it has one identity)".into(),
-        );
+        // An Entra source's client ID is the application it asks for; Cloud Shell, Arc and
+        // the CLI send no identity (Cloud Shell would answer with the signed-in user's
+        // token whatever was named), so none is claimed for them and a request naming one
+        // is refused as undeclared.
+        let ids = if kind.is_entra() {
+            flags.clone()
+        } else {
+            Identity::default()
+        };
+        return (ids, "the source's own (it has one identity)".into());
     }
     let given: Vec<&str> = [
         (flags.client_id.is_some(), "--client-id"),
@@ -518,6 +544,20 @@ mod tests {
         }
         let (id, _) = own_identity(Kind::CloudShell, &Identity::default(), &e);
         assert_eq!(id, Identity::default());
+        // Cloud Shell, Arc and the CLI claim no identity even when one is flagged: they
+        // would send it nowhere, and a request naming it must not get their one token.
+        let flag = Identity {
+            client_id: Some("c-flag".into()),
+            ..Identity::default()
+        };
+        for kind in [Kind::CloudShell, Kind::Arc, Kind::AzureCli] {
+            assert_eq!(
+                own_identity(kind, &flag, &e).0,
+                Identity::default(),
+                "{kind}"
+            );
+        }
+        assert_eq!(own_identity(Kind::ServicePrincipal, &flag, &e).0, flag);
         let p = plan(
             &Wanted {
                 source: Some(Kind::Imds),
@@ -586,5 +626,42 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("imds"));
+    }
+
+    /// A declared identity that is the mount's own (by the flag or AZURE_CLIENT_ID) is a
+    /// usage error; another is fine.
+    #[test]
+    fn a_declared_identity_may_not_be_the_mounts_own() {
+        use crate::source::declared::{gather, parse_identity_arg};
+        let e = Env {
+            vars: [(
+                "AZURE_CLIENT_ID".to_string(),
+                "AAAAAAAA-0000-0000-0000-000000000001".to_string(),
+            )]
+            .into_iter()
+            .collect(),
+            az_on_path: false,
+        };
+        let declare = |arg: &str| Wanted {
+            source: Some(Kind::Imds),
+            identities: gather(&[parse_identity_arg(arg).unwrap()]).unwrap(),
+            ..Wanted::default()
+        };
+        let err = check_identities(
+            &declare("x=client-id=aaaaaaaa-0000-0000-0000-000000000001"),
+            &e,
+        )
+        .unwrap_err();
+        assert!(err.contains("names the mount's own identity"), "{err}");
+        assert!(check_identities(
+            &declare("x=client-id=bbbbbbbb-0000-0000-0000-000000000001"),
+            &e
+        )
+        .is_ok());
+        assert!(check_identities(
+            &declare("x=client-id=aaaaaaaa-0000-0000-0000-000000000001"),
+            &Env::default()
+        )
+        .is_ok());
     }
 }
