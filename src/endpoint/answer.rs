@@ -8,6 +8,7 @@ use super::{Category, Counters, Settings};
 use crate::audit::{Audit, HttpEvent};
 use crate::cache::{Cache, Key, Lease, Query, ReadError, Use};
 use crate::hardening::ct_eq;
+use crate::httpserver::query::{self, QueryError};
 use crate::httpserver::{self, race, Answer, Either, Reply, Request, Stop};
 use crate::token::Version;
 use log::debug;
@@ -149,7 +150,7 @@ impl Inner {
         if let Err(r) = crate::httpserver::origin::check(req) {
             return bad(r.into());
         }
-        if request::path(&req.target) != request::PATH {
+        if query::path(&req.target) != request::PATH {
             return error(
                 Category::NotFound,
                 404,
@@ -159,9 +160,9 @@ impl Inner {
         if req.method != "GET" {
             return error(Category::NotFound, 405, "Method not allowed: use GET");
         }
-        let params = match request::parse_query(&req.target) {
+        let params = match query::parse_query(&req.target) {
             Ok(p) => p,
-            Err(e) => return bad(e),
+            Err(e) => return bad(e.into()),
         };
         match params.get("api-version") {
             Some(v) if v == request::API_VERSION => {}
@@ -174,12 +175,12 @@ impl Inner {
         let Some(sent) = params.get("resource") else {
             return bad(BadRequest::NoResource);
         };
-        if sent.len() > request::MAX_RESOURCE {
-            return bad(BadRequest::ResourceTooLong(sent.len()));
+        if let Err(e) = query::check_resource_len(sent) {
+            return bad(e.into());
         }
         let key = match crate::names::resolve_query(sent) {
             Ok(resource) => Key::new(identity, resource),
-            Err(why) => return bad(BadRequest::Resource(sent.clone(), why)),
+            Err(why) => return bad(QueryError::Resource(sent.clone(), why).into()),
         };
         match self.read(&key, stop).await {
             Ok(Lease { version: v, .. }) => {

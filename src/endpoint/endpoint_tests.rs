@@ -215,7 +215,7 @@ fn listen_addresses() {
 
 #[test]
 fn limits_against_a_flood() {
-    let c = config();
+    let c = crate::httpserver::token_listener_config("endpoint");
     assert_eq!(c.max_connections, 256);
     assert_eq!(c.first_head_timeout, Duration::from_secs(2));
     assert_eq!(

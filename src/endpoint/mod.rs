@@ -24,7 +24,7 @@ pub mod request;
 
 use crate::audit::Audit;
 use crate::cache::Cache;
-use crate::httpserver::{Config, Server};
+use crate::httpserver::{token_listener_config, Server};
 use std::fmt;
 use std::io;
 use std::net::SocketAddr;
@@ -32,16 +32,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use zeroize::Zeroizing;
-
-/// Connections open at once; a new one beyond them closes the oldest that has not completed
-/// a request (else the one idle the longest), never one with a request in progress.
-pub const MAX_CONNECTIONS: usize = 256;
-/// The most a new connection may take to send its first request head.
-pub const FIRST_HEAD_TIMEOUT: Duration = Duration::from_secs(2);
-/// How long a keep-alive connection may idle, and the most a later request head may take.
-pub const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Largest request head.
-pub const MAX_HEAD: usize = 8 * 1024;
 
 /// What the endpoint is asked to serve.
 #[derive(Clone)]
@@ -158,7 +148,7 @@ impl Endpoint {
             Arc::clone(&counters),
         );
         // Each request carries the address bound (the port chosen for port 0).
-        let server = Server::start(listen, config(), handler)?;
+        let server = Server::start(listen, token_listener_config("endpoint"), handler)?;
         let url = format!("http://{}{}", server.addr(), request::PATH);
         Ok(Endpoint {
             server,
@@ -204,21 +194,6 @@ impl Endpoint {
     /// Closes the listener and every connection; idempotent (also on drop).
     pub fn shutdown(&self) {
         self.server.shutdown();
-    }
-}
-
-/// The server's limits.
-fn config() -> Config {
-    Config {
-        max_connections: MAX_CONNECTIONS,
-        first_head_timeout: FIRST_HEAD_TIMEOUT,
-        header_read_timeout: IDLE_TIMEOUT,
-        body_timeout: Duration::from_secs(5),
-        max_head: MAX_HEAD,
-        max_body: 1024,
-        write_stall: Duration::from_secs(10),
-        thread_name: "endpoint".into(),
-        tls: None,
     }
 }
 

@@ -50,6 +50,7 @@ mod conn;
 #[cfg(test)]
 mod flood;
 pub mod origin;
+pub mod query;
 mod registry;
 #[cfg(test)]
 mod server_tests;
@@ -101,6 +102,34 @@ impl Default for Config {
             thread_name: "cstokenfs-http".into(),
             tls: None,
         }
+    }
+}
+
+/// Connections open at once on a token listener (`--serve-endpoint`, `--serve-imds`); a
+/// new one beyond them closes the oldest that has not completed a request (else the one
+/// idle the longest), never one with a request in progress.
+pub const TOKEN_MAX_CONNECTIONS: usize = 256;
+/// The most a new connection to a token listener may take to send its first request head.
+pub const TOKEN_FIRST_HEAD_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a keep-alive connection to a token listener may idle, and the most a later
+/// request head may take.
+pub const TOKEN_IDLE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Largest request head a token listener reads.
+pub const TOKEN_MAX_HEAD: usize = 8 * 1024;
+
+/// The limits of a loopback token listener (`--serve-endpoint`, `--serve-imds`): the
+/// constants above, small bodies, and `thread_name`.
+pub fn token_listener_config(thread_name: &str) -> Config {
+    Config {
+        max_connections: TOKEN_MAX_CONNECTIONS,
+        first_head_timeout: TOKEN_FIRST_HEAD_TIMEOUT,
+        header_read_timeout: TOKEN_IDLE_TIMEOUT,
+        body_timeout: Duration::from_secs(5),
+        max_head: TOKEN_MAX_HEAD,
+        max_body: 1024,
+        write_stall: Duration::from_secs(10),
+        thread_name: thread_name.into(),
+        tls: None,
     }
 }
 

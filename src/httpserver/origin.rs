@@ -4,6 +4,7 @@
 //! program send requests (SSRF through a proxy or a web page) fails one of these.
 
 use super::Request;
+use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 
 /// Headers a proxy adds: a request carrying any of them is refused.
@@ -23,6 +24,16 @@ pub enum Refusal {
     Target,
     /// The `Host` header is missing, repeated or names another host.
     Host,
+}
+
+impl fmt::Display for Refusal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Refusal::Host => "one Host header, naming this endpoint's address, localhost, 127.0.0.1 or [::1], is required",
+            Refusal::Forwarded => "requests through a proxy (Forwarded, X-Forwarded-For, X-Forwarded-Host, X-Real-IP) are refused",
+            Refusal::Target => "the request target must be a path (/msi/token?..), not a URL",
+        })
+    }
 }
 
 /// Proxy headers first, then the target's form, then `Host` (see [`host_allowed`]).

@@ -9,7 +9,7 @@ use super::{Category, Counters, Settings, PATH};
 use crate::access::Access;
 use crate::audit::{Audit, ImdsEvent, RefusedEvent};
 use crate::cache::{Cache, IdentityId, Key, Lease, Query, ReadError, Use};
-use crate::endpoint::request::{self as shared, BadRequest};
+use crate::httpserver::query::{self, QueryError};
 use crate::httpserver::{self, race, Answer, Either, Reply, Request, Stop};
 use crate::token::Version;
 use log::{debug, warn};
@@ -139,9 +139,9 @@ impl Inner {
             Err(outcome) => return outcome,
         };
         if let Err(r) = crate::httpserver::origin::check(req) {
-            return invalid(BadRequest::from(r).to_string());
+            return invalid(r.to_string());
         }
-        if shared::path(&req.target) != PATH {
+        if query::path(&req.target) != PATH {
             return error(
                 Category::NotFound,
                 404,
@@ -163,7 +163,7 @@ impl Inner {
         {
             return invalid("Required metadata header not specified");
         }
-        let params = match shared::parse_query(&req.target) {
+        let params = match query::parse_query(&req.target) {
             Ok(p) => p,
             Err(e) => return invalid(e.to_string()),
         };
@@ -184,13 +184,8 @@ impl Inner {
         let Some(sent) = params.get("resource").filter(|r| !r.is_empty()) else {
             return invalid("Required audience variable not specified");
         };
-        if sent.len() > shared::MAX_RESOURCE {
-            return error(
-                Category::BadRequest,
-                400,
-                "invalid_resource",
-                BadRequest::ResourceTooLong(sent.len()).to_string(),
-            );
+        if let Err(e) = query::check_resource_len(sent) {
+            return error(Category::BadRequest, 400, "invalid_resource", e.to_string());
         }
         let key = match crate::names::resolve_query(sent) {
             Ok(resource) => Key::new(identity, resource),
@@ -199,7 +194,7 @@ impl Inner {
                     Category::BadRequest,
                     400,
                     "invalid_resource",
-                    BadRequest::Resource(sent.clone(), why).to_string(),
+                    QueryError::Resource(sent.clone(), why).to_string(),
                 )
             }
         };

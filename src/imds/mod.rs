@@ -17,8 +17,9 @@
 //! IMDS has no secret. Each request's connection is looked up in the kernel by its
 //! four-tuple (`peer`): the uid owning the client's socket may ask if and only if it could
 //! open the top-level token files (`authz`); any other gets 403 and nothing else, and an
-//! audit line. The server is [`crate::httpserver`] with the endpoint's limits; a request
-//! is a read like an open (`Cache::read`, `Use::Read`).
+//! audit line. The server is [`crate::httpserver`] with the token listeners' limits
+//! ([`crate::httpserver::token_listener_config`]); a request is a read like an open
+//! (`Cache::read`, `Use::Read`).
 //!
 //! ADDR is a loopback address, or IMDS's own `169.254.169.254:80` when that address is
 //! already configured on an interface here ([`check_address`]); nothing is ever sent to it.
@@ -32,7 +33,7 @@ pub mod peer;
 use crate::access::Access;
 use crate::audit::Audit;
 use crate::cache::Cache;
-use crate::httpserver::{Config, Server};
+use crate::httpserver::{token_listener_config, Server};
 use crate::source::Kind;
 use std::fmt;
 use std::io;
@@ -138,9 +139,9 @@ impl Imds {
         let listen = settings.listen;
         let handler = answer::ImdsHandler::new(settings, cache, audit, Arc::clone(&counters));
         let server = if listen == crate::net::IMDS_LINK_LOCAL {
-            Server::start_imds_link_local(config(), handler)?
+            Server::start_imds_link_local(token_listener_config("imds"), handler)?
         } else {
-            Server::start(listen, config(), handler)?
+            Server::start(listen, token_listener_config("imds"), handler)?
         };
         Ok(Imds { server, counters })
     }
@@ -174,21 +175,6 @@ impl Imds {
     /// Closes the listener and every connection; idempotent (also on drop).
     pub fn shutdown(&self) {
         self.server.shutdown();
-    }
-}
-
-/// The endpoint's limits, under the thread name `imds`.
-fn config() -> Config {
-    Config {
-        max_connections: crate::endpoint::MAX_CONNECTIONS,
-        first_head_timeout: crate::endpoint::FIRST_HEAD_TIMEOUT,
-        header_read_timeout: crate::endpoint::IDLE_TIMEOUT,
-        body_timeout: Duration::from_secs(5),
-        max_head: crate::endpoint::MAX_HEAD,
-        max_body: 1024,
-        write_stall: Duration::from_secs(10),
-        thread_name: "imds".into(),
-        tls: None,
     }
 }
 

@@ -21,6 +21,13 @@ def credential(kind):
         client_id = os.environ.get("CSTOKENFS_MI_CLIENT_ID")
         if client_id:
             return ManagedIdentityCredential(client_id=client_id, **RETRIES)
+        # CSTOKENFS_MI_OBJECT_ID / CSTOKENFS_MI_RES_ID: identity_config with object_id or
+        # resource_id (the SDK's keys; over IMDS msal sends them as object_id and
+        # msi_res_id; any other key silently means the system-assigned identity).
+        for var, param in (("CSTOKENFS_MI_OBJECT_ID", "object_id"), ("CSTOKENFS_MI_RES_ID", "resource_id")):
+            value = os.environ.get(var)
+            if value:
+                return ManagedIdentityCredential(identity_config={param: value}, **RETRIES)
         return ManagedIdentityCredential(**RETRIES)
     # DefaultAzureCredential itself, with the developer-tool credentials after managed
     # identity excluded so a failure cannot fall through to az, pwsh or a browser.

@@ -1,7 +1,8 @@
 //! Issue 21, identities: `--identity NAME=SELECTOR` beside the mount's own, read through
-//! files, `.json/`, the sink, `--serve-endpoint` (raw HTTP and azure-identity) and `get`,
-//! against the emulator's IMDS and App Service protocols that know which identities exist
-//! (`Emulator::set_identities`) and put their ids in the tokens (`appid`, `oid`).
+//! files, `.json/`, the sink, `--serve-endpoint` and `--serve-imds` (raw HTTP and
+//! azure-identity) and `get`, against the emulator's IMDS and App Service protocols that
+//! know which identities exist (`Emulator::set_identities`) and put their ids in the
+//! tokens (`appid`, `oid`).
 
 use crate::common;
 use crate::sink_support::{status as sink_status, wait_file, Sink, Tmpfs};
@@ -84,7 +85,13 @@ fn sdk_token(py: &Path, m: &Mounted, kind: &str, env: &[(&str, &str)]) -> Vec<u8
     let _ = std::fs::remove_file(&out);
     let mut script = String::from("set -a; . \"$1/.env\"; set +a; ");
     for (k, v) in env {
-        script.push_str(&format!("export {k}='{v}'; "));
+        // An empty value unsets the variable (e.g. `.env`'s App Service pair, so that the
+        // SDK speaks IMDS to `AZURE_POD_IDENTITY_AUTHORITY_HOST`).
+        if v.is_empty() {
+            script.push_str(&format!("unset {k}; "));
+        } else {
+            script.push_str(&format!("export {k}='{v}'; "));
+        }
     }
     script.push_str("exec \"$2\" \"$3\" \"$4\" \"$5\" \"$6\"");
     let client = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/endpoint_sdk/client.py");
@@ -651,4 +658,162 @@ fn workload_identity_exchanges_one_token_file_for_each_declared_application() {
     assert_eq!(s["identity"]["from"], "AZURE_CLIENT_ID");
     assert_eq!(s["identity"]["value"], CLIENT);
     assert_eq!(s["identities"][1]["resources"][0]["state"], "denied");
+}
+
+/// Issue 21's combined case: three declared identities and the mount's own (imds source,
+/// the emulator's user-assigned identities), each read through its file, `.json/`,
+/// `--serve-endpoint` and `--serve-imds` (raw HTTP with the parameter of each identity's
+/// declared selector, and azure-identity pointed at the mount by `.env`'s
+/// `AZURE_POD_IDENTITY_AUTHORITY_HOST`): the same token for the same (identity, resource)
+/// on every route, one upstream request per (identity, resource) in all; IMDS answers the
+/// selected identity's `client_id`, and an undeclared identity gets 400 "Identity not
+/// found" without an upstream request.
+#[test]
+fn every_front_end_serves_each_identity_one_upstream_request() {
+    need_fuse!();
+    let emu = emulator_of(Kind::Imds, 4);
+    emu.set_caching(true);
+    let ids = three();
+    let url = emu.url();
+    let base = [
+        "--source",
+        "imds",
+        "--endpoint",
+        &url,
+        "--serve-endpoint",
+        "127.0.0.1:0",
+        "--serve-imds",
+        "127.0.0.1:0",
+    ];
+    let m = Mounted::raw(&with_identities(&base, &ids), &[]);
+    let arm = "https%3A%2F%2Fmanagement.azure.com";
+    // (directory, the token's appid, the endpoint's and IMDS's parameter, the SDK's variable)
+    let res = |n: u8| id(n).resource_id;
+    let cases = [
+        ("", DEFAULT_CLIENT_ID.to_string(), String::new(), None),
+        (
+            "id/a/",
+            id(1).client_id,
+            format!("&client_id={}", id(1).client_id),
+            Some(("CSTOKENFS_MI_CLIENT_ID", id(1).client_id)),
+        ),
+        (
+            "id/b/",
+            id(2).client_id,
+            format!("&object_id={}", id(2).object_id),
+            Some(("CSTOKENFS_MI_OBJECT_ID", id(2).object_id)),
+        ),
+        (
+            "id/c/",
+            id(3).client_id,
+            format!("&msi_res_id={}", res(3).replace('/', "%2F")),
+            Some(("CSTOKENFS_MI_RES_ID", res(3))),
+        ),
+    ];
+    // `.env`: App Service's pair, then the IMDS host.
+    let env = String::from_utf8(m.read(".env").unwrap()).unwrap();
+    let var = |k: &str| {
+        env.lines()
+            .find_map(|l| l.strip_prefix(&format!("{k}=")))
+            .unwrap_or_default()
+            .to_string()
+    };
+    let ep: std::net::SocketAddr = var("IDENTITY_ENDPOINT")
+        .trim_start_matches("http://")
+        .trim_end_matches("/msi/token")
+        .parse()
+        .unwrap();
+    let secret = var("IDENTITY_HEADER");
+    let ep_head = format!("Host: {ep}\r\nX-IDENTITY-HEADER: {secret}\r\n");
+    let imds = m.imds();
+    let imds_head = format!("Host: {imds}\r\nMetadata: true\r\n");
+    let py = python();
+    for (dir, client, param, sdk) in &cases {
+        let file = m.read(&format!("{dir}management.azure.com")).unwrap();
+        assert_eq!(appid(&file), *client, "{dir}");
+        let json: serde_json::Value =
+            serde_json::from_slice(&m.read(&format!("{dir}.json/management.azure.com")).unwrap())
+                .unwrap();
+        let got = json["access_token"].as_str().unwrap_or_default();
+        assert_same_token(got.as_bytes(), &file, &format!("{dir}.json/"));
+
+        let (status, body) = get(ep, &format!("{ARM_Q}{param}"), &ep_head);
+        assert_eq!(status, 200, "endpoint {param}: {body}");
+        let got = body["access_token"].as_str().unwrap_or_default();
+        assert_same_token(got.as_bytes(), &file, &format!("endpoint {param}"));
+
+        let target =
+            format!("/metadata/identity/oauth2/token?api-version=2018-02-01&resource={arm}{param}");
+        let (status, body) = get(imds, &target, &imds_head);
+        assert_eq!(status, 200, "IMDS {param}: {body}");
+        let got = body["access_token"].as_str().unwrap_or_default();
+        assert_same_token(got.as_bytes(), &file, &format!("IMDS {param}"));
+        assert_eq!(
+            body["client_id"],
+            client.as_str(),
+            "IMDS {param}: client_id"
+        );
+
+        if let Some(py) = &py {
+            // azure-identity over IMDS: `.env` names both front ends; without the App
+            // Service pair the SDK takes AZURE_POD_IDENTITY_AUTHORITY_HOST.
+            let mut env = vec![("IDENTITY_ENDPOINT", ""), ("IDENTITY_HEADER", "")];
+            if let Some((var, value)) = sdk {
+                env.push((var, value.as_str()));
+            }
+            let t = sdk_token(py, &m, "mi", &env);
+            assert_same_token(&t, &file, &format!("azure-identity over IMDS {param}"));
+        }
+    }
+    if let Some(py) = &py {
+        // And over the endpoint, ManagedIdentityCredential(client_id=a).
+        let a = id(1).client_id;
+        let t = sdk_token(py, &m, "mi", &[("CSTOKENFS_MI_CLIENT_ID", &a)]);
+        let file = m.read("id/a/management.azure.com").unwrap();
+        assert_same_token(&t, &file, "azure-identity over the endpoint, client_id=a");
+    }
+
+    // One upstream request per (identity, resource) in all, and none for the fourth
+    // identity, which the emulator knows but the mount does not declare.
+    for (dir, client, _, _) in &cases {
+        assert_eq!(emu.requests_by(client, ARM), 1, "{dir}");
+    }
+    assert_eq!(emu.requests(), cases.len() as u64);
+
+    let refused = m.status()["serve_imds"]["bad_request"]
+        .as_u64()
+        .unwrap_or_default();
+    // Undeclared over IMDS: 400 "Identity not found", no upstream request; a known
+    // identity's client ID asked as its object ID (or the reverse) is not declared either.
+    for param in [
+        format!("&client_id={}", id(4).client_id),
+        format!("&client_id={UNKNOWN}"),
+        format!("&object_id={}", id(4).object_id),
+        format!("&msi_res_id={}", res(4)),
+        format!("&object_id={}", id(1).client_id),
+        format!("&client_id={}", id(2).object_id),
+        format!("&client_id={}", id(2).client_id),
+        format!("&msi_res_id={}", res(1)),
+    ] {
+        let target =
+            format!("/metadata/identity/oauth2/token?api-version=2018-02-01&resource={arm}{param}");
+        let (status, body) = get(imds, &target, &imds_head);
+        assert_eq!(status, 400, "IMDS {param}: {body}");
+        assert_eq!(body["error"], "invalid_request", "IMDS {param}: {body}");
+        assert_eq!(
+            body["error_description"], "Identity not found",
+            "IMDS {param}"
+        );
+    }
+    assert_eq!(
+        emu.requests(),
+        cases.len() as u64,
+        "no upstream request for an undeclared identity"
+    );
+    let s = &m.status()["serve_imds"];
+    assert_eq!(
+        s["bad_request"].as_u64().unwrap_or_default() - refused,
+        8,
+        "{s}"
+    );
 }
