@@ -44,7 +44,8 @@ pub struct ImdsEvent {
 /// the process holding socket `inode` in /proc (best effort, off the request's path).
 pub struct RefusedEvent {
     pub peer: Option<SocketAddr>,
-    pub uid: u32,
+    /// `None` when the kernel could not say who owns the socket.
+    pub uid: Option<u32>,
     pub inode: u32,
 }
 
@@ -158,8 +159,9 @@ fn writer(rx: Receiver<Queued>, dropped: Arc<AtomicU64>) {
                         ip.map_or_else(|| "?".to_string(), |ip| ip.to_string())
                     ),
                     Who::Socket { uid, ip } => info!(
-                        "audit: {n} more {kind}(s) of {resource} over IMDS from {} uid {uid}",
-                        ip.map_or_else(|| "?".to_string(), |ip| ip.to_string())
+                        "audit: {n} more {kind}(s) of {resource} over IMDS from {} uid {}",
+                        ip.map_or_else(|| "?".to_string(), |ip| ip.to_string()),
+                        uid_shown(uid)
                     ),
                 }
             }
@@ -189,7 +191,7 @@ fn writer(rx: Receiver<Queued>, dropped: Arc<AtomicU64>) {
                 e.resource.clone(),
                 "imds",
                 Who::Socket {
-                    uid: e.uid,
+                    uid: Some(e.uid),
                     ip: e.peer.map(|p| p.ip()),
                 },
             ),
@@ -240,7 +242,7 @@ fn writer(rx: Receiver<Queued>, dropped: Arc<AtomicU64>) {
                     "audit: refused (403) an IMDS request from {} uid {} pid {pid} exe {exe}: \
                      that uid may not read this mount's token files",
                     e.peer.map_or_else(|| "?".to_string(), |p| p.to_string()),
-                    e.uid
+                    uid_shown(e.uid)
                 )
             }
         }
@@ -255,9 +257,22 @@ fn writer(rx: Receiver<Queued>, dropped: Arc<AtomicU64>) {
 /// IMDS client (by its socket's uid and address).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 enum Who {
-    Process { pid: u32, uid: u32, gid: u32 },
+    Process {
+        pid: u32,
+        uid: u32,
+        gid: u32,
+    },
     Peer(Option<IpAddr>),
-    Socket { uid: u32, ip: Option<IpAddr> },
+    /// An IMDS caller: the uid owning its socket (`None`: unknown) and its address.
+    Socket {
+        uid: Option<u32>,
+        ip: Option<IpAddr>,
+    },
+}
+
+/// A uid for an audit line: `?` when it is not known.
+fn uid_shown(uid: Option<u32>) -> String {
+    uid.map_or_else(|| "?".to_string(), |u| u.to_string())
 }
 
 /// A process holding socket `inode` (`socket:[inode]` among its /proc/PID/fd), if one is

@@ -202,7 +202,10 @@ impl Inner {
             Ok(Lease { version: v, .. }) => {
                 if let Some(audit) = &self.audit {
                     audit.served_imds(ImdsEvent {
-                        resource: v.key.resource.shared(),
+                        resource: crate::audit::label(
+                            self.cache.identities().name(v.key.identity),
+                            &v.key.resource,
+                        ),
                         peer: req.peer,
                         uid,
                     });
@@ -213,7 +216,13 @@ impl Inner {
                     .and_then(|ids| ids.client_id.as_deref());
                 Outcome::Token(token_body(&v, sent, client_id))
             }
-            Err(e) => of_read(e, sent),
+            Err(e) => {
+                let who = match self.cache.identities().name(key.identity) {
+                    Some(name) => format!("identity {name}"),
+                    None => "this mount's identity".to_string(),
+                };
+                of_read(e, sent, &who)
+            }
         }
     }
 
@@ -228,16 +237,22 @@ impl Inner {
                 format!("{who} may not read this mount's tokens"),
             )
         };
+        let refuse = |peer: Option<SocketAddr>, uid: Option<u32>, inode: u32| {
+            if let Some(audit) = &self.audit {
+                audit.refused_imds(RefusedEvent { peer, uid, inode });
+            }
+            Err(forbidden(uid))
+        };
         let Some(peer) = req.peer else {
-            return Err(forbidden(None));
+            return refuse(None, None, 0);
         };
         let caller = match self.look_up(peer, req.local, stop).await {
             Some(c) => c,
-            None => return Err(forbidden(None)),
+            None => return refuse(Some(peer), None, 0),
         };
         let Some(owner) = caller.owner else {
             debug!("imds: no socket found for {peer}; refused");
-            return Err(forbidden(None));
+            return refuse(Some(peer), None, 0);
         };
         if authz::may_ask(
             owner.uid,
@@ -247,14 +262,7 @@ impl Inner {
         ) {
             return Ok(owner.uid);
         }
-        if let Some(audit) = &self.audit {
-            audit.refused_imds(RefusedEvent {
-                peer: Some(peer),
-                uid: owner.uid,
-                inode: owner.inode,
-            });
-        }
-        Err(forbidden(Some(owner.uid)))
+        refuse(Some(peer), Some(owner.uid), owner.inode)
     }
 
     /// The caller's socket and, when the decision depends on them, its uid's groups: on a
@@ -282,8 +290,15 @@ impl Inner {
             };
             Caller { owner, groups }
         });
-        match race(task, stop.stopped()).await {
-            Either::Left(Ok(c)) => Some(c),
+        // Bounded: a name service that hangs (LDAP, sssd) must not hold requests, nor fill
+        // the blocking pool, for longer than a read may take; the caller is then refused.
+        let bounded = tokio::time::timeout(self.settings.timeout, task);
+        match race(bounded, stop.stopped()).await {
+            Either::Left(Ok(Ok(c))) => Some(c),
+            Either::Left(Err(_)) => {
+                debug!("imds: who owns {peer}'s socket took over --timeout; refused");
+                None
+            }
             _ => None,
         }
     }
@@ -300,7 +315,13 @@ impl Inner {
                 "Only one of client_id, object_id and msi_res_id may be given",
             ));
         }
-        match self.cache.identities().select(&Query::from_params(params)) {
+        // IMDS's parameters only (App Service's `principal_id` means nothing here).
+        let ours: BTreeMap<String, String> = params
+            .iter()
+            .filter(|(k, _)| IDENTITY_PARAMS.contains(&k.as_str()))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        match self.cache.identities().select(&Query::from_params(&ours)) {
             Ok(identity) => Ok(identity),
             Err(_) => Err(invalid("Identity not found")),
         }
@@ -328,7 +349,7 @@ impl Inner {
 }
 
 /// A read of resource `sent` that got no token, in IMDS's shapes.
-fn of_read(e: ReadError, sent: &str) -> Outcome {
+fn of_read(e: ReadError, sent: &str, who: &str) -> Outcome {
     match e {
         ReadError::Refused(m) => error(
             Category::Refused,
@@ -340,7 +361,7 @@ fn of_read(e: ReadError, sent: &str) -> Outcome {
             Category::Denied,
             400,
             "invalid_request",
-            format!("the token endpoint refused this mount's identity ({sent}): {m}"),
+            format!("the token endpoint refused {who} ({sent}): {m}"),
         ),
         ReadError::Unavailable(m) => error(
             Category::UpstreamFailed,
