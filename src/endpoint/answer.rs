@@ -9,11 +9,11 @@ use crate::audit::{Audit, HttpEvent};
 use crate::cache::{Cache, Key, Lease, Query, ReadError, Use};
 use crate::hardening::ct_eq;
 use crate::httpserver::query::{self, QueryError};
+use crate::httpserver::tally::{self, json_reply};
 use crate::httpserver::{self, race, Answer, Either, Reply, Request, Stop};
 use crate::token::Version;
 use log::debug;
 use std::future::Future;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 use zeroize::Zeroizing;
@@ -105,9 +105,8 @@ impl httpserver::Handler for EndpointHandler {
     fn handle(&self, req: Request, stop: Stop) -> impl Future<Output = Answer> + Send {
         let inner = Arc::clone(&self.0);
         async move {
-            inner.counters.requests.fetch_add(1, Ordering::Relaxed);
-            let outcome = inner.answer(&req, &stop).await;
-            let (category, status, body) = match outcome {
+            inner.counters.arrived();
+            let (category, status, body) = match inner.answer(&req, &stop).await {
                 Outcome::Token(body) => (Category::Served, 200, body),
                 Outcome::Error {
                     category,
@@ -115,22 +114,12 @@ impl httpserver::Handler for EndpointHandler {
                     message,
                 } => (category, status, app_service_error(status, &message)),
             };
-            inner.counters.count(category);
-            if stop.is_stopped() {
-                return Answer::Close;
-            }
-            let mut reply = json_reply(status, body);
-            if status == 401 {
-                // A caller without the secret keeps no connection: idle connections that
-                // completed a request never hold places a caller with the secret needs.
-                reply.headers.push(("Connection".into(), "close".into()));
-            }
-            Answer::Reply(reply)
+            tally::answer(&inner.counters, &stop, category, status, body)
         }
     }
 
     fn refuse(&self, status: u16, message: &str) -> Reply {
-        self.0.counters.requests.fetch_add(1, Ordering::Relaxed);
+        self.0.counters.arrived();
         // 408 and 413: the server refused the request before the endpoint saw it.
         self.0.counters.count(Category::BadRequest);
         json_reply(status, app_service_error(status, message))
@@ -145,7 +134,7 @@ impl Inner {
             .is_some_and(|h| ct_eq(h.as_bytes(), self.secret.as_bytes()));
         if !secret_ok {
             debug!("endpoint: 401 for {peer:?}: missing or wrong X-IDENTITY-HEADER");
-            return error(Category::Unauthorized, 401, "Unauthorized");
+            return error(Category::CallerRefused, 401, "Unauthorized");
         }
         if let Err(r) = crate::httpserver::origin::check(req) {
             return bad(r.into());
@@ -264,18 +253,4 @@ fn bad(e: BadRequest) -> Outcome {
 fn app_service_error(status: u16, message: &str) -> Vec<u8> {
     serde_json::to_vec(&serde_json::json!({"statusCode": status, "message": message}))
         .unwrap_or_default()
-}
-
-fn json_reply(status: u16, body: Vec<u8>) -> Reply {
-    Reply {
-        status,
-        headers: vec![
-            (
-                "Content-Type".into(),
-                "application/json; charset=utf-8".into(),
-            ),
-            ("Cache-Control".into(), "no-store".into()),
-        ],
-        body,
-    }
 }

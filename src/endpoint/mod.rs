@@ -24,11 +24,11 @@ pub mod request;
 
 use crate::audit::Audit;
 use crate::cache::Cache;
+pub(crate) use crate::httpserver::tally::{Category, Counters};
 use crate::httpserver::{token_listener_config, Server};
 use std::fmt;
 use std::io;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use zeroize::Zeroizing;
@@ -39,69 +39,6 @@ pub struct Settings {
     pub listen: SocketAddr,
     /// `--timeout`: the cache answers within it; the endpoint waits a little longer at most.
     pub timeout: Duration,
-}
-
-/// What kind of answer a request got, as `.status` counts it: decided where the answer is
-/// made (a read's failure by its `ReadError`), never worked back out of the HTTP status.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Category {
-    /// 200 with a token.
-    Served,
-    /// 401: a missing or wrong secret.
-    Unauthorized,
-    /// 400 (and 408, 413 from the server) for a request the endpoint will not serve.
-    BadRequest,
-    /// 400: the upstream refused the resource.
-    Refused,
-    /// 403: the upstream refused the identity.
-    Denied,
-    /// 500: no token could be had.
-    UpstreamFailed,
-    /// 404 or 405: another path or method.
-    NotFound,
-}
-
-/// Requests by outcome, for `.status`. Atomics: any connection's task counts, the
-/// `.status` reader loads; no lock.
-#[derive(Default)]
-pub(crate) struct Counters {
-    requests: AtomicU64,
-    served: AtomicU64,
-    unauthorized: AtomicU64,
-    bad_request: AtomicU64,
-    refused: AtomicU64,
-    denied: AtomicU64,
-    upstream_failed: AtomicU64,
-    not_found: AtomicU64,
-}
-
-impl Counters {
-    pub(crate) fn count(&self, category: Category) {
-        let c = match category {
-            Category::Served => &self.served,
-            Category::Unauthorized => &self.unauthorized,
-            Category::Refused => &self.refused,
-            Category::Denied => &self.denied,
-            Category::UpstreamFailed => &self.upstream_failed,
-            Category::NotFound => &self.not_found,
-            Category::BadRequest => &self.bad_request,
-        };
-        c.fetch_add(1, Ordering::Relaxed);
-    }
-
-    fn json(&self) -> serde_json::Value {
-        let n = |c: &AtomicU64| c.load(Ordering::Relaxed);
-        serde_json::json!({
-            "requests": n(&self.requests),
-            "served": n(&self.served),
-            "unauthorized": n(&self.unauthorized),
-            "bad_request": n(&self.bad_request),
-            "refused": n(&self.refused),
-            "denied": n(&self.denied),
-            "upstream_failed": n(&self.upstream_failed),
-            "not_found": n(&self.not_found),
-        })
-    }
 }
 
 /// A running endpoint; dropping it shuts the server down. Held by the front end that started
@@ -184,7 +121,7 @@ impl Endpoint {
     pub fn status_part(&self) -> impl Fn() -> serde_json::Value + Send + Sync + 'static {
         let (addr, url, counters) = (self.addr(), self.url.clone(), Arc::clone(&self.counters));
         move || {
-            let mut v = counters.json();
+            let mut v = counters.json("unauthorized");
             v["address"] = addr.to_string().into();
             v["url"] = url.clone().into();
             v

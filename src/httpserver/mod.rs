@@ -54,6 +54,7 @@ pub mod query;
 mod registry;
 #[cfg(test)]
 mod server_tests;
+pub mod tally;
 pub mod tls;
 
 /// The listen backlog asked for.

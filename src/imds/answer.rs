@@ -10,6 +10,7 @@ use crate::access::Access;
 use crate::audit::{Audit, ImdsEvent, RefusedEvent};
 use crate::cache::{Cache, IdentityId, Key, Lease, Query, ReadError, Use};
 use crate::httpserver::query::{self, QueryError};
+use crate::httpserver::tally::{self, json_reply};
 use crate::httpserver::{self, race, Answer, Either, Reply, Request, Stop};
 use crate::token::Version;
 use log::{debug, warn};
@@ -95,9 +96,8 @@ impl httpserver::Handler for ImdsHandler {
     fn handle(&self, req: Request, stop: Stop) -> impl Future<Output = Answer> + Send {
         let inner = Arc::clone(&self.0);
         async move {
-            inner.counters.requests.fetch_add(1, Ordering::Relaxed);
-            let outcome = inner.answer(&req, &stop).await;
-            let (category, status, body) = match outcome {
+            inner.counters.arrived();
+            let (category, status, body) = match inner.answer(&req, &stop).await {
                 Outcome::Token(body) => (Category::Served, 200, body),
                 Outcome::Error {
                     category,
@@ -106,21 +106,12 @@ impl httpserver::Handler for ImdsHandler {
                     message,
                 } => (category, status, imds_error(code, &message)),
             };
-            inner.counters.count(category);
-            if stop.is_stopped() {
-                return Answer::Close;
-            }
-            let mut reply = json_reply(status, body);
-            if status == 403 {
-                // A caller that may not ask keeps no connection.
-                reply.headers.push(("Connection".into(), "close".into()));
-            }
-            Answer::Reply(reply)
+            tally::answer(&inner.counters, &stop, category, status, body)
         }
     }
 
     fn refuse(&self, status: u16, message: &str) -> Reply {
-        self.0.counters.requests.fetch_add(1, Ordering::Relaxed);
+        self.0.counters.arrived();
         self.0.counters.count(Category::BadRequest);
         json_reply(status, imds_error("invalid_request", message))
     }
@@ -231,7 +222,7 @@ impl Inner {
         let forbidden = |uid: Option<u32>| {
             let who = uid.map_or_else(|| "this caller".to_string(), |u| format!("uid {u}"));
             error(
-                Category::Forbidden,
+                Category::CallerRefused,
                 403,
                 "forbidden",
                 format!("{who} may not read this mount's tokens"),
@@ -417,20 +408,6 @@ fn token_body(v: &Version, sent: &str, client_id: Option<&str>) -> Vec<u8> {
 fn imds_error(code: &str, message: &str) -> Vec<u8> {
     serde_json::to_vec(&serde_json::json!({"error": code, "error_description": message}))
         .unwrap_or_default()
-}
-
-fn json_reply(status: u16, body: Vec<u8>) -> Reply {
-    Reply {
-        status,
-        headers: vec![
-            (
-                "Content-Type".into(),
-                "application/json; charset=utf-8".into(),
-            ),
-            ("Cache-Control".into(), "no-store".into()),
-        ],
-        body,
-    }
 }
 
 #[cfg(test)]

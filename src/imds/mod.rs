@@ -33,12 +33,12 @@ pub mod peer;
 use crate::access::Access;
 use crate::audit::Audit;
 use crate::cache::Cache;
+pub(crate) use crate::httpserver::tally::{Category, Counters};
 use crate::httpserver::{token_listener_config, Server};
 use crate::source::Kind;
 use std::fmt;
 use std::io;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -54,67 +54,6 @@ pub struct Settings {
     /// Owner and modes of the token files: who may ask.
     pub access: Access,
     pub reach: authz::Reach,
-}
-
-/// What kind of answer a request got, as `.status` counts it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Category {
-    /// 200 with a token.
-    Served,
-    /// 403: the socket's uid may not read the token files (or could not be learnt).
-    Forbidden,
-    /// 400 (and 408, 413 from the server): a request IMDS would not serve.
-    BadRequest,
-    /// 400: the upstream refused the resource.
-    Refused,
-    /// 400: the upstream refused the identity.
-    Denied,
-    /// 500: no token could be had.
-    UpstreamFailed,
-    /// 404 or 405.
-    NotFound,
-}
-
-/// Requests by outcome, for `.status` (atomics: no lock).
-#[derive(Default)]
-pub(crate) struct Counters {
-    requests: AtomicU64,
-    served: AtomicU64,
-    forbidden: AtomicU64,
-    bad_request: AtomicU64,
-    refused: AtomicU64,
-    denied: AtomicU64,
-    upstream_failed: AtomicU64,
-    not_found: AtomicU64,
-}
-
-impl Counters {
-    pub(crate) fn count(&self, category: Category) {
-        let c = match category {
-            Category::Served => &self.served,
-            Category::Forbidden => &self.forbidden,
-            Category::BadRequest => &self.bad_request,
-            Category::Refused => &self.refused,
-            Category::Denied => &self.denied,
-            Category::UpstreamFailed => &self.upstream_failed,
-            Category::NotFound => &self.not_found,
-        };
-        c.fetch_add(1, Ordering::Relaxed);
-    }
-
-    fn json(&self) -> serde_json::Value {
-        let n = |c: &AtomicU64| c.load(Ordering::Relaxed);
-        serde_json::json!({
-            "requests": n(&self.requests),
-            "served": n(&self.served),
-            "forbidden": n(&self.forbidden),
-            "bad_request": n(&self.bad_request),
-            "refused": n(&self.refused),
-            "denied": n(&self.denied),
-            "upstream_failed": n(&self.upstream_failed),
-            "not_found": n(&self.not_found),
-        })
-    }
 }
 
 /// A running IMDS listener; dropping it shuts the server down.
@@ -165,7 +104,7 @@ impl Imds {
     pub fn status_part(&self) -> impl Fn() -> serde_json::Value + Send + Sync + 'static {
         let (addr, counters) = (self.addr(), Arc::clone(&self.counters));
         move || {
-            let mut v = counters.json();
+            let mut v = counters.json("forbidden");
             v["address"] = addr.to_string().into();
             v["url"] = format!("http://{addr}{PATH}").into();
             v

@@ -252,7 +252,7 @@ fn an_ordinary_user_mounts_reads_and_unmounts() {
     assert!(run_as(1000, BIN, &["mount", "--endpoint", &emu.url(), m])
         .status
         .success());
-    for pid in daemons(&mnt) {
+    for pid in running_daemons(&mnt) {
         // SAFETY: signalling the daemon we started.
         unsafe { libc::kill(pid, libc::SIGTERM) };
     }
@@ -265,12 +265,12 @@ fn an_ordinary_user_mounts_reads_and_unmounts() {
     assert!(run_as(1000, BIN, &["mount", "--endpoint", &emu.url(), m])
         .status
         .success());
-    for pid in daemons(&mnt) {
+    for pid in running_daemons(&mnt) {
         // SAFETY: as above.
         unsafe { libc::kill(pid, libc::SIGKILL) };
     }
     // Seen as its owner: root is kept out of a user's mount whatever its state.
-    let stale = eventually(Duration::from_secs(5), || {
+    let stale = eventually(Duration::from_secs(10), || {
         let out = run_as(1000, "stat", &[m]);
         String::from_utf8_lossy(&out.stderr)
             .contains("Transport endpoint is not connected")
@@ -312,4 +312,13 @@ fn an_ordinary_user_mounts_reads_and_unmounts() {
         );
     }
     drop(cleanup);
+}
+
+/// The mount's daemons once there is one (a loaded machine may show it a moment late).
+fn running_daemons(mnt: &std::path::Path) -> Vec<i32> {
+    eventually(Duration::from_secs(5), || {
+        let pids = daemons(mnt);
+        (!pids.is_empty()).then_some(pids)
+    })
+    .expect("the mount's daemon runs")
 }
