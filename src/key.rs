@@ -12,7 +12,8 @@ use std::fmt;
 pub struct IdentityId(u32);
 
 impl IdentityId {
-    /// The daemon's one identity today (the one `--source` and its flags describe).
+    /// The mount's own identity (the one `--source` and its flags describe); each
+    /// `--identity` follows it.
     pub const DEFAULT: IdentityId = IdentityId(0);
 
     /// Its place among the daemon's identities.
@@ -43,11 +44,6 @@ impl Key {
         Key { identity, resource }
     }
 
-    /// The default identity's key of each of `resources` (the declared `--resource`s).
-    pub fn defaults(resources: &[Resource]) -> Vec<Key> {
-        Key::all(1, resources)
-    }
-
     /// The key of each of `resources` for each of the first `identities` identities.
     pub fn all(identities: usize, resources: &[Resource]) -> Vec<Key> {
         (0..identities)
@@ -60,7 +56,8 @@ impl Key {
     }
 }
 
-/// Logs name a key by its resource: with one identity, the lines stay as they were.
+/// A key shown as its resource (`.status` lists resources per identity); log lines name a
+/// declared identity's keys `id/NAME/<resource>` through `Cache::shown`.
 impl fmt::Display for Key {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         fmt::Display::fmt(&self.resource, f)

@@ -109,14 +109,14 @@ impl Default for Config {
 /// Connections open at once on a token listener (`--serve-endpoint`, `--serve-imds`); a
 /// new one beyond them closes the oldest that has not completed a request (else the one
 /// idle the longest), never one with a request in progress.
-pub const TOKEN_MAX_CONNECTIONS: usize = 256;
+const TOKEN_MAX_CONNECTIONS: usize = 256;
 /// The most a new connection to a token listener may take to send its first request head.
-pub const TOKEN_FIRST_HEAD_TIMEOUT: Duration = Duration::from_secs(2);
+const TOKEN_FIRST_HEAD_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long a keep-alive connection to a token listener may idle, and the most a later
 /// request head may take.
-pub const TOKEN_IDLE_TIMEOUT: Duration = Duration::from_secs(10);
+const TOKEN_IDLE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Largest request head a token listener reads.
-pub const TOKEN_MAX_HEAD: usize = 8 * 1024;
+const TOKEN_MAX_HEAD: usize = 8 * 1024;
 
 /// The limits of a loopback token listener (`--serve-endpoint`, `--serve-imds`): the
 /// constants above, small bodies, and `thread_name`.
@@ -134,8 +134,9 @@ pub fn token_listener_config(thread_name: &str) -> Config {
     }
 }
 
-/// One request, its body read in full.
-#[derive(Debug, Clone)]
+/// One request, its body read in full. Its `Debug` shows header names and the body's
+/// length only: a header may carry a secret (`X-IDENTITY-HEADER`), a body a credential.
+#[derive(Clone)]
 pub struct Request {
     pub method: String,
     /// The request target's path and query (`/oauth2/token?x=1`).
@@ -150,6 +151,20 @@ pub struct Request {
     pub peer: Option<SocketAddr>,
     /// The address the server listens on (what a `Host` header should name).
     pub local: SocketAddr,
+}
+
+impl std::fmt::Debug for Request {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let names: Vec<&str> = self.headers.iter().map(|(k, _)| k.as_str()).collect();
+        f.debug_struct("Request")
+            .field("method", &self.method)
+            .field("path", &self.target.split('?').next().unwrap_or_default())
+            .field("headers", &names)
+            .field("body_len", &self.body.len())
+            .field("peer", &self.peer)
+            .field("local", &self.local)
+            .finish()
+    }
 }
 
 impl Request {

@@ -241,3 +241,23 @@ fn requests_know_the_clients_address() {
     let _ = s.read_to_string(&mut out);
     assert!(out.contains(&format!("X-Peer: {local}")), "{out}");
 }
+
+#[test]
+fn a_request_shown_with_debug_names_headers_but_never_their_values_or_the_body() {
+    let req = Request {
+        method: "GET".into(),
+        target: "/msi/token?resource=x&secret=s3cr3t-query".into(),
+        authority: None,
+        headers: vec![("x-identity-header".into(), "s3cr3t-header".into())],
+        body: b"client_secret=s3cr3t-body".to_vec(),
+        peer: None,
+        local: "127.0.0.1:1".parse().unwrap(),
+    };
+    let shown = format!("{req:?}");
+    assert!(shown.contains("x-identity-header"), "{shown}");
+    assert!(
+        !shown.contains("s3cr3t"),
+        "a secret in Debug ({} bytes)",
+        shown.len()
+    );
+}

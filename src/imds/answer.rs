@@ -281,17 +281,23 @@ impl Inner {
             };
             Caller { owner, groups }
         });
-        // Bounded: a name service that hangs (LDAP, sssd) must not hold requests, nor fill
-        // the blocking pool, for longer than a read may take; the caller is then refused.
-        let bounded = tokio::time::timeout(self.settings.timeout, task);
-        match race(bounded, stop.stopped()).await {
+        // Bounded: a name service that hangs (LDAP, sssd) must not hold a request longer
+        // than a read may take; the caller is then refused, and a look-up still queued for
+        // the blocking pool is cancelled (one already running ends on its own).
+        let mut task = task;
+        let bounded = tokio::time::timeout(self.settings.timeout, &mut task);
+        let caller = match race(bounded, stop.stopped()).await {
             Either::Left(Ok(Ok(c))) => Some(c),
             Either::Left(Err(_)) => {
                 debug!("imds: who owns {peer}'s socket took over --timeout; refused");
                 None
             }
             _ => None,
+        };
+        if caller.is_none() {
+            task.abort();
         }
+        caller
     }
 
     /// The identity a request names: the one function that maps `client_id`, `object_id`

@@ -192,7 +192,7 @@ fn raw_answers_are_imds_shaped_and_share_the_files_cache() {
 }
 
 /// `curl` as `uid`:`gid` (no supplementary groups): (status, body).
-fn curl_as(uid: u32, gid: u32, addr: SocketAddr) -> (u16, serde_json::Value) {
+fn curl_as(uid: u32, gid: u32, addr: SocketAddr) -> (u16, cstokenfs::testing::Body) {
     let out = as_user(uid, gid, "curl")
         .args([
             "-s",
@@ -210,7 +210,11 @@ fn curl_as(uid: u32, gid: u32, addr: SocketAddr) -> (u16, serde_json::Value) {
     let text = String::from_utf8_lossy(&out.stdout);
     let (body, code) = text.rsplit_once('\n').unwrap_or(("", ""));
     let body = serde_json::from_str(body).unwrap_or(serde_json::Value::Null);
-    (code.trim().parse().unwrap_or(0), body)
+    // Shown in a failure message, its access_token is only a length.
+    (
+        code.trim().parse().unwrap_or(0),
+        cstokenfs::testing::Body(body),
+    )
 }
 
 #[test]

@@ -350,8 +350,15 @@ pub fn own_identity(kind: Kind, flags: &Identity, env: &Env) -> (Identity, Strin
         // the CLI send no identity (Cloud Shell would answer with the signed-in user's
         // token whatever was named), so none is claimed for them and a request naming one
         // is refused as undeclared.
+        // (An Entra mount's client ID is `--client-id`, else `AZURE_CLIENT_ID`.)
         let ids = if kind.is_entra() {
-            flags.clone()
+            Identity {
+                client_id: flags
+                    .client_id
+                    .clone()
+                    .or_else(|| env.get("AZURE_CLIENT_ID").map(str::to_string)),
+                ..Identity::default()
+            }
         } else {
             Identity::default()
         };
@@ -663,5 +670,11 @@ mod tests {
             &Env::default()
         )
         .is_ok());
+        // An Entra mount's client ID from AZURE_CLIENT_ID counts too.
+        let entra = Wanted {
+            source: Some(Kind::WorkloadIdentity),
+            ..declare("x=client-id=aaaaaaaa-0000-0000-0000-000000000001")
+        };
+        assert!(check_identities(&entra, &e).is_err());
     }
 }
