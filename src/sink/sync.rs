@@ -301,7 +301,9 @@ impl Mirror<'_> {
             answer => {
                 if self.slots[i].written.is_some() {
                     self.remove_views(i);
-                    warn!("{resource}: no refreshed token in time: its files were removed");
+                    // Named as the cache names it: `id/NAME/<resource>` for a declared identity.
+                    let under = &self.slots[i].declared.under;
+                    warn!("{under}{resource}: no refreshed token in time: its files were removed");
                 }
                 match answer {
                     None => self.slots[i].pending = true,
