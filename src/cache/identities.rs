@@ -39,20 +39,37 @@ pub struct Query {
     asked: Vec<(&'static str, &'static str, String)>,
 }
 
+/// Each identity parameter a request may carry, and the selector kind it matches.
+const PARAMS: [(&str, &str); 5] = [
+    ("client_id", "client-id"),
+    ("object_id", "object-id"),
+    ("principal_id", "object-id"),
+    ("msi_res_id", "resource-id"),
+    ("mi_res_id", "resource-id"),
+];
+
+/// The identity parameters IMDS's protocol takes (`mi_res_id` from some callers).
+pub const IMDS_PARAMS: [&str; 4] = ["client_id", "object_id", "msi_res_id", "mi_res_id"];
+
 impl Query {
-    /// The identity parameters of a request: `client_id`; `object_id` or `principal_id`
-    /// (an object ID); `msi_res_id` or `mi_res_id` (a resource ID).
+    /// The identity parameters of an App Service-protocol request: `client_id`;
+    /// `object_id` or `principal_id` (an object ID); `msi_res_id` or `mi_res_id` (a
+    /// resource ID).
     pub fn from_params(params: &BTreeMap<String, String>) -> Query {
-        let names: [(&'static str, &'static str); 5] = [
-            ("client_id", "client-id"),
-            ("object_id", "object-id"),
-            ("principal_id", "object-id"),
-            ("msi_res_id", "resource-id"),
-            ("mi_res_id", "resource-id"),
-        ];
+        Query::named(params, &PARAMS)
+    }
+
+    /// The identity parameters of an IMDS-protocol request: [`IMDS_PARAMS`] (App Service's
+    /// `principal_id` means nothing there).
+    pub fn imds(params: &BTreeMap<String, String>) -> Query {
+        let imds = PARAMS.iter().filter(|(p, _)| IMDS_PARAMS.contains(p));
+        Query::named(params, &imds.copied().collect::<Vec<_>>())
+    }
+
+    fn named(params: &BTreeMap<String, String>, names: &[(&'static str, &'static str)]) -> Query {
         let asked = names
-            .into_iter()
-            .filter_map(|(param, kind)| {
+            .iter()
+            .filter_map(|&(param, kind)| {
                 let v = params.get(param).filter(|v| !v.is_empty())?;
                 Some((param, kind, v.clone()))
             })

@@ -31,7 +31,7 @@ use crate::policy::{self, EpochMs, Policy, ReadDecision, Schedule, Verdict};
 use crate::source::{Failure, Source, SourceError};
 use crate::token::{Token, Version};
 use entry::{shrink, Entry, Failures, Refusal, Refusals};
-pub use identities::{Identities, NotDeclared, Query};
+pub use identities::{Identities, NotDeclared, Query, IMDS_PARAMS};
 use log::{debug, info, warn};
 use parking_lot::{Condvar, Mutex};
 use pool::{Job, Pool, Pushed};
@@ -314,14 +314,13 @@ impl Cache {
         let mut guard = self.state.lock();
         let State { entries, refusals } = &mut *guard;
         let refusal = refusals.active(key, now).cloned();
-        if !entries.contains_key(key) {
-            if let Some(r) = refusal {
-                return Some((Err(r.error), done));
+        let entry = match entries.get_mut(key) {
+            Some(entry) => entry,
+            // A refused name holds nothing: its refusal answers (the negative cache).
+            None if refusal.is_some() => {
+                return refusal.map(|r| (Err(r.error), done));
             }
-            entries.insert(key.clone(), Entry::default());
-        }
-        let Some(entry) = entries.get_mut(key) else {
-            return Some((Err(unreachable_state(key)), done));
+            None => entries.entry(key.clone()).or_default(),
         };
         entry.reads.last = self.read_seq.fetch_add(1, Ordering::Relaxed);
         let refused_until = refusal.as_ref().map_or(0, |r| r.until);
@@ -396,18 +395,21 @@ impl Cache {
         Lease::of(now, v, current, false)
     }
 
-    /// An open of `v`, a version a lookup already found: its lease while it is current and
+    /// An open of `v`, a version a lookup already found: served while it is current and
     /// valid, else `Stale` (the reader must look the name up again). A served open counts
     /// as a read (eviction order, and a use when `usage` says so) and may start a refresh
     /// past the refresh point.
-    pub fn reopen(self: &Arc<Self>, v: &Arc<Version>, usage: Use) -> Result<Lease, Stale> {
+    pub fn reopen(self: &Arc<Self>, v: &Version, usage: Use) -> Result<(), Stale> {
         let now = self.clock.now();
         let mut guard = self.state.lock();
         let entry = guard.entries.get_mut(&v.key).ok_or(Stale)?;
         let current = entry.held.as_ref().is_some_and(|held| held.id == v.id);
-        let lease = Lease::of(now, v, current, false)
-            .filter(|l| l.current)
-            .ok_or(Stale)?;
+        if !matches!(
+            policy::verdict(now, &v.schedule, current),
+            Verdict::Current { .. }
+        ) {
+            return Err(Stale);
+        }
         if usage != Use::Look {
             entry.reads.since_fetch = true;
         }
@@ -417,7 +419,7 @@ impl Cache {
             drop(guard);
             self.enqueue(job);
         }
-        Ok(lease)
+        Ok(())
     }
 
     /// Marks a fetch as started (its waiters list exists, pacing counts from now).

@@ -128,6 +128,14 @@ pub struct Known {
     invalidated: bool,
 }
 
+impl Known {
+    /// The version itself, while something holds its bytes (a handle, the cache, or in
+    /// `--no-open` mode the table's pin).
+    pub fn bytes(&self) -> Option<Arc<Version>> {
+        self.pin.clone().or_else(|| self.version.upgrade())
+    }
+}
+
 /// Versions the kernel holds lookups on, by version id; dropped when the kernel forgets.
 #[derive(Default)]
 pub struct InodeTable {
@@ -170,9 +178,7 @@ impl InodeTable {
 
     /// The version's bytes, if anything still holds them (the pin, a handle, the cache).
     pub fn version(&self, version: u64) -> Option<Arc<Version>> {
-        let known = self.known.lock();
-        let k = known.get(&version)?;
-        k.pin.clone().or_else(|| k.version.upgrade())
+        self.known.lock().get(&version).and_then(Known::bytes)
     }
 
     /// The names the kernel looked up versions `ids` by (every version when `None`).

@@ -368,14 +368,11 @@ impl Core {
         match inode::node(ino).ok_or(FsError::NotFound)? {
             Node::Token { version, view } => {
                 // Read the table, then let go of it before asking the cache.
-                let (size, mtime) = self
+                let (size, mtime, v) = self
                     .inodes
-                    .with(version, |k| (k.sizes[view as usize], k.mtime_ms))
+                    .with(version, |k| (k.sizes[view as usize], k.mtime_ms, k.bytes()))
                     .ok_or(FsError::Stale)?;
-                let lease = self
-                    .inodes
-                    .version(version)
-                    .and_then(|v| self.cache.judge(&v));
+                let lease = v.and_then(|v| self.cache.judge(&v));
                 let (ttl, _) = self.serving.ttls(lease.as_ref());
                 Ok(Entry {
                     attr: self.attr(ino, FileType::RegularFile, size, mtime),

@@ -8,7 +8,7 @@ use super::peer::{self, Owner};
 use super::{Category, Counters, Settings, PATH};
 use crate::access::Access;
 use crate::audit::{Audit, ImdsEvent, RefusedEvent};
-use crate::cache::{Cache, IdentityId, Key, Lease, Query, ReadError, Use};
+use crate::cache::{Cache, IdentityId, Key, Lease, Query, ReadError, Use, IMDS_PARAMS};
 use crate::httpserver::query::{self, QueryError};
 use crate::httpserver::tally::{self, json_reply};
 use crate::httpserver::{self, race, Answer, Either, Reply, Request, Stop};
@@ -27,9 +27,6 @@ const GRACE: Duration = Duration::from_secs(2);
 
 /// The API versions IMDS's identity endpoint takes (the SDKs send 2018-02-01).
 pub(super) const API_VERSIONS: [&str; 3] = ["2018-02-01", "2019-08-01", "2019-11-01"];
-
-/// The parameters that name an identity, as IMDS takes them (`mi_res_id` from some callers).
-const IDENTITY_PARAMS: [&str; 4] = ["client_id", "object_id", "msi_res_id", "mi_res_id"];
 
 /// A failed sock_diag look-up has been reported (once per process: the cause, a sandbox
 /// without netlink, is the same for every request).
@@ -303,7 +300,7 @@ impl Inner {
     /// The identity a request names: the one function that maps `client_id`, `object_id`
     /// and `msi_res_id` to an identity of this mount; any other is "Identity not found".
     fn select(&self, params: &BTreeMap<String, String>) -> Result<IdentityId, Outcome> {
-        let named = IDENTITY_PARAMS
+        let named = IMDS_PARAMS
             .iter()
             .filter(|p| params.get(**p).is_some_and(|v| !v.is_empty()))
             .count();
@@ -312,13 +309,7 @@ impl Inner {
                 "Only one of client_id, object_id and msi_res_id may be given",
             ));
         }
-        // IMDS's parameters only (App Service's `principal_id` means nothing here).
-        let ours: BTreeMap<String, String> = params
-            .iter()
-            .filter(|(k, _)| IDENTITY_PARAMS.contains(&k.as_str()))
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect();
-        match self.cache.identities().select(&Query::from_params(&ours)) {
+        match self.cache.identities().select(&Query::imds(params)) {
             Ok(identity) => Ok(identity),
             Err(_) => Err(invalid("Identity not found")),
         }
