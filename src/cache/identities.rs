@@ -166,6 +166,14 @@ impl Identities {
         self.members.get(identity.index())?.name.as_deref()
     }
 
+    /// `identity` as a message names it: `identity NAME`, or `this mount's identity`.
+    pub fn who(&self, identity: IdentityId) -> String {
+        match self.name(identity) {
+            Some(name) => format!("identity {name}"),
+            None => "this mount's identity".into(),
+        }
+    }
+
     /// The declared identities' ids and names, in order.
     pub fn declared(&self) -> impl Iterator<Item = (IdentityId, &str)> {
         self.members

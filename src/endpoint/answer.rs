@@ -185,10 +185,7 @@ impl Inner {
                 Outcome::Token(self.token_body(&v, sent))
             }
             Err(e) => {
-                let who = match self.cache.identities().name(identity) {
-                    Some(name) => format!("identity {name}"),
-                    None => "this mount's identity".into(),
-                };
+                let who = self.cache.identities().who(identity);
                 Outcome::of_read(e, sent, &who)
             }
         }

@@ -205,10 +205,7 @@ impl Inner {
                 Outcome::Token(token_body(&v, sent, client_id))
             }
             Err(e) => {
-                let who = match self.cache.identities().name(key.identity) {
-                    Some(name) => format!("identity {name}"),
-                    None => "this mount's identity".to_string(),
-                };
+                let who = self.cache.identities().who(key.identity);
                 of_read(e, sent, &who)
             }
         }
