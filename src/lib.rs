@@ -42,6 +42,7 @@ mod source;
 mod stand_in;
 pub mod testing;
 mod token;
+mod writer;
 
 // The public API: what the binary runs and what the test suites drive. Everything else is
 // private to the crate. `emulator` (a test tool) and `testing` (fakes) are public modules.

@@ -12,7 +12,15 @@
 //!   `state`: the record per volume under `--state-dir`; `sync`: keeps each volume's files
 //!   in step with the cache.
 
+mod adopt;
+mod attrs;
+mod driver;
+mod state;
+mod sync;
+mod volume;
+
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::fmt;
 use std::path::PathBuf;
 use zeroize::Zeroizing;
@@ -134,3 +142,75 @@ impl fmt::Display for CsiError {
 }
 
 impl std::error::Error for CsiError {}
+
+/// Runs the driver until SIGTERM or SIGINT: adopts the volumes published before, serves
+/// the gRPC socket, keeps every volume's files fresh. Volumes stay mounted when it exits
+/// (a restarted driver adopts them).
+pub fn run(req: CsiRequest) -> Result<(), CsiError> {
+    crate::logging::init_stderr("info");
+    let socket = grpc::socket_path(&req.endpoint)?;
+    let start = |e: crate::daemon::DaemonError| CsiError::Start(e.to_string());
+    crate::daemon::harden("CSI driver", false).map_err(start)?;
+    raise_open_files();
+    let signals = crate::daemon::Handled::register().map_err(start)?;
+    let mut policy = req.policy.clone();
+    // Volumes published in the same second must not refresh in the same second.
+    policy.refresh_spread_pct = REFRESH_SPREAD_PCT;
+    let daemon = crate::daemon::Daemon::with_added_identities(
+        policy,
+        "the CSI driver fetches as each volume's pod only, never as the node",
+    )
+    .map_err(start)?;
+    let driver = Arc::new(driver::Driver::start(daemon.cache().clone(), &req)?);
+    log::info!(
+        "CSI driver {PLUGIN_NAME} {} on node {}: socket {}, authority {}, data {}, state {}",
+        env!("CARGO_PKG_VERSION"),
+        req.node_id,
+        socket.display(),
+        req.authority_host,
+        req.data_dir.display(),
+        req.state_dir.display()
+    );
+    let syncing = sync::start(driver.clone()).map_err(|e| CsiError::Start(e.to_string()))?;
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let handle = signals.forward(tx, |s| s, false).map_err(start)?;
+    let cache = daemon.cache().clone();
+    crate::daemon::small_thread("csi-signals")
+        .spawn(move || {
+            use crate::daemon::Signal;
+            for signal in rx {
+                match signal {
+                    Signal::Stop(sig) => {
+                        log::info!("signal {sig}: stopping; the volumes stay mounted");
+                        let _ = stop_tx.send(());
+                        return;
+                    }
+                    Signal::DropTokens => cache.clear(),
+                    Signal::ReopenLog => {}
+                }
+            }
+        })
+        .map_err(|e| CsiError::Start(e.to_string()))?;
+    let served = grpc::serve(&socket, driver, req.node_id.clone(), stop_rx);
+    handle.close();
+    drop(syncing);
+    drop(daemon);
+    served
+}
+
+/// How far (percent of the time to its refresh point) a token's refresh may come early.
+const REFRESH_SPREAD_PCT: u8 = 10;
+
+/// Every volume holds a few directories open: the soft limit of open files goes up to the
+/// hard one.
+fn raise_open_files() {
+    use rustix::process::{getrlimit, setrlimit, Resource};
+    let mut limit = getrlimit(Resource::Nofile);
+    if limit.current != limit.maximum {
+        limit.current = limit.maximum;
+        if let Err(e) = setrlimit(Resource::Nofile, limit) {
+            log::warn!("cannot raise the open files limit: {e}");
+        }
+    }
+}

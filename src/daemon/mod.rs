@@ -107,6 +107,23 @@ impl Daemon {
         Ok(daemon)
     }
 
+    /// The core of a front end whose identities are all added while it runs (the CSI
+    /// driver: one per pod's service account and application), with the background pass.
+    /// It has no identity of its own: a fetch as the default identity is refused with
+    /// `why`, and nothing is ever fetched as the node.
+    pub fn with_added_identities(policy: Policy, why: &str) -> Result<Daemon, DaemonError> {
+        let identities = Identities::without_own(why);
+        let cache = Cache::new(identities, policy, &[], Arc::new(SystemClock));
+        cache
+            .start_background()
+            .map_err(|e| DaemonError::thread(e, false))?;
+        Ok(Daemon {
+            cache,
+            background: true,
+            source_reason: why.to_string(),
+        })
+    }
+
     pub fn cache(&self) -> &Arc<Cache> {
         &self.cache
     }

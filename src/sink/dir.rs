@@ -1,8 +1,8 @@
 //! The sink's directory: on tmpfs or ramfs only (`statfs`), and one sink per directory (a
 //! lock file held with `flock`; a stale one left by a killed sink is taken over).
 
-use super::writer::{euid, open_dir_at, same_file, unlink_if_held};
 use super::SinkError;
+use crate::writer::{euid, open_dir_at, same_file, unlink_if_held};
 use rustix::fs::{self as rfs, AtFlags, FileType, FlockOperation, Mode, OFlags};
 use serde::{Deserialize, Serialize};
 use std::fs::File;

@@ -2,19 +2,19 @@
 //! cannot mount FUSE. The same cache, sources and freshness rules feed it; every file is
 //! replaced atomically, and a token is removed before it stops being valid.
 //!
-//! `dir` checks DIR (in memory only) and holds its lock; `writer` writes the files;
+//! `dir` checks DIR (in memory only) and holds its lock; `crate::writer` writes the files;
 //! `sync` keeps them in step with the cache. The cache, detaching, the log file and
 //! signals are the daemon core's (`crate::daemon`), as for every front end.
 
 mod dir;
 mod sync;
-mod writer;
 
 use crate::access::Access;
 use crate::cache::IdentityId;
 use crate::daemon::{self, DaemonError, Detached, Handled, Ready};
 use crate::policy::Policy;
 use crate::source::select::{Plan, Wanted};
+use crate::writer;
 use std::fmt;
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};

@@ -16,8 +16,8 @@ use std::sync::mpsc::{self, RecvTimeoutError, Sender};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::writer::{WriteError, STATUS};
 use super::SinkError;
+use crate::writer::{WriteError, STATUS};
 use serde::Serialize;
 
 /// The sink's part of `.status`.

@@ -8,6 +8,7 @@
 mod common;
 mod entra_support;
 mod sink_support;
+mod csi_support;
 // The endpoint flood helper is compiled from the crate's own source (it is also a bench).
 #[path = "../../src/httpserver/flood.rs"]
 mod flood;
@@ -32,3 +33,4 @@ mod security;
 mod sink;
 mod sink_race;
 mod sources;
+mod csi;

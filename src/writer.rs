@@ -1,9 +1,11 @@
-//! Files of the sink, through directory descriptors only: DIR is opened once, the view
-//! directories are made and held open, and every create, chmod, chown, rename and unlink is
-//! relative to one of those descriptors, never to a path below DIR. Whoever else can write
-//! DIR may swap names for symlinks or other directories: the sink still only touches its own
-//! directories. Each file is replaced atomically (a temporary file in the same directory,
-//! then `renameat(2)`), owned and moded as asked; the layout is the mount's.
+//! Token files under one directory held open (the sink's DIR, a CSI volume's tmpfs),
+//! through directory descriptors only: the directory is opened once, the view directories
+//! are made (or, after a restart, opened) and held open, and every create, chmod, chown,
+//! rename and unlink is relative to one of those descriptors, never to a path below it.
+//! Whoever else can write the directory may swap names for symlinks or other directories:
+//! the writer still only touches its own directories. Each file is replaced atomically (a
+//! temporary file in the same directory, then `renameat(2)`), owned and moded as asked;
+//! the layout is the mount's.
 
 use crate::access::Access;
 use crate::token::View;
@@ -316,6 +318,20 @@ impl Writer {
         }
         rfs::fchown(&fd, Some(self.uid()), Some(self.gid()))?;
         rfs::fchmod(&fd, Mode::from_raw_mode(u32::from(self.dir_mode)))?;
+        self.views.push((rel.to_string(), fd));
+        Ok(())
+    }
+
+    /// Holds the view directory `rel` a writer of this process's predecessor made (a CSI
+    /// volume adopted after a restart): opened without following a symlink, and only if it
+    /// is a directory of ours on this writer's filesystem.
+    pub fn adopt_dir(&mut self, rel: &str) -> io::Result<()> {
+        let (at, name) = self.parent_of(rel)?;
+        let fd = open_dir_at(at, name)?;
+        let st = rfs::fstat(&fd)?;
+        if st.st_uid != euid() || st.st_dev != self.held.st_dev {
+            return Err(io::Error::other("not a directory this writer's predecessor made"));
+        }
         self.views.push((rel.to_string(), fd));
         Ok(())
     }

@@ -1,0 +1,348 @@
+//! `cstokenfs csi`, driven as the kubelet drives it: a stand-in kubelet (`common::csi`)
+//! calls the real gRPC socket of the built binary, which runs as root in a private mount
+//! namespace and mounts for real; Entra is the emulator (`--protocol entra`) on 127.0.0.1,
+//! trusting the test's service accounts through federated credentials.
+
+use crate::common::{self, assert_no_token, claims, errno, eventually};
+use crate::csi_support::*;
+use cstokenfs::emulator::Fault;
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+use std::time::Duration;
+use tonic::Code;
+
+const ARM: &str = "https://management.azure.com/";
+
+fn read(node: &Node, target: &Path, name: &str) -> Vec<u8> {
+    std::fs::read(node.ns.path(target).join(name)).unwrap_or_default()
+}
+
+/// The files of a published volume as the pod sees them, read by a real process in the
+/// namespace.
+fn cat(node: &Node, path: &Path) -> Vec<u8> {
+    let out = node.ns.command("cat").arg(path).output().expect("cat");
+    assert!(out.status.success(), "cat {}: {:?}", path.display(), out.status);
+    out.stdout
+}
+
+#[test]
+fn a_pod_gets_its_own_identitys_tokens_read_only() {
+    if !available() {
+        return;
+    }
+    let mut node = Node::new(&[("shop", "web")]);
+    let k = node.start();
+    let pod = Pod::new("shop", "web-0", "web", APP_A, "management.azure.com, vault.azure.net");
+    let target = node.target(&pod.uid);
+    publish(&k, &pod, "csi-1", &target).expect("publish");
+    let token = cat(&node, &target.join("management.azure.com"));
+    assert!(!token.is_empty());
+    assert_eq!(claims(&token)["appid"], APP_A, "acting as the pod's application");
+    assert_eq!(claims(&token)["aud"], ARM);
+    for view in [".json/", ".header/", ".claims/", ""] {
+        for name in ["management.azure.com", "vault.azure.net"] {
+            let meta = std::fs::metadata(node.ns.path(&target).join(format!("{view}{name}")))
+                .unwrap_or_else(|e| panic!("{view}{name}: {e}"));
+            assert_eq!(meta.mode() & 0o7777, 0o444, "{view}{name}");
+            assert_eq!(meta.uid(), 0);
+        }
+    }
+    // The pod's view is read-only.
+    let write = std::fs::write(node.ns.path(&target).join("x"), b"x");
+    assert_eq!(errno(&write.expect_err("a write")), libc::EROFS);
+    // Entra saw the pod's service-account token as the assertion for its application.
+    let seen = node.emu.assertions_for(APP_A);
+    assert_eq!(seen.len(), 2, "one request per resource");
+    assert!(seen.iter().all(|d| *d == digest(&pod.token)), "the pod's token was the assertion");
+    // One audit line per publish, naming the pod, its account and the application.
+    let log = node.log_text();
+    assert!(
+        log.contains(&format!("publish volume csi-1: pod shop/web-0 serviceaccount web, client {APP_A}")),
+        "{log}"
+    );
+    assert_no_token(&log, pod.token.as_bytes(), "the driver's log");
+    assert_no_token(&log, &token, "the driver's log");
+}
+
+#[test]
+fn pods_of_one_service_account_share_and_others_never_do() {
+    if !available() {
+        return;
+    }
+    let mut node = Node::new(&[("shop", "web"), ("shop", "api")]);
+    let k = node.start();
+    let web0 = Pod::new("shop", "web-0", "web", APP_A, "management.azure.com");
+    let web1 = Pod::new("shop", "web-1", "web", APP_A, "management.azure.com");
+    let api0 = Pod::new("shop", "api-0", "api", APP_A, "management.azure.com");
+    let (t0, t1, t2) = (node.target(&web0.uid), node.target(&web1.uid), node.target(&api0.uid));
+    publish(&k, &web0, "v-web-0", &t0).expect("web-0");
+    publish(&k, &web1, "v-web-1", &t1).expect("web-1");
+    publish(&k, &api0, "v-api-0", &t2).expect("api-0");
+    assert_eq!(node.emu.requests_by(APP_A, ARM), 2, "one per service account");
+    let (a, b, c) = (
+        read(&node, &t0, "management.azure.com"),
+        read(&node, &t1, "management.azure.com"),
+        read(&node, &t2, "management.azure.com"),
+    );
+    common::assert_same_token(&a, &b, "two pods of one account");
+    assert_ne!(common::serial(&a), common::serial(&c), "another account's token");
+    // Another application for the same account is another key.
+    let web2 = Pod::new("shop", "web-2", "web", APP_B, "management.azure.com");
+    let t3 = node.target(&web2.uid);
+    publish(&k, &web2, "v-web-2", &t3).expect("web-2 as APP_B");
+    assert_eq!(node.emu.requests_by(APP_B, ARM), 1);
+    assert_eq!(claims(&read(&node, &t3, "management.azure.com"))["appid"], APP_B);
+}
+
+#[test]
+fn tokens_are_refreshed_and_a_republish_brings_the_next_assertion() {
+    if !available() {
+        return;
+    }
+    let mut node = Node::new(&[("shop", "web")]);
+    node.emu.set_ttl(8);
+    let k = node.start();
+    let mut pod = Pod::new("shop", "web-0", "web", APP_A, "management.azure.com");
+    let target = node.target(&pod.uid);
+    publish(&k, &pod, "csi-r", &target).expect("publish");
+    let first = read(&node, &target, "management.azure.com");
+    let refreshed = eventually(Duration::from_secs(30), || {
+        let now = read(&node, &target, "management.azure.com");
+        (!now.is_empty() && common::serial(&now) != common::serial(&first)).then_some(now)
+    });
+    assert!(refreshed.is_some(), "refreshed before expiry; log:\n{}", node.log_text());
+    let mounts_before = node.ns.mounts().matches(target.to_str().unwrap()).count();
+    // The kubelet's next TokenRequest, handed over by a republish.
+    pod.renew_token("second");
+    publish(&k, &pod, "csi-r", &target).expect("republish");
+    assert_eq!(
+        node.ns.mounts().matches(target.to_str().unwrap()).count(),
+        mounts_before,
+        "a republish never remounts"
+    );
+    let carried = eventually(Duration::from_secs(30), || {
+        (node.emu.assertions_for(APP_A).last() == Some(&digest(&pod.token))).then_some(())
+    });
+    assert!(carried.is_some(), "the next refresh presents the newer service-account token");
+    assert!(node.log_text().contains("republish volume csi-r: pod shop/web-0"));
+}
+
+#[test]
+fn unpublish_unmounts_forgets_and_is_idempotent() {
+    if !available() {
+        return;
+    }
+    let mut node = Node::new(&[("shop", "web")]);
+    let k = node.start();
+    let pod = Pod::new("shop", "web-0", "web", APP_A, "management.azure.com");
+    let target = node.target(&pod.uid);
+    publish(&k, &pod, "csi-u", &target).expect("publish");
+    assert!(node.ns.is_mounted(&target));
+    assert_eq!(std::fs::read_dir(node.state_dir()).unwrap().count(), 1, "one record");
+    let t = target.to_str().unwrap();
+    k.unpublish("csi-u", t).expect("unpublish");
+    assert!(!node.ns.is_mounted(&target), "the pod's view is gone");
+    let data = node.data_dir();
+    assert!(!node.ns.mounts().contains(data.to_str().unwrap()), "the tmpfs is gone");
+    assert_eq!(std::fs::read_dir(node.state_dir()).unwrap().count(), 0, "the record is gone");
+    k.unpublish("csi-u", t).expect("again: success");
+    k.unpublish("never-published", t).expect("unknown: success");
+    assert!(node.log_text().contains("unpublish volume csi-u: pod shop/web-0"));
+    // Its tokens were forgotten with its key: a new volume fetches anew.
+    publish(&k, &pod, "csi-u2", &target).expect("publish again");
+    assert_eq!(node.emu.requests_by(APP_A, ARM), 2);
+}
+
+#[test]
+fn a_restarted_driver_adopts_its_volumes_and_resumes_at_the_next_republish() {
+    if !available() {
+        return;
+    }
+    let mut node = Node::new(&[("shop", "web")]);
+    node.emu.set_ttl(20);
+    let k = node.start();
+    let mut pod = Pod::new("shop", "web-0", "web", APP_A, "management.azure.com");
+    let target = node.target(&pod.uid);
+    publish(&k, &pod, "csi-a", &target).expect("publish");
+    let before = read(&node, &target, "management.azure.com");
+    drop(k);
+    node.stop();
+    // Files stay readable while no driver runs.
+    common::assert_same_token(&read(&node, &target, "management.azure.com"), &before, "meanwhile");
+    let k = node.start();
+    assert!(node.log_text().contains("adopted volume csi-a: pod shop/web-0"), "{}", node.log_text());
+    common::assert_same_token(&read(&node, &target, "management.azure.com"), &before, "adopted");
+    pod.renew_token("after-restart");
+    publish(&k, &pod, "csi-a", &target).expect("republish after the restart");
+    let resumed = eventually(Duration::from_secs(40), || {
+        let now = read(&node, &target, "management.azure.com");
+        (!now.is_empty() && common::serial(&now) != common::serial(&before)).then_some(())
+    });
+    assert!(resumed.is_some(), "refreshing resumed; log:\n{}", node.log_text());
+    assert_eq!(node.emu.assertions_for(APP_A).last(), Some(&digest(&pod.token)));
+    k.unpublish("csi-a", target.to_str().unwrap()).expect("unpublish");
+    assert!(!node.ns.is_mounted(&target));
+}
+
+#[test]
+fn requests_it_cannot_serve_are_refused_with_nothing_mounted() {
+    if !available() {
+        return;
+    }
+    let mut node = Node::new(&[("shop", "web")]);
+    node.flags = vec!["--timeout".into(), "3".into()];
+    let k = node.start();
+    let pod = Pod::new("shop", "web-0", "web", APP_A, "management.azure.com");
+    let target = node.target(&pod.uid);
+    let refused = |req, want: Code, words: &str| {
+        let e = k.publish(req).expect_err(words);
+        assert_eq!(e.code(), want, "{words}: {}", e.message());
+        assert!(e.message().contains(words), "{:?} should say {words:?}", e.message());
+        assert!(!node.ns.is_mounted(&target), "{words}: nothing mounted");
+    };
+    let mut r = request(&pod, "v", &target);
+    r.volume_context.insert("csi.storage.k8s.io/ephemeral".into(), "false".into());
+    refused(r, Code::InvalidArgument, "csi.storage.k8s.io/ephemeral");
+    let mut r = request(&pod, "v", &target);
+    r.readonly = false;
+    refused(r, Code::InvalidArgument, "set readOnly: true on the csi volume");
+    let mut r = request(&pod, "v", &target);
+    r.volume_context.remove("clientID");
+    refused(r, Code::InvalidArgument, "clientID");
+    let mut r = request(&pod, "v", &target);
+    r.volume_context.insert("clientID".into(), "not-a-guid".into());
+    refused(r, Code::InvalidArgument, "not a GUID");
+    let mut r = request(&pod, "v", &target);
+    r.volume_context.remove("resources");
+    refused(r, Code::InvalidArgument, "resources");
+    let mut r = request(&pod, "v", &target);
+    r.volume_context.insert("fileMode".into(), "rw".into());
+    refused(r, Code::InvalidArgument, "fileMode");
+    let mut r = request(&pod, "v", &target);
+    r.volume_context.remove("csi.storage.k8s.io/serviceAccount.tokens");
+    refused(r, Code::InvalidArgument, "tokenRequests");
+    // A service account Entra does not trust for this application: its AADSTS code.
+    let stranger = Pod::new("shop", "x-0", "intruder", APP_A, "management.azure.com");
+    refused(request(&stranger, "v", &target), Code::PermissionDenied, "AADSTS70021");
+    // A target whose directory is missing; a missing target itself is made.
+    let orphan = node.dir.path().join("pods/none/volumes/kubernetes.io~csi/tokens/mount");
+    let e = k.publish(request(&pod, "v2", &orphan)).expect_err("no parent");
+    assert_eq!(e.code(), Code::FailedPrecondition, "{}", e.message());
+    publish(&k, &pod, "v", &target).expect("a missing target is made");
+    assert!(node.ns.is_mounted(&target));
+    // Entra unreachable at a first publish: UNAVAILABLE, nothing mounted.
+    node.emu.set_fault(Some(Fault::Reset));
+    let other = Pod::new("shop", "web-9", "web", APP_B, "management.azure.com");
+    let t9 = node.target(&other.uid);
+    let e = k.publish(request(&other, "v9", &t9)).expect_err("outage");
+    assert_eq!(e.code(), Code::Unavailable, "{}", e.message());
+    assert!(!node.ns.is_mounted(&t9));
+    assert_eq!(std::fs::read_dir(node.state_dir()).unwrap().count(), 1, "only v's record");
+}
+
+#[test]
+fn a_republish_during_an_entra_outage_succeeds_and_keeps_the_files() {
+    if !available() {
+        return;
+    }
+    let mut node = Node::new(&[("shop", "web")]);
+    node.flags = vec!["--timeout".into(), "2".into()];
+    let k = node.start();
+    let mut pod = Pod::new("shop", "web-0", "web", APP_A, "management.azure.com");
+    let target = node.target(&pod.uid);
+    publish(&k, &pod, "csi-o", &target).expect("publish");
+    let before = read(&node, &target, "management.azure.com");
+    node.emu.set_fault(Some(Fault::Reset));
+    pod.renew_token("during-outage");
+    publish(&k, &pod, "csi-o", &target).expect("a republish never fails while a token is held");
+    common::assert_same_token(&read(&node, &target, "management.azure.com"), &before, "kept");
+}
+
+#[test]
+fn the_pods_fs_group_owns_the_files_unless_file_mode_says_otherwise() {
+    if !available() {
+        return;
+    }
+    let mut node = Node::new(&[("shop", "web")]);
+    let k = node.start();
+    let pod = Pod::new("shop", "web-0", "web", APP_A, "management.azure.com");
+    let target = node.target(&pod.uid);
+    let mut r = request(&pod, "csi-g", &target);
+    if let Some(cap) = r.volume_capability.as_mut() {
+        cap.access_type = Some(mount_with_group("2000"));
+    }
+    k.publish(r).expect("publish with an fsGroup");
+    let seen = node.ns.path(&target);
+    let file = std::fs::metadata(seen.join("management.azure.com")).unwrap();
+    assert_eq!((file.gid(), file.mode() & 0o777), (2000, 0o440));
+    let dir = std::fs::metadata(seen.join(".json")).unwrap();
+    assert_eq!((dir.gid(), dir.mode() & 0o777), (2000, 0o550));
+    let mut pod2 = Pod::new("shop", "web-1", "web", APP_A, "management.azure.com");
+    pod2.attributes.insert("fileMode".into(), "0400".into());
+    let t2 = node.target(&pod2.uid);
+    let mut r = request(&pod2, "csi-g2", &t2);
+    if let Some(cap) = r.volume_capability.as_mut() {
+        cap.access_type = Some(mount_with_group("2000"));
+    }
+    k.publish(r).expect("publish with fileMode");
+    let file = std::fs::metadata(node.ns.path(&t2).join("management.azure.com")).unwrap();
+    assert_eq!((file.gid(), file.mode() & 0o777), (2000, 0o400), "fileMode wins");
+}
+
+fn mount_with_group(gid: &str) -> cstokenfs::csi_proto::volume_capability::AccessType {
+    use cstokenfs::csi_proto::volume_capability::{AccessType, MountVolume};
+    AccessType::Mount(MountVolume {
+        volume_mount_group: gid.into(),
+        ..MountVolume::default()
+    })
+}
+
+#[test]
+fn the_kubelets_secrets_come_before_the_volume_context() {
+    if !available() {
+        return;
+    }
+    let mut node = Node::new(&[("shop", "web"), ("kube-system", "admin")]);
+    let k = node.start();
+    let pod = Pod::new("shop", "web-0", "web", APP_A, "management.azure.com");
+    let target = node.target(&pod.uid);
+    let mut r = request(&pod, "csi-s", &target);
+    // Kubernetes 1.35 with serviceAccountTokenInSecrets: the token is in the secrets; what
+    // a pod put in its own volumeAttributes under that key is not used.
+    let forged = sa_token("kube-system", "admin", common::now_secs() + 3600, "forged");
+    r.volume_context
+        .insert("csi.storage.k8s.io/serviceAccount.tokens".into(), tokens_json(&forged));
+    r.secrets
+        .insert("csi.storage.k8s.io/serviceAccount.tokens".into(), tokens_json(&pod.token));
+    k.publish(r).expect("publish");
+    assert_eq!(node.emu.assertions_for(APP_A), vec![digest(&pod.token)]);
+    let log = node.log_text();
+    assert_no_token(&log, pod.token.as_bytes(), "the driver's log");
+    assert_no_token(&log, forged.as_bytes(), "the driver's log");
+}
+
+#[test]
+fn the_socket_is_roots_and_answers_as_a_node_plugin() {
+    if !available() {
+        return;
+    }
+    let mut node = Node::new(&[]);
+    let k = node.start();
+    let meta = std::fs::symlink_metadata(&node.socket).unwrap();
+    assert_eq!(meta.mode() & 0o777, 0o600);
+    let (name, version) = k.plugin_info().expect("GetPluginInfo");
+    assert_eq!(name, "csi.cstokenfs.io");
+    assert_eq!(version, env!("CARGO_PKG_VERSION"));
+    assert_eq!(k.node_info().expect("NodeGetInfo"), "node-1");
+    for path in [
+        "/csi.v1.Node/NodeStageVolume",
+        "/csi.v1.Node/NodeGetVolumeStats",
+        "/csi.v1.Node/NodeExpandVolume",
+        "/csi.v1.Controller/CreateVolume",
+    ] {
+        assert_eq!(k.call_unimplemented(path), Code::Unimplemented, "{path}");
+    }
+    drop(k);
+    node.stop();
+    assert!(!node.socket.exists(), "the socket is removed at exit");
+}
