@@ -1,13 +1,15 @@
 //! What the cache is keyed by: which identity asks for which resource (a leaf below
 //! `cache` and `token`: a version carries its key). An identity owns its source (its own
 //! credential and upstream client): the mount's own is `IdentityId::DEFAULT`, each
-//! `--identity` follows; the cache, its single flight, negative cache, eviction and
+//! `--identity` follows, then any added at run time (the CSI driver's, one per pod's
+//! workload identity); the cache, its single flight, negative cache, eviction and
 //! `.status` are keyed by (identity, resource).
 
 use crate::names::Resource;
 use std::fmt;
 
-/// An identity of the daemon: an index into its `Identities` (`cache/identities.rs`).
+/// An identity of the daemon: an index into its `Identities` (`cache/identities.rs`): the
+/// fixed ones first, then those added at run time (never reused).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct IdentityId(u32);
 

@@ -65,6 +65,11 @@ pub struct Policy {
     pub max_resources: usize,
     /// Upstream requests per second for the whole mount (`--max-upstream-rate`; 0: no bound).
     pub max_upstream_rate: u32,
+    /// Up to this percent (at most 100) of the time from a token's issue to its refresh
+    /// point, drawn at random per token, is taken off its refresh point ([`spread`]), so
+    /// tokens fetched in the same second are not refreshed in the same second (the CSI
+    /// driver's volumes). 0: the exact schedule.
+    pub refresh_spread_pct: u8,
 }
 
 impl Default for Policy {
@@ -75,6 +80,7 @@ impl Default for Policy {
             timeout: Duration::from_secs(10),
             max_resources: 1024,
             max_upstream_rate: 20,
+            refresh_spread_pct: 0,
         }
     }
 }
@@ -111,11 +117,39 @@ pub fn schedule(
     } else if lifetime >= HALF_LIFE_FROM_MS {
         refresh_at = refresh_at.min(issued_at.saturating_add(lifetime / 2));
     }
-    let lead = REFRESH_LEAD_MS.min(refresh_at.saturating_sub(issued_at).max(0) / 10);
     Schedule {
         refresh_at,
-        refresh_ahead_at: refresh_at - lead,
+        refresh_ahead_at: refresh_ahead_at(issued_at, refresh_at),
         valid_until: valid_until(issued_at, expires_on),
+    }
+}
+
+/// Shortly before `refresh_at`: a tenth of the time since `issued_at`, at most
+/// `REFRESH_LEAD_MS`.
+fn refresh_ahead_at(issued_at: EpochMs, refresh_at: EpochMs) -> EpochMs {
+    let lead = REFRESH_LEAD_MS.min(refresh_at.saturating_sub(issued_at).max(0) / 10);
+    refresh_at - lead
+}
+
+/// `s` with its refresh point moved earlier by `share` (a random fraction in [0, 1),
+/// clamped to it) of `pct` percent (at most 100) of the time from `issued_at` to the
+/// refresh point; the refresh-ahead point keeps its lead before the new refresh point, and
+/// the token stays valid as long as before. Never earlier than `issued_at`. `pct` 0 or
+/// `share` 0: `s` as it is. Pure: the caller draws `share` (the cache, with
+/// `hardening::jitter`, when `Policy::refresh_spread_pct` is set).
+pub fn spread(s: Schedule, issued_at: EpochMs, pct: u8, share: f64) -> Schedule {
+    let interval = s.refresh_at.saturating_sub(issued_at).max(0);
+    let fraction = f64::from(pct.min(100)) / 100.0 * share.clamp(0.0, 1.0);
+    // `as` saturates; the product is at most `interval`.
+    let early = ((interval as f64) * fraction) as i64;
+    if early <= 0 {
+        return s;
+    }
+    let refresh_at = s.refresh_at.saturating_sub(early.min(interval));
+    Schedule {
+        refresh_at,
+        refresh_ahead_at: refresh_ahead_at(issued_at, refresh_at),
+        valid_until: s.valid_until,
     }
 }
 
@@ -289,6 +323,41 @@ mod tests {
     use super::*;
 
     const H: i64 = 3_600_000;
+
+    #[test]
+    fn a_spread_moves_the_refresh_point_earlier_by_a_share_of_its_interval() {
+        let s = schedule(0, H, None, 300_000); // refresh at 55 min
+        let lead = s.refresh_at - s.refresh_ahead_at;
+        assert_eq!(spread(s, 0, 0, 0.9), s, "0 %: the exact schedule");
+        assert_eq!(spread(s, 0, 20, 0.0), s, "a draw of 0: the exact schedule");
+        let half = spread(s, 0, 20, 0.5); // 10 % of 55 min earlier
+        assert_eq!(half.refresh_at, H - 300_000 - 330_000);
+        assert_eq!(
+            half.refresh_ahead_at,
+            half.refresh_at - lead,
+            "the same lead"
+        );
+        assert_eq!(half.valid_until, s.valid_until, "validity is unchanged");
+        // The most it moves: `pct` of the interval, whatever the draw says.
+        let most = spread(s, 0, 20, 7.0);
+        assert_eq!(most.refresh_at, H - 300_000 - 660_000);
+        let all = spread(s, 0, 255, 1.0);
+        assert_eq!(all.refresh_at, 0, "never before the token was issued");
+        assert_eq!(all.refresh_ahead_at, 0);
+        // A token issued later: the interval counts from its issue.
+        let later = spread(schedule(H, 2 * H, None, 300_000), H, 10, 1.0);
+        assert_eq!(later.refresh_at, 2 * H - 300_000 - 330_000);
+        // Different draws: different points (volumes of one second spread out).
+        let points: std::collections::BTreeSet<_> = [0.1, 0.2, 0.3, 0.4]
+            .iter()
+            .map(|&d| spread(s, 0, 10, d).refresh_at)
+            .collect();
+        assert_eq!(points.len(), 4);
+        assert_eq!(spread(s, 0, 10, f64::NAN), s, "a NaN draw moves nothing");
+        // Outside inputs never overflow.
+        let wild = schedule(i64::MIN, i64::MAX, Some(i64::MAX), i64::MAX);
+        let _ = spread(wild, i64::MIN, 100, 0.99);
+    }
 
     #[test]
     fn refresh_point_is_margin_before_expiry_for_an_hour_token() {

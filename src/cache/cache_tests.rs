@@ -276,3 +276,184 @@ fn advancing_the_fake_clock_brings_a_fetchs_deadline_closer() {
         .expect("answered long before ten real minutes");
     assert!(matches!(got, Err(ReadError::Unavailable(_))));
 }
+
+/// A cache whose daemon has no identity of its own, and one identity added at run time.
+fn csi_setup(policy: Policy) -> (Arc<Cache>, Arc<FakeClock>, Arc<FakeSource>, IdentityId) {
+    let clock = FakeClock::new(1_000_000);
+    let source = FakeSource::new(clock.clone(), 3_600_000);
+    let cache = Cache::new(
+        Identities::without_own("no own"),
+        policy,
+        &[],
+        clock.clone(),
+    );
+    let ids = crate::source::Identity::default();
+    let id = cache.identities().add("pod".into(), ids, source.clone());
+    (cache, clock, source, id)
+}
+
+#[test]
+fn declared_keys_of_an_added_identity_are_kept_and_never_evicted() {
+    let policy = Policy {
+        max_resources: 2,
+        ..Policy::default()
+    };
+    let (cache, clock, source, id) = csi_setup(policy);
+    let declared = Key::new(id, res("d"));
+    cache.declare(&declared);
+    assert_eq!(source.calls(), 0, "declaring fetches nothing");
+    cache.read_blocking(&declared, Use::Read).unwrap();
+    for name in ["a", "b", "c"] {
+        cache
+            .read_blocking(&Key::new(id, res(name)), Use::Read)
+            .unwrap();
+    }
+    let listed: Vec<_> = cache.listed().into_iter().map(|(k, _)| k).collect();
+    assert!(listed.contains(&declared), "never evicted: {listed:?}");
+    assert_eq!(listed.len(), 2, "the least recently read others went");
+    // Its token expires unread: the entry stays declared, and the next read fetches.
+    clock.advance(2 * 3_600_000);
+    cache.pass_now();
+    assert!(cache.state.lock().entries.contains_key(&declared));
+    cache.undeclare(&declared);
+    cache.pass_now();
+    assert!(!cache.state.lock().entries.contains_key(&declared));
+    // The daemon's own identity fetches nothing.
+    let calls = source.calls();
+    let own = cache.read_blocking(&key("r"), Use::Read).err();
+    assert_eq!(own, Some(ReadError::Unavailable("no own".into())));
+    assert_eq!(source.calls(), calls);
+}
+
+#[test]
+fn a_forgotten_identity_leaves_no_entry_refusal_or_source() {
+    let (cache, _clock, source, id) = csi_setup(Policy::default());
+    let other = cache.identities().add(
+        "other".into(),
+        crate::source::Identity::default(),
+        source.clone(),
+    );
+    let held = Key::new(id, res("a"));
+    cache.declare(&held);
+    cache.read_blocking(&held, Use::Read).unwrap();
+    source.refuse("bad");
+    let refused = Key::new(id, res("bad"));
+    assert!(matches!(
+        cache.read_blocking(&refused, Use::Read),
+        Err(ReadError::Refused(_))
+    ));
+    cache
+        .read_blocking(&Key::new(other, res("a")), Use::Read)
+        .unwrap();
+    cache.forget_identity(id);
+    {
+        let state = cache.state.lock();
+        assert!(state.entries.keys().all(|k| k.identity == other));
+        assert!(state.refusals.by_key.is_empty() && state.refusals.order.is_empty());
+    }
+    assert!(cache.identities().source(id).is_none());
+    assert!(
+        cache.peek(&Key::new(other, res("a"))).is_some(),
+        "others stay"
+    );
+    // A read of a forgotten identity's key fails without a request.
+    let calls = source.calls();
+    let got = cache.read_blocking(&held, Use::Read).err();
+    assert!(matches!(got, Some(ReadError::Unavailable(ref m)) if m.contains("not an identity")));
+    assert_eq!(source.calls(), calls);
+}
+
+/// A source whose fetches wait until released.
+struct Gate {
+    open: parking_lot::Mutex<bool>,
+    opened: parking_lot::Condvar,
+    started: std::sync::atomic::AtomicU64,
+    inner: Arc<FakeSource>,
+}
+
+impl Source for Gate {
+    fn fetch_once(&self, r: &str, t: Duration) -> Result<Token, SourceError> {
+        self.started.fetch_add(1, Ordering::SeqCst);
+        let mut open = self.open.lock();
+        while !*open {
+            self.opened.wait(&mut open);
+        }
+        drop(open);
+        self.inner.fetch_once(r, t)
+    }
+    fn endpoint(&self) -> String {
+        "gate".into()
+    }
+    fn kind(&self) -> crate::source::Kind {
+        crate::source::Kind::WorkloadIdentity
+    }
+}
+
+#[test]
+fn forgetting_an_identity_answers_its_waiters_and_a_late_fetch_records_nothing() {
+    let (cache, clock, _source, _id) = csi_setup(Policy::default());
+    let gate = Arc::new(Gate {
+        open: parking_lot::Mutex::new(false),
+        opened: parking_lot::Condvar::new(),
+        started: std::sync::atomic::AtomicU64::new(0),
+        inner: FakeSource::new(clock.clone(), 3_600_000),
+    });
+    let ids = crate::source::Identity::default();
+    let id = cache.identities().add("gated".into(), ids, gate.clone());
+    let k = Key::new(id, res("a"));
+    cache.declare(&k);
+    let (tx, rx) = std::sync::mpsc::channel();
+    let (c, k2) = (cache.clone(), k.clone());
+    std::thread::spawn(move || drop(tx.send(c.read_blocking(&k2, Use::Read))));
+    for _ in 0..1000 {
+        if gate.started.load(Ordering::SeqCst) > 0 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    assert_eq!(
+        gate.started.load(Ordering::SeqCst),
+        1,
+        "the fetch is under way"
+    );
+    cache.forget_identity(id);
+    let got = rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("answered at once");
+    assert!(matches!(got, Err(ReadError::Unavailable(ref m)) if m.contains("forgotten")));
+    *gate.open.lock() = true;
+    gate.opened.notify_all();
+    assert!(gate.inner.wait_calls(1));
+    assert!(cache.wait_until_settled(Duration::from_secs(10)));
+    std::thread::sleep(Duration::from_millis(20));
+    assert!(
+        !cache.state.lock().entries.contains_key(&k),
+        "the late fetch made no entry"
+    );
+}
+
+#[test]
+fn a_refresh_spread_moves_each_tokens_refresh_point_earlier_at_random() {
+    let policy = Policy {
+        refresh_spread_pct: 50,
+        ..Policy::default()
+    };
+    let (cache, _clock, _source, id) = csi_setup(policy);
+    let exact = 1_000_000 + 3_600_000 - 300_000;
+    let points: std::collections::BTreeSet<i64> = (0..8)
+        .map(|i| {
+            let lease = cache
+                .read_blocking(&Key::new(id, res(&format!("r{i}"))), Use::Read)
+                .unwrap();
+            let s = lease.version.schedule;
+            assert!(s.refresh_at <= exact && s.refresh_at >= exact - (exact - 1_000_000) / 2);
+            assert_eq!(s.valid_until, 1_000_000 + 3_600_000 - policy::MAX_SKEW_MS);
+            s.refresh_at
+        })
+        .collect();
+    assert!(points.len() > 1, "fetched in one instant, refreshed apart");
+    // Without a spread: the exact point.
+    let (plain, _clock, _source) = setup(3_600_000);
+    let v = plain.get_blocking(&res("r")).unwrap();
+    assert_eq!(v.schedule.refresh_at, exact);
+}

@@ -3,13 +3,24 @@
 //! (`--identity NAME=SELECTOR`) follow in their order. [`Identities::select`] is the one
 //! rule by which a request's `client_id`, `object_id`/`principal_id` or
 //! `msi_res_id`/`mi_res_id` picks an identity, for every listener.
+//!
+//! Those are the *fixed* identities, known at start and read without a lock. A daemon may
+//! also add identities at run time ([`Identities::add`], the CSI driver: one per pod's
+//! workload identity) and remove them ([`Identities::remove`]); their ids follow the fixed
+//! ones and are never reused. No listener selects an added identity: `select`, `by_name`,
+//! `declared`, `ids` and `describe` see the fixed ones only.
 
 use crate::key::IdentityId;
 use crate::source::declared::{selector_of, Selector};
-use crate::source::{Identity, Source};
-use std::collections::BTreeMap;
+use crate::source::{Identity, Kind, Source, SourceError};
+use crate::token::Token;
+use parking_lot::RwLock;
+use std::borrow::Cow;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 /// One identity of the daemon.
 struct Member {
@@ -25,8 +36,13 @@ struct Member {
 /// upstream rate limit and known-down state stay per upstream (`upstream.rs`: one per
 /// cache, shared by every identity, as IMDS limits requests per VM).
 pub struct Identities {
-    /// By `IdentityId`: index 0 is the mount's own identity.
+    /// The fixed identities, by `IdentityId`: index 0 is the mount's own identity. Fixed
+    /// at start, read without a lock.
     members: Vec<Member>,
+    /// The identities added at run time, by id (each id after the fixed ones).
+    added: RwLock<HashMap<IdentityId, Member>>,
+    /// The id the next added identity gets: never reused.
+    next: AtomicU32,
     /// Where the mount's own identity came from, for `.status`.
     origin: String,
 }
@@ -135,12 +151,62 @@ impl Identities {
             ids,
             source,
         }));
-        Identities { members, origin }
+        let next = AtomicU32::new(u32::try_from(members.len()).unwrap_or(u32::MAX));
+        Identities {
+            members,
+            added: RwLock::new(HashMap::new()),
+            next,
+            origin,
+        }
     }
 
-    /// The source of `identity` (`None`: not an identity of this daemon).
-    pub fn source(&self, identity: IdentityId) -> Option<&Arc<dyn Source>> {
-        self.members.get(identity.index()).map(|m| &m.source)
+    /// A daemon with no identity of its own (the CSI driver: it must never fetch as the
+    /// node): the default identity's source refuses every fetch, without a request, with
+    /// `SourceError::Credential(why)`. Its identities are the ones added at run time.
+    pub fn without_own(why: &str) -> Identities {
+        let refusing: Arc<dyn Source> = Arc::new(NoOwnIdentity {
+            why: why.to_string(),
+        });
+        Identities::new(refusing, Identity::default(), String::new(), Vec::new())
+    }
+
+    /// Adds an identity at run time, fetching from `source`; `name` names its keys in log
+    /// lines (`id/NAME/<resource>`). Returns its id, never one given before.
+    pub fn add(&self, name: String, ids: Identity, source: Arc<dyn Source>) -> IdentityId {
+        let id = IdentityId::at(self.next.fetch_add(1, Ordering::Relaxed) as usize);
+        let member = Member {
+            name: Some(name),
+            ids,
+            source,
+        };
+        self.added.write().insert(id, member);
+        id
+    }
+
+    /// Removes an identity added at run time (a fixed one stays: nothing happens). Its
+    /// source is dropped once no fetch under way holds it. The cache's
+    /// `Cache::forget_identity` drops its entries and calls this.
+    pub fn remove(&self, id: IdentityId) {
+        self.added.write().remove(&id);
+    }
+
+    /// Whether `identity` is one of this daemon's now (fixed, or added and not removed).
+    pub fn contains(&self, identity: IdentityId) -> bool {
+        identity.index() < self.members.len() || self.added.read().contains_key(&identity)
+    }
+
+    /// The identities added at run time and not removed.
+    pub fn added_count(&self) -> usize {
+        self.added.read().len()
+    }
+
+    /// The source of `identity`, fixed or added (`None`: not an identity of this daemon,
+    /// or removed).
+    pub fn source(&self, identity: IdentityId) -> Option<Arc<dyn Source>> {
+        match self.members.get(identity.index()) {
+            Some(m) => Some(m.source.clone()),
+            None => self.added.read().get(&identity).map(|m| m.source.clone()),
+        }
     }
 
     /// The default identity's source (what `.status` describes at the top).
@@ -148,12 +214,13 @@ impl Identities {
         &*self.members[0].source
     }
 
-    /// The ids `identity` is sent upstream under (`None`: not an identity of this daemon).
+    /// The ids a fixed `identity` is sent upstream under (`None`: not a fixed identity of
+    /// this daemon; no listener serves an added one).
     pub fn ids(&self, identity: IdentityId) -> Option<&Identity> {
         self.members.get(identity.index()).map(|m| &m.ids)
     }
 
-    /// The declared identity named `name` (`MOUNT/id/NAME`).
+    /// The declared identity named `name` (`MOUNT/id/NAME`; fixed identities only).
     pub fn by_name(&self, name: &str) -> Option<IdentityId> {
         self.members
             .iter()
@@ -161,9 +228,17 @@ impl Identities {
             .map(IdentityId::at)
     }
 
-    /// The name of `identity` (`None`: the mount's own, or not an identity).
-    pub fn name(&self, identity: IdentityId) -> Option<&str> {
-        self.members.get(identity.index())?.name.as_deref()
+    /// The name of `identity`, fixed or added (`None`: the mount's own, or not an
+    /// identity). A fixed one's is borrowed, without a lock.
+    pub fn name(&self, identity: IdentityId) -> Option<Cow<'_, str>> {
+        match self.members.get(identity.index()) {
+            Some(m) => m.name.as_deref().map(Cow::Borrowed),
+            None => {
+                let added = self.added.read();
+                let name = added.get(&identity)?.name.clone()?;
+                Some(Cow::Owned(name))
+            }
+        }
     }
 
     /// `identity` as a message names it: `identity NAME`, or `this mount's identity`.
@@ -174,7 +249,7 @@ impl Identities {
         }
     }
 
-    /// The declared identities' ids and names, in order.
+    /// The declared identities' ids and names, in order (fixed identities only).
     pub fn declared(&self) -> impl Iterator<Item = (IdentityId, &str)> {
         self.members
             .iter()
@@ -182,7 +257,7 @@ impl Identities {
             .filter_map(|(i, m)| Some((IdentityId::at(i), m.name.as_deref()?)))
     }
 
-    /// Every identity, the mount's own first, as `.status` describes it.
+    /// Every fixed identity, the mount's own first, as `.status` describes it.
     pub fn describe(&self) -> Vec<Described> {
         self.members
             .iter()
@@ -224,6 +299,23 @@ impl Identities {
     }
 }
 
+/// The default identity of a daemon that has none of its own ([`Identities::without_own`]).
+struct NoOwnIdentity {
+    why: String,
+}
+
+impl Source for NoOwnIdentity {
+    fn fetch_once(&self, _resource: &str, _timeout: Duration) -> Result<Token, SourceError> {
+        Err(SourceError::Credential(self.why.clone()))
+    }
+    fn endpoint(&self) -> String {
+        "none (this daemon has no identity of its own)".into()
+    }
+    fn kind(&self) -> Kind {
+        Kind::WorkloadIdentity
+    }
+}
+
 /// Whether `ids` has the id of selector kind `kind` equal to `value` (case-insensitively).
 fn has(ids: &Identity, kind: &str, value: &str) -> bool {
     let ours = match kind {
@@ -237,9 +329,6 @@ fn has(ids: &Identity, kind: &str, value: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::source::{Kind, SourceError};
-    use crate::token::Token;
-    use std::time::Duration;
 
     struct Nothing;
     impl Source for Nothing {
@@ -314,10 +403,61 @@ mod tests {
             "two ids of two identities name none"
         );
         assert_eq!(all.by_name("b"), Some(at(2)));
-        assert_eq!(all.name(at(3)), Some("c"));
+        assert_eq!(all.name(at(3)).as_deref(), Some("c"));
         assert_eq!(all.declared().count(), 3);
         let system = Identities::one(s);
         assert!(system.select(&q(&[("client_id", "x")])).is_err());
         assert_eq!(system.select(&q(&[])), Ok(IdentityId::DEFAULT));
+    }
+
+    #[test]
+    fn identities_added_at_run_time_get_new_ids_and_are_never_selected() {
+        let s: Arc<dyn Source> = Arc::new(Nothing);
+        let all = Identities::new(
+            s.clone(),
+            ids(Some("own"), None, None),
+            "--client-id".into(),
+            vec![("a".into(), ids(Some("aaaa"), None, None), s.clone())],
+        );
+        let x = all.add("x".into(), ids(Some("xxxx"), None, None), s.clone());
+        let y = all.add("y".into(), ids(Some("yyyy"), None, None), s.clone());
+        assert_eq!((x, y), (IdentityId::at(2), IdentityId::at(3)));
+        assert_eq!(all.name(x).as_deref(), Some("x"));
+        assert_eq!(all.who(y), "identity y");
+        assert!(all.source(x).is_some() && all.contains(x));
+        assert_eq!(all.added_count(), 2);
+        // No listener reaches an added identity.
+        assert!(all.select(&q(&[("client_id", "xxxx")])).is_err());
+        assert_eq!(all.by_name("x"), None);
+        assert_eq!(all.declared().count(), 1);
+        assert_eq!(all.describe().len(), 2);
+        all.remove(x);
+        assert!(all.source(x).is_none() && !all.contains(x));
+        assert_eq!(all.name(x), None);
+        // Ids are never reused; a fixed identity cannot be removed.
+        assert_eq!(
+            all.add("x".into(), Identity::default(), s),
+            IdentityId::at(4)
+        );
+        all.remove(IdentityId::at(1));
+        assert_eq!(all.name(IdentityId::at(1)).as_deref(), Some("a"));
+        assert!(all.source(IdentityId::DEFAULT).is_some());
+    }
+
+    #[test]
+    fn a_daemon_without_its_own_identity_never_fetches_as_one() {
+        let none = Identities::without_own("the CSI driver never fetches as the node");
+        let source = none.source(IdentityId::DEFAULT).unwrap();
+        let e = source.fetch_once("https://vault.azure.net", Duration::from_secs(1));
+        assert_eq!(
+            e.unwrap_err(),
+            SourceError::Credential("the CSI driver never fetches as the node".into())
+        );
+        assert_eq!(none.name(IdentityId::DEFAULT), None);
+        let s: Arc<dyn Source> = Arc::new(Nothing);
+        assert_eq!(
+            none.add("p".into(), Identity::default(), s),
+            IdentityId::at(1)
+        );
     }
 }

@@ -15,7 +15,9 @@
 //!   `stop_background` waits for a pass in progress); it is taken before `state` and the
 //!   pool's lock, never while holding either.
 //! - The pool's queue lock (`pool.rs`) and the upstream's `limiter` and `reach` locks
-//!   (`upstream.rs`) are leaves: nothing else is locked while they are held.
+//!   (`upstream.rs`) are leaves: nothing else is locked while they are held. So is the
+//!   lock of the identities added at run time (`identities.rs`): taken under `state` to
+//!   name a key in a log line, and it takes nothing.
 
 mod entry;
 mod identities;
@@ -175,7 +177,8 @@ struct State {
 /// The shared cache: one per daemon, behind an `Arc` held by every front end (the mount's
 /// core, the endpoint, the sink), the fetch workers (weakly) and the background thread.
 pub struct Cache {
-    /// Each identity's source. Fixed at start; read by the fetch workers without a lock.
+    /// Each identity's source: the fixed ones read by the fetch workers without a lock,
+    /// those added at run time under its own lock (`identities.rs`, a leaf).
     identities: Identities,
     /// The upstream's rate limit and known-down state, shared by every identity's fetches
     /// (its own locks, see `upstream.rs`).
@@ -218,6 +221,8 @@ impl Drop for Cache {
 
 /// What a reader gets whose fetch can no longer run.
 const STOPPING: &str = "the mount is stopping";
+/// What a reader gets whose identity was forgotten while it waited.
+const FORGOTTEN: &str = "the identity was forgotten (its volumes are gone)";
 
 impl Cache {
     pub fn new(
@@ -456,6 +461,51 @@ impl Cache {
             .entries
             .get(key)
             .and_then(|e| e.valid(now).cloned())
+    }
+
+    /// Declares `key` (as `Cache::new`'s `declared` do): its entry is kept while idle and
+    /// never evicted by `--max-resources`, but counts toward it. It is refreshed ahead by
+    /// the same rule as any key: when read with `Use::Read` since its last fetch. No fetch
+    /// starts here.
+    pub fn declare(&self, key: &Key) {
+        let mut guard = self.state.lock();
+        guard.entries.entry(key.clone()).or_default().declared = true;
+    }
+
+    /// Undoes [`Cache::declare`]: the entry stays while it holds a token, and may be
+    /// evicted and dropped when idle like any read key.
+    pub fn undeclare(&self, key: &Key) {
+        if let Some(e) = self.state.lock().entries.get_mut(key) {
+            e.declared = false;
+        }
+    }
+
+    /// Drops every entry and refusal of identity `id` (its tokens are wiped once no reader
+    /// holds them) and removes it from the identities (`Identities::remove`: a fixed one
+    /// stays). Readers waiting for one of its fetches are answered `ReadError::Unavailable`
+    /// at once; a fetch under way ends without recording anything. A later read of one of
+    /// its keys fails: its identity is gone.
+    pub fn forget_identity(&self, id: IdentityId) {
+        let mut waiters = Vec::new();
+        let mut guard = self.state.lock();
+        guard.entries.retain(|key, e| {
+            if key.identity != id {
+                return true;
+            }
+            waiters.extend(e.waiters.take().unwrap_or_default());
+            false
+        });
+        shrink(&mut guard.entries);
+        let refusals = &mut guard.refusals;
+        refusals.by_key.retain(|key, _| key.identity != id);
+        refusals.order.retain(|(key, _)| key.identity != id);
+        shrink(&mut refusals.by_key);
+        drop(guard);
+        self.identities.remove(id);
+        self.settled.notify_all();
+        for waiter in waiters {
+            (waiter.done)(Err(ReadError::Unavailable(FORGOTTEN.into())));
+        }
     }
 
     /// Drops every held token (wiped once no open file holds it), every refusal and the
@@ -706,7 +756,7 @@ impl Cache {
             let (result, n) = match self.identities.source(job.key.identity) {
                 Some(source) => {
                     self.upstream
-                        .fetch(&**source, &job.key.resource, job.deadline, job.refresh)
+                        .fetch(&*source, &job.key.resource, job.deadline, job.refresh)
                 }
                 None => (
                     Err(SourceError::Credential(format!(
@@ -743,14 +793,20 @@ impl Cache {
         }
     }
 
-    /// The schedule of a token fetched at `now`, computed once per answer by the policy.
+    /// The schedule of a token fetched at `now`, computed once per answer by the policy;
+    /// with `refresh_spread_pct`, its refresh point moved earlier by a random share.
     fn schedule_of(&self, token: &Token, now: EpochMs) -> Schedule {
-        policy::schedule(
-            token.issued_at(now),
+        let issued_at = token.issued_at(now);
+        let exact = policy::schedule(
+            issued_at,
             token.expires_on,
             token.refresh_in_ms,
             self.policy.refresh_margin_ms,
-        )
+        );
+        match self.policy.refresh_spread_pct {
+            0 => exact,
+            pct => policy::spread(exact, issued_at, pct, crate::hardening::jitter()),
+        }
     }
 
     fn accept(
@@ -859,14 +915,14 @@ impl Cache {
 
 /// A key named for a log line (`Cache::shown`).
 struct Shown<'a> {
-    name: Option<&'a str>,
+    name: Option<std::borrow::Cow<'a, str>>,
     key: &'a Key,
 }
 
 impl fmt::Display for Shown<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self.name {
-            Some(name) => write!(f, "id/{name}/{}", self.key),
+            Some(ref name) => write!(f, "id/{name}/{}", self.key),
             None => write!(f, "{}", self.key),
         }
     }

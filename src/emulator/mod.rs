@@ -20,7 +20,7 @@
 //! The state requests and knobs share is `Shared`: atomics for numbers and switches, and a
 //! `parking_lot::Mutex` of its own for each other mutable field (`faults`, `sticky`,
 //! `cache`, `per_resource`, `stopped` with `stop_cv`, `arc_key_dir`, `arc_keys`,
-//! `last_params`, `entra`). Each lock is taken for a short step and released: no guard
+//! `last_params`, `entra`, `identities`, `per_identity`, `assertions`). Each lock is taken for a short step and released: no guard
 //! lives across an `.await` (the handler's future is `Send`; the guards are not), and only
 //! one pair is ever held together: `entra::handle` takes `sticky` while it holds `faults`
 //! (in that order; nothing takes them the other way round). `cache` is held while a token
@@ -335,9 +335,15 @@ struct Shared {
     /// `Emulator::set_identities`; read by `protocol::who`.
     identities: Mutex<Option<Vec<KnownIdentity>>>,
     /// Requests per (identity's client ID, resource) of the IMDS and App Service protocols
-    /// that named a known identity (or none). Lock: its own. Incremented by `protocol`;
+    /// that named a known identity (or none), and of the Entra protocol (by the form's
+    /// `client_id`). Lock: its own. Incremented by `protocol` and `entra::handle`;
     /// cleared by `Emulator::reset_counters`.
     per_identity: Mutex<HashMap<(String, String), u64>>,
+    /// The client assertions presented to the Entra protocol, per client ID (as sent), as
+    /// SHA-256 hex digests in request order. Lock: its own. Pushed by `entra::handle`
+    /// (`record_entra`); read by `Emulator::assertions_for`; cleared by
+    /// `Emulator::reset_counters`.
+    assertions: Mutex<HashMap<String, Vec<String>>>,
 }
 
 /// One Arc challenge this emulator issued: the secret and the file holding it.
@@ -414,6 +420,7 @@ impl Emulator {
             entra: Mutex::new(entra::EntraSettings::default()),
             identities: Mutex::new(None),
             per_identity: Mutex::new(HashMap::new()),
+            assertions: Mutex::new(HashMap::new()),
         });
         let config = httpserver::Config {
             // Longer than reqwest's 90 s pool idle timeout: a client's pooled connection is
@@ -532,6 +539,7 @@ impl Emulator {
         self.shared.requests.store(0, SeqCst);
         self.shared.per_resource.lock().clear();
         self.shared.per_identity.lock().clear();
+        self.shared.assertions.lock().clear();
         self.shared.issued.store(0, SeqCst);
     }
 
@@ -547,7 +555,8 @@ impl Emulator {
     /// Requests of the IMDS and App Service protocols for `resource` (as sent) by the
     /// identity whose client ID is `client_id` ([`DEFAULT_CLIENT_ID`]: the system-assigned
     /// one), however the request named it; requests naming an unknown identity are not
-    /// counted here.
+    /// counted here. Entra's: every request whose form carries `client_id` and a `scope`
+    /// (`resource`: the scope without `/.default`), counted on arrival, accepted or not.
     pub fn requests_by(&self, client_id: &str, resource: &str) -> u64 {
         let key = (client_id.to_ascii_lowercase(), resource.to_string());
         self.shared
@@ -556,6 +565,18 @@ impl Emulator {
             .get(&key)
             .copied()
             .unwrap_or(0)
+    }
+
+    /// The client assertions presented to the Entra protocol for `client_id` (as sent),
+    /// in request order, each as the SHA-256 hex digest of the assertion: a test tells
+    /// which service-account token was used without ever printing one.
+    pub fn assertions_for(&self, client_id: &str) -> Vec<String> {
+        self.shared
+            .assertions
+            .lock()
+            .get(client_id)
+            .cloned()
+            .unwrap_or_default()
     }
 
     /// Same as dropping the emulator.
@@ -592,7 +613,39 @@ pub fn decode_claims(token: &str) -> Option<Value> {
     serde_json::from_slice(&bytes).ok()
 }
 
+/// Assertion digests kept per client ID (the oldest go first): a long-running emulator
+/// stays bounded.
+const MAX_ASSERTIONS: usize = 4096;
+
+/// The SHA-256 hex digest of `text` ([`Emulator::assertions_for`]).
+pub fn sha256_hex(text: &str) -> String {
+    ring::digest::digest(&ring::digest::SHA256, text.as_bytes())
+        .as_ref()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
 impl Shared {
+    /// Counts an Entra request by (client ID, resource) for `Emulator::requests_by` and
+    /// records its client assertion's digest for `Emulator::assertions_for`.
+    fn record_entra(&self, client_id: &str, params: &BTreeMap<String, String>) {
+        if let Some(scope) = params.get("scope") {
+            let resource = scope.strip_suffix("/.default").unwrap_or(scope).to_string();
+            let key = (client_id.to_ascii_lowercase(), resource);
+            *self.per_identity.lock().entry(key).or_insert(0) += 1;
+        }
+        if let Some(assertion) = params.get("client_assertion") {
+            let digest = sha256_hex(assertion);
+            let mut all = self.assertions.lock();
+            let mine = all.entry(client_id.to_string()).or_default();
+            if mine.len() >= MAX_ASSERTIONS {
+                mine.remove(0);
+            }
+            mine.push(digest);
+        }
+    }
+
     /// Waits until stopped.
     fn wait_stopped(&self) {
         let mut stopped = self.stopped.lock();

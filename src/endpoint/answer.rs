@@ -176,7 +176,7 @@ impl Inner {
                 if let Some(audit) = &self.audit {
                     audit.served(HttpEvent {
                         resource: crate::audit::label(
-                            self.cache.identities().name(identity),
+                            self.cache.identities().name(identity).as_deref(),
                             &v.key.resource,
                         ),
                         peer,

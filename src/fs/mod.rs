@@ -450,7 +450,10 @@ impl Core {
 
     /// How the audit names `key`: its resource, under `id/NAME/` for a declared identity.
     fn label(&self, key: &Key) -> Arc<str> {
-        crate::audit::label(self.cache.identities().name(key.identity), &key.resource)
+        crate::audit::label(
+            self.cache.identities().name(key.identity).as_deref(),
+            &key.resource,
+        )
     }
 
     /// Queues the audit line of an open (or, in no-open mode, a lookup) by `caller`.

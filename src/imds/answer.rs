@@ -191,7 +191,7 @@ impl Inner {
                 if let Some(audit) = &self.audit {
                     audit.served_imds(ImdsEvent {
                         resource: crate::audit::label(
-                            self.cache.identities().name(v.key.identity),
+                            self.cache.identities().name(v.key.identity).as_deref(),
                             &v.key.resource,
                         ),
                         peer: req.peer,

@@ -1,7 +1,8 @@
 //! Microsoft Entra's v2 token endpoint: `POST {authority}/{tenant}/oauth2/v2.0/token`,
 //! form `grant_type=client_credentials`, `client_id`, `scope=<resource>/.default` and one
 //! credential: a client secret, a federated token file (AKS workload identity, read anew
-//! for every request) or a certificate assertion (`assertion`). Answers carry
+//! for every request), a certificate assertion (`assertion`) or a service-account token
+//! handed over at run time ([`Supplied`], the CSI driver's). Answers carry
 //! `expires_in`; errors `{"error","error_description","error_codes"}`, classified by
 //! their AADSTS code (`failure_of`).
 
@@ -78,6 +79,93 @@ pub enum Credential {
     FederatedTokenFile(PathBuf),
     /// `client_assertion=` a JWT signed with the certificate's key.
     Certificate(Arc<ClientCertificate>),
+    /// `client_assertion=` the newest service-account token handed over at run time (by
+    /// the kubelet, to the CSI driver).
+    #[allow(dead_code)] // until the CSI driver (src/csi) builds it
+    Supplied(Arc<Supplied>),
+}
+
+/// The service-account tokens handed over for one identity at run time (the kubelet's, at
+/// each `NodePublishVolume` of a volume of that identity): the newest is held (the later
+/// expiry wins; of two with the same expiry, the later offer), registered for scrubbing
+/// (`known`) while held, and sent as the client assertion of each request. `Debug` never
+/// shows a token.
+#[derive(Default)]
+pub struct Supplied {
+    held: parking_lot::Mutex<Option<Held>>,
+}
+
+/// A service-account token held by [`Supplied`].
+struct Held {
+    token: Arc<Zeroizing<String>>,
+    /// When it expires (its `expirationTimestamp`), ms since the epoch.
+    expires_at_ms: i64,
+    /// Registered for scrubbing while held.
+    _known: crate::known::Known,
+}
+
+/// What a fetch without a valid service-account token says (no request is sent).
+const NO_SUPPLIED_TOKEN: &str = "no valid service-account token held: waiting for the kubelet's next NodePublishVolume of a volume of this identity";
+
+#[allow(dead_code)] // until the CSI driver (src/csi) calls it
+impl Supplied {
+    /// Nothing held yet.
+    pub fn new() -> Supplied {
+        Supplied::default()
+    }
+
+    /// Offers a service-account token expiring at `expires_at_ms` (ms since the epoch):
+    /// held unless the one held expires later. Returns whether it is held now.
+    pub fn offer(&self, token: Zeroizing<String>, expires_at_ms: i64) -> bool {
+        let mut held = self.held.lock();
+        if held
+            .as_ref()
+            .is_some_and(|h| h.expires_at_ms > expires_at_ms)
+        {
+            return false;
+        }
+        let _known = crate::known::remember(&token);
+        *held = Some(Held {
+            token: Arc::new(token),
+            expires_at_ms,
+            _known,
+        });
+        true
+    }
+
+    /// Drops the token held (wiped, and no longer scrubbed once no request holds it).
+    pub fn clear(&self) {
+        *self.held.lock() = None;
+    }
+
+    /// When the token held expires (ms since the epoch); `None`: none held.
+    pub fn expires_at_ms(&self) -> Option<i64> {
+        self.held.lock().as_ref().map(|h| h.expires_at_ms)
+    }
+
+    /// The token held, while it is valid at `now` (ms since the epoch); else the error a
+    /// fetch fails with, before any request.
+    fn current(&self, now: i64) -> Result<Arc<Zeroizing<String>>, SourceError> {
+        match &*self.held.lock() {
+            Some(h) if now < h.expires_at_ms => Ok(h.token.clone()),
+            Some(h) => Err(SourceError::Credential(format!(
+                "{NO_SUPPLIED_TOKEN} (the newest expired {} s ago)",
+                (now - h.expires_at_ms) / 1000
+            ))),
+            None => Err(SourceError::Credential(format!(
+                "{NO_SUPPLIED_TOKEN} (none was handed over)"
+            ))),
+        }
+    }
+}
+
+impl fmt::Debug for Supplied {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.expires_at_ms() {
+            Some(at) => write!(f, "Supplied(<redacted>, expires at {at} ms)"),
+            None => f.write_str("Supplied(none held)"),
+        }
+    }
 }
 
 impl fmt::Debug for Credential {
@@ -86,6 +174,7 @@ impl fmt::Debug for Credential {
             Credential::Secret(_) => f.write_str("Secret(<redacted>)"),
             Credential::FederatedTokenFile(p) => write!(f, "FederatedTokenFile({p:?})"),
             Credential::Certificate(c) => write!(f, "Certificate({c:?})"),
+            Credential::Supplied(s) => write!(f, "{s:?}"),
         }
     }
 }
@@ -161,6 +250,13 @@ impl Entra {
                 let jwt = cert.assertion(&self.client_id, &self.token_url, now)?;
                 push_assertion(&mut body, &jwt);
                 Ok((body, Some(crate::known::remember(&jwt))))
+            }
+            Credential::Supplied(supplied) => {
+                // Registered again for this request: a clear() meanwhile must not unmask
+                // it in the answer's text.
+                let token = supplied.current(now_ms())?;
+                push_assertion(&mut body, &token);
+                Ok((body, Some(crate::known::remember(&token))))
             }
         }
     }
@@ -427,5 +523,106 @@ mod tests {
             ),
             "{e}"
         );
+    }
+
+    /// A JWT-shaped service-account token for the tests (never a real one).
+    fn sa_token(n: u32) -> Zeroizing<String> {
+        Zeroizing::new(format!(
+            "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJzYS17bn0ifQ.c2lnbmF0dXJl{n}"
+        ))
+    }
+
+    /// An Entra source with a supplied credential, at a loopback port nothing listens on:
+    /// a request would fail as unreachable, so a credential error means none was sent.
+    fn supplied_source(supplied: &Arc<Supplied>) -> Entra {
+        let settings = Settings {
+            tenant: "72f988bf-86f1-41af-91ab-2d7cd011db47".into(),
+            client_id: "00000000-0000-0000-0000-0000000000c1".into(),
+            credential: Credential::Supplied(supplied.clone()),
+            ca: Vec::new(),
+        };
+        Entra::new(Kind::WorkloadIdentity, "http://127.0.0.1:9/", &settings).unwrap()
+    }
+
+    /// The form's `client_assertion`, decoded.
+    fn assertion_of(form: &str) -> String {
+        let (_, value) = form
+            .split('&')
+            .filter_map(|p| p.split_once('='))
+            .find(|(k, _)| *k == "client_assertion")
+            .unwrap_or(("", ""));
+        percent_encoding::percent_decode_str(value)
+            .decode_utf8_lossy()
+            .into_owned()
+    }
+
+    #[test]
+    fn a_supplied_credential_sends_the_newest_service_account_token() {
+        let supplied = Arc::new(Supplied::new());
+        let source = supplied_source(&supplied);
+        let far = now_ms() + 3_600_000;
+        assert!(supplied.offer(sa_token(1), far));
+        let (form, _known) = source.form("https://vault.azure.net", SECOND).unwrap();
+        assert_eq!(assertion_of(&form), *sa_token(1));
+        assert!(form.contains(&format!(
+            "client_assertion_type={}",
+            utf8_percent_encode(ASSERTION_TYPE, FORM)
+        )));
+        // A later expiry wins; an earlier one does not; the same expiry: the later offer.
+        assert!(supplied.offer(sa_token(2), far + 1_000));
+        assert!(!supplied.offer(sa_token(3), far));
+        assert!(supplied.offer(sa_token(4), far + 1_000));
+        assert_eq!(supplied.expires_at_ms(), Some(far + 1_000));
+        let (form, _known) = source.form("https://vault.azure.net", SECOND).unwrap();
+        assert_eq!(assertion_of(&form), *sa_token(4));
+        // Held: scrubbed from any text from outside; never in Debug.
+        let text = format!("echo: {}", sa_token(4).as_str());
+        assert!(!crate::known::scrub(&text).contains(sa_token(4).as_str()));
+        let shown = format!("{:?}", Credential::Supplied(supplied.clone()));
+        assert!(
+            !shown.contains("eyJ") && shown.contains("redacted"),
+            "{shown}"
+        );
+    }
+
+    #[test]
+    fn without_a_valid_service_account_token_no_request_is_sent() {
+        let supplied = Arc::new(Supplied::new());
+        let source = supplied_source(&supplied);
+        let no_token = |e: SourceError| {
+            assert_eq!(e.failure(), Failure::Invalid, "{e}");
+            let text = e.to_string();
+            assert!(
+                text.starts_with("no valid service-account token held: waiting for the kubelet's next NodePublishVolume"),
+                "{text}"
+            );
+            text
+        };
+        let e = source
+            .fetch_once("https://vault.azure.net", SECOND)
+            .unwrap_err();
+        assert!(no_token(e).ends_with("(none was handed over)"));
+        assert_eq!(format!("{supplied:?}"), "Supplied(none held)");
+        // Expired by the wall clock: refused the same way.
+        assert!(supplied.offer(sa_token(5), now_ms() - 61_000));
+        let e = source
+            .fetch_once("https://vault.azure.net", SECOND)
+            .unwrap_err();
+        assert!(no_token(e).ends_with("(the newest expired 61 s ago)"));
+        // A valid one is sent (to nowhere here: unreachable, so it was a request).
+        assert!(supplied.offer(sa_token(6), now_ms() + 600_000));
+        let e = source
+            .fetch_once("https://vault.azure.net", SECOND)
+            .unwrap_err();
+        assert!(e.is_connection_level(), "{e}");
+        // Cleared: none held, no longer scrubbed.
+        supplied.clear();
+        assert_eq!(supplied.expires_at_ms(), None);
+        let e = source
+            .fetch_once("https://vault.azure.net", SECOND)
+            .unwrap_err();
+        no_token(e);
+        let text = format!("echo: {}", sa_token(6).as_str());
+        assert_eq!(crate::known::scrub(&text), text);
     }
 }

@@ -1,6 +1,6 @@
 //! `cstokenfs emulator --protocol entra`: its options and the command.
 
-use super::EntraSettings;
+use super::{EntraSettings, Federated, FEDERATED_AUDIENCE};
 use crate::emulator::{Emulator, EmulatorConfig, Kind};
 use clap::Args;
 use std::fmt;
@@ -30,6 +30,11 @@ pub struct EntraEmulatorArgs {
     /// certificate (a key in the file is ignored).
     #[arg(long, value_name = "PATH")]
     pub client_certificate: Option<PathBuf>,
+    /// Entra: a federated identity credential of application CLIENT_ID: accept an
+    /// assertion whose iss and sub are these and whose aud holds
+    /// api://AzureADTokenExchange (claims read unverified). Repeatable.
+    #[arg(long, value_name = "CLIENT_ID=ISSUER,SUBJECT", value_parser = federated)]
+    pub federated: Vec<Federated>,
     /// Serve HTTPS with this PEM certificate chain (with --tls-key).
     #[arg(long, value_name = "PEM", requires = "tls_key")]
     pub tls_cert: Option<PathBuf>,
@@ -100,6 +105,7 @@ impl EntraEmulatorArgs {
             || self.client_secret_file.is_some()
             || self.federated_token_file.is_some()
             || self.client_certificate.is_some()
+            || !self.federated.is_empty()
             || self.tls_cert.is_some()
     }
 
@@ -143,6 +149,7 @@ impl EntraEmulatorArgs {
             client_secret,
             federated_token_file: self.federated_token_file.clone(),
             client_certificate,
+            federated: self.federated.clone(),
         })
     }
 
@@ -196,6 +203,29 @@ pub fn command(
     let _ = signals.forever().next();
     emulator.stop();
     Ok(())
+}
+
+/// `--federated CLIENT_ID=ISSUER,SUBJECT` (the subject after the last comma), with the
+/// audience Entra expects by default.
+pub(super) fn federated(text: &str) -> Result<Federated, String> {
+    let parts = text
+        .split_once('=')
+        .and_then(|(client_id, rest)| Some((client_id, rest.rsplit_once(',')?)));
+    match parts {
+        Some((client_id, (issuer, subject)))
+            if ![client_id, issuer, subject]
+                .iter()
+                .any(|p| p.trim().is_empty()) =>
+        {
+            Ok(Federated {
+                client_id: client_id.trim().to_string(),
+                issuer: issuer.trim().to_string(),
+                subject: subject.trim().to_string(),
+                audience: FEDERATED_AUDIENCE.to_string(),
+            })
+        }
+        _ => Err("expected CLIENT_ID=ISSUER,SUBJECT".into()),
+    }
 }
 
 /// A certificate or key file (`--client-certificate`, `--tls-cert`, `--tls-key`), read as

@@ -167,3 +167,143 @@ fn a_federated_assertion_must_match_the_file_now() {
     assert_eq!(emu.requests(), 3);
     assert_eq!(emu.requests_for("https://vault.azure.net"), 3);
 }
+
+/// A service-account token shaped as the kubelet's (unsigned: the emulator reads the
+/// claims unverified).
+fn sa_token(iss: &str, sub: &str, aud: serde_json::Value, exp: u64) -> String {
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    use base64::Engine;
+    let part = |v: serde_json::Value| URL_SAFE_NO_PAD.encode(v.to_string());
+    let header = part(serde_json::json!({"alg": "RS256", "kid": "k"}));
+    let claims = part(serde_json::json!({"iss": iss, "sub": sub, "aud": aud, "exp": exp}));
+    format!("{header}.{claims}.c2lnbmF0dXJl")
+}
+
+fn assertion_form(client_id: &str, assertion: &str) -> String {
+    format!("grant_type=client_credentials&client_id={client_id}&scope=https%3A%2F%2Fvault.azure.net%2F.default&client_assertion_type=urn%3Aietf%3Aparams%3Aoauth%3Aclient-assertion-type%3Ajwt-bearer&client_assertion={assertion}")
+}
+
+const ISSUER: &str = "https://oidc.example/cluster";
+const SUBJECT: &str = "system:serviceaccount:ns:sa";
+
+fn record(client_id: &str) -> Federated {
+    Federated {
+        client_id: client_id.into(),
+        issuer: ISSUER.into(),
+        subject: SUBJECT.into(),
+        audience: FEDERATED_AUDIENCE.into(),
+    }
+}
+
+#[test]
+fn a_federated_record_accepts_only_its_issuer_subject_and_audience() {
+    let emu = start(EntraSettings {
+        federated: vec![record("c1"), record("c2")],
+        ..EntraSettings::default()
+    });
+    let later = crate::emulator::now_secs() + 3600;
+    let aud = || serde_json::json!(FEDERATED_AUDIENCE);
+    let code = |client_id: &str, assertion: &str| {
+        let (status, body) = post(
+            &emu,
+            "t/oauth2/v2.0/token",
+            &assertion_form(client_id, assertion),
+        );
+        let error = body["error"].as_str().unwrap_or_default().to_string();
+        (status, error, body["error_codes"][0].as_u64().unwrap_or(0))
+    };
+    let good = sa_token(ISSUER, SUBJECT, aud(), later);
+    assert_eq!(code("c1", &good), (200, String::new(), 0));
+    let in_array = sa_token(
+        ISSUER,
+        SUBJECT,
+        serde_json::json!(["x", FEDERATED_AUDIENCE]),
+        later,
+    );
+    assert_eq!(code("c2", &in_array).0, 200);
+    let no_record = (400, "invalid_client".to_string(), 70021);
+    for bad in [
+        sa_token(ISSUER, "system:serviceaccount:ns:other", aud(), later),
+        sa_token("https://oidc.example/other", SUBJECT, aud(), later),
+        sa_token(ISSUER, SUBJECT, serde_json::json!("api://other"), later),
+        sa_token(ISSUER, SUBJECT, serde_json::json!(["api://other"]), later),
+        "not.a.jwt".to_string(),
+    ] {
+        assert_eq!(code("c1", &bad), no_record);
+    }
+    // An application without records: none matches.
+    assert_eq!(code("c3", &good), no_record);
+    let expired = sa_token(ISSUER, SUBJECT, aud(), later - 7200);
+    assert_eq!(
+        code("c1", &expired),
+        (400, "invalid_client".to_string(), 700024)
+    );
+    // Every assertion presented, per client ID, in order, as digests; counted per client.
+    let digest = crate::emulator::sha256_hex;
+    let c1 = emu.assertions_for("c1");
+    assert_eq!(c1.len(), 7);
+    assert_eq!(c1[0], digest(&good));
+    assert_eq!(c1[6], digest(&expired));
+    assert!(c1.iter().all(|d| d.len() == 64 && !d.contains("eyJ")));
+    assert_eq!(emu.assertions_for("c2"), vec![digest(&in_array)]);
+    assert_eq!(emu.requests_by("c1", "https://vault.azure.net"), 7);
+    assert_eq!(emu.requests_by("C2", "https://vault.azure.net"), 1);
+    assert_eq!(emu.requests_by("c1", "https://other.example"), 0);
+    emu.reset_counters();
+    assert!(emu.assertions_for("c1").is_empty());
+    assert_eq!(emu.requests_by("c1", "https://vault.azure.net"), 0);
+}
+
+#[test]
+fn the_entra_source_sends_the_newest_supplied_service_account_token() {
+    use crate::source::entra::{Credential, Entra, Settings, Supplied};
+    use crate::source::Source;
+    use std::sync::Arc;
+    let client_id = "00000000-0000-0000-0000-0000000000c1";
+    let emu = start(EntraSettings {
+        federated: vec![record(client_id)],
+        ..EntraSettings::default()
+    });
+    let supplied = Arc::new(Supplied::new());
+    let settings = Settings {
+        tenant: "72f988bf-86f1-41af-91ab-2d7cd011db47".into(),
+        client_id: client_id.into(),
+        credential: Credential::Supplied(supplied.clone()),
+        ca: Vec::new(),
+    };
+    let source = Entra::new(crate::source::Kind::WorkloadIdentity, &emu.url(), &settings).unwrap();
+    let timeout = Duration::from_secs(5);
+    let vault = "https://vault.azure.net";
+    assert!(source.fetch_once(vault, timeout).is_err(), "none held");
+    assert_eq!(emu.requests(), 0, "and no request sent");
+    let now = crate::emulator::now_secs();
+    let aud = serde_json::json!([FEDERATED_AUDIENCE]);
+    let first = sa_token(ISSUER, SUBJECT, aud.clone(), now + 600);
+    supplied.offer(first.clone().into(), (now as i64 + 600) * 1000);
+    assert!(source.fetch_once(vault, timeout).is_ok());
+    let second = sa_token(ISSUER, SUBJECT, aud, now + 1200);
+    supplied.offer(second.clone().into(), (now as i64 + 1200) * 1000);
+    assert!(source.fetch_once(vault, timeout).is_ok());
+    let digest = crate::emulator::sha256_hex;
+    assert_eq!(
+        emu.assertions_for(client_id),
+        vec![digest(&first), digest(&second)]
+    );
+    assert_eq!(emu.requests_by(client_id, vault), 2);
+}
+
+#[test]
+fn the_federated_flag_names_a_client_issuer_and_subject() {
+    assert_eq!(
+        command::federated("c1=https://oidc.example/a,b,system:serviceaccount:ns:sa"),
+        Ok(Federated {
+            client_id: "c1".into(),
+            issuer: "https://oidc.example/a,b".into(),
+            subject: SUBJECT.into(),
+            audience: "api://AzureADTokenExchange".into(),
+        })
+    );
+    for bad in ["c1", "c1=iss", "=iss,sub", "c1=,sub", "c1=iss,"] {
+        assert!(command::federated(bad).is_err(), "{bad}");
+    }
+}

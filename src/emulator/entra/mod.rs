@@ -1,6 +1,7 @@
 //! Microsoft Entra's v2 token endpoint, emulated: `POST /{tenant}/oauth2/v2.0/token` with
 //! the client-credentials form; a client secret, a federated assertion (equal to the
-//! federated token file's contents at request time) or a certificate assertion (verified
+//! federated token file's contents at request time, or matching one of the application's
+//! federated identity credentials, [`Federated`]) or a certificate assertion (verified
 //! against the client certificate) is accepted; answers and errors in Entra's shapes
 //! (`{"token_type","expires_in","ext_expires_in","access_token"}`;
 //! `{"error","error_description","error_codes",...}`).
@@ -37,6 +38,38 @@ pub struct EntraSettings {
     pub federated_token_file: Option<PathBuf>,
     /// DER of the certificate whose key signs certificate assertions.
     pub client_certificate: Option<Vec<u8>>,
+    /// Federated identity credentials, as an Entra application has them: an assertion
+    /// presented for a client ID that has records must match one of them.
+    pub federated: Vec<Federated>,
+}
+
+/// The audience Entra's federated identity credentials expect by default.
+pub const FEDERATED_AUDIENCE: &str = "api://AzureADTokenExchange";
+
+/// One federated identity credential of an application: an assertion presented for
+/// `client_id` is accepted when its `iss` and `sub` are these, its `aud` (a string or an
+/// array) holds `audience`, and its `exp` is still ahead. The assertion's signature is
+/// NOT verified: the emulator cannot fetch the issuer's signing keys (a cluster's OIDC
+/// discovery document and JWKS), so its claims are read as they are. A test tool only.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Federated {
+    pub client_id: String,
+    pub issuer: String,
+    pub subject: String,
+    pub audience: String,
+}
+
+impl Federated {
+    /// Whether unverified `claims` name this record's issuer, subject and audience.
+    fn matches(&self, claims: &serde_json::Value) -> bool {
+        let aud = &claims["aud"];
+        let has_audience = match aud {
+            serde_json::Value::String(a) => *a == self.audience,
+            serde_json::Value::Array(all) => all.iter().any(|a| *a == *self.audience),
+            _ => false,
+        };
+        claims["iss"] == *self.issuer && claims["sub"] == *self.subject && has_audience
+    }
 }
 
 impl std::fmt::Debug for EntraSettings {
@@ -50,6 +83,7 @@ impl std::fmt::Debug for EntraSettings {
             )
             .field("federated_token_file", &self.federated_token_file)
             .field("client_certificate", &self.client_certificate.is_some())
+            .field("federated", &self.federated)
             .finish()
     }
 }
@@ -59,6 +93,7 @@ impl EntraSettings {
         self.client_secret.is_none()
             && self.federated_token_file.is_none()
             && self.client_certificate.is_none()
+            && self.federated.is_empty()
     }
 }
 
@@ -109,6 +144,9 @@ pub(super) async fn handle(sh: &Shared, req: &Request, stop: Stop) -> Answer {
     if let Some(scope) = params.get("scope") {
         let resource = scope.strip_suffix("/.default").unwrap_or(scope).to_string();
         *sh.per_resource.lock().entry(resource).or_insert(0) += 1;
+    }
+    if let Some(client_id) = params.get("client_id") {
+        sh.record_entra(client_id, &params);
     }
     *sh.last_params.lock() = Some(params);
     let latency = Duration::from_nanos(sh.latency_ns.load(SeqCst));
@@ -257,6 +295,34 @@ fn check_credential(
         return Ok(());
     }
     let now = now_secs();
+    let no_record = || {
+        error(
+            400,
+            "invalid_client",
+            70021,
+            "No matching federated identity record found for presented assertion.",
+        )
+    };
+    let records: Vec<&Federated> = settings
+        .federated
+        .iter()
+        .filter(|f| f.client_id == client_id)
+        .collect();
+    if !records.is_empty() {
+        // Unverified: see `Federated`.
+        let claims = decode_claims(assertion).ok_or_else(no_record)?;
+        if !records.iter().any(|f| f.matches(&claims)) {
+            return Err(no_record());
+        }
+        return match claims["exp"].as_u64() {
+            Some(exp) if exp > now => Ok(()),
+            exp => Err(expired(now, exp.unwrap_or(0))),
+        };
+    }
+    if settings.federated_token_file.is_none() && settings.client_certificate.is_none() {
+        // Only other applications have federated records.
+        return Err(no_record());
+    }
     if let Some(path) = &settings.federated_token_file {
         // Read as the daemon reads it: a FIFO there cannot hang the emulator either.
         let current =
