@@ -52,6 +52,21 @@ if ! cmp -s "$req" "$stamp" 2>/dev/null || [ ! -x "$venv/bin/python" ]; then
   fi
 fi
 export CSTOKENFS_PYVENV="$venv"
+# kubernetes-validate from PyPI for the manifests under deploy/kubernetes/ (tests/it/manifests.rs),
+# the same way: a venv under ~/.cache per set of pinned requirements, made only when new.
+req=tests/manifests/requirements.txt
+k8s_venv="${XDG_CACHE_HOME:-$HOME/.cache}/cstokenfs/k8svenv-$(sha256sum "$req" | cut -c1-16)"
+stamp="$k8s_venv/.cstokenfs-requirements"
+if ! cmp -s "$req" "$stamp" 2>/dev/null || [ ! -x "$k8s_venv/bin/kubernetes-validate" ]; then
+  echo "making $k8s_venv with $(grep -c '==' "$req") pinned packages (kubernetes-validate $(sed -n 's/^kubernetes-validate==//p' "$req"))"
+  rm -rf "$k8s_venv"
+  if python3 -m venv "$k8s_venv" && "$k8s_venv/bin/pip" install -q --disable-pip-version-check -r "$req"; then
+    cp "$req" "$stamp"
+  else
+    echo "!!!!! WARNING: cannot make $k8s_venv: the manifest tests will say so (and fail when CI=true) !!!!!" >&2
+  fi
+fi
+export CSTOKENFS_K8S_VENV="$k8s_venv"
 
 cargo test --all-targets --locked -- --test-threads=8
 

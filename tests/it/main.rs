@@ -27,6 +27,7 @@ mod hostile;
 mod identities;
 mod imds;
 mod integrations;
+mod manifests;
 mod noopen;
 mod props;
 mod security;
