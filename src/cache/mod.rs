@@ -480,6 +480,34 @@ impl Cache {
         }
     }
 
+    /// Holds `token` for `key` as if it had just been fetched: a token an earlier run of the
+    /// daemon wrote where a front end keeps its files (a CSI volume adopted after a
+    /// restart). Nothing changes when the entry holds a valid token already (that one is
+    /// returned) or `token` is no longer valid (`None`). Its schedule is the policy's, counted
+    /// from now (its issue time is not known).
+    pub fn adopt(&self, key: &Key, token: Token) -> Option<Arc<Version>> {
+        let now = self.clock.now();
+        let schedule = self.schedule_of(&token, now);
+        if policy::verdict(now, &schedule, true) == Verdict::Expired {
+            return None;
+        }
+        let mut guard = self.state.lock();
+        let entry = guard.entries.entry(key.clone()).or_default();
+        if let Some(held) = entry.valid(now) {
+            return Some(held.clone());
+        }
+        let id = self.next_version.fetch_add(1, Ordering::Relaxed);
+        let version = Arc::new(Version::new(id, key.clone(), &token, now, schedule));
+        entry.held = Some(version.clone());
+        entry.fetched_at = Some(now);
+        debug!(
+            "{}: token adopted, expires in {} s",
+            self.shown(key),
+            (token.expires_on - now) / 1000
+        );
+        Some(version)
+    }
+
     /// Drops every entry and refusal of identity `id` (its tokens are wiped once no reader
     /// holds them) and removes it from the identities (`Identities::remove`: a fixed one
     /// stays). Readers waiting for one of its fetches are answered `ReadError::Unavailable`

@@ -81,7 +81,6 @@ pub enum Credential {
     Certificate(Arc<ClientCertificate>),
     /// `client_assertion=` the newest service-account token handed over at run time (by
     /// the kubelet, to the CSI driver).
-    #[allow(dead_code)] // until the CSI driver (src/csi) builds it
     Supplied(Arc<Supplied>),
 }
 
@@ -107,7 +106,6 @@ struct Held {
 /// What a fetch without a valid service-account token says (no request is sent).
 const NO_SUPPLIED_TOKEN: &str = "no valid service-account token held: waiting for the kubelet's next NodePublishVolume of a volume of this identity";
 
-#[allow(dead_code)] // until the CSI driver (src/csi) calls it
 impl Supplied {
     /// Nothing held yet.
     pub fn new() -> Supplied {

@@ -35,3 +35,4 @@ mod sink;
 mod sink_race;
 mod sources;
 mod csi;
+mod csi_bench;
