@@ -12,6 +12,11 @@
 //!   `state`: the record per volume under `--state-dir`; `sync`: keeps each volume's files
 //!   in step with the cache.
 
+mod grpc;
+pub mod proto;
+
+pub use grpc::{serve, socket_path};
+
 use std::collections::BTreeMap;
 use std::fmt;
 use std::path::PathBuf;
@@ -134,3 +139,36 @@ impl fmt::Display for CsiError {
 }
 
 impl std::error::Error for CsiError {}
+
+/// Runs the node plugin until SIGTERM or SIGINT. A stand-in until the driver lands: it
+/// serves the gRPC API, and every publish fails INTERNAL.
+pub fn run(req: CsiRequest) -> Result<(), CsiError> {
+    let socket = socket_path(&req.endpoint)?;
+    let (stop, stopped) = tokio::sync::oneshot::channel();
+    let mut signals = signal_hook::iterator::Signals::new([
+        signal_hook::consts::SIGTERM,
+        signal_hook::consts::SIGINT,
+    ])
+    .map_err(|e| CsiError::Start(format!("cannot handle signals: {e}")))?;
+    std::thread::spawn(move || {
+        if signals.forever().next().is_some() {
+            let _ = stop.send(());
+        }
+    });
+    serve(&socket, std::sync::Arc::new(NotYet), req.node_id, stopped)
+}
+
+/// The driver's place until it lands.
+struct NotYet;
+
+impl Node for NotYet {
+    fn publish(&self, _: Publish) -> Result<(), CsiError> {
+        Err(CsiError::Internal("the CSI driver is not built yet".into()))
+    }
+    fn unpublish(&self, _: &str, _: &str) -> Result<(), CsiError> {
+        Ok(())
+    }
+    fn ready(&self) -> bool {
+        true
+    }
+}
