@@ -14,6 +14,7 @@ mod flood;
 
 mod basics;
 mod conventions;
+mod csi_grpc;
 mod echo;
 mod emulator_cli;
 mod endpoint;

@@ -71,49 +71,50 @@ impl Kubelet {
     }
 
     pub fn plugin_info(&self) -> Result<pb::GetPluginInfoResponse, Status> {
-        let call = self.identity().get_plugin_info(pb::GetPluginInfoRequest {});
+        let mut client = self.identity();
+        let call = client.get_plugin_info(pb::GetPluginInfoRequest {});
         self.rt.block_on(call).map(|r| r.into_inner())
     }
 
     pub fn plugin_capabilities(&self) -> Result<pb::GetPluginCapabilitiesResponse, Status> {
-        let call = self
-            .identity()
-            .get_plugin_capabilities(pb::GetPluginCapabilitiesRequest {});
+        let mut client = self.identity();
+        let call = client.get_plugin_capabilities(pb::GetPluginCapabilitiesRequest {});
         self.rt.block_on(call).map(|r| r.into_inner())
     }
 
     /// `Probe`'s `ready` (unset counts as ready, as the spec says).
     pub fn probe(&self) -> Result<bool, Status> {
-        let call = self.identity().probe(pb::ProbeRequest {});
+        let mut client = self.identity();
+        let call = client.probe(pb::ProbeRequest {});
         self.rt
             .block_on(call)
             .map(|r| r.into_inner().ready.unwrap_or(true))
     }
 
     pub fn node_info(&self) -> Result<pb::NodeGetInfoResponse, Status> {
-        let call = self.node().node_get_info(pb::NodeGetInfoRequest {});
+        let mut client = self.node();
+        let call = client.node_get_info(pb::NodeGetInfoRequest {});
         self.rt.block_on(call).map(|r| r.into_inner())
     }
 
     pub fn node_capabilities(&self) -> Result<pb::NodeGetCapabilitiesResponse, Status> {
-        let call = self
-            .node()
-            .node_get_capabilities(pb::NodeGetCapabilitiesRequest {});
+        let mut client = self.node();
+        let call = client.node_get_capabilities(pb::NodeGetCapabilitiesRequest {});
         self.rt.block_on(call).map(|r| r.into_inner())
     }
 
     pub fn publish(&self, request: pb::NodePublishVolumeRequest) -> Result<(), Status> {
-        let call = self.node().node_publish_volume(request);
+        let mut client = self.node();
+        let call = client.node_publish_volume(request);
         self.rt.block_on(call).map(|_| ())
     }
 
     pub fn unpublish(&self, volume_id: &str, target: &Path) -> Result<(), Status> {
-        let call = self
-            .node()
-            .node_unpublish_volume(pb::NodeUnpublishVolumeRequest {
-                volume_id: volume_id.into(),
-                target_path: target.to_string_lossy().into_owned(),
-            });
+        let mut client = self.node();
+        let call = client.node_unpublish_volume(pb::NodeUnpublishVolumeRequest {
+            volume_id: volume_id.into(),
+            target_path: target.to_string_lossy().into_owned(),
+        });
         self.rt.block_on(call).map(|_| ())
     }
 
@@ -179,7 +180,10 @@ pub fn volume_context(
         ("csi.storage.k8s.io/pod.name", &pod.name),
         ("csi.storage.k8s.io/pod.namespace", &pod.namespace),
         ("csi.storage.k8s.io/pod.uid", &pod.uid),
-        ("csi.storage.k8s.io/serviceAccount.name", &pod.service_account),
+        (
+            "csi.storage.k8s.io/serviceAccount.name",
+            &pod.service_account,
+        ),
     ] {
         context.insert(k.into(), v.clone());
     }
@@ -289,4 +293,105 @@ pub fn rfc3339(t: SystemTime) -> String {
         rem % 3600 / 60,
         rem % 60
     )
+}
+
+/// `cstokenfs csi` running on a socket in a temporary directory, with its data and state
+/// directories beside it; stopped (SIGTERM, then SIGKILL) when dropped.
+pub struct Plugin {
+    pub dir: tempfile::TempDir,
+    pub socket: PathBuf,
+    pub child: std::process::Child,
+    stderr: PathBuf,
+}
+
+impl Plugin {
+    /// Starts `cstokenfs csi --endpoint unix://DIR/csi.sock --node-id node-1` with `extra`
+    /// arguments and waits for the socket.
+    pub fn start(extra: &[&str]) -> Plugin {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let socket = dir.path().join("csi.sock");
+        let endpoint = format!("unix://{}", socket.display());
+        let mut cmd = super::bin();
+        cmd.args(["csi", "--endpoint", &endpoint, "--node-id", "node-1"]);
+        Plugin::spawn(dir, socket, cmd, extra)
+    }
+
+    /// Starts `cmd` (a `csi` command line whose socket is `socket`) with `extra` arguments,
+    /// the data and state directories in `dir`, and an Entra authority where nothing
+    /// listens.
+    pub fn spawn(
+        dir: tempfile::TempDir,
+        socket: PathBuf,
+        mut cmd: std::process::Command,
+        extra: &[&str],
+    ) -> Plugin {
+        let (data, state) = (dir.path().join("data"), dir.path().join("state"));
+        for d in [&data, &state] {
+            std::fs::create_dir(d).expect("create a directory");
+        }
+        let stderr = dir.path().join("stderr");
+        let log = std::fs::File::create(&stderr).expect("create the log");
+        let authority = format!("http://127.0.0.1:{}/", super::free_port());
+        cmd.arg("--data-dir")
+            .arg(&data)
+            .arg("--state-dir")
+            .arg(&state)
+            .args(["--tenant-id", "00000000-0000-0000-0000-00000000000a"])
+            .args(["--authority-host", &authority])
+            .args(extra)
+            .stdout(std::process::Stdio::null())
+            .stderr(log);
+        let child = cmd.spawn().expect("start cstokenfs csi");
+        let mut plugin = Plugin {
+            dir,
+            socket,
+            child,
+            stderr,
+        };
+        let up = super::eventually(Duration::from_secs(10), || {
+            if let Ok(Some(status)) = plugin.child.try_wait() {
+                panic!("csi exited with {status}: {}", plugin.log());
+            }
+            std::os::unix::net::UnixStream::connect(&plugin.socket)
+                .ok()
+                .map(|_| ())
+        });
+        assert!(up.is_some(), "csi never listened: {}", plugin.log());
+        plugin
+    }
+
+    pub fn kubelet(&self) -> Kubelet {
+        Kubelet::connect(&self.socket)
+    }
+
+    /// What the plugin logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.stderr).unwrap_or_default()
+    }
+
+    /// SIGTERM, then its exit status (SIGKILL after 20 s).
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        match super::wait_child(&mut self.child, Duration::from_secs(20)) {
+            Some(status) => status,
+            None => {
+                let _ = self.child.kill();
+                panic!("csi did not stop on SIGTERM: {}", self.log());
+            }
+        }
+    }
+}
+
+impl Drop for Plugin {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            // SAFETY: kill(2) on our own child's pid.
+            unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+            if super::wait_child(&mut self.child, Duration::from_secs(10)).is_none() {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+            }
+        }
+    }
 }
