@@ -1,5 +1,6 @@
-//! The command line: `mount`, `sink`, `get`, `emulator`, `completions`, `man`.
+//! The command line: `mount`, `sink`, `get`, `csi`, `emulator`, `completions`, `man`.
 
+use crate::csi::{CsiError, CsiRequest};
 use crate::emulator::entra::EntraCommandError;
 use crate::emulator::{Emulator, EmulatorConfig};
 use crate::get::{GetError, GetRequest};
@@ -68,6 +69,9 @@ pub enum Command {
     /// Fetch one token with the same client and name rules, print it, no mount.
     #[command(after_help = MORE_HELP)]
     Get(GetArgs),
+    /// Kubernetes CSI node plugin: each pod's own workload identity's tokens as files in
+    /// its ephemeral inline volume (gRPC on a unix socket; logs to stderr).
+    Csi(CsiArgs),
     /// Serve a local stand-in for the Cloud Shell token endpoint (unsigned test tokens).
     #[command(after_help = MORE_HELP)]
     Emulator(EmulatorArgs),
@@ -222,7 +226,7 @@ impl UpstreamArgs {
 #[derive(Args, Debug, Clone)]
 pub struct DaemonArgs {
     /// Refresh a token when this little lifetime is left, in seconds.
-    #[arg(long, value_name = "SECS", default_value_t = 300, value_parser = clap::builder::RangedI64ValueParser::<u64>::new().range(0..=31_536_000))]
+    #[arg(long, value_name = "SECS", default_value_t = 300, value_parser = refresh_margin_parser())]
     pub refresh_margin: u64,
     /// Where logs go when detached (foreground: stderr; without it: syslog); level from
     /// RUST_LOG (default info).
@@ -238,6 +242,16 @@ pub struct DaemonArgs {
     /// [default: 0400].
     #[arg(long, value_name = "OCTAL", value_parser = parse_mode)]
     pub mode: Option<u16>,
+}
+
+/// `--refresh-margin`: seconds, up to a year.
+fn refresh_margin_parser() -> clap::builder::RangedI64ValueParser<u64> {
+    clap::builder::RangedI64ValueParser::<u64>::new().range(0..=31_536_000)
+}
+
+/// `--max-upstream-rate`: requests per second, 0 for no bound.
+fn max_upstream_rate_parser() -> clap::builder::RangedI64ValueParser<u32> {
+    clap::builder::RangedI64ValueParser::<u32>::new().range(0..=100_000)
 }
 
 /// An octal permission mode, with or without a leading 0 (`0440`, `440`): permission bits
@@ -284,7 +298,7 @@ pub struct MountArgs {
     #[arg(long, value_name = "N", default_value_t = 1024, value_parser = clap::builder::RangedI64ValueParser::<u64>::new().range(1..=1_000_000))]
     pub max_resources: u64,
     /// Upstream requests per second for the whole mount, after a burst of 100 (0: no bound).
-    #[arg(long, value_name = "N", default_value_t = 20, value_parser = clap::builder::RangedI64ValueParser::<u32>::new().range(0..=100_000))]
+    #[arg(long, value_name = "N", default_value_t = 20, value_parser = max_upstream_rate_parser())]
     pub max_upstream_rate: u32,
     /// Let users other than the one who mounted reach the mount (the modes then decide).
     #[arg(long)]
@@ -357,6 +371,93 @@ pub struct GetArgs {
     /// (https://management.azure.com/), a scope (https://graph.microsoft.com/.default), a GUID.
     #[arg(value_name = "NAME")]
     pub name: String,
+}
+
+/// `csi`: the flags of the CSI node plugin. Its `--endpoint` is the gRPC socket, never a
+/// token source (no `$MSI_ENDPOINT` default); tokens come only from Entra, with each
+/// pod's service-account token.
+#[derive(Args, Debug)]
+pub struct CsiArgs {
+    /// The CSI gRPC socket: unix:///PATH or an absolute path, created with mode 0600; its
+    /// directory must exist [default: $CSI_ENDPOINT].
+    #[arg(long, value_name = "ENDPOINT")]
+    pub endpoint: Option<String>,
+    /// This node's ID, as NodeGetInfo answers [default: $NODE_ID].
+    #[arg(long, value_name = "NODE")]
+    pub node_id: Option<String>,
+    /// Entra tenant ID of volumes whose attributes name none [default: $AZURE_TENANT_ID].
+    #[arg(long, value_name = "ID")]
+    pub tenant_id: Option<String>,
+    /// Entra authority: https://, or http:// to a loopback host
+    /// [default: $AZURE_AUTHORITY_HOST, else https://login.microsoftonline.com/].
+    #[arg(long, value_name = "URL")]
+    pub authority_host: Option<String>,
+    /// PEM CA certificates trusted besides the system's (Entra's TLS).
+    #[arg(long, value_name = "PEM")]
+    pub ca_file: Option<PathBuf>,
+    /// Where each volume's tmpfs is mounted read-write (a hostPath with Bidirectional
+    /// mount propagation).
+    #[arg(
+        long,
+        value_name = "DIR",
+        default_value = "/var/lib/cstokenfs-csi/data"
+    )]
+    pub data_dir: PathBuf,
+    /// Where the record of each published volume is kept (never a token).
+    #[arg(
+        long,
+        value_name = "DIR",
+        default_value = "/var/lib/cstokenfs-csi/state"
+    )]
+    pub state_dir: PathBuf,
+    /// The audience of the service-account token sent to Entra as the client assertion
+    /// (the CSIDriver's tokenRequests).
+    #[arg(long, value_name = "AUDIENCE", default_value = crate::csi::DEFAULT_AUDIENCE)]
+    pub audience: String,
+    /// Refresh a token when this little lifetime is left, in seconds.
+    #[arg(long, value_name = "SECS", default_value_t = 300, value_parser = refresh_margin_parser())]
+    pub refresh_margin: u64,
+    /// The most one fetch may take, retries included, in seconds (1 to 60).
+    #[arg(long, value_name = "SECS", default_value_t = 10, value_parser = parse_timeout)]
+    pub timeout: u64,
+    /// Upstream requests per second for the whole node, after a burst of 100 (0: no bound).
+    #[arg(long, value_name = "N", default_value_t = 20, value_parser = max_upstream_rate_parser())]
+    pub max_upstream_rate: u32,
+}
+
+/// The flag's value, else the environment variable's (empty counts as unset).
+fn flag_or_env(flag: Option<String>, var: &str) -> Option<String> {
+    flag.or_else(|| std::env::var(var).ok())
+        .filter(|v| !v.is_empty())
+}
+
+impl CsiArgs {
+    /// The request `csi::run` serves; a usage error without an endpoint or node ID.
+    pub fn request(self) -> Result<CsiRequest, CliError> {
+        let endpoint = flag_or_env(self.endpoint, "CSI_ENDPOINT").ok_or_else(|| {
+            CliError::Usage("csi needs --endpoint (or $CSI_ENDPOINT): the gRPC socket".into())
+        })?;
+        let node_id = flag_or_env(self.node_id, "NODE_ID").ok_or_else(|| {
+            CliError::Usage("csi needs --node-id (or $NODE_ID): this node's name".into())
+        })?;
+        Ok(CsiRequest {
+            endpoint,
+            node_id,
+            tenant_id: flag_or_env(self.tenant_id, "AZURE_TENANT_ID"),
+            authority_host: flag_or_env(self.authority_host, "AZURE_AUTHORITY_HOST")
+                .unwrap_or_else(|| crate::source::client_tls::DEFAULT_AUTHORITY.into()),
+            ca_file: self.ca_file,
+            data_dir: self.data_dir,
+            state_dir: self.state_dir,
+            audience: self.audience,
+            policy: Policy {
+                refresh_margin_ms: (self.refresh_margin as i64).saturating_mul(1000),
+                timeout: Duration::from_secs(self.timeout),
+                max_upstream_rate: self.max_upstream_rate,
+                ..Policy::default()
+            },
+        })
+    }
 }
 
 #[derive(Args, Debug)]
@@ -463,6 +564,7 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
         Command::Mount(args) => mount_command(args),
         Command::Sink(args) => sink_command(args),
         Command::Get(args) => get_command(args),
+        Command::Csi(args) => csi_command(args),
         Command::Emulator(args) => emulator_command(args),
         Command::Completions(args) => completions_command(&args.shell),
         Command::Man => man_command(),
@@ -515,6 +617,15 @@ impl From<MountError> for CliError {
     fn from(e: MountError) -> CliError {
         match e {
             MountError::Reported => CliError::Reported,
+            e => CliError::failure(e),
+        }
+    }
+}
+
+impl From<CsiError> for CliError {
+    fn from(e: CsiError) -> CliError {
+        match e {
+            CsiError::Usage(m) => CliError::Usage(m),
             e => CliError::failure(e),
         }
     }
@@ -709,6 +820,13 @@ fn sink_command(args: SinkArgs) -> Result<(), CliError> {
         mode: args.daemon.mode,
     };
     Ok(crate::sink::run(request)?)
+}
+
+/// `csi` runs in the foreground (a DaemonSet's container): logs go to stderr.
+fn csi_command(args: CsiArgs) -> Result<(), CliError> {
+    let request = args.request()?;
+    crate::logging::init_stderr("info");
+    Ok(crate::csi::run(request)?)
 }
 
 fn get_command(args: GetArgs) -> Result<(), CliError> {

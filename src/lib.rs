@@ -19,6 +19,7 @@ mod cache;
 mod civil;
 mod claims;
 mod cli;
+mod csi;
 mod daemon;
 pub mod emulator;
 mod endpoint;
@@ -49,6 +50,8 @@ mod writer;
 pub use access::Access;
 pub use cache::Cache;
 pub use cli::{run, Cli, CliError};
+/// The CSI messages and gRPC clients, for the tests' kubelet stand-in.
+pub use csi::proto as csi_proto;
 pub use fs::{inode, Caller, Core, Entry, FsError};
 pub use fuseopts::rewrite;
 pub use httpserver::tls::server_config;

@@ -330,7 +330,9 @@ impl Writer {
         let fd = open_dir_at(at, name)?;
         let st = rfs::fstat(&fd)?;
         if st.st_uid != euid() || st.st_dev != self.held.st_dev {
-            return Err(io::Error::other("not a directory this writer's predecessor made"));
+            return Err(io::Error::other(
+                "not a directory this writer's predecessor made",
+            ));
         }
         self.views.push((rel.to_string(), fd));
         Ok(())

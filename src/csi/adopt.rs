@@ -24,7 +24,10 @@ impl Driver {
         let (records, bad) = match self.state.load() {
             Ok(found) => found,
             Err(e) => {
-                warn!("{}: cannot read the volume records: {e}", self.state.path().display());
+                warn!(
+                    "{}: cannot read the volume records: {e}",
+                    self.state.path().display()
+                );
                 return;
             }
         };
@@ -85,9 +88,7 @@ impl Driver {
             "adopted volume {}: {}, client {}, {kept} valid token(s) kept until its next republish",
             held.record.volume_id, held.record.pod, held.record.key.client_id
         );
-        inner
-            .volumes
-            .insert(held.record.volume_id.clone(), held);
+        inner.volumes.insert(held.record.volume_id.clone(), held);
         Ok(())
     }
 }

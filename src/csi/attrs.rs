@@ -56,7 +56,9 @@ impl fmt::Display for Pod {
 
 /// Whose tokens: one cache identity per key. Pods of one service account asking for the
 /// same application in the same tenant share it; pods of different accounts never do.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
 pub struct IdentityKey {
     /// Lower case.
     pub tenant: String,
@@ -130,7 +132,11 @@ fn invalid(m: impl Into<String>) -> CsiError {
 
 /// Checks a publish request: only an ephemeral inline volume, read-only, with valid
 /// attributes, the pod's info and its service-account token for `audience`.
-pub fn check(p: &Publish, default_tenant: Option<&str>, audience: &str) -> Result<Volume, CsiError> {
+pub fn check(
+    p: &Publish,
+    default_tenant: Option<&str>,
+    audience: &str,
+) -> Result<Volume, CsiError> {
     if p.volume_id.is_empty() {
         return Err(invalid("volume_id is empty"));
     }
@@ -224,7 +230,9 @@ fn group_of(group: Option<&str>) -> Result<Option<u32>, CsiError> {
         None => Ok(None),
         Some(g) => match g.parse::<u32>() {
             Ok(gid) if gid != u32::MAX => Ok(Some(gid)),
-            _ => Err(invalid(format!("volume_mount_group {g:?} is not a group id"))),
+            _ => Err(invalid(format!(
+                "volume_mount_group {g:?} is not a group id"
+            ))),
         },
     }
 }
@@ -301,8 +309,8 @@ fn token_of(
         (None, Some(c)) => Zeroizing::new(c.clone()),
         (None, None) => return Err(no_token(audience)),
     };
-    let doc: serde_json::Value = serde_json::from_str(&json)
-        .map_err(|_| invalid(format!("{TOKENS} is not JSON")))?;
+    let doc: serde_json::Value =
+        serde_json::from_str(&json).map_err(|_| invalid(format!("{TOKENS} is not JSON")))?;
     let token = doc
         .get(audience)
         .and_then(|t| t.get("token"))
@@ -323,9 +331,7 @@ fn token_of(
             .map(str::to_string)
     };
     let (Some(issuer), Some(subject)) = (text("iss"), text("sub")) else {
-        return Err(invalid(
-            "the service-account token has no iss or sub claim",
-        ));
+        return Err(invalid("the service-account token has no iss or sub claim"));
     };
     let exp = claims
         .get("exp")

@@ -30,11 +30,17 @@ fn request() -> Publish {
         (POD_UID, "uid-1"),
         (SERVICE_ACCOUNT, "web"),
         ("clientID", CLIENT),
-        ("resources", "management.azure.com, vault.azure.net,management.azure.com"),
+        (
+            "resources",
+            "management.azure.com, vault.azure.net,management.azure.com",
+        ),
     ] {
         ctx.insert(k.to_string(), v.to_string());
     }
-    ctx.insert(TOKENS.into(), tokens(&jwt("system:serviceaccount:shop:web")));
+    ctx.insert(
+        TOKENS.into(),
+        tokens(&jwt("system:serviceaccount:shop:web")),
+    );
     Publish {
         volume_id: "csi-abc".into(),
         target_path: "/var/lib/kubelet/pods/uid-1/volumes/kubernetes.io~csi/tokens/mount".into(),
@@ -74,19 +80,31 @@ fn a_kubelet_request_gives_the_volume_its_key_and_resources() {
 #[test]
 fn requests_the_driver_cannot_serve_are_invalid_arguments_naming_the_fix() {
     let cases: Vec<(Box<dyn Fn(&mut Publish)>, &str)> = vec![
-        (Box::new(|p| drop(p.volume_context.remove(EPHEMERAL))), EPHEMERAL),
+        (
+            Box::new(|p| drop(p.volume_context.remove(EPHEMERAL))),
+            EPHEMERAL,
+        ),
         (
             Box::new(|p| drop(p.volume_context.insert(EPHEMERAL.into(), "false".into()))),
             "ephemeral inline volumes only",
         ),
-        (Box::new(|p| p.readonly = false), "set readOnly: true on the csi volume"),
+        (
+            Box::new(|p| p.readonly = false),
+            "set readOnly: true on the csi volume",
+        ),
         (Box::new(|p| p.capability = Capability::Block), "block"),
-        (Box::new(|p| drop(p.volume_context.remove("clientID"))), "clientID is missing"),
+        (
+            Box::new(|p| drop(p.volume_context.remove("clientID"))),
+            "clientID is missing",
+        ),
         (
             Box::new(|p| drop(p.volume_context.insert("clientID".into(), "web".into()))),
             "not a GUID",
         ),
-        (Box::new(|p| drop(p.volume_context.remove("resources"))), "resources is missing"),
+        (
+            Box::new(|p| drop(p.volume_context.remove("resources"))),
+            "resources is missing",
+        ),
         (
             Box::new(|p| drop(p.volume_context.insert("resources".into(), "a b".into()))),
             "resources",
@@ -99,12 +117,18 @@ fn requests_the_driver_cannot_serve_are_invalid_arguments_naming_the_fix() {
             Box::new(|p| drop(p.volume_context.insert("clientId".into(), CLIENT.into()))),
             "unknown volume attribute(s) clientId",
         ),
-        (Box::new(|p| drop(p.volume_context.remove(TOKENS))), "tokenRequests"),
+        (
+            Box::new(|p| drop(p.volume_context.remove(TOKENS))),
+            "tokenRequests",
+        ),
         (
             Box::new(|p| drop(p.volume_context.insert(TOKENS.into(), "{}".into()))),
             "tokenRequests",
         ),
-        (Box::new(|p| drop(p.volume_context.remove(POD_NAMESPACE))), "podInfoOnMount"),
+        (
+            Box::new(|p| drop(p.volume_context.remove(POD_NAMESPACE))),
+            "podInfoOnMount",
+        ),
         (Box::new(|p| p.target_path = "relative".into()), "absolute"),
     ];
     for (change, want) in cases {
@@ -124,8 +148,10 @@ fn requests_the_driver_cannot_serve_are_invalid_arguments_naming_the_fix() {
 fn the_secrets_token_wins_over_the_volume_context() {
     let mut p = request();
     // A pod may put anything in its volumeAttributes: the kubelet's secrets come first.
-    p.volume_context
-        .insert(TOKENS.into(), tokens(&jwt("system:serviceaccount:shop:admin")));
+    p.volume_context.insert(
+        TOKENS.into(),
+        tokens(&jwt("system:serviceaccount:shop:admin")),
+    );
     p.secrets.insert(
         TOKENS.into(),
         Zeroizing::new(tokens(&jwt("system:serviceaccount:shop:web"))),
@@ -137,8 +163,10 @@ fn the_secrets_token_wins_over_the_volume_context() {
 #[test]
 fn a_token_of_another_service_account_is_refused() {
     let mut p = request();
-    p.volume_context
-        .insert(TOKENS.into(), tokens(&jwt("system:serviceaccount:kube-system:admin")));
+    p.volume_context.insert(
+        TOKENS.into(),
+        tokens(&jwt("system:serviceaccount:kube-system:admin")),
+    );
     let (kind, m) = message(check(&p, Some("t"), AUD));
     assert_eq!(kind, "denied", "{m}");
     assert!(m.contains("system:serviceaccount:shop:web"), "{m}");

@@ -105,7 +105,10 @@ impl Held {
         let name = self.slots[i].wanted.name.clone();
         for view in View::ALL {
             if let Err(e) = self.writer.remove(&writer::view_path(view, &name)) {
-                warn!("volume {}: cannot remove {name}: {e}", self.record.volume_id);
+                warn!(
+                    "volume {}: cannot remove {name}: {e}",
+                    self.record.volume_id
+                );
             }
         }
     }
@@ -141,9 +144,8 @@ impl Driver {
     /// The driver over `cache`, configured by `req`; adopts the volumes the driver before
     /// it published (`--state-dir`).
     pub fn start(cache: Arc<Cache>, req: &CsiRequest) -> Result<Driver, CsiError> {
-        let start = |what: &Path, e: std::io::Error| {
-            CsiError::Start(format!("{}: {e}", what.display()))
-        };
+        let start =
+            |what: &Path, e: std::io::Error| CsiError::Start(format!("{}: {e}", what.display()));
         let ca = match &req.ca_file {
             Some(path) => crate::source::client_tls::ca_certificates(path)
                 .map_err(|e| CsiError::Usage(format!("--ca-file: {e}")))?,
@@ -171,7 +173,11 @@ impl Driver {
     }
 
     /// The key's state, made (with its cache identity) if new; counts one more volume.
-    pub(super) fn join_key(&self, inner: &mut Inner, key: &IdentityKey) -> Result<IdentityId, CsiError> {
+    pub(super) fn join_key(
+        &self,
+        inner: &mut Inner,
+        key: &IdentityKey,
+    ) -> Result<IdentityId, CsiError> {
         if let Some(k) = inner.keys.get_mut(key) {
             k.volumes += 1;
             return Ok(k.identity);
@@ -237,7 +243,7 @@ impl Driver {
                 )));
             }
             let identity = self.join_key(&mut inner, &key);
-            if let Ok(identity) = identity {
+            if identity.is_ok() {
                 self.offer(&inner, &key, &v.token);
             } else {
                 inner.busy.remove(&v.volume_id);
@@ -361,7 +367,9 @@ impl Driver {
         let checked = attrs::check(p, self.default_tenant.as_deref(), &self.audience);
         let mut inner = self.inner.lock();
         let Some(held) = inner.volumes.get(&p.volume_id) else {
-            return Err(CsiError::Unavailable("the volume was unpublished meanwhile".into()));
+            return Err(CsiError::Unavailable(
+                "the volume was unpublished meanwhile".into(),
+            ));
         };
         let key = held.record.key.clone();
         let (pod, client) = (held.record.pod.clone(), key.client_id.clone());
@@ -375,7 +383,9 @@ impl Driver {
         }
         let inner = &mut *inner;
         let Some(held) = inner.volumes.get_mut(&p.volume_id) else {
-            return Err(CsiError::Unavailable("the volume was unpublished meanwhile".into()));
+            return Err(CsiError::Unavailable(
+                "the volume was unpublished meanwhile".into(),
+            ));
         };
         let mut last_error = None;
         let now = self.cache.now();
@@ -434,7 +444,8 @@ impl Driver {
             }
             return Ok(());
         };
-        for t in [target, Path::new(&held.record.target_path)] {
+        let recorded = PathBuf::from(&held.record.target_path);
+        for t in [target, recorded.as_path()] {
             if let Err(e) = volume::unmount(t) {
                 inner.volumes.insert(volume_id.to_string(), held);
                 return Err(internal("cannot unmount the target path", e));
@@ -480,4 +491,3 @@ impl Node for Driver {
         self.ready.load(Ordering::SeqCst)
     }
 }
-

@@ -15,14 +15,16 @@
 mod adopt;
 mod attrs;
 mod driver;
+mod grpc;
+pub mod proto;
 mod state;
 mod sync;
 mod volume;
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
 use std::fmt;
 use std::path::PathBuf;
+use std::sync::Arc;
 use zeroize::Zeroizing;
 
 /// The plugin's name (`GetPluginInfo`, the CSIDriver object's name).

@@ -67,7 +67,12 @@ impl StateDir {
             let _ = rfs::unlinkat(&self.fd, temp.as_str(), AtFlags::empty());
             return Err(e);
         }
-        Ok(rfs::renameat(&self.fd, temp.as_str(), &self.fd, name.as_str())?)
+        Ok(rfs::renameat(
+            &self.fd,
+            temp.as_str(),
+            &self.fd,
+            name.as_str(),
+        )?)
     }
 
     /// Removes the record of the volume whose data directory is `data` (none is fine).
@@ -158,6 +163,9 @@ mod tests {
         let mode = std::fs::metadata(path.join(format!("{}.json", record("b").data)))
             .unwrap()
             .permissions();
-        assert_eq!(std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777, 0o600);
+        assert_eq!(
+            std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777,
+            0o600
+        );
     }
 }

@@ -80,9 +80,7 @@ pub fn remove_data(path: &Path) -> io::Result<()> {
 /// error naming what is wrong otherwise. Returns whether it was made here.
 pub fn make_target(target: &Path) -> Result<bool, String> {
     match rfs::lstat(target) {
-        Ok(st) if rfs::FileType::from_raw_mode(st.st_mode) == rfs::FileType::Directory => {
-            Ok(false)
-        }
+        Ok(st) if rfs::FileType::from_raw_mode(st.st_mode) == rfs::FileType::Directory => Ok(false),
         Ok(_) => Err(format!(
             "target path {} exists and is not a directory",
             target.display()

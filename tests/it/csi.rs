@@ -11,7 +11,9 @@ use std::path::Path;
 use std::time::Duration;
 use tonic::Code;
 
-const ARM: &str = "https://management.azure.com/";
+/// ARM as Entra's emulator names it (the token's `aud`, its request counts): the scope
+/// without `/.default`.
+const ARM_SCOPE: &str = "https://management.azure.com";
 
 fn read(node: &Node, target: &Path, name: &str) -> Vec<u8> {
     std::fs::read(node.ns.path(target).join(name)).unwrap_or_default()
@@ -21,7 +23,12 @@ fn read(node: &Node, target: &Path, name: &str) -> Vec<u8> {
 /// namespace.
 fn cat(node: &Node, path: &Path) -> Vec<u8> {
     let out = node.ns.command("cat").arg(path).output().expect("cat");
-    assert!(out.status.success(), "cat {}: {:?}", path.display(), out.status);
+    assert!(
+        out.status.success(),
+        "cat {}: {:?}",
+        path.display(),
+        out.status
+    );
     out.stdout
 }
 
@@ -32,13 +39,23 @@ fn a_pod_gets_its_own_identitys_tokens_read_only() {
     }
     let mut node = Node::new(&[("shop", "web")]);
     let k = node.start();
-    let pod = Pod::new("shop", "web-0", "web", APP_A, "management.azure.com, vault.azure.net");
+    let pod = Pod::new(
+        "shop",
+        "web-0",
+        "web",
+        APP_A,
+        "management.azure.com, vault.azure.net",
+    );
     let target = node.target(&pod.uid);
     publish(&k, &pod, "csi-1", &target).expect("publish");
     let token = cat(&node, &target.join("management.azure.com"));
     assert!(!token.is_empty());
-    assert_eq!(claims(&token)["appid"], APP_A, "acting as the pod's application");
-    assert_eq!(claims(&token)["aud"], ARM);
+    assert_eq!(
+        claims(&token)["appid"],
+        APP_A,
+        "acting as the pod's application"
+    );
+    assert_eq!(claims(&token)["aud"], ARM_SCOPE);
     for view in [".json/", ".header/", ".claims/", ""] {
         for name in ["management.azure.com", "vault.azure.net"] {
             let meta = std::fs::metadata(node.ns.path(&target).join(format!("{view}{name}")))
@@ -53,11 +70,16 @@ fn a_pod_gets_its_own_identitys_tokens_read_only() {
     // Entra saw the pod's service-account token as the assertion for its application.
     let seen = node.emu.assertions_for(APP_A);
     assert_eq!(seen.len(), 2, "one request per resource");
-    assert!(seen.iter().all(|d| *d == digest(&pod.token)), "the pod's token was the assertion");
+    assert!(
+        seen.iter().all(|d| *d == digest(&pod.token)),
+        "the pod's token was the assertion"
+    );
     // One audit line per publish, naming the pod, its account and the application.
     let log = node.log_text();
     assert!(
-        log.contains(&format!("publish volume csi-1: pod shop/web-0 serviceaccount web, client {APP_A}")),
+        log.contains(&format!(
+            "publish volume csi-1: pod shop/web-0 serviceaccount web, client {APP_A}"
+        )),
         "{log}"
     );
     assert_no_token(&log, pod.token.as_bytes(), "the driver's log");
@@ -74,24 +96,39 @@ fn pods_of_one_service_account_share_and_others_never_do() {
     let web0 = Pod::new("shop", "web-0", "web", APP_A, "management.azure.com");
     let web1 = Pod::new("shop", "web-1", "web", APP_A, "management.azure.com");
     let api0 = Pod::new("shop", "api-0", "api", APP_A, "management.azure.com");
-    let (t0, t1, t2) = (node.target(&web0.uid), node.target(&web1.uid), node.target(&api0.uid));
+    let (t0, t1, t2) = (
+        node.target(&web0.uid),
+        node.target(&web1.uid),
+        node.target(&api0.uid),
+    );
     publish(&k, &web0, "v-web-0", &t0).expect("web-0");
     publish(&k, &web1, "v-web-1", &t1).expect("web-1");
     publish(&k, &api0, "v-api-0", &t2).expect("api-0");
-    assert_eq!(node.emu.requests_by(APP_A, ARM), 2, "one per service account");
+    assert_eq!(
+        node.emu.requests_by(APP_A, ARM_SCOPE),
+        2,
+        "one per service account"
+    );
     let (a, b, c) = (
         read(&node, &t0, "management.azure.com"),
         read(&node, &t1, "management.azure.com"),
         read(&node, &t2, "management.azure.com"),
     );
     common::assert_same_token(&a, &b, "two pods of one account");
-    assert_ne!(common::serial(&a), common::serial(&c), "another account's token");
+    assert_ne!(
+        common::serial(&a),
+        common::serial(&c),
+        "another account's token"
+    );
     // Another application for the same account is another key.
     let web2 = Pod::new("shop", "web-2", "web", APP_B, "management.azure.com");
     let t3 = node.target(&web2.uid);
     publish(&k, &web2, "v-web-2", &t3).expect("web-2 as APP_B");
-    assert_eq!(node.emu.requests_by(APP_B, ARM), 1);
-    assert_eq!(claims(&read(&node, &t3, "management.azure.com"))["appid"], APP_B);
+    assert_eq!(node.emu.requests_by(APP_B, ARM_SCOPE), 1);
+    assert_eq!(
+        claims(&read(&node, &t3, "management.azure.com"))["appid"],
+        APP_B
+    );
 }
 
 #[test]
@@ -110,7 +147,11 @@ fn tokens_are_refreshed_and_a_republish_brings_the_next_assertion() {
         let now = read(&node, &target, "management.azure.com");
         (!now.is_empty() && common::serial(&now) != common::serial(&first)).then_some(now)
     });
-    assert!(refreshed.is_some(), "refreshed before expiry; log:\n{}", node.log_text());
+    assert!(
+        refreshed.is_some(),
+        "refreshed before expiry; log:\n{}",
+        node.log_text()
+    );
     let mounts_before = node.ns.mounts().matches(target.to_str().unwrap()).count();
     // The kubelet's next TokenRequest, handed over by a republish.
     pod.renew_token("second");
@@ -123,8 +164,13 @@ fn tokens_are_refreshed_and_a_republish_brings_the_next_assertion() {
     let carried = eventually(Duration::from_secs(30), || {
         (node.emu.assertions_for(APP_A).last() == Some(&digest(&pod.token))).then_some(())
     });
-    assert!(carried.is_some(), "the next refresh presents the newer service-account token");
-    assert!(node.log_text().contains("republish volume csi-r: pod shop/web-0"));
+    assert!(
+        carried.is_some(),
+        "the next refresh presents the newer service-account token"
+    );
+    assert!(node
+        .log_text()
+        .contains("republish volume csi-r: pod shop/web-0"));
 }
 
 #[test]
@@ -138,19 +184,32 @@ fn unpublish_unmounts_forgets_and_is_idempotent() {
     let target = node.target(&pod.uid);
     publish(&k, &pod, "csi-u", &target).expect("publish");
     assert!(node.ns.is_mounted(&target));
-    assert_eq!(std::fs::read_dir(node.state_dir()).unwrap().count(), 1, "one record");
-    let t = target.to_str().unwrap();
-    k.unpublish("csi-u", t).expect("unpublish");
+    assert_eq!(
+        std::fs::read_dir(node.state_dir()).unwrap().count(),
+        1,
+        "one record"
+    );
+    k.unpublish("csi-u", &target).expect("unpublish");
     assert!(!node.ns.is_mounted(&target), "the pod's view is gone");
     let data = node.data_dir();
-    assert!(!node.ns.mounts().contains(data.to_str().unwrap()), "the tmpfs is gone");
-    assert_eq!(std::fs::read_dir(node.state_dir()).unwrap().count(), 0, "the record is gone");
-    k.unpublish("csi-u", t).expect("again: success");
-    k.unpublish("never-published", t).expect("unknown: success");
-    assert!(node.log_text().contains("unpublish volume csi-u: pod shop/web-0"));
+    assert!(
+        !node.ns.mounts().contains(data.to_str().unwrap()),
+        "the tmpfs is gone"
+    );
+    assert_eq!(
+        std::fs::read_dir(node.state_dir()).unwrap().count(),
+        0,
+        "the record is gone"
+    );
+    k.unpublish("csi-u", &target).expect("again: success");
+    k.unpublish("never-published", &target)
+        .expect("unknown: success");
+    assert!(node
+        .log_text()
+        .contains("unpublish volume csi-u: pod shop/web-0"));
     // Its tokens were forgotten with its key: a new volume fetches anew.
     publish(&k, &pod, "csi-u2", &target).expect("publish again");
-    assert_eq!(node.emu.requests_by(APP_A, ARM), 2);
+    assert_eq!(node.emu.requests_by(APP_A, ARM_SCOPE), 2);
 }
 
 #[test]
@@ -168,19 +227,51 @@ fn a_restarted_driver_adopts_its_volumes_and_resumes_at_the_next_republish() {
     drop(k);
     node.stop();
     // Files stay readable while no driver runs.
-    common::assert_same_token(&read(&node, &target, "management.azure.com"), &before, "meanwhile");
+    common::assert_same_token(
+        &read(&node, &target, "management.azure.com"),
+        &before,
+        "meanwhile",
+    );
     let k = node.start();
-    assert!(node.log_text().contains("adopted volume csi-a: pod shop/web-0"), "{}", node.log_text());
-    common::assert_same_token(&read(&node, &target, "management.azure.com"), &before, "adopted");
+    assert!(
+        node.log_text().contains(&format!(
+            "adopted volume csi-a: pod shop/web-0 serviceaccount web, client {APP_A}, 1 valid token(s) kept"
+        )),
+        "{}",
+        node.log_text()
+    );
+    common::assert_same_token(
+        &read(&node, &target, "management.azure.com"),
+        &before,
+        "adopted",
+    );
+    let requests = node.emu.requests();
     pod.renew_token("after-restart");
     publish(&k, &pod, "csi-a", &target).expect("republish after the restart");
+    common::assert_same_token(
+        &read(&node, &target, "management.azure.com"),
+        &before,
+        "republished",
+    );
+    assert_eq!(
+        node.emu.requests(),
+        requests,
+        "the adopted token is served, not fetched again"
+    );
     let resumed = eventually(Duration::from_secs(40), || {
         let now = read(&node, &target, "management.azure.com");
         (!now.is_empty() && common::serial(&now) != common::serial(&before)).then_some(())
     });
-    assert!(resumed.is_some(), "refreshing resumed; log:\n{}", node.log_text());
-    assert_eq!(node.emu.assertions_for(APP_A).last(), Some(&digest(&pod.token)));
-    k.unpublish("csi-a", target.to_str().unwrap()).expect("unpublish");
+    assert!(
+        resumed.is_some(),
+        "refreshing resumed; log:\n{}",
+        node.log_text()
+    );
+    assert_eq!(
+        node.emu.assertions_for(APP_A).last(),
+        Some(&digest(&pod.token))
+    );
+    k.unpublish("csi-a", &target).expect("unpublish");
     assert!(!node.ns.is_mounted(&target));
 }
 
@@ -197,20 +288,30 @@ fn requests_it_cannot_serve_are_refused_with_nothing_mounted() {
     let refused = |req, want: Code, words: &str| {
         let e = k.publish(req).expect_err(words);
         assert_eq!(e.code(), want, "{words}: {}", e.message());
-        assert!(e.message().contains(words), "{:?} should say {words:?}", e.message());
+        assert!(
+            e.message().contains(words),
+            "{:?} should say {words:?}",
+            e.message()
+        );
         assert!(!node.ns.is_mounted(&target), "{words}: nothing mounted");
     };
     let mut r = request(&pod, "v", &target);
-    r.volume_context.insert("csi.storage.k8s.io/ephemeral".into(), "false".into());
+    r.volume_context
+        .insert("csi.storage.k8s.io/ephemeral".into(), "false".into());
     refused(r, Code::InvalidArgument, "csi.storage.k8s.io/ephemeral");
     let mut r = request(&pod, "v", &target);
     r.readonly = false;
-    refused(r, Code::InvalidArgument, "set readOnly: true on the csi volume");
+    refused(
+        r,
+        Code::InvalidArgument,
+        "set readOnly: true on the csi volume",
+    );
     let mut r = request(&pod, "v", &target);
     r.volume_context.remove("clientID");
     refused(r, Code::InvalidArgument, "clientID");
     let mut r = request(&pod, "v", &target);
-    r.volume_context.insert("clientID".into(), "not-a-guid".into());
+    r.volume_context
+        .insert("clientID".into(), "not-a-guid".into());
     refused(r, Code::InvalidArgument, "not a GUID");
     let mut r = request(&pod, "v", &target);
     r.volume_context.remove("resources");
@@ -219,14 +320,24 @@ fn requests_it_cannot_serve_are_refused_with_nothing_mounted() {
     r.volume_context.insert("fileMode".into(), "rw".into());
     refused(r, Code::InvalidArgument, "fileMode");
     let mut r = request(&pod, "v", &target);
-    r.volume_context.remove("csi.storage.k8s.io/serviceAccount.tokens");
+    r.volume_context
+        .remove("csi.storage.k8s.io/serviceAccount.tokens");
     refused(r, Code::InvalidArgument, "tokenRequests");
     // A service account Entra does not trust for this application: its AADSTS code.
     let stranger = Pod::new("shop", "x-0", "intruder", APP_A, "management.azure.com");
-    refused(request(&stranger, "v", &target), Code::PermissionDenied, "AADSTS70021");
+    refused(
+        request(&stranger, "v", &target),
+        Code::PermissionDenied,
+        "AADSTS70021",
+    );
     // A target whose directory is missing; a missing target itself is made.
-    let orphan = node.dir.path().join("pods/none/volumes/kubernetes.io~csi/tokens/mount");
-    let e = k.publish(request(&pod, "v2", &orphan)).expect_err("no parent");
+    let orphan = node
+        .dir
+        .path()
+        .join("pods/none/volumes/kubernetes.io~csi/tokens/mount");
+    let e = k
+        .publish(request(&pod, "v2", &orphan))
+        .expect_err("no parent");
     assert_eq!(e.code(), Code::FailedPrecondition, "{}", e.message());
     publish(&k, &pod, "v", &target).expect("a missing target is made");
     assert!(node.ns.is_mounted(&target));
@@ -237,7 +348,11 @@ fn requests_it_cannot_serve_are_refused_with_nothing_mounted() {
     let e = k.publish(request(&other, "v9", &t9)).expect_err("outage");
     assert_eq!(e.code(), Code::Unavailable, "{}", e.message());
     assert!(!node.ns.is_mounted(&t9));
-    assert_eq!(std::fs::read_dir(node.state_dir()).unwrap().count(), 1, "only v's record");
+    assert_eq!(
+        std::fs::read_dir(node.state_dir()).unwrap().count(),
+        1,
+        "only v's record"
+    );
 }
 
 #[test]
@@ -255,7 +370,11 @@ fn a_republish_during_an_entra_outage_succeeds_and_keeps_the_files() {
     node.emu.set_fault(Some(Fault::Reset));
     pod.renew_token("during-outage");
     publish(&k, &pod, "csi-o", &target).expect("a republish never fails while a token is held");
-    common::assert_same_token(&read(&node, &target, "management.azure.com"), &before, "kept");
+    common::assert_same_token(
+        &read(&node, &target, "management.azure.com"),
+        &before,
+        "kept",
+    );
 }
 
 #[test]
@@ -286,11 +405,15 @@ fn the_pods_fs_group_owns_the_files_unless_file_mode_says_otherwise() {
     }
     k.publish(r).expect("publish with fileMode");
     let file = std::fs::metadata(node.ns.path(&t2).join("management.azure.com")).unwrap();
-    assert_eq!((file.gid(), file.mode() & 0o777), (2000, 0o400), "fileMode wins");
+    assert_eq!(
+        (file.gid(), file.mode() & 0o777),
+        (2000, 0o400),
+        "fileMode wins"
+    );
 }
 
-fn mount_with_group(gid: &str) -> cstokenfs::csi_proto::volume_capability::AccessType {
-    use cstokenfs::csi_proto::volume_capability::{AccessType, MountVolume};
+fn mount_with_group(gid: &str) -> cstokenfs::csi_proto::v1::volume_capability::AccessType {
+    use cstokenfs::csi_proto::v1::volume_capability::{AccessType, MountVolume};
     AccessType::Mount(MountVolume {
         volume_mount_group: gid.into(),
         ..MountVolume::default()
@@ -310,39 +433,17 @@ fn the_kubelets_secrets_come_before_the_volume_context() {
     // Kubernetes 1.35 with serviceAccountTokenInSecrets: the token is in the secrets; what
     // a pod put in its own volumeAttributes under that key is not used.
     let forged = sa_token("kube-system", "admin", common::now_secs() + 3600, "forged");
-    r.volume_context
-        .insert("csi.storage.k8s.io/serviceAccount.tokens".into(), tokens_json(&forged));
-    r.secrets
-        .insert("csi.storage.k8s.io/serviceAccount.tokens".into(), tokens_json(&pod.token));
+    r.volume_context.insert(
+        "csi.storage.k8s.io/serviceAccount.tokens".into(),
+        tokens_json(&forged),
+    );
+    r.secrets.insert(
+        "csi.storage.k8s.io/serviceAccount.tokens".into(),
+        tokens_json(&pod.token),
+    );
     k.publish(r).expect("publish");
     assert_eq!(node.emu.assertions_for(APP_A), vec![digest(&pod.token)]);
     let log = node.log_text();
     assert_no_token(&log, pod.token.as_bytes(), "the driver's log");
     assert_no_token(&log, forged.as_bytes(), "the driver's log");
-}
-
-#[test]
-fn the_socket_is_roots_and_answers_as_a_node_plugin() {
-    if !available() {
-        return;
-    }
-    let mut node = Node::new(&[]);
-    let k = node.start();
-    let meta = std::fs::symlink_metadata(&node.socket).unwrap();
-    assert_eq!(meta.mode() & 0o777, 0o600);
-    let (name, version) = k.plugin_info().expect("GetPluginInfo");
-    assert_eq!(name, "csi.cstokenfs.io");
-    assert_eq!(version, env!("CARGO_PKG_VERSION"));
-    assert_eq!(k.node_info().expect("NodeGetInfo"), "node-1");
-    for path in [
-        "/csi.v1.Node/NodeStageVolume",
-        "/csi.v1.Node/NodeGetVolumeStats",
-        "/csi.v1.Node/NodeExpandVolume",
-        "/csi.v1.Controller/CreateVolume",
-    ] {
-        assert_eq!(k.call_unimplemented(path), Code::Unimplemented, "{path}");
-    }
-    drop(k);
-    node.stop();
-    assert!(!node.socket.exists(), "the socket is removed at exit");
 }

@@ -40,7 +40,10 @@ fn scale() {
     let accounts: Vec<(String, String)> = (0..ACCOUNTS)
         .map(|i| ("bench".to_string(), format!("sa-{i}")))
         .collect();
-    let refs: Vec<(&str, &str)> = accounts.iter().map(|(n, s)| (n.as_str(), s.as_str())).collect();
+    let refs: Vec<(&str, &str)> = accounts
+        .iter()
+        .map(|(n, s)| (n.as_str(), s.as_str()))
+        .collect();
     let mut node = Node::new(&refs);
     node.emu.set_ttl(TTL_SECS);
     let k = node.start();
@@ -53,7 +56,13 @@ fn scale() {
     let mut first_fetch: BTreeMap<u64, usize> = BTreeMap::new();
     for j in 0..PODS_PER_ACCOUNT {
         for (i, (ns, sa)) in accounts.iter().enumerate() {
-            let pod = Pod::new(ns, &format!("p-{i}-{j}"), sa, APP_A, "management.azure.com,vault.azure.net");
+            let pod = Pod::new(
+                ns,
+                &format!("p-{i}-{j}"),
+                sa,
+                APP_A,
+                "management.azure.com,vault.azure.net",
+            );
             let target = node.target(&pod.uid);
             let t = Instant::now();
             publish(&k, &pod, &format!("v-{i}-{j}"), &target).expect("publish");
@@ -70,7 +79,9 @@ fn scale() {
     let requests = node.emu.requests();
     let rss = status_field(pid, "VmRSS:");
     let threads = status_field(pid, "Threads:");
-    let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).map(|d| d.count()).unwrap_or(0);
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| d.count())
+        .unwrap_or(0);
     // Every key's first refresh: the emulator's request count, sampled.
     let mut refresh_at: BTreeMap<u64, u64> = BTreeMap::new();
     let mut seen = requests;
@@ -96,9 +107,18 @@ fn scale() {
     println!("CSI-BENCH publish_all_s {publish_secs:.1}");
     println!("CSI-BENCH upstream_requests_first_lifetime {requests}");
     println!("CSI-BENCH upstream_requests_refresh {}", seen - requests);
-    println!("CSI-BENCH publish_cached_ms_median {:.2}", quantile(&warm, 0.5));
-    println!("CSI-BENCH publish_cached_ms_p99 {:.2}", quantile(&warm, 0.99));
-    println!("CSI-BENCH publish_new_key_ms_median {:.2}", quantile(&cold, 0.5));
+    println!(
+        "CSI-BENCH publish_cached_ms_median {:.2}",
+        quantile(&warm, 0.5)
+    );
+    println!(
+        "CSI-BENCH publish_cached_ms_p99 {:.2}",
+        quantile(&warm, 0.99)
+    );
+    println!(
+        "CSI-BENCH publish_new_key_ms_median {:.2}",
+        quantile(&cold, 0.5)
+    );
     println!("CSI-BENCH rss_idle {rss_idle}");
     println!("CSI-BENCH rss_500_volumes {rss}");
     println!("CSI-BENCH threads {threads}");

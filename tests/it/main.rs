@@ -6,15 +6,18 @@
 
 #[macro_use]
 mod common;
+mod csi_support;
 mod entra_support;
 mod sink_support;
-mod csi_support;
 // The endpoint flood helper is compiled from the crate's own source (it is also a bench).
 #[path = "../../src/httpserver/flood.rs"]
 mod flood;
 
 mod basics;
 mod conventions;
+mod csi;
+mod csi_bench;
+mod csi_grpc;
 mod echo;
 mod emulator_cli;
 mod endpoint;
@@ -34,5 +37,3 @@ mod security;
 mod sink;
 mod sink_race;
 mod sources;
-mod csi;
-mod csi_bench;

@@ -12,6 +12,7 @@ macro_rules! need_fuse {
     };
 }
 
+pub mod csi;
 mod mount;
 mod run;
 mod status;

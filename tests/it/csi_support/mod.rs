@@ -174,7 +174,13 @@ impl Node {
         cmd.env("RUST_LOG", "debug")
             .args(["csi", "--endpoint"])
             .arg(format!("unix://{}", self.socket.display()))
-            .args(["--node-id", "node-1", "--tenant-id", TENANT, "--authority-host"])
+            .args([
+                "--node-id",
+                "node-1",
+                "--tenant-id",
+                TENANT,
+                "--authority-host",
+            ])
             .arg(self.emu.url())
             .arg("--data-dir")
             .arg(self.data_dir())
@@ -186,12 +192,19 @@ impl Node {
             .stderr(log);
         self.driver = Some(cmd.spawn().expect("start the driver"));
         let socket = self.socket.clone();
-        common::eventually(Duration::from_secs(20), || {
-            let k = Kubelet::connect(&socket).ok()?;
-            k.probe().ok().filter(|ready| *ready).map(|_| ())
+        let ready = common::eventually(Duration::from_secs(20), || {
+            if !socket.exists() {
+                return None;
+            }
+            let k = Kubelet::connect(&socket);
+            k.probe().ok().filter(|ready| *ready).map(|_| k)
+        });
+        ready.unwrap_or_else(|| {
+            panic!(
+                "the driver never answered Probe; its log:\n{}",
+                self.log_text()
+            )
         })
-        .unwrap_or_else(|| panic!("the driver never answered Probe; its log:\n{}", self.log_text()));
-        Kubelet::connect(&self.socket).expect("connect")
     }
 
     /// Stops the driver (SIGTERM) and waits for it.
@@ -212,10 +225,9 @@ impl Node {
 
     /// A pod's target path (its parent made, as the kubelet makes it).
     pub fn target(&self, pod_uid: &str) -> PathBuf {
-        let t = self
-            .dir
-            .path()
-            .join(format!("pods/{pod_uid}/volumes/kubernetes.io~csi/tokens/mount"));
+        let t = self.dir.path().join(format!(
+            "pods/{pod_uid}/volumes/kubernetes.io~csi/tokens/mount"
+        ));
         std::fs::create_dir_all(t.parent().unwrap()).unwrap();
         t
     }
@@ -282,7 +294,12 @@ impl Pod {
 
     /// A new service-account token (as the kubelet's next TokenRequest).
     pub fn renew_token(&mut self, marker: &str) {
-        self.token = sa_token(&self.namespace, &self.account, common::now_secs() + 3600, marker);
+        self.token = sa_token(
+            &self.namespace,
+            &self.account,
+            common::now_secs() + 3600,
+            marker,
+        );
     }
 
     /// The volume context the kubelet sends (pod info, ephemeral, the tokens JSON).
@@ -292,7 +309,10 @@ impl Pod {
             ("csi.storage.k8s.io/pod.name", self.name.as_str()),
             ("csi.storage.k8s.io/pod.namespace", self.namespace.as_str()),
             ("csi.storage.k8s.io/pod.uid", self.uid.as_str()),
-            ("csi.storage.k8s.io/serviceAccount.name", self.account.as_str()),
+            (
+                "csi.storage.k8s.io/serviceAccount.name",
+                self.account.as_str(),
+            ),
             ("csi.storage.k8s.io/ephemeral", "true"),
         ] {
             ctx.insert(k.into(), v.into());
@@ -335,4 +355,4 @@ pub fn publish(k: &Kubelet, pod: &Pod, id: &str, target: &Path) -> Result<(), to
     k.publish(request(pod, id, target))
 }
 
-use cstokenfs::csi_proto as proto;
+use cstokenfs::csi_proto::v1 as proto;
