@@ -77,9 +77,12 @@ fn a_kubelet_request_gives_the_volume_its_key_and_resources() {
     assert!(!shown.contains(&*v.token.token), "Debug shows no token");
 }
 
+/// A change to a good request.
+type Change = Box<dyn Fn(&mut Publish)>;
+
 #[test]
 fn requests_the_driver_cannot_serve_are_invalid_arguments_naming_the_fix() {
-    let cases: Vec<(Box<dyn Fn(&mut Publish)>, &str)> = vec![
+    let cases: Vec<(Change, &str)> = vec![
         (
             Box::new(|p| drop(p.volume_context.remove(EPHEMERAL))),
             EPHEMERAL,
