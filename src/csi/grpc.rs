@@ -149,15 +149,12 @@ fn bind(socket: &Path) -> Result<std::os::unix::net::UnixListener, CsiError> {
         name.to_string_lossy(),
         std::process::id()
     ));
-    std::fs::DirBuilder::new()
-        .mode(0o700)
-        .create(&private)
-        .map_err(|e| {
-            CsiError::Start(format!(
-                "CSI socket: cannot create {}: {e}",
-                private.display()
-            ))
-        })?;
+    make_private_dir(&private).map_err(|e| {
+        CsiError::Start(format!(
+            "CSI socket: cannot create {}: {e}",
+            private.display()
+        ))
+    })?;
     let staged = private.join("s");
     let bound = std::os::unix::net::UnixListener::bind(&staged)
         .and_then(|l| {
@@ -170,6 +167,23 @@ fn bind(socket: &Path) -> Result<std::os::unix::net::UnixListener, CsiError> {
     let _ = std::fs::remove_file(&staged);
     let _ = std::fs::remove_dir(&private);
     bound
+}
+
+/// Creates the 0700 directory the socket is bound in. One left by a process of the same
+/// pid that was killed while binding (a container's pid 1 restarted) is removed first.
+fn make_private_dir(private: &Path) -> io::Result<()> {
+    let create = || std::fs::DirBuilder::new().mode(0o700).create(private);
+    match create() {
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+            // A real directory only, never through a symlink.
+            if std::fs::symlink_metadata(private)?.is_dir() {
+                let _ = std::fs::remove_file(private.join("s"));
+                std::fs::remove_dir(private)?;
+            }
+            create()
+        }
+        other => other,
+    }
 }
 
 /// Whether `socket` may be bound over: nothing there, or a socket no one listens on.
