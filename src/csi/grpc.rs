@@ -50,11 +50,11 @@ pub fn socket_path(endpoint: &str) -> Result<PathBuf, CsiError> {
 
 /// Serves the Identity and Node services on the unix socket `socket` until `stop` fires
 /// (or its sender is dropped) and the calls in flight end (at most [`GRACE`] later), then
-/// removes the socket. Blocking: builds its own tokio
-/// runtime. The socket is created with mode 0600 in a private directory and renamed into
-/// place, so no other uid can connect at any moment; a stale socket at `socket` is
-/// replaced, anything else there (a file, a symlink, a live plugin's socket) is a
-/// [`CsiError::Start`], as is a missing parent directory.
+/// removes the socket. Blocking: builds its own tokio runtime. The socket is created with
+/// mode 0600 in a private directory and renamed into place, so no other uid can connect
+/// at any moment; a stale socket at `socket` is replaced, anything else there (a file, a
+/// symlink, a live plugin's socket) is a [`CsiError::Start`], as is a missing parent
+/// directory.
 pub fn serve(
     socket: &Path,
     node: Arc<dyn Node>,
@@ -98,7 +98,7 @@ pub fn serve(
                 CsiError::Start(format!("gRPC server on {}: {e}", socket.display()))
             }),
             () = grace => {
-                log::warn!("stopped with RPCs or connections still open after {GRACE:?}");
+                log::info!("stopped with RPCs or connections still open after {GRACE:?}");
                 Ok(())
             }
         }
