@@ -1015,6 +1015,16 @@ mod tests {
         assert_eq!(CliError::from(MountError::Reported), CliError::Reported);
         assert_eq!(CliError::from(SinkError::Reported), CliError::Reported);
         assert_eq!(CliError::Reported.message(), None);
+        assert_eq!(
+            CliError::from(CsiError::Usage("--endpoint".into())),
+            CliError::Usage("--endpoint".into())
+        );
+        for e in [
+            CsiError::Start("socket".into()),
+            CsiError::Internal("oops".into()),
+        ] {
+            assert_eq!(CliError::from(e.clone()), CliError::Failure(e.to_string()));
+        }
         let name = crate::names::resolve_arg("https://").unwrap_err();
         let get = CliError::from(GetError::Name {
             given: "https://".into(),

@@ -50,11 +50,11 @@ pub fn socket_path(endpoint: &str) -> Result<PathBuf, CsiError> {
 
 /// Serves the Identity and Node services on the unix socket `socket` until `stop` fires
 /// (or its sender is dropped) and the calls in flight end (at most [`GRACE`] later), then
-/// removes the socket. Blocking: builds its own tokio
-/// runtime. The socket is created with mode 0600 in a private directory and renamed into
-/// place, so no other uid can connect at any moment; a stale socket at `socket` is
-/// replaced, anything else there (a file, a symlink, a live plugin's socket) is a
-/// [`CsiError::Start`], as is a missing parent directory.
+/// removes the socket. Blocking: builds its own tokio runtime. The socket is created with
+/// mode 0600 in a private directory and renamed into place, so no other uid can connect
+/// at any moment; a stale socket at `socket` is replaced, anything else there (a file, a
+/// symlink, a live plugin's socket) is a [`CsiError::Start`], as is a missing parent
+/// directory.
 pub fn serve(
     socket: &Path,
     node: Arc<dyn Node>,
@@ -98,7 +98,7 @@ pub fn serve(
                 CsiError::Start(format!("gRPC server on {}: {e}", socket.display()))
             }),
             () = grace => {
-                log::warn!("stopped with RPCs or connections still open after {GRACE:?}");
+                log::info!("stopped with RPCs or connections still open after {GRACE:?}");
                 Ok(())
             }
         }
@@ -149,15 +149,12 @@ fn bind(socket: &Path) -> Result<std::os::unix::net::UnixListener, CsiError> {
         name.to_string_lossy(),
         std::process::id()
     ));
-    std::fs::DirBuilder::new()
-        .mode(0o700)
-        .create(&private)
-        .map_err(|e| {
-            CsiError::Start(format!(
-                "CSI socket: cannot create {}: {e}",
-                private.display()
-            ))
-        })?;
+    make_private_dir(&private).map_err(|e| {
+        CsiError::Start(format!(
+            "CSI socket: cannot create {}: {e}",
+            private.display()
+        ))
+    })?;
     let staged = private.join("s");
     let bound = std::os::unix::net::UnixListener::bind(&staged)
         .and_then(|l| {
@@ -170,6 +167,23 @@ fn bind(socket: &Path) -> Result<std::os::unix::net::UnixListener, CsiError> {
     let _ = std::fs::remove_file(&staged);
     let _ = std::fs::remove_dir(&private);
     bound
+}
+
+/// Creates the 0700 directory the socket is bound in. One left by a process of the same
+/// pid that was killed while binding (a container's pid 1 restarted) is removed first.
+fn make_private_dir(private: &Path) -> io::Result<()> {
+    let create = || std::fs::DirBuilder::new().mode(0o700).create(private);
+    match create() {
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+            // A real directory only, never through a symlink.
+            if std::fs::symlink_metadata(private)?.is_dir() {
+                let _ = std::fs::remove_file(private.join("s"));
+                std::fs::remove_dir(private)?;
+            }
+            create()
+        }
+        other => other,
+    }
 }
 
 /// Whether `socket` may be bound over: nothing there, or a socket no one listens on.

@@ -533,3 +533,15 @@ fn a_stop_ends_within_the_grace_even_with_a_client_that_never_hangs_up() {
     assert!(!server.socket.exists());
     drop(client);
 }
+
+#[test]
+fn a_private_directory_left_by_a_killed_start_of_the_same_pid_is_cleaned_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("csi.sock");
+    let left = dir.path().join(format!(".csi.sock.{}", std::process::id()));
+    std::fs::create_dir(&left).unwrap();
+    drop(std::os::unix::net::UnixListener::bind(left.join("s")).unwrap());
+    let mut server = Server::start_at(dir, socket).unwrap();
+    assert!(!left.exists());
+    server.stop().unwrap();
+}

@@ -236,8 +236,10 @@ fn mlock_mount_starts_small_and_serves() {
     let locked = proc_kib(m.pid(), "VmLck");
     eprintln!("--mlock daemon: VmRSS {rss} KiB, VmLck {locked} KiB");
     assert!(locked > 0, "memory is locked");
+    // About 20 MiB unoptimised (the executable's pages touched at start, its relocated
+    // data): the bound leaves room for the binary to grow, far below the fault's 54-60 MB.
     assert!(
-        rss < 20 * 1024,
+        rss < 24 * 1024,
         "--mlock daemon resident at start: {rss} KiB"
     );
 }

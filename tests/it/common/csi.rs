@@ -316,9 +316,9 @@ impl Plugin {
         Plugin::spawn(dir, socket, cmd, extra)
     }
 
-    /// Starts `cmd` (a `csi` command line whose socket is `socket`) with `extra` arguments,
-    /// the data and state directories in `dir`, and an Entra authority where nothing
-    /// listens.
+    /// Starts `cmd` (a `csi` command line whose socket is `socket`) with the data and state
+    /// directories in `dir`, a tenant, an Entra authority where nothing listens, then
+    /// `extra` (a flag repeated there wins: `--authority-host EMULATOR_URL`).
     pub fn spawn(
         dir: tempfile::TempDir,
         socket: PathBuf,
