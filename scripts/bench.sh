@@ -141,6 +141,12 @@ e_flood=$(probe 300)
 exec {FLOOD[1]}>&-
 read -r _ e_reopened <&"${FLOOD[0]}"
 
+# The CSI driver at scale: 500 volumes of 2 resources over 50 service accounts, published by
+# the kubelet stand-in (tests/it/csi_bench.rs, ignored by `cargo test`) to the release build
+# of the driver in a private mount namespace, Entra being the emulator.
+csi=$(cargo test --release --locked -q --test it -- --ignored --nocapture --test-threads=1 csi_bench::scale 2>/dev/null | sed -n 's/^CSI-BENCH //p')
+csi() { awk -v k="$1" '$1 == k {$1 = ""; sub(/^ /, ""); print}' <<<"$csi"; }
+
 ratio() { awk -v a="${1%% *}" -v b="${2%% *}" 'BEGIN {printf (a/b < 0.1 ? "%.4f" : "%.2f"), a/b}'; }
 cat <<TABLE
 Machine: $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo), $(uname -r); $(date -u +%Y-%m-%d)
@@ -154,4 +160,11 @@ Machine: $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /pro
 | 5 | upstream requests for 48 concurrent first readers | $calls48 | | | | exactly 1 |
 | 6 | daemon RSS after 200 resources, MiB | $rss | | | | < 16 MiB |
 | 7 | \`--serve-endpoint\` requests with the secret while uid 65534 holds 2,000 idle connections, ms | median ${e_flood%% *}, worst ${e_flood##* } | | no flood: median ${e_quiet%% *}, worst ${e_quiet##* }; $e_reopened flood connections closed | | median < 5 ms, worst < 500 ms |
+
+| # | \`csi\`: $(csi volumes) volumes of 2 resources over 50 service accounts on one node | figure | target |
+|---|---|---|---|
+| 8 | upstream requests per token lifetime ($(csi keys) distinct keys) | $(csi upstream_requests_first_lifetime) at first, $(csi upstream_requests_refresh) at the refresh | one per key |
+| 9 | NodePublishVolume when the key is cached, ms | median $(csi publish_cached_ms_median), p99 $(csi publish_cached_ms_p99); a new key: median $(csi publish_new_key_ms_median) (2 Entra requests) | |
+| 10 | driver RSS | idle $(csi rss_idle), with the volumes $(csi rss_500_volumes); $(csi threads) threads, $(csi open_fds) open files | |
+| 11 | refreshes of keys first fetched together | at most $(csi refreshes_most_in_one_second) in one second, spread over $(csi refreshes_spread_over_s) s (first fetches: up to $(csi first_fetches_most_in_one_second) in one second) | not all in one second |
 TABLE

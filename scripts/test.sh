@@ -36,37 +36,28 @@ if cargo clippy --version >/dev/null 2>&1; then
 else
   echo "WARNING: clippy missing: lints not checked" >&2
 fi
-# azure-identity from PyPI for the --serve-endpoint SDK tests (tests/it/endpoint_sdk.rs), in a
-# venv under ~/.cache (not in the clone: a fresh clone reuses it), one per set of pinned
-# requirements, made only when that set is new.
-req=tests/endpoint_sdk/requirements.txt
-venv="${XDG_CACHE_HOME:-$HOME/.cache}/cstokenfs/pyvenv-$(sha256sum "$req" | cut -c1-16)"
-stamp="$venv/.cstokenfs-requirements"
-if ! cmp -s "$req" "$stamp" 2>/dev/null || [ ! -x "$venv/bin/python" ]; then
-  echo "making $venv with $(grep -c '==' "$req") pinned packages (azure-identity $(sed -n 's/^azure-identity==//p' "$req"))"
-  rm -rf "$venv"
-  if python3 -m venv "$venv" && "$venv/bin/pip" install -q --disable-pip-version-check -r "$req"; then
-    cp "$req" "$stamp"
-  else
-    echo "!!!!! WARNING: cannot make $venv: the SDK tests will say so (and fail when CI=true) !!!!!" >&2
+# Python packages from PyPI the suites run, each set in a venv under ~/.cache (not in the
+# clone: a fresh clone reuses it), one per set of pinned requirements, made only when that
+# set is new. venv REQUIREMENTS NAME PACKAGE CHECK: prints the venv's path.
+venv() {
+  local req=$1 name=$2 package=$3 check=$4
+  local dir="${XDG_CACHE_HOME:-$HOME/.cache}/cstokenfs/$name-$(sha256sum "$req" | cut -c1-16)"
+  if ! cmp -s "$req" "$dir/.cstokenfs-requirements" 2>/dev/null || [ ! -x "$dir/bin/$check" ]; then
+    echo "making $dir with $(grep -c '==' "$req") pinned packages ($package $(sed -n "s/^$package==//p" "$req"))" >&2
+    rm -rf "$dir"
+    if python3 -m venv "$dir" && "$dir/bin/pip" install -q --disable-pip-version-check -r "$req" >&2; then
+      cp "$req" "$dir/.cstokenfs-requirements"
+    else
+      echo "!!!!! WARNING: cannot make $dir: the tests that need $package will say so (and fail when CI=true) !!!!!" >&2
+    fi
   fi
-fi
-export CSTOKENFS_PYVENV="$venv"
-# kubernetes-validate from PyPI for the manifests under deploy/kubernetes/ (tests/it/manifests.rs),
-# the same way: a venv under ~/.cache per set of pinned requirements, made only when new.
-req=tests/manifests/requirements.txt
-k8s_venv="${XDG_CACHE_HOME:-$HOME/.cache}/cstokenfs/k8svenv-$(sha256sum "$req" | cut -c1-16)"
-stamp="$k8s_venv/.cstokenfs-requirements"
-if ! cmp -s "$req" "$stamp" 2>/dev/null || [ ! -x "$k8s_venv/bin/kubernetes-validate" ]; then
-  echo "making $k8s_venv with $(grep -c '==' "$req") pinned packages (kubernetes-validate $(sed -n 's/^kubernetes-validate==//p' "$req"))"
-  rm -rf "$k8s_venv"
-  if python3 -m venv "$k8s_venv" && "$k8s_venv/bin/pip" install -q --disable-pip-version-check -r "$req"; then
-    cp "$req" "$stamp"
-  else
-    echo "!!!!! WARNING: cannot make $k8s_venv: the manifest tests will say so (and fail when CI=true) !!!!!" >&2
-  fi
-fi
-export CSTOKENFS_K8S_VENV="$k8s_venv"
+  echo "$dir"
+}
+# azure-identity for the --serve-endpoint SDK tests (tests/it/endpoint_sdk.rs).
+CSTOKENFS_PYVENV=$(venv tests/endpoint_sdk/requirements.txt pyvenv azure-identity python)
+# kubernetes-validate for the manifests under deploy/kubernetes/ (tests/it/manifests.rs).
+CSTOKENFS_K8S_VENV=$(venv tests/manifests/requirements.txt k8svenv kubernetes-validate kubernetes-validate)
+export CSTOKENFS_PYVENV CSTOKENFS_K8S_VENV
 
 cargo test --all-targets --locked -- --test-threads=8
 

@@ -4,14 +4,16 @@
 //! Layers, each knowing only the ones below it:
 //! `cli` -> the front ends, side by side: `mount` (the FUSE session over `fs`: inodes,
 //! views, errno; never does HTTP), `sink` (files on tmpfs), `get` (one token), `endpoint`
-//! (`--serve-endpoint`) -> `daemon` (the core they share: the cache and its background
+//! (`--serve-endpoint`), `imds` (`--serve-imds`), `csi` (the Kubernetes CSI node plugin:
+//! a tmpfs per pod's volume) -> `daemon` (the core they share: the cache and its background
 //! pass, signals, detaching, the log file) -> `cache` (single-flight fetches; decisions
 //! from `policy`) -> `source` (one file per upstream) ; `emulator` is a stand-in upstream
 //! for demos and tests, served by `httpserver` (hyper, loopback only), which a front end
-//! starts with `--emulator` (`stand_in`) and hands to the core as a URL in the plan. `net` holds
-//! the loopback rules that `httpserver` and `source` share; `access` (owner and modes),
-//! `report` (`.status`) and `mountinfo` (the mount table) are small types and readers the
-//! front ends share.
+//! starts with `--emulator` (`stand_in`) and hands to the core as a URL in the plan. `net`
+//! holds the loopback rules that `httpserver` and `source` share; `access` (owner and
+//! modes), `writer` (token files through directory descriptors: the sink's and the CSI
+//! volumes'), `report` (`.status`) and `mountinfo` (the mount table) are small types and
+//! readers the front ends share.
 
 mod access;
 mod audit;
@@ -65,4 +67,5 @@ pub mod rules {
     pub use crate::names::{canonical_name, is_guid, resolve, well_known, NAME_MAX};
     pub use crate::source::parse::{days_from_civil, error_message, legacy_date, token};
     pub use crate::source::redact::redact;
+    pub use crate::token::rfc3339;
 }

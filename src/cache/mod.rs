@@ -508,6 +508,23 @@ impl Cache {
         Some(version)
     }
 
+    /// Forgets `key`: its entry (a held token is wiped once no reader holds it) and its
+    /// refusal go; a fetch under way still answers its readers, then records nothing.
+    pub fn forget(&self, key: &Key) {
+        let mut guard = self.state.lock();
+        let State { entries, refusals } = &mut *guard;
+        match entries.get_mut(key) {
+            Some(e) if e.waiters.is_some() => {
+                e.declared = false;
+                e.held = None;
+            }
+            Some(_) => drop(entries.remove(key)),
+            None => {}
+        }
+        refusals.by_key.remove(key);
+        refusals.order.retain(|(k, _)| k != key);
+    }
+
     /// Drops every entry and refusal of identity `id` (its tokens are wiped once no reader
     /// holds them) and removes it from the identities (`Identities::remove`: a fixed one
     /// stays). Readers waiting for one of its fetches are answered `ReadError::Unavailable`

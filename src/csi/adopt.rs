@@ -10,16 +10,17 @@ use super::{attrs, volume};
 use crate::cache::Key;
 use crate::token::View;
 use crate::writer;
-use log::{info, warn};
+use log::{error, info, warn};
 use std::io::Read;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use zeroize::Zeroizing;
 
 /// The most a token's `.json` view may weigh when read back.
 const MAX_VIEW: u64 = 64 * 1024;
 
 impl Driver {
-    /// Adopts every volume the state directory records.
+    /// Adopts every volume the state directory records, then unmounts what under the data
+    /// directory no record names (left by a driver that died before writing one).
     pub(super) fn adopt_all(&self) {
         let (records, bad) = match self.state.load() {
             Ok(found) => found,
@@ -37,15 +38,40 @@ impl Driver {
         for record in records {
             let (id, data, target) = (
                 record.volume_id.clone(),
-                record.data.clone(),
-                record.target_path.clone(),
+                self.data_dir.join(&record.data),
+                PathBuf::from(&record.target_path),
             );
-            if let Err(why) = self.adopt(record) {
-                warn!("volume {id}: not adopted: {why}; its mounts and record are removed");
-                let _ = volume::unmount(Path::new(&target));
-                let _ = volume::remove_data(&self.data_dir.join(&data));
-                let _ = self.state.remove(&data);
+            let Err(why) = self.adopt(record) else {
+                continue;
+            };
+            if volume::same_mount(&data, &target) {
+                // The pod's running containers still see this tmpfs: it must not keep tokens
+                // nobody refreshes. Its mounts and record stay; its next publish fills it.
+                volume::empty(&data);
+                error!("volume {id}: not adopted: {why}; its token files were removed until its next publish");
+            } else {
+                warn!("volume {id}: not adopted: {why}; what is left of it is removed");
+                let _ = volume::unmount(&target);
+                let _ = volume::remove_data(&data);
+                let _ = self.state.remove(&volume::data_name(&id));
             }
+        }
+        self.sweep();
+    }
+
+    /// Unmounts and removes every tmpfs under the data directory that no record names.
+    fn sweep(&self) {
+        let Ok(entries) = std::fs::read_dir(&self.data_dir) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let path = entry.path();
+            if self.state.get(&name).is_some() || volume::mounted_at(&path).is_none() {
+                continue;
+            }
+            warn!("{}: no volume record names it: unmounted", path.display());
+            let _ = volume::remove_data(&path);
         }
     }
 
@@ -59,12 +85,15 @@ impl Driver {
         }
         let resources = attrs::resources_of(&record.resources).map_err(|e| e.to_string())?;
         let key = record.key.clone();
+        let volume_id = record.volume_id.clone();
         let mut inner = self.inner.lock();
-        let identity = self.join_key(&mut inner, &key).map_err(|e| e.to_string())?;
+        let identity = self
+            .join_key(&mut inner, &key, &record.volume_id)
+            .map_err(|e| e.to_string())?;
         let mut held = match self.held(record, identity, &resources, &data, true) {
             Ok(held) => held,
             Err(e) => {
-                self.leave_key(&mut inner, &key);
+                self.leave_key(&mut inner, &key, &volume_id);
                 return Err(e.to_string());
             }
         };

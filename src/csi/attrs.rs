@@ -140,9 +140,7 @@ pub fn check(
     if p.volume_id.is_empty() {
         return Err(invalid("volume_id is empty"));
     }
-    if !p.target_path.starts_with('/') {
-        return Err(invalid("target_path must be an absolute path"));
-    }
+    check_target(&p.target_path)?;
     let ctx = &p.volume_context;
     if ctx.get(EPHEMERAL).map(String::as_str) != Some("true") {
         return Err(invalid(format!(
@@ -222,6 +220,38 @@ pub fn check(
         group,
         token,
     })
+}
+
+/// The kubelet's target path of a CSI volume: absolute, no `.` or `..`, and
+/// `.../volumes/kubernetes.io~csi/<volume>/mount`: the driver mounts nowhere else.
+fn check_target(target: &str) -> Result<(), CsiError> {
+    let parts: Vec<&str> = target.split('/').collect();
+    let plain = target.starts_with('/')
+        && parts[1..]
+            .iter()
+            .all(|p| !p.is_empty() && *p != "." && *p != "..");
+    let n = parts.len();
+    let kubelets = n >= 5
+        && parts[n - 1] == "mount"
+        && parts[n - 3] == "kubernetes.io~csi"
+        && parts[n - 4] == "volumes";
+    if plain && kubelets {
+        return Ok(());
+    }
+    Err(invalid(format!(
+        "target_path {target:?} is not a kubelet's CSI volume path          (/.../pods/<uid>/volumes/kubernetes.io~csi/<volume>/mount)"
+    )))
+}
+
+/// The pod a request names, for a log line (the kubelet's keys, as sent; never a token).
+pub fn who(ctx: &BTreeMap<String, String>) -> String {
+    let get = |k: &str| ctx.get(k).map_or("?", String::as_str);
+    format!(
+        "pod {}/{} serviceaccount {}",
+        get(POD_NAMESPACE),
+        get(POD_NAME),
+        get(SERVICE_ACCOUNT)
+    )
 }
 
 /// The pod's fsGroup as the kubelet passes it (a decimal gid).
@@ -305,7 +335,15 @@ fn token_of(
     audience: &str,
 ) -> Result<SaToken, CsiError> {
     let json: Zeroizing<String> = match (secrets.get(TOKENS), ctx.get(TOKENS)) {
-        (Some(s), _) => s.clone(),
+        // The kubelet puts it in one of them; in both, one is not the kubelet's (a pod's
+        // nodePublishSecretRef, or its own volumeAttributes).
+        (Some(_), Some(_)) => {
+            return Err(invalid(format!(
+                "{TOKENS} is both in the request's secrets and in its volume context: only the \
+                 kubelet may send it, in one of them"
+            )))
+        }
+        (Some(s), None) => s.clone(),
         (None, Some(c)) => Zeroizing::new(c.clone()),
         (None, None) => return Err(no_token(audience)),
     };
@@ -337,9 +375,15 @@ fn token_of(
         .get("exp")
         .and_then(serde_json::Value::as_i64)
         .ok_or_else(|| invalid("the service-account token has no exp claim"))?;
+    let expires_at_ms = exp.saturating_mul(1000);
+    if expires_at_ms <= crate::policy::now_ms() {
+        return Err(invalid(
+            "the service-account token has expired: the kubelet sends a fresh one with its next call",
+        ));
+    }
     Ok(SaToken {
         token,
-        expires_at_ms: exp.saturating_mul(1000),
+        expires_at_ms,
         issuer,
         subject,
     })

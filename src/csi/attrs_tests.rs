@@ -132,7 +132,18 @@ fn requests_the_driver_cannot_serve_are_invalid_arguments_naming_the_fix() {
             Box::new(|p| drop(p.volume_context.remove(POD_NAMESPACE))),
             "podInfoOnMount",
         ),
-        (Box::new(|p| p.target_path = "relative".into()), "absolute"),
+        (
+            Box::new(|p| p.target_path = "relative".into()),
+            "target_path",
+        ),
+        (
+            Box::new(|p| {
+                p.target_path =
+                    "/var/lib/kubelet/pods/u/volumes/kubernetes.io~csi/../../../x/mount".into()
+            }),
+            "target_path",
+        ),
+        (Box::new(|p| p.target_path = "/etc".into()), "target_path"),
     ];
     for (change, want) in cases {
         let mut p = request();
@@ -148,19 +159,41 @@ fn requests_the_driver_cannot_serve_are_invalid_arguments_naming_the_fix() {
 }
 
 #[test]
-fn the_secrets_token_wins_over_the_volume_context() {
+fn the_token_comes_from_the_secrets_or_the_volume_context_never_both() {
     let mut p = request();
-    // A pod may put anything in its volumeAttributes: the kubelet's secrets come first.
-    p.volume_context.insert(
-        TOKENS.into(),
-        tokens(&jwt("system:serviceaccount:shop:admin")),
-    );
+    // Kubernetes 1.35's serviceAccountTokenInSecrets: in the secrets only.
+    p.volume_context.remove(TOKENS);
     p.secrets.insert(
         TOKENS.into(),
         Zeroizing::new(tokens(&jwt("system:serviceaccount:shop:web"))),
     );
     let v = check(&p, Some("t"), AUD).unwrap();
     assert_eq!(v.token.subject, "system:serviceaccount:shop:web");
+    // In both: one of them is not the kubelet's.
+    p.volume_context.insert(
+        TOKENS.into(),
+        tokens(&jwt("system:serviceaccount:shop:web")),
+    );
+    let (kind, m) = message(check(&p, Some("t"), AUD));
+    assert_eq!(kind, "invalid");
+    assert!(m.contains("both"), "{m}");
+}
+
+#[test]
+fn an_expired_service_account_token_is_refused() {
+    let claims = serde_json::json!({
+        "iss": "https://oidc.example/cluster", "sub": "system:serviceaccount:shop:web", "exp": 1_000
+    });
+    let old = format!(
+        "{}.{}.sig",
+        URL_SAFE_NO_PAD.encode(br#"{"alg":"RS256"}"#),
+        URL_SAFE_NO_PAD.encode(claims.to_string())
+    );
+    let mut p = request();
+    p.volume_context.insert(TOKENS.into(), tokens(&old));
+    let (kind, m) = message(check(&p, Some("t"), AUD));
+    assert_eq!(kind, "invalid");
+    assert!(m.contains("expired"), "{m}");
 }
 
 #[test]

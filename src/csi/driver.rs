@@ -19,7 +19,7 @@ use super::state::{Record, StateDir};
 use super::volume;
 use super::{CsiError, CsiRequest, Node, Publish};
 use crate::access::Access;
-use crate::cache::{Cache, IdentityId, Key, ReadError, Use};
+use crate::cache::{Cache, IdentityId, Key, Lease, ReadError, Use};
 use crate::source::entra::{Credential, Entra, Settings, Supplied};
 use crate::source::{Identity, Kind};
 use crate::token::{Version, View};
@@ -41,6 +41,8 @@ pub struct Driver {
     ca: Vec<reqwest::Certificate>,
     default_tenant: Option<String>,
     audience: String,
+    /// `--timeout`: the longest a republish waits for a token its volume lacks.
+    timeout: std::time::Duration,
     pub(super) data_dir: PathBuf,
     pub(super) state: StateDir,
     /// Volumes and keys (see "State and locks").
@@ -63,8 +65,23 @@ pub(super) struct Inner {
 pub(super) struct KeyState {
     identity: IdentityId,
     supplied: Arc<Supplied>,
-    /// Volumes (published or being published) of this key.
-    volumes: usize,
+    /// The volumes (published or being published) of this key, each with the newest
+    /// service-account token it brought (none yet: adopted, waiting for its republish).
+    volumes: HashMap<String, Option<(Zeroizing<String>, i64)>>,
+}
+
+impl KeyState {
+    /// The key's fetches present the newest service-account token (the latest `exp`) of
+    /// a live volume; none when no live volume brought one.
+    fn elect(&self) {
+        let newest = self
+            .volumes
+            .values()
+            .flatten()
+            .max_by_key(|(_, exp)| *exp)
+            .map(|(token, exp)| (token.clone(), *exp));
+        self.supplied.set(newest);
+    }
 }
 
 /// A published volume: its record, its writer and what its files hold.
@@ -114,6 +131,10 @@ impl Held {
     }
 }
 
+/// A token's files go this long before the cache would stop serving it (as the sink's):
+/// a version valid for less is not written.
+pub const UNLINK_LEAD: std::time::Duration = std::time::Duration::from_millis(500);
+
 /// Who the files of a volume are for: root's, the pod's fsGroup's when it has one; mode
 /// `fileMode`, else 0440 with a group and 0444 without.
 pub(super) fn access_of(group: Option<u32>, file_mode: Option<u16>) -> Access {
@@ -162,6 +183,7 @@ impl Driver {
             ca,
             default_tenant: req.tenant_id.clone(),
             audience: req.audience.clone(),
+            timeout: req.policy.timeout,
             data_dir: req.data_dir.clone(),
             state,
             inner: Mutex::new(Inner::default()),
@@ -172,14 +194,16 @@ impl Driver {
         Ok(driver)
     }
 
-    /// The key's state, made (with its cache identity) if new; counts one more volume.
+    /// The key's state, made (with its cache identity) if new; `volume_id` is one of its
+    /// volumes.
     pub(super) fn join_key(
         &self,
         inner: &mut Inner,
         key: &IdentityKey,
+        volume_id: &str,
     ) -> Result<IdentityId, CsiError> {
         if let Some(k) = inner.keys.get_mut(key) {
-            k.volumes += 1;
+            k.volumes.entry(volume_id.to_string()).or_insert(None);
             return Ok(k.identity);
         }
         let supplied = Arc::new(Supplied::new());
@@ -202,49 +226,59 @@ impl Driver {
             KeyState {
                 identity,
                 supplied,
-                volumes: 1,
+                volumes: HashMap::from([(volume_id.to_string(), None)]),
             },
         );
         Ok(identity)
     }
 
-    /// One volume of `key` fewer; the last forgets the key's identity and its tokens.
-    pub(super) fn leave_key(&self, inner: &mut Inner, key: &IdentityKey) {
+    /// `volume_id` is no longer a volume of `key` (its token no longer presented); the
+    /// key's last volume forgets the key's identity and its tokens.
+    pub(super) fn leave_key(&self, inner: &mut Inner, key: &IdentityKey, volume_id: &str) {
         let Some(k) = inner.keys.get_mut(key) else {
             return;
         };
-        k.volumes = k.volumes.saturating_sub(1);
-        if k.volumes == 0 {
-            if let Some(k) = inner.keys.remove(key) {
-                k.supplied.clear();
-                self.cache.forget_identity(k.identity);
-            }
+        k.volumes.remove(volume_id);
+        if !k.volumes.is_empty() {
+            k.elect();
+            return;
+        }
+        if let Some(k) = inner.keys.remove(key) {
+            k.supplied.clear();
+            self.cache.forget_identity(k.identity);
         }
     }
 
-    /// Hands the newest service-account token of a volume of `key` to its fetches.
-    fn offer(&self, inner: &Inner, key: &IdentityKey, token: &attrs::SaToken) {
-        if let Some(k) = inner.keys.get(key) {
-            k.supplied
-                .offer(Zeroizing::new(token.token.to_string()), token.expires_at_ms);
+    /// Takes the service-account token volume `volume_id` of `key` brought: the key's
+    /// fetches present the newest of its live volumes'.
+    fn offer(&self, inner: &mut Inner, key: &IdentityKey, volume_id: &str, token: &attrs::SaToken) {
+        if let Some(k) = inner.keys.get_mut(key) {
+            let newer = (Zeroizing::new(token.token.to_string()), token.expires_at_ms);
+            k.volumes.insert(volume_id.to_string(), Some(newer));
+            k.elect();
         }
     }
 
     /// A first publish: tokens first, then the tmpfs, its files and the bind; on any error
     /// nothing stays mounted.
-    fn first_publish(&self, v: attrs::Volume) -> Result<(), CsiError> {
+    fn first_publish(&self, p: &Publish, v: attrs::Volume) -> Result<(), CsiError> {
         let key = v.key();
         let identity = {
             let mut inner = self.inner.lock();
+            // A kubelet's retry may come as an earlier publish of the volume just ended.
+            if inner.volumes.contains_key(&v.volume_id) {
+                drop(inner);
+                return self.republish(p);
+            }
             if !inner.busy.insert(v.volume_id.clone()) {
                 return Err(CsiError::Unavailable(format!(
                     "a publish of volume {} is under way",
                     v.volume_id
                 )));
             }
-            let identity = self.join_key(&mut inner, &key);
+            let identity = self.join_key(&mut inner, &key, &v.volume_id);
             if identity.is_ok() {
-                self.offer(&inner, &key, &v.token);
+                self.offer(&mut inner, &key, &v.volume_id, &v.token);
             } else {
                 inner.busy.remove(&v.volume_id);
             }
@@ -263,7 +297,7 @@ impl Driver {
                 Ok(())
             }
             Err(e) => {
-                self.leave_key(&mut inner, &key);
+                self.leave_key(&mut inner, &key, &v.volume_id);
                 info!(
                     "publish volume {} refused: {}, client {}: {e}",
                     v.volume_id, v.pod, v.client_id
@@ -286,29 +320,19 @@ impl Driver {
             versions.push(lease.version);
         }
         let target = PathBuf::from(&v.target_path);
-        let made_target = volume::make_target(&target).map_err(CsiError::FailedPrecondition)?;
         let name = volume::data_name(&v.volume_id);
+        if let Some(data) = self.still_mounted(v, &name, &target) {
+            // Its mounts outlived a driver that could not adopt them: filled again in place
+            // (a new bind would not reach the pod's running containers).
+            let mut held = self.fill(v, identity, &name, &data, versions, true)?;
+            held.record.resources = v.resources_given.clone();
+            return Ok(held);
+        }
+        let made_target = volume::make_target(&target).map_err(CsiError::FailedPrecondition)?;
         let filled = volume::make_data(&self.data_dir, &name)
             .map_err(|e| internal("cannot mount the volume's tmpfs", e))
             .and_then(|data| {
-                let record = Record {
-                    volume_id: v.volume_id.clone(),
-                    target_path: v.target_path.clone(),
-                    data: name.clone(),
-                    pod: v.pod.clone(),
-                    key: v.key(),
-                    resources: v.resources_given.clone(),
-                    file_mode: v.file_mode,
-                    group: v.group,
-                };
-                let mut held = self.held(record, identity, &v.resources, &data, false)?;
-                for (i, version) in versions.into_iter().enumerate() {
-                    held.write(i, version)
-                        .map_err(|e| internal("cannot write the volume's files", e))?;
-                }
-                self.state
-                    .save(&held.record)
-                    .map_err(|e| internal("cannot write the volume's record", e))?;
+                let held = self.fill(v, identity, &name, &data, versions, false)?;
                 volume::bind_read_only(&data, &target)
                     .map_err(|e| internal("cannot bind the volume at its target path", e))?;
                 Ok(held)
@@ -321,6 +345,50 @@ impl Driver {
             }
         }
         filled
+    }
+
+    /// The volume's tmpfs, when it and its bind at `target` are still mounted for this
+    /// very volume (its record says so).
+    fn still_mounted(&self, v: &attrs::Volume, name: &str, target: &Path) -> Option<PathBuf> {
+        let record = self.state.get(name)?;
+        let data = self.data_dir.join(name);
+        let ours = record.volume_id == v.volume_id && record.target_path == v.target_path;
+        (ours
+            && volume::mounted_at(&data).as_deref() == Some("tmpfs")
+            && volume::mounted_at(target).is_some())
+        .then_some(data)
+    }
+
+    /// Writes the volume's first files (`versions`, one per resource) in its tmpfs at
+    /// `data` and its record.
+    fn fill(
+        &self,
+        v: &attrs::Volume,
+        identity: IdentityId,
+        name: &str,
+        data: &Path,
+        versions: Vec<Arc<Version>>,
+        adopt: bool,
+    ) -> Result<Held, CsiError> {
+        let record = Record {
+            volume_id: v.volume_id.clone(),
+            target_path: v.target_path.clone(),
+            data: name.to_string(),
+            pod: v.pod.clone(),
+            key: v.key(),
+            resources: v.resources_given.clone(),
+            file_mode: v.file_mode,
+            group: v.group,
+        };
+        let mut held = self.held(record, identity, &v.resources, data, adopt)?;
+        for (i, version) in versions.into_iter().enumerate() {
+            held.write(i, version)
+                .map_err(|e| internal("cannot write the volume's files", e))?;
+        }
+        self.state
+            .save(&held.record)
+            .map_err(|e| internal("cannot write the volume's record", e))?;
+        Ok(held)
     }
 
     /// A volume's writer over its tmpfs at `data` (its view directories made, or with
@@ -338,10 +406,11 @@ impl Driver {
         let fd = writer::open_dir_at(rustix::fs::CWD, data).map_err(io)?;
         let mut w = Writer::new(fd, data.to_path_buf(), access, access.dir_mode()).map_err(io)?;
         for dir in writer::view_dirs() {
-            if adopt {
-                w.adopt_dir(dir).map_err(io)?;
-            } else {
-                w.make_dir(dir).map_err(io)?;
+            // One a release before this one did not make is made now.
+            match adopt.then(|| w.adopt_dir(dir)) {
+                Some(Ok(())) => {}
+                Some(Err(e)) if e.kind() != std::io::ErrorKind::NotFound => return Err(io(e)),
+                _ => w.make_dir(dir).map_err(io)?,
             }
         }
         w.set_dir_owner(Some(0), Some(access.gid), u32::from(access.dir_mode()))
@@ -362,51 +431,66 @@ impl Driver {
 
     /// A repeated publish of a published volume: takes the newer service-account token and
     /// checks the files; never remounts, and never fails while the volume holds a valid
-    /// token (a failed republish makes the kubelet tear the mount down).
+    /// token (a failed republish makes the kubelet tear the mount down). When it holds none
+    /// (an outage outlasted its tokens), it waits for a fetch as a first publish does.
     fn republish(&self, p: &Publish) -> Result<(), CsiError> {
         let checked = attrs::check(p, self.default_tenant.as_deref(), &self.audience);
-        let mut inner = self.inner.lock();
-        let Some(held) = inner.volumes.get(&p.volume_id) else {
-            return Err(CsiError::Unavailable(
-                "the volume was unpublished meanwhile".into(),
-            ));
+        let gone = || CsiError::Unavailable("the volume was unpublished meanwhile".into());
+        let (keys, pod, client) = {
+            let mut inner = self.inner.lock();
+            let held = inner.volumes.get(&p.volume_id).ok_or_else(gone)?;
+            let key = held.record.key.clone();
+            let keys: Vec<Key> = held.slots.iter().map(|s| held.key(s)).collect();
+            let (pod, client) = (held.record.pod.clone(), key.client_id.clone());
+            match &checked {
+                Ok(v) if v.key() == key => self.offer(&mut inner, &key, &p.volume_id, &v.token),
+                Ok(_) => warn!(
+                    "republish volume {}: its attributes or service account changed; keeping those it was published with",
+                    p.volume_id
+                ),
+                Err(e) => warn!("republish volume {}: {e}", p.volume_id),
+            }
+            (keys, pod, client)
         };
-        let key = held.record.key.clone();
-        let (pod, client) = (held.record.pod.clone(), key.client_id.clone());
-        match &checked {
-            Ok(v) if v.key() == key => self.offer(&inner, &key, &v.token),
-            Ok(_) => warn!(
-                "republish volume {}: its attributes or service account changed; keeping those it was published with",
-                p.volume_id
-            ),
-            Err(e) => warn!("republish volume {}: {e}", p.volume_id),
+        let usable = |a: &Option<Result<Lease, ReadError>>| matches!(a, Some(Ok(lease)) if lease.valid_for > UNLINK_LEAD);
+        let mut answers: Vec<_> = keys
+            .iter()
+            .map(|k| self.cache.read_now(k, Use::Read, Box::new(drop)))
+            .collect();
+        if checked.is_ok() && !answers.iter().any(usable) {
+            // Nothing valid to keep the volume on: wait for the fetches (at most
+            // --timeout), as a first publish does. A version about to expire is still
+            // served while its refresh runs: the wait is for a usable one.
+            let until = std::time::Instant::now() + self.timeout;
+            for (answer, key) in answers.iter_mut().zip(&keys) {
+                while !usable(answer) && std::time::Instant::now() < until {
+                    *answer = Some(self.cache.read_blocking(key, Use::Read));
+                    if !usable(answer) && !matches!(answer, Some(Err(_))) {
+                        std::thread::sleep(std::time::Duration::from_millis(50));
+                    } else {
+                        break;
+                    }
+                }
+            }
         }
-        let inner = &mut *inner;
-        let Some(held) = inner.volumes.get_mut(&p.volume_id) else {
-            return Err(CsiError::Unavailable(
-                "the volume was unpublished meanwhile".into(),
-            ));
-        };
+        let mut inner = self.inner.lock();
+        let held = inner.volumes.get_mut(&p.volume_id).ok_or_else(gone)?;
         let mut last_error = None;
-        let now = self.cache.now();
-        for i in 0..held.slots.len() {
-            let key = held.key(&held.slots[i]);
-            match self.cache.read_now(&key, Use::Read, Box::new(drop)) {
-                Some(Ok(lease)) => {
-                    let fresh = held.slots[i]
-                        .written
-                        .as_ref()
-                        .is_none_or(|w| w.id != lease.version.id);
-                    if fresh {
+        for (i, answer) in answers.into_iter().enumerate() {
+            match answer {
+                Some(Ok(lease)) if lease.valid_for > UNLINK_LEAD => {
+                    let written = held.slots[i].written.as_ref().map(|w| w.id);
+                    if written != Some(lease.version.id) {
                         if let Err(e) = held.write(i, lease.version) {
                             warn!("volume {}: cannot write its files: {e}", p.volume_id);
                         }
                     }
                 }
                 Some(Err(e)) => last_error = Some(fetch_error(e, &pod, &client)),
-                None => {}
+                _ => {}
             }
         }
+        let now = self.cache.now();
         let valid = held
             .slots
             .iter()
@@ -418,16 +502,17 @@ impl Driver {
         );
         match (valid, checked, last_error) {
             (true, _, _) => Ok(()),
-            (false, Err(e), _) => Err(e),
-            (false, Ok(_), Some(e)) => Err(e),
+            (false, Err(e), _) | (false, Ok(_), Some(e)) => Err(e),
             (false, Ok(_), None) => Err(CsiError::Unavailable(format!(
                 "no valid token held for {pod} yet: fetching"
             ))),
         }
     }
 
-    /// Unmounts the pod's view and the volume's tmpfs, forgets the volume and, with its
-    /// key's last volume, the key's tokens. An unknown volume is success.
+    /// Unmounts the pod's view and the volume's tmpfs, forgets the volume and its tokens
+    /// (the key's tokens with its last volume; a resource's token with the key's last
+    /// volume that names it). An unknown volume is success, once whatever of it a driver
+    /// before left (its tmpfs, its record) is gone.
     fn remove(&self, volume_id: &str, target_path: &str) -> Result<(), CsiError> {
         let mut inner = self.inner.lock();
         if inner.busy.contains(volume_id) {
@@ -438,11 +523,7 @@ impl Driver {
         let target = Path::new(target_path);
         let Some(held) = inner.volumes.remove(volume_id) else {
             drop(inner);
-            // Unknown: a bind of one of our volumes may still be there (a record lost).
-            if volume::mounted_at(target).as_deref() == Some("tmpfs") {
-                volume::unmount(target).map_err(|e| internal("cannot unmount", e))?;
-            }
-            return Ok(());
+            return self.remove_unknown(volume_id, target);
         };
         let recorded = PathBuf::from(&held.record.target_path);
         for t in [target, recorded.as_path()] {
@@ -460,11 +541,36 @@ impl Driver {
         if let Err(e) = self.state.remove(&held.record.data) {
             warn!("volume {volume_id}: cannot remove its record: {e}");
         }
-        self.leave_key(&mut inner, &held.record.key);
+        for slot in &held.slots {
+            let key = Key::new(held.identity, slot.wanted.resource.clone());
+            let used = inner
+                .volumes
+                .values()
+                .any(|h| h.slots.iter().any(|s| h.key(s) == key));
+            if !used {
+                self.cache.forget(&key);
+            }
+        }
+        self.leave_key(&mut inner, &held.record.key, volume_id);
         info!(
             "unpublish volume {volume_id}: {}, client {}",
             held.record.pod, held.record.key.client_id
         );
+        Ok(())
+    }
+
+    /// An unpublish of a volume this driver does not hold: its tmpfs and record, if a
+    /// driver before left them, go; the target is unmounted only where that tmpfs is bound.
+    fn remove_unknown(&self, volume_id: &str, target: &Path) -> Result<(), CsiError> {
+        let name = volume::data_name(volume_id);
+        let data = self.data_dir.join(&name);
+        if volume::same_mount(&data, target) {
+            volume::unmount(target).map_err(|e| internal("cannot unmount the target path", e))?;
+            volume::remove_target(target);
+        }
+        volume::remove_data(&data).map_err(|e| internal("cannot unmount its tmpfs", e))?;
+        let _ = self.state.remove(&name);
+        info!("unpublish volume {volume_id}: not published by this driver: nothing of it is left");
         Ok(())
     }
 }
@@ -474,8 +580,17 @@ impl Node for Driver {
         if self.inner.lock().volumes.contains_key(&p.volume_id) {
             return self.republish(&p);
         }
-        let v = attrs::check(&p, self.default_tenant.as_deref(), &self.audience)?;
-        self.first_publish(v)
+        match attrs::check(&p, self.default_tenant.as_deref(), &self.audience) {
+            Ok(v) => self.first_publish(&p, v),
+            Err(e) => {
+                info!(
+                    "publish volume {} refused: {}: {e}",
+                    p.volume_id,
+                    attrs::who(&p.volume_context)
+                );
+                Err(e)
+            }
+        }
     }
 
     fn unpublish(&self, volume_id: &str, target_path: &str) -> Result<(), CsiError> {

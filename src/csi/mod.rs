@@ -177,7 +177,6 @@ pub fn run(req: CsiRequest) -> Result<(), CsiError> {
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel();
     let (tx, rx) = std::sync::mpsc::channel();
     let handle = signals.forward(tx, |s| s, false).map_err(start)?;
-    let cache = daemon.cache().clone();
     crate::daemon::small_thread("csi-signals")
         .spawn(move || {
             use crate::daemon::Signal;
@@ -188,7 +187,11 @@ pub fn run(req: CsiRequest) -> Result<(), CsiError> {
                         let _ = stop_tx.send(());
                         return;
                     }
-                    Signal::DropTokens => cache.clear(),
+                    // The mount's "drop every token" is for a user's new login; here it
+                    // would empty every pod's volume until its next fetch, or republish.
+                    Signal::DropTokens => {
+                        log::info!("SIGUSR1 ignored: the CSI driver's tokens are its pods'");
+                    }
                     Signal::ReopenLog => {}
                 }
             }

@@ -84,6 +84,13 @@ impl StateDir {
         }
     }
 
+    /// The record of the volume whose data directory is `data`, if one reads.
+    pub fn get(&self, data: &str) -> Option<Record> {
+        self.read(&format!("{data}{SUFFIX}"))
+            .ok()
+            .filter(|r| r.data == data)
+    }
+
     /// Every record that reads; what does not is named in the second list (and left).
     pub fn load(&self) -> io::Result<(Vec<Record>, Vec<String>)> {
         let mut records = Vec::new();

@@ -4,7 +4,7 @@
 //! of that key, and files whose token has no refreshed successor are removed before it
 //! stops being valid.
 
-use super::driver::Driver;
+use super::driver::{Driver, UNLINK_LEAD};
 use crate::cache::{Key, Use};
 use crate::token::Version;
 use log::{debug, warn};
@@ -14,8 +14,6 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-/// A token's files go this long before the cache would stop serving it (as the sink's).
-pub const UNLINK_LEAD: Duration = Duration::from_millis(500);
 /// Every key is looked at this often.
 const PASS: Duration = Duration::from_millis(100);
 

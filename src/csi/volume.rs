@@ -33,16 +33,21 @@ pub fn data_name(volume_id: &str) -> String {
         .collect()
 }
 
-/// Makes `dir` (and its parents) for root alone, or checks an existing one is root's and
-/// no one else's to write.
+/// Makes `dir` (and its parents) for root alone, or takes an existing one of root's that
+/// no one else may write, and makes it root's alone (0700: the tokens in the volumes'
+/// tmpfs below are for the pods' binds, not for other users of the node).
 pub fn own_dir(dir: &Path) -> io::Result<()> {
     std::fs::create_dir_all(dir)?;
-    let st = rfs::lstat(dir)?;
-    let is_dir = rfs::FileType::from_raw_mode(st.st_mode) == rfs::FileType::Directory;
-    if !is_dir || st.st_uid != 0 || st.st_mode & 0o022 != 0 {
+    let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+    let fd = rfs::open(dir, flags, Mode::empty())?;
+    let st = rfs::fstat(&fd)?;
+    if st.st_uid != 0 || st.st_mode & 0o022 != 0 {
         return Err(io::Error::other(
             "must be a directory of root's that no other user can write",
         ));
+    }
+    if st.st_mode & 0o077 != 0 {
+        rfs::fchmod(&fd, Mode::from_raw_mode(0o700))?;
     }
     Ok(())
 }
@@ -136,6 +141,39 @@ pub fn mounted_at(path: &Path) -> Option<String> {
         .filter(|m| m.point == want)
         .map(|m| m.fstype)
         .next_back()
+}
+
+/// Whether `target` is a mount of the same filesystem as `data` (a bind of a volume's
+/// tmpfs), both mounted.
+pub fn same_mount(data: &Path, target: &Path) -> bool {
+    let dev = |p: &Path| rfs::stat(p).ok().map(|st| st.st_dev);
+    mounted_at(data).as_deref() == Some("tmpfs")
+        && mounted_at(target).is_some()
+        && dev(data).is_some()
+        && dev(data) == dev(target)
+}
+
+/// Removes every file in a volume's tmpfs at `data` and in its directories (best effort;
+/// no symlink is followed: `remove_file` unlinks one).
+pub fn empty(data: &Path) {
+    let Ok(entries) = std::fs::read_dir(data) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        match entry.file_type() {
+            Ok(t) if t.is_dir() => {
+                if let Ok(inner) = std::fs::read_dir(&path) {
+                    for file in inner.flatten() {
+                        let _ = std::fs::remove_file(file.path());
+                    }
+                }
+            }
+            _ => {
+                let _ = std::fs::remove_file(&path);
+            }
+        }
+    }
 }
 
 /// Removes the target directory once nothing is mounted there (the kubelet removes it too;

@@ -84,11 +84,10 @@ pub enum Credential {
     Supplied(Arc<Supplied>),
 }
 
-/// The service-account tokens handed over for one identity at run time (the kubelet's, at
-/// each `NodePublishVolume` of a volume of that identity): the newest is held (the later
-/// expiry wins; of two with the same expiry, the later offer), registered for scrubbing
-/// (`known`) while held, and sent as the client assertion of each request. `Debug` never
-/// shows a token.
+/// The service-account token handed over for one identity at run time (the CSI driver
+/// sets the newest of its live volumes' tokens, the kubelet's, at each
+/// `NodePublishVolume`), registered for scrubbing (`known`) while held and sent as the
+/// client assertion of each request. `Debug` never shows a token.
 #[derive(Default)]
 pub struct Supplied {
     held: parking_lot::Mutex<Option<Held>>,
@@ -112,23 +111,14 @@ impl Supplied {
         Supplied::default()
     }
 
-    /// Offers a service-account token expiring at `expires_at_ms` (ms since the epoch):
-    /// held unless the one held expires later. Returns whether it is held now.
-    pub fn offer(&self, token: Zeroizing<String>, expires_at_ms: i64) -> bool {
-        let mut held = self.held.lock();
-        if held
-            .as_ref()
-            .is_some_and(|h| h.expires_at_ms > expires_at_ms)
-        {
-            return false;
-        }
-        let _known = crate::known::remember(&token);
-        *held = Some(Held {
+    /// Holds `token` (expiring at that ms since the epoch), whatever was held before, or
+    /// nothing: the CSI driver decides which of its live volumes' tokens is the newest.
+    pub fn set(&self, token: Option<(Zeroizing<String>, i64)>) {
+        *self.held.lock() = token.map(|(token, expires_at_ms)| Held {
+            _known: crate::known::remember(&token),
             token: Arc::new(token),
             expires_at_ms,
-            _known,
         });
-        true
     }
 
     /// Drops the token held (wiped, and no longer scrubbed once no request holds it).
@@ -555,21 +545,19 @@ mod tests {
     }
 
     #[test]
-    fn a_supplied_credential_sends_the_newest_service_account_token() {
+    fn a_supplied_credential_sends_the_service_account_token_set() {
         let supplied = Arc::new(Supplied::new());
         let source = supplied_source(&supplied);
         let far = now_ms() + 3_600_000;
-        assert!(supplied.offer(sa_token(1), far));
+        supplied.set(Some((sa_token(1), far)));
         let (form, _known) = source.form("https://vault.azure.net", SECOND).unwrap();
         assert_eq!(assertion_of(&form), *sa_token(1));
         assert!(form.contains(&format!(
             "client_assertion_type={}",
             utf8_percent_encode(ASSERTION_TYPE, FORM)
         )));
-        // A later expiry wins; an earlier one does not; the same expiry: the later offer.
-        assert!(supplied.offer(sa_token(2), far + 1_000));
-        assert!(!supplied.offer(sa_token(3), far));
-        assert!(supplied.offer(sa_token(4), far + 1_000));
+        // The one set last is sent (the driver decides which is the newest).
+        supplied.set(Some((sa_token(4), far + 1_000)));
         assert_eq!(supplied.expires_at_ms(), Some(far + 1_000));
         let (form, _known) = source.form("https://vault.azure.net", SECOND).unwrap();
         assert_eq!(assertion_of(&form), *sa_token(4));
@@ -602,13 +590,13 @@ mod tests {
         assert!(no_token(e).ends_with("(none was handed over)"));
         assert_eq!(format!("{supplied:?}"), "Supplied(none held)");
         // Expired by the wall clock: refused the same way.
-        assert!(supplied.offer(sa_token(5), now_ms() - 61_000));
+        supplied.set(Some((sa_token(5), now_ms() - 61_000)));
         let e = source
             .fetch_once("https://vault.azure.net", SECOND)
             .unwrap_err();
         assert!(no_token(e).ends_with("(the newest expired 61 s ago)"));
         // A valid one is sent (to nowhere here: unreachable, so it was a request).
-        assert!(supplied.offer(sa_token(6), now_ms() + 600_000));
+        supplied.set(Some((sa_token(6), now_ms() + 600_000)));
         let e = source
             .fetch_once("https://vault.azure.net", SECOND)
             .unwrap_err();

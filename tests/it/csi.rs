@@ -3,11 +3,12 @@
 //! namespace and mounts for real; Entra is the emulator (`--protocol entra`) on 127.0.0.1,
 //! trusting the test's service accounts through federated credentials.
 
+use crate::common::csi::Kubelet;
 use crate::common::{self, assert_no_token, claims, errno, eventually};
 use crate::csi_support::*;
 use cstokenfs::emulator::Fault;
 use std::os::unix::fs::MetadataExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 use tonic::Code;
 
@@ -30,6 +31,16 @@ fn cat(node: &Node, path: &Path) -> Vec<u8> {
         out.status
     );
     out.stdout
+}
+
+/// Starts the node's driver and publishes a volume `id` of pod shop/web-0 (service account
+/// web, application A, ARM): the kubelet, the pod and its target path.
+fn web_0_published(node: &mut Node, id: &str) -> (Kubelet, Pod, PathBuf) {
+    let k = node.start();
+    let pod = Pod::new("shop", "web-0", "web", APP_A, "management.azure.com");
+    let target = node.target(&pod.uid);
+    publish(&k, &pod, id, &target).expect("publish");
+    (k, pod, target)
 }
 
 #[test]
@@ -84,6 +95,16 @@ fn a_pod_gets_its_own_identitys_tokens_read_only() {
     );
     assert_no_token(&log, pod.token.as_bytes(), "the driver's log");
     assert_no_token(&log, &token, "the driver's log");
+    // Nor does its record.
+    for record in std::fs::read_dir(node.state_dir()).unwrap() {
+        let text = std::fs::read_to_string(record.unwrap().path()).unwrap();
+        assert!(
+            text.contains("system:serviceaccount:shop:web"),
+            "a record names its key"
+        );
+        assert_no_token(&text, pod.token.as_bytes(), "a volume record");
+        assert_no_token(&text, &token, "a volume record");
+    }
 }
 
 #[test]
@@ -138,10 +159,7 @@ fn tokens_are_refreshed_and_a_republish_brings_the_next_assertion() {
     }
     let mut node = Node::new(&[("shop", "web")]);
     node.emu.set_ttl(8);
-    let k = node.start();
-    let mut pod = Pod::new("shop", "web-0", "web", APP_A, "management.azure.com");
-    let target = node.target(&pod.uid);
-    publish(&k, &pod, "csi-r", &target).expect("publish");
+    let (k, mut pod, target) = web_0_published(&mut node, "csi-r");
     let first = read(&node, &target, "management.azure.com");
     let refreshed = eventually(Duration::from_secs(30), || {
         let now = read(&node, &target, "management.azure.com");
@@ -179,10 +197,7 @@ fn unpublish_unmounts_forgets_and_is_idempotent() {
         return;
     }
     let mut node = Node::new(&[("shop", "web")]);
-    let k = node.start();
-    let pod = Pod::new("shop", "web-0", "web", APP_A, "management.azure.com");
-    let target = node.target(&pod.uid);
-    publish(&k, &pod, "csi-u", &target).expect("publish");
+    let (k, pod, target) = web_0_published(&mut node, "csi-u");
     assert!(node.ns.is_mounted(&target));
     assert_eq!(
         std::fs::read_dir(node.state_dir()).unwrap().count(),
@@ -219,10 +234,7 @@ fn a_restarted_driver_adopts_its_volumes_and_resumes_at_the_next_republish() {
     }
     let mut node = Node::new(&[("shop", "web")]);
     node.emu.set_ttl(20);
-    let k = node.start();
-    let mut pod = Pod::new("shop", "web-0", "web", APP_A, "management.azure.com");
-    let target = node.target(&pod.uid);
-    publish(&k, &pod, "csi-a", &target).expect("publish");
+    let (k, mut pod, target) = web_0_published(&mut node, "csi-a");
     let before = read(&node, &target, "management.azure.com");
     drop(k);
     node.stop();
@@ -356,17 +368,18 @@ fn requests_it_cannot_serve_are_refused_with_nothing_mounted() {
 }
 
 #[test]
-fn a_republish_during_an_entra_outage_succeeds_and_keeps_the_files() {
+fn a_republish_during_an_entra_outage_succeeds_keeps_the_files_and_they_go_before_expiry() {
     if !available() {
         return;
     }
     let mut node = Node::new(&[("shop", "web")]);
     node.flags = vec!["--timeout".into(), "2".into()];
-    let k = node.start();
-    let mut pod = Pod::new("shop", "web-0", "web", APP_A, "management.azure.com");
-    let target = node.target(&pod.uid);
-    publish(&k, &pod, "csi-o", &target).expect("publish");
+    node.emu.set_ttl(12);
+    let (k, mut pod, target) = web_0_published(&mut node, "csi-o");
     let before = read(&node, &target, "management.azure.com");
+    let json: serde_json::Value =
+        serde_json::from_slice(&read(&node, &target, ".json/management.azure.com")).unwrap();
+    let expires_on = json["expires_on"].as_i64().unwrap();
     node.emu.set_fault(Some(Fault::Reset));
     pod.renew_token("during-outage");
     publish(&k, &pod, "csi-o", &target).expect("a republish never fails while a token is held");
@@ -374,6 +387,24 @@ fn a_republish_during_an_entra_outage_succeeds_and_keeps_the_files() {
         &read(&node, &target, "management.azure.com"),
         &before,
         "kept",
+    );
+    // No refresh comes: the files go before the token expires, never after.
+    let gone = eventually(Duration::from_secs(20), || {
+        let path = node.ns.path(&target).join("management.azure.com");
+        (!path.exists()).then(common::now_secs)
+    });
+    let gone = gone.expect("the files of a token nobody refreshed are removed");
+    assert!(gone < expires_on, "removed at {gone}, expiry {expires_on}");
+    assert!(node.log_text().contains("no refreshed token in time"));
+    // Entra back: a republish of a volume holding nothing waits for its fetch.
+    node.emu.set_fault(None);
+    pod.renew_token("after-outage");
+    publish(&k, &pod, "csi-o", &target).expect("a republish fetches what the volume lacks");
+    let again = read(&node, &target, "management.azure.com");
+    assert!(!again.is_empty(), "the files are back at once");
+    assert_eq!(
+        node.emu.assertions_for(APP_A).last(),
+        Some(&digest(&pod.token))
     );
 }
 
@@ -429,18 +460,18 @@ fn the_kubelets_secrets_come_before_the_volume_context() {
     let k = node.start();
     let pod = Pod::new("shop", "web-0", "web", APP_A, "management.azure.com");
     let target = node.target(&pod.uid);
+    // Kubernetes 1.35 with serviceAccountTokenInSecrets: the token is in the secrets.
     let mut r = request(&pod, "csi-s", &target);
-    // Kubernetes 1.35 with serviceAccountTokenInSecrets: the token is in the secrets; what
-    // a pod put in its own volumeAttributes under that key is not used.
+    let key = "csi.storage.k8s.io/serviceAccount.tokens".to_string();
+    r.volume_context.remove(&key);
+    r.secrets.insert(key.clone(), tokens_json(&pod.token));
+    // In both the secrets and the volume context, one is not the kubelet's (a pod's own
+    // volumeAttributes or nodePublishSecretRef): refused.
     let forged = sa_token("kube-system", "admin", common::now_secs() + 3600, "forged");
-    r.volume_context.insert(
-        "csi.storage.k8s.io/serviceAccount.tokens".into(),
-        tokens_json(&forged),
-    );
-    r.secrets.insert(
-        "csi.storage.k8s.io/serviceAccount.tokens".into(),
-        tokens_json(&pod.token),
-    );
+    let mut both = r.clone();
+    both.volume_context.insert(key, tokens_json(&forged));
+    let e = k.publish(both).expect_err("a token in both");
+    assert_eq!(e.code(), Code::InvalidArgument, "{}", e.message());
     k.publish(r).expect("publish");
     assert_eq!(node.emu.assertions_for(APP_A), vec![digest(&pod.token)]);
     let log = node.log_text();

@@ -279,10 +279,10 @@ fn the_entra_source_sends_the_newest_supplied_service_account_token() {
     let now = crate::emulator::now_secs();
     let aud = serde_json::json!([FEDERATED_AUDIENCE]);
     let first = sa_token(ISSUER, SUBJECT, aud.clone(), now + 600);
-    supplied.offer(first.clone().into(), (now as i64 + 600) * 1000);
+    supplied.set(Some((first.clone().into(), (now as i64 + 600) * 1000)));
     assert!(source.fetch_once(vault, timeout).is_ok());
     let second = sa_token(ISSUER, SUBJECT, aud, now + 1200);
-    supplied.offer(second.clone().into(), (now as i64 + 1200) * 1000);
+    supplied.set(Some((second.clone().into(), (now as i64 + 1200) * 1000)));
     assert!(source.fetch_once(vault, timeout).is_ok());
     let digest = crate::emulator::sha256_hex;
     assert_eq!(

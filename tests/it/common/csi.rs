@@ -273,26 +273,11 @@ pub fn test_jwt(issuer: &str, subject: &str, audience: &str, expires: SystemTime
     )
 }
 
-/// `2026-12-05T06:40:00Z`, as Kubernetes writes `expirationTimestamp`.
+/// `2026-12-05T06:40:00Z`, as Kubernetes writes `expirationTimestamp` (the crate's own
+/// formatter, which the `.kubectl` view uses).
 pub fn rfc3339(t: SystemTime) -> String {
-    let secs = t.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs() as i64;
-    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
-    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
+    let ms = t.duration_since(UNIX_EPOCH).unwrap_or_default().as_millis() as i64;
+    cstokenfs::rules::rfc3339(ms)
 }
 
 /// `cstokenfs csi` running on a socket in a temporary directory, with its data and state
