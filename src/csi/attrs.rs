@@ -247,10 +247,11 @@ fn check_target(target: &str) -> Result<(), CsiError> {
 pub fn who(ctx: &BTreeMap<String, String>) -> String {
     let get = |k: &str| ctx.get(k).map_or("?", String::as_str);
     format!(
-        "pod {}/{} serviceaccount {}",
+        "pod {}/{} serviceaccount {}, client {}",
         get(POD_NAMESPACE),
         get(POD_NAME),
-        get(SERVICE_ACCOUNT)
+        get(SERVICE_ACCOUNT),
+        get(CLIENT_ID)
     )
 }
 

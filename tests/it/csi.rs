@@ -365,6 +365,14 @@ fn requests_it_cannot_serve_are_refused_with_nothing_mounted() {
         1,
         "only v's record"
     );
+    // Each refusal is an audit line naming the pod, its account and the application.
+    let log = node.log_text();
+    assert!(
+        log.contains(&format!(
+            "publish volume v refused: pod shop/web-0 serviceaccount web, client {APP_A}: "
+        )),
+        "{log}"
+    );
 }
 
 #[test]
