@@ -285,6 +285,7 @@ fn listing_shows_declared_and_held_resources_once() {
             ".header",
             ".json",
             ".kubectl",
+            ".kubectl-v1beta1",
             ".status",
             "vault.azure.net"
         ]
@@ -303,6 +304,7 @@ fn listing_shows_declared_and_held_resources_once() {
             ".header",
             ".json",
             ".kubectl",
+            ".kubectl-v1beta1",
             ".status",
             "499b84ac-1321-427f-aa17-267ca6975798",
             "https%3A%2F%2Fmanagement.azure.com",
