@@ -832,6 +832,32 @@ fn get_prints_the_token_or_fails_with_the_right_code() {
 }
 
 #[test]
+fn get_from_a_port_nobody_listens_on_fails_at_once_naming_source_and_url() {
+    let url = format!("http://127.0.0.1:{}/oauth2/token", free_port());
+    let start = Instant::now();
+    let out = cli(["get", "--endpoint", &url, "management.azure.com"])
+        .output()
+        .unwrap();
+    let took = start.elapsed();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(took < Duration::from_secs(2), "no retries: {took:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        err.lines().count(),
+        1,
+        "one line, no WARN repeating it: {err}"
+    );
+    for part in [
+        url.as_str(),
+        "no token from cloudshell at",
+        "chosen because --endpoint without --source",
+        "Connection refused",
+    ] {
+        assert!(err.contains(part), "{part:?} in {err}");
+    }
+}
+
+#[test]
 fn help_on_every_subcommand() {
     for sub in [
         &["--help"][..],
