@@ -27,7 +27,7 @@ also take a URI (https://management.azure.com/) or a scope (https://graph.micros
 
 Views (mount; sink writes the same files; get --view): MOUNT/<name> (raw token, no newline),
 MOUNT/.json/<name>, MOUNT/.header/<name> (Authorization: Bearer ...), MOUNT/.kubectl/<name>
-(ExecCredential), MOUNT/.git-credential/<name>, MOUNT/.claims/<name> (the JWT payload),
+(ExecCredential v1; .kubectl-v1beta1/ v1beta1), MOUNT/.git-credential/<name>, MOUNT/.claims/<name> (the JWT payload),
 MOUNT/.status (JSON: source, identity, errors, counters), MOUNT/.env (--serve-endpoint,
 --serve-imds); MOUNT/id/NAME/ the same tree for each --identity NAME=SELECTOR.
 
@@ -364,7 +364,7 @@ pub struct GetArgs {
     #[arg(long, conflicts_with = "view")]
     pub json: bool,
     /// The view to print: raw (the token and a newline), json, header, kubectl,
-    /// git-credential, claims.
+    /// kubectl-v1beta1, git-credential, claims.
     #[arg(long, value_name = "VIEW", default_value = "raw", value_parser = parse_view)]
     pub view: View,
     /// The resource: a host name as in the mount (management.azure.com), a URI
@@ -541,7 +541,7 @@ fn parse_view(s: &str) -> Result<View, String> {
             _ => v.label() == s,
         })
         .ok_or_else(|| {
-            format!("unknown view {s:?}: raw, json, header, kubectl, git-credential or claims")
+            format!("unknown view {s:?}: raw, json, header, kubectl, kubectl-v1beta1, git-credential or claims")
         })
 }
 

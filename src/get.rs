@@ -25,6 +25,17 @@ pub struct GetRequest {
     pub view: View,
 }
 
+/// The upstream `get` asked, as its failure names it.
+#[derive(Debug, Clone)]
+pub struct Upstream {
+    /// The source's name (`cloudshell`, `imds`, ...).
+    pub kind: String,
+    /// Where it was asked (`Source::endpoint`: never a secret).
+    pub url: String,
+    /// Why detection or the flags chose it.
+    pub reason: String,
+}
+
 /// Why `get` printed no token.
 #[derive(Debug)]
 pub enum GetError {
@@ -32,8 +43,13 @@ pub enum GetError {
     Name { given: String, error: NameError },
     /// The daemon core could not start.
     Daemon(DaemonError),
-    /// No token could be had for `resource`.
-    Fetch { resource: String, error: ReadError },
+    /// No token could be had for `resource` from `source` (its kind, URL and why it was
+    /// chosen).
+    Fetch {
+        resource: String,
+        source: Box<Upstream>,
+        error: ReadError,
+    },
     /// Standard output refused the token.
     Write(io::Error),
     /// `--identity` names more than one identity: `get` prints one token.
@@ -58,7 +74,22 @@ impl fmt::Display for GetError {
                 write!(f, "{given:?} is not a resource name: {error}")
             }
             GetError::Daemon(e) => e.fmt(f),
-            GetError::Fetch { resource, error } => write!(f, "{resource}: {error}"),
+            GetError::Fetch {
+                resource,
+                source,
+                error,
+            } => {
+                let Upstream { kind, url, reason } = &**source;
+                let (what, why) = match error {
+                    ReadError::Unavailable(m) => ("no token from", m),
+                    ReadError::Refused(m) => ("refused by", m),
+                    ReadError::Denied(m) => ("access denied by", m),
+                };
+                write!(
+                    f,
+                    "{resource}: {what} {kind} at {url} (chosen because {reason}): {why}"
+                )
+            }
             GetError::Write(e) => write!(f, "cannot write the token: {e}"),
             GetError::Identities => {
                 f.write_str("get prints one identity's token: give --identity for one NAME only")
@@ -77,7 +108,9 @@ impl From<DaemonError> for GetError {
 
 /// Fetches the token `req` names and prints its view on stdout.
 pub fn run(req: GetRequest) -> Result<(), GetError> {
-    crate::logging::init_stderr("warn");
+    // The failure is `get`'s one line (`GetError::Fetch`): the cache's warning of the same
+    // failure would only repeat it.
+    crate::logging::init_stderr("warn,cstokenfs::cache=error");
     let resource = crate::names::resolve_arg(&req.name).map_err(|error| GetError::Name {
         given: req.name.clone(),
         error,
@@ -108,9 +141,17 @@ pub fn run(req: GetRequest) -> Result<(), GetError> {
     let v = cache
         .read_blocking(&Key::new(identity, resource.clone()), Use::Look)
         .map(|lease| lease.version)
-        .map_err(|error| GetError::Fetch {
-            resource: resource.to_string(),
-            error,
+        .map_err(|error| {
+            let source = cache.identities().source(identity);
+            GetError::Fetch {
+                resource: resource.to_string(),
+                source: Box::new(Upstream {
+                    kind: source.as_ref().map_or("?".into(), |s| s.kind().to_string()),
+                    url: source.as_ref().map_or("?".into(), |s| s.endpoint()),
+                    reason: daemon.source_reason().to_string(),
+                }),
+                error,
+            }
         })?;
     let mut out = io::stdout().lock();
     let written = match req.view {

@@ -63,16 +63,20 @@ pub enum View {
     GitCredential = 4,
     /// The decoded JWT payload as pretty JSON (never the token): `crate::claims`.
     Claims = 5,
+    /// The `Kubectl` view with `apiVersion: client.authentication.k8s.io/v1beta1`, for
+    /// kubeconfigs whose `exec` section asks for that version (what kubelogin writes).
+    KubectlV1beta1 = 6,
 }
 
 impl View {
-    pub const ALL: [View; 6] = [
+    pub const ALL: [View; 7] = [
         View::Raw,
         View::Json,
         View::Header,
         View::Kubectl,
         View::GitCredential,
         View::Claims,
+        View::KubectlV1beta1,
     ];
 
     /// Its name in logs.
@@ -84,6 +88,7 @@ impl View {
             View::Kubectl => "kubectl",
             View::GitCredential => "git-credential",
             View::Claims => "claims",
+            View::KubectlV1beta1 => "kubectl-v1beta1",
         }
     }
 
@@ -96,6 +101,7 @@ impl View {
             View::Kubectl => Some(".kubectl"),
             View::GitCredential => Some(".git-credential"),
             View::Claims => Some(".claims"),
+            View::KubectlV1beta1 => Some(".kubectl-v1beta1"),
         }
     }
 }
@@ -126,7 +132,9 @@ impl Version {
         let raw = Zeroizing::new(token.access_token.as_bytes().to_vec());
         let json = render_json(token, &key.resource);
         let header = wrap(b"Authorization: Bearer ", &raw, b"\n");
-        let kubectl = render_exec_credential(&token.access_token, token.expires_on);
+        let kubectl = render_exec_credential(EXEC_V1, &token.access_token, token.expires_on);
+        let kubectl_v1beta1 =
+            render_exec_credential(EXEC_V1BETA1, &token.access_token, token.expires_on);
         let git = wrap(b"username=cstokenfs\npassword=", &raw, b"\n");
         let claims = crate::claims::render(&token.access_token, token.expires_on);
         Version {
@@ -136,7 +144,7 @@ impl Version {
             fetched_at,
             expires_on: token.expires_on,
             schedule,
-            views: [raw, json, header, kubectl, git, claims],
+            views: [raw, json, header, kubectl, git, claims, kubectl_v1beta1],
         }
     }
 
@@ -166,13 +174,23 @@ fn wrap(before: &[u8], token: &[u8], after: &[u8]) -> Zeroizing<Vec<u8>> {
     out
 }
 
-/// The `.kubectl` view: what client-go expects from an exec credential plugin.
-fn render_exec_credential(token: &str, expires_on: EpochMs) -> Zeroizing<Vec<u8>> {
+/// The exec credential API version of the `.kubectl` view.
+const EXEC_V1: &str = "client.authentication.k8s.io/v1";
+/// The exec credential API version of the `.kubectl-v1beta1` view.
+const EXEC_V1BETA1: &str = "client.authentication.k8s.io/v1beta1";
+
+/// The `.kubectl` views: what client-go expects from an exec credential plugin of
+/// `api_version` (both versions have the same `status` fields).
+fn render_exec_credential(
+    api_version: &str,
+    token: &str,
+    expires_on: EpochMs,
+) -> Zeroizing<Vec<u8>> {
     let mut out = Zeroizing::new(Vec::with_capacity(6 * token.len() + 256));
     let buf: &mut Vec<u8> = &mut out;
-    buf.extend_from_slice(
-        b"{\"apiVersion\":\"client.authentication.k8s.io/v1\",\"kind\":\"ExecCredential\",\"status\":{\"token\":",
-    );
+    buf.extend_from_slice(b"{\"apiVersion\":\"");
+    buf.extend_from_slice(api_version.as_bytes());
+    buf.extend_from_slice(b"\",\"kind\":\"ExecCredential\",\"status\":{\"token\":");
     let _ = serde_json::to_writer(&mut *buf, token);
     buf.extend_from_slice(
         format!(",\"expirationTimestamp\":\"{}\"}}}}\n", rfc3339(expires_on)).as_bytes(),
@@ -279,6 +297,11 @@ mod tests {
         assert_eq!(k["kind"], "ExecCredential");
         assert_eq!(k["status"]["token"], "aaa.bbb.ccc");
         assert_eq!(k["status"]["expirationTimestamp"], "2023-11-14T22:13:20Z");
+        let b: serde_json::Value = serde_json::from_slice(v.bytes(View::KubectlV1beta1)).unwrap();
+        assert_eq!(b["apiVersion"], "client.authentication.k8s.io/v1beta1");
+        assert_eq!((&b["kind"], &b["status"]), (&k["kind"], &k["status"]));
+        assert!(v.bytes(View::KubectlV1beta1).ends_with(b"}\n"));
+        assert_eq!(View::KubectlV1beta1.dir_name(), Some(".kubectl-v1beta1"));
         assert_eq!(
             v.bytes(View::GitCredential),
             b"username=cstokenfs\npassword=aaa.bbb.ccc\n"

@@ -89,7 +89,8 @@ impl Upstream {
     /// Asks until the upstream answers, refuses, or `deadline` passes. Transient failures
     /// (connection trouble, 404, 408, 410, 429, 5xx) are retried after a short pause or the
     /// upstream's `Retry-After` when that fits; a broken HTTP answer once at most; nothing
-    /// is retried while the upstream is known down. Returns the outcome and the calls made.
+    /// is retried while the upstream is known down, nor after a loopback endpoint refused
+    /// the connection (nothing listens there: `SourceError::ends_the_fetch`). Returns the outcome and the calls made.
     pub fn fetch(
         &self,
         source: &dyn Source,
@@ -119,7 +120,10 @@ impl Upstream {
                 Ok(t) => break Ok(t),
                 Err(e) => e,
             };
-            if err.failure() != Failure::Transient || (single && err.is_connection_level()) {
+            if err.failure() != Failure::Transient
+                || (single && err.is_connection_level())
+                || err.ends_the_fetch()
+            {
                 break Err(err);
             }
             if matches!(err, SourceError::Protocol(_)) {
@@ -137,12 +141,12 @@ impl Upstream {
             debug!("{resource}: attempt {calls} failed ({err}); again in {pause:?}");
             std::thread::sleep(pause);
         };
-        self.note(&result, budget);
+        self.note(source, &result, budget);
         (result, calls)
     }
 
     /// Records whether the upstream answered at all (`budget`: the last request's time).
-    fn note(&self, result: &Result<Token, SourceError>, budget: Duration) {
+    fn note(&self, source: &dyn Source, result: &Result<Token, SourceError>, budget: Duration) {
         let mut reach = self.reach.lock();
         match result {
             // Ran out of time before or soon after sending: says nothing of the upstream.
@@ -153,7 +157,11 @@ impl Upstream {
                 reach.down_until =
                     now.saturating_add(policy::backoff_ms(reach.failures, None, 0.0));
                 if reach.failures == 1 {
-                    info!("the endpoint is down ({e}): one attempt per fetch until it answers");
+                    info!(
+                        "the endpoint ({} at {}) is down ({e}): one attempt per fetch until it answers",
+                        source.kind(),
+                        source.endpoint()
+                    );
                 }
             }
             // Anything else was an answer: the upstream is up.

@@ -152,7 +152,11 @@ fn success_shape() {
     let c = claims(&v);
     assert_eq!(
         (c["aud"].as_str(), c["iss"].as_str(), c["serial"].as_u64()),
-        (Some(MGMT), Some(ISSUER), Some(1))
+        (
+            Some(MGMT),
+            Some(format!("https://sts.windows.net/{TEST_TENANT_ID}/").as_str()),
+            Some(1)
+        )
     );
     assert_eq!(
         c["exp"].as_u64().unwrap() - c["iat"].as_u64().unwrap(),
@@ -934,5 +938,83 @@ fn known_identities_are_answered_and_others_refused() {
         // A client ID given as an object ID names no identity.
         let swapped = format!("&object_id={}", known.client_id);
         assert_eq!(get(&emu, &query(api, VAULT, &swapped), &extra).0, 400);
+    }
+}
+
+/// The claims the Azure CLI reads after `az login --identity` / `az account
+/// get-access-token` (`tid`, `oid`, `appid` or `xms_mirid`, `iss`), per principal.
+#[test]
+fn tokens_carry_the_claims_clients_read() {
+    let iss = format!("https://sts.windows.net/{TEST_TENANT_ID}/");
+    let common = |c: &Value, what: &str| {
+        assert_eq!(c["tid"], TEST_TENANT_ID, "{what}");
+        assert_eq!(c["iss"], iss.as_str(), "{what}");
+        assert!(super::claims::is_guid(c["oid"].as_str().unwrap()), "{what}");
+        assert_eq!(c["sub"], c["oid"], "{what}");
+        assert_eq!(c["appid"], c["azp"], "{what}");
+        assert!(
+            super::claims::is_guid(c["appid"].as_str().unwrap()),
+            "{what}"
+        );
+    };
+    // Cloud Shell: the signed-in user.
+    let (status, v) = post(&emu(), MGMT);
+    assert_eq!(status, 200);
+    let c = claims(&v);
+    common(&c, "cloud shell");
+    assert_eq!(
+        (&c["idtyp"], &c["oid"], &c["appid"]),
+        (
+            &json!("user"),
+            &json!(TEST_USER_OBJECT_ID),
+            &json!("04b07795-8ddb-461a-bbee-02f9e1bf7b46")
+        )
+    );
+    assert!(c["upn"].is_string() && c["name"].is_string());
+    assert!(c.get("xms_mirid").is_none());
+    // Managed identities: system-assigned, and user-assigned named by client ID only.
+    for (p, provider) in [
+        (Kind::Imds, "Microsoft.Compute/virtualMachines/"),
+        (Kind::AppService, "Microsoft.Web/sites/"),
+    ] {
+        let emu = emu_with(p);
+        let (api, extra) = match p {
+            Kind::Imds => (IMDS_API_VERSION, META.to_string()),
+            _ => (
+                APP_SERVICE_API_VERSION,
+                format!("X-IDENTITY-HEADER: {}\r\n", emu.identity_header()),
+            ),
+        };
+        let (status, _, v) = get(&emu, &query(api, VAULT, ""), &extra);
+        assert_eq!(status, 200, "{p}: {v}");
+        let c = claims(&v);
+        common(&c, "system-assigned");
+        assert_eq!(c["idtyp"], "app");
+        assert_eq!(c["appid"], DEFAULT_CLIENT_ID);
+        assert_eq!(c["oid"], DEFAULT_OBJECT_ID);
+        let mirid = c["xms_mirid"].as_str().unwrap();
+        assert!(
+            mirid.starts_with("/subscriptions/") && mirid.contains(provider),
+            "{mirid}"
+        );
+        let client = "11111111-2222-3333-4444-555555555555";
+        let (status, _, v) = get(
+            &emu,
+            &query(api, VAULT, &format!("&client_id={client}")),
+            &extra,
+        );
+        assert_eq!(status, 200, "{p}: {v}");
+        let c = claims(&v);
+        common(&c, "user-assigned");
+        assert_eq!(
+            (c["idtyp"].as_str(), c["appid"].as_str()),
+            (Some("app"), Some(client))
+        );
+        assert_ne!(c["oid"], c["appid"]);
+        let mirid = c["xms_mirid"].as_str().unwrap();
+        assert!(
+            mirid.ends_with(&format!("/userAssignedIdentities/{client}")),
+            "{mirid}"
+        );
     }
 }

@@ -47,10 +47,12 @@ use serde_json::Value;
 use crate::hardening::random_hex;
 use crate::httpserver::{self, Server};
 pub use crate::source::Kind;
+pub use claims::{TEST_TENANT_ID, TEST_USER_OBJECT_ID};
 pub use faults::echo as echo_body;
 
 mod action;
 mod bodies;
+mod claims;
 #[cfg(test)]
 mod emulator_tests;
 pub mod entra;
@@ -97,8 +99,6 @@ impl KnownIdentity {
     }
 }
 
-/// `iss` of the tokens the emulator mints.
-const ISSUER: &str = "https://cstokenfs-emulator.invalid/";
 /// The `emulator` claim of every token it mints.
 const NOTICE: &str = "cstokenfs emulator: unsigned test token, not valid in Azure";
 
@@ -258,6 +258,22 @@ struct Who {
     client_id: String,
     object_id: Option<String>,
     resource_id: Option<String>,
+    principal: claims::Principal,
+    /// The tenant the request named (Entra's path); `None`: the configured one.
+    tenant: Option<String>,
+}
+
+impl Who {
+    /// A managed identity (IMDS, App Service, Arc) with the ids a request named.
+    fn managed(client_id: String, object_id: Option<String>, resource_id: Option<String>) -> Who {
+        Who {
+            client_id,
+            object_id,
+            resource_id,
+            principal: claims::Principal::ManagedIdentity,
+            tenant: None,
+        }
+    }
 }
 
 #[derive(Clone)]
@@ -668,21 +684,52 @@ impl Shared {
                 .any(|a| norm(a) == norm(resource))
     }
 
-    /// Mints a token for `resource`, or returns the cached one when caching is on.
+    /// Mints a token for `resource` for the protocol's default principal (Cloud Shell's
+    /// user, the system-assigned identity), or returns the cached one when caching is on.
     fn issue(&self, resource: &str) -> Issued {
-        self.issue_for(resource, None)
+        let who = match self.protocol {
+            Kind::CloudShell | Kind::AzureCli => Who {
+                client_id: claims::AZURE_CLI_APP_ID.into(),
+                object_id: Some(claims::TEST_USER_OBJECT_ID.into()),
+                resource_id: None,
+                principal: claims::Principal::User,
+                tenant: None,
+            },
+            Kind::WorkloadIdentity | Kind::ServicePrincipal => Who {
+                principal: claims::Principal::Application,
+                ..Who::managed(DEFAULT_CLIENT_ID.into(), None, None)
+            },
+            Kind::Imds | Kind::Arc | Kind::AppService => Who::managed(
+                DEFAULT_CLIENT_ID.into(),
+                Some(DEFAULT_OBJECT_ID.into()),
+                None,
+            ),
+        };
+        self.issue_for(resource, Some(&who))
+    }
+
+    /// The tenant of tokens whose request named none: the Entra settings' tenant if it
+    /// is a GUID, else [`TEST_TENANT_ID`].
+    fn tenant(&self) -> String {
+        self.entra
+            .lock()
+            .tenant
+            .clone()
+            .filter(|t| claims::is_guid(t))
+            .unwrap_or_else(|| TEST_TENANT_ID.into())
     }
 
     /// Mints a token for `resource` as `who` asked for it (its ids in the claims), or
     /// returns the cached one when caching is on.
     fn issue_for(&self, resource: &str, who: Option<&Who>) -> Issued {
+        let Some(who) = who else {
+            return self.issue(resource);
+        };
+        let tenant = who.tenant.clone().unwrap_or_else(|| self.tenant());
         let now = now_secs();
         let caching = self.caching.load(SeqCst);
         let mut cache = self.cache.lock();
-        let cache_key = match who {
-            Some(w) => format!("{}\n{resource}", w.client_id),
-            None => resource.to_string(),
-        };
+        let cache_key = format!("{tenant}\n{}\n{resource}", who.client_id);
         if let Some(hit) = cache
             .get(&cache_key)
             .filter(|t| caching && t.expires_on > now)
@@ -692,18 +739,16 @@ impl Shared {
         let exp = now.saturating_add(self.ttl.load(SeqCst));
         let serial = self.serial.fetch_add(1, SeqCst) + 1;
         self.issued.fetch_add(1, SeqCst);
-        let mut claims = serde_json::json!({"iss": ISSUER, "aud": resource, "iat": now, "nbf": now,
-            "exp": exp, "serial": serial, "emulator": NOTICE});
-        if let Some(w) = who {
-            claims["appid"] = w.client_id.clone().into();
-            claims["azp"] = w.client_id.clone().into();
-            if let Some(oid) = &w.object_id {
-                claims["oid"] = oid.clone().into();
-            }
-            if let Some(rid) = &w.resource_id {
-                claims["xms_mirid"] = rid.clone().into();
-            }
-        }
+        let subject = claims::Subject {
+            principal: who.principal,
+            client_id: &who.client_id,
+            object_id: who.object_id.as_deref(),
+            resource_id: who.resource_id.as_deref(),
+            system_assigned: who.client_id == DEFAULT_CLIENT_ID,
+            tenant: &tenant,
+        };
+        let times = claims::Times { now, exp, serial };
+        let claims = claims::claims(self.protocol, resource, &subject, &times, NOTICE);
         let token = format!(
             "{}.{}.",
             URL_SAFE_NO_PAD.encode(r#"{"alg":"none","typ":"JWT"}"#),

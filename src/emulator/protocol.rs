@@ -260,19 +260,15 @@ fn who(sh: &Shared, params: &[u8], client_id: &str) -> Option<Who> {
         get(&["msi_res_id", "mi_res_id"]),
     );
     if c.is_none() && o.is_none() && r.is_none() {
-        return Some(Who {
-            client_id: super::DEFAULT_CLIENT_ID.into(),
-            object_id: Some(super::DEFAULT_OBJECT_ID.into()),
-            resource_id: None,
-        });
+        return Some(Who::managed(
+            super::DEFAULT_CLIENT_ID.into(),
+            Some(super::DEFAULT_OBJECT_ID.into()),
+            None,
+        ));
     }
     let known = sh.identities.lock().clone();
     let Some(known) = known else {
-        return Some(Who {
-            client_id: client_id.to_string(),
-            object_id: o,
-            resource_id: r,
-        });
+        return Some(Who::managed(client_id.to_string(), o, r));
     };
     let same = |given: &Option<String>, ours: &str| {
         given.as_ref().is_none_or(|g| g.eq_ignore_ascii_case(ours))
@@ -280,10 +276,12 @@ fn who(sh: &Shared, params: &[u8], client_id: &str) -> Option<Who> {
     known
         .iter()
         .find(|k| same(&c, &k.client_id) && same(&o, &k.object_id) && same(&r, &k.resource_id))
-        .map(|k| Who {
-            client_id: k.client_id.clone(),
-            object_id: Some(k.object_id.clone()),
-            resource_id: Some(k.resource_id.clone()),
+        .map(|k| {
+            Who::managed(
+                k.client_id.clone(),
+                Some(k.object_id.clone()),
+                Some(k.resource_id.clone()),
+            )
         })
 }
 

@@ -24,6 +24,7 @@ pub const ENV: u64 = 8;
 pub const CLAIMS_DIR: u64 = 9;
 /// `MOUNT/id` (only with `--identity`).
 pub const ID_DIR: u64 = 10;
+pub const KUBECTL_V1BETA1_DIR: u64 = 11;
 /// `MOUNT/id/NAME/` and its view directories: a block of inodes per declared identity, far
 /// above any version's (a version id would need 2^59 fetches to reach them).
 const IDENTITY_DIRS: u64 = 1 << 62;
@@ -59,6 +60,7 @@ pub fn node(ino: u64) -> Option<Node> {
         KUBECTL_DIR => Some(Node::ViewDir(View::Kubectl)),
         GIT_CREDENTIAL_DIR => Some(Node::ViewDir(View::GitCredential)),
         CLAIMS_DIR => Some(Node::ViewDir(View::Claims)),
+        KUBECTL_V1BETA1_DIR => Some(Node::ViewDir(View::KubectlV1beta1)),
         ENV => Some(Node::Env),
         STATUS => Some(Node::Status),
         ID_DIR => Some(Node::Ids),
@@ -92,6 +94,7 @@ pub fn view_dir_ino(view: View) -> u64 {
         View::Kubectl => KUBECTL_DIR,
         View::GitCredential => GIT_CREDENTIAL_DIR,
         View::Claims => CLAIMS_DIR,
+        View::KubectlV1beta1 => KUBECTL_V1BETA1_DIR,
     }
 }
 

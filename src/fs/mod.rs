@@ -33,7 +33,7 @@ use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use zeroize::Zeroizing;
 
 /// A function adding to `.status`.
@@ -181,8 +181,9 @@ pub struct Core {
     /// so nothing lands in the page cache again once it is invalidated.
     stopping: AtomicBool,
     /// The last `.status` snapshot handed out, shared by every open that finds the same
-    /// bytes (nothing changed, same second); gone once its last handle closes.
-    last_status: Mutex<Weak<Vec<u8>>>,
+    /// bytes (nothing changed, same second); gone once its last handle closes. With when it
+    /// was handed out: a GETATTR soon after (a reader's `fstat`) reports its size.
+    last_status: Mutex<(Weak<Vec<u8>>, Instant)>,
     /// `.env` and the front end's parts of `.status`. Fixed at mount.
     extras: Extras,
     /// How opens are served, with no-open mode's state.
@@ -245,7 +246,7 @@ impl Core {
             echo: KernelEcho::default(),
             started: SystemTime::now(),
             stopping: AtomicBool::new(false),
-            last_status: Mutex::new(Weak::new()),
+            last_status: Mutex::new((Weak::new(), Instant::now())),
             serving: match extras.no_open {
                 true => Serving::NoOpen(noopen::NoOpen::new()),
                 false => Serving::Handles,
@@ -718,15 +719,31 @@ impl Core {
     fn status_snapshot(&self) -> Arc<Vec<u8>> {
         let mut fresh = self.status_bytes();
         let mut last = self.last_status.lock();
-        if let Some(prev) = last.upgrade() {
+        if let Some(prev) = last.0.upgrade() {
             if *prev == fresh {
+                last.1 = Instant::now();
                 return prev;
             }
         }
         fresh.shrink_to_fit();
         let snapshot = Arc::new(fresh);
-        *last = Arc::downgrade(&snapshot);
+        *last = (Arc::downgrade(&snapshot), Instant::now());
         snapshot
+    }
+
+    /// `.status`'s size as a reader that opened it sees it: the length of the snapshot the
+    /// last open got, while a handle holds it and for [`META_TTL`] after that open (a
+    /// reader's `fstat` follows its open); else the length of the bytes an open would get
+    /// now. Two readers opening a changed `.status` within that second may see one size
+    /// for the other's snapshot; a reader of the whole file (to EOF) reads it all anyway.
+    fn status_size(&self) -> u64 {
+        {
+            let last = self.last_status.lock();
+            if let Some(prev) = last.0.upgrade().filter(|_| last.1.elapsed() < META_TTL) {
+                return prev.len() as u64;
+            }
+        }
+        self.status_bytes().len() as u64
     }
 
     fn status_bytes(&self) -> Vec<u8> {

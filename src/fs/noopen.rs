@@ -149,11 +149,15 @@ impl Core {
         n.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// `.status`'s entry: in no-open mode a new snapshot when anything changed, described
-    /// with attribute TTL 0 so the kernel asks again before every read.
+    /// `.status`'s entry, described with attribute TTL 0 so the kernel asks again before
+    /// every read and `fstat`: with handles, the size of what an open reads
+    /// (`status_size`); in no-open mode a new snapshot when anything changed.
     pub(super) fn status_entry(&self) -> Entry {
         let mut entry = self.meta_entry(inode::STATUS);
         let Serving::NoOpen(no) = &self.serving else {
+            entry.attr.size = self.status_size();
+            entry.attr.blocks = entry.attr.size.div_ceil(512);
+            entry.ttl = Duration::ZERO;
             return entry;
         };
         let bytes = self.status_bytes();

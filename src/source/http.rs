@@ -190,17 +190,26 @@ pub fn transport_error(e: reqwest::Error) -> SourceError {
     // Content-Length) is hyper's parse error somewhere in the chain.
     let mut cause: &dyn std::error::Error = &e;
     let mut broken_http = false;
+    let mut refused = false;
     loop {
         broken_http |= cause
             .downcast_ref::<hyper::Error>()
             .is_some_and(hyper::Error::is_parse);
+        refused |= cause
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::ConnectionRefused);
         match cause.source() {
             Some(next) => cause = next,
             None => break,
         }
     }
+    // Nothing listens on a loopback port: no retry within this fetch will change that
+    // (a remote address may refuse while a load balancer or the host restarts).
+    let local = e.url().is_some_and(super::client_tls::is_loopback);
     if broken_http {
         SourceError::Protocol(cause.to_string())
+    } else if refused && local {
+        SourceError::NothingListens(cause.to_string())
     } else {
         SourceError::Unreachable(cause.to_string())
     }
@@ -238,6 +247,25 @@ fn with_query(url: &reqwest::Url, params: &[(&str, &str)]) -> reqwest::Url {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_refused_loopback_connection_ends_the_fetch() {
+        // A port just let go of: nothing listens there.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .unwrap();
+        for host in ["127.0.0.1", "localhost"] {
+            let ep = HttpEndpoint::new(&format!("http://{host}:{port}/oauth2/token")).unwrap();
+            let err = request_token(ep.post(), Duration::from_secs(2)).unwrap_err();
+            assert!(
+                matches!(err, SourceError::NothingListens(_)),
+                "{host}: {err}"
+            );
+            assert!(err.ends_the_fetch() && err.is_connection_level());
+            assert!(err.to_string().starts_with("endpoint unreachable: "));
+        }
+    }
 
     #[test]
     fn endpoint_urls_are_http_with_a_host_and_no_credentials() {

@@ -123,6 +123,10 @@ pub trait Source: Send + Sync {
 pub enum SourceError {
     /// No connection (refused, reset, DNS): the endpoint may not be up yet.
     Unreachable(String),
+    /// A loopback endpoint refused the connection: nothing listens on that port, and a
+    /// retry within the same fetch would find the same (the fetch fails at once; later
+    /// fetches try again, as after `Unreachable`).
+    NothingListens(String),
     /// No complete answer within the time allowed.
     Timeout,
     /// The answer broke HTTP itself (a bad status line, HTTP/0.9, an oversized head, a bad
@@ -234,6 +238,7 @@ impl SourceError {
     pub fn failure(&self) -> Failure {
         match self {
             SourceError::Unreachable(_)
+            | SourceError::NothingListens(_)
             | SourceError::Timeout
             | SourceError::Protocol(_)
             | SourceError::Throttled => Failure::Transient,
@@ -258,7 +263,15 @@ impl SourceError {
     /// The connection itself failed (refused, reset, no answer in time): the upstream, not
     /// this resource, is in trouble.
     pub fn is_connection_level(&self) -> bool {
-        matches!(self, SourceError::Unreachable(_) | SourceError::Timeout)
+        matches!(
+            self,
+            SourceError::Unreachable(_) | SourceError::NothingListens(_) | SourceError::Timeout
+        )
+    }
+
+    /// No retry within this fetch can help (a refused connection to a loopback endpoint).
+    pub fn ends_the_fetch(&self) -> bool {
+        matches!(self, SourceError::NothingListens(_))
     }
 
     pub fn retry_after(&self) -> Option<Duration> {
@@ -293,7 +306,9 @@ fn names_unknown_identity(message: &str) -> bool {
 impl fmt::Display for SourceError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let text = match self {
-            SourceError::Unreachable(why) => format!("endpoint unreachable: {why}"),
+            SourceError::Unreachable(why) | SourceError::NothingListens(why) => {
+                format!("endpoint unreachable: {why}")
+            }
             SourceError::Timeout => "endpoint did not answer in time".into(),
             SourceError::Protocol(why) => format!("the endpoint broke HTTP: {why}"),
             SourceError::Throttled => {

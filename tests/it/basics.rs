@@ -257,6 +257,40 @@ fn status_lists_state_without_token_bytes() {
 }
 
 #[test]
+fn status_size_is_what_a_size_trusting_reader_reads() {
+    use std::io::Read;
+    need_fuse!();
+    let emu = emulator();
+    for flags in [&[][..], &["--no-open"]] {
+        let m = Mounted::new(&emu.url(), flags);
+        m.read("vault.azure.net").unwrap();
+        // A reader that reads exactly st_size bytes (as some parsers do): fstat, then read.
+        let mut file = std::fs::File::open(m.file(".status")).unwrap();
+        let size = file.metadata().unwrap().len();
+        assert!(size > 0, "{flags:?}");
+        let mut buf = vec![0u8; size as usize];
+        file.read_exact(&mut buf).unwrap();
+        let doc: serde_json::Value = serde_json::from_slice(&buf).unwrap();
+        assert!(doc["resources"].is_array(), "{flags:?}");
+        assert_eq!(
+            file.read(&mut [0u8; 16]).unwrap(),
+            0,
+            "nothing past st_size"
+        );
+        drop(file);
+        // And stat by name, then open and read st_size bytes.
+        let script = "import json,os,sys; p=sys.argv[1]; n=os.stat(p).st_size; \
+            d=json.loads(open(p,'rb').read(n)); sys.stdout.write(str(len(d['resources'])))";
+        let text = Command::new("python3")
+            .args(["-c", script])
+            .arg(m.file(".status"))
+            .output()
+            .unwrap();
+        assert_eq!(String::from_utf8_lossy(&text.stdout), "1", "{flags:?}");
+    }
+}
+
+#[test]
 fn listing_shows_declared_and_held_resources_once() {
     need_fuse!();
     let emu = emulator();
@@ -285,6 +319,7 @@ fn listing_shows_declared_and_held_resources_once() {
             ".header",
             ".json",
             ".kubectl",
+            ".kubectl-v1beta1",
             ".status",
             "vault.azure.net"
         ]
@@ -303,6 +338,7 @@ fn listing_shows_declared_and_held_resources_once() {
             ".header",
             ".json",
             ".kubectl",
+            ".kubectl-v1beta1",
             ".status",
             "499b84ac-1321-427f-aa17-267ca6975798",
             "https%3A%2F%2Fmanagement.azure.com",
@@ -792,6 +828,32 @@ fn get_prints_the_token_or_fails_with_the_right_code() {
     ] {
         let out = cli(usage).output().unwrap();
         assert_eq!(out.status.code(), Some(2), "{usage:?}");
+    }
+}
+
+#[test]
+fn get_from_a_port_nobody_listens_on_fails_at_once_naming_source_and_url() {
+    let url = format!("http://127.0.0.1:{}/oauth2/token", free_port());
+    let start = Instant::now();
+    let out = cli(["get", "--endpoint", &url, "management.azure.com"])
+        .output()
+        .unwrap();
+    let took = start.elapsed();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(took < Duration::from_secs(2), "no retries: {took:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        err.lines().count(),
+        1,
+        "one line, no WARN repeating it: {err}"
+    );
+    for part in [
+        url.as_str(),
+        "no token from cloudshell at",
+        "chosen because --endpoint without --source",
+        "Connection refused",
+    ] {
+        assert!(err.contains(part), "{part:?} in {err}");
     }
 }
 

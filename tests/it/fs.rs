@@ -235,6 +235,29 @@ fn status_is_json_without_token_bytes() {
 }
 
 #[test]
+fn status_has_the_size_an_open_reads() {
+    let f = fixture();
+    f.ino(ARM);
+    let attr = f.core.getattr(inode::STATUS).unwrap();
+    assert_eq!(attr.ttl, Duration::ZERO, "asked again at every fstat");
+    let (fh, _) = f.core.open(inode::STATUS, READER).unwrap();
+    let read = |fh| f.core.read(inode::STATUS, fh, 0, 1 << 20, <[u8]>::to_vec);
+    let bytes = read(fh).unwrap();
+    assert_eq!(attr.attr.size, bytes.len() as u64, "stat before the open");
+    // `.status` changes (another resource): the reader's fstat still gives its snapshot's size.
+    f.ino("vault.azure.net");
+    let size = |f: &Fixture| f.core.getattr(inode::STATUS).unwrap().attr.size;
+    assert_eq!(size(&f), bytes.len() as u64, "fstat after the open");
+    f.core.release(fh);
+    // The next open reads the new bytes, and its fstat gives their size.
+    let (fh, _) = f.core.open(inode::STATUS, READER).unwrap();
+    let now = read(fh).unwrap();
+    assert_ne!(now.len(), bytes.len());
+    assert_eq!(size(&f), now.len() as u64);
+    f.core.release(fh);
+}
+
+#[test]
 fn directories_and_dot_names() {
     let f = fixture();
     assert_eq!(

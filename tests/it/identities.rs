@@ -158,6 +158,7 @@ fn three_identities_and_the_mounts_own_on_every_route() {
             ".json",
             ".header",
             ".kubectl",
+            ".kubectl-v1beta1",
             ".git-credential",
             ".claims",
             "vault.azure.net",

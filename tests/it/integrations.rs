@@ -60,7 +60,25 @@ fn kubectl_view_is_an_exec_credential() {
         "same permissions as the other views"
     );
     assert_eq!(meta.len(), out.stdout.len() as u64);
+    // The v1beta1 view beside it (kubeconfigs kubelogin converted): the same status.
+    let beta = m.read(&format!(".kubectl-v1beta1/{AKS}")).unwrap();
+    let beta: serde_json::Value = serde_json::from_slice(&beta).unwrap();
+    assert_eq!(beta["apiVersion"], "client.authentication.k8s.io/v1beta1");
+    assert_eq!(beta["kind"], "ExecCredential");
+    assert_eq!(beta["status"], cred["status"]);
     assert_eq!(emu.requests(), 1, "same cache as the other views");
+    // `get --view` prints either document.
+    for (view, api) in [("kubectl", "v1"), ("kubectl-v1beta1", "v1beta1")] {
+        let out = cli(["get", "--endpoint", &emu.url(), "--view", view, AKS])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{view}");
+        let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let want = format!("client.authentication.k8s.io/{api}");
+        assert_eq!(doc["apiVersion"], want.as_str());
+        assert!(doc["status"]["token"].is_string(), "{view}");
+        assert!(doc["status"]["expirationTimestamp"].is_string(), "{view}");
+    }
 }
 
 #[test]

@@ -307,3 +307,26 @@ fn the_federated_flag_names_a_client_issuer_and_subject() {
         assert!(command::federated(bad).is_err(), "{bad}");
     }
 }
+
+#[test]
+fn tokens_name_the_tenant_and_the_application() {
+    let emu = start(EntraSettings::default());
+    let tenant = "72F988BF-86F1-41AF-91AB-2D7CD011DB47";
+    let tid = |path: &str| {
+        let (status, body) = post(&emu, path, OK);
+        assert_eq!(status, 200, "{body}");
+        crate::emulator::decode_claims(body["access_token"].as_str().unwrap()).unwrap()
+    };
+    let c = tid(&format!("{tenant}/oauth2/v2.0/token"));
+    let lower = tenant.to_ascii_lowercase();
+    assert_eq!(c["tid"], lower.as_str());
+    assert_eq!(c["iss"], format!("https://sts.windows.net/{lower}/"));
+    assert_eq!(
+        (c["idtyp"].as_str(), c["appid"].as_str()),
+        (Some("app"), Some("c"))
+    );
+    assert!(c["oid"].is_string() && c.get("xms_mirid").is_none());
+    // A tenant named by its domain: the test tenant's ID, as no GUID is known.
+    let c = tid("contoso.onmicrosoft.com/oauth2/v2.0/token");
+    assert_eq!(c["tid"], crate::emulator::TEST_TENANT_ID);
+}

@@ -251,11 +251,14 @@ fn answer(sh: &Shared, req: &Request, tenant: &str) -> Action {
         let message = format!("The resource principal named {resource} was not found in the tenant named {tenant}. This can happen if the application has not been installed by the administrator of the tenant.");
         return error(400, "invalid_resource", 500011, &message);
     }
-    // The token tells which application asked (`appid`, `azp`).
+    // The token tells which application asked (`appid`, `azp`), in which tenant (`tid`:
+    // the path's when it is a GUID, as Entra's tokens carry the tenant's ID, not its name).
     let who = super::Who {
         client_id: client_id.clone(),
         object_id: None,
         resource_id: None,
+        principal: super::claims::Principal::Application,
+        tenant: super::claims::is_guid(tenant).then(|| tenant.to_ascii_lowercase()),
     };
     let issued = sh.issue_for(resource, Some(&who));
     ok(entra_body(&issued, &issued.token))
