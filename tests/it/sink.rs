@@ -553,6 +553,27 @@ fn a_sink_of_another_user_asked_for_an_owner_and_mode_in_an_empty_dir() {
     );
     assert!(tree(&fs.path).is_empty(), "left: {:?}", tree(&fs.path));
     assert_eq!(owner(&fs.path), (0, 0, 0o777));
+
+    // A directory of its own in there: its mode is the sink's to change, and given back.
+    let sub = fs.path.join("mine");
+    std::fs::create_dir(&sub).unwrap();
+    std::os::unix::fs::chown(&sub, Some(NOBODY), Some(NOBODY)).unwrap();
+    let mut cmd = sink_cmd(
+        &emu.url(),
+        &sub,
+        &["-f", "--resource", VAULT, "--mode", "0440"],
+    );
+    cmd.uid(NOBODY).gid(NOBODY);
+    let mut sink = Sink::spawn(cmd, &sub);
+    wait_file(&sub.join(VAULT), Duration::from_secs(20));
+    assert_eq!(
+        owner(&sub),
+        (NOBODY, NOBODY, 0o750),
+        "DIR while the sink runs"
+    );
+    assert_eq!(sink.stop(libc::SIGTERM), Some(0), "{}", sink.log_text());
+    assert_eq!(owner(&sub), (NOBODY, NOBODY, 0o755), "DIR after");
+    assert!(!sink.log_text().contains("WARN"), "{}", sink.log_text());
 }
 
 /// Issue 23: a sink killed (-9) and started again on the same DIR (a container restart):
