@@ -581,10 +581,17 @@ fn a_sink_of_another_user_asked_for_an_owner_and_mode_in_an_empty_dir() {
 /// readers never miss a file; those of an expired token go at once.
 #[test]
 fn a_restarted_sink_keeps_valid_files_until_replaced_and_removes_expired_ones() {
+    use std::os::unix::process::CommandExt;
     let emu = emulator();
-    let fs = Tmpfs::new();
-    let args = ["--resource", VAULT, "--resource", ARM];
-    let mut first = Sink::start(&emu.url(), &fs.path, &args);
+    // As in a pod: an emptyDir (root's, 0777) and a sink that is not root.
+    let fs = Tmpfs::with_options("mode=0777,size=1m");
+    let start = || {
+        let args = ["-f", "--resource", VAULT, "--resource", ARM];
+        let mut cmd = sink_cmd(&emu.url(), &fs.path, &args);
+        cmd.uid(NOBODY).gid(NOBODY);
+        Sink::spawn(cmd, &fs.path)
+    };
+    let mut first = start();
     let raw = fs.path.join(VAULT);
     let before = serial(&wait_file(&raw, Duration::from_secs(20)));
     wait_file(&fs.path.join(ARM), Duration::from_secs(20));
@@ -614,7 +621,7 @@ fn a_restarted_sink_keeps_valid_files_until_replaced_and_removes_expired_ones() 
     std::fs::write(&arm_json, format!("{doc}\n")).unwrap();
     // The new sink's first tokens come 3 s late: what is in DIR meanwhile is what it kept.
     emu.set_latency(Duration::from_secs(3));
-    let second = Sink::start(&emu.url(), &fs.path, &args);
+    let second = start();
     let arm_gone = eventually(Duration::from_secs(2), || {
         VIEWS
             .iter()
@@ -646,4 +653,7 @@ fn a_restarted_sink_keeps_valid_files_until_replaced_and_removes_expired_ones() 
         log.contains("taking over the lock of a sink that is gone"),
         "{log}"
     );
+    let mut second = second;
+    assert_eq!(second.stop(libc::SIGTERM), Some(0), "{}", second.log_text());
+    assert!(tree(&fs.path).is_empty(), "left: {:?}", tree(&fs.path));
 }
