@@ -541,6 +541,43 @@ mod tests {
         assert!(!dir.path().join(".json").exists());
     }
 
+    /// Whatever a watcher asks for, a replacement gives the final name one event: the
+    /// temporary file is written, given its owner and mode, and closed under its own name.
+    #[test]
+    fn a_write_gives_the_final_name_one_moved_to_and_nothing_else() {
+        use std::os::unix::ffi::OsStrExt;
+        let dir = tempfile::tempdir().unwrap();
+        let w = writer(dir.path());
+        // SAFETY: plain inotify calls on a descriptor this test owns.
+        let fd = unsafe { libc::inotify_init1(libc::IN_NONBLOCK | libc::IN_CLOEXEC) };
+        assert!(fd >= 0);
+        let path = std::ffi::CString::new(dir.path().as_os_str().as_bytes()).unwrap();
+        // SAFETY: as above.
+        assert!(unsafe { libc::inotify_add_watch(fd, path.as_ptr(), libc::IN_ALL_EVENTS) } >= 0);
+        w.write("a", b"one").unwrap();
+        w.write("a", b"two").unwrap();
+        let mut buf = [0u8; 4096];
+        // SAFETY: reading into a buffer we own.
+        let n = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
+        // SAFETY: closing our descriptor.
+        unsafe { libc::close(fd) };
+        assert!(n > 0);
+        let (mut at, mut on_a) = (0, Vec::new());
+        while at < n as usize {
+            let mask = u32::from_ne_bytes(buf[at + 4..at + 8].try_into().unwrap());
+            let len = u32::from_ne_bytes(buf[at + 12..at + 16].try_into().unwrap()) as usize;
+            let name = buf[at + 16..at + 16 + len]
+                .split(|b| *b == 0)
+                .next()
+                .unwrap();
+            if name == b"a" {
+                on_a.push(mask);
+            }
+            at += 16 + len;
+        }
+        assert_eq!(on_a, [libc::IN_MOVED_TO, libc::IN_MOVED_TO]);
+    }
+
     /// A view directory swapped for a symlink to another directory: the writer keeps
     /// writing into (and removing from) the directory it made; the other one is untouched.
     #[test]
