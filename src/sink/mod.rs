@@ -2,8 +2,9 @@
 //! cannot mount FUSE. The same cache, sources and freshness rules feed it; every file is
 //! replaced atomically, and a token is removed before it stops being valid.
 //!
-//! `dir` checks DIR (in memory only) and holds its lock; `crate::writer` writes the files;
-//! `sync` keeps them in step with the cache. The cache, detaching, the log file and
+//! `dir` checks DIR (in memory only) and holds its lock; `left` takes over what a sink
+//! that is gone left there (keeping its still-valid files until replaced); `crate::writer`
+//! writes the files; `sync` keeps them in step with the cache. The cache, detaching, the log file and
 //! signals are the daemon core's (`crate::daemon`), as for every front end.
 
 mod dir;
@@ -246,11 +247,7 @@ fn owner_refused(shown: &str, req: &SinkRequest, e: &std::io::Error) -> SinkErro
     SinkError::Dir(format!(
         "{shown}: cannot give the sink's files the owner asked for ({}): {e}; without root \
          (or CAP_CHOWN) --uid must be the sink's own uid ({}) and --gid one of its groups",
-        if asked.is_empty() {
-            "none".to_string()
-        } else {
-            asked.join(" ")
-        },
+        asked.join(" "),
         writer::euid()
     ))
 }
@@ -378,7 +375,9 @@ impl HeldDir {
             }
             self.writer.make_dir(&rel).map_err(|e| {
                 let shown = shown(&self.writer, &rel);
-                if e.kind() == std::io::ErrorKind::PermissionDenied {
+                // EPERM from the chown (a directory it cannot make is EACCES).
+                let chown = e.raw_os_error() == Some(libc::EPERM);
+                if chown && (req.uid.is_some() || req.gid.is_some()) {
                     owner_refused(&shown, req, &e)
                 } else {
                     SinkError::Dir(format!("{shown}: {e}"))

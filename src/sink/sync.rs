@@ -2,7 +2,8 @@
 //! `Cache::read_now`, a use of the token, so it is refreshed ahead), writes its views when
 //! the lease is of a new version valid for at least `UNLINK_LEAD`, removes them before the
 //! version stops being valid (the lease's `valid_for`, the cache's judgement), waits for
-//! what is missing, and rewrites `.status` on change.
+//! what is missing, and rewrites `.status` on change. Files a sink before left (`left`)
+//! stay until the first version replaces them, or go at their deadline.
 
 use super::{Declared, HeldDir, SinkRequest};
 use crate::cache::{Cache, Done, Key, ReadError, Status, Use};
