@@ -606,6 +606,9 @@ fn a_restarted_sink_keeps_valid_files_until_replaced_and_removes_expired_ones() 
                         Ok(t) if !t.is_empty() => reads += 1,
                         _ => failed += 1,
                     }
+                    // Often enough to catch a gap of a millisecond, without starving the
+                    // tests running beside this one.
+                    std::thread::sleep(Duration::from_micros(200));
                 }
                 (reads, failed)
             })
