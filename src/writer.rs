@@ -13,9 +13,10 @@ use rustix::fs::{self as rfs, AtFlags, FileType, Gid, Mode, OFlags, Stat, Uid};
 use std::cell::RefCell;
 use std::collections::BTreeSet;
 use std::fmt;
-use std::io::{self, Write};
+use std::io::{self, Read, Write};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::{Component, Path, PathBuf};
+use zeroize::Zeroizing;
 
 /// The `.status` file, as in the mount.
 pub const STATUS: &str = ".status";
@@ -251,7 +252,11 @@ impl Writer {
             file.write_all(bytes)?;
             rfs::fchown(&file, Some(self.uid()), Some(self.gid()))?;
             rfs::fchmod(&file, Mode::from_raw_mode(u32::from(self.access.file_mode)))?;
-            // tmpfs: no fsync, the pages never reach a disk.
+            // Closed before the rename: its IN_CLOSE_WRITE names the temporary file, and the
+            // final name gets one IN_MOVED_TO and nothing else (a file closed after the
+            // rename would add an IN_CLOSE_WRITE under the final name). tmpfs: no fsync,
+            // the pages never reach a disk.
+            drop(file);
             Ok(rfs::renameat(at, &temp, at, name)?)
         })();
         match written {
@@ -295,6 +300,54 @@ impl Writer {
         }
     }
 
+    /// Counts `rel`, a file left by a writer before this one and kept, as written by this
+    /// one: replaced by its next write, removed by `remove` and at exit.
+    pub fn keep(&self, rel: &str) {
+        self.written.borrow_mut().insert(rel.to_string());
+    }
+
+    /// The bytes of `rel` (at most `limit`) if it is a regular file in DIR or a directory
+    /// this writer holds, with one link and exactly the owner and mode this writer gives its
+    /// files: a file a writer before it wrote with the same settings. Opened without
+    /// following a symlink and without blocking (a FIFO at the name is not waited on).
+    pub fn read_as_written(&self, rel: &str, limit: usize) -> Option<Zeroizing<Vec<u8>>> {
+        let (at, name) = self.parent_of(rel).ok()?;
+        let flags = OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC;
+        let file = std::fs::File::from(rfs::openat(at, name, flags, Mode::empty()).ok()?);
+        let st = rfs::fstat(&file).ok()?;
+        let as_written = FileType::from_raw_mode(st.st_mode) == FileType::RegularFile
+            && st.st_nlink == 1
+            && st.st_uid == self.access.uid
+            && st.st_gid == self.access.gid
+            && st.st_mode & 0o7777 == u32::from(self.access.file_mode);
+        let size = usize::try_from(st.st_size).ok()?;
+        if !as_written || size > limit {
+            return None;
+        }
+        let mut out = Zeroizing::new(Vec::with_capacity(size));
+        std::io::Read::take(&file, limit as u64)
+            .read_to_end(&mut out)
+            .ok()?;
+        Some(out)
+    }
+
+    /// Holds the directory `rel` a writer before this one made (a sink taking over from
+    /// one that is gone) as `adopt_dir` does, and gives it the owner and mode `make_dir`
+    /// gives, by descriptor.
+    pub fn take_over_dir(&mut self, rel: &str) -> io::Result<()> {
+        self.adopt_dir(rel)?;
+        let set = match self.views.last() {
+            Some((_, fd)) => rfs::fchown(fd, Some(self.uid()), Some(self.gid()))
+                .and_then(|()| rfs::fchmod(fd, Mode::from_raw_mode(u32::from(self.dir_mode)))),
+            None => Ok(()),
+        };
+        if let Err(e) = set {
+            self.views.pop();
+            return Err(e.into());
+        }
+        Ok(())
+    }
+
     /// Whether `name` exists in DIR (not following a symlink).
     pub fn exists(&self, name: &str) -> bool {
         rfs::statat(&self.dir, name, AtFlags::SYMLINK_NOFOLLOW).is_ok()
@@ -316,8 +369,13 @@ impl Writer {
                 "replaced by another directory while it was being made",
             ));
         }
-        rfs::fchown(&fd, Some(self.uid()), Some(self.gid()))?;
-        rfs::fchmod(&fd, Mode::from_raw_mode(u32::from(self.dir_mode)))?;
+        let set = rfs::fchown(&fd, Some(self.uid()), Some(self.gid()))
+            .and_then(|()| rfs::fchmod(&fd, Mode::from_raw_mode(u32::from(self.dir_mode))));
+        if let Err(e) = set {
+            // Not left behind half made (another owner than asked).
+            unlink_if_held(at, name, fd.as_fd(), AtFlags::REMOVEDIR);
+            return Err(e.into());
+        }
         self.views.push((rel.to_string(), fd));
         Ok(())
     }
@@ -481,6 +539,43 @@ mod tests {
         w.remove(".json/a").unwrap();
         w.remove_dir(".json");
         assert!(!dir.path().join(".json").exists());
+    }
+
+    /// Whatever a watcher asks for, a replacement gives the final name one event: the
+    /// temporary file is written, given its owner and mode, and closed under its own name.
+    #[test]
+    fn a_write_gives_the_final_name_one_moved_to_and_nothing_else() {
+        use std::os::unix::ffi::OsStrExt;
+        let dir = tempfile::tempdir().unwrap();
+        let w = writer(dir.path());
+        // SAFETY: plain inotify calls on a descriptor this test owns.
+        let fd = unsafe { libc::inotify_init1(libc::IN_NONBLOCK | libc::IN_CLOEXEC) };
+        assert!(fd >= 0);
+        let path = std::ffi::CString::new(dir.path().as_os_str().as_bytes()).unwrap();
+        // SAFETY: as above.
+        assert!(unsafe { libc::inotify_add_watch(fd, path.as_ptr(), libc::IN_ALL_EVENTS) } >= 0);
+        w.write("a", b"one").unwrap();
+        w.write("a", b"two").unwrap();
+        let mut buf = [0u8; 4096];
+        // SAFETY: reading into a buffer we own.
+        let n = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
+        // SAFETY: closing our descriptor.
+        unsafe { libc::close(fd) };
+        assert!(n > 0);
+        let (mut at, mut on_a) = (0, Vec::new());
+        while at < n as usize {
+            let mask = u32::from_ne_bytes(buf[at + 4..at + 8].try_into().unwrap());
+            let len = u32::from_ne_bytes(buf[at + 12..at + 16].try_into().unwrap()) as usize;
+            let name = buf[at + 16..at + 16 + len]
+                .split(|b| *b == 0)
+                .next()
+                .unwrap();
+            if name == b"a" {
+                on_a.push(mask);
+            }
+            at += 16 + len;
+        }
+        assert_eq!(on_a, [libc::IN_MOVED_TO, libc::IN_MOVED_TO]);
     }
 
     /// A view directory swapped for a symlink to another directory: the writer keeps

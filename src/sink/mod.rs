@@ -2,11 +2,13 @@
 //! cannot mount FUSE. The same cache, sources and freshness rules feed it; every file is
 //! replaced atomically, and a token is removed before it stops being valid.
 //!
-//! `dir` checks DIR (in memory only) and holds its lock; `crate::writer` writes the files;
-//! `sync` keeps them in step with the cache. The cache, detaching, the log file and
+//! `dir` checks DIR (in memory only) and holds its lock; `left` takes over what a sink
+//! that is gone left there (keeping its still-valid files until replaced); `crate::writer`
+//! writes the files; `sync` keeps them in step with the cache. The cache, detaching, the log file and
 //! signals are the daemon core's (`crate::daemon`), as for every front end.
 
 mod dir;
+mod left;
 mod sync;
 
 use crate::access::Access;
@@ -15,6 +17,7 @@ use crate::daemon::{self, DaemonError, Detached, Handled, Ready};
 use crate::policy::Policy;
 use crate::source::select::{Plan, Wanted};
 use crate::writer;
+use std::collections::BTreeSet;
 use std::fmt;
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
@@ -234,6 +237,21 @@ fn serve(
     outcome
 }
 
+/// Why the sink cannot give its files the owner asked for (`--uid`, `--gid`): only root
+/// (or CAP_CHOWN) gives a file another owner, and a group only to one of its own groups.
+fn owner_refused(shown: &str, req: &SinkRequest, e: &std::io::Error) -> SinkError {
+    let asked: Vec<String> = [("--uid", req.uid), ("--gid", req.gid)]
+        .into_iter()
+        .filter_map(|(flag, id)| id.map(|id| format!("{flag} {id}")))
+        .collect();
+    SinkError::Dir(format!(
+        "{shown}: cannot give the sink's files the owner asked for ({}): {e}; without root \
+         (or CAP_CHOWN) --uid must be the sink's own uid ({}) and --gid one of its groups",
+        asked.join(" "),
+        writer::euid()
+    ))
+}
+
 /// DIR while this sink holds it: the lock, the writer, what to restore on exit.
 pub(crate) struct HeldDir {
     /// The lock file, held with `flock` while the sink runs.
@@ -246,6 +264,9 @@ pub(crate) struct HeldDir {
     /// DIR's owner and mode to give back at exit, if this sink (or the killed one whose lock
     /// it took over) changed them.
     restore: Option<writer::Owner>,
+    /// For each declared resource (in order), until when the files a sink before this one
+    /// left of it may stay (they hold a valid token) if no new version replaces them.
+    kept_until: Vec<Option<std::time::Instant>>,
 }
 
 /// The names of the declared identities (`--identity`), in order.
@@ -277,31 +298,21 @@ fn take_dir(req: &SinkRequest, dir: &Path, declared: &[Declared]) -> Result<Held
     // Without root's override the sink needs the owner's write bit to replace its files.
     let dir_mode = access.dir_mode() | if root { 0 } else { 0o200 };
     let io = |e: std::io::Error| SinkError::Dir(format!("{}: {e}", dir.display()));
-    let writer = writer::Writer::new(fd, req.dir.clone(), access, dir_mode).map_err(io)?;
+    let mut writer = writer::Writer::new(fd, req.dir.clone(), access, dir_mode).map_err(io)?;
     let now = writer.dir_owner().map_err(io)?;
+    let mut taken = left::TakenOver::default();
     let before = match stale {
         Some(old) => {
             log::warn!(
-                "{}: taking over the lock of a sink that is gone (pid {}); removing its files",
+                "{}: taking over the lock of a sink that is gone (pid {}); keeping its files \
+                 that hold a valid token until they are replaced, removing the others",
                 dir.display(),
                 old.pid
             );
-            // Only names a sink's layout has: DIR/<name>, .status, and <dir>/<name> where
-            // the directory is one a sink makes (opened without following a symlink).
-            let ours = |rel: &str| {
-                writer::is_inside(rel)
-                    && rel
-                        .rsplit_once('/')
-                        .is_none_or(|(parent, _)| writer::is_sink_dir(parent))
-            };
-            for rel in old.files.iter().filter(|r| ours(r)) {
-                writer
-                    .remove_left(rel)
-                    .map_err(|e| SinkError::Dir(format!("{}: {e}", writer.path(rel).display())))?;
-            }
-            for rel in old.dirs.iter().rev().filter(|r| writer::is_sink_dir(r)) {
-                writer.remove_left_dir(rel);
-            }
+            let layout = writer::dirs(&identity_names(req));
+            let now_ms = crate::policy::now_ms();
+            taken = left::take_over(&mut writer, &old, declared, &layout, now_ms)
+                .map_err(SinkError::Dir)?;
             writer::Owner {
                 uid: old.dir_uid,
                 gid: old.dir_gid,
@@ -322,9 +333,10 @@ fn take_dir(req: &SinkRequest, dir: &Path, declared: &[Declared]) -> Result<Held
         lock,
         writer,
         restore: (before != now).then_some(before),
+        kept_until: taken.until,
     };
     let asked = req.uid.is_some() || req.gid.is_some() || req.mode.is_some();
-    match held.lay_out(req, asked.then_some(u32::from(dir_mode))) {
+    match held.lay_out(req, &taken.dirs, asked.then_some(u32::from(dir_mode))) {
         Ok(()) => Ok(held),
         Err(e) => {
             held.give_back();
@@ -336,11 +348,19 @@ fn take_dir(req: &SinkRequest, dir: &Path, declared: &[Declared]) -> Result<Held
 impl HeldDir {
     /// Refuses a DIR where one of our names exists already, makes the view directories,
     /// writes the record down and gives DIR the owner and `mode` asked for (if asked).
-    fn lay_out(&mut self, req: &SinkRequest, mode: Option<u32>) -> Result<(), SinkError> {
+    fn lay_out(
+        &mut self,
+        req: &SinkRequest,
+        held_dirs: &BTreeSet<String>,
+        mode: Option<u32>,
+    ) -> Result<(), SinkError> {
         let shown = |w: &writer::Writer, rel: &str| w.path(rel).display().to_string();
-        // A file in a view directory can only be there if the directory is.
+        let kept: BTreeSet<String> = self.writer.written().into_iter().collect();
+        // A file in a view directory can only be there if the directory is; what was taken
+        // over from a sink before is ours.
         let top = self.record.files.iter().chain(&self.record.dirs);
-        for rel in top.filter(|r| !r.contains('/')) {
+        let top = top.filter(|r| !r.contains('/') && !kept.contains(*r) && !held_dirs.contains(*r));
+        for rel in top {
             if self.writer.exists(rel) {
                 return Err(SinkError::Dir(format!(
                     "{} already exists and was not written by a cstokenfs sink: remove it or \
@@ -350,9 +370,19 @@ impl HeldDir {
             }
         }
         for rel in writer::dirs(&identity_names(req)) {
-            self.writer
-                .make_dir(&rel)
-                .map_err(|e| SinkError::Dir(format!("{}: {e}", shown(&self.writer, &rel))))?;
+            if held_dirs.contains(&rel) {
+                continue;
+            }
+            self.writer.make_dir(&rel).map_err(|e| {
+                let shown = shown(&self.writer, &rel);
+                // EPERM from the chown (a directory it cannot make is EACCES).
+                let chown = e.raw_os_error() == Some(libc::EPERM);
+                if chown && (req.uid.is_some() || req.gid.is_some()) {
+                    owner_refused(&shown, req, &e)
+                } else {
+                    SinkError::Dir(format!("{shown}: {e}"))
+                }
+            })?;
         }
         self.lock
             .record(&self.record)

@@ -2,7 +2,8 @@
 //! `Cache::read_now`, a use of the token, so it is refreshed ahead), writes its views when
 //! the lease is of a new version valid for at least `UNLINK_LEAD`, removes them before the
 //! version stops being valid (the lease's `valid_for`, the cache's judgement), waits for
-//! what is missing, and rewrites `.status` on change.
+//! what is missing, and rewrites `.status` on change. Files a sink before left (`left`)
+//! stay until the first version replaces them, or go at their deadline.
 
 use super::{Declared, HeldDir, SinkRequest};
 use crate::cache::{Cache, Done, Key, ReadError, Status, Use};
@@ -90,6 +91,9 @@ struct Slot {
     declared: Declared,
     /// The version whose views are in DIR.
     written: Option<Arc<Version>>,
+    /// The files a sink before this one left (a valid token, kept until replaced), and
+    /// when they must go if no new version replaced them.
+    left_until: Option<Instant>,
     /// A read waits for a fetch (`read_now` answered later): its answer comes as
     /// `Event::Fetched`.
     pending: bool,
@@ -110,10 +114,11 @@ struct Slot {
 }
 
 impl Slot {
-    fn new(declared: Declared, now: Instant) -> Slot {
+    fn new(declared: Declared, now: Instant, left_until: Option<Instant>) -> Slot {
         Slot {
             declared,
             written: None,
+            left_until,
             pending: false,
             settled: false,
             failures: 0,
@@ -125,8 +130,13 @@ impl Slot {
         }
     }
 
+    /// Whether DIR holds its files (written by this sink, or left by one before).
+    fn has_files(&self) -> bool {
+        self.written.is_some() || self.left_until.is_some()
+    }
+
     fn missing_reason(&self) -> Option<String> {
-        if self.written.is_some() {
+        if self.has_files() {
             return None;
         }
         Some(
@@ -211,7 +221,11 @@ pub fn run(
     let mut sync = Mirror {
         cache,
         held,
-        slots: declared.iter().map(|d| Slot::new(d.clone(), now)).collect(),
+        slots: declared
+            .iter()
+            .enumerate()
+            .map(|(i, d)| Slot::new(d.clone(), now, held.kept_until.get(i).copied().flatten()))
+            .collect(),
         tx,
         source_reason: daemon.source_reason().to_string(),
         last_status: None,
@@ -277,6 +291,15 @@ impl Mirror<'_> {
     /// backoff after a failed one.
     fn sync_slot(&mut self, i: usize) -> Result<(), SinkError> {
         let slot = &self.slots[i];
+        if slot.left_until.is_some_and(|t| Instant::now() >= t) {
+            self.remove_views(i);
+            let d = &self.slots[i].declared;
+            warn!(
+                "{}{}: the files a sink before left were not replaced in time: removed",
+                d.under, d.resource
+            );
+        }
+        let slot = &self.slots[i];
         if slot.pending || (slot.failures > 0 && Instant::now() < slot.retry_at) {
             return Ok(());
         }
@@ -299,6 +322,7 @@ impl Mirror<'_> {
                 }
             }
             answer => {
+                // Left by a sink before: they stay until `left_until` (checked above).
                 if self.slots[i].written.is_some() {
                     self.remove_views(i);
                     // Named as the cache names it: `id/NAME/<resource>` for a declared identity.
@@ -331,6 +355,7 @@ impl Mirror<'_> {
         match written {
             Ok(()) => {
                 slot.written = Some(v);
+                slot.left_until = None;
                 slot.write_error = None;
                 slot.quiet.clear();
             }
@@ -350,6 +375,7 @@ impl Mirror<'_> {
     fn remove_views(&mut self, i: usize) {
         let slot = &mut self.slots[i];
         slot.written = None;
+        slot.left_until = None;
         for view in View::ALL {
             let rel = slot.declared.path(view);
             if let Err(e) = self.held.writer.remove(&rel) {
@@ -384,6 +410,11 @@ impl Mirror<'_> {
     /// SIGUSR1: every token is dropped (their files removed) and fetched anew at once.
     fn refetch_all(&mut self) {
         self.cache.clear();
+        for i in 0..self.slots.len() {
+            if self.slots[i].left_until.is_some() {
+                self.remove_views(i);
+            }
+        }
         for slot in &mut self.slots {
             slot.failures = 0;
             slot.retry_at = Instant::now();
@@ -423,7 +454,7 @@ impl Mirror<'_> {
                 written: self
                     .slots
                     .iter()
-                    .filter(|s| s.written.is_some())
+                    .filter(|s| s.has_files())
                     .map(|s| s.declared.name.clone())
                     .collect(),
                 missing,
@@ -475,7 +506,7 @@ mod tests {
             identity: crate::cache::IdentityId::DEFAULT,
             under: String::new(),
         };
-        let mut slot = Slot::new(declared, Instant::now());
+        let mut slot = Slot::new(declared, Instant::now(), None);
         slot.pending = true;
         assert_eq!(slot.missing_reason().as_deref(), Some("fetching"));
         slot.write_error = Some("cannot write its files: No space left on device".into());

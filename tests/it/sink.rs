@@ -315,13 +315,23 @@ fn an_inotify_watch_sees_one_moved_to_per_rotation() {
     assert!(fd >= 0);
     let c = CString::new(fs.path.as_os_str().as_bytes()).unwrap();
     // SAFETY: as above.
-    assert!(unsafe { libc::inotify_add_watch(fd, c.as_ptr(), libc::IN_MOVED_TO) } >= 0);
+    // Issue 23: whatever a watcher asks for, a rotation gives the final name one event.
+    let mask = libc::IN_MOVED_TO | libc::IN_CLOSE_WRITE | libc::IN_CREATE | libc::IN_MODIFY;
+    // SAFETY: as above.
+    let top = unsafe { libc::inotify_add_watch(fd, c.as_ptr(), mask) };
+    assert!(top >= 0);
     let _sink = Sink::start(
         &emu.url(),
         &fs.path,
         &["--resource", VAULT, "--refresh-margin", "3"],
     );
+    let json_dir = CString::new(fs.path.join(".json").as_os_str().as_bytes()).unwrap();
+    // SAFETY: as above.
+    assert!(unsafe { libc::inotify_add_watch(fd, json_dir.as_ptr(), mask) } >= 0);
     let mut serials = Vec::new();
+    // (watch, mask) of every event naming VAULT other than one IN_MOVED_TO.
+    let mut others: Vec<(i32, u32)> = Vec::new();
+    let mut json_moves = 0;
     // Until three versions were moved in (about 7 s; at most 40 s), then a moment more for
     // any event that would repeat the last one.
     let end = Instant::now() + Duration::from_secs(40);
@@ -335,11 +345,19 @@ fn an_inotify_watch_sees_one_moved_to_per_rotation() {
         let n = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
         let mut at = 0;
         while n > 0 && at < n as usize {
+            let wd = i32::from_ne_bytes(buf[at..at + 4].try_into().unwrap());
+            let ev = u32::from_ne_bytes(buf[at + 4..at + 8].try_into().unwrap());
             let len = u32::from_ne_bytes(buf[at + 12..at + 16].try_into().unwrap()) as usize;
             let name = &buf[at + 16..at + 16 + len];
             let name = name.split(|b| *b == 0).next().unwrap_or(b"");
             if name == VAULT.as_bytes() {
-                serials.push(serial(&std::fs::read(fs.path.join(VAULT)).unwrap()));
+                match (wd == top, ev) {
+                    (true, libc::IN_MOVED_TO) => {
+                        serials.push(serial(&std::fs::read(fs.path.join(VAULT)).unwrap()))
+                    }
+                    (false, libc::IN_MOVED_TO) => json_moves += 1,
+                    other => others.push((other.0 as i32, other.1)),
+                }
             }
             at += 16 + len;
         }
@@ -353,6 +371,12 @@ fn an_inotify_watch_sees_one_moved_to_per_rotation() {
         consecutive,
         "one moved_to per new token, none missed or doubled: {serials:?}"
     );
+    assert_eq!(
+        others,
+        [],
+        "(in DIR, mask) of events on the final names but moved_to"
+    );
+    assert!(json_moves >= serials.len() - 1, ".json: {json_moves} moves");
 }
 
 #[test]
@@ -463,4 +487,176 @@ fn a_full_tmpfs_is_reported_once_and_shown_in_status() {
         .count();
     assert_eq!(warned, 1, "{log}");
     assert!(!fs.path.join(VAULT).exists());
+}
+
+/// Issue 23: a sink of another user in a Kubernetes emptyDir (root's tmpfs, 0777) asked for
+/// an owner and mode: it starts and serves; DIR is not its to change (a warning, left as
+/// it is); its files and directories get what the README says (directories: the owner's
+/// write bit too, which a sink that is not root needs to replace files). An owner it may
+/// not give is refused at start with one line, and nothing is left in DIR.
+#[test]
+fn a_sink_of_another_user_asked_for_an_owner_and_mode_in_an_empty_dir() {
+    use std::os::unix::process::CommandExt;
+    let emu = emulator();
+    let fs = Tmpfs::with_options("mode=0777,size=1m");
+    let owner = |p: &std::path::Path| {
+        let m = std::fs::metadata(p).unwrap();
+        (m.uid(), m.gid(), m.mode() & 0o7777)
+    };
+    let nobody = NOBODY.to_string();
+    let args = [
+        "-f",
+        "--resource",
+        VAULT,
+        "--uid",
+        &nobody,
+        "--gid",
+        &nobody,
+        "--mode",
+        "0440",
+    ];
+    let mut cmd = sink_cmd(&emu.url(), &fs.path, &args);
+    cmd.uid(NOBODY).gid(NOBODY);
+    let mut sink = Sink::spawn(cmd, &fs.path);
+    wait_file(&fs.path.join(VAULT), Duration::from_secs(20));
+    assert_eq!(owner(&fs.path), (0, 0, 0o777), "DIR while the sink runs");
+    for view in VIEWS {
+        let rel = format!("{view}{VAULT}");
+        assert_eq!(owner(&fs.path.join(&rel)), (NOBODY, NOBODY, 0o440), "{rel}");
+    }
+    for dir in [".json", ".header", ".kubectl", ".git-credential"] {
+        let want = (NOBODY, NOBODY, 0o750);
+        assert_eq!(owner(&fs.path.join(dir)), want, "{dir}");
+    }
+    let log = sink.log_text();
+    assert!(
+        log.contains("leaving its owner and mode as they are"),
+        "{log}"
+    );
+    assert_eq!(sink.stop(libc::SIGTERM), Some(0), "{}", sink.log_text());
+    assert_eq!(owner(&fs.path), (0, 0, 0o777), "DIR after");
+    assert!(tree(&fs.path).is_empty(), "left: {:?}", tree(&fs.path));
+
+    // Another owner than its own: refused before anything is served, nothing left.
+    let mut cmd = sink_cmd(
+        &emu.url(),
+        &fs.path,
+        &["-f", "--resource", VAULT, "--uid", "1000"],
+    );
+    cmd.uid(NOBODY).gid(NOBODY);
+    let out = cmd.output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("cannot give the sink's files the owner asked for (--uid 1000)"),
+        "{err}"
+    );
+    assert!(tree(&fs.path).is_empty(), "left: {:?}", tree(&fs.path));
+    assert_eq!(owner(&fs.path), (0, 0, 0o777));
+
+    // A directory of its own in there: its mode is the sink's to change, and given back.
+    let sub = fs.path.join("mine");
+    std::fs::create_dir(&sub).unwrap();
+    std::os::unix::fs::chown(&sub, Some(NOBODY), Some(NOBODY)).unwrap();
+    let mut cmd = sink_cmd(
+        &emu.url(),
+        &sub,
+        &["-f", "--resource", VAULT, "--mode", "0440"],
+    );
+    cmd.uid(NOBODY).gid(NOBODY);
+    let mut sink = Sink::spawn(cmd, &sub);
+    wait_file(&sub.join(VAULT), Duration::from_secs(20));
+    assert_eq!(
+        owner(&sub),
+        (NOBODY, NOBODY, 0o750),
+        "DIR while the sink runs"
+    );
+    assert_eq!(sink.stop(libc::SIGTERM), Some(0), "{}", sink.log_text());
+    assert_eq!(owner(&sub), (NOBODY, NOBODY, 0o755), "DIR after");
+    assert!(!sink.log_text().contains("WARN"), "{}", sink.log_text());
+}
+
+/// Issue 23: a sink killed (-9) and started again on the same DIR (a container restart):
+/// the files it left that hold a valid token stay until the new sink replaces them, so
+/// readers never miss a file; those of an expired token go at once.
+#[test]
+fn a_restarted_sink_keeps_valid_files_until_replaced_and_removes_expired_ones() {
+    use std::os::unix::process::CommandExt;
+    let emu = emulator();
+    // As in a pod: an emptyDir (root's, 0777) and a sink that is not root.
+    let fs = Tmpfs::with_options("mode=0777,size=1m");
+    let start = || {
+        let args = ["-f", "--resource", VAULT, "--resource", ARM];
+        let mut cmd = sink_cmd(&emu.url(), &fs.path, &args);
+        cmd.uid(NOBODY).gid(NOBODY);
+        Sink::spawn(cmd, &fs.path)
+    };
+    let mut first = start();
+    let raw = fs.path.join(VAULT);
+    let before = serial(&wait_file(&raw, Duration::from_secs(20)));
+    wait_file(&fs.path.join(ARM), Duration::from_secs(20));
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let readers: Vec<_> = (0..3)
+        .map(|_| {
+            let (raw, stop) = (raw.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let (mut reads, mut failed) = (0u64, 0u64);
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    match std::fs::read(&raw) {
+                        Ok(t) if !t.is_empty() => reads += 1,
+                        _ => failed += 1,
+                    }
+                    // Often enough to catch a gap of a millisecond, without starving the
+                    // tests running beside this one.
+                    std::thread::sleep(Duration::from_micros(200));
+                }
+                (reads, failed)
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(first.stop(libc::SIGKILL), None, "killed");
+    // ARM's token, as left, says it expired a minute ago: not kept.
+    let arm_json = fs.path.join(".json").join(ARM);
+    let mut doc: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&arm_json).unwrap()).unwrap();
+    doc["expires_on"] = (now_secs() - 60).into();
+    std::fs::write(&arm_json, format!("{doc}\n")).unwrap();
+    // The new sink's first tokens come 3 s late: what is in DIR meanwhile is what it kept.
+    emu.set_latency(Duration::from_secs(3));
+    let second = start();
+    let arm_gone = eventually(Duration::from_secs(2), || {
+        VIEWS
+            .iter()
+            .all(|v| !fs.path.join(format!("{v}{ARM}")).exists())
+            .then_some(())
+    });
+    assert!(
+        arm_gone.is_some(),
+        "expired files left: {:?}",
+        tree(&fs.path)
+    );
+    let now = std::fs::read(&raw).ok().map(|t| serial(&t));
+    assert_eq!(now, Some(before), "kept, not yet replaced");
+    let replaced = eventually(Duration::from_secs(20), || {
+        let t = std::fs::read(&raw).ok()?;
+        (serial(&t) > before).then_some(())
+    });
+    assert!(replaced.is_some(), "not replaced: {}", second.log_text());
+    std::thread::sleep(Duration::from_millis(200));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for r in readers {
+        let (reads, failed) = r.join().expect("a reader panicked");
+        assert_eq!(failed, 0, "failed reads across the restart ({reads} good)");
+        assert!(reads > 100, "{reads} reads");
+    }
+    wait_file(&fs.path.join(ARM), Duration::from_secs(10));
+    let log = second.log_text();
+    assert!(
+        log.contains("taking over the lock of a sink that is gone"),
+        "{log}"
+    );
+    let mut second = second;
+    assert_eq!(second.stop(libc::SIGTERM), Some(0), "{}", second.log_text());
+    assert!(tree(&fs.path).is_empty(), "left: {:?}", tree(&fs.path));
 }
