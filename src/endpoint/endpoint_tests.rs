@@ -342,11 +342,16 @@ fn the_2017_protocol_takes_the_secret_header_and_answers_a_utc_date() {
     let date = body["expires_on"].as_str().unwrap();
     assert_eq!(date.len(), "06/20/2026 02:57:58 +00:00".len(), "{date}");
     assert!(date.ends_with(" +00:00"), "{date}");
+    // The resource unencoded, as curl sends it.
+    let plain = "/msi/token?api-version=2017-09-01&resource=https://management.azure.com";
+    let (status, body) = send(&r.ep, plain, &head);
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["resource"], "https://management.azure.com");
     // The same entry as 2019-08-01's: one upstream call.
     let (status, _) = send(&r.ep, ARM, &good_head(&r.ep));
     assert_eq!(status, 200);
     assert_eq!(r.emu.requests(), 1);
-    assert_eq!((r.ep.status_part())()["served"], 2);
+    assert_eq!((r.ep.status_part())()["served"], 3);
 }
 
 #[test]
