@@ -100,7 +100,7 @@ fn set_receive_timeout(socket: &Socket) -> io::Result<()> {
 }
 
 /// A process holding socket `inode` (`socket:[inode]` among its /proc/PID/fd), looking
-/// only at processes owned by `uid` when it is known (best effort: the holder may have
+/// only at processes of `uid` (and root's) when it is known (best effort: the holder may have
 /// closed the socket, be in another pid namespace, or hide its fds).
 pub fn holder_of_socket(inode: u32, uid: Option<u32>) -> Option<u32> {
     use std::os::unix::fs::MetadataExt;
@@ -116,7 +116,12 @@ pub fn holder_of_socket(inode: u32, uid: Option<u32>) -> Option<u32> {
         else {
             continue;
         };
-        if uid.is_some_and(|u| entry.metadata().map_or(true, |m| m.uid() != u)) {
+        // /proc/PID belongs to the process's uid, or to root when it is not dumpable.
+        if uid.is_some_and(|u| {
+            entry
+                .metadata()
+                .map_or(true, |m| m.uid() != u && m.uid() != 0)
+        }) {
             continue;
         }
         let Ok(fds) = std::fs::read_dir(entry.path().join("fd")) else {
@@ -151,7 +156,10 @@ mod tests {
         let (pid, uid) = unsafe { (libc::getpid() as u32, libc::getuid()) };
         assert_eq!(holder_of_socket(got.inode, Some(uid)), Some(pid));
         assert_eq!(holder_of_socket(got.inode, None), Some(pid));
-        assert_eq!(holder_of_socket(got.inode, Some(uid.wrapping_add(1))), None);
+        if uid != 0 {
+            // Root's processes are looked at for any uid (non-dumpable ones are root's).
+            assert_eq!(holder_of_socket(got.inode, Some(uid + 1)), None);
+        }
         assert_eq!(holder_of_socket(0, None), None);
         drop(client);
         // A four-tuple nobody holds.

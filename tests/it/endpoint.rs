@@ -9,6 +9,7 @@ use common::*;
 use cstokenfs::emulator::EmulatorConfig;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 const ARM: &str = "/msi/token?api-version=2019-08-01&resource=https%3A%2F%2Fmanagement.azure.com";
@@ -456,4 +457,27 @@ fn the_2017_protocol_from_env_and_an_audit_line_naming_the_caller() {
         line.contains("audit: request of https://vault.azure.net over HTTP from 127.0.0.1:"),
         "{line}"
     );
+
+    // Another user's curl: its uid, and curl as the executable.
+    if !Path::new("/usr/bin/curl").exists() {
+        eprintln!("no /usr/bin/curl: the other user's request is not tried");
+        return;
+    }
+    let url = format!("http://{addr}{target}");
+    let out = as_user(65534, 65534, "/usr/bin/curl")
+        .args(["-sS", "--noproxy", "*", "-H"])
+        .arg(format!("secret: {}", var("MSI_SECRET")))
+        .arg(&url)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "curl as 65534: {}", out.status);
+    let log = m
+        .wait_log("uid 65534 pid ", Duration::from_secs(5))
+        .unwrap_or_else(|| panic!("an audit line for uid 65534:\n{}", m.log_text()));
+    let line = log
+        .lines()
+        .find(|l| l.contains("uid 65534 pid "))
+        .unwrap_or_default();
+    assert!(line.trim_end().ends_with("curl"), "{line}");
+    assert_eq!(emu.requests(), 1);
 }
