@@ -108,32 +108,27 @@ pub fn holder_of_socket(inode: u32, uid: Option<u32>) -> Option<u32> {
         return None;
     }
     let want = format!("socket:[{inode}]");
-    for entry in std::fs::read_dir("/proc").ok()?.flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|n| n.parse::<u32>().ok())
-        else {
-            continue;
-        };
+    let mut pids: Vec<u32> = std::fs::read_dir("/proc")
+        .ok()?
+        .flatten()
+        .filter_map(|e| e.file_name().to_str().and_then(|n| n.parse().ok()))
+        .collect();
+    // Newest first: a client that just connected is likely among the latest processes.
+    pids.sort_unstable_by(|a, b| b.cmp(a));
+    pids.into_iter().find(|pid| {
+        let dir = std::path::PathBuf::from(format!("/proc/{pid}"));
         // /proc/PID belongs to the process's uid, or to root when it is not dumpable.
-        if uid.is_some_and(|u| {
-            entry
-                .metadata()
-                .map_or(true, |m| m.uid() != u && m.uid() != 0)
-        }) {
-            continue;
+        if uid
+            .is_some_and(|u| std::fs::metadata(&dir).map_or(true, |m| m.uid() != u && m.uid() != 0))
+        {
+            return false;
         }
-        let Ok(fds) = std::fs::read_dir(entry.path().join("fd")) else {
-            continue;
+        let Ok(fds) = std::fs::read_dir(dir.join("fd")) else {
+            return false;
         };
-        for fd in fds.flatten() {
-            if std::fs::read_link(fd.path()).is_ok_and(|l| l.as_os_str() == want.as_str()) {
-                return Some(pid);
-            }
-        }
-    }
-    None
+        fds.flatten()
+            .any(|fd| std::fs::read_link(fd.path()).is_ok_and(|l| l.as_os_str() == want.as_str()))
+    })
 }
 
 #[cfg(test)]
