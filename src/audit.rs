@@ -26,10 +26,15 @@ pub struct OpenEvent {
     pub exe: Arc<str>,
 }
 
-/// A token served over HTTP (`--serve-endpoint`): the resource and the client's address.
+/// A token served over HTTP (`--serve-endpoint`): the resource, the client's address and,
+/// as far as the kernel could tell while the connection was open, who holds its socket.
 pub struct HttpEvent {
     pub resource: Arc<str>,
     pub peer: Option<SocketAddr>,
+    /// The uid owning the client's socket (`None`: not known).
+    pub uid: Option<u32>,
+    /// A process holding the client's socket and its executable (`None`: not found).
+    pub process: Option<(u32, Arc<str>)>,
 }
 
 /// A token served over `--serve-imds`: the resource, the client's address and the uid that
@@ -154,9 +159,10 @@ fn writer(rx: Receiver<Queued>, dropped: Arc<AtomicU64>) {
                     Who::Process { pid, uid, gid } => info!(
                         "audit: {n} more {kind}(s) of {resource} ({view}) by pid {pid} uid {uid} gid {gid}"
                     ),
-                    Who::Peer(ip) => info!(
-                        "audit: {n} more request(s) of {resource} over HTTP from {}",
-                        ip.map_or_else(|| "?".to_string(), |ip| ip.to_string())
+                    Who::Peer { ip, uid } => info!(
+                        "audit: {n} more request(s) of {resource} over HTTP from {} uid {}",
+                        ip.map_or_else(|| "?".to_string(), |ip| ip.to_string()),
+                        uid_shown(uid)
                     ),
                     Who::Socket { uid, ip } => info!(
                         "audit: {n} more {kind}(s) of {resource} over IMDS from {} uid {}",
@@ -185,7 +191,10 @@ fn writer(rx: Receiver<Queued>, dropped: Arc<AtomicU64>) {
             Queued::Http(e) => (
                 e.resource.clone(),
                 "endpoint",
-                Who::Peer(e.peer.map(|p| p.ip())),
+                Who::Peer {
+                    ip: e.peer.map(|p| p.ip()),
+                    uid: e.uid,
+                },
             ),
             Queued::Imds(e) => (
                 e.resource.clone(),
@@ -222,11 +231,18 @@ fn writer(rx: Receiver<Queued>, dropped: Arc<AtomicU64>) {
                 "audit: {} of {} ({}) by pid {} uid {} gid {} exe {}",
                 e.kind, e.resource, e.view, e.pid, e.uid, e.gid, e.exe
             ),
-            Queued::Http(e) => info!(
-                "audit: request of {} over HTTP from {}",
-                e.resource,
-                e.peer.map_or_else(|| "?".to_string(), |p| p.to_string())
-            ),
+            Queued::Http(e) => {
+                let (pid, exe) = e.process.map_or_else(
+                    || ("?".to_string(), Arc::from("?")),
+                    |(p, x)| (p.to_string(), x),
+                );
+                info!(
+                    "audit: request of {} over HTTP from {} uid {} pid {pid} exe {exe}",
+                    e.resource,
+                    e.peer.map_or_else(|| "?".to_string(), |p| p.to_string()),
+                    uid_shown(e.uid)
+                )
+            }
             Queued::Imds(e) => info!(
                 "audit: request of {} over IMDS from {} uid {}",
                 e.resource,
@@ -234,7 +250,7 @@ fn writer(rx: Receiver<Queued>, dropped: Arc<AtomicU64>) {
                 e.uid
             ),
             Queued::Refused(e) => {
-                let (pid, exe) = match holder_of_socket(e.inode) {
+                let (pid, exe) = match crate::httpserver::peer::holder_of_socket(e.inode, e.uid) {
                     Some(pid) => (pid.to_string(), exe_of(pid)),
                     None => ("?".to_string(), Arc::from("?")),
                 };
@@ -253,8 +269,8 @@ fn writer(rx: Receiver<Queued>, dropped: Arc<AtomicU64>) {
     }
 }
 
-/// Who read: a process through the mount, an HTTP client (by address, any port), or an
-/// IMDS client (by its socket's uid and address).
+/// Who read: a process through the mount, an HTTP client (by address, any port, and its
+/// socket's uid), or an IMDS client (by its socket's uid and address).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 enum Who {
     Process {
@@ -262,7 +278,11 @@ enum Who {
         uid: u32,
         gid: u32,
     },
-    Peer(Option<IpAddr>),
+    /// An endpoint caller: its address and the uid owning its socket (`None`: unknown).
+    Peer {
+        ip: Option<IpAddr>,
+        uid: Option<u32>,
+    },
     /// An IMDS caller: the uid owning its socket (`None`: unknown) and its address.
     Socket {
         uid: Option<u32>,
@@ -273,33 +293,6 @@ enum Who {
 /// A uid for an audit line: `?` when it is not known.
 fn uid_shown(uid: Option<u32>) -> String {
     uid.map_or_else(|| "?".to_string(), |u| u.to_string())
-}
-
-/// A process holding socket `inode` (`socket:[inode]` among its /proc/PID/fd), if one is
-/// found (best effort: it may have closed the socket, or be in another pid namespace).
-fn holder_of_socket(inode: u32) -> Option<u32> {
-    if inode == 0 {
-        return None;
-    }
-    let want = format!("socket:[{inode}]");
-    for entry in std::fs::read_dir("/proc").ok()?.flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|n| n.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        let Ok(fds) = std::fs::read_dir(entry.path().join("fd")) else {
-            continue;
-        };
-        for fd in fds.flatten() {
-            if std::fs::read_link(fd.path()).is_ok_and(|l| l.as_os_str() == want.as_str()) {
-                return Some(pid);
-            }
-        }
-    }
-    None
 }
 
 type Key = (Arc<str>, &'static str, Who);

@@ -140,6 +140,7 @@ fn refusals_never_evict_tokens_and_are_bounded() {
             until: 10,
             error: ReadError::Refused(String::new()),
             at: i as i64,
+            upstream_calls: 1,
         };
         refusals.insert(key(&format!("r{i}")), refusal);
     }
@@ -456,4 +457,33 @@ fn a_refresh_spread_moves_each_tokens_refresh_point_earlier_at_random() {
     let (plain, _clock, _source) = setup(3_600_000);
     let v = plain.get_blocking(&res("r")).unwrap();
     assert_eq!(v.schedule.refresh_at, exact);
+}
+
+#[test]
+fn a_refused_name_counts_its_upstream_calls_across_refusals() {
+    let (cache, clock, source) = setup(3_600_000);
+    source.refuse("bad");
+    let calls_of = |cache: &Cache| {
+        let status = cache.status();
+        let bad = status
+            .resources
+            .iter()
+            .find(|r| r.resource == "bad")
+            .expect("the refused name in .status");
+        assert_eq!(bad.state, super::status::ResourceState::Refused);
+        bad.upstream_calls
+    };
+    assert!(matches!(
+        cache.get_blocking(&res("bad")),
+        Err(ReadError::Refused(_))
+    ));
+    assert_eq!(calls_of(&cache), Some(1));
+    // From the negative cache: no call.
+    assert!(cache.get_blocking(&res("bad")).is_err());
+    assert_eq!(calls_of(&cache), Some(1));
+    // Its refusal expired: asked again, refused again, counted on.
+    clock.advance(Policy::default().negative_ttl_ms + 1);
+    assert!(cache.get_blocking(&res("bad")).is_err());
+    assert_eq!(calls_of(&cache), Some(2));
+    assert_eq!(source.calls(), 2);
 }

@@ -104,6 +104,9 @@ pub(super) struct Refusal {
     pub(super) error: ReadError,
     /// When the upstream refused.
     pub(super) at: EpochMs,
+    /// Upstream requests made for the key up to this refusal (its entry's count, which
+    /// starts from the last refusal's when the name is asked again after it expires).
+    pub(super) upstream_calls: u64,
 }
 
 impl Refusal {

@@ -325,7 +325,12 @@ impl Cache {
             None if refusal.is_some() => {
                 return refusal.map(|r| (Err(r.error), done));
             }
-            None => entries.entry(key.clone()).or_default(),
+            // Asked again after its refusal expired: the count goes on from the refusal's.
+            None => {
+                let entry = entries.entry(key.clone()).or_default();
+                entry.upstream_calls = refusals.by_key.get(key).map_or(0, |r| r.upstream_calls);
+                entry
+            }
         };
         entry.reads.last = self.read_seq.fetch_add(1, Ordering::Relaxed);
         let refused_until = refusal.as_ref().map_or(0, |r| r.until);
@@ -934,6 +939,7 @@ impl Cache {
                 until,
                 error: error.clone(),
                 at: now,
+                upstream_calls: entry.upstream_calls,
             };
             refusals.insert(resource.clone(), refusal);
         }

@@ -74,7 +74,8 @@ pub struct ResourceStatus {
     pub fetched_at: Option<i64>,
     /// When the held token is refreshed next.
     pub next_refresh: Option<i64>,
-    /// Upstream requests made for it (`None` for a name known only as refused).
+    /// Upstream requests made for it (a name known only as refused: those made up to its
+    /// refusal, counted on across refusals). Always a number; an `Option` for the shape.
     pub upstream_calls: Option<u64>,
     /// Failed fetches in a row.
     pub consecutive_failures: u32,
@@ -157,7 +158,7 @@ impl Cache {
                             expires_on: None,
                             fetched_at: None,
                             next_refresh: None,
-                            upstream_calls: None,
+                            upstream_calls: Some(x.upstream_calls),
                             consecutive_failures: 1,
                             last_error: Some(x.message().to_string()),
                             last_error_at: Some(secs(x.at)),

@@ -1,12 +1,15 @@
-//! The endpoint as an [`httpserver::Handler`]: the secret first (401 and nothing else),
-//! then proxies, an absolute-form target and `Host`, path and method, the query, the
-//! identity and the resource (400 without any upstream call), then a read of the cache like
-//! an open, answered in App Service's shapes.
+//! The endpoint as an [`httpserver::Handler`]: the secret first (401 and nothing else; in
+//! either version's header, `protocol`), then proxies, an absolute-form target and `Host`,
+//! path and method, the api-version, the query, the identity and the resource (400 without any upstream call), then a read of the cache like
+//! an open, answered in App Service's shapes, and an audit line naming who holds the
+//! client's socket (`caller`).
 
+use super::caller;
+use super::protocol::Protocol;
 use super::request::{self, BadRequest};
 use super::{Category, Counters, Settings};
 use crate::audit::{Audit, HttpEvent};
-use crate::cache::{Cache, Key, Lease, Query, ReadError, Use};
+use crate::cache::{Cache, Key, Lease, ReadError, Use};
 use crate::hardening::ct_eq;
 use crate::httpserver::query::{self, QueryError};
 use crate::httpserver::tally::{self, json_reply};
@@ -21,6 +24,11 @@ use zeroize::Zeroizing;
 /// How much longer than `--timeout` a request waits for the cache (which answers within
 /// `--timeout` itself) before giving up with 500.
 const GRACE: Duration = Duration::from_secs(2);
+
+/// The most a served request waits for the audit's look-up of who holds the client's
+/// socket (then the line says `?`); it takes about a millisecond, less on a kept-alive
+/// connection.
+const LOOKUP_LIMIT: Duration = Duration::from_millis(250);
 
 pub(super) struct EndpointHandler(Arc<Inner>);
 
@@ -38,6 +46,8 @@ struct Inner {
     secret: Arc<Zeroizing<String>>,
     /// Requests by category, shared with `Endpoint::status_part`.
     counters: Arc<Counters>,
+    /// The last client socket the audit looked up, and who held it.
+    last: Arc<caller::Last>,
 }
 
 impl EndpointHandler {
@@ -54,6 +64,7 @@ impl EndpointHandler {
             audit,
             secret,
             counters,
+            last: Arc::default(),
         }))
     }
 }
@@ -129,11 +140,8 @@ impl httpserver::Handler for EndpointHandler {
 impl Inner {
     async fn answer(&self, req: &Request, stop: &Stop) -> Outcome {
         let peer = req.peer;
-        let secret_ok = req
-            .header("x-identity-header")
-            .is_some_and(|h| ct_eq(h.as_bytes(), self.secret.as_bytes()));
-        if !secret_ok {
-            debug!("endpoint: 401 for {peer:?}: missing or wrong X-IDENTITY-HEADER");
+        if !self.secret_ok(req) {
+            debug!("endpoint: 401 for {peer:?}: missing or wrong X-IDENTITY-HEADER or secret");
             return error(Category::CallerRefused, 401, "Unauthorized");
         }
         if let Err(r) = crate::httpserver::origin::check(req) {
@@ -153,13 +161,26 @@ impl Inner {
             Ok(p) => p,
             Err(e) => return bad(e.into()),
         };
-        match params.get("api-version") {
-            Some(v) if v == request::API_VERSION => {}
-            other => return bad(BadRequest::ApiVersion(other.cloned())),
+        let protocol = match params.get("api-version").map(|v| Protocol::of(v)) {
+            Some(Some(p)) => p,
+            _ => return bad(BadRequest::ApiVersion(params.get("api-version").cloned())),
+        };
+        // The secret checked above came in the other version's header.
+        if req.header(protocol.secret_header()).is_none() {
+            return bad(BadRequest::SecretHeader(protocol));
         }
-        let identity = match self.cache.identities().select(&Query::from_params(&params)) {
+        let asked = match protocol.identity(&params) {
+            Ok(asked) => asked,
+            Err(param) => return bad(BadRequest::NotIn2017(param)),
+        };
+        let identity = match self.cache.identities().select(&asked) {
             Ok(identity) => identity,
-            Err(e) => return bad(BadRequest::NotDeclared(e)),
+            Err(mut e) => {
+                if protocol == Protocol::V2017 {
+                    e.param = "clientid";
+                }
+                return bad(BadRequest::NotDeclared(e));
+            }
         };
         let Some(sent) = params.get("resource") else {
             return bad(BadRequest::NoResource);
@@ -171,20 +192,31 @@ impl Inner {
             Ok(resource) => Key::new(identity, resource),
             Err(why) => return bad(QueryError::Resource(sent.clone(), why).into()),
         };
+        // Who holds the client's socket, for the audit line: asked while the cache answers.
+        let caller = match &self.audit {
+            Some(_) => caller::start(peer, req.local, &self.last),
+            None => None,
+        };
         match self.read(&key, stop).await {
             Ok(Lease { version: v, .. }) => {
                 if let Some(audit) = &self.audit {
+                    let who = caller::finish(caller, LOOKUP_LIMIT, stop).await;
                     audit.served(HttpEvent {
                         resource: crate::audit::label(
                             self.cache.identities().name(identity).as_deref(),
                             &v.key.resource,
                         ),
                         peer,
+                        uid: who.uid,
+                        process: who.process,
                     });
                 }
-                Outcome::Token(self.token_body(&v, sent))
+                Outcome::Token(self.token_body(&v, sent, protocol))
             }
             Err(e) => {
+                if let Some(task) = caller {
+                    task.abort();
+                }
                 let who = self.cache.identities().who(identity);
                 Outcome::of_read(e, sent, &who)
             }
@@ -213,22 +245,33 @@ impl Inner {
         }
     }
 
+    /// Whether the request carries the secret: at least one of `X-IDENTITY-HEADER`
+    /// (2019-08-01) and `secret` (2017-09-01), and each one present equal to it (compared
+    /// in constant time).
+    fn secret_ok(&self, req: &Request) -> bool {
+        let given = [Protocol::V2019, Protocol::V2017]
+            .map(|p| req.header(p.secret_header()))
+            .map(|h| h.map(|h| ct_eq(h.as_bytes(), self.secret.as_bytes())));
+        given.iter().any(Option::is_some) && given.iter().all(|g| g.is_none_or(|ok| ok))
+    }
+
     /// `{"access_token","expires_on","resource","token_type"[,"client_id"]}`, `resource`
-    /// as the request spelled it.
-    fn token_body(&self, v: &Version, sent: &str) -> Vec<u8> {
+    /// as the request spelled it, `expires_on` and `client_id` as `protocol` has them.
+    fn token_body(&self, v: &Version, sent: &str, protocol: Protocol) -> Vec<u8> {
         let token = String::from_utf8_lossy(v.token());
         let client_id = self
             .cache
             .identities()
             .ids(v.key.identity)
-            .and_then(|ids| ids.client_id.as_ref());
+            .and_then(|ids| ids.client_id.as_ref())
+            .filter(|_| protocol.answers_client_id());
         let extra = sent.len() + 128 + client_id.map_or(0, |c| c.len());
         let mut out = Zeroizing::new(Vec::with_capacity(6 * token.len() + 6 * extra));
         let buf: &mut Vec<u8> = &mut out;
         buf.extend_from_slice(b"{\"access_token\":");
         let _ = serde_json::to_writer(&mut *buf, &*token);
         buf.extend_from_slice(b",\"expires_on\":");
-        let _ = serde_json::to_writer(&mut *buf, &v.expires_on.div_euclid(1000).to_string());
+        let _ = serde_json::to_writer(&mut *buf, &protocol.expires_on(v.expires_on));
         buf.extend_from_slice(b",\"resource\":");
         let _ = serde_json::to_writer(&mut *buf, sent);
         buf.extend_from_slice(b",\"token_type\":\"Bearer\"");

@@ -62,12 +62,19 @@ fn env_file_and_secret() {
     let r = rig(Identity::default());
     let env = String::from_utf8(r.ep.env_file().to_vec()).unwrap();
     let lines: Vec<&str> = env.lines().collect();
-    assert_eq!(lines.len(), 2);
+    assert_eq!(lines.len(), 4);
     assert_eq!(
         lines[0],
         format!("IDENTITY_ENDPOINT=http://{}/msi/token", r.ep.addr())
     );
     let secret = secret_of(&r.ep);
+    assert_eq!(lines[1], format!("IDENTITY_HEADER={secret}"));
+    assert_eq!(
+        lines[2],
+        format!("MSI_ENDPOINT=http://{}/msi/token", r.ep.addr()),
+        "2017-09-01 at the same URL"
+    );
+    assert_eq!(lines[3], format!("MSI_SECRET={secret}"), "and secret");
     assert_eq!(secret.len(), 64);
     assert!(secret.bytes().all(|b| b.is_ascii_hexdigit()));
     assert_ne!(
@@ -301,4 +308,144 @@ fn a_caller_without_the_secret_keeps_no_connection() {
         "{text}"
     );
     assert_eq!(r.emu.requests(), 0);
+}
+
+const ARM_2017: &str =
+    "/msi/token?api-version=2017-09-01&resource=https%3A%2F%2Fmanagement.azure.com";
+
+#[test]
+fn the_2017_protocol_takes_the_secret_header_and_answers_a_utc_date() {
+    let r = rig(Identity::default());
+    let secret = secret_of(&r.ep);
+    let head = format!("Host: {}\r\nsecret: {secret}\r\n", r.ep.addr());
+    let (status, body) = send(&r.ep, ARM_2017, &head);
+    assert_eq!(status, 200, "{body}");
+    let fields: Vec<&String> = body.as_object().unwrap().keys().collect();
+    assert_eq!(
+        fields,
+        ["access_token", "expires_on", "resource", "token_type"],
+        "the 2017 shape"
+    );
+    assert_eq!(body["resource"], "https://management.azure.com");
+    let file = r
+        .cache
+        .peek(&crate::cache::Key::new(
+            crate::cache::IdentityId::DEFAULT,
+            crate::names::resolve("management.azure.com").unwrap(),
+        ))
+        .expect("the file name's entry");
+    assert!(body["access_token"].as_str().unwrap().as_bytes() == file.token());
+    assert_eq!(
+        body["expires_on"],
+        super::protocol::legacy_date(file.expires_on.div_euclid(1000))
+    );
+    let date = body["expires_on"].as_str().unwrap();
+    assert_eq!(date.len(), "06/20/2026 02:57:58 +00:00".len(), "{date}");
+    assert!(date.ends_with(" +00:00"), "{date}");
+    // The resource unencoded, as curl sends it.
+    let plain = "/msi/token?api-version=2017-09-01&resource=https://management.azure.com";
+    let (status, body) = send(&r.ep, plain, &head);
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["resource"], "https://management.azure.com");
+    // The same entry as 2019-08-01's: one upstream call.
+    let (status, _) = send(&r.ep, ARM, &good_head(&r.ep));
+    assert_eq!(status, 200);
+    assert_eq!(r.emu.requests(), 1);
+    assert_eq!((r.ep.status_part())()["served"], 3);
+}
+
+#[test]
+fn the_2017_protocol_refuses_like_2019() {
+    let r = rig(Identity::default());
+    let secret = secret_of(&r.ep);
+    let host = format!("Host: {}\r\n", r.ep.addr());
+    let head = format!("{host}secret: {secret}\r\n");
+    let cases = [
+        (ARM_2017.to_string(), host.clone(), 401, "Unauthorized"),
+        (
+            ARM_2017.to_string(),
+            format!("{host}secret: {}0\r\n", secret),
+            401,
+            "Unauthorized",
+        ),
+        (
+            ARM_2017.to_string(),
+            format!("{host}secret: {}\r\n", &secret[1..]),
+            401,
+            "Unauthorized",
+        ),
+        // Right in one header, wrong in the other.
+        (
+            ARM_2017.to_string(),
+            format!("{head}X-IDENTITY-HEADER: x\r\n"),
+            401,
+            "Unauthorized",
+        ),
+        // The other version's header.
+        (
+            ARM.to_string(),
+            head.clone(),
+            400,
+            "X-IDENTITY-HEADER header",
+        ),
+        (
+            ARM_2017.to_string(),
+            format!("{host}X-IDENTITY-HEADER: {secret}\r\n"),
+            400,
+            "secret header",
+        ),
+        (
+            format!("{ARM_2017}&clientid=abc"),
+            head.clone(),
+            400,
+            "clientid names no identity",
+        ),
+        (
+            format!("{ARM_2017}&client_id=abc"),
+            head.clone(),
+            400,
+            "with clientid, not client_id",
+        ),
+        (
+            "/msi/token?api-version=2017-09-01".into(),
+            head.clone(),
+            400,
+            "resource",
+        ),
+        (
+            ARM_2017.replace("2017-09-01", "2017-09-02"),
+            head.clone(),
+            400,
+            "2017-09-01 with the secret in the secret header",
+        ),
+    ];
+    for (target, head, want, says) in cases {
+        let (status, body) = send(&r.ep, &target, &head);
+        assert_eq!(status, want, "{target}: {body}");
+        assert!(body["statusCode"] == want, "App Service shape: {body}");
+        let message = body["message"].as_str().unwrap_or_default();
+        assert!(message.contains(says), "{says}: {body}");
+        assert!(!message.contains(&secret));
+    }
+    assert_eq!(r.emu.requests(), 0);
+    assert_eq!((r.ep.status_part())()["unauthorized"], 4);
+}
+
+#[test]
+fn the_2017_protocol_serves_a_user_assigned_identity_by_clientid() {
+    let r = rig(Identity {
+        client_id: Some("11111111-2222-3333-4444-555555555555".into()),
+        ..Identity::default()
+    });
+    let head = format!("Host: {}\r\nsecret: {}\r\n", r.ep.addr(), secret_of(&r.ep));
+    let (status, body) = send(
+        &r.ep,
+        &format!("{ARM_2017}&clientid=11111111-2222-3333-4444-555555555555"),
+        &head,
+    );
+    assert_eq!(status, 200, "{body}");
+    assert!(body.get("client_id").is_none(), "not in the 2017 shape");
+    let (status, body) = send(&r.ep, &format!("{ARM_2017}&clientid=other"), &head);
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(r.emu.requests(), 1);
 }

@@ -3,8 +3,10 @@
 //!
 //! ```text
 //! GET /msi/token?api-version=2019-08-01&resource=R[&client_id=..]   X-IDENTITY-HEADER: <secret>
-//!   -> 200 {"access_token","expires_on":"<epoch s>","resource":R,"token_type":"Bearer"}
-//!   -> 401 (wrong or missing secret: nothing else is looked at)
+//!   -> 200 {"access_token","expires_on":"<epoch s>","resource":R,"token_type":"Bearer"[,"client_id"]}
+//! GET /msi/token?api-version=2017-09-01&resource=R[&clientid=..]    secret: <secret>
+//!   -> 200 {"access_token","expires_on":"MM/dd/yyyy HH:mm:ss +00:00","resource":R,"token_type":"Bearer"}
+//!   -> 401 (wrong or missing secret, in either header: nothing else is looked at)
 //!   -> 400 {"statusCode":400,"message":..} (proxied, foreign Host, bad query, resource, an
 //!      identity not declared; a resource the upstream refused), 403 (the upstream refused the identity),
 //!      500 (no token: the upstream's redacted error), 404 / 405 (another path or method)
@@ -13,13 +15,17 @@
 //! The server is [`crate::httpserver`] (hyper, its own thread, bounded connections that a
 //! flood of silent ones cannot hold, head size and idle time). A request is a read like an open: one [`crate::cache::Cache::read`]
 //! (the same entry, single flight with file readers, negative cache, `--timeout`, counted as
-//! a use for refresh ahead), then an audit line with the client's address. The secret is
+//! a use for refresh ahead), then an audit line with the client's address and, for a
+//! loopback peer, the uid owning its socket (the kernel's answer, as `--serve-imds` asks)
+//! and the pid and executable holding it (best effort). The secret is
 //! 32 random bytes in hex, new for each mount, compared in constant time, published only
 //! in `MOUNT/.env`, never logged.
 
 mod answer;
+mod caller;
 #[cfg(test)]
 mod endpoint_tests;
+pub mod protocol;
 pub mod request;
 
 use crate::audit::Audit;
@@ -105,14 +111,25 @@ impl Endpoint {
         &self.url
     }
 
-    /// `MOUNT/.env`: `IDENTITY_ENDPOINT=<url>` and `IDENTITY_HEADER=<secret>` lines.
+    /// `MOUNT/.env`: `IDENTITY_ENDPOINT=<url>` and `IDENTITY_HEADER=<secret>` (2019-08-01),
+    /// then `MSI_ENDPOINT=<url>` and `MSI_SECRET=<secret>` (2017-09-01, same URL and
+    /// secret). SDKs that know both pick `IDENTITY_ENDPOINT`; with `MSI_SECRET` set none
+    /// takes `MSI_ENDPOINT` for Cloud Shell's.
     pub fn env_file(&self) -> Zeroizing<Vec<u8>> {
-        let mut out = Zeroizing::new(Vec::with_capacity(self.url.len() + self.secret.len() + 64));
-        out.extend_from_slice(b"IDENTITY_ENDPOINT=");
-        out.extend_from_slice(self.url.as_bytes());
-        out.extend_from_slice(b"\nIDENTITY_HEADER=");
-        out.extend_from_slice(self.secret.as_bytes());
-        out.push(b'\n');
+        let lines: [(&[u8], &[u8]); 4] = [
+            (b"IDENTITY_ENDPOINT=", self.url.as_bytes()),
+            (b"IDENTITY_HEADER=", self.secret.as_bytes()),
+            (b"MSI_ENDPOINT=", self.url.as_bytes()),
+            (b"MSI_SECRET=", self.secret.as_bytes()),
+        ];
+        // Sized once, so no copy of the secret is left in a reallocated buffer.
+        let len = lines.iter().map(|(k, v)| k.len() + v.len() + 1).sum();
+        let mut out = Zeroizing::new(Vec::with_capacity(len));
+        for (name, value) in lines {
+            out.extend_from_slice(name);
+            out.extend_from_slice(value);
+            out.push(b'\n');
+        }
         out
     }
 

@@ -50,6 +50,7 @@ mod conn;
 #[cfg(test)]
 mod flood;
 pub mod origin;
+pub mod peer;
 pub mod query;
 mod registry;
 #[cfg(test)]

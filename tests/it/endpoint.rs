@@ -9,6 +9,7 @@ use common::*;
 use cstokenfs::emulator::EmulatorConfig;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 const ARM: &str = "/msi/token?api-version=2019-08-01&resource=https%3A%2F%2Fmanagement.azure.com";
@@ -404,4 +405,79 @@ fn get_prints_every_view() {
     .output()
     .unwrap();
     assert_eq!(out.status.code(), Some(2));
+}
+
+#[test]
+fn the_2017_protocol_from_env_and_an_audit_line_naming_the_caller() {
+    need_fuse!();
+    let emu = emulator();
+    let m = Mounted::serving(&emu.url(), &[]);
+    let (addr, _) = m.endpoint();
+    let env = String::from_utf8(m.read(".env").unwrap()).unwrap();
+    let var = |k: &str| {
+        env.lines()
+            .find_map(|l| l.strip_prefix(&format!("{k}=")))
+            .unwrap_or_else(|| panic!("{k} in .env"))
+            .to_string()
+    };
+    let path = var("MSI_ENDPOINT")
+        .strip_prefix(&format!("http://{addr}"))
+        .expect("MSI_ENDPOINT is the endpoint's URL")
+        .to_string();
+    let target = format!("{path}?api-version=2017-09-01&resource=https%3A%2F%2Fvault.azure.net");
+    let head = format!("Host: {addr}\r\nsecret: {}\r\n", var("MSI_SECRET"));
+    let (status, body) = get(addr, &target, &head);
+    assert_eq!(status, 200, "{body}");
+    let file = m.read("vault.azure.net").unwrap();
+    let http = body["access_token"].as_str().unwrap().as_bytes().to_vec();
+    assert_same_token(&http, &file, "2017-09-01 and cat");
+    // expires_on as App Service 2017-09-01 spells it, in UTC: what date(1) says.
+    let exp = claims(&file)["exp"].to_string();
+    let date = std::process::Command::new("date")
+        .args(["-u", "-d", &format!("@{exp}"), "+%m/%d/%Y %H:%M:%S +00:00"])
+        .output()
+        .unwrap();
+    assert_eq!(
+        body["expires_on"].as_str().unwrap(),
+        String::from_utf8_lossy(&date.stdout).trim()
+    );
+    assert!(body.get("client_id").is_none(), "the 2017 shape");
+    assert_eq!(emu.requests(), 1);
+
+    // The audit line names the socket's uid, and the process holding it: this test.
+    // SAFETY: getuid cannot fail.
+    let uid = unsafe { libc::getuid() };
+    let exe = std::env::current_exe().unwrap();
+    let who = format!("uid {uid} pid {} exe {}", std::process::id(), exe.display());
+    let log = m
+        .wait_log(&who, Duration::from_secs(5))
+        .unwrap_or_else(|| panic!("an audit line with {who:?}:\n{}", m.log_text()));
+    let line = log.lines().find(|l| l.contains(&who)).unwrap_or_default();
+    assert!(
+        line.contains("audit: request of https://vault.azure.net over HTTP from 127.0.0.1:"),
+        "{line}"
+    );
+
+    // Another user's curl: its uid, and curl as the executable.
+    if !Path::new("/usr/bin/curl").exists() {
+        eprintln!("no /usr/bin/curl: the other user's request is not tried");
+        return;
+    }
+    let url = format!("http://{addr}{target}");
+    let out = as_user(65534, 65534, "/usr/bin/curl")
+        .args(["-sS", "--noproxy", "*", "-H"])
+        .arg(format!("secret: {}", var("MSI_SECRET")))
+        .arg(&url)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "curl as 65534: {}", out.status);
+    let log = m
+        .wait_log("uid 65534 pid ", Duration::from_secs(5))
+        .unwrap_or_else(|| panic!("an audit line for uid 65534:\n{}", m.log_text()));
+    let line = log
+        .lines()
+        .find(|l| l.contains("uid 65534 pid "))
+        .unwrap_or_default();
+    assert!(line.trim_end().ends_with("curl"), "{line}");
+    assert_eq!(emu.requests(), 1);
 }

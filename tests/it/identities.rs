@@ -763,8 +763,13 @@ fn every_front_end_serves_each_identity_one_upstream_request() {
 
         if let Some(py) = &py {
             // azure-identity over IMDS: `.env` names both front ends; without the App
-            // Service pair the SDK takes AZURE_POD_IDENTITY_AUTHORITY_HOST.
-            let mut env = vec![("IDENTITY_ENDPOINT", ""), ("IDENTITY_HEADER", "")];
+            // Service pairs the SDK takes AZURE_POD_IDENTITY_AUTHORITY_HOST.
+            let mut env = vec![
+                ("IDENTITY_ENDPOINT", ""),
+                ("IDENTITY_HEADER", ""),
+                ("MSI_ENDPOINT", ""),
+                ("MSI_SECRET", ""),
+            ];
             if let Some((var, value)) = sdk {
                 env.push((var, value.as_str()));
             }

@@ -39,7 +39,8 @@ fn raw_answers_are_imds_shaped_and_share_the_files_cache() {
             "127.0.0.1:0",
         ],
     );
-    // Both front ends: App Service's pair and the IMDS host, never IMDS_ENDPOINT.
+    // Both front ends: App Service's pairs (2019-08-01, 2017-09-01) and the IMDS host,
+    // never IMDS_ENDPOINT.
     let env = String::from_utf8(m.read(".env").unwrap()).unwrap();
     let keys: Vec<&str> = env
         .lines()
@@ -51,6 +52,8 @@ fn raw_answers_are_imds_shaped_and_share_the_files_cache() {
         [
             "IDENTITY_ENDPOINT",
             "IDENTITY_HEADER",
+            "MSI_ENDPOINT",
+            "MSI_SECRET",
             "AZURE_POD_IDENTITY_AUTHORITY_HOST"
         ]
     );

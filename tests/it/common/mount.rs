@@ -94,7 +94,7 @@ impl Mounted {
         super::expect_err(self.read(rel), rel)
     }
 
-    /// `--serve-endpoint`'s address and secret, from `MOUNT/.env` (exactly its two lines).
+    /// `--serve-endpoint`'s address and secret, from `MOUNT/.env` (exactly its four lines).
     pub fn endpoint(&self) -> (std::net::SocketAddr, String) {
         let env = String::from_utf8(self.read(".env").expect("read .env")).unwrap();
         let mut lines = env.lines();
@@ -112,7 +112,15 @@ impl Mounted {
             .and_then(|l| l.strip_prefix("IDENTITY_HEADER="))
             .expect("IDENTITY_HEADER second")
             .to_string();
-        assert_eq!(lines.next(), None, "two lines");
+        // 2017-09-01's names for the same URL and secret.
+        let msi = format!("MSI_ENDPOINT=http://{url}");
+        assert_eq!(lines.next(), Some(msi.as_str()), "MSI_ENDPOINT third");
+        let msi_secret = format!("MSI_SECRET={secret}");
+        assert!(
+            lines.next() == Some(msi_secret.as_str()),
+            "MSI_SECRET fourth"
+        );
+        assert_eq!(lines.next(), None, "four lines");
         (addr, secret)
     }
 
