@@ -418,7 +418,10 @@ fn a_republish_during_an_entra_outage_succeeds_keeps_the_files_and_they_go_befor
             .contains(&digest(&pod.token))
             .then_some(())
     });
-    assert!(newest.is_some(), "the newest service-account token is presented");
+    assert!(
+        newest.is_some(),
+        "the newest service-account token is presented"
+    );
 }
 
 #[test]
