@@ -262,6 +262,12 @@ impl Cache {
         })
     }
 
+    /// Records why the daemon's plan chose its source: the first line saying the endpoint
+    /// is down names it.
+    pub fn set_source_reason(&self, reason: &str) {
+        self.upstream.set_chosen(reason);
+    }
+
     /// The daemon's identities (names, selectors, sources).
     pub fn identities(&self) -> &Identities {
         &self.identities

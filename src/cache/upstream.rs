@@ -55,6 +55,9 @@ pub struct Upstream {
     reach: Mutex<Reach>,
     /// Requests that had to wait for the rate limit (`.status`).
     held_back: AtomicU64,
+    /// Why the daemon's plan chose its source, for the first "down" line (set once at
+    /// start; none for a daemon whose identities are added at run time).
+    chosen: std::sync::OnceLock<String>,
 }
 
 impl Upstream {
@@ -69,7 +72,13 @@ impl Upstream {
             limiter_cv: Condvar::new(),
             reach: Mutex::new(Reach::default()),
             held_back: AtomicU64::new(0),
+            chosen: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Records why the plan chose the source (the first "down" line names it).
+    pub fn set_chosen(&self, reason: &str) {
+        let _ = self.chosen.set(reason.to_string());
     }
 
     pub fn held_back(&self) -> u64 {
@@ -157,8 +166,13 @@ impl Upstream {
                 reach.down_until =
                     now.saturating_add(policy::backoff_ms(reach.failures, None, 0.0));
                 if reach.failures == 1 {
+                    let chosen = self
+                        .chosen
+                        .get()
+                        .map(|r| format!(", chosen because {r}"))
+                        .unwrap_or_default();
                     info!(
-                        "the endpoint ({} at {}) is down ({e}): one attempt per fetch until it answers",
+                        "the endpoint ({} at {}{chosen}) is down ({e}): one attempt per fetch until it answers",
                         source.kind(),
                         source.endpoint()
                     );

@@ -82,6 +82,7 @@ impl Daemon {
             &Key::all(count, declared),
             Arc::new(SystemClock),
         );
+        cache.set_source_reason(&plan.reason);
         Ok(Daemon {
             cache,
             background: false,

@@ -858,6 +858,20 @@ fn get_from_a_port_nobody_listens_on_fails_at_once_naming_source_and_url() {
 }
 
 #[test]
+fn a_mounts_first_connection_failure_names_the_source_its_url_and_why() {
+    need_fuse!();
+    let url = format!("http://127.0.0.1:{}/oauth2/token", free_port());
+    let m = Mounted::new(&url, &[]);
+    assert!(m.read("management.azure.com").is_err(), "nothing listens");
+    let said = m.wait_log(
+        "chosen because --endpoint without --source",
+        Duration::from_secs(10),
+    );
+    let log = said.unwrap_or_else(|| panic!("the first failure names why: {}", m.log_text()));
+    assert!(log.contains(&format!("cloudshell at {url}")), "{log}");
+}
+
+#[test]
 fn help_on_every_subcommand() {
     for sub in [
         &["--help"][..],
