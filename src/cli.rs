@@ -12,36 +12,43 @@ use crate::source::select::{Env, Wanted};
 use crate::source::Identity;
 use crate::source::Kind;
 use crate::token::View;
-use clap::{Args, CommandFactory, Parser, Subcommand};
+use clap::builder::{PossibleValue, TypedValueParser};
+use clap::{Args, Parser, Subcommand, ValueHint};
 use std::io::Write;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+mod completion;
+mod manual;
+
 /// Appended to the help of the program and of each subcommand: the views, the mount(8)
 /// form, the signals and what detection reads.
 pub const MORE_HELP: &str = "\
-Names: a host (management.azure.com, vault.azure.net, any DNS name: https://<name>; case and a
-trailing dot do not matter), an app ID (GUID), or a percent-encoded URI; `get` and --resource
-also take a URI (https://management.azure.com/) or a scope (https://graph.microsoft.com/.default).
+Names: a host (management.azure.com, vault.azure.net, any DNS name: https://<name>; case \
+and a trailing dot do not matter), an app ID (GUID), or a percent-encoded URI; `get` and \
+--resource also take a URI (https://management.azure.com/) or a scope \
+(https://graph.microsoft.com/.default).
 
-Views (mount; sink writes the same files; get --view): MOUNT/<name> (raw token, no newline),
-MOUNT/.json/<name>, MOUNT/.header/<name> (Authorization: Bearer ...), MOUNT/.kubectl/<name>
-(ExecCredential), MOUNT/.git-credential/<name>, MOUNT/.claims/<name> (the JWT payload),
-MOUNT/.status (JSON: source, identity, errors, counters), MOUNT/.env (--serve-endpoint,
---serve-imds); MOUNT/id/NAME/ the same tree for each --identity NAME=SELECTOR.
+Views (mount; sink writes the same files; get --view): MOUNT/<name> (raw token, no \
+newline), MOUNT/.json/<name>, MOUNT/.header/<name> (Authorization: Bearer ...), \
+MOUNT/.kubectl/<name> (ExecCredential), MOUNT/.git-credential/<name>, \
+MOUNT/.claims/<name> (the JWT payload), MOUNT/.status (JSON: source, identity, errors, \
+counters), MOUNT/.env (--serve-endpoint, --serve-imds); MOUNT/id/NAME/ the same tree for \
+each --identity NAME=SELECTOR.
 
-mount(8) and fstab: cstokenfs SOURCE MOUNTPOINT -o OPTIONS (SOURCE is the name in the mount
-table); every long flag of mount is an -o key with _ for - (allow_other,uid=1000,mode=0440,
-endpoint=URL,auto_unmount,debug,...). fstab: cstoken /run/cstoken fuse.cstokenfs allow_other 0 0
+mount(8) and fstab: cstokenfs SOURCE MOUNTPOINT -o OPTIONS (SOURCE is the name in the \
+mount table); every long flag of mount is an -o key with _ for - \
+(allow_other,uid=1000,mode=0440,endpoint=URL,auto_unmount,debug,...). fstab: cstoken \
+/run/cstoken fuse.cstokenfs allow_other 0 0
 
-Signals (mount, sink): SIGTERM or SIGINT unmount (sink: remove its files) and exit 0; SIGUSR1
-drops every held token so the next read fetches anew; SIGHUP reopens --log-file.
+Signals (mount, sink): SIGTERM or SIGINT unmount (sink: remove its files) and exit 0; \
+SIGUSR1 drops every held token so the next read fetches anew; SIGHUP reopens --log-file.
 
-Environment: --source auto detects from MSI_ENDPOINT, MSI_SECRET, IDENTITY_ENDPOINT,
-IDENTITY_HEADER, IMDS_ENDPOINT and `az` on PATH (IMDS only with --source imds); RUST_LOG sets
-the log level (default info; RUST_LOG=info,cstokenfs::audit=warn quiets the open audit).
-Detached without --log-file, logs go to syslog (/dev/log).";
+Environment: --source auto detects from MSI_ENDPOINT, MSI_SECRET, IDENTITY_ENDPOINT, \
+IDENTITY_HEADER, IMDS_ENDPOINT and `az` on PATH (IMDS only with --source imds); RUST_LOG \
+sets the log level (default info; RUST_LOG=info,cstokenfs::audit=warn quiets the open \
+audit). Detached without --log-file, logs go to syslog (/dev/log).";
 
 #[derive(Parser, Debug)]
 #[command(
@@ -49,6 +56,8 @@ Detached without --log-file, logs go to syslog (/dev/log).";
     version,
     // `-o uid=1000 --uid 1000` or `-f -o foreground`: the last one wins, as in mount(8).
     args_override_self = true,
+    // Help wraps at the terminal's width, at 80 columns when not printed to a terminal.
+    max_term_width = help_width(),
     about = "A read-only FUSE filesystem where `cat MOUNT/<resource>` prints a fresh, cached Azure access token",
     after_help = MORE_HELP
 )]
@@ -77,8 +86,88 @@ pub enum Command {
     Emulator(EmulatorArgs),
     /// Print a shell completion script for bash, zsh or fish on stdout.
     Completions(CompletionsArgs),
-    /// Print the man page (roff) on stdout: cstokenfs man > cstokenfs.1
-    Man,
+    /// Print the main man page (roff) on stdout, or write every page into a directory.
+    Man(ManArgs),
+}
+
+/// Help's width: 0 (the terminal's own) when standard output is a terminal, else 80.
+fn help_width() -> usize {
+    use std::io::IsTerminal;
+    width_for(std::io::stdout().is_terminal())
+}
+
+fn width_for(terminal: bool) -> usize {
+    match terminal {
+        true => 0,
+        false => 80,
+    }
+}
+
+#[derive(Args, Debug)]
+pub struct ManArgs {
+    /// Write cstokenfs.1 and a page per subcommand (cstokenfs-mount.1, ...) into DIR,
+    /// made if missing, instead of printing the main page.
+    #[arg(long, value_name = "DIR", value_hint = ValueHint::DirPath)]
+    pub dir: Option<PathBuf>,
+}
+
+/// A value parser that keeps `parse`'s own errors and tells completions the values it
+/// takes (help lists them in its own words).
+#[derive(Clone)]
+struct Listed<P> {
+    parse: P,
+    values: fn() -> Vec<&'static str>,
+}
+
+fn listed<P>(parse: P, values: fn() -> Vec<&'static str>) -> Listed<P> {
+    Listed { parse, values }
+}
+
+impl<P: TypedValueParser> TypedValueParser for Listed<P> {
+    type Value = P::Value;
+
+    fn parse_ref(
+        &self,
+        cmd: &clap::Command,
+        arg: Option<&clap::Arg>,
+        value: &std::ffi::OsStr,
+    ) -> Result<Self::Value, clap::Error> {
+        self.parse.parse_ref(cmd, arg, value)
+    }
+
+    fn possible_values(&self) -> Option<Box<dyn Iterator<Item = PossibleValue> + '_>> {
+        Some(Box::new(
+            (self.values)().into_iter().map(PossibleValue::new),
+        ))
+    }
+}
+
+/// `--source`'s values: auto and every upstream.
+fn source_values() -> Vec<&'static str> {
+    std::iter::once("auto")
+        .chain(Kind::ALL.into_iter().map(Kind::name))
+        .collect()
+}
+
+/// `--view`'s values.
+fn view_values() -> Vec<&'static str> {
+    View::ALL
+        .into_iter()
+        .map(|v| match v {
+            View::Raw => "raw",
+            v => v.label(),
+        })
+        .collect()
+}
+
+/// `--protocol`'s values: what the emulator serves, the Entra ones as `entra`.
+fn protocol_values() -> Vec<&'static str> {
+    crate::emulator::SERVED
+        .into_iter()
+        .filter(|k| !k.is_entra())
+        .map(Kind::name)
+        .chain(std::iter::once("entra"))
+        .collect()
 }
 
 #[derive(Args, Debug)]
@@ -96,7 +185,7 @@ pub struct UpstreamArgs {
     /// Where tokens come from: auto, cloudshell, imds, appservice, arc, azure-cli,
     /// workload-identity, service-principal [default: auto, detected from the environment;
     /// IMDS only when chosen].
-    #[arg(long, value_name = "SOURCE", value_parser = parse_source)]
+    #[arg(long, value_name = "SOURCE", value_parser = listed(parse_source, source_values), hide_possible_values = true)]
     pub source: Option<SourceArg>,
     /// Token endpoint URL of any HTTP source [default: $MSI_ENDPOINT, else
     /// http://localhost:50342/oauth2/token for Cloud Shell; the source's own otherwise].
@@ -144,18 +233,18 @@ pub struct EntraArgs {
     pub authority_host: Option<String>,
     /// Workload identity: the federated (service account) token file, read for every
     /// request [default: $AZURE_FEDERATED_TOKEN_FILE].
-    #[arg(long, value_name = "PATH")]
+    #[arg(long, value_name = "PATH", value_hint = ValueHint::FilePath)]
     pub federated_token_file: Option<PathBuf>,
     /// Service principal: a file holding the client secret (one trailing newline is not
     /// part of it) [default: $AZURE_CLIENT_SECRET].
-    #[arg(long, value_name = "PATH")]
+    #[arg(long, value_name = "PATH", value_hint = ValueHint::FilePath)]
     pub client_secret_file: Option<PathBuf>,
     /// Service principal: a PEM file with the certificate and its unencrypted RSA key
     /// [default: $AZURE_CLIENT_CERTIFICATE_PATH].
-    #[arg(long, value_name = "PATH")]
+    #[arg(long, value_name = "PATH", value_hint = ValueHint::FilePath)]
     pub client_certificate: Option<PathBuf>,
     /// PEM CA certificates trusted besides the system's (Entra's TLS).
-    #[arg(long, value_name = "PEM")]
+    #[arg(long, value_name = "PEM", value_hint = ValueHint::FilePath)]
     pub ca_file: Option<PathBuf>,
 }
 
@@ -230,7 +319,7 @@ pub struct DaemonArgs {
     pub refresh_margin: u64,
     /// Where logs go when detached (foreground: stderr; without it: syslog); level from
     /// RUST_LOG (default info).
-    #[arg(long, value_name = "PATH")]
+    #[arg(long, value_name = "PATH", value_hint = ValueHint::FilePath)]
     pub log_file: Option<PathBuf>,
     /// Owner of the files [default: the user who ran the command].
     #[arg(long, value_name = "UID")]
@@ -275,7 +364,7 @@ fn parse_mode(s: &str) -> Result<u16, String> {
 #[derive(Args, Debug)]
 pub struct MountArgs {
     /// Where to mount (an existing directory).
-    #[arg(value_name = "MOUNTPOINT")]
+    #[arg(value_name = "MOUNTPOINT", value_hint = ValueHint::DirPath)]
     pub mountpoint: PathBuf,
     #[command(flatten)]
     pub upstream: UpstreamArgs,
@@ -341,7 +430,7 @@ pub struct MountArgs {
 #[derive(Args, Debug)]
 pub struct SinkArgs {
     /// Where the files go: a directory on tmpfs or ramfs.
-    #[arg(value_name = "DIR")]
+    #[arg(value_name = "DIR", value_hint = ValueHint::DirPath)]
     pub dir: PathBuf,
     #[command(flatten)]
     pub upstream: UpstreamArgs,
@@ -365,7 +454,7 @@ pub struct GetArgs {
     pub json: bool,
     /// The view to print: raw (the token and a newline), json, header, kubectl,
     /// git-credential, claims.
-    #[arg(long, value_name = "VIEW", default_value = "raw", value_parser = parse_view)]
+    #[arg(long, value_name = "VIEW", default_value = "raw", value_parser = listed(parse_view, view_values), hide_possible_values = true)]
     pub view: View,
     /// The resource: a host name as in the mount (management.azure.com), a URI
     /// (https://management.azure.com/), a scope (https://graph.microsoft.com/.default), a GUID.
@@ -393,13 +482,14 @@ pub struct CsiArgs {
     #[arg(long, value_name = "URL")]
     pub authority_host: Option<String>,
     /// PEM CA certificates trusted besides the system's (Entra's TLS).
-    #[arg(long, value_name = "PEM")]
+    #[arg(long, value_name = "PEM", value_hint = ValueHint::FilePath)]
     pub ca_file: Option<PathBuf>,
     /// Where each volume's tmpfs is mounted read-write (a hostPath with Bidirectional
     /// mount propagation).
     #[arg(
         long,
         value_name = "DIR",
+        value_hint = ValueHint::DirPath,
         default_value = "/var/lib/cstokenfs-csi/data"
     )]
     pub data_dir: PathBuf,
@@ -407,6 +497,7 @@ pub struct CsiArgs {
     #[arg(
         long,
         value_name = "DIR",
+        value_hint = ValueHint::DirPath,
         default_value = "/var/lib/cstokenfs-csi/state"
     )]
     pub state_dir: PathBuf,
@@ -481,11 +572,11 @@ pub struct EmulatorArgs {
     #[arg(long)]
     pub allow_any: bool,
     /// The protocol to serve: cloudshell, imds, appservice, arc, entra.
-    #[arg(long, value_name = "PROTOCOL", default_value = "cloudshell", value_parser = parse_protocol)]
+    #[arg(long, value_name = "PROTOCOL", default_value = "cloudshell", value_parser = listed(parse_protocol, protocol_values), hide_possible_values = true)]
     pub protocol: Kind,
     /// App Service: the X-IDENTITY-HEADER secret is this file's contents (trailing newline
     /// trimmed); without it a random one is generated and printed on stdout.
-    #[arg(long, value_name = "PATH")]
+    #[arg(long, value_name = "PATH", value_hint = ValueHint::FilePath)]
     pub secret_file: Option<PathBuf>,
     /// IMDS, App Service: know N user-assigned identities (client IDs
     /// 00000000-0000-0000-0000-c0000000000N, object IDs ...-a0000000000N, resource IDs
@@ -566,8 +657,8 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
         Command::Get(args) => get_command(args),
         Command::Csi(args) => csi_command(args),
         Command::Emulator(args) => emulator_command(args),
-        Command::Completions(args) => completions_command(&args.shell),
-        Command::Man => man_command(),
+        Command::Completions(args) => completion::command(&args.shell),
+        Command::Man(args) => manual::command(args.dir.as_deref()),
     }
 }
 
@@ -663,39 +754,6 @@ impl From<SecretFileError> for CliError {
     fn from(e: SecretFileError) -> CliError {
         CliError::failure(e)
     }
-}
-
-/// `completions bash|zsh|fish`: the script on stdout.
-fn completions_command(shell: &str) -> Result<(), CliError> {
-    let shell = match shell {
-        "bash" => clap_complete::Shell::Bash,
-        "zsh" => clap_complete::Shell::Zsh,
-        _ => clap_complete::Shell::Fish,
-    };
-    let mut cmd = Cli::command();
-    let mut out = Vec::new();
-    clap_complete::generate(shell, &mut cmd, "cstokenfs", &mut out);
-    write_stdout(&out)
-}
-
-/// `man`: the man page (roff) on stdout, subcommands included.
-fn man_command() -> Result<(), CliError> {
-    let cmd = Cli::command();
-    let mut out = Vec::new();
-    clap_mangen::Man::new(cmd.clone())
-        .render(&mut out)
-        .and_then(|()| {
-            // Each subcommand's options as a page of its own, cstokenfs-mount(1) and so on.
-            for sub in cmd.get_subcommands() {
-                let title = format!("cstokenfs-{}", sub.get_name());
-                clap_mangen::Man::new(sub.clone())
-                    .title(title.to_uppercase())
-                    .render(&mut out)?;
-            }
-            Ok(())
-        })
-        .map_err(|e| CliError::Failure(format!("cannot render the man page: {e}")))?;
-    write_stdout(&out)
 }
 
 fn write_stdout(bytes: &[u8]) -> Result<(), CliError> {
@@ -928,6 +986,7 @@ fn emulator_command(args: EmulatorArgs) -> Result<(), CliError> {
 mod tests {
     use super::*;
     use crate::fuseopts::{option_keys, subcommands};
+    use clap::CommandFactory;
 
     #[test]
     fn modes_are_octal_permission_bits() {
@@ -974,6 +1033,24 @@ mod tests {
             assert!(subs.iter().any(|x| x == s), "{s}");
         }
     }
+    /// Help wraps at 80 columns when standard output is not a terminal.
+    #[test]
+    fn help_wraps_at_80_columns_off_a_terminal() {
+        assert_eq!(width_for(true), 0, "a terminal: its own width");
+        // As the binary's is when its output is not a terminal, whatever the test's is.
+        let mut cli = Cli::command().max_term_width(width_for(false));
+        cli.build();
+        let mut helps = vec![cli.render_long_help().to_string()];
+        for sub in cli.get_subcommands_mut() {
+            helps.push(sub.render_long_help().to_string());
+        }
+        for help in helps {
+            for line in help.lines() {
+                assert!(line.chars().count() <= 80, "{} columns: {line}", line.len());
+            }
+        }
+    }
+
     #[test]
     fn a_bad_secret_file_is_named_with_what_is_wrong() {
         let dir = tempfile::tempdir().unwrap();

@@ -1,0 +1,93 @@
+//! `cstokenfs completions bash|zsh|fish`: clap_complete's script for the command line, which
+//! completes the values of `--source`, `--view` and `--protocol`, file names for file flags
+//! and directories for directory arguments (their value hints in cli.rs). Here: values that
+//! are neither (a URL, seconds, an ID) complete to nothing rather than to file names, and
+//! bash, whose generated script leaves positionals to readline's file names, gets
+//! directories for `mount`'s MOUNTPOINT and `sink`'s DIR.
+
+use super::{Cli, CliError};
+use clap::{CommandFactory, ValueHint};
+
+/// Appended to the bash script: where the generated function offers only flags or nothing
+/// for a word of `mount` or `sink` that is not a flag, offer directories.
+const BASH_DIRECTORIES: &str = r#"
+# cstokenfs: MOUNTPOINT (mount) and DIR (sink) are directories.
+_cstokenfs_dirs() {
+    _cstokenfs "$@"
+    local cur="${COMP_WORDS[COMP_CWORD]}" w
+    case "${COMP_WORDS[1]}" in
+        mount|sink) ;;
+        *) return 0 ;;
+    esac
+    [[ ${cur} == -* ]] && return 0
+    for w in "${COMPREPLY[@]}"; do
+        [[ ${w} == -* ]] || return 0
+    done
+    COMPREPLY=( $(compgen -d -- "${cur}") )
+    compopt -o filenames 2>/dev/null
+    return 0
+}
+complete -F _cstokenfs_dirs -o bashdefault -o default cstokenfs
+"#;
+
+/// The script for `shell` (bash, zsh or fish, as the argument's parser allows).
+pub fn script(shell: &str) -> Vec<u8> {
+    let (shell, extra) = match shell {
+        "bash" => (clap_complete::Shell::Bash, BASH_DIRECTORIES),
+        "zsh" => (clap_complete::Shell::Zsh, ""),
+        _ => (clap_complete::Shell::Fish, ""),
+    };
+    let mut cmd = no_file_names(Cli::command());
+    let mut out = Vec::new();
+    clap_complete::generate(shell, &mut cmd, "cstokenfs", &mut out);
+    out.extend_from_slice(extra.as_bytes());
+    out
+}
+
+/// `completions SHELL`: the script on stdout.
+pub fn command(shell: &str) -> Result<(), CliError> {
+    super::write_stdout(&script(shell))
+}
+
+/// Values with no hint and no fixed set (URLs, numbers, IDs, names) complete to nothing
+/// instead of to file names, in every subcommand.
+fn no_file_names(cmd: clap::Command) -> clap::Command {
+    cmd.mut_args(|a| {
+        let unknown = a.get_value_hint() == ValueHint::Unknown
+            && a.get_action().takes_values()
+            && a.get_value_parser().possible_values().is_none();
+        if unknown {
+            a.value_hint(ValueHint::Other)
+        } else {
+            a
+        }
+    })
+    .mut_subcommands(no_file_names)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The fixed sets complete to their values, URLs to nothing, files to file names,
+    /// MOUNTPOINT and DIR to directories.
+    #[test]
+    fn values_files_and_directories() {
+        let bash = String::from_utf8(script("bash")).unwrap();
+        for values in [
+            "\"auto cloudshell imds appservice arc azure-cli workload-identity service-principal\"",
+            "\"raw json header kubectl git-credential claims\"",
+            "\"cloudshell imds appservice arc entra\"",
+        ] {
+            assert!(bash.contains(values), "{values}");
+        }
+        assert!(bash.contains("compgen -d -- \"${cur}\""));
+        assert!(bash.ends_with("complete -F _cstokenfs_dirs -o bashdefault -o default cstokenfs\n"));
+        let zsh = String::from_utf8(script("zsh")).unwrap();
+        assert!(zsh.contains(":mountpoint -- Where to mount (an existing directory):_files -/"));
+        assert!(zsh.contains(":URL:' \\"), "no file names for a URL");
+        assert!(zsh.contains("]:PATH:_files' \\"));
+        let fish = String::from_utf8(script("fish")).unwrap();
+        assert!(fish.contains("-l data-dir") && fish.contains("__fish_complete_directories"));
+    }
+}
