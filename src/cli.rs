@@ -59,6 +59,14 @@ audit). Detached without --log-file, logs go to syslog (/dev/log).";
     // Help wraps at the terminal's width, at 80 columns when not printed to a terminal.
     max_term_width = help_width(),
     about = "A read-only FUSE filesystem where `cat MOUNT/<resource>` prints a fresh, cached Azure access token",
+    long_about = "A read-only FUSE filesystem where `cat MOUNT/<resource>` prints a fresh, cached \
+Azure access token.
+
+mount serves tokens as files through FUSE; sink keeps the same files on a tmpfs where FUSE \
+is missing; get prints one token; csi gives each Kubernetes pod its own identity's tokens in \
+a volume; emulator stands in for the token endpoints. Tokens come from Azure Cloud Shell, \
+IMDS, App Service, Azure Arc, the Azure CLI or Microsoft Entra, chosen by --source or \
+detected from the environment.",
     after_help = MORE_HELP
 )]
 pub struct Cli {
@@ -69,19 +77,36 @@ pub struct Cli {
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Mount the token filesystem at MOUNTPOINT (detaches once the mount is live unless -f).
+    ///
+    /// Each file under MOUNTPOINT is a view of a token: `cat MOUNTPOINT/management.azure.com`
+    /// prints one for https://management.azure.com/, fetched at the first read, cached,
+    /// refreshed before it expires and never served expired. The daemon serves every
+    /// process that may reach the mount until it is unmounted.
     #[command(after_help = MORE_HELP)]
     Mount(MountArgs),
     /// Without FUSE: keep the declared resources' tokens as files in DIR (tmpfs or ramfs),
     /// replaced atomically, removed before they expire (detaches once written unless -f).
+    ///
+    /// DIR gets the mount's views of each --resource as plain files, for containers without
+    /// /dev/fuse; inotify readers see each replacement as a rename.
     #[command(after_help = MORE_HELP)]
     Sink(SinkArgs),
     /// Fetch one token with the same client and name rules, print it, no mount.
+    ///
+    /// The token (or the document of --view) and a newline on standard output; nothing is
+    /// kept between runs.
     #[command(after_help = MORE_HELP)]
     Get(GetArgs),
     /// Kubernetes CSI node plugin: each pod's own workload identity's tokens as files in
     /// its ephemeral inline volume (gRPC on a unix socket; logs to stderr).
+    ///
+    /// Run by the DaemonSet under deploy/kubernetes/csi/; tokens come from Microsoft Entra
+    /// with each pod's service-account token, never as the node.
     Csi(CsiArgs),
     /// Serve a local stand-in for the Cloud Shell token endpoint (unsigned test tokens).
+    ///
+    /// On loopback only; --protocol serves IMDS, App Service, Azure Arc or Entra instead,
+    /// for trying the mount and the SDKs without Azure.
     #[command(after_help = MORE_HELP)]
     Emulator(EmulatorArgs),
     /// Print a shell completion script for bash, zsh or fish on stdout.
