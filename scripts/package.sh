@@ -91,7 +91,6 @@ chmod -R u=rwX,go=rX "$stage"
 chmod 0755 "$stage/usr/bin/cstokenfs"
 
 size=$(du -sk --exclude=DEBIAN "$stage" | cut -f1)
-description=$(sed -n 's/^description = "\(.*\)"$/\1/p' "$root/Cargo.toml" | head -1)
 cat >"$stage/DEBIAN/control" <<EOF
 Package: cstokenfs
 Version: $version
@@ -101,7 +100,7 @@ Installed-Size: $size
 Depends: libc6 (>= $GLIBC_FLOOR), libgcc-s1, fuse3
 Section: utils
 Priority: optional
-Description: $description
+Description: Azure access tokens as files: a read-only FUSE filesystem
  cat /run/cstoken/management.azure.com prints a fresh access token from Azure
  Cloud Shell, IMDS, App Service, Azure Arc, the Azure CLI or Microsoft Entra:
  each token is fetched once, cached, refreshed before it expires and never

@@ -75,12 +75,16 @@ mod tests {
     fn values_files_and_directories() {
         let bash = String::from_utf8(script("bash")).unwrap();
         for values in [
-            "\"auto cloudshell imds appservice arc azure-cli workload-identity service-principal\"",
-            "\"raw json header kubectl git-credential claims\"",
-            "\"cloudshell imds appservice arc entra\"",
+            super::super::source_values(),
+            super::super::view_values(),
+            super::super::protocol_values(),
         ] {
-            assert!(bash.contains(values), "{values}");
+            let words = format!("compgen -W \"{}\"", values.join(" "));
+            assert!(bash.contains(&words), "{words}");
         }
+        assert!(bash.contains("\"auto cloudshell imds appservice arc azure-cli workload-identity"));
+        assert!(bash.contains("\"raw json header kubectl"));
+        assert!(bash.contains("\"cloudshell imds appservice arc entra\""));
         assert!(bash.contains("compgen -d -- \"${cur}\""));
         assert!(bash.ends_with("complete -F _cstokenfs_dirs -o bashdefault -o default cstokenfs\n"));
         let zsh = String::from_utf8(script("zsh")).unwrap();

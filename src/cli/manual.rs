@@ -316,11 +316,14 @@ fn signals(sub: Option<&str>) -> Vec<Para> {
     };
     let mut v = vec![tag("SIGTERM, SIGINT", stop)];
     match sub {
-        Some("csi") => v.push(tag(
-            "SIGUSR1",
-            "Ignored: the driver's tokens are its pods' (dropping them would empty every \
-             volume until its next fetch).",
-        )),
+        Some("csi") => {
+            v.push(tag(
+                "SIGUSR1",
+                "Ignored: the driver's tokens are its pods' (dropping them would empty every \
+                 volume until its next fetch).",
+            ));
+            v.push(tag("SIGHUP", "Ignored: logs go to standard error."));
+        }
         Some("mount") | Some("sink") | None => {
             v.push(tag(
                 "SIGUSR1",
