@@ -68,6 +68,7 @@ fn no_file_names(cmd: clap::Command) -> clap::Command {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::process::Command;
 
     /// The fixed sets complete to their values, URLs to nothing, files to file names,
     /// MOUNTPOINT and DIR to directories.
@@ -93,5 +94,69 @@ mod tests {
         assert!(zsh.contains("]:PATH:_files' \\"));
         let fish = String::from_utf8(script("fish")).unwrap();
         assert!(fish.contains("-l data-dir") && fish.contains("__fish_complete_directories"));
+    }
+
+    /// What bash's completion function offers for `words` (the last one being completed),
+    /// in a directory holding `dir_a/`, `dir_b/` and `file_a`.
+    fn offered(words: &[&str]) -> Vec<String> {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("dir_a")).unwrap();
+        std::fs::create_dir(dir.path().join("dir_b")).unwrap();
+        std::fs::write(dir.path().join("file_a"), "").unwrap();
+        std::fs::write(dir.path().join("c.bash"), script("bash")).unwrap();
+        let quoted: Vec<String> = words.iter().map(|w| format!("'{w}'")).collect();
+        let program = format!(
+            "source ./c.bash; COMP_WORDS=({}); COMP_CWORD={}; \
+             _cstokenfs_dirs cstokenfs \"${{COMP_WORDS[COMP_CWORD]}}\" \
+             \"${{COMP_WORDS[COMP_CWORD-1]}}\" 2>/dev/null; printf '%s\\n' \"${{COMPREPLY[@]}}\"",
+            quoted.join(" "),
+            words.len() - 1
+        );
+        let out = Command::new("bash")
+            .args(["--norc", "-c", &program])
+            .current_dir(dir.path())
+            .output()
+            .expect("bash");
+        let mut words: Vec<String> = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|l| !l.is_empty())
+            .map(String::from)
+            .collect();
+        words.sort();
+        words
+    }
+
+    #[test]
+    fn bash_completes_values_and_directories() {
+        if !std::path::Path::new("/bin/bash").exists() {
+            eprintln!("bash is missing: the bash completion is not run");
+            return;
+        }
+        assert_eq!(
+            offered(&["cstokenfs", "mount", "--source", "w"]),
+            ["workload-identity"]
+        );
+        assert_eq!(
+            offered(&["cstokenfs", "get", "--view", "gi"]),
+            ["git-credential"]
+        );
+        assert_eq!(
+            offered(&["cstokenfs", "emulator", "--protocol", "e"]),
+            ["entra"]
+        );
+        assert_eq!(offered(&["cstokenfs", "mount", "d"]), ["dir_a", "dir_b"]);
+        assert_eq!(
+            offered(&["cstokenfs", "mount", "-f", ""]),
+            ["dir_a", "dir_b"]
+        );
+        assert_eq!(
+            offered(&["cstokenfs", "sink", "--resource", "x", "d"]),
+            ["dir_a", "dir_b"]
+        );
+        assert_eq!(
+            offered(&["cstokenfs", "mount", "--log-file", "f"]),
+            ["file_a"]
+        );
+        assert_eq!(offered(&["cstokenfs", "get", "--endpoint", "ht"]), ["ht"]);
     }
 }
