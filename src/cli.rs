@@ -12,7 +12,6 @@ use crate::source::select::{Env, Wanted};
 use crate::source::Identity;
 use crate::source::Kind;
 use crate::token::View;
-use clap::builder::{PossibleValue, TypedValueParser};
 use clap::{Args, Parser, Subcommand, ValueHint};
 use std::io::Write;
 use std::net::SocketAddr;
@@ -136,65 +135,6 @@ pub struct ManArgs {
     pub dir: Option<PathBuf>,
 }
 
-/// A value parser that keeps `parse`'s own errors and tells completions the values it
-/// takes (help lists them in its own words).
-#[derive(Clone)]
-struct Listed<P> {
-    parse: P,
-    values: fn() -> Vec<&'static str>,
-}
-
-fn listed<P>(parse: P, values: fn() -> Vec<&'static str>) -> Listed<P> {
-    Listed { parse, values }
-}
-
-impl<P: TypedValueParser> TypedValueParser for Listed<P> {
-    type Value = P::Value;
-
-    fn parse_ref(
-        &self,
-        cmd: &clap::Command,
-        arg: Option<&clap::Arg>,
-        value: &std::ffi::OsStr,
-    ) -> Result<Self::Value, clap::Error> {
-        self.parse.parse_ref(cmd, arg, value)
-    }
-
-    fn possible_values(&self) -> Option<Box<dyn Iterator<Item = PossibleValue> + '_>> {
-        Some(Box::new(
-            (self.values)().into_iter().map(PossibleValue::new),
-        ))
-    }
-}
-
-/// `--source`'s values: auto and every upstream.
-fn source_values() -> Vec<&'static str> {
-    std::iter::once("auto")
-        .chain(Kind::ALL.into_iter().map(Kind::name))
-        .collect()
-}
-
-/// `--view`'s values.
-fn view_values() -> Vec<&'static str> {
-    View::ALL
-        .into_iter()
-        .map(|v| match v {
-            View::Raw => "raw",
-            v => v.label(),
-        })
-        .collect()
-}
-
-/// `--protocol`'s values: what the emulator serves, the Entra ones as `entra`.
-fn protocol_values() -> Vec<&'static str> {
-    crate::emulator::SERVED
-        .into_iter()
-        .filter(|k| !k.is_entra())
-        .map(Kind::name)
-        .chain(std::iter::once("entra"))
-        .collect()
-}
-
 #[derive(Args, Debug)]
 pub struct CompletionsArgs {
     /// The shell: bash, zsh or fish.
@@ -210,7 +150,7 @@ pub struct UpstreamArgs {
     /// Where tokens come from: auto, cloudshell, imds, appservice, arc, azure-cli,
     /// workload-identity, service-principal [default: auto, detected from the environment;
     /// IMDS only when chosen].
-    #[arg(long, value_name = "SOURCE", value_parser = listed(parse_source, source_values), hide_possible_values = true)]
+    #[arg(long, value_name = "SOURCE", value_parser = completion::listed(parse_source, completion::source_values), hide_possible_values = true)]
     pub source: Option<SourceArg>,
     /// Token endpoint URL of any HTTP source [default: $MSI_ENDPOINT, else
     /// http://localhost:50342/oauth2/token for Cloud Shell; the source's own otherwise].
@@ -479,7 +419,7 @@ pub struct GetArgs {
     pub json: bool,
     /// The view to print: raw (the token and a newline), json, header, kubectl,
     /// git-credential, claims.
-    #[arg(long, value_name = "VIEW", default_value = "raw", value_parser = listed(parse_view, view_values), hide_possible_values = true)]
+    #[arg(long, value_name = "VIEW", default_value = "raw", value_parser = completion::listed(parse_view, completion::view_values), hide_possible_values = true)]
     pub view: View,
     /// The resource: a host name as in the mount (management.azure.com), a URI
     /// (https://management.azure.com/), a scope (https://graph.microsoft.com/.default), a GUID.
@@ -597,7 +537,7 @@ pub struct EmulatorArgs {
     #[arg(long)]
     pub allow_any: bool,
     /// The protocol to serve: cloudshell, imds, appservice, arc, entra.
-    #[arg(long, value_name = "PROTOCOL", default_value = "cloudshell", value_parser = listed(parse_protocol, protocol_values), hide_possible_values = true)]
+    #[arg(long, value_name = "PROTOCOL", default_value = "cloudshell", value_parser = completion::listed(parse_protocol, completion::protocol_values), hide_possible_values = true)]
     pub protocol: Kind,
     /// App Service: the X-IDENTITY-HEADER secret is this file's contents (trailing newline
     /// trimmed); without it a random one is generated and printed on stdout.

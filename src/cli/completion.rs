@@ -3,9 +3,13 @@
 //! and directories for directory arguments (their value hints in cli.rs). Here: values that
 //! are neither (a URL, seconds, an ID) complete to nothing rather than to file names, and
 //! bash, whose generated script leaves positionals to readline's file names, gets
-//! directories for `mount`'s MOUNTPOINT and `sink`'s DIR.
+//! directories for `mount`'s MOUNTPOINT and `sink`'s DIR. `Listed` is the value parser that
+//! gives clap those values while the parsers in cli.rs keep their own errors.
 
 use super::{Cli, CliError};
+use crate::source::Kind;
+use crate::token::View;
+use clap::builder::{PossibleValue, TypedValueParser};
 use clap::{CommandFactory, ValueHint};
 
 /// Appended to the bash script: where the generated function offers only flags or nothing
@@ -65,6 +69,65 @@ fn no_file_names(cmd: clap::Command) -> clap::Command {
     .mut_subcommands(no_file_names)
 }
 
+/// A value parser that keeps `parse`'s own errors and tells completions the values it
+/// takes (help lists them in its own words).
+#[derive(Clone)]
+pub(super) struct Listed<P> {
+    parse: P,
+    values: fn() -> Vec<&'static str>,
+}
+
+pub(super) fn listed<P>(parse: P, values: fn() -> Vec<&'static str>) -> Listed<P> {
+    Listed { parse, values }
+}
+
+impl<P: TypedValueParser> TypedValueParser for Listed<P> {
+    type Value = P::Value;
+
+    fn parse_ref(
+        &self,
+        cmd: &clap::Command,
+        arg: Option<&clap::Arg>,
+        value: &std::ffi::OsStr,
+    ) -> Result<Self::Value, clap::Error> {
+        self.parse.parse_ref(cmd, arg, value)
+    }
+
+    fn possible_values(&self) -> Option<Box<dyn Iterator<Item = PossibleValue> + '_>> {
+        Some(Box::new(
+            (self.values)().into_iter().map(PossibleValue::new),
+        ))
+    }
+}
+
+/// `--source`'s values: auto and every upstream.
+pub(super) fn source_values() -> Vec<&'static str> {
+    std::iter::once("auto")
+        .chain(Kind::ALL.into_iter().map(Kind::name))
+        .collect()
+}
+
+/// `--view`'s values.
+pub(super) fn view_values() -> Vec<&'static str> {
+    View::ALL
+        .into_iter()
+        .map(|v| match v {
+            View::Raw => "raw",
+            v => v.label(),
+        })
+        .collect()
+}
+
+/// `--protocol`'s values: what the emulator serves, the Entra ones as `entra`.
+pub(super) fn protocol_values() -> Vec<&'static str> {
+    crate::emulator::SERVED
+        .into_iter()
+        .filter(|k| !k.is_entra())
+        .map(Kind::name)
+        .chain(std::iter::once("entra"))
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -75,11 +138,7 @@ mod tests {
     #[test]
     fn values_files_and_directories() {
         let bash = String::from_utf8(script("bash")).unwrap();
-        for values in [
-            super::super::source_values(),
-            super::super::view_values(),
-            super::super::protocol_values(),
-        ] {
+        for values in [source_values(), view_values(), protocol_values()] {
             let words = format!("compgen -W \"{}\"", values.join(" "));
             assert!(bash.contains(&words), "{words}");
         }
