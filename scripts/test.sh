@@ -14,13 +14,27 @@ command -v mount.fuse3 >/dev/null 2>&1 || need+=(fuse3)
 command -v cc >/dev/null 2>&1 || need+=(gcc)
 # The system trust store the Entra client verifies against.
 [ -e /etc/ssl/certs/ca-certificates.crt ] || need+=(ca-certificates)
-if [ ${#need[@]} -gt 0 ]; then
+# The package suite (tests/it/package.rs): dpkg-deb, readelf and strip, man for the pages.
+command -v dpkg-deb >/dev/null 2>&1 || need+=(dpkg)
+command -v readelf >/dev/null 2>&1 || need+=(binutils)
+command -v man >/dev/null 2>&1 || need+=(man-db)
+# systemd-analyze verifies the unit (conventions, package). Debian ships it only in the
+# systemd package (about 25 MB with its libraries); installed without its recommends,
+# nothing starts it.
+lean=()
+command -v systemd-analyze >/dev/null 2>&1 || lean+=(systemd)
+if [ ${#need[@]} -gt 0 ] || [ ${#lean[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-    echo "installing: ${need[*]}"
+    echo "installing: ${need[*]} ${lean[*]}"
     apt-get update -qq >/dev/null
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
+    if [ ${#need[@]} -gt 0 ]; then
+      DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
+    fi
+    if [ ${#lean[@]} -gt 0 ]; then
+      DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${lean[@]}" >/dev/null
+    fi
   else
-    echo "WARNING: missing ${need[*]} and cannot install them (not root or no apt-get)" >&2
+    echo "WARNING: missing ${need[*]} ${lean[*]} and cannot install them (not root or no apt-get)" >&2
   fi
 fi
 if [ ! -e /dev/fuse ]; then

@@ -12,36 +12,42 @@ use crate::source::select::{Env, Wanted};
 use crate::source::Identity;
 use crate::source::Kind;
 use crate::token::View;
-use clap::{Args, CommandFactory, Parser, Subcommand};
+use clap::{Args, Parser, Subcommand, ValueHint};
 use std::io::Write;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+mod completion;
+mod manual;
+
 /// Appended to the help of the program and of each subcommand: the views, the mount(8)
 /// form, the signals and what detection reads.
 pub const MORE_HELP: &str = "\
-Names: a host (management.azure.com, vault.azure.net, any DNS name: https://<name>; case and a
-trailing dot do not matter), an app ID (GUID), or a percent-encoded URI; `get` and --resource
-also take a URI (https://management.azure.com/) or a scope (https://graph.microsoft.com/.default).
+Names: a host (management.azure.com, vault.azure.net, any DNS name: https://<name>; case \
+and a trailing dot do not matter), an app ID (GUID), or a percent-encoded URI; `get` and \
+--resource also take a URI (https://management.azure.com/) or a scope \
+(https://graph.microsoft.com/.default).
 
-Views (mount; sink writes the same files; get --view): MOUNT/<name> (raw token, no newline),
-MOUNT/.json/<name>, MOUNT/.header/<name> (Authorization: Bearer ...), MOUNT/.kubectl/<name>
-(ExecCredential v1; .kubectl-v1beta1/ v1beta1), MOUNT/.git-credential/<name>, MOUNT/.claims/<name> (the JWT payload),
-MOUNT/.status (JSON: source, identity, errors, counters), MOUNT/.env (--serve-endpoint,
---serve-imds); MOUNT/id/NAME/ the same tree for each --identity NAME=SELECTOR.
+Views (mount; sink writes the same files; get --view): MOUNT/<name> (raw token, no \
+newline), MOUNT/.json/<name>, MOUNT/.header/<name> (Authorization: Bearer ...), \
+MOUNT/.kubectl/<name> (ExecCredential v1; .kubectl-v1beta1/ v1beta1), \
+MOUNT/.git-credential/<name>, MOUNT/.claims/<name> (the JWT payload), MOUNT/.status (JSON: \
+source, identity, errors, counters), MOUNT/.env (--serve-endpoint, --serve-imds); \
+MOUNT/id/NAME/ the same tree for each --identity NAME=SELECTOR.
 
-mount(8) and fstab: cstokenfs SOURCE MOUNTPOINT -o OPTIONS (SOURCE is the name in the mount
-table); every long flag of mount is an -o key with _ for - (allow_other,uid=1000,mode=0440,
-endpoint=URL,auto_unmount,debug,...). fstab: cstoken /run/cstoken fuse.cstokenfs allow_other 0 0
+mount(8) and fstab: cstokenfs SOURCE MOUNTPOINT -o OPTIONS (SOURCE is the name in the \
+mount table); every long flag of mount is an -o key with _ for - \
+(allow_other,uid=1000,mode=0440,endpoint=URL,auto_unmount,debug,...). fstab: cstoken \
+/run/cstoken fuse.cstokenfs allow_other 0 0
 
-Signals (mount, sink): SIGTERM or SIGINT unmount (sink: remove its files) and exit 0; SIGUSR1
-drops every held token so the next read fetches anew; SIGHUP reopens --log-file.
+Signals (mount, sink): SIGTERM or SIGINT unmount (sink: remove its files) and exit 0; \
+SIGUSR1 drops every held token so the next read fetches anew; SIGHUP reopens --log-file.
 
-Environment: --source auto detects from MSI_ENDPOINT, MSI_SECRET, IDENTITY_ENDPOINT,
-IDENTITY_HEADER, IMDS_ENDPOINT and `az` on PATH (IMDS only with --source imds); RUST_LOG sets
-the log level (default info; RUST_LOG=info,cstokenfs::audit=warn quiets the open audit).
-Detached without --log-file, logs go to syslog (/dev/log).";
+Environment: --source auto detects from MSI_ENDPOINT, MSI_SECRET, IDENTITY_ENDPOINT, \
+IDENTITY_HEADER, IMDS_ENDPOINT and `az` on PATH (IMDS only with --source imds); RUST_LOG \
+sets the log level (default info; RUST_LOG=info,cstokenfs::audit=warn quiets the open \
+audit). Detached without --log-file, logs go to syslog (/dev/log).";
 
 #[derive(Parser, Debug)]
 #[command(
@@ -49,7 +55,17 @@ Detached without --log-file, logs go to syslog (/dev/log).";
     version,
     // `-o uid=1000 --uid 1000` or `-f -o foreground`: the last one wins, as in mount(8).
     args_override_self = true,
+    // Help wraps at the terminal's width, at 80 columns when not printed to a terminal.
+    max_term_width = help_width(),
     about = "A read-only FUSE filesystem where `cat MOUNT/<resource>` prints a fresh, cached Azure access token",
+    long_about = "A read-only FUSE filesystem where `cat MOUNT/<resource>` prints a fresh, cached \
+Azure access token.
+
+mount serves tokens as files through FUSE; sink keeps the same files on a tmpfs where FUSE \
+is missing; get prints one token; csi gives each Kubernetes pod its own identity's tokens in \
+a volume; emulator stands in for the token endpoints. Tokens come from Azure Cloud Shell, \
+IMDS, App Service, Azure Arc, the Azure CLI or Microsoft Entra, chosen by --source or \
+detected from the environment.",
     after_help = MORE_HELP
 )]
 pub struct Cli {
@@ -60,25 +76,63 @@ pub struct Cli {
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Mount the token filesystem at MOUNTPOINT (detaches once the mount is live unless -f).
+    ///
+    /// Each file under MOUNTPOINT is a view of a token: `cat MOUNTPOINT/management.azure.com`
+    /// prints one for https://management.azure.com/, fetched at the first read, cached,
+    /// refreshed before it expires and never served expired. The daemon serves every
+    /// process that may reach the mount until it is unmounted.
     #[command(after_help = MORE_HELP)]
     Mount(MountArgs),
     /// Without FUSE: keep the declared resources' tokens as files in DIR (tmpfs or ramfs),
     /// replaced atomically, removed before they expire (detaches once written unless -f).
+    ///
+    /// DIR gets the mount's views of each --resource as plain files, for containers without
+    /// /dev/fuse; inotify readers see each replacement as a rename.
     #[command(after_help = MORE_HELP)]
     Sink(SinkArgs),
     /// Fetch one token with the same client and name rules, print it, no mount.
+    ///
+    /// The token (or the document of --view) and a newline on standard output; nothing is
+    /// kept between runs.
     #[command(after_help = MORE_HELP)]
     Get(GetArgs),
     /// Kubernetes CSI node plugin: each pod's own workload identity's tokens as files in
     /// its ephemeral inline volume (gRPC on a unix socket; logs to stderr).
+    ///
+    /// Run by the DaemonSet under deploy/kubernetes/csi/; tokens come from Microsoft Entra
+    /// with each pod's service-account token, never as the node.
     Csi(CsiArgs),
     /// Serve a local stand-in for the Cloud Shell token endpoint (unsigned test tokens).
+    ///
+    /// On loopback only; --protocol serves IMDS, App Service, Azure Arc or Entra instead,
+    /// for trying the mount and the SDKs without Azure.
     #[command(after_help = MORE_HELP)]
     Emulator(EmulatorArgs),
     /// Print a shell completion script for bash, zsh or fish on stdout.
     Completions(CompletionsArgs),
-    /// Print the man page (roff) on stdout: cstokenfs man > cstokenfs.1
-    Man,
+    /// Print the main man page (roff) on stdout, or write every page into a directory.
+    Man(ManArgs),
+}
+
+/// Help's width: 0 (the terminal's own) when standard output is a terminal, else 80.
+fn help_width() -> usize {
+    use std::io::IsTerminal;
+    width_for(std::io::stdout().is_terminal())
+}
+
+fn width_for(terminal: bool) -> usize {
+    match terminal {
+        true => 0,
+        false => 80,
+    }
+}
+
+#[derive(Args, Debug)]
+pub struct ManArgs {
+    /// Write cstokenfs.1 and a page per subcommand (cstokenfs-mount.1, ...) into DIR,
+    /// made if missing, instead of printing the main page.
+    #[arg(long, value_name = "DIR", value_hint = ValueHint::DirPath)]
+    pub dir: Option<PathBuf>,
 }
 
 #[derive(Args, Debug)]
@@ -96,7 +150,7 @@ pub struct UpstreamArgs {
     /// Where tokens come from: auto, cloudshell, imds, appservice, arc, azure-cli,
     /// workload-identity, service-principal [default: auto, detected from the environment;
     /// IMDS only when chosen].
-    #[arg(long, value_name = "SOURCE", value_parser = parse_source)]
+    #[arg(long, value_name = "SOURCE", value_parser = completion::listed(parse_source, completion::source_values), hide_possible_values = true)]
     pub source: Option<SourceArg>,
     /// Token endpoint URL of any HTTP source [default: $MSI_ENDPOINT, else
     /// http://localhost:50342/oauth2/token for Cloud Shell; the source's own otherwise].
@@ -144,18 +198,18 @@ pub struct EntraArgs {
     pub authority_host: Option<String>,
     /// Workload identity: the federated (service account) token file, read for every
     /// request [default: $AZURE_FEDERATED_TOKEN_FILE].
-    #[arg(long, value_name = "PATH")]
+    #[arg(long, value_name = "PATH", value_hint = ValueHint::FilePath)]
     pub federated_token_file: Option<PathBuf>,
     /// Service principal: a file holding the client secret (one trailing newline is not
     /// part of it) [default: $AZURE_CLIENT_SECRET].
-    #[arg(long, value_name = "PATH")]
+    #[arg(long, value_name = "PATH", value_hint = ValueHint::FilePath)]
     pub client_secret_file: Option<PathBuf>,
     /// Service principal: a PEM file with the certificate and its unencrypted RSA key
     /// [default: $AZURE_CLIENT_CERTIFICATE_PATH].
-    #[arg(long, value_name = "PATH")]
+    #[arg(long, value_name = "PATH", value_hint = ValueHint::FilePath)]
     pub client_certificate: Option<PathBuf>,
     /// PEM CA certificates trusted besides the system's (Entra's TLS).
-    #[arg(long, value_name = "PEM")]
+    #[arg(long, value_name = "PEM", value_hint = ValueHint::FilePath)]
     pub ca_file: Option<PathBuf>,
 }
 
@@ -230,7 +284,7 @@ pub struct DaemonArgs {
     pub refresh_margin: u64,
     /// Where logs go when detached (foreground: stderr; without it: syslog); level from
     /// RUST_LOG (default info).
-    #[arg(long, value_name = "PATH")]
+    #[arg(long, value_name = "PATH", value_hint = ValueHint::FilePath)]
     pub log_file: Option<PathBuf>,
     /// Owner of the files [default: the user who ran the command].
     #[arg(long, value_name = "UID")]
@@ -275,7 +329,7 @@ fn parse_mode(s: &str) -> Result<u16, String> {
 #[derive(Args, Debug)]
 pub struct MountArgs {
     /// Where to mount (an existing directory).
-    #[arg(value_name = "MOUNTPOINT")]
+    #[arg(value_name = "MOUNTPOINT", value_hint = ValueHint::DirPath)]
     pub mountpoint: PathBuf,
     #[command(flatten)]
     pub upstream: UpstreamArgs,
@@ -341,7 +395,7 @@ pub struct MountArgs {
 #[derive(Args, Debug)]
 pub struct SinkArgs {
     /// Where the files go: a directory on tmpfs or ramfs.
-    #[arg(value_name = "DIR")]
+    #[arg(value_name = "DIR", value_hint = ValueHint::DirPath)]
     pub dir: PathBuf,
     #[command(flatten)]
     pub upstream: UpstreamArgs,
@@ -365,7 +419,7 @@ pub struct GetArgs {
     pub json: bool,
     /// The view to print: raw (the token and a newline), json, header, kubectl,
     /// kubectl-v1beta1, git-credential, claims.
-    #[arg(long, value_name = "VIEW", default_value = "raw", value_parser = parse_view)]
+    #[arg(long, value_name = "VIEW", default_value = "raw", value_parser = completion::listed(parse_view, completion::view_values), hide_possible_values = true)]
     pub view: View,
     /// The resource: a host name as in the mount (management.azure.com), a URI
     /// (https://management.azure.com/), a scope (https://graph.microsoft.com/.default), a GUID.
@@ -393,13 +447,14 @@ pub struct CsiArgs {
     #[arg(long, value_name = "URL")]
     pub authority_host: Option<String>,
     /// PEM CA certificates trusted besides the system's (Entra's TLS).
-    #[arg(long, value_name = "PEM")]
+    #[arg(long, value_name = "PEM", value_hint = ValueHint::FilePath)]
     pub ca_file: Option<PathBuf>,
     /// Where each volume's tmpfs is mounted read-write (a hostPath with Bidirectional
     /// mount propagation).
     #[arg(
         long,
         value_name = "DIR",
+        value_hint = ValueHint::DirPath,
         default_value = "/var/lib/cstokenfs-csi/data"
     )]
     pub data_dir: PathBuf,
@@ -407,6 +462,7 @@ pub struct CsiArgs {
     #[arg(
         long,
         value_name = "DIR",
+        value_hint = ValueHint::DirPath,
         default_value = "/var/lib/cstokenfs-csi/state"
     )]
     pub state_dir: PathBuf,
@@ -481,11 +537,11 @@ pub struct EmulatorArgs {
     #[arg(long)]
     pub allow_any: bool,
     /// The protocol to serve: cloudshell, imds, appservice, arc, entra.
-    #[arg(long, value_name = "PROTOCOL", default_value = "cloudshell", value_parser = parse_protocol)]
+    #[arg(long, value_name = "PROTOCOL", default_value = "cloudshell", value_parser = completion::listed(parse_protocol, completion::protocol_values), hide_possible_values = true)]
     pub protocol: Kind,
     /// App Service: the X-IDENTITY-HEADER secret is this file's contents (trailing newline
     /// trimmed); without it a random one is generated and printed on stdout.
-    #[arg(long, value_name = "PATH")]
+    #[arg(long, value_name = "PATH", value_hint = ValueHint::FilePath)]
     pub secret_file: Option<PathBuf>,
     /// IMDS, App Service: know N user-assigned identities (client IDs
     /// 00000000-0000-0000-0000-c0000000000N, object IDs ...-a0000000000N, resource IDs
@@ -566,8 +622,8 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
         Command::Get(args) => get_command(args),
         Command::Csi(args) => csi_command(args),
         Command::Emulator(args) => emulator_command(args),
-        Command::Completions(args) => completions_command(&args.shell),
-        Command::Man => man_command(),
+        Command::Completions(args) => completion::command(&args.shell),
+        Command::Man(args) => manual::command(args.dir.as_deref()),
     }
 }
 
@@ -663,39 +719,6 @@ impl From<SecretFileError> for CliError {
     fn from(e: SecretFileError) -> CliError {
         CliError::failure(e)
     }
-}
-
-/// `completions bash|zsh|fish`: the script on stdout.
-fn completions_command(shell: &str) -> Result<(), CliError> {
-    let shell = match shell {
-        "bash" => clap_complete::Shell::Bash,
-        "zsh" => clap_complete::Shell::Zsh,
-        _ => clap_complete::Shell::Fish,
-    };
-    let mut cmd = Cli::command();
-    let mut out = Vec::new();
-    clap_complete::generate(shell, &mut cmd, "cstokenfs", &mut out);
-    write_stdout(&out)
-}
-
-/// `man`: the man page (roff) on stdout, subcommands included.
-fn man_command() -> Result<(), CliError> {
-    let cmd = Cli::command();
-    let mut out = Vec::new();
-    clap_mangen::Man::new(cmd.clone())
-        .render(&mut out)
-        .and_then(|()| {
-            // Each subcommand's options as a page of its own, cstokenfs-mount(1) and so on.
-            for sub in cmd.get_subcommands() {
-                let title = format!("cstokenfs-{}", sub.get_name());
-                clap_mangen::Man::new(sub.clone())
-                    .title(title.to_uppercase())
-                    .render(&mut out)?;
-            }
-            Ok(())
-        })
-        .map_err(|e| CliError::Failure(format!("cannot render the man page: {e}")))?;
-    write_stdout(&out)
 }
 
 fn write_stdout(bytes: &[u8]) -> Result<(), CliError> {
@@ -928,6 +951,7 @@ fn emulator_command(args: EmulatorArgs) -> Result<(), CliError> {
 mod tests {
     use super::*;
     use crate::fuseopts::{option_keys, subcommands};
+    use clap::CommandFactory;
 
     #[test]
     fn modes_are_octal_permission_bits() {
@@ -974,6 +998,24 @@ mod tests {
             assert!(subs.iter().any(|x| x == s), "{s}");
         }
     }
+    /// Help wraps at 80 columns when standard output is not a terminal.
+    #[test]
+    fn help_wraps_at_80_columns_off_a_terminal() {
+        assert_eq!(width_for(true), 0, "a terminal: its own width");
+        // As the binary's is when its output is not a terminal, whatever the test's is.
+        let mut cli = Cli::command().max_term_width(width_for(false));
+        cli.build();
+        let mut helps = vec![cli.render_long_help().to_string()];
+        for sub in cli.get_subcommands_mut() {
+            helps.push(sub.render_long_help().to_string());
+        }
+        for help in helps {
+            for line in help.lines() {
+                assert!(line.chars().count() <= 80, "{} columns: {line}", line.len());
+            }
+        }
+    }
+
     #[test]
     fn a_bad_secret_file_is_named_with_what_is_wrong() {
         let dir = tempfile::tempdir().unwrap();

@@ -32,6 +32,7 @@ mod imds;
 mod integrations;
 mod manifests;
 mod noopen;
+mod package;
 mod props;
 mod security;
 mod sink;
