@@ -660,9 +660,18 @@ impl Cache {
                     }
                 }
             }
-            guard
-                .entries
-                .retain(|_, e| e.declared || e.held.is_some() || e.waiters.is_some());
+            // A name whose last fetch failed stays (with its error, for `.status`) for as
+            // long as a refusal would: a reader who got EIO can still read why.
+            let recent = now.saturating_sub(self.policy.negative_ttl_ms);
+            guard.entries.retain(|_, e| {
+                e.declared
+                    || e.held.is_some()
+                    || e.waiters.is_some()
+                    || e.failures
+                        .last_error
+                        .as_ref()
+                        .is_some_and(|(_, at)| *at > recent)
+            });
             shrink(&mut guard.entries);
             guard.refusals.expire(now);
         }

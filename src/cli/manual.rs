@@ -167,13 +167,36 @@ fn synopsis(cmd: &clap::Command, sub: Option<&str>) -> Roff {
     roff
 }
 
-/// The hand-written sections of a page, in order; an empty one is left out.
+/// The hand-written sections of a page, in order; every page has each of them (one that
+/// has nothing of its own says so).
 fn sections(sub: Option<&str>) -> Vec<(&'static str, Vec<Para>)> {
+    let or = |paras: Vec<Para>, none: &str| {
+        if paras.is_empty() {
+            vec![text(none)]
+        } else {
+            paras
+        }
+    };
     vec![
         ("EXIT STATUS", exit_status(sub)),
-        ("ENVIRONMENT", environment(sub)),
-        ("SIGNALS", signals(sub)),
-        ("FILES", files(sub)),
+        (
+            "ENVIRONMENT",
+            or(
+                environment(sub),
+                "No environment variable changes what it does.",
+            ),
+        ),
+        (
+            "SIGNALS",
+            or(
+                signals(sub),
+                "None is handled: SIGINT and SIGTERM end it at once (it keeps no state).",
+            ),
+        ),
+        (
+            "FILES",
+            or(files(sub), "It reads and writes no file of its own."),
+        ),
         ("EXAMPLES", examples(sub)),
         ("SEE ALSO", see_also(sub)),
     ]
@@ -573,7 +596,18 @@ mod tests {
         assert!(!names.contains(&"cstokenfs-help.1"));
         for (name, page) in &pages {
             let page = String::from_utf8(page.clone()).unwrap();
-            for section in ["NAME", "SYNOPSIS", "DESCRIPTION", "EXIT STATUS", "SEE ALSO"] {
+            for section in [
+                "NAME",
+                "SYNOPSIS",
+                "DESCRIPTION",
+                "OPTIONS",
+                "EXIT STATUS",
+                "ENVIRONMENT",
+                "SIGNALS",
+                "FILES",
+                "EXAMPLES",
+                "SEE ALSO",
+            ] {
                 assert!(
                     page.contains(&format!(".SH \"{section}\""))
                         || page.contains(&format!(".SH {section}")),

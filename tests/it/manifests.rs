@@ -348,3 +348,76 @@ fn the_manifests_agree_with_the_driver() {
         assert!(csi["volumeAttributes"][attr].is_string(), "{attr}");
     }
 }
+
+/// The sidecar examples do what the README says: a native sidecar (restartPolicy: Always)
+/// whose startup probe waits for a file of a declared resource on the shared volume; the
+/// sink's volume a tmpfs the app mounts read-only, the pod not root; the FUSE sidecar's
+/// mount shared both ways from the sidecar and into the app, unmounted if it is killed.
+#[test]
+fn the_sidecar_examples_hold_together() {
+    let venv = need_venv!();
+    let pod_of = |file: &str| -> Value {
+        let path = Path::new(DEPLOY).join("examples").join(file);
+        let docs = load(&venv, &path).unwrap_or_else(|e| panic!("{file}: {e}"));
+        object(&docs, "Pod", None).clone()
+    };
+    let strings = |v: &Value| -> Vec<String> {
+        v.as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|s| s.as_str().map(str::to_string))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    for (file, mount_path) in [
+        ("sink-sidecar.yaml", "/var/run/azure-tokens"),
+        ("fuse-sidecar.yaml", "/run/cstoken"),
+    ] {
+        let pod = pod_of(file);
+        let sidecar = &pod["spec"]["initContainers"][0];
+        assert_eq!(
+            sidecar["restartPolicy"], "Always",
+            "{file}: a native sidecar"
+        );
+        let args = strings(&sidecar["command"]);
+        let probe = strings(&sidecar["startupProbe"]["exec"]["command"]);
+        let probed = probe.last().cloned().unwrap_or_default();
+        assert!(probed.starts_with(mount_path), "{file}: {probed}");
+        assert_eq!(
+            sidecar["volumeMounts"][0]["mountPath"], mount_path,
+            "{file}"
+        );
+        let app = &pod["spec"]["containers"][0];
+        assert_eq!(app["volumeMounts"][0]["mountPath"], mount_path, "{file}");
+        if file == "sink-sidecar.yaml" {
+            assert_eq!(args.get(1).map(String::as_str), Some("sink"));
+            let resources: Vec<&String> = args
+                .windows(2)
+                .filter(|w| w[0] == "--resource")
+                .map(|w| &w[1])
+                .collect();
+            let name = probed.rsplit('/').next().unwrap_or_default().to_string();
+            assert!(
+                resources.contains(&&name),
+                "{file}: the probe waits for {name}"
+            );
+            assert_eq!(args.last().map(String::as_str), Some(mount_path));
+            assert_eq!(pod["spec"]["volumes"][0]["emptyDir"]["medium"], "Memory");
+            assert_eq!(app["volumeMounts"][0]["readOnly"], true);
+            assert_eq!(pod["spec"]["securityContext"]["runAsNonRoot"], true);
+        } else {
+            assert_eq!(args.get(1).map(String::as_str), Some("mount"));
+            assert!(args.iter().any(|a| a == "--auto-unmount"), "{file}");
+            assert_eq!(args.last().map(String::as_str), Some(mount_path));
+            assert_eq!(
+                sidecar["volumeMounts"][0]["mountPropagation"],
+                "Bidirectional"
+            );
+            assert_eq!(
+                app["volumeMounts"][0]["mountPropagation"],
+                "HostToContainer"
+            );
+        }
+    }
+}
