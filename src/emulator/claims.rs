@@ -133,13 +133,3 @@ fn object_id_of(client_id: &str) -> String {
         h & 0xffff_ffff_ffff
     )
 }
-
-/// Whether `s` is a GUID (`8-4-4-4-12` hex digits).
-pub(super) fn is_guid(s: &str) -> bool {
-    let groups: Vec<&str> = s.split('-').collect();
-    groups.len() == 5
-        && groups
-            .iter()
-            .zip([8, 4, 4, 4, 12])
-            .all(|(g, n)| g.len() == n && g.bytes().all(|b| b.is_ascii_hexdigit()))
-}

@@ -949,11 +949,11 @@ fn tokens_carry_the_claims_clients_read() {
     let common = |c: &Value, what: &str| {
         assert_eq!(c["tid"], TEST_TENANT_ID, "{what}");
         assert_eq!(c["iss"], iss.as_str(), "{what}");
-        assert!(super::claims::is_guid(c["oid"].as_str().unwrap()), "{what}");
+        assert!(crate::names::is_guid(c["oid"].as_str().unwrap()), "{what}");
         assert_eq!(c["sub"], c["oid"], "{what}");
         assert_eq!(c["appid"], c["azp"], "{what}");
         assert!(
-            super::claims::is_guid(c["appid"].as_str().unwrap()),
+            crate::names::is_guid(c["appid"].as_str().unwrap()),
             "{what}"
         );
     };

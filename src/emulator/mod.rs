@@ -715,7 +715,7 @@ impl Shared {
             .lock()
             .tenant
             .clone()
-            .filter(|t| claims::is_guid(t))
+            .filter(|t| crate::names::is_guid(t))
             .unwrap_or_else(|| TEST_TENANT_ID.into())
     }
 

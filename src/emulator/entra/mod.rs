@@ -258,7 +258,7 @@ fn answer(sh: &Shared, req: &Request, tenant: &str) -> Action {
         object_id: None,
         resource_id: None,
         principal: super::claims::Principal::Application,
-        tenant: super::claims::is_guid(tenant).then(|| tenant.to_ascii_lowercase()),
+        tenant: crate::names::is_guid(tenant).then(|| tenant.to_ascii_lowercase()),
     };
     let issued = sh.issue_for(resource, Some(&who));
     ok(entra_body(&issued, &issued.token))
