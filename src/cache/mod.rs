@@ -221,6 +221,8 @@ impl Drop for Cache {
 
 /// What a reader gets whose fetch can no longer run.
 const STOPPING: &str = "the mount is stopping";
+/// What a reader gets whose answer was dropped unsent.
+const ABANDONED: &str = "the fetch was abandoned";
 /// What a reader gets whose identity was forgotten while it waited.
 const FORGOTTEN: &str = "the identity was forgotten (its volumes are gone)";
 
@@ -389,12 +391,27 @@ impl Cache {
             .map(|lease| lease.version)
     }
 
+    /// [`Cache::read`] for async callers (the HTTP listeners): the answer as a future
+    /// (an abandoned fetch answers `Unavailable`).
+    pub fn read_async(
+        self: &Arc<Self>,
+        key: &Key,
+        usage: Use,
+    ) -> impl std::future::Future<Output = Result<Lease, ReadError>> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.read(key, usage, Box::new(move |got| drop(tx.send(got))));
+        async move {
+            rx.await
+                .unwrap_or_else(|_| Err(ReadError::Unavailable(ABANDONED.into())))
+        }
+    }
+
     /// [`Cache::read`], waiting for the answer.
     pub fn read_blocking(self: &Arc<Self>, key: &Key, usage: Use) -> Result<Lease, ReadError> {
         let (tx, rx) = std::sync::mpsc::channel();
         self.read(key, usage, Box::new(move |r| drop(tx.send(r))));
         rx.recv()
-            .unwrap_or_else(|_| Err(ReadError::Unavailable("the fetch was abandoned".into())))
+            .unwrap_or_else(|_| Err(ReadError::Unavailable(ABANDONED.into())))
     }
 
     /// The cache's verdict on `v` now, without counting a read (attributes): `None` once it

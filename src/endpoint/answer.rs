@@ -13,7 +13,7 @@ use crate::cache::{Cache, Key, Lease, ReadError, Use};
 use crate::hardening::ct_eq;
 use crate::httpserver::query::{self, QueryError};
 use crate::httpserver::tally::{self, json_reply};
-use crate::httpserver::{self, race, Answer, Either, Reply, Request, Stop};
+use crate::httpserver::{self, Answer, Reply, Request, Stop};
 use crate::token::Version;
 use log::debug;
 use std::future::Future;
@@ -227,22 +227,10 @@ impl Inner {
     /// (waiting for a fetch if need be, within `--timeout`), counted as a use (refresh
     /// ahead).
     async fn read(&self, key: &Key, stop: &Stop) -> Result<Lease, ReadError> {
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        self.cache.read(
-            key,
-            Use::Read,
-            Box::new(move |got| {
-                let _ = tx.send(got);
-            }),
-        );
-        let wait = tokio::time::timeout(self.settings.timeout + GRACE, rx);
-        match race(wait, stop.stopped()).await {
-            Either::Left(Ok(Ok(got))) => got,
-            Either::Left(_) => Err(ReadError::Unavailable(
-                "no answer from the cache in time".into(),
-            )),
-            Either::Right(()) => Err(ReadError::Unavailable("the mount is stopping".into())),
-        }
+        let answer = self.cache.read_async(key, Use::Read);
+        httpserver::within(answer, self.settings.timeout + GRACE, stop)
+            .await
+            .unwrap_or_else(|cut| Err(ReadError::Unavailable(cut.reason().into())))
     }
 
     /// Whether the request carries the secret: at least one of `X-IDENTITY-HEADER`

@@ -375,3 +375,35 @@ pub(crate) async fn race<A: Future, B: Future>(a: A, b: B) -> Either<A::Output, 
     })
     .await
 }
+
+/// Why a request's wait ([`within`]) ended without its answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Cut {
+    /// `limit` passed first.
+    Late,
+    /// The server began to stop first.
+    Stopping,
+}
+
+impl Cut {
+    /// As a reader is told it.
+    pub(crate) fn reason(self) -> &'static str {
+        match self {
+            Cut::Late => "no answer from the cache in time",
+            Cut::Stopping => "the mount is stopping",
+        }
+    }
+}
+
+/// `answer`'s output, unless `limit` passes or the server stops first.
+pub(crate) async fn within<F: Future>(
+    answer: F,
+    limit: std::time::Duration,
+    stop: &Stop,
+) -> Result<F::Output, Cut> {
+    match race(tokio::time::timeout(limit, answer), stop.stopped()).await {
+        Either::Left(Ok(got)) => Ok(got),
+        Either::Left(Err(_)) => Err(Cut::Late),
+        Either::Right(()) => Err(Cut::Stopping),
+    }
+}

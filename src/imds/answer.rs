@@ -314,22 +314,10 @@ impl Inner {
 
     /// A read like a file's lookup and open, within `--timeout` (and a little more).
     async fn read(&self, key: &Key, stop: &Stop) -> Result<Lease, ReadError> {
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        self.cache.read(
-            key,
-            Use::Read,
-            Box::new(move |got| {
-                let _ = tx.send(got);
-            }),
-        );
-        let wait = tokio::time::timeout(self.settings.timeout + GRACE, rx);
-        match race(wait, stop.stopped()).await {
-            Either::Left(Ok(Ok(got))) => got,
-            Either::Left(_) => Err(ReadError::Unavailable(
-                "no answer from the cache in time".into(),
-            )),
-            Either::Right(()) => Err(ReadError::Unavailable("the mount is stopping".into())),
-        }
+        let answer = self.cache.read_async(key, Use::Read);
+        httpserver::within(answer, self.settings.timeout + GRACE, stop)
+            .await
+            .unwrap_or_else(|cut| Err(ReadError::Unavailable(cut.reason().into())))
     }
 }
 
