@@ -298,6 +298,15 @@ pub struct DaemonArgs {
     pub mode: Option<u16>,
 }
 
+/// `--metrics`, on every long-running front end (`mount`, `sink`, `csi`).
+#[derive(Args, Debug, Clone)]
+pub struct MetricsArgs {
+    /// Serve Prometheus metrics (GET /metrics), /healthz and /readyz on this address
+    /// (IP:PORT, any address: they hold no secret; port 0: ephemeral).
+    #[arg(long, value_name = "ADDR", value_parser = crate::metrics::parse_listen)]
+    pub metrics: Option<SocketAddr>,
+}
+
 /// `--refresh-margin`: seconds, up to a year.
 fn refresh_margin_parser() -> clap::builder::RangedI64ValueParser<u64> {
     clap::builder::RangedI64ValueParser::<u64>::new().range(0..=31_536_000)
@@ -342,6 +351,8 @@ pub struct MountArgs {
     pub debug: bool,
     #[command(flatten)]
     pub daemon: DaemonArgs,
+    #[command(flatten)]
+    pub metrics: MetricsArgs,
     /// A resource the listing always shows (repeatable).
     #[arg(long = "resource", value_name = "NAME")]
     pub resources: Vec<String>,
@@ -408,6 +419,8 @@ pub struct SinkArgs {
     pub resources: Vec<String>,
     #[command(flatten)]
     pub daemon: DaemonArgs,
+    #[command(flatten)]
+    pub metrics: MetricsArgs,
 }
 
 #[derive(Args, Debug)]
@@ -479,6 +492,8 @@ pub struct CsiArgs {
     /// Upstream requests per second for the whole node, after a burst of 100 (0: no bound).
     #[arg(long, value_name = "N", default_value_t = 20, value_parser = max_upstream_rate_parser())]
     pub max_upstream_rate: u32,
+    #[command(flatten)]
+    pub metrics: MetricsArgs,
 }
 
 /// The flag's value, else the environment variable's (empty counts as unset).
@@ -506,6 +521,7 @@ impl CsiArgs {
             data_dir: self.data_dir,
             state_dir: self.state_dir,
             audience: self.audience,
+            metrics: self.metrics.metrics,
             policy: Policy {
                 refresh_margin_ms: (self.refresh_margin as i64).saturating_mul(1000),
                 timeout: Duration::from_secs(self.timeout),
@@ -818,6 +834,7 @@ fn mount_command(args: MountArgs) -> Result<(), CliError> {
         fsname: args.fsname,
         serve_endpoint: args.serve_endpoint,
         serve_imds: args.serve_imds,
+        metrics: args.metrics.metrics,
     };
     Ok(mount::run(request)?)
 }
@@ -841,6 +858,7 @@ fn sink_command(args: SinkArgs) -> Result<(), CliError> {
         uid: args.daemon.uid,
         gid: args.daemon.gid,
         mode: args.daemon.mode,
+        metrics: args.metrics.metrics,
     };
     Ok(crate::sink::run(request)?)
 }
@@ -982,6 +1000,7 @@ mod tests {
             ("endpoint", true),
             ("serve_endpoint", true),
             ("serve_imds", true),
+            ("metrics", true),
         ] {
             assert!(keys.contains(&(key.to_string(), value)), "{key}: {keys:?}");
         }

@@ -34,6 +34,7 @@ mod imds;
 mod key;
 mod known;
 mod logging;
+mod metrics;
 mod mount;
 mod mountinfo;
 mod names;

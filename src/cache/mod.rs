@@ -20,8 +20,9 @@
 //!   name a key in a log line, and it takes nothing.
 
 mod entry;
+mod gauges;
 mod identities;
-
+mod meters;
 mod pool;
 mod status;
 mod upstream;
@@ -33,8 +34,10 @@ use crate::policy::{self, EpochMs, Policy, ReadDecision, Schedule, Verdict};
 use crate::source::{Failure, Source, SourceError};
 use crate::token::{Token, Version};
 use entry::{shrink, Entry, Failures, Refusal, Refusals};
+pub use gauges::KeyGauge;
 pub use identities::{Identities, NotDeclared, Query, IMDS_PARAMS};
 use log::{debug, info, warn};
+pub use meters::{FrontEnd, Meters};
 use parking_lot::{Condvar, Mutex};
 use pool::{Job, Pool, Pushed};
 pub use status::Status;
@@ -159,6 +162,17 @@ pub(crate) struct Waiter {
     done: Done,
     /// The read is a use of the token (`Use::Read`): the version it gets is marked in use.
     marks_use: bool,
+    /// When it began to wait (the clock's monotonic time), for `Meters::read_wait`.
+    since: std::time::Instant,
+}
+
+impl Waiter {
+    /// Answers the reader, counting how long it waited.
+    fn answer(self, meters: &Meters, now: std::time::Instant, got: Result<Lease, ReadError>) {
+        let waited = now.saturating_duration_since(self.since);
+        meters.read_wait.observe(waited.as_secs_f64());
+        (self.done)(got);
+    }
 }
 
 /// Everything behind the cache's one lock (`Cache::state`).
@@ -209,6 +223,9 @@ pub struct Cache {
     /// Bumped when every token is dropped (SIGUSR1, under `state`); a fetch that was under
     /// way then starts over (read by the fetch workers without a lock).
     generation: AtomicU64,
+    /// What `--metrics` counts as it happens (atomics and leaf locks of its own, see
+    /// `meters.rs`): counted by readers, the fetch workers and the front ends.
+    meters: Meters,
 }
 
 impl Drop for Cache {
@@ -261,6 +278,7 @@ impl Cache {
             settled: Condvar::new(),
             stopped: Mutex::new(false),
             generation: AtomicU64::new(0),
+            meters: Meters::default(),
         })
     }
 
@@ -268,6 +286,11 @@ impl Cache {
     /// is down names it.
     pub fn set_source_reason(&self, reason: &str) {
         self.upstream.set_chosen(reason);
+    }
+
+    /// What `--metrics` counts (the front ends count their reads here).
+    pub fn meters(&self) -> &Meters {
+        &self.meters
     }
 
     /// The daemon's identities (names, selectors, sources).
@@ -331,6 +354,7 @@ impl Cache {
             Some(entry) => entry,
             // A refused name holds nothing: its refusal answers (the negative cache).
             None if refusal.is_some() => {
+                self.meters.negative_answers.inc();
                 return refusal.map(|r| (Err(r.error), done));
             }
             // Asked again after its refusal expired: the count goes on from the refusal's.
@@ -362,15 +386,20 @@ impl Cache {
                 Some((lease, done))
             }
             ReadDecision::Refused => Some((
-                Err(refusal.map_or_else(|| unreachable_state(key), |r| r.error)),
+                {
+                    self.meters.negative_answers.inc();
+                    Err(refusal.map_or_else(|| unreachable_state(key), |r| r.error))
+                },
                 done,
             )),
             ReadDecision::Wait => {
                 let waiter = Waiter {
                     done,
                     marks_use: usage == Use::Read,
+                    since: self.clock.instant(),
                 };
                 if let Some(waiters) = &mut entry.waiters {
+                    self.meters.single_flight_joins.inc();
                     waiters.push(waiter);
                     return None;
                 }
@@ -575,9 +604,15 @@ impl Cache {
         shrink(&mut refusals.by_key);
         drop(guard);
         self.identities.remove(id);
+        self.meters.forget_identity(id);
         self.settled.notify_all();
+        let now = self.clock.instant();
         for waiter in waiters {
-            (waiter.done)(Err(ReadError::Unavailable(FORGOTTEN.into())));
+            waiter.answer(
+                &self.meters,
+                now,
+                Err(ReadError::Unavailable(FORGOTTEN.into())),
+            );
         }
     }
 
@@ -731,6 +766,7 @@ impl Cache {
             let Some(r) = victim else { break };
             debug!("evicting {} (least recently read)", self.shown(&r));
             entries.remove(&r);
+            self.meters.evictions.inc();
         }
     }
 
@@ -775,8 +811,13 @@ impl Cache {
             .get_mut(key)
             .and_then(|e| e.waiters.take());
         self.settled.notify_all();
+        let now = self.clock.instant();
         for waiter in waiters.unwrap_or_default() {
-            (waiter.done)(Err(ReadError::Unavailable(why.to_string())));
+            waiter.answer(
+                &self.meters,
+                now,
+                Err(ReadError::Unavailable(why.to_string())),
+            );
         }
     }
 
@@ -826,8 +867,9 @@ impl Cache {
         }
         // Never call a `done` while holding the lock: it may read again.
         drop(guard);
+        let now = self.clock.instant();
         for waiter in waiters {
-            (waiter.done)(outcome.clone());
+            waiter.answer(&self.meters, now, outcome.clone());
         }
     }
 
@@ -838,7 +880,7 @@ impl Cache {
             let (result, n) = match self.identities.source(job.key.identity) {
                 Some(source) => {
                     self.upstream
-                        .fetch(&*source, &job.key.resource, job.deadline, job.refresh)
+                        .fetch(&*source, &job.key, job.deadline, job.refresh, &self.meters)
                 }
                 None => (
                     Err(SourceError::Credential(format!(

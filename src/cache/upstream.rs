@@ -12,8 +12,10 @@
 //! is sent or the cache's locks are taken: a fetch worker takes the limiter to wait for
 //! its turn, lets go, sends, then takes `reach` to record the outcome.
 
+use super::meters::{Meters, Outcome};
+use super::Key;
 use crate::policy::{self, Bucket, Clock, EpochMs};
-use crate::source::{Failure, Source, SourceError};
+use crate::source::{Failure, Kind, Source, SourceError};
 use crate::token::Token;
 use log::{debug, info};
 use parking_lot::{Condvar, Mutex};
@@ -100,13 +102,18 @@ impl Upstream {
     /// upstream's `Retry-After` when that fits; a broken HTTP answer once at most; nothing
     /// is retried while the upstream is known down, nor after a loopback endpoint refused
     /// the connection (nothing listens there: `SourceError::ends_the_fetch`). Returns the outcome and the calls made.
+    /// Each request is counted in `meters` (outcome, status, latency; retries).
     pub fn fetch(
         &self,
         source: &dyn Source,
-        resource: &str,
+        key: &Key,
         deadline: Instant,
         refresh: bool,
+        meters: &Meters,
     ) -> (Result<Token, SourceError>, u64) {
+        let resource: &str = &key.resource;
+        // What a success answered: 200 over HTTP, nothing for a command.
+        let ok_status = (source.kind() != Kind::AzureCli).then_some(200);
         let single = self.known_down();
         let mut calls = 0u64;
         let mut protocol_errors = 0;
@@ -125,7 +132,14 @@ impl Upstream {
             }
             budget = left;
             calls += 1;
-            let err = match source.fetch_once(resource, left) {
+            if calls > 1 {
+                meters.upstream_retries.inc();
+            }
+            let sent = self.clock.instant();
+            let answer = source.fetch_once(resource, left);
+            let took = self.clock.instant().saturating_duration_since(sent);
+            meters.request(key.identity, Outcome::of(&answer, ok_status), took);
+            let err = match answer {
                 Ok(t) => break Ok(t),
                 Err(e) => e,
             };

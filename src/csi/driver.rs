@@ -15,11 +15,12 @@
 //! no lock of the driver's), and taken before the cache's lock, never inside it.
 
 use super::attrs::{self, IdentityKey, Pod, Wanted};
+use super::meters::{Operation, Operations};
 use super::state::{Record, StateDir};
 use super::volume;
 use super::{CsiError, CsiRequest, Node, Publish};
 use crate::access::Access;
-use crate::cache::{Cache, IdentityId, Key, Lease, ReadError, Use};
+use crate::cache::{Cache, FrontEnd, IdentityId, Key, Lease, Meters, ReadError, Use};
 use crate::source::entra::{Credential, Entra, Settings, Supplied};
 use crate::source::{Identity, Kind};
 use crate::token::{Version, View};
@@ -49,6 +50,8 @@ pub struct Driver {
     pub(super) inner: Mutex<Inner>,
     /// Set once the volumes of the driver before were adopted (`Probe`).
     ready: AtomicBool,
+    /// Publishes, republishes and unpublishes by result (`--metrics`).
+    pub(super) operations: Operations,
 }
 
 #[derive(Default)]
@@ -103,8 +106,13 @@ impl Held {
         Key::new(self.identity, slot.wanted.resource.clone())
     }
 
-    /// Writes every view of `v` for slot `i`, the raw token last.
-    pub(super) fn write(&mut self, i: usize, v: Arc<Version>) -> Result<(), writer::WriteError> {
+    /// Writes every view of `v` for slot `i`, the raw token last (counted in `meters`).
+    pub(super) fn write(
+        &mut self,
+        i: usize,
+        v: Arc<Version>,
+        meters: &Meters,
+    ) -> Result<(), writer::WriteError> {
         let mut views = View::ALL;
         views.rotate_left(1);
         let name = self.slots[i].wanted.name.clone();
@@ -113,6 +121,7 @@ impl Held {
                 .write(&writer::view_path(view, &name), v.bytes(view))?;
         }
         self.slots[i].written = Some(v);
+        meters.read(FrontEnd::CsiPublish);
         Ok(())
     }
 
@@ -188,6 +197,7 @@ impl Driver {
             state,
             inner: Mutex::new(Inner::default()),
             ready: AtomicBool::new(false),
+            operations: Operations::default(),
         };
         driver.adopt_all();
         driver.ready.store(true, Ordering::SeqCst);
@@ -219,7 +229,11 @@ impl Driver {
             client_id: Some(key.client_id.clone()),
             ..Identity::default()
         };
-        let name = format!("{}/{}", key.subject, key.client_id);
+        // `NAMESPACE/SERVICEACCOUNT/CLIENT-ID`: how log lines and metrics name the key (the
+        // pod's namespace and account, which its token's subject was checked to be).
+        let account = key.subject.strip_prefix("system:serviceaccount:");
+        let account = account.unwrap_or(&key.subject).replacen(':', "/", 1);
+        let name = format!("{account}/{}", key.client_id);
         let identity = self.cache.identities().add(name, ids, Arc::new(source));
         inner.keys.insert(
             key.clone(),
@@ -382,7 +396,7 @@ impl Driver {
         };
         let mut held = self.held(record, identity, &v.resources, data, adopt)?;
         for (i, version) in versions.into_iter().enumerate() {
-            held.write(i, version)
+            held.write(i, version, self.cache.meters())
                 .map_err(|e| internal("cannot write the volume's files", e))?;
         }
         self.state
@@ -481,7 +495,7 @@ impl Driver {
                 Some(Ok(lease)) if lease.valid_for > UNLINK_LEAD => {
                     let written = held.slots[i].written.as_ref().map(|w| w.id);
                     if written != Some(lease.version.id) {
-                        if let Err(e) = held.write(i, lease.version) {
+                        if let Err(e) = held.write(i, lease.version, self.cache.meters()) {
                             warn!("volume {}: cannot write its files: {e}", p.volume_id);
                         }
                     }
@@ -578,9 +592,11 @@ impl Driver {
 impl Node for Driver {
     fn publish(&self, p: Publish) -> Result<(), CsiError> {
         if self.inner.lock().volumes.contains_key(&p.volume_id) {
-            return self.republish(&p);
+            let done = self.republish(&p);
+            self.operations.count(Operation::Republish, &done);
+            return done;
         }
-        match attrs::check(&p, self.default_tenant.as_deref(), &self.audience) {
+        let done = match attrs::check(&p, self.default_tenant.as_deref(), &self.audience) {
             Ok(v) => self.first_publish(&p, v),
             Err(e) => {
                 info!(
@@ -590,7 +606,9 @@ impl Node for Driver {
                 );
                 Err(e)
             }
-        }
+        };
+        self.operations.count(Operation::Publish, &done);
+        done
     }
 
     fn unpublish(&self, volume_id: &str, target_path: &str) -> Result<(), CsiError> {
@@ -599,7 +617,9 @@ impl Node for Driver {
                 "volume_id and target_path are required".into(),
             ));
         }
-        self.remove(volume_id, target_path)
+        let done = self.remove(volume_id, target_path);
+        self.operations.count(Operation::Unpublish, &done);
+        done
     }
 
     fn ready(&self) -> bool {

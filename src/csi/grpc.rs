@@ -54,12 +54,13 @@ pub fn socket_path(endpoint: &str) -> Result<PathBuf, CsiError> {
 /// mode 0600 in a private directory and renamed into place, so no other uid can connect
 /// at any moment; a stale socket at `socket` is replaced, anything else there (a file, a
 /// symlink, a live plugin's socket) is a [`CsiError::Start`], as is a missing parent
-/// directory.
+/// directory. `listening` is called once the socket is bound.
 pub fn serve(
     socket: &Path,
     node: Arc<dyn Node>,
     node_id: String,
     stop: tokio::sync::oneshot::Receiver<()>,
+    listening: impl FnOnce(),
 ) -> Result<(), CsiError> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -70,6 +71,7 @@ pub fn serve(
         .map(|m| (m.dev(), m.ino()))
         .map_err(|e| start_error(socket, &e))?;
     log::info!("CSI plugin {PLUGIN_NAME} listening on {}", socket.display());
+    listening();
     let stopping = Arc::new(tokio::sync::Notify::new());
     let served = runtime.block_on(async {
         let listener =

@@ -106,7 +106,8 @@ impl Server {
         let fake = Arc::new(Fake::default());
         let (stop, stopped) = tokio::sync::oneshot::channel();
         let (node, path) = (fake.clone() as Arc<dyn Node>, socket.clone());
-        let thread = std::thread::spawn(move || serve(&path, node, "node-1".into(), stopped));
+        let thread =
+            std::thread::spawn(move || serve(&path, node, "node-1".into(), stopped, || ()));
         let deadline = Instant::now() + Duration::from_secs(10);
         while std::os::unix::net::UnixStream::connect(&socket).is_err() {
             if thread.is_finished() {
@@ -457,7 +458,7 @@ fn a_stale_socket_is_replaced_and_a_live_one_refused() {
     server.client().call("/csi.v1.Identity/Probe");
 
     let (stop, stopped) = tokio::sync::oneshot::channel();
-    let second = serve(&socket, server.fake.clone(), "n".into(), stopped);
+    let second = serve(&socket, server.fake.clone(), "n".into(), stopped, || ());
     drop(stop);
     assert!(
         matches!(&second, Err(CsiError::Start(m)) if m.contains("another process")),
@@ -482,7 +483,7 @@ fn a_symlink_a_file_or_a_missing_directory_at_the_socket_path_is_refused() {
     let missing = dir.path().join("no-such-dir/csi.sock");
     for path in [&link, &file, &dangling, &missing] {
         let (_stop, stopped) = tokio::sync::oneshot::channel();
-        let result = serve(path, Arc::new(Fake::default()), "n".into(), stopped);
+        let result = serve(path, Arc::new(Fake::default()), "n".into(), stopped, || ());
         assert!(
             matches!(&result, Err(CsiError::Start(_))),
             "{path:?}: {result:?}"

@@ -16,6 +16,7 @@ mod adopt;
 mod attrs;
 mod driver;
 mod grpc;
+mod meters;
 pub mod proto;
 mod state;
 mod sync;
@@ -56,6 +57,8 @@ pub struct CsiRequest {
     pub audience: String,
     /// Freshness, timeouts, rate limit: the cache's rules.
     pub policy: crate::policy::Policy,
+    /// `--metrics`: serve Prometheus metrics, /healthz and /readyz here (any address).
+    pub metrics: Option<std::net::SocketAddr>,
 }
 
 /// What the kubelet asks of a `NodePublishVolume`, as the driver sees it. `Debug` by hand:
@@ -174,6 +177,18 @@ pub fn run(req: CsiRequest) -> Result<(), CsiError> {
         req.state_dir.display()
     );
     let syncing = sync::start(driver.clone()).map_err(|e| CsiError::Start(e.to_string()))?;
+    let metrics = match req.metrics {
+        Some(listen) => {
+            let parts = crate::metrics::Parts {
+                own: vec![Box::new(meters::CsiCollector(driver.clone()))],
+                ..Default::default()
+            };
+            let m = crate::metrics::Metrics::start(listen, "csi", daemon.cache().clone(), parts)
+                .map_err(|e| CsiError::Start(format!("--metrics {listen}: {e}")))?;
+            Some(m)
+        }
+        None => None,
+    };
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel();
     let (tx, rx) = std::sync::mpsc::channel();
     let handle = signals.forward(tx, |s| s, false).map_err(start)?;
@@ -197,7 +212,12 @@ pub fn run(req: CsiRequest) -> Result<(), CsiError> {
             }
         })
         .map_err(|e| CsiError::Start(e.to_string()))?;
-    let served = grpc::serve(&socket, driver, req.node_id.clone(), stop_rx);
+    let listening = || {
+        if let Some(m) = &metrics {
+            m.serving();
+        }
+    };
+    let served = grpc::serve(&socket, driver, req.node_id.clone(), stop_rx, listening);
     handle.close();
     drop(syncing);
     drop(daemon);

@@ -78,7 +78,7 @@ pub fn pass(driver: &Driver) {
             let written = held.slots[i].written.as_ref().map(|v| v.id);
             match current.get(&key) {
                 Some(v) if written != Some(v.id) => {
-                    if let Err(e) = held.write(i, v.clone()) {
+                    if let Err(e) = held.write(i, v.clone(), driver.cache.meters()) {
                         warn!(
                             "volume {}: cannot write {}: {e}",
                             held.record.volume_id, held.slots[i].wanted.name

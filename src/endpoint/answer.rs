@@ -9,10 +9,10 @@ use super::protocol::Protocol;
 use super::request::{self, BadRequest};
 use super::{Category, Counters, Settings};
 use crate::audit::{Audit, HttpEvent};
-use crate::cache::{Cache, Key, Lease, ReadError, Use};
+use crate::cache::{Cache, FrontEnd, Key, Lease, ReadError, Use};
 use crate::hardening::ct_eq;
 use crate::httpserver::query::{self, QueryError};
-use crate::httpserver::tally::{self, json_reply};
+use crate::httpserver::tally::{self, json_reply, Cause};
 use crate::httpserver::{self, Answer, Reply, Request, Stop};
 use crate::token::Version;
 use log::debug;
@@ -133,6 +133,7 @@ impl httpserver::Handler for EndpointHandler {
         self.0.counters.arrived();
         // 408 and 413: the server refused the request before the endpoint saw it.
         self.0.counters.count(Category::BadRequest);
+        self.0.counters.status(status);
         json_reply(status, app_service_error(status, message))
     }
 }
@@ -142,9 +143,11 @@ impl Inner {
         let peer = req.peer;
         if !self.secret_ok(req) {
             debug!("endpoint: 401 for {peer:?}: missing or wrong X-IDENTITY-HEADER or secret");
+            self.counters.refused(Cause::Secret);
             return error(Category::CallerRefused, 401, "Unauthorized");
         }
         if let Err(r) = crate::httpserver::origin::check(req) {
+            self.counters.refused(r.into());
             return bad(r.into());
         }
         if query::path(&req.target) != request::PATH {
@@ -227,6 +230,7 @@ impl Inner {
     /// (waiting for a fetch if need be, within `--timeout`), counted as a use (refresh
     /// ahead).
     async fn read(&self, key: &Key, stop: &Stop) -> Result<Lease, ReadError> {
+        self.cache.meters().read(FrontEnd::Endpoint);
         let answer = self.cache.read_async(key, Use::Read);
         httpserver::within(answer, self.settings.timeout + GRACE, stop)
             .await

@@ -145,6 +145,11 @@ impl Endpoint {
         }
     }
 
+    /// The request counters (`--metrics` reads them).
+    pub fn counters(&self) -> Arc<Counters> {
+        Arc::clone(&self.counters)
+    }
+
     /// Closes the listener and every connection; idempotent (also on drop).
     pub fn shutdown(&self) {
         self.server.shutdown();

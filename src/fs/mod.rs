@@ -21,7 +21,7 @@ pub mod noopen;
 
 pub use crate::access::Access;
 use crate::audit::{Audit, OpenEvent};
-use crate::cache::{Cache, IdentityId, Key, Lease, ReadError, Use};
+use crate::cache::{Cache, FrontEnd, IdentityId, Key, Lease, ReadError, Use};
 use crate::names;
 use crate::report as status;
 use crate::token::{Version, View};
@@ -337,6 +337,7 @@ impl Core {
                             }
                             Found::NoOpen { parent, name } => {
                                 core.inodes.remember_as(v, Some((parent, &name)));
+                                core.cache.meters().read(FrontEnd::NoOpenLookup);
                                 let resource = core.label(&v.key);
                                 core.audit("lookup", resource, view.label(), caller);
                             }
@@ -426,6 +427,7 @@ impl Core {
                     false => Use::Look,
                 };
                 self.cache.reopen(&v, usage).map_err(|_| FsError::Stale)?;
+                self.cache.meters().read(FrontEnd::File);
                 self.audit("open", self.label(&v.key), view.label(), caller);
                 (Handle::Token(v, view), OpenMode::Cached)
             }

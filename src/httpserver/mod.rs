@@ -278,6 +278,16 @@ impl Server {
         Server::bind(listen, config, handler)
     }
 
+    /// Binds `listen`, any address: for `--metrics` alone, whose answers hold no secret
+    /// (a scraper in another pod must reach it). Token listeners use [`Server::start`].
+    pub fn start_anywhere<H: Handler>(
+        listen: SocketAddr,
+        config: Config,
+        handler: H,
+    ) -> io::Result<Server> {
+        Server::bind(listen, config, handler)
+    }
+
     /// Binds IMDS's link-local address ([`crate::net::IMDS_LINK_LOCAL`], for
     /// `--serve-imds`), which the caller found configured on an interface here; no other
     /// non-loopback address can be bound.

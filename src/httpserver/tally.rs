@@ -1,9 +1,13 @@
-//! What a token listener (`--serve-endpoint`, `--serve-imds`) counts for `.status`, and how
-//! a counted outcome becomes its answer: shared by both listeners, which never import each
+//! What a token listener (`--serve-endpoint`, `--serve-imds`) counts for `.status` and
+//! `--metrics` (requests by category and by status, callers refused by cause), and how a
+//! counted outcome becomes its answer: shared by both listeners, which never import each
 //! other. Each outcome's category is decided where the answer is made (a read's failure by
 //! its `ReadError`), never worked back out of the HTTP status.
 
+use super::origin::Refusal;
 use super::{Answer, Reply, Stop};
+use parking_lot::Mutex;
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 /// What kind of answer a request got.
@@ -26,7 +30,53 @@ pub enum Category {
     NotFound,
 }
 
-/// A listener's request counters (atomics: no lock).
+/// Why a caller was refused before its request was served.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cause {
+    /// `--serve-endpoint`: the secret header was missing or wrong (401).
+    Secret,
+    /// The `Host` header was missing, repeated or named another host.
+    Host,
+    /// A proxy header (`Forwarded`, `X-Forwarded-For`, ...).
+    Forwarded,
+    /// The target was a URL, not a path.
+    Target,
+    /// `--serve-imds`: the caller's uid may not read the mount's tokens (403).
+    Uid,
+}
+
+impl Cause {
+    pub const ALL: [Cause; 5] = [
+        Cause::Secret,
+        Cause::Host,
+        Cause::Forwarded,
+        Cause::Target,
+        Cause::Uid,
+    ];
+
+    /// The metrics' label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Cause::Secret => "secret",
+            Cause::Host => "host",
+            Cause::Forwarded => "forwarded",
+            Cause::Target => "target",
+            Cause::Uid => "uid",
+        }
+    }
+}
+
+impl From<Refusal> for Cause {
+    fn from(r: Refusal) -> Cause {
+        match r {
+            Refusal::Host => Cause::Host,
+            Refusal::Forwarded => Cause::Forwarded,
+            Refusal::Target => Cause::Target,
+        }
+    }
+}
+
+/// A listener's request counters (atomics, and one leaf lock for the statuses).
 #[derive(Default)]
 pub struct Counters {
     requests: AtomicU64,
@@ -37,6 +87,10 @@ pub struct Counters {
     denied: AtomicU64,
     upstream_failed: AtomicU64,
     not_found: AtomicU64,
+    /// Answers by HTTP status (a handful of statuses: a map behind a leaf lock).
+    statuses: Mutex<BTreeMap<u16, u64>>,
+    /// Callers refused, by `Cause::ALL`'s order.
+    causes: [AtomicU64; 5],
 }
 
 impl Counters {
@@ -56,6 +110,30 @@ impl Counters {
             Category::NotFound => &self.not_found,
         };
         c.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// An answer with this status was sent.
+    pub fn status(&self, status: u16) {
+        *self.statuses.lock().entry(status).or_default() += 1;
+    }
+
+    /// A caller refused for `cause` (counted besides its category).
+    pub fn refused(&self, cause: Cause) {
+        let i = Cause::ALL.iter().position(|c| *c == cause).unwrap_or(0);
+        self.causes[i].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Answers by status, in status order.
+    pub fn statuses(&self) -> Vec<(u16, u64)> {
+        self.statuses.lock().iter().map(|(s, n)| (*s, *n)).collect()
+    }
+
+    /// Callers refused, by cause (every cause, in `Cause::ALL`'s order).
+    pub fn causes(&self) -> [(Cause, u64); 5] {
+        Cause::ALL.map(|c| {
+            let i = Cause::ALL.iter().position(|x| *x == c).unwrap_or(0);
+            (c, self.causes[i].load(Ordering::Relaxed))
+        })
     }
 
     /// `.status`'s counters; `caller_refused` names that count as the listener's protocol
@@ -86,6 +164,7 @@ pub fn answer(
     body: Vec<u8>,
 ) -> Answer {
     counters.count(category);
+    counters.status(status);
     if stop.is_stopped() {
         return Answer::Close;
     }

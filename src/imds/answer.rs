@@ -8,9 +8,9 @@ use super::peer::{self, Owner};
 use super::{Category, Counters, Settings, PATH};
 use crate::access::Access;
 use crate::audit::{Audit, ImdsEvent, RefusedEvent};
-use crate::cache::{Cache, IdentityId, Key, Lease, Query, ReadError, Use, IMDS_PARAMS};
+use crate::cache::{Cache, FrontEnd, IdentityId, Key, Lease, Query, ReadError, Use, IMDS_PARAMS};
 use crate::httpserver::query::{self, QueryError};
-use crate::httpserver::tally::{self, json_reply};
+use crate::httpserver::tally::{self, json_reply, Cause};
 use crate::httpserver::{self, race, Answer, Either, Reply, Request, Stop};
 use crate::token::Version;
 use log::{debug, warn};
@@ -110,6 +110,7 @@ impl httpserver::Handler for ImdsHandler {
     fn refuse(&self, status: u16, message: &str) -> Reply {
         self.0.counters.arrived();
         self.0.counters.count(Category::BadRequest);
+        self.0.counters.status(status);
         json_reply(status, imds_error("invalid_request", message))
     }
 }
@@ -127,6 +128,7 @@ impl Inner {
             Err(outcome) => return outcome,
         };
         if let Err(r) = crate::httpserver::origin::check(req) {
+            self.counters.refused(r.into());
             return invalid(r.to_string());
         }
         if query::path(&req.target) != PATH {
@@ -214,6 +216,7 @@ impl Inner {
     /// The uid of the caller's socket, if it may ask; else the 403 (and its audit line).
     async fn authorize(&self, req: &Request, stop: &Stop) -> Result<u32, Outcome> {
         let forbidden = |uid: Option<u32>| {
+            self.counters.refused(Cause::Uid);
             let who = uid.map_or_else(|| "this caller".to_string(), |u| format!("uid {u}"));
             error(
                 Category::CallerRefused,
@@ -314,6 +317,7 @@ impl Inner {
 
     /// A read like a file's lookup and open, within `--timeout` (and a little more).
     async fn read(&self, key: &Key, stop: &Stop) -> Result<Lease, ReadError> {
+        self.cache.meters().read(FrontEnd::Imds);
         let answer = self.cache.read_async(key, Use::Read);
         httpserver::within(answer, self.settings.timeout + GRACE, stop)
             .await

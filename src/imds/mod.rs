@@ -112,6 +112,11 @@ impl Imds {
     }
 
     /// Closes the listener and every connection; idempotent (also on drop).
+    /// The request counters (`--metrics` reads them).
+    pub fn counters(&self) -> Arc<Counters> {
+        Arc::clone(&self.counters)
+    }
+
     pub fn shutdown(&self) {
         self.server.shutdown();
     }

@@ -55,6 +55,8 @@ pub struct MountRequest {
     pub serve_endpoint: Option<std::net::SocketAddr>,
     /// `--serve-imds`: also serve IMDS's protocol here (checked by `imds::check_address`).
     pub serve_imds: Option<std::net::SocketAddr>,
+    /// `--metrics`: serve Prometheus metrics, /healthz and /readyz here (any address).
+    pub metrics: Option<std::net::SocketAddr>,
 }
 
 /// Why mounting failed: one line for the operator, naming the fix where there is one (a

@@ -10,6 +10,7 @@ use crate::daemon::{self, Daemon, DaemonError, Handled, Ready, Signal};
 use crate::endpoint::Endpoint;
 use crate::fs::Core;
 use crate::imds::Imds;
+use crate::metrics::Metrics;
 use log::{info, warn};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
@@ -37,6 +38,8 @@ struct Started {
     endpoint: Option<Endpoint>,
     /// `--serve-imds`'s server: shut down on drop.
     imds: Option<Imds>,
+    /// `--metrics`' server: told when the mount is live, shut down on drop.
+    metrics: Option<Metrics>,
     /// The filesystem core the session serves.
     core: Arc<Core>,
     /// The cache and its background pass.
@@ -78,6 +81,9 @@ impl Drop for Started {
         }
         if let Some(imds) = &self.imds {
             imds.shutdown();
+        }
+        if let Some(metrics) = &self.metrics {
+            metrics.shutdown();
         }
         // Then the cache stops fetching: readers still waiting are told the mount stops.
         self.daemon.stop();
@@ -146,6 +152,9 @@ fn run(
     }
     ready.ok();
     crate::hardening::notify_systemd("READY=1");
+    if let Some(metrics) = &started.metrics {
+        metrics.serving();
+    }
 
     while let Ok(event) = rx.recv() {
         match event {
@@ -195,6 +204,7 @@ fn start(req: &MountRequest, checked: Checked) -> Result<(Started, Handled), Mou
     let audit = crate::audit::Audit::start().map_err(no_thread)?;
     let (endpoint, mut extras) = start_endpoint(req, daemon.cache(), &audit)?;
     let imds = start_imds(req, daemon.cache(), &audit, access, &mut extras)?;
+    let metrics = start_metrics(req, daemon.cache(), (&endpoint, &imds), &mut extras)?;
     extras.no_open = req.no_open;
     let reason = daemon.source_reason();
     let core = Core::with_extras(daemon.cache().clone(), access, Some(audit), reason, extras);
@@ -216,6 +226,7 @@ fn start(req: &MountRequest, checked: Checked) -> Result<(Started, Handled), Mou
         notifier,
         endpoint,
         imds,
+        metrics,
         core,
         daemon,
         _stand_in: stand_in,
@@ -249,6 +260,32 @@ fn start_endpoint(
         ..Default::default()
     };
     Ok((Some(endpoint), extras))
+}
+
+/// `--metrics`: the server (its own thread) over the cache and the token listeners, and
+/// its address in `.status`.
+fn start_metrics(
+    req: &MountRequest,
+    cache: &Arc<crate::cache::Cache>,
+    (endpoint, imds): (&Option<Endpoint>, &Option<Imds>),
+    extras: &mut crate::fs::Extras,
+) -> Result<Option<Metrics>, MountError> {
+    let Some(listen) = req.metrics else {
+        return Ok(None);
+    };
+    let mut parts = crate::metrics::Parts::default();
+    if let Some(e) = endpoint {
+        parts.listeners.push(("endpoint", e.counters()));
+    }
+    if let Some(i) = imds {
+        parts.listeners.push(("imds", i.counters()));
+    }
+    let metrics = Metrics::start(listen, "mount", cache.clone(), parts)
+        .map_err(|e| MountError::Daemon(format!("--metrics {listen}: {e}")))?;
+    extras
+        .status
+        .push(("metrics", Arc::new(metrics.status_part())));
+    Ok(Some(metrics))
 }
 
 /// `--serve-imds`: the server (its own thread), its line in `.env` (after the endpoint's,

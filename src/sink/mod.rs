@@ -45,6 +45,8 @@ pub struct SinkRequest {
     pub gid: Option<u32>,
     /// `--mode`, if given (only then, or with `--uid`/`--gid`, does DIR get an owner and mode).
     pub mode: Option<u16>,
+    /// `--metrics`: serve Prometheus metrics, /healthz and /readyz here (any address).
+    pub metrics: Option<std::net::SocketAddr>,
 }
 
 /// Why `sink` cannot run: one line, with the fix where there is one.

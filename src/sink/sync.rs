@@ -6,7 +6,7 @@
 //! stay until the first version replaces them, or go at their deadline.
 
 use super::{Declared, HeldDir, SinkRequest};
-use crate::cache::{Cache, Done, Key, ReadError, Status, Use};
+use crate::cache::{Cache, Done, FrontEnd, Key, ReadError, Status, Use};
 use crate::daemon::{self, Daemon, Handled, Ready, Signal};
 use crate::names::Resource;
 use crate::report::Report;
@@ -201,6 +201,17 @@ pub fn run(
         }
     };
     let cache = daemon.cache().clone();
+    let metrics = match req.metrics.map(|listen| {
+        crate::metrics::Metrics::start(listen, "sink", cache.clone(), Default::default())
+            .map_err(|e| SinkError::Daemon(format!("--metrics {listen}: {e}")))
+    }) {
+        Some(Err(e)) => {
+            ready.fail(&e);
+            return Err(e);
+        }
+        Some(Ok(m)) => Some(m),
+        None => None,
+    };
     info!(
         "sink {} (endpoint {}, refresh margin {} s, timeout {} s)",
         held.writer.dir().display(),
@@ -248,6 +259,9 @@ pub fn run(
                 info!("every declared resource was written or failed once");
                 r.ok();
                 crate::hardening::notify_systemd("READY=1");
+                if let Some(m) = &metrics {
+                    m.serving();
+                }
             }
         }
         match rx.recv_timeout(PASS) {
@@ -354,6 +368,7 @@ impl Mirror<'_> {
         slot.settled = true;
         match written {
             Ok(()) => {
+                self.cache.meters().read(FrontEnd::SinkWrite);
                 slot.written = Some(v);
                 slot.left_until = None;
                 slot.write_error = None;

@@ -1,0 +1,111 @@
+//! What a scrape reads of the cache's state (`--metrics`): per key that is declared or
+//! holds a valid token (so at most `--max-resources` of them: refused and failed names
+//! are counted, never listed), its expiry, next refresh and failures; and whether the
+//! cache is ready (`/readyz`). Gathered under the cache's lock, like `.status`, and never
+//! token bytes.
+
+use super::{Cache, IdentityId, Key, State, Use};
+use crate::policy::EpochMs;
+use std::sync::Arc;
+
+/// One key as a scrape sees it. Times are epoch seconds.
+#[derive(Debug, Clone, PartialEq)]
+pub struct KeyGauge {
+    pub identity: IdentityId,
+    /// The resource string sent upstream.
+    pub resource: String,
+    /// Named with `--resource` (or declared by a front end).
+    pub declared: bool,
+    /// The held token's expiry, while it is valid.
+    pub expires_on: Option<i64>,
+    /// When the held token is refreshed next (a backoff moves it later).
+    pub next_refresh: Option<i64>,
+    /// Failed fetches in a row.
+    pub consecutive_failures: u32,
+}
+
+/// The cache's state at one scrape.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Gauges {
+    /// Keys declared or holding a valid token, by (identity, resource).
+    pub keys: Vec<KeyGauge>,
+    /// Names in the negative cache now.
+    pub refusals: usize,
+    /// Fetches waiting for a worker of the pool.
+    pub fetches_queued: usize,
+    /// The upstream failed at the connection level recently.
+    pub upstream_down: bool,
+    /// Upstream requests the rate limit made wait, since start.
+    pub upstream_held_back: u64,
+}
+
+impl Cache {
+    /// The cache's state for a scrape.
+    pub fn gauges(&self) -> Gauges {
+        let now = self.clock.now();
+        let secs = |ms: EpochMs| ms.div_euclid(1000);
+        let guard = self.state.lock();
+        let State { entries, refusals } = &*guard;
+        let mut keys: Vec<KeyGauge> = entries
+            .iter()
+            .filter_map(|(k, e)| {
+                let held = e.valid(now);
+                (e.declared || held.is_some()).then(|| KeyGauge {
+                    identity: k.identity,
+                    resource: k.resource.to_string(),
+                    declared: e.declared,
+                    expires_on: held.map(|v| secs(v.expires_on)),
+                    next_refresh: held
+                        .map(|v| secs(v.schedule.refresh_at.max(e.failures.next_attempt_at))),
+                    consecutive_failures: e.failures.consecutive,
+                })
+            })
+            .collect();
+        let refusals = refusals.by_key.values().filter(|r| now < r.until).count();
+        drop(guard);
+        keys.sort_by(|a, b| (a.identity, &a.resource).cmp(&(b.identity, &b.resource)));
+        Gauges {
+            keys,
+            refusals,
+            fetches_queued: self.pool.queued(),
+            upstream_down: self.upstream.known_down(),
+            upstream_held_back: self.upstream.held_back(),
+        }
+    }
+
+    /// Why the cache is not ready (`/readyz`), if it is not: the first declared key that
+    /// holds no valid token and whose latest fetch did not succeed (its name, never more).
+    /// A declared key nothing has read yet is fetched now (a look, not a use, not waited
+    /// for): the probe is what gets a mount whose resources nobody has read ready.
+    pub fn unready(self: &Arc<Self>) -> Option<String> {
+        let now = self.clock.now();
+        let guard = self.state.lock();
+        let mut waiting: Vec<(Key, bool)> = guard
+            .entries
+            .iter()
+            .filter(|(_, e)| {
+                e.declared
+                    && e.valid(now).is_none()
+                    && (e.fetched_at.is_none() || e.failures.consecutive > 0)
+            })
+            .map(|(k, e)| {
+                let never = e.fetched_at.is_none() && e.failures.consecutive == 0;
+                (k.clone(), never && e.waiters.is_none())
+            })
+            .collect();
+        drop(guard);
+        waiting.sort();
+        for (key, _) in waiting.iter().filter(|(_, never)| *never) {
+            self.read(key, Use::Look, Box::new(drop));
+        }
+        let (first, _) = waiting.first()?;
+        Some(format!(
+            "{} holds no valid token{}",
+            self.shown(first),
+            match waiting.len() {
+                1 => String::new(),
+                n => format!(" (and {} more)", n - 1),
+            }
+        ))
+    }
+}
