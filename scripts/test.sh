@@ -71,7 +71,24 @@ venv() {
 CSTOKENFS_PYVENV=$(venv tests/endpoint_sdk/requirements.txt pyvenv azure-identity python)
 # kubernetes-validate for the manifests under deploy/kubernetes/ (tests/it/manifests.rs).
 CSTOKENFS_K8S_VENV=$(venv tests/manifests/requirements.txt k8svenv kubernetes-validate kubernetes-validate)
-export CSTOKENFS_PYVENV CSTOKENFS_K8S_VENV
+# prometheus_client's parsers for the --metrics scrapes (tests/it/metrics.rs).
+CSTOKENFS_PROM_VENV=$(venv tests/metrics/requirements.txt promvenv prometheus_client python)
+# promtool from Debian's prometheus package, unpacked (never installed: no service starts)
+# under ~/.cache; the scrapes are checked with `promtool check metrics` when it can be had.
+promtool_dir="${XDG_CACHE_HOME:-$HOME/.cache}/cstokenfs/promtool"
+if [ ! -x "$promtool_dir/usr/bin/promtool" ] && command -v apt-get >/dev/null 2>&1; then
+  rm -rf "$promtool_dir.tmp" && mkdir -p "$promtool_dir.tmp"
+  if (cd "$promtool_dir.tmp" && { apt-get download prometheus >/dev/null 2>&1 ||
+        { apt-get update -qq >/dev/null 2>&1 && apt-get download prometheus >/dev/null 2>&1; }; }) &&
+     dpkg-deb -x "$promtool_dir.tmp"/prometheus_*.deb "$promtool_dir.tmp/root"; then
+    rm -rf "$promtool_dir" && mv "$promtool_dir.tmp/root" "$promtool_dir"
+  else
+    echo "note: Debian's prometheus package cannot be had: promtool checks are skipped" >&2
+  fi
+  rm -rf "$promtool_dir.tmp"
+fi
+if [ -x "$promtool_dir/usr/bin/promtool" ]; then export CSTOKENFS_PROMTOOL="$promtool_dir/usr/bin/promtool"; fi
+export CSTOKENFS_PYVENV CSTOKENFS_K8S_VENV CSTOKENFS_PROM_VENV
 
 cargo test --all-targets --locked -- --test-threads=8
 

@@ -75,8 +75,10 @@ impl Cache {
 
     /// Why the cache is not ready (`/readyz`), if it is not: the first declared key that
     /// holds no valid token and whose latest fetch did not succeed (its name, never more).
-    /// A declared key nothing has read yet is fetched now (a look, not a use, not waited
-    /// for): the probe is what gets a mount whose resources nobody has read ready.
+    /// Such a key is fetched now (a look, not a use, not waited for) unless a fetch is under
+    /// way or its backoff after a failure has not passed: the probe is what gets a mount
+    /// whose resources nobody has read ready, and a flood of probes costs at most what the
+    /// backoff allows.
     pub fn unready(self: &Arc<Self>) -> Option<String> {
         let now = self.clock.now();
         let guard = self.state.lock();
@@ -89,13 +91,13 @@ impl Cache {
                     && (e.fetched_at.is_none() || e.failures.consecutive > 0)
             })
             .map(|(k, e)| {
-                let never = e.fetched_at.is_none() && e.failures.consecutive == 0;
-                (k.clone(), never && e.waiters.is_none())
+                let due = e.waiters.is_none() && now >= e.failures.next_attempt_at;
+                (k.clone(), due)
             })
             .collect();
         drop(guard);
         waiting.sort();
-        for (key, _) in waiting.iter().filter(|(_, never)| *never) {
+        for (key, _) in waiting.iter().filter(|(_, due)| *due) {
             self.read(key, Use::Look, Box::new(drop));
         }
         let (first, _) = waiting.first()?;

@@ -31,6 +31,7 @@ mod identities;
 mod imds;
 mod integrations;
 mod manifests;
+mod metrics;
 mod noopen;
 mod package;
 mod props;

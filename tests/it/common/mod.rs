@@ -15,10 +15,12 @@ macro_rules! need_fuse {
 pub mod csi;
 mod mount;
 mod run;
+mod scrape;
 mod status;
 
 pub use mount::*;
 pub use run::*;
+pub use scrape::*;
 pub use status::*;
 
 use cstokenfs::emulator::{Emulator, EmulatorConfig};
