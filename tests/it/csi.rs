@@ -494,3 +494,77 @@ fn the_kubelets_secrets_come_before_the_volume_context() {
     assert_no_token(&log, pod.token.as_bytes(), "the driver's log");
     assert_no_token(&log, forged.as_bytes(), "the driver's log");
 }
+
+#[test]
+fn metrics_count_publishes_and_name_no_token() {
+    if !available() {
+        return;
+    }
+    let Some(venv) = common::parser_venv() else {
+        return;
+    };
+    let mut node = Node::new(&[("shop", "web")]);
+    let port = common::free_port();
+    node.flags = vec!["--metrics".into(), format!("127.0.0.1:{port}")];
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let (k, pod, target) = web_0_published(&mut node, "csi-m1");
+    assert_eq!(common::http(addr, "/healthz", None).status, 200);
+    let ready = common::http(addr, "/readyz", None);
+    assert_eq!(ready.status, 200, "{}", ready.body);
+    // A republish, a refused publish, a second volume and its unpublish.
+    publish(&k, &pod, "csi-m1", &target).expect("republish");
+    let mut bad = request(&pod, "csi-bad", &target);
+    bad.volume_context.remove("clientID");
+    k.publish(bad).expect_err("no clientID");
+    let other = node.target("uid-m2");
+    publish(&k, &pod, "csi-m2", &other).expect("publish");
+    k.unpublish("csi-m2", &other).expect("unpublish");
+    let scraped = common::http(addr, "/metrics", None);
+    common::promtool_check(&scraped.body);
+    let s = common::Samples::parse(&venv, &scraped.body, false);
+    let op = |operation, result| {
+        s.get(
+            "cstokenfs_csi_operations_total",
+            &[("operation", operation), ("result", result)],
+        )
+    };
+    assert_eq!(op("publish", "ok"), Some(2.0));
+    assert_eq!(op("publish", "invalid_argument"), Some(1.0));
+    assert_eq!(op("republish", "ok"), Some(1.0));
+    assert_eq!(op("unpublish", "ok"), Some(1.0));
+    assert_eq!(s.get("cstokenfs_csi_volumes", &[]), Some(1.0));
+    assert!(
+        s.get("cstokenfs_reads_total", &[("front_end", "csi_publish")])
+            .unwrap()
+            >= 2.0
+    );
+    // The pod's key, named by its namespace, account and application; its token's expiry.
+    let identity = format!("shop/web/{APP_A}");
+    let arm = [
+        ("identity", identity.as_str()),
+        ("resource", "https://management.azure.com/"),
+    ];
+    let token = cat(&node, &target.join("management.azure.com"));
+    let exp = claims(&token)["exp"].as_f64().unwrap();
+    let expiry = s
+        .get("cstokenfs_token_expiry_timestamp_seconds", &arm)
+        .unwrap_or_else(|| {
+            let keys: Vec<_> = s
+                .matching("cstokenfs_token_expiry_timestamp_seconds", &[])
+                .map(|x| &x.labels)
+                .collect();
+            panic!("no expiry for {identity}: {keys:?}")
+        });
+    assert!((expiry - exp).abs() <= 1.0, "{expiry} vs {exp}");
+    assert_eq!(
+        s.get(
+            "cstokenfs_upstream_requests_total",
+            &[("identity", identity.as_str()), ("result", "ok")]
+        ),
+        Some(1.0)
+    );
+    // Never the service-account token, nor its subject as the token spells it.
+    assert_no_token(&scraped.body, pod.token.as_bytes(), "a scrape");
+    assert_no_token(&scraped.body, &token, "a scrape");
+    assert!(!scraped.body.contains("system:serviceaccount"));
+}
