@@ -487,3 +487,89 @@ fn a_refused_name_counts_its_upstream_calls_across_refusals() {
     assert_eq!(calls_of(&cache), Some(2));
     assert_eq!(source.calls(), 2);
 }
+
+#[test]
+fn meters_count_requests_refusals_waits_and_evictions() {
+    let clock = FakeClock::new(1_000_000);
+    let source = FakeSource::new(clock.clone(), 3_600_000);
+    let policy = Policy {
+        max_resources: 1,
+        ..Policy::default()
+    };
+    let cache = Cache::new(Identities::one(source.clone()), policy, &[], clock.clone());
+    source.refuse("nope");
+    cache.get_blocking(&res("a")).unwrap();
+    assert!(cache.get_blocking(&res("nope")).is_err());
+    assert!(cache.get_blocking(&res("nope")).is_err(), "negative cache");
+    cache.get_blocking(&res("b")).unwrap(); // evicts a
+    let m = cache.meters();
+    assert_eq!(m.negative_answers.get(), 1);
+    assert_eq!(m.evictions.get(), 1);
+    assert_eq!(m.read_wait.count(), 3, "three reads waited for a fetch");
+    assert_eq!(m.upstream_latency.count(), 3);
+    let requests = m.requests();
+    assert_eq!(requests.len(), 1);
+    let (id, counts) = &requests[0];
+    assert_eq!(*id, IdentityId::DEFAULT);
+    let ok = counts[&(meters::Outcome::Ok, Some(200))];
+    let refused = counts[&(meters::Outcome::Refused, Some(400))];
+    assert_eq!((ok, refused), (2, 1));
+    // Held and refused names: only the held one has a series; the refusal is counted.
+    let g = cache.gauges();
+    assert_eq!(g.refusals, 1);
+    let names: Vec<&str> = g.keys.iter().map(|k| k.resource.as_str()).collect();
+    assert_eq!(names, ["b"]);
+    assert_eq!(g.keys[0].expires_on, Some((1_000_000 + 3_600_000) / 1000));
+}
+
+#[test]
+fn readiness_waits_for_declared_keys_and_fetches_them() {
+    let clock = FakeClock::new(1_000_000);
+    let source = FakeSource::new(clock.clone(), 3_600_000);
+    let declared = [key("d")];
+    let policy = Policy {
+        timeout: Duration::from_millis(300),
+        ..Policy::default()
+    };
+    let cache = Cache::new(
+        Identities::one(source.clone()),
+        policy,
+        &declared,
+        clock.clone(),
+    );
+    let why = cache.unready().expect("nothing held yet");
+    assert!(why.contains("d holds no valid token"), "{why}");
+    assert!(source.wait_calls(1), "the probe asked for it");
+    assert!(cache.wait_until_settled(Duration::from_secs(5)));
+    assert_eq!(cache.unready(), None);
+    // Expired and its fetch failed: not ready, and the probe waits for the backoff.
+    source.set_down(true);
+    clock.advance(3_600_000);
+    assert!(cache.get_blocking(&res("d")).is_err());
+    let calls = source.calls();
+    assert!(cache.unready().is_some());
+    assert!(cache.wait_until_settled(Duration::from_secs(5)));
+    assert_eq!(source.calls(), calls, "within its backoff, no new fetch");
+    source.set_down(false);
+    clock.advance(600_000);
+    assert!(cache.unready().is_some());
+    assert!(source.wait_calls(calls + 1), "past it, the probe fetches");
+    assert!(cache.wait_until_settled(Duration::from_secs(5)));
+    assert_eq!(cache.unready(), None);
+}
+
+#[test]
+fn a_forgotten_identity_takes_its_request_series() {
+    let (cache, _clock, source) = setup(3_600_000);
+    let id = cache.identities().add(
+        "pod".into(),
+        crate::source::Identity::default(),
+        source.clone(),
+    );
+    cache
+        .read_blocking(&Key::new(id, res("r")), Use::Read)
+        .unwrap();
+    assert!(cache.meters().requests().iter().any(|(i, _)| *i == id));
+    cache.forget_identity(id);
+    assert!(cache.meters().requests().iter().all(|(i, _)| *i != id));
+}
