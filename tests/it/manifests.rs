@@ -309,7 +309,9 @@ fn the_manifests_agree_with_the_driver() {
             "--endpoint",
             "unix:///csi/csi.sock",
             "--node-id",
-            "$(NODE_ID)"
+            "$(NODE_ID)",
+            "--metrics",
+            "0.0.0.0:9464"
         ]
     );
     assert_eq!(plugin["securityContext"]["privileged"], true);
@@ -337,8 +339,27 @@ fn the_manifests_agree_with_the_driver() {
         assert_eq!(host(volume), path, "{volume}");
         assert_eq!(m["mountPropagation"].as_str(), propagation, "{volume}");
     }
-    // The livenessProbe reaches the livenessprobe sidecar's port.
+    // The startupProbe reaches the livenessprobe sidecar's port; liveness and readiness are
+    // the plugin's own /healthz and /readyz on its --metrics port, which is scraped.
     assert_eq!(named(&plugin["ports"], "healthz")["containerPort"], 9808);
+    assert_eq!(named(&plugin["ports"], "metrics")["containerPort"], 9464);
+    let probe = |which: &str| plugin[which]["httpGet"].clone();
+    assert_eq!(
+        probe("startupProbe"),
+        serde_json::json!({"path": "/healthz", "port": "healthz"})
+    );
+    assert_eq!(
+        probe("livenessProbe"),
+        serde_json::json!({"path": "/healthz", "port": "metrics"})
+    );
+    assert_eq!(
+        probe("readinessProbe"),
+        serde_json::json!({"path": "/readyz", "port": "metrics"})
+    );
+    let annotations = &ds["spec"]["template"]["metadata"]["annotations"];
+    assert_eq!(annotations["prometheus.io/scrape"], "true");
+    assert_eq!(annotations["prometheus.io/port"], "9464");
+    assert_eq!(annotations["prometheus.io/path"], "/metrics");
 
     let example = object(&docs, "Pod", Some("token-reader"));
     let csi = &named(&example["spec"]["volumes"], "azure-tokens")["csi"];
