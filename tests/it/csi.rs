@@ -522,6 +522,7 @@ fn metrics_count_publishes_and_name_no_token() {
     let scraped = common::http(addr, "/metrics", None);
     common::promtool_check(&scraped.body);
     let s = common::Samples::parse(&venv, &scraped.body, false);
+    common::assert_documented(&s);
     let op = |operation, result| {
         s.get(
             "cstokenfs_csi_operations_total",

@@ -169,3 +169,36 @@ pub fn promtool_check(body: &str) -> bool {
     );
     true
 }
+
+/// Every metric family of `samples` is in the README's list of metrics.
+pub fn assert_documented(samples: &Samples) {
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md"))
+        .expect("README.md");
+    let list = readme
+        .split("| metric | type | labels | what |")
+        .nth(1)
+        .and_then(|rest| rest.split("\n\n").next())
+        .expect("the README's table of metrics");
+    for family in samples.families() {
+        assert!(
+            list.contains(&format!("`{family}")),
+            "the README's table of metrics does not list {family}"
+        );
+    }
+}
+
+/// The README's PrometheusRule example: its `spec`, as a Prometheus rule file.
+pub fn readme_rules() -> String {
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md"))
+        .expect("README.md");
+    let block = readme
+        .split("<!-- prometheusrule -->\n```yaml\n")
+        .nth(1)
+        .and_then(|rest| rest.split("```").next())
+        .expect("the README's PrometheusRule");
+    let spec = block.split("\nspec:\n").nth(1).expect("its spec");
+    spec.lines()
+        .map(|l| l.strip_prefix("  ").unwrap_or(l))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
