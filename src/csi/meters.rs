@@ -1,16 +1,8 @@
-//! The CSI driver's part of `--metrics`: publishes, republishes and unpublishes by result
-//! (`ok`, or the gRPC code the kubelet got), and the volumes held now.
+//! What the CSI driver counts for `--metrics`: publishes, republishes and unpublishes by
+//! result (`ok`, or the gRPC code the kubelet got). `collect.rs` reads them at scrape time.
 
-use super::driver::Driver;
 use super::CsiError;
-use prometheus_client::collector::Collector;
-use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
-use prometheus_client::metrics::counter::ConstCounter;
-use prometheus_client::metrics::gauge::ConstGauge;
-use prometheus_client::metrics::MetricType;
-use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
 
 /// An RPC that changes a volume.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -65,39 +57,14 @@ impl Operations {
             .unwrap_or(0);
         self.counts[o][r].fetch_add(1, Ordering::Relaxed);
     }
-}
 
-/// Reads the driver's counts and volumes at each scrape.
-pub struct CsiCollector(pub Arc<Driver>);
-
-impl fmt::Debug for CsiCollector {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("CsiCollector")
-    }
-}
-
-impl Collector for CsiCollector {
-    fn encode(&self, mut encoder: DescriptorEncoder) -> fmt::Result {
-        let mut family = encoder.encode_descriptor(
-            "csi_operations",
-            "CSI publishes, republishes and unpublishes, by result (ok, or the gRPC code the kubelet got)",
-            None,
-            MetricType::Counter,
-        )?;
-        let ops = &self.0.operations;
-        for (o, (_, operation)) in OPERATIONS.iter().enumerate() {
-            for (r, result) in RESULTS.iter().enumerate() {
-                let n = ops.counts[o][r].load(Ordering::Relaxed);
-                let labels = [("operation", *operation), ("result", *result)];
-                ConstCounter::new(n).encode(family.encode_family(&labels)?)?;
-            }
-        }
-        let volumes = self.0.inner.lock().volumes.len();
-        ConstGauge::new(volumes as i64).encode(encoder.encode_descriptor(
-            "csi_volumes",
-            "Volumes published on this node now",
-            None,
-            MetricType::Gauge,
-        )?)
+    /// Every (operation, result, count), zeros included.
+    pub fn each(&self) -> impl Iterator<Item = (&'static str, &'static str, u64)> + '_ {
+        OPERATIONS.iter().enumerate().flat_map(move |(o, (_, op))| {
+            RESULTS
+                .iter()
+                .enumerate()
+                .map(move |(r, result)| (*op, *result, self.counts[o][r].load(Ordering::Relaxed)))
+        })
     }
 }

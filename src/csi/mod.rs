@@ -14,6 +14,7 @@
 
 mod adopt;
 mod attrs;
+mod collect;
 mod driver;
 mod grpc;
 mod meters;
@@ -180,7 +181,7 @@ pub fn run(req: CsiRequest) -> Result<(), CsiError> {
     let metrics = match req.metrics {
         Some(listen) => {
             let parts = crate::metrics::Parts {
-                own: vec![Box::new(meters::CsiCollector(driver.clone()))],
+                own: vec![Box::new(collect::CsiCollector(driver.clone()))],
                 ..Default::default()
             };
             let m = crate::metrics::Metrics::start(listen, "csi", daemon.cache().clone(), parts)
