@@ -228,7 +228,7 @@ fn a_uid_that_may_not_read_the_files_gets_403_and_one_that_may_gets_the_token() 
     }
     let emu = emulator();
     // The default: files 0400, owned by root (who mounts), no --allow-other.
-    let m = imds_mount(&emu, &[]);
+    let m = imds_mount(&emu, &["--metrics", "127.0.0.1:0"]);
     let addr = m.imds();
     let (status, body) = curl_as(65534, 65534, addr);
     assert_eq!(status, 403, "{body}");
@@ -252,6 +252,20 @@ fn a_uid_that_may_not_read_the_files_gets_403_and_one_that_may_gets_the_token() 
     let (status, _) = get(addr, ARM, &format!("Host: {addr}\r\nMetadata: true\r\n"));
     assert_eq!(status, 200);
     assert_eq!(m.status()["serve_imds"]["forbidden"], 1);
+    // --metrics counts the refusal by its cause, the answers by status.
+    if let Some(venv) = parser_venv() {
+        let scraped = http(metrics_addr(&m), "/metrics", None);
+        let s = Samples::parse(&venv, &scraped.body, false);
+        let imds = |name, label: (&str, &str)| s.get(name, &[("listener", "imds"), label]);
+        let refusals = "cstokenfs_listener_refusals_total";
+        let responses = "cstokenfs_listener_responses_total";
+        assert_eq!(imds(refusals, ("cause", "uid")), Some(1.0));
+        assert_eq!(imds(refusals, ("cause", "host")), Some(0.0));
+        assert_eq!(imds(responses, ("status", "403")), Some(1.0));
+        assert_eq!(imds(responses, ("status", "200")), Some(1.0));
+        let reads = s.get("cstokenfs_reads_total", &[("front_end", "imds")]);
+        assert_eq!(reads, Some(1.0), "the 403 read nothing");
+    }
     drop(m);
 
     // The group bits with --allow-other: nobody's group (from its passwd entry) may, and it

@@ -15,16 +15,6 @@ const TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
 const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 const ARM: &str = "/msi/token?api-version=2019-08-01&resource=https%3A%2F%2Fmanagement.azure.com";
 
-/// The mount's metrics address, from `.status`.
-fn metrics_addr(m: &Mounted) -> SocketAddr {
-    let s = m.status();
-    s["metrics"]["address"]
-        .as_str()
-        .expect(".status names the metrics address")
-        .parse()
-        .unwrap()
-}
-
 /// A scrape in the Prometheus text format, parsed and (when promtool is at hand) checked.
 fn scrape(venv: &Path, addr: SocketAddr) -> Samples {
     let got = http(addr, "/metrics", None);
@@ -415,4 +405,31 @@ fn the_readmes_alert_rules_check() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(String::from_utf8_lossy(&out.stdout).contains("SUCCESS: 3 rules found"));
+}
+
+#[test]
+fn silent_scrapers_hold_back_neither_readers_nor_a_scrape() {
+    need_fuse!();
+    let emu = emulator();
+    let m = Mounted::new(&emu.url(), &["--metrics", "127.0.0.1:0"]);
+    let addr = metrics_addr(&m);
+    // More connections than the listener keeps, each with half a request, never finished.
+    let silent: Vec<_> = (0..48)
+        .map(|_| {
+            let mut s = std::net::TcpStream::connect(addr).unwrap();
+            use std::io::Write;
+            s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")
+                .unwrap();
+            s
+        })
+        .collect();
+    let started = std::time::Instant::now();
+    m.read("management.azure.com").expect("a reader is served");
+    assert!(started.elapsed() < Duration::from_secs(5));
+    let got = http(addr, "/metrics", None);
+    assert_eq!(
+        got.status, 200,
+        "a scrape gets through: the oldest silent one goes"
+    );
+    drop(silent);
 }

@@ -202,3 +202,13 @@ pub fn readme_rules() -> String {
         .collect::<Vec<_>>()
         .join("\n")
 }
+
+/// A mount's `--metrics` address, from its `.status`.
+pub fn metrics_addr(m: &super::Mounted) -> SocketAddr {
+    let s = m.status();
+    s["metrics"]["address"]
+        .as_str()
+        .expect(".status names the metrics address")
+        .parse()
+        .expect("an IP:PORT")
+}
