@@ -488,6 +488,10 @@ fn examples(sub: Option<&str>) -> Vec<Para> {
                 "Also serve App Service's protocol on loopback, for the Azure SDKs.",
             ),
             e(
+                "cstokenfs mount --metrics 127.0.0.1:9464 --resource management.azure.com /run/cstoken",
+                "Prometheus metrics at /metrics, /healthz and /readyz for probes.",
+            ),
+            e(
                 "fusermount3 -u /run/cstoken",
                 "Unmount (or umount as root, or SIGTERM to the daemon).",
             ),
@@ -507,7 +511,7 @@ fn examples(sub: Option<&str>) -> Vec<Para> {
             ),
         ],
         Some("csi") => vec![e(
-            "cstokenfs csi --endpoint unix:///csi/csi.sock --node-id \"$NODE_NAME\"",
+            "cstokenfs csi --endpoint unix:///csi/csi.sock --node-id \"$NODE_NAME\" --metrics 0.0.0.0:9464",
             "The node plugin, as the DaemonSet under deploy/kubernetes/ runs it.",
         )],
         Some("emulator") => vec![
