@@ -28,7 +28,7 @@ trap cleanup EXIT
 show() { printf '\n$ %s\n' "$*"; eval "$@"; }
 
 echo "== mounting cstokenfs on the built-in emulator at $mnt"
-"$bin" mount --emulator --resource management.azure.com --log-file "$work/cstokenfs.log" "$mnt"
+"$bin" mount --emulator --resource management.azure.com --metrics 127.0.0.1:0 --log-file "$work/cstokenfs.log" "$mnt"
 show "ls -la $mnt"
 show "cut -c1-24 $mnt/management.azure.com; echo '...  (the token, first characters)'"
 show "wc -c < $mnt/vault.azure.net"
@@ -37,6 +37,12 @@ show "cut -c1-40 $mnt/.header/management.azure.com"
 show "ls $mnt"
 show "cat $mnt/.status"
 show "cat $mnt/newservice.azure.com || true"
+# --metrics: its address (port 0 picked one) is in .status.
+metrics=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["metrics"]["address"])' "$mnt/.status")
+if command -v curl >/dev/null 2>&1; then
+  show "curl -s http://$metrics/readyz"
+  show "curl -s http://$metrics/metrics | grep -E '^cstokenfs_(token_expiry|upstream_requests|reads)'"
+fi
 echo
 echo "== unmounting (SIGTERM to the daemon)"
 pkill -TERM -f "cstokenfs mount .*$mnt"
