@@ -108,6 +108,14 @@ pub enum Command {
     /// for trying the mount and the SDKs without Azure.
     #[command(after_help = MORE_HELP)]
     Emulator(EmulatorArgs),
+    /// Docker credential helper: registry credentials from the mount's .acr/ files.
+    ///
+    /// Docker's credential-helper protocol (get, list, store, erase) over
+    /// MOUNT/.acr/REGISTRY, so every docker, buildx, podman or skopeo process shares the
+    /// daemon's cache; also run as `docker-credential-cstokenfs` (a symlink): name it in
+    /// ~/.docker/config.json's credHelpers ("myregistry.azurecr.io": "cstokenfs").
+    #[command(after_help = MORE_HELP)]
+    CredentialHelper(CredentialHelperArgs),
     /// Print a shell completion script for bash, zsh or fish on stdout.
     Completions(CompletionsArgs),
     /// Print the main man page (roff) on stdout, or write every page into a directory.
@@ -133,6 +141,21 @@ pub struct ManArgs {
     /// made if missing, instead of printing the main page.
     #[arg(long, value_name = "DIR", value_hint = ValueHint::DirPath)]
     pub dir: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+pub struct CredentialHelperArgs {
+    /// The protocol's action: get (server URL on stdin; prints the credentials), list,
+    /// store or erase (both accepted, without effect).
+    #[arg(value_name = "ACTION", value_parser = ["get", "list", "store", "erase"])]
+    pub action: String,
+    /// The cstokenfs mount to read [default: $CSTOKENFS_MOUNT, else /run/cstoken].
+    #[arg(long, value_name = "DIR", value_hint = ValueHint::DirPath)]
+    pub mount: Option<PathBuf>,
+    /// Read MOUNT/id/NAME/.acr/ (a declared identity's) [default: $CSTOKENFS_IDENTITY,
+    /// else the mount's own identity].
+    #[arg(long, value_name = "NAME")]
+    pub identity: Option<String>,
 }
 
 #[derive(Args, Debug)]
@@ -390,6 +413,19 @@ pub struct MountArgs {
     /// The name shown as the source in the mount table (SOURCE in the mount(8) form).
     #[arg(long, value_name = "NAME", default_value = "cstokenfs")]
     pub fsname: String,
+    /// The Entra token exchanged for MOUNT/.acr/REGISTRY: registry
+    /// (https://containerregistry.azure.net/, the ARM token when the endpoint refuses it)
+    /// or management (the ARM token).
+    #[arg(long, value_name = "AUDIENCE", default_value = "registry", value_parser = ["registry", "management"])]
+    pub acr_audience: String,
+    /// One more registry host suffix an Entra token may be sent to, besides .azurecr.io,
+    /// .azurecr.cn, .azurecr.us and .azurecr.de (repeatable).
+    #[arg(long = "acr-suffix", value_name = "SUFFIX")]
+    pub acr_suffixes: Vec<String>,
+    /// Reach registry REGISTRY at this loopback URL instead of https://REGISTRY (tests, an
+    /// emulator; repeatable).
+    #[arg(long = "acr-endpoint", value_name = "REGISTRY=URL")]
+    pub acr_endpoints: Vec<String>,
 }
 
 #[derive(Args, Debug)]
@@ -622,6 +658,7 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
         Command::Get(args) => get_command(args),
         Command::Csi(args) => csi_command(args),
         Command::Emulator(args) => emulator_command(args),
+        Command::CredentialHelper(args) => credential_helper_command(args),
         Command::Completions(args) => completion::command(&args.shell),
         Command::Man(args) => manual::command(args.dir.as_deref()),
     }
@@ -793,6 +830,12 @@ fn mount_command(args: MountArgs) -> Result<(), CliError> {
     if let Some(addr) = args.serve_imds {
         crate::imds::check_address(addr, wanted.source).map_err(CliError::usage)?;
     }
+    let registries = crate::acr::Registries::new(&crate::acr::Settings {
+        audience: args.acr_audience.parse().map_err(CliError::usage)?,
+        suffixes: args.acr_suffixes.clone(),
+        endpoints: args.acr_endpoints.clone(),
+    })
+    .map_err(CliError::usage)?;
     let policy = Policy {
         negative_ttl_ms: (args.negative_ttl as i64).saturating_mul(1000),
         max_resources: args.max_resources as usize,
@@ -818,8 +861,20 @@ fn mount_command(args: MountArgs) -> Result<(), CliError> {
         fsname: args.fsname,
         serve_endpoint: args.serve_endpoint,
         serve_imds: args.serve_imds,
+        registries,
     };
     Ok(mount::run(request)?)
+}
+
+/// `credential-helper`: its message is on standard output already when it fails (the
+/// protocol's), so the failure is `Reported` (exit 1, nothing more printed).
+fn credential_helper_command(args: CredentialHelperArgs) -> Result<(), CliError> {
+    let request = crate::acr::helper::HelperRequest {
+        action: args.action.parse().map_err(CliError::usage)?,
+        mount: args.mount,
+        identity: args.identity,
+    };
+    crate::acr::helper::run(&request).map_err(|_| CliError::Reported)
 }
 
 fn sink_command(args: SinkArgs) -> Result<(), CliError> {

@@ -16,6 +16,7 @@
 //! readers the front ends share.
 
 mod access;
+mod acr;
 mod audit;
 mod cache;
 mod civil;
@@ -50,6 +51,7 @@ mod writer;
 // The public API: what the binary runs and what the test suites drive. Everything else is
 // private to the crate. `emulator` (a test tool) and `testing` (fakes) are public modules.
 pub use access::Access;
+pub use acr::helper::docker_helper_args;
 pub use cache::Cache;
 pub use cli::{run, Cli, CliError};
 /// The CSI messages and gRPC clients, for the tests' kubelet stand-in.

@@ -19,6 +19,7 @@
 //!   lock of the identities added at run time (`identities.rs`): taken under `state` to
 //!   name a key in a log line, and it takes nothing.
 
+mod acr;
 mod entry;
 mod identities;
 
@@ -209,6 +210,9 @@ pub struct Cache {
     /// Bumped when every token is dropped (SIGUSR1, under `state`); a fetch that was under
     /// way then starts over (read by the fetch workers without a lock).
     generation: AtomicU64,
+    /// The registries served (`.acr/`) and what was learnt of their exchanges
+    /// (`acr.rs`; its own lock, a leaf).
+    acr: acr::AcrSide,
 }
 
 impl Drop for Cache {
@@ -261,6 +265,7 @@ impl Cache {
             settled: Condvar::new(),
             stopped: Mutex::new(false),
             generation: AtomicU64::new(0),
+            acr: acr::AcrSide::default(),
         })
     }
 
@@ -835,12 +840,15 @@ impl Cache {
     fn ask(&self, job: &Job) -> (Result<Arrival, SourceError>, u64) {
         let mut calls = 0;
         loop {
-            let (result, n) = match self.identities.source(job.key.identity) {
-                Some(source) => {
+            let registry = self.fetch_registry(job);
+            let (result, n) = match (registry, self.identities.source(job.key.identity)) {
+                // A registry's key: exchanged, not asked of the source (`acr.rs`).
+                (Some(fetched), _) => fetched,
+                (None, Some(source)) => {
                     self.upstream
                         .fetch(&*source, &job.key.resource, job.deadline, job.refresh)
                 }
-                None => (
+                (None, None) => (
                     Err(SourceError::Credential(format!(
                         "{}: not an identity of this daemon",
                         job.key

@@ -55,6 +55,8 @@ pub struct MountRequest {
     pub serve_endpoint: Option<std::net::SocketAddr>,
     /// `--serve-imds`: also serve IMDS's protocol here (checked by `imds::check_address`).
     pub serve_imds: Option<std::net::SocketAddr>,
+    /// The registries `.acr/` serves (`--acr-audience`, `--acr-suffix`, `--acr-endpoint`).
+    pub registries: crate::acr::Registries,
 }
 
 /// Why mounting failed: one line for the operator, naming the fix where there is one (a
