@@ -71,7 +71,9 @@ venv() {
 CSTOKENFS_PYVENV=$(venv tests/endpoint_sdk/requirements.txt pyvenv azure-identity python)
 # kubernetes-validate for the manifests under deploy/kubernetes/ (tests/it/manifests.rs).
 CSTOKENFS_K8S_VENV=$(venv tests/manifests/requirements.txt k8svenv kubernetes-validate kubernetes-validate)
-export CSTOKENFS_PYVENV CSTOKENFS_K8S_VENV
+# docker's credential-store client for the credential helper (tests/it/acr.rs).
+CSTOKENFS_DOCKER_VENV=$(venv tests/acr/requirements.txt dockervenv docker python)
+export CSTOKENFS_PYVENV CSTOKENFS_K8S_VENV CSTOKENFS_DOCKER_VENV
 
 cargo test --all-targets --locked -- --test-threads=8
 

@@ -82,7 +82,7 @@ pub enum Command {
     /// refreshed before it expires and never served expired. The daemon serves every
     /// process that may reach the mount until it is unmounted.
     #[command(after_help = MORE_HELP)]
-    Mount(MountArgs),
+    Mount(Box<MountArgs>),
     /// Without FUSE: keep the declared resources' tokens as files in DIR (tmpfs or ramfs),
     /// replaced atomically, removed before they expire (detaches once written unless -f).
     ///
@@ -653,7 +653,7 @@ fn parse_protocol(s: &str) -> Result<Kind, String> {
 /// Runs the command: `Ok` is exit 0; `main` prints the error and maps it to the exit code.
 pub fn run(cli: Cli) -> Result<(), CliError> {
     match cli.command {
-        Command::Mount(args) => mount_command(args),
+        Command::Mount(args) => mount_command(*args),
         Command::Sink(args) => sink_command(args),
         Command::Get(args) => get_command(args),
         Command::Csi(args) => csi_command(args),
@@ -826,16 +826,16 @@ fn mount_command(args: MountArgs) -> Result<(), CliError> {
     // SAFETY: getuid/getgid cannot fail.
     let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
     warn_all(&mount_warnings(&args, uid, gid));
-    let wanted = args.upstream.wanted()?;
-    if let Some(addr) = args.serve_imds {
-        crate::imds::check_address(addr, wanted.source).map_err(CliError::usage)?;
-    }
     let registries = crate::acr::Registries::new(&crate::acr::Settings {
         audience: args.acr_audience.parse().map_err(CliError::usage)?,
         suffixes: args.acr_suffixes.clone(),
         endpoints: args.acr_endpoints.clone(),
     })
     .map_err(CliError::usage)?;
+    let wanted = args.upstream.wanted()?;
+    if let Some(addr) = args.serve_imds {
+        crate::imds::check_address(addr, wanted.source).map_err(CliError::usage)?;
+    }
     let policy = Policy {
         negative_ttl_ms: (args.negative_ttl as i64).saturating_mul(1000),
         max_resources: args.max_resources as usize,

@@ -94,9 +94,13 @@ pub fn docker_helper_args(mut args: Vec<OsString>) -> Vec<OsString> {
 /// standard output when it returns one.
 pub fn run(req: &HelperRequest) -> Result<(), HelperError> {
     let mut input = Vec::new();
-    // Read whatever the client sends, even for `list` (it may send nothing): a client
-    // writing to a helper that never reads would block or get EPIPE.
-    let read = std::io::stdin().take(MAX_INPUT).read_to_end(&mut input);
+    // Every action but `list` is sent input: read all of it (a client writing to a helper
+    // that never reads would block or get EPIPE). `list` is sent none and may inherit a
+    // terminal: its standard input is left alone.
+    let read = match req.action {
+        Action::List => Ok(0),
+        _ => std::io::stdin().take(MAX_INPUT).read_to_end(&mut input),
+    };
     let outcome = read
         .map_err(|e| HelperError::Failed(format!("cannot read standard input: {e}")))
         .and_then(|_| answer(req, &String::from_utf8_lossy(&input)));

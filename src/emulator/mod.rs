@@ -50,6 +50,7 @@ pub use crate::source::Kind;
 pub use claims::{TEST_TENANT_ID, TEST_USER_OBJECT_ID};
 pub use faults::echo as echo_body;
 
+mod acr;
 mod action;
 mod bodies;
 mod claims;
@@ -360,6 +361,9 @@ struct Shared {
     /// (`record_entra`); read by `Emulator::assertions_for`; cleared by
     /// `Emulator::reset_counters`.
     assertions: Mutex<HashMap<String, Vec<String>>>,
+    /// The registry side's lifetime knob, counters and records (`acr.rs`: atomics and a
+    /// lock of its own, taken alone).
+    acr: acr::AcrState,
 }
 
 /// One Arc challenge this emulator issued: the secret and the file holding it.
@@ -437,6 +441,7 @@ impl Emulator {
             identities: Mutex::new(None),
             per_identity: Mutex::new(HashMap::new()),
             assertions: Mutex::new(HashMap::new()),
+            acr: acr::AcrState::default(),
         });
         let config = httpserver::Config {
             // Longer than reqwest's 90 s pool idle timeout: a client's pooled connection is
@@ -557,6 +562,7 @@ impl Emulator {
         self.shared.per_identity.lock().clear();
         self.shared.assertions.lock().clear();
         self.shared.issued.store(0, SeqCst);
+        self.shared.acr.reset();
     }
 
     /// The user-assigned identities the IMDS and App Service protocols know, besides the
@@ -593,6 +599,31 @@ impl Emulator {
             .get(client_id)
             .cloned()
             .unwrap_or_default()
+    }
+
+    /// Lifetime of the registry refresh tokens `/oauth2/exchange` issues (default 3 hours).
+    pub fn set_acr_ttl(&self, secs: u64) {
+        self.shared.acr.set_ttl(secs);
+    }
+
+    /// `/oauth2/exchange` requests received (counted on arrival, refused or not).
+    pub fn acr_exchanges(&self) -> u64 {
+        self.shared.acr.exchanges()
+    }
+
+    /// Registry refresh tokens issued.
+    pub fn acr_refresh_tokens_issued(&self) -> u64 {
+        self.shared.acr.issued()
+    }
+
+    /// `/oauth2/token` refresh-token requests received (counted on arrival).
+    pub fn acr_token_requests(&self) -> u64 {
+        self.shared.acr.tokens()
+    }
+
+    /// The `aud` claim of each Entra token presented to `/oauth2/exchange`, in order.
+    pub fn acr_exchanged_audiences(&self) -> Vec<String> {
+        self.shared.acr.audiences()
     }
 
     /// Same as dropping the emulator.
