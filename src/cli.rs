@@ -34,7 +34,9 @@ newline), MOUNT/.json/<name>, MOUNT/.header/<name> (Authorization: Bearer ...), 
 MOUNT/.kubectl/<name> (ExecCredential v1; .kubectl-v1beta1/ v1beta1), \
 MOUNT/.git-credential/<name>, MOUNT/.claims/<name> (the JWT payload), MOUNT/.status (JSON: \
 source, identity, errors, counters), MOUNT/.env (--serve-endpoint, --serve-imds); \
-MOUNT/id/NAME/ the same tree for each --identity NAME=SELECTOR.
+MOUNT/id/NAME/ the same tree for each --identity NAME=SELECTOR; MOUNT/.acr/REGISTRY \
+(an Azure Container Registry's refresh token; REGISTRY.json: username, refresh_token, \
+expires_on; for docker: credential-helper).
 
 mount(8) and fstab: cstokenfs SOURCE MOUNTPOINT -o OPTIONS (SOURCE is the name in the \
 mount table); every long flag of mount is an -o key with _ for - \

@@ -673,7 +673,13 @@ impl Core {
             (ino, FileType::Directory, ".".to_string()),
             (parent, FileType::Directory, "..".to_string()),
         ];
-        if view == View::Raw && self.cache.registries().is_some() {
+        let listed = self.cache.listed();
+        // `.acr` is listed once it holds something (a lookup finds it always): a mount
+        // nobody reads registry credentials from lists what it always did.
+        let holds_registry = listed.iter().any(|(key, v)| {
+            key.identity == identity && v.is_some() && key.resource.registry_host().is_some()
+        });
+        if view == View::Raw && holds_registry && self.cache.registries().is_some() {
             let dir = inode::acr_dir_ino(identity);
             out.push((dir, FileType::Directory, ACR.into()));
         }
@@ -694,9 +700,7 @@ impl Core {
                 out.push((inode::ID_DIR, FileType::Directory, IDS.into()));
             }
         }
-        let mut names: Vec<(u64, String)> = self
-            .cache
-            .listed()
+        let mut names: Vec<(u64, String)> = listed
             .into_iter()
             .filter(|(key, _)| key.identity == identity)
             .filter_map(|(key, v)| {
