@@ -374,6 +374,15 @@ pub fn canonical_name(resource: &str) -> Option<String> {
     (encoded.len() <= NAME_MAX && resolve(&encoded).is_ok_and(|r| r == resource)).then_some(encoded)
 }
 
+/// The name `.status` shows for a key's resource: its [`canonical_name`], or for a
+/// registry's credentials their path under the identity's tree (`.acr/REGISTRY`).
+pub fn file_name(resource: &Resource) -> Option<String> {
+    match resource.registry_host() {
+        Some(host) => Some(format!(".acr/{host}")),
+        None => canonical_name(resource),
+    }
+}
+
 /// Escapes only what a percent-encoded file name must: `%` itself, `/` and control
 /// characters; everything else (non-ASCII included) stays as it is.
 fn escape_minimal(resource: &str) -> String {

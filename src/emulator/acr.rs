@@ -370,3 +370,117 @@ fn unsigned_jwt(claims: &Value) -> String {
         URL_SAFE_NO_PAD.encode(claims.to_string())
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::emulator::{Emulator, EmulatorConfig, TEST_TENANT_ID};
+
+    fn post(emu: &Emulator, path: &str, form: &[(&str, &str)]) -> (u16, Value) {
+        crate::source::client_tls::ensure_provider();
+        let body: String = form
+            .iter()
+            .map(|(k, v)| {
+                format!(
+                    "{k}={}",
+                    percent_encoding::utf8_percent_encode(v, percent_encoding::NON_ALPHANUMERIC)
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("&");
+        let answer = reqwest::blocking::Client::new()
+            .post(format!("http://{}{path}", emu.addr()))
+            .header("Content-Type", "application/x-www-form-urlencoded")
+            .body(body)
+            .send()
+            .unwrap();
+        let status = answer.status().as_u16();
+        let body = answer.bytes().unwrap_or_default();
+        (status, serde_json::from_slice(&body).unwrap_or(Value::Null))
+    }
+
+    fn entra(aud: &str, tid: &str, exp: u64) -> String {
+        unsigned_jwt(&json!({"aud": aud, "tid": tid, "exp": exp, "oid": "o"}))
+    }
+
+    #[test]
+    fn the_exchange_checks_audience_tenant_and_expiry_and_the_token_its_refresh_token() {
+        let emu =
+            Emulator::start("127.0.0.1:0".parse().unwrap(), EmulatorConfig::default()).unwrap();
+        emu.set_acr_ttl(600);
+        let later = now_secs() + 600;
+        let exchange = |token: &str, tenant: &str| {
+            post(
+                &emu,
+                "/oauth2/exchange",
+                &[
+                    ("grant_type", "access_token"),
+                    ("service", "r.azurecr.io"),
+                    ("tenant", tenant),
+                    ("access_token", token),
+                ],
+            )
+        };
+        let t = TEST_TENANT_ID;
+        for (token, tenant, want) in [
+            (entra("https://vault.azure.net", t, later), t, 401),
+            (
+                entra("https://management.azure.com/", "other", later),
+                t,
+                401,
+            ),
+            (entra("https://management.azure.com/", t, 1), t, 401),
+            (entra("https://management.azure.com/", t, later), "", 400),
+        ] {
+            let (status, body) = exchange(&token, tenant);
+            assert_eq!(status, want, "{body}");
+            assert!(body["errors"][0]["code"].is_string(), "{body}");
+        }
+        let (status, body) = exchange(&entra("https://containerregistry.azure.net/", t, later), t);
+        assert_eq!(status, 200, "{body}");
+        let refresh = body["refresh_token"].as_str().unwrap().to_string();
+        let claims = decode_claims(&refresh).unwrap();
+        assert_eq!(claims["aud"], "r.azurecr.io");
+        let exp = claims["exp"].as_u64().unwrap();
+        assert!(
+            (now_secs() + 590..=now_secs() + 600).contains(&exp),
+            "{exp}"
+        );
+        assert_eq!(emu.acr_exchanges(), 5);
+        assert_eq!(emu.acr_refresh_tokens_issued(), 1);
+
+        let token = |service: &str, refresh: &str| {
+            post(
+                &emu,
+                "/oauth2/token",
+                &[
+                    ("grant_type", "refresh_token"),
+                    ("service", service),
+                    ("scope", "repository:a/b:pull,push"),
+                    ("refresh_token", refresh),
+                ],
+            )
+        };
+        let (status, body) = token("r.azurecr.io", &refresh);
+        assert_eq!(status, 200, "{body}");
+        let access = decode_claims(body["access_token"].as_str().unwrap()).unwrap();
+        assert_eq!(
+            access["access"],
+            json!([{"type": "repository", "name": "a/b", "actions": ["pull", "push"]}])
+        );
+        assert_eq!(token("s.azurecr.io", &refresh).0, 401, "another registry's");
+        let forged = entra("r.azurecr.io", t, later);
+        assert_eq!(token("r.azurecr.io", &forged).0, 401, "not issued here");
+        // A Cloud Shell request on the same path is still the token protocol's.
+        let (status, body) = post(
+            &emu,
+            "/oauth2/token",
+            &[("resource", "https://management.azure.com/")],
+        );
+        assert!(
+            status == 400 || body["access_token"].is_string(),
+            "{status} {body}"
+        );
+        assert_eq!(emu.acr_token_requests(), 3);
+    }
+}

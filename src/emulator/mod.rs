@@ -10,7 +10,9 @@
 //! HTTP is [`crate::httpserver`] (hyper 1.x on one thread, bounded connections, per-request
 //! idle limits); this module routes and answers (`protocol.rs`) and builds the faults hyper
 //! cannot produce as raw bytes (`faults.rs`: no answer, HTTP/0.9, a bad status line or
-//! Content-Length, an oversized head, a huge, slow or endless body). `action.rs` is the
+//! Content-Length, an oversized head, a huge, slow or endless body). `acr.rs` serves Azure
+//! Container Registry's side (`/oauth2/exchange`, `/oauth2/token` with a refresh token, the
+//! `/v2/` challenge) beside every protocol. `action.rs` is the
 //! leaf the others share: the `Action` a request gets and the answers common to
 //! every protocol; imports between these files go one way only (no file imports one that
 //! imports it back).
@@ -20,8 +22,9 @@
 //! The state requests and knobs share is `Shared`: atomics for numbers and switches, and a
 //! `parking_lot::Mutex` of its own for each other mutable field (`faults`, `sticky`,
 //! `cache`, `per_resource`, `stopped` with `stop_cv`, `arc_key_dir`, `arc_keys`,
-//! `last_params`, `entra`, `identities`, `per_identity`, `assertions`). Each lock is taken for a short step and released: no guard
-//! lives across an `.await` (the handler's future is `Send`; the guards are not), and only
+//! `last_params`, `entra`, `identities`, `per_identity`, `assertions`, and the registry
+//! side's list of audiences in `acr`, taken alone). Each lock is taken for a short step and
+//! released: no guard lives across an `.await` (the handler's future is `Send`; the guards are not), and only
 //! one pair is ever held together: `entra::handle` takes `sticky` while it holds `faults`
 //! (in that order; nothing takes them the other way round). `cache` is held while a token
 //! is minted (atomics only, no other lock); `arc_keys` while key files are removed. The

@@ -106,8 +106,9 @@ fn one_exchange_per_lifetime_for_any_number_of_readers_and_the_arm_fallback() {
             .any(|n| n.contains("acr%3A") || n.contains("azurecr")),
         "{top:?}"
     );
-    let status = String::from_utf8(m.read(".status").unwrap()).unwrap();
-    assert!(status.contains(&format!("acr:{REG}")), "{status}");
+    let entry = resource_entry(&m.status(), &format!("acr:{REG}"));
+    assert_eq!(entry["name"], format!(".acr/{REG}"), "{entry}");
+    assert_eq!(entry["expires_on"], c["exp"], "{entry}");
     assert_no_token(&m.leak_surface(), &raw, "log and .status");
 }
 
