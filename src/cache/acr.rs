@@ -19,6 +19,7 @@ use log::{debug, info};
 use parking_lot::Mutex;
 use std::collections::HashSet;
 use std::sync::{Arc, OnceLock};
+use zeroize::Zeroizing;
 
 /// The registries a daemon serves and what it learnt of its upstream.
 #[derive(Default)]
@@ -29,6 +30,10 @@ pub(super) struct AcrSide {
     /// then on (Cloud Shell's allowlist does not change while it runs).
     refused: Mutex<HashSet<IdentityId>>,
 }
+
+/// The least lifetime a held Entra token must have left to be exchanged: one about to expire
+/// could be refused by the registry (EACCES, negative-cached) on its way there.
+const MIN_LEFT_MS: i64 = 60_000;
 
 /// What a fetch of a registry's key gives: the refresh token, and the upstream and
 /// registry requests it took.
@@ -64,7 +69,9 @@ impl Cache {
             Ok(v) => v,
             Err(e) => return Some((Err(e), calls)),
         };
-        let token = std::str::from_utf8(entra.token()).unwrap_or_default();
+        // Registered while it is used, so no echo of it reaches a log (it may not be held).
+        let _known = crate::known::remember(&entra);
+        let token = entra.as_str();
         let tenant = tenant_of(token);
         let mut attempt = 0;
         let result = loop {
@@ -97,16 +104,17 @@ impl Cache {
         Some((result, calls))
     }
 
-    /// The identity's Entra token to exchange at `host`: a valid one this cache holds, else
-    /// one fetched now (and held, so `MOUNT/management.azure.com` shares it). When the
-    /// upstream refuses the registry audience, the ARM one.
+    /// The identity's Entra token to exchange at `host`: one this cache holds with at least
+    /// [`MIN_LEFT_MS`] to live, else one fetched now (and held when nothing valid is, so
+    /// `MOUNT/management.azure.com` shares it). When the upstream refuses the registry
+    /// audience, the ARM one.
     fn entra_token_for(
         &self,
         job: &Job,
         source: &dyn Source,
         exchanger: &Exchanger,
         host: &str,
-    ) -> (Result<Arc<Version>, SourceError>, u64) {
+    ) -> (Result<Zeroizing<String>, SourceError>, u64) {
         let identity = job.key.identity;
         let refused = self.acr.refused.lock().contains(&identity);
         let audiences = exchanger.registries().audiences(host, refused);
@@ -115,7 +123,8 @@ impl Cache {
         for (i, audience) in audiences.iter().enumerate() {
             let key = Key::new(identity, audience.clone());
             if let Some(v) = self.held(&key) {
-                return (Ok(v), calls);
+                let text = Zeroizing::new(String::from_utf8_lossy(v.token()).into_owned());
+                return (Ok(text), calls);
             }
             let (result, n) = self
                 .upstream
@@ -123,15 +132,10 @@ impl Cache {
             calls += n;
             match result {
                 Ok(token) => {
-                    return match self.adopt(&key, token) {
-                        Some(v) => (Ok(v), calls),
-                        None => (
-                            Err(SourceError::BadResponse(
-                                "the endpoint issued a token that is already expired".into(),
-                            )),
-                            calls,
-                        ),
-                    }
+                    let text = token.access_token.clone();
+                    // Held for the mount's readers too, unless a valid one is held already.
+                    let _ = self.adopt(&key, token);
+                    return (Ok(text), calls);
                 }
                 Err(e) if e.failure() == Failure::Refused && i + 1 < audiences.len() => {
                     info!(
@@ -148,7 +152,8 @@ impl Cache {
         (Err(last), calls)
     }
 
-    /// The valid version `key` holds now, without counting a read.
+    /// The valid version `key` holds now with at least [`MIN_LEFT_MS`] to live, without
+    /// counting a read.
     fn held(&self, key: &Key) -> Option<Arc<Version>> {
         let now = self.clock.now();
         self.state
@@ -156,5 +161,6 @@ impl Cache {
             .entries
             .get(key)
             .and_then(|e| e.valid(now).cloned())
+            .filter(|v| v.expires_on.saturating_sub(now) >= MIN_LEFT_MS)
     }
 }
