@@ -212,6 +212,36 @@ fn a_refused_exchange_is_eacces_negative_cached_and_shows_no_token() {
 }
 
 #[test]
+fn a_failing_registry_is_retried_and_nonsense_is_eio() {
+    need_fuse!();
+    let (_entra, reg, m) = setup(&["--no-open"], &["garbage.azurecr.io"]);
+    // Transient: retried within the same read.
+    reg.push_fault(Fault::Status {
+        code: 503,
+        body: "{}".into(),
+        retry_after: None,
+    });
+    reg.push_fault(Fault::Reset);
+    let raw = m
+        .read(&format!(".acr/{REG}"))
+        .expect("served after the retries");
+    assert_eq!(reg.acr_exchanges(), 3);
+    assert_eq!(claims(&raw)["aud"], REG);
+    // Nonsense is not retried: EIO, and the next read asks again (no negative cache).
+    reg.push_fault(Fault::Garbage);
+    reg.push_fault(Fault::EmptyAccessToken);
+    for _ in 0..2 {
+        let e = m.read_err(".acr/garbage.azurecr.io");
+        assert_eq!(e.raw_os_error(), Some(libc::EIO), "{e}");
+    }
+    assert_eq!(reg.acr_exchanges(), 5);
+    let log = m
+        .wait_log("no refresh_token", Duration::from_secs(5))
+        .expect("the reason in the log");
+    assert_no_token(&log, &raw, "the log");
+}
+
+#[test]
 fn a_name_that_is_no_azure_registry_is_enoent_with_no_request() {
     need_fuse!();
     let (entra, reg, m) = setup(
