@@ -2,7 +2,9 @@
 //! whatever may fetch goes through the cache, which answers on its own thread. `fuse` is the
 //! thin adapter to fuser. The top holds the mount's own identity's tokens; with
 //! `--identity`, `id/NAME/` holds each declared identity's, the same tree (no `.status`,
-//! `.env`), its directories' inodes apart (`inode::identity_dir_ino`).
+//! `.env`), its directories' inodes apart (`inode::identity_dir_ino`). `.acr/` (at the top
+//! and under `id/NAME/`) holds registry credentials: only names the registry rules allow
+//! reach the cache (`Core::registry_key`), as keys of their own (`Resource::registry`).
 //!
 //! # Locks
 //!
