@@ -65,6 +65,8 @@ install -d "$stage/usr/bin" "$stage/usr/share/man/man1" \
 install -m 0755 "$bin" "$stage/usr/bin/cstokenfs"
 strip --strip-unneeded "$stage/usr/bin/cstokenfs"
 packaged=$stage/usr/bin/cstokenfs
+# The name docker runs its credential helper by (the binary dispatches on it).
+ln -s cstokenfs "$stage/usr/bin/docker-credential-cstokenfs"
 "$packaged" --version >/dev/null || die "the binary does not run here"
 "$packaged" man --dir "$work/man"
 for page in "$work"/man/*.1; do
@@ -119,6 +121,7 @@ top=cstokenfs-${version}-x86_64-linux-gnu
 tree=$work/tar/$top
 install -d "$tree/man/man1" "$tree/completions"
 cp "$stage/usr/bin/cstokenfs" "$tree/cstokenfs"
+ln -s cstokenfs "$tree/docker-credential-cstokenfs"
 cp "$work"/man/*.1 "$tree/man/man1/"
 cp "$stage/usr/share/bash-completion/completions/cstokenfs" "$tree/completions/cstokenfs.bash"
 cp "$stage/usr/share/zsh/vendor-completions/_cstokenfs" "$tree/completions/_cstokenfs"

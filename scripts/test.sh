@@ -88,7 +88,9 @@ if [ ! -x "$promtool_dir/usr/bin/promtool" ] && command -v apt-get >/dev/null 2>
   rm -rf "$promtool_dir.tmp"
 fi
 if [ -x "$promtool_dir/usr/bin/promtool" ]; then export CSTOKENFS_PROMTOOL="$promtool_dir/usr/bin/promtool"; fi
-export CSTOKENFS_PYVENV CSTOKENFS_K8S_VENV CSTOKENFS_PROM_VENV
+# docker's credential-store client for the credential helper (tests/it/acr.rs).
+CSTOKENFS_DOCKER_VENV=$(venv tests/acr/requirements.txt dockervenv docker python)
+export CSTOKENFS_PYVENV CSTOKENFS_K8S_VENV CSTOKENFS_PROM_VENV CSTOKENFS_DOCKER_VENV
 
 cargo test --all-targets --locked -- --test-threads=8
 

@@ -34,7 +34,9 @@ newline), MOUNT/.json/<name>, MOUNT/.header/<name> (Authorization: Bearer ...), 
 MOUNT/.kubectl/<name> (ExecCredential v1; .kubectl-v1beta1/ v1beta1), \
 MOUNT/.git-credential/<name>, MOUNT/.claims/<name> (the JWT payload), MOUNT/.status (JSON: \
 source, identity, errors, counters), MOUNT/.env (--serve-endpoint, --serve-imds); \
-MOUNT/id/NAME/ the same tree for each --identity NAME=SELECTOR.
+MOUNT/id/NAME/ the same tree for each --identity NAME=SELECTOR; MOUNT/.acr/REGISTRY \
+(an Azure Container Registry's refresh token; REGISTRY.json: username, refresh_token, \
+expires_on; for docker: credential-helper).
 
 mount(8) and fstab: cstokenfs SOURCE MOUNTPOINT -o OPTIONS (SOURCE is the name in the \
 mount table); every long flag of mount is an -o key with _ for - \
@@ -82,7 +84,7 @@ pub enum Command {
     /// refreshed before it expires and never served expired. The daemon serves every
     /// process that may reach the mount until it is unmounted.
     #[command(after_help = MORE_HELP)]
-    Mount(MountArgs),
+    Mount(Box<MountArgs>),
     /// Without FUSE: keep the declared resources' tokens as files in DIR (tmpfs or ramfs),
     /// replaced atomically, removed before they expire (detaches once written unless -f).
     ///
@@ -108,6 +110,14 @@ pub enum Command {
     /// for trying the mount and the SDKs without Azure.
     #[command(after_help = MORE_HELP)]
     Emulator(EmulatorArgs),
+    /// Docker credential helper: registry credentials from the mount's .acr/ files.
+    ///
+    /// Docker's credential-helper protocol (get, list, store, erase) over
+    /// MOUNT/.acr/REGISTRY, so every docker, buildx, podman or skopeo process shares the
+    /// daemon's cache; also run as `docker-credential-cstokenfs` (a symlink): name it in
+    /// ~/.docker/config.json's credHelpers ("myregistry.azurecr.io": "cstokenfs").
+    #[command(after_help = MORE_HELP)]
+    CredentialHelper(CredentialHelperArgs),
     /// Print a shell completion script for bash, zsh or fish on stdout.
     Completions(CompletionsArgs),
     /// Print the main man page (roff) on stdout, or write every page into a directory.
@@ -133,6 +143,21 @@ pub struct ManArgs {
     /// made if missing, instead of printing the main page.
     #[arg(long, value_name = "DIR", value_hint = ValueHint::DirPath)]
     pub dir: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+pub struct CredentialHelperArgs {
+    /// The protocol's action: get (server URL on stdin; prints the credentials), list,
+    /// store or erase (both accepted, without effect).
+    #[arg(value_name = "ACTION", value_parser = ["get", "list", "store", "erase"])]
+    pub action: String,
+    /// The cstokenfs mount to read [default: $CSTOKENFS_MOUNT, else /run/cstoken].
+    #[arg(long, value_name = "DIR", value_hint = ValueHint::DirPath)]
+    pub mount: Option<PathBuf>,
+    /// Read MOUNT/id/NAME/.acr/ (a declared identity's) [default: $CSTOKENFS_IDENTITY,
+    /// else the mount's own identity].
+    #[arg(long, value_name = "NAME")]
+    pub identity: Option<String>,
 }
 
 #[derive(Args, Debug)]
@@ -401,6 +426,19 @@ pub struct MountArgs {
     /// The name shown as the source in the mount table (SOURCE in the mount(8) form).
     #[arg(long, value_name = "NAME", default_value = "cstokenfs")]
     pub fsname: String,
+    /// The Entra token exchanged for MOUNT/.acr/REGISTRY: registry
+    /// (https://containerregistry.azure.net/, the ARM token when the endpoint refuses it)
+    /// or management (the ARM token).
+    #[arg(long, value_name = "AUDIENCE", default_value = "registry", value_parser = ["registry", "management"])]
+    pub acr_audience: String,
+    /// One more registry host suffix an Entra token may be sent to, besides .azurecr.io,
+    /// .azurecr.cn, .azurecr.us and .azurecr.de (repeatable).
+    #[arg(long = "acr-suffix", value_name = "SUFFIX")]
+    pub acr_suffixes: Vec<String>,
+    /// Reach registry REGISTRY at this loopback URL instead of https://REGISTRY (tests, an
+    /// emulator; repeatable).
+    #[arg(long = "acr-endpoint", value_name = "REGISTRY=URL")]
+    pub acr_endpoints: Vec<String>,
 }
 
 #[derive(Args, Debug)]
@@ -633,11 +671,12 @@ fn parse_protocol(s: &str) -> Result<Kind, String> {
 /// Runs the command: `Ok` is exit 0; `main` prints the error and maps it to the exit code.
 pub fn run(cli: Cli) -> Result<(), CliError> {
     match cli.command {
-        Command::Mount(args) => mount_command(args),
+        Command::Mount(args) => mount_command(*args),
         Command::Sink(args) => sink_command(args),
         Command::Get(args) => get_command(args),
         Command::Csi(args) => csi_command(args),
         Command::Emulator(args) => emulator_command(args),
+        Command::CredentialHelper(args) => credential_helper_command(args),
         Command::Completions(args) => completion::command(&args.shell),
         Command::Man(args) => manual::command(args.dir.as_deref()),
     }
@@ -805,6 +844,12 @@ fn mount_command(args: MountArgs) -> Result<(), CliError> {
     // SAFETY: getuid/getgid cannot fail.
     let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
     warn_all(&mount_warnings(&args, uid, gid));
+    let registries = crate::acr::Registries::new(&crate::acr::Settings {
+        audience: args.acr_audience.parse().map_err(CliError::usage)?,
+        suffixes: args.acr_suffixes.clone(),
+        endpoints: args.acr_endpoints.clone(),
+    })
+    .map_err(CliError::usage)?;
     let wanted = args.upstream.wanted()?;
     if let Some(addr) = args.serve_imds {
         crate::imds::check_address(addr, wanted.source).map_err(CliError::usage)?;
@@ -835,8 +880,20 @@ fn mount_command(args: MountArgs) -> Result<(), CliError> {
         serve_endpoint: args.serve_endpoint,
         serve_imds: args.serve_imds,
         metrics: args.metrics.metrics,
+        registries,
     };
     Ok(mount::run(request)?)
+}
+
+/// `credential-helper`: its message is on standard output already when it fails (the
+/// protocol's), so the failure is `Reported` (exit 1, nothing more printed).
+fn credential_helper_command(args: CredentialHelperArgs) -> Result<(), CliError> {
+    let request = crate::acr::helper::HelperRequest {
+        action: args.action.parse().map_err(CliError::usage)?,
+        mount: args.mount,
+        identity: args.identity,
+    };
+    crate::acr::helper::run(&request).map_err(|_| CliError::Reported)
 }
 
 fn sink_command(args: SinkArgs) -> Result<(), CliError> {

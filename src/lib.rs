@@ -7,7 +7,9 @@
 //! (`--serve-endpoint`), `imds` (`--serve-imds`), `csi` (the Kubernetes CSI node plugin:
 //! a tmpfs per pod's volume) -> `daemon` (the core they share: the cache and its background
 //! pass, signals, detaching, the log file) -> `cache` (single-flight fetches; decisions
-//! from `policy`) -> `source` (one file per upstream) ; `emulator` is a stand-in upstream
+//! from `policy`) -> `source` (one file per upstream) and `acr` (container registry
+//! credentials: which names are registries, the exchange over `source`'s HTTP client, and
+//! the Docker credential helper, a front end that only reads a mount's files) ; `emulator` is a stand-in upstream
 //! for demos and tests, served by `httpserver` (hyper, loopback only), which a front end
 //! starts with `--emulator` (`stand_in`) and hands to the core as a URL in the plan. `net`
 //! holds the loopback rules that `httpserver` and `source` share; `access` (owner and
@@ -16,6 +18,7 @@
 //! readers the front ends share.
 
 mod access;
+mod acr;
 mod audit;
 mod cache;
 mod civil;
@@ -51,6 +54,7 @@ mod writer;
 // The public API: what the binary runs and what the test suites drive. Everything else is
 // private to the crate. `emulator` (a test tool) and `testing` (fakes) are public modules.
 pub use access::Access;
+pub use acr::helper::docker_helper_args;
 pub use cache::Cache;
 pub use cli::{run, Cli, CliError};
 /// The CSI messages and gRPC clients, for the tests' kubelet stand-in.

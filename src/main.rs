@@ -13,8 +13,9 @@ const EXIT_USAGE: u8 = 2;
 
 fn main() -> ExitCode {
     // A usage error is clap's message and exit code 2, whether from `-o` or the flags.
-    let args = cstokenfs::rewrite(&Cli::command(), std::env::args_os().collect())
-        .unwrap_or_else(|e| e.exit());
+    // Run as `docker-credential-cstokenfs ACTION`: the credential helper.
+    let args = cstokenfs::docker_helper_args(std::env::args_os().collect());
+    let args = cstokenfs::rewrite(&Cli::command(), args).unwrap_or_else(|e| e.exit());
     match cstokenfs::run(Cli::parse_from(args)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -34,6 +34,22 @@ impl Resource {
         self.0.clone()
     }
 
+    /// The key of a container registry's credentials (`.acr/REGISTRY`): `acr:` and the
+    /// registry's host, lower case. No other rule of this module can produce it (it is
+    /// neither a URI nor a GUID nor a host name), so no file name, `get` argument or SDK
+    /// query reaches a registry's entry, and the top listing never shows one
+    /// (`canonical_name` finds no name for it). Which hosts are registries is
+    /// `crate::acr`'s rule; this only checks that `host` is a DNS name.
+    pub fn registry(host: &str) -> Option<Resource> {
+        let host = host.strip_suffix('.').unwrap_or(host).to_ascii_lowercase();
+        is_dns_name(&host).then(|| Resource::new(format!("{REGISTRY_PREFIX}{host}")))
+    }
+
+    /// The registry host of a registry's key ([`Resource::registry`]), else `None`.
+    pub fn registry_host(&self) -> Option<&str> {
+        self.0.strip_prefix(REGISTRY_PREFIX)
+    }
+
     /// Any string as a resource, for unit tests that need no name rules.
     #[cfg(test)]
     pub(crate) fn for_test(resource: &str) -> Resource {
@@ -90,6 +106,9 @@ impl From<Resource> for String {
         r.0.to_string()
     }
 }
+
+/// What starts a registry's key ([`Resource::registry`]).
+const REGISTRY_PREFIX: &str = "acr:";
 
 /// A scope names its resource: `resource` without every trailing `/.default`. The one
 /// place a scope is stripped.
@@ -355,6 +374,15 @@ pub fn canonical_name(resource: &str) -> Option<String> {
     (encoded.len() <= NAME_MAX && resolve(&encoded).is_ok_and(|r| r == resource)).then_some(encoded)
 }
 
+/// The name `.status` shows for a key's resource: its [`canonical_name`], or for a
+/// registry's credentials their path under the identity's tree (`.acr/REGISTRY`).
+pub fn file_name(resource: &Resource) -> Option<String> {
+    match resource.registry_host() {
+        Some(host) => Some(format!(".acr/{host}")),
+        None => canonical_name(resource),
+    }
+}
+
 /// Escapes only what a percent-encoded file name must: `%` itself, `/` and control
 /// characters; everything else (non-ASCII included) stays as it is.
 fn escape_minimal(resource: &str) -> String {
@@ -545,6 +573,24 @@ mod tests {
             resolve_arg("https://a\nb"),
             Err(NameError::ControlCharacter)
         );
+    }
+
+    #[test]
+    fn registry_keys_are_out_of_reach_of_every_other_rule() {
+        let r = Resource::registry("MyRegistry.AzureCR.io.").unwrap();
+        assert_eq!(r.registry_host(), Some("myregistry.azurecr.io"));
+        assert_eq!(canonical_name(&r), None);
+        for text in [r.as_str(), "acr%3Amyregistry.azurecr.io"] {
+            assert!(resolve(text).is_err(), "{text}");
+            assert!(resolve_arg(text).is_err(), "{text}");
+            assert!(resolve_query(text).is_err(), "{text}");
+        }
+        assert_eq!(
+            resolve("myregistry.azurecr.io").unwrap().registry_host(),
+            None
+        );
+        assert!(Resource::registry("not a host").is_none());
+        assert!(Resource::registry("localhost").is_none());
     }
 
     #[test]

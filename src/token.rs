@@ -130,7 +130,11 @@ impl Version {
         schedule: Schedule,
     ) -> Version {
         let raw = Zeroizing::new(token.access_token.as_bytes().to_vec());
-        let json = render_json(token, &key.resource);
+        // A registry's credentials (`.acr/REGISTRY.json`) have docker's shape instead.
+        let json = match key.resource.registry_host() {
+            Some(_) => render_registry_json(token),
+            None => render_json(token, &key.resource),
+        };
         let header = wrap(b"Authorization: Bearer ", &raw, b"\n");
         let kubectl = render_exec_credential(EXEC_V1, &token.access_token, token.expires_on);
         let kubectl_v1beta1 =
@@ -231,6 +235,26 @@ fn render_json(token: &Token, resource: &str) -> Zeroizing<Vec<u8>> {
     );
     let _ = serde_json::to_writer(&mut *buf, resource);
     buf.extend_from_slice(b"}\n");
+    out
+}
+
+/// The user name a registry's refresh token goes with (ACR's documented one for tokens
+/// from its `/oauth2/exchange`).
+pub const REGISTRY_USERNAME: &str = "00000000-0000-0000-0000-000000000000";
+
+/// `.acr/REGISTRY.json`: `{"username","refresh_token","expires_on"}` and a newline.
+fn render_registry_json(token: &Token) -> Zeroizing<Vec<u8>> {
+    let worst = 6 * token.access_token.len() + 128;
+    let mut out = Zeroizing::new(Vec::with_capacity(worst));
+    let buf: &mut Vec<u8> = &mut out;
+    buf.extend_from_slice(
+        format!("{{\"username\":\"{REGISTRY_USERNAME}\",\"refresh_token\":").as_bytes(),
+    );
+    // Writing JSON strings into a Vec cannot fail.
+    let _ = serde_json::to_writer(&mut *buf, token.access_token.as_str());
+    buf.extend_from_slice(
+        format!(",\"expires_on\":{}}}\n", token.expires_on.div_euclid(1000)).as_bytes(),
+    );
     out
 }
 

@@ -147,6 +147,8 @@ pub struct Meters {
     pub upstream_retries: Counter,
     /// Upstream requests by identity, outcome and status: a leaf lock.
     requests: Mutex<BTreeMap<IdentityId, RequestCounts>>,
+    /// Registry exchanges (`.acr/`) by identity, outcome and status: a leaf lock.
+    exchanges: Mutex<BTreeMap<IdentityId, RequestCounts>>,
 }
 
 /// Bounds of the latency histograms, seconds: from a cached answer to `--timeout`.
@@ -165,6 +167,7 @@ impl Default for Meters {
             upstream_latency: Histogram::new(LATENCY_BUCKETS),
             upstream_retries: Counter::default(),
             requests: Mutex::new(BTreeMap::new()),
+            exchanges: Mutex::new(BTreeMap::new()),
         }
     }
 }
@@ -183,25 +186,44 @@ impl Meters {
         took: Duration,
     ) {
         self.upstream_latency.observe(took.as_secs_f64());
-        *self
-            .requests
-            .lock()
-            .entry(identity)
-            .or_default()
-            .entry((outcome, status))
-            .or_default() += 1;
+        count(&self.requests, identity, (outcome, status));
     }
 
-    /// Every identity's request counts (a copy).
+    /// One registry exchange of `identity` (`.acr/`) that ended as `outcome`.
+    pub(super) fn exchange(&self, identity: IdentityId, outcome: (Outcome, Option<u16>)) {
+        count(&self.exchanges, identity, outcome);
+    }
+
+    /// Every identity's upstream request counts (a copy).
     pub fn requests(&self) -> Vec<(IdentityId, RequestCounts)> {
-        let requests = self.requests.lock();
-        requests.iter().map(|(id, c)| (*id, c.clone())).collect()
+        copy(&self.requests)
     }
 
-    /// An identity removed at run time: its request series go with it.
+    /// Every identity's registry exchange counts (a copy).
+    pub fn exchanges(&self) -> Vec<(IdentityId, RequestCounts)> {
+        copy(&self.exchanges)
+    }
+
+    /// An identity removed at run time: its series go with it.
     pub(super) fn forget_identity(&self, identity: IdentityId) {
         self.requests.lock().remove(&identity);
+        self.exchanges.lock().remove(&identity);
     }
+}
+
+type ByIdentity = Mutex<BTreeMap<IdentityId, RequestCounts>>;
+
+fn count(map: &ByIdentity, identity: IdentityId, outcome: (Outcome, Option<u16>)) {
+    *map.lock()
+        .entry(identity)
+        .or_default()
+        .entry(outcome)
+        .or_default() += 1;
+}
+
+fn copy(map: &ByIdentity) -> Vec<(IdentityId, RequestCounts)> {
+    let map = map.lock();
+    map.iter().map(|(id, c)| (*id, c.clone())).collect()
 }
 
 #[cfg(test)]

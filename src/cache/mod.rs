@@ -19,6 +19,7 @@
 //!   lock of the identities added at run time (`identities.rs`): taken under `state` to
 //!   name a key in a log line, and it takes nothing.
 
+mod acr;
 mod entry;
 mod gauges;
 mod identities;
@@ -37,7 +38,7 @@ use entry::{shrink, Entry, Failures, Refusal, Refusals};
 pub use gauges::KeyGauge;
 pub use identities::{Identities, NotDeclared, Query, IMDS_PARAMS};
 use log::{debug, info, warn};
-pub use meters::{FrontEnd, Meters};
+pub use meters::{FrontEnd, Meters, RequestCounts};
 use parking_lot::{Condvar, Mutex};
 use pool::{Job, Pool, Pushed};
 pub use status::Status;
@@ -226,6 +227,9 @@ pub struct Cache {
     /// What `--metrics` counts as it happens (atomics and leaf locks of its own, see
     /// `meters.rs`): counted by readers, the fetch workers and the front ends.
     meters: Meters,
+    /// The registries served (`.acr/`) and what was learnt of their exchanges
+    /// (`acr.rs`; its own lock, a leaf).
+    acr: acr::AcrSide,
 }
 
 impl Drop for Cache {
@@ -279,6 +283,7 @@ impl Cache {
             stopped: Mutex::new(false),
             generation: AtomicU64::new(0),
             meters: Meters::default(),
+            acr: acr::AcrSide::default(),
         })
     }
 
@@ -877,12 +882,15 @@ impl Cache {
     fn ask(&self, job: &Job) -> (Result<Arrival, SourceError>, u64) {
         let mut calls = 0;
         loop {
-            let (result, n) = match self.identities.source(job.key.identity) {
-                Some(source) => {
+            let registry = self.fetch_registry(job);
+            let (result, n) = match (registry, self.identities.source(job.key.identity)) {
+                // A registry's key: exchanged, not asked of the source (`acr.rs`).
+                (Some(fetched), _) => fetched,
+                (None, Some(source)) => {
                     self.upstream
                         .fetch(&*source, &job.key, job.deadline, job.refresh, &self.meters)
                 }
-                None => (
+                (None, None) => (
                     Err(SourceError::Credential(format!(
                         "{}: not an identity of this daemon",
                         job.key

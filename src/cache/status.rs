@@ -126,7 +126,7 @@ impl Cache {
                         .map(|(m, at)| (m.clone(), *at))
                         .or_else(|| refusal.map(|x| (x.message().to_string(), x.at)));
                     ResourceStatus {
-                        name: crate::names::canonical_name(&k.resource),
+                        name: crate::names::file_name(&k.resource),
                         resource: k.resource.to_string(),
                         state: e.state(now, refusal),
                         declared: e.declared,
@@ -151,7 +151,7 @@ impl Cache {
                     (
                         k.identity,
                         ResourceStatus {
-                            name: crate::names::canonical_name(&k.resource),
+                            name: crate::names::file_name(&k.resource),
                             resource: k.resource.to_string(),
                             state: x.state(),
                             declared: false,

@@ -215,8 +215,24 @@ fn exit_status(sub: Option<&str>) -> Vec<Para> {
         Some("get") => "The token (or the view asked for) was printed.",
         Some("csi") => "Stopped by SIGTERM or SIGINT (the volumes stay mounted).",
         Some("emulator") => "Stopped by SIGTERM or SIGINT.",
+        Some("credential-helper") => {
+            "The credentials were printed (get, list), or the input was read (store, erase)."
+        }
         _ => "Done (also for --help and --version).",
     };
+    if sub == Some("credential-helper") {
+        return vec![
+            tag("0", ok),
+            tag(
+                "1",
+                "No credentials: its message on standard output, as the protocol wants \
+                 (credentials not found in native keychain: a registry the mount does not \
+                 serve, and docker pulls anonymously; else what went wrong: no mount, access \
+                 denied, no credentials in time).",
+            ),
+            tag("2", "A usage error: an unknown action or flag."),
+        ];
+    }
     vec![
         tag("0", ok),
         tag(
@@ -314,6 +330,13 @@ fn environment(sub: Option<&str>) -> Vec<Para> {
             rust_log("info"),
         ],
         Some("emulator") => vec![rust_log("info")],
+        Some("credential-helper") => vec![
+            tag(
+                "CSTOKENFS_MOUNT",
+                "The default of --mount (else /run/cstoken): docker passes no arguments.",
+            ),
+            tag("CSTOKENFS_IDENTITY", "The default of --identity."),
+        ],
         Some(_) => vec![],
         None => {
             let mut v = vec![text(
@@ -408,10 +431,28 @@ fn view_files(root: &str) -> Vec<Para> {
     v
 }
 
+/// The registry credentials under MOUNT.
+fn registry_files() -> Vec<Para> {
+    vec![
+        tag(
+            "MOUNT/.acr/REGISTRY",
+            "An Azure Container Registry's refresh token (REGISTRY: a host such as \
+             myregistry.azurecr.io), exchanged with the mount's identity; MOUNT/id/NAME/.acr/ \
+             with a declared identity's.",
+        ),
+        tag(
+            "MOUNT/.acr/REGISTRY.json",
+            "username (00000000-0000-0000-0000-000000000000), refresh_token, expires_on, and a \
+             newline.",
+        ),
+    ]
+}
+
 fn files(sub: Option<&str>) -> Vec<Para> {
     match sub {
         Some("mount") => {
             let mut v = view_files("MOUNT");
+            v.extend(registry_files());
             v.push(tag(
                 "MOUNT/.env",
                 "With --serve-endpoint or --serve-imds: the variables the SDKs read to use them.",
@@ -440,6 +481,16 @@ fn files(sub: Option<&str>) -> Vec<Para> {
             v.push(tag(
                 "DIR/.cstokenfs-sink.lock",
                 "Held while a sink runs: a second sink on DIR fails.",
+            ));
+            v
+        }
+        Some("credential-helper") => {
+            let mut v = registry_files();
+            v.push(tag(
+                "~/.docker/config.json",
+                "{\"credHelpers\": {\"myregistry.azurecr.io\": \"cstokenfs\"}} makes docker \
+                 run docker-credential-cstokenfs (a symlink to cstokenfs) for that registry; \
+                 podman, buildah and skopeo read the same key in containers' auth.json.",
             ));
             v
         }
@@ -524,6 +575,16 @@ fn examples(sub: Option<&str>) -> Vec<Para> {
                 "App Service's protocol; prints IDENTITY_ENDPOINT and IDENTITY_HEADER to paste.",
             ),
         ],
+        Some("credential-helper") => vec![
+            e(
+                "ln -s /usr/bin/cstokenfs /usr/local/bin/docker-credential-cstokenfs",
+                "The name docker runs (docker-credential-<credHelpers value>).",
+            ),
+            e(
+                "echo myregistry.azurecr.io | cstokenfs credential-helper get",
+                "What docker asks: the JSON with ServerURL, Username and Secret.",
+            ),
+        ],
         Some("completions") => vec![
             e(
                 "cstokenfs completions bash > /usr/share/bash-completion/completions/cstokenfs",
@@ -568,6 +629,7 @@ fn see_also(sub: Option<&str>) -> Vec<Para> {
         "get",
         "csi",
         "emulator",
+        "credential-helper",
         "completions",
         "man",
     ]

@@ -10,7 +10,9 @@
 //! HTTP is [`crate::httpserver`] (hyper 1.x on one thread, bounded connections, per-request
 //! idle limits); this module routes and answers (`protocol.rs`) and builds the faults hyper
 //! cannot produce as raw bytes (`faults.rs`: no answer, HTTP/0.9, a bad status line or
-//! Content-Length, an oversized head, a huge, slow or endless body). `action.rs` is the
+//! Content-Length, an oversized head, a huge, slow or endless body). `acr.rs` serves Azure
+//! Container Registry's side (`/oauth2/exchange`, `/oauth2/token` with a refresh token, the
+//! `/v2/` challenge) beside every protocol. `action.rs` is the
 //! leaf the others share: the `Action` a request gets and the answers common to
 //! every protocol; imports between these files go one way only (no file imports one that
 //! imports it back).
@@ -20,8 +22,9 @@
 //! The state requests and knobs share is `Shared`: atomics for numbers and switches, and a
 //! `parking_lot::Mutex` of its own for each other mutable field (`faults`, `sticky`,
 //! `cache`, `per_resource`, `stopped` with `stop_cv`, `arc_key_dir`, `arc_keys`,
-//! `last_params`, `entra`, `identities`, `per_identity`, `assertions`). Each lock is taken for a short step and released: no guard
-//! lives across an `.await` (the handler's future is `Send`; the guards are not), and only
+//! `last_params`, `entra`, `identities`, `per_identity`, `assertions`, and the registry
+//! side's list of audiences in `acr`, taken alone). Each lock is taken for a short step and
+//! released: no guard lives across an `.await` (the handler's future is `Send`; the guards are not), and only
 //! one pair is ever held together: `entra::handle` takes `sticky` while it holds `faults`
 //! (in that order; nothing takes them the other way round). `cache` is held while a token
 //! is minted (atomics only, no other lock); `arc_keys` while key files are removed. The
@@ -50,6 +53,7 @@ pub use crate::source::Kind;
 pub use claims::{TEST_TENANT_ID, TEST_USER_OBJECT_ID};
 pub use faults::echo as echo_body;
 
+mod acr;
 mod action;
 mod bodies;
 mod claims;
@@ -360,6 +364,9 @@ struct Shared {
     /// (`record_entra`); read by `Emulator::assertions_for`; cleared by
     /// `Emulator::reset_counters`.
     assertions: Mutex<HashMap<String, Vec<String>>>,
+    /// The registry side's lifetime knob, counters and records (`acr.rs`: atomics and a
+    /// lock of its own, taken alone).
+    acr: acr::AcrState,
 }
 
 /// One Arc challenge this emulator issued: the secret and the file holding it.
@@ -437,6 +444,7 @@ impl Emulator {
             identities: Mutex::new(None),
             per_identity: Mutex::new(HashMap::new()),
             assertions: Mutex::new(HashMap::new()),
+            acr: acr::AcrState::default(),
         });
         let config = httpserver::Config {
             // Longer than reqwest's 90 s pool idle timeout: a client's pooled connection is
@@ -557,6 +565,7 @@ impl Emulator {
         self.shared.per_identity.lock().clear();
         self.shared.assertions.lock().clear();
         self.shared.issued.store(0, SeqCst);
+        self.shared.acr.reset();
     }
 
     /// The user-assigned identities the IMDS and App Service protocols know, besides the
@@ -593,6 +602,31 @@ impl Emulator {
             .get(client_id)
             .cloned()
             .unwrap_or_default()
+    }
+
+    /// Lifetime of the registry refresh tokens `/oauth2/exchange` issues (default 3 hours).
+    pub fn set_acr_ttl(&self, secs: u64) {
+        self.shared.acr.set_ttl(secs);
+    }
+
+    /// `/oauth2/exchange` requests received (counted on arrival, refused or not).
+    pub fn acr_exchanges(&self) -> u64 {
+        self.shared.acr.exchanges()
+    }
+
+    /// Registry refresh tokens issued.
+    pub fn acr_refresh_tokens_issued(&self) -> u64 {
+        self.shared.acr.issued()
+    }
+
+    /// `/oauth2/token` refresh-token requests received (counted on arrival).
+    pub fn acr_token_requests(&self) -> u64 {
+        self.shared.acr.tokens()
+    }
+
+    /// The `aud` claim of each Entra token presented to `/oauth2/exchange`, in order.
+    pub fn acr_exchanged_audiences(&self) -> Vec<String> {
+        self.shared.acr.audiences()
     }
 
     /// Same as dropping the emulator.

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use super::action::{reply, to_answer, Action};
 use super::protocol::{self, proto_err};
-use super::{entra, Shared};
+use super::{acr, entra, Shared};
 use crate::httpserver::{self, Answer, Reply, Request, Stop};
 
 pub(super) struct EmuHandler(pub(super) Arc<Shared>);
@@ -17,6 +17,18 @@ impl httpserver::Handler for EmuHandler {
     fn handle(&self, req: Request, stop: Stop) -> impl Future<Output = Answer> + Send {
         let sh = Arc::clone(&self.0);
         async move {
+            // The registry side, beside whichever token protocol is served.
+            if let Some(route) = acr::route(&req) {
+                let latency = Duration::from_nanos(sh.latency_ns.load(SeqCst));
+                if !stop.sleep(latency).await {
+                    return Answer::Close;
+                }
+                let action = acr::answer(&sh, &req, route);
+                if let Action::Hang = action {
+                    stop.stopped().await;
+                }
+                return to_answer(action);
+            }
             if sh.protocol.is_entra() {
                 return entra::handle(&sh, &req, stop).await;
             }

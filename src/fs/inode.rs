@@ -25,6 +25,10 @@ pub const CLAIMS_DIR: u64 = 9;
 /// `MOUNT/id` (only with `--identity`).
 pub const ID_DIR: u64 = 10;
 pub const KUBECTL_V1BETA1_DIR: u64 = 11;
+/// `MOUNT/.acr` (registry credentials; `MOUNT/id/NAME/.acr` is in each identity's block).
+pub const ACR_DIR: u64 = 12;
+/// The slot of `.acr` in an identity's block of directory inodes (after the views').
+const ACR_SLOT: u64 = 7;
 /// `MOUNT/id/NAME/` and its view directories: a block of inodes per declared identity, far
 /// above any version's (a version id would need 2^59 fetches to reach them).
 const IDENTITY_DIRS: u64 = 1 << 62;
@@ -50,6 +54,10 @@ pub enum Node {
         identity: IdentityId,
         view: View,
     },
+    /// `MOUNT/.acr` or `MOUNT/id/NAME/.acr`: registry credentials.
+    AcrDir {
+        identity: IdentityId,
+    },
 }
 
 pub fn node(ino: u64) -> Option<Node> {
@@ -64,11 +72,20 @@ pub fn node(ino: u64) -> Option<Node> {
         ENV => Some(Node::Env),
         STATUS => Some(Node::Status),
         ID_DIR => Some(Node::Ids),
+        ACR_DIR => Some(Node::AcrDir {
+            identity: IdentityId::DEFAULT,
+        }),
         _ if ino >= IDENTITY_DIRS => {
             let rel = ino - IDENTITY_DIRS;
-            let view = View::ALL.get((rel % INOS_PER_VERSION) as usize).copied()?;
             let identity = IdentityId::at(usize::try_from(rel / INOS_PER_VERSION).ok()?);
-            (!identity.is_default()).then_some(Node::IdentityDir { identity, view })
+            if identity.is_default() {
+                return None;
+            }
+            if rel % INOS_PER_VERSION == ACR_SLOT {
+                return Some(Node::AcrDir { identity });
+            }
+            let view = View::ALL.get((rel % INOS_PER_VERSION) as usize).copied()?;
+            Some(Node::IdentityDir { identity, view })
         }
         _ if ino >= FIRST_VERSION_INO => {
             let rel = ino - FIRST_VERSION_INO;
@@ -104,6 +121,14 @@ pub fn identity_dir_ino(identity: IdentityId, view: View) -> u64 {
     match identity.is_default() {
         true => view_dir_ino(view),
         false => IDENTITY_DIRS + identity.index() as u64 * INOS_PER_VERSION + view as u64,
+    }
+}
+
+/// `.acr` of `identity`: the top's for the mount's own identity, else under `MOUNT/id/NAME/`.
+pub fn acr_dir_ino(identity: IdentityId) -> u64 {
+    match identity.is_default() {
+        true => ACR_DIR,
+        false => IDENTITY_DIRS + identity.index() as u64 * INOS_PER_VERSION + ACR_SLOT,
     }
 }
 
@@ -287,5 +312,9 @@ mod tests {
             );
         }
         assert_eq!(node(ID_DIR), Some(Node::Ids));
+        for i in [0, 1, 2, 1000] {
+            let identity = IdentityId::at(i);
+            assert_eq!(node(acr_dir_ino(identity)), Some(Node::AcrDir { identity }));
+        }
     }
 }

@@ -2,7 +2,9 @@
 //! whatever may fetch goes through the cache, which answers on its own thread. `fuse` is the
 //! thin adapter to fuser. The top holds the mount's own identity's tokens; with
 //! `--identity`, `id/NAME/` holds each declared identity's, the same tree (no `.status`,
-//! `.env`), its directories' inodes apart (`inode::identity_dir_ino`).
+//! `.env`), its directories' inodes apart (`inode::identity_dir_ino`). `.acr/` (at the top
+//! and under `id/NAME/`) holds registry credentials: only names the registry rules allow
+//! reach the cache (`Core::registry_key`), as keys of their own (`Resource::registry`).
 //!
 //! # Locks
 //!
@@ -265,7 +267,7 @@ impl Core {
         done: impl FnOnce(Result<Entry, FsError>) + Send + 'static,
     ) {
         let node = inode::node(parent);
-        let (identity, view) = match (node, name) {
+        let (key, view) = match (node, name) {
             (Some(Node::Root), ".status") => return done(Ok(self.status_entry())),
             (Some(Node::Root), ".env") if self.extras.env_file.is_some() => {
                 if let Serving::NoOpen(_) = self.serving {
@@ -285,6 +287,19 @@ impl Core {
                         .ok_or(FsError::NotFound),
                 )
             }
+            (Some(n), ACR) if self.cache.registries().is_some() && top_of(n).is_some() => {
+                let identity = top_of(n).unwrap_or(IdentityId::DEFAULT);
+                return done(Ok(self.meta_entry(inode::acr_dir_ino(identity))));
+            }
+            // A registry's credentials: only a name the registry rules allow is asked for;
+            // anything else is ENOENT here, no request sent.
+            (Some(Node::AcrDir { identity }), _) => match self.registry_key(identity, name) {
+                Some(found) => found,
+                None => {
+                    debug!("lookup .acr/{name:?}: not a registry an Entra token may be sent to");
+                    return done(Err(FsError::NotFound));
+                }
+            },
             (Some(n), dot) if dot.starts_with('.') && top_of(n).is_some() => {
                 let identity = top_of(n).unwrap_or(IdentityId::DEFAULT);
                 return done(
@@ -295,18 +310,15 @@ impl Core {
                         .ok_or(FsError::NotFound),
                 );
             }
-            (Some(n), _) => match dir_of(n) {
-                Some(found) => found,
-                None => return done(Err(FsError::NotDir)),
+            (Some(n), _) => match (dir_of(n), names::resolve(name)) {
+                (Some((identity, view)), Ok(resource)) => (Key::new(identity, resource), view),
+                (Some(_), Err(why)) => {
+                    debug!("lookup {name:?}: {why}");
+                    return done(Err(FsError::NotFound));
+                }
+                (None, _) => return done(Err(FsError::NotDir)),
             },
             (None, _) => return done(Err(FsError::NotFound)),
-        };
-        let key = match names::resolve(name) {
-            Ok(resource) => Key::new(identity, resource),
-            Err(why) => {
-                debug!("lookup {name:?}: {why}");
-                return done(Err(FsError::NotFound));
-            }
         };
         if let Some(err) = self.echo.retry_of_failed(&key, caller.pid) {
             return done(Err(err));
@@ -403,6 +415,13 @@ impl Core {
             {
                 Err(FsError::NotFound)
             }
+            Node::AcrDir { identity }
+                if self.cache.registries().is_none()
+                    || (!identity.is_default()
+                        && self.cache.identities().name(identity).is_none()) =>
+            {
+                Err(FsError::NotFound)
+            }
             _ => Ok(self.meta_entry(ino)),
         }
     }
@@ -437,13 +456,55 @@ impl Core {
                 self.audit("open", ".env".into(), "endpoint secret", caller);
                 (Handle::Fixed(bytes), OpenMode::Cached)
             }
-            Node::Root | Node::ViewDir(_) | Node::Ids | Node::IdentityDir { .. } => {
-                return Err(FsError::NotFound)
-            }
+            Node::Root
+            | Node::ViewDir(_)
+            | Node::Ids
+            | Node::IdentityDir { .. }
+            | Node::AcrDir { .. } => return Err(FsError::NotFound),
         };
         let fh = self.next_handle.fetch_add(1, Ordering::Relaxed);
         self.handles.lock().insert(fh, handle);
         Ok((fh, mode))
+    }
+
+    /// The key and view of `.acr/NAME` for `identity`: `NAME` (the refresh token) or
+    /// `NAME.json`, where `NAME` is a registry the registry rules allow; else `None`.
+    fn registry_key(&self, identity: IdentityId, name: &str) -> Option<(Key, View)> {
+        let registries = self.cache.registries()?;
+        let (host, view) = match name.strip_suffix(".json") {
+            Some(host) => (host, View::Json),
+            None => (name, View::Raw),
+        };
+        // The canonical spelling only (lower case, no trailing dot): one name per file.
+        let resource = registries.resource(host)?;
+        (resource.registry_host() == Some(host)).then(|| (Key::new(identity, resource), view))
+    }
+
+    /// `.acr`'s listing: each registry whose credentials `identity` holds, and its `.json`.
+    fn list_acr(&self, ino: u64, identity: IdentityId) -> Vec<DirEntry> {
+        let mut out = vec![
+            (ino, FileType::Directory, ".".to_string()),
+            (
+                inode::identity_dir_ino(identity, View::Raw),
+                FileType::Directory,
+                "..".to_string(),
+            ),
+        ];
+        let mut held: Vec<(String, u64)> = self
+            .cache
+            .listed()
+            .into_iter()
+            .filter(|(key, _)| key.identity == identity)
+            .filter_map(|(key, v)| Some((key.resource.registry_host()?.to_string(), v?.id)))
+            .collect();
+        held.sort();
+        for (host, id) in held {
+            let raw = inode::token_ino(id, View::Raw);
+            let json = inode::token_ino(id, View::Json);
+            out.push((json, FileType::RegularFile, format!("{host}.json")));
+            out.push((raw, FileType::RegularFile, host));
+        }
+        out
     }
 
     /// Whether identities are declared (`MOUNT/id` exists).
@@ -603,6 +664,9 @@ impl Core {
             }));
             return Ok(out);
         }
+        if let Node::AcrDir { identity } = node {
+            return Ok(self.list_acr(ino, identity));
+        }
         let (identity, view) = dir_of(node).ok_or(FsError::NotDir)?;
         let parent = match (identity.is_default(), view) {
             (true, _) => inode::ROOT,
@@ -613,6 +677,16 @@ impl Core {
             (ino, FileType::Directory, ".".to_string()),
             (parent, FileType::Directory, "..".to_string()),
         ];
+        let listed = self.cache.listed();
+        // `.acr` is listed once it holds something (a lookup finds it always): a mount
+        // nobody reads registry credentials from lists what it always did.
+        let holds_registry = listed.iter().any(|(key, v)| {
+            key.identity == identity && v.is_some() && key.resource.registry_host().is_some()
+        });
+        if view == View::Raw && holds_registry && self.cache.registries().is_some() {
+            let dir = inode::acr_dir_ino(identity);
+            out.push((dir, FileType::Directory, ACR.into()));
+        }
         if view == View::Raw {
             for v in View::ALL {
                 if let Some(dir) = v.dir_name() {
@@ -630,9 +704,7 @@ impl Core {
                 out.push((inode::ID_DIR, FileType::Directory, IDS.into()));
             }
         }
-        let mut names: Vec<(u64, String)> = self
-            .cache
-            .listed()
+        let mut names: Vec<(u64, String)> = listed
             .into_iter()
             .filter(|(key, _)| key.identity == identity)
             .filter_map(|(key, v)| {
@@ -849,6 +921,8 @@ impl Serving {
 
 /// `MOUNT/id`: the declared identities' directories.
 const IDS: &str = "id";
+/// `MOUNT/.acr` (and `MOUNT/id/NAME/.acr`): registry credentials.
+const ACR: &str = ".acr";
 
 /// The identity and view of a directory of tokens (the top, a view directory, and theirs
 /// under `MOUNT/id/NAME/`); `None` for anything else.

@@ -201,9 +201,11 @@ impl Core {
                 env = self.extras.env_file.clone().ok_or(FsError::NotFound)?;
                 env.as_slice()
             }
-            Node::Root | Node::ViewDir(_) | Node::Ids | Node::IdentityDir { .. } => {
-                return Err(FsError::BadHandle)
-            }
+            Node::Root
+            | Node::ViewDir(_)
+            | Node::Ids
+            | Node::IdentityDir { .. }
+            | Node::AcrDir { .. } => return Err(FsError::BadHandle),
         };
         Ok(f(super::slice_at(bytes, offset, size)))
     }

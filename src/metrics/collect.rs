@@ -3,7 +3,7 @@
 //! upstream's state) and the upstream requests by identity, result and status; and the
 //! token listeners' answers and refusals. Each metric family is encoded once per scrape.
 
-use crate::cache::{Cache, IdentityId, KeyGauge};
+use crate::cache::{Cache, IdentityId, KeyGauge, RequestCounts};
 use crate::httpserver::tally::Counters;
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
@@ -138,13 +138,33 @@ impl Collector for CacheCollector {
             None,
             MetricType::Counter,
         )?)?;
-        let mut requests = encoder.encode_descriptor(
+        let meters = self.cache.meters();
+        self.by_outcome(
+            &mut encoder,
             "upstream_requests",
             "Upstream requests, by identity, result (ok, refused, throttled, error, timeout) and HTTP status",
-            None,
-            MetricType::Counter,
+            meters.requests(),
         )?;
-        for (id, counts) in self.cache.meters().requests() {
+        self.by_outcome(
+            &mut encoder,
+            "registry_exchanges",
+            "Container registry exchanges (.acr/), by identity, result and HTTP status",
+            meters.exchanges(),
+        )
+    }
+}
+
+impl CacheCollector {
+    /// A counter family by identity, result and status.
+    fn by_outcome(
+        &self,
+        encoder: &mut DescriptorEncoder,
+        name: &str,
+        help: &str,
+        counts: Vec<(IdentityId, RequestCounts)>,
+    ) -> fmt::Result {
+        let mut family = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+        for (id, counts) in counts {
             let Some(identity) = self.identity(id) else {
                 continue;
             };
@@ -155,7 +175,7 @@ impl Collector for CacheCollector {
                     ("result", outcome.as_str()),
                     ("status", status.as_str()),
                 ];
-                ConstCounter::new(n).encode(requests.encode_family(&labels)?)?;
+                ConstCounter::new(n).encode(family.encode_family(&labels)?)?;
             }
         }
         Ok(())

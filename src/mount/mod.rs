@@ -57,6 +57,8 @@ pub struct MountRequest {
     pub serve_imds: Option<std::net::SocketAddr>,
     /// `--metrics`: serve Prometheus metrics, /healthz and /readyz here (any address).
     pub metrics: Option<std::net::SocketAddr>,
+    /// The registries `.acr/` serves (`--acr-audience`, `--acr-suffix`, `--acr-endpoint`).
+    pub registries: crate::acr::Registries,
 }
 
 /// Why mounting failed: one line for the operator, naming the fix where there is one (a

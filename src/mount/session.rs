@@ -196,6 +196,10 @@ fn start(req: &MountRequest, checked: Checked) -> Result<(Started, Handled), Mou
     let mut plan = checked.plan;
     let stand_in = crate::stand_in::start(&mut plan)?;
     let daemon = Daemon::start(plan, req.policy.clone(), &checked.declared, req.mlock)?;
+    daemon
+        .cache()
+        .serve_registries(req.registries.clone())
+        .map_err(|e| MountError::Setup(format!("registry credentials: {e}")))?;
     if let Some(emu) = &stand_in {
         info!("serving tokens from the built-in emulator at {}", emu.url());
     }

@@ -70,7 +70,7 @@ fn check_url(endpoint: &str) -> Result<reqwest::Url, ConfigError> {
 /// The client of one upstream, HTTP or TLS (verified against the system's roots and `ca`):
 /// no redirect is ever followed (it would carry our headers, App Service's secret, Entra's
 /// assertion, elsewhere), and proxies from the environment never capture a local endpoint.
-pub(super) fn client(
+pub(crate) fn client(
     url: &reqwest::Url,
     ca: &[reqwest::Certificate],
 ) -> Result<Client, ConfigError> {

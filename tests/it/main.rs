@@ -13,6 +13,7 @@ mod sink_support;
 #[path = "../../src/httpserver/flood.rs"]
 mod flood;
 
+mod acr;
 mod basics;
 mod conventions;
 mod csi;

@@ -19,7 +19,7 @@ const ROOT: &str = env!("CARGO_MANIFEST_DIR");
 const VERSION: &str = env!("CARGO_PKG_VERSION");
 
 /// What the package installs (besides directories).
-const INSTALLED: [&str; 14] = [
+const INSTALLED: [&str; 15] = [
     "/usr/bin/cstokenfs",
     "/usr/share/man/man1/cstokenfs.1.gz",
     "/usr/share/man/man1/cstokenfs-mount.1.gz",
@@ -29,6 +29,7 @@ const INSTALLED: [&str; 14] = [
     "/usr/share/man/man1/cstokenfs-emulator.1.gz",
     "/usr/share/man/man1/cstokenfs-completions.1.gz",
     "/usr/share/man/man1/cstokenfs-man.1.gz",
+    "/usr/share/man/man1/cstokenfs-credential-helper.1.gz",
     "/usr/share/bash-completion/completions/cstokenfs",
     "/usr/share/zsh/vendor-completions/_cstokenfs",
     "/usr/share/fish/vendor_completions.d/cstokenfs.fish",
@@ -217,6 +218,13 @@ fn the_package_holds_everything_and_installs_and_removes_cleanly() {
             .unwrap_or_else(|| panic!("the .deb lacks {path}:\n{contents}"));
         assert!(line.contains(" root/root "), "{line}");
     }
+    // docker's name for the credential helper: a symlink to the binary.
+    assert!(
+        contents
+            .lines()
+            .any(|l| l.ends_with("./usr/bin/docker-credential-cstokenfs -> cstokenfs")),
+        "the .deb lacks the docker-credential-cstokenfs symlink:\n{contents}"
+    );
     let unpacked = tempfile::tempdir().unwrap();
     ok(Command::new("dpkg-deb")
         .arg("-x")
@@ -241,6 +249,7 @@ fn the_package_holds_everything_and_installs_and_removes_cleanly() {
     let top = format!("cstokenfs-{VERSION}-x86_64-linux-gnu");
     for file in [
         "cstokenfs",
+        "docker-credential-cstokenfs",
         "man/man1/cstokenfs.1",
         "man/man1/cstokenfs-mount.1",
         "completions/cstokenfs.bash",
@@ -263,6 +272,13 @@ fn the_package_holds_everything_and_installs_and_removes_cleanly() {
     ok(Command::new("dpkg").arg("-i").arg(&deb_path));
     let version = ok(Command::new("/usr/bin/cstokenfs").arg("--version"));
     assert_eq!(version, format!("cstokenfs {VERSION}\n"));
+    // Run by that name, the binary is the credential helper (here: no mount to read).
+    let helper = Command::new("/usr/bin/docker-credential-cstokenfs")
+        .args(["list", "--mount", "/nonexistent"])
+        .output()
+        .unwrap();
+    assert_eq!(helper.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&helper.stdout).contains("no cstokenfs mount"));
     assert!(Path::new("/usr/share/bash-completion/completions/cstokenfs").exists());
     if man_pages_excluded() {
         eprintln!("\n!!!!! man pages are excluded by dpkg's path-exclude: man not checked !!!!!\n");
@@ -321,4 +337,5 @@ fn the_package_holds_everything_and_installs_and_removes_cleanly() {
         );
     }
     assert!(!Path::new("/usr/share/doc/cstokenfs").exists());
+    assert!(std::fs::symlink_metadata("/usr/bin/docker-credential-cstokenfs").is_err());
 }
