@@ -1,6 +1,7 @@
-//! What a scrape reads of the cache's state (`--metrics`): per key that is declared or
-//! holds a valid token (so at most `--max-resources` of them: refused and failed names
-//! are counted, never listed), its expiry, next refresh and failures; and whether the
+//! What a scrape reads of the cache's state (`--metrics`): per key that is declared, holds
+//! a valid token, or held one and now fails to fetch another (so about `--max-resources` of
+//! them: refused names and names that never held a token are counted, never listed), its
+//! expiry, next refresh and failures; and whether the
 //! cache is ready (`/readyz`). Gathered under the cache's lock, like `.status`, and never
 //! token bytes.
 
@@ -18,7 +19,8 @@ pub struct KeyGauge {
     pub declared: bool,
     /// The held token's expiry, while it is valid.
     pub expires_on: Option<i64>,
-    /// When the held token is refreshed next (a backoff moves it later).
+    /// When the held token is refreshed next in the background (a backoff or the pacing
+    /// move it later); `None` for a token not in use, which is left to expire.
     pub next_refresh: Option<i64>,
     /// Failed fetches in a row.
     pub consecutive_failures: u32,
@@ -39,6 +41,15 @@ pub struct Gauges {
     pub upstream_held_back: u64,
 }
 
+/// When the background pass refreshes an entry in use whose token refreshes ahead at
+/// `ahead`: not before a backoff nor the pacing of fetches allows (as `background_pass`).
+fn refresh_due(ahead: EpochMs, e: &super::entry::Entry) -> EpochMs {
+    let paced = e
+        .last_fetch_at
+        .map_or(0, |t| t + crate::policy::MIN_FETCH_INTERVAL_MS);
+    ahead.max(e.failures.next_attempt_at).max(paced)
+}
+
 impl Cache {
     /// The cache's state for a scrape.
     pub fn gauges(&self) -> Gauges {
@@ -50,13 +61,15 @@ impl Cache {
             .iter()
             .filter_map(|(k, e)| {
                 let held = e.valid(now);
-                (e.declared || held.is_some()).then(|| KeyGauge {
+                let lost = e.fetched_at.is_some() && e.failures.consecutive > 0;
+                (e.declared || held.is_some() || lost).then(|| KeyGauge {
                     identity: k.identity,
                     resource: k.resource.to_string(),
                     declared: e.declared,
                     expires_on: held.map(|v| secs(v.expires_on)),
                     next_refresh: held
-                        .map(|v| secs(v.schedule.refresh_at.max(e.failures.next_attempt_at))),
+                        .filter(|_| e.reads.since_fetch)
+                        .map(|v| secs(refresh_due(v.schedule.refresh_ahead_at, e))),
                     consecutive_failures: e.failures.consecutive,
                 })
             })
@@ -98,7 +111,7 @@ impl Cache {
         drop(guard);
         waiting.sort();
         for (key, _) in waiting.iter().filter(|(_, due)| *due) {
-            self.read(key, Use::Look, Box::new(drop));
+            self.read(key, Use::Probe, Box::new(drop));
         }
         let (first, _) = waiting.first()?;
         Some(format!(

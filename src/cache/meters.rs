@@ -111,6 +111,8 @@ impl Outcome {
         };
         let status = match e {
             SourceError::Status { status, .. } | SourceError::Entra { status, .. } => Some(*status),
+            // A 2xx answer that is not a usable token: what a success answers.
+            SourceError::BadResponse(_) => ok_status,
             _ => None,
         };
         let outcome = match e {
@@ -158,8 +160,14 @@ const LATENCY_BUCKETS: [f64; 12] = [
 
 impl Default for Meters {
     fn default() -> Meters {
+        // Every front end's series from the start (0 where it does not apply), so a rate
+        // over them never starts with a missing series.
+        let reads = Family::default();
+        for front_end in FrontEnd::ALL {
+            drop(reads.get_or_create(&ReadLabels { front_end }));
+        }
         Meters {
-            reads: Family::default(),
+            reads,
             read_wait: Histogram::new(LATENCY_BUCKETS),
             single_flight_joins: Counter::default(),
             negative_answers: Counter::default(),
@@ -204,6 +212,13 @@ impl Meters {
         copy(&self.exchanges)
     }
 
+    /// Keeps the series of the identities `keep` says exist (a fetch under way when its
+    /// identity was removed may count after `forget_identity`).
+    pub(super) fn retain_identities(&self, keep: impl Fn(IdentityId) -> bool) {
+        self.requests.lock().retain(|id, _| keep(*id));
+        self.exchanges.lock().retain(|id, _| keep(*id));
+    }
+
     /// An identity removed at run time: its series go with it.
     pub(super) fn forget_identity(&self, identity: IdentityId) {
         self.requests.lock().remove(&identity);
@@ -244,6 +259,10 @@ mod tests {
         assert_eq!(of(status(429)), (Outcome::Throttled, Some(429)));
         assert_eq!(of(status(503)), (Outcome::Error, Some(503)));
         assert_eq!(of(SourceError::Timeout), (Outcome::Timeout, None));
+        assert_eq!(
+            of(SourceError::BadResponse("no access_token".into())),
+            (Outcome::Error, Some(200))
+        );
         assert_eq!(
             of(SourceError::Unreachable("refused".into())),
             (Outcome::Error, None)

@@ -105,6 +105,16 @@ pub enum Use {
     /// A use unless this very read waited for the fetch that made the version: a lookup in
     /// no-open mode (the only request of a read that the daemon sees).
     ReadUnlessFetched,
+    /// `/readyz` asking for a declared key: not a use, and not a reader in the metrics (no
+    /// wait, join or negative-cache answer is counted).
+    Probe,
+}
+
+impl Use {
+    /// Whether the read is a use of the token (it earns a refresh ahead).
+    fn uses(self) -> bool {
+        matches!(self, Use::Read | Use::ReadUnlessFetched)
+    }
 }
 
 /// What a reader gets: a version and the cache's verdict on it when the read was decided.
@@ -163,15 +173,18 @@ pub(crate) struct Waiter {
     done: Done,
     /// The read is a use of the token (`Use::Read`): the version it gets is marked in use.
     marks_use: bool,
-    /// When it began to wait (the clock's monotonic time), for `Meters::read_wait`.
-    since: std::time::Instant,
+    /// When it began to wait (the clock's monotonic time), for `Meters::read_wait`; `None`
+    /// for a probe, which the metrics do not count as a reader.
+    since: Option<std::time::Instant>,
 }
 
 impl Waiter {
     /// Answers the reader, counting how long it waited.
     fn answer(self, meters: &Meters, now: std::time::Instant, got: Result<Lease, ReadError>) {
-        let waited = now.saturating_duration_since(self.since);
-        meters.read_wait.observe(waited.as_secs_f64());
+        if let Some(since) = self.since {
+            let waited = now.saturating_duration_since(since);
+            meters.read_wait.observe(waited.as_secs_f64());
+        }
         (self.done)(got);
     }
 }
@@ -359,7 +372,9 @@ impl Cache {
             Some(entry) => entry,
             // A refused name holds nothing: its refusal answers (the negative cache).
             None if refusal.is_some() => {
-                self.meters.negative_answers.inc();
+                if usage != Use::Probe {
+                    self.meters.negative_answers.inc();
+                }
                 return refusal.map(|r| (Err(r.error), done));
             }
             // Asked again after its refusal expired: the count goes on from the refusal's.
@@ -375,7 +390,7 @@ impl Cache {
         match decision {
             ReadDecision::Serve | ReadDecision::ServeAndRefresh => {
                 // Served what is held: this read waited for nothing.
-                if usage != Use::Look {
+                if usage.uses() {
                     entry.reads.since_fetch = true;
                 }
                 let lease = entry
@@ -392,7 +407,9 @@ impl Cache {
             }
             ReadDecision::Refused => Some((
                 {
-                    self.meters.negative_answers.inc();
+                    if usage != Use::Probe {
+                        self.meters.negative_answers.inc();
+                    }
                     Err(refusal.map_or_else(|| unreachable_state(key), |r| r.error))
                 },
                 done,
@@ -401,10 +418,12 @@ impl Cache {
                 let waiter = Waiter {
                     done,
                     marks_use: usage == Use::Read,
-                    since: self.clock.instant(),
+                    since: (usage != Use::Probe).then(|| self.clock.instant()),
                 };
                 if let Some(waiters) = &mut entry.waiters {
-                    self.meters.single_flight_joins.inc();
+                    if usage != Use::Probe {
+                        self.meters.single_flight_joins.inc();
+                    }
                     waiters.push(waiter);
                     return None;
                 }
@@ -477,7 +496,7 @@ impl Cache {
         ) {
             return Err(Stale);
         }
-        if usage != Use::Look {
+        if usage.uses() {
             entry.reads.since_fetch = true;
         }
         entry.reads.last = self.read_seq.fetch_add(1, Ordering::Relaxed);
@@ -631,6 +650,7 @@ impl Cache {
             .retain(|_, e| e.declared || e.waiters.is_some());
         for e in guard.entries.values_mut() {
             e.held = None;
+            e.fetched_at = None;
             e.last_fetch_at = None;
             e.failures = Failures::default();
         }
@@ -732,6 +752,8 @@ impl Cache {
             shrink(&mut guard.entries);
             guard.refusals.expire(now);
         }
+        self.meters
+            .retain_identities(|id| self.identities.contains(id));
         for job in due {
             self.enqueue(job);
         }

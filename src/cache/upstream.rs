@@ -138,7 +138,10 @@ impl Upstream {
             let sent = self.clock.instant();
             let answer = source.fetch_once(resource, left);
             let took = self.clock.instant().saturating_duration_since(sent);
-            meters.request(key.identity, Outcome::of(&answer, ok_status), took);
+            // A local credential that could not be used: nothing was sent.
+            if !matches!(answer, Err(SourceError::Credential(_))) {
+                meters.request(key.identity, Outcome::of(&answer, ok_status), took);
+            }
             let err = match answer {
                 Ok(t) => break Ok(t),
                 Err(e) => e,

@@ -88,7 +88,7 @@ impl Driver {
         let volume_id = record.volume_id.clone();
         let mut inner = self.inner.lock();
         let identity = self
-            .join_key(&mut inner, &key, &record.volume_id)
+            .join_key(&mut inner, &key, &record.pod, &record.volume_id)
             .map_err(|e| e.to_string())?;
         let mut held = match self.held(record, identity, &resources, &data, true) {
             Ok(held) => held,
@@ -118,6 +118,7 @@ impl Driver {
             held.record.volume_id, held.record.pod, held.record.key.client_id
         );
         inner.volumes.insert(held.record.volume_id.clone(), held);
+        self.operations.set_volumes(inner.volumes.len());
         Ok(())
     }
 }

@@ -31,7 +31,7 @@ impl Collector for CsiCollector {
             let labels = [("operation", operation), ("result", result)];
             ConstCounter::new(n).encode(family.encode_family(&labels)?)?;
         }
-        let volumes = self.0.inner.lock().volumes.len();
+        let volumes = self.0.operations.volumes();
         ConstGauge::new(volumes as i64).encode(encoder.encode_descriptor(
             "csi_volumes",
             "Volumes published on this node now",

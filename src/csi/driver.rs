@@ -210,6 +210,7 @@ impl Driver {
         &self,
         inner: &mut Inner,
         key: &IdentityKey,
+        pod: &Pod,
         volume_id: &str,
     ) -> Result<IdentityId, CsiError> {
         if let Some(k) = inner.keys.get_mut(key) {
@@ -229,11 +230,7 @@ impl Driver {
             client_id: Some(key.client_id.clone()),
             ..Identity::default()
         };
-        // `NAMESPACE/SERVICEACCOUNT/CLIENT-ID`: how log lines and metrics name the key (the
-        // pod's namespace and account, which its token's subject was checked to be).
-        let account = key.subject.strip_prefix("system:serviceaccount:");
-        let account = account.unwrap_or(&key.subject).replacen(':', "/", 1);
-        let name = format!("{account}/{}", key.client_id);
+        let name = self.key_name(key, pod);
         let identity = self.cache.identities().add(name, ids, Arc::new(source));
         inner.keys.insert(
             key.clone(),
@@ -244,6 +241,34 @@ impl Driver {
             },
         );
         Ok(identity)
+    }
+
+    /// How log lines and metrics name a key: `NAMESPACE/SERVICEACCOUNT/CLIENT-ID` of the pod
+    /// the kubelet named (never a claim of its token, though its subject was checked to be
+    /// that account), with `@TENANT` when the tenant is not the driver's default one.
+    fn key_name(&self, key: &IdentityKey, pod: &Pod) -> String {
+        let name = format!(
+            "{}/{}/{}",
+            pod.namespace, pod.service_account, key.client_id
+        );
+        match &self.default_tenant {
+            Some(t) if t.eq_ignore_ascii_case(&key.tenant) => name,
+            _ => format!("{name}@{}", key.tenant),
+        }
+    }
+
+    /// Forgets each of `keys` that no published volume holds (its entry, declaration and
+    /// refusal).
+    fn forget_unused(&self, inner: &Inner, keys: impl Iterator<Item = Key>) {
+        for key in keys {
+            let used = inner
+                .volumes
+                .values()
+                .any(|h| h.slots.iter().any(|s| h.key(s) == key));
+            if !used {
+                self.cache.forget(&key);
+            }
+        }
     }
 
     /// `volume_id` is no longer a volume of `key` (its token no longer presented); the
@@ -290,7 +315,7 @@ impl Driver {
                     v.volume_id
                 )));
             }
-            let identity = self.join_key(&mut inner, &key, &v.volume_id);
+            let identity = self.join_key(&mut inner, &key, &v.pod, &v.volume_id);
             if identity.is_ok() {
                 self.offer(&mut inner, &key, &v.volume_id, &v.token);
             } else {
@@ -308,9 +333,17 @@ impl Driver {
                     v.volume_id, v.pod, v.client_id, v.resources_given
                 );
                 inner.volumes.insert(v.volume_id.clone(), held);
+                self.operations.set_volumes(inner.volumes.len());
                 Ok(())
             }
             Err(e) => {
+                // Its resources declared for it (a refused one would keep the node unready)
+                // go, unless another volume holds them.
+                let keys = v
+                    .resources
+                    .iter()
+                    .map(|w| Key::new(identity, w.resource.clone()));
+                self.forget_unused(&inner, keys);
                 self.leave_key(&mut inner, &key, &v.volume_id);
                 info!(
                     "publish volume {} refused: {}, client {}: {e}",
@@ -539,10 +572,12 @@ impl Driver {
             drop(inner);
             return self.remove_unknown(volume_id, target);
         };
+        self.operations.set_volumes(inner.volumes.len());
         let recorded = PathBuf::from(&held.record.target_path);
         for t in [target, recorded.as_path()] {
             if let Err(e) = volume::unmount(t) {
                 inner.volumes.insert(volume_id.to_string(), held);
+                self.operations.set_volumes(inner.volumes.len());
                 return Err(internal("cannot unmount the target path", e));
             }
         }
@@ -555,16 +590,9 @@ impl Driver {
         if let Err(e) = self.state.remove(&held.record.data) {
             warn!("volume {volume_id}: cannot remove its record: {e}");
         }
-        for slot in &held.slots {
-            let key = Key::new(held.identity, slot.wanted.resource.clone());
-            let used = inner
-                .volumes
-                .values()
-                .any(|h| h.slots.iter().any(|s| h.key(s) == key));
-            if !used {
-                self.cache.forget(&key);
-            }
-        }
+        let identity = held.identity;
+        let keys = (held.slots.iter()).map(|slot| Key::new(identity, slot.wanted.resource.clone()));
+        self.forget_unused(&inner, keys);
         self.leave_key(&mut inner, &held.record.key, volume_id);
         info!(
             "unpublish volume {volume_id}: {}, client {}",

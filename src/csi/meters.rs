@@ -42,13 +42,24 @@ fn result_of(done: &Result<(), CsiError>) -> &'static str {
     }
 }
 
-/// Operations by kind and result (atomics).
+/// Operations by kind and result, and the volumes held (atomics: a scrape takes no lock of
+/// the driver's, which unmounts under its lock).
 #[derive(Default)]
 pub struct Operations {
     counts: [[AtomicU64; RESULTS.len()]; OPERATIONS.len()],
+    volumes: AtomicU64,
 }
 
 impl Operations {
+    /// The volumes published now (set under the driver's lock whenever they change).
+    pub fn set_volumes(&self, n: usize) {
+        self.volumes.store(n as u64, Ordering::Relaxed);
+    }
+
+    pub fn volumes(&self) -> u64 {
+        self.volumes.load(Ordering::Relaxed)
+    }
+
     pub fn count(&self, op: Operation, done: &Result<(), CsiError>) {
         let o = OPERATIONS.iter().position(|(x, _)| *x == op).unwrap_or(0);
         let r = RESULTS

@@ -9,7 +9,7 @@ use super::protocol::Protocol;
 use super::request::{self, BadRequest};
 use super::{Category, Counters, Settings};
 use crate::audit::{Audit, HttpEvent};
-use crate::cache::{Cache, FrontEnd, Key, Lease, ReadError, Use};
+use crate::cache::{Cache, FrontEnd, Key, Lease, ReadError};
 use crate::hardening::ct_eq;
 use crate::httpserver::query::{self, QueryError};
 use crate::httpserver::tally::{self, json_reply, Cause};
@@ -230,11 +230,8 @@ impl Inner {
     /// (waiting for a fetch if need be, within `--timeout`), counted as a use (refresh
     /// ahead).
     async fn read(&self, key: &Key, stop: &Stop) -> Result<Lease, ReadError> {
-        self.cache.meters().read(FrontEnd::Endpoint);
-        let answer = self.cache.read_async(key, Use::Read);
-        httpserver::within(answer, self.settings.timeout + GRACE, stop)
-            .await
-            .unwrap_or_else(|cut| Err(ReadError::Unavailable(cut.reason().into())))
+        let limit = self.settings.timeout + GRACE;
+        httpserver::read_token(&self.cache, key, FrontEnd::Endpoint, limit, stop).await
     }
 
     /// Whether the request carries the secret: at least one of `X-IDENTITY-HEADER`

@@ -405,6 +405,27 @@ impl Cut {
     }
 }
 
+/// A token listener's read of `key` (`--serve-endpoint`, `--serve-imds`): the cache's one
+/// read, a use of the token, answered within `limit` unless the server stops first; counted
+/// as a read through `front_end` when it serves a token.
+pub(crate) async fn read_token(
+    cache: &std::sync::Arc<crate::cache::Cache>,
+    key: &crate::cache::Key,
+    front_end: crate::cache::FrontEnd,
+    limit: Duration,
+    stop: &Stop,
+) -> Result<crate::cache::Lease, crate::cache::ReadError> {
+    use crate::cache::{ReadError, Use};
+    let answer = cache.read_async(key, Use::Read);
+    let got = within(answer, limit, stop)
+        .await
+        .unwrap_or_else(|cut| Err(ReadError::Unavailable(cut.reason().into())));
+    if got.is_ok() {
+        cache.meters().read(front_end);
+    }
+    got
+}
+
 /// `answer`'s output, unless `limit` passes or the server stops first.
 pub(crate) async fn within<F: Future>(
     answer: F,

@@ -8,7 +8,7 @@ use super::peer::{self, Owner};
 use super::{Category, Counters, Settings, PATH};
 use crate::access::Access;
 use crate::audit::{Audit, ImdsEvent, RefusedEvent};
-use crate::cache::{Cache, FrontEnd, IdentityId, Key, Lease, Query, ReadError, Use, IMDS_PARAMS};
+use crate::cache::{Cache, FrontEnd, IdentityId, Key, Lease, Query, ReadError, IMDS_PARAMS};
 use crate::httpserver::query::{self, QueryError};
 use crate::httpserver::tally::{self, json_reply, Cause};
 use crate::httpserver::{self, race, Answer, Either, Reply, Request, Stop};
@@ -317,11 +317,8 @@ impl Inner {
 
     /// A read like a file's lookup and open, within `--timeout` (and a little more).
     async fn read(&self, key: &Key, stop: &Stop) -> Result<Lease, ReadError> {
-        self.cache.meters().read(FrontEnd::Imds);
-        let answer = self.cache.read_async(key, Use::Read);
-        httpserver::within(answer, self.settings.timeout + GRACE, stop)
-            .await
-            .unwrap_or_else(|cut| Err(ReadError::Unavailable(cut.reason().into())))
+        let limit = self.settings.timeout + GRACE;
+        httpserver::read_token(&self.cache, key, FrontEnd::Imds, limit, stop).await
     }
 }
 

@@ -519,6 +519,15 @@ fn metrics_count_publishes_and_name_no_token() {
     let other = node.target("uid-m2");
     publish(&k, &pod, "csi-m2", &other).expect("publish");
     k.unpublish("csi-m2", &other).expect("unpublish");
+    // A volume of the same key naming a resource Entra refuses: refused, and the node
+    // stays ready (the refused resource is not left declared).
+    let mut refused_pod = Pod::new("shop", "web-0", "web", APP_A, "newservice.example.com");
+    refused_pod.token = pod.token.clone();
+    let third = node.target("uid-m3");
+    let e = publish(&k, &refused_pod, "csi-m3", &third).expect_err("refused by Entra");
+    assert_eq!(e.code(), Code::PermissionDenied, "{}", e.message());
+    let ready = common::http(addr, "/readyz", None);
+    assert_eq!(ready.status, 200, "{}", ready.body);
     let scraped = common::http(addr, "/metrics", None);
     common::promtool_check(&scraped.body);
     let s = common::Samples::parse(&venv, &scraped.body, false);
@@ -531,6 +540,7 @@ fn metrics_count_publishes_and_name_no_token() {
     };
     assert_eq!(op("publish", "ok"), Some(2.0));
     assert_eq!(op("publish", "invalid_argument"), Some(1.0));
+    assert_eq!(op("publish", "permission_denied"), Some(1.0));
     assert_eq!(op("republish", "ok"), Some(1.0));
     assert_eq!(op("unpublish", "ok"), Some(1.0));
     assert_eq!(s.get("cstokenfs_csi_volumes", &[]), Some(1.0));

@@ -137,10 +137,21 @@ fn a_scrape_under_load_says_what_happened() {
         Some(2.0)
     );
     assert_eq!(s.get("cstokenfs_negative_cache_entries", &[]), Some(2.0));
-    assert!(
-        s.get("cstokenfs_negative_cache_answers_total", &[])
-            .unwrap()
-            >= 1.0
+    assert_eq!(
+        s.get("cstokenfs_negative_cache_answers_total", &[]),
+        Some(1.0),
+        "the endpoint's request for a name refused a moment before"
+    );
+    // Reads count tokens served: the refused names' are not reads (files: the eight cats
+    // and the test's read of the .json view).
+    for (front_end, n) in [("file", 9.0), ("endpoint", 8.0)] {
+        let reads = s.get("cstokenfs_reads_total", &[("front_end", front_end)]);
+        assert_eq!(reads, Some(n), "{front_end}");
+    }
+    assert_eq!(
+        s.get("cstokenfs_reads_total", &[("front_end", "csi_publish")]),
+        Some(0.0),
+        "every front end's series from the start"
     );
     // Refused names are counted, never listed: no series of their own.
     assert!(s.0.iter().all(|x| !x
@@ -233,9 +244,25 @@ fn health_and_readiness() {
     .expect("ready once a valid token is held");
     assert_eq!(emu.requests_for("https://management.azure.com/"), 1);
     assert_eq!(http(addr, "/healthz", None).status, 200);
+    // SIGUSR1 drops every token: not ready until the probe's fetch brings one back.
+    m.signal(libc::SIGUSR1);
+    eventually(Duration::from_secs(10), || {
+        (http(addr, "/readyz", None).status == 503).then_some(())
+    })
+    .expect("not ready once the tokens are dropped");
+    eventually(Duration::from_secs(20), || {
+        std::thread::sleep(Duration::from_millis(200));
+        (http(addr, "/readyz", None).status == 200).then_some(())
+    })
+    .expect("ready again");
+    assert_eq!(emu.requests_for("https://management.azure.com/"), 2);
 
     // The endpoint's refusals, by cause and status.
     let Some(venv) = parser_venv() else { return };
+    // The probes' reads are not readers'.
+    let s = scrape(&venv, addr);
+    assert_eq!(s.get("cstokenfs_read_wait_seconds_count", &[]), Some(0.0));
+    assert_eq!(s.get("cstokenfs_single_flight_joins_total", &[]), Some(0.0));
     let (endpoint, secret) = m.endpoint();
     let good = format!("Host: {endpoint}\r\nX-IDENTITY-HEADER: {secret}\r\n");
     let wrong = format!(
