@@ -432,7 +432,7 @@ pub struct MountArgs {
     #[arg(long, value_name = "AUDIENCE", default_value = "registry", value_parser = ["registry", "management"])]
     pub acr_audience: String,
     /// One more registry host suffix an Entra token may be sent to, besides .azurecr.io,
-    /// .azurecr.cn, .azurecr.us and .azurecr.de (repeatable).
+    /// .azurecr.cn and .azurecr.us (repeatable).
     #[arg(long = "acr-suffix", value_name = "SUFFIX")]
     pub acr_suffixes: Vec<String>,
     /// Reach registry REGISTRY at this loopback URL instead of https://REGISTRY (tests, an

@@ -102,7 +102,8 @@ impl Exchanger {
 }
 
 /// A registry's refusal: its status and its own words (`{"errors":[{"code","message"}]}`),
-/// redacted when shown (`SourceError`'s `Display`).
+/// redacted here, while the Entra token sent is still registered for scrubbing (it may not
+/// be held once the error is shown), and again when shown (`SourceError`'s `Display`).
 fn registry_error(answer: &Answer) -> SourceError {
     let words = serde_json::from_slice::<serde_json::Value>(&answer.body)
         .ok()
@@ -120,7 +121,9 @@ fn registry_error(answer: &Answer) -> SourceError {
         .unwrap_or_else(|| crate::source::parse::error_message(&answer.body));
     SourceError::Status {
         status: answer.status,
-        message: format!("the registry refused the exchange: {words}"),
+        message: crate::source::redact::redact(&format!(
+            "the registry refused the exchange: {words}"
+        )),
         retry_after: answer.retry_after,
     }
 }

@@ -15,7 +15,7 @@ use std::fmt;
 /// The Azure registry suffixes (the public cloud, Azure China, Azure US Government and the
 /// retired Azure Germany): only hosts ending in one of these (or an `--acr-suffix`) are
 /// sent an Entra token.
-pub const SUFFIXES: [&str; 4] = [".azurecr.io", ".azurecr.cn", ".azurecr.us", ".azurecr.de"];
+pub const SUFFIXES: [&str; 3] = [".azurecr.io", ".azurecr.cn", ".azurecr.us"];
 
 /// The Entra audience of ACR's data plane.
 pub const REGISTRY_AUDIENCE: &str = "https://containerregistry.azure.net/";
@@ -96,7 +96,13 @@ impl Registries {
         };
         for given in &settings.suffixes {
             let bare = given.trim().trim_start_matches('.').trim_end_matches('.');
-            if Resource::registry(bare).is_none() {
+            // A DNS name whose last label is not all digits: no suffix makes an IP address
+            // (`0.1` would make 127.0.0.1 a "registry").
+            let numeric_tld = bare
+                .rsplit('.')
+                .next()
+                .is_none_or(|tld| tld.bytes().all(|b| b.is_ascii_digit()));
+            if Resource::registry(bare).is_none() || numeric_tld {
                 return Err(SettingsError(format!(
                     "--acr-suffix {given:?}: not a DNS name of two labels or more (such as azurecr.example)"
                 )));
@@ -120,8 +126,17 @@ impl Registries {
             if url.scheme() != "http" && url.scheme() != "https" {
                 return Err(bad("the URL must start with http:// or https://"));
             }
-            if !crate::source::client_tls::is_loopback(&url) {
-                return Err(bad("only a loopback address (127.0.0.1, [::1], localhost) may stand in for a registry"));
+            // An IP literal, as the emulator's --listen: a name (even localhost) is resolved
+            // through NSS, which an Entra token must not depend on.
+            let host_ip = url.host_str().unwrap_or_default();
+            let host_ip = host_ip.trim_start_matches('[').trim_end_matches(']');
+            if !host_ip
+                .parse::<std::net::IpAddr>()
+                .is_ok_and(crate::net::is_loopback)
+            {
+                return Err(bad(
+                    "only a loopback address (127.0.0.0/8 or [::1], not a name) may stand in for a registry",
+                ));
             }
             if !url.username().is_empty() || url.password().is_some() {
                 return Err(bad("the URL must not carry a user name or password"));
@@ -258,6 +273,9 @@ mod tests {
             Some("a.registry.example")
         );
         assert!(with(&["example"], &[]).is_err());
+        // No suffix turns an IP address into a registry name.
+        assert!(with(&["0.1"], &[]).is_err());
+        assert!(with(&[".1"], &[]).is_err());
         assert!(with(&["a b.example"], &[]).is_err());
     }
 
@@ -280,13 +298,14 @@ mod tests {
             "myregistry.azurecr.io=ftp://127.0.0.1",
             "myregistry.azurecr.io=http://u:p@127.0.0.1:1",
             "myregistry.azurecr.io=http://127.0.0.1:1/x",
+            // A name, even localhost, is resolved through NSS: IP literals only.
+            "myregistry.azurecr.io=http://localhost:9",
         ] {
             let e = with(&[], &[bad]).unwrap_err().to_string();
             assert!(e.starts_with("--acr-endpoint"), "{bad}: {e}");
             assert!(!e.contains("u:p"), "{e}");
         }
         assert!(with(&[], &["myregistry.azurecr.io=http://[::1]:9"]).is_ok());
-        assert!(with(&[], &["myregistry.azurecr.io=http://localhost:9"]).is_ok());
     }
 
     #[test]

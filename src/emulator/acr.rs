@@ -59,6 +59,9 @@ pub(super) struct AcrState {
     tokens: AtomicU64,
     /// The `aud` of each Entra token presented to `/oauth2/exchange`, in order.
     audiences: Mutex<Vec<String>>,
+    /// The registry (`service`) of the last refresh token issued: what the `/v2/` challenge
+    /// names, as the registry the client was sent to would.
+    service: Mutex<Option<String>>,
 }
 
 impl Default for AcrState {
@@ -69,6 +72,7 @@ impl Default for AcrState {
             issued: AtomicU64::new(0),
             tokens: AtomicU64::new(0),
             audiences: Mutex::new(Vec::new()),
+            service: Mutex::new(None),
         }
     }
 }
@@ -114,6 +118,9 @@ pub(super) fn route(req: &Request) -> Option<Route> {
             (form.get("grant_type").map(String::as_str) == Some("refresh_token"))
                 .then_some(Route::Token)
         }
+        // docker's way with a helper's user name other than `<token>`: the refresh token as
+        // the password of Basic auth, `service` and `scope` in the query.
+        ("GET", "/oauth2/token") => basic_refresh(req).is_some().then_some(Route::Token),
         ("GET" | "HEAD", "/v2" | "/v2/") => Some(Route::Challenge),
         _ => None,
     }
@@ -122,9 +129,14 @@ pub(super) fn route(req: &Request) -> Option<Route> {
 /// The answer to a registry request: faults first (exchange and token only), then the
 /// registry's.
 pub(super) fn answer(sh: &Shared, req: &Request, route: Route) -> Action {
-    let form = params_lossy(&req.body);
+    let mut form = params_lossy(&req.body);
+    if let Some(refresh) = basic_refresh(req) {
+        let query = req.target.split_once('?').map_or("", |(_, q)| q);
+        form = params_lossy(query.as_bytes());
+        form.insert("refresh_token".into(), refresh);
+    }
     let action = match route {
-        Route::Challenge => return challenge(req),
+        Route::Challenge => return challenge(sh, req),
         Route::Exchange => {
             sh.acr.exchanges.fetch_add(1, SeqCst);
             with_faults(sh, req, &form, exchange)
@@ -196,6 +208,19 @@ fn with_faults(
     }
 }
 
+/// The password of a GET's `Authorization: Basic` whose user is the null GUID ACR names a
+/// refresh token's user by: the refresh token.
+fn basic_refresh(req: &Request) -> Option<String> {
+    use base64::engine::general_purpose::STANDARD;
+    if req.method != "GET" {
+        return None;
+    }
+    let basic = req.header("authorization")?.strip_prefix("Basic ")?;
+    let decoded = String::from_utf8(STANDARD.decode(basic.trim()).ok()?).ok()?;
+    let (user, password) = decoded.split_once(':')?;
+    (user == crate::token::REGISTRY_USERNAME).then(|| password.to_string())
+}
+
 /// ACR's error shape: `{"errors":[{"code","message","detail":null}]}`.
 fn refuse(status: u16, code: &str, message: &str) -> Action {
     let body = json!({"errors": [{"code": code, "message": message, "detail": null}]});
@@ -259,6 +284,7 @@ fn exchange(sh: &Shared, form: &BTreeMap<String, String>) -> Action {
     let exp = now.saturating_add(sh.acr.ttl.load(SeqCst));
     let serial = sh.serial.fetch_add(1, SeqCst) + 1;
     sh.acr.issued.fetch_add(1, SeqCst);
+    *sh.acr.service.lock() = Some(service.to_string());
     let refresh = unsigned_jwt(&json!({
         "jti": format!("acr-{serial}"),
         "sub": claims.get("oid").cloned().unwrap_or(Value::Null),
@@ -328,12 +354,19 @@ fn token(_sh: &Shared, form: &BTreeMap<String, String>) -> Action {
 }
 
 /// `GET /v2/`: the Bearer challenge, or `{}` for an access token this emulator issued.
-fn challenge(req: &Request) -> Action {
+fn challenge(sh: &Shared, req: &Request) -> Action {
     let host = req
         .headers
         .iter()
         .find(|(k, _)| k == "host")
         .map_or_else(|| req.local.to_string(), |(_, v)| v.clone());
+    // The registry this emulator stands in for, once it issued a refresh token for it.
+    let service = sh
+        .acr
+        .service
+        .lock()
+        .clone()
+        .unwrap_or_else(|| host.clone());
     let bearer = req
         .headers
         .iter()
@@ -356,7 +389,7 @@ fn challenge(req: &Request) -> Action {
     if let Action::Respond { headers, .. } = &mut action {
         headers.push((
             "WWW-Authenticate",
-            format!("Bearer realm=\"http://{host}/oauth2/token\",service=\"{host}\""),
+            format!("Bearer realm=\"http://{host}/oauth2/token\",service=\"{service}\""),
         ));
     }
     action

@@ -83,7 +83,12 @@ fn one_exchange_per_lifetime_for_any_number_of_readers_and_the_arm_fallback() {
     assert_eq!(reg.acr_exchanged_audiences(), [ARM]);
     assert_eq!(entra.requests_for(REGISTRY_AUDIENCE), 1);
     assert_eq!(entra.requests_for(ARM), 1);
-    m.read("management.azure.com").unwrap();
+    let arm = m.read("management.azure.com").unwrap();
+    assert_no_token(
+        &m.leak_surface(),
+        &arm,
+        "the Entra token exchanged: log and .status",
+    );
     // Another registry: the refused audience is not asked again, the ARM token reused.
     m.read(".acr/other.azurecr.io").unwrap();
     assert_eq!(reg.acr_exchanges(), 2);
@@ -476,16 +481,23 @@ except errors.CredentialsNotFound:
 out["list"] = store.list()
 store.store("https://" + registry, "someone", "something")
 store.erase("https://" + registry)
-challenge = requests.get(base + "/v2/")
+# Loopback only: no proxy from the environment.
+http = requests.Session()
+http.trust_env = False
+challenge = http.get(base + "/v2/")
 out["challenge"] = [challenge.status_code, challenge.headers.get("WWW-Authenticate", "")]
-token = requests.post(base + "/oauth2/token", data={
-    "grant_type": "refresh_token", "service": registry,
-    "scope": "repository:samples/hello:pull", "refresh_token": got["Secret"]})
+# As docker does with a helper's user name that is not <token>: the challenge's realm and
+# service, the credentials as Basic auth.
+params = dict(p.split("=", 1) for p in challenge.headers["WWW-Authenticate"][len("Bearer "):].split(","))
+params = {k: v.strip('"') for k, v in params.items()}
+out["service"] = params["service"]
+token = http.get(params["realm"], params={"service": params["service"],
+    "scope": "repository:samples/hello:pull"}, auth=(got["Username"], got["Secret"]))
 out["token_status"] = token.status_code
 access = token.json().get("access_token", "")
 payload = access.split(".")[1]
 out["access"] = json.loads(__import__("base64").urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))["access"]
-v2 = requests.get(base + "/v2/", headers={"Authorization": "Bearer " + access})
+v2 = http.get(base + "/v2/", headers={"Authorization": "Bearer " + access})
 out["v2"] = v2.status_code
 print(json.dumps(out))
 "#;
@@ -508,6 +520,14 @@ fn dockers_credential_client_gets_the_refresh_token_and_pulls_with_it() {
         .env("PATH", &path)
         .env("CSTOKENFS_MOUNT", &m.path)
         .env_remove("CSTOKENFS_IDENTITY")
+        .env("NO_PROXY", "*")
+        .env("no_proxy", "*")
+        .env_remove("HTTP_PROXY")
+        .env_remove("http_proxy")
+        .env_remove("HTTPS_PROXY")
+        .env_remove("https_proxy")
+        .env_remove("ALL_PROXY")
+        .env_remove("all_proxy")
         .stdin(Stdio::null())
         .output()
         .unwrap();
@@ -531,6 +551,7 @@ fn dockers_credential_client_gets_the_refresh_token_and_pulls_with_it() {
         .as_str()
         .unwrap()
         .starts_with("Bearer realm="));
+    assert_eq!(got["service"], REG, "the challenge names the registry");
     assert_eq!(got["token_status"], 200);
     assert_eq!(
         got["access"],
