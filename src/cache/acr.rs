@@ -160,11 +160,7 @@ impl Cache {
     /// counting a read.
     fn held(&self, key: &Key) -> Option<Arc<Version>> {
         let now = self.clock.now();
-        self.state
-            .lock()
-            .entries
-            .get(key)
-            .and_then(|e| e.valid(now).cloned())
+        self.peek(key)
             .filter(|v| v.expires_on.saturating_sub(now) >= MIN_LEFT_MS)
     }
 }

@@ -533,8 +533,8 @@ impl Cache {
             .collect()
     }
 
-    /// The current valid version of a resource, without counting a read (tests).
-    #[cfg(test)]
+    /// The current valid version of a resource, without counting a read (tests, and the
+    /// registry exchange's look for an Entra token it may use).
     pub(crate) fn peek(&self, key: &Key) -> Option<Arc<Version>> {
         let now = self.clock.now();
         self.state

@@ -10,7 +10,6 @@ use crate::common;
 use common::*;
 use cstokenfs::emulator::{sha256_hex, Emulator, EmulatorConfig, Fault, KnownIdentity};
 use cstokenfs::Kind;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -355,21 +354,11 @@ fn helper(
     let mut cmd = Command::new(program);
     cmd.args(args)
         .env_remove("CSTOKENFS_MOUNT")
-        .env_remove("CSTOKENFS_IDENTITY")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+        .env_remove("CSTOKENFS_IDENTITY");
     for (k, v) in env {
         cmd.env(k, v);
     }
-    let mut child = cmd.spawn().unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(input.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
+    let out = fed(cmd, input);
     (
         out.status.code(),
         String::from_utf8_lossy(&out.stdout).into_owned(),

@@ -87,21 +87,11 @@ impl Samples {
     /// parser's words if it does not parse.
     pub fn parse(venv: &std::path::Path, body: &str, openmetrics: bool) -> Samples {
         let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/metrics/parse.py");
-        let mut child = Command::new(venv.join("bin/python"))
+        let mut python = Command::new(venv.join("bin/python"));
+        python
             .arg(script)
-            .arg(if openmetrics { "openmetrics" } else { "text" })
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("run the parser");
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(body.as_bytes())
-            .unwrap();
-        let out = child.wait_with_output().unwrap();
+            .arg(if openmetrics { "openmetrics" } else { "text" });
+        let out = fed(python, body);
         assert!(
             out.status.success(),
             "prometheus_client does not parse the scrape: {}",
@@ -147,20 +137,9 @@ pub fn promtool_check(body: &str) -> bool {
         eprintln!("note: CSTOKENFS_PROMTOOL unset: promtool check metrics skipped");
         return false;
     };
-    let mut child = Command::new(promtool)
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("run promtool");
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(body.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
+    let mut check = Command::new(promtool);
+    check.args(["check", "metrics"]);
+    let out = fed(check, body);
     assert!(
         out.status.success() && out.stdout.is_empty() && out.stderr.is_empty(),
         "promtool check metrics: {}{}",
@@ -211,4 +190,21 @@ pub fn metrics_addr(m: &super::Mounted) -> SocketAddr {
         .expect(".status names the metrics address")
         .parse()
         .expect("an IP:PORT")
+}
+
+/// `cmd`'s output with `input` on its stdin.
+pub fn fed(mut cmd: Command, input: &str) -> std::process::Output {
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run a checker");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(input.as_bytes())
+        .unwrap();
+    child.wait_with_output().unwrap()
 }
