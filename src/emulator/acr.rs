@@ -8,10 +8,13 @@
 //!   unsigned JWT whose `exp` is [`Emulator::set_acr_ttl`] away (3 hours by default);
 //! - `POST /oauth2/token` with `grant_type=refresh_token` (`service`, `scope`,
 //!   `refresh_token`): a refresh token this emulator issued for that service, to
-//!   `{"access_token"}` scoped to the `scope`'s repository (other `/oauth2/token` requests
-//!   are the token protocol's);
-//! - `GET /v2/`: 401 with `WWW-Authenticate: Bearer realm=...,service=...` without an
-//!   access token it issued, `{}` with one.
+//!   `{"access_token"}` scoped to the `scope`'s repository; or `GET /oauth2/token?service=
+//!   &scope=` with that refresh token as Basic auth's password for the null GUID user (what
+//!   docker sends with a credential helper's user name other than `<token>`); other
+//!   `/oauth2/token` requests are the token protocol's;
+//! - `GET /v2/`: 401 with `WWW-Authenticate: Bearer realm=...,service=...` (the registry it
+//!   last issued a refresh token for, else its own address) without an access token it
+//!   issued, `{}` with one.
 //!
 //! Faults come from the same queue as the token protocol's (a second emulator serving the
 //! registry keeps them apart): a status, a hang, a reset, garbage, `Echo`, `Fields` and the
@@ -126,7 +129,7 @@ pub(super) fn route(req: &Request) -> Option<Route> {
     }
 }
 
-/// The answer to a registry request: faults first (exchange and token only), then the
+/// The answer to a registry request: faults first (every route, the challenge too), then the
 /// registry's.
 pub(super) fn answer(sh: &Shared, req: &Request, route: Route) -> Action {
     let mut form = params_lossy(&req.body);
@@ -136,14 +139,14 @@ pub(super) fn answer(sh: &Shared, req: &Request, route: Route) -> Action {
         form.insert("refresh_token".into(), refresh);
     }
     let action = match route {
-        Route::Challenge => return challenge(sh, req),
+        Route::Challenge => with_faults(sh, req, &form, &|| challenge(sh, req)),
         Route::Exchange => {
             sh.acr.exchanges.fetch_add(1, SeqCst);
-            with_faults(sh, req, &form, exchange)
+            with_faults(sh, req, &form, &|| exchange(sh, &form))
         }
         Route::Token => {
             sh.acr.tokens.fetch_add(1, SeqCst);
-            with_faults(sh, req, &form, token)
+            with_faults(sh, req, &form, &|| token(sh, &form))
         }
     };
     log::debug!(
@@ -166,7 +169,7 @@ fn with_faults(
     sh: &Shared,
     req: &Request,
     form: &BTreeMap<String, String>,
-    normal: fn(&Shared, &BTreeMap<String, String>) -> Action,
+    normal: &dyn Fn() -> Action,
 ) -> Action {
     let fault = sh
         .faults
@@ -174,7 +177,7 @@ fn with_faults(
         .pop_front()
         .or_else(|| sh.sticky.lock().clone());
     let Some(fault) = fault else {
-        return normal(sh, form);
+        return normal();
     };
     if let Some(action) = common_fault(&fault) {
         return action;
@@ -186,7 +189,7 @@ fn with_faults(
             headers: Vec::new(),
         },
         Fault::Fields(fields) => {
-            faults::merge_fields(normal(sh, form), &fields).unwrap_or_else(|action| action)
+            faults::merge_fields(normal(), &fields).unwrap_or_else(|action| action)
         }
         Fault::MissingAccessToken => ok(b"{}".to_vec()),
         Fault::EmptyAccessToken => ok(br#"{"refresh_token":""}"#.to_vec()),
@@ -196,7 +199,7 @@ fn with_faults(
         | Fault::BadContentLength
         | Fault::OversizedHead
         | Fault::SlowBody { .. }
-        | Fault::EndlessBody) => match normal(sh, form) {
+        | Fault::EndlessBody) => match normal() {
             Action::Respond { body, .. } => Action::Raw(faults::raw(&f, body)),
             other => other,
         },
@@ -204,7 +207,7 @@ fn with_faults(
         | Fault::Status { .. }
         | Fault::Hang
         | Fault::Reset
-        | Fault::Garbage => normal(sh, form),
+        | Fault::Garbage => normal(),
     }
 }
 
@@ -515,5 +518,70 @@ mod tests {
             "{status} {body}"
         );
         assert_eq!(emu.acr_token_requests(), 3);
+    }
+
+    #[test]
+    fn docker_asks_with_basic_auth_after_the_challenge_and_faults_reach_the_challenge() {
+        use base64::engine::general_purpose::STANDARD;
+        let emu =
+            Emulator::start("127.0.0.1:0".parse().unwrap(), EmulatorConfig::default()).unwrap();
+        crate::source::client_tls::ensure_provider();
+        let client = reqwest::blocking::Client::new();
+        let challenge = || {
+            let a = client
+                .get(format!("http://{}/v2/", emu.addr()))
+                .send()
+                .unwrap();
+            let header = a.headers().get("www-authenticate").cloned();
+            (
+                a.status().as_u16(),
+                header.map(|h| h.to_str().unwrap().to_string()),
+            )
+        };
+        let later = now_secs() + 3600;
+        let (_, body) = post(
+            &emu,
+            "/oauth2/exchange",
+            &[
+                ("grant_type", "access_token"),
+                ("service", "r.azurecr.io"),
+                ("tenant", TEST_TENANT_ID),
+                (
+                    "access_token",
+                    &entra("https://management.azure.com/", TEST_TENANT_ID, later),
+                ),
+            ],
+        );
+        let refresh = body["refresh_token"].as_str().unwrap().to_string();
+        let (status, header) = challenge();
+        assert_eq!(status, 401);
+        assert!(header.unwrap().ends_with("service=\"r.azurecr.io\""));
+        let basic = |user: &str| {
+            let auth = STANDARD.encode(format!("{user}:{refresh}"));
+            client
+                .get(format!(
+                    "http://{}/oauth2/token?service=r.azurecr.io&scope=repository:a/b:pull",
+                    emu.addr()
+                ))
+                .header("Authorization", format!("Basic {auth}"))
+                .send()
+                .unwrap()
+        };
+        let got = basic(crate::token::REGISTRY_USERNAME);
+        assert_eq!(got.status().as_u16(), 200);
+        let body: Value = serde_json::from_slice(&got.bytes().unwrap()).unwrap();
+        let access = decode_claims(body["access_token"].as_str().unwrap()).unwrap();
+        assert_eq!(access["aud"], "r.azurecr.io");
+        assert_ne!(
+            basic("someone").status().as_u16(),
+            200,
+            "the null GUID user only"
+        );
+        emu.push_fault(Fault::Status {
+            code: 503,
+            body: "{}".into(),
+            retry_after: None,
+        });
+        assert_eq!(challenge().0, 503, "the challenge takes faults too");
     }
 }
