@@ -184,6 +184,11 @@ fn get(acr: &Path, server_url: &str) -> Result<Vec<u8>, HelperError> {
 fn read_error(acr: &Path, host: &str, e: &std::io::Error) -> HelperError {
     match e.raw_os_error() {
         Some(libc::ENOENT) if acr.is_dir() => HelperError::NotFound,
+        // No mount: an Azure registry's pull must say why it has no credentials; any other
+        // registry (with `credsStore`, docker asks about every one) is simply not served.
+        Some(libc::ENOENT) if !super::SUFFIXES.iter().any(|s| host.ends_with(s)) => {
+            HelperError::NotFound
+        }
         Some(libc::ENOENT) => HelperError::Failed(no_mount(acr)),
         Some(libc::EACCES) => HelperError::Failed(format!(
             "{host}: access denied (the registry or the token endpoint refused this identity, \
@@ -267,6 +272,10 @@ mod tests {
         assert!(
             matches!(get(&gone, "r.azurecr.io"), Err(HelperError::Failed(m)) if m.contains("does not exist"))
         );
+        // Without a mount, a registry no mount could serve is not found (docker goes on
+        // anonymously), not an error.
+        let hub = get(&gone, "https://index.docker.io/v1/");
+        assert_eq!(hub, Err(HelperError::NotFound));
         let listed: serde_json::Value = serde_json::from_slice(&list(&acr).unwrap()).unwrap();
         assert_eq!(
             listed,
