@@ -12,12 +12,10 @@
 use super::IdentityId;
 use crate::source::{Failure, SourceError};
 use parking_lot::Mutex;
-use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
 use prometheus_client::metrics::counter::Counter;
-use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::Histogram;
 use std::collections::BTreeMap;
-use std::fmt::Write;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 /// The front end a read came through.
@@ -58,18 +56,6 @@ impl FrontEnd {
             FrontEnd::CsiPublish => "csi_publish",
         }
     }
-}
-
-impl EncodeLabelValue for FrontEnd {
-    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
-        encoder.write_str(self.as_str())
-    }
-}
-
-/// `reads_total`'s labels.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
-pub struct ReadLabels {
-    pub front_end: FrontEnd,
 }
 
 /// How one upstream request ended.
@@ -133,8 +119,9 @@ pub type RequestCounts = BTreeMap<(Outcome, Option<u16>), u64>;
 /// The cache's counters (see the module's doc). Every method takes no lock but the
 /// histograms' and `requests`' own.
 pub struct Meters {
-    /// Reads by front end (counted by the front ends, which know which they are).
-    pub reads: Family<ReadLabels, Counter>,
+    /// Tokens served, by front end in `FrontEnd::ALL`'s order (counted by the front ends,
+    /// which know which they are; atomics: an open pays one increment).
+    reads: [AtomicU64; FrontEnd::ALL.len()],
     /// Seconds each reader that had to wait for a fetch waited (its count: such readers).
     pub read_wait: Histogram,
     /// Readers that joined a fetch already under way instead of starting one.
@@ -160,14 +147,8 @@ const LATENCY_BUCKETS: [f64; 12] = [
 
 impl Default for Meters {
     fn default() -> Meters {
-        // Every front end's series from the start (0 where it does not apply), so a rate
-        // over them never starts with a missing series.
-        let reads = Family::default();
-        for front_end in FrontEnd::ALL {
-            drop(reads.get_or_create(&ReadLabels { front_end }));
-        }
         Meters {
-            reads,
+            reads: Default::default(),
             read_wait: Histogram::new(LATENCY_BUCKETS),
             single_flight_joins: Counter::default(),
             negative_answers: Counter::default(),
@@ -183,7 +164,12 @@ impl Default for Meters {
 impl Meters {
     /// A read through `front_end`.
     pub fn read(&self, front_end: FrontEnd) {
-        self.reads.get_or_create(&ReadLabels { front_end }).inc();
+        self.reads[front_end as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Tokens served by each front end (every one, 0 where it does not apply).
+    pub fn reads(&self) -> [(FrontEnd, u64); FrontEnd::ALL.len()] {
+        FrontEnd::ALL.map(|f| (f, self.reads[f as usize].load(Ordering::Relaxed)))
     }
 
     /// One upstream request of `identity` that ended as `outcome` after `took`.

@@ -139,6 +139,16 @@ impl Collector for CacheCollector {
             MetricType::Counter,
         )?)?;
         let meters = self.cache.meters();
+        let mut reads = encoder.encode_descriptor(
+            "reads",
+            "Tokens served, by front end (file opens, no-open lookups, endpoint and IMDS requests, sink writes, CSI publishes)",
+            None,
+            MetricType::Counter,
+        )?;
+        for (front_end, n) in meters.reads() {
+            let labels = [("front_end", front_end.as_str())];
+            ConstCounter::new(n).encode(reads.encode_family(&labels)?)?;
+        }
         self.by_outcome(
             &mut encoder,
             "upstream_requests",

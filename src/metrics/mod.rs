@@ -137,11 +137,6 @@ fn registry(front_end: &'static str, cache: Arc<Cache>, parts: Parts) -> Registr
         ]),
     );
     let m = cache.meters();
-    ours.register(
-        "reads",
-        "Token reads, by front end (file opens, no-open lookups, endpoint and IMDS requests, sink writes, CSI publishes)",
-        m.reads.clone(),
-    );
     ours.register_with_unit(
         "read_wait",
         "How long readers that had to wait for a fetch waited",
