@@ -2,7 +2,7 @@
 //! waited for a fetch (and how long), single-flight joins, negative-cache answers,
 //! evictions, and every upstream request by identity, result and HTTP status with its
 //! latency. What is *held* (expiry, next refresh, valid) is not counted here: it is read
-//! from the entries at scrape time (`Cache::gauges`, in `status.rs`).
+//! from the entries at scrape time (`Cache::gauges`, in `gauges.rs`).
 //!
 //! The metric types are `prometheus-client`'s (atomics, and a histogram behind its own
 //! lock); the per-identity request counts are a map behind `Meters::requests`, a leaf lock
