@@ -17,7 +17,8 @@
 //! - The pool's queue lock (`pool.rs`) and the upstream's `limiter` and `reach` locks
 //!   (`upstream.rs`) are leaves: nothing else is locked while they are held. So is the
 //!   lock of the identities added at run time (`identities.rs`): taken under `state` to
-//!   name a key in a log line, and it takes nothing.
+//!   name a key in a log line, and it takes nothing. So are the meters' (`meters.rs`: the
+//!   histograms' and the per-identity request counts'), taken for one update or one copy.
 
 mod acr;
 mod entry;
