@@ -130,10 +130,8 @@ impl httpserver::Handler for EndpointHandler {
     }
 
     fn refuse(&self, status: u16, message: &str) -> Reply {
-        self.0.counters.arrived();
         // 408 and 413: the server refused the request before the endpoint saw it.
-        self.0.counters.count(Category::BadRequest);
-        self.0.counters.status(status);
+        self.0.counters.refused_by_server(status);
         json_reply(status, app_service_error(status, message))
     }
 }

@@ -89,8 +89,8 @@ pub struct Counters {
     not_found: AtomicU64,
     /// Answers by HTTP status (a handful of statuses: a map behind a leaf lock).
     statuses: Mutex<BTreeMap<u16, u64>>,
-    /// Callers refused, by `Cause::ALL`'s order.
-    causes: [AtomicU64; 5],
+    /// Callers refused, by `Cause` (its declaration order, which `Cause::ALL` follows).
+    causes: [AtomicU64; Cause::ALL.len()],
 }
 
 impl Counters {
@@ -112,6 +112,14 @@ impl Counters {
         c.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// A request the server refused before the listener saw it (408, 413): counted as
+    /// arrived, a bad request, and by its status.
+    pub fn refused_by_server(&self, status: u16) {
+        self.arrived();
+        self.count(Category::BadRequest);
+        self.status(status);
+    }
+
     /// An answer with this status was sent.
     pub fn status(&self, status: u16) {
         *self.statuses.lock().entry(status).or_default() += 1;
@@ -119,8 +127,7 @@ impl Counters {
 
     /// A caller refused for `cause` (counted besides its category).
     pub fn refused(&self, cause: Cause) {
-        let i = Cause::ALL.iter().position(|c| *c == cause).unwrap_or(0);
-        self.causes[i].fetch_add(1, Ordering::Relaxed);
+        self.causes[cause as usize].fetch_add(1, Ordering::Relaxed);
     }
 
     /// Answers by status, in status order.
@@ -130,10 +137,7 @@ impl Counters {
 
     /// Callers refused, by cause (every cause, in `Cause::ALL`'s order).
     pub fn causes(&self) -> [(Cause, u64); 5] {
-        Cause::ALL.map(|c| {
-            let i = Cause::ALL.iter().position(|x| *x == c).unwrap_or(0);
-            (c, self.causes[i].load(Ordering::Relaxed))
-        })
+        Cause::ALL.map(|c| (c, self.causes[c as usize].load(Ordering::Relaxed)))
     }
 
     /// `.status`'s counters; `caller_refused` names that count as the listener's protocol

@@ -108,9 +108,7 @@ impl httpserver::Handler for ImdsHandler {
     }
 
     fn refuse(&self, status: u16, message: &str) -> Reply {
-        self.0.counters.arrived();
-        self.0.counters.count(Category::BadRequest);
-        self.0.counters.status(status);
+        self.0.counters.refused_by_server(status);
         json_reply(status, imds_error("invalid_request", message))
     }
 }
